@@ -1,0 +1,84 @@
+"""Atomic outputs: write next to the target, then rename, so a failure leaves nothing partial."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike, suffix: str | None = None):
+    """Yield a temporary path in the target's folder; rename it onto ``target`` on success.
+
+    ``suffix`` defaults to the target's full suffix (``.nii.gz``, ``.seg.nrrd``) because writers
+    such as SimpleITK and MRML storage nodes choose the format from the file name.
+    """
+    target = Path(target)
+    if suffix is None:
+        suffix = "".join(target.suffixes) or ".tmp"
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=suffix, dir=target.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text_atomic(target: str | os.PathLike, text: str) -> None:
+    with atomic_path(target) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike):
+    """Yield a staging folder beside ``target``; on success its files are moved into ``target``.
+
+    ``target`` may already exist (files of the same name are replaced); on failure the staging
+    folder is removed and ``target`` is left as it was (and not created if it did not exist).
+    """
+    target = Path(target)
+    parent = target.parent if str(target.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial.", dir=parent))
+    try:
+        yield stage
+        created = not target.exists()
+        target.mkdir(exist_ok=True)
+        try:
+            for item in sorted(stage.iterdir()):
+                dest = target / item.name
+                if dest.is_dir() and not item.is_dir():
+                    shutil.rmtree(dest)
+                os.replace(item, dest) if not item.is_dir() else _replace_dir(item, dest)
+        except BaseException:
+            if created:
+                shutil.rmtree(target, ignore_errors=True)
+            raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _replace_dir(src: Path, dest: Path) -> None:
+    if dest.exists():
+        shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
+    os.replace(src, dest)
+
+
+def check_writable_dir(path: str | os.PathLike) -> Path:
+    """Fail early (InputError) when an output folder cannot be created or written."""
+    from .errors import InputError
+
+    path = Path(path)
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError("output path exists and is not a folder", probe)
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError("output folder is not writable", probe)
+    return path

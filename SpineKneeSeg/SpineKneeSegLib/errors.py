@@ -1,0 +1,28 @@
+"""Errors the doors map to exit codes: 2 bad input/usage, 3 no weights, 1 anything else."""
+from __future__ import annotations
+
+
+class SpineKneeSegError(Exception):
+    exit_code = 1
+
+
+class InputError(SpineKneeSegError):
+    """Bad input: the message names the file and the problem."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, path=None):
+        self.path = str(path) if path is not None else None
+        super().__init__(f"{self.path}: {message}" if self.path else message)
+
+
+class NoWeightsError(SpineKneeSegError):
+    exit_code = 3
+
+    def __init__(self, task: str, detail: str = ""):
+        self.task = task
+        super().__init__(f"no weights for {task}" + (f" ({detail})" if detail else ""))
+
+
+class CancelledError(SpineKneeSegError):
+    exit_code = 130
