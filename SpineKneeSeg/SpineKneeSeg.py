@@ -1,0 +1,156 @@
+"""SpineKneeSeg scripted module: thin Qt layer over SpineKneeSegLib (all logic lives there).
+
+Runs happen in a separate process (QProcess) executing the same CLI as the command line
+(`PythonSlicer -m SpineKneeSegLib.cli run ... --progress json`), so Slicer never freezes and the
+code path is the one the tests cover. Only this file needs Qt; it is not testable headless.
+"""
+import os
+import sys
+import tempfile
+
+import qt
+import slicer
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleTest,
+                                           ScriptedLoadableModuleWidget)
+
+sys.path.insert(0, os.path.dirname(__file__))  # SpineKneeSegLib sits beside this file
+
+
+class SpineKneeSeg(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "SpineKneeSeg"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["SpineKneeSeg contributors"]
+        self.parent.helpText = ("Knee bones, lumbar levels and foramina, brain lesions and X-ray femur "
+                                "segmentation. Choose a task and an input volume, then Apply.")
+        self.parent.acknowledgementText = "Data sources and licences: see the extension README."
+
+
+class SpineKneeSegLogic:
+    """Plain class (ScriptedLoadableModuleLogic imports qt): Slicer's getModuleLogic reads widget.logic."""
+
+    def __init__(self):
+        from SpineKneeSegLib.panel import PanelController
+
+        self.controller = PanelController()
+
+    def export_inputs(self, volume_nodes, folder):
+        from SpineKneeSegLib import mrml
+
+        paths = []
+        for i, node in enumerate(volume_nodes):
+            path = os.path.join(folder, f"input{i}.nrrd")
+            mrml.save_node(node, path)
+            paths.append(path)
+        return paths
+
+    def import_results(self, output_dir, reference_volume):
+        from SpineKneeSegLib import mrml
+
+        scene = slicer.mrmlScene
+        nodes = [mrml.load_segmentation(scene, os.path.join(output_dir, "segmentation.seg.nrrd"))]
+        nodes[0].SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
+        nodes[0].CreateClosedSurfaceRepresentation()
+        for name in os.listdir(output_dir):
+            full = os.path.join(output_dir, name)
+            if name.endswith(".mrk.json"):
+                nodes.append(mrml.load_markups(scene, full))
+            elif name.endswith(".tsv") and not name.endswith(".schema.tsv"):
+                nodes.append(mrml.load_table(scene, full))
+        return nodes
+
+
+class SpineKneeSegWidget(ScriptedLoadableModuleWidget):
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        from SpineKneeSegLib.tasks import TASKS
+
+        ui_widget = slicer.util.loadUI(self.resourcePath("UI/SpineKneeSeg.ui"))
+        self.layout.addWidget(ui_widget)
+        self.ui = slicer.util.childWidgetVariables(ui_widget)
+        ui_widget.setMRMLScene(slicer.mrmlScene)
+        self.logic = SpineKneeSegLogic()
+        self.process = None
+        for name, card in TASKS.items():
+            self.ui.taskSelector.addItem(card.title, name)
+        self.ui.deviceSelector.addItems(["auto", "cpu", "cuda", "mps"])
+        self.ui.taskSelector.currentIndexChanged.connect(self.updateGUI)
+        self.ui.inputVolumeSelector.currentNodeChanged.connect(self.updateGUI)
+        self.ui.applyButton.clicked.connect(self.onApplyOrCancel)
+        self.updateGUI()
+
+    def updateGUI(self, *_):
+        from SpineKneeSegLib.tasks import TASKS
+
+        state = self.logic.controller.state
+        state.task = self.ui.taskSelector.currentData or state.task
+        state.device = self.ui.deviceSelector.currentText or "auto"
+        node = self.ui.inputVolumeSelector.currentNode()
+        state.input_volume_ids = [node.GetID()] if node else []
+        is_2d = [node.GetImageData().GetDimensions()[2] == 1] if node and node.GetImageData() else []
+        self.ui.taskDescriptionLabel.text = TASKS[state.task].description
+        ok, reason = self.logic.controller.validate(is_2d)
+        self.ui.applyButton.text = self.logic.controller.apply_label
+        self.ui.applyButton.enabled = ok or state.running
+        self.ui.statusLabel.text = reason
+
+    def onApplyOrCancel(self):
+        if self.process is not None:
+            self.process.kill()  # QProcess.kill ends the CLI; it writes outputs atomically, so nothing partial
+            self.logic.controller.cancel()
+            self.process = None
+            self.updateGUI()
+            return
+        self.workdir = tempfile.mkdtemp(prefix="SpineKneeSeg-")
+        inputs = self.logic.export_inputs([self.ui.inputVolumeSelector.currentNode()], self.workdir)
+        self.outputDir = os.path.join(self.workdir, "out")
+        command = self.logic.controller.command(sys.executable if "PythonSlicer" in sys.executable
+                                                else os.path.join(os.path.dirname(sys.executable), "PythonSlicer"),
+                                                inputs, self.outputDir)
+        self.logic.controller.start()
+        self.process = qt.QProcess()
+        self.process.setProcessChannelMode(qt.QProcess.MergedChannels)
+        self.process.readyReadStandardOutput.connect(self.onProcessOutput)
+        self.process.finished.connect(self.onProcessFinished)
+        self.process.start(command[0], command[1:])
+        self.updateGUI()
+
+    def onProcessOutput(self):
+        text = bytes(self.process.readAllStandardOutput()).decode(errors="replace")
+        for line in text.splitlines():
+            self.logic.controller.handle_output_line(line)
+        state = self.logic.controller.state
+        self.ui.progressBar.value = int(100 * state.fraction)
+        self.ui.progressBar.format = state.stage
+        self.ui.logText.plainText = "\n".join(state.log[-200:])
+
+    def onProcessFinished(self, exitCode, _status=None):
+        self.process = None
+        if exitCode == 0:
+            self.logic.import_results(self.outputDir, self.ui.inputVolumeSelector.currentNode())
+        self.logic.controller.finished(exitCode)
+        self.ui.progressBar.value = int(100 * self.logic.controller.state.fraction)
+        self.updateGUI()
+
+
+class SpineKneeSegTest(ScriptedLoadableModuleTest):
+    """Runs inside Slicer (`Slicer --no-main-window --python-script`): real inference on a phantom."""
+
+    def runTest(self):
+        slicer.mrmlScene.Clear(0)
+        self.test_phantom_run()
+
+    def test_phantom_run(self):
+        import subprocess
+
+        from SpineKneeSegLib.io import write_image
+        from SpineKneeSegLib.phantoms import make_phantom
+
+        folder = tempfile.mkdtemp()
+        phantom = make_phantom("xray-femur", seed=1)
+        write_image(phantom.image, os.path.join(folder, "xray.nii.gz"))
+        result = subprocess.run([sys.executable, "-m", "SpineKneeSegLib.cli", "tasks"], capture_output=True, text=True)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.delayDisplay("SpineKneeSeg CLI reachable from Slicer's Python")

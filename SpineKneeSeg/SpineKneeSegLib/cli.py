@@ -1,0 +1,140 @@
+"""`spinekneeseg` command line (also `PythonSlicer -m SpineKneeSegLib.cli` inside 3D Slicer).
+
+Exit codes: 0 ok, 2 bad input/usage, 3 no weights, 1 internal error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+
+from .errors import InputError, SpineKneeSegError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # usage errors exit 2 with the reason, as argparse does, but uniformly
+        self.print_usage(sys.stderr)
+        print(f"spinekneeseg: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .tasks import TASKS
+
+    parser = _Parser(prog="spinekneeseg", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    sub.add_parser("tasks", help="list tasks with inputs, outputs and weight status").add_argument(
+        "--json", action="store_true", help="machine-readable listing")
+
+    run = sub.add_parser("run", help="segment one case (or a manifest of cases)")
+    run.add_argument("--task", required=True, choices=sorted(TASKS))
+    run.add_argument("inputs", nargs="*", metavar="INPUT",
+                     help="image file(s) or DICOM folder(s), in the task's input order")
+    run.add_argument("--manifest", help="CSV with columns id,input[,input2...]: one output folder per case")
+    run.add_argument("-o", "--output", required=True, help="output folder")
+    run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    run.add_argument("--weights", help="checkpoint file (default: the registered weights for the task)")
+    run.add_argument("--scene", action="store_true", help="also write scene.mrb (opens in 3D Slicer)")
+    run.add_argument("--progress", default="bar", choices=("bar", "json", "none"))
+    run.add_argument("--echo", type=int, help="echo number for multi-echo DICOM series (default 1)")
+    run.add_argument("--series", help="SeriesInstanceUID to use from a folder holding several series")
+    run.add_argument("--batch-size", type=int, default=8, help="slices per forward pass")
+    run.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+
+    demo = sub.add_parser("demo", help="run every task with weights on built-in phantoms; HTML report")
+    demo.add_argument("-o", "--output", required=True)
+    demo.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    demo.add_argument("--no-data", action="store_true", help="skip ../shared/data cases even when present")
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return f"spinekneeseg {__version__}"
+
+
+def cmd_tasks(args) -> int:
+    from .tasks import TASKS
+    from .weights import find_entry
+
+    listing = []
+    for card in TASKS.values():
+        entry = find_entry(card.name)
+        listing.append({
+            "task": card.name, "title": card.title, "description": card.description,
+            "inputs": [f"{s.name} ({s.modality}, {s.dims}D{'' if s.required else ', optional'})" for s in card.inputs],
+            "labels": {s.value: s.name for s in card.labels}, "outputs": list(card.outputs),
+            "weights": f"{entry.file} v{entry.version} sha256 {entry.sha256[:12]}" if entry else
+            f"none (trained in issue {card.issue}; pass --weights PATH)"})
+    if args.json:
+        print(json.dumps(listing, indent=2))
+        return 0
+    for t in listing:
+        print(f"{t['task']}: {t['title']}\n  {t['description']}\n  inputs:  {'; '.join(t['inputs'])}\n"
+              f"  labels:  {', '.join(f'{k} {v}' for k, v in t['labels'].items())}\n"
+              f"  outputs: {', '.join(t['outputs'])}\n  weights: {t['weights']}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .pipeline import RunOptions, run_case
+    from .progress import Progress
+    from .tasks import get_task
+
+    card = get_task(args.task)
+    options = RunOptions(device=args.device, weights=args.weights, scene=args.scene, echo=args.echo,
+                         series=args.series, batch_size=args.batch_size, threads=args.threads)
+    progress = Progress(args.progress)
+    if args.manifest:
+        if args.inputs:
+            raise InputError("give either INPUT files or --manifest, not both")
+        from .batch import run_manifest
+
+        return run_manifest(card, args.manifest, args.output, options, progress)
+    if not args.inputs:
+        raise InputError("no INPUT given (or use --manifest cases.csv)")
+    report = run_case(card, args.inputs, args.output, options, progress)
+    if args.progress == "bar":
+        t = report["timings_s"]
+        print(f"wrote {', '.join(report['outputs'])} to {args.output} "
+              f"(total {t['total']:.2f} s, network {t['network']:.2f} s)")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.output, device=args.device, use_data=not args.no_data)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"tasks": cmd_tasks, "run": cmd_run, "demo": cmd_demo}[args.command]
+    progress_json = getattr(args, "progress", None) == "json"
+    try:
+        return handler(args)
+    except SpineKneeSegError as exc:
+        return _fail(exc.exit_code, str(exc), progress_json)
+    except OSError as exc:  # unwritable output, disk full, ...: the user's environment, not our bug
+        return _fail(2, f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "), progress_json)
+    except KeyboardInterrupt:
+        return _fail(130, "cancelled", progress_json)
+    except Exception as exc:  # noqa: BLE001 - last resort: internal error with the traceback
+        traceback.print_exc()
+        return _fail(1, f"internal error: {type(exc).__name__}: {exc}", progress_json)
+
+
+def _fail(code: int, message: str, progress_json: bool) -> int:
+    if progress_json:
+        print(json.dumps({"event": "error", "exit_code": code, "message": message}), flush=True)
+    print(f"spinekneeseg: error: {message}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Per-lesion table (seed 002): lesions are 3D connected components of the final mask."""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from .image import Image
+from .tables import ColumnSpec, Table
+
+# seed 002's size brackets, in voxels
+BRACKETS = ((0, 10), (10, 400), (400, 1000), (1000, None))
+CONNECTIVITY = {6: 1, 18: 2, 26: 3}  # -> ndimage.generate_binary_structure rank-3 connectivity
+
+LESION_COLUMNS = [
+    ColumnSpec("lesion_id", "int", description="1 = largest lesion"),
+    ColumnSpec("voxels", "int", "voxels"),
+    ColumnSpec("volume_mm3", "float", "mm3"),
+    ColumnSpec("depth_slices", "int", "slices", "number of slices (along the slice axis) the lesion spans"),
+    ColumnSpec("centroid_r", "float", "mm", "centroid, RAS right"),
+    ColumnSpec("centroid_a", "float", "mm", "centroid, RAS anterior"),
+    ColumnSpec("centroid_s", "float", "mm", "centroid, RAS superior"),
+    ColumnSpec("bbox", "string", "voxels", "bounding box as i0-i1 j0-j1 k0-k1 (inclusive voxel indices)"),
+    ColumnSpec("bracket", "string", "voxels", "size bracket [lo,hi) in voxels (seed 002)"),
+    ColumnSpec("mean_flair", "float", description="mean FLAIR intensity inside the lesion (input units)"),
+]
+
+
+def bracket_name(voxels: int) -> str:
+    for lo, hi in BRACKETS:
+        if voxels >= lo and (hi is None or voxels < hi):
+            return f"[{lo},{'inf' if hi is None else hi})"
+    raise ValueError(voxels)
+
+
+def label_lesions(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray, int]:
+    if connectivity not in CONNECTIVITY:
+        raise ValueError(f"connectivity must be 6, 18 or 26, got {connectivity}")
+    structure = ndimage.generate_binary_structure(3, CONNECTIVITY[connectivity])
+    return ndimage.label(mask > 0, structure=structure)
+
+
+def lesion_table(mask: np.ndarray, flair: Image, connectivity: int = 26,
+                 slice_axis: int = 0) -> tuple[Table, dict]:
+    """Rows sorted by volume (largest first) and a summary for report.json."""
+    comp, n = label_lesions(mask, connectivity)
+    voxel_mm3 = float(np.prod(flair.spacing))
+    rows = []
+    if n:
+        index = np.arange(1, n + 1)
+        counts = np.bincount(comp.ravel(), minlength=n + 1)[1:]
+        centroids_kji = np.array(ndimage.center_of_mass(np.ones_like(comp, dtype=np.uint8), comp, index))
+        means = ndimage.mean(flair.array, comp, index)
+        boxes = ndimage.find_objects(comp)
+        centroids_ras = flair.ijk_to_ras_points(centroids_kji[:, ::-1])
+        for c, count, box, ras, mean in zip(index, counts, boxes, centroids_ras, means):
+            (k0, k1), (j0, j1), (i0, i1) = ((s.start, s.stop - 1) for s in box)
+            depth = box[slice_axis].stop - box[slice_axis].start
+            rows.append({"voxels": int(count), "volume_mm3": round(float(count) * voxel_mm3, 3),
+                         "depth_slices": int(depth), "centroid_r": round(float(ras[0]), 2),
+                         "centroid_a": round(float(ras[1]), 2), "centroid_s": round(float(ras[2]), 2),
+                         "bbox": f"{i0}-{i1} {j0}-{j1} {k0}-{k1}", "bracket": bracket_name(int(count)),
+                         "mean_flair": round(float(mean), 3)})
+    rows.sort(key=lambda r: -r["voxels"])
+    for i, row in enumerate(rows, 1):
+        row["lesion_id"] = i
+    rows = [{col.name: row[col.name] for col in LESION_COLUMNS} for row in rows]
+    return Table("Lesions", LESION_COLUMNS, rows, "lesions.tsv"), lesion_summary(rows, connectivity)
+
+
+def lesion_summary(rows: list[dict], connectivity: int) -> dict:
+    per_bracket = {}
+    for lo, hi in BRACKETS:
+        name = f"[{lo},{'inf' if hi is None else hi})"
+        in_bracket = [r for r in rows if r["bracket"] == name]
+        per_bracket[name] = {"count": len(in_bracket),
+                             "volume_mm3": round(sum(r["volume_mm3"] for r in in_bracket), 3)}
+    total = sum(r["volume_mm3"] for r in rows)
+    return {"lesion_count": len(rows), "connectivity": connectivity, "brackets": per_bracket,
+            "total_lesion_load_ml": round(total / 1000.0, 4)}

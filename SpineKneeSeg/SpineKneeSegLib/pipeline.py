@@ -1,0 +1,253 @@
+"""One run of one task on one case: load -> validate -> weights -> network -> postprocess -> write.
+
+This is the single code path behind the CLI, the Slicer panel (which runs the CLI in a separate
+process) and the end-to-end tests.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .atomic import atomic_directory, check_writable_dir
+from .errors import InputError
+from .image import Image
+from .progress import Progress
+from .tables import Table
+from .tasks import TaskCard
+
+
+@dataclass
+class RunOptions:
+    device: str = "auto"
+    weights: str | None = None
+    scene: bool = False
+    echo: int | None = None
+    series: str | None = None
+    batch_size: int = 8
+    threads: int | None = None
+
+
+@dataclass
+class RunResult:
+    labels: Image
+    tables: list[Table] = field(default_factory=list)
+    points: list[dict] = field(default_factory=list)  # {"label", "ras", "description", "attributes"}
+    summaries: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+# ---- loading and validation ------------------------------------------------------------
+
+def load_inputs(card: TaskCard, paths: list[str], options: RunOptions) -> list[Image]:
+    from .io import read_image
+
+    required = [spec for spec in card.inputs if spec.required]
+    if not (len(required) <= len(paths) <= len(card.inputs)):
+        names = ", ".join(f"{s.name}{'' if s.required else ' (optional)'}" for s in card.inputs)
+        raise InputError(f"task {card.name} takes {names}; got {len(paths)} input(s)")
+    images = [read_image(path, echo=options.echo, series=options.series) for path in paths]
+    for spec, image, path in zip(card.inputs, images, paths):
+        validate_input(card, spec, image, path)
+    return images
+
+
+def validate_input(card: TaskCard, spec, image: Image, path) -> None:
+    from .preprocessing import slice_axis
+
+    if spec.dims == 3 and image.is_2d:
+        raise InputError(f"is a 2D image (shape {image.array.shape[1:]}); task {card.name} needs a 3D volume", path)
+    if spec.dims == 2 and not image.is_2d:
+        raise InputError(f"is a 3D volume with {image.array.shape[0]} slices; task {card.name} needs a single "
+                         "2D image", path)
+    if not np.issubdtype(image.array.dtype, np.number) or np.issubdtype(image.array.dtype, np.complexfloating):
+        raise InputError(f"has non-real voxel type {image.array.dtype}", path)
+    if np.issubdtype(image.array.dtype, np.floating) and not np.all(np.isfinite(image.array)):
+        raise InputError("contains NaN or infinite values", path)
+    axis = slice_axis(image, card.preprocessing.plane)
+    n_slices = image.array.shape[axis]
+    in_plane = [s for i, s in enumerate(image.array.shape) if i != axis]
+    if n_slices < card.preprocessing.min_slices:
+        raise InputError(f"has {n_slices} slice(s) along the {card.preprocessing.plane} normal; task {card.name} "
+                         f"needs at least {card.preprocessing.min_slices}", path)
+    if min(in_plane) < card.preprocessing.min_size:
+        raise InputError(f"slices are {in_plane[0]}x{in_plane[1]} pixels; task {card.name} needs at least "
+                         f"{card.preprocessing.min_size}x{card.preprocessing.min_size}", path)
+    if float(image.array.max()) == float(image.array.min()):
+        raise InputError("is constant (every voxel has the same value): nothing to segment", path)
+
+
+# ---- the run ---------------------------------------------------------------------------
+
+def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options: RunOptions | None = None,
+             progress: Progress | None = None) -> dict:
+    """Run ``card`` on ``inputs`` and write every output into ``output_dir`` atomically.
+
+    Returns the report (also written as report.json)."""
+    import torch
+
+    from .inference import load_network, pick_device, segment_slices
+    from .weights import resolve_weights
+
+    options = options or RunOptions()
+    progress = progress or Progress("none")
+    output_dir = Path(output_dir)
+    check_writable_dir(output_dir)
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    # Scene/logic set-up is start-up cost like imports (none inside Slicer): timed apart from total.
+    t_startup = time.perf_counter()
+    from .mrml_harness import get_app
+
+    get_app()
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    progress.stage("loading")
+    images = load_inputs(card, [str(p) for p in inputs], options)
+    image = images[0]
+    weights = resolve_weights(card.name, options.weights)  # after input validation, by design
+    device = pick_device(options.device)
+    net = load_network(weights, device)
+    timings["load"] = time.perf_counter() - t_start
+
+    progress.stage("preprocessing")
+    out = segment_slices(card, image, net, device, weights.preprocessing, options.batch_size, progress)
+    timings["preprocess"] = out.preprocess_s
+    timings["network"] = out.network_s
+
+    progress.stage("postprocessing")
+    t = time.perf_counter()
+    result = postprocess(card, image, out.labels, out.heads)
+    result.warnings[:0] = list(image.meta.get("warnings", []))
+    timings["postprocess"] = out.postprocess_s + time.perf_counter() - t
+
+    progress.stage("writing")
+    t = time.perf_counter()
+    report = {
+        "task": card.name, "status": "ok",
+        "inputs": [describe_input(p, im) for p, im in zip(inputs, images)],
+        "versions": versions(),
+        "device": str(device),
+        "weights": {"path": str(weights.path), "sha256": weights.sha256,
+                    "registry_version": weights.entry.version if weights.entry else None},
+        "labels": {str(s.value): s.name for s in card.labels},
+        "warnings": result.warnings,
+        "summaries": result.summaries,
+        "outputs": [],
+    }
+    for w in result.warnings:
+        progress.log(w, "warning")
+    with atomic_directory(output_dir) as stage:
+        report["outputs"] = write_outputs(card, image, result, stage, options.scene)
+        timings["write"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - t_start
+        report["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
+        report["timings_s"]["mrml_startup"] = round(t_start - t_startup, 4)
+        (stage / "report.json").write_text(json.dumps(report, indent=2))
+    progress.done(status="ok", output=str(output_dir))
+    return report
+
+
+def postprocess(card: TaskCard, image: Image, labels: np.ndarray, heads: dict[str, np.ndarray]) -> RunResult:
+    from . import postprocessing as pp
+
+    result = RunResult(image.with_array(labels))
+    for name in card.postprocessors:
+        if name == "largest_component_per_label":
+            result.labels = image.with_array(pp.largest_component_per_label(result.labels.array))
+        elif name == "remove_small_components":
+            result.labels = image.with_array(pp.remove_small_components(result.labels.array))
+        elif name == "volume_table":
+            result.tables.append(pp.volume_table(result.labels.array, image, card.labels))
+        elif name == "area_table":
+            result.tables.append(pp.area_table(result.labels.array, image, card.labels))
+        elif name == "lesion_table":
+            from .lesions import lesion_table
+            from .preprocessing import slice_axis
+
+            table, summary = lesion_table(result.labels.array, image, slice_axis=slice_axis(image, "axial"))
+            result.tables.append(table)
+            result.summaries["lesions"] = summary
+        elif name == "foramina":
+            from .foramina import foramina_summary, localise_foramina
+
+            foramina = localise_foramina(heads["foramina"], image)
+            result.points = [{"label": f.label, "ras": f.ras, "description": f.description,
+                              "attributes": {"level": str(f.level), "side": f.side,
+                                             "probability": f"{f.probability:.3f}"}} for f in foramina]
+            result.summaries["foramina"] = foramina_summary(foramina)
+        else:
+            raise ValueError(f"task {card.name}: unknown postprocessor {name!r}")
+    present = sorted(int(v) for v in np.unique(result.labels.array) if v)
+    result.summaries["segments_present"] = [card.label_names[v] for v in present if v in card.label_names]
+    missing = [s.name for s in card.labels if s.value not in present]
+    if missing and card.name != "brain-wmh":
+        result.warnings.append(f"no voxels predicted for: {', '.join(missing)}")
+    return result
+
+
+def write_outputs(card: TaskCard, image: Image, result: RunResult, folder: Path, scene: bool) -> list[str]:
+    """Every output goes through the same MRML adapter as the Slicer module."""
+    from . import mrml
+    from .io import write_image
+    from .mrml_harness import get_app
+
+    written = []
+    write_image(result.labels.with_array(result.labels.array.astype(np.uint8)), folder / "labels.nii.gz")
+    written.append("labels.nii.gz")
+    app = get_app()
+    mrml_scene = app.scene
+    mrml_scene.Clear(0)
+    volume = mrml.image_to_volume_node(mrml_scene, image, "input")
+    seg = mrml.labels_to_segmentation_node(mrml_scene, result.labels, card.labels, f"{card.name} segmentation",
+                                           reference_volume=volume)
+    mrml.save_node(seg, folder / "segmentation.seg.nrrd")
+    written.append("segmentation.seg.nrrd")
+    if "foramina.mrk.json" in card.outputs:
+        markups = mrml.points_to_markups_node(
+            mrml_scene, [p["ras"] for p in result.points], [p["label"] for p in result.points],
+            descriptions=[p["description"] for p in result.points], name="foramina",
+            attributes=[p["attributes"] for p in result.points])
+        mrml.save_node(markups, folder / "foramina.mrk.json")
+        written.append("foramina.mrk.json")
+    for table in result.tables:
+        node = mrml.rows_to_table_node(mrml_scene, table.rows, table.columns, table.name)
+        mrml.save_node(node, folder / table.file_name)
+        written.append(table.file_name)
+    if scene:
+        mrml.save_scene_mrb(mrml_scene, folder / "scene.mrb")
+        written.append("scene.mrb")
+    written.append("report.json")
+    return written
+
+
+def describe_input(path, image: Image) -> dict:
+    return {"path": str(path), "shape_kji": list(image.array.shape), "spacing": list(image.spacing),
+            "origin": list(image.origin), "direction": image.direction.round(6).tolist(),
+            "dtype": str(image.array.dtype)}
+
+
+def versions() -> dict:
+    import SimpleITK
+    import torch
+
+    out = {"spinekneeseg": __version__, "python": platform.python_version(), "torch": torch.__version__,
+           "numpy": np.__version__, "SimpleITK": SimpleITK.Version_VersionString()}
+    try:
+        from importlib.metadata import version
+
+        out["slicer-core"] = version("slicer-core")
+    except Exception:  # inside Slicer: Slicer's own version
+        try:
+            import slicer
+
+            out["slicer"] = slicer.app.applicationVersion
+        except Exception:
+            pass
+    return out

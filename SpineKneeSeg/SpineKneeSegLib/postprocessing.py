@@ -1,0 +1,82 @@
+"""Label-map post-processing and per-structure measurement tables (uint8 throughout)."""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from .image import Image
+from .labels import LabelSpec
+from .tables import ColumnSpec, Table
+
+STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
+
+
+def _components(mask: np.ndarray, structure=STRUCTURE_26):
+    """Connected components inside the mask's bounding box only (fast on small structures)."""
+    box = ndimage.find_objects(mask.astype(np.uint8))
+    if not box:
+        return None, None, 0
+    sub = mask[box[0]]
+    comp, n = ndimage.label(sub, structure=structure)
+    return box[0], comp, n
+
+
+def largest_component_per_label(labels: np.ndarray) -> np.ndarray:
+    """Keep the largest 26-connected component of every label (removes stray blobs)."""
+    out = labels.copy()
+    for value in np.unique(labels):
+        if value == 0:
+            continue
+        box, comp, n = _components(labels == value)
+        if n <= 1:
+            continue
+        sizes = np.bincount(comp.ravel())
+        sizes[0] = 0
+        region = out[box]
+        region[(comp != 0) & (comp != int(sizes.argmax()))] = 0
+    return out
+
+
+def remove_small_components(labels: np.ndarray, min_fraction: float = 0.1) -> np.ndarray:
+    """Drop components smaller than ``min_fraction`` of the label's largest one (keeps e.g. both
+    femurs on a pelvis radiograph)."""
+    out = labels.copy()
+    for value in np.unique(labels):
+        if value == 0:
+            continue
+        box, comp, n = _components(labels == value)
+        if n <= 1:
+            continue
+        sizes = np.bincount(comp.ravel())
+        sizes[0] = 0
+        small = np.flatnonzero(sizes < min_fraction * sizes.max())
+        region = out[box]
+        region[np.isin(comp, small[small > 0])] = 0
+    return out
+
+
+def volume_table(labels: np.ndarray, image: Image, specs: tuple[LabelSpec, ...]) -> Table:
+    voxel_mm3 = float(np.prod(image.spacing))
+    counts = np.bincount(labels.ravel(), minlength=max(s.value for s in specs) + 1)
+    rows = [{"structure": s.name, "label": s.value, "voxels": int(counts[s.value]),
+             "volume_mm3": round(float(counts[s.value]) * voxel_mm3, 3),
+             "volume_ml": round(float(counts[s.value]) * voxel_mm3 / 1000.0, 4)} for s in specs]
+    columns = [ColumnSpec("structure", "string", description="segment name"),
+               ColumnSpec("label", "int", description="label value"),
+               ColumnSpec("voxels", "int", "voxels"),
+               ColumnSpec("volume_mm3", "float", "mm3"),
+               ColumnSpec("volume_ml", "float", "mL")]
+    return Table("Volumes", columns, rows, "volumes.tsv")
+
+
+def area_table(labels: np.ndarray, image: Image, specs: tuple[LabelSpec, ...]) -> Table:
+    """In-plane area for single-slice (radiograph) label maps."""
+    pixel_mm2 = float(image.spacing[0] * image.spacing[1])
+    counts = np.bincount(labels.ravel(), minlength=max(s.value for s in specs) + 1)
+    rows = [{"structure": s.name, "label": s.value, "pixels": int(counts[s.value]),
+             "area_mm2": round(float(counts[s.value]) * pixel_mm2, 3)} for s in specs]
+    columns = [ColumnSpec("structure", "string", description="segment name"),
+               ColumnSpec("label", "int", description="label value"),
+               ColumnSpec("pixels", "int", "pixels"),
+               ColumnSpec("area_mm2", "float", "mm2")]
+    return Table("Areas", columns, rows, "areas.tsv")

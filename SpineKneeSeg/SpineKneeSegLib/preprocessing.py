@@ -1,0 +1,111 @@
+"""Slice-wise preprocessing shared by inference and Training/.
+
+The voxel grid is never resampled across slices: slices are taken along the array axis closest to
+the task's plane normal, resampled in-plane only, and the network output is resampled back to the
+same pixels, so the label map lands on the input's exact grid.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .image import Image
+
+# plane normals in LPS
+PLANE_NORMALS = {"axial": (0.0, 0.0, 1.0), "sagittal": (1.0, 0.0, 0.0), "coronal": (0.0, 1.0, 0.0)}
+
+
+def slice_axis(image: Image, plane: str) -> int:
+    """Numpy axis of ``image.array`` (0 = k, 1 = j, 2 = i) whose direction is closest to the
+    plane normal; for 2D images and plane 'image' it is the single-slice axis 0."""
+    if plane == "image" or image.is_2d:
+        return 0
+    normal = np.asarray(PLANE_NORMALS[plane])
+    ijk_alignment = np.abs(image.direction.T @ normal)  # per i, j, k axis
+    best_ijk = int(np.argmax(ijk_alignment))
+    return 2 - best_ijk
+
+
+def to_slices(array: np.ndarray, axis: int) -> np.ndarray:
+    """Move the slice axis first: (n_slices, rows, cols)."""
+    return np.moveaxis(array, axis, 0)
+
+
+def from_slices(stack: np.ndarray, axis: int) -> np.ndarray:
+    return np.moveaxis(stack, 0, axis)
+
+
+def in_plane_spacing(image: Image, axis: int) -> tuple[float, float]:
+    """(row, col) pixel spacing of slices taken along numpy ``axis``."""
+    spacing_by_numpy_axis = tuple(reversed(image.spacing))  # (k, j, i)
+    rest = [spacing_by_numpy_axis[a] for a in range(3) if a != axis]
+    return rest[0], rest[1]
+
+
+def foreground_mask(stack: np.ndarray) -> np.ndarray:
+    """Voxels above a low percentile: excludes the air/zero background of skull-stripped or
+    padded scans from the normalisation statistics."""
+    lo = np.percentile(stack, 5)
+    mask = stack > lo
+    return mask if mask.sum() > 0.05 * mask.size else np.ones_like(mask, dtype=bool)
+
+
+def normalise(stack: np.ndarray, method: str, stats: dict | None = None) -> np.ndarray:
+    stack = stack.astype(np.float32, copy=False)
+    stats = stats or {}
+    if method == "zscore":
+        values = stack[foreground_mask(stack)]
+        mean, std = float(values.mean()), float(values.std())
+    elif method == "fixed":  # the training population's statistics, stored with the model
+        mean, std = float(stats["mean"]), float(stats["std"])
+    elif method == "percentile":
+        lo, hi = np.percentile(stack, (0.5, 99.5))
+        mean, std = float(lo), float(max(hi - lo, 1e-6))
+    else:
+        raise ValueError(f"unknown normalisation {method!r}")
+    return (stack - mean) / max(std, 1e-6)
+
+
+@dataclass
+class SliceGeometry:
+    """How network-grid slices map back to the input's pixels."""
+
+    axis: int
+    input_hw: tuple[int, int]
+    network_hw: tuple[int, int]  # resampled size before padding
+    padded_hw: tuple[int, int]
+
+
+def network_grid(image: Image, axis: int, target_spacing: float | None, multiple: int) -> SliceGeometry:
+    h, w = (s for i, s in enumerate(image.array.shape) if i != axis)
+    if target_spacing:
+        sr, sc = in_plane_spacing(image, axis)
+        nh, nw = max(1, round(h * sr / target_spacing)), max(1, round(w * sc / target_spacing))
+    else:
+        nh, nw = h, w
+    ph, pw = (-(-nh // multiple) * multiple, -(-nw // multiple) * multiple)
+    return SliceGeometry(axis, (h, w), (nh, nw), (ph, pw))
+
+
+def context_channels(stack: np.ndarray, index: np.ndarray, context: int) -> np.ndarray:
+    """(len(index), context, H, W): each slice with its neighbours as channels (edge slices see
+    zero padding, as in seed 004's 'pad two empty slices')."""
+    half = context // 2
+    padded = np.pad(stack, ((half, half), (0, 0), (0, 0)))
+    return np.stack([padded[index + offset] for offset in range(context)], axis=1)
+
+
+def resize_batch(batch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear in-plane resampling that keeps the field of view (pixel-area convention,
+    align_corners=False), so it maps exactly back with the inverse call."""
+    if tuple(batch.shape[-2:]) == tuple(size):
+        return batch
+    return F.interpolate(batch, size=size, mode="bilinear", align_corners=False)
+
+
+def pad_to(batch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    dh, dw = size[0] - batch.shape[-2], size[1] - batch.shape[-1]
+    return F.pad(batch, (0, dw, 0, dh)) if dh or dw else batch

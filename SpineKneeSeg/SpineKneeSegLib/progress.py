@@ -1,0 +1,70 @@
+"""Progress reporting: human-readable bars on stderr, or one JSON object per line on stdout
+(``--progress json``) that the Slicer panel's QProcess parses to drive its progress bar.
+
+JSON lines: {"event": "stage", "stage": "preprocessing", "fraction": 0.2}
+            {"event": "progress", "stage": "inference", "step": 3, "total": 12, "fraction": 0.41}
+            {"event": "log", "level": "warning", "message": "..."}
+            {"event": "done", "status": "ok", "output": "DIR"} | {"event": "error", "exit_code": 2, ...}
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+# Stage weights for a single overall fraction (inference dominates).
+STAGES = {"loading": (0.0, 0.1), "preprocessing": (0.1, 0.15), "inference": (0.15, 0.85),
+          "postprocessing": (0.85, 0.93), "writing": (0.93, 1.0)}
+
+
+class Progress:
+    def __init__(self, mode: str = "bar", stream=None):
+        if mode not in ("bar", "json", "none"):
+            raise ValueError(f"unknown progress mode {mode!r}")
+        self.mode = mode
+        self.stream = stream
+        self._bar = None
+
+    def _emit(self, **event) -> None:
+        stream = self.stream or sys.stdout
+        stream.write(json.dumps(event) + "\n")
+        stream.flush()
+
+    def stage(self, name: str) -> None:
+        self._close_bar()
+        if self.mode == "json":
+            self._emit(event="stage", stage=name, fraction=STAGES.get(name, (0, 0))[0])
+        elif self.mode == "bar":
+            print(f"[spinekneeseg] {name}", file=self.stream or sys.stderr, flush=True)
+
+    def step(self, stage: str, step: int, total: int) -> None:
+        lo, hi = STAGES.get(stage, (0.0, 1.0))
+        if self.mode == "json":
+            self._emit(event="progress", stage=stage, step=step, total=total,
+                       fraction=round(lo + (hi - lo) * step / max(total, 1), 4))
+        elif self.mode == "bar":
+            if self._bar is None:
+                from tqdm import tqdm
+
+                self._bar = tqdm(total=total, desc=stage, file=self.stream or sys.stderr, leave=False)
+            self._bar.update(step - self._bar.n)
+
+    def log(self, message: str, level: str = "info") -> None:
+        if self.mode == "json":
+            self._emit(event="log", level=level, message=message)
+        elif self.mode == "bar":
+            print(f"[spinekneeseg] {level}: {message}", file=self.stream or sys.stderr, flush=True)
+
+    def done(self, **info) -> None:
+        self._close_bar()
+        if self.mode == "json":
+            self._emit(event="done", **info)
+
+    def error(self, exit_code: int, message: str) -> None:
+        self._close_bar()
+        if self.mode == "json":
+            self._emit(event="error", exit_code=exit_code, message=message)
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

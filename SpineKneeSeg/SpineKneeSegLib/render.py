@@ -1,0 +1,100 @@
+"""Offscreen PNG overlays (numpy + Pillow: no display, no OpenGL) for reports.
+
+Slices are shown the radiological way: axial with patient right on the left and anterior up,
+sagittal with anterior left and superior up, coronal with patient right left and superior up.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image as PILImage
+from PIL import ImageDraw
+
+from .image import Image
+from .labels import LabelSpec
+
+
+def to_lps_array(image: Image) -> np.ndarray:
+    """Array reoriented so that i runs toward L, j toward P, k toward S (array[k, j, i])."""
+    import SimpleITK as sitk
+
+    if image.is_2d:
+        return image.array
+    return sitk.GetArrayFromImage(sitk.DICOMOrient(image.to_sitk(), "LPS"))
+
+
+def display_slice(array_lps: np.ndarray, plane: str, index: int | None = None) -> tuple[np.ndarray, int]:
+    if array_lps.shape[0] == 1 or plane == "image":
+        return array_lps[0], 0
+    axis = {"axial": 0, "coronal": 1, "sagittal": 2}[plane]
+    n = array_lps.shape[axis]
+    index = n // 2 if index is None else int(np.clip(index, 0, n - 1))
+    sl = np.take(array_lps, index, axis=axis)
+    return (sl if plane == "axial" else sl[::-1]), index
+
+
+def _grey(sl: np.ndarray) -> np.ndarray:
+    lo, hi = np.percentile(sl, (1, 99)) if sl.size else (0, 1)
+    return (np.clip((sl.astype(np.float32) - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
+
+
+def _boundary(mask: np.ndarray) -> np.ndarray:
+    inner = mask.copy()
+    inner[1:-1, 1:-1] = (mask[1:-1, 1:-1] & mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:])
+    return mask & ~inner
+
+
+def overlay_rgb(grey: np.ndarray, labels: np.ndarray | None, specs: tuple[LabelSpec, ...],
+                alpha: float = 0.4) -> np.ndarray:
+    rgb = np.repeat(grey[..., None], 3, axis=2).astype(np.float32)
+    if labels is not None:
+        for spec in specs:
+            mask = labels == spec.value
+            if not mask.any():
+                continue
+            colour = np.array(spec.color, dtype=np.float32) * 255
+            rgb[mask] = (1 - alpha) * rgb[mask] + alpha * colour
+            rgb[_boundary(mask)] = colour
+    return rgb.clip(0, 255).astype(np.uint8)
+
+
+def best_slice(labels_lps: np.ndarray, plane: str) -> int | None:
+    """The slice with the most labelled voxels (None for an empty label map)."""
+    if labels_lps.shape[0] == 1 or plane == "image" or not labels_lps.any():
+        return None
+    axis = {"axial": 0, "coronal": 1, "sagittal": 2}[plane]
+    other = tuple(a for a in range(3) if a != axis)
+    return int(np.argmax((labels_lps > 0).sum(axis=other)))
+
+
+def save_overlay(path: str | Path, image: Image, labels: Image | None, specs: tuple[LabelSpec, ...],
+                 plane: str, title: str = "", index: int | None = None, min_size: int = 320) -> Path:
+    arr = to_lps_array(image)
+    lab = to_lps_array(labels) if labels is not None else None
+    if index is None and lab is not None:
+        index = best_slice(lab, plane)
+    grey, index = display_slice(arr, plane, index)
+    lab_sl = display_slice(lab, plane, index)[0] if lab is not None else None
+    img = PILImage.fromarray(overlay_rgb(_grey(grey), lab_sl, specs))
+    scale = max(1, int(np.ceil(min_size / max(img.size))))
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), PILImage.NEAREST)
+    if title:
+        draw = ImageDraw.Draw(img)
+        draw.rectangle([0, 0, img.width, 14], fill=(0, 0, 0))
+        draw.text((3, 1), title, fill=(255, 255, 255))
+    img.save(path)
+    return Path(path)
+
+
+def side_by_side(paths: list[Path], out: Path) -> Path:
+    images = [PILImage.open(p).convert("RGB") for p in paths]
+    height = max(i.height for i in images)
+    canvas = PILImage.new("RGB", (sum(i.width for i in images) + 4 * (len(images) - 1), height))
+    x = 0
+    for i in images:
+        canvas.paste(i, (x, 0))
+        x += i.width + 4
+    canvas.save(out)
+    return out

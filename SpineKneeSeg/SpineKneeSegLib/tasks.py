@@ -1,0 +1,164 @@
+"""Declarative task cards: what each door (panel, CLI, Training/, tests) needs to know about a task.
+
+Adding a task = adding a card (and its pieces), not editing every door. Label values are fixed
+project-wide: knee 1 femur, 2 tibia, 3 fibula, 4 patella; spine 1..5 = L1..L5 vertebral bodies;
+brain 1 = lesion; X-ray 1 = femur.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .labels import BRAIN_LABELS, KNEE_LABELS, SPINE_LABELS, XRAY_FEMUR_LABELS, LabelSpec
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    modality: str
+    dims: int  # 3 = volume, 2 = single-slice image (radiograph)
+    required: bool = True
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Slice-wise preprocessing shared by inference and Training/.
+
+    ``plane`` picks the slice axis from the direction matrix (the array axis most aligned with the
+    plane's normal), so a sagittal task gets sagittal slices whatever the file's axis order.
+    """
+
+    plane: str = "axial"  # axial | sagittal | coronal | image (2D inputs: the image plane)
+    in_plane_spacing_mm: float | None = None  # None: keep the input's pixel size
+    normalisation: str = "zscore"  # zscore (per volume, foreground) | percentile | fixed
+    context_slices: int = 1  # 1 = 2D; 3 = 2.5D (neighbours as channels)
+    min_size: int = 16  # smallest accepted in-plane size (pixels)
+    min_slices: int = 1  # smallest accepted number of slices along the plane normal
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    factory: str
+    config: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TaskCard:
+    name: str
+    title: str
+    description: str
+    modality: str
+    inputs: tuple[InputSpec, ...]
+    preprocessing: Preprocessing
+    network: NetworkSpec
+    weights_entry: str  # registry entry name looked up when --weights is not given
+    labels: tuple[LabelSpec, ...]
+    postprocessors: tuple[str, ...]
+    outputs: tuple[str, ...]
+    extra_heads: tuple[dict, ...] = ()  # extra sigmoid channels after the label softmax
+    issue: int | None = None  # the issue that trains this task's real weights
+
+    @property
+    def dims(self) -> int:
+        return self.inputs[0].dims
+
+    @property
+    def label_names(self) -> dict[int, str]:
+        return {spec.value: spec.name for spec in self.labels}
+
+    @property
+    def output_channels(self) -> int:
+        return len(self.labels) + 1 + sum(h["channels"] for h in self.extra_heads)
+
+
+COMMON_OUTPUTS = ("labels.nii.gz", "segmentation.seg.nrrd", "report.json")
+
+TASKS: dict[str, TaskCard] = {}
+
+
+def register(card: TaskCard) -> TaskCard:
+    if card.name in TASKS:
+        raise ValueError(f"task {card.name!r} registered twice")
+    values = [spec.value for spec in card.labels]
+    if values != list(range(1, len(values) + 1)):
+        raise ValueError(f"task {card.name!r}: label values must be 1..N, got {values}")
+    TASKS[card.name] = card
+    return card
+
+
+def get_task(name: str) -> TaskCard:
+    from .errors import InputError
+
+    if name not in TASKS:
+        raise InputError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+register(TaskCard(
+    name="knee-bones",
+    title="Knee bones (MRI)",
+    description="Femur, tibia, fibula and patella in sagittal or coronal knee MRI (seed 000).",
+    modality="MR",
+    inputs=(InputSpec("image", "MR", 3, description="knee MRI volume, sagittal or coronal"),),
+    preprocessing=Preprocessing(plane="sagittal", in_plane_spacing_mm=None, normalisation="zscore",
+                                context_slices=1, min_slices=3),
+    network=NetworkSpec("unet2d", {"channels": (32, 32, 32, 32, 32), "activation": "elu",
+                                   "norm": "batch", "dropout": 0.5}),
+    weights_entry="knee-bones",
+    labels=KNEE_LABELS,
+    postprocessors=("largest_component_per_label", "volume_table"),
+    outputs=COMMON_OUTPUTS + ("volumes.tsv",),
+    issue=6,
+))
+
+register(TaskCard(
+    name="lumbar-foramina",
+    title="Lumbar levels and foramina (MRI)",
+    description="L1-L5 vertebral bodies by level and the ten neural foramina (L1-L5 left/right) "
+                "in sagittal lumbar MRI (seed 004).",
+    modality="MR",
+    inputs=(InputSpec("image", "MR", 3, description="sagittal T1 or T2 lumbar spine MRI"),),
+    preprocessing=Preprocessing(plane="sagittal", in_plane_spacing_mm=1.4, normalisation="zscore",
+                                context_slices=3, min_slices=3),
+    network=NetworkSpec("unet2d", {"channels": (16, 16, 16, 16, 16), "activation": "elu", "norm": "batch"}),
+    weights_entry="lumbar-foramina",
+    labels=SPINE_LABELS,
+    extra_heads=({"name": "foramina", "channels": 5},),
+    postprocessors=("largest_component_per_label", "foramina"),
+    outputs=COMMON_OUTPUTS + ("foramina.mrk.json",),
+    issue=3,
+))
+
+register(TaskCard(
+    name="brain-wmh",
+    title="Brain white-matter lesions (FLAIR)",
+    description="White-matter / MS lesions on FLAIR with a per-lesion table (seed 002).",
+    modality="MR",
+    inputs=(InputSpec("flair", "MR", 3, description="FLAIR volume (skull-stripped)"),
+            InputSpec("t1", "MR", 3, required=False, description="optional T1, resampled onto FLAIR")),
+    preprocessing=Preprocessing(plane="axial", in_plane_spacing_mm=1.0, normalisation="zscore",
+                                context_slices=3, min_slices=3),
+    network=NetworkSpec("unet2d", {"channels": (16, 32, 64, 128), "activation": "relu", "norm": "batch"}),
+    weights_entry="brain-wmh",
+    labels=BRAIN_LABELS,
+    postprocessors=("lesion_table",),
+    outputs=COMMON_OUTPUTS + ("lesions.tsv",),
+    issue=5,
+))
+
+register(TaskCard(
+    name="xray-femur",
+    title="Proximal femur (X-ray)",
+    description="Binary proximal femur on AP pelvis/hip radiographs (seed 003).",
+    modality="CR/DX",
+    inputs=(InputSpec("image", "CR/DX", 2, description="2D radiograph (DICOM, PNG/JPEG, 2D NIfTI)"),),
+    preprocessing=Preprocessing(plane="image", in_plane_spacing_mm=None, normalisation="percentile",
+                                context_slices=1),
+    network=NetworkSpec("unet2d", {"channels": (32, 64, 128, 128), "activation": "relu", "norm": "none",
+                                   "dropout": 0.2}),
+    weights_entry="xray-femur",
+    labels=XRAY_FEMUR_LABELS,
+    postprocessors=("remove_small_components", "area_table"),  # two femurs may be in view
+    outputs=COMMON_OUTPUTS + ("areas.tsv",),
+    issue=8,
+))

@@ -1,0 +1,149 @@
+"""Weights: the registry (Resources/Models/registry.json) and the checkpoint format.
+
+A checkpoint is a plain ``torch.save`` dict that rebuilds its own network, so any door can load
+it with ``weights_only=True`` (no pickled code):
+
+    {"format": "spinekneeseg-weights/1", "task": str, "network": {"factory": str, "config": dict},
+     "preprocessing": dict (overrides of the task card, e.g. normalisation statistics),
+     "state_dict": dict, "metadata": dict}
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import InputError, NoWeightsError
+
+FORMAT = "spinekneeseg-weights/1"
+MODELS_ENV = "SPINEKNEESEG_MODELS"
+
+
+def models_dir() -> Path:
+    """Resources/Models of the module (overridable for tests and site installs)."""
+    if os.environ.get(MODELS_ENV):
+        return Path(os.environ[MODELS_ENV])
+    return Path(__file__).resolve().parent.parent / "Resources" / "Models"
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class RegistryEntry:
+    task: str
+    version: str
+    file: str
+    sha256: str
+    size: int
+    card: str = ""
+    description: str = ""
+
+    def path(self, root: Path | None = None) -> Path:
+        return (root or models_dir()) / self.file
+
+
+def read_registry(root: Path | None = None) -> list[RegistryEntry]:
+    path = (root or models_dir()) / "registry.json"
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    return [RegistryEntry(**entry) for entry in data.get("models", [])]
+
+
+def find_entry(task: str, root: Path | None = None) -> RegistryEntry | None:
+    """Newest registered version for the task whose file is present."""
+    entries = [e for e in read_registry(root) if e.task == task and e.path(root).exists()]
+    if not entries:
+        return None
+    return max(entries, key=lambda e: tuple(int(p) for p in e.version.split(".") if p.isdigit()))
+
+
+@dataclass
+class LoadedWeights:
+    path: Path
+    sha256: str
+    checkpoint: dict
+    entry: RegistryEntry | None = None
+
+    @property
+    def network(self) -> dict:
+        return self.checkpoint["network"]
+
+    @property
+    def preprocessing(self) -> dict:
+        return self.checkpoint.get("preprocessing", {})
+
+
+def resolve_weights(task: str, explicit: str | os.PathLike | None = None) -> LoadedWeights:
+    """``--weights PATH`` if given (must exist and be a valid checkpoint for ``task``), else the registry."""
+    entry = None
+    if explicit is not None:
+        path = Path(explicit)
+        if not path.is_file():
+            raise InputError("weights file does not exist", path)
+    else:
+        entry = find_entry(task)
+        if entry is None:
+            raise NoWeightsError(task, f"none registered in {models_dir() / 'registry.json'}; pass --weights PATH")
+        path = entry.path()
+    digest = sha256_of(path)
+    if entry is not None and digest != entry.sha256:
+        raise InputError(f"SHA256 {digest} does not match the registry ({entry.sha256}); the file is damaged "
+                         "or was replaced", path)
+    checkpoint = load_checkpoint(path)
+    if checkpoint.get("task") != task:
+        raise InputError(f"weights are for task {checkpoint.get('task')!r}, not {task!r}", path)
+    return LoadedWeights(path, digest, checkpoint, entry)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise InputError(f"not a readable weights file ({type(exc).__name__}: {exc})", path) from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        raise InputError(f"not a SpineKneeSeg weights file (expected format {FORMAT})", path)
+    return checkpoint
+
+
+def save_checkpoint(path: str | os.PathLike, task: str, factory: str, config: dict, state_dict: dict,
+                    preprocessing: dict | None = None, metadata: dict | None = None) -> str:
+    """Write atomically; returns the SHA256 to put in the registry."""
+    from .atomic import atomic_path
+
+    payload = {"format": FORMAT, "task": task, "network": {"factory": factory, "config": dict(config)},
+               "preprocessing": dict(preprocessing or {}), "state_dict": state_dict,
+               "metadata": dict(metadata or {})}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return sha256_of(path)
+
+
+def initialise_weights(task: str, path: str | os.PathLike, config: dict | None = None, seed: int = 0,
+                       metadata: dict | None = None) -> str:
+    """Write an untrained (He-initialised) checkpoint of the task card's network, with ``config``
+    overriding the card's (e.g. tiny channels for tests). Returns its SHA256.
+
+    The input/output channel counts always follow the card, so the checkpoint fits the pipeline.
+    """
+    from .models import build_network
+    from .tasks import get_task
+
+    card = get_task(task)
+    full = {**card.network.config, **(config or {})}
+    full["in_channels"] = card.preprocessing.context_slices
+    full["out_channels"] = card.output_channels
+    torch.manual_seed(seed)
+    net = build_network(card.network.factory, full)
+    return save_checkpoint(path, task, card.network.factory, full, net.state_dict(),
+                           metadata={"trained": False, "note": "untrained initialisation", **(metadata or {})})

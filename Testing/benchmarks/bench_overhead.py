@@ -1,0 +1,71 @@
+"""Speed rule for every task: time outside the network, (total - network), must be
+<= max(0.3 x network, 0.3 s). Prints medians of several runs; exits 1 when a task breaks the rule.
+
+    python Testing/benchmarks/bench_overhead.py [--runs 3] [--tasks knee-bones ...] [--data]
+
+Networks are the task cards' full-size networks, freshly initialised (speed does not depend on
+the weights' values); inputs are the built-in phantoms, or with --data one real shared case per
+task where one exists. The first run of each task is a warm-up and is not counted.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from SpineKneeSegLib.datasets import data_root
+from SpineKneeSegLib.demo import SHARED_CASES
+from SpineKneeSegLib.io import write_image
+from SpineKneeSegLib.phantoms import make_phantom
+from SpineKneeSegLib.pipeline import RunOptions, run_case
+from SpineKneeSegLib.tasks import TASKS
+from SpineKneeSegLib.weights import initialise_weights
+
+
+def bench(task: str, runs: int, use_data: bool, workdir: Path) -> dict:
+    weights = workdir / f"{task}.pt"
+    initialise_weights(task, weights)
+    root = data_root()
+    if use_data and root is not None and task in SHARED_CASES and (root / SHARED_CASES[task][0]).exists():
+        source, inputs = SHARED_CASES[task][0], [str(root / SHARED_CASES[task][0])]
+    else:
+        path = workdir / f"{task}.nii.gz"
+        write_image(make_phantom(task, seed=0).image, path)
+        source, inputs = "phantom", [str(path)]
+    samples = []
+    for i in range(runs + 1):
+        report = run_case(TASKS[task], inputs, workdir / f"out-{task}-{i}", RunOptions(weights=str(weights)))
+        if i:
+            samples.append(report["timings_s"])
+    med = {k: statistics.median(s[k] for s in samples) for k in samples[0]}
+    overhead = med["total"] - med["network"]
+    limit = max(0.3 * med["network"], 0.3)
+    return {"task": task, "source": source, "shape": report["inputs"][0]["shape_kji"], **med,
+            "overhead": overhead, "ratio": overhead / med["network"], "limit": limit, "ok": overhead <= limit}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--tasks", nargs="*", default=list(TASKS))
+    parser.add_argument("--data", action="store_true", help="use one real shared case per task when present")
+    args = parser.parse_args(argv)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for task in args.tasks:
+            results.append(bench(task, args.runs, args.data, Path(tmp)))
+    print(f"{'task':16} {'input':42} {'shape':16} {'total':>7} {'network':>8} {'outside':>8} {'ratio':>6} "
+          f"{'limit':>6}  rule   (medians of {args.runs} runs, seconds)")
+    for r in results:
+        print(f"{r['task']:16} {r['source'][:42]:42} {'x'.join(map(str, r['shape'])):16} {r['total']:7.3f} "
+              f"{r['network']:8.3f} {r['overhead']:8.3f} {r['ratio']:6.2f} {r['limit']:6.3f}  "
+              f"{'ok' if r['ok'] else 'FAIL'}")
+        print(f"{'':16} load {r['load']:.3f}  preprocess {r['preprocess']:.3f}  postprocess {r['postprocess']:.3f}  "
+              f"write {r['write']:.3f}  (mrml start-up {r.get('mrml_startup', 0):.3f}, not in total)")
+    return 0 if all(r["ok"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

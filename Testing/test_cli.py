@@ -1,0 +1,172 @@
+"""End to end through the real CLI entry point: phantom in, every output out, scene.mrb reloads
+in a fresh slicer-core scene with every node intact. Networks are tiny untrained initialisations
+(`--weights PATH`): these tests check the plumbing and geometry, not accuracy."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from SpineKneeSegLib import cli
+from SpineKneeSegLib.io import read_image, write_image
+from SpineKneeSegLib.phantoms import make_phantom
+from SpineKneeSegLib.tasks import TASKS
+from SpineKneeSegLib.weights import initialise_weights, sha256_of
+
+pytestmark = pytest.mark.mrml
+TIMING_KEYS = {"load", "preprocess", "network", "postprocess", "write", "total"}
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("weights")
+    paths = {}
+    for task in TASKS:
+        paths[task] = folder / f"{task}.pt"
+        initialise_weights(task, paths[task], {"channels": (4, 8)}, seed=1)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def phantom_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("phantoms")
+    files = {}
+    for task in TASKS:
+        phantom = make_phantom(task, seed=3)
+        files[task] = folder / f"{task}.nii.gz"
+        write_image(phantom.image, files[task])
+    return files
+
+
+def _run(task, inputs, out, weights, *extra):
+    return cli.main(["run", "--task", task, *map(str, inputs), "-o", str(out), "--weights", str(weights), *extra])
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_run_writes_every_output_in_the_input_geometry(task, tmp_path, tiny_weights, phantom_files, capsys):
+    out = tmp_path / "out"
+    assert _run(task, [phantom_files[task]], out, tiny_weights[task], "--scene", "--progress", "json") == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert events[-1]["event"] == "done"
+    assert {e["stage"] for e in events if e["event"] == "stage"} >= {"loading", "preprocessing", "postprocessing",
+                                                                      "writing"}
+    assert any(e["event"] == "progress" and e["step"] == e["total"] for e in events)
+    card = TASKS[task]
+    for name in card.outputs + ("scene.mrb",):
+        assert (out / name).is_file(), name
+    assert not [p for p in tmp_path.iterdir() if ".partial." in p.name]
+
+    source = read_image(phantom_files[task])
+    labels = read_image(out / "labels.nii.gz")
+    assert labels.array.dtype == np.uint8 and labels.array.shape == source.array.shape
+    assert np.allclose(labels.ijk_to_ras, source.ijk_to_ras, atol=1e-4)
+    assert set(np.unique(labels.array)) <= {0} | {s.value for s in card.labels}
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["task"] == task and report["status"] == "ok"
+    assert TIMING_KEYS <= set(report["timings_s"])
+    t = report["timings_s"]
+    assert t["total"] >= t["network"] > 0
+    assert report["weights"]["sha256"] == sha256_of(tiny_weights[task])
+    assert {"spinekneeseg", "torch", "SimpleITK", "numpy"} <= set(report["versions"])
+    assert set(report["outputs"]) >= set(card.outputs)
+
+
+def test_scene_mrb_reloads_with_every_node(tmp_path, tiny_weights, phantom_files):
+    from SpineKneeSegLib import mrml
+
+    out = tmp_path / "out"
+    assert _run("brain-wmh", [phantom_files["brain-wmh"]], out, tiny_weights["brain-wmh"], "--scene",
+                "--progress", "none") == 0
+    app = mrml.load_scene_mrb(out / "scene.mrb")
+    scene = app.scene
+    volumes = list(_nodes(scene, "vtkMRMLScalarVolumeNode"))
+    segs = list(_nodes(scene, "vtkMRMLSegmentationNode"))
+    tables = list(_nodes(scene, "vtkMRMLTableNode"))
+    assert len(volumes) == 1 and len(segs) == 1 and len(tables) == 1
+    source = read_image(phantom_files["brain-wmh"])
+    assert mrml.volume_node_to_image(volumes[0]).same_geometry(source)
+    segmentation = segs[0].GetSegmentation()
+    names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+    assert names == ["lesion"]
+    labels = mrml.segmentation_node_to_labels(segs[0], source, TASKS["brain-wmh"].labels)
+    assert np.array_equal(labels, read_image(out / "labels.nii.gz").array)
+    rows = mrml.table_node_to_rows(tables[0])
+    lesion_tsv = (out / "lesions.tsv").read_text().splitlines()
+    assert len(rows) == len(lesion_tsv) - 1
+
+
+def test_foramina_markups_and_scene(tmp_path, tiny_weights, phantom_files):
+    from SpineKneeSegLib import mrml
+
+    out = tmp_path / "out"
+    assert _run("lumbar-foramina", [phantom_files["lumbar-foramina"]], out, tiny_weights["lumbar-foramina"],
+                "--scene", "--progress", "none") == 0
+    data = json.loads((out / "foramina.mrk.json").read_text())
+    assert data["markups"][0]["type"] == "Fiducial"
+    report = json.loads((out / "report.json").read_text())
+    labels = [p["label"] for p in data["markups"][0]["controlPoints"]]
+    assert len(labels) == report["summaries"]["foramina"]["found"]
+    assert all(label.split()[0] in {f"L{k}" for k in range(1, 6)} for label in labels)
+    app = mrml.load_scene_mrb(out / "scene.mrb")
+    assert len(list(_nodes(app.scene, "vtkMRMLMarkupsFiducialNode"))) == 1
+
+
+def test_no_weights_exits_3(tmp_path, phantom_files, capsys, monkeypatch):
+    monkeypatch.setenv("SPINEKNEESEG_MODELS", str(tmp_path / "empty-registry"))
+    code = cli.main(["run", "--task", "knee-bones", str(phantom_files["knee-bones"]), "-o", str(tmp_path / "o")])
+    assert code == 3
+    assert "no weights for knee-bones" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_manifest_runs_every_case_and_reports_failures(tmp_path, tiny_weights, phantom_files):
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"not an image")
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text(f"id,input\ngood1,{phantom_files['knee-bones']}\nbroken,bad.nii.gz\n"
+                        f"good2,{phantom_files['knee-bones']}\n")
+    out = tmp_path / "batch"
+    code = cli.main(["run", "--task", "knee-bones", "--manifest", str(manifest), "-o", str(out),
+                     "--weights", str(tiny_weights["knee-bones"]), "--progress", "none"])
+    assert code == 2
+    lines = [line.split("\t") for line in (out / "summary.tsv").read_text().splitlines()]
+    status = {row[0]: (row[1], row[2]) for row in lines[1:]}
+    assert status == {"good1": ("ok", "0"), "broken": ("failed", "2"), "good2": ("ok", "0")}
+    assert (out / "good1" / "labels.nii.gz").is_file() and (out / "good2" / "segmentation.seg.nrrd").is_file()
+    assert not (out / "broken").exists()
+
+
+def test_oblique_left_handed_input_keeps_exact_geometry(tmp_path, tiny_weights):
+    from SpineKneeSegLib.image import Image
+
+    rng = np.random.default_rng(0)
+    angle = np.deg2rad(20)
+    rot = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    left_handed = rot @ np.diag([1, 1, -1])
+    image = Image(rng.normal(100, 30, (10, 40, 36)).astype(np.float32), spacing=(0.7, 0.9, 3.3),
+                  origin=(12.5, -40.0, 7.25), direction=left_handed)
+    path = tmp_path / "oblique.nii.gz"
+    write_image(image, path)
+    out = tmp_path / "out"
+    assert _run("knee-bones", [path], out, tiny_weights["knee-bones"], "--progress", "none") == 0
+    labels = read_image(out / "labels.nii.gz")
+    assert labels.same_geometry(read_image(path))
+
+
+def test_console_script_and_module_entry_points(tmp_path):
+    result = subprocess.run(["spinekneeseg", "tasks", "--json"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    listing = json.loads(result.stdout)
+    assert [t["task"] for t in listing] == list(TASKS)
+    result = subprocess.run([sys.executable, "-m", "SpineKneeSegLib.cli", "--version"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and "spinekneeseg" in result.stdout
+
+
+def _nodes(scene, class_name):
+    for i in range(scene.GetNumberOfNodesByClass(class_name)):
+        node = scene.GetNthNodeByClass(i, class_name)
+        if node.GetClassName() == class_name:
+            yield node

@@ -1,0 +1,123 @@
+"""Property-based tests of Image geometry: IJK <-> LPS <-> RAS and the SimpleITK bridge.
+
+Directions are random rotations, optionally with one axis flipped (left-handed), so oblique and
+left-handed grids are exercised on every run.
+"""
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from SpineKneeSegLib.image import LPS_TO_RAS, Image
+
+SETTINGS = settings(max_examples=60, deadline=None)
+
+
+def _rotation(q) -> np.ndarray:
+    w, x, y, z = np.asarray(q) / np.linalg.norm(q)
+    return np.array([
+        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+    ])
+
+
+quaternions = st.lists(st.floats(-1, 1), min_size=4, max_size=4).filter(
+    lambda q: np.linalg.norm(q) > 0.2)
+
+
+@st.composite
+def directions(draw) -> np.ndarray:
+    d = _rotation(draw(quaternions))
+    flip = draw(st.sampled_from([None, 0, 1, 2]))  # flip one axis -> left-handed
+    if flip is not None:
+        d[:, flip] *= -1
+    return d
+
+
+spacings = st.tuples(*[st.floats(0.05, 10.0)] * 3)
+origins = st.tuples(*[st.floats(-500.0, 500.0)] * 3)
+index_points = st.lists(st.tuples(*[st.floats(-5.0, 120.0)] * 3), min_size=1, max_size=8)
+
+
+def _image(spacing, origin, direction, shape=(2, 3, 4)) -> Image:
+    array = np.arange(np.prod(shape), dtype=np.int16).reshape(shape)
+    return Image(array, spacing, origin, direction)
+
+
+@SETTINGS
+@given(spacings, origins, directions(), index_points)
+def test_ijk_ras_round_trip(spacing, origin, direction, ijk):
+    img = _image(spacing, origin, direction)
+    back = img.ras_to_ijk_points(img.ijk_to_ras_points(ijk))
+    np.testing.assert_allclose(back, np.asarray(ijk), atol=1e-6)
+    back_lps = img.lps_to_ijk_points(img.ijk_to_lps_points(ijk))
+    np.testing.assert_allclose(back_lps, np.asarray(ijk), atol=1e-6)
+
+
+@SETTINGS
+@given(spacings, origins, directions(), index_points)
+def test_ras_is_lps_with_x_y_negated(spacing, origin, direction, ijk):
+    img = _image(spacing, origin, direction)
+    lps = img.ijk_to_lps_points(ijk)
+    np.testing.assert_allclose(img.ijk_to_ras_points(ijk), lps * [-1, -1, 1], atol=1e-9)
+    np.testing.assert_allclose(img.ijk_to_ras, LPS_TO_RAS @ img.ijk_to_lps, atol=1e-12)
+
+
+@SETTINGS
+@given(spacings, origins, directions())
+def test_from_ijk_to_ras_recovers_geometry(spacing, origin, direction):
+    img = _image(spacing, origin, direction)
+    rebuilt = Image.from_ijk_to_ras(img.array, img.ijk_to_ras)
+    np.testing.assert_allclose(rebuilt.spacing, spacing, rtol=1e-9)
+    np.testing.assert_allclose(rebuilt.origin, origin, atol=1e-9)
+    np.testing.assert_allclose(rebuilt.direction, direction, atol=1e-9)
+    assert rebuilt.is_right_handed == (np.linalg.det(direction) > 0)
+
+
+@SETTINGS
+@given(spacings, origins, directions())
+def test_sitk_round_trip(spacing, origin, direction):
+    img = _image(spacing, origin, direction)
+    back = Image.from_sitk(img.to_sitk())
+    np.testing.assert_array_equal(back.array, img.array)
+    np.testing.assert_allclose(back.spacing, spacing, rtol=1e-12)
+    np.testing.assert_allclose(back.origin, origin, atol=1e-12)
+    np.testing.assert_allclose(back.direction, direction, atol=1e-12)
+
+
+@SETTINGS
+@given(spacings, origins, directions(), index_points)
+def test_sitk_index_to_point_agrees(spacing, origin, direction, ijk):
+    img = _image(spacing, origin, direction)
+    sitk_img = img.to_sitk()
+    expected = np.array([sitk_img.TransformContinuousIndexToPhysicalPoint(tuple(p)) for p in ijk])
+    np.testing.assert_allclose(img.ijk_to_lps_points(ijk), expected, atol=1e-6)
+
+
+@SETTINGS
+@given(spacings, origins, directions())
+def test_reversed_slices_are_the_same_geometry(spacing, origin, direction):
+    """A left-handed grid may come back with its slices reordered (right-handed): the physical
+    samples, and the voxel found at each physical point, must be the same."""
+    img = _image(spacing, origin, direction)
+    last = img.ijk_to_lps_points([[0, 0, img.array.shape[0] - 1]])[0]
+    flipped_dir = direction.copy()
+    flipped_dir[:, 2] *= -1
+    flipped = Image(img.array[::-1].copy(), spacing, last, flipped_dir)
+    assert img.same_geometry(flipped)
+    assert flipped.is_right_handed != img.is_right_handed
+    k, j, i = 0, 1, 2
+    lps = img.ijk_to_lps_points([[i, j, k]])
+    fi, fj, fk = np.rint(flipped.lps_to_ijk_points(lps)[0]).astype(int)
+    assert flipped.array[fk, fj, fi] == img.array[k, j, i]
+
+
+def test_2d_from_sitk_is_single_slice():
+    img2d = sitk.GetImageFromArray(np.zeros((5, 7), np.uint8))
+    img2d.SetSpacing((0.2, 0.3))
+    img = Image.from_sitk(img2d)
+    assert img.array.shape == (1, 5, 7) and img.is_2d
+    assert img.spacing[:2] == (0.2, 0.3)

@@ -1,0 +1,138 @@
+"""Post-processing and measurement tables on label maps with known answers (no network)."""
+import numpy as np
+import pytest
+
+from SpineKneeSegLib.foramina import foramen_label, localise_foramina, motion_segment
+from SpineKneeSegLib.image import Image
+from SpineKneeSegLib.lesions import bracket_name, label_lesions, lesion_table
+from SpineKneeSegLib.postprocessing import (area_table, largest_component_per_label, remove_small_components,
+                                            volume_table)
+from SpineKneeSegLib.tasks import TASKS
+
+
+def test_largest_component_keeps_the_big_blob_per_label():
+    labels = np.zeros((10, 20, 20), np.uint8)
+    labels[2:8, 2:10, 2:10] = 1
+    labels[0, 18, 18] = 1  # stray voxel
+    labels[2:5, 12:15, 12:15] = 2
+    labels[9, 0:2, 0:2] = 2  # stray blob of label 2
+    out = largest_component_per_label(labels)
+    assert out.dtype == np.uint8
+    assert out[0, 18, 18] == 0 and out[9, 0, 0] == 0
+    assert (out == 1).sum() == 6 * 8 * 8 and (out == 2).sum() == 27
+
+
+def test_remove_small_components_keeps_two_femurs():
+    labels = np.zeros((1, 64, 64), np.uint8)
+    labels[0, 5:30, 5:20] = 1
+    labels[0, 5:28, 40:55] = 1
+    labels[0, 60, 60] = 1
+    out = remove_small_components(labels)
+    assert out[0, 60, 60] == 0 and out[0, 10, 10] == 1 and out[0, 10, 45] == 1
+
+
+def test_volume_and_area_tables_use_physical_spacing():
+    image = Image(np.zeros((4, 5, 6), np.float32), spacing=(0.5, 2.0, 3.0))
+    labels = np.zeros((4, 5, 6), np.uint8)
+    labels[0, 0, :2] = 1
+    table = volume_table(labels, image, TASKS["knee-bones"].labels)
+    femur = next(r for r in table.rows if r["structure"] == "femur")
+    assert femur["voxels"] == 2 and femur["volume_mm3"] == pytest.approx(2 * 3.0)
+    assert next(r for r in table.rows if r["structure"] == "patella")["voxels"] == 0
+    xray = Image(np.zeros((1, 5, 6), np.float32), spacing=(0.2, 0.5, 1.0))
+    rows = area_table(labels[:1], xray, TASKS["xray-femur"].labels).rows
+    assert rows[0]["area_mm2"] == pytest.approx(2 * 0.1)
+
+
+@pytest.mark.parametrize("voxels,bracket", [(1, "[0,10)"), (9, "[0,10)"), (10, "[10,400)"), (399, "[10,400)"),
+                                            (400, "[400,1000)"), (1000, "[1000,inf)")])
+def test_seed_size_brackets(voxels, bracket):
+    assert bracket_name(voxels) == bracket
+
+
+def test_connectivity_changes_lesion_count():
+    mask = np.zeros((3, 3, 3), np.uint8)
+    mask[0, 0, 0] = mask[1, 1, 1] = 1  # corner-touching: one lesion at 26, two at 6/18
+    assert label_lesions(mask, 26)[1] == 1
+    assert label_lesions(mask, 18)[1] == 2
+    assert label_lesions(mask, 6)[1] == 2
+    with pytest.raises(ValueError):
+        label_lesions(mask, 8)
+
+
+def test_lesion_table_rows_sorted_with_physical_centroids():
+    direction = np.array([[0, 0, 1], [1, 0, 0], [0, 1, 0]], float)  # permuted axes
+    flair = Image(np.full((20, 30, 30), 10.0, np.float32), spacing=(1.0, 1.0, 3.0), origin=(5, -7, 11),
+                  direction=direction)
+    mask = np.zeros(flair.array.shape, np.uint8)
+    mask[2:4, 5:10, 5:10] = 1  # 50 voxels
+    mask[10:18, 10:25, 10:25] = 1  # 1800 voxels
+    flair.array[10:18, 10:25, 10:25] = 99.0
+    mask[0, 0, 0] = 1  # 1 voxel
+    table, summary = lesion_table(mask, flair, slice_axis=0)
+    assert [r["voxels"] for r in table.rows] == [1800, 50, 1]
+    assert [r["lesion_id"] for r in table.rows] == [1, 2, 3]
+    big = table.rows[0]
+    assert big["bracket"] == "[1000,inf)" and big["depth_slices"] == 8
+    assert big["volume_mm3"] == pytest.approx(1800 * 3.0)
+    assert big["mean_flair"] == pytest.approx(99.0)
+    expected_ras = flair.ijk_to_ras_points([[17.0, 17.0, 13.5]])[0]
+    assert (big["centroid_r"], big["centroid_a"], big["centroid_s"]) == pytest.approx(tuple(expected_ras), abs=0.01)
+    assert big["bbox"] == "10-24 10-24 10-17"
+    assert summary["lesion_count"] == 3
+    assert summary["brackets"]["[10,400)"]["count"] == 1
+    assert summary["total_lesion_load_ml"] == pytest.approx((1800 + 50 + 1) * 3.0 / 1000, abs=1e-4)
+    assert [c.name for c in table.columns] == ["lesion_id", "voxels", "volume_mm3", "depth_slices", "centroid_r",
+                                               "centroid_a", "centroid_s", "bbox", "bracket", "mean_flair"]
+
+
+def test_foramen_naming_follows_the_seed():
+    assert foramen_label(3, "right") == "L3 right"
+    assert motion_segment(5) == "L5/S1" and motion_segment(2) == "L2/L3"
+    with pytest.raises(ValueError):
+        foramen_label(6, "left")
+
+
+def _sagittal_image(k_toward_left: bool) -> Image:
+    # i: anterior->posterior, j: superior->inferior, k: toward patient left or right (LPS columns)
+    k_dir = [1, 0, 0] if k_toward_left else [-1, 0, 0]
+    direction = np.array([[0, 0, k_dir[0]], [1, 0, 0], [0, -1, 0]], float)
+    return Image(np.zeros((21, 64, 64), np.float32), spacing=(1.0, 1.0, 3.0), origin=(0, 0, 0), direction=direction)
+
+
+def _discs(shape, centres_kji, radius=3):
+    prob = np.zeros(shape, np.float32)
+    kk, jj, ii = np.indices(shape)
+    for k, j, i in centres_kji:
+        prob[(kk == k) & ((jj - j) ** 2 + (ii - i) ** 2 <= radius ** 2)] = 0.9
+    return prob
+
+
+@pytest.mark.parametrize("k_toward_left", [True, False])
+def test_localiser_names_sides_from_the_direction_matrix(k_toward_left):
+    image = _sagittal_image(k_toward_left)
+    probs = np.zeros((5,) + image.array.shape, np.float32)
+    truth = {}
+    for level in range(1, 6):
+        j = 8 + 10 * level
+        for k in (4, 5, 15, 16):  # two slices each side of the midline slice 10
+            probs[level - 1] = np.maximum(probs[level - 1], _discs(image.array.shape, [(k, j, 40)]))
+        # k grows toward patient left when k_toward_left
+        truth[(level, "left" if k_toward_left else "right")] = 15.5
+        truth[(level, "right" if k_toward_left else "left")] = 4.5
+    found = localise_foramina(probs, image)
+    assert len(found) == 10
+    for f in found:
+        expected_k = truth[(f.level, f.side)]
+        expected = image.ijk_to_ras_points([[40, 8 + 10 * f.level, expected_k]])[0]
+        assert np.allclose(f.ras, expected, atol=0.5), (f.label, f.ras, expected)
+        midline_x = image.ijk_to_ras_points([[40, 30, 10]])[0, 0]
+        assert (f.ras[0] > midline_x) == (f.side == "right")  # RAS +x is patient right
+
+
+def test_localiser_with_uint8_maps_and_missing_levels():
+    image = _sagittal_image(True)
+    probs = np.zeros((5,) + image.array.shape, np.uint8)
+    probs[2] = (_discs(image.array.shape, [(3, 30, 40), (17, 30, 40)]) * 255).astype(np.uint8)
+    found = localise_foramina(probs, image)
+    assert sorted(f.label for f in found) == ["L3 left", "L3 right"]
