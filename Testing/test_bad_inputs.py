@@ -21,7 +21,7 @@ def knee_weights(tmp_path_factory):
     return path
 
 
-def _volume(tmp_path, name="scan.nii.gz", shape=(8, 32, 32)):
+def _volume(tmp_path, name="scan.nii.gz", shape=(24, 32, 32)):
     rng = np.random.default_rng(0)
     path = tmp_path / name
     write_image(Image(rng.normal(100, 20, shape).astype(np.float32), spacing=(0.5, 0.5, 3.0)), path)
@@ -84,7 +84,7 @@ def _constant(tmp_path):
 
 
 def _missing(tmp_path):
-    return [tmp_path / "does-not-exist.nii.gz"], "not exist"
+    return [tmp_path / "does-not-exist.nii.gz"], "no such file"
 
 
 CORPUS = {"empty": _empty, "nan": _nan, "truncated": _truncated, "truncated-gzip": _truncated_raw_gzip,

@@ -147,3 +147,24 @@ def initialise_weights(task: str, path: str | os.PathLike, config: dict | None =
     net = build_network(card.network.factory, full)
     return save_checkpoint(path, task, card.network.factory, full, net.state_dict(),
                            metadata={"trained": False, "note": "untrained initialisation", **(metadata or {})})
+
+
+def register_model(checkpoint: str | os.PathLike, task: str, version: str, card: str = "", description: str = "",
+                   root: Path | None = None) -> RegistryEntry:
+    """Add (or replace) a registry entry for a checkpoint that lies in the models folder."""
+    from .atomic import write_text_atomic
+
+    root = root or models_dir()
+    checkpoint = Path(checkpoint)
+    if checkpoint.resolve().parent != root.resolve():
+        raise InputError(f"weights must lie in the models folder {root} to be registered", checkpoint)
+    load_checkpoint(checkpoint)  # refuse to register something that does not load
+    entry = RegistryEntry(task, version, checkpoint.name, sha256_of(checkpoint), checkpoint.stat().st_size,
+                          card, description)
+    registry_path = root / "registry.json"
+    data = json.loads(registry_path.read_text()) if registry_path.exists() else {"format": "spinekneeseg-registry/1"}
+    models = [m for m in data.get("models", []) if not (m["task"] == task and m["version"] == version)]
+    models.append(entry.__dict__)
+    data["models"] = sorted(models, key=lambda m: (m["task"], m["version"]))
+    write_text_atomic(registry_path, json.dumps(data, indent=2) + "\n")
+    return entry

@@ -1,0 +1,88 @@
+"""Generic slice-wise training for any task card: the same preprocessing functions and network
+factory as inference (SpineKneeSegLib), so a trained checkpoint runs unchanged in every door.
+
+Task issues add their own losses, augmentation and data importers on top; this is the common loop
+(soft Dice + cross-entropy for the label softmax, Adam, seeded, checkpoint via the weights format).
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SpineKneeSeg"))  # run from a checkout
+
+from SpineKneeSegLib.image import Image  # noqa: E402
+from SpineKneeSegLib.models import build_network  # noqa: E402
+from SpineKneeSegLib.preprocessing import (context_channels, network_grid, normalise, pad_to,  # noqa: E402
+                                           resize_batch, slice_axis, to_slices)
+from SpineKneeSegLib.tasks import TaskCard  # noqa: E402
+from SpineKneeSegLib.weights import save_checkpoint  # noqa: E402
+
+
+def slices_for_training(card: TaskCard, image: Image, labels: Image, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, C, H, W) float inputs and (N, H, W) long targets on the network grid, built exactly as
+    inference builds its inputs (labels resampled nearest-neighbour)."""
+    pre = card.preprocessing
+    axis = slice_axis(image, pre.plane)
+    stack = normalise(to_slices(image.array, axis), pre.normalisation)
+    grid = network_grid(image, axis, pre.in_plane_spacing_mm, multiple)
+    index = np.arange(stack.shape[0])
+    x = pad_to(resize_batch(torch.from_numpy(context_channels(stack, index, pre.context_slices)), grid.network_hw),
+               grid.padded_hw)
+    y = torch.from_numpy(to_slices(labels.array, axis).astype(np.int64))[:, None].float()
+    y = F.interpolate(y, size=grid.network_hw, mode="nearest") if tuple(y.shape[-2:]) != grid.network_hw else y
+    return x, pad_to(y, grid.padded_hw)[:, 0].long()
+
+
+def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, n_classes: int) -> torch.Tensor:
+    probs = torch.softmax(logits[:, :n_classes], dim=1)
+    onehot = F.one_hot(target, n_classes).permute(0, 3, 1, 2).float()
+    inter = (probs * onehot).sum(dim=(0, 2, 3))
+    denom = probs.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))
+    dice = (2 * inter + 1.0) / (denom + 1.0)
+    return (1 - dice[1:].mean()) + F.cross_entropy(logits[:, :n_classes], target)
+
+
+@dataclass
+class TrainConfig:
+    network: dict
+    epochs: int = 50
+    lr: float = 1e-3
+    batch_size: int = 8
+    seed: int = 0
+
+
+def train(card: TaskCard, pairs: list[tuple[Image, Image]], config: TrainConfig, checkpoint: str | Path,
+          metadata: dict | None = None) -> list[float]:
+    """Train on (image, labels) pairs; write the checkpoint; return the per-epoch mean losses."""
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    net_config = {**card.network.config, **config.network, "in_channels": card.preprocessing.context_slices,
+                  "out_channels": card.output_channels}
+    net = build_network(card.network.factory, net_config)
+    multiple = getattr(net, "size_multiple", 1)
+    data = [slices_for_training(card, im, lab, multiple) for im, lab in pairs]
+    n_classes = len(card.labels) + 1
+    optimiser = torch.optim.Adam(net.parameters(), lr=config.lr)
+    history = []
+    for _ in range(config.epochs):
+        net.train()
+        losses = []
+        for x, y in data:
+            for start in range(0, len(x), config.batch_size):
+                pick = rng.permutation(len(x))[start:start + config.batch_size] if len(x) > config.batch_size \
+                    else np.arange(len(x))
+                optimiser.zero_grad()
+                loss = dice_ce_loss(net(x[pick]), y[pick], n_classes)
+                loss.backward()
+                optimiser.step()
+                losses.append(float(loss.detach()))
+        history.append(float(np.mean(losses)))
+    save_checkpoint(checkpoint, card.name, card.network.factory, net_config, net.state_dict(),
+                    metadata={"trained": True, "epochs": config.epochs, "final_loss": history[-1], **(metadata or {})})
+    return history
