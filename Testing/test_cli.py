@@ -145,7 +145,7 @@ def test_oblique_left_handed_input_keeps_exact_geometry(tmp_path, tiny_weights):
     angle = np.deg2rad(20)
     rot = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
     left_handed = rot @ np.diag([1, 1, -1])
-    image = Image(rng.normal(100, 30, (10, 40, 36)).astype(np.float32), spacing=(0.7, 0.9, 3.3),
+    image = Image(rng.normal(100, 30, (30, 40, 36)).astype(np.float32), spacing=(0.7, 0.9, 3.3),
                   origin=(12.5, -40.0, 7.25), direction=left_handed)
     path = tmp_path / "oblique.nii.gz"
     write_image(image, path)
