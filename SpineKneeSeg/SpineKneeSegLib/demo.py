@@ -56,6 +56,9 @@ def run_demo(output: str | Path, device: str = "auto", use_data: bool = True) ->
             if find_entry(card.name) is None:
                 section["status"] = f"no weights yet (trained in issue {card.issue})"
                 section["cases"].append({"name": "phantom", "png": str(truth_png.relative_to(stage))})
+                shared = _shared_reference(card, root, folder, stage) if root is not None else None
+                if shared:
+                    section["cases"].append(shared)
                 sections.append(section)
                 continue
             section["status"] = "ok"
@@ -73,6 +76,21 @@ def run_demo(output: str | Path, device: str = "auto", use_data: bool = True) ->
         (stage / "report.html").write_text(_html(sections))
     print(f"demo report: {Path(output) / 'report.html'}")
     return summary
+
+
+def _shared_reference(card: TaskCard, root: Path, folder: Path, stage: Path) -> dict | None:
+    """A real shared case with the dataset's own labels (not a prediction), when it has any."""
+    from .io import read_image
+
+    rel_image, rel_labels = SHARED_CASES.get(card.name, (None, None))
+    if rel_labels is None or not (root / rel_image).exists():
+        return None
+    image, labels = read_image(root / rel_image), read_image(root / rel_labels)
+    labels = labels.with_array(np.where(np.isin(labels.array, [s.value for s in card.labels]), labels.array, 0)
+                               .astype(np.uint8))
+    png = save_overlay(folder / "shared_reference.png", image, labels, card.labels, card.preprocessing.plane,
+                       "dataset reference labels (not a prediction)")
+    return {"name": f"shared case {rel_image} with its reference labels", "png": str(png.relative_to(stage))}
 
 
 def _run_and_score(card, name, inputs, truth, folder: Path, stage: Path, device, truth_png):

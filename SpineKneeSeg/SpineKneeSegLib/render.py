@@ -24,6 +24,15 @@ def to_lps_array(image: Image) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.DICOMOrient(image.to_sitk(), "LPS"))
 
 
+def display_spacing(image: Image, plane: str) -> tuple[float, float]:
+    """(row, col) pixel size in mm of what display_slice shows, for square-pixel rendering."""
+    if image.is_2d or plane == "image":
+        return image.spacing[1], image.spacing[0]
+    lps_spacing = np.abs(image.direction @ np.diag(image.spacing)).max(axis=1)  # mm along L, P, S
+    x, y, z = lps_spacing
+    return {"axial": (y, x), "coronal": (z, x), "sagittal": (z, y)}[plane]
+
+
 def display_slice(array_lps: np.ndarray, plane: str, index: int | None = None) -> tuple[np.ndarray, int]:
     if array_lps.shape[0] == 1 or plane == "image":
         return array_lps[0], 0
@@ -77,9 +86,10 @@ def save_overlay(path: str | Path, image: Image, labels: Image | None, specs: tu
     grey, index = display_slice(arr, plane, index)
     lab_sl = display_slice(lab, plane, index)[0] if lab is not None else None
     img = PILImage.fromarray(overlay_rgb(_grey(grey), lab_sl, specs))
-    scale = max(1, int(np.ceil(min_size / max(img.size))))
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), PILImage.NEAREST)
+    row_mm, col_mm = display_spacing(image, plane)
+    width, height = img.width * col_mm / min(row_mm, col_mm), img.height * row_mm / min(row_mm, col_mm)
+    scale = max(1.0, min_size / max(width, height))
+    img = img.resize((round(width * scale), round(height * scale)), PILImage.NEAREST)
     if title:
         draw = ImageDraw.Draw(img)
         draw.rectangle([0, 0, img.width, 14], fill=(0, 0, 0))
