@@ -111,6 +111,9 @@ class SpineKneeSegWidget(ScriptedLoadableModuleWidget):
                                                 inputs, self.outputDir)
         self.logic.controller.start()
         self.process = qt.QProcess()
+        env = qt.QProcessEnvironment.systemEnvironment()  # PythonSlicer must find SpineKneeSegLib beside this file
+        env.insert("PYTHONPATH", os.pathsep.join(filter(None, [os.path.dirname(__file__), env.value("PYTHONPATH")])))
+        self.process.setProcessEnvironment(env)
         self.process.setProcessChannelMode(qt.QProcess.MergedChannels)
         self.process.readyReadStandardOutput.connect(self.onProcessOutput)
         self.process.finished.connect(self.onProcessFinished)

@@ -78,44 +78,51 @@ def localise_foramina(probabilities: np.ndarray, image: Image, threshold: float 
     middle_slice = (image.array.shape[lat] - 1) / 2.0
     structure = np.ones((3, 3, 3), dtype=bool)
     found: list[Foramen] = []
+    midline_x = image.ijk_to_ras_points([(np.array(image.size_ijk) - 1) / 2.0])[0, 0]
     for level_index, level in enumerate(LEVELS):
         prob = probabilities[level_index]
         comp, n = ndimage.label(prob >= threshold * scale, structure=structure)
         if n == 0:
             continue
-        idx = np.arange(1, n + 1)
-        centres = np.array(ndimage.center_of_mass(np.ones_like(comp, dtype=np.uint8), comp, idx))
-        sizes = np.bincount(comp.ravel())[1:]
-        lateral = centres[:, lat]
+        sizes = np.bincount(comp.ravel(), minlength=n + 1)[1:]
+        lateral = _mean_index_per_component(comp, n, sizes, lat)
         # Candidates are components; when few or not spread apart, split at the middle slice.
         if n > min_candidates and np.ptp(lateral) >= min_spread_slices:
             groups = _kmeans_1d(lateral)
         else:
             groups = (lateral > middle_slice).astype(int)
-        centre_ras = image.ijk_to_ras_points(centres[:, ::-1])
-        group_x = [centre_ras[groups == g, 0].mean() if np.any(groups == g) else None for g in (0, 1)]
-        midline_x = image.ijk_to_ras_points([[*(np.array(image.size_ijk) - 1) / 2.0]])[0, 0]
+        sides = []
         for g in (0, 1):
             members = np.flatnonzero(groups == g)
-            if len(members) == 0:
-                continue
-            best = members[np.argmax(sizes[members])]
-            if group_x[0] is not None and group_x[1] is not None:
-                side = "right" if group_x[g] > group_x[1 - g] else "left"
-            else:
-                side = side_of(centre_ras[best, 0], midline_x)
-            mask = comp == best + 1
-            span = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != lat)))
-            found.append(Foramen(level, side, tuple(round(float(v), 3) for v in centre_ras[best]),
-                                 float(prob[mask].mean() / scale), int(sizes[best]),
-                                 (int(span[0]), int(span[-1]))))
-    # two clusters on one side (e.g. noise) keep only the larger per level and side
-    best_per_key: dict[tuple[int, str], Foramen] = {}
-    for f in found:
-        key = (f.level, f.side)
-        if key not in best_per_key or f.voxels > best_per_key[key].voxels:
-            best_per_key[key] = f
-    return [best_per_key[k] for k in sorted(best_per_key, key=lambda k: (k[0], SIDES.index(k[1])))]
+            if len(members):
+                best = int(members[np.argmax(sizes[members])])
+                sides.append((best, _describe_component(comp, best + 1, prob)))
+        if len(sides) == 2:  # name the two sides by their relative RAS x: +x is patient right
+            xs = [image.ijk_to_ras_points([d["centre"][::-1]])[0, 0] for _, d in sides]
+            names = ["right", "left"] if xs[0] > xs[1] else ["left", "right"]
+        else:
+            names = [side_of(image.ijk_to_ras_points([sides[0][1]["centre"][::-1]])[0, 0], midline_x)]
+        for (best, d), side in zip(sides, names):
+            ras = image.ijk_to_ras_points([d["centre"][::-1]])[0]
+            found.append(Foramen(level, side, tuple(round(float(v), 3) for v in ras), d["mean"] / scale,
+                                 int(sizes[best]), d["span"][lat]))
+    return found
+
+
+def _mean_index_per_component(comp: np.ndarray, n: int, sizes: np.ndarray, axis: int) -> np.ndarray:
+    """Mean voxel index along ``axis`` of every component in one vectorised pass (noisy maps can
+    hold thousands of specks; a per-component loop was most of the run time)."""
+    shape = [1, 1, 1]
+    shape[axis] = comp.shape[axis]
+    index = np.broadcast_to(np.arange(comp.shape[axis], dtype=np.float32).reshape(shape), comp.shape)
+    return np.bincount(comp.ravel(), weights=index.ravel(), minlength=n + 1)[1:] / np.maximum(sizes, 1)
+
+
+def _describe_component(comp: np.ndarray, c: int, prob: np.ndarray) -> dict:
+    """Centre (k, j, i), index span per axis and mean probability of component ``c``."""
+    coords = np.nonzero(comp == c)
+    return {"centre": [float(x.mean()) for x in coords], "span": [(int(x.min()), int(x.max())) for x in coords],
+            "mean": float(prob[coords].mean())}
 
 
 def foramina_summary(foramina: list[Foramen]) -> dict:

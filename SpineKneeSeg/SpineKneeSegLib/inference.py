@@ -9,8 +9,8 @@ import torch
 
 from .image import Image
 from .models import build_network
-from .preprocessing import (context_channels, from_slices, network_grid, normalise, pad_to, resize_batch,
-                            slice_axis, to_slices)
+from .preprocessing import (context_channels, from_slices, network_grid, network_grid_image, normalise, pad_to,
+                            resize_batch, slice_axis, to_slices)
 from .progress import Progress
 from .tasks import TaskCard
 from .weights import LoadedWeights
@@ -33,7 +33,10 @@ def pick_device(name: str = "auto") -> torch.device:
 @dataclass
 class NetworkOutput:
     labels: np.ndarray  # uint8, input array shape
-    heads: dict[str, np.ndarray] = field(default_factory=dict)  # uint8 0..255 probabilities (C, *shape)
+    # extra heads as uint8 0..255 probabilities (C, *grid shape) on the network grid (the seed
+    # localises foramina there; resampling them to the input grid would only cost time)
+    heads: dict[str, np.ndarray] = field(default_factory=dict)
+    heads_grid: Image | None = None
     network_s: float = 0.0
     preprocess_s: float = 0.0
     postprocess_s: float = 0.0
@@ -67,7 +70,7 @@ def segment_slices(card: TaskCard, image: Image, net: torch.nn.Module, device: t
     n = stack.shape[0]
     n_classes = len(card.labels) + 1
     labels = np.zeros(stack.shape, dtype=np.uint8)
-    heads = {h["name"]: np.zeros((h["channels"],) + stack.shape, dtype=np.uint8) for h in card.extra_heads}
+    heads = {h["name"]: np.zeros((h["channels"], n) + grid.network_hw, dtype=np.uint8) for h in card.extra_heads}
     timings = {"pre": time.perf_counter() - t0, "net": 0.0, "post": 0.0}
     for start in range(0, n, batch_size):
         t = time.perf_counter()
@@ -81,8 +84,10 @@ def segment_slices(card: TaskCard, image: Image, net: torch.nn.Module, device: t
         _sync(device)
         t_post = time.perf_counter()
         timings["net"] += t_post - t_net
-        logits = resize_batch(logits[..., : grid.network_hw[0], : grid.network_hw[1]], grid.input_hw)
-        labels[index] = logits[:, :n_classes].argmax(dim=1).to(torch.uint8).cpu().numpy()
+        logits = logits[..., : grid.network_hw[0], : grid.network_hw[1]]
+        class_logits = resize_batch(logits[:, :n_classes], grid.input_hw)
+        # max().indices: torch's CPU argmax over a non-last dim is ~10x slower
+        labels[index] = class_logits.max(dim=1).indices.to(torch.uint8).cpu().numpy()
         offset = n_classes
         for h in card.extra_heads:
             probs = torch.sigmoid(logits[:, offset: offset + h["channels"]])
@@ -94,6 +99,7 @@ def segment_slices(card: TaskCard, image: Image, net: torch.nn.Module, device: t
     t = time.perf_counter()
     out = NetworkOutput(from_slices(labels, axis),
                         {k: np.moveaxis(v, 1, axis + 1) for k, v in heads.items()},
+                        network_grid_image(image, grid) if heads else None,
                         network_s=timings["net"], preprocess_s=timings["pre"])
     out.postprocess_s = timings["post"] + time.perf_counter() - t
     return out

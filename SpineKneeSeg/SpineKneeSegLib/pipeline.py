@@ -123,7 +123,7 @@ def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options:
 
     progress.stage("postprocessing")
     t = time.perf_counter()
-    result = postprocess(card, image, out.labels, out.heads)
+    result = postprocess(card, image, out.labels, out.heads, out.heads_grid)
     result.warnings[:0] = list(image.meta.get("warnings", []))
     timings["postprocess"] = out.postprocess_s + time.perf_counter() - t
 
@@ -154,7 +154,8 @@ def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options:
     return report
 
 
-def postprocess(card: TaskCard, image: Image, labels: np.ndarray, heads: dict[str, np.ndarray]) -> RunResult:
+def postprocess(card: TaskCard, image: Image, labels: np.ndarray, heads: dict[str, np.ndarray],
+                heads_grid: Image | None = None) -> RunResult:
     from . import postprocessing as pp
 
     result = RunResult(image.with_array(labels))
@@ -177,7 +178,7 @@ def postprocess(card: TaskCard, image: Image, labels: np.ndarray, heads: dict[st
         elif name == "foramina":
             from .foramina import foramina_summary, localise_foramina
 
-            foramina = localise_foramina(heads["foramina"], image)
+            foramina = localise_foramina(heads["foramina"], heads_grid if heads_grid is not None else image)
             result.points = [{"label": f.label, "ras": f.ras, "description": f.description,
                               "attributes": {"level": str(f.level), "side": f.side,
                                              "probability": f"{f.probability:.3f}"}} for f in foramina]

@@ -90,6 +90,26 @@ def network_grid(image: Image, axis: int, target_spacing: float | None, multiple
     return SliceGeometry(axis, (h, w), (nh, nw), (ph, pw))
 
 
+def network_grid_image(image: Image, grid: SliceGeometry) -> Image:
+    """Geometry of the resampled (unpadded) network grid as an Image over a zero-cost array:
+    same slices, in-plane pixels scaled so that the field of view is unchanged (pixel-area
+    convention: the first pixel centre moves by half the size difference)."""
+    shape = [0, 0, 0]
+    shape[grid.axis] = image.array.shape[grid.axis]
+    in_plane_axes = [a for a in range(3) if a != grid.axis]
+    for a, n in zip(in_plane_axes, grid.network_hw):
+        shape[a] = n
+    spacing = list(image.spacing)  # (i, j, k)
+    origin = np.asarray(image.origin, dtype=float)
+    for a in in_plane_axes:
+        ijk = 2 - a
+        new = image.spacing[ijk] * image.array.shape[a] / shape[a]
+        origin = origin + image.direction[:, ijk] * (new - image.spacing[ijk]) / 2.0
+        spacing[ijk] = new
+    return Image(np.broadcast_to(np.zeros((), np.uint8), tuple(shape)), tuple(spacing), tuple(origin),
+                 image.direction.copy())
+
+
 def context_channels(stack: np.ndarray, index: np.ndarray, context: int) -> np.ndarray:
     """(len(index), context, H, W): each slice with its neighbours as channels (edge slices see
     zero padding, as in seed 004's 'pad two empty slices')."""
