@@ -146,14 +146,33 @@ class SpineKneeSegTest(ScriptedLoadableModuleTest):
         self.test_phantom_run()
 
     def test_phantom_run(self):
+        """Phantom -> volume node -> the CLI in a separate PythonSlicer process (as the panel runs it,
+        with a tiny untrained network) -> results imported into Slicer's own scene."""
         import subprocess
 
-        from SpineKneeSegLib.io import write_image
+        from SpineKneeSegLib import mrml
         from SpineKneeSegLib.phantoms import make_phantom
+        from SpineKneeSegLib.tasks import TASKS
+        from SpineKneeSegLib.weights import initialise_weights
 
-        folder = tempfile.mkdtemp()
-        phantom = make_phantom("xray-femur", seed=1)
-        write_image(phantom.image, os.path.join(folder, "xray.nii.gz"))
-        result = subprocess.run([sys.executable, "-m", "SpineKneeSegLib.cli", "tasks"], capture_output=True, text=True)
-        self.assertEqual(result.returncode, 0, result.stderr)
-        self.delayDisplay("SpineKneeSeg CLI reachable from Slicer's Python")
+        folder = tempfile.mkdtemp(prefix="SpineKneeSegTest-")
+        phantom = make_phantom("brain-wmh", seed=1)
+        volume = mrml.image_to_volume_node(slicer.mrmlScene, phantom.image, "phantom")
+        weights = os.path.join(folder, "tiny.pt")
+        initialise_weights("brain-wmh", weights, {"channels": (4, 8)})
+        logic = SpineKneeSegLogic()
+        logic.controller.state.task = "brain-wmh"
+        logic.controller.state.weights = weights
+        inputs = logic.export_inputs([volume], folder)
+        out = os.path.join(folder, "out")
+        python = os.path.join(os.path.dirname(sys.executable), "PythonSlicer")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(__file__),
+                                                                           os.environ.get("PYTHONPATH")])))
+        result = subprocess.run(logic.controller.command(python if os.path.exists(python) else sys.executable,
+                                                         inputs, out), capture_output=True, text=True, env=env)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        nodes = logic.import_results(out, volume)
+        segmentation = nodes[0].GetSegmentation()
+        self.assertEqual(segmentation.GetNthSegment(0).GetName(), TASKS["brain-wmh"].labels[0].name)
+        self.assertTrue(any(n.IsA("vtkMRMLTableNode") for n in nodes))
+        self.delayDisplay("SpineKneeSeg: CLI run in PythonSlicer and results imported")
