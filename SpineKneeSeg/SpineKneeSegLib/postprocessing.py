@@ -11,29 +11,26 @@ from .tables import ColumnSpec, Table
 STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
 
 
-def _components(mask: np.ndarray, structure=STRUCTURE_26):
-    """Connected components inside the mask's bounding box only (fast on small structures)."""
-    box = ndimage.find_objects(mask.astype(np.uint8))
-    if not box:
-        return None, None, 0
-    sub = mask[box[0]]
-    comp, n = ndimage.label(sub, structure=structure)
-    return box[0], comp, n
+def _label_components(labels: np.ndarray):
+    """For every label value: (bounding box, component map inside it, component sizes with
+    sizes[0] = 0); labelled inside the label's bounding box only (fast on small structures)."""
+    for value in np.unique(labels):
+        if value == 0:
+            continue
+        mask = labels == value
+        box = ndimage.find_objects(mask.astype(np.uint8))[0]
+        comp, n = ndimage.label(mask[box], structure=STRUCTURE_26)
+        if n > 1:
+            sizes = np.bincount(comp.ravel())
+            sizes[0] = 0
+            yield box, comp, sizes
 
 
 def largest_component_per_label(labels: np.ndarray) -> np.ndarray:
     """Keep the largest 26-connected component of every label (removes stray blobs)."""
     out = labels.copy()
-    for value in np.unique(labels):
-        if value == 0:
-            continue
-        box, comp, n = _components(labels == value)
-        if n <= 1:
-            continue
-        sizes = np.bincount(comp.ravel())
-        sizes[0] = 0
-        region = out[box]
-        region[(comp != 0) & (comp != int(sizes.argmax()))] = 0
+    for box, comp, sizes in _label_components(labels):
+        out[box][(comp != 0) & (comp != int(sizes.argmax()))] = 0
     return out
 
 
@@ -41,17 +38,9 @@ def remove_small_components(labels: np.ndarray, min_fraction: float = 0.1) -> np
     """Drop components smaller than ``min_fraction`` of the label's largest one (keeps e.g. both
     femurs on a pelvis radiograph)."""
     out = labels.copy()
-    for value in np.unique(labels):
-        if value == 0:
-            continue
-        box, comp, n = _components(labels == value)
-        if n <= 1:
-            continue
-        sizes = np.bincount(comp.ravel())
-        sizes[0] = 0
-        small = np.flatnonzero(sizes < min_fraction * sizes.max())
-        region = out[box]
-        region[np.isin(comp, small[small > 0])] = 0
+    for box, comp, sizes in _label_components(labels):
+        small = np.flatnonzero((sizes < min_fraction * sizes.max()) & (sizes > 0))
+        out[box][np.isin(comp, small)] = 0
     return out
 
 
