@@ -22,9 +22,14 @@ TIMING_KEYS = {"load", "preprocess", "network", "postprocess", "write", "total"}
 def tiny_weights(tmp_path_factory):
     folder = tmp_path_factory.mktemp("weights")
     paths = {}
-    for task in TASKS:
+    for task, card in TASKS.items():
         paths[task] = folder / f"{task}.pt"
-        initialise_weights(task, paths[task], {"channels": (4, 8)}, seed=1)
+        tiny = {"channels": (4, 8)} if card.network.factory == "unet2d" else {"levels": 3, "max_channels": 8}
+        initialise_weights(task, paths[task], tiny, seed=1)
+        for aux in card.auxiliary:
+            paths[f"{task}:{aux.name}"] = folder / f"{task}-{aux.name}.pt"
+            initialise_weights(task, paths[f"{task}:{aux.name}"], {"levels": 3, "max_channels": 8}, seed=2,
+                               model=aux.name)
     return paths
 
 
@@ -39,8 +44,10 @@ def phantom_files(tmp_path_factory):
     return files
 
 
-def _run(task, inputs, out, weights, *extra):
-    return cli.main(["run", "--task", task, *map(str, inputs), "-o", str(out), "--weights", str(weights), *extra])
+def _run(task, inputs, out, weights, *extra, aux=None):
+    aux_args = [a for name, path in (aux or {}).items() for a in ("--aux-weights", f"{name}={path}")]
+    return cli.main(["run", "--task", task, *map(str, inputs), "-o", str(out), "--weights", str(weights), *aux_args,
+                     *extra])
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))
@@ -73,6 +80,17 @@ def test_run_writes_every_output_in_the_input_geometry(task, tmp_path, tiny_weig
     assert set(report["outputs"]) >= set(card.outputs)
 
 
+def test_aux_weights_errors(tmp_path, tiny_weights, phantom_files, capsys):
+    out = tmp_path / "o"
+    assert _run("lumbar-foramina", [phantom_files["lumbar-foramina"]], out, tiny_weights["lumbar-foramina"],
+                aux={"nonsense": tiny_weights["lumbar-foramina:foramina"]}) == 2
+    assert "no auxiliary model nonsense" in capsys.readouterr().err
+    # the level model's file offered as the foramen model is refused by its 'model' field
+    assert _run("lumbar-foramina", [phantom_files["lumbar-foramina"]], out, tiny_weights["lumbar-foramina"],
+                aux={"foramina": tiny_weights["lumbar-foramina"]}) == 2
+    assert "model 'labels'" in capsys.readouterr().err and not out.exists()
+
+
 def test_scene_mrb_reloads_with_every_node(tmp_path, tiny_weights, phantom_files):
     from SpineKneeSegLib import mrml
 
@@ -102,7 +120,8 @@ def test_foramina_markups_and_scene(tmp_path, tiny_weights, phantom_files):
 
     out = tmp_path / "out"
     assert _run("lumbar-foramina", [phantom_files["lumbar-foramina"]], out, tiny_weights["lumbar-foramina"],
-                "--scene", "--progress", "none") == 0
+                "--scene", "--progress", "none",
+                aux={"foramina": tiny_weights["lumbar-foramina:foramina"]}) == 0
     data = json.loads((out / "foramina.mrk.json").read_text())
     assert data["markups"][0]["type"] == "Fiducial"
     report = json.loads((out / "report.json").read_text())

@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-o", "--output", required=True, help="output folder")
     run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     run.add_argument("--weights", help="checkpoint file (default: the registered weights for the task)")
+    run.add_argument("--aux-weights", action="append", default=[], metavar="NAME=PATH",
+                     help="checkpoint of an auxiliary model, e.g. foramina=foramen.pt (repeatable)")
     run.add_argument("--scene", action="store_true", help="also write scene.mrb (opens in 3D Slicer)")
     run.add_argument("--progress", default="bar", choices=("bar", "json", "none"))
     run.add_argument("--echo", type=int, help="echo number for multi-echo DICOM series (default 1)")
@@ -63,7 +65,7 @@ def cmd_tasks(args) -> int:
 
     listing = []
     for card in TASKS.values():
-        entry = find_entry(card.name)
+        entry = find_entry(card.weights_entry)
         listing.append({
             "task": card.name, "title": card.title, "description": card.description,
             "inputs": [f"{s.name} ({s.modality}, {s.dims}D{'' if s.required else ', optional'})" for s in card.inputs],
@@ -86,8 +88,14 @@ def cmd_run(args) -> int:
     from .tasks import get_task
 
     card = get_task(args.task)
-    options = RunOptions(device=args.device, weights=args.weights, scene=args.scene, echo=args.echo,
-                         series=args.series, batch_size=args.batch_size, threads=args.threads)
+    aux = {}
+    for item in args.aux_weights:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise InputError(f"--aux-weights takes NAME=PATH, got {item!r}")
+        aux[name] = path
+    options = RunOptions(device=args.device, weights=args.weights, aux_weights=aux, scene=args.scene,
+                         echo=args.echo, series=args.series, batch_size=args.batch_size, threads=args.threads)
     progress = Progress(args.progress)
     if args.manifest:
         if args.inputs:

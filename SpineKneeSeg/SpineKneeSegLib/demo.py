@@ -53,7 +53,7 @@ def run_demo(output: str | Path, device: str = "auto", use_data: bool = True) ->
             truth_png = save_overlay(folder / "truth.png", phantom.image, phantom.labels, card.labels,
                                      card.preprocessing.plane, "ground truth")
             section = {"task": card.name, "title": card.title, "phantom": phantom.description, "cases": []}
-            if find_entry(card.name) is None:
+            if find_entry(card.weights_entry) is None:
                 section["status"] = f"no weights yet (trained in issue {card.issue})"
                 section["cases"].append({"name": "phantom", "png": str(truth_png.relative_to(stage))})
                 shared = _shared_reference(card, root, folder, stage) if root is not None else None

@@ -32,11 +32,11 @@ def pick_device(name: str = "auto") -> torch.device:
 
 @dataclass
 class NetworkOutput:
-    labels: np.ndarray  # uint8, input array shape
-    # extra heads as uint8 0..255 probabilities (C, *grid shape) on the network grid (the seed
-    # localises foramina there; resampling them to the input grid would only cost time)
-    heads: dict[str, np.ndarray] = field(default_factory=dict)
-    heads_grid: Image | None = None
+    labels: np.ndarray | None = None  # uint8, input array shape
+    # probability maps (uint8 0..255, (C, *grid shape)) of auxiliary models, kept on the network
+    # grid: the seed localises foramina there, and resampling them would only cost time
+    maps: np.ndarray | None = None
+    maps_grid: Image | None = None
     network_s: float = 0.0
     preprocess_s: float = 0.0
     postprocess_s: float = 0.0
@@ -53,25 +53,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-@torch.inference_mode()
-def segment_slices(card: TaskCard, image: Image, net: torch.nn.Module, device: torch.device,
-                   preprocessing: dict | None = None, batch_size: int = 8,
-                   progress: Progress | None = None) -> NetworkOutput:
-    """Run ``net`` over every slice; return labels (and extra heads) on the input's grid.
-
-    Output layout of the network: softmax over (background + card.labels), then the card's
-    ``extra_heads`` as sigmoid channels.
-    """
+def _batches(image: Image, net: torch.nn.Module, device: torch.device, pre: dict, batch_size: int,
+             progress: Progress | None, timings: dict):
+    """Yield (slice indices, logits on the unpadded network grid, grid) for every batch of slices;
+    accumulate preprocessing and forward-pass seconds in ``timings``."""
     t0 = time.perf_counter()
-    pre = {**card.preprocessing.__dict__, **(preprocessing or {})}
     axis = slice_axis(image, pre["plane"])
     stack = normalise(to_slices(image.array, axis), pre["normalisation"], pre.get("stats"))
     grid = network_grid(image, axis, pre["in_plane_spacing_mm"], getattr(net, "size_multiple", 1))
     n = stack.shape[0]
-    n_classes = len(card.labels) + 1
-    labels = np.zeros(stack.shape, dtype=np.uint8)
-    heads = {h["name"]: np.zeros((h["channels"], n) + grid.network_hw, dtype=np.uint8) for h in card.extra_heads}
-    timings = {"pre": time.perf_counter() - t0, "net": 0.0, "post": 0.0}
+    timings["pre"] += time.perf_counter() - t0
     for start in range(0, n, batch_size):
         t = time.perf_counter()
         index = np.arange(start, min(start + batch_size, n))
@@ -82,24 +73,52 @@ def segment_slices(card: TaskCard, image: Image, net: torch.nn.Module, device: t
         timings["pre"] += t_net - t
         logits = net(x)
         _sync(device)
-        t_post = time.perf_counter()
-        timings["net"] += t_post - t_net
-        logits = logits[..., : grid.network_hw[0], : grid.network_hw[1]]
-        class_logits = resize_batch(logits[:, :n_classes], grid.input_hw)
-        # max().indices: torch's CPU argmax over a non-last dim is ~10x slower
-        labels[index] = class_logits.max(dim=1).indices.to(torch.uint8).cpu().numpy()
-        offset = n_classes
-        for h in card.extra_heads:
-            probs = torch.sigmoid(logits[:, offset: offset + h["channels"]])
-            heads[h["name"]][:, index] = (probs * 255).round().to(torch.uint8).cpu().numpy().swapaxes(0, 1)
-            offset += h["channels"]
-        timings["post"] += time.perf_counter() - t_post
+        timings["net"] += time.perf_counter() - t_net
+        yield index, logits[..., : grid.network_hw[0], : grid.network_hw[1]], grid
         if progress:
             progress.step("inference", min(start + batch_size, n), n)
-    t = time.perf_counter()
-    out = NetworkOutput(from_slices(labels, axis),
-                        {k: np.moveaxis(v, 1, axis + 1) for k, v in heads.items()},
-                        network_grid_image(image, grid) if heads else None,
-                        network_s=timings["net"], preprocess_s=timings["pre"])
-    out.postprocess_s = timings["post"] + time.perf_counter() - t
-    return out
+
+
+def logits_to_labels(logits: torch.Tensor, activation: str) -> torch.Tensor:
+    """softmax head: channel 0 is background; sigmoid head: one channel per label, a voxel takes
+    the most probable label whose probability exceeds 0.5 (logit > 0)."""
+    # max().indices: torch's CPU argmax over a non-last dim is ~10x slower
+    best = logits.max(dim=1)
+    if activation == "softmax":
+        return best.indices.to(torch.uint8)
+    if activation == "sigmoid":
+        return torch.where(best.values > 0, best.indices + 1, 0).to(torch.uint8)
+    raise ValueError(f"unknown label activation {activation!r}")
+
+
+@torch.inference_mode()
+def segment_slices(card: TaskCard, image: Image, net: torch.nn.Module, device: torch.device,
+                   preprocessing: dict | None = None, batch_size: int = 8,
+                   progress: Progress | None = None) -> NetworkOutput:
+    """Run the label network over every slice; labels on the input's exact grid (logits are
+    resampled back, not labels)."""
+    pre = {**card.preprocessing.__dict__, **(preprocessing or {})}
+    timings = {"pre": 0.0, "net": 0.0, "post": 0.0}
+    axis = slice_axis(image, pre["plane"])
+    labels = np.zeros(to_slices(image.array, axis).shape, dtype=np.uint8)
+    for index, logits, grid in _batches(image, net, device, pre, batch_size, progress, timings):
+        t = time.perf_counter()
+        labels[index] = logits_to_labels(resize_batch(logits, grid.input_hw), card.label_activation).cpu().numpy()
+        timings["post"] += time.perf_counter() - t
+    return NetworkOutput(labels=from_slices(labels, axis), network_s=timings["net"], preprocess_s=timings["pre"],
+                         postprocess_s=timings["post"])
+
+
+@torch.inference_mode()
+def probability_maps(preprocessing: dict, image: Image, net: torch.nn.Module, device: torch.device,
+                     batch_size: int = 8, progress: Progress | None = None) -> NetworkOutput:
+    """Sigmoid maps of an auxiliary network (e.g. foramina) as uint8 on the network grid."""
+    timings = {"pre": 0.0, "net": 0.0, "post": 0.0}
+    chunks, grid = [], None
+    for _, logits, grid in _batches(image, net, device, preprocessing, batch_size, progress, timings):
+        t = time.perf_counter()
+        chunks.append((torch.sigmoid(logits) * 255).round().to(torch.uint8).cpu().numpy())
+        timings["post"] += time.perf_counter() - t
+    maps = np.concatenate(chunks).swapaxes(0, 1)  # (C, slices, h, w)
+    return NetworkOutput(maps=np.moveaxis(maps, 1, grid.axis + 1), maps_grid=network_grid_image(image, grid),
+                         network_s=timings["net"], preprocess_s=timings["pre"], postprocess_s=timings["post"])

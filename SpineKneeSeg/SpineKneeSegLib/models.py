@@ -85,7 +85,81 @@ class UNet2D(nn.Module):
         return self.head(x)
 
 
-NETWORKS: dict[str, Callable[..., nn.Module]] = {"unet2d": UNet2D}
+class CReLU(nn.Module):
+    """Concatenated ReLU (seed 004's option): doubles channels, so convs after it see 2x inputs."""
+
+    def forward(self, x):
+        return torch.cat([torch.relu(x), torch.relu(-x)], dim=1)
+
+
+class MultiNetBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, activation: str, norm: str):
+        super().__init__()
+        widen = 2 if activation == "crelu" else 1
+        act = CReLU if activation == "crelu" else ACTIVATIONS[activation]
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=norm == "none"), _norm(norm, cout), act(),
+            nn.Conv2d(cout * widen, cout, 3, padding=1, bias=norm == "none"), _norm(norm, cout), act(),
+        )
+        self.out_channels = cout * widen
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class MultiNet(nn.Module):
+    """Seed 004's MultiNet: a U-Net with ``levels`` resolution levels whose widths double up to
+    ``max_channels``, and deep supervision by adding each level's upsampled output to the next finer
+    one (out_l = head_l(f_l) + up(out_{l+1})). Input: 3 adjacent sagittal slices; output: one
+    logit map per channel (sigmoid: L1..L5)."""
+
+    def __init__(self, in_channels: int = 3, out_channels: int = 5, levels: int = 5, base_channels: int = 8,
+                 max_channels: int = 16, activation: str = "elu", norm: str = "batch"):
+        super().__init__()
+        widths = [min(base_channels * 2 ** i, max_channels) for i in range(levels)]
+        self.down = nn.ModuleList()
+        cin = in_channels
+        for w in widths:
+            block = MultiNetBlock(cin, w, activation, norm)
+            self.down.append(block)
+            cin = block.out_channels
+        self.pool = nn.MaxPool2d(2)
+        self.up = nn.ModuleList()
+        self.up_blocks = nn.ModuleList()
+        self.heads = nn.ModuleList([nn.Conv2d(cin, out_channels, 1)])
+        for i in reversed(range(levels - 1)):
+            skip = self.down[i].out_channels
+            self.up.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
+            block = MultiNetBlock(cin + skip, widths[i], activation, norm)
+            self.up_blocks.append(block)
+            cin = block.out_channels
+            self.heads.append(nn.Conv2d(cin, out_channels, 1))
+        self.levels = levels
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")  # He init, as the seed
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    @property
+    def size_multiple(self) -> int:
+        return 2 ** (self.levels - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x)
+            if i < self.levels - 1:
+                skips.append(x)
+                x = self.pool(x)
+        out = self.heads[0](x)
+        for up, block, head in zip(self.up, self.up_blocks, self.heads[1:]):
+            x = block(torch.cat([up(x), skips.pop()], dim=1))
+            out = head(x) + nn.functional.interpolate(out, scale_factor=2, mode="bilinear", align_corners=False)
+        return out
+
+
+NETWORKS: dict[str, Callable[..., nn.Module]] = {"unet2d": UNet2D, "multinet": MultiNet}
 
 
 def build_network(factory: str, config: dict) -> nn.Module:

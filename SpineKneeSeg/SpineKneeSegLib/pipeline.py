@@ -26,6 +26,7 @@ from .tasks import TaskCard
 class RunOptions:
     device: str = "auto"
     weights: str | None = None
+    aux_weights: dict = field(default_factory=dict)  # auxiliary model name -> checkpoint path
     scene: bool = False
     echo: int | None = None
     series: str | None = None
@@ -91,7 +92,7 @@ def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options:
     Returns the report (also written as report.json)."""
     import torch
 
-    from .inference import load_network, pick_device, segment_slices
+    from .inference import load_network, pick_device, probability_maps, segment_slices
     from .weights import resolve_weights
 
     options = options or RunOptions()
@@ -111,20 +112,36 @@ def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options:
     progress.stage("loading")
     images = load_inputs(card, [str(p) for p in inputs], options)
     image = images[0]
-    weights = resolve_weights(card.name, options.weights)  # after input validation, by design
+    unknown = set(options.aux_weights) - {aux.name for aux in card.auxiliary}
+    if unknown:
+        raise InputError(f"task {card.name} has no auxiliary model {', '.join(sorted(unknown))}")
+    weights = resolve_weights(card, options.weights)  # after input validation, by design
+    aux_weights = {aux.name: resolve_weights(card, options.aux_weights.get(aux.name), aux.name)
+                   for aux in card.auxiliary}
     device = pick_device(options.device)
     net = load_network(weights, device)
+    aux_nets = {name: load_network(w, device) for name, w in aux_weights.items() if w is not None}
     timings["load"] = time.perf_counter() - t_start
 
     progress.stage("preprocessing")
     out = segment_slices(card, image, net, device, weights.preprocessing, options.batch_size, progress)
+    maps, maps_grids = {}, {}
+    for name, aux_net in aux_nets.items():
+        pre = {**card.preprocessing.__dict__, **aux_weights[name].preprocessing}
+        aux_out = probability_maps(pre, image, aux_net, device, options.batch_size, progress)
+        maps[name], maps_grids[name] = aux_out.maps, aux_out.maps_grid
+        for attr in ("network_s", "preprocess_s", "postprocess_s"):
+            setattr(out, attr, getattr(out, attr) + getattr(aux_out, attr))
     timings["preprocess"] = out.preprocess_s
     timings["network"] = out.network_s
 
     progress.stage("postprocessing")
     t = time.perf_counter()
-    result = postprocess(card, image, out.labels, out.heads, out.heads_grid)
+    result = postprocess(card, image, out.labels, maps, maps_grids)
     result.warnings[:0] = list(image.meta.get("warnings", []))
+    if len(images) > 1:
+        result.warnings.append(f"inputs after the first ({', '.join(s.name for s in card.inputs[1:len(images)])}) "
+                               "were validated but are not used by these weights")
     timings["postprocess"] = out.postprocess_s + time.perf_counter() - t
 
     progress.stage("writing")
@@ -135,7 +152,10 @@ def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options:
         "versions": versions(),
         "device": str(device),
         "weights": {"path": str(weights.path), "sha256": weights.sha256,
-                    "registry_version": weights.entry.version if weights.entry else None},
+                    "registry_version": weights.entry.version if weights.entry else None,
+                    "auxiliary": {name: ({"path": str(w.path), "sha256": w.sha256,
+                                          "registry_version": w.entry.version if w.entry else None}
+                                         if w is not None else None) for name, w in aux_weights.items()}},
         "labels": {str(s.value): s.name for s in card.labels},
         "warnings": result.warnings,
         "summaries": result.summaries,
@@ -154,8 +174,9 @@ def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options:
     return report
 
 
-def postprocess(card: TaskCard, image: Image, labels: np.ndarray, heads: dict[str, np.ndarray],
-                heads_grid: Image | None = None) -> RunResult:
+def postprocess(card: TaskCard, image: Image, labels: np.ndarray, maps: dict[str, np.ndarray] | None = None,
+                maps_grids: dict[str, Image] | None = None) -> RunResult:
+    """``maps``/``maps_grids``: auxiliary models' probability maps and their grids, by model name."""
     from . import postprocessing as pp
 
     result = RunResult(image.with_array(labels))
@@ -178,7 +199,11 @@ def postprocess(card: TaskCard, image: Image, labels: np.ndarray, heads: dict[st
         elif name == "foramina":
             from .foramina import foramina_summary, localise_foramina
 
-            foramina = localise_foramina(heads["foramina"], heads_grid if heads_grid is not None else image)
+            if not maps or "foramina" not in maps:
+                result.warnings.append("no foramen model: foramen markers not produced")
+                result.summaries["foramina"] = foramina_summary([])
+                continue
+            foramina = localise_foramina(maps["foramina"], maps_grids["foramina"])
             result.points = [{"label": f.label, "ras": f.ras, "description": f.description,
                               "attributes": {"level": str(f.level), "side": f.side,
                                              "probability": f"{f.probability:.3f}"}} for f in foramina]

@@ -43,6 +43,18 @@ class NetworkSpec:
 
 
 @dataclass(frozen=True)
+class AuxiliaryModel:
+    """A second network of a task (e.g. the foramen model beside the level model): sigmoid maps
+    handed to a postprocessor. Optional ones fall back to what the postprocessor can do without."""
+
+    name: str
+    weights_entry: str
+    network: NetworkSpec
+    channels: int
+    required: bool = False
+
+
+@dataclass(frozen=True)
 class TaskCard:
     name: str
     title: str
@@ -55,7 +67,8 @@ class TaskCard:
     labels: tuple[LabelSpec, ...]
     postprocessors: tuple[str, ...]
     outputs: tuple[str, ...]
-    extra_heads: tuple[dict, ...] = ()  # extra sigmoid channels after the label softmax
+    label_activation: str = "softmax"  # softmax: background + labels; sigmoid: one channel per label
+    auxiliary: tuple[AuxiliaryModel, ...] = ()
     issue: int | None = None  # the issue that trains this task's real weights
 
     @property
@@ -68,7 +81,13 @@ class TaskCard:
 
     @property
     def output_channels(self) -> int:
-        return len(self.labels) + 1 + sum(h["channels"] for h in self.extra_heads)
+        return len(self.labels) + (1 if self.label_activation == "softmax" else 0)
+
+    def auxiliary_model(self, name: str) -> AuxiliaryModel:
+        for aux in self.auxiliary:
+            if aux.name == name:
+                return aux
+        raise KeyError(f"task {self.name} has no auxiliary model {name!r}")
 
 
 COMMON_OUTPUTS = ("labels.nii.gz", "segmentation.seg.nrrd", "report.json")
@@ -120,10 +139,15 @@ register(TaskCard(
     inputs=(InputSpec("image", "MR", 3, description="sagittal T1 or T2 lumbar spine MRI"),),
     preprocessing=Preprocessing(plane="sagittal", in_plane_spacing_mm=1.4, normalisation="zscore",
                                 context_slices=3, min_slices=3),
-    network=NetworkSpec("unet2d", {"channels": (16, 16, 16, 16, 16), "activation": "elu", "norm": "batch"}),
-    weights_entry="lumbar-foramina",
+    # seed 004: MultiNet, 3 sagittal slices in, 5 sigmoid level channels out
+    network=NetworkSpec("multinet", {"levels": 5, "base_channels": 8, "max_channels": 16, "activation": "elu",
+                                     "norm": "batch"}),
+    weights_entry="lumbar-levels",
     labels=SPINE_LABELS,
-    extra_heads=({"name": "foramina", "channels": 5},),
+    label_activation="sigmoid",
+    auxiliary=(AuxiliaryModel("foramina", "lumbar-foramen-points",
+                              NetworkSpec("multinet", {"levels": 5, "base_channels": 8, "max_channels": 16,
+                                                       "activation": "elu", "norm": "batch"}), channels=5),),
     postprocessors=("largest_component_per_label", "foramina"),
     outputs=COMMON_OUTPUTS + ("foramina.mrk.json",),
     issue=3,

@@ -3,7 +3,8 @@
 A checkpoint is a plain ``torch.save`` dict that rebuilds its own network, so any door can load
 it with ``weights_only=True`` (no pickled code):
 
-    {"format": "spinekneeseg-weights/1", "task": str, "network": {"factory": str, "config": dict},
+    {"format": "spinekneeseg-weights/1", "task": str, "model": "labels" | auxiliary model name,
+     "network": {"factory": str, "config": dict},
      "preprocessing": dict (overrides of the task card, e.g. normalisation statistics),
      "state_dict": dict, "metadata": dict}
 """
@@ -40,6 +41,7 @@ def sha256_of(path: str | os.PathLike) -> str:
 
 @dataclass
 class RegistryEntry:
+    model: str  # the task card's weights entry name (e.g. "lumbar-levels")
     task: str
     version: str
     file: str
@@ -60,9 +62,9 @@ def read_registry(root: Path | None = None) -> list[RegistryEntry]:
     return [RegistryEntry(**entry) for entry in data.get("models", [])]
 
 
-def find_entry(task: str, root: Path | None = None) -> RegistryEntry | None:
-    """Newest registered version for the task whose file is present."""
-    entries = [e for e in read_registry(root) if e.task == task and e.path(root).exists()]
+def find_entry(model: str, root: Path | None = None) -> RegistryEntry | None:
+    """Newest registered version of a weights entry (e.g. "lumbar-levels") whose file is present."""
+    entries = [e for e in read_registry(root) if e.model == model and e.path(root).exists()]
     if not entries:
         return None
     return max(entries, key=lambda e: tuple(int(p) for p in e.version.split(".") if p.isdigit()))
@@ -84,25 +86,32 @@ class LoadedWeights:
         return self.checkpoint.get("preprocessing", {})
 
 
-def resolve_weights(task: str, explicit: str | os.PathLike | None = None) -> LoadedWeights:
-    """``--weights PATH`` if given (must exist and be a valid checkpoint for ``task``), else the registry."""
+def resolve_weights(card, explicit: str | os.PathLike | None = None, model: str = "labels") -> LoadedWeights | None:
+    """``explicit`` (--weights PATH) if given, else the registry entry of the card's ``model``
+    ("labels" = the main network, else an auxiliary model's name). A missing main model raises
+    NoWeightsError; a missing optional auxiliary model returns None."""
+    entry_name = card.weights_entry if model == "labels" else card.auxiliary_model(model).weights_entry
     entry = None
     if explicit is not None:
         path = Path(explicit)
         if not path.is_file():
             raise InputError("weights file does not exist", path)
     else:
-        entry = find_entry(task)
+        entry = find_entry(entry_name)
         if entry is None:
-            raise NoWeightsError(task, f"none registered in {models_dir() / 'registry.json'}; pass --weights PATH")
+            if model != "labels" and not card.auxiliary_model(model).required:
+                return None
+            raise NoWeightsError(card.name, f"no {entry_name!r} model registered in "
+                                            f"{models_dir() / 'registry.json'}; pass --weights PATH")
         path = entry.path()
     digest = sha256_of(path)
     if entry is not None and digest != entry.sha256:
         raise InputError(f"SHA256 {digest} does not match the registry ({entry.sha256}); the file is damaged "
                          "or was replaced", path)
     checkpoint = load_checkpoint(path)
-    if checkpoint.get("task") != task:
-        raise InputError(f"weights are for task {checkpoint.get('task')!r}, not {task!r}", path)
+    if checkpoint.get("task") != card.name or checkpoint.get("model", "labels") != model:
+        raise InputError(f"weights are for task {checkpoint.get('task')!r} model {checkpoint.get('model', 'labels')!r}, "
+                         f"not task {card.name!r} model {model!r}", path)
     return LoadedWeights(path, digest, checkpoint, entry)
 
 
@@ -117,11 +126,12 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def save_checkpoint(path: str | os.PathLike, task: str, factory: str, config: dict, state_dict: dict,
-                    preprocessing: dict | None = None, metadata: dict | None = None) -> str:
+                    preprocessing: dict | None = None, metadata: dict | None = None, model: str = "labels") -> str:
     """Write atomically; returns the SHA256 to put in the registry."""
     from .atomic import atomic_path
 
-    payload = {"format": FORMAT, "task": task, "network": {"factory": factory, "config": dict(config)},
+    payload = {"format": FORMAT, "task": task, "model": model,
+               "network": {"factory": factory, "config": dict(config)},
                "preprocessing": dict(preprocessing or {}), "state_dict": state_dict,
                "metadata": dict(metadata or {})}
     with atomic_path(path) as tmp:
@@ -130,7 +140,7 @@ def save_checkpoint(path: str | os.PathLike, task: str, factory: str, config: di
 
 
 def initialise_weights(task: str, path: str | os.PathLike, config: dict | None = None, seed: int = 0,
-                       metadata: dict | None = None) -> str:
+                       metadata: dict | None = None, model: str = "labels") -> str:
     """Write an untrained (He-initialised) checkpoint of the task card's network, with ``config``
     overriding the card's (e.g. tiny channels for tests). Returns its SHA256.
 
@@ -140,31 +150,33 @@ def initialise_weights(task: str, path: str | os.PathLike, config: dict | None =
     from .tasks import get_task
 
     card = get_task(task)
-    full = {**card.network.config, **(config or {})}
+    spec = card.network if model == "labels" else card.auxiliary_model(model).network
+    full = {**spec.config, **(config or {})}
     full["in_channels"] = card.preprocessing.context_slices
-    full["out_channels"] = card.output_channels
+    full["out_channels"] = card.output_channels if model == "labels" else card.auxiliary_model(model).channels
     torch.manual_seed(seed)
-    net = build_network(card.network.factory, full)
-    return save_checkpoint(path, task, card.network.factory, full, net.state_dict(),
+    net = build_network(spec.factory, full)
+    return save_checkpoint(path, task, spec.factory, full, net.state_dict(), model=model,
                            metadata={"trained": False, "note": "untrained initialisation", **(metadata or {})})
 
 
-def register_model(checkpoint: str | os.PathLike, task: str, version: str, card: str = "", description: str = "",
+def register_model(checkpoint: str | os.PathLike, model: str, version: str, card: str = "", description: str = "",
                    root: Path | None = None) -> RegistryEntry:
-    """Add (or replace) a registry entry for a checkpoint that lies in the models folder."""
+    """Add (or replace) a registry entry (``model`` = a card's weights entry name) for a checkpoint
+    that lies in the models folder."""
     from .atomic import write_text_atomic
 
     root = root or models_dir()
     checkpoint = Path(checkpoint)
     if checkpoint.resolve().parent != root.resolve():
         raise InputError(f"weights must lie in the models folder {root} to be registered", checkpoint)
-    load_checkpoint(checkpoint)  # refuse to register something that does not load
-    entry = RegistryEntry(task, version, checkpoint.name, sha256_of(checkpoint), checkpoint.stat().st_size,
+    task = load_checkpoint(checkpoint)["task"]  # refuse to register something that does not load
+    entry = RegistryEntry(model, task, version, checkpoint.name, sha256_of(checkpoint), checkpoint.stat().st_size,
                           card, description)
     registry_path = root / "registry.json"
     data = json.loads(registry_path.read_text()) if registry_path.exists() else {"format": "spinekneeseg-registry/1"}
-    models = [m for m in data.get("models", []) if not (m["task"] == task and m["version"] == version)]
+    models = [m for m in data.get("models", []) if not (m["model"] == model and m["version"] == version)]
     models.append(entry.__dict__)
-    data["models"] = sorted(models, key=lambda m: (m["task"], m["version"]))
+    data["models"] = sorted(models, key=lambda m: (m["model"], m["version"]))
     write_text_atomic(registry_path, json.dumps(data, indent=2) + "\n")
     return entry

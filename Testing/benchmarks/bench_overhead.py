@@ -28,12 +28,19 @@ from SpineKneeSegLib.weights import find_entry, initialise_weights
 
 
 def bench(task: str, runs: int, use_data: bool, workdir: Path) -> dict:
-    entry = find_entry(task)
+    card = TASKS[task]
+    entry = find_entry(card.weights_entry)
     if entry is not None:
         weights, kind = entry.path(), f"v{entry.version}"
     else:
         weights, kind = workdir / f"{task}.pt", "untrained"
         initialise_weights(task, weights)
+    aux = {}
+    for model in card.auxiliary:  # registered, else untrained so that its cost is measured too
+        if find_entry(model.weights_entry) is None:
+            aux[model.name] = str(workdir / f"{task}-{model.name}.pt")
+            initialise_weights(task, aux[model.name], model=model.name)
+            kind = "untrained"
     root = data_root()
     if use_data and root is not None and task in SHARED_CASES and (root / SHARED_CASES[task][0]).exists():
         source, inputs = SHARED_CASES[task][0], [str(root / SHARED_CASES[task][0])]
@@ -43,7 +50,7 @@ def bench(task: str, runs: int, use_data: bool, workdir: Path) -> dict:
         source, inputs = "phantom", [str(path)]
     samples = []
     for i in range(runs + 1):
-        report = run_case(TASKS[task], inputs, workdir / f"out-{task}-{i}", RunOptions(weights=str(weights)))
+        report = run_case(TASKS[task], inputs, workdir / f"out-{task}-{i}", RunOptions(weights=str(weights), aux_weights=aux))
         if i:
             samples.append(report["timings_s"])
     med = {k: statistics.median(s[k] for s in samples) for k in samples[0]}
