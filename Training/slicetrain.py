@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SpineKneeSeg"))  #
 
 from SpineKneeSegLib.image import Image  # noqa: E402
 from SpineKneeSegLib.models import build_network  # noqa: E402
-from SpineKneeSegLib.preprocessing import (context_channels, network_grid, normalise, pad_to,  # noqa: E402
-                                           resize_batch, slice_axis, to_slices)
+from SpineKneeSegLib.preprocessing import (canonical_image, context_channels, network_grid, normalise,  # noqa: E402
+                                           pad_to, resize_batch)
 from SpineKneeSegLib.tasks import TaskCard  # noqa: E402
 from SpineKneeSegLib.weights import save_checkpoint  # noqa: E402
 
@@ -28,13 +28,13 @@ def slices_for_training(card: TaskCard, image: Image, labels: Image, multiple: i
     """(N, C, H, W) float inputs and (N, H, W) long targets on the network grid, built exactly as
     inference builds its inputs (labels resampled nearest-neighbour)."""
     pre = card.preprocessing
-    axis = slice_axis(image, pre.plane)
-    stack = normalise(to_slices(image.array, axis), pre.normalisation)
-    grid = network_grid(image, axis, pre.in_plane_spacing_mm, multiple)
+    canon, orientation = canonical_image(image, pre.plane)  # the orientation inference shows the network
+    stack = normalise(canon.array, pre.normalisation)
+    grid = network_grid(canon, 0, pre.in_plane_spacing_mm, multiple)
     index = np.arange(stack.shape[0])
     x = pad_to(resize_batch(torch.from_numpy(context_channels(stack, index, pre.context_slices)), grid.network_hw),
                grid.padded_hw)
-    y = torch.from_numpy(to_slices(labels.array, axis).astype(np.int64))[:, None].float()
+    y = torch.from_numpy(orientation.apply(labels.array).astype(np.int64))[:, None].float()
     y = F.interpolate(y, size=grid.network_hw, mode="nearest") if tuple(y.shape[-2:]) != grid.network_hw else y
     return x, pad_to(y, grid.padded_hw)[:, 0].long()
 

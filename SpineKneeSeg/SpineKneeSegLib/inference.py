@@ -9,8 +9,8 @@ import torch
 
 from .image import Image
 from .models import build_network
-from .preprocessing import (context_channels, from_slices, network_grid, network_grid_image, normalise, pad_to,
-                            resize_batch, slice_axis, to_slices)
+from .preprocessing import (canonical_image, canonical_orientation, context_channels, network_grid,
+                            network_grid_image, normalise, pad_to, resize_batch)
 from .progress import Progress
 from .tasks import TaskCard
 from .weights import LoadedWeights
@@ -58,9 +58,9 @@ def _batches(image: Image, net: torch.nn.Module, device: torch.device, pre: dict
     """Yield (slice indices, logits on the unpadded network grid, grid) for every batch of slices;
     accumulate preprocessing and forward-pass seconds in ``timings``."""
     t0 = time.perf_counter()
-    axis = slice_axis(image, pre["plane"])
-    stack = normalise(to_slices(image.array, axis), pre["normalisation"], pre.get("stats"))
-    grid = network_grid(image, axis, pre["in_plane_spacing_mm"], getattr(net, "size_multiple", 1))
+    canon, _ = canonical_image(image, pre["plane"])  # slices along axis 0, canonical in-plane orientation
+    stack = normalise(canon.array, pre["normalisation"], pre.get("stats"))
+    grid = network_grid(canon, 0, pre["in_plane_spacing_mm"], getattr(net, "size_multiple", 1))
     n = stack.shape[0]
     timings["pre"] += time.perf_counter() - t0
     for start in range(0, n, batch_size):
@@ -99,14 +99,14 @@ def segment_slices(card: TaskCard, image: Image, net: torch.nn.Module, device: t
     resampled back, not labels)."""
     pre = {**card.preprocessing.__dict__, **(preprocessing or {})}
     timings = {"pre": 0.0, "net": 0.0, "post": 0.0}
-    axis = slice_axis(image, pre["plane"])
-    labels = np.zeros(to_slices(image.array, axis).shape, dtype=np.uint8)
+    orientation = canonical_orientation(image, pre["plane"])
+    labels = np.zeros(orientation.apply(image.array).shape, dtype=np.uint8)
     for index, logits, grid in _batches(image, net, device, pre, batch_size, progress, timings):
         t = time.perf_counter()
         labels[index] = logits_to_labels(resize_batch(logits, grid.input_hw), card.label_activation).cpu().numpy()
         timings["post"] += time.perf_counter() - t
-    return NetworkOutput(labels=from_slices(labels, axis), network_s=timings["net"], preprocess_s=timings["pre"],
-                         postprocess_s=timings["post"])
+    return NetworkOutput(labels=np.ascontiguousarray(orientation.undo(labels)), network_s=timings["net"],
+                         preprocess_s=timings["pre"], postprocess_s=timings["post"])
 
 
 @torch.inference_mode()
@@ -119,6 +119,7 @@ def probability_maps(preprocessing: dict, image: Image, net: torch.nn.Module, de
         t = time.perf_counter()
         chunks.append((torch.sigmoid(logits) * 255).round().to(torch.uint8).cpu().numpy())
         timings["post"] += time.perf_counter() - t
-    maps = np.concatenate(chunks).swapaxes(0, 1)  # (C, slices, h, w)
-    return NetworkOutput(maps=np.moveaxis(maps, 1, grid.axis + 1), maps_grid=network_grid_image(image, grid),
+    maps = np.ascontiguousarray(np.concatenate(chunks).swapaxes(0, 1))  # (C, slices, h, w), canonical grid
+    canon, _ = canonical_image(image, preprocessing["plane"])
+    return NetworkOutput(maps=maps, maps_grid=network_grid_image(canon, grid),
                          network_s=timings["net"], preprocess_s=timings["pre"], postprocess_s=timings["post"])

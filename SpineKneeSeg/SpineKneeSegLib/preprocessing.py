@@ -14,19 +14,69 @@ import torch.nn.functional as F
 
 from .image import Image
 
-# plane normals in LPS
-PLANE_NORMALS = {"axial": (0.0, 0.0, 1.0), "sagittal": (1.0, 0.0, 0.0), "coronal": (0.0, 1.0, 0.0)}
+# Canonical (slice, row, col) directions in LPS per plane: every input is shown to the networks in
+# this orientation whatever its file's axis order or flips, so a model sees what it was trained on
+# and the same physical image gives the same result. Sagittal matches the shared spine data.
+CANONICAL_AXES = {
+    "sagittal": ((-1.0, 0.0, 0.0), (0.0, 0.0, -1.0), (0.0, 1.0, 0.0)),  # slices to patient right; rows down; cols posterior
+    "axial": ((0.0, 0.0, 1.0), (0.0, 1.0, 0.0), (1.0, 0.0, 0.0)),  # slices up; rows posterior; cols to patient left
+    "coronal": ((0.0, 1.0, 0.0), (0.0, 0.0, -1.0), (1.0, 0.0, 0.0)),  # slices posterior; rows down; cols to left
+}
+
+
+@dataclass(frozen=True)
+class Orientation:
+    """Which numpy axes become (slice, row, col), and which of those are flipped."""
+
+    axes: tuple[int, int, int] = (0, 1, 2)
+    flips: tuple[bool, bool, bool] = (False, False, False)
+
+    def apply(self, array: np.ndarray) -> np.ndarray:
+        out = np.transpose(array, self.axes)
+        return out[tuple(slice(None, None, -1) if f else slice(None) for f in self.flips)]
+
+    def undo(self, array: np.ndarray) -> np.ndarray:
+        out = array[tuple(slice(None, None, -1) if f else slice(None) for f in self.flips)]
+        return np.transpose(out, np.argsort(self.axes))
+
+
+def canonical_orientation(image: Image, plane: str) -> Orientation:
+    if plane == "image" or image.is_2d:
+        return Orientation()
+    columns = [image.direction[:, 2 - a] for a in range(3)]  # LPS direction of numpy axis a
+    remaining, axes, flips = [0, 1, 2], [], []
+    for target in CANONICAL_AXES[plane]:  # slice axis first: the most aligned with the normal
+        scores = [abs(float(np.dot(columns[a], target))) for a in remaining]
+        a = remaining.pop(int(np.argmax(scores)))
+        axes.append(a)
+        flips.append(bool(np.dot(columns[a], target) < 0))
+    return Orientation(tuple(axes), tuple(flips))
+
+
+def reorient(image: Image, orientation: Orientation) -> Image:
+    """The same physical image with its voxels in ``orientation`` (exact: a permutation and flips)."""
+    array = orientation.apply(image.array)
+    direction = np.zeros((3, 3))
+    spacing = [0.0, 0.0, 0.0]
+    first_voxel_kji = [0, 0, 0]
+    for new_axis, (old_axis, flip) in enumerate(zip(orientation.axes, orientation.flips)):
+        old_ijk, new_ijk = 2 - old_axis, 2 - new_axis
+        direction[:, new_ijk] = image.direction[:, old_ijk] * (-1 if flip else 1)
+        spacing[new_ijk] = image.spacing[old_ijk]
+        first_voxel_kji[old_axis] = image.array.shape[old_axis] - 1 if flip else 0
+    origin = image.ijk_to_lps_points([first_voxel_kji[::-1]])[0]
+    return Image(array, tuple(spacing), tuple(origin), direction, dict(image.meta))
+
+
+def canonical_image(image: Image, plane: str) -> tuple[Image, Orientation]:
+    orientation = canonical_orientation(image, plane)
+    return reorient(image, orientation), orientation
 
 
 def slice_axis(image: Image, plane: str) -> int:
     """Numpy axis of ``image.array`` (0 = k, 1 = j, 2 = i) whose direction is closest to the
     plane normal; for 2D images and plane 'image' it is the single-slice axis 0."""
-    if plane == "image" or image.is_2d:
-        return 0
-    normal = np.asarray(PLANE_NORMALS[plane])
-    ijk_alignment = np.abs(image.direction.T @ normal)  # per i, j, k axis
-    best_ijk = int(np.argmax(ijk_alignment))
-    return 2 - best_ijk
+    return canonical_orientation(image, plane).axes[0]
 
 
 def to_slices(array: np.ndarray, axis: int) -> np.ndarray:

@@ -1,0 +1,349 @@
+"""Train the lumbar level model (seed 004's MultiNet, 5 sigmoid channels = L1..L5 bodies) on the
+shared spine data, with the task card's own preprocessing and the Lib's inference for validation.
+
+    python Training/spine_levels.py --out Training/runs/spine-levels [--epochs 200] [--resume]
+
+Checkpoints every epoch (``last.pt``, resumable across sessions) and keeps ``best.pt`` (weights
+format, best validation mean Dice); TensorBoard logs in the run folder. Fixed case-wise split.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SpineKneeSeg"))  # run from a checkout
+
+from SpineKneeSegLib.datasets import data_root  # noqa: E402
+from SpineKneeSegLib.image import Image  # noqa: E402
+from SpineKneeSegLib.inference import segment_slices  # noqa: E402
+from SpineKneeSegLib.io import read_image  # noqa: E402
+from SpineKneeSegLib.models import build_network  # noqa: E402
+from SpineKneeSegLib.postprocessing import largest_component_per_label  # noqa: E402
+from SpineKneeSegLib.preprocessing import (canonical_image, context_channels, network_grid,  # noqa: E402
+                                           normalise, resize_batch)
+from SpineKneeSegLib.tasks import TASKS  # noqa: E402
+from SpineKneeSegLib.weights import save_checkpoint  # noqa: E402
+
+CARD = TASKS["lumbar-foramina"]
+N_LEVELS = 5
+# Fixed validation cases (every 7th MyoSegmenTUM case and two Zukić T2 cases): never trained on.
+VALIDATION = ("myosegmentum/case05", "myosegmentum/case12", "myosegmentum/case19", "myosegmentum/case26",
+              "myosegmentum/case33", "myosegmentum/case40", "zukic-t2/case06", "zukic-t2/case12")
+
+
+def spine_cases(root: Path) -> list[dict]:
+    cases = []
+    for dataset in ("myosegmentum", "zukic-t2"):
+        for folder in sorted((root / "spine" / dataset).glob("case*")):
+            if (folder / "image.nii.gz").exists() and (folder / "vertebrae.nii.gz").exists():
+                cases.append({"id": f"{dataset}/{folder.name}", "image": folder / "image.nii.gz",
+                              "labels": folder / "vertebrae.nii.gz"})
+    return cases
+
+
+def split(cases: list[dict]) -> tuple[list[dict], list[dict]]:
+    val = [c for c in cases if c["id"] in VALIDATION]
+    return [c for c in cases if c["id"] not in VALIDATION], val
+
+
+def level_labels(labels: np.ndarray) -> np.ndarray:
+    """Keep L1..L5 = 1..5; T12/T11 (6, 7 in the Zukić data) become background: important negatives."""
+    return np.where((labels >= 1) & (labels <= N_LEVELS), labels, 0).astype(np.uint8)
+
+
+@dataclass
+class PreparedCase:
+    id: str
+    stack: np.ndarray  # (slices, H, W) float32, normalised, on the 1.4 mm network grid
+    labels: np.ndarray  # (slices, H, W) uint8
+
+
+def prepare(case: dict, spacing_mm: float) -> PreparedCase:
+    """Exactly the inference preprocessing (same Lib functions), labels resampled nearest."""
+    image, labels = read_image(case["image"]), read_image(case["labels"])
+    canon, orientation = canonical_image(image, CARD.preprocessing.plane)  # as inference shows the network
+    stack = normalise(canon.array, CARD.preprocessing.normalisation)
+    grid = network_grid(canon, 0, spacing_mm, 1)
+    x = resize_batch(torch.from_numpy(np.ascontiguousarray(stack))[:, None], grid.network_hw)[:, 0].numpy()
+    y = torch.from_numpy(np.ascontiguousarray(orientation.apply(level_labels(labels.array))))[:, None].float()
+    y = F.interpolate(y, size=grid.network_hw, mode="nearest")[:, 0].to(torch.uint8).numpy()
+    return PreparedCase(case["id"], x.astype(np.float32), y)
+
+
+# ---- augmentation (torch, batched, so it runs on a lent GPU as well) -------------------------
+
+def random_geometry(batch: int, size: int, max_rotation_deg: float, warp_px: float, gen: torch.Generator,
+                    device) -> torch.Tensor:
+    """Sampling grid: rotation about the left-right axis (in-plane for sagittal slices), +-10 %
+    scale, and a smooth non-linear warp (coarse random displacements upsampled)."""
+    angle = (torch.rand(batch, generator=gen, device=device) * 2 - 1) * math.radians(max_rotation_deg)
+    scale = 1 + (torch.rand(batch, generator=gen, device=device) * 2 - 1) * 0.1
+    cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
+    theta = torch.stack([torch.stack([cos, -sin, torch.zeros_like(cos)], 1),
+                         torch.stack([sin, cos, torch.zeros_like(cos)], 1)], 1)
+    grid = F.affine_grid(theta, (batch, 1, size, size), align_corners=False)
+    coarse = torch.randn(batch, 2, 5, 5, generator=gen, device=device) * (2 * warp_px / size)
+    warp = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
+    return grid + warp
+
+
+def random_intensity(x: torch.Tensor, gen: torch.Generator, noise_sd: float) -> torch.Tensor:
+    """Contrast augmentation so one model serves T1 and T2: a random monotone or inverted
+    piecewise-linear remapping of the normalised intensities, gain/offset, then N(0, noise_sd)."""
+    b = x.shape[0]
+    device = x.device
+    knots = torch.linspace(-3, 3, 7, device=device)
+    values = torch.cumsum(torch.rand(b, 7, generator=gen, device=device) + 0.2, dim=1)
+    values = (values - values.mean(1, keepdim=True)) / values.std(1, keepdim=True)
+    invert = torch.rand(b, generator=gen, device=device) < 0.3
+    values = torch.where(invert[:, None], -values, values)
+    keep = torch.rand(b, generator=gen, device=device) < 0.4  # 40 % keep the original contrast
+    idx = torch.clamp(torch.bucketize(x.clamp(-3, 3), knots) - 1, 0, 5)
+    lo = knots[idx]
+    frac = (x.clamp(-3, 3) - lo) / (knots[1] - knots[0])
+    vb = values[:, None, None, None, :].expand(*x.shape, 7)
+    remapped = torch.gather(vb, -1, idx[..., None])[..., 0] * (1 - frac) + \
+        torch.gather(vb, -1, (idx + 1)[..., None])[..., 0] * frac
+    x = torch.where(keep[:, None, None, None], x, remapped)
+    gain = 1 + (torch.rand(b, 1, 1, 1, generator=gen, device=device) * 2 - 1) * 0.2
+    offset = (torch.rand(b, 1, 1, 1, generator=gen, device=device) * 2 - 1) * 0.2
+    return x * gain + offset + torch.randn(x.shape, generator=gen, device=device) * noise_sd
+
+
+# ---- losses ----------------------------------------------------------------------------------
+
+def level_weights(cases: list[PreparedCase]) -> torch.Tensor:
+    """Seed 004: per-channel weights from inverse label frequency, normalised to a maximum of 1."""
+    counts = np.bincount(np.concatenate([c.labels.ravel() for c in cases]), minlength=N_LEVELS + 1)[1:]
+    inverse = 1.0 / np.maximum(counts, 1)
+    return torch.tensor(inverse / inverse.max(), dtype=torch.float32)
+
+
+def weighted_dice_loss(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    probs = torch.sigmoid(logits)
+    inter = (probs * target).sum(dim=(0, 2, 3))
+    denom = probs.sum(dim=(0, 2, 3)) + target.sum(dim=(0, 2, 3))
+    dice = (2 * inter + 1.0) / (denom + 1.0)
+    w = torch.ones_like(dice) if weights is None else weights.to(dice.device)
+    return 1 - (w * dice).sum() / w.sum()
+
+
+def loss_fn(kind: str, weights: torch.Tensor):
+    if kind == "weighted-dice":  # the seed's normalised Dice (default)
+        return lambda logits, target: weighted_dice_loss(logits, target, weights)
+    if kind == "dice":
+        return lambda logits, target: weighted_dice_loss(logits, target, None)
+    if kind == "bce":
+        return lambda logits, target: F.binary_cross_entropy_with_logits(logits, target)
+    raise ValueError(f"unknown loss {kind!r}")
+
+
+# ---- evaluation (the Lib's own inference path) -------------------------------------------------
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+
+
+def level_identification(pred: np.ndarray, truth: np.ndarray) -> dict:
+    """Seed 004's check: each level's (largest) predicted component must overlap its own body most;
+    a shift means it overlaps a neighbour's body instead (e.g. L5 predicted on L4)."""
+    result = {"correct": 0, "missing": 0, "shifted": 0, "shifts": []}
+    for level in range(1, N_LEVELS + 1):
+        mask = pred == level
+        if not mask.any():
+            result["missing"] += 1
+            continue
+        overlap = np.bincount(truth[mask], minlength=N_LEVELS + 1)
+        overlap[0] = 0
+        best = int(overlap.argmax()) if overlap.any() else 0
+        if best == level:
+            result["correct"] += 1
+        else:
+            result["shifted"] += 1
+            result["shifts"].append((level, best))
+    result["all_correct"] = result["correct"] == N_LEVELS
+    return result
+
+
+def evaluate_cases(net: torch.nn.Module, cases: list[dict], config: dict | None = None) -> dict:
+    net.eval()
+    per_case = {}
+    pre = {"in_plane_spacing_mm": (config or {}).get("spacing_mm", CARD.preprocessing.in_plane_spacing_mm)}
+    for case in cases:
+        image = read_image(case["image"])
+        truth = level_labels(read_image(case["labels"]).array)
+        out = segment_slices(CARD, image, net, torch.device("cpu"), pre, batch_size=8)
+        pred = largest_component_per_label(out.labels)
+        per_case[case["id"]] = {"dice": {f"L{k}": round(dice(pred == k, truth == k), 4)
+                                         for k in range(1, N_LEVELS + 1)},
+                                "identification": level_identification(pred, truth)}
+    means = {f"L{k}": float(np.mean([c["dice"][f"L{k}"] for c in per_case.values()]))
+             for k in range(1, N_LEVELS + 1)}
+    return {"mean_dice": float(np.mean(list(means.values()))), "per_level_dice": means,
+            "all_levels_identified": sum(c["identification"]["all_correct"] for c in per_case.values()),
+            "cases": per_case}
+
+
+# ---- training ----------------------------------------------------------------------------------
+
+@dataclass
+class Config:
+    epochs: int = 200
+    patience: int = 25
+    batch_size: int = 16
+    crop: int = 160
+    lr: float = 1e-3
+    loss: str = "weighted-dice"
+    activation: str = "elu"
+    spacing_mm: float = 1.4
+    max_rotation_deg: float = 45.0
+    warp_px: float = 4.0
+    noise_sd: float = 0.25
+    seed: int = 0
+    network: dict = field(default_factory=lambda: dict(CARD.network.config))
+
+
+def sample_batch(cases: list[PreparedCase], cfg: Config, rng: np.random.Generator, gen: torch.Generator):
+    """Random slices (with their 3-slice context) cropped to cfg.crop; crops favour the spine."""
+    xs, ys = [], []
+    for _ in range(cfg.batch_size):
+        case = cases[rng.integers(len(cases))]
+        k = int(rng.integers(case.stack.shape[0]))
+        x = context_channels(case.stack, np.array([k]), CARD.preprocessing.context_slices)[0]
+        y = case.labels[k]
+        h, w = y.shape
+        size = cfg.crop
+        pad_h, pad_w = max(0, size - h), max(0, size - w)
+        if pad_h or pad_w:
+            x = np.pad(x, ((0, 0), (0, pad_h), (0, pad_w)))
+            y = np.pad(y, ((0, pad_h), (0, pad_w)))
+            h, w = y.shape
+        fg = np.argwhere(y > 0)
+        if len(fg) and rng.random() < 0.8:
+            cy, cx = fg[rng.integers(len(fg))]
+            top = int(np.clip(cy - size // 2 + rng.integers(-size // 4, size // 4 + 1), 0, h - size))
+            left = int(np.clip(cx - size // 2 + rng.integers(-size // 4, size // 4 + 1), 0, w - size))
+        else:
+            top, left = int(rng.integers(h - size + 1)), int(rng.integers(w - size + 1))
+        xs.append(x[:, top:top + size, left:left + size])
+        ys.append(y[top:top + size, left:left + size])
+    x = torch.from_numpy(np.stack(xs)).float()
+    y = torch.from_numpy(np.stack(ys)).long()
+    target = F.one_hot(y, N_LEVELS + 1)[..., 1:].permute(0, 3, 1, 2).float()
+    grid = random_geometry(len(x), cfg.crop, cfg.max_rotation_deg, cfg.warp_px, gen, x.device)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    target = (F.grid_sample(target, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5).float()
+    return random_intensity(x, gen, cfg.noise_sd), target
+
+
+def network_config(cfg: Config) -> dict:
+    return {**cfg.network, "activation": cfg.activation, "in_channels": CARD.preprocessing.context_slices,
+            "out_channels": N_LEVELS}
+
+
+def train(cfg: Config, out: Path, root: Path, resume: bool, log=print, max_minutes: float | None = None) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    train_cases, val_cases = split(spine_cases(root))
+    prepared = [prepare(c, cfg.spacing_mm) for c in train_cases]
+    weights = level_weights(prepared)
+    log(f"{len(train_cases)} training / {len(val_cases)} validation cases; level weights "
+        f"{[round(float(w), 2) for w in weights]}")
+    torch.manual_seed(cfg.seed)
+    net = build_network("multinet", network_config(cfg))
+    optimiser = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    criterion = loss_fn(cfg.loss, weights)
+    state = {"epoch": 0, "best": -1.0, "best_epoch": 0, "history": []}
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    last = out / "last.pt"
+    if resume and last.exists():
+        ckpt = torch.load(last, map_location="cpu", weights_only=False)  # our own file
+        net.load_state_dict(ckpt["model"])
+        optimiser.load_state_dict(ckpt["optimiser"])
+        state = ckpt["state"]
+        rng.bit_generator.state = ckpt["numpy_rng"]
+        gen.set_state(ckpt["torch_rng"])
+        log(f"resumed at epoch {state['epoch']} (best {state['best']:.4f} at {state['best_epoch']})")
+    writer = _writer(out)
+    steps = max(1, sum(c.stack.shape[0] for c in prepared) // cfg.batch_size)
+    started = time.time()
+    while state["epoch"] < cfg.epochs and state["epoch"] - state["best_epoch"] < cfg.patience:
+        t0 = time.time()
+        net.train()
+        losses = []
+        for _ in range(steps):
+            x, target = sample_batch(prepared, cfg, rng, gen)
+            optimiser.zero_grad()
+            loss = criterion(net(x), target)
+            loss.backward()
+            optimiser.step()
+            losses.append(float(loss.detach()))
+        metrics = evaluate_cases(net, val_cases, asdict(cfg))
+        state["epoch"] += 1
+        entry = {"epoch": state["epoch"], "loss": float(np.mean(losses)), "val_mean_dice": metrics["mean_dice"],
+                 "val_all_levels_identified": metrics["all_levels_identified"], "seconds": round(time.time() - t0, 1)}
+        state["history"].append(entry)
+        if writer:
+            writer.add_scalar("train/loss", entry["loss"], state["epoch"])
+            writer.add_scalar("val/mean_dice", metrics["mean_dice"], state["epoch"])
+            for level, value in metrics["per_level_dice"].items():
+                writer.add_scalar(f"val/dice_{level}", value, state["epoch"])
+            writer.flush()
+        if metrics["mean_dice"] > state["best"]:
+            state["best"], state["best_epoch"] = metrics["mean_dice"], state["epoch"]
+            save_checkpoint(out / "best.pt", CARD.name, "multinet", network_config(cfg), net.state_dict(),
+                            preprocessing={"in_plane_spacing_mm": cfg.spacing_mm},
+                            metadata={"epoch": state["epoch"], "val": metrics, "config": asdict(cfg),
+                                      "validation_cases": list(VALIDATION)})
+            (out / "best_metrics.json").write_text(json.dumps(metrics, indent=2))
+        tmp = out / "last.pt.tmp"
+        torch.save({"model": net.state_dict(), "optimiser": optimiser.state_dict(), "state": state,
+                    "numpy_rng": rng.bit_generator.state, "torch_rng": gen.get_state(), "config": asdict(cfg)}, tmp)
+        tmp.replace(last)
+        log(json.dumps(entry))
+        if max_minutes and (time.time() - started) / 60 > max_minutes:
+            log("time budget reached; resume with --resume")
+            break
+    return state
+
+
+def _writer(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is in the 'train' extra
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="Training/runs/spine-levels")
+    parser.add_argument("--data", help="shared data root (default: SPINEKNEESEG_DATA or ../shared/data)")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--max-minutes", type=float)
+    for name, value in asdict(Config()).items():
+        if not isinstance(value, dict):
+            parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    args = parser.parse_args(argv)
+    root = Path(args.data) if args.data else data_root()
+    if root is None or not (root / "spine").exists():
+        print("no spine data: set SPINEKNEESEG_DATA", file=sys.stderr)
+        return 2
+    cfg = Config(**{k: getattr(args, k) for k in asdict(Config()) if k != "network"})
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    train(cfg, Path(args.out), root, args.resume, max_minutes=args.max_minutes)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
