@@ -176,3 +176,46 @@ def test_network_grid_keeps_the_field_of_view(axis):
 
     assert small.array.shape[axis] == image.array.shape[axis]
     assert np.allclose(extent(small), extent(image), atol=1e-6)
+
+
+@pytest.mark.parametrize("k_toward,tilt", [("left", 0.0), ("right", 12.0)])
+def test_estimate_from_levels_names_and_places_the_ten_foramina(k_toward, tilt):
+    """Without a foramen model the markers come from the L1..L5 bodies (the phantom's ground-truth
+    labels here): right names and sides for both handedness, within 6 mm of the phantom's foramina
+    (an anatomical estimate, not a detection)."""
+    from SpineKneeSegLib.foramina import estimate_foramina_from_levels
+    from SpineKneeSegLib.phantoms import spine_phantom
+    from SpineKneeSegLib.preprocessing import Orientation, reorient
+
+    phantom = spine_phantom(seed=1, k_toward=k_toward, tilt_deg=tilt)
+    found, notes = estimate_foramina_from_levels(phantom.labels.array, phantom.image)
+    assert sorted(f.label for f in found) == sorted({p["label"] for p in phantom.points})
+    assert notes["missing_levels"] == []
+    for f in found:
+        truth = np.mean([p["ras"] for p in phantom.points if p["label"] == f.label], axis=0)
+        assert np.linalg.norm(np.asarray(f.ras) - truth) < 6.0, f.label
+        assert "estimated from vertebral levels" in f.description
+    # the same physical image stored with other voxel axes gives the same markers
+    layout = Orientation((2, 0, 1), (True, False, True))
+    moved, _ = estimate_foramina_from_levels(layout.apply(phantom.labels.array), reorient(phantom.labels, layout))
+    assert len(moved) == len(found)
+    assert all(np.allclose(f.ras, g.ras, atol=0.6) and f.label == g.label for f, g in zip(found, moved))
+
+
+def test_estimate_reports_missing_levels_instead_of_shifting():
+    """Seed 004: a missed L5 must not shift every label. Without L3 there is no L2 (L2/L3) or L3
+    marker, and the others keep their names."""
+    from SpineKneeSegLib.foramina import estimate_foramina_from_levels
+    from SpineKneeSegLib.phantoms import spine_phantom
+
+    phantom = spine_phantom(seed=0)
+    labels = phantom.labels.array.copy()
+    labels[labels == 3] = 0
+    found, notes = estimate_foramina_from_levels(labels, phantom.image)
+    assert notes["missing_levels"] == ["L3"]
+    assert sorted({f.level for f in found}) == [1, 4, 5]
+    full, _ = estimate_foramina_from_levels(phantom.labels.array, phantom.image)
+    by_label = {f.label: f.ras for f in full}
+    for f in found:
+        if f.level in (1, 4):
+            assert np.allclose(f.ras, by_label[f.label], atol=3.0)

@@ -41,6 +41,7 @@ class Foramen:
     probability: float
     voxels: int
     slices: tuple[int, int]  # first and last slice index (along the lateral axis) it spans
+    source: str = "predicted by the foramen model"
 
     @property
     def label(self) -> str:
@@ -48,8 +49,8 @@ class Foramen:
 
     @property
     def description(self) -> str:
-        return (f"foramen {motion_segment(self.level)} {self.side}; predicted; p={self.probability:.2f}; "
-                f"slices {self.slices[0]}-{self.slices[1]}")
+        where = f"; slices {self.slices[0]}-{self.slices[1]}" if self.slices[0] >= 0 else ""
+        return f"foramen {motion_segment(self.level)} {self.side}; {self.source}; confidence {self.probability:.2f}{where}"
 
 
 def lateral_axis(image: Image) -> int:
@@ -129,3 +130,98 @@ def foramina_summary(foramina: list[Foramen]) -> dict:
     found = {f.label for f in foramina}
     expected = [foramen_label(level, side) for level in LEVELS for side in SIDES]
     return {"found": len(found), "expected": len(expected), "missing": [e for e in expected if e not in found]}
+
+
+# ---- anatomical estimate from the level segmentation (no foramen model) ------------------------
+
+@dataclass(frozen=True)
+class EstimateParameters:
+    posterior_offset_mm: float = 6.0  # foramen centre behind the posterior wall of the bodies
+    # the foramen centre lies level with the lower third of the upper body (its roof is the upper
+    # pedicle), above the disc's mid-height by this fraction of the upper body's height
+    superior_fraction: float = 0.3
+    lateral_fraction: float = 0.8  # of the bodies' half-width, either side of their centre (pedicle line)
+    default_disc_mm: float = 10.0  # disc height used below L5 when no other disc can be measured
+    confidence: float = 0.5  # estimates are plausible positions, not detections
+    extrapolated_confidence: float = 0.35  # L5/S1: S1 is not segmented, so its disc is extrapolated
+
+
+def _body_points(labels: np.ndarray, image: Image, level: int, max_points: int = 20000) -> np.ndarray | None:
+    kji = np.argwhere(labels == level)
+    if len(kji) == 0:
+        return None
+    if len(kji) > max_points:  # a deterministic subsample keeps percentiles and centroids, at bounded cost
+        kji = kji[np.linspace(0, len(kji) - 1, max_points).astype(int)]
+    return image.ijk_to_ras_points(kji[:, ::-1].astype(float))
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v)
+
+
+def estimate_foramina_from_levels(labels: np.ndarray, image: Image,
+                                  params: EstimateParameters = EstimateParameters()) -> tuple[list[Foramen], dict]:
+    """Foramen positions derived from the L1..L5 bodies: posterior to the disc space between L<k>
+    and L<k+1> (below L5: its endplate minus half a measured disc height), one per side at the
+    pedicle line. A level whose bodies are missing gets no marker and is reported, never guessed.
+
+    Works in RAS: the local superior axis comes from the body centroids (follows lordosis and
+    tilt), posterior is patient-posterior made perpendicular to it, lateral completes the frame."""
+    bodies = {level: _body_points(labels, image, level) for level in LEVELS}
+    centres = {level: pts.mean(axis=0) for level, pts in bodies.items() if pts is not None}
+    notes = {"missing_levels": [f"L{k}" for k in LEVELS if k not in centres]}
+    if len(centres) < 2:
+        notes["reason"] = "fewer than two vertebral bodies segmented"
+        return [], notes
+    ordered = sorted(centres)
+    global_up = _unit(centres[ordered[0]] - centres[ordered[-1]])  # from the lowest to the highest body
+    disc_heights = []
+    frames = {}
+    for level in LEVELS:
+        if level not in centres:
+            continue
+        neighbours = [centres[k] for k in (level - 1, level + 1) if k in centres]
+        above = centres.get(level - 1, centres[level])
+        below = centres.get(level + 1, centres[level])
+        up = _unit(above - below) if np.linalg.norm(above - below) > 0 else global_up  # local: follows lordosis
+        posterior = _unit(np.array([0.0, -1.0, 0.0]) - np.dot([0.0, -1.0, 0.0], up) * up)
+        right = np.cross(posterior, up)  # RAS: +x is patient right
+        right = right if right[0] >= 0 else -right
+        frames[level] = (up, posterior, right, neighbours)
+    for level in LEVELS[:-1]:
+        if level in bodies and level + 1 in bodies and bodies[level] is not None and bodies[level + 1] is not None:
+            up = frames[level][0]
+            gap = np.percentile(bodies[level] @ up, 3) - np.percentile(bodies[level + 1] @ up, 97)
+            if gap > 0:
+                disc_heights.append(gap)
+    disc = float(np.median(disc_heights)) if disc_heights else params.default_disc_mm
+    found = []
+    for level in LEVELS:
+        upper = bodies.get(level)
+        lower = bodies.get(level + 1) if level < 5 else None
+        if upper is None or (level < 5 and lower is None):
+            continue
+        up, posterior, right, _ = frames[level]
+        lower_endplate = np.percentile(upper @ up, 3)
+        body_height = np.percentile(upper @ up, 97) - lower_endplate
+        if level < 5:
+            disc_mid = (lower_endplate + np.percentile(lower @ up, 97)) / 2.0
+            pair = np.vstack([upper, lower])
+            confidence = params.confidence
+        else:
+            disc_mid = lower_endplate - disc / 2.0
+            pair = upper
+            confidence = params.extrapolated_confidence
+        posterior_wall = np.percentile(pair @ posterior, 97)
+        lateral = pair @ right
+        half_width = (np.percentile(lateral, 97) - np.percentile(lateral, 3)) / 2.0
+        centre = pair.mean(axis=0)
+        height = disc_mid + params.superior_fraction * body_height
+        base = centre + (height - centre @ up) * up + (posterior_wall + params.posterior_offset_mm
+                                                       - centre @ posterior) * posterior
+        for side, sign in (("left", -1.0), ("right", 1.0)):
+            ras = base + sign * params.lateral_fraction * half_width * right
+            found.append(Foramen(level, side, tuple(round(float(v), 3) for v in ras), confidence, 0, (-1, -1),
+                                 source="estimated from vertebral levels"))
+    notes["disc_height_mm"] = round(disc, 2)
+    return found, notes

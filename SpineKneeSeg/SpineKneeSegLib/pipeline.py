@@ -197,17 +197,22 @@ def postprocess(card: TaskCard, image: Image, labels: np.ndarray, maps: dict[str
             result.tables.append(table)
             result.summaries["lesions"] = summary
         elif name == "foramina":
-            from .foramina import foramina_summary, localise_foramina
+            from .foramina import estimate_foramina_from_levels, foramina_summary, localise_foramina
 
-            if not maps or "foramina" not in maps:
-                result.warnings.append("no foramen model: foramen markers not produced")
-                result.summaries["foramina"] = foramina_summary([])
-                continue
-            foramina = localise_foramina(maps["foramina"], maps_grids["foramina"])
+            if maps and "foramina" in maps:
+                foramina, notes = localise_foramina(maps["foramina"], maps_grids["foramina"]), {}
+                method = "foramen model"
+            else:
+                foramina, notes = estimate_foramina_from_levels(result.labels.array, image)
+                method = "estimated from vertebral levels (no foramen model)"
             result.points = [{"label": f.label, "ras": f.ras, "description": f.description,
                               "attributes": {"level": str(f.level), "side": f.side,
-                                             "probability": f"{f.probability:.3f}"}} for f in foramina]
-            result.summaries["foramina"] = foramina_summary(foramina)
+                                             "confidence": f"{f.probability:.3f}", "source": f.source}}
+                             for f in foramina]
+            result.summaries["foramina"] = {**foramina_summary(foramina), "method": method, **notes}
+            missing = result.summaries["foramina"]["missing"]
+            if missing:
+                result.warnings.append(f"foramina not found (not guessed): {', '.join(missing)}")
         else:
             raise ValueError(f"task {card.name}: unknown postprocessor {name!r}")
     present = sorted(int(v) for v in np.unique(result.labels.array) if v)
