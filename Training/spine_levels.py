@@ -157,7 +157,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 def level_identification(pred: np.ndarray, truth: np.ndarray) -> dict:
     """Seed 004's check: each level's (largest) predicted component must overlap its own body most;
     a shift means it overlaps a neighbour's body instead (e.g. L5 predicted on L4)."""
-    result = {"correct": 0, "missing": 0, "shifted": 0, "shifts": []}
+    result = {"correct": 0, "missing": 0, "shifted": 0, "misplaced": 0, "shifts": []}
     for level in range(1, N_LEVELS + 1):
         mask = pred == level
         if not mask.any():
@@ -165,7 +165,10 @@ def level_identification(pred: np.ndarray, truth: np.ndarray) -> dict:
             continue
         overlap = np.bincount(truth[mask], minlength=N_LEVELS + 1)
         overlap[0] = 0
-        best = int(overlap.argmax()) if overlap.any() else 0
+        if not overlap.any():  # on no body at all (e.g. on T12 or the sacrum)
+            result["misplaced"] += 1
+            continue
+        best = int(overlap.argmax())
         if best == level:
             result["correct"] += 1
         else:
@@ -213,11 +216,19 @@ class Config:
     network: dict = field(default_factory=lambda: dict(CARD.network.config))
 
 
+def case_probabilities(cases: list[PreparedCase]) -> np.ndarray:
+    """Each dataset (sequence) equally often: 38 T1 cases must not drown the 8 T2 ones."""
+    datasets = [c.id.split("/")[0] for c in cases]
+    weights = np.array([1.0 / datasets.count(d) for d in datasets])
+    return weights / weights.sum()
+
+
 def sample_batch(cases: list[PreparedCase], cfg: Config, rng: np.random.Generator, gen: torch.Generator):
     """Random slices (with their 3-slice context) cropped to cfg.crop; crops favour the spine."""
     xs, ys = [], []
+    probabilities = case_probabilities(cases)
     for _ in range(cfg.batch_size):
-        case = cases[rng.integers(len(cases))]
+        case = cases[rng.choice(len(cases), p=probabilities)]
         k = int(rng.integers(case.stack.shape[0]))
         x = context_channels(case.stack, np.array([k]), CARD.preprocessing.context_slices)[0]
         y = case.labels[k]
