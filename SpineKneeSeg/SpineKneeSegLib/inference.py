@@ -71,12 +71,45 @@ def _batches(image: Image, net: torch.nn.Module, device: torch.device, pre: dict
         _sync(device)
         t_net = time.perf_counter()
         timings["pre"] += t_net - t
-        logits = net(x)
+        logits = tiled_forward(net, x, pre.get("tile_px"))
         _sync(device)
         timings["net"] += time.perf_counter() - t_net
         yield index, logits[..., : grid.network_hw[0], : grid.network_hw[1]], grid
         if progress:
             progress.step("inference", min(start + batch_size, n), n)
+
+
+def _ramp(n: int, overlap: int) -> torch.Tensor:
+    """1D blending weights: linear ramps over the overlaps, flat in the middle."""
+    w = torch.ones(n)
+    if overlap > 0:
+        ramp = (torch.arange(overlap, dtype=torch.float32) + 1) / (overlap + 1)
+        w[:overlap], w[-overlap:] = ramp, ramp.flip(0)
+    return w
+
+
+def tiled_forward(net: torch.nn.Module, x: torch.Tensor, tile: int | None, overlap_fraction: float = 0.25):
+    """Forward pass over overlapping square tiles blended with linear ramps (bounded memory on
+    large slices); the whole slice at once when ``tile`` is None or the slice already fits."""
+    h, w = x.shape[-2:]
+    if not tile or (h <= tile and w <= tile):
+        return net(x)
+    overlap = int(tile * overlap_fraction)
+    step = tile - overlap
+    starts = lambda n: sorted({min(s, max(n - tile, 0)) for s in range(0, max(n - overlap, 1), step)})  # noqa: E731
+    out = weight = None
+    for top in starts(h):
+        for left in starts(w):
+            patch = net(x[..., top:top + tile, left:left + tile])
+            ph, pw = patch.shape[-2:]
+            wt = (_ramp(ph, overlap if ph == tile else 0)[:, None] * _ramp(pw, overlap if pw == tile else 0)[None])
+            wt = wt.to(patch.device)
+            if out is None:
+                out = torch.zeros(x.shape[0], patch.shape[1], h, w, device=patch.device, dtype=patch.dtype)
+                weight = torch.zeros(h, w, device=patch.device, dtype=patch.dtype)
+            out[..., top:top + ph, left:left + pw] += patch * wt
+            weight[top:top + ph, left:left + pw] += wt
+    return out / weight
 
 
 def logits_to_labels(logits: torch.Tensor, activation: str) -> torch.Tensor:

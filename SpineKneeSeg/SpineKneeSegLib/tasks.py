@@ -34,6 +34,7 @@ class Preprocessing:
     context_slices: int = 1  # 1 = 2D; 3 = 2.5D (neighbours as channels)
     min_size: int = 16  # smallest accepted in-plane size (pixels)
     min_slices: int = 1  # smallest accepted number of slices along the plane normal
+    tile_px: int | None = 512  # larger (resampled, padded) slices run as blended overlapping tiles
 
 
 @dataclass(frozen=True)
