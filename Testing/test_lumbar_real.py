@@ -31,11 +31,12 @@ def test_levels_and_estimated_foramina_on_a_held_out_case(case, tmp_path):
                      "--progress", "none"]) == 0
     pred = read_image(out / "labels.nii.gz").array
     truth = read_image(case / "vertebrae.nii.gz").array
+    dices = []
     for level in range(1, 6):
-        body = truth == level
-        assert np.bincount(truth[pred == level], minlength=6)[1:].argmax() + 1 == level  # on its own body
-        dice = 2 * np.logical_and(pred == level, body).sum() / (pred == level).sum() + body.sum()
-        assert dice > 0
+        body, predicted = truth == level, pred == level
+        assert np.bincount(truth[predicted], minlength=6)[1:].argmax() + 1 == level  # on its own body
+        dices.append(2 * np.logical_and(predicted, body).sum() / (predicted.sum() + body.sum()))
+    assert np.mean(dices) >= 0.8, np.round(dices, 3)
     report = json.loads((out / "report.json").read_text())
     assert report["summaries"]["foramina"]["found"] == 10
     assert report["summaries"]["foramina"]["method"].startswith("estimated from vertebral levels")
