@@ -76,7 +76,9 @@ near labelled bone); augmentation: rotation about the left-right axis within
 +-{cfg.get('max_rotation_deg')} deg, +-10 % scale, smooth non-linear warp ({cfg.get('warp_px')} px), random
 piecewise-linear contrast remapping (30 % inverted) with gain/offset so one model serves T1 and
 T2, noise N(0, {cfg.get('noise_sd')}); seed {cfg.get('seed')}. Early stopping on validation mean Dice (patience
-{cfg.get('patience')}); best epoch {meta.get('epoch')} of {epochs} run.
+{cfg.get('patience')}); best epoch {meta.get('epoch')} of {epochs} run (stopped by the session's
+time budget, not by early stopping). The checkpoint was *selected* on the same 8 validation cases
+it is reported on, so the figures below are mildly optimistic; there is no separate test set.
 
 ## Validation (held-out cases, measured by Training/spine_levels.py with the Lib's inference)
 Mean per-level Dice: **{metrics['mean_dice']:.3f}** (L1 {per_level['L1']:.3f}, L2 {per_level['L2']:.3f},
