@@ -21,7 +21,8 @@ from .weights import find_entry
 
 # one real case per task when ../shared/data is present: (relative image path, relative label path)
 SHARED_CASES = {
-    "lumbar-foramina": ("spine/zukic-t2/case02/image.nii.gz", "spine/zukic-t2/case02/vertebrae.nii.gz"),
+    # a T2 case held out of the shipped level model's training (its fixed validation split)
+    "lumbar-foramina": ("spine/zukic-t2/case06/image.nii.gz", "spine/zukic-t2/case06/vertebrae.nii.gz"),
     "brain-wmh": ("brain/open-ms/patient07/flair.nii.gz", "brain/open-ms/patient07/lesions.nii.gz"),
     "knee-bones": ("knee/dess-dicom", None),
 }
@@ -67,9 +68,18 @@ def run_demo(output: str | Path, device: str = "auto", use_data: bool = True) ->
             if root is not None and card.name in SHARED_CASES:
                 rel_image, rel_labels = SHARED_CASES[card.name]
                 if (root / rel_image).exists():
-                    truth = read_image(root / rel_labels).array if rel_labels else None
-                    section["cases"].append(_run_and_score(card, f"shared: {rel_image}", [str(root / rel_image)],
-                                                           truth, folder / "shared", stage, device, None))
+                    truth = read_image(root / rel_labels) if rel_labels else None
+                    truth_png = None
+                    if truth is not None:
+                        (folder / "shared").mkdir()
+                        truth = truth.with_array(np.where(truth.array <= len(card.labels), truth.array, 0)
+                                                 .astype(np.uint8))
+                        truth_png = save_overlay(folder / "shared" / "truth.png", read_image(root / rel_image),
+                                                 truth, card.labels, card.preprocessing.plane,
+                                                 "dataset reference labels")
+                    section["cases"].append(_run_and_score(
+                        card, f"shared: {rel_image}", [str(root / rel_image)],
+                        truth.array if truth is not None else None, folder / "shared", stage, device, truth_png))
             sections.append(section)
         summary = {"tasks": sections, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
         (stage / "demo.json").write_text(json.dumps(summary, indent=2))
@@ -112,6 +122,9 @@ def _run_and_score(card, name, inputs, truth, folder: Path, stage: Path, device,
             "summaries": report["summaries"], "warnings": report["warnings"]}
     if truth is not None and truth.shape == pred.array.shape:
         case["dice"] = per_label_dice(pred.array, truth, card)
+    elif truth is not None:
+        case["warnings"].append(f"reference labels {truth.shape} do not match the image {pred.array.shape}: "
+                                "no Dice")
     return case
 
 
