@@ -18,8 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SpineKneeSeg"))  #
 
 from SpineKneeSegLib.image import Image  # noqa: E402
 from SpineKneeSegLib.models import build_network  # noqa: E402
-from SpineKneeSegLib.preprocessing import (canonical_image, context_channels, network_grid, normalise,  # noqa: E402
-                                           pad_to, resize_batch)
+from SpineKneeSegLib.preprocessing import context_channels, pad_to, training_slices  # noqa: E402
 from SpineKneeSegLib.tasks import TaskCard  # noqa: E402
 from SpineKneeSegLib.weights import save_checkpoint  # noqa: E402
 
@@ -28,15 +27,10 @@ def slices_for_training(card: TaskCard, image: Image, labels: Image, multiple: i
     """(N, C, H, W) float inputs and (N, H, W) long targets on the network grid, built exactly as
     inference builds its inputs (labels resampled nearest-neighbour)."""
     pre = card.preprocessing
-    canon, orientation = canonical_image(image, pre.plane)  # the orientation inference shows the network
-    stack = normalise(canon.array, pre.normalisation)
-    grid = network_grid(canon, 0, pre.in_plane_spacing_mm, multiple)
-    index = np.arange(stack.shape[0])
-    x = pad_to(resize_batch(torch.from_numpy(context_channels(stack, index, pre.context_slices)), grid.network_hw),
-               grid.padded_hw)
-    y = torch.from_numpy(orientation.apply(labels.array).astype(np.int64))[:, None].float()
-    y = F.interpolate(y, size=grid.network_hw, mode="nearest") if tuple(y.shape[-2:]) != grid.network_hw else y
-    return x, pad_to(y, grid.padded_hw)[:, 0].long()
+    stack, target, grid = training_slices(image, labels.array, pre.plane, pre.normalisation,
+                                          pre.in_plane_spacing_mm, multiple)
+    x = torch.from_numpy(context_channels(stack, np.arange(stack.shape[0]), pre.context_slices))
+    return pad_to(x, grid.padded_hw), pad_to(torch.from_numpy(target).long(), grid.padded_hw)
 
 
 def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, n_classes: int) -> torch.Tensor:

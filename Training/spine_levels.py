@@ -23,13 +23,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SpineKneeSeg"))  # run from a checkout
 
 from SpineKneeSegLib.datasets import data_root  # noqa: E402
-from SpineKneeSegLib.image import Image  # noqa: E402
 from SpineKneeSegLib.inference import segment_slices  # noqa: E402
 from SpineKneeSegLib.io import read_image  # noqa: E402
 from SpineKneeSegLib.models import build_network  # noqa: E402
 from SpineKneeSegLib.postprocessing import largest_component_per_label  # noqa: E402
-from SpineKneeSegLib.preprocessing import (canonical_image, context_channels, network_grid,  # noqa: E402
-                                           normalise, resize_batch)
+from SpineKneeSegLib.preprocessing import context_channels, training_slices  # noqa: E402
 from SpineKneeSegLib.tasks import TASKS  # noqa: E402
 from SpineKneeSegLib.weights import save_checkpoint  # noqa: E402
 
@@ -79,13 +77,9 @@ class PreparedCase:
 def prepare(case: dict, spacing_mm: float) -> PreparedCase:
     """Exactly the inference preprocessing (same Lib functions), labels resampled nearest."""
     image, labels = read_image(case["image"]), read_image(case["labels"])
-    canon, orientation = canonical_image(image, CARD.preprocessing.plane)  # as inference shows the network
-    stack = normalise(canon.array, CARD.preprocessing.normalisation)
-    grid = network_grid(canon, 0, spacing_mm, 1)
-    x = resize_batch(torch.from_numpy(np.ascontiguousarray(stack))[:, None], grid.network_hw)[:, 0].numpy()
-    y = torch.from_numpy(np.ascontiguousarray(orientation.apply(level_labels(labels.array))))[:, None].float()
-    y = F.interpolate(y, size=grid.network_hw, mode="nearest")[:, 0].to(torch.uint8).numpy()
-    return PreparedCase(case["id"], x.astype(np.float32), y)
+    pre = CARD.preprocessing
+    x, y, _ = training_slices(image, level_labels(labels.array), pre.plane, pre.normalisation, spacing_mm)
+    return PreparedCase(case["id"], x, y)
 
 
 # ---- augmentation (torch, batched, so it runs on a lent GPU as well) -------------------------

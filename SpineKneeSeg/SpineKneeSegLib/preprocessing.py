@@ -179,3 +179,17 @@ def resize_batch(batch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def pad_to(batch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     dh, dw = size[0] - batch.shape[-2], size[1] - batch.shape[-1]
     return F.pad(batch, (0, dw, 0, dh)) if dh or dw else batch
+
+
+def training_slices(image: Image, labels: np.ndarray, plane: str, normalisation: str,
+                    spacing_mm: float | None, multiple: int = 1) -> tuple[np.ndarray, np.ndarray, SliceGeometry]:
+    """What Training/ feeds a network, built by the functions inference uses: canonical slices,
+    normalised, resampled in-plane to the network grid (unpadded), float32; labels (same array
+    layout as ``image``) resampled nearest-neighbour to the same grid, uint8."""
+    canon, orientation = canonical_image(image, plane)
+    stack = normalise(canon.array, normalisation)
+    grid = network_grid(canon, 0, spacing_mm, multiple)
+    x = resize_batch(torch.from_numpy(np.ascontiguousarray(stack))[:, None], grid.network_hw)[:, 0]
+    y = torch.from_numpy(np.ascontiguousarray(orientation.apply(labels)).astype(np.float32))[:, None]
+    y = F.interpolate(y, size=grid.network_hw, mode="nearest")[:, 0]
+    return x.numpy().astype(np.float32), y.numpy().astype(np.uint8), grid
