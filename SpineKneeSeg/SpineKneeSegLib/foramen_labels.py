@@ -1,0 +1,139 @@
+"""Foramen point files (Slicer ``.mrk.json``) and the seed's training targets made from them.
+
+Shared by the annotation mode's export, the RSNA importer and Training/: a foramen point is
+(level 1..5, side, RAS position); its target is an in-slice disc (default radius 7 mm, seed 004)
+on the sagittal slice the point lies on, in the image's exact geometry (oblique and left-handed
+direction matrices included). Reads the JSON directly so Training/ needs no Slicer.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+from .foramina import LEVELS, SIDES, lateral_axis
+from .image import Image
+
+LABEL_PATTERN = re.compile(r"^\s*L([1-5])\s+(left|right)\b", re.IGNORECASE)
+SIDE_VALUES = {"left": 1, "right": 2}  # the side map written beside the level map
+
+
+@dataclass(frozen=True)
+class ForamenPoint:
+    level: int
+    side: str
+    ras: tuple[float, float, float]
+    label: str = ""
+    description: str = ""
+    defined: bool = True
+
+    @property
+    def name(self) -> str:
+        return f"L{self.level} {self.side}"
+
+
+def level_and_side(label: str, description: str = "", attributes: dict | None = None) -> tuple[int, str] | None:
+    """Level and side from point attributes (``level``, ``side``), else the label ``L3 right``,
+    else a description that starts with it; None when neither says."""
+    attributes = attributes or {}
+    level, side = attributes.get("level"), attributes.get("side")
+    if level is not None and side is not None:
+        level = int(str(level).lstrip("Ll"))
+        side = str(side).lower()
+        if level in LEVELS and side in SIDES:
+            return level, side
+    for text in (label, description.replace("foramen ", "", 1)):
+        m = LABEL_PATTERN.match(text or "")
+        if m:
+            return int(m.group(1)), m.group(2).lower()
+    return None
+
+
+def read_foramen_markers(path: str | Path, *, include_undefined: bool = False) -> list[ForamenPoint]:
+    """Points of a Slicer markups file, in RAS whatever its ``coordinateSystem``. A point whose
+    level/side cannot be read is an error naming it (a silent skip would lose a label)."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError("markers file does not exist", path) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"not a readable markups JSON file ({exc})", path) from None
+    markups = doc.get("markups") if isinstance(doc, dict) else None
+    if not isinstance(markups, list) or not markups:
+        raise InputError("no 'markups' list: not a Slicer .mrk.json file", path)
+    points = []
+    for markup in markups:
+        system = str(markup.get("coordinateSystem", "LPS")).upper()
+        if system not in ("LPS", "RAS"):
+            raise InputError(f"unknown coordinateSystem {system!r}", path)
+        flip = np.array([-1.0, -1.0, 1.0]) if system == "LPS" else np.ones(3)
+        for n, cp in enumerate(markup.get("controlPoints") or []):
+            defined = cp.get("positionStatus", "defined") == "defined"
+            if not defined and not include_undefined:
+                continue
+            label, description = str(cp.get("label", "")), str(cp.get("description", ""))
+            named = level_and_side(label, description, cp.get("attributes"))
+            if named is None:
+                raise InputError(f"control point {n + 1} ({label!r}) names no foramen: "
+                                 "expected a label like 'L3 right'", path)
+            try:
+                position = np.asarray(cp["position"], dtype=float) * flip
+            except (KeyError, TypeError, ValueError):
+                raise InputError(f"control point {n + 1} ({label!r}) has no valid position", path) from None
+            if position.shape != (3,) or not np.all(np.isfinite(position)):
+                raise InputError(f"control point {n + 1} ({label!r}) has no valid position", path)
+            points.append(ForamenPoint(named[0], named[1], tuple(float(v) for v in position), label,
+                                       description, defined))
+    return points
+
+
+def point_slices(points: list[ForamenPoint], image: Image) -> np.ndarray:
+    """Index along the image's sagittal (left-right) axis of the slice each point lies on."""
+    if not points:
+        return np.zeros(0, dtype=int)
+    ijk = image.ras_to_ijk_points(np.array([p.ras for p in points]))
+    return np.rint(ijk[:, 2 - lateral_axis(image)]).astype(int)
+
+
+def rasterise_foramen_targets(points: list[ForamenPoint], image: Image, radius_mm: float = 7.0
+                              ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(levels, sides, notes): uint8 maps on ``image``'s grid, levels 1..5 = L1..L5 and sides 1 left /
+    2 right, an in-slice disc of ``radius_mm`` around each point on the slice it lies on. Distances
+    are physical and measured within the slice plane, so oblique and anisotropic grids are exact.
+    Points outside the volume are skipped and reported in ``notes``."""
+    if radius_mm <= 0:
+        raise ValueError("radius_mm must be positive")
+    shape = image.array.shape
+    levels = np.zeros(shape, np.uint8)
+    sides = np.zeros(shape, np.uint8)
+    notes = []
+    lat = lateral_axis(image)
+    m = image.ijk_to_ras[:3, :3]
+    normal = m[:, 2 - lat] / np.linalg.norm(m[:, 2 - lat])
+    slices = point_slices(points, image)
+    plane_axes = [a for a in range(3) if a != lat]
+    grids = np.meshgrid(*[np.arange(shape[a], dtype=float) for a in plane_axes], indexing="ij")
+    for point, s in zip(points, slices):
+        if not 0 <= s < shape[lat]:
+            notes.append(f"{point.name} at RAS {tuple(round(v, 1) for v in point.ras)} lies outside the image; skipped")
+            continue
+        kji = [None, None, None]
+        kji[lat] = np.full(grids[0].shape, float(s))
+        kji[plane_axes[0]], kji[plane_axes[1]] = grids
+        ras = np.einsum("rc,c...->r...", m, np.stack(kji[::-1])) + image.ijk_to_ras[:3, 3, None, None]
+        d = ras - np.asarray(point.ras)[:, None, None]
+        along = np.einsum("r,r...->...", normal, d)
+        disc = (d ** 2).sum(0) - along ** 2 <= radius_mm ** 2
+        if not disc.any():
+            notes.append(f"{point.name}: its disc holds no voxel of the image; skipped")
+            continue
+        index = [slice(None)] * 3
+        index[lat] = int(s)
+        levels[tuple(index)][disc] = point.level
+        sides[tuple(index)][disc] = SIDE_VALUES[point.side]
+    return levels, sides, notes
