@@ -266,17 +266,33 @@ def network_config(cfg: Config) -> dict:
 
 
 def train(cfg: Config, out: Path, root: Path, resume: bool, log=print, max_minutes: float | None = None) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
     train_cases, val_cases = split(spine_cases(root))
     prepared = [prepare(c, cfg.spacing_mm) for c in train_cases]
+    log(f"{len(train_cases)} training / {len(val_cases)} validation cases")
+
+    def evaluate(net):
+        metrics = evaluate_cases(net, val_cases, asdict(cfg))
+        scalars = {"val/mean_dice": metrics["mean_dice"],
+                   "val/all_levels_identified": metrics["all_levels_identified"],
+                   **{f"val/dice_{level}": v for level, v in metrics["per_level_dice"].items()}}
+        return metrics["mean_dice"], scalars, metrics
+
+    return train_loop(cfg, out, prepared, evaluate, resume, log, max_minutes,
+                      metadata={"validation_cases": list(VALIDATION)})
+
+
+def train_loop(cfg: Config, out: Path, prepared: list[PreparedCase], evaluate, resume: bool, log=print,
+               max_minutes: float | None = None, metadata: dict | None = None, model: str = "labels") -> dict:
+    """The MultiNet loop shared by the level and foramen models. ``evaluate(net)`` returns (score,
+    scalars for TensorBoard, metrics); the best score is kept as ``best.pt`` (weights format)."""
+    out.mkdir(parents=True, exist_ok=True)
     weights = level_weights(prepared)
-    log(f"{len(train_cases)} training / {len(val_cases)} validation cases; level weights "
-        f"{[round(float(w), 2) for w in weights]}")
+    log(f"{len(prepared)} prepared training cases; level weights {[round(float(w), 2) for w in weights]}")
     torch.manual_seed(cfg.seed)
     net = build_network("multinet", network_config(cfg))
     optimiser = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     criterion = loss_fn(cfg.loss, weights)
-    state = {"epoch": 0, "best": -1.0, "best_epoch": 0, "history": []}
+    state = {"epoch": 0, "best": -math.inf, "best_epoch": 0, "history": []}
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     last = out / "last.pt"
@@ -302,23 +318,23 @@ def train(cfg: Config, out: Path, root: Path, resume: bool, log=print, max_minut
             loss.backward()
             optimiser.step()
             losses.append(float(loss.detach()))
-        metrics = evaluate_cases(net, val_cases, asdict(cfg))
+        net.eval()
+        score, scalars, metrics = evaluate(net)
         state["epoch"] += 1
-        entry = {"epoch": state["epoch"], "loss": float(np.mean(losses)), "val_mean_dice": metrics["mean_dice"],
-                 "val_all_levels_identified": metrics["all_levels_identified"], "seconds": round(time.time() - t0, 1)}
+        entry = {"epoch": state["epoch"], "loss": float(np.mean(losses)), "score": score,
+                 **{k.replace("/", "_"): v for k, v in scalars.items()}, "seconds": round(time.time() - t0, 1)}
         state["history"].append(entry)
         if writer:
             writer.add_scalar("train/loss", entry["loss"], state["epoch"])
-            writer.add_scalar("val/mean_dice", metrics["mean_dice"], state["epoch"])
-            for level, value in metrics["per_level_dice"].items():
-                writer.add_scalar(f"val/dice_{level}", value, state["epoch"])
+            for name, value in scalars.items():
+                writer.add_scalar(name, value, state["epoch"])
             writer.flush()
-        if metrics["mean_dice"] > state["best"]:
-            state["best"], state["best_epoch"] = metrics["mean_dice"], state["epoch"]
+        if score > state["best"]:
+            state["best"], state["best_epoch"] = score, state["epoch"]
             save_checkpoint(out / "best.pt", CARD.name, "multinet", network_config(cfg), net.state_dict(),
                             preprocessing={"in_plane_spacing_mm": cfg.spacing_mm},
                             metadata={"epoch": state["epoch"], "val": metrics, "config": asdict(cfg),
-                                      "validation_cases": list(VALIDATION)})
+                                      **(metadata or {})}, model=model)
             (out / "best_metrics.json").write_text(json.dumps(metrics, indent=2))
         tmp = out / "last.pt.tmp"
         torch.save({"model": net.state_dict(), "optimiser": optimiser.state_dict(), "state": state,
