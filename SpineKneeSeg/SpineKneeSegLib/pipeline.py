@@ -196,6 +196,13 @@ def postprocess(card: TaskCard, image: Image, labels: np.ndarray, maps: dict[str
             table, summary = lesion_table(result.labels.array, image, slice_axis=slice_axis(image, "axial"))
             result.tables.append(table)
             result.summaries["lesions"] = summary
+        elif name == "transitional":  # on the raw labels: duplicates vanish in the component clean-up
+            from .transitional import check_transitional
+
+            check = check_transitional(result.labels.array, image)
+            result.summaries["transitional_anatomy"] = check.as_dict()
+            if check.flagged:
+                result.warnings.append(f"transitional anatomy suspected: {check.message}")
         elif name == "foramina":
             from .foramina import estimate_foramina_from_levels, foramina_summary, localise_foramina
 
@@ -205,9 +212,13 @@ def postprocess(card: TaskCard, image: Image, labels: np.ndarray, maps: dict[str
             else:
                 foramina, notes = estimate_foramina_from_levels(result.labels.array, image)
                 method = "estimated from vertebral levels (no foramen model)"
-            result.points = [{"label": f.label, "ras": f.ras, "description": f.description,
+            transitional = result.summaries.get("transitional_anatomy", {})
+            flag = (f"; TRANSITIONAL ANATOMY SUSPECTED ({transitional['status']}): check the level count"
+                    if transitional.get("flagged") else "")
+            result.points = [{"label": f.label, "ras": f.ras, "description": f.description + flag,
                               "attributes": {"level": str(f.level), "side": f.side,
-                                             "confidence": f"{f.probability:.3f}", "source": f.source}}
+                                             "confidence": f"{f.probability:.3f}", "source": f.source,
+                                             "transitional": transitional.get("status", "not checked")}}
                              for f in foramina]
             result.summaries["foramina"] = {**foramina_summary(foramina), "method": method, **notes}
             missing = result.summaries["foramina"]["missing"]

@@ -149,7 +149,7 @@ register(TaskCard(
     auxiliary=(AuxiliaryModel("foramina", "lumbar-foramen-points",
                               NetworkSpec("multinet", {"levels": 5, "base_channels": 8, "max_channels": 16,
                                                        "activation": "elu", "norm": "batch"}), channels=5),),
-    postprocessors=("largest_component_per_label", "foramina"),
+    postprocessors=("transitional", "largest_component_per_label", "foramina"),
     outputs=COMMON_OUTPUTS + ("foramina.mrk.json",),
     issue=3,
 ))
