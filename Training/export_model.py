@@ -94,7 +94,8 @@ Every level identified correctly (largest component on its own body): **{metrics
 - 8 validation cases from the same two sources as training: the figures say little about other
   scanners, protocols, pathology (fractures, scoliosis, implants) or children.
 - Trained on 4 mm sagittal slices at 1 mm in-plane; other slice thicknesses are untested.
-- Transitional anatomy (4 or 6 lumbar-type vertebrae) is not detected by this model.
+- Transitional anatomy (4 or 6 lumbar-type vertebrae) is not modelled: the pipeline flags it from
+  this model's raw output (L5 missing below L4, or one level on two vertebrae) and never relabels.
 - Laterality in the training data is unknown; it does not matter for level labels, but foramen
   sides come from the input's direction matrix, not from this model.
 - No foramen model is shipped: foramen markers are estimated from these levels.
@@ -116,6 +117,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     run = Path(args.run)
     checkpoint = load_checkpoint(run / "best.pt")
+    trained_on = checkpoint.get("metadata", {}).get("trained_on", "")
+    if checkpoint.get("model") != "labels" and "manifest" not in trained_on:
+        print(f"refusing to ship {run / 'best.pt'}: a {checkpoint.get('model')} model trained on "
+              f"{trained_on or 'unknown data'} only; foramen weights need real foramen labels", file=sys.stderr)
+        return 2
     metrics = json.loads((run / "best_metrics.json").read_text())
     import torch
 
