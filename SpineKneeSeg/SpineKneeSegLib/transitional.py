@@ -42,22 +42,28 @@ class TransitionalResult:
         return {"status": self.status, "flagged": self.flagged, "message": self.message, **self.evidence}
 
 
-def _components(mask: np.ndarray, voxel_mm3: float) -> list[tuple[float, np.ndarray, np.ndarray]]:
-    """(volume mm3, centre kji, voxel kji) of each 3D component, largest first."""
+def _components(mask: np.ndarray, offset: np.ndarray, voxel_mm3: float) -> list[tuple[float, np.ndarray, np.ndarray]]:
+    """(volume mm3, centre kji, voxel kji) of the three largest 3D components of ``mask`` (a crop
+    whose corner is ``offset``), largest first; one pass over the foreground voxels."""
     comp, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
     if n == 0:
         return []
-    sizes = np.bincount(comp.ravel())[1:]
-    order = np.argsort(sizes)[::-1]
-    centres = ndimage.center_of_mass(mask, comp, order + 1)
-    return [(float(sizes[i]) * voxel_mm3, np.asarray(c), comp == i + 1) for i, c in zip(order[:3], centres[:3])]
+    kji = np.argwhere(comp)
+    ids = comp[tuple(kji.T)]
+    sizes = np.bincount(ids, minlength=n + 1)[1:]
+    centres = np.stack([np.bincount(ids, weights=kji[:, a], minlength=n + 1)[1:] for a in range(3)], 1)
+    centres = centres / sizes[:, None] + offset
+    return [(float(sizes[i]) * voxel_mm3, centres[i], kji[ids == i + 1] + offset)
+            for i in np.argsort(sizes)[::-1][:3]]
 
 
 def check_transitional(labels: np.ndarray, image: Image,
                        params: TransitionalParameters = TransitionalParameters()) -> TransitionalResult:
     """``labels``: the level network's labels (1..5) before any component clean-up."""
     voxel = float(np.prod(image.spacing))
-    comps = {k: _components(labels == k, voxel) for k in LEVELS}
+    boxes = ndimage.find_objects(labels.astype(np.int32), max_label=len(LEVELS))  # one pass, then crops
+    comps = {k: _components(labels[box] == k, np.array([b.start for b in box]), voxel) if box else []
+             for k, box in zip(LEVELS, boxes)}
     present = [k for k in LEVELS if comps[k]]
     evidence: dict = {"levels_found": [f"L{k}" for k in present]}
     if 5 not in present and {1, 2, 3, 4} <= set(present):
@@ -68,8 +74,7 @@ def check_transitional(labels: np.ndarray, image: Image,
         first, *others = comps[k]
         if not others:
             continue
-        volume, centre, voxels = first
-        kji = np.argwhere(voxels)
+        volume, centre, kji = first
         ras = image.ijk_to_ras_points(kji[:, ::-1].astype(float))
         centre_ras = image.ijk_to_ras_points([centre[::-1]])[0]
         height = float(np.ptp(np.percentile(ras[:, 2], [3, 97])))  # superior-inferior extent

@@ -28,7 +28,7 @@ from SpineKneeSegLib.weights import find_entry, initialise_weights
 
 
 def bench(task: str, runs: int, use_data: bool, workdir: Path, input_path: str | None = None,
-          with_aux: bool = True) -> dict:
+          with_aux: bool = True, aux_given: dict | None = None) -> dict:
     card = TASKS[task]
     entry = find_entry(card.weights_entry)
     if entry is not None:
@@ -36,9 +36,9 @@ def bench(task: str, runs: int, use_data: bool, workdir: Path, input_path: str |
     else:
         weights, kind = workdir / f"{task}.pt", "untrained"
         initialise_weights(task, weights)
-    aux = {}
+    aux = dict(aux_given or {})
     for model in card.auxiliary if with_aux else ():  # registered, else untrained so its cost is measured
-        if find_entry(model.weights_entry) is None:
+        if model.name not in aux and find_entry(model.weights_entry) is None:
             aux[model.name] = str(workdir / f"{task}-{model.name}.pt")
             initialise_weights(task, aux[model.name], model=model.name)
             kind = "untrained"
@@ -70,13 +70,16 @@ def main(argv=None) -> int:
     parser.add_argument("--data", action="store_true", help="use one real shared case per task when present")
     parser.add_argument("--no-aux", action="store_true",
                         help="leave unregistered auxiliary models out (the shipped configuration)")
+    parser.add_argument("--aux-weights", action="append", default=[], metavar="NAME=PATH",
+                        help="a trained auxiliary model, e.g. foramina=Testing/fixtures/foramen-phantom.pt")
     parser.add_argument("--input", help="benchmark this file (with a single --tasks entry), e.g. a 224x224x20 "
                                         "lumbar MRI for the spine issue's < 2 s target")
     args = parser.parse_args(argv)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for task in args.tasks:
-            results.append(bench(task, args.runs, args.data, Path(tmp), args.input, not args.no_aux))
+            results.append(bench(task, args.runs, args.data, Path(tmp), args.input, not args.no_aux,
+                                 dict(a.split("=", 1) for a in args.aux_weights)))
     print(f"{'task':16} {'weights':9} {'input':42} {'shape':16} {'total':>7} {'network':>8} {'outside':>8} {'ratio':>6} "
           f"{'limit':>6}  rule   (medians of {args.runs} runs, seconds)")
     for r in results:
