@@ -82,8 +82,8 @@ def check_transitional(labels: np.ndarray, image: Image,
             distance = float(np.linalg.norm(image.ijk_to_ras_points([other_centre[::-1]])[0] - centre_ras))
             if other_volume >= params.duplicate_volume_fraction * volume and \
                     distance >= params.duplicate_separation * max(height, 1.0):
-                duplicates.append({"level": f"L{k}", "volumes_ml": [round(volume / 1000, 1), round(other_volume / 1000, 1)],
-                                   "separation_mm": round(distance, 1)})
+                duplicates.append({"level": f"L{k}", "separation_mm": round(distance, 1),
+                                   "volumes_ml": [round(volume / 1000, 1), round(other_volume / 1000, 1)]})
     if duplicates:
         evidence["duplicated_levels"] = duplicates
         names = ", ".join(d["level"] for d in duplicates)
