@@ -9,7 +9,8 @@ import torch
 
 from .image import Image
 from .models import build_network
-from .preprocessing import (canonical_image, canonical_orientation, context_channels, network_grid,
+from .preprocessing import (canonical_image, canonical_orientation, context_channels, crop_in_plane,
+                            foreground_box, network_grid,
                             network_grid_image, normalise, pad_to, resize_batch)
 from .progress import Progress
 from .tasks import TaskCard
@@ -55,17 +56,22 @@ def _sync(device: torch.device) -> None:
 
 def _batches(image: Image, net: torch.nn.Module, device: torch.device, pre: dict, batch_size: int,
              progress: Progress | None, timings: dict):
-    """Yield (slice indices, logits on the unpadded network grid, grid) for every batch of slices;
-    accumulate preprocessing and forward-pass seconds in ``timings``."""
+    """Yield (slice indices, logits on the unpadded network grid, grid, in-plane box, grid image)
+    for every batch of slices; accumulate preprocessing and forward-pass seconds in ``timings``.
+    With ``crop_foreground`` only foreground slices inside the foreground box are run."""
     t0 = time.perf_counter()
     canon, _ = canonical_image(image, pre["plane"])  # slices along axis 0, canonical in-plane orientation
     stack = normalise(canon.array, pre["normalisation"], pre.get("stats"))
-    grid = network_grid(canon, 0, pre["in_plane_spacing_mm"], getattr(net, "size_multiple", 1))
     n = stack.shape[0]
+    found = foreground_box(canon.array) if pre.get("crop_foreground") else None
+    slices, box = found if found else (np.arange(n), (0, stack.shape[1], 0, stack.shape[2]))
+    cropped = crop_in_plane(canon, box)
+    stack = stack[:, box[0]:box[1], box[2]:box[3]]
+    grid = network_grid(cropped, 0, pre["in_plane_spacing_mm"], getattr(net, "size_multiple", 1))
     timings["pre"] += time.perf_counter() - t0
-    for start in range(0, n, batch_size):
+    for start in range(0, len(slices), batch_size):
         t = time.perf_counter()
-        index = np.arange(start, min(start + batch_size, n))
+        index = slices[start:start + batch_size]
         x = torch.from_numpy(context_channels(stack, index, pre["context_slices"])).to(device)
         x = pad_to(resize_batch(x, grid.network_hw), grid.padded_hw)
         _sync(device)
@@ -74,9 +80,9 @@ def _batches(image: Image, net: torch.nn.Module, device: torch.device, pre: dict
         logits = tiled_forward(net, x, pre.get("tile_px"))
         _sync(device)
         timings["net"] += time.perf_counter() - t_net
-        yield index, logits[..., : grid.network_hw[0], : grid.network_hw[1]], grid
+        yield index, logits[..., : grid.network_hw[0], : grid.network_hw[1]], grid, box, cropped
         if progress:
-            progress.step("inference", min(start + batch_size, n), n)
+            progress.step("inference", min(start + batch_size, len(slices)), len(slices))
 
 
 def _ramp(n: int, overlap: int) -> torch.Tensor:
@@ -134,9 +140,10 @@ def segment_slices(card: TaskCard, image: Image, net: torch.nn.Module, device: t
     timings = {"pre": 0.0, "net": 0.0, "post": 0.0}
     orientation = canonical_orientation(image, pre["plane"])
     labels = np.zeros(orientation.apply(image.array).shape, dtype=np.uint8)
-    for index, logits, grid in _batches(image, net, device, pre, batch_size, progress, timings):
+    for index, logits, grid, (r0, r1, c0, c1), _ in _batches(image, net, device, pre, batch_size, progress, timings):
         t = time.perf_counter()
-        labels[index] = logits_to_labels(resize_batch(logits, grid.input_hw), card.label_activation).cpu().numpy()
+        labels[index, r0:r1, c0:c1] = logits_to_labels(resize_batch(logits, grid.input_hw),
+                                                       card.label_activation).cpu().numpy()
         timings["post"] += time.perf_counter() - t
     return NetworkOutput(labels=np.ascontiguousarray(orientation.undo(labels)), network_s=timings["net"],
                          preprocess_s=timings["pre"], postprocess_s=timings["post"])
@@ -147,12 +154,13 @@ def probability_maps(preprocessing: dict, image: Image, net: torch.nn.Module, de
                      batch_size: int = 8, progress: Progress | None = None) -> NetworkOutput:
     """Sigmoid maps of an auxiliary network (e.g. foramina) as uint8 on the network grid."""
     timings = {"pre": 0.0, "net": 0.0, "post": 0.0}
-    chunks, grid = [], None
-    for _, logits, grid in _batches(image, net, device, preprocessing, batch_size, progress, timings):
+    maps, grid, cropped = None, None, None
+    n = canonical_image(image, preprocessing["plane"])[0].array.shape[0]
+    for index, logits, grid, _, cropped in _batches(image, net, device, preprocessing, batch_size, progress, timings):
         t = time.perf_counter()
-        chunks.append((torch.sigmoid(logits) * 255).round().to(torch.uint8).cpu().numpy())
+        if maps is None:  # (C, slices, h, w) on the canonical network grid; skipped slices stay 0
+            maps = np.zeros((logits.shape[1], n, *logits.shape[-2:]), np.uint8)
+        maps[:, index] = (torch.sigmoid(logits) * 255).round().to(torch.uint8).cpu().numpy().swapaxes(0, 1)
         timings["post"] += time.perf_counter() - t
-    maps = np.ascontiguousarray(np.concatenate(chunks).swapaxes(0, 1))  # (C, slices, h, w), canonical grid
-    canon, _ = canonical_image(image, preprocessing["plane"])
-    return NetworkOutput(maps=maps, maps_grid=network_grid_image(canon, grid),
+    return NetworkOutput(maps=maps, maps_grid=network_grid_image(cropped, grid),
                          network_s=timings["net"], preprocess_s=timings["pre"], postprocess_s=timings["post"])

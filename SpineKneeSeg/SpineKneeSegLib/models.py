@@ -36,14 +36,31 @@ class ConvBlock(nn.Sequential):
         )
 
 
+class AttentionGate(nn.Module):
+    """Additive attention gate (Oktay et al. 2018, seed 002): the decoder signal ``g`` weights the
+    skip features ``x`` per pixel before they are concatenated. Written here rather than taken
+    from MONAI so inference needs only torch (MONAI is a training extra)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        inner = max(channels // 2, 1)
+        self.wg = nn.Conv2d(channels, inner, 1)
+        self.wx = nn.Conv2d(channels, inner, 1, bias=False)
+        self.psi = nn.Conv2d(inner, 1, 1)
+
+    def forward(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.psi(torch.relu(self.wg(g) + self.wx(x))))
+
+
 class UNet2D(nn.Module):
-    """Plain 2D U-Net: ``channels`` per level, max-pool down, transposed-conv up, skip concat.
+    """Plain 2D U-Net: ``channels`` per level, max-pool down, transposed-conv up, skip concat;
+    ``attention=True`` gates every skip with an AttentionGate (seed 002's attention U-Net).
 
     ``dropout`` is applied once at the bottom (end of the contracting path), as in seeds 000/003.
     """
 
     def __init__(self, in_channels: int = 1, out_channels: int = 2, channels=(32, 64, 128, 128),
-                 activation: str = "elu", norm: str = "batch", dropout: float = 0.0):
+                 activation: str = "elu", norm: str = "batch", dropout: float = 0.0, attention: bool = False):
         super().__init__()
         channels = list(channels)
         self.down = nn.ModuleList()
@@ -59,6 +76,7 @@ class UNet2D(nn.Module):
             self.up.append(nn.ConvTranspose2d(cin, c_skip, 2, stride=2))
             self.up_blocks.append(ConvBlock(2 * c_skip, c_skip, activation, norm))
             cin = c_skip
+        self.gates = nn.ModuleList(AttentionGate(c) for c in reversed(channels[:-1])) if attention else None
         self.head = nn.Conv2d(cin, out_channels, 1)
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
@@ -79,9 +97,12 @@ class UNet2D(nn.Module):
                 skips.append(x)
                 x = self.pool(x)
         x = self.dropout(x)
-        for up, block in zip(self.up, self.up_blocks):
+        for n, (up, block) in enumerate(zip(self.up, self.up_blocks)):
             x = up(x)
-            x = block(torch.cat([x, skips.pop()], dim=1))
+            skip = skips.pop()
+            if self.gates is not None:
+                skip = self.gates[n](x, skip)
+            x = block(torch.cat([x, skip], dim=1))
         return self.head(x)
 
 

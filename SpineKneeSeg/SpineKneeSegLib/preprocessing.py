@@ -103,6 +103,30 @@ def foreground_mask(stack: np.ndarray) -> np.ndarray:
     return mask if mask.sum() > 0.05 * mask.size else np.ones_like(mask, dtype=bool)
 
 
+def foreground_box(stack: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]] | None:
+    """(slices holding foreground, in-plane box r0, r1, c0, c1) of the voxels brighter than 10 % of
+    the range from the 1st to the 99th percentile (the zero or noise-only background around a
+    skull-stripped brain); None when nothing is background."""
+    lo = float(np.percentile(stack, 1))  # not the minimum: resampling leaves a few negative voxels
+    fg = stack > lo + 0.10 * (float(np.percentile(stack, 99)) - lo)
+    if fg.all() or not fg.any():
+        return None
+
+    def kept(counts):  # stray noise voxels must not stretch the box: need 0.2 % of the peak count
+        return np.flatnonzero(counts >= max(1, 0.002 * counts.max()))
+
+    slices = kept(fg.sum(axis=(1, 2)))
+    rows, cols = kept(fg.sum(axis=(0, 2))), kept(fg.sum(axis=(0, 1)))
+    return slices, (int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1)
+
+
+def crop_in_plane(image: Image, box: tuple[int, int, int, int]) -> Image:
+    """A (slices, rows, cols) image cropped in-plane, with the origin of its first kept voxel."""
+    r0, r1, c0, c1 = box
+    origin = image.ijk_to_lps_points([[c0, r0, 0]])[0]
+    return Image(image.array[:, r0:r1, c0:c1], image.spacing, tuple(origin), image.direction)
+
+
 def normalise(stack: np.ndarray, method: str, stats: dict | None = None) -> np.ndarray:
     stack = stack.astype(np.float32, copy=False)
     stats = stats or {}

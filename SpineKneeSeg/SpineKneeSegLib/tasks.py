@@ -35,6 +35,9 @@ class Preprocessing:
     min_size: int = 16  # smallest accepted in-plane size (pixels)
     min_slices: int = 1  # smallest accepted number of slices along the plane normal
     tile_px: int | None = 512  # larger (resampled, padded) slices run as blended overlapping tiles
+    # run the network only inside the in-plane box of non-background voxels and on slices that
+    # hold any (seed 002: crop to the brain, skip empty slices); the rest is background
+    crop_foreground: bool = False
 
 
 @dataclass(frozen=True)
@@ -162,10 +165,13 @@ register(TaskCard(
     inputs=(InputSpec("flair", "MR", 3, description="FLAIR volume (skull-stripped)"),
             InputSpec("t1", "MR", 3, required=False, description="optional T1, resampled onto FLAIR")),
     preprocessing=Preprocessing(plane="axial", in_plane_spacing_mm=1.0, normalisation="zscore",
-                                context_slices=3, min_slices=3),
-    network=NetworkSpec("unet2d", {"channels": (16, 32, 64, 128), "activation": "relu", "norm": "batch"}),
+                                context_slices=3, min_slices=3, crop_foreground=True),
+    # seed 002: 2.5D attention U-Net; 16 base channels (the seed's 32: "channels": (32, 64, 128, 256))
+    network=NetworkSpec("unet2d", {"channels": (16, 32, 64, 128), "activation": "relu", "norm": "batch",
+                                   "attention": True}),
     weights_entry="brain-wmh",
     labels=BRAIN_LABELS,
+    label_activation="sigmoid",  # seed 002: one sigmoid lesion channel
     postprocessors=("lesion_table",),
     outputs=COMMON_OUTPUTS + ("lesions.tsv",),
     issue=5,

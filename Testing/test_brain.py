@@ -1,0 +1,130 @@
+"""Brain WMH (seed 002) pieces: attention U-Net, brain-box inference, slab simulation, focal
+Tversky loss and the seed's and WMH-2017's metrics on constructed cases with known answers."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Training"))
+from brain_wmh import focal_tversky_loss, simulate_slabs, slice_entropy_bits  # noqa: E402
+from wmh_metrics import hd95_mm, lesion_detection_by_bracket, voxel_metrics, wmh2017_metrics  # noqa: E402
+
+from SpineKneeSegLib.image import Image  # noqa: E402
+from SpineKneeSegLib.inference import segment_slices  # noqa: E402
+from SpineKneeSegLib.models import AttentionGate, build_network  # noqa: E402
+from SpineKneeSegLib.phantoms import make_phantom  # noqa: E402
+from SpineKneeSegLib.tasks import TASKS  # noqa: E402
+
+CARD = TASKS["brain-wmh"]
+
+
+def _net(**over):
+    torch.manual_seed(0)
+    config = {**CARD.network.config, "in_channels": 3, "out_channels": CARD.output_channels,
+              "channels": (4, 8, 8), **over}
+    return build_network(CARD.network.factory, config).eval()
+
+
+def test_attention_gates_are_in_the_network_and_change_its_output():
+    net = _net()
+    assert sum(isinstance(m, AttentionGate) for m in net.modules()) == 2
+    plain = _net(attention=False)
+    plain.load_state_dict({k: v for k, v in net.state_dict().items() if "gates" not in k})
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert net(x).shape == plain(x).shape == (2, 1, 32, 32)
+        assert not torch.allclose(net(x), plain(x))
+
+
+def test_inference_runs_only_inside_the_brain_box():
+    phantom = make_phantom("brain-wmh", seed=1)
+    # the phantom's brain fills its field of view: put 16 voxels of zero background around it
+    pad = 16
+    origin = phantom.image.ijk_to_lps_points([[-pad, -pad, -pad]])[0]
+    image = Image(np.pad(phantom.image.array, pad), phantom.image.spacing, tuple(origin), phantom.image.direction)
+    lo = np.percentile(image.array, 1)
+    background = image.array <= lo + 0.10 * (np.percentile(image.array, 99) - lo)
+    assert background.mean() > 0.4
+    net = _net()
+    # a network that calls everything lesion shows exactly where it was run
+    with torch.no_grad():
+        net.head.bias.fill_(100.0)
+        net.head.weight.zero_()
+    labels = segment_slices(CARD, image, net, torch.device("cpu")).labels
+    brain = ~background
+    assert labels[brain].all()
+    covered = labels > 0
+    empty_slices = ~brain.any(axis=(1, 2))
+    assert not covered[empty_slices].any()
+    assert covered.sum() < 0.8 * covered.size, "background outside the box was run"
+    full = segment_slices(CARD, image, net, torch.device("cpu"), {"crop_foreground": False}).labels
+    assert full.all()
+
+
+def test_slabs_keep_physical_positions():
+    spacing = (1.0, 1.0, 1.0)
+    direction = np.diag([1.0, 1.0, 1.0])
+    array = np.zeros((60, 20, 20), np.float32)
+    labels = np.zeros_like(array, dtype=np.uint8)
+    labels[30:38, 8:12, 8:12] = 1  # an 8 mm tall lesion centred at k = 33.5
+    array[labels > 0] = 1.0
+    image = Image(array, spacing, (0.0, 0.0, -10.0), direction)
+    slab, slab_labels = simulate_slabs(image, labels, 7.5)
+    assert slab.spacing[2] == 7.5 and slab.array.shape == (8, 20, 20)
+    truth_centre = image.ijk_to_lps_points([[9.5, 9.5, 33.5]])[0]
+    kji = np.argwhere(slab_labels > 0).mean(0)
+    slab_centre = slab.ijk_to_lps_points([kji[::-1]])[0]
+    assert abs(slab_centre[2] - truth_centre[2]) <= 3.75  # within half a slab
+    # slab 0 averages slices 0..7 (centres 0..7 mm): its centre lies at 3.25 mm above slice 0
+    assert np.isclose(slab.origin[2] - image.origin[2], 3.25)
+
+
+def test_entropy_drops_empty_slices():
+    stack = np.zeros((3, 32, 32), np.float32)
+    stack[1] = np.random.default_rng(0).normal(size=(32, 32))
+    bits = slice_entropy_bits(stack)
+    assert bits[0] == 0 and bits[2] == 0 and bits[1] > 2
+
+
+def test_focal_tversky_penalises_misses_more_than_false_alarms():
+    target = torch.zeros(1, 1, 10, 10)
+    target[..., :5, :] = 1
+    miss = torch.full_like(target, -20.0)
+    miss[..., :2, :] = 20.0  # finds 2 of 5 rows
+    alarm = torch.full_like(target, -20.0)
+    alarm[..., :8, :] = 20.0  # finds all and 3 rows extra
+    args = (0.85, 0.15, 4 / 3, 2.0)
+    assert focal_tversky_loss(miss, target, *args) > focal_tversky_loss(alarm, target, *args)
+    assert focal_tversky_loss(target * 40 - 20, target, *args) < 1e-3
+
+
+def test_metrics_on_known_lesions():
+    truth = np.zeros((20, 40, 40), np.uint8)
+    truth[5:10, 5:10, 5:10] = 1  # 125 voxels: bracket [10,400)
+    truth[15, 30, 30] = 1  # 1 voxel: [0,10)
+    pred = np.zeros_like(truth)
+    pred[5:10, 5:10, 5:8] = 1  # 75 of 125 = 60 %: not "> 60 %" -> not detected (seed 002)
+    pred[2, 35, 35] = 1  # a false positive lesion
+    brackets = lesion_detection_by_bracket(pred, truth)
+    assert brackets["[10,400)"] == {"lesions": 1, "detected": 0}
+    assert brackets["[0,10)"] == {"lesions": 1, "detected": 0}
+    pred[5:10, 5:10, 8] = 1  # 100 of 125
+    assert lesion_detection_by_bracket(pred, truth)["[10,400)"]["detected"] == 1
+    wmh = wmh2017_metrics(pred, truth, (1.0, 1.0, 1.0))
+    assert wmh["lesion_recall"] == 0.5  # the big one touched, the speck missed
+    assert wmh["true_lesions"] == 2 and wmh["predicted_lesions"] == 2
+    assert np.isclose(wmh["lesion_f1"], 0.5)  # precision 1/2, recall 1/2
+    assert np.isclose(wmh["avd_percent"], 100 * abs(101 - 126) / 126)
+    v = voxel_metrics(pred, truth)
+    assert np.isclose(v["precision"], 100 / 101) and np.isclose(v["recall"], 100 / 126)
+    assert np.isclose(v["dice"], 200 / 227)
+
+
+def test_hd95_of_a_shifted_cube_is_the_shift():
+    a = np.zeros((30, 30, 30), bool)
+    b = np.zeros_like(a)
+    a[10:20, 10:20, 10:20] = True
+    b[10:20, 10:20, 13:23] = True  # shifted 3 voxels along i (spacing 2 mm there)
+    assert hd95_mm(a, b, (1.0, 1.0, 2.0)) == pytest.approx(6.0)
