@@ -128,3 +128,29 @@ def test_hd95_of_a_shifted_cube_is_the_shift():
     a[10:20, 10:20, 10:20] = True
     b[10:20, 10:20, 13:23] = True  # shifted 3 voxels along i (spacing 2 mm there)
     assert hd95_mm(a, b, (1.0, 1.0, 2.0)) == pytest.approx(6.0)
+
+
+def test_lesion_table_is_exact_on_a_phantom_with_every_bracket():
+    from SpineKneeSegLib.lesions import bracket_name, lesion_table
+    from SpineKneeSegLib.preprocessing import slice_axis
+
+    phantom = make_phantom("brain-wmh", seed=2)
+    table, summary = lesion_table(phantom.labels.array, phantom.image,
+                                  slice_axis=slice_axis(phantom.image, "axial"))
+    truth = sorted(phantom.extra["lesions"], key=lambda les: -les["voxels"])
+    assert [r["voxels"] for r in table.rows] == [les["voxels"] for les in truth]
+    assert {bracket_name(les["voxels"]) for les in truth} == {"[0,10)", "[10,400)", "[400,1000)", "[1000,inf)"}
+    voxel_mm3 = float(np.prod(phantom.image.spacing))
+    for row, les in zip(table.rows, truth):
+        if sum(r["voxels"] == les["voxels"] for r in table.rows) > 1:
+            continue  # equal sizes: order between them is not defined
+        assert np.allclose([row["centroid_r"], row["centroid_a"], row["centroid_s"]], les["centroid_ras"], atol=0.006)
+        assert row["bracket"] == bracket_name(les["voxels"])
+        assert row["volume_mm3"] == pytest.approx(les["voxels"] * voxel_mm3, abs=1e-3)
+        inst = phantom.extra["instances"] == les["id"]
+        assert row["mean_flair"] == pytest.approx(float(phantom.image.array[inst].mean()), abs=1e-3)
+    assert summary["lesion_count"] == len(truth)
+    assert summary["total_lesion_load_ml"] == pytest.approx(sum(les["voxels"] for les in truth) * voxel_mm3 / 1000,
+                                                            abs=1e-4)
+    for name, entry in summary["brackets"].items():
+        assert entry["count"] == sum(bracket_name(les["voxels"]) == name for les in truth)

@@ -92,7 +92,11 @@ def main(argv=None) -> int:
                   if line.startswith("model name"))[:60] if Path("/proc/cpuinfo").exists() else "?"
     import torch
 
-    print(f"machine: {cpu}; torch threads {torch.get_num_threads()}")
+    import resource
+
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    print(f"machine: {cpu}; torch threads {torch.get_num_threads()}; peak memory of this process "
+          f"{peak_mb:.0f} MB (all tasks above; run one --tasks for its own figure)")
     return 0 if all(r["ok"] for r in results) else 1
 
 
