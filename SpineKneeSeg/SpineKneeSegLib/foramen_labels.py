@@ -21,6 +21,13 @@ from .image import Image
 LABEL_PATTERN = re.compile(r"^\s*L([1-5])\s+(left|right)\b", re.IGNORECASE)
 SIDE_VALUES = {"left": 1, "right": 2}  # the side map written beside the level map
 
+# Point status, kept in the point description (a .mrk.json keeps no per-point attributes):
+CONFIRMED = "confirmed"      # placed or accepted by a reader
+UNCONFIRMED = "unconfirmed"  # pre-filled from a model, not yet accepted or moved
+NOT_VISIBLE = "not visible"  # a reader's "foramen not visible" mark (a point with a missing position)
+POINT_STATUSES = (CONFIRMED, UNCONFIRMED, NOT_VISIBLE)
+_FIELD = re.compile(r"^\s*([a-z_]+)\s*=\s*(.*?)\s*$")
+
 
 @dataclass(frozen=True)
 class ForamenPoint:
@@ -30,10 +37,42 @@ class ForamenPoint:
     label: str = ""
     description: str = ""
     defined: bool = True
+    status: str = CONFIRMED
 
     @property
     def name(self) -> str:
         return f"L{self.level} {self.side}"
+
+
+def point_description(level: int, side: str, *, slice_index: int | None = None, status: str = CONFIRMED,
+                      **fields) -> str:
+    """The parseable description the annotation mode writes for every point, e.g.
+    ``L3 right; level=3; side=right; slice=7; status=confirmed; origin=reader`` (it starts with the
+    foramen's name so that tools that read only the text still find it)."""
+    if status not in POINT_STATUSES:
+        raise ValueError(f"unknown point status {status!r}")
+    parts = [f"L{level} {side}", f"level={level}", f"side={side}"]
+    if slice_index is not None:
+        parts.append(f"slice={int(slice_index)}")
+    parts.append(f"status={status}")
+    parts += [f"{k}={str(v).replace(';', ',')}" for k, v in fields.items() if v is not None and v != ""]
+    return "; ".join(parts)
+
+
+def parse_point_description(description: str) -> dict[str, str]:
+    """``key=value`` fields of a description written by ``point_description`` (other text is ignored)."""
+    fields = {}
+    for part in (description or "").split(";"):
+        m = _FIELD.match(part)
+        if m:
+            fields[m.group(1)] = m.group(2)
+    return fields
+
+
+def point_status(description: str) -> str:
+    """A point's status from its description; points written by other tools count as confirmed."""
+    status = parse_point_description(description).get("status", CONFIRMED)
+    return status if status in POINT_STATUSES else CONFIRMED
 
 
 def level_and_side(label: str, description: str = "", attributes: dict | None = None) -> tuple[int, str] | None:
@@ -53,9 +92,12 @@ def level_and_side(label: str, description: str = "", attributes: dict | None = 
     return None
 
 
-def read_foramen_markers(path: str | Path, *, include_undefined: bool = False) -> list[ForamenPoint]:
+def read_foramen_markers(path: str | Path, *, include_undefined: bool = False,
+                         include_unconfirmed: bool = False) -> list[ForamenPoint]:
     """Points of a Slicer markups file, in RAS whatever its ``coordinateSystem``. A point whose
-    level/side cannot be read is an error naming it (a silent skip would lose a label)."""
+    level/side cannot be read is an error naming it (a silent skip would lose a label).
+    Points a model pre-filled that no reader has confirmed (description ``status=unconfirmed``)
+    are not labels and are skipped unless ``include_unconfirmed``."""
     path = Path(path)
     try:
         doc = json.loads(path.read_text())
@@ -77,6 +119,9 @@ def read_foramen_markers(path: str | Path, *, include_undefined: bool = False) -
             if not defined and not include_undefined:
                 continue
             label, description = str(cp.get("label", "")), str(cp.get("description", ""))
+            status = point_status(description)
+            if status == UNCONFIRMED and not include_unconfirmed:
+                continue
             named = level_and_side(label, description, cp.get("attributes"))
             if named is None:
                 raise InputError(f"control point {n + 1} ({label!r}) names no foramen: "
@@ -88,7 +133,7 @@ def read_foramen_markers(path: str | Path, *, include_undefined: bool = False) -
             if position.shape != (3,) or not np.all(np.isfinite(position)):
                 raise InputError(f"control point {n + 1} ({label!r}) has no valid position", path)
             points.append(ForamenPoint(named[0], named[1], tuple(float(v) for v in position), label,
-                                       description, defined))
+                                       description, defined, status))
     return points
 
 
@@ -137,3 +182,56 @@ def rasterise_foramen_targets(points: list[ForamenPoint], image: Image, radius_m
         levels[tuple(index)][disc] = point.level
         sides[tuple(index)][disc] = SIDE_VALUES[point.side]
     return levels, sides, notes
+
+
+@dataclass(frozen=True)
+class MarkerRecord:
+    """One control point of a markers file as the annotation tools see it: every point, named or
+    not, placed or not (``ras`` is None unless its position is defined)."""
+    label: str
+    description: str
+    position_status: str  # Slicer's: defined, preview, undefined, missing
+    ras: tuple[float, float, float] | None
+    foramen: str | None  # "L3 right", or None when neither label nor description names one
+    status: str  # CONFIRMED, UNCONFIRMED or NOT_VISIBLE
+
+    @property
+    def slice_index(self) -> int | None:
+        value = parse_point_description(self.description).get("slice")
+        return int(value) if value not in (None, "") and value.lstrip("-").isdigit() else None
+
+
+def read_marker_records(path: str | Path) -> list[MarkerRecord]:
+    """Every control point of a Slicer markups file (RAS), leniently: unnamed points come back with
+    ``foramen=None`` instead of failing, so a half-finished annotation can still be shown."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError("markers file does not exist", path) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"not a readable markups JSON file ({exc})", path) from None
+    markups = doc.get("markups") if isinstance(doc, dict) else None
+    if not isinstance(markups, list):
+        raise InputError("no 'markups' list: not a Slicer .mrk.json file", path)
+    records = []
+    for markup in markups:
+        system = str(markup.get("coordinateSystem", "LPS")).upper()
+        if system not in ("LPS", "RAS"):
+            raise InputError(f"unknown coordinateSystem {system!r}", path)
+        flip = np.array([-1.0, -1.0, 1.0]) if system == "LPS" else np.ones(3)
+        for cp in markup.get("controlPoints") or []:
+            label, description = str(cp.get("label", "")), str(cp.get("description", ""))
+            position_status = str(cp.get("positionStatus", "defined"))
+            ras = None
+            if position_status == "defined":
+                try:
+                    xyz = np.asarray(cp["position"], dtype=float) * flip
+                except (KeyError, TypeError, ValueError):
+                    raise InputError(f"control point {label!r} has no valid position", path) from None
+                ras = tuple(float(v) for v in xyz)
+            named = level_and_side(label, description, cp.get("attributes"))
+            status = NOT_VISIBLE if position_status == "missing" else point_status(description)
+            records.append(MarkerRecord(label, description, position_status, ras,
+                                        f"L{named[0]} {named[1]}" if named else None, status))
+    return records

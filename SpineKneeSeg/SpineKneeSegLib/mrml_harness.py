@@ -259,3 +259,107 @@ def get_app() -> SlicerContext:
     if _APP is None:
         _APP = create_headless_slicer()
     return _APP
+
+
+class HeadlessSliceView:
+    """A slice view without Qt: a slice logic + node, Slicer's slice-view displayable managers
+    (markups) in an offscreen render window, and ``vtkMRMLSliceViewInteractorStyle`` on its
+    interactor, so simulated mouse and key events go through Slicer's own interaction code
+    (placing, dragging, deleting markups points) exactly as clicks in a real view do.
+    Headless only (tests); inside Slicer use its views. Never rendered, so no GPU is needed."""
+
+    def __init__(self, app: SlicerContext, name: str = "Yellow", orientation: str = "Sagittal",
+                 size: tuple[int, int] = (400, 400)):
+        slicer = require_slicer()
+        import vtk
+
+        self._vtk = vtk
+        self.app = app
+        previous = vtk.vtkLogger.GetCurrentVerbosityCutoff()
+        vtk.vtkLogger.SetStderrVerbosity(vtk.vtkLogger.VERBOSITY_ERROR)  # "no X server": EGL is used instead
+        try:
+            self.renderer = vtk.vtkRenderer()
+            self.render_window = vtk.vtkRenderWindow()
+        finally:
+            vtk.vtkLogger.SetStderrVerbosity(previous)
+        self.render_window.SetOffScreenRendering(1)
+        self.render_window.AddRenderer(self.renderer)
+        self.render_window.SetSize(*size)
+        self.interactor = vtk.vtkRenderWindowInteractor()
+        self.interactor.SetRenderWindow(self.render_window)
+        self.interactor.SetInteractorStyle(vtk.vtkInteractorStyleUser())  # no camera moves of its own
+        factory = slicer.vtkMRMLSliceViewDisplayableManagerFactory.GetInstance()
+        factory.SetMRMLApplicationLogic(app.app_logic)
+        if not factory.IsDisplayableManagerRegistered("vtkMRMLMarkupsDisplayableManager"):
+            factory.RegisterDisplayableManager("vtkMRMLMarkupsDisplayableManager")
+        self.managers = slicer.vtkMRMLDisplayableManagerGroup()
+        self.managers.Initialize(factory, self.renderer)
+        self.logic = slicer.vtkMRMLSliceLogic()
+        self.logic.SetMRMLApplicationLogic(app.app_logic)
+        if app.app_logic.GetSliceLogics() is None:  # qSlicerCoreApplication makes this collection
+            app.app_logic.SetSliceLogics(vtk.vtkCollection())
+        app.app_logic.GetSliceLogics().AddItem(self.logic)
+        self.logic.SetMRMLScene(app.scene)
+        self.slice_node = self.logic.AddSliceNode(name)
+        self.slice_node.SetOrientation(orientation)
+        self.managers.SetMRMLDisplayableNode(self.slice_node)
+        self.style = slicer.vtkMRMLSliceViewInteractorStyle()
+        self.style.SetDisplayableManagers(self.managers)
+        self.style.SetSliceLogic(self.logic)
+        self.style.SetInteractor(self.interactor)
+        self.logic.ResizeSliceNode(*size)
+
+    def show(self, volume_node, fit: bool = True) -> None:
+        self.logic.GetSliceCompositeNode().SetBackgroundVolumeID(volume_node.GetID())
+        self.slice_node.RotateToVolumePlane(volume_node)
+        if fit:
+            self.logic.FitSliceToBackground()
+
+    def jump_to(self, ras) -> None:
+        """Move the slice plane through ``ras`` (as scrolling to that slice does)."""
+        self.slice_node.JumpSlice(*[float(v) for v in ras])
+
+    def xy(self, ras) -> tuple[int, int]:
+        """The view pixel (x, y) showing ``ras`` on the current plane."""
+        m = self._vtk.vtkMatrix4x4()
+        self._vtk.vtkMatrix4x4.Invert(self.slice_node.GetXYToRAS(), m)
+        x, y, _, _ = m.MultiplyPoint((*[float(v) for v in ras], 1.0))
+        return round(x), round(y)
+
+    def ras(self, xy) -> tuple[float, float, float]:
+        return tuple(self.slice_node.GetXYToRAS().MultiplyPoint((float(xy[0]), float(xy[1]), 0.0, 1.0))[:3])
+
+    def _event(self, event: str, xy, keysym: str | None = None) -> None:
+        self.interactor.SetEventInformation(int(xy[0]), int(xy[1]), 0, 0, "\0", 0, keysym)
+        self.interactor.InvokeEvent(getattr(self._vtk.vtkCommand, event))
+
+    def move(self, xy) -> None:
+        self._event("MouseMoveEvent", xy)
+
+    def click(self, xy) -> None:
+        """Mouse move to ``xy``, left press, left release."""
+        self.move(xy)
+        self._event("LeftButtonPressEvent", xy)
+        self._event("LeftButtonReleaseEvent", xy)
+
+    def drag(self, start, end, steps: int = 4) -> None:
+        self.move(start)
+        self._event("LeftButtonPressEvent", start)
+        for t in range(1, steps + 1):
+            self.move((start[0] + (end[0] - start[0]) * t / steps, start[1] + (end[1] - start[1]) * t / steps))
+        self._event("LeftButtonReleaseEvent", end)
+
+    def key(self, keysym: str, xy) -> None:
+        """Hover ``xy`` and press a key (e.g. "Delete" over a point deletes it)."""
+        self.move(xy)
+        for event in ("KeyPressEvent", "CharEvent", "KeyReleaseEvent"):
+            self._event(event, xy, keysym)
+
+    def close(self) -> None:
+        self.style.SetInteractor(None)
+        collection = self.app.app_logic.GetSliceLogics()
+        if collection is not None:
+            collection.RemoveItem(self.logic)
+        self.managers.SetMRMLDisplayableNode(None)
+        self.logic.SetMRMLScene(None)
+        self.render_window.Finalize()
