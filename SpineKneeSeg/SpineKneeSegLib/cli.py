@@ -50,7 +50,63 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-o", "--output", required=True)
     demo.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     demo.add_argument("--no-data", action="store_true", help="skip ../shared/data cases even when present")
+    _add_annotate_parser(sub)
     return parser
+
+
+def _add_annotate_parser(sub) -> None:
+    annotate = sub.add_parser("annotate", help="foramen annotation: export labels, import RSNA points, "
+                                               "compare readers, worklists, corrections")
+    commands = annotate.add_subparsers(dest="annotate_command", required=True, parser_class=_Parser)
+
+    export = commands.add_parser("export", help="markers -> level label map (+ <stem>_side.nii.gz) on the scan's grid")
+    export.add_argument("--markers", required=True, help="foramen markers (.mrk.json, LPS or RAS)")
+    export.add_argument("--image", required=True, help="the scan the markers were placed on (file or DICOM folder)")
+    export.add_argument("--output", required=True, help="level labels 1..5 = L1..L5 (e.g. labels.nii.gz)")
+    export.add_argument("--radius", type=float, default=7.0, help="in-slice disc radius in mm (default 7, seed 004)")
+    export.add_argument("--include-unconfirmed", action="store_true",
+                        help="also rasterise pre-filled model points no reader has confirmed")
+    export.add_argument("--manifest", help="also add the case (image + markers) to this training manifest")
+    export.add_argument("--id", help="case id for --manifest (default: the markers file name)")
+
+    rsna = commands.add_parser("import-rsna", help="RSNA-2024 lumbar point annotations -> one .mrk.json per series")
+    rsna.add_argument("--csv", required=True, help="train_label_coordinates.csv (or the same columns)")
+    rsna.add_argument("--series-dir", required=True, help="folder with <study_id>/<series_id>/*.dcm")
+    rsna.add_argument("--output", required=True, help="output folder")
+    rsna.add_argument("--manifest", help="also add each series (DICOM folder + markers) to this training manifest")
+
+    compare = commands.add_parser("compare", help="agreement of two readers' foramen markers")
+    compare.add_argument("markers", nargs=2, metavar="MARKERS", help="reader A and reader B (.mrk.json)")
+    compare.add_argument("--image", help="the scan (slices from its geometry; else from the points' descriptions)")
+    compare.add_argument("--json", action="store_true", help="print the full result as JSON")
+
+    status = commands.add_parser("status", help="per-case status of a worklist")
+    status.add_argument("worklist", help="folder of scans or list file")
+    status.add_argument("--annotations", help="annotations folder (default: <worklist>/annotations)")
+    status.add_argument("--json", action="store_true")
+
+    manifest = commands.add_parser("manifest", help="add a worklist's finished cases to a training manifest")
+    manifest.add_argument("worklist", help="folder of scans or list file")
+    manifest.add_argument("--annotations", help="annotations folder (default: <worklist>/annotations)")
+    manifest.add_argument("--manifest", required=True, help="training manifest CSV (created or updated)")
+    manifest.add_argument("--reviewed-only", action="store_true", help="only cases marked reviewed")
+
+    predict = commands.add_parser("predict", help="model markers for pre-filling: <case>.pred.mrk.json per case")
+    predict.add_argument("worklist", help="folder of scans or list file")
+    predict.add_argument("--annotations", help="annotations folder (default: <worklist>/annotations)")
+    predict.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    predict.add_argument("--weights", help="level model checkpoint (default: registered)")
+    predict.add_argument("--aux-weights", action="append", default=[], metavar="NAME=PATH",
+                         help="e.g. foramina=foramen.pt")
+    predict.add_argument("--overwrite", action="store_true", help="predict again where predictions exist")
+
+    correction = commands.add_parser("save-correction", help="a corrected segmentation -> <case>.seg.nrrd + manifest entry")
+    correction.add_argument("--segmentation", required=True, help="the corrected segmentation (.seg.nrrd from Slicer)")
+    correction.add_argument("--image", required=True, help="the scan it belongs to")
+    correction.add_argument("--task", required=True, help="task whose label names the segments use")
+    correction.add_argument("--case", required=True, help="case id")
+    correction.add_argument("--output", required=True, help="folder for <case>.seg.nrrd (and the manifest)")
+    correction.add_argument("--manifest", help="training manifest (default: OUTPUT/training-manifest.csv)")
 
 
 def _version() -> str:
@@ -82,18 +138,23 @@ def cmd_tasks(args) -> int:
     return 0
 
 
+def parse_aux_weights(items) -> dict[str, str]:
+    aux = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise InputError(f"--aux-weights takes NAME=PATH, got {item!r}")
+        aux[name] = path
+    return aux
+
+
 def cmd_run(args) -> int:
     from .pipeline import RunOptions, run_case
     from .progress import Progress
     from .tasks import get_task
 
     card = get_task(args.task)
-    aux = {}
-    for item in args.aux_weights:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise InputError(f"--aux-weights takes NAME=PATH, got {item!r}")
-        aux[name] = path
+    aux = parse_aux_weights(args.aux_weights)
     options = RunOptions(device=args.device, weights=args.weights, aux_weights=aux, scene=args.scene,
                          echo=args.echo, series=args.series, batch_size=args.batch_size, threads=args.threads)
     progress = Progress(args.progress)
@@ -120,9 +181,15 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_annotate(args) -> int:
+    from . import annotate_cli
+
+    return annotate_cli.run(args)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"tasks": cmd_tasks, "run": cmd_run, "demo": cmd_demo}[args.command]
+    handler = {"tasks": cmd_tasks, "run": cmd_run, "demo": cmd_demo, "annotate": cmd_annotate}[args.command]
     progress_json = getattr(args, "progress", None) == "json"
     try:
         return handler(args)
