@@ -10,8 +10,11 @@ import tempfile
 
 import qt
 import slicer
-from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleTest,
-                                           ScriptedLoadableModuleWidget)
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
 
 sys.path.insert(0, os.path.dirname(__file__))  # SpineKneeSegLib sits beside this file
 
@@ -79,7 +82,65 @@ class SpineKneeSegWidget(ScriptedLoadableModuleWidget):
         self.ui.taskSelector.currentIndexChanged.connect(self.updateGUI)
         self.ui.inputVolumeSelector.currentNodeChanged.connect(self.updateGUI)
         self.ui.applyButton.clicked.connect(self.onApplyOrCancel)
+        self.setupAnnotate()
         self.updateGUI()
+
+    # ---- Annotate section: buttons and shortcuts -> AnnotatePanel (Lib, tested headless) ----
+    def setupAnnotate(self):
+        from SpineKneeSegLib.annotate_panel import BUTTONS, SHORTCUTS, AnnotatePanel
+        from SpineKneeSegLib.mrml_harness import get_app
+
+        self.annotator = AnnotatePanel(get_app(), on_change=self.refreshAnnotate)
+        for name, command in BUTTONS.items():
+            getattr(self.ui, name).clicked.connect(lambda *_, c=command: self.annotate(c))
+        self.ui.openWorklistButton.clicked.connect(
+            lambda: self.annotate("open_worklist", self.ui.worklistPathLineEdit.currentPath))
+        self.ui.caseList.itemDoubleClicked.connect(lambda *_: self.annotate("open_case", self.ui.caseList.currentRow))
+        self.ui.foramenList.itemClicked.connect(lambda *_: self.annotate("jump", self.ui.foramenList.currentRow))
+        self.ui.advanceCheckBox.toggled.connect(lambda on: self.annotate("set_advance", on))
+        self.ui.saveCorrectionButton.clicked.connect(lambda: self.annotate(
+            "save_correction", self.ui.outputSegmentationSelector.currentNode(),
+            self.ui.inputVolumeSelector.currentNode(), self.ui.taskSelector.currentData))
+        self.shortcuts = []
+        for keys, command in SHORTCUTS:
+            shortcut = qt.QShortcut(qt.QKeySequence(keys), slicer.util.mainWindow())
+            shortcut.connect("activated()", lambda c=command: self.annotate(c))
+            self.shortcuts.append(shortcut)
+        self.refreshAnnotate()
+
+    def annotate(self, command, *args):
+        self.annotator.run(command, *args)
+        if command.endswith(("_case", "_worklist")) and self.annotator.volume_node is not None:
+            self.ui.inputVolumeSelector.setCurrentNode(self.annotator.volume_node)  # for Apply / corrections
+
+    def enter(self):  # the shortcuts act only while this module is shown
+        for shortcut in getattr(self, "shortcuts", []):
+            shortcut.enabled = True
+
+    def exit(self):
+        for shortcut in getattr(self, "shortcuts", []):
+            shortcut.enabled = False
+
+    def refreshAnnotate(self):
+        view = self.annotator.view()
+        for widget, rows, row in ((self.ui.caseList, view.cases, view.case_row),
+                                  (self.ui.foramenList, view.foramina, view.foramen_row)):
+            widget.blockSignals(True)
+            widget.clear()
+            widget.addItems(rows)
+            widget.setCurrentRow(row)
+            widget.blockSignals(False)
+        self.ui.caseLabel.text = view.case_text
+        self.ui.currentForamenLabel.text = view.current
+        self.ui.annotateStatusLabel.text = view.message
+        for name, enabled in view.enabled.items():
+            getattr(self.ui, name).enabled = enabled
+
+    def cleanup(self):
+        for shortcut in getattr(self, "shortcuts", []):
+            shortcut.setParent(None)
+        if getattr(self, "annotator", None) is not None:
+            self.annotator.close_case()
 
     def updateGUI(self, *_):
         from SpineKneeSegLib.tasks import TASKS
