@@ -59,3 +59,23 @@ def test_registered_weights_run_through_the_cli(trained, tmp_path, monkeypatch, 
     (models / "xray-femur-test.pt").write_bytes(bytes(blob))
     assert cli.main(["run", "--task", "xray-femur", str(image_path), "-o", str(tmp_path / "o2")]) == 2
     assert "does not match the registry" in capsys.readouterr().err
+
+
+def test_level_trainer_takes_corrected_label_maps_from_a_manifest(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Training"))
+    from spine_levels import manifest_label_cases, prepare
+
+    from SpineKneeSegLib.training_manifest import TrainingCase, add_training_case
+
+    phantom = make_phantom("lumbar-foramina", seed=2)
+    write_image(phantom.image, tmp_path / "scan.nii.gz")
+    write_image(phantom.labels, tmp_path / "scan.labels.nii.gz")
+    manifest = tmp_path / "manifest.csv"
+    add_training_case(manifest, TrainingCase("scan", "lumbar-foramina", tmp_path / "scan.nii.gz",
+                                             labels=tmp_path / "scan.labels.nii.gz"))
+    add_training_case(manifest, TrainingCase("scan", "brain-wmh", tmp_path / "scan.nii.gz",
+                                             labels=tmp_path / "scan.labels.nii.gz"))
+    (case,) = manifest_label_cases(manifest)
+    prepared = prepare(case, 1.4)
+    assert prepared.stack.shape == prepared.labels.shape
+    assert set(np.unique(prepared.labels)) == {0, 1, 2, 3, 4, 5}

@@ -265,8 +265,22 @@ def network_config(cfg: Config) -> dict:
             "out_channels": N_LEVELS}
 
 
-def train(cfg: Config, out: Path, root: Path, resume: bool, log=print, max_minutes: float | None = None) -> dict:
+def manifest_label_cases(manifest: Path) -> list[dict]:
+    """Corrected level segmentations saved from Slicer (``annotate save-correction``): manifest
+    rows of this task with a ``labels`` file; they join the training cases."""
+    from SpineKneeSegLib.training_manifest import read_training_manifest
+
+    return [{"id": f"manifest/{c.id}", "image": c.image, "labels": c.labels}
+            for c in read_training_manifest(manifest) if c.task == CARD.name and c.labels is not None]
+
+
+def train(cfg: Config, out: Path, root: Path, resume: bool, log=print, max_minutes: float | None = None,
+          manifest: Path | None = None) -> dict:
     train_cases, val_cases = split(spine_cases(root))
+    if manifest is not None:
+        extra = manifest_label_cases(manifest)
+        log(f"manifest: {len(extra)} corrected label maps join training")
+        train_cases += extra
     prepared = [prepare(c, cfg.spacing_mm) for c in train_cases]
     log(f"{len(train_cases)} training / {len(val_cases)} validation cases")
 
@@ -360,6 +374,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="Training/runs/spine-levels")
     parser.add_argument("--data", help="shared data root (default: SPINEKNEESEG_DATA or ../shared/data)")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--manifest", type=Path, help="training manifest: corrected label maps (labels column)")
     parser.add_argument("--max-minutes", type=float)
     for name, value in asdict(Config()).items():
         if not isinstance(value, dict):
@@ -371,7 +386,7 @@ def main(argv=None) -> int:
         return 2
     cfg = Config(**{k: getattr(args, k) for k in asdict(Config()) if k != "network"})
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    train(cfg, Path(args.out), root, args.resume, max_minutes=args.max_minutes)
+    train(cfg, Path(args.out), root, args.resume, max_minutes=args.max_minutes, manifest=args.manifest)
     return 0
 
 
