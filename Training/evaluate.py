@@ -64,18 +64,14 @@ def exact_binomial_comparison(a_within: list[bool], b_within: list[bool]) -> dic
 
 
 def read_markers(path: Path) -> dict[str, tuple]:
-    """A .mrk.json file -> label -> mean RAS of its defined points."""
-    data = json.loads(Path(path).read_text())
+    """A .mrk.json file -> label -> mean RAS of its defined points (a model's unconfirmed
+    predictions included: this scores files, whoever wrote them)."""
+    from SpineKneeSegLib.foramen_labels import read_foramen_markers
+
     points: dict[str, list] = {}
-    for markup in data.get("markups", []):
-        lps = markup.get("coordinateSystem", "LPS") == "LPS"
-        for cp in markup.get("controlPoints", []):
-            if cp.get("positionStatus", "defined") != "defined":
-                continue
-            x, y, z = cp["position"]
-            points.setdefault(cp["label"], []).append((-x, -y, z) if lps else (x, y, z))
-    expected = {foramen_label(k, s) for k in LEVELS for s in SIDES}
-    return {label: tuple(np.mean(p, axis=0)) for label, p in points.items() if label in expected}
+    for p in read_foramen_markers(path, include_unconfirmed=True):
+        points.setdefault(p.name, []).append(p.ras)
+    return {label: tuple(np.mean(p, axis=0)) for label, p in points.items()}
 
 
 def evaluate_levels_cli(args) -> dict:

@@ -92,13 +92,8 @@ def level_and_side(label: str, description: str = "", attributes: dict | None = 
     return None
 
 
-def read_foramen_markers(path: str | Path, *, include_undefined: bool = False,
-                         include_unconfirmed: bool = False) -> list[ForamenPoint]:
-    """Points of a Slicer markups file, in RAS whatever its ``coordinateSystem``. A point whose
-    level/side cannot be read is an error naming it (a silent skip would lose a label).
-    Points a model pre-filled that no reader has confirmed (description ``status=unconfirmed``)
-    are not labels and are skipped unless ``include_unconfirmed``."""
-    path = Path(path)
+def _markups(path: Path, allow_empty: bool) -> list[tuple[dict, np.ndarray]]:
+    """Each markup of a Slicer .mrk.json with the sign flip that takes its positions to RAS."""
     try:
         doc = json.loads(path.read_text())
     except FileNotFoundError:
@@ -106,14 +101,26 @@ def read_foramen_markers(path: str | Path, *, include_undefined: bool = False,
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"not a readable markups JSON file ({exc})", path) from None
     markups = doc.get("markups") if isinstance(doc, dict) else None
-    if not isinstance(markups, list) or not markups:
+    if not isinstance(markups, list) or not (markups or allow_empty):
         raise InputError("no 'markups' list: not a Slicer .mrk.json file", path)
-    points = []
+    out = []
     for markup in markups:
         system = str(markup.get("coordinateSystem", "LPS")).upper()
         if system not in ("LPS", "RAS"):
             raise InputError(f"unknown coordinateSystem {system!r}", path)
-        flip = np.array([-1.0, -1.0, 1.0]) if system == "LPS" else np.ones(3)
+        out.append((markup, np.array([-1.0, -1.0, 1.0]) if system == "LPS" else np.ones(3)))
+    return out
+
+
+def read_foramen_markers(path: str | Path, *, include_undefined: bool = False,
+                         include_unconfirmed: bool = False) -> list[ForamenPoint]:
+    """Points of a Slicer markups file, in RAS whatever its ``coordinateSystem``. A point whose
+    level/side cannot be read is an error naming it (a silent skip would lose a label).
+    Points a model pre-filled that no reader has confirmed (description ``status=unconfirmed``)
+    are not labels and are skipped unless ``include_unconfirmed``."""
+    path = Path(path)
+    points = []
+    for markup, flip in _markups(path, allow_empty=False):
         for n, cp in enumerate(markup.get("controlPoints") or []):
             defined = cp.get("positionStatus", "defined") == "defined"
             if not defined and not include_undefined:
@@ -205,21 +212,8 @@ def read_marker_records(path: str | Path) -> list[MarkerRecord]:
     """Every control point of a Slicer markups file (RAS), leniently: unnamed points come back with
     ``foramen=None`` instead of failing, so a half-finished annotation can still be shown."""
     path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError("markers file does not exist", path) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"not a readable markups JSON file ({exc})", path) from None
-    markups = doc.get("markups") if isinstance(doc, dict) else None
-    if not isinstance(markups, list):
-        raise InputError("no 'markups' list: not a Slicer .mrk.json file", path)
     records = []
-    for markup in markups:
-        system = str(markup.get("coordinateSystem", "LPS")).upper()
-        if system not in ("LPS", "RAS"):
-            raise InputError(f"unknown coordinateSystem {system!r}", path)
-        flip = np.array([-1.0, -1.0, 1.0]) if system == "LPS" else np.ones(3)
+    for markup, flip in _markups(path, allow_empty=True):
         for cp in markup.get("controlPoints") or []:
             label, description = str(cp.get("label", "")), str(cp.get("description", ""))
             position_status = str(cp.get("positionStatus", "defined"))
