@@ -21,8 +21,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SpineKneeSeg"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from SpineKneeSegLib.foramina import LEVELS, SIDES, foramen_label  # noqa: E402
-
 WITHIN_MM = 5.0
 
 
@@ -64,13 +62,14 @@ def exact_binomial_comparison(a_within: list[bool], b_within: list[bool]) -> dic
 
 
 def read_markers(path: Path) -> dict[str, tuple]:
-    """A .mrk.json file -> label -> mean RAS of its defined points (a model's unconfirmed
-    predictions included: this scores files, whoever wrote them)."""
-    from SpineKneeSegLib.foramen_labels import read_foramen_markers
+    """A .mrk.json file -> foramen label -> mean RAS of its defined points (a model's unconfirmed
+    predictions included: this scores files, whoever wrote them; unnamed points ignored)."""
+    from SpineKneeSegLib.foramen_labels import read_marker_records
 
     points: dict[str, list] = {}
-    for p in read_foramen_markers(path, include_unconfirmed=True):
-        points.setdefault(p.name, []).append(p.ras)
+    for record in read_marker_records(path):
+        if record.foramen is not None and record.ras is not None:
+            points.setdefault(record.foramen, []).append(record.ras)
     return {label: tuple(np.mean(p, axis=0)) for label, p in points.items()}
 
 
