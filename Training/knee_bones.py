@@ -1,0 +1,344 @@
+"""Train the knee-bones model (seed 000) on images synthesised from label maps (knee_synth.py).
+
+    python Training/knee_bones.py prepare --out Training/runs/knee          # label maps -> volumes.pt (SimpleITK)
+    python Training/knee_bones.py train --out Training/runs/knee [--resume] [--max-minutes M] [--device cuda]
+    python Training/knee_bones.py evaluate --out Training/runs/knee [--checkpoint best.pt]
+    python Training/knee_bones.py ship --out Training/runs/knee --version 0.1.0
+
+Data: ../shared/data/knee/labelmaps (SPL knee atlas, pymskt DESS labels) or, with --labelmaps
+DIR / --pairs CSV, label maps users bring (a folder of label maps with --label-map FROM=TO
+mappings; image+label pairs train the same network on real images, see --pairs). One label map is
+held out entirely: validation (early stopping) and the held-out Dice figures come from synthetic
+images of the held-out anatomy only. ``train`` needs only torch: run ``prepare`` where SimpleITK
+exists, carry volumes.pt to a GPU machine, train there.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SpineKneeSeg"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from knee_synth import BONES, KneeVolume, SynthConfig, synthesise, synthesise_batch  # noqa: E402
+
+from SpineKneeSegLib.models import build_network  # noqa: E402
+
+TASK = "knee-bones"
+
+# label map value -> project knee label (1 femur, 2 tibia, 3 fibula, 4 patella); other values are
+# kept as separate tissues for synthesis. Checked against each map's colour table / README.
+LABEL_MAPS = {
+    "spl-atlas-labels.nrrd": {95: 1, 96: 2, 97: 3, 98: 4},
+    "pymskt-dess-labels.nrrd": {5: 1, 6: 2, 8: 3, 7: 4},
+}
+HELD_OUT = "pymskt-dess-labels.nrrd"  # validation anatomy: a DESS knee like the real test series
+
+
+@dataclass
+class Config:
+    variant: str = "multiclass"  # multiclass (bg + 4 bones) | merged ("any bone", split after) | fibula (fibula only)
+    channels: int = 16  # constant channels per level; the seed's is 32
+    levels: int = 5
+    dropout: float = 0.5
+    batch_size: int = 8
+    patch: int = 160  # random crop of the 224 synthetic slice for training speed (fully convolutional)
+    lr: float = 1e-3  # seed 000: Adam 1e-3 decaying to 1e-4
+    lr_final: float = 1e-4
+    iterations: int = 20000
+    eval_every: int = 250  # one "epoch" for early stopping
+    patience: int = 9  # seed 000 (in epochs of eval_every iterations)
+    val_samples: int = 96
+    seed: int = 0
+    spacing_mm: float = 0.5
+    synth: dict = field(default_factory=dict)  # SynthConfig overrides
+
+
+# ---- preparation (SimpleITK) -------------------------------------------------------------------
+
+def prepare_volume(path: Path, mapping: dict[int, int], spacing_mm: float) -> KneeVolume:
+    """A label map resampled (nearest) onto an LPS-aligned isotropic grid, labels renumbered:
+    bones 1..4 per ``mapping``, every other non-zero value its own id from 5."""
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(path))
+    array = sitk.GetArrayFromImage(image).astype(np.int32)
+    values = [int(v) for v in np.unique(array) if v != 0]
+    lut = {v: mapping[v] for v in values if v in mapping}
+    others = [v for v in values if v not in mapping]
+    lut.update({v: BONES + 1 + i for i, v in enumerate(others)})
+    table = np.zeros(int(array.max()) + 1, np.uint8)
+    for v, t in lut.items():
+        table[v] = t
+    relabelled = sitk.GetImageFromArray(table[array])
+    relabelled.CopyInformation(image)
+    # bounding box of the map in LPS, then an identity-direction grid over it
+    size = np.array(image.GetSize())
+    corners = [image.TransformContinuousIndexToPhysicalPoint([float(c) for c in corner])
+               for corner in np.array(np.meshgrid(*[[0, s - 1] for s in size])).reshape(3, -1).T]
+    lo, hi = np.min(corners, axis=0), np.max(corners, axis=0)
+    out_size = [int(math.ceil((h - lo_) / spacing_mm)) + 1 for lo_, h in zip(lo, hi)]
+    resampled = sitk.Resample(relabelled, out_size, sitk.Transform(), sitk.sitkNearestNeighbor, lo.tolist(),
+                              [spacing_mm] * 3, np.eye(3).ravel().tolist(), 0, sitk.sitkUInt8)
+    labels = sitk.GetArrayFromImage(resampled)  # (z, y, x) = (S, P, L)
+    return KneeVolume(path.name, torch.from_numpy(labels), spacing_mm, tuple(float(v) for v in lo),
+                      joint_centre(labels, lo, spacing_mm), bone_extent(labels, lo, spacing_mm),
+                      int(labels.max()) + 1)
+
+
+def _lps(idx_zyx: np.ndarray, origin, spacing) -> np.ndarray:
+    return np.asarray(origin) + idx_zyx[..., ::-1] * spacing
+
+
+def joint_centre(labels: np.ndarray, origin, spacing) -> tuple[float, float, float]:
+    """Midway between the femur's lowest and the tibia's highest point (LPS z = superior), at the
+    mean L/P position of both bones within 10 mm of that level."""
+    fz = np.flatnonzero((labels == 1).any(axis=(1, 2)))
+    tz = np.flatnonzero((labels == 2).any(axis=(1, 2)))
+    z = (fz.min() + tz.max()) / 2.0
+    band = slice(max(0, int(z - 10 / spacing)), int(z + 10 / spacing) + 1)
+    zyx = np.argwhere(np.isin(labels[band], (1, 2)))
+    yx = zyx[:, 1:].mean(axis=0)
+    return tuple(float(v) for v in _lps(np.array([z, yx[0], yx[1]]), origin, spacing))
+
+
+def bone_extent(labels: np.ndarray, origin, spacing) -> tuple[tuple[float, float], ...]:
+    zyx = np.argwhere(np.isin(labels[::2, ::2, ::2], (1, 2, 3))) * 2
+    lo, hi = _lps(zyx.min(axis=0).astype(float), origin, spacing), _lps(zyx.max(axis=0).astype(float), origin, spacing)
+    return tuple((float(a), float(b)) for a, b in zip(lo, hi))
+
+
+def save_volumes(volumes: list[KneeVolume], path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save([{**vol.__dict__} for vol in volumes], tmp)
+    tmp.replace(path)
+
+
+def load_volumes(path: Path, device="cpu") -> list[KneeVolume]:
+    return [KneeVolume(**d).to(device) for d in torch.load(path, map_location="cpu", weights_only=False)]
+
+
+def prepare(out: Path, labelmaps: Path, spacing_mm: float, log=print) -> list[KneeVolume]:
+    out.mkdir(parents=True, exist_ok=True)
+    volumes = []
+    for name, mapping in LABEL_MAPS.items():
+        t = time.time()
+        vol = prepare_volume(labelmaps / name, mapping, spacing_mm)
+        volumes.append(vol)
+        counts = np.bincount(vol.labels.numpy().ravel(), minlength=BONES + 1)[1:BONES + 1]
+        ml = counts * spacing_mm ** 3 / 1000
+        log(f"{name}: grid {tuple(vol.labels.shape)} at {spacing_mm} mm, {vol.n_labels - 1} labels, bones "
+            f"femur/tibia/fibula/patella {np.round(ml, 1).tolist()} ml, joint centre LPS "
+            f"{np.round(vol.joint_centre_lps, 1).tolist()} ({time.time() - t:.1f} s)")
+    save_volumes(volumes, out / "volumes.pt")
+    return volumes
+
+
+# ---- training ----------------------------------------------------------------------------------
+
+def out_channels(variant: str) -> int:
+    return {"multiclass": BONES + 1, "merged": 2, "fibula": 2}[variant]
+
+
+def variant_target(target: torch.Tensor, variant: str) -> torch.Tensor:
+    """Bone labels 0..4 -> the variant's classes: merged = any bone; fibula = the fibula alone."""
+    if variant == "merged":
+        return (target > 0).long()
+    if variant == "fibula":
+        return (target == 3).long()
+    return target
+
+
+def network_config(cfg: Config) -> dict:
+    return {"channels": (cfg.channels,) * cfg.levels, "activation": "elu", "norm": "batch",
+            "dropout": cfg.dropout, "in_channels": 1, "out_channels": out_channels(cfg.variant)}
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Seed 000's soft F1: 1 - mean over foreground classes of the batch soft Dice (softmax).
+    Written here because the GPU image has no MONAI."""
+    probs = torch.softmax(logits, dim=1)
+    onehot = F.one_hot(target, probs.shape[1]).permute(0, 3, 1, 2).float()
+    dims = (0, 2, 3)
+    inter = (probs * onehot).sum(dims)
+    denom = probs.sum(dims) + onehot.sum(dims)
+    dice = (2 * inter + 1.0) / (denom + 1.0)
+    return 1 - dice[1:].mean()
+
+
+def lr_at(cfg: Config, iteration: int) -> float:
+    """Exponential decay from lr to lr_final over the iteration budget (seed: 1e-3 toward 1e-4)."""
+    return cfg.lr * (cfg.lr_final / cfg.lr) ** min(1.0, iteration / max(1, cfg.iterations))
+
+
+def validation_set(volume: KneeVolume, cfg: Config, synth: SynthConfig, seed: int = 12345):
+    """A fixed set of synthetic slices of the held-out anatomy (same seed every run)."""
+    gen = torch.Generator(device=volume.labels.device).manual_seed(seed)
+    xs, ys = [], []
+    for _ in range(cfg.val_samples):
+        x, y, _ = synthesise(volume, synth, gen)
+        xs.append(x)
+        ys.append(y)
+    return torch.stack(xs), torch.stack(ys)
+
+
+def dice_per_class(pred: torch.Tensor, truth: torch.Tensor, classes) -> dict[int, float]:
+    """Dice over the whole set (all slices pooled) per class; NaN when the class is absent in both."""
+    out = {}
+    for c in classes:
+        p, t = pred == c, truth == c
+        denom = int(p.sum() + t.sum())
+        out[c] = 2 * int((p & t).sum()) / denom if denom else float("nan")
+    return out
+
+
+@torch.no_grad()
+def evaluate_slices(net, x: torch.Tensor, y: torch.Tensor, variant: str, batch: int = 16) -> dict:
+    net.eval()
+    preds = torch.cat([net(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)])
+    truth = variant_target(y.to(preds.device), variant)
+    classes = range(1, out_channels(variant))
+    d = dice_per_class(preds, truth, classes)
+    names = {"multiclass": {1: "femur", 2: "tibia", 3: "fibula", 4: "patella"}, "merged": {1: "bone"},
+             "fibula": {1: "fibula"}}[variant]
+    per = {names[c]: round(v, 4) for c, v in d.items()}
+    return {"dice": per, "mean_dice": round(float(np.nanmean(list(d.values()))), 4)}
+
+
+def random_crop(x: torch.Tensor, y: torch.Tensor, size: int, gen: torch.Generator):
+    n = x.shape[-1]
+    if size >= n:
+        return x, y
+    r, c = (int(torch.randint(0, n - size + 1, (1,), generator=gen, device=gen.device)) for _ in range(2))
+    return x[..., r:r + size, c:c + size], y[..., r:r + size, c:c + size]
+
+
+def train(cfg: Config, out: Path, resume: bool, device: str = "cpu", max_minutes: float | None = None,
+          log=print, volumes_path: Path | None = None) -> dict:
+    from SpineKneeSegLib.weights import save_checkpoint
+
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(device)
+    volumes = load_volumes(volumes_path or out / "volumes.pt", dev)
+    train_vols = [v for v in volumes if v.name != HELD_OUT]
+    held = [v for v in volumes if v.name == HELD_OUT]
+    synth = SynthConfig(**cfg.synth)
+    val_x, val_y = validation_set(held[0], cfg, synth)
+    log(f"training on {[v.name for v in train_vols]}, validating on {len(val_x)} synthetic slices of {HELD_OUT}")
+    torch.manual_seed(cfg.seed)
+    net = build_network("unet2d", network_config(cfg)).to(dev)
+    optimiser = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    gen = torch.Generator(device=dev).manual_seed(cfg.seed)
+    state = {"iteration": 0, "epoch": 0, "best": -math.inf, "best_epoch": 0, "history": []}
+    last = out / "last.pt"
+    if resume and last.exists():
+        ckpt = torch.load(last, map_location=dev, weights_only=False)  # our own file
+        net.load_state_dict(ckpt["model"])
+        optimiser.load_state_dict(ckpt["optimiser"])
+        state = ckpt["state"]
+        gen.set_state(ckpt["rng"].to(gen.get_state().device) if hasattr(ckpt["rng"], "to") else ckpt["rng"])
+        log(f"resumed at iteration {state['iteration']} (best {state['best']:.4f} at epoch {state['best_epoch']})")
+    writer = _writer(out)
+    started = time.time()
+    while state["iteration"] < cfg.iterations and state["epoch"] - state["best_epoch"] < cfg.patience:
+        t0 = time.time()
+        net.train()
+        losses = []
+        for _ in range(cfg.eval_every):
+            for group in optimiser.param_groups:
+                group["lr"] = lr_at(cfg, state["iteration"])
+            x, y = synthesise_batch(train_vols, synth, gen, cfg.batch_size)
+            x, y = random_crop(x, y, cfg.patch, gen)
+            optimiser.zero_grad()
+            loss = soft_dice_loss(net(x), variant_target(y, cfg.variant))
+            loss.backward()
+            optimiser.step()
+            losses.append(float(loss.detach()))
+            state["iteration"] += 1
+        metrics = evaluate_slices(net, val_x, val_y, cfg.variant)
+        state["epoch"] += 1
+        entry = {"epoch": state["epoch"], "iteration": state["iteration"], "loss": round(float(np.mean(losses)), 4),
+                 "lr": lr_at(cfg, state["iteration"]), **metrics, "seconds": round(time.time() - t0, 1)}
+        state["history"].append(entry)
+        if writer:
+            writer.add_scalar("train/loss", entry["loss"], state["iteration"])
+            writer.add_scalar("val/mean_dice", metrics["mean_dice"], state["iteration"])
+            for name, v in metrics["dice"].items():
+                writer.add_scalar(f"val/dice_{name}", v, state["iteration"])
+            writer.flush()
+        if metrics["mean_dice"] > state["best"]:
+            state["best"], state["best_epoch"] = metrics["mean_dice"], state["epoch"]
+            save_checkpoint(out / "best.pt", TASK, "unet2d", network_config(cfg),
+                            {k: v.cpu() for k, v in net.state_dict().items()},
+                            metadata={"iteration": state["iteration"], "val": metrics, "config": asdict(cfg),
+                                      "variant": cfg.variant, "held_out": HELD_OUT,
+                                      "trained_on": [v.name for v in train_vols]})
+        tmp = out / "last.pt.tmp"
+        torch.save({"model": net.state_dict(), "optimiser": optimiser.state_dict(), "state": state,
+                    "rng": gen.get_state(), "config": asdict(cfg)}, tmp)
+        tmp.replace(last)
+        log(json.dumps(entry))
+        if max_minutes and (time.time() - started) / 60 > max_minutes:
+            log("time budget reached; resume with --resume")
+            break
+    return state
+
+
+def _writer(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is in the 'train' extra
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--labelmaps", type=Path, default=None)
+    p.add_argument("--spacing", type=float, default=Config.spacing_mm)
+    t = sub.add_parser("train")
+    t.add_argument("--out", type=Path, required=True)
+    t.add_argument("--resume", action="store_true")
+    t.add_argument("--volumes", type=Path, default=None, help="prepared volumes.pt (default: OUT/volumes.pt)")
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--max-minutes", type=float, default=None)
+    t.add_argument("--variant", default=Config.variant, choices=("multiclass", "merged", "fibula"))
+    t.add_argument("--channels", type=int, default=Config.channels)
+    t.add_argument("--iterations", type=int, default=Config.iterations)
+    t.add_argument("--batch-size", type=int, default=Config.batch_size)
+    t.add_argument("--patch", type=int, default=Config.patch)
+    t.add_argument("--eval-every", type=int, default=Config.eval_every)
+    t.add_argument("--seed", type=int, default=Config.seed)
+    t.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.command == "prepare":
+        from SpineKneeSegLib.datasets import data_root
+
+        labelmaps = args.labelmaps or data_root() / "knee" / "labelmaps"
+        prepare(args.out, labelmaps, args.spacing)
+        return 0
+    if args.command == "train":
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        cfg = Config(variant=args.variant, channels=args.channels, iterations=args.iterations,
+                     batch_size=args.batch_size, patch=args.patch, eval_every=args.eval_every, seed=args.seed)
+        state = train(cfg, args.out, args.resume, args.device, args.max_minutes, volumes_path=args.volumes)
+        print(f"best mean Dice {state['best']:.4f} at epoch {state['best_epoch']}")
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

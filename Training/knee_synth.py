@@ -1,0 +1,258 @@
+"""Label-map-driven knee MRI synthesis (the SynthSeg idea: Billot et al., MedIA 86:102789, 2023).
+
+Pure torch (a lent GPU's image has no SimpleITK or MONAI): every random choice is drawn from a
+torch.Generator, every operation runs on the label volumes' device. Written by hand because no
+library synthesises 2D slices through a 3D label map with per-slice partial volume.
+
+A prepared label volume (``KneeVolume``) is an LPS-aligned uint8 array (z=S, y=P, x=L order)
+at isotropic spacing whose values are: 0 unlabelled, 1 femur, 2 tibia, 3 fibula, 4 patella, 5.. other
+structures (muscle, cartilage, vessels... each its own random intensity).
+
+One synthetic sample = a 2D slice (network_px x network_px) through a randomly deformed copy of
+the volume, in the canonical orientation inference shows the network (preprocessing.CANONICAL_AXES):
+sagittal (rows down, cols posterior) or coronal (rows down, cols to patient left), with
+- a random square window (side ``fov_mm``) near the joint centre, random rotation, anisotropic
+  scale, smooth elastic displacement, left/right mirroring (right <-> left knee);
+- a slab of ``thickness_mm`` sampled at several sub-planes and averaged (partial volume);
+- the unlabelled region split into random smooth pseudo-tissues (fat, muscle, air...);
+- a dark cortical rim of random width on every bone (cortex has no MR signal in any contrast);
+- random per-tissue intensity and texture, blur, resolution loss, multiplicative bias field,
+  gamma, Rician noise, zero padding where the window leaves the field of view;
+- per-slice z-score over the same foreground rule inference uses, then intensity jitter (the
+  network sees per-volume z-scores at inference).
+Target: the bone labels (0..4) at the slab's central plane.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+BONES = 4  # label values 1..4 = femur, tibia, fibula, patella (project-wide knee labels)
+
+# canonical (slice normal, row, col) in LPS, as SpineKneeSegLib.preprocessing.CANONICAL_AXES
+PLANES = {
+    "sagittal": ((-1.0, 0.0, 0.0), (0.0, 0.0, -1.0), (0.0, 1.0, 0.0)),
+    "coronal": ((0.0, 1.0, 0.0), (0.0, 0.0, -1.0), (1.0, 0.0, 0.0)),
+}
+
+
+@dataclass
+class KneeVolume:
+    name: str
+    labels: torch.Tensor  # (Z, Y, X) uint8, LPS-aligned: x to patient left, y posterior, z superior
+    spacing_mm: float
+    origin_lps: tuple[float, float, float]  # LPS of voxel (0, 0, 0)
+    joint_centre_lps: tuple[float, float, float]
+    bone_extent_lps: tuple[tuple[float, float], ...]  # (min, max) per LPS axis of femur/tibia/fibula
+    n_labels: int  # largest label value + 1
+
+    def to(self, device) -> "KneeVolume":
+        return KneeVolume(self.name, self.labels.to(device), self.spacing_mm, self.origin_lps,
+                          self.joint_centre_lps, self.bone_extent_lps, self.n_labels)
+
+
+@dataclass
+class SynthConfig:
+    network_px: int = 224
+    fov_mm: tuple[float, float] = (110.0, 200.0)  # square window side; inference uses 160 mm
+    centre_jitter_mm: float = 25.0
+    coronal_fraction: float = 0.3
+    rotation_deg: tuple[float, float, float] = (15.0, 10.0, 10.0)  # in-plane, two out-of-plane tilts
+    scale: tuple[float, float] = (0.85, 1.15)
+    elastic_mm: float = 3.0
+    thickness_mm: tuple[float, float] = (0.5, 4.0)
+    sub_planes: int = 5
+    background_tissues: tuple[int, int] = (1, 5)
+    cortex_px: tuple[int, int] = (0, 3)
+    texture_sd: float = 0.08
+    blur_px: tuple[float, float] = (0.0, 1.2)
+    downsample: tuple[float, float] = (1.0, 2.5)
+    bias_sd: float = 0.35
+    gamma_sd: float = 0.3
+    noise_sd: tuple[float, float] = (0.0, 0.06)
+    pad_fraction: float = 0.3  # share of samples whose window runs off the field of view
+    jitter: tuple[float, float] = (0.2, 0.2)  # scale and shift after z-score
+    extra: dict = field(default_factory=dict)
+
+
+def _u(gen, lo, hi, n=(), device="cpu"):
+    return lo + (hi - lo) * torch.rand(n, generator=gen, device=device)
+
+
+def _rotation(ax: float, ay: float, az: float, device) -> torch.Tensor:
+    """Rotation matrix from angles (radians) about the slice normal, row and col axes of the frame."""
+    def about(axis, a):
+        c, s = math.cos(a), math.sin(a)
+        i, j = [k for k in range(3) if k != axis]
+        m = torch.eye(3, device=device)
+        m[i, i], m[i, j], m[j, i], m[j, j] = c, -s, s, c
+        return m
+    return about(0, ax) @ about(1, ay) @ about(2, az)
+
+
+def _smooth_field(gen, shape_lo, size, device, channels=1):
+    """Smooth random field: coarse Gaussian noise upsampled bicubically to ``size``."""
+    coarse = torch.randn((1, channels, *shape_lo), generator=gen, device=device)
+    return F.interpolate(coarse, size=size, mode="bicubic", align_corners=False)[0]
+
+
+def _gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(N, 1, H, W) separable Gaussian blur."""
+    if sigma < 0.2:
+        return img
+    r = max(1, int(math.ceil(3 * sigma)))
+    t = torch.arange(-r, r + 1, device=img.device, dtype=img.dtype)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    img = F.conv2d(F.pad(img, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(img, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
+
+
+def sample_geometry(vol: KneeVolume, cfg: SynthConfig, gen: torch.Generator, device, plane: str | None = None):
+    """LPS sample points (sub_planes, H, W, 3) of one random slab, its thickness and plane."""
+    n = cfg.network_px
+    if plane is None:
+        plane = "coronal" if float(_u(gen, 0, 1, device=device)) < cfg.coronal_fraction else "sagittal"
+    normal, row, col = (torch.tensor(v, device=device) for v in PLANES[plane])
+    angles = [math.radians(float(_u(gen, -a, a, device=device))) for a in cfg.rotation_deg]
+    frame = torch.stack([normal, row, col], dim=1) @ _rotation(*angles, device)  # columns: n', r', c'
+    normal, row, col = frame[:, 0], frame[:, 1], frame[:, 2]
+    fov = float(_u(gen, *cfg.fov_mm, device=device))
+    scale_r, scale_c = (float(_u(gen, *cfg.scale, device=device)) for _ in range(2))
+    centre = torch.tensor(vol.joint_centre_lps, device=device)
+    centre = centre + row * float(_u(gen, -1, 1, device=device)) * cfg.centre_jitter_mm
+    centre = centre + col * float(_u(gen, -1, 1, device=device)) * cfg.centre_jitter_mm
+    # through-plane: anywhere across the bones (+-10 mm): every slice of a knee series is seen
+    lo_hi = torch.tensor(vol.bone_extent_lps, device=device)  # (3, 2)
+    corners = torch.cartesian_prod(lo_hi[0], lo_hi[1], lo_hi[2])  # (8, 3)
+    along = corners @ normal
+    s = float(_u(gen, float(along.min()) - 10.0, float(along.max()) + 10.0, device=device))
+    centre = centre + normal * (s - float(centre @ normal))
+    thickness = float(_u(gen, *cfg.thickness_mm, device=device))
+    t = (torch.arange(n, device=device, dtype=torch.float32) + 0.5) / n - 0.5
+    rr, cc = torch.meshgrid(t * fov * scale_r, t * fov * scale_c, indexing="ij")
+    if cfg.elastic_mm > 0:
+        amp = float(_u(gen, 0, cfg.elastic_mm, device=device))
+        disp = _smooth_field(gen, (5, 5), (n, n), device, channels=2) * amp
+        rr, cc = rr + disp[0], cc + disp[1]
+    offsets = (torch.linspace(-0.5, 0.5, cfg.sub_planes, device=device) * thickness
+               if cfg.sub_planes > 1 else torch.zeros(1, device=device))
+    pts = (centre + rr[..., None] * row + cc[..., None] * col)[None] + offsets[:, None, None, None] * normal
+    return pts, thickness, plane, fov
+
+
+def sample_labels(vol: KneeVolume, pts: torch.Tensor, mirror: bool) -> torch.Tensor:
+    """Nearest-neighbour labels at LPS points (..., 3); outside the volume = 0."""
+    origin = torch.tensor(vol.origin_lps, device=pts.device)
+    idx = (pts - origin) / vol.spacing_mm  # (x, y, z) voxel coordinates
+    size = torch.tensor(vol.labels.shape[::-1], device=pts.device, dtype=torch.float32)  # (X, Y, Z)
+    if mirror:  # left/right mirror about the volume's centre: a right knee becomes a left one
+        idx[..., 0] = size[0] - 1 - idx[..., 0]
+    grid = idx / (size - 1) * 2 - 1
+    src = vol.labels[None, None].float()
+    out = F.grid_sample(src, grid.reshape(1, 1, -1, 1, 3), mode="nearest", padding_mode="zeros", align_corners=True)
+    return out.reshape(pts.shape[:-1]).round().to(torch.long)
+
+
+def _split_background(labels: torch.Tensor, n_labels: int, cfg: SynthConfig, gen) -> torch.Tensor:
+    """Unlabelled voxels -> 1..K random smooth pseudo-tissues (ids n_labels .. n_labels+K-1)."""
+    k = int(torch.randint(cfg.background_tissues[0], cfg.background_tissues[1] + 1, (1,), generator=gen,
+                          device=labels.device))
+    if k <= 1:
+        return torch.where(labels == 0, n_labels, labels)
+    res = int(torch.randint(3, 9, (1,), generator=gen, device=labels.device))
+    fld = _smooth_field(gen, (res, res), labels.shape[-2:], labels.device)[0]
+    edges = torch.quantile(fld.flatten()[::7], torch.linspace(0, 1, k + 1, device=labels.device)[1:-1])
+    pseudo = n_labels + torch.bucketize(fld, edges)
+    return torch.where(labels == 0, pseudo[None].expand_as(labels), labels)
+
+
+def _cortex(labels: torch.Tensor, width: int, rim_id: int) -> torch.Tensor:
+    """Bone voxels within ``width`` pixels of the bone's edge -> ``rim_id`` (dark cortex)."""
+    if width <= 0:
+        return labels
+    bone = ((labels >= 1) & (labels <= BONES)).float()[:, None]
+    eroded = -F.max_pool2d(-bone, 2 * width + 1, stride=1, padding=width)
+    rim = (bone - eroded)[:, 0] > 0.5
+    return torch.where(rim, rim_id, labels)
+
+
+def _foreground_zscore(img: torch.Tensor) -> torch.Tensor:
+    """SpineKneeSegLib.preprocessing.normalise('zscore') on one slice: statistics of the pixels
+    above the 5th percentile (all pixels when that keeps <= 5 %)."""
+    flat = img.flatten()
+    lo = torch.quantile(flat[:: max(1, flat.numel() // 20000)], 0.05)
+    mask = flat > lo
+    values = flat[mask] if mask.sum() > 0.05 * flat.numel() else flat
+    return (img - values.mean()) / values.std().clamp_min(1e-6)
+
+
+def synthesise(vol: KneeVolume, cfg: SynthConfig, gen: torch.Generator, plane: str | None = None,
+               mirror: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """One sample: image (1, H, W) float32 z-scored, target (H, W) long 0..4, and its parameters."""
+    device = vol.labels.device
+    n = cfg.network_px
+    pts, thickness, plane, fov = sample_geometry(vol, cfg, gen, device, plane)
+    if mirror is None:
+        mirror = bool(float(_u(gen, 0, 1, device=device)) < 0.5)
+    labels = sample_labels(vol, pts, mirror)  # (S, H, W)
+    target = labels[labels.shape[0] // 2].clamp(max=BONES + 1)
+    target = torch.where(target > BONES, 0, target)
+
+    labels = _split_background(labels, vol.n_labels, cfg, gen)
+    rim_id = vol.n_labels + cfg.background_tissues[1]
+    width = int(torch.randint(cfg.cortex_px[0], cfg.cortex_px[1] + 1, (1,), generator=gen, device=device))
+    labels = _cortex(labels, width, rim_id)
+    n_ids = rim_id + 1
+    means = _u(gen, 0.0, 1.0, (n_ids,), device)
+    means[rim_id] = _u(gen, 0.0, 0.12, device=device)  # cortical bone: no signal
+    sds = _u(gen, 0.0, cfg.texture_sd, (n_ids,), device)
+    img = means[labels] + sds[labels] * torch.randn(labels.shape, generator=gen, device=device)
+    img = img.mean(dim=0, keepdim=True)[None]  # (1, 1, H, W): partial volume across the slab
+
+    img = _gaussian_blur(img, float(_u(gen, *cfg.blur_px, device=device)))
+    factor = float(_u(gen, *cfg.downsample, device=device))
+    if factor > 1.05:  # resolution loss along rows, cols or both
+        which = int(torch.randint(0, 3, (1,), generator=gen, device=device))
+        lo_size = (round(n / factor) if which != 1 else n, round(n / factor) if which != 0 else n)
+        img = F.interpolate(F.interpolate(img, size=lo_size, mode="area"), size=(n, n), mode="bilinear",
+                            align_corners=False)
+    bias = _smooth_field(gen, (4, 4), (n, n), device)[None] * float(_u(gen, 0, cfg.bias_sd, device=device))
+    img = img.clamp_min(0) * torch.exp(bias)
+    img = img / img.amax().clamp_min(1e-6)
+    img = img ** math.exp(float(torch.randn((), generator=gen, device=device)) * cfg.gamma_sd)
+    sd = float(_u(gen, *cfg.noise_sd, device=device))
+    if sd > 0:  # Rician magnitude noise
+        n1 = torch.randn(img.shape, generator=gen, device=device) * sd
+        n2 = torch.randn(img.shape, generator=gen, device=device) * sd
+        img = torch.sqrt((img + n1) ** 2 + n2 ** 2)
+    img = img[0]
+    padded = None
+    if float(_u(gen, 0, 1, device=device)) < cfg.pad_fraction:  # window leaves the field of view
+        padded = torch.zeros((n, n), dtype=torch.bool, device=device)
+        side = int(torch.randint(0, 4, (1,), generator=gen, device=device))
+        cut = int(_u(gen, 0.05, 0.3, device=device) * n)
+        sl = [(slice(0, cut), slice(None)), (slice(n - cut, n), slice(None)),
+              (slice(None), slice(0, cut)), (slice(None), slice(n - cut, n))][side]
+        padded[sl] = True
+        img[0][padded] = 0.0
+    img = _foreground_zscore(img)
+    if padded is not None:  # inference pads with 0 after z-score
+        img[0][padded] = 0.0
+    img = img * float(_u(gen, 1 - cfg.jitter[0], 1 + cfg.jitter[0], device=device)) \
+        + float(_u(gen, -cfg.jitter[1], cfg.jitter[1], device=device))
+    return img.float(), target, {"plane": plane, "thickness_mm": thickness, "fov_mm": fov, "mirror": mirror}
+
+
+def synthesise_batch(volumes: list[KneeVolume], cfg: SynthConfig, gen: torch.Generator, batch: int):
+    device = volumes[0].labels.device
+    xs, ys = [], []
+    for _ in range(batch):
+        vol = volumes[int(torch.randint(0, len(volumes), (1,), generator=gen, device=device))]
+        x, y, _ = synthesise(vol, cfg, gen)
+        xs.append(x)
+        ys.append(y)
+    return torch.stack(xs), torch.stack(ys)
