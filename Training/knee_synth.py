@@ -256,3 +256,53 @@ def synthesise_batch(volumes: list[KneeVolume], cfg: SynthConfig, gen: torch.Gen
         xs.append(x)
         ys.append(y)
     return torch.stack(xs), torch.stack(ys)
+
+
+def synthesise_volume(vol: KneeVolume, cfg: SynthConfig, gen: torch.Generator, *, plane: str = "sagittal",
+                      n_slices: int = 60, slice_mm: float = 1.5, thickness_mm: float | None = None,
+                      size_px: int = 256, pixel_mm: float = 0.6, mirror: bool = False) -> dict:
+    """A whole synthetic series of the (held-out) anatomy with one contrast for every slice, for
+    evaluating the real inference pipeline in 3D. Returns unnormalised positive intensities
+    (slices, rows, cols) float32, bone labels uint8, and the LPS geometry (direction columns for
+    i = col, j = row, k = slice; origin of the first voxel; spacing (col, row, slice))."""
+    device = vol.labels.device
+    normal, row, col = (torch.tensor(v, device=device) for v in PLANES[plane])
+    angles = [math.radians(float(_u(gen, -a / 2, a / 2, device=device))) for a in cfg.rotation_deg]
+    frame = torch.stack([normal, row, col], dim=1) @ _rotation(*angles, device)
+    normal, row, col = frame[:, 0], frame[:, 1], frame[:, 2]
+    centre = torch.tensor(vol.joint_centre_lps, device=device)
+    centre = centre + row * float(_u(gen, -10, 10, device=device)) + col * float(_u(gen, -10, 10, device=device))
+    thickness = thickness_mm if thickness_mm is not None else slice_mm
+    t = (torch.arange(size_px, device=device, dtype=torch.float32) - (size_px - 1) / 2) * pixel_mm
+    rr, cc = torch.meshgrid(t, t, indexing="ij")
+    if cfg.elastic_mm > 0:
+        disp = _smooth_field(gen, (5, 5), (size_px, size_px), device, channels=2) * cfg.elastic_mm / 2
+        rr, cc = rr + disp[0], cc + disp[1]
+    offsets = (torch.linspace(-0.5, 0.5, cfg.sub_planes, device=device) * thickness
+               if cfg.sub_planes > 1 else torch.zeros(1, device=device))
+    slice_pos = (torch.arange(n_slices, device=device, dtype=torch.float32) - (n_slices - 1) / 2) * slice_mm
+    plane_pts = centre + rr[..., None] * row + cc[..., None] * col  # (H, W, 3)
+    pts = plane_pts[None, None] + (slice_pos[:, None] + offsets[None, :])[..., None, None, None] * normal
+    labels = sample_labels(vol, pts.reshape(-1, size_px, size_px, 3), mirror)  # (N*S, H, W)
+    bones = labels.reshape(n_slices, -1, size_px, size_px)[:, offsets.numel() // 2]
+    bones = torch.where(bones > BONES, 0, bones).to(torch.uint8)
+
+    labels = _split_background(labels, vol.n_labels, cfg, gen)
+    rim_id = vol.n_labels + cfg.background_tissues[1]
+    labels = _cortex(labels, int(torch.randint(1, cfg.cortex_px[1] + 1, (1,), generator=gen, device=device)), rim_id)
+    means = _u(gen, 0.05, 1.0, (rim_id + 1,), device)
+    means[rim_id] = _u(gen, 0.0, 0.1, device=device)
+    sds = _u(gen, 0.0, cfg.texture_sd / 2, (rim_id + 1,), device)
+    img = means[labels] + sds[labels] * torch.randn(labels.shape, generator=gen, device=device)
+    img = img.reshape(n_slices, -1, size_px, size_px).mean(dim=1)[:, None]  # partial volume
+    img = _gaussian_blur(img, 0.5)
+    bias = _smooth_field(gen, (4, 4), (size_px, size_px), device)[None] * cfg.bias_sd / 2
+    img = img.clamp_min(0) * torch.exp(bias)
+    sd = 0.02
+    img = torch.sqrt((img + torch.randn(img.shape, generator=gen, device=device) * sd) ** 2
+                     + (torch.randn(img.shape, generator=gen, device=device) * sd) ** 2)
+    first = centre + t[0] * row + t[0] * col + slice_pos[0] * normal  # nominal: the displacement deforms anatomy
+    return {"image": (img[:, 0] * 1000).cpu().numpy().astype("float32"), "labels": bones.cpu().numpy(),
+            "direction": torch.stack([col, row, normal], dim=1).cpu().double().numpy(),
+            "origin": first.cpu().double().numpy(), "spacing": (pixel_mm, pixel_mm, slice_mm),
+            "plane": plane, "thickness_mm": thickness, "mirror": mirror}
