@@ -34,7 +34,8 @@ def volumes(tmp_path_factory):
 
 def test_prepared_volume_keeps_bones_and_finds_the_joint(volumes):
     for vol, phantom in volumes:
-        truth_ml = [float((phantom.labels.array == v).sum()) * np.prod(phantom.labels.spacing) / 1000 for v in (1, 2, 3, 4)]
+        voxel_ml = np.prod(phantom.labels.spacing) / 1000
+        truth_ml = [float((phantom.labels.array == v).sum()) * voxel_ml for v in (1, 2, 3, 4)]
         got_ml = [float((vol.labels == v).sum()) * vol.spacing_mm ** 3 / 1000 for v in (1, 2, 3, 4)]
         assert np.allclose(got_ml, truth_ml, rtol=0.1), (got_ml, truth_ml)
         # the phantom's joint centre is RAS; ours LPS. The joint line (S) is well defined; across

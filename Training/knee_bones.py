@@ -335,7 +335,8 @@ def evaluate_series(checkpoint: Path, volumes_path: Path, seed: int = 777, log=p
         t = time.time()
         raw = segment_slices(card, image, net, torch.device("cpu"), weights.preprocessing).labels
         final = largest_component_per_label(raw)
-        row = {"series": f"{plane} {n}x{slice_mm} mm{' mirrored' if mirror else ''}", "seconds": round(time.time() - t, 2)}
+        row = {"series": f"{plane} {n}x{slice_mm} mm{' mirrored' if mirror else ''}",
+               "seconds": round(time.time() - t, 2)}
         for value, name in BONE_NAMES.items():
             truth = s["labels"] == value
             if truth.sum() == 0:
