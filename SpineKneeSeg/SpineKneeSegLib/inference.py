@@ -2,16 +2,16 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from .image import Image
 from .models import build_network
-from .preprocessing import (canonical_image, canonical_orientation, context_channels, crop_in_plane,
-                            foreground_box, network_grid,
-                            network_grid_image, normalise, pad_to, resize_batch)
+from .preprocessing import (bias_correct, canonical_image, canonical_orientation, context_channels, crop_in_plane,
+                            foreground_box, from_network_grid, in_plane_spacing, network_grid, network_grid_image,
+                            normalise, pad_to, resolve_plane, to_network_grid, window_centre_rc)
 from .progress import Progress
 from .tasks import TaskCard
 from .weights import LoadedWeights
@@ -41,6 +41,9 @@ class NetworkOutput:
     network_s: float = 0.0
     preprocess_s: float = 0.0
     postprocess_s: float = 0.0
+    bias_s: float = 0.0  # bias-field correction (not in preprocess_s)
+    summaries: dict = field(default_factory=dict)  # e.g. crop_window, bias_correction: for the report
+    warnings: list = field(default_factory=list)
 
 
 def load_network(weights: LoadedWeights, device: torch.device) -> torch.nn.Module:
@@ -55,25 +58,34 @@ def _sync(device: torch.device) -> None:
 
 
 def _batches(image: Image, net: torch.nn.Module, device: torch.device, pre: dict, batch_size: int,
-             progress: Progress | None, timings: dict):
+             progress: Progress | None, timings: dict, slices: np.ndarray | None = None, centre_lps=None):
     """Yield (slice indices, logits on the unpadded network grid, grid, in-plane box, grid image)
     for every batch of slices; accumulate preprocessing and forward-pass seconds in ``timings``.
-    With ``crop_foreground`` only foreground slices inside the foreground box are run."""
+    With ``crop_foreground`` only foreground slices inside the foreground box are run; ``slices``
+    (canonical indices) runs only those. With ``network_px`` the network sees a square
+    ``crop_mm`` window centred on ``centre_lps`` (None: the field-of-view centre)."""
     t0 = time.perf_counter()
     canon, _ = canonical_image(image, pre["plane"])  # slices along axis 0, canonical in-plane orientation
     stack = normalise(canon.array, pre["normalisation"], pre.get("stats"))
     n = stack.shape[0]
     found = foreground_box(canon.array) if pre.get("crop_foreground") else None
-    slices, box = found if found else (np.arange(n), (0, stack.shape[1], 0, stack.shape[2]))
+    run, box = found if found else (np.arange(n), (0, stack.shape[1], 0, stack.shape[2]))
+    if slices is not None:
+        run = np.asarray(slices)
     cropped = crop_in_plane(canon, box)
     stack = stack[:, box[0]:box[1], box[2]:box[3]]
-    grid = network_grid(cropped, 0, pre["in_plane_spacing_mm"], getattr(net, "size_multiple", 1))
+    centre = window_centre_rc(cropped, centre_lps) if centre_lps is not None else None
+    grid = network_grid(cropped, 0, pre["in_plane_spacing_mm"], getattr(net, "size_multiple", 1),
+                        pre.get("network_px"), pre.get("crop_mm"), centre)
+    # outside the image the window shows the normalised image minimum: what air (the MRI
+    # background) looks like to the network, whereas 0 after z-score would be average tissue
+    pad_value = float(stack.min()) if grid.window is not None else 0.0
     timings["pre"] += time.perf_counter() - t0
-    for start in range(0, len(slices), batch_size):
+    for start in range(0, len(run), batch_size):
         t = time.perf_counter()
-        index = slices[start:start + batch_size]
+        index = run[start:start + batch_size]
         x = torch.from_numpy(context_channels(stack, index, pre["context_slices"])).to(device)
-        x = pad_to(resize_batch(x, grid.network_hw), grid.padded_hw)
+        x = pad_to(to_network_grid(x, grid, pad_value), grid.padded_hw)
         _sync(device)
         t_net = time.perf_counter()
         timings["pre"] += t_net - t
@@ -82,7 +94,66 @@ def _batches(image: Image, net: torch.nn.Module, device: torch.device, pre: dict
         timings["net"] += time.perf_counter() - t_net
         yield index, logits[..., : grid.network_hw[0], : grid.network_hw[1]], grid, box, cropped
         if progress:
-            progress.step("inference", min(start + batch_size, len(slices)), len(slices))
+            progress.step("inference", min(start + batch_size, len(run)), len(run))
+
+
+def _labels_of(card: TaskCard, image: Image, net, device, pre: dict, batch_size: int, progress, timings: dict,
+               slices=None, centre_lps=None) -> np.ndarray:
+    """Label map in the canonical layout (slices not run stay background)."""
+    labels = np.zeros(canonical_image(image, pre["plane"])[0].array.shape, dtype=np.uint8)
+    for index, logits, grid, (r0, _, c0, _), _ in _batches(image, net, device, pre, batch_size, progress, timings,
+                                                            slices, centre_lps):
+        t = time.perf_counter()
+        out, (a0, a1, b0, b1) = from_network_grid(logits, grid)
+        labels[index, r0 + a0:r0 + a1, c0 + b0:c0 + b1] = logits_to_labels(out, card.label_activation).cpu().numpy()
+        timings["post"] += time.perf_counter() - t
+    return labels
+
+
+def window_centre(card: TaskCard, image: Image, net, device, pre: dict, batch_size: int,
+                  timings: dict) -> tuple[np.ndarray | None, dict, list[str]]:
+    """Where the square window goes: (centre in LPS or None = field-of-view centre, report
+    summary, warnings). ``crop_window`` "joint" (seed 000): when the longer in-plane field of view
+    exceeds 1.1 x crop_mm, a coarse pass of the same network (every 4th slice of the central
+    half, window = the whole field of view) finds femur and tibia and the window is centred on
+    their joint (knee.joint_centre_from_labels); else the field-of-view centre already holds the
+    joint and no pass is run."""
+    from .knee import joint_centre_from_labels
+
+    canon, _ = canonical_image(image, pre["plane"])
+    n, h, w = canon.array.shape
+    sr, sc = in_plane_spacing(canon, 0)
+    fov = max(h * sr, w * sc)
+    crop_mm = pre.get("crop_mm") or fov
+    fov_centre_lps = canon.ijk_to_lps_points([[(w - 1) / 2.0, (h - 1) / 2.0, (n - 1) / 2.0]])[0]
+    info = {"plane": resolve_plane(image, pre["plane"]), "network_px": int(pre["network_px"]),
+            "crop_mm": round(float(crop_mm), 3), "field_of_view_mm": [round(h * sr, 2), round(w * sc, 2)],
+            "crop_window": pre.get("crop_window")}
+    centre_lps, warnings = None, []
+    if pre.get("crop_window") not in (None, "joint"):
+        raise ValueError(f"unknown crop_window {pre.get('crop_window')!r} (None | 'joint')")
+    if pre.get("crop_window") is None:
+        info["method"] = "field-of-view centre"
+    elif fov <= 1.1 * crop_mm:
+        info["method"] = "field-of-view centre (field of view <= 1.1 x crop_mm: no detection pass)"
+    else:
+        t = time.perf_counter()
+        net_before = timings["net"]
+        run = np.arange(n // 4, n - n // 4, 4) if n >= 4 else np.arange(n)
+        coarse = _labels_of(card, image, net, device, {**pre, "crop_mm": None}, batch_size, None, timings, run)
+        ras, note = joint_centre_from_labels(coarse, canon)
+        info["coarse_pass"] = {"slices": [int(i) for i in run], "seconds": round(time.perf_counter() - t, 3),
+                               "network_seconds": round(timings["net"] - net_before, 3), "note": note}
+        if ras is None:
+            info["method"] = "field-of-view centre (fallback: coarse pass found no joint)"
+            warnings.append(f"joint centre not found by the coarse pass ({note}); the crop window is "
+                            "centred on the field of view")
+        else:
+            info["method"] = "coarse pass (femur and tibia)"
+            centre_lps = np.asarray(ras) * np.array([-1.0, -1.0, 1.0])
+    used = fov_centre_lps if centre_lps is None else centre_lps
+    info["joint_centre_ras"] = [round(float(v), 2) for v in np.asarray(used) * np.array([-1.0, -1.0, 1.0])]
+    return centre_lps, info, warnings
 
 
 def _ramp(n: int, overlap: int) -> torch.Tensor:
@@ -138,15 +209,24 @@ def segment_slices(card: TaskCard, image: Image, net: torch.nn.Module, device: t
     resampled back, not labels)."""
     pre = {**card.preprocessing.__dict__, **(preprocessing or {})}
     timings = {"pre": 0.0, "net": 0.0, "post": 0.0}
+    summaries, warnings = {}, []
     orientation = canonical_orientation(image, pre["plane"])
-    labels = np.zeros(orientation.apply(image.array).shape, dtype=np.uint8)
-    for index, logits, grid, (r0, r1, c0, c1), _ in _batches(image, net, device, pre, batch_size, progress, timings):
-        t = time.perf_counter()
-        labels[index, r0:r1, c0:c1] = logits_to_labels(resize_batch(logits, grid.input_hw),
-                                                       card.label_activation).cpu().numpy()
-        timings["post"] += time.perf_counter() - t
+    t = time.perf_counter()
+    if pre.get("bias_correction"):  # on the canonical image: the same physical image, the same field
+        image, info = bias_correct(canonical_image(image, pre["plane"])[0], pre["bias_correction"], pre)
+    else:
+        info = {}
+    bias_s = time.perf_counter() - t
+    if info:
+        summaries["bias_correction"] = {**info, "seconds": round(bias_s, 3)}
+    centre_lps = None
+    if pre.get("network_px"):
+        centre_lps, summaries["crop_window"], warnings = window_centre(card, image, net, device, pre, batch_size,
+                                                                        timings)
+    labels = _labels_of(card, image, net, device, pre, batch_size, progress, timings, centre_lps=centre_lps)
     return NetworkOutput(labels=np.ascontiguousarray(orientation.undo(labels)), network_s=timings["net"],
-                         preprocess_s=timings["pre"], postprocess_s=timings["post"])
+                         preprocess_s=timings["pre"], postprocess_s=timings["post"], bias_s=bias_s,
+                         summaries=summaries, warnings=warnings)
 
 
 @torch.inference_mode()

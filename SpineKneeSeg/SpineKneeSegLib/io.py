@@ -303,6 +303,7 @@ class _Slice:
     frames: int
     pixel_spacing: tuple[float, float] | None  # (between rows, between columns), as DICOM
     slice_step: float | None  # SpacingBetweenSlices, else SliceThickness
+    laterality: str | None = None  # ImageLaterality (0020,0062), else Laterality (0020,0060): R | L | B | U
 
 
 def _read_dicom_folder(folder: Path, echo, series) -> Image:
@@ -379,7 +380,8 @@ def _slice_from_dataset(path: Path, ds) -> _Slice:
         rows=int(ds.Rows), columns=int(ds.Columns),
         frames=_int_or_none(ds.get("NumberOfFrames")) or 1,
         pixel_spacing=tuple(pixel_spacing) if pixel_spacing is not None else None,
-        slice_step=_float_or_none(step))
+        slice_step=_float_or_none(step),
+        laterality=str(ds.get("ImageLaterality") or ds.get("Laterality") or "").strip().upper() or None)
 
 
 def _int_or_none(value) -> int | None:
@@ -477,7 +479,8 @@ def _assemble_dicom(slices: list[_Slice], echo, series, where: Path) -> Image:
     image.meta.update({
         "source": str(where), "format": "dicom", "is_dicom": True,
         "series_uid": first.series_uid, "series_description": first.description,
-        "modality": first.modality, "echo": echo, "echo_time": echo_time, "echoes": all_echoes,
+        "modality": first.modality, "laterality": first.laterality,
+        "echo": echo, "echo_time": echo_time, "echoes": all_echoes,
         "dicom_files": [str(s.path) for s in chosen_sorted], "warnings": warnings})
     return image
 

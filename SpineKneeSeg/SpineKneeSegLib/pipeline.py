@@ -59,7 +59,7 @@ def load_inputs(card: TaskCard, paths: list[str], options: RunOptions) -> list[I
 
 
 def validate_input(card: TaskCard, spec, image: Image, path) -> None:
-    from .preprocessing import slice_axis
+    from .preprocessing import resolve_plane, slice_axis
 
     if spec.dims == 3 and image.is_2d:
         raise InputError(f"is a 2D image (shape {image.array.shape[1:]}); task {card.name} needs a 3D volume", path)
@@ -74,7 +74,8 @@ def validate_input(card: TaskCard, spec, image: Image, path) -> None:
     n_slices = image.array.shape[axis]
     in_plane = [s for i, s in enumerate(image.array.shape) if i != axis]
     if n_slices < card.preprocessing.min_slices:
-        raise InputError(f"has {n_slices} slice(s) along the {card.preprocessing.plane} normal; task {card.name} "
+        plane = resolve_plane(image, card.preprocessing.plane)
+        raise InputError(f"has {n_slices} slice(s) along the {plane} normal; task {card.name} "
                          f"needs at least {card.preprocessing.min_slices}", path)
     if min(in_plane) < card.preprocessing.min_size:
         raise InputError(f"slices are {in_plane[0]}x{in_plane[1]} pixels; task {card.name} needs at least "
@@ -134,11 +135,14 @@ def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options:
             setattr(out, attr, getattr(out, attr) + getattr(aux_out, attr))
     timings["preprocess"] = out.preprocess_s
     timings["network"] = out.network_s
+    if card.preprocessing.bias_correction or weights.preprocessing.get("bias_correction"):
+        timings["bias_correction"] = out.bias_s
 
     progress.stage("postprocessing")
     t = time.perf_counter()
     result = postprocess(card, image, out.labels, maps, maps_grids)
-    result.warnings[:0] = list(image.meta.get("warnings", []))
+    result.warnings[:0] = list(image.meta.get("warnings", [])) + list(out.warnings)
+    result.summaries.update(out.summaries)
     if len(images) > 1:
         result.warnings.append(f"inputs after the first ({', '.join(s.name for s in card.inputs[1:len(images)])}) "
                                "were validated but are not used by these weights")
@@ -180,11 +184,18 @@ def postprocess(card: TaskCard, image: Image, labels: np.ndarray, maps: dict[str
     from . import postprocessing as pp
 
     result = RunResult(image.with_array(labels))
+    raw = labels  # the network's own output, for checks that must not see the clean-up
     for name in card.postprocessors:
         if name == "largest_component_per_label":
             result.labels = image.with_array(pp.largest_component_per_label(result.labels.array))
         elif name == "remove_small_components":
             result.labels = image.with_array(pp.remove_small_components(result.labels.array))
+        elif name == "knee_plausibility":
+            from .knee import knee_plausibility, plausibility_warnings
+
+            summary = knee_plausibility(result.labels.array, image, raw_labels=raw)
+            result.summaries["knee_plausibility"] = summary
+            result.warnings.extend(plausibility_warnings(summary))
         elif name == "volume_table":
             result.tables.append(pp.volume_table(result.labels.array, image, card.labels))
         elif name == "area_table":
@@ -262,6 +273,10 @@ def write_outputs(card: TaskCard, image: Image, result: RunResult, folder: Path,
         node = mrml.rows_to_table_node(mrml_scene, table.rows, table.columns, table.name)
         mrml.save_node(node, folder / table.file_name)
         written.append(table.file_name)
+    if "overlays/" in card.outputs:
+        from .render import save_label_overlays
+
+        written.extend(save_label_overlays(folder, "overlays", image, result.labels, card))
     if scene:
         mrml.save_scene_mrb(mrml_scene, folder / "scene.mrb")
         written.append("scene.mrb")

@@ -81,6 +81,11 @@ def save_overlay(path: str | Path, image: Image, labels: Image | None, specs: tu
                  plane: str, title: str = "", index: int | None = None, min_size: int = 320) -> Path:
     arr = to_lps_array(image)
     lab = to_lps_array(labels) if labels is not None else None
+    return _save_lps_overlay(path, arr, lab, image, specs, plane, title, index, min_size)
+
+
+def _save_lps_overlay(path, arr: np.ndarray, lab: np.ndarray | None, image: Image, specs, plane: str, title: str,
+                      index: int | None, min_size: int) -> Path:
     if index is None and lab is not None:
         index = best_slice(lab, plane)
     grey, index = display_slice(arr, plane, index)
@@ -96,6 +101,47 @@ def save_overlay(path: str | Path, image: Image, labels: Image | None, specs: tu
         draw.text((3, 1), title, fill=(255, 255, 255))
     img.save(path)
     return Path(path)
+
+
+def save_label_overlays(folder: str | Path, subdir: str, image: Image, labels: Image, card,
+                        min_size: int = 320) -> list[str]:
+    """A report's overlay PNGs (a task opts in with the output name "overlays/"): one slice in the
+    task's plane through the centroid of every label present (for knee-bones the femur, tibia,
+    fibula and patella slices; the femur/tibia slice is the mid-knee one), or the middle slice
+    when nothing was found. Returns the paths relative to ``folder`` (written inside it, i.e.
+    inside the run's staging folder)."""
+    import SimpleITK as sitk
+
+    from .preprocessing import resolve_plane
+
+    plane = resolve_plane(image, card.preprocessing.plane)
+    if plane == "image" or image.is_2d:
+        plane = "image"
+    out_dir = Path(folder) / subdir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    oriented = sitk.DICOMOrient(image.to_sitk(), "LPS") if not image.is_2d else None
+    arr = sitk.GetArrayFromImage(oriented) if oriented is not None else image.array
+    lab = to_lps_array(labels)
+    axis = {"axial": 0, "coronal": 1, "sagittal": 2, "image": 0}[plane]
+    views = []
+    for spec in card.labels:
+        mask = labels.array == spec.value
+        if not mask.any():
+            continue
+        centroid_ijk = np.argwhere(mask).mean(axis=0)[::-1]
+        lps = image.ijk_to_lps_points([centroid_ijk])[0]
+        index = None
+        if oriented is not None:
+            index = int(round(oriented.TransformPhysicalPointToContinuousIndex(tuple(float(v) for v in lps))[2 - axis]))
+        views.append((f"{plane}-{spec.segment_id}.png", index, f"{card.name}: {plane} through the {spec.name}"))
+    if not views:
+        views.append((f"{plane}-middle.png", arr.shape[axis] // 2 if arr.ndim == 3 else None,
+                      f"{card.name}: {plane} middle slice (no labels)"))
+    written = []
+    for name, index, title in views:
+        _save_lps_overlay(out_dir / name, arr, lab, image, card.labels, plane, title, index, min_size)
+        written.append(f"{subdir}/{name}")
+    return written
 
 
 def side_by_side(paths: list[Path], out: Path) -> Path:

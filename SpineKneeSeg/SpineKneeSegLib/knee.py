@@ -1,0 +1,174 @@
+"""Knee-bones specifics (seed 000): the femorotibial joint centre and the plausibility check.
+
+Labels: 1 femur, 2 tibia, 3 fibula, 4 patella. Positions are compared in patient RAS millimetres
+taken from the direction matrix, so the checks hold for any axis order, flip or obliquity.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from .image import Image
+
+FEMUR, TIBIA, FIBULA, PATELLA = 1, 2, 3, 4
+BONES = {FEMUR: "femur", TIBIA: "tibia", FIBULA: "fibula", PATELLA: "patella"}
+REQUIRED = (FEMUR, TIBIA, FIBULA)  # the issue's output; the patella only when present
+
+# Volumes inside a knee MRI's field of view (ml). A knee scan covers ~12-20 cm, so the femoral and
+# tibial shafts and the fibula are cut by the field of view: their in-view volume depends on the
+# coverage, and only lower bounds make sense for femur and tibia (the distal femur's condyles
+# alone are > 40 ml in adults, the tibial plateau > 30 ml; 5 ml allows a child or a small field
+# of view and still catches a bone that is only specks). The fibula's head and neck are 2-10 ml
+# and the whole adult fibula ~60-80 ml, of which a knee field of view holds far less than 60 ml.
+# The patella is never cut (adult 10-25 ml; 5 ml allows small adults and adolescents).
+VOLUME_RANGES_ML = {FEMUR: (5.0, None), TIBIA: (5.0, None), FIBULA: (0.5, 60.0), PATELLA: (5.0, 60.0)}
+MIN_COMPONENT_FRACTION = 0.01  # components below 1 % of a bone's volume are specks, not a split
+MIN_DICE_RAW_VS_FINAL = 0.8  # issue 6: the network's raw output must already hold each bone
+MIN_SIDE_OFFSET_MM = 5.0  # the fibula must lie clearly to one side of the tibia to name the knee's side
+JOINT_BAND_MM = 10.0  # "near the joint": bone within this distance of the lowest femur / highest tibia point
+
+
+def _ras_points(image: Image, mask: np.ndarray) -> np.ndarray:
+    kji = np.argwhere(mask)
+    return image.ijk_to_ras_points(kji[:, ::-1].astype(float)) if len(kji) else np.zeros((0, 3))
+
+
+def joint_centre_from_labels(labels: np.ndarray, image: Image) -> tuple[list[float] | None, str]:
+    """Femorotibial joint centre in RAS mm from a label map on ``image``'s grid: superior-inferior
+    midway between the lowest femur point and the highest tibia point (1st / 99th percentile of
+    S, so stray voxels do not move it), right-left and anterior-posterior the mean of femur and
+    tibia voxels within JOINT_BAND_MM of those points. (None, reason) without both bones."""
+    femur, tibia = _ras_points(image, labels == FEMUR), _ras_points(image, labels == TIBIA)
+    missing = [name for name, pts in (("femur", femur), ("tibia", tibia)) if len(pts) == 0]
+    if missing:
+        return None, f"no {' and no '.join(missing)} voxels"
+    femur_low = float(np.percentile(femur[:, 2], 1))
+    tibia_high = float(np.percentile(tibia[:, 2], 99))
+    near = np.concatenate([femur[femur[:, 2] <= femur_low + JOINT_BAND_MM],
+                           tibia[tibia[:, 2] >= tibia_high - JOINT_BAND_MM]])
+    r, a = near[:, 0].mean(), near[:, 1].mean()
+    note = "femur above tibia" if femur_low > tibia_high else "femur and tibia overlap in S (tibia not below femur)"
+    return [float(r), float(a), (femur_low + tibia_high) / 2.0], note
+
+
+def component_counts(labels: np.ndarray, min_fraction: float = MIN_COMPONENT_FRACTION) -> dict[int, int]:
+    """26-connected components of each bone holding >= ``min_fraction`` of that bone's voxels."""
+    counts = {}
+    for value in BONES:
+        mask = labels == value
+        total = int(mask.sum())
+        if not total:
+            counts[value] = 0
+            continue
+        box = ndimage.find_objects(mask.astype(np.uint8))[0]
+        comp, n = ndimage.label(mask[box], structure=np.ones((3, 3, 3), bool))
+        sizes = np.bincount(comp.ravel())[1:]
+        counts[value] = int((sizes >= min_fraction * total).sum())
+    return counts
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float | None:
+    total = int(a.sum()) + int(b.sum())
+    return None if total == 0 else 2.0 * float(np.logical_and(a, b).sum()) / total
+
+
+def dicom_laterality(image: Image) -> str | None:
+    """'right' | 'left' from DICOM (Image)Laterality (0020,0062 / 0020,0060) when the reader saw it."""
+    value = str(image.meta.get("laterality") or "").strip().upper()
+    return {"R": "right", "L": "left"}.get(value)
+
+
+def knee_plausibility(labels: np.ndarray, image: Image, raw_labels: np.ndarray | None = None) -> dict:
+    """Anatomical plausibility of a knee-bones label map (the final, post-processed one); the
+    component count and raw-vs-final Dice use ``raw_labels`` (the network's own output; the
+    final labels when None). Returns {"passed", "checks": {name: {"passed", ...}}, "knee_side",
+    "dicom_laterality", "side_agrees", "joint_centre_ras", "volumes_ml", "failed"}; a check is
+    None-passed (skipped) only for an absent patella."""
+    raw = labels if raw_labels is None else raw_labels
+    voxel_ml = float(np.prod(image.spacing)) / 1000.0
+    counts = np.bincount(labels.ravel(), minlength=5)
+    volumes = {v: float(counts[v]) * voxel_ml for v in BONES}
+    present = {v for v in BONES if counts[v] > 0}
+    centroid = {v: _ras_points(image, labels == v).mean(axis=0) for v in present}
+    checks: dict[str, dict] = {}
+
+    # every required bone present, the patella optional
+    missing = [BONES[v] for v in REQUIRED if v not in present]
+    checks["bones_present"] = {"passed": not missing, "missing": missing,
+                               "patella_present": PATELLA in present}
+
+    # one connected component per bone, on the raw network output (the clean-up would hide splits)
+    n_comp = component_counts(raw)
+    split = [f"{BONES[v]} ({n_comp[v]})" for v in BONES if n_comp[v] > 1]
+    checks["one_component_per_bone"] = {
+        "passed": not split, "components": {BONES[v]: n_comp[v] for v in BONES}, "on": "raw network labels"
+        if raw_labels is not None else "final labels", "min_fraction": MIN_COMPONENT_FRACTION,
+        **({"split": split} if split else {})}
+
+    # volumes in anatomical ranges (see VOLUME_RANGES_ML)
+    out_of_range = []
+    for v, (lo, hi) in VOLUME_RANGES_ML.items():
+        if v == PATELLA and v not in present:
+            continue
+        if volumes[v] < lo or (hi is not None and volumes[v] > hi):
+            out_of_range.append(f"{BONES[v]} {volumes[v]:.1f} ml not in [{lo}, {hi if hi is not None else 'inf'}]")
+    checks["volumes_in_range"] = {"passed": not out_of_range,
+                                  "ranges_ml": {BONES[v]: list(r) for v, r in VOLUME_RANGES_ML.items()},
+                                  **({"out_of_range": out_of_range} if out_of_range else {})}
+
+    def relation(name, a, b, axis, sign, words):
+        """centroid of a is on the ``sign`` side of b's along RAS ``axis``."""
+        if a not in present or b not in present:
+            if a == PATELLA and PATELLA not in present:
+                checks[name] = {"passed": None, "note": "patella not present"}
+            else:
+                checks[name] = {"passed": False, "note": f"{BONES[a] if a not in present else BONES[b]} missing"}
+            return
+        d = float(centroid[a][axis] - centroid[b][axis]) * sign
+        checks[name] = {"passed": d > 0, f"{words}_mm": round(d, 2)}
+
+    relation("femur_superior_to_tibia", FEMUR, TIBIA, 2, 1.0, "femur_above_tibia")
+    relation("patella_anterior_to_femur", PATELLA, FEMUR, 1, 1.0, "patella_anterior_of_femur")
+    relation("fibula_posterior_to_tibia", FIBULA, TIBIA, 1, -1.0, "fibula_posterior_of_tibia")
+
+    # lateral: the fibula lies lateral to the tibia, so its side names the knee; compared with
+    # DICOM laterality when the file has one
+    side, offset = None, None
+    if FIBULA in present and TIBIA in present:
+        offset = float(centroid[FIBULA][0] - centroid[TIBIA][0])  # RAS +x = patient right
+        if abs(offset) >= MIN_SIDE_OFFSET_MM:
+            side = "right" if offset > 0 else "left"
+    declared = dicom_laterality(image)
+    agrees = None if side is None or declared is None else side == declared
+    checks["fibula_lateral"] = {
+        "passed": side is not None and agrees is not False,
+        "fibula_right_of_tibia_mm": None if offset is None else round(offset, 2),
+        "knee_side": side, "dicom_laterality": declared, "side_agrees": agrees,
+        "note": ("fibula missing or not clearly to one side of the tibia" if side is None else
+                 "no DICOM laterality to compare with" if declared is None else
+                 "agrees with DICOM laterality" if agrees else "CONTRADICTS DICOM laterality")}
+
+    # the network's raw output already holds each bone (issue 6: raw vs final Dice >= 0.8)
+    dices = {BONES[v]: dice(raw == v, labels == v) for v in BONES}
+    low = [f"{k} {d:.3f}" for k, d in dices.items() if d is not None and d < MIN_DICE_RAW_VS_FINAL]
+    checks["raw_vs_final_dice"] = {"passed": not low, "dice": {k: None if d is None else round(d, 4)
+                                                              for k, d in dices.items()},
+                                   "min": MIN_DICE_RAW_VS_FINAL, **({"low": low} if low else {})}
+
+    centre, note = joint_centre_from_labels(labels, image)
+    failed = [name for name, c in checks.items() if c["passed"] is False]
+    return {"passed": not failed, "failed": failed, "checks": checks,
+            "knee_side": side, "dicom_laterality": declared, "side_agrees": agrees,
+            "joint_centre_ras": None if centre is None else [round(v, 2) for v in centre],
+            "joint_centre_note": note,
+            "volumes_ml": {BONES[v]: round(volumes[v], 3) for v in BONES}}
+
+
+def plausibility_warnings(summary: dict) -> list[str]:
+    """One warning per failed check, in words."""
+    out = []
+    for name in summary["failed"]:
+        check = {k: v for k, v in summary["checks"][name].items() if k != "passed"}
+        detail = "; ".join(f"{k}={v}" for k, v in check.items() if k not in ("ranges_ml", "on", "min_fraction"))
+        out.append(f"knee plausibility check failed: {name.replace('_', ' ')} ({detail})")
+    return out
