@@ -145,3 +145,64 @@ def test_trainer_checkpoints_validates_on_the_held_out_map_and_resumes(volumes, 
     state = kb.train(cfg, tmp_path, resume=True, log=log.append)
     assert state["iteration"] == 6 and any("resumed at iteration 4" in line for line in log)
     assert len(json.loads(json.dumps(state["history"]))) == 3
+
+
+def test_marginal_loss_does_not_punish_bones_a_map_does_not_label():
+    target = torch.zeros(1, 8, 8, dtype=torch.long)
+    target[:, :4] = 1  # femur in the top half; the rest is background (or an unlabelled bone)
+    says_background = torch.full((1, 5, 8, 8), -5.0)
+    says_background[:, 1, :4] = 5.0
+    says_background[:, 0, 4:] = 5.0
+    says_fibula = says_background.clone()
+    says_fibula[:, 0, 4:], says_fibula[:, 3, 4:] = -5.0, 5.0
+    femur_tibia_only = torch.tensor([[True, True, True, False, False]])
+    assert abs(float(kb.soft_dice_loss(says_fibula, target, femur_tibia_only))
+               - float(kb.soft_dice_loss(says_background, target, femur_tibia_only))) < 1e-3
+    everything = torch.ones(1, 5, dtype=torch.bool)
+    assert float(kb.soft_dice_loss(says_fibula, target, everything)) > \
+        float(kb.soft_dice_loss(says_background, target, everything)) + 0.1
+
+
+def test_oai_zib_pairs_train_on_the_real_image(tmp_path):
+    """OAI-ZIB layout (<id>.segmentation_masks.mhd + the user's <id>.mhd image) -> pairs CSV ->
+    prepared volume whose samples are the real image, in register with the labels."""
+    masks, images = tmp_path / "masks", tmp_path / "images"
+    masks.mkdir(), images.mkdir()
+    phantom = make_phantom("knee-bones", seed=2, shape=(30, 128, 128), spacing=(1.0, 1.0, 2.5))
+    oai = phantom.labels.array.copy()
+    oai[:] = 0
+    oai[phantom.labels.array == 1], oai[phantom.labels.array == 2] = 1, 3  # femoral bone, tibial bone
+    import SimpleITK as sitk
+
+    from SpineKneeSegLib.image import Image
+
+    # OAI-ZIB ships MetaImage (.mhd + .raw)
+    sitk.WriteImage(Image(oai, phantom.labels.spacing, phantom.labels.origin, phantom.labels.direction).to_sitk(),
+                    str(masks / f"9001104{kb.OAI_ZIB_SUFFIX}"))
+    sitk.WriteImage(phantom.image.to_sitk(), str(images / "9001104.mhd"))
+    sitk.WriteImage(phantom.labels.to_sitk(), str(masks / f"9999999{kb.OAI_ZIB_SUFFIX}"))  # no image: skipped
+    rows = kb.import_oai_zib(masks, images)
+    assert [r["name"] for r in rows] == ["9001104"] and rows[0]["mapping"] == {1: 1, 3: 2}
+    kb.write_pairs(rows, tmp_path / "pairs.csv")
+    again = kb.read_pairs(tmp_path / "pairs.csv")
+    assert again[0]["image"] == rows[0]["image"] and again[0]["mapping"] == {1: 1, 3: 2}
+    (vol,) = kb.prepare(tmp_path / "run", None, 1.0, again, log=lambda *_: None)
+    assert vol.image is not None and vol.labelled == (1, 2)
+    assert set(torch.unique(vol.labels).tolist()) <= {0, 1, 2}
+
+    plain = ks.SynthConfig(network_px=96, blur_px=(0.0, 0.0), downsample=(1.0, 1.0), bias_sd=0.0, gamma_sd=0.0,
+                           noise_sd=(0.0, 0.0), pad_fraction=0.0, jitter=(0.0, 0.0), elastic_mm=0.0,
+                           thickness_mm=(0.5, 0.5))
+    x, y, mask = ks.synthesise_batch([vol], plain, torch.Generator().manual_seed(0), 6, with_mask=True)
+    assert mask[0].tolist() == [True, True, True, False, False]
+    truth = phantom.image.array.astype(float)
+    scale = np.percentile(truth[truth > 0], 99.5)
+    for label in (1, 2):  # the sampled real intensities of each bone match the phantom's own
+        inside = y == label
+        if inside.sum() < 50:
+            continue
+        sampled = x[:, 0][inside]
+        background = x[:, 0][y == 0]
+        expect = (truth[phantom.labels.array == label].mean() - truth[phantom.labels.array == 0].mean()) / scale
+        got = float(sampled.mean() - background.mean())
+        assert np.sign(got) == np.sign(expect), (label, got, expect)

@@ -54,10 +54,12 @@ class Config:
     patch: int = 160  # random crop of the 224 synthetic slice for training speed (fully convolutional)
     lr: float = 1e-3  # seed 000: Adam 1e-3 decaying to 1e-4
     lr_final: float = 1e-4
-    iterations: int = 20000
+    iterations: int = 20000  # the learning-rate schedule's length and the budget
+    stop_after: int | None = None  # stop earlier (same schedule): equal-budget variant comparisons
     eval_every: int = 250  # one "epoch" for early stopping
     patience: int = 9  # seed 000 (in epochs of eval_every iterations)
     val_samples: int = 96
+    workers: int = 1  # synthesis in a worker process overlaps the training step (CPU); 0 = in-process (GPU)
     seed: int = 0
     held_out: str = HELD_OUT  # label map whose synthetic images validate (never trained on)
     spacing_mm: float = 0.5
@@ -66,13 +68,19 @@ class Config:
 
 # ---- preparation (SimpleITK) -------------------------------------------------------------------
 
-def prepare_volume(path: Path, mapping: dict[int, int], spacing_mm: float) -> KneeVolume:
+def prepare_volume(path: Path, mapping: dict[int, int], spacing_mm: float, image_path: Path | None = None,
+                   name: str | None = None) -> KneeVolume:
     """A label map resampled (nearest) onto an LPS-aligned isotropic grid, labels renumbered:
-    bones 1..4 per ``mapping``, every other non-zero value its own id from 5."""
+    bones 1..4 per ``mapping``, every other non-zero value its own id from 5. With ``image_path``
+    (any format the product reads: NIfTI, NRRD, MHA/MHD, DICOM folder) the real image is resampled
+    (linear) onto the same grid; the bones missing from ``mapping`` are marked unlabelled."""
     import SimpleITK as sitk
 
-    image = sitk.ReadImage(str(path))
-    array = sitk.GetArrayFromImage(image).astype(np.int32)
+    from SpineKneeSegLib.io import read_image
+
+    label_image = read_image(path)
+    image = label_image.to_sitk()
+    array = np.rint(label_image.array).astype(np.int32)
     values = [int(v) for v in np.unique(array) if v != 0]
     lut = {v: mapping[v] for v in values if v in mapping}
     others = [v for v in values if v not in mapping]
@@ -88,12 +96,89 @@ def prepare_volume(path: Path, mapping: dict[int, int], spacing_mm: float) -> Kn
                for corner in np.array(np.meshgrid(*[[0, s - 1] for s in size])).reshape(3, -1).T]
     lo, hi = np.min(corners, axis=0), np.max(corners, axis=0)
     out_size = [int(math.ceil((h - lo_) / spacing_mm)) + 1 for lo_, h in zip(lo, hi)]
-    resampled = sitk.Resample(relabelled, out_size, sitk.Transform(), sitk.sitkNearestNeighbor, lo.tolist(),
-                              [spacing_mm] * 3, np.eye(3).ravel().tolist(), 0, sitk.sitkUInt8)
-    labels = sitk.GetArrayFromImage(resampled)  # (z, y, x) = (S, P, L)
-    return KneeVolume(path.name, torch.from_numpy(labels), spacing_mm, tuple(float(v) for v in lo),
+    grid = dict(size=out_size, transform=sitk.Transform(), outputOrigin=lo.tolist(), outputSpacing=[spacing_mm] * 3,
+                outputDirection=np.eye(3).ravel().tolist(), defaultPixelValue=0)
+    labels = sitk.GetArrayFromImage(sitk.Resample(relabelled, interpolator=sitk.sitkNearestNeighbor,
+                                                  outputPixelType=sitk.sitkUInt8, **grid))  # (z, y, x) = (S, P, L)
+    real = None
+    if image_path is not None:
+        source = read_image(image_path).to_sitk()
+        real = sitk.GetArrayFromImage(sitk.Resample(sitk.Cast(source, sitk.sitkFloat32), interpolator=sitk.sitkLinear,
+                                                    outputPixelType=sitk.sitkFloat32, **grid))
+        real = torch.from_numpy(real / max(float(np.percentile(real[real > 0], 99.5)), 1e-6)).to(torch.float16)
+    labelled = tuple(sorted(set(mapping.values()) & set(range(1, BONES + 1))))
+    return KneeVolume(name or Path(path).name, torch.from_numpy(labels), spacing_mm, tuple(float(v) for v in lo),
                       joint_centre(labels, lo, spacing_mm), bone_extent(labels, lo, spacing_mm),
-                      int(labels.max()) + 1)
+                      int(labels.max()) + 1, real, labelled)
+
+
+# ---- label maps and image pairs users bring ----------------------------------------------------
+
+OAI_ZIB_MAPPING = {1: 1, 3: 2}  # OAI-ZIB masks: 1 femoral bone, 2 femoral cartilage, 3 tibial bone, 4 tibial cartilage
+OAI_ZIB_SUFFIX = ".segmentation_masks.mhd"
+
+
+def parse_mapping(text: str) -> dict[int, int]:
+    """'5:1,6:2' -> {5: 1, 6: 2} (label map value -> knee label 1 femur, 2 tibia, 3 fibula, 4 patella)."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        src, _, dst = part.partition(":")
+        if not dst or int(dst) not in range(1, BONES + 1):
+            raise ValueError(f"bad label mapping {part!r}: expected VALUE:BONE with BONE in 1..4")
+        out[int(src)] = int(dst)
+    return out
+
+
+def read_pairs(csv_path: Path) -> list[dict]:
+    """Rows name,image,labels,mapping (image may be empty: a label map alone); relative paths are
+    taken from the CSV's folder."""
+    import csv
+
+    rows = []
+    with open(csv_path, newline="") as f:
+        for i, row in enumerate(csv.DictReader(f), start=2):
+            missing = {"name", "labels", "mapping"} - {k for k, v in row.items() if v}
+            if missing:
+                raise SystemExit(f"{csv_path}:{i}: missing {', '.join(sorted(missing))}")
+            base = csv_path.parent
+            rows.append({"name": row["name"], "labels": base / row["labels"],
+                         "image": base / row["image"] if row.get("image") else None,
+                         "mapping": parse_mapping(row["mapping"])})
+    return rows
+
+
+def write_pairs(rows: list[dict], csv_path: Path) -> None:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["name", "image", "labels", "mapping"])
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({"name": row["name"], "image": str(row["image"] or ""), "labels": str(row["labels"]),
+                         "mapping": ",".join(f"{k}:{v}" for k, v in row["mapping"].items())})
+    tmp = csv_path.with_suffix(".tmp")
+    tmp.write_text(buf.getvalue())
+    tmp.replace(csv_path)
+
+
+def import_oai_zib(masks: Path, images: Path) -> list[dict]:
+    """OAI-ZIB manual segmentations (``<id>.segmentation_masks.mhd``) paired with the OAI DESS
+    images the user obtained (``<id>.mhd|.nii.gz|.nrrd|.mha`` or a DICOM folder ``<id>/``)."""
+    rows, unmatched = [], []
+    for mask in sorted(masks.glob(f"*{OAI_ZIB_SUFFIX}")):
+        case = mask.name[: -len(OAI_ZIB_SUFFIX)]
+        found = [p for p in (images / f"{case}{ext}" for ext in (".mhd", ".mha", ".nii.gz", ".nii", ".nrrd"))
+                 if p.exists()] or ([images / case] if (images / case).is_dir() else [])
+        if not found:
+            unmatched.append(case)
+            continue
+        rows.append({"name": case, "image": found[0].resolve(), "labels": mask.resolve(), "mapping": OAI_ZIB_MAPPING})
+    if not rows:
+        raise SystemExit(f"no OAI-ZIB masks (*{OAI_ZIB_SUFFIX}) in {masks} with an image in {images}")
+    if unmatched:
+        print(f"warning: {len(unmatched)} mask(s) without an image, skipped: {', '.join(unmatched[:10])}")
+    return rows
 
 
 def _lps(idx_zyx: np.ndarray, origin, spacing) -> np.ndarray:
@@ -128,17 +213,22 @@ def load_volumes(path: Path, device="cpu") -> list[KneeVolume]:
     return [KneeVolume(**d).to(device) for d in torch.load(path, map_location="cpu", weights_only=False)]
 
 
-def prepare(out: Path, labelmaps: Path, spacing_mm: float, log=print) -> list[KneeVolume]:
+def prepare(out: Path, labelmaps: Path | None, spacing_mm: float, pairs: list[dict] | None = None,
+            log=print) -> list[KneeVolume]:
+    """The shared label maps (``labelmaps``) and/or user rows (``pairs``) -> OUT/volumes.pt."""
     out.mkdir(parents=True, exist_ok=True)
+    jobs = [{"name": name, "labels": labelmaps / name, "image": None, "mapping": mapping}
+            for name, mapping in LABEL_MAPS.items()] if labelmaps else []
     volumes = []
-    for name, mapping in LABEL_MAPS.items():
+    for job in jobs + list(pairs or []):
         t = time.time()
-        vol = prepare_volume(labelmaps / name, mapping, spacing_mm)
+        vol = prepare_volume(job["labels"], job["mapping"], spacing_mm, job["image"], job["name"])
         volumes.append(vol)
         counts = np.bincount(vol.labels.numpy().ravel(), minlength=BONES + 1)[1:BONES + 1]
         ml = counts * spacing_mm ** 3 / 1000
-        log(f"{name}: grid {tuple(vol.labels.shape)} at {spacing_mm} mm, {vol.n_labels - 1} labels, bones "
-            f"femur/tibia/fibula/patella {np.round(ml, 1).tolist()} ml, joint centre LPS "
+        log(f"{vol.name}: grid {tuple(vol.labels.shape)} at {spacing_mm} mm, {vol.n_labels - 1} labels, bones "
+            f"femur/tibia/fibula/patella {np.round(ml, 1).tolist()} ml (labelled {list(vol.labelled)}), "
+            f"{'real image' if vol.image is not None else 'label map only'}, joint centre LPS "
             f"{np.round(vol.joint_centre_lps, 1).tolist()} ({time.time() - t:.1f} s)")
     save_volumes(volumes, out / "volumes.pt")
     return volumes
@@ -164,16 +254,26 @@ def network_config(cfg: Config) -> dict:
             "dropout": cfg.dropout, "in_channels": 1, "out_channels": out_channels(cfg.variant)}
 
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, labelled: torch.Tensor | None = None) -> torch.Tensor:
     """Seed 000's soft F1: 1 - mean over foreground classes of the batch soft Dice (softmax).
-    Written here because the GPU image has no MONAI."""
+    ``labelled`` (B, C) bool marks the classes each sample's label map has: a class it lacks
+    (OAI-ZIB has no fibula or patella) counts as background for that sample (marginal loss, Shi
+    et al. 2021) and is left out of that class's Dice. Written here: the GPU image has no MONAI."""
     probs = torch.softmax(logits, dim=1)
-    onehot = F.one_hot(target, probs.shape[1]).permute(0, 3, 1, 2).float()
-    dims = (0, 2, 3)
-    inter = (probs * onehot).sum(dims)
-    denom = probs.sum(dims) + onehot.sum(dims)
+    channels = probs.shape[1]
+    onehot = F.one_hot(target, channels).permute(0, 3, 1, 2).float()
+    weight = torch.ones(probs.shape[:2], device=probs.device)
+    if labelled is not None and not bool(labelled.all()):
+        known = labelled.float()[:, :, None, None]
+        background = probs[:, :1] + (probs * (1 - known)).sum(1, keepdim=True)
+        probs = torch.cat([background, probs[:, 1:] * known[:, 1:]], dim=1)
+        weight = labelled.float()
+    inter = (probs * onehot).sum((2, 3))
+    denom = (probs + onehot).sum((2, 3))
+    inter, denom = (weight * inter).sum(0), (weight * denom).sum(0)
     dice = (2 * inter + 1.0) / (denom + 1.0)
-    return 1 - dice[1:].mean()
+    present = weight.sum(0)[1:] > 0
+    return 1 - dice[1:][present].mean()
 
 
 def lr_at(cfg: Config, iteration: int) -> float:
@@ -217,6 +317,30 @@ def evaluate_slices(net, x: torch.Tensor, y: torch.Tensor, variant: str, batch: 
     return {"dice": per, "mean_dice": round(float(np.nanmean(list(d.values()))), 4)}
 
 
+class SynthBatches(torch.utils.data.IterableDataset):
+    """Endless (x, y) training batches; seeded by the iteration it starts at, so a resumed run
+    continues with fresh, reproducible samples."""
+
+    def __init__(self, volumes: list[KneeVolume], synth: SynthConfig, cfg: Config, seed: int):
+        self.volumes, self.synth, self.cfg, self.seed = volumes, synth, cfg, seed
+
+    def __iter__(self):
+        if torch.utils.data.get_worker_info() is not None:
+            torch.set_num_threads(1)  # the training step owns the other cores
+        gen = torch.Generator(device=self.volumes[0].labels.device).manual_seed(self.seed)
+        while True:
+            x, y, labelled = synthesise_batch(self.volumes, self.synth, gen, self.cfg.batch_size, with_mask=True)
+            yield (*random_crop(x, y, self.cfg.patch, gen), labelled)
+
+
+def batch_stream(volumes, synth, cfg: Config, iteration: int):
+    seed = cfg.seed * 100_003 + iteration
+    dataset = SynthBatches(volumes, synth, cfg, seed)
+    if cfg.workers <= 0 or volumes[0].labels.device.type != "cpu":
+        return iter(dataset)
+    return iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=cfg.workers, prefetch_factor=2))
+
+
 def random_crop(x: torch.Tensor, y: torch.Tensor, size: int, gen: torch.Generator):
     n = x.shape[-1]
     if size >= n:
@@ -236,13 +360,14 @@ def train(cfg: Config, out: Path, resume: bool, device: str = "cpu", max_minutes
     held = [v for v in volumes if v.name == cfg.held_out]
     if not held or not train_vols:
         raise SystemExit(f"need the held-out label map {cfg.held_out} and at least one other in {volumes_path}")
+    if cfg.variant != "multiclass" and any(len(v.labelled) < BONES for v in train_vols):
+        raise SystemExit(f"variant {cfg.variant} needs all four bones labelled in every training volume")
     synth = SynthConfig(**cfg.synth)
     val_x, val_y = validation_set(held[0], cfg, synth)
     log(f"training on {[v.name for v in train_vols]}, validating on {len(val_x)} synthetic slices of {cfg.held_out}")
     torch.manual_seed(cfg.seed)
     net = build_network("unet2d", network_config(cfg)).to(dev)
     optimiser = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    gen = torch.Generator(device=dev).manual_seed(cfg.seed)
     state = {"iteration": 0, "epoch": 0, "best": -math.inf, "best_epoch": 0, "history": []}
     last = out / "last.pt"
     if resume and last.exists():
@@ -250,21 +375,22 @@ def train(cfg: Config, out: Path, resume: bool, device: str = "cpu", max_minutes
         net.load_state_dict(ckpt["model"])
         optimiser.load_state_dict(ckpt["optimiser"])
         state = ckpt["state"]
-        gen.set_state(ckpt["rng"].to(gen.get_state().device) if hasattr(ckpt["rng"], "to") else ckpt["rng"])
         log(f"resumed at iteration {state['iteration']} (best {state['best']:.4f} at epoch {state['best_epoch']})")
     writer = _writer(out)
     started = time.time()
-    while state["iteration"] < cfg.iterations and state["epoch"] - state["best_epoch"] < cfg.patience:
+    batches = batch_stream(train_vols, synth, cfg, state["iteration"])
+    budget = min(cfg.iterations, cfg.stop_after or cfg.iterations)
+    while state["iteration"] < budget and state["epoch"] - state["best_epoch"] < cfg.patience:
         t0 = time.time()
         net.train()
         losses = []
         for _ in range(cfg.eval_every):
             for group in optimiser.param_groups:
                 group["lr"] = lr_at(cfg, state["iteration"])
-            x, y = synthesise_batch(train_vols, synth, gen, cfg.batch_size)
-            x, y = random_crop(x, y, cfg.patch, gen)
+            x, y, labelled = (t.to(dev) for t in next(batches))
             optimiser.zero_grad()
-            loss = soft_dice_loss(net(x), variant_target(y, cfg.variant))
+            mask = labelled if cfg.variant == "multiclass" else None
+            loss = soft_dice_loss(net(x), variant_target(y, cfg.variant), mask)
             loss.backward()
             optimiser.step()
             losses.append(float(loss.detach()))
@@ -289,7 +415,7 @@ def train(cfg: Config, out: Path, resume: bool, device: str = "cpu", max_minutes
                                       "trained_on": [v.name for v in train_vols]})
         tmp = out / "last.pt.tmp"
         torch.save({"model": net.state_dict(), "optimiser": optimiser.state_dict(), "state": state,
-                    "rng": gen.get_state(), "config": asdict(cfg)}, tmp)
+                    "config": asdict(cfg)}, tmp)
         tmp.replace(last)
         log(json.dumps(entry))
         if max_minutes and (time.time() - started) / 60 > max_minutes:
@@ -365,6 +491,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--labelmaps", type=Path, default=None)
     p.add_argument("--spacing", type=float, default=Config.spacing_mm)
+    p.add_argument("--pairs", type=Path, default=None, help="CSV name,image,labels,mapping of data you bring")
+    p.add_argument("--no-shared", action="store_true", help="only --pairs, not the shared label maps")
+    z = sub.add_parser("import-oai-zib", help="pair OAI-ZIB masks with OAI images -> a --pairs CSV")
+    z.add_argument("--masks", type=Path, required=True)
+    z.add_argument("--images", type=Path, required=True)
+    z.add_argument("--csv", type=Path, required=True)
     t = sub.add_parser("train")
     t.add_argument("--out", type=Path, required=True)
     t.add_argument("--resume", action="store_true")
@@ -377,8 +509,12 @@ def main(argv=None) -> int:
     t.add_argument("--batch-size", type=int, default=Config.batch_size)
     t.add_argument("--patch", type=int, default=Config.patch)
     t.add_argument("--eval-every", type=int, default=Config.eval_every)
+    t.add_argument("--stop-after", type=int, default=None, help="stop at this iteration (schedule unchanged)")
+    t.add_argument("--patience", type=int, default=Config.patience, help="early stopping, in evaluations")
     t.add_argument("--seed", type=int, default=Config.seed)
+    t.add_argument("--held-out", default=Config.held_out, help="name of the volume that only validates")
     t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--workers", type=int, default=Config.workers)
     e = sub.add_parser("evaluate")
     e.add_argument("--out", type=Path, required=True)
     e.add_argument("--checkpoint", type=Path, default=None, help="default: OUT/best.pt")
@@ -387,14 +523,22 @@ def main(argv=None) -> int:
     if args.command == "prepare":
         from SpineKneeSegLib.datasets import data_root
 
-        labelmaps = args.labelmaps or data_root() / "knee" / "labelmaps"
-        prepare(args.out, labelmaps, args.spacing)
+        labelmaps = None if args.no_shared else (args.labelmaps or data_root() / "knee" / "labelmaps")
+        prepare(args.out, labelmaps, args.spacing, read_pairs(args.pairs) if args.pairs else None)
+        return 0
+    if args.command == "import-oai-zib":
+        rows = import_oai_zib(args.masks, args.images)
+        write_pairs(rows, args.csv)
+        print(f"{len(rows)} OAI-ZIB case(s) -> {args.csv} (femur and tibia labelled; fibula and patella "
+              "unlabelled: the loss treats them as unknown, not background)")
         return 0
     if args.command == "train":
         if args.threads:
             torch.set_num_threads(args.threads)
         cfg = Config(variant=args.variant, channels=args.channels, iterations=args.iterations,
-                     batch_size=args.batch_size, patch=args.patch, eval_every=args.eval_every, seed=args.seed)
+                     batch_size=args.batch_size, patch=args.patch, eval_every=args.eval_every, seed=args.seed,
+                     patience=args.patience, held_out=args.held_out, stop_after=args.stop_after,
+                     workers=args.workers)
         state = train(cfg, args.out, args.resume, args.device, args.max_minutes, volumes_path=args.volumes)
         print(f"best mean Dice {state['best']:.4f} at epoch {state['best_epoch']}")
         return 0

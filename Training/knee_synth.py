@@ -48,10 +48,15 @@ class KneeVolume:
     joint_centre_lps: tuple[float, float, float]
     bone_extent_lps: tuple[tuple[float, float], ...]  # (min, max) per LPS axis of femur/tibia/fibula
     n_labels: int  # largest label value + 1
+    # a real image on the same grid (float16, scaled to its 99.5th percentile = 1) when the label map
+    # comes with one: such samples are the real image, augmented, instead of a synthetic one
+    image: torch.Tensor | None = None
+    labelled: tuple[int, ...] = (1, 2, 3, 4)  # bones this map labels (e.g. OAI-ZIB: femur, tibia only)
 
     def to(self, device) -> "KneeVolume":
         return KneeVolume(self.name, self.labels.to(device), self.spacing_mm, self.origin_lps,
-                          self.joint_centre_lps, self.bone_extent_lps, self.n_labels)
+                          self.joint_centre_lps, self.bone_extent_lps, self.n_labels,
+                          None if self.image is None else self.image.to(device), tuple(self.labelled))
 
 
 @dataclass
@@ -144,17 +149,27 @@ def sample_geometry(vol: KneeVolume, cfg: SynthConfig, gen: torch.Generator, dev
     return pts, thickness, plane, fov
 
 
-def sample_labels(vol: KneeVolume, pts: torch.Tensor, mirror: bool) -> torch.Tensor:
-    """Nearest-neighbour labels at LPS points (..., 3); outside the volume = 0."""
+def _volume_grid(vol: KneeVolume, pts: torch.Tensor, mirror: bool) -> torch.Tensor:
     origin = torch.tensor(vol.origin_lps, device=pts.device)
     idx = (pts - origin) / vol.spacing_mm  # (x, y, z) voxel coordinates
     size = torch.tensor(vol.labels.shape[::-1], device=pts.device, dtype=torch.float32)  # (X, Y, Z)
     if mirror:  # left/right mirror about the volume's centre: a right knee becomes a left one
         idx[..., 0] = size[0] - 1 - idx[..., 0]
-    grid = idx / (size - 1) * 2 - 1
+    return (idx / (size - 1) * 2 - 1).reshape(1, 1, -1, 1, 3)
+
+
+def sample_labels(vol: KneeVolume, pts: torch.Tensor, mirror: bool) -> torch.Tensor:
+    """Nearest-neighbour labels at LPS points (..., 3); outside the volume = 0."""
     src = vol.labels[None, None].float()
-    out = F.grid_sample(src, grid.reshape(1, 1, -1, 1, 3), mode="nearest", padding_mode="zeros", align_corners=True)
+    out = F.grid_sample(src, _volume_grid(vol, pts, mirror), mode="nearest", padding_mode="zeros", align_corners=True)
     return out.reshape(pts.shape[:-1]).round().to(torch.long)
+
+
+def sample_image(vol: KneeVolume, pts: torch.Tensor, mirror: bool) -> torch.Tensor:
+    """Trilinear real-image values at LPS points (..., 3); outside the volume = 0."""
+    src = vol.image[None, None].float()
+    out = F.grid_sample(src, _volume_grid(vol, pts, mirror), mode="bilinear", padding_mode="zeros", align_corners=True)
+    return out.reshape(pts.shape[:-1])
 
 
 def _split_background(labels: torch.Tensor, n_labels: int, cfg: SynthConfig, gen) -> torch.Tensor:
@@ -202,16 +217,19 @@ def synthesise(vol: KneeVolume, cfg: SynthConfig, gen: torch.Generator, plane: s
     target = labels[labels.shape[0] // 2].clamp(max=BONES + 1)
     target = torch.where(target > BONES, 0, target)
 
-    labels = _split_background(labels, vol.n_labels, cfg, gen)
-    rim_id = vol.n_labels + cfg.background_tissues[1]
-    width = int(torch.randint(cfg.cortex_px[0], cfg.cortex_px[1] + 1, (1,), generator=gen, device=device))
-    labels = _cortex(labels, width, rim_id)
-    n_ids = rim_id + 1
-    means = _u(gen, 0.0, 1.0, (n_ids,), device)
-    means[rim_id] = _u(gen, 0.0, 0.12, device=device)  # cortical bone: no signal
-    sds = _u(gen, 0.0, cfg.texture_sd, (n_ids,), device)
-    img = means[labels] + sds[labels] * torch.randn(labels.shape, generator=gen, device=device)
-    img = img.mean(dim=0, keepdim=True)[None]  # (1, 1, H, W): partial volume across the slab
+    if vol.image is not None:  # a real labelled image: its own contrast, augmented below
+        img = sample_image(vol, pts, mirror).mean(dim=0, keepdim=True)[None]
+    else:
+        labels = _split_background(labels, vol.n_labels, cfg, gen)
+        rim_id = vol.n_labels + cfg.background_tissues[1]
+        width = int(torch.randint(cfg.cortex_px[0], cfg.cortex_px[1] + 1, (1,), generator=gen, device=device))
+        labels = _cortex(labels, width, rim_id)
+        n_ids = rim_id + 1
+        means = _u(gen, 0.0, 1.0, (n_ids,), device)
+        means[rim_id] = _u(gen, 0.0, 0.12, device=device)  # cortical bone: no signal
+        sds = _u(gen, 0.0, cfg.texture_sd, (n_ids,), device)
+        img = means[labels] + sds[labels] * torch.randn(labels.shape, generator=gen, device=device)
+        img = img.mean(dim=0, keepdim=True)[None]  # (1, 1, H, W): partial volume across the slab
 
     img = _gaussian_blur(img, float(_u(gen, *cfg.blur_px, device=device)))
     factor = float(_u(gen, *cfg.downsample, device=device))
@@ -247,14 +265,27 @@ def synthesise(vol: KneeVolume, cfg: SynthConfig, gen: torch.Generator, plane: s
     return img.float(), target, {"plane": plane, "thickness_mm": thickness, "fov_mm": fov, "mirror": mirror}
 
 
-def synthesise_batch(volumes: list[KneeVolume], cfg: SynthConfig, gen: torch.Generator, batch: int):
+def labelled_mask(vol: KneeVolume) -> torch.Tensor:
+    """(BONES + 1,) bool: background and the bones this volume labels."""
+    mask = torch.zeros(BONES + 1, dtype=torch.bool)
+    mask[0] = True
+    mask[list(vol.labelled)] = True
+    return mask
+
+
+def synthesise_batch(volumes: list[KneeVolume], cfg: SynthConfig, gen: torch.Generator, batch: int,
+                     with_mask: bool = False):
+    """(x (B, 1, H, W), y (B, H, W)) and, with ``with_mask``, which classes each sample labels."""
     device = volumes[0].labels.device
-    xs, ys = [], []
+    xs, ys, masks = [], [], []
     for _ in range(batch):
         vol = volumes[int(torch.randint(0, len(volumes), (1,), generator=gen, device=device))]
         x, y, _ = synthesise(vol, cfg, gen)
         xs.append(x)
         ys.append(y)
+        masks.append(labelled_mask(vol))
+    if with_mask:
+        return torch.stack(xs), torch.stack(ys), torch.stack(masks).to(device)
     return torch.stack(xs), torch.stack(ys)
 
 
