@@ -476,6 +476,143 @@ def evaluate_series(checkpoint: Path, volumes_path: Path, seed: int = 777, log=p
     return {"checkpoint": str(checkpoint), "held_out": HELD_OUT, "series": rows, "mean_dice": summary}
 
 
+# ---- variant comparison, real-series check, model card -----------------------------------------
+
+def compare_variants(runs: dict[str, Path], at_iteration: int) -> list[dict]:
+    """Validation Dice of each variant's run at the same iteration (same validation slices)."""
+    rows = []
+    for variant, run in runs.items():
+        history = torch.load(run / "last.pt", map_location="cpu", weights_only=False)["state"]["history"]
+        entry = next((h for h in history if h["iteration"] == at_iteration), None)
+        if entry is None:
+            raise SystemExit(f"{run}: no evaluation at iteration {at_iteration}")
+        rows.append({"variant": variant, "iteration": at_iteration, **entry["dice"]})
+    return rows
+
+
+def check_real_series(checkpoint: Path, out: Path, log=print) -> list[dict]:
+    """Run the product (CLI code path) on the two real knee series; nothing here is tuned on them."""
+    from SpineKneeSegLib.datasets import data_root
+    from SpineKneeSegLib.pipeline import RunOptions, run_case
+    from SpineKneeSegLib.tasks import TASKS
+
+    results = []
+    for name in ("dess-dicom", "mese-t2-dicom"):
+        series = data_root() / "knee" / name
+        report = run_case(TASKS[TASK], [str(series)], out / name, RunOptions(weights=str(checkpoint)))
+        results.append({"series": name, "summaries": report["summaries"], "warnings": report["warnings"],
+                        "timings_s": report["timings_s"], "outputs": report["outputs"]})
+        log(json.dumps({"series": name, "warnings": report["warnings"], "timings_s": report["timings_s"]}))
+    return results
+
+
+def model_card(version: str, meta: dict, evaluation: dict, real: list[dict], variants: list[dict]) -> str:
+    cfg = meta["config"]
+    val = meta["val"]["dice"]
+    series_rows = "\n".join(
+        f"| {r['series']} | " + " | ".join(f"{r.get(b, float('nan')):.3f} ({r.get(b + '_raw', float('nan')):.3f})"
+                                          for b in BONE_NAMES.values()) + " |" for r in evaluation["series"])
+    mean = evaluation["mean_dice"]
+    variant_rows = "\n".join(f"| {v['variant']} | " + " | ".join(
+        f"{v[k]:.3f}" if k in v else "—" for k in ("femur", "tibia", "fibula", "patella", "any_bone", "bone")) + " |"
+        for v in variants)
+    real_rows = []
+    for r in real:
+        plaus = r["summaries"].get("plausibility", {})
+        real_rows.append(f"| {r['series']} | {'passed' if plaus.get('passed') else 'FAILED'} | "
+                         f"{'; '.join(r['warnings']) or 'none'} | {r['timings_s'].get('total', float('nan')):.2f} |")
+    return f"""# Model card: knee-bones v{version} (starter, trained on synthetic images only)
+
+**Task** `knee-bones` (seed 000): femur, tibia, fibula, patella in knee MRI, slice-wise 2D U-Net.
+
+## Data
+- **No labelled real knee MRI was available.** Training images are synthesised on the fly from
+  label maps, the SynthSeg way (Billot et al., MedIA 2023; `Training/knee_synth.py`): random
+  per-structure intensities and texture, pseudo-tissues in unlabelled regions, a dark cortical rim,
+  partial volume over 0.5-4 mm slabs, blur, resolution loss, bias field, gamma, Rician noise,
+  random 110-200 mm windows near the joint, rotation, anisotropic scale, elastic displacement,
+  left/right mirroring, sagittal and coronal planes.
+- Trained on: {', '.join(meta['trained_on'])} (SPL Knee Atlas, Richolt/Jakab/Kikinis, Apache-2.0).
+- Held out entirely (validation and every figure below): {meta['held_out']} (pymskt, Gatti et al., MIT),
+  a sagittal 3D DESS right knee.
+- Real series checked (no labels; nothing tuned on them): pyKNEEr DESS (GPL-3.0 repository) and pymskt
+  multi-echo T2 (MIT) from ../shared/data/knee.
+
+## Preprocessing (the task card; stored with the weights)
+Slices along the acquisition axis (largest spacing; sagittal or coronal), canonical orientation;
+fast N4 (estimated on a shrunk, masked image, applied at full resolution); a 160 mm square window
+centred on the femorotibial joint, resampled to 224x224; per-volume z-score over the foreground.
+The synthetic training population has random intensities by design, so it has no meaningful fixed
+mean/std: statistics are the input's own (mean/std of voxels above the 5th percentile). The seed's
+population-statistics variant is `normalisation: fixed` with `stats` in a checkpoint (for models
+trained on one protocol's real images).
+
+## Network and training
+2D U-Net, constant {cfg['channels']} channels x {cfg['levels']} levels, ELU, batch norm, dropout
+{cfg['dropout']} at the end of the contracting path, softmax background + 4 bones
+({'lighter than ' if cfg['channels'] < 32 else ''}the seed's constant 32, selectable: `--channels 32`).
+Soft F1 (Dice) loss, Adam {cfg['lr']:g} decaying exponentially toward {cfg['lr_final']:g} over
+{cfg['iterations']} iterations, batches of {cfg['batch_size']} random {cfg['patch']}x{cfg['patch']} crops of
+224x224 synthetic slices, early stopping patience {cfg['patience']} evaluations ({cfg['eval_every']}
+iterations each) on {cfg['val_samples']} fixed synthetic slices of the held-out map.
+This checkpoint: iteration {meta['iteration']} of the planned {cfg['iterations']} (CPU, 2 cores; training resumes
+with `Training/knee_bones.py train --resume`; a GPU session is the place to finish it).
+
+## Held-out synthetic figures
+2D validation slices at this checkpoint, Dice: femur {val['femur']:.3f}, tibia {val['tibia']:.3f},
+fibula {val['fibula']:.3f}, patella {val['patella']:.3f}.
+
+Synthetic 3D series of the held-out anatomy through the product's inference (Dice after
+post-processing, raw network output in brackets):
+
+| series | femur | tibia | fibula | patella |
+|---|---|---|---|---|
+{series_rows}
+| **mean** | {mean['femur']:.3f} | {mean['tibia']:.3f} | {mean['fibula']:.3f} | {mean['patella']:.3f} |
+
+## Seed variants (same synthetic data, same schedule, validation Dice at equal iterations)
+
+| variant | femur | tibia | fibula | patella | any bone | merged "bone" |
+|---|---|---|---|---|---|---|
+{variant_rows}
+
+## Real series (plausibility check, no labels)
+
+| series | plausibility | warnings | total s |
+|---|---|---|---|
+{chr(10).join(real_rows)}
+
+## Known limits
+- A starter model: one training anatomy, synthetic images only, stopped far short of its schedule.
+- Label maps end where the atlases end (SPL covers ~119 mm along the leg): long-bone shafts beyond that
+  were never seen as bone far from the joint.
+- Nothing was measured on labelled real images; the figures above are synthetic.
+
+## Licence of the data
+SPL Knee Atlas: Apache-2.0. pymskt label map and T2 series: MIT. pyKNEEr DESS series: GPL-3.0 repository.
+"""
+
+
+def ship(out: Path, version: str, evaluation: Path, real: Path, variants: Path) -> int:
+    import shutil
+
+    from SpineKneeSegLib.weights import models_dir, register_model
+
+    meta = torch.load(out / "best.pt", map_location="cpu", weights_only=True)["metadata"]
+    target = models_dir() / f"{TASK}-{version}.pt"
+    card = models_dir() / f"{TASK}-{version}.md"
+    shutil.copyfile(out / "best.pt", target)
+    card.write_text(model_card(version, meta, json.loads(evaluation.read_text()), json.loads(real.read_text()),
+                               json.loads(variants.read_text())))
+    mean = json.loads(evaluation.read_text())["mean_dice"]
+    entry = register_model(target, TASK, version, card=card.name,
+                           description="starter knee-bones trained on synthetic images from one label map: held-out "
+                                       "synthetic Dice femur/tibia/fibula/patella "
+                                       + "/".join(f"{mean[b]:.2f}" for b in BONE_NAMES.values()))
+    print(f"registered {entry.file} sha256 {entry.sha256}")
+    return 0
+
+
 def _writer(out: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -519,6 +656,16 @@ def main(argv=None) -> int:
     e.add_argument("--out", type=Path, required=True)
     e.add_argument("--checkpoint", type=Path, default=None, help="default: OUT/best.pt")
     e.add_argument("--volumes", type=Path, default=None)
+    c = sub.add_parser("compare", help="validation Dice of variant runs at one iteration -> JSON")
+    c.add_argument("--runs", nargs="+", required=True, help="VARIANT=RUN_DIR ...")
+    c.add_argument("--at", type=int, required=True)
+    c.add_argument("--json", type=Path, required=True)
+    r = sub.add_parser("check-real", help="run the product on the two real knee series")
+    r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--checkpoint", type=Path, default=None)
+    s = sub.add_parser("ship")
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--version", required=True)
     args = parser.parse_args(argv)
     if args.command == "prepare":
         from SpineKneeSegLib.datasets import data_root
@@ -548,6 +695,20 @@ def main(argv=None) -> int:
         (args.out / f"eval-{name}.json").write_text(json.dumps(result, indent=2))
         print(json.dumps(result["mean_dice"]))
         return 0
+    if args.command == "compare":
+        runs = dict(item.split("=", 1) for item in args.runs)
+        rows = compare_variants({k: Path(v) for k, v in runs.items()}, args.at)
+        args.json.write_text(json.dumps(rows, indent=2))
+        print(json.dumps(rows, indent=1))
+        return 0
+    if args.command == "check-real":
+        checkpoint = args.checkpoint or args.out / "best.pt"
+        rows = check_real_series(checkpoint, args.out / "real")
+        (args.out / "real.json").write_text(json.dumps(rows, indent=2))
+        return 0
+    if args.command == "ship":
+        return ship(args.out, args.version, args.out / "eval-best.json", args.out / "real.json",
+                    args.out / "variants.json")
     return 2
 
 
