@@ -276,6 +276,7 @@ def write_outputs(card: TaskCard, image: Image, result: RunResult, folder: Path,
     if "overlays/" in card.outputs:
         from .render import save_label_overlays
 
+        written.append("overlays/")  # the folder (as the card names it), then its PNGs
         written.extend(save_label_overlays(folder, "overlays", image, result.labels, card))
     if scene:
         mrml.save_scene_mrb(mrml_scene, folder / "scene.mrb")
