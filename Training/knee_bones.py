@@ -406,13 +406,16 @@ def train(cfg: Config, out: Path, resume: bool, device: str = "cpu", max_minutes
             for name, v in metrics["dice"].items():
                 writer.add_scalar(f"val/dice_{name}", v, state["iteration"])
             writer.flush()
+        weights = {k: v.cpu() for k, v in net.state_dict().items()}
+        meta = {"iteration": state["iteration"], "val": metrics, "config": asdict(cfg), "variant": cfg.variant,
+                "held_out": cfg.held_out, "trained_on": [v.name for v in train_vols]}
+        # every evaluation's weights (~0.2 MB): variants are compared at equal iterations
+        (out / "snapshots").mkdir(exist_ok=True)
+        save_checkpoint(out / "snapshots" / f"iter-{state['iteration']:06d}.pt", TASK, "unet2d", network_config(cfg),
+                        weights, metadata=meta)
         if metrics["mean_dice"] > state["best"]:
             state["best"], state["best_epoch"] = metrics["mean_dice"], state["epoch"]
-            save_checkpoint(out / "best.pt", TASK, "unet2d", network_config(cfg),
-                            {k: v.cpu() for k, v in net.state_dict().items()},
-                            metadata={"iteration": state["iteration"], "val": metrics, "config": asdict(cfg),
-                                      "variant": cfg.variant, "held_out": cfg.held_out,
-                                      "trained_on": [v.name for v in train_vols]})
+            save_checkpoint(out / "best.pt", TASK, "unet2d", network_config(cfg), weights, metadata=meta)
         tmp = out / "last.pt.tmp"
         torch.save({"model": net.state_dict(), "optimiser": optimiser.state_dict(), "state": state,
                     "config": asdict(cfg)}, tmp)
@@ -441,6 +444,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 def evaluate_series(checkpoint: Path, volumes_path: Path, seed: int = 777, log=print) -> dict:
     """Run the product's inference (task card + checkpoint preprocessing) on synthetic series of
     the held-out anatomy; per-bone Dice of the raw network labels and after post-processing."""
+    from SpineKneeSegLib.bone_split import split_any_bone
     from SpineKneeSegLib.image import Image
     from SpineKneeSegLib.inference import load_network, segment_slices
     from SpineKneeSegLib.postprocessing import largest_component_per_label
@@ -449,6 +453,7 @@ def evaluate_series(checkpoint: Path, volumes_path: Path, seed: int = 777, log=p
 
     card = TASKS[TASK]
     weights = resolve_weights(card, str(checkpoint))
+    variant = weights.checkpoint["metadata"].get("variant", "multiclass")
     net = load_network(weights, torch.device("cpu"))
     held = [v for v in load_volumes(volumes_path) if v.name == HELD_OUT][0]
     synth = SynthConfig()
@@ -460,12 +465,16 @@ def evaluate_series(checkpoint: Path, volumes_path: Path, seed: int = 777, log=p
         image = Image(s["image"], s["spacing"], tuple(s["origin"]), s["direction"])
         t = time.time()
         raw = segment_slices(card, image, net, torch.device("cpu"), weights.preprocessing).labels
+        if variant == "merged":  # seed 000's merged channel, split into bones by components and position
+            raw = split_any_bone(raw > 0, image)
+        elif variant == "fibula":  # the per-bone model: its one class is the fibula
+            raw = np.where(raw > 0, 3, 0).astype(np.uint8)
         final = largest_component_per_label(raw)
         row = {"series": f"{plane} {n}x{slice_mm} mm{' mirrored' if mirror else ''}",
                "seconds": round(time.time() - t, 2)}
         for value, name in BONE_NAMES.items():
             truth = s["labels"] == value
-            if truth.sum() == 0:
+            if truth.sum() == 0 or (variant == "fibula" and value != 3):
                 continue
             row[name] = round(dice(final == value, truth), 4)
             row[f"{name}_raw"] = round(dice(raw == value, truth), 4)
