@@ -19,7 +19,7 @@ sagittal (rows down, cols posterior) or coronal (rows down, cols to patient left
 - random per-tissue intensity and texture, blur, resolution loss, multiplicative bias field,
   gamma, Rician noise, zero padding where the window leaves the field of view;
 - per-slice z-score over the same foreground rule inference uses, then intensity jitter (the
-  network sees per-volume z-scores at inference).
+  network sees per-volume z-scores at inference); padding takes the minimum, as in inference.
 Target: the bone labels (0..4) at the slab's central plane.
 """
 from __future__ import annotations
@@ -258,8 +258,8 @@ def synthesise(vol: KneeVolume, cfg: SynthConfig, gen: torch.Generator, plane: s
         padded[sl] = True
         img[0][padded] = 0.0
     img = _foreground_zscore(img)
-    if padded is not None:  # inference pads with 0 after z-score
-        img[0][padded] = 0.0
+    if padded is not None:  # inference pads with the normalised image's minimum (like air)
+        img[0][padded] = img[0][~padded].min()
     img = img * float(_u(gen, 1 - cfg.jitter[0], 1 + cfg.jitter[0], device=device)) \
         + float(_u(gen, -cfg.jitter[1], cfg.jitter[1], device=device))
     return img.float(), target, {"plane": plane, "thickness_mm": thickness, "fov_mm": fov, "mirror": mirror}
