@@ -257,6 +257,22 @@ def test_each_plausibility_check_fails_on_a_broken_label_map(phantom):
     assert agree["passed"] and agree["side_agrees"] is True
 
 
+def test_plausibility_passes_on_the_real_dess_label_map(data_root):
+    """pymskt's manual DESS label map (its bone values 5 femur, 6 tibia, 7 patella, 8 fibula): the
+    checks hold on real anatomy and real (oblique sagittal) geometry; it is a right knee."""
+    path = data_root / "knee" / "labelmaps" / "pymskt-dess-labels.nrrd"
+    if not path.exists():
+        pytest.skip(f"{path} not found")
+    image = read_image(path)
+    lut = np.zeros(256, np.uint8)
+    lut[[5, 6, 8, 7]] = [1, 2, 3, 4]
+    summary = knee_plausibility(lut[image.array], image)
+    assert summary["passed"], summary["failed"]
+    assert summary["knee_side"] == "right"
+    assert summary["checks"]["femur_superior_to_tibia"]["femur_above_tibia_mm"] > 30
+    assert summary["checks"]["fibula_posterior_to_tibia"]["fibula_posterior_of_tibia_mm"] > 10
+
+
 # ---- CLI on the real DESS series --------------------------------------------------------------
 
 @pytest.mark.mrml

@@ -28,9 +28,20 @@ MIN_SIDE_OFFSET_MM = 5.0  # the fibula must lie clearly to one side of the tibia
 JOINT_BAND_MM = 10.0  # "near the joint": bone within this distance of the lowest femur / highest tibia point
 
 
-def _ras_points(image: Image, mask: np.ndarray) -> np.ndarray:
-    kji = np.argwhere(mask)
-    return image.ijk_to_ras_points(kji[:, ::-1].astype(float)) if len(kji) else np.zeros((0, 3))
+def _voxels(labels: np.ndarray, value: int, boxes=None) -> np.ndarray:
+    """(N, 3) k, j, i indices of ``labels == value``, looked up inside the label's bounding box
+    (``boxes``: ndimage.find_objects(labels), computed once by the caller)."""
+    boxes = ndimage.find_objects(labels, max_label=value) if boxes is None else boxes
+    box = boxes[value - 1] if value <= len(boxes) else None
+    if box is None:
+        return np.zeros((0, 3), np.int64)
+    return np.argwhere(labels[box] == value) + np.array([b.start for b in box])
+
+
+def _to_ras(image: Image, kji: np.ndarray, rows=slice(None)) -> np.ndarray:
+    """RAS mm (or only the ``rows`` of R, A, S) of (N, 3) k, j, i indices."""
+    m = image.ijk_to_ras[:3][rows]
+    return kji[:, ::-1].astype(np.float32) @ m[..., :3].T.astype(np.float32) + m[..., 3].astype(np.float32)
 
 
 def joint_centre_from_labels(labels: np.ndarray, image: Image) -> tuple[list[float] | None, str]:
@@ -38,15 +49,16 @@ def joint_centre_from_labels(labels: np.ndarray, image: Image) -> tuple[list[flo
     midway between the lowest femur point and the highest tibia point (1st / 99th percentile of
     S, so stray voxels do not move it), right-left and anterior-posterior the mean of femur and
     tibia voxels within JOINT_BAND_MM of those points. (None, reason) without both bones."""
-    femur, tibia = _ras_points(image, labels == FEMUR), _ras_points(image, labels == TIBIA)
+    boxes = ndimage.find_objects(labels, max_label=TIBIA)
+    femur, tibia = _voxels(labels, FEMUR, boxes), _voxels(labels, TIBIA, boxes)
     missing = [name for name, pts in (("femur", femur), ("tibia", tibia)) if len(pts) == 0]
     if missing:
         return None, f"no {' and no '.join(missing)} voxels"
-    femur_low = float(np.percentile(femur[:, 2], 1))
-    tibia_high = float(np.percentile(tibia[:, 2], 99))
-    near = np.concatenate([femur[femur[:, 2] <= femur_low + JOINT_BAND_MM],
-                           tibia[tibia[:, 2] >= tibia_high - JOINT_BAND_MM]])
-    r, a = near[:, 0].mean(), near[:, 1].mean()
+    femur_s, tibia_s = _to_ras(image, femur, 2), _to_ras(image, tibia, 2)  # S only: the big arrays
+    femur_low = float(np.percentile(femur_s, 1))
+    tibia_high = float(np.percentile(tibia_s, 99))
+    near = np.concatenate([femur[femur_s <= femur_low + JOINT_BAND_MM], tibia[tibia_s >= tibia_high - JOINT_BAND_MM]])
+    r, a = _to_ras(image, near, slice(0, 2)).mean(axis=0)
     note = "femur above tibia" if femur_low > tibia_high else "femur and tibia overlap in S (tibia not below femur)"
     return [float(r), float(a), (femur_low + tibia_high) / 2.0], note
 
@@ -54,16 +66,16 @@ def joint_centre_from_labels(labels: np.ndarray, image: Image) -> tuple[list[flo
 def component_counts(labels: np.ndarray, min_fraction: float = MIN_COMPONENT_FRACTION) -> dict[int, int]:
     """26-connected components of each bone holding >= ``min_fraction`` of that bone's voxels."""
     counts = {}
+    boxes = ndimage.find_objects(labels, max_label=max(BONES))
     for value in BONES:
-        mask = labels == value
-        total = int(mask.sum())
-        if not total:
+        box = boxes[value - 1] if value <= len(boxes) else None
+        if box is None:
             counts[value] = 0
             continue
-        box = ndimage.find_objects(mask.astype(np.uint8))[0]
-        comp, n = ndimage.label(mask[box], structure=np.ones((3, 3, 3), bool))
+        mask = labels[box] == value
+        comp, _ = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
         sizes = np.bincount(comp.ravel())[1:]
-        counts[value] = int((sizes >= min_fraction * total).sum())
+        counts[value] = int((sizes >= min_fraction * int(mask.sum())).sum())
     return counts
 
 
@@ -86,10 +98,15 @@ def knee_plausibility(labels: np.ndarray, image: Image, raw_labels: np.ndarray |
     None-passed (skipped) only for an absent patella."""
     raw = labels if raw_labels is None else raw_labels
     voxel_ml = float(np.prod(image.spacing)) / 1000.0
-    counts = np.bincount(labels.ravel(), minlength=5)
+    # raw x final confusion counts in one pass: volumes and every Dice from it
+    confusion = np.bincount((np.minimum(raw, 5).astype(np.uint16) * 6 + np.minimum(labels, 5)).ravel(),
+                            minlength=36).reshape(6, 6)
+    counts = confusion.sum(axis=0)
     volumes = {v: float(counts[v]) * voxel_ml for v in BONES}
     present = {v for v in BONES if counts[v] > 0}
-    centroid = {v: _ras_points(image, labels == v).mean(axis=0) for v in present}
+    boxes = ndimage.find_objects(labels, max_label=PATELLA)
+    # the voxel-to-RAS map is affine: the centroid of the mapped voxels is the mapped mean index
+    centroid = {v: _to_ras(image, _voxels(labels, v, boxes).mean(axis=0, keepdims=True))[0] for v in present}
     checks: dict[str, dict] = {}
 
     # every required bone present, the patella optional
@@ -149,7 +166,10 @@ def knee_plausibility(labels: np.ndarray, image: Image, raw_labels: np.ndarray |
                  "agrees with DICOM laterality" if agrees else "CONTRADICTS DICOM laterality")}
 
     # the network's raw output already holds each bone (issue 6: raw vs final Dice >= 0.8)
-    dices = {BONES[v]: dice(raw == v, labels == v) for v in BONES}
+    dices = {}
+    for v in BONES:
+        total = int(confusion[v, :].sum() + confusion[:, v].sum())
+        dices[BONES[v]] = None if total == 0 else 2.0 * float(confusion[v, v]) / total
     low = [f"{k} {d:.3f}" for k, d in dices.items() if d is not None and d < MIN_DICE_RAW_VS_FINAL]
     checks["raw_vs_final_dice"] = {"passed": not low, "dice": {k: None if d is None else round(d, 4)
                                                               for k, d in dices.items()},
