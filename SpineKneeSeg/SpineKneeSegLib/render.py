@@ -90,8 +90,13 @@ def _save_lps_overlay(path, arr: np.ndarray, lab: np.ndarray | None, image: Imag
         index = best_slice(lab, plane)
     grey, index = display_slice(arr, plane, index)
     lab_sl = display_slice(lab, plane, index)[0] if lab is not None else None
+    return _save_slice(path, grey, lab_sl, specs, display_spacing(image, plane), title, min_size)
+
+
+def _save_slice(path, grey: np.ndarray, lab_sl: np.ndarray | None, specs, spacing_rc: tuple[float, float],
+                title: str, min_size: int) -> Path:
     img = PILImage.fromarray(overlay_rgb(_grey(grey), lab_sl, specs))
-    row_mm, col_mm = display_spacing(image, plane)
+    row_mm, col_mm = spacing_rc
     width, height = img.width * col_mm / min(row_mm, col_mm), img.height * row_mm / min(row_mm, col_mm)
     scale = max(1.0, min_size / max(width, height))
     img = img.resize((round(width * scale), round(height * scale)), PILImage.NEAREST)
@@ -109,37 +114,40 @@ def save_label_overlays(folder: str | Path, subdir: str, image: Image, labels: I
     task's plane through the centroid of every label present (for knee-bones the femur, tibia,
     fibula and patella slices; the femur/tibia slice is the mid-knee one), or the middle slice
     when nothing was found. Returns the paths relative to ``folder`` (written inside it, i.e.
-    inside the run's staging folder)."""
-    import SimpleITK as sitk
+    inside the run's staging folder).
 
-    from .preprocessing import resolve_plane
+    Slices are cut from the canonical views of preprocessing (a transpose and flips: no copy of
+    the volume), whose in-plane orientation is the display convention above: sagittal anterior
+    left and superior up, coronal patient right left and superior up, axial anterior up."""
+    from scipy import ndimage
 
-    plane = resolve_plane(image, card.preprocessing.plane)
-    if plane == "image" or image.is_2d:
-        plane = "image"
+    from .preprocessing import canonical_orientation, resolve_plane
+
+    plane = "image" if image.is_2d else resolve_plane(image, card.preprocessing.plane)
+    orientation = canonical_orientation(image, plane)
+    arr, lab = orientation.apply(image.array), orientation.apply(labels.array)
+    spacing_by_axis = tuple(reversed(image.spacing))  # (k, j, i)
+    spacing_rc = (spacing_by_axis[orientation.axes[1]], spacing_by_axis[orientation.axes[2]])
     out_dir = Path(folder) / subdir
     out_dir.mkdir(parents=True, exist_ok=True)
-    oriented = sitk.DICOMOrient(image.to_sitk(), "LPS") if not image.is_2d else None
-    arr = sitk.GetArrayFromImage(oriented) if oriented is not None else image.array
-    lab = to_lps_array(labels)
-    axis = {"axial": 0, "coronal": 1, "sagittal": 2, "image": 0}[plane]
+    boxes = ndimage.find_objects(labels.array, max_label=max(s.value for s in card.labels))
     views = []
     for spec in card.labels:
-        mask = labels.array == spec.value
-        if not mask.any():
+        box = boxes[spec.value - 1] if spec.value <= len(boxes) else None
+        if box is None:
             continue
-        centroid_ijk = np.argwhere(mask).mean(axis=0)[::-1]
-        lps = image.ijk_to_lps_points([centroid_ijk])[0]
-        index = None
-        if oriented is not None:
-            index = int(round(oriented.TransformPhysicalPointToContinuousIndex(tuple(float(v) for v in lps))[2 - axis]))
-        views.append((f"{plane}-{spec.segment_id}.png", index, f"{card.name}: {plane} through the {spec.name}"))
+        centroid_kji = (np.argwhere(labels.array[box] == spec.value).mean(axis=0)
+                        + np.array([b.start for b in box]))
+        a = orientation.axes[0]
+        index = int(round(centroid_kji[a]))
+        index = labels.array.shape[a] - 1 - index if orientation.flips[0] else index
+        views.append((f"{plane}-{spec.segment_id}.png", index,
+                      f"{card.name}: {plane} slice {index} through the {spec.name}"))
     if not views:
-        views.append((f"{plane}-middle.png", arr.shape[axis] // 2 if arr.ndim == 3 else None,
-                      f"{card.name}: {plane} middle slice (no labels)"))
+        views.append((f"{plane}-middle.png", arr.shape[0] // 2, f"{card.name}: {plane} middle slice (no labels)"))
     written = []
     for name, index, title in views:
-        _save_lps_overlay(out_dir / name, arr, lab, image, card.labels, plane, title, index, min_size)
+        _save_slice(out_dir / name, arr[index], lab[index], card.labels, spacing_rc, title, min_size)
         written.append(f"{subdir}/{name}")
     return written
 
