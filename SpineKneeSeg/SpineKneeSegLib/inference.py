@@ -232,7 +232,9 @@ def segment_slices(card: TaskCard, image: Image, net: torch.nn.Module, device: t
 @torch.inference_mode()
 def probability_maps(preprocessing: dict, image: Image, net: torch.nn.Module, device: torch.device,
                      batch_size: int = 8, progress: Progress | None = None) -> NetworkOutput:
-    """Sigmoid maps of an auxiliary network (e.g. foramina) as uint8 on the network grid."""
+    """Sigmoid maps of an auxiliary network (e.g. foramina) as uint8 on the network grid. No
+    bias-field correction and no joint search here (no task with auxiliary models uses them): a
+    ``network_px`` window is centred on the field of view."""
     timings = {"pre": 0.0, "net": 0.0, "post": 0.0}
     maps, grid, cropped = None, None, None
     n = canonical_image(image, preprocessing["plane"])[0].array.shape[0]

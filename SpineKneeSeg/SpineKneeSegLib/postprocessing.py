@@ -45,6 +45,9 @@ def remove_small_components(labels: np.ndarray, min_fraction: float = 0.1) -> np
 
 
 def volume_table(labels: np.ndarray, image: Image, specs: tuple[LabelSpec, ...]) -> Table:
+    """One row per label of the task, absent ones included with 0 voxels (e.g. knee-bones' patella
+    when it is out of view): a fixed schema that tables across cases can be stacked on; 0 ml
+    means not found (the report's knee_plausibility says whether that is plausible)."""
     voxel_mm3 = float(np.prod(image.spacing))
     counts = np.bincount(labels.ravel(), minlength=max(s.value for s in specs) + 1)
     rows = [{"structure": s.name, "label": s.value, "voxels": int(counts[s.value]),
