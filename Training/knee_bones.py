@@ -186,15 +186,15 @@ def _lps(idx_zyx: np.ndarray, origin, spacing) -> np.ndarray:
 
 
 def joint_centre(labels: np.ndarray, origin, spacing) -> tuple[float, float, float]:
-    """Midway between the femur's lowest and the tibia's highest point (LPS z = superior), at the
-    mean L/P position of both bones within 10 mm of that level."""
-    fz = np.flatnonzero((labels == 1).any(axis=(1, 2)))
-    tz = np.flatnonzero((labels == 2).any(axis=(1, 2)))
-    z = (fz.min() + tz.max()) / 2.0
-    band = slice(max(0, int(z - 10 / spacing)), int(z + 10 / spacing) + 1)
-    zyx = np.argwhere(np.isin(labels[band], (1, 2)))
-    yx = zyx[:, 1:].mean(axis=0)
-    return tuple(float(v) for v in _lps(np.array([z, yx[0], yx[1]]), origin, spacing))
+    """The product's joint centre (knee.joint_centre_from_labels) of an LPS-aligned (z, y, x) grid, in LPS."""
+    from SpineKneeSegLib.image import Image
+    from SpineKneeSegLib.knee import joint_centre_from_labels
+
+    grid = Image(labels, (spacing,) * 3, tuple(float(v) for v in origin), np.eye(3))
+    ras, note = joint_centre_from_labels(labels, grid)
+    if ras is None:
+        raise SystemExit(f"label map has no joint: {note}")
+    return (-ras[0], -ras[1], ras[2])
 
 
 def bone_extent(labels: np.ndarray, origin, spacing) -> tuple[tuple[float, float], ...]:
