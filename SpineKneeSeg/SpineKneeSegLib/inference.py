@@ -49,7 +49,9 @@ class NetworkOutput:
 def load_network(weights: LoadedWeights, device: torch.device) -> torch.nn.Module:
     net = build_network(weights.network["factory"], weights.network["config"])
     net.load_state_dict(weights.checkpoint["state_dict"])
-    return net.to(device).eval()
+    # channels-last: oneDNN's fast layout for convolutions with few channels (knee-bones' 16-channel
+    # U-Net on 2 CPU cores: 14.3 -> 8.6 s per 80 slices of 224 x 224); inputs follow it in _batches
+    return net.to(device).to(memory_format=torch.channels_last).eval()
 
 
 def _sync(device: torch.device) -> None:
@@ -85,7 +87,7 @@ def _batches(image: Image, net: torch.nn.Module, device: torch.device, pre: dict
         t = time.perf_counter()
         index = run[start:start + batch_size]
         x = torch.from_numpy(context_channels(stack, index, pre["context_slices"])).to(device)
-        x = pad_to(to_network_grid(x, grid, pad_value), grid.padded_hw)
+        x = pad_to(to_network_grid(x, grid, pad_value), grid.padded_hw).contiguous(memory_format=torch.channels_last)
         _sync(device)
         t_net = time.perf_counter()
         timings["pre"] += t_net - t
