@@ -308,3 +308,14 @@ def test_cli_on_the_dess_series(data_root, tmp_path):
     assert rows[0].split("\t")[:2] == ["structure", "label"] and len(rows) >= 5
     pngs = [name for name in report["outputs"] if name.startswith("overlays/") and name.endswith(".png")]
     assert pngs and all((out / name).stat().st_size > 1000 for name in pngs)
+
+
+def test_overlays_accept_the_cards_acquisition_plane(tmp_path):
+    """The demo and the run report draw overlays with the card's plane; 'acquisition' must resolve
+    to the plane the image is shown in (the demo crashed on it once)."""
+    from SpineKneeSegLib.render import save_overlay
+
+    phantom = knee_phantom(0)
+    out = save_overlay(tmp_path / "o.png", phantom.image, phantom.labels, TASKS["knee-bones"].labels,
+                       TASKS["knee-bones"].preprocessing.plane, "truth")
+    assert out.exists() and out.stat().st_size > 1000

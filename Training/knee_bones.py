@@ -527,7 +527,7 @@ def model_card(version: str, meta: dict, evaluation: dict, real: list[dict], var
         for v in variants)
     real_rows = []
     for r in real:
-        plaus = r["summaries"].get("plausibility", {})
+        plaus = r["summaries"].get("knee_plausibility", {})
         real_rows.append(f"| {r['series']} | {'passed' if plaus.get('passed') else 'FAILED'} | "
                          f"{'; '.join(r['warnings']) or 'none'} | {r['timings_s'].get('total', float('nan')):.2f} |")
     return f"""# Model card: knee-bones v{version} (starter, trained on synthetic images only)
@@ -585,14 +585,29 @@ post-processing, raw network output in brackets):
 |---|---|---|---|---|---|---|
 {variant_rows}
 
+Merged "bone" is seed 000's single any-bone channel; compare it with the multiclass model's "any
+bone" (prediction > 0 against truth > 0). The fibula variant is the seed's separate per-bone model;
+compare it with the multiclass fibula column. The variant runs were stopped at {variants[0]['iteration']}
+iterations to leave the CPU to the main model, so this is an early-training comparison. The seed's
+finding that a merged channel learns more easily holds here too; the split of a merged mask into
+bones is `SpineKneeSegLib.bone_split.split_any_bone` (tested on phantoms), and
+`Training/knee_bones.py evaluate` applies it to merged checkpoints.
+
 ## Real series (plausibility check, no labels)
 
 | series | plausibility | warnings | total s |
 |---|---|---|---|
 {chr(10).join(real_rows)}
 
+Overlays (`overlays/` of each run) were looked at. On both series the femur, tibia and patella lie on the
+right bones and the fibula is found in its lateral slices posterior-lateral to the tibia. On the DESS
+a fibula-labelled region also runs posterior to the tibia in the middle slices (soft tissue joined to
+the fibula), so the fibula volume (18 ml) is too large. The raw output splits the fibula and patella
+into several pieces, so the strict plausibility check fails on both series.
+
 ## Known limits
 - A starter model: one training anatomy, synthetic images only, stopped far short of its schedule.
+- Coronal input: the patella is missed (Dice 0 on coronal synthetic series); femur and tibia hold.
 - Label maps end where the atlases end (SPL covers ~119 mm along the leg): long-bone shafts beyond that
   were never seen as bone far from the joint.
 - Nothing was measured on labelled real images; the figures above are synthetic.

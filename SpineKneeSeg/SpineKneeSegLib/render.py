@@ -79,6 +79,9 @@ def best_slice(labels_lps: np.ndarray, plane: str) -> int | None:
 
 def save_overlay(path: str | Path, image: Image, labels: Image | None, specs: tuple[LabelSpec, ...],
                  plane: str, title: str = "", index: int | None = None, min_size: int = 320) -> Path:
+    from .preprocessing import resolve_plane
+
+    plane = resolve_plane(image, plane)  # a task card's "acquisition" plane: the one this image is shown in
     arr = to_lps_array(image)
     lab = to_lps_array(labels) if labels is not None else None
     return _save_lps_overlay(path, arr, lab, image, specs, plane, title, index, min_size)
