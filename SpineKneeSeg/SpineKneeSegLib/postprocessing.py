@@ -14,12 +14,11 @@ STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
 def _label_components(labels: np.ndarray):
     """For every label value: (bounding box, component map inside it, component sizes with
     sizes[0] = 0); labelled inside the label's bounding box only (fast on small structures)."""
-    for value in np.unique(labels):
-        if value == 0:
+    # one pass finds every label's bounding box (labels are small non-negative integers)
+    for value, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None:
             continue
-        mask = labels == value
-        box = ndimage.find_objects(mask.astype(np.uint8))[0]
-        comp, n = ndimage.label(mask[box], structure=STRUCTURE_26)
+        comp, n = ndimage.label(labels[box] == value, structure=STRUCTURE_26)
         if n > 1:
             sizes = np.bincount(comp.ravel())
             sizes[0] = 0
