@@ -47,9 +47,14 @@ def lesion_table(mask: np.ndarray, flair: Image, connectivity: int = 26,
     rows = []
     if n:
         index = np.arange(1, n + 1)
-        counts = np.bincount(comp.ravel(), minlength=n + 1)[1:]
-        centroids_kji = np.array(ndimage.center_of_mass(np.ones_like(comp, dtype=np.uint8), comp, index))
-        means = ndimage.mean(flair.array, comp, index)
+        # statistics over the lesion voxels only (bincount), not n passes over the whole volume
+        flat = np.flatnonzero(comp)
+        ids = comp.ravel()[flat]
+        counts = np.bincount(ids, minlength=n + 1)[1:]
+        kji = np.unravel_index(flat, comp.shape)
+        centroids_kji = np.stack([np.bincount(ids, weights=a, minlength=n + 1)[1:] for a in kji], axis=1) \
+            / counts[:, None]
+        means = np.bincount(ids, weights=flair.array.ravel()[flat].astype(np.float64), minlength=n + 1)[1:] / counts
         boxes = ndimage.find_objects(comp)
         centroids_ras = flair.ijk_to_ras_points(centroids_kji[:, ::-1])
         for c, count, box, ras, mean in zip(index, counts, boxes, centroids_ras, means):
