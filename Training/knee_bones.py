@@ -31,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from knee_synth import BONES, KneeVolume, SynthConfig, synthesise, synthesise_batch, synthesise_volume  # noqa: E402
 
+from slicetrain import tensorboard_writer  # noqa: E402
+
 from SpineKneeSegLib.models import build_network  # noqa: E402
 
 TASK = "knee-bones"
@@ -376,7 +378,7 @@ def train(cfg: Config, out: Path, resume: bool, device: str = "cpu", max_minutes
         optimiser.load_state_dict(ckpt["optimiser"])
         state = ckpt["state"]
         log(f"resumed at iteration {state['iteration']} (best {state['best']:.4f} at epoch {state['best_epoch']})")
-    writer = _writer(out)
+    writer = tensorboard_writer(out)
     started = time.time()
     batches = batch_stream(train_vols, synth, cfg, state["iteration"])
     budget = min(cfg.iterations, cfg.stop_after or cfg.iterations)
@@ -635,14 +637,6 @@ def ship(out: Path, version: str, evaluation: Path, real: Path, variants: Path) 
                                        + "/".join(f"{mean[b]:.2f}" for b in BONE_NAMES.values()))
     print(f"registered {entry.file} sha256 {entry.sha256}")
     return 0
-
-
-def _writer(out: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is in the 'train' extra
-        return None
-    return SummaryWriter(str(out / "tensorboard"))
 
 
 def main(argv=None) -> int:

@@ -80,3 +80,12 @@ def train(card: TaskCard, pairs: list[tuple[Image, Image]], config: TrainConfig,
     save_checkpoint(checkpoint, card.name, card.network.factory, net_config, net.state_dict(),
                     metadata={"trained": True, "epochs": config.epochs, "final_loss": history[-1], **(metadata or {})})
     return history
+
+
+def tensorboard_writer(out: Path):
+    """TensorBoard writer under OUT/tensorboard, or None without the 'train' extra."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is in the 'train' extra
+        return None
+    return SummaryWriter(str(out / "tensorboard"))

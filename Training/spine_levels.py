@@ -21,10 +21,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SpineKneeSeg"))  # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from SpineKneeSegLib.datasets import data_root  # noqa: E402
 from SpineKneeSegLib.inference import segment_slices  # noqa: E402
 from SpineKneeSegLib.io import read_image  # noqa: E402
+from slicetrain import tensorboard_writer  # noqa: E402
+
 from SpineKneeSegLib.models import build_network  # noqa: E402
 from SpineKneeSegLib.postprocessing import largest_component_per_label  # noqa: E402
 from SpineKneeSegLib.preprocessing import context_channels, training_slices  # noqa: E402
@@ -318,7 +321,7 @@ def train_loop(cfg: Config, out: Path, prepared: list[PreparedCase], evaluate, r
         rng.bit_generator.state = ckpt["numpy_rng"]
         gen.set_state(ckpt["torch_rng"])
         log(f"resumed at epoch {state['epoch']} (best {state['best']:.4f} at {state['best_epoch']})")
-    writer = _writer(out)
+    writer = tensorboard_writer(out)
     steps = max(1, sum(c.stack.shape[0] for c in prepared) // cfg.batch_size)
     started = time.time()
     while state["epoch"] < cfg.epochs and state["epoch"] - state["best_epoch"] < cfg.patience:
@@ -359,14 +362,6 @@ def train_loop(cfg: Config, out: Path, prepared: list[PreparedCase], evaluate, r
             log("time budget reached; resume with --resume")
             break
     return state
-
-
-def _writer(out: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is in the 'train' extra
-        return None
-    return SummaryWriter(str(out / "tensorboard"))
 
 
 def main(argv=None) -> int:
