@@ -5,9 +5,9 @@
     python Training/knee_bones.py evaluate --out Training/runs/knee [--checkpoint best.pt]
     python Training/knee_bones.py ship --out Training/runs/knee --version 0.1.0
 
-Data: ../shared/data/knee/labelmaps (SPL knee atlas, pymskt DESS labels) or, with --labelmaps
-DIR / --pairs CSV, label maps users bring (a folder of label maps with --label-map FROM=TO
-mappings; image+label pairs train the same network on real images, see --pairs). One label map is
+Data: ../shared/data/knee/labelmaps (SPL knee atlas, pymskt DESS labels) and/or, with --pairs
+CSV (name,image,labels,mapping), label maps or image+label pairs users bring (real images train
+the same network through the same augmentation; ``import-oai-zib`` writes such a CSV). One label map is
 held out entirely: validation (early stopping) and the held-out Dice figures come from synthetic
 images of the held-out anatomy only. ``train`` needs only torch: run ``prepare`` where SimpleITK
 exists, carry volumes.pt to a GPU machine, train there.
@@ -438,17 +438,13 @@ EVAL_SERIES = (  # (plane, slices, slice mm, pixel mm, mirror): like clinical kn
 BONE_NAMES = {1: "femur", 2: "tibia", 3: "fibula", 4: "patella"}
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    denom = int(a.sum()) + int(b.sum())
-    return 2 * int((a & b).sum()) / denom if denom else float("nan")
-
-
 def evaluate_series(checkpoint: Path, volumes_path: Path, seed: int = 777, log=print) -> dict:
     """Run the product's inference (task card + checkpoint preprocessing) on synthetic series of
     the held-out anatomy; per-bone Dice of the raw network labels and after post-processing."""
     from SpineKneeSegLib.bone_split import split_any_bone
     from SpineKneeSegLib.image import Image
     from SpineKneeSegLib.inference import load_network, segment_slices
+    from SpineKneeSegLib.knee import dice
     from SpineKneeSegLib.postprocessing import largest_component_per_label
     from SpineKneeSegLib.tasks import TASKS
     from SpineKneeSegLib.weights import resolve_weights
@@ -478,9 +474,9 @@ def evaluate_series(checkpoint: Path, volumes_path: Path, seed: int = 777, log=p
             truth = s["labels"] == value
             if truth.sum() == 0 or (variant == "fibula" and value != 3):
                 continue
-            row[name] = round(dice(final == value, truth), 4)
-            row[f"{name}_raw"] = round(dice(raw == value, truth), 4)
-            row[f"{name}_raw_vs_final"] = round(dice(raw == value, final == value), 4)
+            d = {name: dice(final == value, truth), f"{name}_raw": dice(raw == value, truth),
+                 f"{name}_raw_vs_final": dice(raw == value, final == value)}
+            row.update({k: float("nan") if v is None else round(v, 4) for k, v in d.items()})
         rows.append(row)
         log(json.dumps(row))
     summary = {name: round(float(np.nanmean([r.get(name, np.nan) for r in rows])), 4) for name in BONE_NAMES.values()}
