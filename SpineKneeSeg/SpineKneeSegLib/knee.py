@@ -63,19 +63,20 @@ def joint_centre_from_labels(labels: np.ndarray, image: Image) -> tuple[list[flo
     return [float(r), float(a), (femur_low + tibia_high) / 2.0], note
 
 
-def component_counts(labels: np.ndarray, min_fraction: float = MIN_COMPONENT_FRACTION) -> dict[int, int]:
-    """26-connected components of each bone holding >= ``min_fraction`` of that bone's voxels."""
+def component_counts(labels: np.ndarray, min_fraction: float = MIN_COMPONENT_FRACTION,
+                     components: dict | None = None) -> dict[int, int]:
+    """26-connected components of each bone holding >= ``min_fraction`` of that bone's voxels
+    (``components``: postprocessing.label_components(labels), when already computed)."""
+    from .postprocessing import label_components
+
+    components = label_components(labels) if components is None else components
     counts = {}
-    boxes = ndimage.find_objects(labels, max_label=max(BONES))
     for value in BONES:
-        box = boxes[value - 1] if value <= len(boxes) else None
-        if box is None:
+        if value not in components:
             counts[value] = 0
             continue
-        mask = labels[box] == value
-        comp, _ = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
-        sizes = np.bincount(comp.ravel())[1:]
-        counts[value] = int((sizes >= min_fraction * int(mask.sum())).sum())
+        sizes = components[value][2][1:]
+        counts[value] = int((sizes >= min_fraction * int(sizes.sum())).sum())
     return counts
 
 
@@ -90,7 +91,8 @@ def dicom_laterality(image: Image) -> str | None:
     return {"R": "right", "L": "left"}.get(value)
 
 
-def knee_plausibility(labels: np.ndarray, image: Image, raw_labels: np.ndarray | None = None) -> dict:
+def knee_plausibility(labels: np.ndarray, image: Image, raw_labels: np.ndarray | None = None,
+                      raw_components: dict | None = None) -> dict:
     """Anatomical plausibility of a knee-bones label map (the final, post-processed one); the
     component count and raw-vs-final Dice use ``raw_labels`` (the network's own output; the
     final labels when None). Returns {"passed", "checks": {name: {"passed", ...}}, "knee_side",
@@ -115,7 +117,7 @@ def knee_plausibility(labels: np.ndarray, image: Image, raw_labels: np.ndarray |
                                "patella_present": PATELLA in present}
 
     # one connected component per bone, on the raw network output (the clean-up would hide splits)
-    n_comp = component_counts(raw)
+    n_comp = component_counts(raw, components=raw_components)
     split = [f"{BONES[v]} ({n_comp[v]})" for v in BONES if n_comp[v] > 1]
     checks["one_component_per_bone"] = {
         "passed": not split, "components": {BONES[v]: n_comp[v] for v in BONES}, "on": "raw network labels"

@@ -185,15 +185,19 @@ def postprocess(card: TaskCard, image: Image, labels: np.ndarray, maps: dict[str
 
     result = RunResult(image.with_array(labels))
     raw = labels  # the network's own output, for checks that must not see the clean-up
+    raw_components = None  # its connected components, labelled once for clean-up and checks
     for name in card.postprocessors:
         if name == "largest_component_per_label":
-            result.labels = image.with_array(pp.largest_component_per_label(result.labels.array))
+            components = None
+            if result.labels.array is raw:
+                components = raw_components = pp.label_components(raw)
+            result.labels = image.with_array(pp.largest_component_per_label(result.labels.array, components))
         elif name == "remove_small_components":
             result.labels = image.with_array(pp.remove_small_components(result.labels.array))
         elif name == "knee_plausibility":
             from .knee import knee_plausibility, plausibility_warnings
 
-            summary = knee_plausibility(result.labels.array, image, raw_labels=raw)
+            summary = knee_plausibility(result.labels.array, image, raw_labels=raw, raw_components=raw_components)
             result.summaries["knee_plausibility"] = summary
             result.warnings.extend(plausibility_warnings(summary))
         elif name == "volume_table":

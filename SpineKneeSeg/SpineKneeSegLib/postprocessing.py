@@ -11,24 +11,34 @@ from .tables import ColumnSpec, Table
 STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
 
 
-def _label_components(labels: np.ndarray):
-    """For every label value: (bounding box, component map inside it, component sizes with
-    sizes[0] = 0); labelled inside the label's bounding box only (fast on small structures)."""
+def label_components(labels: np.ndarray) -> dict[int, tuple]:
+    """{label value: (bounding box, its 26-connected component map, component sizes with
+    sizes[0] = 0)}, labelled inside each label's bounding box (fast on small structures). Computed
+    once and shared by the clean-up and the checks that count components."""
+    out = {}
     # one pass finds every label's bounding box (labels are small non-negative integers)
     for value, box in enumerate(ndimage.find_objects(labels), start=1):
         if box is None:
             continue
-        comp, n = ndimage.label(labels[box] == value, structure=STRUCTURE_26)
-        if n > 1:
-            sizes = np.bincount(comp.ravel())
-            sizes[0] = 0
+        comp, _ = ndimage.label(labels[box] == value, structure=STRUCTURE_26)
+        sizes = np.bincount(comp.ravel())
+        sizes[0] = 0
+        out[value] = (box, comp, sizes)
+    return out
+
+
+def _label_components(labels: np.ndarray, components: dict | None = None):
+    """The labels of ``label_components`` that have more than one component."""
+    for box, comp, sizes in (components if components is not None else label_components(labels)).values():
+        if len(sizes) > 2:
             yield box, comp, sizes
 
 
-def largest_component_per_label(labels: np.ndarray) -> np.ndarray:
-    """Keep the largest 26-connected component of every label (removes stray blobs)."""
+def largest_component_per_label(labels: np.ndarray, components: dict | None = None) -> np.ndarray:
+    """Keep the largest 26-connected component of every label (removes stray blobs);
+    ``components``: ``label_components(labels)`` when the caller has it already."""
     out = labels.copy()
-    for box, comp, sizes in _label_components(labels):
+    for box, comp, sizes in _label_components(labels, components):
         out[box][(comp != 0) & (comp != int(sizes.argmax()))] = 0
     return out
 
