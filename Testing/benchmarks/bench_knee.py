@@ -53,9 +53,11 @@ def timed(fn, *args, **kw):
 def network_only(card, image, weights_path: Path, runs: int, config: dict | None = None) -> tuple[float, float]:
     """Median forward-pass seconds of segment_slices (N4 off: only the network is timed) and the
     parameter count, for the checkpoint or, with ``config``, an untrained card network with it."""
-    if config is not None:
-        weights_path = weights_path.with_name("knee-seed-net.pt")
-        initialise_weights(TASK, weights_path, config)
+    if config is not None:  # never beside the checkpoint: that may be the shipped models folder
+        with tempfile.TemporaryDirectory() as scratch:
+            seed_path = Path(scratch) / "knee-seed-net.pt"
+            initialise_weights(TASK, seed_path, config)
+            return network_only(card, image, seed_path, runs)
     weights = resolve_weights(card, str(weights_path))
     net = load_network(weights, torch.device("cpu"))
     pre = {**weights.preprocessing, "bias_correction": None}
