@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from knee_synth import BONES, KneeVolume, SynthConfig, synthesise, synthesise_batch, synthesise_volume  # noqa: E402
 
-from slicetrain import tensorboard_writer  # noqa: E402
+from slicetrain import save_resume_state, tensorboard_writer  # noqa: E402
 
 from SpineKneeSegLib.models import build_network  # noqa: E402
 
@@ -418,10 +418,8 @@ def train(cfg: Config, out: Path, resume: bool, device: str = "cpu", max_minutes
         if metrics["mean_dice"] > state["best"]:
             state["best"], state["best_epoch"] = metrics["mean_dice"], state["epoch"]
             save_checkpoint(out / "best.pt", TASK, "unet2d", network_config(cfg), weights, metadata=meta)
-        tmp = out / "last.pt.tmp"
-        torch.save({"model": net.state_dict(), "optimiser": optimiser.state_dict(), "state": state,
-                    "config": asdict(cfg)}, tmp)
-        tmp.replace(last)
+        save_resume_state(last, {"model": net.state_dict(), "optimiser": optimiser.state_dict(), "state": state,
+                                 "config": asdict(cfg)})
         log(json.dumps(entry))
         if max_minutes and (time.time() - started) / 60 > max_minutes:
             log("time budget reached; resume with --resume")

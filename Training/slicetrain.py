@@ -89,3 +89,11 @@ def tensorboard_writer(out: Path):
     except ImportError:  # tensorboard is in the 'train' extra
         return None
     return SummaryWriter(str(out / "tensorboard"))
+
+
+def save_resume_state(path: Path, payload: dict) -> None:
+    """Write a trainer's resume state (weights, optimiser, counters) atomically: a run killed
+    mid-write keeps its previous state."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)

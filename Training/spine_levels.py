@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from SpineKneeSegLib.datasets import data_root  # noqa: E402
 from SpineKneeSegLib.inference import segment_slices  # noqa: E402
 from SpineKneeSegLib.io import read_image  # noqa: E402
-from slicetrain import tensorboard_writer  # noqa: E402
+from slicetrain import save_resume_state, tensorboard_writer  # noqa: E402
 
 from SpineKneeSegLib.models import build_network  # noqa: E402
 from SpineKneeSegLib.postprocessing import largest_component_per_label  # noqa: E402
@@ -353,10 +353,9 @@ def train_loop(cfg: Config, out: Path, prepared: list[PreparedCase], evaluate, r
                             metadata={"epoch": state["epoch"], "val": metrics, "config": asdict(cfg),
                                       **(metadata or {})}, model=model)
             (out / "best_metrics.json").write_text(json.dumps(metrics, indent=2))
-        tmp = out / "last.pt.tmp"
-        torch.save({"model": net.state_dict(), "optimiser": optimiser.state_dict(), "state": state,
-                    "numpy_rng": rng.bit_generator.state, "torch_rng": gen.get_state(), "config": asdict(cfg)}, tmp)
-        tmp.replace(last)
+        save_resume_state(last, {"model": net.state_dict(), "optimiser": optimiser.state_dict(), "state": state,
+                                 "numpy_rng": rng.bit_generator.state, "torch_rng": gen.get_state(),
+                                 "config": asdict(cfg)})
         log(json.dumps(entry))
         if max_minutes and (time.time() - started) / 60 > max_minutes:
             log("time budget reached; resume with --resume")
