@@ -32,6 +32,31 @@ class RunOptions:
     series: str | None = None
     batch_size: int = 8
     threads: int | None = None
+    fast: bool = False  # skip optional refinements (fast_mode_plan): offered on CPU / small GPUs
+    weights_dir: str | None = None  # extra folder of registered weights (offline copies), hash-checked
+    dicom_seg: bool = True  # write segmentation.dcm (DICOM-SEG) when the input is a DICOM series
+
+
+@dataclass(frozen=True)
+class FastModePlan:
+    overrides: dict  # preprocessing overrides (after the checkpoint's own)
+    skip_auxiliary: tuple[str, ...]  # optional auxiliary models not run
+    skipped: tuple[str, ...]  # what is skipped, in words (panel tooltip, report)
+
+
+def fast_mode_plan(card: TaskCard) -> FastModePlan:
+    """What fast mode turns off for ``card``: only optional refinements, never the network itself,
+    so a task with nothing optional runs the same either way (``skipped`` is then empty)."""
+    overrides, skipped = {}, []
+    if card.preprocessing.bias_correction:
+        overrides["bias_correction"] = None
+        skipped.append("N4 bias-field correction")
+    if card.preprocessing.crop_window:
+        overrides["crop_window"] = None
+        skipped.append("joint-centre detection pass (window centred on the field of view)")
+    aux = tuple(a.name for a in card.auxiliary if not a.required)
+    skipped += [f"optional {name} model" for name in aux]
+    return FastModePlan(overrides, aux, tuple(skipped))
 
 
 @dataclass
@@ -116,16 +141,19 @@ def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options:
     unknown = set(options.aux_weights) - {aux.name for aux in card.auxiliary}
     if unknown:
         raise InputError(f"task {card.name} has no auxiliary model {', '.join(sorted(unknown))}")
-    weights = resolve_weights(card, options.weights)  # after input validation, by design
-    aux_weights = {aux.name: resolve_weights(card, options.aux_weights.get(aux.name), aux.name)
-                   for aux in card.auxiliary}
+    weights = resolve_weights(card, options.weights, weights_dir=options.weights_dir)  # after input validation
+    fast = fast_mode_plan(card) if options.fast else None
+    aux_weights = {aux.name: resolve_weights(card, options.aux_weights.get(aux.name), aux.name,
+                                             weights_dir=options.weights_dir)
+                   for aux in card.auxiliary if not (fast and aux.name in fast.skip_auxiliary)}
     device = pick_device(options.device)
     net = load_network(weights, device)
     aux_nets = {name: load_network(w, device) for name, w in aux_weights.items() if w is not None}
     timings["load"] = time.perf_counter() - t_start
 
     progress.stage("preprocessing")
-    out = segment_slices(card, image, net, device, weights.preprocessing, options.batch_size, progress)
+    pre_overrides = {**weights.preprocessing, **(fast.overrides if fast else {})}
+    out = segment_slices(card, image, net, device, pre_overrides, options.batch_size, progress)
     maps, maps_grids = {}, {}
     for name, aux_net in aux_nets.items():
         pre = {**card.preprocessing.__dict__, **aux_weights[name].preprocessing}
@@ -135,7 +163,7 @@ def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options:
             setattr(out, attr, getattr(out, attr) + getattr(aux_out, attr))
     timings["preprocess"] = out.preprocess_s
     timings["network"] = out.network_s
-    if card.preprocessing.bias_correction or weights.preprocessing.get("bias_correction"):
+    if pre_overrides.get("bias_correction", card.preprocessing.bias_correction):
         timings["bias_correction"] = out.bias_s
 
     progress.stage("postprocessing")
@@ -143,6 +171,8 @@ def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options:
     result = postprocess(card, image, out.labels, maps, maps_grids)
     result.warnings[:0] = list(image.meta.get("warnings", [])) + list(out.warnings)
     result.summaries.update(out.summaries)
+    if fast and fast.skipped:
+        result.warnings.append(f"fast mode: skipped {'; '.join(fast.skipped)}")
     if len(images) > 1:
         result.warnings.append(f"inputs after the first ({', '.join(s.name for s in card.inputs[1:len(images)])}) "
                                "were validated but are not used by these weights")
@@ -155,7 +185,8 @@ def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options:
         "inputs": [describe_input(p, im) for p, im in zip(inputs, images)],
         "versions": versions(),
         "device": str(device),
-        "weights": {"path": str(weights.path), "sha256": weights.sha256,
+        "fast_mode": list(fast.skipped) if fast else False,
+        "weights": {"path": str(weights.path), "sha256": weights.sha256, "registered": weights.entry is not None,
                     "registry_version": weights.entry.version if weights.entry else None,
                     "auxiliary": {name: ({"path": str(w.path), "sha256": w.sha256,
                                           "registry_version": w.entry.version if w.entry else None}

@@ -1,0 +1,127 @@
+"""The panel's run path with real processes: the CLI in a child process streaming `--progress json`,
+the controller driven by its lines, results loaded into a real (slicer-core) scene; cancel kills the
+whole process tree and leaves no output; bad input gives the reason, not a traceback.
+
+Inside Slicer the child is started by QProcess (not runnable here); these tests start the same
+command with subprocess. PythonSlicer is a launcher whose real interpreter is a child process, so
+the cancel test goes through a launcher too."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from SpineKneeSegLib.io import write_image
+from SpineKneeSegLib.panel import PanelController, PanelState
+from SpineKneeSegLib.phantoms import make_phantom
+from SpineKneeSegLib.runner import CliProcess, _alive, cli_environment, cli_python, descendants
+from SpineKneeSegLib.weights import initialise_weights
+
+pytestmark = pytest.mark.mrml
+LAUNCHER = [sys.executable, "-c", "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"]
+
+
+@pytest.fixture(scope="module")
+def brain_case(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("runner")
+    phantom = make_phantom("brain-wmh", seed=2)
+    write_image(phantom.image, folder / "flair.nii.gz")
+    initialise_weights("brain-wmh", folder / "tiny.pt", {"channels": (4, 8)}, seed=1)
+    return folder, phantom
+
+
+def _controller(folder, **kw):
+    return PanelController(PanelState(task="brain-wmh", device="cpu", weights=str(folder / "tiny.pt"),
+                                      input_volume_ids=["vtkMRMLScalarVolumeNode1"], **kw))
+
+
+def _drain(run, controller, until=None, timeout=120):
+    """Feed stdout lines to the controller; stop at end of output or when ``until(event)``."""
+    deadline = time.monotonic() + timeout
+    lines = []
+    while time.monotonic() < deadline:
+        line = run.next_line(timeout=deadline - time.monotonic())
+        if line is None:
+            return lines
+        lines.append(line)
+        event = controller.handle_output_line(line)
+        if until and event and until(event):
+            return lines
+    raise AssertionError(f"no end of output within {timeout} s; stderr: {run.stderr[-5:]}")
+
+
+def test_run_streams_progress_drives_the_panel_and_loads_into_a_scene(brain_case, tmp_path, slicer_app):
+    folder, phantom = brain_case
+    c = _controller(folder)
+    out = tmp_path / "out"
+    c.start()
+    run = CliProcess(c.command(cli_python(), [str(folder / "flair.nii.gz")], str(out)) + ["--batch-size", "4"],
+                     out)
+    seen = []
+    c_handle = c.handle_output_line
+
+    def record(line):
+        event = c_handle(line)
+        if event and event.get("event") in ("stage", "progress"):
+            seen.append((c.state.stage, c.progress_text, c.state.fraction))
+        return event
+
+    c.handle_output_line = record
+    lines = _drain(run, c)
+    assert run.wait(60) == 0, run.stderr[-10:]
+    events = [json.loads(line) for line in lines]  # every stdout line is one JSON event
+    assert events[-1] == {"event": "done", "status": "ok", "output": str(out)}
+    stages = [s for s, _, _ in seen]
+    order = ["loading", "preprocessing", "inference", "postprocessing", "writing"]
+    assert [s for s in order if s in stages] == order and stages.index("inference") < stages.index("writing")
+    assert any(text.startswith("Inference ") and "/" in text for _, text, _ in seen)
+    fractions = [f for _, _, f in seen]
+    assert fractions == sorted(fractions) and 0 <= fractions[0] < fractions[-1] <= 1
+    assert c.state.stage == "importing" and c.finished(0) is True
+    from SpineKneeSegLib import mrml
+    from SpineKneeSegLib.results import load_results
+
+    volume = mrml.image_to_volume_node(slicer_app.scene, phantom.image, "flair")
+    loaded = load_results(slicer_app.scene, out, volume)
+    c.imported()
+    assert c.state.stage == "done" and loaded.main_table is loaded.tables["lesions.tsv"]
+    assert loaded.segmentation.GetSegmentation().GetSegment("lesion") is not None
+
+
+def test_cancel_kills_the_whole_tree_and_leaves_no_output(brain_case, tmp_path):
+    folder, _ = brain_case
+    c = _controller(folder)
+    out = tmp_path / "out"
+    c.start()
+    command = LAUNCHER + c.command(sys.executable, [str(folder / "flair.nii.gz")], str(out)) + ["--batch-size", "1"]
+    run = CliProcess(command, out, env=cli_environment())
+    _drain(run, c, until=lambda e: e.get("event") == "progress" and e.get("stage") == "inference")
+    tree = [run.pid, *descendants(run.pid)]
+    assert len(tree) >= 2, "the launcher's child (the real CLI) should be running"
+    c.cancel()
+    killed = run.cancel()
+    assert set(tree) <= set(killed)
+    assert not any(_alive(p) for p in tree), "a process of the run survived the cancel"
+    assert run.process.returncode != 0
+    assert not out.exists(), "a cancelled run must leave no output folder"
+    assert not list(tmp_path.glob(".out.partial.*")), "staging folders must be discarded"
+    assert c.state.stage == "cancelled" and c.finished(run.process.returncode) is False
+
+
+def test_bad_input_gives_the_reason_next_to_apply(brain_case, tmp_path):
+    folder, phantom = brain_case
+    constant = tmp_path / "blank.nii.gz"
+    write_image(phantom.image.with_array(np.zeros_like(phantom.image.array)), constant)
+    c = _controller(folder)
+    out = tmp_path / "out"
+    c.start()
+    run = CliProcess(c.command(cli_python(), [str(constant)], str(out)), out)
+    _drain(run, c)
+    code = run.wait(60)
+    assert code == 2 and c.finished(code) is False
+    assert c.state.stage == "failed" and str(constant) in c.state.message and "constant" in c.state.message
+    assert not any("Traceback" in line for line in run.stderr)
+    assert not out.exists()
