@@ -168,3 +168,12 @@ def test_parameter_node_round_trips_through_a_saved_scene(slicer_app):
     again = PanelController()
     load_from_node(again, node)
     assert again.state.input_volume_ids == [flair.GetID()]
+
+
+def test_self_test_body_runs_headless_for_one_task(slicer_app, tmp_path):
+    """SpineKneeSegTest's body (selftest.run_task) on slicer-core: the X-ray task here (the fastest);
+    inside Slicer SpineKneeSegTest runs every task the same way."""
+    from SpineKneeSegLib import selftest
+
+    results, controller = selftest.run_task(slicer_app.scene, "xray-femur", tmp_path, log=lambda _: None)
+    assert controller.state.stage == "done" and "areas.tsv" in results.tables

@@ -154,3 +154,37 @@ def jump_target(table_node, row: int):
         return None
     ras = tuple(float(c.GetVariantValue(row).ToDouble()) for c in columns)
     return ras if all(math.isfinite(v) for v in ras) else None
+
+
+def input_paths(volume_nodes, folder, file_for_instance=None) -> list[str]:
+    """What the CLI reads for each input volume, staged in ``folder``: the volume's own DICOM
+    files when it was loaded from Slicer's DICOM database (``DICOM.instanceUIDs`` attribute and
+    ``file_for_instance`` = ``slicer.dicomDatabase.fileForInstance``) -- copied into
+    ``input<i>/`` so the CLI reads exactly that series and also writes a DICOM-SEG -- else the
+    volume written as ``input<i>.nrrd``."""
+    import shutil
+
+    from . import mrml
+
+    folder = Path(folder)
+    paths = []
+    for i, node in enumerate(volume_nodes):
+        files = dicom_source_files(node, file_for_instance) if file_for_instance else None
+        if files:
+            series = folder / f"input{i}"
+            series.mkdir(parents=True, exist_ok=True)
+            for n, path in enumerate(files):
+                shutil.copyfile(path, series / f"{n:05d}.dcm")
+            paths.append(str(series))
+        else:
+            paths.append(str(mrml.save_node(node, folder / f"input{i}.nrrd")))
+    return paths
+
+
+def dicom_source_files(node, file_for_instance) -> list[str] | None:
+    """The DICOM files a volume node was loaded from, or None (not from DICOM, or a file gone)."""
+    uids = (node.GetAttribute("DICOM.instanceUIDs") or "").split()
+    files = [file_for_instance(uid) for uid in uids]
+    if not files or not all(f and Path(f).is_file() for f in files):
+        return None
+    return files
