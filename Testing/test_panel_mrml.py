@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pydicom
 import pytest
 
 from SpineKneeSegLib.mrml_harness import require_slicer
@@ -170,10 +171,24 @@ def test_parameter_node_round_trips_through_a_saved_scene(slicer_app):
     assert again.state.input_volume_ids == [flair.GetID()]
 
 
-def test_self_test_body_runs_headless_for_one_task(slicer_app, tmp_path):
-    """SpineKneeSegTest's body (selftest.run_task) on slicer-core: the X-ray task here (the fastest);
-    inside Slicer SpineKneeSegTest runs every task the same way."""
-    from SpineKneeSegLib import selftest
+def test_dicom_volume_is_passed_as_its_own_series_else_as_nrrd(slicer_app, tmp_path):
+    """A volume from Slicer's DICOM database goes to the CLI as its own files (so the CLI writes a
+    DICOM-SEG); the database look-up (slicer.dicomDatabase.fileForInstance) is a dict here."""
+    from test_dicomseg import _dicom_phantom
 
-    results, controller = selftest.run_task(slicer_app.scene, "xray-femur", tmp_path, log=lambda _: None)
-    assert controller.state.stage == "done" and "areas.tsv" in results.tables
+    from SpineKneeSegLib.io import read_image
+    from SpineKneeSegLib.results import input_paths
+
+    phantom = _dicom_phantom("knee-bones", tmp_path / "db")
+    files = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID: str(f) for f in (tmp_path / "db").iterdir()}
+    scene = slicer_app.scene
+    from_dicom = mrml.image_to_volume_node(scene, phantom.image, "dicom")
+    from_dicom.SetAttribute("DICOM.instanceUIDs", " ".join(files))
+    plain = mrml.image_to_volume_node(scene, phantom.image, "plain")
+    paths = input_paths([from_dicom, plain], tmp_path / "work", files.get)
+    assert paths == [str(tmp_path / "work" / "input0"), str(tmp_path / "work" / "input1.nrrd")]
+    staged = read_image(paths[0])
+    assert staged.meta["is_dicom"] and staged.same_geometry(phantom.image)
+    assert read_image(paths[1]).same_geometry(phantom.image)
+    files.popitem()  # a file missing from the database: fall back to exporting the volume
+    assert input_paths([from_dicom], tmp_path / "work2", files.get)[0].endswith("input0.nrrd")

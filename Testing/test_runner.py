@@ -17,7 +17,7 @@ import pytest
 from SpineKneeSegLib.io import write_image
 from SpineKneeSegLib.panel import PanelController, PanelState
 from SpineKneeSegLib.phantoms import make_phantom
-from SpineKneeSegLib.runner import CliProcess, _alive, cli_environment, cli_python, descendants
+from SpineKneeSegLib.runner import CliProcess, _alive, cli_environment, descendants
 from SpineKneeSegLib.weights import initialise_weights
 
 pytestmark = pytest.mark.mrml
@@ -27,7 +27,7 @@ LAUNCHER = [sys.executable, "-c", "import subprocess, sys; sys.exit(subprocess.c
 @pytest.fixture(scope="module")
 def brain_case(tmp_path_factory):
     folder = tmp_path_factory.mktemp("runner")
-    phantom = make_phantom("brain-wmh", seed=2)
+    phantom = make_phantom("brain-wmh", seed=2, slice_thickness_mm=6.0, in_plane=64)
     write_image(phantom.image, folder / "flair.nii.gz")
     initialise_weights("brain-wmh", folder / "tiny.pt", {"channels": (4, 8)}, seed=1)
     return folder, phantom
@@ -53,42 +53,43 @@ def _drain(run, controller, until=None, timeout=120):
     raise AssertionError(f"no end of output within {timeout} s; stderr: {run.stderr[-5:]}")
 
 
-def test_run_streams_progress_drives_the_panel_and_loads_into_a_scene(brain_case, tmp_path, slicer_app):
-    folder, phantom = brain_case
-    c = _controller(folder)
-    out = tmp_path / "out"
-    c.start()
-    run = CliProcess(c.command(cli_python(), [str(folder / "flair.nii.gz")], str(out)) + ["--batch-size", "4"],
-                     out)
-    seen = []
-    c_handle = c.handle_output_line
+def test_run_streams_progress_drives_the_panel_and_loads_into_a_scene(tmp_path, slicer_app):
+    """selftest.run_task (SpineKneeSegTest's body: phantom -> volume node -> CLI child process ->
+    controller -> results in the scene, with its own checks) plus the stream's shape."""
+    from SpineKneeSegLib import selftest
 
-    def record(line):
-        event = c_handle(line)
-        if event and event.get("event") in ("stage", "progress"):
-            seen.append((c.state.stage, c.progress_text, c.state.fraction))
-        return event
+    seen, events = [], []
 
-    c.handle_output_line = record
-    lines = _drain(run, c)
-    assert run.wait(60) == 0, run.stderr[-10:]
-    events = [json.loads(line) for line in lines]  # every stdout line is one JSON event
-    assert events[-1] == {"event": "done", "status": "ok", "output": str(out)}
+    def on_line(line, event):
+        events.append(json.loads(line))  # every stdout line is one JSON event
+        if event.get("event") in ("stage", "progress"):
+            seen.append((controller_ref[0].state.stage, controller_ref[0].progress_text,
+                         controller_ref[0].state.fraction))
+
+    controller_ref = []
+    original = selftest.PanelController
+
+    class Recording(original):  # the real controller; remembered so on_line can read its state
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            controller_ref.append(self)
+
+    selftest.PanelController = Recording
+    try:
+        results, c = selftest.run_task(slicer_app.scene, "brain-wmh", tmp_path, log=lambda _: None,
+                                       extra_args=["--batch-size", "4"], on_line=on_line)
+    finally:
+        selftest.PanelController = original
+    assert events[-1]["event"] == "done" and events[-1]["status"] == "ok"
     stages = [s for s, _, _ in seen]
     order = ["loading", "preprocessing", "inference", "postprocessing", "writing"]
     assert [s for s in order if s in stages] == order and stages.index("inference") < stages.index("writing")
     assert any(text.startswith("Inference ") and "/" in text for _, text, _ in seen)
     fractions = [f for _, _, f in seen]
     assert fractions == sorted(fractions) and 0 <= fractions[0] < fractions[-1] <= 1
-    assert c.state.stage == "importing" and c.finished(0) is True
-    from SpineKneeSegLib import mrml
-    from SpineKneeSegLib.results import load_results
-
-    volume = mrml.image_to_volume_node(slicer_app.scene, phantom.image, "flair")
-    loaded = load_results(slicer_app.scene, out, volume)
-    c.imported()
-    assert c.state.stage == "done" and loaded.main_table is loaded.tables["lesions.tsv"]
-    assert loaded.segmentation.GetSegmentation().GetSegment("lesion") is not None
+    assert c.state.stage == "done" and not c.state.running and c.apply_label == "Apply"
+    assert results.main_table is results.tables["lesions.tsv"]
+    assert results.segmentation.GetSegmentation().GetSegment("lesion") is not None
 
 
 def test_cancel_kills_the_whole_tree_and_leaves_no_output(brain_case, tmp_path):
@@ -111,17 +112,22 @@ def test_cancel_kills_the_whole_tree_and_leaves_no_output(brain_case, tmp_path):
     assert c.state.stage == "cancelled" and c.finished(run.process.returncode) is False
 
 
-def test_bad_input_gives_the_reason_next_to_apply(brain_case, tmp_path):
+def test_bad_input_gives_the_reason_next_to_apply(brain_case, tmp_path, capsys):
+    """The CLI in-process (its stream is the same as in a child): exit 2, the file and the problem
+    in the error event, shown by the controller; no traceback, no output folder."""
+    from SpineKneeSegLib import cli
+
     folder, phantom = brain_case
     constant = tmp_path / "blank.nii.gz"
     write_image(phantom.image.with_array(np.zeros_like(phantom.image.array)), constant)
     c = _controller(folder)
     out = tmp_path / "out"
     c.start()
-    run = CliProcess(c.command(cli_python(), [str(constant)], str(out)), out)
-    _drain(run, c)
-    code = run.wait(60)
+    code = cli.main(c.command("python", [str(constant)], str(out))[3:])
+    captured = capsys.readouterr()
+    for line in captured.out.splitlines():
+        c.handle_output_line(line)
     assert code == 2 and c.finished(code) is False
     assert c.state.stage == "failed" and str(constant) in c.state.message and "constant" in c.state.message
-    assert not any("Traceback" in line for line in run.stderr)
+    assert "Traceback" not in captured.err
     assert not out.exists()

@@ -14,6 +14,8 @@ from pathlib import Path
 from .panel import PanelController, PanelState
 from .runner import CliProcess, cli_python
 
+# small phantoms where the default is large (the check is the plumbing, not the anatomy)
+PHANTOM_OPTIONS = {"brain-wmh": {"slice_thickness_mm": 6.0, "in_plane": 64}}
 EXPECTED_TABLE = {"knee-bones": "volumes.tsv", "brain-wmh": "lesions.tsv", "xray-femur": "areas.tsv"}
 
 
@@ -28,8 +30,9 @@ def _tiny_weights(task: str, folder: Path) -> Path:
     return path
 
 
-def run_task(scene, task: str, folder: Path, log=print, seed: int = 3):
+def run_task(scene, task: str, folder: Path, log=print, seed: int = 3, extra_args=(), on_line=None):
     """Run ``task`` on its phantom like the panel; return (LoadedResults, controller).
+    ``on_line(line, event)`` sees every stdout line and its parsed event (None if not JSON).
     Raises AssertionError naming what is wrong."""
     from . import mrml
     from .phantoms import make_phantom
@@ -39,7 +42,7 @@ def run_task(scene, task: str, folder: Path, log=print, seed: int = 3):
     card = TASKS[task]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    phantom = make_phantom(task, seed=seed)
+    phantom = make_phantom(task, seed=seed, **PHANTOM_OPTIONS.get(task, {}))
     volume = mrml.image_to_volume_node(scene, phantom.image, f"{task} phantom")
     weights = _tiny_weights(task, folder)
     controller = PanelController(PanelState(task=task, device="cpu", weights=str(weights),
@@ -49,9 +52,11 @@ def run_task(scene, task: str, folder: Path, log=print, seed: int = 3):
     inputs = [str(mrml.save_node(volume, folder / "input0.nrrd"))]
     output = folder / "out"
     controller.start()
-    run = CliProcess(controller.command(cli_python(), inputs, str(output)), output)
+    run = CliProcess(controller.command(cli_python(), inputs, str(output)) + list(extra_args), output)
     while (line := run.next_line(timeout=600)) is not None:
-        controller.handle_output_line(line)
+        event = controller.handle_output_line(line)
+        if on_line is not None:
+            on_line(line, event)
     code = run.wait(60)
     assert controller.finished(code), f"{task}: the run failed (exit {code}): {controller.state.message}"
     results = load_results(scene, output, volume, task)
