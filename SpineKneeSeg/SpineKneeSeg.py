@@ -363,9 +363,9 @@ def _pip_ensure(plan):
 
 
 class SpineKneeSegTest(ScriptedLoadableModuleTest):
-    """Inside Slicer: `Slicer --no-main-window --python-code "import slicer; slicer.util.selectModule('SpineKneeSeg');
-    slicer.modules.SpineKneeSegWidget ... "` or the Reload & Test button. Every task on a phantom, run in a
-    PythonSlicer child process exactly as the panel runs it, results loaded into Slicer's own scene."""
+    """Inside Slicer (README: "Running SpineKneeSegTest"): every task on a phantom, run in a PythonSlicer
+    child process exactly as the panel runs it, results loaded into Slicer's own scene and checked
+    (SpineKneeSegLib/selftest.py; the same body runs headless in Testing/test_runner.py)."""
 
     def runTest(self):
         from SpineKneeSegLib import selftest

@@ -131,3 +131,20 @@ def test_bad_input_gives_the_reason_next_to_apply(brain_case, tmp_path, capsys):
     assert c.state.stage == "failed" and str(constant) in c.state.message and "constant" in c.state.message
     assert "Traceback" not in captured.err
     assert not out.exists()
+
+
+def test_fast_mode_skips_the_optional_steps_and_says_so(tmp_path):
+    """--fast (the panel's fast-mode box) on the knee: no N4, window on the field-of-view centre."""
+    from SpineKneeSegLib import cli
+
+    phantom = make_phantom("knee-bones", seed=1)
+    write_image(phantom.image, tmp_path / "knee.nii.gz")
+    initialise_weights("knee-bones", tmp_path / "tiny.pt", {"channels": (4, 8)}, seed=1)
+    assert cli.main(["run", "--task", "knee-bones", str(tmp_path / "knee.nii.gz"), "-o", str(tmp_path / "out"),
+                     "--weights", str(tmp_path / "tiny.pt"), "--progress", "none", "--fast"]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["fast_mode"] == ["N4 bias-field correction",
+                                   "joint-centre detection pass (window centred on the field of view)"]
+    assert "bias_correction" not in report["summaries"] and "bias_correction" not in report["timings_s"]
+    assert report["summaries"]["crop_window"]["method"] == "field-of-view centre"
+    assert any(w.startswith("fast mode: skipped") for w in report["warnings"])
