@@ -85,7 +85,7 @@ class SpineKneeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             signal.connect(self.onGUIChanged)
         self.ui.applyButton.clicked.connect(self.onApplyOrCancel)
         self.ui.resultsTableView.clicked.connect(self.onResultRowClicked)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneChanged)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneClosed)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneChanged)
         self.setupAnnotate()
         self.onSceneChanged()
@@ -153,6 +153,12 @@ class SpineKneeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.annotator.close_case()
 
     # ---- parameter node (scene) <-> controller state <-> widgets ----
+    def onSceneClosed(self, *_):
+        if self.process is not None:  # the run's input is gone: cancel it
+            self.onApplyOrCancel()
+        self.results = None
+        self.onSceneChanged()
+
     def onSceneChanged(self, *_):
         from SpineKneeSegLib.parameters import load_from_node, parameter_node
 
@@ -160,6 +166,7 @@ class SpineKneeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if node.GetParameter("task"):  # a saved scene: its panel state wins over the user settings
             load_from_node(self.controller, node)
         self.updateGUIFromState()
+        self.onGUIChanged()  # selectors that kept or picked a node now fill in the state (and the node)
 
     def onGUIChanged(self, *_):
         if self._updating:
@@ -192,10 +199,12 @@ class SpineKneeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.deviceSelector.setCurrentText(s.device)
             self.ui.fastModeCheckBox.checked = s.fast
             self.ui.weightsDirPathLineEdit.currentPath = s.weights_dir
-            ids = s.input_volume_ids + ["", ""]
-            self.ui.inputVolumeSelector.setCurrentNodeID(ids[0])
-            self.ui.secondInputVolumeSelector.setCurrentNodeID(ids[1])
-            self.ui.outputSegmentationSelector.setCurrentNodeID(s.output_segmentation_id)
+            # only ids the state knows: an empty state leaves what a selector picked by itself
+            for selector, node_id in zip((self.ui.inputVolumeSelector, self.ui.secondInputVolumeSelector),
+                                         s.input_volume_ids):
+                selector.setCurrentNodeID(node_id)
+            if s.output_segmentation_id:
+                self.ui.outputSegmentationSelector.setCurrentNodeID(s.output_segmentation_id)
         finally:
             self._updating = False
         self.ui.taskDescriptionLabel.text = task_summary(s.task)
@@ -230,6 +239,8 @@ class SpineKneeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.cleanupWorkdir()
             self.updateGUIFromState()
             return
+        if self.controller.state.running:  # importing: the process is done, nothing to cancel
+            return
         if not self.ensureDependencies():
             return self.updateGUIFromState()
         self.workdir = tempfile.mkdtemp(prefix="SpineKneeSeg-")
@@ -252,14 +263,13 @@ class SpineKneeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateGUIFromState()
 
     def onProcessOutput(self):
-        text = bytes(self.process.readAllStandardOutput()).decode(errors="replace")
-        for line in text.splitlines():
-            self.controller.handle_output_line(line)
+        self.controller.feed(bytes(self.process.readAllStandardOutput()).decode(errors="replace"))
         self.ui.logText.plainText = "\n".join(self.controller.state.log[-200:])
         self.updateGUIFromState()
 
     def onProcessFinished(self, exitCode, _status=None):
         self.onProcessOutput()
+        self.controller.feed("", final=True)
         self.process = None
         if self.controller.finished(exitCode):
             self.updateGUIFromState()

@@ -75,6 +75,23 @@ def test_progress_lines_drive_state():
     assert c.apply_label == "Apply"
 
 
+def test_output_arriving_in_arbitrary_chunks_is_parsed_line_by_line():
+    c = PanelController()
+    c.start()
+    stream = "".join(json.dumps(e) + "\n" for e in (
+        {"event": "stage", "stage": "preprocessing", "fraction": 0.1},
+        {"event": "progress", "stage": "inference", "step": 2, "total": 5, "fraction": 0.43},
+        {"event": "done", "status": "ok"}))
+    events = []
+    for i in range(0, len(stream), 7):  # 7-character chunks split lines (and JSON) anywhere
+        events += c.feed(stream[i:i + 7])
+    assert [e["event"] for e in events] == ["stage", "progress", "done"] and c.state.log == []
+    c.feed("trailing text without newline")
+    assert c.state.log == []
+    c.feed("", final=True)
+    assert c.state.log == ["trailing text without newline"]
+
+
 def test_fraction_never_goes_back_and_the_log_is_bounded():
     c = PanelController()
     c.start()

@@ -63,6 +63,7 @@ class PanelController:
         self.state = state or PanelState()
         self.devices: list[DeviceInfo] = [DeviceInfo("cpu", "CPU")]
         self.device_note = ""
+        self._partial = ""  # an incomplete last line of process output
 
     # ---- devices and fast mode ---------------------------------------------------------
     def set_devices(self, devices: list[DeviceInfo], note: str = "", initial: bool = False) -> None:
@@ -135,12 +136,21 @@ class PanelController:
         s = self.state
         s.running, s.stage, s.fraction, s.step, s.total, s.message = True, "loading", 0.0, 0, 0, ""
         s.log.clear()
+        self._partial = ""
 
     def cancel(self) -> None:
         """The user pressed Cancel: the widget kills the process tree; nothing is imported."""
         if self.state.running:
             self.state.running, self.state.stage = False, "cancelled"
             self.state.message = "Cancelled: nothing was added to the scene."
+
+    def feed(self, chunk: str, final: bool = False) -> list[dict]:
+        """Process output as it arrives (QProcess hands over arbitrary chunks, not lines): whole
+        lines are handled, an incomplete last line waits for the next chunk (or ``final``)."""
+        text = self._partial + chunk
+        lines = text.split("\n")
+        self._partial = "" if final else lines.pop()
+        return [e for e in (self.handle_output_line(line) for line in lines) if e is not None]
 
     def handle_output_line(self, line: str) -> dict | None:
         """Parse one stdout line of the CLI; update stage/fraction/log. Non-JSON lines are logged."""
