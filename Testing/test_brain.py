@@ -79,6 +79,13 @@ def test_slabs_keep_physical_positions():
     assert abs(slab_centre[2] - truth_centre[2]) <= 3.75  # within half a slab
     # slab 0 averages slices 0..7 (centres 0..7 mm): its centre lies at 3.25 mm above slice 0
     assert np.isclose(slab.origin[2] - image.origin[2], 3.25)
+    # another slab phase (training sees several): slab 0 starts 3 mm up, same lesion position
+    shifted, shifted_labels = simulate_slabs(image, labels, 7.5, offset_mm=3.0)
+    assert np.isclose(shifted.origin[2] - image.origin[2], 6.25) and shifted.array.shape == (7, 20, 20)
+    kji = np.argwhere(shifted_labels > 0).mean(0)
+    assert abs(shifted.ijk_to_lps_points([kji[::-1]])[0][2] - truth_centre[2]) <= 3.75
+    # slab 3 spans 25.5..33 mm: slices 26..32, of which 30..32 are lesion
+    assert np.isclose(shifted.array[3, 10, 10], 3 / 7)
 
 
 def test_entropy_drops_empty_slices():

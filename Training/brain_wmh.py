@@ -58,6 +58,8 @@ class Config:
     smooth: float = 2.0
     min_entropy_bits: float = 2.0
     slab_fraction: float = 0.3  # share of batches drawn from simulated thick slabs
+    slab_mm: str = "3,5,8"  # simulated slab thicknesses
+    slab_phases: int = 1  # slab stacks per thickness, each starting at a different offset
     lesion_fraction: float = 0.6  # share of sampled slices that contain lesion
     steps_per_epoch: int = 40
     seed: int = 0
@@ -70,22 +72,25 @@ def brain_cases(root: Path) -> list[dict]:
             for d in sorted((root / "brain" / "open-ms").glob("patient*")) if (d / "lesions.nii.gz").exists()]
 
 
-def simulate_slabs(image: Image, labels: np.ndarray, thickness_mm: float) -> tuple[Image, np.ndarray]:
+def simulate_slabs(image: Image, labels: np.ndarray, thickness_mm: float,
+                   offset_mm: float = 0.0) -> tuple[Image, np.ndarray]:
     """Thick axial slabs made by averaging the 1 mm slices whose centres fall in each slab (a
-    thick 2D acquisition's partial volume); a slab voxel is lesion when >= half its slices are."""
+    thick 2D acquisition's partial volume); a slab voxel is lesion when >= half its slices are.
+    ``offset_mm`` shifts where the first slab starts (a different slab phase, same anatomy)."""
     axis = slice_axis(image, "axial")
     step = float(image.spacing[2 - axis])
     per = thickness_mm / step
-    n_slabs = int(image.array.shape[axis] // per)
+    start = offset_mm / step
+    n_slabs = int((image.array.shape[axis] - start) // per)
     arr, lab = np.moveaxis(image.array, axis, 0), np.moveaxis(labels > 0, axis, 0)
     slabs, slab_labels = [], []
     for k in range(n_slabs):
-        lo, hi = int(math.ceil(k * per - 1e-6)), int(math.ceil((k + 1) * per - 1e-6))
+        lo, hi = int(math.ceil(start + k * per - 1e-6)), int(math.ceil(start + (k + 1) * per - 1e-6))
         slabs.append(arr[lo:hi].mean(0))
         slab_labels.append(lab[lo:hi].mean(0) >= 0.5)
     spacing = list(image.spacing)
     spacing[2 - axis] = thickness_mm
-    centre_shift = (0.5 * per - 0.5) * step  # slab 0's centre relative to slice 0's
+    centre_shift = (start + 0.5 * per - 0.5) * step  # slab 0's nominal centre relative to slice 0's
     origin = np.asarray(image.origin) + image.direction[:, 2 - axis] * centre_shift
     out = Image(np.moveaxis(np.stack(slabs), 0, axis).astype(np.float32), tuple(spacing), tuple(origin),
                 image.direction)
@@ -217,9 +222,11 @@ def train(cfg: Config, cases: list[dict], out: Path, log=print) -> dict:
     for case in cases:
         image, labels = read_image(case["flair"]), read_image(case["labels"]).array
         thin.append(prepare(case["id"], image, labels, cfg))
-        for thickness in (3.0, 5.0, 8.0):
-            slab_image, slab_labels = simulate_slabs(image, labels, thickness)
-            slabs.append(prepare(f"{case['id']}@{thickness:g}mm", slab_image, slab_labels, cfg))
+        for thickness in (float(t) for t in cfg.slab_mm.split(",")):
+            for phase in range(cfg.slab_phases):
+                offset = thickness * phase / cfg.slab_phases
+                slab_image, slab_labels = simulate_slabs(image, labels, thickness, offset)
+                slabs.append(prepare(f"{case['id']}@{thickness:g}mm+{offset:g}", slab_image, slab_labels, cfg))
     train_idx, held_idx = {}, {}
     for p in thin:
         train_idx[p.id], held_idx[p.id] = split_blocks(p)
@@ -354,7 +361,8 @@ Focal Tversky loss (alpha {cfg['alpha']}, beta {cfg['beta']}, gamma {cfg['gamma'
 {cfg['lr']} (seed 002 uses 1e-4; 1e-3 was needed to converge within a CPU session),
 ReduceLROnPlateau x0.2 / 5 epochs, {cfg['steps_per_epoch']} batches of {cfg['batch_size']} {cfg['patch']}x{cfg['patch']} patches an
 epoch, at most {cfg['epochs']} epochs; slices with intensity entropy < {cfg['min_entropy_bits']} bits dropped; flips,
-gain/offset/noise; {int(cfg['slab_fraction'] * 100)} % of batches from simulated 3, 5 and 8 mm slabs. Early stopping on
+gain/offset/noise; {int(cfg['slab_fraction'] * 100)} % of batches from simulated {cfg.get('slab_mm', '3,5,8')} mm slabs
+({cfg.get('slab_phases', 1)} slab phase(s) each). Early stopping on
 held-back slice blocks of the training volumes. Final model: all 3 volumes, best epoch
 {final.get('best_epoch')} of {final.get('epochs')}.
 
@@ -375,7 +383,8 @@ Means (HD95: median):
 ## Known limits
 - Three MS patients from one public dataset, registered to MNI: nothing is known about other
   scanners, non-registered FLAIR, small-vessel WMH in older patients, or tumours.
-- FLAIR must be skull-stripped; unstripped input is not detected automatically.
+- FLAIR must be skull-stripped. `run` refuses FLAIR that does not look stripped (SpineKneeSegLib/skullstrip.py:
+  background share, brain volume, largest axial section); `--skull-stripped yes` overrides.
 - The optional T1 input is not used by this model.
 
 ## Licence of the data

@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--series", help="SeriesInstanceUID to use from a folder holding several series")
     run.add_argument("--batch-size", type=int, default=8, help="slices per forward pass")
     run.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    run.add_argument("--skull-stripped", default="auto", choices=("auto", "yes"),
+                     help="brain-wmh: 'auto' refuses FLAIR that does not look skull-stripped; 'yes' skips the check")
 
     demo = sub.add_parser("demo", help="run every task with weights on built-in phantoms; HTML report")
     demo.add_argument("-o", "--output", required=True)
@@ -156,7 +158,8 @@ def cmd_run(args) -> int:
     card = get_task(args.task)
     aux = parse_aux_weights(args.aux_weights)
     options = RunOptions(device=args.device, weights=args.weights, aux_weights=aux, scene=args.scene,
-                         echo=args.echo, series=args.series, batch_size=args.batch_size, threads=args.threads)
+                         echo=args.echo, series=args.series, batch_size=args.batch_size, threads=args.threads,
+                         skull_stripped=args.skull_stripped)
     progress = Progress(args.progress)
     if args.manifest:
         if args.inputs:

@@ -32,6 +32,7 @@ class RunOptions:
     series: str | None = None
     batch_size: int = 8
     threads: int | None = None
+    skull_stripped: str = "auto"  # "auto": check inputs that must be brain-only; "yes": the user vouches
 
 
 @dataclass
@@ -55,7 +56,19 @@ def load_inputs(card: TaskCard, paths: list[str], options: RunOptions) -> list[I
     images = [read_image(path, echo=options.echo, series=options.series) for path in paths]
     for spec, image, path in zip(card.inputs, images, paths):
         validate_input(card, spec, image, path)
+        if spec.skull_stripped and options.skull_stripped == "auto":
+            check_skull_stripped(image, path)
     return images
+
+
+def check_skull_stripped(image: Image, path) -> None:
+    from .skullstrip import assess_skull_stripping
+
+    evidence = assess_skull_stripping(image)
+    if not evidence.stripped:
+        raise InputError(f"does not look skull-stripped: {evidence.reason}. Skull-strip it first (e.g. SynthStrip or "
+                         "HD-BET), or pass --skull-stripped yes if it is brain-only", path)
+    image.meta["skull_stripping"] = evidence.as_dict()
 
 
 def validate_input(card: TaskCard, spec, image: Image, path) -> None:
@@ -143,6 +156,8 @@ def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options:
     result = postprocess(card, image, out.labels, maps, maps_grids)
     result.warnings[:0] = list(image.meta.get("warnings", [])) + list(out.warnings)
     result.summaries.update(out.summaries)
+    if "skull_stripping" in image.meta:
+        result.summaries["skull_stripping"] = image.meta["skull_stripping"]
     if len(images) > 1:
         result.warnings.append(f"inputs after the first ({', '.join(s.name for s in card.inputs[1:len(images)])}) "
                                "were validated but are not used by these weights")

@@ -159,7 +159,10 @@ def foreground_box(stack: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, 
 
     slices = kept(fg.sum(axis=(1, 2)))
     rows, cols = kept(fg.sum(axis=(0, 2))), kept(fg.sum(axis=(0, 1)))
-    return slices, (int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1)
+    # a 4-pixel margin keeps the brain's thin edges that the noise rule cuts off
+    h, w = stack.shape[1:]
+    return slices, (max(0, int(rows[0]) - 4), min(h, int(rows[-1]) + 5), max(0, int(cols[0]) - 4),
+                    min(w, int(cols[-1]) + 5))
 
 
 def crop_in_plane(image: Image, box: tuple[int, int, int, int]) -> Image:
