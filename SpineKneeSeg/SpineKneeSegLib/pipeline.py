@@ -256,7 +256,9 @@ def postprocess(card: TaskCard, image: Image, labels: np.ndarray, maps: dict[str
                 result.warnings.append(f"foramina not found (not guessed): {', '.join(missing)}")
         else:
             raise ValueError(f"task {card.name}: unknown postprocessor {name!r}")
-    present = sorted(int(v) for v in np.unique(result.labels.array) if v)
+    from .labels import present_labels
+
+    present = present_labels(result.labels.array)
     result.summaries["segments_present"] = [card.label_names[v] for v in present if v in card.label_names]
     missing = [s.name for s in card.labels if s.value not in present]
     if missing and card.name != "brain-wmh":
