@@ -61,6 +61,21 @@ def load_inputs(card: TaskCard, paths: list[str], options: RunOptions) -> list[I
     return images
 
 
+def extra_inputs(card: TaskCard, images: list[Image], names, paths) -> tuple[tuple[Image, ...], list[str]]:
+    """The further inputs the weights take as channels (``extra_inputs``, e.g. ["t1"]), each
+    resampled onto the first input's grid; and the names of given inputs the weights ignore."""
+    from .preprocessing import resample_onto
+
+    given = {spec.name: image for spec, image in zip(card.inputs, images)}
+    missing = [n for n in names if n not in given]
+    if missing:
+        raise InputError(f"these {card.name} weights take {', '.join(missing)} as well; give it after "
+                         f"{card.inputs[0].name}", paths[0])
+    extra = tuple(resample_onto(given[n], images[0]) for n in names)
+    unused = [spec.name for spec in card.inputs[1:len(images)] if spec.name not in names]
+    return extra, unused
+
+
 def check_skull_stripped(image: Image, path) -> None:
     from .skullstrip import assess_skull_stripping
 
@@ -138,7 +153,10 @@ def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options:
     timings["load"] = time.perf_counter() - t_start
 
     progress.stage("preprocessing")
-    out = segment_slices(card, image, net, device, weights.preprocessing, options.batch_size, progress)
+    t = time.perf_counter()
+    extra, unused = extra_inputs(card, images, weights.preprocessing.get("extra_inputs", ()), inputs)
+    resample_s = time.perf_counter() - t
+    out = segment_slices(card, image, net, device, weights.preprocessing, options.batch_size, progress, extra)
     maps, maps_grids = {}, {}
     for name, aux_net in aux_nets.items():
         pre = {**card.preprocessing.__dict__, **aux_weights[name].preprocessing}
@@ -146,7 +164,7 @@ def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options:
         maps[name], maps_grids[name] = aux_out.maps, aux_out.maps_grid
         for attr in ("network_s", "preprocess_s", "postprocess_s"):
             setattr(out, attr, getattr(out, attr) + getattr(aux_out, attr))
-    timings["preprocess"] = out.preprocess_s
+    timings["preprocess"] = out.preprocess_s + resample_s
     timings["network"] = out.network_s
     if card.preprocessing.bias_correction or weights.preprocessing.get("bias_correction"):
         timings["bias_correction"] = out.bias_s
@@ -158,9 +176,8 @@ def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options:
     result.summaries.update(out.summaries)
     if "skull_stripping" in image.meta:
         result.summaries["skull_stripping"] = image.meta["skull_stripping"]
-    if len(images) > 1:
-        result.warnings.append(f"inputs after the first ({', '.join(s.name for s in card.inputs[1:len(images)])}) "
-                               "were validated but are not used by these weights")
+    if unused:
+        result.warnings.append(f"input(s) {', '.join(unused)} were validated but are not used by these weights")
     timings["postprocess"] = out.postprocess_s + time.perf_counter() - t
 
     progress.stage("writing")

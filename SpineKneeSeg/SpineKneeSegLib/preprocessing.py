@@ -273,6 +273,19 @@ def network_grid_image(image: Image, grid: SliceGeometry) -> Image:
                  image.direction.copy())
 
 
+def resample_onto(moving: Image, reference: Image) -> Image:
+    """``moving`` (e.g. a T1) on ``reference``'s grid (e.g. the FLAIR), linear, by physical position
+    (identity transform: the two must already be in one space, as DICOM series of one study or
+    co-registered files are); voxels outside ``moving`` become 0."""
+    import SimpleITK as sitk
+
+    if moving.same_geometry(reference):
+        return moving
+    out = sitk.Resample(moving.to_sitk(), reference.to_sitk(), sitk.Transform(), sitk.sitkLinear, 0.0,
+                        sitk.sitkFloat32)
+    return reference.with_array(sitk.GetArrayFromImage(out))
+
+
 def context_channels(stack: np.ndarray, index: np.ndarray, context: int) -> np.ndarray:
     """(len(index), context, H, W): each slice with its neighbours as channels (edge slices see
     zero padding, as in seed 004's 'pad two empty slices'). Gathers only the slices asked for: a
