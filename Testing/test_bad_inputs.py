@@ -141,7 +141,7 @@ def test_bad_weights_file(tmp_path, capsys):
 def test_weights_of_another_task(tmp_path, capsys, knee_weights):
     path = _volume(tmp_path)
     assert cli.main(["run", "--task", "brain-wmh", str(path), "-o", str(tmp_path / "o"),
-                     "--weights", str(knee_weights)]) == 2
+                     "--weights", str(knee_weights), "--skull-stripped", "yes"]) == 2
     assert "knee-bones" in capsys.readouterr().err
 
 

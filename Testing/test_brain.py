@@ -79,6 +79,13 @@ def test_slabs_keep_physical_positions():
     assert abs(slab_centre[2] - truth_centre[2]) <= 3.75  # within half a slab
     # slab 0 averages slices 0..7 (centres 0..7 mm): its centre lies at 3.25 mm above slice 0
     assert np.isclose(slab.origin[2] - image.origin[2], 3.25)
+    # another slab phase (training sees several): slab 0 starts 3 mm up, same lesion position
+    shifted, shifted_labels = simulate_slabs(image, labels, 7.5, offset_mm=3.0)
+    assert np.isclose(shifted.origin[2] - image.origin[2], 6.25) and shifted.array.shape == (7, 20, 20)
+    kji = np.argwhere(shifted_labels > 0).mean(0)
+    assert abs(shifted.ijk_to_lps_points([kji[::-1]])[0][2] - truth_centre[2]) <= 3.75
+    # slab 3 spans 25.5..33 mm: slices 26..32, of which 30..32 are lesion
+    assert np.isclose(shifted.array[3, 10, 10], 3 / 7)
 
 
 def test_entropy_drops_empty_slices():
@@ -181,3 +188,88 @@ def test_cli_on_thick_slice_anisotropic_flair(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert set(report["summaries"]["lesions"]["brackets"]) == {"[0,10)", "[10,400)", "[400,1000)", "[1000,inf)"}
     assert (out / "segmentation.seg.nrrd").exists()
+
+
+def test_resample_onto_keeps_physical_positions():
+    from SpineKneeSegLib.preprocessing import resample_onto
+
+    reference = Image(np.zeros((40, 60, 60), np.float32), (1.0, 1.0, 1.0), (-30.0, -30.0, -20.0))
+    moving = np.zeros((20, 25, 25), np.float32)
+    moving[8:12, 10:14, 10:14] = 100.0  # a 8 mm cube on a 2 mm grid whose origin is elsewhere
+    t1 = Image(moving, (2.0, 2.0, 2.0), (-26.0, -24.0, -22.0))
+    out = resample_onto(t1, reference)
+    assert out.same_geometry(reference)
+    centre_moving = t1.ijk_to_lps_points([np.argwhere(moving > 50).mean(0)[::-1]])[0]
+    centre_out = out.ijk_to_lps_points([np.argwhere(out.array > 50).mean(0)[::-1]])[0]
+    assert np.allclose(centre_moving, centre_out, atol=0.6)
+
+
+def test_weights_with_a_t1_channel_need_the_t1_and_use_it(tmp_path, capsys):
+    """Weights trained with --t1 take 3 FLAIR + 3 T1 channels; the T1 (another grid) is resampled
+    onto the FLAIR; without a T1 the run stops with a clear message."""
+    import json
+
+    from SpineKneeSegLib import cli
+    from SpineKneeSegLib.inference import _batches, load_network
+    from SpineKneeSegLib.io import write_image
+    from SpineKneeSegLib.phantoms import brain_phantom
+    from SpineKneeSegLib.preprocessing import resample_onto
+    from SpineKneeSegLib.weights import initialise_weights, resolve_weights
+
+    flair = brain_phantom(2, slice_thickness_mm=5.0).image
+    t1 = Image(flair.array[:, ::2, ::2].max() - flair.array[:, ::2, ::2], (4.0, 4.0, 5.0), flair.origin,
+               flair.direction)  # darker lesions, half the in-plane resolution
+    write_image(flair, tmp_path / "flair.nii.gz")
+    write_image(t1, tmp_path / "t1.nii.gz")
+    initialise_weights("brain-wmh", tmp_path / "w.pt", {"channels": (4, 8)}, seed=1,
+                       preprocessing={"extra_inputs": ["t1"]})
+    base = ["run", "--task", "brain-wmh", "--weights", str(tmp_path / "w.pt"), "--progress", "none"]
+    assert cli.main(base + [str(tmp_path / "flair.nii.gz"), "-o", str(tmp_path / "no-t1")]) == 2
+    assert "take t1 as well" in capsys.readouterr().err and not (tmp_path / "no-t1").exists()
+    assert cli.main(base + [str(tmp_path / "flair.nii.gz"), str(tmp_path / "t1.nii.gz"), "-o", str(tmp_path / "o")]) == 0
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert not [w for w in report["warnings"] if "not used" in w]
+    # the T1 channels reach the network: another T1 gives other logits
+    weights = resolve_weights(CARD, tmp_path / "w.pt")
+    net = load_network(weights, torch.device("cpu"))
+    pre = {**CARD.preprocessing.__dict__, **weights.preprocessing}
+    timings = {"pre": 0.0, "net": 0.0, "post": 0.0}
+    on_grid = resample_onto(t1, flair)
+    with torch.no_grad():
+        a = next(_batches(flair, net, torch.device("cpu"), pre, 4, None, timings, extra=(on_grid,)))[1]
+        b = next(_batches(flair, net, torch.device("cpu"), pre, 4, None, timings,
+                          extra=(on_grid.with_array(on_grid.array[:, ::-1].copy()),)))[1]
+    assert a.shape[1] == 1 and not torch.allclose(a, b)
+
+
+def test_trainer_with_t1_writes_weights_the_pipeline_runs(tmp_path):
+    """A 2-epoch run of Training/brain_wmh.py's train() on phantom cases with --t1: real files in,
+    a checkpoint whose channels and extra_inputs the product's inference accepts."""
+    from brain_wmh import Config, train
+
+    from SpineKneeSegLib.inference import load_network
+    from SpineKneeSegLib.io import write_image
+    from SpineKneeSegLib.phantoms import brain_phantom
+    from SpineKneeSegLib.weights import resolve_weights
+
+    cases = []
+    for seed in (4, 5):
+        ph = brain_phantom(seed, slice_thickness_mm=4.0)
+        folder = tmp_path / f"case{seed}"
+        folder.mkdir()
+        write_image(ph.image, folder / "flair.nii.gz")
+        write_image(ph.image.with_array(ph.image.array.max() - ph.image.array), folder / "t1.nii.gz")
+        write_image(ph.labels, folder / "lesions.nii.gz")
+        cases.append({"id": f"case{seed}", "flair": folder / "flair.nii.gz", "t1": folder / "t1.nii.gz",
+                      "labels": folder / "lesions.nii.gz"})
+    cfg = Config(epochs=2, steps_per_epoch=2, batch_size=2, patch=64, slab_mm="8", t1=True)
+    info = train(cfg, cases, tmp_path / "run", log=lambda _: None)
+    assert info["epochs"] == 2
+    weights = resolve_weights(CARD, tmp_path / "run" / "best.pt")
+    assert weights.preprocessing == {"extra_inputs": ["t1"]}
+    assert weights.checkpoint["network"]["config"]["in_channels"] == 6
+    net = load_network(weights, torch.device("cpu"))
+    flair = brain_phantom(6, slice_thickness_mm=4.0).image
+    labels = segment_slices(CARD, flair, net, torch.device("cpu"), weights.preprocessing,
+                            extra=(flair.with_array(flair.array.max() - flair.array),)).labels
+    assert labels.shape == flair.array.shape

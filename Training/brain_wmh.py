@@ -5,6 +5,9 @@
     python Training/brain_wmh.py final --out Training/runs/brain-wmh               # all 3 cases -> best.pt
     python Training/brain_wmh.py ship --out Training/runs/brain-wmh --version 0.1.0 # only if it beats the baseline
 
+Options: every Config field (e.g. --t1 adds the T1, resampled onto the FLAIR, as 3 more channels;
+--slab-mm 3,5,7.5,8 --slab-phases 2 simulates more thick-slice acquisitions).
+
 Preprocessing is the task card's own (axial canonical slices, z-score inside the brain, 1 mm
 in-plane). Training slices whose intensity entropy is < 2 bits are dropped (seed 002); each epoch
 also sees the training volumes as simulated thick slabs (3-8 mm, averaged 1 mm slices) so the
@@ -19,7 +22,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +61,9 @@ class Config:
     smooth: float = 2.0
     min_entropy_bits: float = 2.0
     slab_fraction: float = 0.3  # share of batches drawn from simulated thick slabs
+    slab_mm: str = "3,5,8"  # simulated slab thicknesses
+    slab_phases: int = 1  # slab stacks per thickness, each starting at a different offset
+    t1: bool = False  # T1 as 3 more input channels (the weights then need a T1 at inference)
     lesion_fraction: float = 0.6  # share of sampled slices that contain lesion
     steps_per_epoch: int = 40
     seed: int = 0
@@ -66,26 +72,29 @@ class Config:
 # ---- data --------------------------------------------------------------------------------------
 
 def brain_cases(root: Path) -> list[dict]:
-    return [{"id": d.name, "flair": d / "flair.nii.gz", "labels": d / "lesions.nii.gz"}
+    return [{"id": d.name, "flair": d / "flair.nii.gz", "t1": d / "t1.nii.gz", "labels": d / "lesions.nii.gz"}
             for d in sorted((root / "brain" / "open-ms").glob("patient*")) if (d / "lesions.nii.gz").exists()]
 
 
-def simulate_slabs(image: Image, labels: np.ndarray, thickness_mm: float) -> tuple[Image, np.ndarray]:
+def simulate_slabs(image: Image, labels: np.ndarray, thickness_mm: float,
+                   offset_mm: float = 0.0) -> tuple[Image, np.ndarray]:
     """Thick axial slabs made by averaging the 1 mm slices whose centres fall in each slab (a
-    thick 2D acquisition's partial volume); a slab voxel is lesion when >= half its slices are."""
+    thick 2D acquisition's partial volume); a slab voxel is lesion when >= half its slices are.
+    ``offset_mm`` shifts where the first slab starts (a different slab phase, same anatomy)."""
     axis = slice_axis(image, "axial")
     step = float(image.spacing[2 - axis])
     per = thickness_mm / step
-    n_slabs = int(image.array.shape[axis] // per)
+    start = offset_mm / step
+    n_slabs = int((image.array.shape[axis] - start) // per)
     arr, lab = np.moveaxis(image.array, axis, 0), np.moveaxis(labels > 0, axis, 0)
     slabs, slab_labels = [], []
     for k in range(n_slabs):
-        lo, hi = int(math.ceil(k * per - 1e-6)), int(math.ceil((k + 1) * per - 1e-6))
+        lo, hi = int(math.ceil(start + k * per - 1e-6)), int(math.ceil(start + (k + 1) * per - 1e-6))
         slabs.append(arr[lo:hi].mean(0))
         slab_labels.append(lab[lo:hi].mean(0) >= 0.5)
     spacing = list(image.spacing)
     spacing[2 - axis] = thickness_mm
-    centre_shift = (0.5 * per - 0.5) * step  # slab 0's centre relative to slice 0's
+    centre_shift = (start + 0.5 * per - 0.5) * step  # slab 0's nominal centre relative to slice 0's
     origin = np.asarray(image.origin) + image.direction[:, 2 - axis] * centre_shift
     out = Image(np.moveaxis(np.stack(slabs), 0, axis).astype(np.float32), tuple(spacing), tuple(origin),
                 image.direction)
@@ -109,18 +118,25 @@ class Prepared:
     x: np.ndarray  # (slices, H, W) normalised, 1 mm in-plane, cropped to the brain
     y: np.ndarray
     keep: np.ndarray  # slice indices usable for training (entropy >= threshold)
+    extras: list[np.ndarray] = field(default_factory=list)  # further input stacks (T1), same layout as x
+
+    def channels(self, index: np.ndarray) -> np.ndarray:
+        """(len(index), 3 * stacks, H, W), in the order inference builds them."""
+        return np.concatenate([context_channels(s, index, CARD.preprocessing.context_slices)
+                               for s in [self.x, *self.extras]], axis=1)
 
 
-def prepare(case_id: str, image: Image, labels: np.ndarray, cfg: Config) -> Prepared:
+def prepare(case_id: str, image: Image, labels: np.ndarray, cfg: Config, extras: tuple[Image, ...] = ()) -> Prepared:
     pre = CARD.preprocessing
     x, y, _ = training_slices(image, labels, pre.plane, pre.normalisation, pre.in_plane_spacing_mm)
+    others = [training_slices(e, labels, pre.plane, pre.normalisation, pre.in_plane_spacing_mm)[0] for e in extras]
     brain = np.abs(x).sum(0) > 0
     rows, cols = np.flatnonzero(brain.any(1)), np.flatnonzero(brain.any(0))
-    x = x[:, rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-    y = y[:, rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    box = (slice(None), slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    x, y, others = x[box], y[box], [o[box] for o in others]
     raw = np.moveaxis(image.array, slice_axis(image, "axial"), 0)
     keep = np.flatnonzero(slice_entropy_bits(raw) >= cfg.min_entropy_bits)
-    return Prepared(case_id, x, y, keep)
+    return Prepared(case_id, x, y, keep, list(others))
 
 
 # ---- training ----------------------------------------------------------------------------------
@@ -155,7 +171,7 @@ def sample_batch(pool: list[Prepared], cfg: Config, rng: np.random.Generator, al
         slices = allowed[case.id]
         lesion = slices[case.y[slices].reshape(len(slices), -1).any(1)]
         k = int(rng.choice(lesion if len(lesion) and rng.random() < cfg.lesion_fraction else slices))
-        x = context_channels(case.x, np.array([k]), CARD.preprocessing.context_slices)[0]
+        x = case.channels(np.array([k]))[0]
         y = case.y[k].astype(np.float32)
         h, w = y.shape
         ph, pw = max(0, size - h), max(0, size - w)
@@ -186,9 +202,23 @@ def split_blocks(p: Prepared, block: int = 12, every: int = 5) -> tuple[np.ndarr
     return p.keep[~held], p.keep[held]
 
 
-def network_config() -> dict:
-    return {**CARD.network.config, "in_channels": CARD.preprocessing.context_slices,
+def network_config(cfg: Config | None = None) -> dict:
+    stacks = 2 if cfg is not None and cfg.t1 else 1
+    return {**CARD.network.config, "in_channels": CARD.preprocessing.context_slices * stacks,
             "out_channels": CARD.output_channels}
+
+
+def weights_preprocessing(cfg: Config) -> dict:
+    return {"extra_inputs": ["t1"]} if cfg.t1 else {}
+
+
+def read_case(case: dict, cfg: Config) -> tuple[Image, np.ndarray, tuple[Image, ...]]:
+    """FLAIR, lesion labels and (with --t1) the T1 resampled onto the FLAIR, as inference does."""
+    from SpineKneeSegLib.preprocessing import resample_onto
+
+    image = read_image(case["flair"])
+    extras = (resample_onto(read_image(case["t1"]), image),) if cfg.t1 else ()
+    return image, read_image(case["labels"]).array, extras
 
 
 @torch.no_grad()
@@ -199,7 +229,7 @@ def held_back_dice(net, pool: list[Prepared], held: dict[str, np.ndarray]) -> fl
         idx = held[case.id]
         for start in range(0, len(idx), 16):
             chunk = idx[start:start + 16]
-            x = torch.from_numpy(context_channels(case.x, chunk, CARD.preprocessing.context_slices))
+            x = torch.from_numpy(case.channels(chunk))
             h, w = x.shape[-2:]
             ph, pw = (-h) % 8, (-w) % 8
             pred = net(F.pad(x, (0, pw, 0, ph)))[..., :h, :w][:, 0] > 0
@@ -215,17 +245,21 @@ def train(cfg: Config, cases: list[dict], out: Path, log=print) -> dict:
     torch.manual_seed(cfg.seed)
     thin, slabs = [], []
     for case in cases:
-        image, labels = read_image(case["flair"]), read_image(case["labels"]).array
-        thin.append(prepare(case["id"], image, labels, cfg))
-        for thickness in (3.0, 5.0, 8.0):
-            slab_image, slab_labels = simulate_slabs(image, labels, thickness)
-            slabs.append(prepare(f"{case['id']}@{thickness:g}mm", slab_image, slab_labels, cfg))
+        image, labels, extras = read_case(case, cfg)
+        thin.append(prepare(case["id"], image, labels, cfg, extras))
+        for thickness in (float(t) for t in cfg.slab_mm.split(",")):
+            for phase in range(cfg.slab_phases):
+                offset = thickness * phase / cfg.slab_phases
+                slab_image, slab_labels = simulate_slabs(image, labels, thickness, offset)
+                slab_extras = tuple(simulate_slabs(e, labels, thickness, offset)[0] for e in extras)
+                slabs.append(prepare(f"{case['id']}@{thickness:g}mm+{offset:g}", slab_image, slab_labels, cfg,
+                                     slab_extras))
     train_idx, held_idx = {}, {}
     for p in thin:
         train_idx[p.id], held_idx[p.id] = split_blocks(p)
     for p in slabs:
         train_idx[p.id] = p.keep
-    net = build_network(CARD.network.factory, network_config())
+    net = build_network(CARD.network.factory, network_config(cfg))
     optimiser = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimiser, mode="max", factor=0.2, patience=5)
     criterion = make_loss(cfg)
@@ -249,7 +283,8 @@ def train(cfg: Config, cases: list[dict], out: Path, log=print) -> dict:
         log(json.dumps(history[-1]))
         if dice > best:
             best, best_epoch = dice, epoch
-            save_checkpoint(out / "best.pt", CARD.name, CARD.network.factory, network_config(), net.state_dict(),
+            save_checkpoint(out / "best.pt", CARD.name, CARD.network.factory, network_config(cfg), net.state_dict(),
+                            preprocessing=weights_preprocessing(cfg),
                             metadata={"epoch": epoch, "held_back_dice": dice, "config": asdict(cfg),
                                       "trained_on": [c["id"] for c in cases]})
         if epoch - best_epoch >= cfg.patience:
@@ -278,14 +313,16 @@ def fit_baseline(cases: list[dict]) -> float:
     return float(grid[int(scores.argmax())])
 
 
-def evaluate_case(net, case: dict, z_baseline: float) -> dict:
-    image, labels = read_image(case["flair"]), read_image(case["labels"]).array
+def evaluate_case(net, case: dict, z_baseline: float, cfg: Config) -> dict:
+    image, labels, extras = read_case(case, cfg)
     result = {}
-    for name, (img, truth) in {"1mm": (image, labels),
-                               f"{EVAL_SLAB_MM:g}mm": simulate_slabs(image, labels, EVAL_SLAB_MM)}.items():
+    thick = simulate_slabs(image, labels, EVAL_SLAB_MM)
+    for name, (img, truth, ext) in {"1mm": (image, labels, extras),
+                                    f"{EVAL_SLAB_MM:g}mm": (*thick, tuple(simulate_slabs(e, labels, EVAL_SLAB_MM)[0]
+                                                                          for e in extras))}.items():
         spacing_kji = tuple(img.spacing[::-1])
         t0 = time.perf_counter()
-        pred = segment_slices(CARD, img, net, torch.device("cpu"), batch_size=8).labels
+        pred = segment_slices(CARD, img, net, torch.device("cpu"), batch_size=8, extra=ext).labels
         result[name] = {"model": all_metrics(pred, truth, spacing_kji), "seconds": round(time.perf_counter() - t0, 2),
                         "baseline": all_metrics(baseline_threshold(img, z_baseline), truth, spacing_kji)}
     return result
@@ -303,7 +340,7 @@ def loo(cfg: Config, root: Path, out: Path) -> dict:
 
         net = load_network(resolve_weights(CARD, fold_out / "best.pt"), torch.device("cpu"))
         z = fit_baseline(train_cases)
-        folds[held["id"]] = {"training": info, "baseline_z": z, **evaluate_case(net, held, z)}
+        folds[held["id"]] = {"training": info, "baseline_z": z, **evaluate_case(net, held, z, cfg)}
         (out / "loo.json").write_text(json.dumps(folds, indent=2, default=float))
     summary = {}
     for res in ("1mm", f"{EVAL_SLAB_MM:g}mm"):
@@ -354,7 +391,8 @@ Focal Tversky loss (alpha {cfg['alpha']}, beta {cfg['beta']}, gamma {cfg['gamma'
 {cfg['lr']} (seed 002 uses 1e-4; 1e-3 was needed to converge within a CPU session),
 ReduceLROnPlateau x0.2 / 5 epochs, {cfg['steps_per_epoch']} batches of {cfg['batch_size']} {cfg['patch']}x{cfg['patch']} patches an
 epoch, at most {cfg['epochs']} epochs; slices with intensity entropy < {cfg['min_entropy_bits']} bits dropped; flips,
-gain/offset/noise; {int(cfg['slab_fraction'] * 100)} % of batches from simulated 3, 5 and 8 mm slabs. Early stopping on
+gain/offset/noise; {int(cfg['slab_fraction'] * 100)} % of batches from simulated {cfg.get('slab_mm', '3,5,8')} mm slabs
+({cfg.get('slab_phases', 1)} slab phase(s) each). Early stopping on
 held-back slice blocks of the training volumes. Final model: all 3 volumes, best epoch
 {final.get('best_epoch')} of {final.get('epochs')}.
 
@@ -375,7 +413,8 @@ Means (HD95: median):
 ## Known limits
 - Three MS patients from one public dataset, registered to MNI: nothing is known about other
   scanners, non-registered FLAIR, small-vessel WMH in older patients, or tumours.
-- FLAIR must be skull-stripped; unstripped input is not detected automatically.
+- FLAIR must be skull-stripped. `run` refuses FLAIR that does not look stripped (SpineKneeSegLib/skullstrip.py:
+  background share, brain volume, largest axial section); `--skull-stripped yes` overrides.
 - The optional T1 input is not used by this model.
 
 ## Licence of the data
@@ -419,7 +458,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="Training/runs/brain-wmh")
     parser.add_argument("--data")
     for name, value in asdict(Config()).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+        if isinstance(value, bool):
+            parser.add_argument(f"--{name.replace('_', '-')}", action="store_true", default=value)
+        else:
+            parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = parser.parse_args(argv)
     root = Path(args.data) if args.data else data_root()
     if root is None or not (root / "brain" / "open-ms").exists():

@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--series", help="SeriesInstanceUID to use from a folder holding several series")
     run.add_argument("--batch-size", type=int, default=8, help="slices per forward pass")
     run.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    run.add_argument("--skull-stripped", default="auto", choices=("auto", "yes"),
+                     help="brain-wmh: 'auto' refuses FLAIR that does not look skull-stripped; 'yes' skips the check")
 
     demo = sub.add_parser("demo", help="run every task with weights on built-in phantoms; HTML report")
     demo.add_argument("-o", "--output", required=True)
@@ -164,7 +166,8 @@ def cmd_run(args) -> int:
     aux = parse_aux_weights(args.aux_weights)
     options = RunOptions(device=args.device, weights=args.weights, aux_weights=aux, scene=args.scene,
                          echo=args.echo, series=args.series, batch_size=args.batch_size, threads=args.threads,
-                         fast=args.fast, weights_dir=args.weights_dir, dicom_seg=not args.no_dicom_seg)
+                         skull_stripped=args.skull_stripped, fast=args.fast, weights_dir=args.weights_dir,
+                         dicom_seg=not args.no_dicom_seg)
     progress = Progress(args.progress)
     if args.manifest:
         if args.inputs:

@@ -60,12 +60,15 @@ def _sync(device: torch.device) -> None:
 
 
 def _batches(image: Image, net: torch.nn.Module, device: torch.device, pre: dict, batch_size: int,
-             progress: Progress | None, timings: dict, slices: np.ndarray | None = None, centre_lps=None):
+             progress: Progress | None, timings: dict, slices: np.ndarray | None = None, centre_lps=None,
+             extra: tuple[Image, ...] = ()):
     """Yield (slice indices, logits on the unpadded network grid, grid, in-plane box, grid image)
     for every batch of slices; accumulate preprocessing and forward-pass seconds in ``timings``.
     With ``crop_foreground`` only foreground slices inside the foreground box are run; ``slices``
     (canonical indices) runs only those. With ``network_px`` the network sees a square
-    ``crop_mm`` window centred on ``centre_lps`` (None: the field-of-view centre)."""
+    ``crop_mm`` window centred on ``centre_lps`` (None: the field-of-view centre). ``extra``:
+    further inputs on ``image``'s grid (e.g. a T1), each normalised on its own and appended as
+    ``context_slices`` more channels."""
     t0 = time.perf_counter()
     canon, _ = canonical_image(image, pre["plane"])  # slices along axis 0, canonical in-plane orientation
     stack = normalise(canon.array, pre["normalisation"], pre.get("stats"))
@@ -75,7 +78,10 @@ def _batches(image: Image, net: torch.nn.Module, device: torch.device, pre: dict
     if slices is not None:
         run = np.asarray(slices)
     cropped = crop_in_plane(canon, box)
-    stack = stack[:, box[0]:box[1], box[2]:box[3]]
+    stacks = [stack] + [normalise(canonical_image(e, pre["plane"])[0].array, pre["normalisation"], pre.get("stats"))
+                        for e in extra]
+    stacks = [s[:, box[0]:box[1], box[2]:box[3]] for s in stacks]
+    stack = stacks[0]
     centre = window_centre_rc(cropped, centre_lps) if centre_lps is not None else None
     grid = network_grid(cropped, 0, pre["in_plane_spacing_mm"], getattr(net, "size_multiple", 1),
                         pre.get("network_px"), pre.get("crop_mm"), centre)
@@ -86,7 +92,8 @@ def _batches(image: Image, net: torch.nn.Module, device: torch.device, pre: dict
     for start in range(0, len(run), batch_size):
         t = time.perf_counter()
         index = run[start:start + batch_size]
-        x = torch.from_numpy(context_channels(stack, index, pre["context_slices"])).to(device)
+        x = np.concatenate([context_channels(s, index, pre["context_slices"]) for s in stacks], axis=1)
+        x = torch.from_numpy(x).to(device)
         x = pad_to(to_network_grid(x, grid, pad_value), grid.padded_hw).contiguous(memory_format=torch.channels_last)
         _sync(device)
         t_net = time.perf_counter()
@@ -100,11 +107,11 @@ def _batches(image: Image, net: torch.nn.Module, device: torch.device, pre: dict
 
 
 def _labels_of(card: TaskCard, image: Image, net, device, pre: dict, batch_size: int, progress, timings: dict,
-               slices=None, centre_lps=None) -> np.ndarray:
+               slices=None, centre_lps=None, extra: tuple[Image, ...] = ()) -> np.ndarray:
     """Label map in the canonical layout (slices not run stay background)."""
     labels = np.zeros(canonical_image(image, pre["plane"])[0].array.shape, dtype=np.uint8)
     for index, logits, grid, (r0, _, c0, _), _ in _batches(image, net, device, pre, batch_size, progress, timings,
-                                                            slices, centre_lps):
+                                                            slices, centre_lps, extra):
         t = time.perf_counter()
         out, (a0, a1, b0, b1) = from_network_grid(logits, grid)
         labels[index, r0 + a0:r0 + a1, c0 + b0:c0 + b1] = logits_to_labels(out, card.label_activation).cpu().numpy()
@@ -206,9 +213,10 @@ def logits_to_labels(logits: torch.Tensor, activation: str) -> torch.Tensor:
 @torch.inference_mode()
 def segment_slices(card: TaskCard, image: Image, net: torch.nn.Module, device: torch.device,
                    preprocessing: dict | None = None, batch_size: int = 8,
-                   progress: Progress | None = None) -> NetworkOutput:
+                   progress: Progress | None = None, extra: tuple[Image, ...] = ()) -> NetworkOutput:
     """Run the label network over every slice; labels on the input's exact grid (logits are
-    resampled back, not labels)."""
+    resampled back, not labels). ``extra``: further input channels on ``image``'s grid (the
+    weights' ``extra_inputs``, e.g. a T1 resampled onto the FLAIR)."""
     pre = {**card.preprocessing.__dict__, **(preprocessing or {})}
     timings = {"pre": 0.0, "net": 0.0, "post": 0.0}
     summaries, warnings = {}, []
@@ -216,6 +224,7 @@ def segment_slices(card: TaskCard, image: Image, net: torch.nn.Module, device: t
     t = time.perf_counter()
     if pre.get("bias_correction"):  # on the canonical image: the same physical image, the same field
         image, info = bias_correct(canonical_image(image, pre["plane"])[0], pre["bias_correction"], pre)
+        extra = tuple(canonical_image(e, pre["plane"])[0] for e in extra)  # onto the same canonical grid
     else:
         info = {}
     bias_s = time.perf_counter() - t
@@ -225,7 +234,8 @@ def segment_slices(card: TaskCard, image: Image, net: torch.nn.Module, device: t
     if pre.get("network_px"):
         centre_lps, summaries["crop_window"], warnings = window_centre(card, image, net, device, pre, batch_size,
                                                                         timings)
-    labels = _labels_of(card, image, net, device, pre, batch_size, progress, timings, centre_lps=centre_lps)
+    labels = _labels_of(card, image, net, device, pre, batch_size, progress, timings, centre_lps=centre_lps,
+                        extra=tuple(extra))
     return NetworkOutput(labels=np.ascontiguousarray(orientation.undo(labels)), network_s=timings["net"],
                          preprocess_s=timings["pre"], postprocess_s=timings["post"], bias_s=bias_s,
                          summaries=summaries, warnings=warnings)

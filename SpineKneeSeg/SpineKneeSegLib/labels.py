@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class Code:
@@ -62,3 +64,11 @@ BRAIN_LABELS = (
 )
 
 XRAY_FEMUR_LABELS = (_bone(1, "femur", "71341001", "Femur", (241, 214, 145)),)
+
+
+def present_labels(array: np.ndarray) -> list[int]:
+    """Non-zero values present in a label map; a histogram for uint8 maps (np.unique sorts all
+    7 M voxels of a brain: 0.06 s)."""
+    if array.dtype == np.uint8:
+        return [int(v) for v in np.flatnonzero(np.bincount(array.ravel(), minlength=256)) if v]
+    return [int(v) for v in np.unique(array) if v]

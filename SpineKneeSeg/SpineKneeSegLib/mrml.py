@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import InputError, SpineKneeSegError
 from .image import Image
-from .labels import Code, LabelSpec
+from .labels import Code, LabelSpec, present_labels
 from .mrml_harness import (HeadlessSlicer, context_for_scene, create_headless_slicer, is_real_slicer,
                            require_slicer)
 from .tables import ColumnSpec
@@ -120,7 +120,7 @@ def _check_label_values(array: np.ndarray, labels: Sequence[LabelSpec]) -> np.nd
     known = {spec.value for spec in labels}
     if len(known) != len(labels) or not all(0 < v < 256 for v in known):
         raise ValueError("label values must be distinct and within 1..255")
-    present = set(np.unique(array).tolist()) - {0}
+    present = set(present_labels(array))
     unknown = sorted(present - known)
     if unknown:
         raise ValueError(f"label values {unknown} have no LabelSpec")

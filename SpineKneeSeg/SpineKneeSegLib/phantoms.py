@@ -681,6 +681,8 @@ def brain_phantom(seed=0, *, slice_thickness_mm=2.0, pixel_mm=2.0, in_plane=104,
             tissue[outside & (dist > lo) & (dist <= hi)] = val
             lo = hi
     arr = _finish(tissue, (X, Y, Z), rng, bias=bias, noise=noise, blur=0.0, bias_scale=100.0)
+    if skull_stripped:  # brain-extraction tools set everything outside the brain to 0
+        arr[~brain_mask] = 0.0
     labels = lesion_mask.astype(np.uint8)
     return Phantom(
         task="brain-wmh", image=img.with_array(arr), labels=img.with_array(labels), points=[],

@@ -32,6 +32,7 @@ class RunOptions:
     series: str | None = None
     batch_size: int = 8
     threads: int | None = None
+    skull_stripped: str = "auto"  # "auto": check inputs that must be brain-only; "yes": the user vouches
     fast: bool = False  # skip optional refinements (fast_mode_plan): offered on CPU / small GPUs
     weights_dir: str | None = None  # extra folder of registered weights (offline copies), hash-checked
     dicom_seg: bool = True  # write segmentation.dcm (DICOM-SEG) when the input is a DICOM series
@@ -80,7 +81,34 @@ def load_inputs(card: TaskCard, paths: list[str], options: RunOptions) -> list[I
     images = [read_image(path, echo=options.echo, series=options.series) for path in paths]
     for spec, image, path in zip(card.inputs, images, paths):
         validate_input(card, spec, image, path)
+        if spec.skull_stripped and options.skull_stripped == "auto":
+            check_skull_stripped(image, path)
     return images
+
+
+def extra_inputs(card: TaskCard, images: list[Image], names, paths) -> tuple[tuple[Image, ...], list[str]]:
+    """The further inputs the weights take as channels (``extra_inputs``, e.g. ["t1"]), each
+    resampled onto the first input's grid; and the names of given inputs the weights ignore."""
+    from .preprocessing import resample_onto
+
+    given = {spec.name: image for spec, image in zip(card.inputs, images)}
+    missing = [n for n in names if n not in given]
+    if missing:
+        raise InputError(f"these {card.name} weights take {', '.join(missing)} as well; give it after "
+                         f"{card.inputs[0].name}", paths[0])
+    extra = tuple(resample_onto(given[n], images[0]) for n in names)
+    unused = [spec.name for spec in card.inputs[1:len(images)] if spec.name not in names]
+    return extra, unused
+
+
+def check_skull_stripped(image: Image, path) -> None:
+    from .skullstrip import assess_skull_stripping
+
+    evidence = assess_skull_stripping(image)
+    if not evidence.stripped:
+        raise InputError(f"does not look skull-stripped: {evidence.reason}. Skull-strip it first (e.g. SynthStrip or "
+                         "HD-BET), or pass --skull-stripped yes if it is brain-only", path)
+    image.meta["skull_stripping"] = evidence.as_dict()
 
 
 def validate_input(card: TaskCard, spec, image: Image, path) -> None:
@@ -153,7 +181,10 @@ def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options:
 
     progress.stage("preprocessing")
     pre_overrides = {**weights.preprocessing, **(fast.overrides if fast else {})}
-    out = segment_slices(card, image, net, device, pre_overrides, options.batch_size, progress)
+    t = time.perf_counter()
+    extra, unused = extra_inputs(card, images, weights.preprocessing.get("extra_inputs", ()), inputs)
+    resample_s = time.perf_counter() - t
+    out = segment_slices(card, image, net, device, pre_overrides, options.batch_size, progress, extra)
     maps, maps_grids = {}, {}
     for name, aux_net in aux_nets.items():
         pre = {**card.preprocessing.__dict__, **aux_weights[name].preprocessing}
@@ -161,7 +192,7 @@ def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options:
         maps[name], maps_grids[name] = aux_out.maps, aux_out.maps_grid
         for attr in ("network_s", "preprocess_s", "postprocess_s"):
             setattr(out, attr, getattr(out, attr) + getattr(aux_out, attr))
-    timings["preprocess"] = out.preprocess_s
+    timings["preprocess"] = out.preprocess_s + resample_s
     timings["network"] = out.network_s
     if pre_overrides.get("bias_correction", card.preprocessing.bias_correction):
         timings["bias_correction"] = out.bias_s
@@ -173,9 +204,10 @@ def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options:
     result.summaries.update(out.summaries)
     if fast and fast.skipped:
         result.warnings.append(f"fast mode: skipped {'; '.join(fast.skipped)}")
-    if len(images) > 1:
-        result.warnings.append(f"inputs after the first ({', '.join(s.name for s in card.inputs[1:len(images)])}) "
-                               "were validated but are not used by these weights")
+    if "skull_stripping" in image.meta:
+        result.summaries["skull_stripping"] = image.meta["skull_stripping"]
+    if unused:
+        result.warnings.append(f"input(s) {', '.join(unused)} were validated but are not used by these weights")
     timings["postprocess"] = out.postprocess_s + time.perf_counter() - t
 
     progress.stage("writing")
@@ -298,7 +330,9 @@ def postprocess(card: TaskCard, image: Image, labels: np.ndarray, maps: dict[str
                 result.warnings.append(f"foramina not found (not guessed): {', '.join(missing)}")
         else:
             raise ValueError(f"task {card.name}: unknown postprocessor {name!r}")
-    present = sorted(int(v) for v in np.unique(result.labels.array) if v)
+    from .labels import present_labels
+
+    present = present_labels(result.labels.array)
     result.summaries["segments_present"] = [card.label_names[v] for v in present if v in card.label_names]
     missing = [s.name for s in card.labels if s.value not in present]
     if missing and card.name != "brain-wmh":

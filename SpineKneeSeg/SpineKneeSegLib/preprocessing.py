@@ -137,10 +137,17 @@ def in_plane_spacing(image: Image, axis: int) -> tuple[float, float]:
     return rest[0], rest[1]
 
 
+def sampled_percentile(stack: np.ndarray, q):
+    """np.percentile over at most ~1 M evenly strided voxels: a full sort of a 7 M-voxel brain
+    costs ~0.1 s, which the speed rule cannot afford, and percentiles of intensity need no more."""
+    flat = stack.ravel()
+    return np.percentile(flat[::max(1, flat.size // 1_000_000)], q)
+
+
 def foreground_mask(stack: np.ndarray) -> np.ndarray:
     """Voxels above a low percentile: excludes the air/zero background of skull-stripped or
     padded scans from the normalisation statistics."""
-    lo = np.percentile(stack, 5)
+    lo = sampled_percentile(stack, 5)
     mask = stack > lo
     return mask if mask.sum() > 0.05 * mask.size else np.ones_like(mask, dtype=bool)
 
@@ -149,8 +156,8 @@ def foreground_box(stack: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, 
     """(slices holding foreground, in-plane box r0, r1, c0, c1) of the voxels brighter than 10 % of
     the range from the 1st to the 99th percentile (the zero or noise-only background around a
     skull-stripped brain); None when nothing is background."""
-    lo = float(np.percentile(stack, 1))  # not the minimum: resampling leaves a few negative voxels
-    fg = stack > lo + 0.10 * (float(np.percentile(stack, 99)) - lo)
+    lo, hi = (float(v) for v in sampled_percentile(stack, (1, 99)))  # not the min: resampling leaves negatives
+    fg = stack > lo + 0.10 * (hi - lo)
     if fg.all() or not fg.any():
         return None
 
@@ -159,7 +166,10 @@ def foreground_box(stack: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, 
 
     slices = kept(fg.sum(axis=(1, 2)))
     rows, cols = kept(fg.sum(axis=(0, 2))), kept(fg.sum(axis=(0, 1)))
-    return slices, (int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1)
+    # a 4-pixel margin keeps the brain's thin edges that the noise rule cuts off
+    h, w = stack.shape[1:]
+    return slices, (max(0, int(rows[0]) - 4), min(h, int(rows[-1]) + 5), max(0, int(cols[0]) - 4),
+                    min(w, int(cols[-1]) + 5))
 
 
 def crop_in_plane(image: Image, box: tuple[int, int, int, int]) -> Image:
@@ -178,7 +188,7 @@ def normalise(stack: np.ndarray, method: str, stats: dict | None = None) -> np.n
     elif method == "fixed":  # the training population's statistics, stored with the model
         mean, std = float(stats["mean"]), float(stats["std"])
     elif method == "percentile":
-        lo, hi = np.percentile(stack, (0.5, 99.5))
+        lo, hi = sampled_percentile(stack, (0.5, 99.5))
         mean, std = float(lo), float(max(hi - lo, 1e-6))
     else:
         raise ValueError(f"unknown normalisation {method!r}")
@@ -263,14 +273,31 @@ def network_grid_image(image: Image, grid: SliceGeometry) -> Image:
                  image.direction.copy())
 
 
+def resample_onto(moving: Image, reference: Image) -> Image:
+    """``moving`` (e.g. a T1) on ``reference``'s grid (e.g. the FLAIR), linear, by physical position
+    (identity transform: the two must already be in one space, as DICOM series of one study or
+    co-registered files are); voxels outside ``moving`` become 0."""
+    import SimpleITK as sitk
+
+    if moving.same_geometry(reference):
+        return moving
+    out = sitk.Resample(moving.to_sitk(), reference.to_sitk(), sitk.Transform(), sitk.sitkLinear, 0.0,
+                        sitk.sitkFloat32)
+    return reference.with_array(sitk.GetArrayFromImage(out))
+
+
 def context_channels(stack: np.ndarray, index: np.ndarray, context: int) -> np.ndarray:
     """(len(index), context, H, W): each slice with its neighbours as channels (edge slices see
-    zero padding, as in seed 004's 'pad two empty slices')."""
+    zero padding, as in seed 004's 'pad two empty slices'). Gathers only the slices asked for: a
+    padded copy of the whole stack per batch cost a 7 M-voxel brain 0.1 s a run."""
+    index = np.asarray(index)
     half = context // 2
-    if half == 0:  # 2D: no neighbours, no padded copy of the whole stack per batch
-        return stack[index][:, None]
-    padded = np.pad(stack, ((half, half), (0, 0), (0, 0)))
-    return np.stack([padded[index + offset] for offset in range(context)], axis=1)
+    out = np.zeros((len(index), context, *stack.shape[1:]), stack.dtype)
+    for channel in range(context):
+        source = index + channel - half
+        inside = (source >= 0) & (source < stack.shape[0])
+        out[inside, channel] = stack[source[inside]]
+    return out
 
 
 def resize_batch(batch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -18,6 +18,7 @@ class InputSpec:
     dims: int  # 3 = volume, 2 = single-slice image (radiograph)
     required: bool = True
     description: str = ""
+    skull_stripped: bool = False  # refuse an unstripped head (skullstrip.py) unless the user vouches for it
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,7 @@ register(TaskCard(
     title="Brain white-matter lesions (FLAIR)",
     description="White-matter / MS lesions on FLAIR with a per-lesion table (seed 002).",
     modality="MR",
-    inputs=(InputSpec("flair", "MR", 3, description="FLAIR volume (skull-stripped)"),
+    inputs=(InputSpec("flair", "MR", 3, description="FLAIR volume (skull-stripped)", skull_stripped=True),
             InputSpec("t1", "MR", 3, required=False, description="optional T1, resampled onto FLAIR")),
     preprocessing=Preprocessing(plane="axial", in_plane_spacing_mm=1.0, normalisation="zscore",
                                 context_slices=3, min_slices=3, crop_foreground=True),

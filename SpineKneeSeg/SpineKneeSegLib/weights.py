@@ -200,7 +200,7 @@ def save_checkpoint(path: str | os.PathLike, task: str, factory: str, config: di
 
 
 def initialise_weights(task: str, path: str | os.PathLike, config: dict | None = None, seed: int = 0,
-                       metadata: dict | None = None, model: str = "labels") -> str:
+                       metadata: dict | None = None, model: str = "labels", preprocessing: dict | None = None) -> str:
     """Write an untrained (He-initialised) checkpoint of the task card's network, with ``config``
     overriding the card's (e.g. tiny channels for tests). Returns its SHA256.
 
@@ -212,11 +212,12 @@ def initialise_weights(task: str, path: str | os.PathLike, config: dict | None =
     card = get_task(task)
     spec = card.network if model == "labels" else card.auxiliary_model(model).network
     full = {**spec.config, **(config or {})}
-    full["in_channels"] = card.preprocessing.context_slices
+    # one set of context slices per input channel stack (the first input + the weights' extra_inputs)
+    full["in_channels"] = card.preprocessing.context_slices * (1 + len((preprocessing or {}).get("extra_inputs", ())))
     full["out_channels"] = card.output_channels if model == "labels" else card.auxiliary_model(model).channels
     torch.manual_seed(seed)
     net = build_network(spec.factory, full)
-    return save_checkpoint(path, task, spec.factory, full, net.state_dict(), model=model,
+    return save_checkpoint(path, task, spec.factory, full, net.state_dict(), model=model, preprocessing=preprocessing,
                            metadata={"trained": False, "note": "untrained initialisation", **(metadata or {})})
 
 
