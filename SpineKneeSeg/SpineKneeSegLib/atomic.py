@@ -7,6 +7,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+_UMASK = os.umask(0o022)  # read the process umask once (setting it back at once)
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, suffix: str | None = None):
@@ -22,6 +25,7 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual permissions
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -37,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-o", "--output", required=True, help="output folder")
     run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     run.add_argument("--weights", help="checkpoint file (default: the registered weights for the task)")
+    run.add_argument("--weights-dir", help="folder of downloaded registered weights (offline); each file is "
+                                           "checked against the registry's SHA256")
+    run.add_argument("--fast", action="store_true",
+                     help="skip optional refinements (N4, joint-centre pass, optional auxiliary models)")
+    run.add_argument("--no-dicom-seg", action="store_true",
+                     help="do not write segmentation.dcm (DICOM-SEG) for a DICOM input")
     run.add_argument("--aux-weights", action="append", default=[], metavar="NAME=PATH",
                      help="checkpoint of an auxiliary model, e.g. foramina=foramen.pt (repeatable)")
     run.add_argument("--scene", action="store_true", help="also write scene.mrb (opens in 3D Slicer)")
@@ -102,7 +108,8 @@ def _add_annotate_parser(sub) -> None:
                          help="e.g. foramina=foramen.pt")
     predict.add_argument("--overwrite", action="store_true", help="predict again where predictions exist")
 
-    correction = commands.add_parser("save-correction", help="a corrected segmentation -> <case>.seg.nrrd + manifest entry")
+    correction = commands.add_parser("save-correction",
+                                     help="a corrected segmentation -> <case>.seg.nrrd + manifest entry")
     correction.add_argument("--segmentation", required=True, help="the corrected segmentation (.seg.nrrd from Slicer)")
     correction.add_argument("--image", required=True, help="the scan it belongs to")
     correction.add_argument("--task", required=True, help="task whose label names the segments use")
@@ -159,7 +166,8 @@ def cmd_run(args) -> int:
     aux = parse_aux_weights(args.aux_weights)
     options = RunOptions(device=args.device, weights=args.weights, aux_weights=aux, scene=args.scene,
                          echo=args.echo, series=args.series, batch_size=args.batch_size, threads=args.threads,
-                         skull_stripped=args.skull_stripped)
+                         skull_stripped=args.skull_stripped, fast=args.fast, weights_dir=args.weights_dir,
+                         dicom_seg=not args.no_dicom_seg)
     progress = Progress(args.progress)
     if args.manifest:
         if args.inputs:

@@ -33,6 +33,31 @@ class RunOptions:
     batch_size: int = 8
     threads: int | None = None
     skull_stripped: str = "auto"  # "auto": check inputs that must be brain-only; "yes": the user vouches
+    fast: bool = False  # skip optional refinements (fast_mode_plan): offered on CPU / small GPUs
+    weights_dir: str | None = None  # extra folder of registered weights (offline copies), hash-checked
+    dicom_seg: bool = True  # write segmentation.dcm (DICOM-SEG) when the input is a DICOM series
+
+
+@dataclass(frozen=True)
+class FastModePlan:
+    overrides: dict  # preprocessing overrides (after the checkpoint's own)
+    skip_auxiliary: tuple[str, ...]  # optional auxiliary models not run
+    skipped: tuple[str, ...]  # what is skipped, in words (panel tooltip, report)
+
+
+def fast_mode_plan(card: TaskCard) -> FastModePlan:
+    """What fast mode turns off for ``card``: only optional refinements, never the network itself,
+    so a task with nothing optional runs the same either way (``skipped`` is then empty)."""
+    overrides, skipped = {}, []
+    if card.preprocessing.bias_correction:
+        overrides["bias_correction"] = None
+        skipped.append("N4 bias-field correction")
+    if card.preprocessing.crop_window:
+        overrides["crop_window"] = None
+        skipped.append("joint-centre detection pass (window centred on the field of view)")
+    aux = tuple(a.name for a in card.auxiliary if not a.required)
+    skipped += [f"optional {name} model" for name in aux]
+    return FastModePlan(overrides, aux, tuple(skipped))
 
 
 @dataclass
@@ -144,19 +169,22 @@ def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options:
     unknown = set(options.aux_weights) - {aux.name for aux in card.auxiliary}
     if unknown:
         raise InputError(f"task {card.name} has no auxiliary model {', '.join(sorted(unknown))}")
-    weights = resolve_weights(card, options.weights)  # after input validation, by design
-    aux_weights = {aux.name: resolve_weights(card, options.aux_weights.get(aux.name), aux.name)
-                   for aux in card.auxiliary}
+    weights = resolve_weights(card, options.weights, weights_dir=options.weights_dir)  # after input validation
+    fast = fast_mode_plan(card) if options.fast else None
+    aux_weights = {aux.name: resolve_weights(card, options.aux_weights.get(aux.name), aux.name,
+                                             weights_dir=options.weights_dir)
+                   for aux in card.auxiliary if not (fast and aux.name in fast.skip_auxiliary)}
     device = pick_device(options.device)
     net = load_network(weights, device)
     aux_nets = {name: load_network(w, device) for name, w in aux_weights.items() if w is not None}
     timings["load"] = time.perf_counter() - t_start
 
     progress.stage("preprocessing")
+    pre_overrides = {**weights.preprocessing, **(fast.overrides if fast else {})}
     t = time.perf_counter()
     extra, unused = extra_inputs(card, images, weights.preprocessing.get("extra_inputs", ()), inputs)
     resample_s = time.perf_counter() - t
-    out = segment_slices(card, image, net, device, weights.preprocessing, options.batch_size, progress, extra)
+    out = segment_slices(card, image, net, device, pre_overrides, options.batch_size, progress, extra)
     maps, maps_grids = {}, {}
     for name, aux_net in aux_nets.items():
         pre = {**card.preprocessing.__dict__, **aux_weights[name].preprocessing}
@@ -166,7 +194,7 @@ def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options:
             setattr(out, attr, getattr(out, attr) + getattr(aux_out, attr))
     timings["preprocess"] = out.preprocess_s + resample_s
     timings["network"] = out.network_s
-    if card.preprocessing.bias_correction or weights.preprocessing.get("bias_correction"):
+    if pre_overrides.get("bias_correction", card.preprocessing.bias_correction):
         timings["bias_correction"] = out.bias_s
 
     progress.stage("postprocessing")
@@ -174,6 +202,8 @@ def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options:
     result = postprocess(card, image, out.labels, maps, maps_grids)
     result.warnings[:0] = list(image.meta.get("warnings", [])) + list(out.warnings)
     result.summaries.update(out.summaries)
+    if fast and fast.skipped:
+        result.warnings.append(f"fast mode: skipped {'; '.join(fast.skipped)}")
     if "skull_stripping" in image.meta:
         result.summaries["skull_stripping"] = image.meta["skull_stripping"]
     if unused:
@@ -187,7 +217,8 @@ def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options:
         "inputs": [describe_input(p, im) for p, im in zip(inputs, images)],
         "versions": versions(),
         "device": str(device),
-        "weights": {"path": str(weights.path), "sha256": weights.sha256,
+        "fast_mode": list(fast.skipped) if fast else False,
+        "weights": {"path": str(weights.path), "sha256": weights.sha256, "registered": weights.entry is not None,
                     "registry_version": weights.entry.version if weights.entry else None,
                     "auxiliary": {name: ({"path": str(w.path), "sha256": w.sha256,
                                           "registry_version": w.entry.version if w.entry else None}
@@ -205,9 +236,35 @@ def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options:
         timings["total"] = time.perf_counter() - t_start
         report["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
         report["timings_s"]["mrml_startup"] = round(t_start - t_startup, 4)
+        if options.dicom_seg and image.meta.get("is_dicom"):  # after "total": off the timed path, timed apart
+            report["timings_s"]["dicom_seg"] = write_dicom_seg_output(card, image, result, stage, report, progress)
         (stage / "report.json").write_text(json.dumps(report, indent=2))
     progress.done(status="ok", output=str(output_dir))
     return report
+
+
+def write_dicom_seg_output(card: TaskCard, image: Image, result: RunResult, folder: Path, report: dict,
+                           progress: Progress) -> float:
+    """segmentation.dcm beside the other outputs; when it cannot be written (highdicom missing,
+    a multi-frame or incomplete source) the run still succeeds and says why in its warnings."""
+    t = time.perf_counter()
+    try:
+        from .dicomseg import can_write, write_dicom_seg
+
+        ok, why = can_write(image)
+        if not ok:
+            raise ValueError(why)
+        write_dicom_seg(image, result.labels.array, card, folder / "segmentation.dcm")
+        report["outputs"].insert(report["outputs"].index("report.json"), "segmentation.dcm")
+    except ImportError:
+        message = "no DICOM-SEG written: highdicom is not installed (pip install highdicom)"
+        report["warnings"].append(message)
+        progress.log(message, "warning")
+    except ValueError as exc:
+        message = f"no DICOM-SEG written: {exc}"
+        report["warnings"].append(message)
+        progress.log(message, "warning")
+    return round(time.perf_counter() - t, 4)
 
 
 def postprocess(card: TaskCard, image: Image, labels: np.ndarray, maps: dict[str, np.ndarray] | None = None,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ from .errors import InputError, NoWeightsError
 
 FORMAT = "spinekneeseg-weights/1"
 MODELS_ENV = "SPINEKNEESEG_MODELS"
+WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors", ".ckpt")  # files that must be registered to be used
 
 
 def models_dir() -> Path:
@@ -49,9 +50,11 @@ class RegistryEntry:
     size: int
     card: str = ""
     description: str = ""
+    # the folder the file was found in (the models folder, or a user's weights folder); not stored
+    location: Path | None = field(default=None, compare=False, repr=False)
 
     def path(self, root: Path | None = None) -> Path:
-        return (root or models_dir()) / self.file
+        return Path(root or self.location or models_dir()) / self.file
 
 
 def read_registry(root: Path | None = None) -> list[RegistryEntry]:
@@ -59,15 +62,56 @@ def read_registry(root: Path | None = None) -> list[RegistryEntry]:
     if not path.exists():
         return []
     data = json.loads(path.read_text())
-    return [RegistryEntry(**entry) for entry in data.get("models", [])]
+    known = {f.name for f in fields(RegistryEntry)} - {"location"}
+    return [RegistryEntry(**{k: v for k, v in entry.items() if k in known}) for entry in data.get("models", [])]
 
 
-def find_entry(model: str, root: Path | None = None) -> RegistryEntry | None:
-    """Newest registered version of a weights entry (e.g. "lumbar-levels") whose file is present."""
-    entries = [e for e in read_registry(root) if e.model == model and e.path(root).exists()]
-    if not entries:
-        return None
-    return max(entries, key=lambda e: tuple(int(p) for p in e.version.split(".") if p.isdigit()))
+def _version_key(entry: RegistryEntry) -> tuple:
+    return tuple(int(p) for p in entry.version.split(".") if p.isdigit())
+
+
+def find_entry(model: str, root: Path | None = None, weights_dir: str | os.PathLike | None = None
+               ) -> RegistryEntry | None:
+    """Newest registered version of a weights entry (e.g. "lumbar-levels") whose file is present,
+    in ``weights_dir`` (a user's folder of downloaded weights, used offline) or the models folder.
+    The registry of the models folder is the only list of trusted hashes: a user's folder adds
+    files, never entries. ``location`` of the result says where the file lies."""
+    found = []
+    for entry in read_registry(root):
+        if entry.model != model:
+            continue
+        for folder in ([Path(weights_dir)] if weights_dir else []) + [Path(root or models_dir())]:
+            if (folder / entry.file).is_file():
+                entry.location = folder
+                found.append(entry)
+                break
+    return max(found, key=_version_key) if found else None
+
+
+def check_weights_dir(weights_dir: str | os.PathLike, root: Path | None = None) -> dict[str, str]:
+    """Every weights file in a user's folder -> "ok", "tampered" (a registered name, another
+    hash) or "unknown" (a name the registry does not list). The panel shows this; only "ok"
+    files are ever loaded from the folder."""
+    folder = Path(weights_dir)
+    if not folder.is_dir():
+        raise InputError("weights folder does not exist", folder)
+    by_name = {e.file: e for e in read_registry(root)}
+    status = {}
+    for path in sorted(p for p in folder.iterdir() if p.name.lower().endswith(WEIGHT_SUFFIXES)):
+        entry = by_name.get(path.name)
+        status[path.name] = "unknown" if entry is None else ("ok" if _verify(path, entry) is None else "tampered")
+    return status
+
+
+def _verify(path: Path, entry: RegistryEntry) -> str | None:
+    """None when ``path`` is the registered file (size, then SHA256), else the reason."""
+    size = path.stat().st_size
+    if entry.size and size != entry.size:
+        return f"size {size} bytes does not match the registry ({entry.size} bytes)"
+    digest = sha256_of(path)
+    if digest != entry.sha256:
+        return f"SHA256 {digest} does not match the registry ({entry.sha256})"
+    return None
 
 
 @dataclass
@@ -86,32 +130,48 @@ class LoadedWeights:
         return self.checkpoint.get("preprocessing", {})
 
 
-def resolve_weights(card, explicit: str | os.PathLike | None = None, model: str = "labels") -> LoadedWeights | None:
+def resolve_weights(card, explicit: str | os.PathLike | None = None, model: str = "labels",
+                    weights_dir: str | os.PathLike | None = None) -> LoadedWeights | None:
     """``explicit`` (--weights PATH) if given, else the registry entry of the card's ``model``
-    ("labels" = the main network, else an auxiliary model's name). A missing main model raises
-    NoWeightsError; a missing optional auxiliary model returns None."""
+    ("labels" = the main network, else an auxiliary model's name), found in ``weights_dir`` or
+    the models folder. A missing main model raises NoWeightsError; a missing optional auxiliary
+    model returns None.
+
+    Registered files are checked (size and SHA256) before loading; a mismatch is refused. An
+    explicit file is the user's own checkpoint: used as given (still ``weights_only`` loading),
+    except that a file named like a registered one with another hash is refused as tampered."""
     entry_name = card.weights_entry if model == "labels" else card.auxiliary_model(model).weights_entry
     entry = None
+    if weights_dir is not None and not Path(weights_dir).is_dir():
+        raise InputError("weights folder does not exist", weights_dir)
     if explicit is not None:
         path = Path(explicit)
         if not path.is_file():
             raise InputError("weights file does not exist", path)
+        digest = sha256_of(path)
+        same_name = [e for e in read_registry() if e.file == path.name]
+        entry = next((e for e in same_name if e.sha256 == digest), None)
+        if same_name and entry is None:
+            raise InputError(f"SHA256 {digest} does not match the registry's {path.name} "
+                             f"({same_name[0].sha256}); the file is damaged or was replaced", path)
     else:
-        entry = find_entry(entry_name)
+        entry = find_entry(entry_name, weights_dir=weights_dir)
         if entry is None:
             if model != "labels" and not card.auxiliary_model(model).required:
                 return None
+            where = f" or in {weights_dir}" if weights_dir else ""
             raise NoWeightsError(card.name, f"no {entry_name!r} model registered in "
-                                            f"{models_dir() / 'registry.json'}; pass --weights PATH")
+                                            f"{models_dir() / 'registry.json'} is present{where}; "
+                                            "pass --weights PATH")
         path = entry.path()
-    digest = sha256_of(path)
-    if entry is not None and digest != entry.sha256:
-        raise InputError(f"SHA256 {digest} does not match the registry ({entry.sha256}); the file is damaged "
-                         "or was replaced", path)
+        reason = _verify(path, entry)
+        if reason:
+            raise InputError(f"{reason}; the file is damaged or was replaced: refusing to load it", path)
+        digest = entry.sha256
     checkpoint = load_checkpoint(path)
     if checkpoint.get("task") != card.name or checkpoint.get("model", "labels") != model:
-        raise InputError(f"weights are for task {checkpoint.get('task')!r} model {checkpoint.get('model', 'labels')!r}, "
-                         f"not task {card.name!r} model {model!r}", path)
+        found = f"task {checkpoint.get('task')!r} model {checkpoint.get('model', 'labels')!r}"
+        raise InputError(f"weights are for {found}, not task {card.name!r} model {model!r}", path)
     return LoadedWeights(path, digest, checkpoint, entry)
 
 
