@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--series", help="SeriesInstanceUID to use from a folder holding several series")
     run.add_argument("--batch-size", type=int, default=8, help="slices per forward pass")
     run.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    run.add_argument("--pixel-mm", type=float, help="2D inputs: true pixel size in mm (PNG/JPEG carry none; "
+                                                    "DICOM's is replaced)")
 
     demo = sub.add_parser("demo", help="run every task with weights on built-in phantoms; HTML report")
     demo.add_argument("-o", "--output", required=True)
@@ -100,7 +102,8 @@ def _add_annotate_parser(sub) -> None:
                          help="e.g. foramina=foramen.pt")
     predict.add_argument("--overwrite", action="store_true", help="predict again where predictions exist")
 
-    correction = commands.add_parser("save-correction", help="a corrected segmentation -> <case>.seg.nrrd + manifest entry")
+    correction = commands.add_parser("save-correction",
+                                     help="a corrected segmentation -> <case>.seg.nrrd + manifest entry")
     correction.add_argument("--segmentation", required=True, help="the corrected segmentation (.seg.nrrd from Slicer)")
     correction.add_argument("--image", required=True, help="the scan it belongs to")
     correction.add_argument("--task", required=True, help="task whose label names the segments use")
@@ -156,7 +159,8 @@ def cmd_run(args) -> int:
     card = get_task(args.task)
     aux = parse_aux_weights(args.aux_weights)
     options = RunOptions(device=args.device, weights=args.weights, aux_weights=aux, scene=args.scene,
-                         echo=args.echo, series=args.series, batch_size=args.batch_size, threads=args.threads)
+                         echo=args.echo, series=args.series, batch_size=args.batch_size, threads=args.threads,
+                         pixel_mm=args.pixel_mm)
     progress = Progress(args.progress)
     if args.manifest:
         if args.inputs:
