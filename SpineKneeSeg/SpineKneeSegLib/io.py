@@ -199,11 +199,13 @@ def _plain_2d_spacing_note(path: Path, image: Image) -> str:
     except Exception:  # Pillow cannot open what ITK could: no resolution to report
         dpi = None
     sx, sy = image.spacing[:2]
-    if dpi and abs(sx - 1.0) > 1e-6:
-        return (f"pixel size {sx:.4g} x {sy:.4g} mm from the file's resolution tag ({dpi[0]:.4g} dpi), an export "
-                "setting rather than a calibrated detector pixel size; give the true one with --pixel-mm")
-    return ("no pixel size in the file: 1 pixel = 1 mm assumed, so mm and mm2 figures are pixel units; "
-            "give the true pixel size with --pixel-mm")
+    if abs(sx - 1.0) > 1e-6 or abs(sy - 1.0) > 1e-6:  # ITK found a pixel size in the file
+        return (f"pixel size {sx:.4g} x {sy:.4g} mm from the file's metadata, not a calibrated DICOM "
+                "pixel spacing; give the true one with --pixel-mm")
+    tag = (f" (its resolution tag, {dpi[0]:.4g} dpi, is a screen/print export setting and is not used)"
+           if dpi else "")
+    return (f"no pixel size in the file{tag}: 1 pixel = 1 mm assumed, so mm and mm2 figures are pixel "
+            "units; give the true pixel size with --pixel-mm")
 
 
 def _sitk_reason(exc: Exception) -> str:
