@@ -174,6 +174,14 @@ def manifest_cases(cfg: Config, n_labels: int) -> list[Case]:
     return cases
 
 
+def manifest_classes(cfg: Config) -> list[dict] | None:
+    """classes.json beside an imported manifest (xray_import.py): [{"value", "name"}]."""
+    if not cfg.manifest:
+        return None
+    path = Path(cfg.manifest).parent / "classes.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def sample_batch(cases: list[Case], cfg: Config, rng: np.random.Generator, pre: dict):
     xs, ys = [], []
     for _ in range(cfg.batch_size):
@@ -242,20 +250,29 @@ def validate(net, cases: list[Case], activation: str, n_labels: int) -> dict:
 def train(cfg: Config, out: Path, resume: bool = False, max_minutes: float | None = None, log=print) -> dict:
     cfg = cfg.resolved()
     card = TASKS[cfg.task]
-    labels = list(card.labels)
+    label_names = [{"value": s.value, "name": s.name} for s in card.labels]
+    custom = manifest_classes(cfg)
+    if custom and [d["name"] for d in custom] != [d["name"] for d in label_names]:
+        if cfg.task != "xray-multiclass" or cfg.n_train:
+            raise SystemExit(f"the manifest's classes {[d['name'] for d in custom]} are not the card's: only "
+                             "xray-multiclass with --n-train 0 trains other classes (phantoms have the card's)")
+        label_names = custom
     out.mkdir(parents=True, exist_ok=True)
     pre = preprocessing(cfg)
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
     cases = load_cases(cfg, range(cfg.n_train), log) if cfg.n_train else []
-    label_names = [{"value": s.value, "name": s.name} for s in labels]
+    val = []
     if cfg.manifest:
-        real = manifest_cases(cfg, len(labels))
+        real = manifest_cases(cfg, len(label_names))
         log(f"{len(real)} cases from {cfg.manifest}")
+        if label_names is custom:  # no phantoms of these classes: every 5th case validates
+            val, real = real[::5], [c for n, c in enumerate(real) if n % 5]
         cases += real
     if not cases:
         raise SystemExit("no training cases (n_train 0 and no manifest)")
-    val = load_cases(cfg, range(VAL_SEED0, VAL_SEED0 + cfg.n_val), log)
+    val = val or load_cases(cfg, range(VAL_SEED0, VAL_SEED0 + cfg.n_val), log)
+    labels = label_names
     net_cfg = network_config(cfg, len(labels))
     net = build_network(card.network.factory, net_cfg).to(memory_format=torch.channels_last)
     if cfg.optimiser == "adam":
@@ -572,8 +589,9 @@ def main(argv=None) -> int:
         if cfg.task not in TASKS_HERE:
             parser.error(f"--task must be one of {TASKS_HERE}")
         train(cfg, args.out, args.resume, args.max_minutes)
-        evaluation = evaluate(args.out / "best.pt")
-        (args.out / "evaluation.json").write_text(json.dumps(evaluation, indent=1))
+        if cfg.n_train:  # held-out phantoms only mean something for the phantoms' classes
+            evaluation = evaluate(args.out / "best.pt")
+            (args.out / "evaluation.json").write_text(json.dumps(evaluation, indent=1))
     elif args.command == "evaluate":
         result = evaluate(args.weights, args.n, args.noise_sigma)
         if args.json:
