@@ -21,7 +21,7 @@ from scipy import ndimage
 
 from .image import Image
 
-PHANTOM_TASKS = ("knee-bones", "lumbar-foramina", "brain-wmh", "xray-femur")
+PHANTOM_TASKS = ("knee-bones", "lumbar-foramina", "brain-wmh", "xray-femur", "xray-multiclass")
 
 # WMH size brackets in voxels (GUIDE section 4), half-open [lo, hi)
 LESION_BRACKETS = ((0, 10), (10, 400), (400, 1000), (1000, math.inf))
@@ -990,6 +990,13 @@ def xray_femur_phantom(seed=0, *, view="pelvis", shape=None, pixel_mm=None, side
         description=f"AP {view} radiograph, {shape} pixels at {pixel_mm} mm, seed {seed}")
 
 
+def xray_pelvis_phantom(seed=0, **kw) -> Phantom:
+    """The AP pelvis radiograph with multi-class labels (1 femur, 2 hip bone, 3 sacrum)."""
+    ph = xray_femur_phantom(seed, classes="pelvis", **kw)
+    ph.task = "xray-multiclass"
+    return ph
+
+
 # ------------------------------------------------------------------------------------------------
 
 _GENERATORS = {
@@ -997,6 +1004,7 @@ _GENERATORS = {
     "lumbar-foramina": spine_phantom,
     "brain-wmh": brain_phantom,
     "xray-femur": xray_femur_phantom,
+    "xray-multiclass": xray_pelvis_phantom,
 }
 
 
