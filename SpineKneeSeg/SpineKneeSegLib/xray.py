@@ -5,9 +5,11 @@ centre-edge, neck-shaft and offset measurements). It is fitted here to the segme
 
 1. each femur component's distance map (mm, the pixel spacing's own anisotropy) gives candidate
    centres: ridge maxima whose inscribed radius is a plausible head radius;
-2. a candidate's score is the angular coverage of the boundary points lying on its inscribed
-   circle (within a tolerance): the head follows its circle over ~3/4 of a turn (the neck leaves
-   the rest open), the metaphysis or the shaft touch theirs at two or three places only;
+2. a candidate circle (the inscribed radius up to 1.25x, for heads segmented slightly oval) scores
+   the angular coverage of the boundary points lying on it (within a tolerance) minus that of
+   boundary points cutting into its disc: the head follows its circle over ~3/4 of a turn with
+   bone inside (the neck leaves the rest open), the metaphysis, the shaft or a square blob touch
+   theirs at a few places only or are cut by their own edges;
 3. the best candidate's arc points are refitted by least squares (Kasa's algebraic fit, twice,
    re-selecting the arc points around each new circle).
 
@@ -74,7 +76,7 @@ def _coverage(dx: np.ndarray, dy: np.ndarray) -> float:
 
 
 def fit_head(mask: np.ndarray, spacing_rc: tuple[float, float], min_diameter_mm: float = 20.0,
-             max_diameter_mm: float = 75.0, min_coverage: float = 0.4) -> dict | None:
+             max_diameter_mm: float = 75.0, min_coverage: float = 0.5) -> dict | None:
     """Circle of the femoral head on one femur's 2D mask (rows, cols) with (row, col) pixel
     spacing in mm -> {"centre_rc" (pixel index), "diameter_mm", "fit_rms_mm", "arc_coverage"},
     or None when no candidate circle is followed by the boundary over ``min_coverage`` of a turn."""
@@ -97,25 +99,30 @@ def fit_head(mask: np.ndarray, spacing_rc: tuple[float, float], min_diameter_mm:
         cand = cand[np.argsort(-dist[tuple(cand.T)])[:400]]
     best = None
     for cr, cc in cand:
-        radius = float(dist[cr, cc])
+        inscribed = float(dist[cr, cc])
         dy, dx = by - cr * sr, bx - cc * sc
-        tol = max(1.5 * max(sr, sc), 0.06 * radius)
-        on = np.abs(np.hypot(dx, dy) - radius) <= tol
-        score = _coverage(dx[on], dy[on])
-        if best is None or score > best[0] + 1e-9 or (abs(score - best[0]) <= 1e-9 and radius > best[3]):
-            best = (score, cr * sr, cc * sc, radius)
+        d = np.hypot(dx, dy)
+        tol = max(1.5 * max(sr, sc), 0.05 * inscribed)
+        # the inscribed circle touches the nearest boundary; a segmented head that is slightly
+        # oval or off-centre follows a circle a little larger: try radii up to 1.25x
+        for radius in np.arange(inscribed, min(1.25 * inscribed, max_diameter_mm / 2) + 1e-9, tol / 2):
+            on = np.abs(d - radius) <= tol
+            inside = d < radius - tol  # boundary cutting into the disc: the disc is not all bone
+            score = _coverage(dx[on], dy[on]) - _coverage(dx[inside], dy[inside])
+            if best is None or score > best[0] + 1e-9 or (abs(score - best[0]) <= 1e-9 and radius > best[3]):
+                best = (score, cr * sr, cc * sc, float(radius))
     if best is None or best[0] < min_coverage:
         return None
     _, cy, cx, radius = best
     for _ in range(2):  # refit on the arc points around the current circle
         dx, dy = bx - cx, by - cy
-        tol = max(1.5 * max(sr, sc), 0.06 * radius)
+        tol = max(1.5 * max(sr, sc), 0.05 * radius)
         on = np.abs(np.hypot(dx, dy) - radius) <= tol
         if on.sum() < 8:
             break
         cx, cy, radius = _kasa_fit(bx[on], by[on])
     dx, dy = bx - cx, by - cy
-    tol = max(1.5 * max(sr, sc), 0.06 * radius)
+    tol = max(1.5 * max(sr, sc), 0.05 * radius)
     on = np.abs(np.hypot(dx, dy) - radius) <= tol
     residual = np.hypot(dx[on], dy[on]) - radius
     # boundary pixel centres lie half a pixel inside the true edge: add it back to the radius
