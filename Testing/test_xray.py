@@ -260,7 +260,7 @@ def test_pixel_mm_overrides_a_png_without_spacing(tmp_path):
     assert not any("1 pixel = 1 mm assumed" in w for w in r2["warnings"])
     d1 = r1["summaries"]["femoral_heads"][0]["diameter_mm"]
     d2 = r2["summaries"]["femoral_heads"][0]["diameter_mm"]
-    assert np.isclose(d2, d1 * ph.image.spacing[0], rtol=1e-6)
+    assert np.isclose(d2, d1 * ph.image.spacing[0], rtol=1e-3)  # summaries round to 0.01 mm
 
 
 def test_cards_and_checkpoint_labels():
