@@ -241,6 +241,11 @@ def test_shipped_femur_model_on_held_out_phantoms_in_three_formats(tmp_path, cap
         points = mrml.markups_node_to_points(node)
         assert sorted(p["label"] for p in points) == ["femoral head left", "femoral head right"]
         assert all("diameter" in p["description"] for p in points)
+        # the named segment lands on the DICOM's own pixels, as labels.nii.gz does
+        seg = mrml.load_segmentation(app.scene, tmp_path / "out-dicom" / "segmentation.seg.nrrd")
+        assert seg.GetSegmentation().GetNthSegment(0).GetName() == "femur"
+        back = mrml.segmentation_node_to_labels(seg, read_image(files["dicom"]), TASKS["xray-femur"].labels)
+        np.testing.assert_array_equal(back, preds["dicom"])
     finally:
         app.close()
 
@@ -274,3 +279,21 @@ def test_cards_and_checkpoint_labels():
     assert [s.name for s in custom.labels] == ["right lung", "heart"] and custom.output_channels == 3
     kept = with_checkpoint_labels(multi, {"labels": [{"value": 1, "name": "sacrum"}]})
     assert kept.labels[0].type.value == "54735007" and kept.labels[0].value == 1
+
+
+@pytest.mark.mrml
+def test_shipped_multiclass_model_on_a_held_out_phantom(tmp_path):
+    from SpineKneeSegLib.phantoms import make_phantom
+
+    assert find_entry("xray-multiclass") is not None, "xray-multiclass weights are not registered"
+    ph = make_phantom("xray-multiclass", seed=90_003, intensity_range="uint16")  # a test seed, never trained on
+    png = tmp_path / "pelvis.png"
+    write_image(Image(ph.image.array.astype(np.uint16), ph.image.spacing), png)
+    out = tmp_path / "out"
+    assert cli.main(["run", "--task", "xray-multiclass", str(png), "-o", str(out), "--progress", "none"]) == 0
+    pred = read_image(out / "labels.nii.gz").array
+    truth = ph.labels.array
+    dice = {v: _dice(pred == v, truth == v) for v in (1, 2, 3)}
+    assert dice[1] > 0.9 and dice[2] > 0.9 and dice[3] > 0.6, dice
+    rows = (out / "areas.tsv").read_text().splitlines()
+    assert [r.split("\t")[0] for r in rows[1:]] == ["femur", "hip bone", "sacrum"]
