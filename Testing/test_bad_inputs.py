@@ -150,3 +150,82 @@ def test_usage_errors_exit_2(capsys):
         cli.main(["run", "--task", "no-such-task", "x", "-o", "y"])
     assert exc.value.code == 2
     assert cli.main(["run", "--task", "knee-bones", "-o", "y"]) == 2
+
+
+# ---- 2D (X-ray) inputs -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def xray_weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("wx") / "xray.pt"
+    initialise_weights("xray-femur", path, {"channels": (4, 8)})
+    return path
+
+
+def _xray_3d(tmp_path):
+    return [_volume(tmp_path, "ct.nii.gz", (12, 64, 64))], "3D volume with 12 slices"
+
+
+def _xray_tiny(tmp_path):
+    path = tmp_path / "tiny.png"
+    write_image(Image((np.arange(64).reshape(1, 8, 8) * 3).astype(np.uint8)), path)
+    return [path], "8x8 pixels"
+
+
+def _xray_constant_16bit(tmp_path):
+    path = tmp_path / "flat16.png"
+    write_image(Image(np.full((1, 64, 64), 40000, np.uint16)), path)
+    return [path], "constant"
+
+
+def _xray_corrupt_png(tmp_path):
+    good = tmp_path / "good.png"
+    write_image(Image((np.arange(64 * 64).reshape(1, 64, 64) % 251).astype(np.uint8)), good)
+    path = tmp_path / "broken.png"
+    path.write_bytes(good.read_bytes()[:60])
+    return [path], "cannot read png"
+
+
+def _xray_multiframe(tmp_path):
+    folder = tmp_path / "series"
+    write_dicom_series(folder, (np.arange(5 * 32 * 32).reshape(5, 32, 32) % 300).astype(np.int16))
+    return [folder], "3D volume with 5 slices"
+
+
+XRAY_CORPUS = {"3d-volume": _xray_3d, "too-small": _xray_tiny, "constant-16bit": _xray_constant_16bit,
+               "corrupt-png": _xray_corrupt_png, "dicom-series": _xray_multiframe}
+
+
+@pytest.mark.parametrize("case", sorted(XRAY_CORPUS))
+def test_bad_xray_input_exits_2_names_file_and_writes_nothing(case, tmp_path, capsys, xray_weights):
+    paths, words = XRAY_CORPUS[case](tmp_path)
+    out = tmp_path / "out"
+    code = cli.main(["run", "--task", "xray-femur", *map(str, paths), "-o", str(out), "--weights", str(xray_weights),
+                     "--progress", "none"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert paths[0].name in err and words.lower() in err.lower(), err
+    assert not out.exists()
+
+
+def test_pixel_mm_on_a_volume_or_non_positive(tmp_path, capsys, xray_weights):
+    path = _volume(tmp_path)
+    assert cli.main(["run", "--task", "xray-femur", str(path), "-o", str(tmp_path / "o"), "--pixel-mm", "0.2"]) == 2
+    assert "2D images" in capsys.readouterr().err
+    png, _ = _xray_tiny(tmp_path)
+    assert cli.main(["run", "--task", "xray-femur", str(png[0]), "-o", str(tmp_path / "o"), "--pixel-mm", "-1"]) == 2
+    assert "must be positive" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_rgb_png_runs_as_grey_with_a_warning(tmp_path, xray_weights):
+    from PIL import Image as PILImage
+
+    grey = (np.add.outer(np.arange(96), np.arange(128)) % 256).astype(np.uint8)
+    PILImage.fromarray(np.stack([grey, grey, grey], -1)).save(tmp_path / "rgb.png")
+    out = tmp_path / "out"
+    assert cli.main(["run", "--task", "xray-femur", str(tmp_path / "rgb.png"), "-o", str(out), "--weights",
+                     str(xray_weights), "--progress", "none"]) == 0
+    import json
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["inputs"][0]["shape_kji"] == [1, 96, 128]
+    assert any("converted to grey" in w for w in report["warnings"])

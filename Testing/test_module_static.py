@@ -135,3 +135,28 @@ def test_readme_test_command_is_what_ci_runs():
     assert extracted.startswith("pip install torch==2.13.0") and "pytest" in extracted
     assert extracted in readme
     assert "spinekneeseg demo" in readme
+
+
+def test_every_weights_file_is_registered_with_its_sha256_and_listed():
+    """No unregistered .pt in the tree: each tracked weights file (test fixtures aside, see
+    Testing/fixtures/README.md) has a registry entry with its SHA256 and a CMake resource line."""
+    import hashlib
+    import json
+    import subprocess
+
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.pt"], cwd=ROOT,
+                            capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    registry = json.loads((MODULE / "Resources" / "Models" / "registry.json").read_text())["models"]
+    entries = {f"SpineKneeSeg/Resources/Models/{m['file']}": m for m in registry}
+    cmake = (MODULE / "CMakeLists.txt").read_text()
+    for path in listed.stdout.split():
+        if path.startswith("Testing/fixtures/"):
+            continue
+        assert path in entries, f"{path} is not in registry.json"
+        assert hashlib.sha256((ROOT / path).read_bytes()).hexdigest() == entries[path]["sha256"], path
+        assert path.removeprefix("SpineKneeSeg/") in cmake, f"{path} missing from SpineKneeSeg/CMakeLists.txt"
+    for path, entry in entries.items():
+        assert (ROOT / path).exists(), f"registry lists {path}, which is not there"
+        assert (MODULE / "Resources" / "Models" / entry["card"]).exists(), f"no model card for {path}"

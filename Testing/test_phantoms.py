@@ -49,7 +49,7 @@ def _common_checks(ph: P.Phantom, task: str, values):
 # ---- dispatch and determinism ----------------------------------------------------------------
 
 def test_tasks_and_dispatch():
-    assert P.PHANTOM_TASKS == ("knee-bones", "lumbar-foramina", "brain-wmh", "xray-femur")
+    assert P.PHANTOM_TASKS == ("knee-bones", "lumbar-foramina", "brain-wmh", "xray-femur", "xray-multiclass")
     with pytest.raises(ValueError):
         P.make_phantom("liver")
 
@@ -315,3 +315,17 @@ def test_xray_hip_uint16():
     assert arr.dtype == np.float32 and arr.max() > 1000 and arr.max() <= 65535
     assert np.array_equal(arr, np.round(arr))
     assert ph.extra["femoral_heads"][0]["side"] == "left"
+
+
+def test_xray_multiclass_labels_share_the_image_and_the_femur():
+    femur, pelvis = P.xray_femur_phantom(2), P.make_phantom("xray-multiclass", seed=2)
+    assert pelvis.task == "xray-multiclass"
+    assert np.array_equal(femur.image.array, pelvis.image.array)
+    assert np.array_equal(femur.labels.array == 1, pelvis.labels.array == 1)
+    counts = np.bincount(pelvis.labels.array.ravel(), minlength=4)
+    assert counts[2] > counts[3] > 0.01 * pelvis.labels.array.size  # hip bones larger than the sacrum
+    # the sacrum lies between the hip bones (image columns), above the femoral heads (rows)
+    rows, cols = np.nonzero(pelvis.labels.array[0] == 3)
+    heads = pelvis.extra["femoral_heads"]
+    assert min(h["centre_ij"][0] for h in heads) < cols.mean() < max(h["centre_ij"][0] for h in heads)
+    assert rows.mean() < min(h["centre_ij"][1] for h in heads)

@@ -23,13 +23,16 @@ from SpineKneeSegLib.tasks import TaskCard  # noqa: E402
 from SpineKneeSegLib.weights import save_checkpoint  # noqa: E402
 
 
-def slices_for_training(card: TaskCard, image: Image, labels: Image, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
+def slices_for_training(card: TaskCard, image: Image, labels: Image, multiple: int,
+                        preprocessing: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, C, H, W) float inputs and (N, H, W) long targets on the network grid, built exactly as
-    inference builds its inputs (labels resampled nearest-neighbour)."""
-    pre = card.preprocessing
-    stack, target, grid = training_slices(image, labels.array, pre.plane, pre.normalisation,
-                                          pre.in_plane_spacing_mm, multiple)
-    x = torch.from_numpy(context_channels(stack, np.arange(stack.shape[0]), pre.context_slices))
+    inference builds its inputs (labels resampled nearest-neighbour); ``preprocessing`` overrides
+    the card's (and is stored in the checkpoint, as inference reads it back)."""
+    pre = {**card.preprocessing.__dict__, **(preprocessing or {})}
+    stack, target, grid = training_slices(image, labels.array, pre["plane"], pre["normalisation"],
+                                          pre["in_plane_spacing_mm"], multiple, pre.get("network_px"),
+                                          pre.get("crop_mm"))
+    x = torch.from_numpy(context_channels(stack, np.arange(stack.shape[0]), pre["context_slices"]))
     return pad_to(x, grid.padded_hw), pad_to(torch.from_numpy(target).long(), grid.padded_hw)
 
 
@@ -42,6 +45,15 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, n_classes: int) -> 
     return (1 - dice[1:].mean()) + F.cross_entropy(logits[:, :n_classes], target)
 
 
+def sigmoid_dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, n_labels: int) -> torch.Tensor:
+    """Sigmoid heads (one channel per label, e.g. xray-femur): soft Dice + BCE per channel."""
+    onehot = F.one_hot(target, n_labels + 1).permute(0, 3, 1, 2)[:, 1:].float()
+    probs = torch.sigmoid(logits)
+    inter = (probs * onehot).sum(dim=(0, 2, 3))
+    dice = (2 * inter + 1.0) / (probs.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3)) + 1.0)
+    return (1 - dice.mean()) + F.binary_cross_entropy_with_logits(logits, onehot)
+
+
 @dataclass
 class TrainConfig:
     network: dict
@@ -49,6 +61,7 @@ class TrainConfig:
     lr: float = 1e-3
     batch_size: int = 8
     seed: int = 0
+    preprocessing: dict | None = None  # overrides of the card's (e.g. a smaller network_px)
 
 
 def train(card: TaskCard, pairs: list[tuple[Image, Image]], config: TrainConfig, checkpoint: str | Path,
@@ -60,8 +73,12 @@ def train(card: TaskCard, pairs: list[tuple[Image, Image]], config: TrainConfig,
                   "out_channels": card.output_channels}
     net = build_network(card.network.factory, net_config)
     multiple = getattr(net, "size_multiple", 1)
-    data = [slices_for_training(card, im, lab, multiple) for im, lab in pairs]
+    data = [slices_for_training(card, im, lab, multiple, config.preprocessing) for im, lab in pairs]
     n_classes = len(card.labels) + 1
+    if card.label_activation == "sigmoid":
+        criterion = lambda logits, y: sigmoid_dice_bce_loss(logits, y, len(card.labels))  # noqa: E731
+    else:
+        criterion = lambda logits, y: dice_ce_loss(logits, y, n_classes)  # noqa: E731
     optimiser = torch.optim.Adam(net.parameters(), lr=config.lr)
     history = []
     for _ in range(config.epochs):
@@ -72,12 +89,13 @@ def train(card: TaskCard, pairs: list[tuple[Image, Image]], config: TrainConfig,
                 pick = rng.permutation(len(x))[start:start + config.batch_size] if len(x) > config.batch_size \
                     else np.arange(len(x))
                 optimiser.zero_grad()
-                loss = dice_ce_loss(net(x[pick]), y[pick], n_classes)
+                loss = criterion(net(x[pick]), y[pick])
                 loss.backward()
                 optimiser.step()
                 losses.append(float(loss.detach()))
         history.append(float(np.mean(losses)))
     save_checkpoint(checkpoint, card.name, card.network.factory, net_config, net.state_dict(),
+                    preprocessing=config.preprocessing,
                     metadata={"trained": True, "epochs": config.epochs, "final_loss": history[-1], **(metadata or {})})
     return history
 

@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
     run.add_argument("--skull-stripped", default="auto", choices=("auto", "yes"),
                      help="brain-wmh: 'auto' refuses FLAIR that does not look skull-stripped; 'yes' skips the check")
+    run.add_argument("--pixel-mm", type=float, help="2D inputs: true pixel size in mm (PNG/JPEG carry none; "
+                                                    "DICOM's is replaced)")
 
     demo = sub.add_parser("demo", help="run every task with weights on built-in phantoms; HTML report")
     demo.add_argument("-o", "--output", required=True)
@@ -167,7 +169,7 @@ def cmd_run(args) -> int:
     options = RunOptions(device=args.device, weights=args.weights, aux_weights=aux, scene=args.scene,
                          echo=args.echo, series=args.series, batch_size=args.batch_size, threads=args.threads,
                          skull_stripped=args.skull_stripped, fast=args.fast, weights_dir=args.weights_dir,
-                         dicom_seg=not args.no_dicom_seg)
+                         dicom_seg=not args.no_dicom_seg, pixel_mm=args.pixel_mm)
     progress = Progress(args.progress)
     if args.manifest:
         if args.inputs:

@@ -161,7 +161,8 @@ def window_centre(card: TaskCard, image: Image, net, device, pre: dict, batch_si
             info["method"] = "coarse pass (femur and tibia)"
             centre_lps = np.asarray(ras) * np.array([-1.0, -1.0, 1.0])
     used = fov_centre_lps if centre_lps is None else centre_lps
-    info["joint_centre_ras"] = [round(float(v), 2) for v in np.asarray(used) * np.array([-1.0, -1.0, 1.0])]
+    key = "joint_centre_ras" if pre.get("crop_window") == "joint" else "window_centre_ras"  # X-ray: no joint
+    info[key] = [round(float(v), 2) for v in np.asarray(used) * np.array([-1.0, -1.0, 1.0])]
     return centre_lps, info, warnings
 
 

@@ -149,11 +149,63 @@ def _read_with_sitk(path: Path, fmt: str) -> Image:
     try:
         sitk_image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        raise InputError(f"cannot read {fmt} file (corrupt, truncated or not an image): "
-                         f"{_sitk_reason(exc)}", path) from None
+        sitk_image = _read_with_pillow(path) if fmt in _PLAIN_2D else None  # e.g. grey + alpha PNG
+        if sitk_image is None:
+            raise InputError(f"cannot read {fmt} file (corrupt, truncated or not an image): "
+                             f"{_sitk_reason(exc)}", path) from None
+    components = sitk_image.GetNumberOfComponentsPerPixel()
     image = _image_from_sitk(sitk_image, path)
     image.meta.update({"source": str(path), "format": fmt, "is_dicom": False, "warnings": []})
+    if components > 1:
+        image.meta["warnings"].append(f"{components}-channel (colour) image converted to grey (BT.601 luminance)")
+    if fmt in _PLAIN_2D:
+        note = _plain_2d_spacing_note(path, image)
+        image.meta["spacing_note"] = note
+        image.meta["warnings"].append(note)
     return image
+
+
+_PLAIN_2D = ("png", "jpeg", "tiff")
+
+
+def _read_with_pillow(path: Path):
+    """Pillow for the plain 2D images ITK's readers refuse (grey + alpha PNG, some palette and
+    16-bit TIFF layouts); None when Pillow cannot read it either."""
+    try:
+        from PIL import Image as PILImage
+
+        with PILImage.open(path) as im:
+            im.load()
+            if im.mode in ("LA", "La"):
+                im = im.getchannel(0)
+            elif im.mode in ("P", "PA", "RGBA", "CMYK", "YCbCr"):
+                im = im.convert("RGB")
+            array = np.asarray(im)
+    except Exception:  # Pillow raises many types for a file it cannot decode
+        return None
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    return sitk.GetImageFromArray(np.ascontiguousarray(array), isVector=array.ndim == 3)
+
+
+def _plain_2d_spacing_note(path: Path, image: Image) -> str:
+    """Where the pixel size of a PNG/JPEG/TIFF came from: such files carry at most a resolution
+    tag (an export setting, not a calibrated detector pixel); without one ITK reports 1 mm."""
+    try:
+        from PIL import Image as PILImage
+
+        with PILImage.open(path) as im:
+            dpi = im.info.get("dpi")
+    except Exception:  # Pillow cannot open what ITK could: no resolution to report
+        dpi = None
+    sx, sy = image.spacing[:2]
+    if abs(sx - 1.0) > 1e-6 or abs(sy - 1.0) > 1e-6:  # ITK found a pixel size in the file
+        return (f"pixel size {sx:.4g} x {sy:.4g} mm from the file's metadata, not a calibrated DICOM "
+                "pixel spacing; give the true one with --pixel-mm")
+    tag = (f" (its resolution tag, {dpi[0]:.4g} dpi, is a screen/print export setting and is not used)"
+           if dpi else "")
+    return (f"no pixel size in the file{tag}: 1 pixel = 1 mm assumed, so mm and mm2 figures are pixel "
+            "units; give the true pixel size with --pixel-mm")
 
 
 def _sitk_reason(exc: Exception) -> str:
@@ -304,6 +356,9 @@ class _Slice:
     pixel_spacing: tuple[float, float] | None  # (between rows, between columns), as DICOM
     slice_step: float | None  # SpacingBetweenSlices, else SliceThickness
     laterality: str | None = None  # ImageLaterality (0020,0062), else Laterality (0020,0060): R | L | B | U
+    spacing_source: str = "PixelSpacing"  # or ImagerPixelSpacing (projection radiographs), or none
+    patient_orientation: tuple[str, str] | None = None  # PatientOrientation (0020,0020): row, column directions
+    photometric: str = ""
 
 
 def _read_dicom_folder(folder: Path, echo, series) -> Image:
@@ -366,8 +421,15 @@ def _slice_from_dataset(path: Path, ds) -> _Slice:
     if echo_numbers is not None and not isinstance(echo_numbers, (int, str)):
         echo_numbers = echo_numbers[0] if len(echo_numbers) else None  # multi-valued IS
     pixel_spacing = floats("PixelSpacing", 2)
-    if pixel_spacing is None:
-        pixel_spacing = floats("ImagerPixelSpacing", 2)  # projection radiographs
+    spacing_source = "PixelSpacing"
+    if pixel_spacing is None:  # projection radiographs: spacing at the detector, not at the patient
+        pixel_spacing = floats("ImagerPixelSpacing", 2)
+        spacing_source = "ImagerPixelSpacing" if pixel_spacing is not None else "none"
+        magnification = _float_or_none(ds.get("EstimatedRadiographicMagnificationFactor"))
+        if pixel_spacing is not None and magnification and magnification > 0:
+            pixel_spacing = pixel_spacing / magnification
+            spacing_source = f"ImagerPixelSpacing / EstimatedRadiographicMagnificationFactor {magnification:g}"
+    orientation_letters = ds.get("PatientOrientation")
     step = ds.get("SpacingBetweenSlices") or ds.get("SliceThickness")
     return _Slice(
         path=path, series_uid=str(ds.SeriesInstanceUID),
@@ -381,7 +443,10 @@ def _slice_from_dataset(path: Path, ds) -> _Slice:
         frames=_int_or_none(ds.get("NumberOfFrames")) or 1,
         pixel_spacing=tuple(pixel_spacing) if pixel_spacing is not None else None,
         slice_step=_float_or_none(step),
-        laterality=str(ds.get("ImageLaterality") or ds.get("Laterality") or "").strip().upper() or None)
+        laterality=str(ds.get("ImageLaterality") or ds.get("Laterality") or "").strip().upper() or None,
+        spacing_source=spacing_source, photometric=str(ds.get("PhotometricInterpretation", "")),
+        patient_orientation=(tuple(str(v).strip().upper() for v in orientation_letters)
+                             if orientation_letters is not None and len(orientation_letters) == 2 else None))
 
 
 def _int_or_none(value) -> int | None:
@@ -481,6 +546,9 @@ def _assemble_dicom(slices: list[_Slice], echo, series, where: Path) -> Image:
         "series_uid": first.series_uid, "series_description": first.description,
         "modality": first.modality, "laterality": first.laterality,
         "echo": echo, "echo_time": echo_time, "echoes": all_echoes,
+        "photometric": first.photometric, "spacing_source": first.spacing_source,
+        **({"spacing_note": f"pixel size from {first.spacing_source}"}
+           if first.spacing_source != "PixelSpacing" else {}),
         "dicom_files": [str(s.path) for s in chosen_sorted], "warnings": warnings})
     return image
 
@@ -521,10 +589,15 @@ def _dicom_geometry(slices: list[_Slice], where: Path):
     first = slices[0]
     row_spacing, col_spacing = first.pixel_spacing or (1.0, 1.0)
     warnings = [] if first.pixel_spacing else [f"no PixelSpacing in {first.path.name}: using 1 mm"]
-    if first.orientation is None:  # e.g. a projection radiograph: no patient geometry
+    if first.spacing_source.startswith("ImagerPixelSpacing"):
+        warnings.append(f"pixel size from {first.spacing_source} ({col_spacing:g} x {row_spacing:g} mm): "
+                        "measured at the detector, so lengths and areas at the patient are overestimated by "
+                        "the geometric magnification" + ("" if "/" in first.spacing_source else
+                                                          " (no EstimatedRadiographicMagnificationFactor given)"))
+    if first.orientation is None:  # a projection radiograph: no patient geometry
         origin = first.position if first.position is not None else np.zeros(3)
         step = first.slice_step or 1.0
-        return (col_spacing, row_spacing, step), tuple(origin), np.eye(3), warnings
+        return (col_spacing, row_spacing, step), tuple(origin), _projection_direction(first), warnings
     row, col = _unit(first.orientation[:3]), _unit(first.orientation[3:])
     if len(slices) == 1:
         step_vector = np.cross(row, col) * (first.slice_step or 1.0)
@@ -537,6 +610,23 @@ def _dicom_geometry(slices: list[_Slice], where: Path):
     step = float(np.linalg.norm(step_vector))
     direction = np.column_stack([row, col, step_vector / step])
     return (col_spacing, row_spacing, step), tuple(first.position), direction, warnings
+
+
+_LETTER_LPS = {"L": (1, 0, 0), "R": (-1, 0, 0), "P": (0, 1, 0), "A": (0, -1, 0), "H": (0, 0, 1), "F": (0, 0, -1)}
+
+
+def _projection_direction(s: _Slice) -> np.ndarray:
+    """Direction of a radiograph without ImageOrientationPatient, from PatientOrientation (the
+    patient directions of the rows and columns, e.g. L\\F: columns run toward patient left, rows
+    toward the feet); identity (= L\\P: the radiographic convention, patient right on the image
+    left) when absent or not two distinct primary directions."""
+    letters = s.patient_orientation
+    if not letters or any(not a or any(c not in _LETTER_LPS for c in a) for a in letters):
+        return np.eye(3)
+    i_dir, j_dir = (_unit(np.sum([_LETTER_LPS[c] for c in a], axis=0).astype(float)) for a in letters)
+    if abs(float(i_dir @ j_dir)) > 1e-6:
+        return np.eye(3)
+    return np.column_stack([i_dir, j_dir, np.cross(i_dir, j_dir)])
 
 
 def _measured_step(slices: list[_Slice], where: Path) -> np.ndarray:

@@ -66,6 +66,15 @@ BRAIN_LABELS = (
 XRAY_FEMUR_LABELS = (_bone(1, "femur", "71341001", "Femur", (241, 214, 145)),)
 
 
+# xray-multiclass (seed 001: 3 classes by default) on AP pelvis radiographs; "hip bone" uses
+# TotalSegmentator's code for its hip (os coxae) segment
+XRAY_PELVIS_LABELS = (
+    _bone(1, "femur", "71341001", "Femur", (241, 214, 145)),
+    _bone(2, "hip bone", "29836001", "Hip", (216, 101, 79)),
+    _bone(3, "sacrum", "54735007", "Sacrum", (111, 184, 210)),
+)
+
+
 def present_labels(array: np.ndarray) -> list[int]:
     """Non-zero values present in a label map; a histogram for uint8 maps (np.unique sorts all
     7 M voxels of a brain: 0.06 s)."""

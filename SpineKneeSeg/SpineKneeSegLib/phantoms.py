@@ -21,7 +21,7 @@ from scipy import ndimage
 
 from .image import Image
 
-PHANTOM_TASKS = ("knee-bones", "lumbar-foramina", "brain-wmh", "xray-femur")
+PHANTOM_TASKS = ("knee-bones", "lumbar-foramina", "brain-wmh", "xray-femur", "xray-multiclass")
 
 # WMH size brackets in voxels (GUIDE section 4), half-open [lo, hi)
 LESION_BRACKETS = ((0, 10), (10, 400), (400, 1000), (1000, math.inf))
@@ -782,16 +782,20 @@ def _text_mask(text, px):
 
 
 def xray_femur_phantom(seed=0, *, view="pelvis", shape=None, pixel_mm=None, side="right",
-                       intensity_range="unit", noise=None) -> Phantom:
+                       intensity_range="unit", noise=None, classes="femur") -> Phantom:
     """AP radiograph (single-slice Image, shape (1, H, W)); bone bright.
 
     ``view``: "pelvis" (both hips; default 512x512 at 0.7 mm) or "hip" (one hip, ``side``; default
     384x384 at 0.5 mm). ``intensity_range``: "unit" (0..1) or "uint16" (0..65535, integer-valued
-    float32). Label 1 = femur (every proximal femur in the field). ``extra["femoral_heads"]``:
-    list of {centre_ras, centre_ij, diameter_mm, side}.
+    float32). ``classes``: "femur" (label 1 = femur, every proximal femur in the field) or
+    "pelvis" (1 femur, 2 hip bone, 3 sacrum; where they overlap in projection the femur wins over
+    the hip bone, the hip bone over the sacrum); the image is the same for both.
+    ``extra["femoral_heads"]``: list of {centre_ras, centre_ij, diameter_mm, side}.
     """
     if view not in ("pelvis", "hip"):
         raise ValueError("view must be 'pelvis' or 'hip'")
+    if classes not in ("femur", "pelvis"):
+        raise ValueError("classes must be 'femur' or 'pelvis'")
     if intensity_range not in ("unit", "uint16"):
         raise ValueError("intensity_range must be 'unit' or 'uint16'")
     rng = np.random.default_rng(seed)
@@ -883,6 +887,7 @@ def xray_femur_phantom(seed=0, *, view="pelvis", shape=None, pixel_mm=None, side
 
     # pelvis (thin plates: iliac wings, acetabular roofs, obturator rings, sacrum, L5)
     pel = np.zeros(shape)
+    hip_mask = np.zeros(shape, bool)
     for sd in ("right", "left"):
         sg = -1.0 if sd == "right" else 1.0
         hx = sg * half_d
@@ -891,9 +896,11 @@ def xray_femur_phantom(seed=0, *, view="pelvis", shape=None, pixel_mm=None, side
         pel = np.maximum(pel, wing)
         crest = np.abs(np.hypot((lx - sg * (half_d + 8)) / 70.0, (sz - 85.0) / 78.0) - 0.97) < 0.03
         pel = np.maximum(pel, 12.0 * (crest & (sz > 40)))
+        hip_mask |= (wing > 0) | (crest & (sz > 40))
         acet_r = np.hypot(lx - hx, sz)
         roof = (acet_r > 24.5) & (acet_r < 34.0) & (sz > -8.0)
         pel = np.maximum(pel, np.where(roof, 22.0 - np.abs(acet_r - 28.0) * 1.5, 0))
+        hip_mask |= roof & (22.0 - np.abs(acet_r - 28.0) * 1.5 > 0)
         # obturator foramen (tilted oval hole) framed by the pubic and ischial rami
         obt_c = (sg * (half_d - 40.0), -50.0)
         ca_, sa_ = math.cos(sg * 0.5), math.sin(sg * 0.5)
@@ -904,9 +911,11 @@ def xray_femur_phantom(seed=0, *, view="pelvis", shape=None, pixel_mm=None, side
         rami = ring_o & ~ring_i & (np.abs(lx) > 2.5)
         pel = np.maximum(pel, np.where(rami, 9.0, 0.0))
         # bone between acetabulum and rami
-        pel = np.maximum(pel, chord_ellipsoid(sg * (half_d - 8.0), -12.0, 26.0, 22.0, 6.0))
+        body = chord_ellipsoid(sg * (half_d - 8.0), -12.0, 26.0, 22.0, 6.0)
+        pel = np.maximum(pel, body)
         brim = np.abs(np.hypot(lx / 62.0, (sz - 32.0) / 52.0) - 1.0) < 0.05
         pel = np.maximum(pel, 10.0 * (brim & (sz < 70) & (sz > -20)))
+        hip_mask |= rami | (body > 0) | (brim & (sz < 70) & (sz > -20))
     sac_w = np.clip((sz - 10.0) / 100.0, 0, 1) * 50.0 + 14.0
     sacrum = (np.abs(lx) < sac_w) & (sz > 10.0) & (sz < 118.0)
     sac = 10.0 * sacrum
@@ -961,6 +970,9 @@ def xray_femur_phantom(seed=0, *, view="pelvis", shape=None, pixel_mm=None, side
     if intensity_range == "uint16":
         disp = np.round(disp * 65535.0)
     labels = (femur_mask & ~coll).astype(np.uint8)
+    if classes == "pelvis":
+        labels[(labels == 0) & hip_mask & ~coll] = 2
+        labels[(labels == 0) & sacrum & ~coll] = 3
 
     head_list = []
     for sd, hc, r_head in heads:
@@ -976,8 +988,15 @@ def xray_femur_phantom(seed=0, *, view="pelvis", shape=None, pixel_mm=None, side
         task="xray-femur", image=img.with_array(arr), labels=img.with_array(labels[None]), points=[],
         extra={"femoral_heads": head_list, "view": view, "intensity_range": intensity_range,
                "collimation_px": {"top": int(m_top), "bottom": int(m_bot), "left": int(m_l), "right": int(m_r)},
-               "label_names": {1: "femur"}},
+               "label_names": {1: "femur"} if classes == "femur" else {1: "femur", 2: "hip bone", 3: "sacrum"}},
         description=f"AP {view} radiograph, {shape} pixels at {pixel_mm} mm, seed {seed}")
+
+
+def xray_pelvis_phantom(seed=0, **kw) -> Phantom:
+    """The AP pelvis radiograph with multi-class labels (1 femur, 2 hip bone, 3 sacrum)."""
+    ph = xray_femur_phantom(seed, classes="pelvis", **kw)
+    ph.task = "xray-multiclass"
+    return ph
 
 
 # ------------------------------------------------------------------------------------------------
@@ -987,6 +1006,7 @@ _GENERATORS = {
     "lumbar-foramina": spine_phantom,
     "brain-wmh": brain_phantom,
     "xray-femur": xray_femur_phantom,
+    "xray-multiclass": xray_pelvis_phantom,
 }
 
 

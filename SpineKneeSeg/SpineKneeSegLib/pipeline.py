@@ -19,7 +19,7 @@ from .errors import InputError
 from .image import Image
 from .progress import Progress
 from .tables import Table
-from .tasks import TaskCard
+from .tasks import TaskCard, with_checkpoint_labels
 
 
 @dataclass
@@ -36,6 +36,7 @@ class RunOptions:
     fast: bool = False  # skip optional refinements (fast_mode_plan): offered on CPU / small GPUs
     weights_dir: str | None = None  # extra folder of registered weights (offline copies), hash-checked
     dicom_seg: bool = True  # write segmentation.dcm (DICOM-SEG) when the input is a DICOM series
+    pixel_mm: float | None = None  # 2D inputs: the true pixel size (PNG/JPEG carry none)
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,8 @@ def load_inputs(card: TaskCard, paths: list[str], options: RunOptions) -> list[I
         names = ", ".join(f"{s.name}{'' if s.required else ' (optional)'}" for s in card.inputs)
         raise InputError(f"task {card.name} takes {names}; got {len(paths)} input(s)")
     images = [read_image(path, echo=options.echo, series=options.series) for path in paths]
+    if options.pixel_mm is not None:
+        images = [with_pixel_size(image, options.pixel_mm, path) for image, path in zip(images, paths)]
     for spec, image, path in zip(card.inputs, images, paths):
         validate_input(card, spec, image, path)
         if spec.skull_stripped and options.skull_stripped == "auto":
@@ -109,6 +112,17 @@ def check_skull_stripped(image: Image, path) -> None:
         raise InputError(f"does not look skull-stripped: {evidence.reason}. Skull-strip it first (e.g. SynthStrip or "
                          "HD-BET), or pass --skull-stripped yes if it is brain-only", path)
     image.meta["skull_stripping"] = evidence.as_dict()
+def with_pixel_size(image: Image, pixel_mm: float, path) -> Image:
+    """A 2D image with the pixel size the user gave (square pixels), replacing the file's."""
+    if not pixel_mm > 0:
+        raise InputError(f"--pixel-mm must be positive, got {pixel_mm}")
+    if not image.is_2d:
+        raise InputError("--pixel-mm applies to 2D images (radiographs) only; this is a 3D volume", path)
+    meta = dict(image.meta)
+    meta["warnings"] = [w for w in meta.get("warnings", []) if "--pixel-mm" not in w]
+    meta["spacing_note"] = f"pixel size {pixel_mm:g} mm given with --pixel-mm (file said {image.spacing[0]:g} x " \
+                           f"{image.spacing[1]:g} mm)"
+    return Image(image.array, (pixel_mm, pixel_mm, image.spacing[2]), image.origin, image.direction, meta)
 
 
 def validate_input(card: TaskCard, spec, image: Image, path) -> None:
@@ -174,6 +188,11 @@ def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options:
     aux_weights = {aux.name: resolve_weights(card, options.aux_weights.get(aux.name), aux.name,
                                              weights_dir=options.weights_dir)
                    for aux in card.auxiliary if not (fast and aux.name in fast.skip_auxiliary)}
+    card = with_checkpoint_labels(card, weights.checkpoint.get("metadata", {}), weights.path)
+    if weights.network["config"].get("out_channels", card.output_channels) != card.output_channels:
+        raise InputError(f"weights have {weights.network['config'].get('out_channels')} output channels; task "
+                         f"{card.name} with labels {', '.join(card.label_names.values())} needs "
+                         f"{card.output_channels}", weights.path)
     device = pick_device(options.device)
     net = load_network(weights, device)
     aux_nets = {name: load_network(w, device) for name, w in aux_weights.items() if w is not None}
@@ -293,6 +312,20 @@ def postprocess(card: TaskCard, image: Image, labels: np.ndarray, maps: dict[str
             result.tables.append(pp.volume_table(result.labels.array, image, card.labels))
         elif name == "area_table":
             result.tables.append(pp.area_table(result.labels.array, image, card.labels))
+        elif name == "femoral_heads":
+            from .xray import femoral_heads, head_table
+
+            heads, notes = femoral_heads(result.labels.array, image)
+            result.tables.append(head_table(heads))
+            result.points = [{"label": h.label, "ras": h.centre_ras,
+                              "description": h.description(),
+                              "attributes": {"side": h.side, "diameter_mm": f"{h.diameter_mm:.2f}",
+                                             "fit_rms_mm": f"{h.fit_rms_mm:.3f}",
+                                             "arc_coverage": f"{h.arc_coverage:.3f}"}} for h in heads]
+            result.summaries["femoral_heads"] = [h.as_dict() for h in heads]
+            if image.meta.get("spacing_note"):
+                notes.append(f"femoral head diameters and areas in mm rest on: {image.meta['spacing_note']}")
+            result.warnings.extend(notes)
         elif name == "lesion_table":
             from .lesions import lesion_table
             from .preprocessing import slice_axis
@@ -357,13 +390,13 @@ def write_outputs(card: TaskCard, image: Image, result: RunResult, folder: Path,
                                            reference_volume=volume)
     mrml.save_node(seg, folder / "segmentation.seg.nrrd")
     written.append("segmentation.seg.nrrd")
-    if "foramina.mrk.json" in card.outputs:
+    for markups_file in (o for o in card.outputs if o.endswith(".mrk.json")):  # foramina, femoral heads
         markups = mrml.points_to_markups_node(
             mrml_scene, [p["ras"] for p in result.points], [p["label"] for p in result.points],
-            descriptions=[p["description"] for p in result.points], name="foramina",
+            descriptions=[p["description"] for p in result.points], name=markups_file[: -len(".mrk.json")],
             attributes=[p["attributes"] for p in result.points])
-        mrml.save_node(markups, folder / "foramina.mrk.json")
-        written.append("foramina.mrk.json")
+        mrml.save_node(markups, folder / markups_file)
+        written.append(markups_file)
     for table in result.tables:
         node = mrml.rows_to_table_node(mrml_scene, table.rows, table.columns, table.name)
         mrml.save_node(node, folder / table.file_name)

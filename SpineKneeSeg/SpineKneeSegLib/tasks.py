@@ -2,13 +2,13 @@
 
 Adding a task = adding a card (and its pieces), not editing every door. Label values are fixed
 project-wide: knee 1 femur, 2 tibia, 3 fibula, 4 patella; spine 1..5 = L1..L5 vertebral bodies;
-brain 1 = lesion; X-ray 1 = femur.
+brain 1 = lesion; X-ray 1 = femur (multi-class: 2 hip bone, 3 sacrum).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .labels import BRAIN_LABELS, KNEE_LABELS, SPINE_LABELS, XRAY_FEMUR_LABELS, LabelSpec
+from .labels import BRAIN_LABELS, KNEE_LABELS, SPINE_LABELS, XRAY_FEMUR_LABELS, XRAY_PELVIS_LABELS, LabelSpec
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,32 @@ class TaskCard:
         raise KeyError(f"task {self.name} has no auxiliary model {name!r}")
 
 
+def with_checkpoint_labels(card: "TaskCard", metadata: dict, where=None) -> "TaskCard":
+    """The card with the label names a checkpoint was trained on (``metadata["labels"]``: a list of
+    {"value", "name"[, "color"]}), e.g. xray-multiclass trained on imported JSRT/SCR masks (lungs,
+    heart, clavicles) instead of the default femur / hip bone / sacrum. Names the card already
+    knows keep their colours and SNOMED codes; others get a colour and no code."""
+    from dataclasses import replace
+
+    from .errors import InputError
+    from .labels import LabelSpec
+
+    labels = metadata.get("labels")
+    if not labels:
+        return card
+    known = {spec.name: spec for spec in card.labels}
+    palette = [(0.95, 0.84, 0.57), (0.85, 0.4, 0.31), (0.44, 0.72, 0.82), (0.5, 0.68, 0.5), (0.72, 0.61, 0.86),
+               (0.9, 0.6, 0.2), (0.6, 0.6, 0.6)]
+    specs = []
+    for n, item in enumerate(sorted(labels, key=lambda d: int(d["value"]))):
+        if int(item["value"]) != n + 1:
+            raise InputError(f"checkpoint label values must be 1..N, got {[d['value'] for d in labels]}", where)
+        base = known.get(item["name"])
+        specs.append(replace(base, value=n + 1) if base else
+                     LabelSpec(n + 1, str(item["name"]), tuple(item.get("color", palette[n % len(palette)]))))
+    return replace(card, labels=tuple(specs))
+
+
 COMMON_OUTPUTS = ("labels.nii.gz", "segmentation.seg.nrrd", "report.json")
 
 TASKS: dict[str, TaskCard] = {}
@@ -194,19 +220,49 @@ register(TaskCard(
     issue=5,
 ))
 
+# X-ray (seeds 001, 003): the radiograph is shown to the network as stored (rows, columns), cut to
+# a square of its longer side centred on the image (aspect ratio kept, the rest padded with the
+# normalised minimum) and resampled to network_px x network_px; the output goes back onto the
+# input's exact pixels (preprocessing.from_network_grid). Percentile normalisation (0.5-99.5 %)
+# makes 8-bit, 12-bit and 16-bit images and any rescale slope/intercept look alike.
+XRAY_PREPROCESSING = Preprocessing(plane="image", in_plane_spacing_mm=None, normalisation="percentile",
+                                   context_slices=1, tile_px=None, network_px=256, crop_mm=None)
+
 register(TaskCard(
     name="xray-femur",
     title="Proximal femur (X-ray)",
-    description="Binary proximal femur on AP pelvis/hip radiographs (seed 003).",
+    description="Binary proximal femur on AP pelvis/hip radiographs with femoral-head centre and "
+                "diameter (seed 003).",
     modality="CR/DX",
-    inputs=(InputSpec("image", "CR/DX", 2, description="2D radiograph (DICOM, PNG/JPEG, 2D NIfTI)"),),
-    preprocessing=Preprocessing(plane="image", in_plane_spacing_mm=None, normalisation="percentile",
-                                context_slices=1),
+    inputs=(InputSpec("image", "CR/DX", 2, description="2D radiograph (DICOM CR/DX, PNG/JPEG/TIFF, 2D NIfTI)"),),
+    preprocessing=XRAY_PREPROCESSING,
+    # seed 003: U-Net 32-64-128-128, dropout 0.2, one sigmoid channel (Dice loss, Adam 3e-4,
+    # betas 0.8/0.991 in Training/xray.py); a checkpoint may carry a narrower CPU variant
     network=NetworkSpec("unet2d", {"channels": (32, 64, 128, 128), "activation": "relu", "norm": "none",
                                    "dropout": 0.2}),
     weights_entry="xray-femur",
     labels=XRAY_FEMUR_LABELS,
-    postprocessors=("remove_small_components", "area_table"),  # two femurs may be in view
+    label_activation="sigmoid",
+    # both femurs of a pelvis view are kept; femoral heads: circle fitted to each femur's boundary
+    postprocessors=("remove_small_components", "area_table", "femoral_heads"),
+    outputs=COMMON_OUTPUTS + ("areas.tsv", "femoral_heads.tsv", "femoral_heads.mrk.json"),
+    issue=8,
+))
+
+register(TaskCard(
+    name="xray-multiclass",
+    title="Pelvis bones (X-ray, multi-class)",
+    description="Femur, hip bone and sacrum on AP pelvis radiographs (seed 001: 3 classes; a "
+                "checkpoint trained on other classes carries its own label names).",
+    modality="CR/DX",
+    inputs=(InputSpec("image", "CR/DX", 2, description="2D radiograph (DICOM CR/DX, PNG/JPEG/TIFF, 2D NIfTI)"),),
+    preprocessing=XRAY_PREPROCESSING,
+    # seed 001: U-Net with batch norm and transposed-convolution upsampling, softmax over
+    # background + N classes (Dice + cross-entropy, RMSprop, ReduceLROnPlateau, clipping in Training/)
+    network=NetworkSpec("unet2d", {"channels": (32, 64, 128, 128), "activation": "relu", "norm": "batch"}),
+    weights_entry="xray-multiclass",
+    labels=XRAY_PELVIS_LABELS,
+    postprocessors=("remove_small_components", "area_table"),
     outputs=COMMON_OUTPUTS + ("areas.tsv",),
     issue=8,
 ))
