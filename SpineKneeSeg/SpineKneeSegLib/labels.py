@@ -79,5 +79,8 @@ def present_labels(array: np.ndarray) -> list[int]:
     """Non-zero values present in a label map; a histogram for uint8 maps (np.unique sorts all
     7 M voxels of a brain: 0.06 s)."""
     if array.dtype == np.uint8:
+        top = int(array.max())
+        if top <= 1:  # binary masks (lesions, femur): the maximum says it all, 10x faster
+            return [1] if top else []
         return [int(v) for v in np.flatnonzero(np.bincount(array.ravel(), minlength=256)) if v]
     return [int(v) for v in np.unique(array) if v]

@@ -33,33 +33,51 @@ def bracket_name(voxels: int) -> str:
 
 
 def label_lesions(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray, int]:
+    """Lesion ids (1..n) on the mask's grid."""
+    cropped, n, box = _label_in_box(mask, connectivity)
+    components = np.zeros(mask.shape, np.int32)
+    if box is not None:
+        components[box] = cropped
+    return components, n
+
+
+def _label_in_box(mask: np.ndarray, connectivity: int):
+    """Components labelled only inside the mask's bounding box (lesions fill a small part of a
+    7 M-voxel brain): (ids in the box, n, the box as slices; None when the mask is empty)."""
     if connectivity not in CONNECTIVITY:
         raise ValueError(f"connectivity must be 6, 18 or 26, got {connectivity}")
     structure = ndimage.generate_binary_structure(3, CONNECTIVITY[connectivity])
-    return ndimage.label(mask > 0, structure=structure)
+    mask = mask > 0
+    found = ndimage.find_objects(mask.view(np.uint8))
+    if not found:
+        return np.zeros((0, 0, 0), np.int32), 0, None
+    cropped, n = ndimage.label(mask[found[0]], structure=structure)
+    return cropped, n, found[0]
 
 
 def lesion_table(mask: np.ndarray, flair: Image, connectivity: int = 26,
                  slice_axis: int = 0) -> tuple[Table, dict]:
     """Rows sorted by volume (largest first) and a summary for report.json."""
-    comp, n = label_lesions(mask, connectivity)
+    comp, n, box = _label_in_box(mask, connectivity)
     voxel_mm3 = float(np.prod(flair.spacing))
     rows = []
     if n:
         index = np.arange(1, n + 1)
+        offset = np.array([s.start for s in box])
         # statistics over the lesion voxels only (bincount), not n passes over the whole volume
         flat = np.flatnonzero(comp)
         ids = comp.ravel()[flat]
         counts = np.bincount(ids, minlength=n + 1)[1:]
         kji = np.unravel_index(flat, comp.shape)
         centroids_kji = np.stack([np.bincount(ids, weights=a, minlength=n + 1)[1:] for a in kji], axis=1) \
-            / counts[:, None]
-        means = np.bincount(ids, weights=flair.array.ravel()[flat].astype(np.float64), minlength=n + 1)[1:] / counts
+            / counts[:, None] + offset
+        means = np.bincount(ids, weights=flair.array[box].ravel()[flat].astype(np.float64), minlength=n + 1)[1:] \
+            / counts
         boxes = ndimage.find_objects(comp)
         centroids_ras = flair.ijk_to_ras_points(centroids_kji[:, ::-1])
-        for c, count, box, ras, mean in zip(index, counts, boxes, centroids_ras, means):
-            (k0, k1), (j0, j1), (i0, i1) = ((s.start, s.stop - 1) for s in box)
-            depth = box[slice_axis].stop - box[slice_axis].start
+        for c, count, lesion_box, ras, mean in zip(index, counts, boxes, centroids_ras, means):
+            (k0, k1), (j0, j1), (i0, i1) = ((s.start + o, s.stop - 1 + o) for s, o in zip(lesion_box, offset))
+            depth = lesion_box[slice_axis].stop - lesion_box[slice_axis].start
             rows.append({"voxels": int(count), "volume_mm3": round(float(count) * voxel_mm3, 3),
                          "depth_slices": int(depth), "centroid_r": round(float(ras[0]), 2),
                          "centroid_a": round(float(ras[1]), 2), "centroid_s": round(float(ras[2]), 2),

@@ -385,7 +385,9 @@ def write_outputs(card: TaskCard, image: Image, result: RunResult, folder: Path,
     app = get_app()
     mrml_scene = app.scene
     mrml_scene.Clear(0)
-    volume = mrml.image_to_volume_node(mrml_scene, image, "input")
+    # the labels lie on the input's grid, so they carry its reference geometry themselves; the input
+    # volume node (a 0.07 s copy of a 7 M-voxel brain) is made only for the scene file
+    volume = mrml.image_to_volume_node(mrml_scene, image, "input") if scene else None
     seg = mrml.labels_to_segmentation_node(mrml_scene, result.labels, card.labels, f"{card.name} segmentation",
                                            reference_volume=volume)
     mrml.save_node(seg, folder / "segmentation.seg.nrrd")
