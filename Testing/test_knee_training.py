@@ -145,6 +145,15 @@ def test_trainer_checkpoints_validates_on_the_held_out_map_and_resumes(volumes, 
     state = kb.train(cfg, tmp_path, resume=True, log=log.append)
     assert state["iteration"] == 6 and any("resumed at iteration 4" in line for line in log)
     assert len(json.loads(json.dumps(state["history"]))) == 3
+    # fine-tuning starts from a checkpoint's weights: at lr 1e-12 they come out unchanged
+    start = torch.load(tmp_path / "best.pt", weights_only=True)["state_dict"]
+    tuned = kb.Config(**{**cfg.__dict__, "iterations": 2, "lr": 1e-12, "lr_final": 1e-12,
+                         "init": str(tmp_path / "best.pt")})
+    kb.train(tuned, tmp_path / "tuned", resume=False, volumes_path=tmp_path / "volumes.pt", log=log.append)
+    after = torch.load(tmp_path / "tuned" / "snapshots" / "iter-000002.pt", weights_only=True)["state_dict"]
+    assert any(line.startswith("initialised from") for line in log)
+    weights = [k for k in start if start[k].is_floating_point() and "running" not in k]
+    assert weights and all(torch.allclose(start[k], after[k], atol=1e-9) for k in weights)
 
 
 def test_marginal_loss_does_not_punish_bones_a_map_does_not_label():

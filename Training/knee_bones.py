@@ -66,6 +66,7 @@ class Config:
     held_out: str = HELD_OUT  # label map whose synthetic images validate (never trained on)
     spacing_mm: float = 0.5
     synth: dict = field(default_factory=dict)  # SynthConfig overrides
+    init: str | None = None  # start from this checkpoint's weights (e.g. the shipped model), fresh optimiser
 
 
 # ---- preparation (SimpleITK) -------------------------------------------------------------------
@@ -371,6 +372,11 @@ def train(cfg: Config, out: Path, resume: bool, device: str = "cpu", max_minutes
     net = build_network("unet2d", network_config(cfg)).to(dev)
     optimiser = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     state = {"iteration": 0, "epoch": 0, "best": -math.inf, "best_epoch": 0, "history": []}
+    if cfg.init:  # fine-tuning: a shipped model on data users bring, or a lower-lr continuation
+        from SpineKneeSegLib.weights import load_checkpoint
+
+        net.load_state_dict(load_checkpoint(Path(cfg.init))["state_dict"])
+        log(f"initialised from {cfg.init}")
     last = out / "last.pt"
     if resume and last.exists():
         ckpt = torch.load(last, map_location=dev, weights_only=False)  # our own file
@@ -664,6 +670,9 @@ def main(argv=None) -> int:
     t.add_argument("--held-out", default=Config.held_out, help="name of the volume that only validates")
     t.add_argument("--threads", type=int, default=None)
     t.add_argument("--workers", type=int, default=Config.workers)
+    t.add_argument("--init", default=None, help="start from this checkpoint's weights (fresh optimiser and schedule)")
+    t.add_argument("--lr", type=float, default=Config.lr, help="schedule start (seed 000: 1e-3)")
+    t.add_argument("--lr-final", type=float, default=Config.lr_final, help="schedule end (seed 000: 1e-4)")
     e = sub.add_parser("evaluate")
     e.add_argument("--out", type=Path, required=True)
     e.add_argument("--checkpoint", type=Path, default=None, help="default: OUT/best.pt")
@@ -697,7 +706,7 @@ def main(argv=None) -> int:
         cfg = Config(variant=args.variant, channels=args.channels, iterations=args.iterations,
                      batch_size=args.batch_size, patch=args.patch, eval_every=args.eval_every, seed=args.seed,
                      patience=args.patience, held_out=args.held_out, stop_after=args.stop_after,
-                     workers=args.workers)
+                     workers=args.workers, init=args.init, lr=args.lr, lr_final=args.lr_final)
         state = train(cfg, args.out, args.resume, args.device, args.max_minutes, volumes_path=args.volumes)
         print(f"best mean Dice {state['best']:.4f} at epoch {state['best_epoch']}")
         return 0
