@@ -85,3 +85,21 @@ def test_level_trainer_takes_corrected_label_maps_from_a_manifest(tmp_path):
     prepared = prepare(case, 1.4)
     assert prepared.stack.shape == prepared.labels.shape
     assert set(np.unique(prepared.labels)) == {0, 1, 2, 3, 4, 5}
+
+
+def test_foreground_dice_loss_scores_both_heads():
+    """The one soft-Dice core behind every 2D trainer's loss: ~0 for a confident right answer,
+    ~1 for a confident wrong one, on sigmoid (one channel per label) and softmax heads alike."""
+    import torch
+
+    from Training.slicetrain import dice_ce_loss, foreground_dice_loss, sigmoid_dice_bce_loss
+
+    target = torch.zeros(2, 16, 16, dtype=torch.long)
+    target[:, 4:12, 4:12] = 1
+    right_sigmoid = (target[:, None].float() * 2 - 1) * 20
+    assert foreground_dice_loss(right_sigmoid, target, 1, "sigmoid") < 0.01
+    assert foreground_dice_loss(-right_sigmoid, target, 1, "sigmoid") > 0.99
+    right_softmax = torch.cat([-right_sigmoid, right_sigmoid], 1)
+    assert foreground_dice_loss(right_softmax, target, 1, "softmax") < 0.01
+    assert foreground_dice_loss(-right_softmax, target, 1, "softmax") > 0.99
+    assert dice_ce_loss(right_softmax, target, 2) < 0.01 and sigmoid_dice_bce_loss(right_sigmoid, target, 1) < 0.01

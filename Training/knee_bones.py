@@ -448,7 +448,7 @@ def evaluate_series(checkpoint: Path, volumes_path: Path, seed: int = 777, log=p
     from SpineKneeSegLib.bone_split import split_any_bone
     from SpineKneeSegLib.image import Image
     from SpineKneeSegLib.inference import load_network, segment_slices
-    from SpineKneeSegLib.knee import dice
+    from SpineKneeSegLib.postprocessing import dice
     from SpineKneeSegLib.postprocessing import largest_component_per_label
     from SpineKneeSegLib.tasks import TASKS
     from SpineKneeSegLib.weights import resolve_weights

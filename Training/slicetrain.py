@@ -36,22 +36,27 @@ def slices_for_training(card: TaskCard, image: Image, labels: Image, multiple: i
     return pad_to(x, grid.padded_hw), pad_to(torch.from_numpy(target).long(), grid.padded_hw)
 
 
-def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, n_classes: int) -> torch.Tensor:
-    probs = torch.softmax(logits[:, :n_classes], dim=1)
-    onehot = F.one_hot(target, n_classes).permute(0, 3, 1, 2).float()
+def foreground_dice_loss(logits: torch.Tensor, target: torch.Tensor, n_labels: int, activation: str) -> torch.Tensor:
+    """1 - mean foreground soft Dice over the batch (smoothing 1): sigmoid channels, one per label
+    (seed 003), or a softmax whose channel 0 is background (seed 001)."""
+    onehot = F.one_hot(target, n_labels + 1).permute(0, 3, 1, 2).float()[:, 1:]
+    probs = torch.sigmoid(logits) if activation == "sigmoid" else torch.softmax(logits, dim=1)[:, 1:]
     inter = (probs * onehot).sum(dim=(0, 2, 3))
-    denom = probs.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))
-    dice = (2 * inter + 1.0) / (denom + 1.0)
-    return (1 - dice[1:].mean()) + F.cross_entropy(logits[:, :n_classes], target)
+    dice = (2 * inter + 1.0) / (probs.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3)) + 1.0)
+    return 1 - dice.mean()
+
+
+def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Softmax heads (``n_classes`` with background): foreground soft Dice + cross-entropy."""
+    logits = logits[:, :n_classes]
+    return foreground_dice_loss(logits, target, n_classes - 1, "softmax") + F.cross_entropy(logits, target)
 
 
 def sigmoid_dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, n_labels: int) -> torch.Tensor:
     """Sigmoid heads (one channel per label, e.g. xray-femur): soft Dice + BCE per channel."""
     onehot = F.one_hot(target, n_labels + 1).permute(0, 3, 1, 2)[:, 1:].float()
-    probs = torch.sigmoid(logits)
-    inter = (probs * onehot).sum(dim=(0, 2, 3))
-    dice = (2 * inter + 1.0) / (probs.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3)) + 1.0)
-    return (1 - dice.mean()) + F.binary_cross_entropy_with_logits(logits, onehot)
+    bce = F.binary_cross_entropy_with_logits(logits, onehot)
+    return foreground_dice_loss(logits, target, n_labels, "sigmoid") + bce
 
 
 @dataclass

@@ -37,16 +37,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SpineKneeSeg"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from slicetrain import save_resume_state, tensorboard_writer  # noqa: E402
+from slicetrain import (dice_ce_loss, foreground_dice_loss, save_resume_state, sigmoid_dice_bce_loss,  # noqa: E402
+                        tensorboard_writer)
 
 from SpineKneeSegLib.image import Image  # noqa: E402
 from SpineKneeSegLib.models import build_network, count_parameters  # noqa: E402
 from SpineKneeSegLib.phantoms import xray_femur_phantom  # noqa: E402
+from SpineKneeSegLib.postprocessing import dice as label_dice  # noqa: E402
 from SpineKneeSegLib.preprocessing import training_slices  # noqa: E402
 from SpineKneeSegLib.tasks import TASKS  # noqa: E402
 from SpineKneeSegLib.weights import save_checkpoint  # noqa: E402
@@ -198,34 +199,23 @@ def sample_batch(cases: list[Case], cfg: Config, rng: np.random.Generator, pre: 
 
 # ---- losses -------------------------------------------------------------------------------------------
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, activation: str, n_labels: int) -> torch.Tensor:
-    """Seed 003's Dice loss on sigmoid channels, or the mean foreground soft Dice of a softmax (seed 001)."""
-    onehot = F.one_hot(target, n_labels + 1).permute(0, 3, 1, 2).float()
-    if activation == "sigmoid":
-        probs, onehot = torch.sigmoid(logits), onehot[:, 1:]
-    else:
-        probs, onehot = torch.softmax(logits, 1)[:, 1:], onehot[:, 1:]
-    inter = (probs * onehot).sum(dim=(0, 2, 3))
-    dice = (2 * inter + 1.0) / (probs.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3)) + 1.0)
-    return 1 - dice.mean()
-
-
 def make_loss(cfg: Config, activation: str, n_labels: int):
+    """``dice``: seed 003's soft Dice; ``dice+ce``: seed 001's Dice + cross-entropy (BCE on sigmoid heads)."""
     if cfg.loss == "dice":
-        return lambda lg, y: soft_dice_loss(lg, y, activation, n_labels)
+        return lambda lg, y: foreground_dice_loss(lg, y, n_labels, activation)
     if cfg.loss == "dice+ce":
         if activation == "sigmoid":
-            return lambda lg, y: soft_dice_loss(lg, y, activation, n_labels) + F.binary_cross_entropy_with_logits(
-                lg, F.one_hot(y, n_labels + 1).permute(0, 3, 1, 2)[:, 1:].float())
-        return lambda lg, y: soft_dice_loss(lg, y, activation, n_labels) + F.cross_entropy(lg, y)
+            return lambda lg, y: sigmoid_dice_bce_loss(lg, y, n_labels)
+        return lambda lg, y: dice_ce_loss(lg, y, n_labels + 1)
     raise ValueError(f"unknown loss {cfg.loss!r} (dice | dice+ce)")
 
 
 # ---- metrics --------------------------------------------------------------------------------------------
 
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    total = int(pred.sum()) + int(truth.sum())
-    return float("nan") if total == 0 else 2.0 * int(np.logical_and(pred, truth).sum()) / total
+    """The Lib's Dice, NaN (left out of means) when the class is absent from both."""
+    value = label_dice(pred, truth)
+    return float("nan") if value is None else value
 
 
 def grid_labels(logits: torch.Tensor, activation: str) -> np.ndarray:

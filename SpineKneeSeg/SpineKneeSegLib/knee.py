@@ -80,11 +80,6 @@ def component_counts(labels: np.ndarray, min_fraction: float = MIN_COMPONENT_FRA
     return counts
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float | None:
-    total = int(a.sum()) + int(b.sum())
-    return None if total == 0 else 2.0 * float(np.logical_and(a, b).sum()) / total
-
-
 def dicom_laterality(image: Image) -> str | None:
     """'right' | 'left' from DICOM (Image)Laterality (0020,0062 / 0020,0060) when the reader saw it."""
     value = str(image.meta.get("laterality") or "").strip().upper()

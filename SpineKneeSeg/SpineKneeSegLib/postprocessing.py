@@ -11,6 +11,12 @@ from .tables import ColumnSpec, Table
 STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
 
 
+def dice(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Dice of two masks; None when both are empty (nothing to score)."""
+    total = int(a.sum()) + int(b.sum())
+    return None if total == 0 else 2.0 * float(np.logical_and(a, b).sum()) / total
+
+
 def label_components(labels: np.ndarray) -> dict[int, tuple]:
     """{label value: (bounding box, its 26-connected component map, component sizes with
     sizes[0] = 0)}, labelled inside each label's bounding box (fast on small structures). Computed
