@@ -33,3 +33,19 @@ def test_a_bridge_between_femur_and_tibia_and_a_stray_blob():
     out = split_any_bone(mask, phantom.labels)
     assert _dice(out == 1, truth == 1) > 0.95 and _dice(out == 2, truth == 2) > 0.95
     assert out[0:2, 0:4, 0:4].max() == 0
+
+
+def test_femur_and_tibia_fused_across_the_whole_joint_beside_a_separate_patella():
+    """A merged network at low resolution can close the joint space over many slices (erosion
+    cannot separate it) while patella and fibula stay apart: the fused piece is still cut at its
+    narrowest level instead of being taken for one bone."""
+    from scipy import ndimage
+
+    phantom = make_phantom("knee-bones", seed=0)
+    truth = phantom.labels.array
+    femur_tibia = ndimage.binary_closing((truth == 1) | (truth == 2), np.ones((1, 9, 9), bool), iterations=2)
+    assert ndimage.label(ndimage.binary_erosion(femur_tibia, np.ones((3, 3, 3)), iterations=3))[1] == 1
+    mask = femur_tibia | (truth == 3) | (truth == 4)
+    out = split_any_bone(mask, phantom.labels)
+    assert _dice(out == 1, truth == 1) > 0.85 and _dice(out == 2, truth == 2) > 0.85
+    assert _dice(out == 4, truth == 4) > 0.9

@@ -319,3 +319,59 @@ def test_overlays_accept_the_cards_acquisition_plane(tmp_path):
     out = save_overlay(tmp_path / "o.png", phantom.image, phantom.labels, TASKS["knee-bones"].labels,
                        TASKS["knee-bones"].preprocessing.plane, "truth")
     assert out.exists() and out.stat().st_size > 1000
+
+
+# ---- seed 000's merged variant through the product ------------------------------------------
+
+def test_merged_any_bone_weights_run_and_are_split_into_bones(tmp_path):
+    """A merged "any bone" checkpoint (Training/knee_bones.py --variant merged) runs through
+    `run`: the coarse joint pass uses the bone mask, the mask is split into femur, tibia, fibula
+    and patella (bone_split), and the bones land on the phantom's. A tiny network overfit on the
+    phantom's own slices at 64 px stands in for a trained one (the decoding is what is tested)."""
+    from SpineKneeSegLib.io import write_image
+    from SpineKneeSegLib.models import build_network
+    from SpineKneeSegLib.pipeline import RunOptions, run_case
+    from SpineKneeSegLib.postprocessing import dice
+    from SpineKneeSegLib.weights import save_checkpoint
+
+    ph = knee_phantom(1, shape=(24, 320, 320))  # 192 mm field of view: the coarse joint pass runs
+    pre = {"network_px": 64, "bias_correction": None}
+    x, y, _ = training_slices(ph.image, ph.labels.array, "acquisition", "zscore", None, 24, network_px=64,
+                              crop_mm=None)
+    x2, y2, _ = training_slices(ph.image, ph.labels.array, "acquisition", "zscore", None, 24, network_px=64,
+                                crop_mm=CARD.preprocessing.crop_mm,
+                                window_centre_lps=np.asarray(ph.extra["joint_centre_ras"]) * [-1, -1, 1])
+    xs = torch.from_numpy(np.concatenate([x, x2]))[:, None]
+    ys = torch.from_numpy(np.concatenate([y, y2]) > 0).long()
+    config = {"in_channels": 1, "out_channels": 2, "channels": (8, 8, 8), "activation": "elu", "norm": "batch"}
+    torch.manual_seed(0)
+    net = build_network("unet2d", config)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(150):
+        idx = torch.randint(0, len(xs), (8,))
+        loss = torch.nn.functional.cross_entropy(net(xs[idx]), ys[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    weights = tmp_path / "knee-merged.pt"
+    save_checkpoint(weights, "knee-bones", "unet2d", config, net.state_dict(), preprocessing=pre,
+                    metadata={"variant": "merged"})
+    write_image(ph.image, tmp_path / "knee.nrrd")
+    report = run_case(CARD, [str(tmp_path / "knee.nrrd")], tmp_path / "out", RunOptions(weights=str(weights)))
+    assert report["summaries"]["label_variant"] == "merged"
+    window = report["summaries"]["crop_window"]
+    assert window["method"] == "coarse pass (bone mask)", (window, float(loss.detach()))
+    labels = read_image(tmp_path / "out" / "labels.nii.gz").array
+    for value, name in ((1, "femur"), (2, "tibia")):
+        assert dice(labels == value, ph.labels.array == value) > 0.8, (name, float(loss.detach()))
+    assert dice(labels == 4, ph.labels.array == 4) > 0.7  # the patella is its own piece
+    # at 64 px (2.5 mm pixels) the fibular head merges into the tibia and goes with it; bone is bone
+    assert dice(labels > 0, ph.labels.array > 0) > 0.85
+    # a layout the card does not know is refused, naming the file
+    odd = tmp_path / "knee-fibula-only.pt"
+    save_checkpoint(odd, "knee-bones", "unet2d", config, net.state_dict(), metadata={"variant": "fibula"})
+    from SpineKneeSegLib.errors import InputError
+
+    with pytest.raises(InputError, match="fibula"):
+        run_case(CARD, [str(tmp_path / "knee.nrrd")], tmp_path / "out2", RunOptions(weights=str(odd)))
+    assert not (tmp_path / "out2").exists()

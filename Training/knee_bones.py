@@ -44,6 +44,7 @@ LABEL_MAPS = {
     "pymskt-dess-labels.nrrd": {5: 1, 6: 2, 8: 3, 7: 4},
 }
 HELD_OUT = "pymskt-dess-labels.nrrd"  # validation anatomy: a DESS knee like the real test series
+ALL_ANATOMIES = "none"  # --held-out none: train on every label map (the model to ship once held-out figures exist)
 
 
 @dataclass
@@ -284,12 +285,13 @@ def lr_at(cfg: Config, iteration: int) -> float:
     return cfg.lr * (cfg.lr_final / cfg.lr) ** min(1.0, iteration / max(1, cfg.iterations))
 
 
-def validation_set(volume: KneeVolume, cfg: Config, synth: SynthConfig, seed: int = 12345):
-    """A fixed set of synthetic slices of the held-out anatomy (same seed every run)."""
-    gen = torch.Generator(device=volume.labels.device).manual_seed(seed)
+def validation_set(volumes: list[KneeVolume], cfg: Config, synth: SynthConfig, seed: int = 12345):
+    """A fixed set of synthetic slices of the validation anatomies, shared equally (same seed every
+    run; the training stream is seeded from cfg.seed and the iteration, so its samples differ)."""
+    gen = torch.Generator(device=volumes[0].labels.device).manual_seed(seed)
     xs, ys = [], []
-    for _ in range(cfg.val_samples):
-        x, y, _ = synthesise(volume, synth, gen)
+    for i in range(cfg.val_samples):
+        x, y, _ = synthesise(volumes[i % len(volumes)], synth, gen)
         xs.append(x)
         ys.append(y)
     return torch.stack(xs), torch.stack(ys)
@@ -359,15 +361,19 @@ def train(cfg: Config, out: Path, resume: bool, device: str = "cpu", max_minutes
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device)
     volumes = load_volumes(volumes_path or out / "volumes.pt", dev)
-    train_vols = [v for v in volumes if v.name != cfg.held_out]
-    held = [v for v in volumes if v.name == cfg.held_out]
+    if cfg.held_out == ALL_ANATOMIES:  # the final model: every anatomy trains; validation has no unseen anatomy
+        train_vols, held = volumes, volumes
+    else:
+        train_vols = [v for v in volumes if v.name != cfg.held_out]
+        held = [v for v in volumes if v.name == cfg.held_out]
     if not held or not train_vols:
         raise SystemExit(f"need the held-out label map {cfg.held_out} and at least one other in {volumes_path}")
     if cfg.variant != "multiclass" and any(len(v.labelled) < BONES for v in train_vols):
         raise SystemExit(f"variant {cfg.variant} needs all four bones labelled in every training volume")
     synth = SynthConfig(**cfg.synth)
-    val_x, val_y = validation_set(held[0], cfg, synth)
-    log(f"training on {[v.name for v in train_vols]}, validating on {len(val_x)} synthetic slices of {cfg.held_out}")
+    val_x, val_y = validation_set(held, cfg, synth)
+    log(f"training on {[v.name for v in train_vols]}, validating on {len(val_x)} synthetic slices of "
+        f"{[v.name for v in held]}")
     torch.manual_seed(cfg.seed)
     net = build_network("unet2d", network_config(cfg)).to(dev)
     optimiser = torch.optim.Adam(net.parameters(), lr=cfg.lr)

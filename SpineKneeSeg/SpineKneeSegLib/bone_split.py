@@ -42,12 +42,16 @@ def split_touching(mask: np.ndarray, spacing_kji, radius_mm: float = 1.5,
     return [mask & (owner == k) for k in keep]
 
 
+FUSED_RATIO = 0.25  # second piece below this share of the largest: femur and tibia are one piece
+# (in a knee field of view the femur and tibia are of similar size; the patella is < 0.2 of either)
+
+
 def split_any_bone(mask: np.ndarray, image: Image, min_ml: float = 0.3) -> np.ndarray:
     """Labels 1 femur, 2 tibia, 3 fibula, 4 patella from a boolean bone mask on ``image``'s grid.
 
     Components are first split where bones touch through a thin bridge (``split_touching``). The
-    two largest pieces are femur (the higher one, patient superior) and tibia; a single fused piece
-    is cut at its narrowest level. Of the rest (LPS: y posterior, z superior), the largest above the joint and
+    two largest pieces are femur (the higher one, patient superior) and tibia; a fused femur + tibia
+    (the only piece, or the next one under FUSED_RATIO of it) is cut at its narrowest level. Of the rest (LPS: y posterior, z superior), the largest above the joint and
     anterior to the femur's centre is the patella, the largest below the joint and posterior to the
     tibia's centre the fibula; anything else is dropped as stray."""
     out = np.zeros(mask.shape, np.uint8)
@@ -71,20 +75,24 @@ def split_any_bone(mask: np.ndarray, image: Image, min_ml: float = 0.3) -> np.nd
                 kji = np.argwhere(part)
                 pieces.append((part, _lps_coords(image, kji[:: max(1, len(kji) // 20000)]).mean(axis=0), sub.sum()))
     pieces.sort(key=lambda p: -p[2])
-    if len(pieces) == 1:  # femur and tibia fused beyond what erosion separates: cut at the narrowest level
+    if len(pieces) == 1 or pieces[1][2] < FUSED_RATIO * pieces[0][2]:
+        # femur and tibia fused beyond what erosion separates (the next piece is patella-sized):
+        # cut the largest piece at its narrowest level; the other pieces stay candidates
         part = pieces[0][0]
         kji = np.argwhere(part)
         lps = _lps_coords(image, kji)
-        level = _joint_level(lps[:, 2])
-        upper = lps[:, 2] >= level
-        out[tuple(kji[upper].T)] = 1
-        out[tuple(kji[~upper].T)] = 2
-        return out
-    (a, ca, _), (b, cb, _) = pieces[:2]
-    (femur, femur_c), (tibia, tibia_c) = ((a, ca), (b, cb)) if ca[2] >= cb[2] else ((b, cb), (a, ca))
+        upper = lps[:, 2] >= _joint_level(lps[:, 2])
+        femur, tibia = np.zeros(mask.shape, bool), np.zeros(mask.shape, bool)
+        femur[tuple(kji[upper].T)] = True
+        tibia[tuple(kji[~upper].T)] = True
+        femur_c, tibia_c = lps[upper].mean(axis=0), lps[~upper].mean(axis=0)
+        rest = pieces[1:]
+    else:
+        (a, ca, _), (b, cb, _) = pieces[:2]
+        (femur, femur_c), (tibia, tibia_c) = ((a, ca), (b, cb)) if ca[2] >= cb[2] else ((b, cb), (a, ca))
+        rest = pieces[2:]
     out[femur], out[tibia] = 1, 2
     level = (femur_c[2] + tibia_c[2]) / 2
-    rest = pieces[2:]
     patella = next((p for p in rest if p[1][2] > level and p[1][1] < femur_c[1]), None)
     fibula = next((p for p in rest if p is not patella and p[1][2] < level and p[1][1] > tibia_c[1]), None)
     if patella is not None:
@@ -92,3 +100,16 @@ def split_any_bone(mask: np.ndarray, image: Image, min_ml: float = 0.3) -> np.nd
     if fibula is not None:
         out[fibula[0]] = 3
     return out
+
+
+VARIANT_CHANNELS = {"multiclass": None, "merged": 2}  # network outputs per label variant (None: the card's)
+
+
+def decode_variant(labels: np.ndarray, image: Image, variant: str) -> np.ndarray:
+    """The network's argmax labels in the card's bones: "multiclass" as they are, "merged" (0/1
+    any bone) split into femur, tibia, fibula and patella by ``split_any_bone``."""
+    if variant == "multiclass":
+        return labels
+    if variant == "merged":
+        return split_any_bone(labels > 0, image)
+    raise ValueError(f"unknown label variant {variant!r} (multiclass | merged)")

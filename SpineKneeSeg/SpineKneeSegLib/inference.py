@@ -127,7 +127,7 @@ def window_centre(card: TaskCard, image: Image, net, device, pre: dict, batch_si
     half, window = the whole field of view) finds femur and tibia and the window is centred on
     their joint (knee.joint_centre_from_labels); else the field-of-view centre already holds the
     joint and no pass is run."""
-    from .knee import joint_centre_from_labels
+    from .knee import joint_centre_from_bone, joint_centre_from_labels
 
     canon, _ = canonical_image(image, pre["plane"])
     n, h, w = canon.array.shape
@@ -150,7 +150,10 @@ def window_centre(card: TaskCard, image: Image, net, device, pre: dict, batch_si
         net_before = timings["net"]
         run = np.arange(n // 4, n - n // 4, 4) if n >= 4 else np.arange(n)
         coarse = _labels_of(card, image, net, device, {**pre, "crop_mm": None}, batch_size, None, timings, run)
-        ras, note = joint_centre_from_labels(coarse, canon)
+        if pre.get("label_variant", "multiclass") == "merged":  # one "bone" class: no femur/tibia yet
+            ras, note = joint_centre_from_bone(coarse > 0, canon)
+        else:
+            ras, note = joint_centre_from_labels(coarse, canon)
         info["coarse_pass"] = {"slices": [int(i) for i in run], "seconds": round(time.perf_counter() - t, 3),
                                "network_seconds": round(timings["net"] - net_before, 3), "note": note}
         if ras is None:
@@ -158,7 +161,7 @@ def window_centre(card: TaskCard, image: Image, net, device, pre: dict, batch_si
             warnings.append(f"joint centre not found by the coarse pass ({note}); the crop window is "
                             "centred on the field of view")
         else:
-            info["method"] = "coarse pass (femur and tibia)"
+            info["method"] = f"coarse pass ({'bone mask' if pre.get('label_variant') == 'merged' else 'femur and tibia'})"
             centre_lps = np.asarray(ras) * np.array([-1.0, -1.0, 1.0])
     used = fov_centre_lps if centre_lps is None else centre_lps
     key = "joint_centre_ras" if pre.get("crop_window") == "joint" else "window_centre_ras"  # X-ray: no joint

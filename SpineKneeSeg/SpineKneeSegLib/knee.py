@@ -63,6 +63,21 @@ def joint_centre_from_labels(labels: np.ndarray, image: Image) -> tuple[list[flo
     return [float(r), float(a), (femur_low + tibia_high) / 2.0], note
 
 
+def joint_centre_from_bone(mask: np.ndarray, image: Image) -> tuple[list[float] | None, str]:
+    """The joint centre from a merged "any bone" mask (seed 000's merged variant), which has no
+    femur/tibia to tell apart: S at the bone's narrowest level in its middle 60 % (the joint space;
+    bone_split's rule), R and A the mean of bone within JOINT_BAND_MM of that level."""
+    from .bone_split import _joint_level
+
+    kji = np.argwhere(mask)
+    if len(kji) == 0:
+        return None, "no bone voxels"
+    s = _to_ras(image, kji, 2)
+    level = _joint_level(s)
+    r, a = _to_ras(image, kji[np.abs(s - level) <= JOINT_BAND_MM], slice(0, 2)).mean(axis=0)
+    return [float(r), float(a), level], "narrowest level of the bone mask"
+
+
 def component_counts(labels: np.ndarray, min_fraction: float = MIN_COMPONENT_FRACTION,
                      components: dict | None = None) -> dict[int, int]:
     """26-connected components of each bone holding >= ``min_fraction`` of that bone's voxels

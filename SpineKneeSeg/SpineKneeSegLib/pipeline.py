@@ -125,6 +125,17 @@ def with_pixel_size(image: Image, pixel_mm: float, path) -> Image:
     return Image(image.array, (pixel_mm, pixel_mm, image.spacing[2]), image.origin, image.direction, meta)
 
 
+def label_variant(card: TaskCard, weights) -> str:
+    """The checkpoint's label layout (metadata "variant"), when the card knows other layouts."""
+    if not card.label_variants:
+        return "multiclass"
+    variant = weights.checkpoint.get("metadata", {}).get("variant", "multiclass")
+    if variant not in card.label_variants:
+        raise InputError(f"weights are a {variant!r} model; task {card.name} runs "
+                         f"{', '.join(card.label_variants)} models", weights.path)
+    return variant
+
+
 def validate_input(card: TaskCard, spec, image: Image, path) -> None:
     from .preprocessing import resolve_plane, slice_axis
 
@@ -160,6 +171,7 @@ def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options:
     Returns the report (also written as report.json)."""
     import torch
 
+    from .bone_split import VARIANT_CHANNELS, decode_variant
     from .inference import load_network, pick_device, probability_maps, segment_slices
     from .weights import resolve_weights
 
@@ -189,17 +201,19 @@ def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options:
                                              weights_dir=options.weights_dir)
                    for aux in card.auxiliary if not (fast and aux.name in fast.skip_auxiliary)}
     card = with_checkpoint_labels(card, weights.checkpoint.get("metadata", {}), weights.path)
-    if weights.network["config"].get("out_channels", card.output_channels) != card.output_channels:
+    variant = label_variant(card, weights)
+    needs = VARIANT_CHANNELS.get(variant) or card.output_channels
+    if weights.network["config"].get("out_channels", card.output_channels) != needs:
         raise InputError(f"weights have {weights.network['config'].get('out_channels')} output channels; task "
                          f"{card.name} with labels {', '.join(card.label_names.values())} needs "
-                         f"{card.output_channels}", weights.path)
+                         f"{needs}", weights.path)
     device = pick_device(options.device)
     net = load_network(weights, device)
     aux_nets = {name: load_network(w, device) for name, w in aux_weights.items() if w is not None}
     timings["load"] = time.perf_counter() - t_start
 
     progress.stage("preprocessing")
-    pre_overrides = {**weights.preprocessing, **(fast.overrides if fast else {})}
+    pre_overrides = {**weights.preprocessing, **(fast.overrides if fast else {}), "label_variant": variant}
     t = time.perf_counter()
     extra, unused = extra_inputs(card, images, weights.preprocessing.get("extra_inputs", ()), inputs)
     resample_s = time.perf_counter() - t
@@ -218,6 +232,9 @@ def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options:
 
     progress.stage("postprocessing")
     t = time.perf_counter()
+    if variant != "multiclass":
+        out.labels = decode_variant(out.labels, image, variant)
+        out.summaries["label_variant"] = variant
     result = postprocess(card, image, out.labels, maps, maps_grids)
     result.warnings[:0] = list(image.meta.get("warnings", [])) + list(out.warnings)
     result.summaries.update(out.summaries)

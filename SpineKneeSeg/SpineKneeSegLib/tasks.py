@@ -84,6 +84,9 @@ class TaskCard:
     label_activation: str = "softmax"  # softmax: background + labels; sigmoid: one channel per label
     auxiliary: tuple[AuxiliaryModel, ...] = ()
     issue: int | None = None  # the issue that trains this task's real weights
+    # other label layouts a checkpoint may declare (metadata "variant"), decoded into the card's
+    # labels after the network (bone_split.decode_variant); "multiclass" = the card's own labels
+    label_variants: tuple[str, ...] = ()
 
     @property
     def dims(self) -> int:
@@ -175,6 +178,8 @@ register(TaskCard(
     postprocessors=("largest_component_per_label", "knee_plausibility", "volume_table"),
     outputs=COMMON_OUTPUTS + ("volumes.tsv", "overlays/"),
     issue=6,
+    # seed 000's merged "any bone" channel (Training/knee_bones.py --variant merged), split into bones
+    label_variants=("multiclass", "merged"),
 ))
 
 register(TaskCard(
