@@ -51,9 +51,10 @@ def split_any_bone(mask: np.ndarray, image: Image, min_ml: float = 0.3) -> np.nd
 
     Components are first split where bones touch through a thin bridge (``split_touching``). The
     two largest pieces are femur (the higher one, patient superior) and tibia; a fused femur + tibia
-    (the only piece, or the next one under FUSED_RATIO of it) is cut at its narrowest level. Of the rest (LPS: y posterior, z superior), the largest above the joint and
-    anterior to the femur's centre is the patella, the largest below the joint and posterior to the
-    tibia's centre the fibula; anything else is dropped as stray."""
+    (the only piece, or the next one under FUSED_RATIO of it) is cut at its narrowest level. Of the
+    rest (LPS: y posterior, z superior), the largest above the joint and anterior to the femur's
+    centre is the patella, the largest below the joint and posterior to the tibia's centre the
+    fibula; anything else is dropped as stray."""
     out = np.zeros(mask.shape, np.uint8)
     components, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
     if n == 0:

@@ -161,7 +161,8 @@ def window_centre(card: TaskCard, image: Image, net, device, pre: dict, batch_si
             warnings.append(f"joint centre not found by the coarse pass ({note}); the crop window is "
                             "centred on the field of view")
         else:
-            info["method"] = f"coarse pass ({'bone mask' if pre.get('label_variant') == 'merged' else 'femur and tibia'})"
+            merged = pre.get("label_variant") == "merged"
+            info["method"] = f"coarse pass ({'bone mask' if merged else 'femur and tibia'})"
             centre_lps = np.asarray(ras) * np.array([-1.0, -1.0, 1.0])
     used = fov_centre_lps if centre_lps is None else centre_lps
     key = "joint_centre_ras" if pre.get("crop_window") == "joint" else "window_centre_ras"  # X-ray: no joint
