@@ -28,8 +28,8 @@ def tiny_weights(tmp_path_factory):
         initialise_weights(task, paths[task], tiny, seed=1)
         for aux in card.auxiliary:
             paths[f"{task}:{aux.name}"] = folder / f"{task}-{aux.name}.pt"
-            initialise_weights(task, paths[f"{task}:{aux.name}"], {"levels": 3, "max_channels": 8}, seed=2,
-                               model=aux.name)
+            tiny_aux = {"channels": (4, 8)} if aux.network.factory == "unet2d" else {"levels": 3, "max_channels": 8}
+            initialise_weights(task, paths[f"{task}:{aux.name}"], tiny_aux, seed=2, model=aux.name)
     return paths
 
 

@@ -323,13 +323,30 @@ def test_overlays_accept_the_cards_acquisition_plane(tmp_path):
 
 # ---- seed 000's merged variant through the product ------------------------------------------
 
-def test_merged_any_bone_weights_run_and_are_split_into_bones(tmp_path):
-    """A merged "any bone" checkpoint (Training/knee_bones.py --variant merged) runs through
-    `run`: the coarse joint pass uses the bone mask, the mask is split into femur, tibia, fibula
-    and patella (bone_split), and the bones land on the phantom's. A tiny network overfit on the
-    phantom's own slices at 64 px stands in for a trained one (the decoding is what is tested)."""
-    from SpineKneeSegLib.io import write_image
+def _overfit(xs, ys, out_channels, steps=150):
     from SpineKneeSegLib.models import build_network
+
+    config = {"in_channels": 1, "out_channels": out_channels, "channels": (8, 8, 8), "activation": "elu",
+              "norm": "batch"}
+    torch.manual_seed(0)
+    net = build_network("unet2d", config)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(steps):
+        idx = torch.randint(0, len(xs), (8,))
+        loss = torch.nn.functional.cross_entropy(net(xs[idx]), ys[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net, config, loss
+
+
+def test_seed_variants_run_merged_weights_and_a_per_bone_fibula_model(tmp_path):
+    """Seed 000's variants through `run`. A merged "any bone" checkpoint (Training/knee_bones.py
+    --variant merged): the coarse joint pass uses the bone mask, the mask is split into femur,
+    tibia, fibula and patella (bone_split), and the bones land on the phantom's. A per-bone fibula
+    model (--variant fibula) given as --aux-weights fibula=FILE replaces the fibula. Tiny networks
+    overfit on the phantom's own slices at 64 px stand in for trained ones (the decoding is tested)."""
+    from SpineKneeSegLib.io import write_image
     from SpineKneeSegLib.pipeline import RunOptions, run_case
     from SpineKneeSegLib.postprocessing import dice
     from SpineKneeSegLib.weights import save_checkpoint
@@ -342,17 +359,9 @@ def test_merged_any_bone_weights_run_and_are_split_into_bones(tmp_path):
                                 crop_mm=CARD.preprocessing.crop_mm,
                                 window_centre_lps=np.asarray(ph.extra["joint_centre_ras"]) * [-1, -1, 1])
     xs = torch.from_numpy(np.concatenate([x, x2]))[:, None]
-    ys = torch.from_numpy(np.concatenate([y, y2]) > 0).long()
-    config = {"in_channels": 1, "out_channels": 2, "channels": (8, 8, 8), "activation": "elu", "norm": "batch"}
-    torch.manual_seed(0)
-    net = build_network("unet2d", config)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    for _ in range(150):
-        idx = torch.randint(0, len(xs), (8,))
-        loss = torch.nn.functional.cross_entropy(net(xs[idx]), ys[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    labels_2d = torch.from_numpy(np.concatenate([y, y2])).long()
+    ys = (labels_2d > 0).long()
+    net, config, loss = _overfit(xs, ys, 2)
     weights = tmp_path / "knee-merged.pt"
     save_checkpoint(weights, "knee-bones", "unet2d", config, net.state_dict(), preprocessing=pre,
                     metadata={"variant": "merged"})
@@ -360,10 +369,10 @@ def test_merged_any_bone_weights_run_and_are_split_into_bones(tmp_path):
     report = run_case(CARD, [str(tmp_path / "knee.nrrd")], tmp_path / "out", RunOptions(weights=str(weights)))
     assert report["summaries"]["label_variant"] == "merged"
     window = report["summaries"]["crop_window"]
-    assert window["method"] == "coarse pass (bone mask)", (window, float(loss.detach()))
+    assert window["method"] == "coarse pass (bone mask)", (window, loss)
     labels = read_image(tmp_path / "out" / "labels.nii.gz").array
     for value, name in ((1, "femur"), (2, "tibia")):
-        assert dice(labels == value, ph.labels.array == value) > 0.8, (name, float(loss.detach()))
+        assert dice(labels == value, ph.labels.array == value) > 0.8, (name, loss)
     assert dice(labels == 4, ph.labels.array == 4) > 0.7  # the patella is its own piece
     # at 64 px (2.5 mm pixels) the fibular head merges into the tibia and goes with it; bone is bone
     assert dice(labels > 0, ph.labels.array > 0) > 0.85
@@ -375,3 +384,16 @@ def test_merged_any_bone_weights_run_and_are_split_into_bones(tmp_path):
     with pytest.raises(InputError, match="fibula"):
         run_case(CARD, [str(tmp_path / "knee.nrrd")], tmp_path / "out2", RunOptions(weights=str(odd)))
     assert not (tmp_path / "out2").exists()
+
+    # the per-bone fibula model: its fibula replaces the merged model's (none here: it went to the tibia)
+    fib_net, fib_config, fib_loss = _overfit(xs, (labels_2d == 3).long(), 2, steps=200)
+    fibula = tmp_path / "knee-fibula.pt"
+    save_checkpoint(fibula, "knee-bones", "unet2d", fib_config, fib_net.state_dict(), preprocessing=pre,
+                    metadata={"variant": "fibula"}, model="fibula")
+    report = run_case(CARD, [str(tmp_path / "knee.nrrd")], tmp_path / "out3",
+                      RunOptions(weights=str(weights), aux_weights={"fibula": str(fibula)}))
+    assert report["summaries"]["fibula_model"].startswith("per-bone fibula model")
+    assert report["weights"]["auxiliary"]["fibula"]["sha256"]
+    with_fibula = read_image(tmp_path / "out3" / "labels.nii.gz").array
+    assert dice(with_fibula == 3, ph.labels.array == 3) > 0.5, fib_loss
+    assert dice(with_fibula == 1, ph.labels.array == 1) > 0.8  # the other bones are the merged model's

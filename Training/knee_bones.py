@@ -425,11 +425,12 @@ def train(cfg: Config, out: Path, resume: bool, device: str = "cpu", max_minutes
                 "held_out": cfg.held_out, "trained_on": [v.name for v in train_vols]}
         # every evaluation's weights (~0.2 MB): variants are compared at equal iterations
         (out / "snapshots").mkdir(exist_ok=True)
+        model = "fibula" if cfg.variant == "fibula" else "labels"  # the per-bone model runs as --aux-weights fibula=
         save_checkpoint(out / "snapshots" / f"iter-{state['iteration']:06d}.pt", TASK, "unet2d", network_config(cfg),
-                        weights, metadata=meta)
+                        weights, metadata=meta, model=model)
         if metrics["mean_dice"] > state["best"]:
             state["best"], state["best_epoch"] = metrics["mean_dice"], state["epoch"]
-            save_checkpoint(out / "best.pt", TASK, "unet2d", network_config(cfg), weights, metadata=meta)
+            save_checkpoint(out / "best.pt", TASK, "unet2d", network_config(cfg), weights, metadata=meta, model=model)
         save_resume_state(last, {"model": net.state_dict(), "optimiser": optimiser.state_dict(), "state": state,
                                  "config": asdict(cfg)})
         log(json.dumps(entry))
@@ -459,8 +460,10 @@ def evaluate_series(checkpoint: Path, volumes_path: Path, seed: int = 777, log=p
     from SpineKneeSegLib.tasks import TASKS
     from SpineKneeSegLib.weights import resolve_weights
 
+    from SpineKneeSegLib.weights import load_checkpoint
+
     card = TASKS[TASK]
-    weights = resolve_weights(card, str(checkpoint))
+    weights = resolve_weights(card, str(checkpoint), load_checkpoint(checkpoint).get("model", "labels"))
     variant = weights.checkpoint["metadata"].get("variant", "multiclass")
     net = load_network(weights, torch.device("cpu"))
     held = [v for v in load_volumes(volumes_path) if v.name == HELD_OUT][0]

@@ -218,10 +218,12 @@ def logits_to_labels(logits: torch.Tensor, activation: str) -> torch.Tensor:
 @torch.inference_mode()
 def segment_slices(card: TaskCard, image: Image, net: torch.nn.Module, device: torch.device,
                    preprocessing: dict | None = None, batch_size: int = 8,
-                   progress: Progress | None = None, extra: tuple[Image, ...] = ()) -> NetworkOutput:
+                   progress: Progress | None = None, extra: tuple[Image, ...] = (),
+                   centre_lps=None) -> NetworkOutput:
     """Run the label network over every slice; labels on the input's exact grid (logits are
     resampled back, not labels). ``extra``: further input channels on ``image``'s grid (the
-    weights' ``extra_inputs``, e.g. a T1 resampled onto the FLAIR)."""
+    weights' ``extra_inputs``, e.g. a T1 resampled onto the FLAIR). ``centre_lps``: a crop window
+    centre already found (a second model reuses the main network's; no coarse pass)."""
     pre = {**card.preprocessing.__dict__, **(preprocessing or {})}
     timings = {"pre": 0.0, "net": 0.0, "post": 0.0}
     summaries, warnings = {}, []
@@ -235,8 +237,7 @@ def segment_slices(card: TaskCard, image: Image, net: torch.nn.Module, device: t
     bias_s = time.perf_counter() - t
     if info:
         summaries["bias_correction"] = {**info, "seconds": round(bias_s, 3)}
-    centre_lps = None
-    if pre.get("network_px"):
+    if pre.get("network_px") and centre_lps is None:
         centre_lps, summaries["crop_window"], warnings = window_centre(card, image, net, device, pre, batch_size,
                                                                         timings)
     labels = _labels_of(card, image, net, device, pre, batch_size, progress, timings, centre_lps=centre_lps,

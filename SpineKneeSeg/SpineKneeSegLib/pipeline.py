@@ -220,9 +220,18 @@ def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options:
     out = segment_slices(card, image, net, device, pre_overrides, options.batch_size, progress, extra)
     maps, maps_grids = {}, {}
     for name, aux_net in aux_nets.items():
-        pre = {**card.preprocessing.__dict__, **aux_weights[name].preprocessing}
-        aux_out = probability_maps(pre, image, aux_net, device, options.batch_size, progress)
-        maps[name], maps_grids[name] = aux_out.maps, aux_out.maps_grid
+        if card.auxiliary_model(name).output == "labels":  # same preprocessing and window as the main network
+            window = out.summaries.get("crop_window", {}).get("joint_centre_ras")
+            centre = None if window is None else np.asarray(window) * np.array([-1.0, -1.0, 1.0])
+            aux_out = segment_slices(card, image, aux_net, device, {**pre_overrides, "label_variant": "multiclass",
+                                                                     **aux_weights[name].preprocessing},
+                                     options.batch_size, progress, centre_lps=centre)
+            maps[name], maps_grids[name] = aux_out.labels, image
+            out.bias_s += aux_out.bias_s
+        else:
+            pre = {**card.preprocessing.__dict__, **aux_weights[name].preprocessing}
+            aux_out = probability_maps(pre, image, aux_net, device, options.batch_size, progress)
+            maps[name], maps_grids[name] = aux_out.maps, aux_out.maps_grid
         for attr in ("network_s", "preprocess_s", "postprocess_s"):
             setattr(out, attr, getattr(out, attr) + getattr(aux_out, attr))
     timings["preprocess"] = out.preprocess_s + resample_s
@@ -317,6 +326,14 @@ def postprocess(card: TaskCard, image: Image, labels: np.ndarray, maps: dict[str
             if result.labels.array is raw:
                 components = raw_components = pp.label_components(raw)
             result.labels = image.with_array(pp.largest_component_per_label(result.labels.array, components))
+        elif name == "fibula_model":
+            if maps and "fibula" in maps:  # seed 000's per-bone model: its fibula replaces the main one's
+                from .knee import FIBULA
+
+                raw = np.where(raw == FIBULA, 0, raw).astype(np.uint8)
+                raw[maps["fibula"] > 0] = FIBULA  # the specialist wins where the two disagree
+                result.labels = image.with_array(raw)
+                result.summaries["fibula_model"] = "per-bone fibula model (--aux-weights fibula)"
         elif name == "remove_small_components":
             result.labels = image.with_array(pp.remove_small_components(result.labels.array))
         elif name == "knee_plausibility":

@@ -58,14 +58,17 @@ class NetworkSpec:
 
 @dataclass(frozen=True)
 class AuxiliaryModel:
-    """A second network of a task (e.g. the foramen model beside the level model): sigmoid maps
-    handed to a postprocessor. Optional ones fall back to what the postprocessor can do without."""
+    """A second network of a task (e.g. the foramen model beside the level model), handed to a
+    postprocessor. Optional ones fall back to what the postprocessor can do without. ``output``
+    "maps": sigmoid maps on the network grid; "labels": argmax labels on the input grid through the
+    card's whole preprocessing (N4, the main network's crop window), e.g. a per-bone model."""
 
     name: str
     weights_entry: str
     network: NetworkSpec
     channels: int
     required: bool = False
+    output: str = "maps"
 
 
 @dataclass(frozen=True)
@@ -173,9 +176,15 @@ register(TaskCard(
                                    "norm": "batch", "dropout": 0.5}),
     weights_entry="knee-bones",
     labels=KNEE_LABELS,
+    # seed 000's separate per-bone fibula model (Training/knee_bones.py --variant fibula), optional:
+    # with --aux-weights fibula=FILE its fibula replaces the main network's
+    auxiliary=(AuxiliaryModel("fibula", "knee-bones-fibula",
+                              NetworkSpec("unet2d", {"channels": (16, 16, 16, 16, 16), "activation": "elu",
+                                                     "norm": "batch", "dropout": 0.5}),
+                              channels=2, output="labels"),),
     # plausibility sees the raw network labels too (pipeline.postprocess keeps them), so its
     # component count and raw-vs-final Dice are honest whatever its place in this list
-    postprocessors=("largest_component_per_label", "knee_plausibility", "volume_table"),
+    postprocessors=("fibula_model", "largest_component_per_label", "knee_plausibility", "volume_table"),
     outputs=COMMON_OUTPUTS + ("volumes.tsv", "overlays/"),
     issue=6,
     # seed 000's merged "any bone" channel (Training/knee_bones.py --variant merged), split into bones
