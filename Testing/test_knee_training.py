@@ -252,3 +252,27 @@ def test_a_real_image_is_resampled_onto_its_labels_grid(tmp_path):
     for value in (3, 4):  # fibula, patella: small enough that misregistration shows
         assert off(image, value) < 0.04, value
     assert max(off(np.roll(image, 2, axis=1), v) for v in (3, 4)) > 0.04
+
+
+def test_model_card_of_a_model_trained_on_every_anatomy_carries_the_held_out_runs_figures():
+    """A model that saw every label map has no held-out anatomy: its card must say so and show the
+    held-out run's figures as the generalisation measurement, its own as seen-anatomy figures."""
+    def evaluation(dice):
+        row = {"series": "sagittal 80x1.5 mm", **{b: dice for b in kb.BONE_NAMES.values()},
+               **{f"{b}_raw": dice for b in kb.BONE_NAMES.values()}}
+        return {"series": [row], "mean_dice": {b: dice for b in kb.BONE_NAMES.values()}}
+
+    cfg = kb.Config(held_out=kb.ALL_ANATOMIES, init="models/knee-bones-0.1.0.pt").__dict__
+    val = {"dice": {b: 0.5 for b in kb.BONE_NAMES.values()}}
+    meta = {"config": cfg, "val": val, "held_out": "none", "iteration": 900,
+            "trained_on": ["spl-atlas-labels.nrrd", "pymskt-dess-labels.nrrd"]}
+    held_meta = {**meta, "held_out": kb.HELD_OUT, "trained_on": ["spl-atlas-labels.nrrd"], "iteration": 2800}
+    variants = [{"variant": "merged", "iteration": 300, "bone": 0.5}]
+    card = kb.model_card("9.9.9", meta, evaluation(0.777), [], variants,
+                         {"version": "0.1.0", "evaluation": evaluation(0.333), "meta": held_meta}, "Looked at: ok.")
+    assert "No anatomy is held out from this model" in card and "Fine-tuned from `knee-bones-0.1.0.pt`" in card
+    held, own = card.split("## This model on the same synthetic series")
+    assert "unseen anatomy: v0.1.0" in held and "| **mean** | 0.333" in held and "0.777" not in held
+    assert "| **mean** | 0.777" in own.split("## Seed variants")[0] and "Looked at: ok." in card
+    single = kb.model_card("9.9.8", held_meta, evaluation(0.333), [], variants)
+    assert "Held out entirely" in single and "No anatomy is held out" not in single

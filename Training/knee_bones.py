@@ -526,13 +526,28 @@ def check_real_series(checkpoint: Path, out: Path, log=print) -> list[dict]:
     return results
 
 
-def model_card(version: str, meta: dict, evaluation: dict, real: list[dict], variants: list[dict]) -> str:
-    cfg = meta["config"]
-    val = meta["val"]["dice"]
-    series_rows = "\n".join(
+def _series_table(evaluation: dict) -> str:
+    rows = "\n".join(
         f"| {r['series']} | " + " | ".join(f"{r.get(b, float('nan')):.3f} ({r.get(b + '_raw', float('nan')):.3f})"
                                           for b in BONE_NAMES.values()) + " |" for r in evaluation["series"])
     mean = evaluation["mean_dice"]
+    means = " | ".join(f"{mean[b]:.3f}" for b in BONE_NAMES.values())
+    return f"| series | femur | tibia | fibula | patella |\n|---|---|---|---|---|\n{rows}\n| **mean** | {means} |"
+
+
+MAP_SOURCES = {"spl-atlas-labels.nrrd": "SPL Knee Atlas, Richolt/Jakab/Kikinis, Apache-2.0",
+               "pymskt-dess-labels.nrrd": "pymskt, Gatti et al., MIT; a sagittal 3D DESS right knee"}
+
+
+def model_card(version: str, meta: dict, evaluation: dict, real: list[dict], variants: list[dict],
+               held_out: dict | None = None, notes: str = "") -> str:
+    """``evaluation``: this checkpoint's synthetic series (of HELD_OUT). When the checkpoint saw
+    every anatomy (--held-out none), ``held_out`` = {"version", "evaluation", "meta"} of the run
+    that held HELD_OUT out, whose figures stand for generalisation. ``notes``: what the overlays
+    showed (markdown, written after looking at them)."""
+    cfg = meta["config"]
+    val = meta["val"]["dice"]
+    all_maps = meta["held_out"] == ALL_ANATOMIES
     variant_rows = "\n".join(f"| {v['variant']} | " + " | ".join(
         f"{v[k]:.3f}" if k in v else "—" for k in ("femur", "tibia", "fibula", "patella", "any_bone", "bone")) + " |"
         for v in variants)
@@ -541,6 +556,41 @@ def model_card(version: str, meta: dict, evaluation: dict, real: list[dict], var
         plaus = r["summaries"].get("knee_plausibility", {})
         real_rows.append(f"| {r['series']} | {'passed' if plaus.get('passed') else 'FAILED'} | "
                          f"{'; '.join(r['warnings']) or 'none'} | {r['timings_s'].get('total', float('nan')):.2f} |")
+    trained_on = "; ".join(f"{m} ({MAP_SOURCES.get(m, 'data you brought')})" for m in meta["trained_on"])
+    init = f" Fine-tuned from `{Path(cfg['init']).name}` (fresh optimiser)." if cfg.get("init") else ""
+    if all_maps:
+        ho = held_out["meta"]
+        held_text = f"""- **No anatomy is held out from this model**: it saw both label maps, the final-model step once
+  the held-out figures exist. Validation (checkpoint choice) used fixed synthetic slices of both maps,
+  drawn apart from the training stream. Generalisation to an unseen anatomy is measured on the same
+  recipe with {HELD_OUT} held out entirely: v{held_out['version']} (trained on {', '.join(ho['trained_on'])},
+  iteration {ho['iteration']}), which this model started from."""
+        figures = f"""## Held-out synthetic figures (unseen anatomy: v{held_out['version']}, trained without {HELD_OUT})
+2D validation slices, Dice: femur {ho['val']['dice']['femur']:.3f}, tibia {ho['val']['dice']['tibia']:.3f},
+fibula {ho['val']['dice']['fibula']:.3f}, patella {ho['val']['dice']['patella']:.3f}.
+
+Synthetic 3D series of the held-out anatomy through the product's inference (Dice after
+post-processing, raw network output in brackets):
+
+{_series_table(held_out['evaluation'])}
+
+## This model on the same synthetic series (anatomy seen in training; new synthesis draws)
+These are not held-out figures: the DESS anatomy was in this model's training set. 2D validation
+slices (both maps) at this checkpoint, Dice: femur {val['femur']:.3f}, tibia {val['tibia']:.3f},
+fibula {val['fibula']:.3f}, patella {val['patella']:.3f}.
+
+{_series_table(evaluation)}"""
+    else:
+        held_text = f"""- Held out entirely (validation and every figure below): {meta['held_out']}
+  ({MAP_SOURCES.get(meta['held_out'], '')})."""
+        figures = f"""## Held-out synthetic figures
+2D validation slices at this checkpoint, Dice: femur {val['femur']:.3f}, tibia {val['tibia']:.3f},
+fibula {val['fibula']:.3f}, patella {val['patella']:.3f}.
+
+Synthetic 3D series of the held-out anatomy through the product's inference (Dice after
+post-processing, raw network output in brackets):
+
+{_series_table(evaluation)}"""
     return f"""# Model card: knee-bones v{version} (starter, trained on synthetic images only)
 
 **Task** `knee-bones` (seed 000): femur, tibia, fibula, patella in knee MRI, slice-wise 2D U-Net.
@@ -552,9 +602,8 @@ def model_card(version: str, meta: dict, evaluation: dict, real: list[dict], var
   partial volume over 0.5-4 mm slabs, blur, resolution loss, bias field, gamma, Rician noise,
   random 110-200 mm windows near the joint, rotation, anisotropic scale, elastic displacement,
   left/right mirroring, sagittal and coronal planes.
-- Trained on: {', '.join(meta['trained_on'])} (SPL Knee Atlas, Richolt/Jakab/Kikinis, Apache-2.0).
-- Held out entirely (validation and every figure below): {meta['held_out']} (pymskt, Gatti et al., MIT),
-  a sagittal 3D DESS right knee.
+- Trained on: {trained_on}.
+{held_text}
 - Real series checked (no labels; nothing tuned on them): pyKNEEr DESS (GPL-3.0 repository) and pymskt
   multi-echo T2 (MIT) from ../shared/data/knee.
 
@@ -574,21 +623,11 @@ trained on one protocol's real images).
 Soft F1 (Dice) loss, Adam {cfg['lr']:g} decaying exponentially toward {cfg['lr_final']:g} over
 {cfg['iterations']} iterations, batches of {cfg['batch_size']} random {cfg['patch']}x{cfg['patch']} crops of
 224x224 synthetic slices, early stopping patience {cfg['patience']} evaluations ({cfg['eval_every']}
-iterations each) on {cfg['val_samples']} fixed synthetic slices of the held-out map.
+iterations each) on {cfg['val_samples']} fixed synthetic validation slices.{init}
 This checkpoint: iteration {meta['iteration']} of the planned {cfg['iterations']} (CPU, 2 cores; training resumes
 with `Training/knee_bones.py train --resume`; a GPU session is the place to finish it).
 
-## Held-out synthetic figures
-2D validation slices at this checkpoint, Dice: femur {val['femur']:.3f}, tibia {val['tibia']:.3f},
-fibula {val['fibula']:.3f}, patella {val['patella']:.3f}.
-
-Synthetic 3D series of the held-out anatomy through the product's inference (Dice after
-post-processing, raw network output in brackets):
-
-| series | femur | tibia | fibula | patella |
-|---|---|---|---|---|
-{series_rows}
-| **mean** | {mean['femur']:.3f} | {mean['tibia']:.3f} | {mean['fibula']:.3f} | {mean['patella']:.3f} |
+{figures}
 
 ## Seed variants (same synthetic data, same schedule, validation Dice at equal iterations)
 
@@ -600,9 +639,10 @@ Merged "bone" is seed 000's single any-bone channel; compare it with the multicl
 bone" (prediction > 0 against truth > 0). The fibula variant is the seed's separate per-bone model;
 compare it with the multiclass fibula column. The variant runs were stopped at {variants[0]['iteration']}
 iterations to leave the CPU to the main model, so this is an early-training comparison. The seed's
-finding that a merged channel learns more easily holds here too; the split of a merged mask into
-bones is `SpineKneeSegLib.bone_split.split_any_bone` (tested on phantoms), and
-`Training/knee_bones.py evaluate` applies it to merged checkpoints.
+finding that a merged channel learns more easily holds here too. Both variants run in the product:
+a merged checkpoint (`--weights`, metadata `variant: merged`) is split into bones by
+`SpineKneeSegLib.bone_split.split_any_bone`; a per-bone fibula model runs beside the main one with
+`--aux-weights fibula=FILE` and its fibula replaces the main one's.
 
 ## Real series (plausibility check, no labels)
 
@@ -610,15 +650,11 @@ bones is `SpineKneeSegLib.bone_split.split_any_bone` (tested on phantoms), and
 |---|---|---|---|
 {chr(10).join(real_rows)}
 
-Overlays (`overlays/` of each run) were looked at. On both series the femur, tibia and patella lie on the
-right bones and the fibula is found in its lateral slices posterior-lateral to the tibia. On the DESS
-a fibula-labelled region also runs posterior to the tibia in the middle slices (soft tissue joined to
-the fibula), so the fibula volume (18 ml) is too large. The raw output splits the fibula and patella
-into several pieces, so the strict plausibility check fails on both series.
+{notes.strip() or "Overlays: no observations recorded."}
 
 ## Known limits
-- A starter model: one training anatomy, synthetic images only, stopped far short of its schedule.
-- Coronal input: the patella is missed (Dice 0 on coronal synthetic series); femur and tibia hold.
+- A starter model: {'two' if all_maps else 'one'} training {'anatomies' if all_maps else 'anatomy'}, synthetic
+  images only, stopped far short of its schedule.
 - Label maps end where the atlases end (SPL covers ~119 mm along the leg): long-bone shafts beyond that
   were never seen as bone far from the joint.
 - Nothing was measured on labelled real images; the figures above are synthetic.
@@ -628,20 +664,32 @@ SPL Knee Atlas: Apache-2.0. pymskt label map and T2 series: MIT. pyKNEEr DESS se
 """
 
 
-def ship(out: Path, version: str, evaluation: Path, real: Path, variants: Path) -> int:
+def ship(out: Path, version: str, evaluation: Path, real: Path, variants: Path, held_out: Path | None = None,
+         notes: Path | None = None) -> int:
+    """``held_out``: a JSON {"version", "evaluation": eval JSON path, "checkpoint": path} for a
+    model trained on every anatomy (the held-out-anatomy run whose figures it carries)."""
     import shutil
 
     from SpineKneeSegLib.weights import models_dir, register_model
 
     meta = torch.load(out / "best.pt", map_location="cpu", weights_only=True)["metadata"]
+    held = None
+    if held_out is not None:
+        spec = json.loads(held_out.read_text())
+        held = {"version": spec["version"], "evaluation": json.loads(Path(spec["evaluation"]).read_text()),
+                "meta": torch.load(spec["checkpoint"], map_location="cpu", weights_only=True)["metadata"]}
+    elif meta["held_out"] == ALL_ANATOMIES:
+        raise SystemExit("a model trained on every anatomy ships with --held-out-figures (its held-out run)")
     target = models_dir() / f"{TASK}-{version}.pt"
     card = models_dir() / f"{TASK}-{version}.md"
     shutil.copyfile(out / "best.pt", target)
     card.write_text(model_card(version, meta, json.loads(evaluation.read_text()), json.loads(real.read_text()),
-                               json.loads(variants.read_text())))
-    mean = json.loads(evaluation.read_text())["mean_dice"]
+                               json.loads(variants.read_text()), held, notes.read_text() if notes else ""))
+    mean = (held or {}).get("evaluation") or json.loads(evaluation.read_text())
+    mean = mean["mean_dice"]
+    maps = "both label maps" if held else "one label map"
     entry = register_model(target, TASK, version, card=card.name,
-                           description="starter knee-bones trained on synthetic images from one label map: held-out "
+                           description=f"starter knee-bones trained on synthetic images from {maps}: held-out "
                                        "synthetic Dice femur/tibia/fibula/patella "
                                        + "/".join(f"{mean[b]:.2f}" for b in BONE_NAMES.values()))
     print(f"registered {entry.file} sha256 {entry.sha256}")
@@ -696,6 +744,11 @@ def main(argv=None) -> int:
     s = sub.add_parser("ship")
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--version", required=True)
+    s.add_argument("--variants", type=Path, default=None, help="variant comparison JSON (default: OUT/variants.json)")
+    s.add_argument("--held-out-figures", type=Path, default=None,
+                   help='for a model trained on every anatomy: JSON {"version", "evaluation", "checkpoint"} of the '
+                        "run that held the DESS map out")
+    s.add_argument("--notes", type=Path, default=None, help="markdown: what the real-series overlays showed")
     args = parser.parse_args(argv)
     if args.command == "prepare":
         from SpineKneeSegLib.datasets import data_root
@@ -738,7 +791,7 @@ def main(argv=None) -> int:
         return 0
     if args.command == "ship":
         return ship(args.out, args.version, args.out / "eval-best.json", args.out / "real.json",
-                    args.out / "variants.json")
+                    args.variants or args.out / "variants.json", args.held_out_figures, args.notes)
     return 2
 
 
