@@ -69,6 +69,7 @@ class AuxiliaryModel:
     channels: int
     required: bool = False
     output: str = "maps"
+    seed_variant: bool = False  # an alternative a user selects (not the default pipeline's; benchmarks skip it)
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,7 @@ register(TaskCard(
     auxiliary=(AuxiliaryModel("fibula", "knee-bones-fibula",
                               NetworkSpec("unet2d", {"channels": (16, 16, 16, 16, 16), "activation": "elu",
                                                      "norm": "batch", "dropout": 0.5}),
-                              channels=2, output="labels"),),
+                              channels=2, output="labels", seed_variant=True),),
     # plausibility sees the raw network labels too (pipeline.postprocess keeps them), so its
     # component count and raw-vs-final Dice are honest whatever its place in this list
     postprocessors=("fibula_model", "largest_component_per_label", "knee_plausibility", "volume_table"),

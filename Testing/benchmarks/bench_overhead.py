@@ -38,6 +38,8 @@ def bench(task: str, runs: int, use_data: bool, workdir: Path, input_path: str |
         initialise_weights(task, weights)
     aux = dict(aux_given or {})
     for model in card.auxiliary if with_aux else ():  # registered, else untrained so its cost is measured
+        if model.seed_variant:  # e.g. knee's per-bone fibula model: not the default pipeline
+            continue
         if model.name not in aux and find_entry(model.weights_entry) is None:
             aux[model.name] = str(workdir / f"{task}-{model.name}.pt")
             initialise_weights(task, aux[model.name], model=model.name)
