@@ -242,6 +242,43 @@ def test_weights_with_a_t1_channel_need_the_t1_and_use_it(tmp_path, capsys):
     assert a.shape[1] == 1 and not torch.allclose(a, b)
 
 
+def test_a_registered_t1_model_is_used_when_a_t1_is_given(tmp_path, monkeypatch, capsys):
+    """Without --weights: FLAIR alone runs the brain-wmh entry; FLAIR + T1 runs brain-wmh-t1 when
+    it is registered (weights_with_input), else brain-wmh with a 'not used' warning."""
+    import json
+
+    from SpineKneeSegLib import cli
+    from SpineKneeSegLib.io import write_image
+    from SpineKneeSegLib.phantoms import brain_phantom
+    from SpineKneeSegLib.weights import initialise_weights, register_model
+
+    flair = brain_phantom(3, slice_thickness_mm=5.0).image
+    write_image(flair, tmp_path / "flair.nii.gz")
+    write_image(flair.with_array(flair.array.max() - flair.array), tmp_path / "t1.nii.gz")
+    models = tmp_path / "models"
+    models.mkdir()
+    monkeypatch.setenv("SPINEKNEESEG_MODELS", str(models))
+    initialise_weights("brain-wmh", models / "flair-only.pt", {"channels": (4, 8)}, seed=1)
+    register_model(models / "flair-only.pt", "brain-wmh", "0.0.1", card="none (test)")
+
+    def run(*inputs, out):
+        assert cli.main(["run", "--task", "brain-wmh", *map(str, inputs), "-o", str(tmp_path / out),
+                         "--progress", "none"]) == 0
+        return json.loads((tmp_path / out / "report.json").read_text())
+
+    report = run(tmp_path / "flair.nii.gz", tmp_path / "t1.nii.gz", out="no-t1-model")
+    assert report["weights"]["path"].endswith("flair-only.pt")
+    assert any("not used" in w for w in report["warnings"])
+    initialise_weights("brain-wmh", models / "with-t1.pt", {"channels": (4, 8)}, seed=2,
+                       preprocessing={"extra_inputs": ["t1"]})
+    register_model(models / "with-t1.pt", "brain-wmh-t1", "0.0.1", card="none (test)")
+    report = run(tmp_path / "flair.nii.gz", tmp_path / "t1.nii.gz", out="t1-model")
+    assert report["weights"]["path"].endswith("with-t1.pt") and report["weights"]["registered"]
+    assert not any("not used" in w for w in report["warnings"])
+    assert run(tmp_path / "flair.nii.gz", out="flair")["weights"]["path"].endswith("flair-only.pt")
+    capsys.readouterr()
+
+
 def test_trainer_with_t1_writes_weights_the_pipeline_runs(tmp_path):
     """A 2-epoch run of Training/brain_wmh.py's train() on phantom cases with --t1: real files in,
     a checkpoint whose channels and extra_inputs the product's inference accepts."""

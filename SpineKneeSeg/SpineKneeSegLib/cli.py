@@ -139,6 +139,10 @@ def cmd_tasks(args) -> int:
             "labels": {s.value: s.name for s in card.labels}, "outputs": list(card.outputs),
             "weights": f"{entry.file} v{entry.version} sha256 {entry.sha256[:12]}" if entry else
             f"none (trained in issue {card.issue}; pass --weights PATH)"})
+        for needs, name in card.weights_with_input:  # e.g. brain-wmh with a T1
+            extra = find_entry(name)
+            listing[-1]["weights"] += (f"; with {needs}: {extra.file} v{extra.version} sha256 {extra.sha256[:12]}"
+                                       if extra else f"; with {needs}: none registered (the {needs} is not used)")
     if args.json:
         print(json.dumps(listing, indent=2))
         return 0

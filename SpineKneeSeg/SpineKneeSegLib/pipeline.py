@@ -195,7 +195,8 @@ def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options:
     unknown = set(options.aux_weights) - {aux.name for aux in card.auxiliary}
     if unknown:
         raise InputError(f"task {card.name} has no auxiliary model {', '.join(sorted(unknown))}")
-    weights = resolve_weights(card, options.weights, weights_dir=options.weights_dir)  # after input validation
+    weights = resolve_weights(card, options.weights, weights_dir=options.weights_dir,  # after input validation
+                              inputs_given=len(images))
     fast = fast_mode_plan(card) if options.fast else None
     aux_weights = {aux.name: resolve_weights(card, options.aux_weights.get(aux.name), aux.name,
                                              weights_dir=options.weights_dir)

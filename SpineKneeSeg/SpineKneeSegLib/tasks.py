@@ -91,6 +91,9 @@ class TaskCard:
     # other label layouts a checkpoint may declare (metadata "variant"), decoded into the card's
     # labels after the network (bone_split.decode_variant); "multiclass" = the card's own labels
     label_variants: tuple[str, ...] = ()
+    # (optional input, registry entry): weights trained with that input, used instead of
+    # weights_entry when the input is given and the entry is present (e.g. FLAIR + T1)
+    weights_with_input: tuple[tuple[str, str], ...] = ()
 
     @property
     def dims(self) -> int:
@@ -228,6 +231,7 @@ register(TaskCard(
     network=NetworkSpec("unet2d", {"channels": (16, 32, 64, 128), "activation": "relu", "norm": "batch",
                                    "attention": True}),
     weights_entry="brain-wmh",
+    weights_with_input=(("t1", "brain-wmh-t1"),),
     labels=BRAIN_LABELS,
     label_activation="sigmoid",  # seed 002: one sigmoid lesion channel
     postprocessors=("lesion_table",),

@@ -131,7 +131,7 @@ class LoadedWeights:
 
 
 def resolve_weights(card, explicit: str | os.PathLike | None = None, model: str = "labels",
-                    weights_dir: str | os.PathLike | None = None) -> LoadedWeights | None:
+                    weights_dir: str | os.PathLike | None = None, inputs_given: int = 1) -> LoadedWeights | None:
     """``explicit`` (--weights PATH) if given, else the registry entry of the card's ``model``
     ("labels" = the main network, else an auxiliary model's name), found in ``weights_dir`` or
     the models folder. A missing main model raises NoWeightsError; a missing optional auxiliary
@@ -139,8 +139,14 @@ def resolve_weights(card, explicit: str | os.PathLike | None = None, model: str 
 
     Registered files are checked (size and SHA256) before loading; a mismatch is refused. An
     explicit file is the user's own checkpoint: used as given (still ``weights_only`` loading),
-    except that a file named like a registered one with another hash is refused as tampered."""
+    except that a file named like a registered one with another hash is refused as tampered.
+    ``inputs_given``: how many of the card's inputs the run has; an entry of
+    ``card.weights_with_input`` whose input is among them is preferred when present."""
     entry_name = card.weights_entry if model == "labels" else card.auxiliary_model(model).weights_entry
+    if model == "labels" and explicit is None:
+        given = {spec.name for spec in card.inputs[:inputs_given]}
+        entry_name = next((name for needs, name in card.weights_with_input
+                           if needs in given and find_entry(name, weights_dir=weights_dir) is not None), entry_name)
     entry = None
     if weights_dir is not None and not Path(weights_dir).is_dir():
         raise InputError("weights folder does not exist", weights_dir)
