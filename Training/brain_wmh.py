@@ -479,7 +479,7 @@ def ship(out: Path, version: str, previous: Path | None = None) -> int:
     shutil.copyfile(out / "final" / "best.pt", target)
     before = None
     if previous is not None:
-        label = f"The FLAIR-only model (run {previous})" if name != "brain-wmh" else f"Previous version (run {previous})"
+        label = f"{'The FLAIR-only model' if name != 'brain-wmh' else 'Previous version'} (run {previous})"
         before = {**json.loads((previous / "loo.json").read_text()), "label": label}
     card.write_text(model_card(version, loo_result, final, checkpoint_cfg, before))
     m = s[f"model@{EVAL_SLAB_MM:g}mm"]
