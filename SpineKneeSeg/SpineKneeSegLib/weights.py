@@ -130,6 +130,15 @@ class LoadedWeights:
         return self.checkpoint.get("preprocessing", {})
 
 
+def main_entry_name(card, inputs_given: int = 1, weights_dir: str | os.PathLike | None = None) -> str:
+    """The registry entry of the main network for a run with the card's first ``inputs_given``
+    inputs: an entry of ``card.weights_with_input`` whose input is given and whose file is present
+    (e.g. brain-wmh-t1 for FLAIR + T1), else ``card.weights_entry``."""
+    given = {spec.name for spec in card.inputs[:inputs_given]}
+    return next((name for needs, name in card.weights_with_input
+                 if needs in given and find_entry(name, weights_dir=weights_dir) is not None), card.weights_entry)
+
+
 def resolve_weights(card, explicit: str | os.PathLike | None = None, model: str = "labels",
                     weights_dir: str | os.PathLike | None = None, inputs_given: int = 1) -> LoadedWeights | None:
     """``explicit`` (--weights PATH) if given, else the registry entry of the card's ``model``
@@ -142,11 +151,8 @@ def resolve_weights(card, explicit: str | os.PathLike | None = None, model: str 
     except that a file named like a registered one with another hash is refused as tampered.
     ``inputs_given``: how many of the card's inputs the run has; an entry of
     ``card.weights_with_input`` whose input is among them is preferred when present."""
-    entry_name = card.weights_entry if model == "labels" else card.auxiliary_model(model).weights_entry
-    if model == "labels" and explicit is None:
-        given = {spec.name for spec in card.inputs[:inputs_given]}
-        entry_name = next((name for needs, name in card.weights_with_input
-                           if needs in given and find_entry(name, weights_dir=weights_dir) is not None), entry_name)
+    entry_name = (main_entry_name(card, inputs_given, weights_dir) if model == "labels"
+                  else card.auxiliary_model(model).weights_entry)
     entry = None
     if weights_dir is not None and not Path(weights_dir).is_dir():
         raise InputError("weights folder does not exist", weights_dir)

@@ -24,13 +24,13 @@ from SpineKneeSegLib.io import write_image
 from SpineKneeSegLib.phantoms import make_phantom
 from SpineKneeSegLib.pipeline import RunOptions, run_case
 from SpineKneeSegLib.tasks import TASKS
-from SpineKneeSegLib.weights import find_entry, initialise_weights
+from SpineKneeSegLib.weights import find_entry, initialise_weights, main_entry_name
 
 
-def bench(task: str, runs: int, use_data: bool, workdir: Path, input_path: str | None = None,
+def bench(task: str, runs: int, use_data: bool, workdir: Path, input_paths: list[str] | None = None,
           with_aux: bool = True, aux_given: dict | None = None) -> dict:
     card = TASKS[task]
-    entry = find_entry(card.weights_entry)
+    entry = find_entry(main_entry_name(card, len(input_paths or [None])))  # FLAIR + T1: the T1 model
     if entry is not None:
         weights, kind = entry.path(), f"v{entry.version}"
     else:
@@ -45,8 +45,8 @@ def bench(task: str, runs: int, use_data: bool, workdir: Path, input_path: str |
             initialise_weights(task, aux[model.name], model=model.name)
             kind = "untrained"
     root = data_root()
-    if input_path:
-        source, inputs = input_path, [input_path]
+    if input_paths:
+        source, inputs = " + ".join(Path(p).name for p in input_paths), list(input_paths)
     elif use_data and root is not None and task in SHARED_CASES and (root / SHARED_CASES[task][0]).exists():
         source, inputs = SHARED_CASES[task][0], [str(root / SHARED_CASES[task][0])]
     else:
@@ -74,8 +74,9 @@ def main(argv=None) -> int:
                         help="leave unregistered auxiliary models out (the shipped configuration)")
     parser.add_argument("--aux-weights", action="append", default=[], metavar="NAME=PATH",
                         help="a trained auxiliary model, e.g. foramina=Testing/fixtures/foramen-phantom.pt")
-    parser.add_argument("--input", help="benchmark this file (with a single --tasks entry), e.g. a 224x224x20 "
-                                        "lumbar MRI for the spine issue's < 2 s target")
+    parser.add_argument("--input", nargs="+", help="benchmark these inputs (with a single --tasks entry), e.g. a "
+                                                   "224x224x20 lumbar MRI for the spine issue's < 2 s target, or "
+                                                   "FLAIR and T1 for brain-wmh with its T1 model")
     args = parser.parse_args(argv)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
