@@ -79,7 +79,16 @@ def load_inputs(card: TaskCard, paths: list[str], options: RunOptions) -> list[I
     if not (len(required) <= len(paths) <= len(card.inputs)):
         names = ", ".join(f"{s.name}{'' if s.required else ' (optional)'}" for s in card.inputs)
         raise InputError(f"task {card.name} takes {names}; got {len(paths)} input(s)")
-    images = [read_image(path, echo=options.echo, series=options.series) for path in paths]
+    def read(path):
+        return read_image(path, echo=options.echo, series=options.series)
+
+    if len(paths) > 1:  # FLAIR + T1: decompression and ITK reading release the GIL (0.23 -> 0.14 s)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(paths)) as pool:
+            images = list(pool.map(read, paths))
+    else:
+        images = [read(paths[0])]
     if options.pixel_mm is not None:
         images = [with_pixel_size(image, options.pixel_mm, path) for image, path in zip(images, paths)]
     for spec, image, path in zip(card.inputs, images, paths):

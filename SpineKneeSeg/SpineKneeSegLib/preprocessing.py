@@ -192,7 +192,9 @@ def normalise(stack: np.ndarray, method: str, stats: dict | None = None) -> np.n
         mean, std = float(lo), float(max(hi - lo, 1e-6))
     else:
         raise ValueError(f"unknown normalisation {method!r}")
-    return (stack - mean) / max(std, 1e-6)
+    out = np.subtract(stack, np.float32(mean), dtype=np.float32)  # one full-size array, not two
+    out *= np.float32(1.0 / max(std, 1e-6))
+    return out
 
 
 @dataclass
