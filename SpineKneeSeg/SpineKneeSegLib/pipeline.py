@@ -56,7 +56,8 @@ def fast_mode_plan(card: TaskCard) -> FastModePlan:
     if card.preprocessing.crop_window:
         overrides["crop_window"] = None
         skipped.append("joint-centre detection pass (window centred on the field of view)")
-    aux = tuple(a.name for a in card.auxiliary if not a.required)
+    # a seed variant (knee's fibula model) runs only when the user gives it, so fast mode keeps it
+    aux = tuple(a.name for a in card.auxiliary if not a.required and not a.seed_variant)
     skipped += [f"optional {name} model" for name in aux]
     return FastModePlan(overrides, aux, tuple(skipped))
 
