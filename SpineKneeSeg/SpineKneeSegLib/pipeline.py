@@ -253,8 +253,14 @@ def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options:
     progress.stage("postprocessing")
     t = time.perf_counter()
     if variant != "multiclass":
+        from .postprocessing import dice
+
+        bone = out.labels > 0
         out.labels = decode_variant(out.labels, image, variant)
-        out.summaries["label_variant"] = variant
+        # the plausibility check then sees the split bones (strays already dropped); this keeps the
+        # network's own "any bone" mask honest: how much of it the split kept
+        out.summaries["label_variant"] = {"variant": variant,
+                                          "raw_bone_vs_split_dice": round(dice(bone, out.labels > 0) or 0.0, 4)}
     result = postprocess(card, image, out.labels, maps, maps_grids)
     result.warnings[:0] = list(image.meta.get("warnings", [])) + list(out.warnings)
     result.summaries.update(out.summaries)
