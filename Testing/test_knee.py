@@ -168,11 +168,30 @@ def test_joint_centre_from_true_labels(side):
     assert joint_centre_from_labels(np.where(ph.labels.array == 2, 0, ph.labels.array), ph.image)[0] is None
 
 
+def _overfit(xs, ys, out_channels, steps=150, batch=8):
+    """A tiny U-Net overfit on a phantom's own slices: stands in for a trained network where the
+    code around the network is what a test checks."""
+    from SpineKneeSegLib.models import build_network
+
+    config = {"in_channels": 1, "out_channels": out_channels, "channels": (8, 8, 8), "activation": "elu",
+              "norm": "batch"}
+    torch.manual_seed(0)
+    net = build_network("unet2d", config)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(steps):
+        idx = torch.randint(0, len(xs), (batch,))
+        loss = torch.nn.functional.cross_entropy(net(xs[idx]), ys[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    return net, config, float(loss.detach())
+
+
 def test_coarse_pass_finds_the_joint_with_an_overfit_network():
     """A field of view wider than 1.1 x crop_mm triggers the coarse pass: a tiny network overfit on
     the phantom's own whole-FOV slices must put the window at the joint."""
     from SpineKneeSegLib.inference import window_centre
-    from SpineKneeSegLib.models import build_network
 
     ph = knee_phantom(2, shape=(16, 320, 320))  # 192 mm field of view
     # 64 px instead of 224 keeps the overfit to ~10-30 s on 2 shared cores (geometry is the same code)
@@ -180,21 +199,11 @@ def test_coarse_pass_finds_the_joint_with_an_overfit_network():
     x, y, _ = training_slices(ph.image, ph.labels.array, "acquisition", "zscore", None, 16,
                               network_px=64, crop_mm=None)  # the coarse pass's whole-FOV window
     xs, ys = torch.from_numpy(x[2:14])[:, None], torch.from_numpy(y[2:14]).long()  # around the central half
-    torch.manual_seed(0)
-    net = build_network("unet2d", {"in_channels": 1, "out_channels": 5, "channels": (8, 8, 8),
-                                   "activation": "elu", "norm": "batch"})
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    for step in range(120):
-        idx = torch.randint(0, len(xs), (6,))
-        loss = torch.nn.functional.cross_entropy(net(xs[idx]), ys[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    net.eval()
+    net, _, loss = _overfit(xs, ys, 5, steps=120, batch=6)
     timings = {"pre": 0.0, "net": 0.0, "post": 0.0}
     with torch.inference_mode():
         centre_lps, info, warnings = window_centre(CARD, ph.image, net, torch.device("cpu"), pre, 8, timings)
-    assert info["method"] == "coarse pass (femur and tibia)", (info, warnings, float(loss.detach()))
+    assert info["method"] == "coarse pass (femur and tibia)", (info, warnings, loss)
     assert info["coarse_pass"]["slices"] == [4, 8]  # every 4th slice of the central half
     truth, _ = joint_centre_from_labels(ph.labels.array, ph.image)
     # measured 6.6 mm (right-left 4.4: the pass sees 2 of 16 slices, and only the in-plane
@@ -322,23 +331,6 @@ def test_overlays_accept_the_cards_acquisition_plane(tmp_path):
 
 
 # ---- seed 000's merged variant through the product ------------------------------------------
-
-def _overfit(xs, ys, out_channels, steps=150):
-    from SpineKneeSegLib.models import build_network
-
-    config = {"in_channels": 1, "out_channels": out_channels, "channels": (8, 8, 8), "activation": "elu",
-              "norm": "batch"}
-    torch.manual_seed(0)
-    net = build_network("unet2d", config)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    for _ in range(steps):
-        idx = torch.randint(0, len(xs), (8,))
-        loss = torch.nn.functional.cross_entropy(net(xs[idx]), ys[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return net, config, loss
-
 
 def test_seed_variants_run_merged_weights_and_a_per_bone_fibula_model(tmp_path):
     """Seed 000's variants through `run`. A merged "any bone" checkpoint (Training/knee_bones.py
