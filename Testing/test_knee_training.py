@@ -276,3 +276,76 @@ def test_model_card_of_a_model_trained_on_every_anatomy_carries_the_held_out_run
     assert "| **mean** | 0.777" in own.split("## Seed variants")[0] and "Looked at: ok." in card
     single = kb.model_card("9.9.8", held_meta, evaluation(0.333), [], variants)
     assert "Held out entirely" in single and "No anatomy is held out" not in single
+
+
+def test_tissue_classes_come_from_the_colour_table_beside_a_label_map(tmp_path):
+    """Structures a Slicer colour table colours alike (the SPL atlas: every muscle one colour) are one
+    tissue class; without a table every structure is its own class; the bones are always one."""
+    arr = np.zeros((20, 20, 20), np.uint8)
+    arr[2:8, 2:8, 2:8], arr[12:18, 2:8, 2:8] = 95, 96  # femur, tibia
+    arr[2:8, 12:18, 2:8], arr[12:18, 12:18, 2:8], arr[2:8, 2:8, 12:18] = 12, 13, 31  # 2 muscles, a ligament
+    from SpineKneeSegLib.image import Image
+
+    path = tmp_path / "atlas.nrrd"
+    write_image(Image(arr, (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), np.eye(3)), path)
+    plain = kb.prepare_volume(path, {95: 1, 96: 2}, 1.0)
+    (tmp_path / "atlas.ctbl").write_text("# colour table\n12 vastus_lateralis 230 125 125 255\n"
+                                         "13 vastus_medialis 230 125 125 255\n31 acl 255 255 255 255\n")
+    grouped = kb.prepare_volume(path, {95: 1, 96: 2}, 1.0)
+    # renumbered: 5 = value 12, 6 = value 13, 7 = value 31
+    assert plain.tissue[1:5] == grouped.tissue[1:5] == (1, 1, 1, 1)
+    assert len({plain.tissue[i] for i in (5, 6, 7)}) == 3
+    assert grouped.tissue[5] == grouped.tissue[6] != grouped.tissue[7]
+
+
+def test_the_shared_label_maps_group_muscles_and_cartilage(data_root):
+    maps = data_root / "knee" / "labelmaps"
+    spl = kb.tissue_of(maps / "spl-atlas-labels.nrrd", [12, 13, 26, 31, 83, 86])
+    assert spl[12] == spl[13] == spl[26] != spl[31] and spl[83] == spl[86] != spl[12]
+    dess = kb.tissue_of(maps / "pymskt-dess-labels.nrrd", [1, 4, 9, 10])
+    assert dess[1] == dess[4] == "cartilage" and dess[9] == dess[10] == "meniscus"
+
+
+def _toy_volume(tissue):
+    labels = torch.zeros((4, 4, 4), dtype=torch.uint8)
+    return ks.KneeVolume("toy", labels, 1.0, (0.0, 0.0, 0.0), (0.0, 0.0, 0.0), ((0, 1),) * 3, 9, tissue=tissue)
+
+
+def test_shared_tissue_draws_one_intensity_per_tissue_class():
+    tissue = (0, 1, 1, 1, 1, 2, 2, 2, 3)  # 4 bones; three muscles; a ligament
+    cfg = ks.SynthConfig(shared_tissue_p=1.0, tissue_jitter=0.05)
+    gen = torch.Generator().manual_seed(0)
+    spreads = {"bones": [], "muscles": [], "across": []}
+    for _ in range(50):
+        m = ks.tissue_means(_toy_volume(tissue), cfg, gen, 12)
+        spreads["bones"].append(float(m[1:5].max() - m[1:5].min()))
+        spreads["muscles"].append(float(m[5:8].max() - m[5:8].min()))
+        spreads["across"].append(float((m[1] - m[8]).abs()))
+    assert max(spreads["bones"]) <= 0.1 + 1e-6 and max(spreads["muscles"]) <= 0.1 + 1e-6
+    assert np.mean(spreads["across"]) > 0.15  # different tissues still differ
+    # p = 0 (the session 1-5 synthesis) draws exactly as a volume without tissue classes
+    a = ks.tissue_means(_toy_volume(tissue), ks.SynthConfig(), torch.Generator().manual_seed(1), 12)
+    b = ks.tissue_means(_toy_volume(None), ks.SynthConfig(), torch.Generator().manual_seed(1), 12)
+    assert torch.equal(a, b) and float(a[1:5].max() - a[1:5].min()) > 0.1
+
+
+def test_slab_positions_reach_the_through_plane_margin(volumes):
+    vol = volumes[0][0]
+    normal = torch.tensor(ks.PLANES["sagittal"][0])
+    lo, hi = (float(v) for v in sorted(-torch.tensor(vol.bone_extent_lps[0])))  # sagittal normal is -L
+    for margin in (0.0, 30.0):
+        cfg = ks.SynthConfig(network_px=16, rotation_deg=(0.0, 0.0, 0.0), elastic_mm=0.0, sub_planes=1,
+                             through_plane_margin_mm=margin)
+        gen = torch.Generator().manual_seed(2)
+        pos = [float(ks.sample_geometry(vol, cfg, gen, "cpu", "sagittal")[0][0, 8, 8] @ normal) for _ in range(200)]
+        assert lo - margin - 0.5 <= min(pos) and max(pos) <= hi + margin + 0.5
+        beyond = np.mean([p < lo - 10 or p > hi + 10 for p in pos])
+        assert (beyond == 0) if margin == 0 else (beyond > 0.2), (margin, beyond)
+
+
+def test_synth_overrides_from_the_command_line_are_typed_and_checked():
+    assert kb.parse_synth_overrides(["shared_tissue_p=0.8", "fov_mm=100,150", "sub_planes=3"]) == {
+        "shared_tissue_p": 0.8, "fov_mm": (100.0, 150.0), "sub_planes": 3}
+    for bad in (["nonsense=1"], ["fov_mm=100"], ["shared_tissue_p=high"], ["extra=1"]):
+        with pytest.raises(SystemExit, match="--synth"):
+            kb.parse_synth_overrides(bad)

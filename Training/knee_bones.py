@@ -43,6 +43,9 @@ LABEL_MAPS = {
     "spl-atlas-labels.nrrd": {95: 1, 96: 2, 97: 3, 98: 4},
     "pymskt-dess-labels.nrrd": {5: 1, 6: 2, 8: 3, 7: 4},
 }
+# tissue of the non-bone labels of a map without a colour table (data README: 1-4 cartilage, 9-10 menisci)
+TISSUES = {"pymskt-dess-labels.nrrd": {1: "cartilage", 2: "cartilage", 3: "cartilage", 4: "cartilage",
+                                       9: "meniscus", 10: "meniscus"}}
 HELD_OUT = "pymskt-dess-labels.nrrd"  # validation anatomy: a DESS knee like the real test series
 ALL_ANATOMIES = "none"  # --held-out none: train on every label map (the model to ship once held-out figures exist)
 
@@ -71,6 +74,39 @@ class Config:
 
 
 # ---- preparation (SimpleITK) -------------------------------------------------------------------
+
+def read_colour_table(path: Path) -> dict[int, str]:
+    """Slicer colour table (.ctbl: ``value name r g b a`` lines) -> value: "r g b a" colour."""
+    table = {}
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 6 and not line.startswith("#"):
+            table[int(parts[0])] = " ".join(parts[2:6])
+    return table
+
+
+def tissue_of(path: Path, values: list[int]) -> dict[int, str]:
+    """Tissue class of each label value: from TISSUES, else from a Slicer colour table beside the map
+    (the SPL atlas colours every muscle alike, every ligament alike...), else each value its own."""
+    known = TISSUES.get(Path(path).name)
+    if known is None:
+        ctbl = Path(path).with_name(Path(path).name.split(".")[0] + ".ctbl")
+        known = read_colour_table(ctbl) if ctbl.is_file() else {}
+    return {v: known.get(v, f"label {v}") for v in values}
+
+
+def tissue_ids(lut: dict[int, int], tissue: dict[int, str], n_labels: int) -> tuple[int, ...]:
+    """Tissue class index per renumbered label id: 0 unlabelled, 1 bone (ids 1..BONES), 2.. the others."""
+    names: dict[str, int] = {}
+    ids = [0] * n_labels
+    for b in range(1, BONES + 1):
+        if b < n_labels:
+            ids[b] = 1
+    for value, new in sorted(lut.items()):
+        if new > BONES:
+            ids[new] = names.setdefault(tissue[value], len(names) + 2)
+    return tuple(ids)
+
 
 def prepare_volume(path: Path, mapping: dict[int, int], spacing_mm: float, image_path: Path | None = None,
                    name: str | None = None) -> KneeVolume:
@@ -111,9 +147,10 @@ def prepare_volume(path: Path, mapping: dict[int, int], spacing_mm: float, image
                                                     outputPixelType=sitk.sitkFloat32, **grid))
         real = torch.from_numpy(real / max(float(np.percentile(real[real > 0], 99.5)), 1e-6)).to(torch.float16)
     labelled = tuple(sorted(set(mapping.values()) & set(range(1, BONES + 1))))
+    n_labels = int(labels.max()) + 1
     return KneeVolume(name or Path(path).name, torch.from_numpy(labels), spacing_mm, tuple(float(v) for v in lo),
                       joint_centre(labels, lo, spacing_mm), bone_extent(labels, lo, spacing_mm),
-                      int(labels.max()) + 1, real, labelled)
+                      n_labels, real, labelled, tissue_ids(lut, tissue_of(path, others), n_labels))
 
 
 # ---- label maps and image pairs users bring ----------------------------------------------------
@@ -232,6 +269,7 @@ def prepare(out: Path, labelmaps: Path | None, spacing_mm: float, pairs: list[di
         ml = counts * spacing_mm ** 3 / 1000
         log(f"{vol.name}: grid {tuple(vol.labels.shape)} at {spacing_mm} mm, {vol.n_labels - 1} labels, bones "
             f"femur/tibia/fibula/patella {np.round(ml, 1).tolist()} ml (labelled {list(vol.labelled)}), "
+            f"{max(vol.tissue) - 1} non-bone tissue classes, "
             f"{'real image' if vol.image is not None else 'label map only'}, joint centre LPS "
             f"{np.round(vol.joint_centre_lps, 1).tolist()} ({time.time() - t:.1f} s)")
     save_volumes(volumes, out / "volumes.pt")
@@ -696,6 +734,29 @@ def ship(out: Path, version: str, evaluation: Path, real: Path, variants: Path, 
     return 0
 
 
+def parse_synth_overrides(items: list[str]) -> dict:
+    """["shared_tissue_p=0.8", "fov_mm=110,200"] -> SynthConfig overrides, typed like the defaults."""
+    defaults = asdict(SynthConfig())
+    out = {}
+    for item in items:
+        key, _, text = item.partition("=")
+        if key not in defaults or key == "extra" or not text:
+            raise SystemExit(f"--synth {item!r}: expected KEY=VALUE with KEY one of "
+                             f"{sorted(k for k in defaults if k != 'extra')}")
+        kind = defaults[key]
+        try:
+            if isinstance(kind, tuple):
+                out[key] = tuple(type(d)(v) for d, v in zip(kind, text.split(",")))
+                if len(text.split(",")) != len(kind):
+                    raise ValueError
+            else:
+                out[key] = type(kind)(text)
+        except ValueError:
+            raise SystemExit(f"--synth {item!r}: {key} takes {len(kind) if isinstance(kind, tuple) else 1} "
+                             f"{type(kind[0] if isinstance(kind, tuple) else kind).__name__} value(s)") from None
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -730,6 +791,8 @@ def main(argv=None) -> int:
     t.add_argument("--init", default=None, help="start from this checkpoint's weights (fresh optimiser and schedule)")
     t.add_argument("--lr", type=float, default=Config.lr, help="schedule start (seed 000: 1e-3)")
     t.add_argument("--lr-final", type=float, default=Config.lr_final, help="schedule end (seed 000: 1e-4)")
+    t.add_argument("--synth", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="knee_synth.SynthConfig overrides, e.g. shared_tissue_p=0.8 through_plane_margin_mm=25")
     e = sub.add_parser("evaluate")
     e.add_argument("--out", type=Path, required=True)
     e.add_argument("--checkpoint", type=Path, default=None, help="default: OUT/best.pt")
@@ -768,7 +831,8 @@ def main(argv=None) -> int:
         cfg = Config(variant=args.variant, channels=args.channels, iterations=args.iterations,
                      batch_size=args.batch_size, patch=args.patch, eval_every=args.eval_every, seed=args.seed,
                      patience=args.patience, held_out=args.held_out, stop_after=args.stop_after,
-                     workers=args.workers, init=args.init, lr=args.lr, lr_final=args.lr_final)
+                     workers=args.workers, init=args.init, lr=args.lr, lr_final=args.lr_final,
+                     synth=parse_synth_overrides(args.synth))
         state = train(cfg, args.out, args.resume, args.device, args.max_minutes, volumes_path=args.volumes)
         print(f"best mean Dice {state['best']:.4f} at epoch {state['best_epoch']}")
         return 0

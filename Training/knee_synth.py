@@ -52,11 +52,16 @@ class KneeVolume:
     # comes with one: such samples are the real image, augmented, instead of a synthetic one
     image: torch.Tensor | None = None
     labelled: tuple[int, ...] = (1, 2, 3, 4)  # bones this map labels (e.g. OAI-ZIB: femur, tibia only)
+    # tissue class of every label id (length n_labels; the four bones share one): structures of one
+    # tissue (all muscles, all bone marrow) have one MR signal, as SynthSeg's generation classes.
+    # None: every label its own class.
+    tissue: tuple[int, ...] | None = None
 
     def to(self, device) -> "KneeVolume":
         return KneeVolume(self.name, self.labels.to(device), self.spacing_mm, self.origin_lps,
                           self.joint_centre_lps, self.bone_extent_lps, self.n_labels,
-                          None if self.image is None else self.image.to(device), tuple(self.labelled))
+                          None if self.image is None else self.image.to(device), tuple(self.labelled),
+                          None if self.tissue is None else tuple(self.tissue))
 
 
 @dataclass
@@ -68,11 +73,17 @@ class SynthConfig:
     rotation_deg: tuple[float, float, float] = (15.0, 10.0, 10.0)  # in-plane, two out-of-plane tilts
     scale: tuple[float, float] = (0.85, 1.15)
     elastic_mm: float = 3.0
+    through_plane_margin_mm: float = 10.0  # slab positions reach this far beyond the bones (outer slices)
     thickness_mm: tuple[float, float] = (0.5, 4.0)
     sub_planes: int = 5
     background_tissues: tuple[int, int] = (1, 5)
     cortex_px: tuple[int, int] = (0, 3)
     texture_sd: float = 0.08
+    # share of samples in which structures of one tissue class (KneeVolume.tissue) share a mean
+    # intensity, each within +-tissue_jitter of it; the rest draw every structure independently
+    # (0 = the session 1-5 synthesis: every structure, every bone its own random intensity)
+    shared_tissue_p: float = 0.0
+    tissue_jitter: float = 0.05
     blur_px: tuple[float, float] = (0.0, 1.2)
     downsample: tuple[float, float] = (1.0, 2.5)
     bias_sd: float = 0.35
@@ -130,11 +141,12 @@ def sample_geometry(vol: KneeVolume, cfg: SynthConfig, gen: torch.Generator, dev
     centre = torch.tensor(vol.joint_centre_lps, device=device)
     centre = centre + row * float(_u(gen, -1, 1, device=device)) * cfg.centre_jitter_mm
     centre = centre + col * float(_u(gen, -1, 1, device=device)) * cfg.centre_jitter_mm
-    # through-plane: anywhere across the bones (+-10 mm): every slice of a knee series is seen
+    # through-plane: anywhere across the bones and a margin beyond: every slice of a knee series is seen
     lo_hi = torch.tensor(vol.bone_extent_lps, device=device)  # (3, 2)
     corners = torch.cartesian_prod(lo_hi[0], lo_hi[1], lo_hi[2])  # (8, 3)
     along = corners @ normal
-    s = float(_u(gen, float(along.min()) - 10.0, float(along.max()) + 10.0, device=device))
+    margin = cfg.through_plane_margin_mm
+    s = float(_u(gen, float(along.min()) - margin, float(along.max()) + margin, device=device))
     centre = centre + normal * (s - float(centre @ normal))
     thickness = float(_u(gen, *cfg.thickness_mm, device=device))
     t = (torch.arange(n, device=device, dtype=torch.float32) + 0.5) / n - 0.5
@@ -185,6 +197,20 @@ def _split_background(labels: torch.Tensor, n_labels: int, cfg: SynthConfig, gen
     return torch.where(labels == 0, pseudo[None].expand_as(labels), labels)
 
 
+def tissue_means(vol: KneeVolume, cfg: SynthConfig, gen, n_ids: int) -> torch.Tensor:
+    """(n_ids,) random mean intensity in [0, 1] per label id: independent per id, or (with probability
+    ``shared_tissue_p``, when the volume has tissue classes) one draw per tissue class plus a small
+    per-structure jitter. Pseudo-tissues (ids >= n_labels) are always independent."""
+    device = vol.labels.device
+    means = _u(gen, 0.0, 1.0, (n_ids,), device)
+    if vol.tissue is not None and cfg.shared_tissue_p > 0 and float(_u(gen, 0, 1, device=device)) < cfg.shared_tissue_p:
+        tissue = torch.tensor(vol.tissue, device=device)
+        shared = _u(gen, 0.0, 1.0, (int(tissue.max()) + 1,), device)[tissue]
+        jitter = _u(gen, -cfg.tissue_jitter, cfg.tissue_jitter, (len(vol.tissue),), device)
+        means[:len(vol.tissue)] = (shared + jitter).clamp(0.0, 1.0)
+    return means
+
+
 def _cortex(labels: torch.Tensor, width: int, rim_id: int) -> torch.Tensor:
     """Bone voxels within ``width`` pixels of the bone's edge -> ``rim_id`` (dark cortex)."""
     if width <= 0:
@@ -225,7 +251,7 @@ def synthesise(vol: KneeVolume, cfg: SynthConfig, gen: torch.Generator, plane: s
         width = int(torch.randint(cfg.cortex_px[0], cfg.cortex_px[1] + 1, (1,), generator=gen, device=device))
         labels = _cortex(labels, width, rim_id)
         n_ids = rim_id + 1
-        means = _u(gen, 0.0, 1.0, (n_ids,), device)
+        means = tissue_means(vol, cfg, gen, n_ids)
         means[rim_id] = _u(gen, 0.0, 0.12, device=device)  # cortical bone: no signal
         sds = _u(gen, 0.0, cfg.texture_sd, (n_ids,), device)
         img = means[labels] + sds[labels] * torch.randn(labels.shape, generator=gen, device=device)
