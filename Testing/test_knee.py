@@ -330,6 +330,29 @@ def test_overlays_accept_the_cards_acquisition_plane(tmp_path):
     assert out.exists() and out.stat().st_size > 1000
 
 
+def test_montage_shows_evenly_spread_slices_with_the_label_colours(tmp_path):
+    """Training's check-real writes a montage of the whole result (stray pieces in outer slices
+    show there, not on the per-bone overlays): the tiles carry the labels' colours where the bones are."""
+    from PIL import Image as PILImage
+
+    from SpineKneeSegLib.render import save_label_montage
+
+    phantom = knee_phantom(0)
+    card = TASKS["knee-bones"]
+    path = save_label_montage(tmp_path / "m.png", phantom.image, phantom.labels, card, tiles=12, columns=4,
+                              tile_px=120)
+    png = np.asarray(PILImage.open(path).convert("RGB")).astype(int)
+    assert png.shape == (3 * 120, 4 * 120, 3)  # 12 tiles, 4 columns; the phantom's view is square
+
+    def coloured(rgb):  # the image is grey (r = g = b): colour comes from the labels (and the slice numbers)
+        return float(((rgb.max(axis=2) - rgb.min(axis=2)) > 30).mean())
+
+    empty = save_label_montage(tmp_path / "e.png", phantom.image, phantom.labels.with_array(
+        np.zeros_like(phantom.labels.array)), card, tiles=12, columns=4, tile_px=120)
+    assert coloured(png) > 0.02 and coloured(np.asarray(PILImage.open(empty).convert("RGB")).astype(int)) < 0.005
+    assert not list(tmp_path.glob("*.part"))
+
+
 # ---- seed 000's merged variant through the product ------------------------------------------
 
 def test_seed_variants_run_merged_weights_and_a_per_bone_fibula_model(tmp_path):

@@ -551,15 +551,19 @@ def compare_variants(runs: dict[str, Path], at_iteration: int) -> list[dict]:
 def check_real_series(checkpoint: Path, out: Path, log=print) -> list[dict]:
     """Run the product (CLI code path) on the two real knee series; nothing here is tuned on them."""
     from SpineKneeSegLib.datasets import data_root
+    from SpineKneeSegLib.io import read_image
     from SpineKneeSegLib.pipeline import RunOptions, run_case
+    from SpineKneeSegLib.render import save_label_montage
     from SpineKneeSegLib.tasks import TASKS
 
     results = []
     for name in ("dess-dicom", "mese-t2-dicom"):
         series = data_root() / "knee" / name
         report = run_case(TASKS[TASK], [str(series)], out / name, RunOptions(weights=str(checkpoint)))
+        montage = save_label_montage(out / name / "montage.png", read_image(series),
+                                     read_image(out / name / "labels.nii.gz"), TASKS[TASK])
         results.append({"series": name, "summaries": report["summaries"], "warnings": report["warnings"],
-                        "timings_s": report["timings_s"], "outputs": report["outputs"]})
+                        "timings_s": report["timings_s"], "outputs": report["outputs"], "montage": str(montage)})
         log(json.dumps({"series": name, "warnings": report["warnings"], "timings_s": report["timings_s"]}))
     return results
 

@@ -155,6 +155,35 @@ def save_label_overlays(folder: str | Path, subdir: str, image: Image, labels: I
     return written
 
 
+def save_label_montage(path: str | Path, image: Image, labels: Image, card, tiles: int = 24, columns: int = 6,
+                       tile_px: int = 200) -> Path:
+    """One PNG of ``tiles`` slices evenly spread through the volume in the task's plane (same
+    display convention as save_label_overlays), each with its slice number: for checking a whole
+    result at a glance (stray pieces in outer slices that the per-label overlays never show)."""
+    from .preprocessing import canonical_orientation, resolve_plane
+
+    plane = resolve_plane(image, card.preprocessing.plane)
+    orientation = canonical_orientation(image, plane)
+    arr, lab = orientation.apply(image.array), orientation.apply(labels.array)
+    lo, hi = np.percentile(arr[:: max(1, arr.shape[0] // 8)], (1, 99))
+    spacing_by_axis = tuple(reversed(image.spacing))
+    row_mm, col_mm = spacing_by_axis[orientation.axes[1]], spacing_by_axis[orientation.axes[2]]
+    h, w = arr.shape[1] * row_mm, arr.shape[2] * col_mm
+    size = (round(tile_px * w / max(h, w)), round(tile_px * h / max(h, w)))
+    indices = np.unique(np.linspace(0, arr.shape[0] - 1, min(tiles, arr.shape[0])).round().astype(int))
+    rows = -(-len(indices) // columns)
+    canvas = PILImage.new("RGB", (columns * size[0], rows * size[1]))
+    for n, index in enumerate(indices):
+        grey = (np.clip((arr[index].astype(np.float32) - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
+        tile = PILImage.fromarray(overlay_rgb(grey, lab[index], card.labels)).resize(size, PILImage.BILINEAR)
+        ImageDraw.Draw(tile).text((3, 1), str(int(index)), fill=(255, 255, 0))
+        canvas.paste(tile, ((n % columns) * size[0], (n // columns) * size[1]))
+    tmp = Path(path).with_name(Path(path).name + ".part")
+    canvas.save(tmp, format="PNG")
+    tmp.replace(path)
+    return Path(path)
+
+
 def side_by_side(paths: list[Path], out: Path) -> Path:
     images = [PILImage.open(p).convert("RGB") for p in paths]
     height = max(i.height for i in images)
