@@ -487,9 +487,11 @@ EVAL_SERIES = (  # (plane, slices, slice mm, pixel mm, mirror): like clinical kn
 BONE_NAMES = {1: "femur", 2: "tibia", 3: "fibula", 4: "patella"}
 
 
-def evaluate_series(checkpoint: Path, volumes_path: Path, seed: int = 777, log=print) -> dict:
+def evaluate_series(checkpoint: Path, volumes_path: Path, seed: int = 777, log=print, synth: dict | None = None) -> dict:
     """Run the product's inference (task card + checkpoint preprocessing) on synthetic series of
-    the held-out anatomy; per-bone Dice of the raw network labels and after post-processing."""
+    the held-out anatomy; per-bone Dice of the raw network labels and after post-processing.
+    ``synth``: SynthConfig overrides for the series (e.g. shared_tissue_p=1: one marrow intensity
+    for the four bones, as in real MR; default: every structure its own intensity, as in v0.1.0's card)."""
     from SpineKneeSegLib.bone_split import split_any_bone
     from SpineKneeSegLib.image import Image
     from SpineKneeSegLib.inference import load_network, segment_slices
@@ -505,7 +507,8 @@ def evaluate_series(checkpoint: Path, volumes_path: Path, seed: int = 777, log=p
     variant = weights.checkpoint["metadata"].get("variant", "multiclass")
     net = load_network(weights, torch.device("cpu"))
     held = [v for v in load_volumes(volumes_path) if v.name == HELD_OUT][0]
-    synth = SynthConfig()
+    overrides = dict(synth or {})
+    synth = SynthConfig(**overrides)
     rows = []
     for i, (plane, n, slice_mm, pixel_mm, mirror) in enumerate(EVAL_SERIES):
         gen = torch.Generator().manual_seed(seed + i)
@@ -531,7 +534,8 @@ def evaluate_series(checkpoint: Path, volumes_path: Path, seed: int = 777, log=p
         rows.append(row)
         log(json.dumps(row))
     summary = {name: round(float(np.nanmean([r.get(name, np.nan) for r in rows])), 4) for name in BONE_NAMES.values()}
-    return {"checkpoint": str(checkpoint), "held_out": HELD_OUT, "series": rows, "mean_dice": summary}
+    return {"checkpoint": str(checkpoint), "held_out": HELD_OUT, "synthesis": overrides, "series": rows,
+            "mean_dice": summary}
 
 
 # ---- variant comparison, real-series check, model card -----------------------------------------
@@ -801,6 +805,8 @@ def main(argv=None) -> int:
     e.add_argument("--out", type=Path, required=True)
     e.add_argument("--checkpoint", type=Path, default=None, help="default: OUT/best.pt")
     e.add_argument("--volumes", type=Path, default=None)
+    e.add_argument("--synth", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="SynthConfig overrides for the series (e.g. shared_tissue_p=1); the JSON name gets -tissue")
     c = sub.add_parser("compare", help="validation Dice of variant runs at one iteration -> JSON")
     c.add_argument("--runs", nargs="+", required=True, help="VARIANT=RUN_DIR ...")
     c.add_argument("--at", type=int, required=True)
@@ -841,8 +847,10 @@ def main(argv=None) -> int:
         print(f"best mean Dice {state['best']:.4f} at epoch {state['best_epoch']}")
         return 0
     if args.command == "evaluate":
-        result = evaluate_series(args.checkpoint or args.out / "best.pt", args.volumes or args.out / "volumes.pt")
-        name = (args.checkpoint or args.out / "best.pt").stem
+        overrides = parse_synth_overrides(args.synth)
+        result = evaluate_series(args.checkpoint or args.out / "best.pt", args.volumes or args.out / "volumes.pt",
+                                 synth=overrides)
+        name = (args.checkpoint or args.out / "best.pt").stem + ("-tissue" if overrides else "")
         (args.out / f"eval-{name}.json").write_text(json.dumps(result, indent=2))
         print(json.dumps(result["mean_dice"]))
         return 0

@@ -197,17 +197,17 @@ def _split_background(labels: torch.Tensor, n_labels: int, cfg: SynthConfig, gen
     return torch.where(labels == 0, pseudo[None].expand_as(labels), labels)
 
 
-def tissue_means(vol: KneeVolume, cfg: SynthConfig, gen, n_ids: int) -> torch.Tensor:
-    """(n_ids,) random mean intensity in [0, 1] per label id: independent per id, or (with probability
+def tissue_means(vol: KneeVolume, cfg: SynthConfig, gen, n_ids: int, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
+    """(n_ids,) random mean intensity in [lo, hi] per label id: independent per id, or (with probability
     ``shared_tissue_p``, when the volume has tissue classes) one draw per tissue class plus a small
     per-structure jitter. Pseudo-tissues (ids >= n_labels) are always independent."""
     device = vol.labels.device
-    means = _u(gen, 0.0, 1.0, (n_ids,), device)
+    means = _u(gen, lo, hi, (n_ids,), device)
     if vol.tissue is not None and cfg.shared_tissue_p > 0 and float(_u(gen, 0, 1, device=device)) < cfg.shared_tissue_p:
         tissue = torch.tensor(vol.tissue, device=device)
-        shared = _u(gen, 0.0, 1.0, (int(tissue.max()) + 1,), device)[tissue]
+        shared = _u(gen, lo, hi, (int(tissue.max()) + 1,), device)[tissue]
         jitter = _u(gen, -cfg.tissue_jitter, cfg.tissue_jitter, (len(vol.tissue),), device)
-        means[:len(vol.tissue)] = (shared + jitter).clamp(0.0, 1.0)
+        means[:len(vol.tissue)] = (shared + jitter).clamp(lo, hi)
     return means
 
 
@@ -347,7 +347,7 @@ def synthesise_volume(vol: KneeVolume, cfg: SynthConfig, gen: torch.Generator, *
     labels = _split_background(labels, vol.n_labels, cfg, gen)
     rim_id = vol.n_labels + cfg.background_tissues[1]
     labels = _cortex(labels, int(torch.randint(1, cfg.cortex_px[1] + 1, (1,), generator=gen, device=device)), rim_id)
-    means = _u(gen, 0.05, 1.0, (rim_id + 1,), device)
+    means = tissue_means(vol, cfg, gen, rim_id + 1, lo=0.05)
     means[rim_id] = _u(gen, 0.0, 0.1, device=device)
     sds = _u(gen, 0.0, cfg.texture_sd / 2, (rim_id + 1,), device)
     img = means[labels] + sds[labels] * torch.randn(labels.shape, generator=gen, device=device)
