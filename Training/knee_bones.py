@@ -487,7 +487,8 @@ EVAL_SERIES = (  # (plane, slices, slice mm, pixel mm, mirror): like clinical kn
 BONE_NAMES = {1: "femur", 2: "tibia", 3: "fibula", 4: "patella"}
 
 
-def evaluate_series(checkpoint: Path, volumes_path: Path, seed: int = 777, log=print, synth: dict | None = None) -> dict:
+def evaluate_series(checkpoint: Path, volumes_path: Path, seed: int = 777, log=print,
+                    synth: dict | None = None) -> dict:
     """Run the product's inference (task card + checkpoint preprocessing) on synthetic series of
     the held-out anatomy; per-bone Dice of the raw network labels and after post-processing.
     ``synth``: SynthConfig overrides for the series (e.g. shared_tissue_p=1: one marrow intensity
