@@ -276,6 +276,13 @@ def test_model_card_of_a_model_trained_on_every_anatomy_carries_the_held_out_run
     assert "| **mean** | 0.777" in own.split("## Seed variants")[0] and "Looked at: ok." in card
     single = kb.model_card("9.9.8", held_meta, evaluation(0.333), [], variants)
     assert "Held out entirely" in single and "No anatomy is held out" not in single
+    assert "Tissue classes" not in single and "up to 10 mm beyond" in single
+    # a model trained with tissue classes says so, and shows the shared-marrow series beside the default ones
+    tissue_meta = {**held_meta, "config": {**held_meta["config"], "synth": {"shared_tissue_p": 0.8,
+                                                                            "through_plane_margin_mm": 25.0}}}
+    tissue = kb.model_card("9.9.7", tissue_meta, evaluation(0.333), [], variants, evaluation_tissue=evaluation(0.444))
+    assert "Tissue classes" in tissue and "in 80% of the samples" in tissue and "up to 25 mm beyond" in tissue
+    assert "one marrow intensity for all four bones" in tissue and "| **mean** | 0.444" in tissue
 
 
 def test_tissue_classes_come_from_the_colour_table_beside_a_label_map(tmp_path):

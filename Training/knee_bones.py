@@ -587,7 +587,7 @@ MAP_SOURCES = {"spl-atlas-labels.nrrd": "SPL Knee Atlas, Richolt/Jakab/Kikinis, 
 
 
 def model_card(version: str, meta: dict, evaluation: dict, real: list[dict], variants: list[dict],
-               held_out: dict | None = None, notes: str = "") -> str:
+               held_out: dict | None = None, notes: str = "", evaluation_tissue: dict | None = None) -> str:
     """``evaluation``: this checkpoint's synthetic series (of HELD_OUT). When the checkpoint saw
     every anatomy (--held-out none), ``held_out`` = {"version", "evaluation", "meta"} of the run
     that held HELD_OUT out, whose figures stand for generalisation. ``notes``: what the overlays
@@ -604,6 +604,20 @@ def model_card(version: str, meta: dict, evaluation: dict, real: list[dict], var
         real_rows.append(f"| {r['series']} | {'passed' if plaus.get('passed') else 'FAILED'} | "
                          f"{'; '.join(r['warnings']) or 'none'} | {r['timings_s'].get('total', float('nan')):.2f} |")
     trained_on = "; ".join(f"{m} ({MAP_SOURCES.get(m, 'data you brought')})" for m in meta["trained_on"])
+    synth = {**asdict(SynthConfig()), **cfg.get("synth", {})}
+    tissue_text = (f"""
+- Tissue classes (SynthSeg's generation classes): in {synth['shared_tissue_p']:.0%} of the samples the
+  structures of one tissue share one random intensity (within +-{synth['tissue_jitter']}): the four bones one
+  marrow signal, all muscles one, as in real MR. The classes come from the label map's Slicer colour
+  table (the SPL atlas colours every muscle alike) or the data README (pymskt: cartilage, menisci).""" if
+                   synth["shared_tissue_p"] > 0 else "")
+    slab_text = f"slabs anywhere across the bones and up to {synth['through_plane_margin_mm']:g} mm beyond"
+    tissue_table = "" if evaluation_tissue is None else f"""
+
+The same series with one marrow intensity for all four bones (`evaluate --synth shared_tissue_p=1`;
+real MR shows every bone's marrow alike):
+
+{_series_table(evaluation_tissue)}"""
     init = f" Fine-tuned from `{Path(cfg['init']).name}` (fresh optimiser)." if cfg.get("init") else ""
     if all_maps:
         ho = held_out["meta"]
@@ -637,7 +651,7 @@ fibula {val['fibula']:.3f}, patella {val['patella']:.3f}.
 Synthetic 3D series of the held-out anatomy through the product's inference (Dice after
 post-processing, raw network output in brackets):
 
-{_series_table(evaluation)}"""
+{_series_table(evaluation)}{tissue_table}"""
     return f"""# Model card: knee-bones v{version} (starter, trained on synthetic images only)
 
 **Task** `knee-bones` (seed 000): femur, tibia, fibula, patella in knee MRI, slice-wise 2D U-Net.
@@ -648,7 +662,7 @@ post-processing, raw network output in brackets):
   per-structure intensities and texture, pseudo-tissues in unlabelled regions, a dark cortical rim,
   partial volume over 0.5-4 mm slabs, blur, resolution loss, bias field, gamma, Rician noise,
   random 110-200 mm windows near the joint, rotation, anisotropic scale, elastic displacement,
-  left/right mirroring, sagittal and coronal planes.
+  left/right mirroring, sagittal and coronal planes, {slab_text}.{tissue_text}
 - Trained on: {trained_on}.
 {held_text}
 - Real series checked (no labels; nothing tuned on them): pyKNEEr DESS (GPL-3.0 repository) and pymskt
@@ -712,14 +726,17 @@ SPL Knee Atlas: Apache-2.0. pymskt label map and T2 series: MIT. pyKNEEr DESS se
 
 
 def ship(out: Path, version: str, evaluation: Path, real: Path, variants: Path, held_out: Path | None = None,
-         notes: Path | None = None) -> int:
+         notes: Path | None = None, checkpoint: Path | None = None, evaluation_tissue: Path | None = None) -> int:
     """``held_out``: a JSON {"version", "evaluation": eval JSON path, "checkpoint": path} for a
-    model trained on every anatomy (the held-out-anatomy run whose figures it carries)."""
+    model trained on every anatomy (the held-out-anatomy run whose figures it carries).
+    ``checkpoint``: the weights to ship (default OUT/best.pt, the best validation evaluation);
+    ``evaluation_tissue``: the same series with one marrow intensity for all bones (evaluate --synth)."""
     import shutil
 
     from SpineKneeSegLib.weights import models_dir, register_model
 
-    meta = torch.load(out / "best.pt", map_location="cpu", weights_only=True)["metadata"]
+    checkpoint = checkpoint or out / "best.pt"
+    meta = torch.load(checkpoint, map_location="cpu", weights_only=True)["metadata"]
     held = None
     if held_out is not None:
         spec = json.loads(held_out.read_text())
@@ -729,9 +746,10 @@ def ship(out: Path, version: str, evaluation: Path, real: Path, variants: Path, 
         raise SystemExit("a model trained on every anatomy ships with --held-out-figures (its held-out run)")
     target = models_dir() / f"{TASK}-{version}.pt"
     card = models_dir() / f"{TASK}-{version}.md"
-    shutil.copyfile(out / "best.pt", target)
+    shutil.copyfile(checkpoint, target)
     card.write_text(model_card(version, meta, json.loads(evaluation.read_text()), json.loads(real.read_text()),
-                               json.loads(variants.read_text()), held, notes.read_text() if notes else ""))
+                               json.loads(variants.read_text()), held, notes.read_text() if notes else "",
+                               json.loads(evaluation_tissue.read_text()) if evaluation_tissue else None))
     mean = (held or {}).get("evaluation") or json.loads(evaluation.read_text())
     mean = mean["mean_dice"]
     maps = "both label maps" if held else "one label map"
@@ -823,6 +841,10 @@ def main(argv=None) -> int:
                    help='for a model trained on every anatomy: JSON {"version", "evaluation", "checkpoint"} of the '
                         "run that held the DESS map out")
     s.add_argument("--notes", type=Path, default=None, help="markdown: what the real-series overlays showed")
+    s.add_argument("--checkpoint", type=Path, default=None, help="weights to ship (default: OUT/best.pt)")
+    s.add_argument("--evaluation", type=Path, default=None, help="evaluate JSON (default: OUT/eval-best.json)")
+    s.add_argument("--evaluation-tissue", type=Path, default=None,
+                   help="evaluate --synth shared_tissue_p=1 JSON of the same checkpoint")
     args = parser.parse_args(argv)
     if args.command == "prepare":
         from SpineKneeSegLib.datasets import data_root
@@ -867,8 +889,9 @@ def main(argv=None) -> int:
         (args.out / "real.json").write_text(json.dumps(rows, indent=2))
         return 0
     if args.command == "ship":
-        return ship(args.out, args.version, args.out / "eval-best.json", args.out / "real.json",
-                    args.variants or args.out / "variants.json", args.held_out_figures, args.notes)
+        return ship(args.out, args.version, args.evaluation or args.out / "eval-best.json", args.out / "real.json",
+                    args.variants or args.out / "variants.json", args.held_out_figures, args.notes, args.checkpoint,
+                    args.evaluation_tissue)
     return 2
 
 
