@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Training"))
 import knee_bones as kb  # noqa: E402
@@ -162,12 +163,13 @@ def test_held_out_none_trains_and_validates_on_every_anatomy(volumes, tmp_path):
     vols = [v for v, _ in volumes]
     kb.save_volumes(vols, tmp_path / "volumes.pt")
     cfg = kb.Config(channels=4, levels=3, iterations=2, eval_every=2, batch_size=2, patch=64, val_samples=4,
-                    held_out=kb.ALL_ANATOMIES, synth={"network_px": 64})
+                    held_out=kb.ALL_ANATOMIES, synth={"network_px": 64, "shared_tissue_p": 1.0}, ce_weight=0.5)
     log = []
     kb.train(cfg, tmp_path, resume=False, log=log.append)
     assert "phantom-right.nrrd" in log[0] and "phantom-left.nrrd" in log[0].split("validating")[1]
     meta = torch.load(tmp_path / "best.pt", weights_only=True)["metadata"]
     assert meta["held_out"] == "none" and meta["trained_on"] == ["phantom-right.nrrd", "phantom-left.nrrd"]
+    assert meta["config"]["ce_weight"] == 0.5 and meta["config"]["synth"]["shared_tissue_p"] == 1.0
     _, y = kb.validation_set(vols, cfg, ks.SynthConfig(network_px=64))
     _, y_right = kb.validation_set(vols[:1], cfg, ks.SynthConfig(network_px=64))
     assert not torch.equal(y, y_right)  # the left map's slices are in the set
@@ -187,6 +189,27 @@ def test_marginal_loss_does_not_punish_bones_a_map_does_not_label():
     everything = torch.ones(1, 5, dtype=torch.bool)
     assert float(kb.soft_dice_loss(says_fibula, target, everything)) > \
         float(kb.soft_dice_loss(says_background, target, everything)) + 0.1
+    # the cross-entropy term (--ce-weight) is marginal in the same way
+    ce = kb.marginal_cross_entropy
+    assert abs(float(ce(says_fibula, target, femur_tibia_only)) - float(ce(says_background, target, femur_tibia_only))) \
+        < 1e-3
+    assert float(ce(says_fibula, target, everything)) > float(ce(says_background, target, everything)) + 1.0
+    assert torch.allclose(ce(says_fibula, target, everything), F.cross_entropy(says_fibula, target))
+
+
+def test_cross_entropy_charges_a_small_stray_piece_that_the_batch_dice_hardly_sees():
+    """A 2x2 stray femur in a sample without femur, beside a correct large femur in another sample:
+    the batch soft F1 changes little; soft F1 + cross-entropy changes by the strays' pixel cost."""
+    target = torch.zeros(2, 32, 32, dtype=torch.long)
+    target[0, 4:28, 4:28] = 1
+    clean = torch.full((2, 5, 32, 32), -6.0)
+    clean[:, 0] = 6.0
+    clean[0, 0, 4:28, 4:28], clean[0, 1, 4:28, 4:28] = -6.0, 6.0
+    stray = clean.clone()
+    stray[1, 0, 10:12, 10:12], stray[1, 1, 10:12, 10:12] = -6.0, 6.0
+    dice_only = float(kb.training_loss(stray, target, None, 0.0) - kb.training_loss(clean, target, None, 0.0))
+    with_ce = float(kb.training_loss(stray, target, None, 1.0) - kb.training_loss(clean, target, None, 1.0))
+    assert 0 < dice_only < 0.01 and with_ce > dice_only + 0.02
 
 
 def test_oai_zib_pairs_train_on_the_real_image(tmp_path):

@@ -71,6 +71,7 @@ class Config:
     spacing_mm: float = 0.5
     synth: dict = field(default_factory=dict)  # SynthConfig overrides
     init: str | None = None  # start from this checkpoint's weights (e.g. the shipped model), fresh optimiser
+    ce_weight: float = 0.0  # 0: seed 000's soft F1 alone; > 0 adds that much pixel cross-entropy
 
 
 # ---- preparation (SimpleITK) -------------------------------------------------------------------
@@ -318,6 +319,25 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, labelled: torch.T
     return 1 - dice[1:][present].mean()
 
 
+def marginal_cross_entropy(logits: torch.Tensor, target: torch.Tensor, labelled: torch.Tensor | None = None):
+    """Pixel-wise cross-entropy; a class a sample's map lacks is merged into that sample's background
+    (the marginal loss, as in soft_dice_loss). Unlike the batch Dice it charges every false-positive
+    pixel, so stray pieces far from any bone cost as much as a wrong border."""
+    logp = torch.log_softmax(logits, dim=1)
+    if labelled is not None and not bool(labelled.all()):
+        merge = ~labelled.clone()
+        merge[:, 0] = True  # background plus the classes this sample's map does not label
+        background = torch.logsumexp(logp.masked_fill(~merge[:, :, None, None], -math.inf), dim=1, keepdim=True)
+        logp = torch.cat([background, logp[:, 1:]], dim=1)
+    return F.nll_loss(logp, target)
+
+
+def training_loss(logits: torch.Tensor, target: torch.Tensor, labelled: torch.Tensor | None, ce_weight: float):
+    """Seed 000's soft F1 (ce_weight 0), or soft F1 + ce_weight x cross-entropy (nnU-Net's pairing)."""
+    loss = soft_dice_loss(logits, target, labelled)
+    return loss if ce_weight <= 0 else loss + ce_weight * marginal_cross_entropy(logits, target, labelled)
+
+
 def lr_at(cfg: Config, iteration: int) -> float:
     """Exponential decay from lr to lr_final over the iteration budget (seed: 1e-3 toward 1e-4)."""
     return cfg.lr * (cfg.lr_final / cfg.lr) ** min(1.0, iteration / max(1, cfg.iterations))
@@ -442,7 +462,7 @@ def train(cfg: Config, out: Path, resume: bool, device: str = "cpu", max_minutes
             x, y, labelled = (t.to(dev) for t in next(batches))
             optimiser.zero_grad()
             mask = labelled if cfg.variant == "multiclass" else None
-            loss = soft_dice_loss(net(x), variant_target(y, cfg.variant), mask)
+            loss = training_loss(net(x), variant_target(y, cfg.variant), mask, cfg.ce_weight)
             loss.backward()
             optimiser.step()
             losses.append(float(loss.detach()))
@@ -611,6 +631,9 @@ def model_card(version: str, meta: dict, evaluation: dict, real: list[dict], var
   marrow signal, all muscles one, as in real MR. The classes come from the label map's Slicer colour
   table (the SPL atlas colours every muscle alike) or the data README (pymskt: cartilage, menisci).""" if
                    synth["shared_tissue_p"] > 0 else "")
+    loss_text = ("Soft F1 (Dice) loss" if not cfg.get("ce_weight") else
+                 f"Soft F1 (Dice) loss plus {cfg['ce_weight']:g} x pixel cross-entropy (the seed's soft F1 alone: "
+                 "`--ce-weight 0`)")
     slab_text = f"slabs anywhere across the bones and up to {synth['through_plane_margin_mm']:g} mm beyond"
     tissue_table = "" if evaluation_tissue is None else f"""
 
@@ -681,7 +704,7 @@ trained on one protocol's real images).
 2D U-Net, constant {cfg['channels']} channels x {cfg['levels']} levels, ELU, batch norm, dropout
 {cfg['dropout']} at the end of the contracting path, softmax background + 4 bones
 ({'lighter than ' if cfg['channels'] < 32 else ''}the seed's constant 32, selectable: `--channels 32`).
-Soft F1 (Dice) loss, Adam {cfg['lr']:g} decaying exponentially toward {cfg['lr_final']:g} over
+{loss_text}, Adam {cfg['lr']:g} decaying exponentially toward {cfg['lr_final']:g} over
 {cfg['iterations']} iterations, batches of {cfg['batch_size']} random {cfg['patch']}x{cfg['patch']} crops of
 224x224 synthetic slices, early stopping patience {cfg['patience']} evaluations ({cfg['eval_every']}
 iterations each) on {cfg['val_samples']} fixed synthetic validation slices.{init}
@@ -818,6 +841,8 @@ def main(argv=None) -> int:
     t.add_argument("--init", default=None, help="start from this checkpoint's weights (fresh optimiser and schedule)")
     t.add_argument("--lr", type=float, default=Config.lr, help="schedule start (seed 000: 1e-3)")
     t.add_argument("--lr-final", type=float, default=Config.lr_final, help="schedule end (seed 000: 1e-4)")
+    t.add_argument("--ce-weight", type=float, default=Config.ce_weight,
+                   help="add this much pixel cross-entropy to the seed's soft F1 loss (0: the seed's loss alone)")
     t.add_argument("--synth", nargs="+", default=[], metavar="KEY=VALUE",
                    help="knee_synth.SynthConfig overrides, e.g. shared_tissue_p=0.8 through_plane_margin_mm=25")
     e = sub.add_parser("evaluate")
@@ -865,7 +890,7 @@ def main(argv=None) -> int:
                      batch_size=args.batch_size, patch=args.patch, eval_every=args.eval_every, seed=args.seed,
                      patience=args.patience, held_out=args.held_out, stop_after=args.stop_after,
                      workers=args.workers, init=args.init, lr=args.lr, lr_final=args.lr_final,
-                     synth=parse_synth_overrides(args.synth))
+                     synth=parse_synth_overrides(args.synth), ce_weight=args.ce_weight)
         state = train(cfg, args.out, args.resume, args.device, args.max_minutes, volumes_path=args.volumes)
         print(f"best mean Dice {state['best']:.4f} at epoch {state['best_epoch']}")
         return 0
