@@ -498,6 +498,42 @@ def train(cfg: Config, out: Path, resume: bool, device: str = "cpu", max_minutes
     return state
 
 
+def average_snapshots(run: Path, first: int, last: int, bn_batches: int = 50, log=print,
+                      volumes_path: Path | None = None) -> Path:
+    """Stochastic weight averaging (Izmailov et al., UAI 2018) of a run's snapshots ``first``..``last``
+    -> RUN/swa-FIRST-LAST.pt: one model from the many that the noisy late schedule visits. Batch-norm
+    statistics are re-estimated on ``bn_batches`` fresh synthetic training batches (the run's own
+    synthesis and training anatomies)."""
+    from torch.optim.swa_utils import update_bn
+
+    from SpineKneeSegLib.weights import save_checkpoint
+
+    paths = [p for p in sorted((run / "snapshots").glob("iter-*.pt")) if first <= int(p.stem[5:]) <= last]
+    if len(paths) < 2:
+        raise SystemExit(f"need at least two snapshots in {run / 'snapshots'} between {first} and {last}")
+    ckpts = [torch.load(p, map_location="cpu", weights_only=True) for p in paths]
+    meta = dict(ckpts[-1]["metadata"])
+    cfg = Config(**{k: v for k, v in meta["config"].items() if k in Config.__dataclass_fields__})
+    state = {k: (sum(c["state_dict"][k].double() for c in ckpts) / len(ckpts)).to(v.dtype)
+             if v.is_floating_point() else v for k, v in ckpts[-1]["state_dict"].items()}
+    net = build_network("unet2d", network_config(cfg))
+    net.load_state_dict(state)
+    volumes = [v for v in load_volumes(volumes_path or run / "volumes.pt") if v.name in meta["trained_on"]]
+    gen = torch.Generator().manual_seed(4242)
+    synth = SynthConfig(**cfg.synth)
+    batches = [random_crop(*synthesise_batch(volumes, synth, gen, cfg.batch_size), cfg.patch, gen)[0]
+               for _ in range(bn_batches)]
+    update_bn(batches, net)
+    meta.update({"swa": {"first": int(paths[0].stem[5:]), "last": int(paths[-1].stem[5:]), "snapshots": len(paths),
+                         "bn_batches": bn_batches}})
+    out = run / f"swa-{first}-{last}.pt"
+    model = "fibula" if cfg.variant == "fibula" else "labels"
+    save_checkpoint(out, TASK, "unet2d", network_config(cfg), {k: v.cpu() for k, v in net.state_dict().items()},
+                    metadata=meta, model=model)
+    log(f"averaged {len(paths)} snapshots ({paths[0].stem}..{paths[-1].stem}) -> {out}")
+    return out
+
+
 # ---- evaluation on synthetic 3D series of the held-out anatomy ---------------------------------
 
 EVAL_SERIES = (  # (plane, slices, slice mm, pixel mm, mirror): like clinical knee protocols
@@ -851,6 +887,11 @@ def main(argv=None) -> int:
     e.add_argument("--volumes", type=Path, default=None)
     e.add_argument("--synth", nargs="+", default=[], metavar="KEY=VALUE",
                    help="SynthConfig overrides for the series (e.g. shared_tissue_p=1); the JSON name gets -tissue")
+    a = sub.add_parser("average", help="weight-average a run's snapshots (SWA) -> OUT/swa-FIRST-LAST.pt")
+    a.add_argument("--out", type=Path, required=True)
+    a.add_argument("--first", type=int, required=True)
+    a.add_argument("--last", type=int, required=True)
+    a.add_argument("--volumes", type=Path, default=None, help="prepared volumes.pt (default: OUT/volumes.pt)")
     c = sub.add_parser("compare", help="validation Dice of variant runs at one iteration -> JSON")
     c.add_argument("--runs", nargs="+", required=True, help="VARIANT=RUN_DIR ...")
     c.add_argument("--at", type=int, required=True)
@@ -901,6 +942,9 @@ def main(argv=None) -> int:
         name = (args.checkpoint or args.out / "best.pt").stem + ("-tissue" if overrides else "")
         (args.out / f"eval-{name}.json").write_text(json.dumps(result, indent=2))
         print(json.dumps(result["mean_dice"]))
+        return 0
+    if args.command == "average":
+        average_snapshots(args.out, args.first, args.last, volumes_path=args.volumes)
         return 0
     if args.command == "compare":
         runs = dict(item.split("=", 1) for item in args.runs)
