@@ -886,7 +886,7 @@ def main(argv=None) -> int:
     e.add_argument("--checkpoint", type=Path, default=None, help="default: OUT/best.pt")
     e.add_argument("--volumes", type=Path, default=None)
     e.add_argument("--synth", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="SynthConfig overrides for the series (e.g. shared_tissue_p=1); the JSON name gets -tissue")
+                   help="SynthConfig overrides for the series (e.g. shared_tissue_p=1); the JSON name gets -synth")
     a = sub.add_parser("average", help="weight-average a run's snapshots (SWA) -> OUT/swa-FIRST-LAST.pt")
     a.add_argument("--out", type=Path, required=True)
     a.add_argument("--first", type=int, required=True)
@@ -939,7 +939,7 @@ def main(argv=None) -> int:
         overrides = parse_synth_overrides(args.synth)
         result = evaluate_series(args.checkpoint or args.out / "best.pt", args.volumes or args.out / "volumes.pt",
                                  synth=overrides)
-        name = (args.checkpoint or args.out / "best.pt").stem + ("-tissue" if overrides else "")
+        name = (args.checkpoint or args.out / "best.pt").stem + ("-synth" if overrides else "")
         (args.out / f"eval-{name}.json").write_text(json.dumps(result, indent=2))
         print(json.dumps(result["mean_dice"]))
         return 0
