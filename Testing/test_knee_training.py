@@ -410,3 +410,36 @@ def test_synthetic_series_can_give_the_four_bones_one_marrow_intensity(volumes):
     independent = [bone_spread(0.0, seed) for seed in range(6)]
     # shared: within the +-0.05 jitter (plus noise and partial volume); independent: uniform draws
     assert max(shared) < 0.13 and max(independent) > 0.3, (shared, independent)
+
+
+def test_distractors_never_cover_bone_and_get_a_rim_of_their_own():
+    """Bone-like distractors: blobs over non-bone pixels only, ids after the cortex id, and (when
+    they mimic a bone) a dark rim like a cortex."""
+    labels = torch.zeros((3, 64, 64), dtype=torch.long)
+    labels[:, 20:44, 20:44] = 1  # a femur filling the centre
+    labels[:, :, :8] = 5  # a muscle
+    cfg = ks.SynthConfig(distractors=(6, 6), distractor_mm=(10.0, 30.0))
+    out, k = ks._distractors(labels, 20, 100.0, cfg, torch.Generator().manual_seed(3))
+    assert k == 6
+    assert torch.equal(out == 1, labels == 1)  # bone untouched
+    painted = out >= 20
+    assert painted.any() and set(torch.unique(out[painted]).tolist()) <= set(range(20, 26))
+    assert torch.equal(painted[0], painted[2])  # the same blob through the slab
+    rimmed = ks._cortex(out, 2, 19, also=torch.arange(20, 26))
+    assert ((rimmed == 19) & painted).any()  # the distractors' own rim
+    assert torch.equal(ks._cortex(out, 2, 19)[~painted], rimmed[~painted])  # the bone's rim as before
+
+
+def test_distractors_leave_the_target_and_the_old_stream_alone(volumes):
+    vol = volumes[0][0]
+    base = ks.SynthConfig(network_px=96)
+    with_d = ks.SynthConfig(network_px=96, distractor_p=1.0, distractor_mimic_p=1.0)
+    for seed in range(4):
+        x0, y0, _ = ks.synthesise(vol, base, torch.Generator().manual_seed(seed))
+        x1, y1, _ = ks.synthesise(vol, with_d, torch.Generator().manual_seed(seed))
+        assert torch.equal(y0, y1) and not torch.equal(x0, x1)
+    # distractor_p = 0 draws nothing extra: the stream after a sample is the one without the option
+    g0, g1 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    ks.synthesise(vol, base, g0)
+    ks.synthesise(vol, ks.SynthConfig(network_px=96, distractor_p=0.0, distractors=(3, 9)), g1)
+    assert torch.equal(g0.get_state(), g1.get_state())

@@ -16,6 +16,9 @@ sagittal (rows down, cols posterior) or coronal (rows down, cols to patient left
 - a slab of ``thickness_mm`` sampled at several sub-planes and averaged (partial volume);
 - the unlabelled region split into random smooth pseudo-tissues (fat, muscle, air...);
 - a dark cortical rim of random width on every bone (cortex has no MR signal in any contrast);
+- optionally (``distractor_p``) bone-like distractors: smooth-edged blobs over non-bone pixels, most
+  with a bone's own marrow intensity and a dark rim, labelled background (real muscle bellies look like
+  that; only shape and position make a bone);
 - random per-tissue intensity and texture, blur, resolution loss, multiplicative bias field,
   gamma, Rician noise, zero padding where the window leaves the field of view;
 - per-slice z-score over the same foreground rule inference uses, then intensity jitter (the
@@ -84,6 +87,12 @@ class SynthConfig:
     # (0 = the session 1-5 synthesis: every structure, every bone its own random intensity)
     shared_tissue_p: float = 0.0
     tissue_jitter: float = 0.05
+    # share of samples with bone-like distractors (0 = none, and the session 1-6 random stream);
+    # their count, semi-axes (mm) and the share of them that copy a bone's marrow and get a dark rim
+    distractor_p: float = 0.0
+    distractors: tuple[int, int] = (1, 4)
+    distractor_mm: tuple[float, float] = (5.0, 25.0)
+    distractor_mimic_p: float = 0.7
     blur_px: tuple[float, float] = (0.0, 1.2)
     downsample: tuple[float, float] = (1.0, 2.5)
     bias_sd: float = 0.35
@@ -211,14 +220,43 @@ def tissue_means(vol: KneeVolume, cfg: SynthConfig, gen, n_ids: int, lo: float =
     return means
 
 
-def _cortex(labels: torch.Tensor, width: int, rim_id: int) -> torch.Tensor:
-    """Bone voxels within ``width`` pixels of the bone's edge -> ``rim_id`` (dark cortex)."""
+def _rim(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """(S, H, W) bool: pixels of ``mask`` within ``width`` pixels of its edge."""
+    m = mask.float()[:, None]
+    eroded = -F.max_pool2d(-m, 2 * width + 1, stride=1, padding=width)
+    return (m - eroded)[:, 0] > 0.5
+
+
+def _cortex(labels: torch.Tensor, width: int, rim_id: int, also: torch.Tensor | None = None) -> torch.Tensor:
+    """Bone voxels within ``width`` pixels of the bone's edge -> ``rim_id`` (dark cortex); ``also``
+    (label ids) get a rim of their own (bone-like distractors)."""
     if width <= 0:
         return labels
-    bone = ((labels >= 1) & (labels <= BONES)).float()[:, None]
-    eroded = -F.max_pool2d(-bone, 2 * width + 1, stride=1, padding=width)
-    rim = (bone - eroded)[:, 0] > 0.5
+    rim = _rim((labels >= 1) & (labels <= BONES), width)
+    if also is not None and also.numel():
+        rim |= _rim(torch.isin(labels, also), width)
     return torch.where(rim, rim_id, labels)
+
+
+def _distractors(labels: torch.Tensor, first_id: int, fov_mm: float, cfg: SynthConfig, gen) -> tuple[torch.Tensor, int]:
+    """Paint 1..K smooth-edged random ellipses (ids first_id..) over the non-bone pixels of the slab
+    (S, H, W); the target never sees them. Returns the labels and K."""
+    device = labels.device
+    n = labels.shape[-1]
+    k = int(torch.randint(cfg.distractors[0], cfg.distractors[1] + 1, (1,), generator=gen, device=device))
+    rr, cc = torch.meshgrid(torch.arange(n, device=device, dtype=torch.float32),
+                            torch.arange(n, device=device, dtype=torch.float32), indexing="ij")
+    bone = (labels >= 1) & (labels <= BONES)
+    for i in range(k):
+        a, b = (_u(gen, *cfg.distractor_mm, (2,), device) * n / fov_mm).unbind()
+        theta = float(_u(gen, 0, math.pi, device=device))
+        r0, c0 = _u(gen, 0, n, (2,), device).unbind()
+        u = ((rr - r0) * math.cos(theta) + (cc - c0) * math.sin(theta)) / a
+        v = (-(rr - r0) * math.sin(theta) + (cc - c0) * math.cos(theta)) / b
+        wobble = _smooth_field(gen, (4, 4), (n, n), device)[0] * 0.2
+        blob = torch.sqrt(u * u + v * v) + wobble < 1.0
+        labels = torch.where(blob[None] & ~bone, first_id + i, labels)
+    return labels, k
 
 
 def _foreground_zscore(img: torch.Tensor) -> torch.Tensor:
@@ -248,12 +286,22 @@ def synthesise(vol: KneeVolume, cfg: SynthConfig, gen: torch.Generator, plane: s
     else:
         labels = _split_background(labels, vol.n_labels, cfg, gen)
         rim_id = vol.n_labels + cfg.background_tissues[1]
+        n_distractors = 0
+        if cfg.distractor_p > 0 and float(_u(gen, 0, 1, device=device)) < cfg.distractor_p:
+            labels, n_distractors = _distractors(labels, rim_id + 1, fov, cfg, gen)
+        distractor_ids = torch.arange(rim_id + 1, rim_id + 1 + n_distractors, device=device)
+        mimic = _u(gen, 0, 1, (n_distractors,), device) < cfg.distractor_mimic_p
         width = int(torch.randint(cfg.cortex_px[0], cfg.cortex_px[1] + 1, (1,), generator=gen, device=device))
-        labels = _cortex(labels, width, rim_id)
-        n_ids = rim_id + 1
+        labels = _cortex(labels, width, rim_id, also=distractor_ids[mimic])
+        n_ids = rim_id + 1 + n_distractors
         means = tissue_means(vol, cfg, gen, n_ids)
         means[rim_id] = _u(gen, 0.0, 0.12, device=device)  # cortical bone: no signal
         sds = _u(gen, 0.0, cfg.texture_sd, (n_ids,), device)
+        for j in torch.nonzero(mimic).flatten().tolist():  # a bone's marrow, as a muscle belly can look
+            bone = int(torch.randint(1, BONES + 1, (1,), generator=gen, device=device))
+            jitter = _u(gen, -cfg.tissue_jitter, cfg.tissue_jitter, device=device)
+            means[rim_id + 1 + j] = (means[bone] + jitter).clamp(0, 1)
+            sds[rim_id + 1 + j] = sds[bone]
         img = means[labels] + sds[labels] * torch.randn(labels.shape, generator=gen, device=device)
         img = img.mean(dim=0, keepdim=True)[None]  # (1, 1, H, W): partial volume across the slab
 
