@@ -319,6 +319,10 @@ def test_model_card_of_a_model_trained_on_every_anatomy_carries_the_held_out_run
     tissue = kb.model_card("9.9.7", tissue_meta, evaluation(0.333), [], variants, evaluation_tissue=evaluation(0.444))
     assert "Tissue classes" in tissue and "in 80% of the samples" in tissue and "up to 25 mm beyond" in tissue
     assert "one marrow intensity for all four bones" in tissue and "| **mean** | 0.444" in tissue
+    assert "distractors" not in single.lower() and "distractors" not in tissue.lower()
+    distract_meta = {**held_meta, "config": {**held_meta["config"], "synth": {"distractor_p": 0.5}}}
+    distract = kb.model_card("9.9.6", distract_meta, evaluation(0.333), [], variants)
+    assert "Bone-like distractors: in 50% of the samples, 1-4 smooth-edged blobs" in distract
 
 
 def test_tissue_classes_come_from_the_colour_table_beside_a_label_map(tmp_path):

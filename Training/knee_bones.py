@@ -667,6 +667,13 @@ def model_card(version: str, meta: dict, evaluation: dict, real: list[dict], var
   marrow signal, all muscles one, as in real MR. The classes come from the label map's Slicer colour
   table (the SPL atlas colours every muscle alike) or the data README (pymskt: cartilage, menisci).""" if
                    synth["shared_tissue_p"] > 0 else "")
+    if synth.get("distractor_p", 0) > 0:
+        lo, hi = synth["distractors"]
+        tissue_text += f"""
+- Bone-like distractors: in {synth['distractor_p']:.0%} of the samples, {lo}-{hi} smooth-edged blobs
+  ({synth['distractor_mm'][0]:g}-{synth['distractor_mm'][1]:g} mm semi-axes) over non-bone pixels, labelled
+  background; {synth['distractor_mimic_p']:.0%} of them take a bone's marrow intensity and a dark rim, as
+  a muscle belly can look."""
     loss_text = ("Soft F1 (Dice) loss" if not cfg.get("ce_weight") else
                  f"Soft F1 (Dice) loss plus {cfg['ce_weight']:g} x pixel cross-entropy (the seed's soft F1 alone: "
                  "`--ce-weight 0`)")
