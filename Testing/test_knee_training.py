@@ -447,3 +447,25 @@ def test_distractors_leave_the_target_and_the_old_stream_alone(volumes):
     ks.synthesise(vol, base, g0)
     ks.synthesise(vol, ks.SynthConfig(network_px=96, distractor_p=0.0, distractors=(3, 9)), g1)
     assert torch.equal(g0.get_state(), g1.get_state())
+
+
+def test_beyond_the_label_map_the_first_labelled_slices_continue(volumes):
+    """beyond_volume="extend": below the map's lowest labelled axial slice the shafts go on (that
+    slice's labels), the in-plane outside stays empty; "empty" (default) keeps 0 beyond the map."""
+    vol = volumes[0][0]
+    lo, hi = ks.labelled_z_range(vol)
+    assert (vol.labels[:lo] == 0).all() and (vol.labels[hi + 1:] == 0).all() and (vol.labels[lo] > 0).any()
+    ys, xs = torch.meshgrid(torch.arange(vol.labels.shape[1]), torch.arange(vol.labels.shape[2]), indexing="ij")
+    origin = torch.tensor(vol.origin_lps)
+    for z_mm, z_idx in ((-40.0, lo), (vol.labels.shape[0] * vol.spacing_mm + 40.0, hi)):
+        pts = origin + torch.stack([xs * vol.spacing_mm, ys * vol.spacing_mm,
+                                    torch.full(xs.shape, z_mm)], dim=-1).float()
+        assert torch.equal(ks.sample_labels(vol, pts, False, extend=True), vol.labels[z_idx].long())
+        assert (ks.sample_labels(vol, pts, False) == 0).all()
+    outside = origin + torch.tensor([[-50.0, 10.0, -40.0]])  # off the map to the right as well
+    assert int(ks.sample_labels(vol, outside, False, extend=True)[0]) == 0
+    cfg = ks.SynthConfig(network_px=64, beyond_volume="extend")
+    x, y, _ = ks.synthesise(vol, cfg, torch.Generator().manual_seed(0))
+    assert torch.isfinite(x).all() and y.shape == (64, 64)
+    with pytest.raises(ValueError, match="beyond_volume"):
+        ks.synthesise(vol, ks.SynthConfig(network_px=64, beyond_volume="mirror"), torch.Generator().manual_seed(0))

@@ -77,6 +77,10 @@ class SynthConfig:
     scale: tuple[float, float] = (0.85, 1.15)
     elastic_mm: float = 3.0
     through_plane_margin_mm: float = 10.0  # slab positions reach this far beyond the bones (outer slices)
+    # beyond the label map's first/last labelled axial slice: "empty" (unlabelled pseudo-tissue: the
+    # bones stop there) or "extend" (those slices continue along S-I: shafts and calf/thigh muscles go
+    # on to the window's edge, as in a real knee series; the SPL atlas ends 32 mm below the fibula's top)
+    beyond_volume: str = "empty"
     thickness_mm: tuple[float, float] = (0.5, 4.0)
     sub_planes: int = 5
     background_tissues: tuple[int, int] = (1, 5)
@@ -170,26 +174,44 @@ def sample_geometry(vol: KneeVolume, cfg: SynthConfig, gen: torch.Generator, dev
     return pts, thickness, plane, fov
 
 
-def _volume_grid(vol: KneeVolume, pts: torch.Tensor, mirror: bool) -> torch.Tensor:
+_Z_RANGE: dict = {}
+
+
+def labelled_z_range(vol: KneeVolume) -> tuple[int, int]:
+    """First and last axial (z) slice index holding any label (cached per label tensor)."""
+    key = (vol.labels.data_ptr(), tuple(vol.labels.shape))
+    if key not in _Z_RANGE:
+        rows = torch.nonzero(vol.labels.amax(dim=(1, 2)) > 0).flatten()
+        _Z_RANGE[key] = (int(rows[0]), int(rows[-1])) if rows.numel() else (0, vol.labels.shape[0] - 1)
+    return _Z_RANGE[key]
+
+
+def _volume_grid(vol: KneeVolume, pts: torch.Tensor, mirror: bool, extend: bool = False) -> torch.Tensor:
     origin = torch.tensor(vol.origin_lps, device=pts.device)
     idx = (pts - origin) / vol.spacing_mm  # (x, y, z) voxel coordinates
     size = torch.tensor(vol.labels.shape[::-1], device=pts.device, dtype=torch.float32)  # (X, Y, Z)
     if mirror:  # left/right mirror about the volume's centre: a right knee becomes a left one
         idx[..., 0] = size[0] - 1 - idx[..., 0]
+    if extend:  # the first/last labelled axial slice continues along S-I
+        idx[..., 2] = idx[..., 2].clamp(*labelled_z_range(vol))
     return (idx / (size - 1) * 2 - 1).reshape(1, 1, -1, 1, 3)
 
 
-def sample_labels(vol: KneeVolume, pts: torch.Tensor, mirror: bool) -> torch.Tensor:
-    """Nearest-neighbour labels at LPS points (..., 3); outside the volume = 0."""
+def sample_labels(vol: KneeVolume, pts: torch.Tensor, mirror: bool, extend: bool = False) -> torch.Tensor:
+    """Nearest-neighbour labels at LPS points (..., 3); outside the volume = 0 (along S-I with
+    ``extend``: the nearest labelled axial slice)."""
     src = vol.labels[None, None].float()
-    out = F.grid_sample(src, _volume_grid(vol, pts, mirror), mode="nearest", padding_mode="zeros", align_corners=True)
+    grid = _volume_grid(vol, pts, mirror, extend)
+    out = F.grid_sample(src, grid, mode="nearest", padding_mode="zeros", align_corners=True)
     return out.reshape(pts.shape[:-1]).round().to(torch.long)
 
 
-def sample_image(vol: KneeVolume, pts: torch.Tensor, mirror: bool) -> torch.Tensor:
-    """Trilinear real-image values at LPS points (..., 3); outside the volume = 0."""
+def sample_image(vol: KneeVolume, pts: torch.Tensor, mirror: bool, extend: bool = False) -> torch.Tensor:
+    """Trilinear real-image values at LPS points (..., 3); outside the volume = 0 (``extend``: as
+    sample_labels)."""
     src = vol.image[None, None].float()
-    out = F.grid_sample(src, _volume_grid(vol, pts, mirror), mode="bilinear", padding_mode="zeros", align_corners=True)
+    grid = _volume_grid(vol, pts, mirror, extend)
+    out = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
     return out.reshape(pts.shape[:-1])
 
 
@@ -277,12 +299,15 @@ def synthesise(vol: KneeVolume, cfg: SynthConfig, gen: torch.Generator, plane: s
     pts, thickness, plane, fov = sample_geometry(vol, cfg, gen, device, plane)
     if mirror is None:
         mirror = bool(float(_u(gen, 0, 1, device=device)) < 0.5)
-    labels = sample_labels(vol, pts, mirror)  # (S, H, W)
+    if cfg.beyond_volume not in ("empty", "extend"):
+        raise ValueError(f"beyond_volume must be 'empty' or 'extend', not {cfg.beyond_volume!r}")
+    extend = cfg.beyond_volume == "extend"
+    labels = sample_labels(vol, pts, mirror, extend)  # (S, H, W)
     target = labels[labels.shape[0] // 2].clamp(max=BONES + 1)
     target = torch.where(target > BONES, 0, target)
 
     if vol.image is not None:  # a real labelled image: its own contrast, augmented below
-        img = sample_image(vol, pts, mirror).mean(dim=0, keepdim=True)[None]
+        img = sample_image(vol, pts, mirror, extend).mean(dim=0, keepdim=True)[None]
     else:
         labels = _split_background(labels, vol.n_labels, cfg, gen)
         rim_id = vol.n_labels + cfg.background_tissues[1]
