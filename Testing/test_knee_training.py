@@ -323,6 +323,9 @@ def test_model_card_of_a_model_trained_on_every_anatomy_carries_the_held_out_run
     distract_meta = {**held_meta, "config": {**held_meta["config"], "synth": {"distractor_p": 0.5}}}
     distract = kb.model_card("9.9.6", distract_meta, evaluation(0.333), [], variants)
     assert "Bone-like distractors: in 50% of the samples, 1-4 smooth-edged blobs" in distract
+    assert "continue along S-I" not in distract
+    extend_meta = {**held_meta, "config": {**held_meta["config"], "synth": {"beyond_volume": "extend"}}}
+    assert "continue along S-I" in kb.model_card("9.9.5", extend_meta, evaluation(0.333), [], variants)
 
 
 def test_tissue_classes_come_from_the_colour_table_beside_a_label_map(tmp_path):

@@ -678,6 +678,9 @@ def model_card(version: str, meta: dict, evaluation: dict, real: list[dict], var
                  f"Soft F1 (Dice) loss plus {cfg['ce_weight']:g} x pixel cross-entropy (the seed's soft F1 alone: "
                  "`--ce-weight 0`)")
     slab_text = f"slabs anywhere across the bones and up to {synth['through_plane_margin_mm']:g} mm beyond"
+    if synth.get("beyond_volume") == "extend":
+        slab_text += ("; beyond a label map's first and last labelled axial slices those slices continue "
+                      "along S-I (shafts and muscles reach the window's edge instead of stopping)")
     tissue_table = "" if evaluation_tissue is None else f"""
 
 The same series with one marrow intensity for all four bones (`evaluate --synth shared_tissue_p=1`;
