@@ -472,3 +472,19 @@ def test_beyond_the_label_map_the_first_labelled_slices_continue(volumes):
     assert torch.isfinite(x).all() and y.shape == (64, 64)
     with pytest.raises(ValueError, match="beyond_volume"):
         ks.synthesise(vol, ks.SynthConfig(network_px=64, beyond_volume="mirror"), torch.Generator().manual_seed(0))
+
+
+def test_components_are_described_largest_first_with_their_place_relative_to_the_tibia():
+    from SpineKneeSegLib.image import Image
+
+    labels = np.zeros((10, 20, 30), np.uint8)  # (k, j, i); identity direction = LPS axes
+    labels[2:8, 5:15, 5:15] = 2  # tibia: centroid index (4.5, 9.5, 9.5)
+    labels[3:7, 16:19, 20:26] = 3  # fibula, 72 voxels
+    labels[0:1, 0:2, 0:2] = 3  # a stray piece, 4 voxels
+    image = Image(np.zeros(labels.shape, np.float32), (1.0, 1.0, 2.0))
+    rows = kb.describe_components(labels, image, 3)
+    assert [r["ml"] for r in rows] == [round(72 * 2 / 1000, 3), round(4 * 2 / 1000, 3)]
+    assert rows[0]["slices"] == [3, 6] and rows[1]["slices"] == [0, 0]
+    # fibula centroid index (4.5, 17, 22.5): 13 voxels to patient left (RAS -13), 7.5 posterior (-7.5), level
+    assert rows[0]["offset_ras_mm"] == [-13.0, -7.5, 0.0]
+    assert kb.describe_components(labels, image, 4) == []

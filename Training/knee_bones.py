@@ -629,6 +629,42 @@ def check_real_series(checkpoint: Path, out: Path, log=print) -> list[dict]:
     return results
 
 
+def describe_components(labels: np.ndarray, image, bone: int, reference: int = 2) -> list[dict]:
+    """Every 26-connected component of ``bone`` in a label map on ``image``'s grid, largest first:
+    volume, slice range and centroid offset (mm, RAS: right, anterior, superior) from the
+    ``reference`` bone's centroid (default the tibia). Shows where a network's stray pieces lie."""
+    from scipy import ndimage
+
+    from SpineKneeSegLib.knee import _to_ras
+
+    voxel_ml = float(np.prod(image.spacing)) / 1000.0
+    ref = np.argwhere(labels == reference)
+    ref_ras = _to_ras(image, ref.mean(axis=0, keepdims=True))[0] if len(ref) else None
+    comp, n = ndimage.label(labels == bone, structure=np.ones((3, 3, 3)))
+    rows = []
+    for i, box in enumerate(ndimage.find_objects(comp), start=1):
+        vox = np.argwhere(comp[box] == i) + [sl.start for sl in box]
+        centre = _to_ras(image, vox.mean(axis=0, keepdims=True))[0]
+        rows.append({"ml": round(len(vox) * voxel_ml, 3), "slices": [int(vox[:, 0].min()), int(vox[:, 0].max())],
+                     "offset_ras_mm": None if ref_ras is None else [round(float(v), 1) for v in centre - ref_ras]})
+    return sorted(rows, key=lambda r: -r["ml"])
+
+
+def raw_components(checkpoint: Path, series: Path, bone: int) -> list[dict]:
+    """The network's own (raw, before clean-up) labels of ``checkpoint`` on a series -> describe_components."""
+    from SpineKneeSegLib.inference import load_network, segment_slices
+    from SpineKneeSegLib.io import read_image
+    from SpineKneeSegLib.tasks import TASKS
+    from SpineKneeSegLib.weights import resolve_weights
+
+    card = TASKS[TASK]
+    image = read_image(str(series))
+    weights = resolve_weights(card, str(checkpoint))
+    net = load_network(weights, torch.device("cpu"))
+    raw = segment_slices(card, image, net, torch.device("cpu"), {**weights.preprocessing}).labels
+    return describe_components(np.asarray(raw), image, bone)
+
+
 def _series_table(evaluation: dict) -> str:
     rows = "\n".join(
         f"| {r['series']} | " + " | ".join(f"{r.get(b, float('nan')):.3f} ({r.get(b + '_raw', float('nan')):.3f})"
@@ -909,6 +945,10 @@ def main(argv=None) -> int:
     r = sub.add_parser("check-real", help="run the product on the two real knee series")
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--checkpoint", type=Path, default=None)
+    k = sub.add_parser("components", help="raw (pre-clean-up) components of one bone on a series, largest first")
+    k.add_argument("--checkpoint", type=Path, required=True)
+    k.add_argument("--series", type=Path, required=True, help="DICOM folder or image file")
+    k.add_argument("--bone", default="fibula", choices=list(BONE_NAMES.values()))
     s = sub.add_parser("ship")
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--version", required=True)
@@ -966,6 +1006,14 @@ def main(argv=None) -> int:
         checkpoint = args.checkpoint or args.out / "best.pt"
         rows = check_real_series(checkpoint, args.out / "real")
         (args.out / "real.json").write_text(json.dumps(rows, indent=2))
+        return 0
+    if args.command == "components":
+        bone = {v: k for k, v in BONE_NAMES.items()}[args.bone]
+        rows = raw_components(args.checkpoint, args.series, bone)
+        print(f"{args.bone}: {len(rows)} raw component(s); offsets from the tibia's centroid (RAS mm)")
+        for r in rows:
+            first, last = r["slices"]
+            print(f"{r['ml']:8.2f} ml  slices {first}-{last}  right/anterior/superior {r['offset_ras_mm']}")
         return 0
     if args.command == "ship":
         return ship(args.out, args.version, args.evaluation or args.out / "eval-best.json", args.out / "real.json",
