@@ -174,16 +174,12 @@ def sample_geometry(vol: KneeVolume, cfg: SynthConfig, gen: torch.Generator, dev
     return pts, thickness, plane, fov
 
 
-_Z_RANGE: dict = {}
-
-
 def labelled_z_range(vol: KneeVolume) -> tuple[int, int]:
-    """First and last axial (z) slice index holding any label (cached per label tensor)."""
-    key = (vol.labels.data_ptr(), tuple(vol.labels.shape))
-    if key not in _Z_RANGE:
+    """First and last axial (z) slice index holding any label (computed once per volume)."""
+    if "_z_range" not in vol.__dict__:
         rows = torch.nonzero(vol.labels.amax(dim=(1, 2)) > 0).flatten()
-        _Z_RANGE[key] = (int(rows[0]), int(rows[-1])) if rows.numel() else (0, vol.labels.shape[0] - 1)
-    return _Z_RANGE[key]
+        vol.__dict__["_z_range"] = (int(rows[0]), int(rows[-1])) if rows.numel() else (0, vol.labels.shape[0] - 1)
+    return vol.__dict__["_z_range"]
 
 
 def _volume_grid(vol: KneeVolume, pts: torch.Tensor, mirror: bool, extend: bool = False) -> torch.Tensor:
