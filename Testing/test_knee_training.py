@@ -325,7 +325,18 @@ def test_model_card_of_a_model_trained_on_every_anatomy_carries_the_held_out_run
     assert "Bone-like distractors: in 50% of the samples, 1-4 smooth-edged blobs" in distract
     assert "continue along S-I" not in distract
     extend_meta = {**held_meta, "config": {**held_meta["config"], "synth": {"beyond_volume": "extend"}}}
-    assert "continue along S-I" in kb.model_card("9.9.5", extend_meta, evaluation(0.333), [], variants)
+    extended = kb.model_card("9.9.5", extend_meta, evaluation(0.333), [], variants)
+    assert "continue along S-I" in extended and "straight\n  continuations" in extended
+    assert "were never seen as bone" in single and "straight\n  continuations" not in single
+    # a weight average says what it averages; a missed coronal patella is a known limit
+    swa_meta = {**held_meta, "swa": {"first": 1500, "last": 2000, "snapshots": 6, "bn_batches": 50}}
+    coronal = evaluation(0.333)
+    coronal["series"].append({**coronal["series"][0], "series": "coronal 40x3.0 mm", "patella": 0.0})
+    swa = kb.model_card("9.9.4", swa_meta, coronal, [], variants)
+    assert "weight average (SWA, `average`) of the 6 snapshots at iterations 1500-2000" in swa
+    assert "2D validation slices at iteration 2000 (the last averaged snapshot" in swa
+    assert "Coronal input: the patella is missed (Dice 0.00" in swa and "Coronal input" not in single
+    assert "This checkpoint: iteration 2800 of the planned" in single
 
 
 def test_tissue_classes_come_from_the_colour_table_beside_a_label_map(tmp_path):

@@ -724,6 +724,23 @@ real MR shows every bone's marrow alike):
 
 {_series_table(evaluation_tissue)}"""
     init = f" Fine-tuned from `{Path(cfg['init']).name}` (fresh optimiser)." if cfg.get("init") else ""
+    swa = meta.get("swa")
+    at_text = "at this checkpoint" if not swa else (
+        f"at iteration {swa['last']} (the last averaged snapshot; the average itself is measured by the series below)")
+    checkpoint_text = (f"iteration {meta['iteration']} of the planned {cfg['iterations']}" if not swa else
+                       f"the weight average (SWA, `average`) of the {swa['snapshots']} snapshots at iterations "
+                       f"{swa['first']}-{swa['last']} of the planned {cfg['iterations']}, batch-norm statistics "
+                       f"re-estimated on {swa['bn_batches']} fresh synthetic batches")
+    coronal_patella = [r["patella"] for r in evaluation["series"]
+                       if r["series"].startswith("coronal") and "patella" in r]
+    coronal_text = ("\n- Coronal input: the patella is missed (Dice "
+                    + ", ".join(f"{d:.2f}" for d in coronal_patella) + " on the coronal synthetic series); femur and "
+                    "tibia hold." if coronal_patella and max(coronal_patella) < 0.2 else "")
+    shaft_text = ("Beyond the label maps' ends (the SPL atlas covers ~119 mm along the leg) the shafts and muscles "
+                  "are straight\n  continuations of the last labelled slice, not real anatomy."
+                  if synth.get("beyond_volume") == "extend" else
+                  "Label maps end where the atlases end (SPL covers ~119 mm along the leg): long-bone shafts beyond "
+                  "that\n  were never seen as bone far from the joint.")
     if all_maps:
         ho = held_out["meta"]
         held_text = f"""- **No anatomy is held out from this model**: it saw both label maps, the final-model step once
@@ -750,7 +767,7 @@ fibula {val['fibula']:.3f}, patella {val['patella']:.3f}.
         held_text = f"""- Held out entirely (validation and every figure below): {meta['held_out']}
   ({MAP_SOURCES.get(meta['held_out'], '')})."""
         figures = f"""## Held-out synthetic figures
-2D validation slices at this checkpoint, Dice: femur {val['femur']:.3f}, tibia {val['tibia']:.3f},
+2D validation slices {at_text}, Dice: femur {val['femur']:.3f}, tibia {val['tibia']:.3f},
 fibula {val['fibula']:.3f}, patella {val['patella']:.3f}.
 
 Synthetic 3D series of the held-out anatomy through the product's inference (Dice after
@@ -790,7 +807,7 @@ trained on one protocol's real images).
 {cfg['iterations']} iterations, batches of {cfg['batch_size']} random {cfg['patch']}x{cfg['patch']} crops of
 224x224 synthetic slices, early stopping patience {cfg['patience']} evaluations ({cfg['eval_every']}
 iterations each) on {cfg['val_samples']} fixed synthetic validation slices.{init}
-This checkpoint: iteration {meta['iteration']} of the planned {cfg['iterations']} (CPU, 2 cores; training resumes
+This checkpoint: {checkpoint_text} (CPU, 2 cores; training resumes
 with `Training/knee_bones.py train --resume`; a GPU session is the place to finish it).
 
 {figures}
@@ -820,9 +837,8 @@ a merged checkpoint (`--weights`, metadata `variant: merged`) is split into bone
 
 ## Known limits
 - A starter model: {'two' if all_maps else 'one'} training {'anatomies' if all_maps else 'anatomy'}, synthetic
-  images only, stopped far short of its schedule.
-- Label maps end where the atlases end (SPL covers ~119 mm along the leg): long-bone shafts beyond that
-  were never seen as bone far from the joint.
+  images only, stopped far short of its schedule.{coronal_text}
+- {shaft_text}
 - Nothing was measured on labelled real images; the figures above are synthetic.
 
 ## Licence of the data
