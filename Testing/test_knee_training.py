@@ -478,9 +478,15 @@ def test_beyond_the_label_map_the_first_labelled_slices_continue(volumes):
         assert (ks.sample_labels(vol, pts, False) == 0).all()
     outside = origin + torch.tensor([[-50.0, 10.0, -40.0]])  # off the map to the right as well
     assert int(ks.sample_labels(vol, outside, False, extend=True)[0]) == 0
-    cfg = ks.SynthConfig(network_px=64, beyond_volume="extend")
-    x, y, _ = ks.synthesise(vol, cfg, torch.Generator().manual_seed(0))
-    assert torch.isfinite(x).all() and y.shape == (64, 64)
+    # synthesise uses it: same geometry (no extra draws), more bone where windows pass the map's ends
+    grown = 0
+    for seed in range(8):
+        _, y0, _ = ks.synthesise(vol, ks.SynthConfig(network_px=64), torch.Generator().manual_seed(seed))
+        x1, y1, _ = ks.synthesise(vol, ks.SynthConfig(network_px=64, beyond_volume="extend"),
+                                  torch.Generator().manual_seed(seed))
+        assert torch.isfinite(x1).all() and torch.equal(y1[y0 > 0], y0[y0 > 0])
+        grown += int((y1 > 0).sum() > (y0 > 0).sum())
+    assert grown >= 2, grown
     with pytest.raises(ValueError, match="beyond_volume"):
         ks.synthesise(vol, ks.SynthConfig(network_px=64, beyond_volume="mirror"), torch.Generator().manual_seed(0))
 

@@ -640,7 +640,7 @@ def describe_components(labels: np.ndarray, image, bone: int, reference: int = 2
     voxel_ml = float(np.prod(image.spacing)) / 1000.0
     ref = np.argwhere(labels == reference)
     ref_ras = _to_ras(image, ref.mean(axis=0, keepdims=True))[0] if len(ref) else None
-    comp, n = ndimage.label(labels == bone, structure=np.ones((3, 3, 3)))
+    comp, _ = ndimage.label(labels == bone, structure=np.ones((3, 3, 3)))
     rows = []
     for i, box in enumerate(ndimage.find_objects(comp), start=1):
         vox = np.argwhere(comp[box] == i) + [sl.start for sl in box]
