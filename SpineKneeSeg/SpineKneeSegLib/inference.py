@@ -119,6 +119,71 @@ def _labels_of(card: TaskCard, image: Image, net, device, pre: dict, batch_size:
     return labels
 
 
+def _probabilities_of(image: Image, net, device, pre: dict, batch_size: int, timings: dict, slices=None,
+                      centre_lps=None, extra: tuple[Image, ...] = ()) -> np.ndarray:
+    """Softmax class probabilities as uint8 0..255, (C, *canonical shape); slices not run and
+    pixels outside the window stay 0 (no class)."""
+    shape = canonical_image(image, pre["plane"])[0].array.shape
+    probs = None
+    for index, logits, grid, (r0, _, c0, _), _ in _batches(image, net, device, pre, batch_size, None, timings,
+                                                            slices, centre_lps, extra):
+        t = time.perf_counter()
+        out, (a0, a1, b0, b1) = from_network_grid(torch.softmax(logits, dim=1), grid)
+        if probs is None:
+            probs = np.zeros((out.shape[1], *shape), np.uint8)
+        q = (out * 255).round().to(torch.uint8).cpu().numpy().swapaxes(0, 1)
+        probs[:, index, r0 + a0:r0 + a1, c0 + b0:c0 + b1] = q
+        timings["post"] += time.perf_counter() - t
+    return probs
+
+
+def _fill_between(probs: np.ndarray, run: np.ndarray) -> None:
+    """Linear interpolation along the slice axis (axis 1) between the slices in ``run``."""
+    for a, b in zip(run[:-1], run[1:]):
+        for i in range(a + 1, b):
+            w = (i - a) / (b - a)
+            probs[:, i] = np.round((1 - w) * probs[:, a] + w * probs[:, b])
+
+
+def fused_labels(card: TaskCard, image: Image, net, device, pre: dict, batch_size: int, progress, timings: dict,
+                 centre_lps=None, extra: tuple[Image, ...] = ()) -> tuple[np.ndarray, dict]:
+    """Multi-view fusion: class probabilities of the acquisition plane (every slice) and of each
+    other plane in ``fusion_planes`` (every ~fusion_slice_mm, linear between) averaged on the
+    canonical grid of ``pre["plane"]``; returns labels there and a summary for the report."""
+    if card.label_activation != "softmax":
+        raise ValueError(f"multi-view fusion needs a softmax task; {card.name} is {card.label_activation}")
+    t0 = time.perf_counter()
+    main, main_orientation = canonical_image(image, pre["plane"])
+    main_plane = resolve_plane(image, pre["plane"])
+    acc = _probabilities_of(image, net, device, pre, batch_size, timings, None, centre_lps, extra).astype(np.uint16)
+    if progress:
+        progress.step("inference", 1, 2)
+    summary = {"planes": [main_plane], "slices": [int(main.array.shape[0])]}
+    for plane in dict.fromkeys(pre["fusion_planes"]):
+        if plane == main_plane:
+            continue
+        view, orientation = canonical_image(image, plane)
+        n = view.array.shape[0]
+        step = max(1, int(round(pre["fusion_slice_mm"] / view.spacing[2])))
+        run = np.unique(np.r_[np.arange(0, n, step), n - 1])
+        probs = _probabilities_of(image, net, device, {**pre, "plane": plane}, batch_size, timings, run,
+                                  centre_lps, extra)
+        t = time.perf_counter()
+        _fill_between(probs, run)
+        for c in range(probs.shape[0]):  # the view's canonical layout -> the input's -> the main plane's
+            acc[c] += main_orientation.apply(orientation.undo(probs[c]))
+        timings["post"] += time.perf_counter() - t
+        summary["planes"].append(plane)
+        summary["slices"].append(int(len(run)))
+    t = time.perf_counter()
+    labels = acc.argmax(axis=0).astype(np.uint8)
+    timings["post"] += time.perf_counter() - t
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
+    if progress:
+        progress.step("inference", 2, 2)
+    return labels, summary
+
+
 def window_centre(card: TaskCard, image: Image, net, device, pre: dict, batch_size: int,
                   timings: dict) -> tuple[np.ndarray | None, dict, list[str]]:
     """Where the square window goes: (centre in LPS or None = field-of-view centre, report
@@ -240,8 +305,17 @@ def segment_slices(card: TaskCard, image: Image, net: torch.nn.Module, device: t
     if pre.get("network_px") and centre_lps is None:
         centre_lps, summaries["crop_window"], warnings = window_centre(card, image, net, device, pre, batch_size,
                                                                         timings)
-    labels = _labels_of(card, image, net, device, pre, batch_size, progress, timings, centre_lps=centre_lps,
-                        extra=tuple(extra))
+    slice_mm = canonical_image(image, pre["plane"])[0].spacing[2]
+    if pre.get("fusion_planes") and slice_mm <= pre.get("fusion_max_slice_mm", float("inf")):
+        labels, summaries["view_fusion"] = fused_labels(card, image, net, device, pre, batch_size, progress, timings,
+                                                        centre_lps, tuple(extra))
+    else:
+        if pre.get("fusion_planes"):
+            summaries["view_fusion"] = {"planes": [resolve_plane(image, pre["plane"])],
+                                        "skipped": f"slices {slice_mm:.2f} mm apart, more than "
+                                                   f"{pre['fusion_max_slice_mm']} mm: reformats too blurred"}
+        labels = _labels_of(card, image, net, device, pre, batch_size, progress, timings, centre_lps=centre_lps,
+                            extra=tuple(extra))
     return NetworkOutput(labels=np.ascontiguousarray(orientation.undo(labels)), network_s=timings["net"],
                          preprocess_s=timings["pre"], postprocess_s=timings["post"], bias_s=bias_s,
                          summaries=summaries, warnings=warnings)

@@ -48,6 +48,13 @@ class Preprocessing:
     crop_mm: float | None = None
     crop_window: str | None = None  # None: field-of-view centre | "joint": femorotibial joint centre
     bias_correction: str | None = None  # None | "n4" (fast, shrunk) | "n4-full" (seed 000's, slow)
+    # multi-view fusion (softmax tasks): the same 2D network also runs along these planes and the
+    # class probabilities are averaged on the input grid; the acquisition plane always runs. A
+    # reformat's slices are run every ~fusion_slice_mm (linear in between), and only when the
+    # acquisition's slices are at most fusion_max_slice_mm apart (thicker: the reformat is blurred)
+    fusion_planes: tuple[str, ...] = ()
+    fusion_slice_mm: float = 1.5
+    fusion_max_slice_mm: float = 2.0
 
 
 @dataclass(frozen=True)
