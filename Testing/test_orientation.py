@@ -73,3 +73,74 @@ def test_tiled_inference_matches_whole_slices():
     agree = (tiled.max(1).indices == whole.max(1).indices).float().mean()
     assert agree > 0.97, float(agree)
     assert torch.equal(tiled_forward(net, x, None), whole)
+
+
+def _nearest_level_net(levels: int, step: float) -> torch.nn.Module:
+    """A 1x1 convolution whose argmax is the level nearest to the (normalised) intensity: its
+    labels depend on each voxel alone, so every view of the same image must give the same labels."""
+    net = torch.nn.Conv2d(1, levels, 1)
+    c = torch.arange(levels, dtype=torch.float32)
+    with torch.no_grad():
+        net.weight.copy_((20 * c).view(levels, 1, 1, 1))
+        net.bias.copy_(-20 * step * c ** 2 / 2)
+    return net.eval()
+
+
+def _fusion_card(**changes):
+    import dataclasses
+
+    card = TASKS["knee-bones"]
+    pre = dataclasses.replace(card.preprocessing, bias_correction=None, network_px=None, crop_mm=None,
+                              crop_window=None, tile_px=None, **changes)
+    return dataclasses.replace(card, preprocessing=pre)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_view_fusion_maps_every_view_back_onto_the_input(layout):
+    """Sagittal + coronal fusion with a voxel-wise network equals the single view exactly, whatever
+    the file's axis order: each view's probabilities land on their own voxels."""
+    rng = np.random.default_rng(1)
+    direction = np.array([[0, 0, -1], [1, 0, 0], [0, -1, 0]], float)  # sagittal acquisition, 1.5 mm slices
+    image = reorient(Image(rng.normal(size=(9, 20, 16)).astype(np.float32), (0.6, 0.7, 1.5), (1, 2, 3), direction),
+                     layout)
+    net = _nearest_level_net(5, 0.6)
+    single = segment_slices(_fusion_card(), image, net, torch.device("cpu"))
+    fused = segment_slices(_fusion_card(fusion_planes=("sagittal", "coronal"), fusion_slice_mm=0.1), image, net,
+                           torch.device("cpu"))
+    assert fused.summaries["view_fusion"]["planes"] == ["sagittal", "coronal"]
+    assert fused.summaries["view_fusion"]["slices"] == [9, 16]  # the coronal reformat: every A-P column (i)
+    assert len(np.unique(single.labels)) == 5
+    assert np.array_equal(fused.labels, single.labels)
+
+
+def test_view_fusion_skips_thick_slices_and_interpolates_between_run_slices():
+    from SpineKneeSegLib.inference import _fill_between
+
+    direction = np.array([[0, 0, -1], [1, 0, 0], [0, -1, 0]], float)
+    image = Image(np.random.default_rng(2).normal(size=(6, 12, 10)).astype(np.float32), (0.6, 0.6, 3.0),
+                  direction=direction)
+    net = _nearest_level_net(5, 0.6)
+    fused = segment_slices(_fusion_card(fusion_planes=("sagittal", "coronal")), image, net, torch.device("cpu"))
+    assert "3.00 mm apart" in fused.summaries["view_fusion"]["skipped"]
+    assert np.array_equal(fused.labels, segment_slices(_fusion_card(), image, net, torch.device("cpu")).labels)
+    probs = np.zeros((2, 7, 1, 1), np.uint8)
+    probs[0, 0], probs[0, 3], probs[0, 6] = 0, 240, 60
+    _fill_between(probs, np.array([0, 3, 6]))
+    assert probs[0, :, 0, 0].tolist() == [0, 80, 160, 240, 180, 120, 60]
+
+
+def test_fuse_views_option_is_validated_and_fast_mode_turns_fusion_off():
+    from SpineKneeSegLib.cli import parse_planes
+    from SpineKneeSegLib.errors import InputError
+    from SpineKneeSegLib.pipeline import fast_mode_plan, fusion_planes
+
+    assert parse_planes(None) is None and parse_planes("none") == ()
+    assert parse_planes("Sagittal, coronal") == ("sagittal", "coronal")
+    assert fusion_planes(TASKS["knee-bones"], ("sagittal", "coronal")) == ("sagittal", "coronal")
+    with pytest.raises(InputError, match="unknown plane"):
+        fusion_planes(TASKS["knee-bones"], ("oblique",))
+    with pytest.raises(InputError, match="sigmoid"):
+        fusion_planes(TASKS["lumbar-foramina"], ("sagittal",))
+    plan = fast_mode_plan(_fusion_card(fusion_planes=("sagittal", "coronal")))
+    assert plan.overrides["fusion_planes"] == () and any("fusion" in s for s in plan.skipped)
+    assert "fusion_planes" not in fast_mode_plan(TASKS["knee-bones"]).overrides

@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--series", help="SeriesInstanceUID to use from a folder holding several series")
     run.add_argument("--batch-size", type=int, default=8, help="slices per forward pass")
     run.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    run.add_argument("--fuse-views", metavar="PLANES",
+                     help="multi-view fusion: also run the network along these planes (comma list, e.g. "
+                          "sagittal,coronal) and average the probabilities; 'none' turns it off")
     run.add_argument("--skull-stripped", default="auto", choices=("auto", "yes"),
                      help="brain-wmh: 'auto' refuses FLAIR that does not look skull-stripped; 'yes' skips the check")
     run.add_argument("--pixel-mm", type=float, help="2D inputs: true pixel size in mm (PNG/JPEG carry none; "
@@ -163,6 +166,13 @@ def parse_aux_weights(items) -> dict[str, str]:
     return aux
 
 
+def parse_planes(text: str | None) -> tuple[str, ...] | None:
+    """``--fuse-views``: None (not given: the task's default), 'none' -> (), else the comma list."""
+    if text is None:
+        return None
+    return () if text.strip().lower() == "none" else tuple(p.strip().lower() for p in text.split(",") if p.strip())
+
+
 def cmd_run(args) -> int:
     from .pipeline import RunOptions, run_case
     from .progress import Progress
@@ -173,7 +183,8 @@ def cmd_run(args) -> int:
     options = RunOptions(device=args.device, weights=args.weights, aux_weights=aux, scene=args.scene,
                          echo=args.echo, series=args.series, batch_size=args.batch_size, threads=args.threads,
                          skull_stripped=args.skull_stripped, fast=args.fast, weights_dir=args.weights_dir,
-                         dicom_seg=not args.no_dicom_seg, pixel_mm=args.pixel_mm)
+                         dicom_seg=not args.no_dicom_seg, pixel_mm=args.pixel_mm,
+                         fuse_views=parse_planes(args.fuse_views))
     progress = Progress(args.progress)
     if args.manifest:
         if args.inputs:

@@ -37,6 +37,7 @@ class RunOptions:
     weights_dir: str | None = None  # extra folder of registered weights (offline copies), hash-checked
     dicom_seg: bool = True  # write segmentation.dcm (DICOM-SEG) when the input is a DICOM series
     pixel_mm: float | None = None  # 2D inputs: the true pixel size (PNG/JPEG carry none)
+    fuse_views: tuple[str, ...] | None = None  # planes for multi-view fusion (None: the task's; (): off)
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,9 @@ def fast_mode_plan(card: TaskCard) -> FastModePlan:
     if card.preprocessing.crop_window:
         overrides["crop_window"] = None
         skipped.append("joint-centre detection pass (window centred on the field of view)")
+    if card.preprocessing.fusion_planes:
+        overrides["fusion_planes"] = ()
+        skipped.append("multi-view fusion (acquisition plane only)")
     # a seed variant (knee's fibula model) runs only when the user gives it, so fast mode keeps it
     aux = tuple(a.name for a in card.auxiliary if not a.required and not a.seed_variant)
     skipped += [f"optional {name} model" for name in aux]
@@ -122,6 +126,18 @@ def check_skull_stripped(image: Image, path) -> None:
         raise InputError(f"does not look skull-stripped: {evidence.reason}. Skull-strip it first (e.g. SynthStrip or "
                          "HD-BET), or pass --skull-stripped yes if it is brain-only", path)
     image.meta["skull_stripping"] = evidence.as_dict()
+def fusion_planes(card: TaskCard, planes) -> tuple[str, ...]:
+    """Validated ``--fuse-views``: known planes, and a task whose labels are one softmax."""
+    planes = tuple(planes)
+    unknown = [p for p in planes if p not in ("sagittal", "coronal", "axial")]
+    if unknown:
+        raise InputError(f"--fuse-views: unknown plane(s) {', '.join(unknown)} (sagittal, coronal, axial)")
+    if planes and card.label_activation != "softmax":
+        raise InputError(f"--fuse-views: task {card.name} has {card.label_activation} labels; fusion averages "
+                         "softmax probabilities")
+    return planes
+
+
 def with_pixel_size(image: Image, pixel_mm: float, path) -> Image:
     """A 2D image with the pixel size the user gave (square pixels), replacing the file's."""
     if not pixel_mm > 0:
@@ -225,6 +241,8 @@ def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options:
 
     progress.stage("preprocessing")
     pre_overrides = {**weights.preprocessing, **(fast.overrides if fast else {}), "label_variant": variant}
+    if options.fuse_views is not None:
+        pre_overrides["fusion_planes"] = fusion_planes(card, options.fuse_views)
     t = time.perf_counter()
     extra, unused = extra_inputs(card, images, weights.preprocessing.get("extra_inputs", ()), inputs)
     resample_s = time.perf_counter() - t
