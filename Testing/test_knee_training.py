@@ -505,3 +505,33 @@ def test_components_are_described_largest_first_with_their_place_relative_to_the
     # fibula centroid index (4.5, 17, 22.5): 13 voxels to patient left (RAS -13), 7.5 posterior (-7.5), level
     assert rows[0]["offset_ras_mm"] == [-13.0, -7.5, 0.0]
     assert kb.describe_components(labels, image, 4) == []
+
+
+def test_slice_fit_measures_the_fit_to_one_anatomys_synthetic_slices(volumes, tmp_path):
+    """`fit`: Dice on a fixed draw of training-like slices of a named anatomy. A network overfit on
+    exactly that draw scores high, an untrained one low; an unknown anatomy is refused."""
+    from SpineKneeSegLib.weights import save_checkpoint
+
+    vols = [v for v, _ in volumes]
+    kb.save_volumes(vols, tmp_path / "volumes.pt")
+    synth = {"network_px": 64}
+    gen = torch.Generator().manual_seed(4242)
+    x, y = (torch.stack(t) for t in zip(*(ks.synthesise(vols[0], ks.SynthConfig(**synth), gen)[:2] for _ in range(6))))
+    cfg = kb.Config(channels=16, levels=3, dropout=0.0)
+    torch.manual_seed(0)
+    net = kb.build_network("unet2d", kb.network_config(cfg))
+    save_checkpoint(tmp_path / "untrained.pt", "knee-bones", "unet2d", kb.network_config(cfg), net.state_dict())
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(150):
+        opt.zero_grad()
+        kb.soft_dice_loss(net(x), y).backward()
+        opt.step()
+    save_checkpoint(tmp_path / "fit.pt", "knee-bones", "unet2d", kb.network_config(cfg), net.state_dict())
+    name = vols[0].name.split(".")[0]
+    fit = kb.slice_fit(tmp_path / "fit.pt", tmp_path / "volumes.pt", name, synth, samples=6)
+    untrained = kb.slice_fit(tmp_path / "untrained.pt", tmp_path / "volumes.pt", name, synth, samples=6)
+    assert fit["anatomy"] == vols[0].name and fit["samples"] == 6
+    assert fit["dice"]["femur"] > 0.8 and fit["dice"]["tibia"] > 0.8, fit
+    assert untrained["dice"]["femur"] < 0.5, untrained
+    with pytest.raises(SystemExit, match="matches 2"):
+        kb.slice_fit(tmp_path / "fit.pt", tmp_path / "volumes.pt", "phantom", synth, samples=2)
