@@ -19,7 +19,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -247,7 +247,8 @@ def bone_extent(labels: np.ndarray, origin, spacing) -> tuple[tuple[float, float
 
 def save_volumes(volumes: list[KneeVolume], path: Path) -> None:
     tmp = path.with_suffix(".tmp")
-    torch.save([{**vol.__dict__} for vol in volumes], tmp)
+    # dataclass fields only: a cache kept in vol.__dict__ (knee_synth.labelled_z_range) is not a field
+    torch.save([{f.name: getattr(vol, f.name) for f in fields(KneeVolume)} for vol in volumes], tmp)
     tmp.replace(path)
 
 
