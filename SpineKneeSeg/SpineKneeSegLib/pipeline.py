@@ -126,6 +126,8 @@ def check_skull_stripped(image: Image, path) -> None:
         raise InputError(f"does not look skull-stripped: {evidence.reason}. Skull-strip it first (e.g. SynthStrip or "
                          "HD-BET), or pass --skull-stripped yes if it is brain-only", path)
     image.meta["skull_stripping"] = evidence.as_dict()
+
+
 def fusion_planes(card: TaskCard, planes) -> tuple[str, ...]:
     """Validated ``--fuse-views``: known planes, and a task whose labels are one softmax."""
     planes = tuple(planes)
