@@ -144,3 +144,21 @@ def test_fuse_views_option_is_validated_and_fast_mode_turns_fusion_off():
     plan = fast_mode_plan(_fusion_card(fusion_planes=("sagittal", "coronal")))
     assert plan.overrides["fusion_planes"] == () and any("fusion" in s for s in plan.skipped)
     assert "fusion_planes" not in fast_mode_plan(TASKS["knee-bones"]).overrides
+
+
+def test_view_fusion_averages_both_views():
+    """With a network that sees neighbourhoods (a 5x5 convolution), the sagittal and the coronal pass
+    disagree; the fused labels take each voxel from one of them and differ from the sagittal pass alone."""
+    rng = np.random.default_rng(3)
+    direction = np.array([[0, 0, -1], [1, 0, 0], [0, -1, 0]], float)
+    image = Image(rng.normal(size=(10, 18, 14)).astype(np.float32), (0.6, 0.7, 1.5), (0, 0, 0), direction)
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(1, 5, 5, padding=2).eval()
+    with torch.no_grad():
+        net.weight.mul_(10)
+    run = lambda **changes: segment_slices(_fusion_card(**changes), image, net, torch.device("cpu")).labels  # noqa: E731
+    sagittal, coronal = run(plane="sagittal"), run(plane="coronal")
+    fused = run(fusion_planes=("sagittal", "coronal"), fusion_slice_mm=0.1)
+    assert (sagittal != coronal).mean() > 0.3
+    assert (fused != sagittal).mean() > 0.1
+    assert ((fused == sagittal) | (fused == coronal)).mean() > 0.95
