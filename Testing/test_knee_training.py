@@ -509,7 +509,7 @@ def test_components_are_described_largest_first_with_their_place_relative_to_the
 
 def test_slice_fit_measures_the_fit_to_one_anatomys_synthetic_slices(volumes, tmp_path):
     """`fit`: Dice on a fixed draw of training-like slices of a named anatomy. A network overfit on
-    exactly that draw scores high, an untrained one low; an unknown anatomy is refused."""
+    exactly that draw scores high, an untrained one low; an unknown or ambiguous anatomy is refused."""
     from SpineKneeSegLib.weights import save_checkpoint
 
     vols = [v for v, _ in volumes]
@@ -533,5 +533,7 @@ def test_slice_fit_measures_the_fit_to_one_anatomys_synthetic_slices(volumes, tm
     assert fit["anatomy"] == vols[0].name and fit["samples"] == 6
     assert fit["dice"]["femur"] > 0.8 and fit["dice"]["tibia"] > 0.8, fit
     assert untrained["dice"]["femur"] < 0.5, untrained
+    with pytest.raises(SystemExit, match="matches 0"):
+        kb.slice_fit(tmp_path / "fit.pt", tmp_path / "volumes.pt", "spl", synth, samples=2)
     with pytest.raises(SystemExit, match="matches 2"):
         kb.slice_fit(tmp_path / "fit.pt", tmp_path / "volumes.pt", "phantom", synth, samples=2)

@@ -544,6 +544,17 @@ EVAL_SERIES = (  # (plane, slices, slice mm, pixel mm, mirror): like clinical kn
 BONE_NAMES = {1: "femur", 2: "tibia", 3: "fibula", 4: "patella"}
 
 
+def load_knee_checkpoint(checkpoint: Path):
+    """(weights, label variant, network on the CPU) of a knee checkpoint, main or per-bone model."""
+    from SpineKneeSegLib.inference import load_network
+    from SpineKneeSegLib.tasks import TASKS
+    from SpineKneeSegLib.weights import load_checkpoint, resolve_weights
+
+    weights = resolve_weights(TASKS[TASK], str(checkpoint), load_checkpoint(checkpoint).get("model", "labels"))
+    variant = weights.checkpoint["metadata"].get("variant", "multiclass")
+    return weights, variant, load_network(weights, torch.device("cpu"))
+
+
 def evaluate_series(checkpoint: Path, volumes_path: Path, seed: int = 777, log=print,
                     synth: dict | None = None) -> dict:
     """Run the product's inference (task card + checkpoint preprocessing) on synthetic series of
@@ -552,18 +563,12 @@ def evaluate_series(checkpoint: Path, volumes_path: Path, seed: int = 777, log=p
     for the four bones, as in real MR; default: every structure its own intensity, as in v0.1.0's card)."""
     from SpineKneeSegLib.bone_split import split_any_bone
     from SpineKneeSegLib.image import Image
-    from SpineKneeSegLib.inference import load_network, segment_slices
-    from SpineKneeSegLib.postprocessing import dice
-    from SpineKneeSegLib.postprocessing import largest_component_per_label
+    from SpineKneeSegLib.inference import segment_slices
+    from SpineKneeSegLib.postprocessing import dice, largest_component_per_label
     from SpineKneeSegLib.tasks import TASKS
-    from SpineKneeSegLib.weights import resolve_weights
-
-    from SpineKneeSegLib.weights import load_checkpoint
 
     card = TASKS[TASK]
-    weights = resolve_weights(card, str(checkpoint), load_checkpoint(checkpoint).get("model", "labels"))
-    variant = weights.checkpoint["metadata"].get("variant", "multiclass")
-    net = load_network(weights, torch.device("cpu"))
+    weights, variant, net = load_knee_checkpoint(checkpoint)
     held = [v for v in load_volumes(volumes_path) if v.name == HELD_OUT][0]
     overrides = dict(synth or {})
     synth = SynthConfig(**overrides)
@@ -602,20 +607,12 @@ def slice_fit(checkpoint: Path, volumes_path: Path, anatomy: str, synth: dict | 
     anatomy (name prefix), drawn like training samples with ``synth`` overrides and a fixed seed. On a
     *training* anatomy this measures how well the network fits its own training distribution (not
     generalisation); varying one SynthConfig field at a time shows which augmentation costs a bone."""
-    from SpineKneeSegLib.inference import load_network
-    from SpineKneeSegLib.tasks import TASKS
-    from SpineKneeSegLib.weights import load_checkpoint, resolve_weights
-
-    weights = resolve_weights(TASKS[TASK], str(checkpoint), load_checkpoint(checkpoint).get("model", "labels"))
-    variant = weights.checkpoint["metadata"].get("variant", "multiclass")
-    net = load_network(weights, torch.device("cpu")).eval()
+    _, variant, net = load_knee_checkpoint(checkpoint)
     matches = [v for v in load_volumes(volumes_path) if v.name.startswith(anatomy)]
     if len(matches) != 1:
         raise SystemExit(f"--anatomy {anatomy!r} matches {len(matches)} of the prepared volumes in {volumes_path}")
-    cfg = SynthConfig(**(synth or {}))
-    gen = torch.Generator().manual_seed(seed)
-    xs, ys = zip(*(synthesise(matches[0], cfg, gen)[:2] for _ in range(samples)))
-    result = evaluate_slices(net, torch.stack(xs), torch.stack(ys), variant)
+    x, y = validation_set(matches, Config(val_samples=samples), SynthConfig(**(synth or {})), seed)
+    result = evaluate_slices(net, x, y, variant)
     return {"checkpoint": str(checkpoint), "anatomy": matches[0].name, "synthesis": dict(synth or {}),
             "samples": samples, "seed": seed, **result}
 
