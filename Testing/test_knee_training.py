@@ -537,3 +537,47 @@ def test_slice_fit_measures_the_fit_to_one_anatomys_synthetic_slices(volumes, tm
         kb.slice_fit(tmp_path / "fit.pt", tmp_path / "volumes.pt", "spl", synth, samples=2)
     with pytest.raises(SystemExit, match="matches 2"):
         kb.slice_fit(tmp_path / "fit.pt", tmp_path / "volumes.pt", "phantom", synth, samples=2)
+
+
+def test_widening_keeps_the_networks_output_and_the_new_units_learn(volumes, tmp_path):
+    torch.manual_seed(0)
+    narrow = kb.build_network("unet2d", kb.network_config(kb.Config(channels=4, levels=3))).eval()
+    for m in narrow.modules():  # non-trivial batch-norm statistics, as in a trained network
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    wide = kb.build_network("unet2d", kb.network_config(kb.Config(channels=6, levels=3)))
+    wide.load_state_dict(kb.widen_state(narrow.state_dict(), wide.state_dict(), 4, 6))
+    x = torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(wide.eval()(x), narrow(x), atol=1e-5)
+    # the head reads the new units through zero weights that the first step moves; from the second
+    # step the gradient reaches the new units of the first layer too
+    wide.train()
+    first_new = wide.down[0][0].weight[4:].detach().clone()
+    opt = torch.optim.SGD(wide.parameters(), lr=0.1)
+    target = torch.randint(0, 5, (3, 32, 32))
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(wide(x), target).backward()
+        opt.step()
+    assert wide.head.weight[:, 4:].abs().sum() > 0
+    assert not torch.allclose(wide.down[0][0].weight[4:], first_new)
+    with pytest.raises(ValueError, match="cannot map"):
+        kb.widen_state(narrow.state_dict(), wide.state_dict(), 3, 6)
+    # the trainer widens a narrower --init checkpoint (and refuses a narrowing one)
+    vols = [v for v, _ in volumes]
+    kb.save_volumes(vols, tmp_path / "volumes.pt")
+    cfg = kb.Config(channels=4, levels=3, iterations=2, eval_every=2, batch_size=2, patch=64, val_samples=4,
+                    held_out=vols[1].name, synth={"network_px": 64})
+    kb.train(cfg, tmp_path / "narrow", resume=False, volumes_path=tmp_path / "volumes.pt", log=lambda *_: None)
+    log = []
+    wider = kb.Config(**{**cfg.__dict__, "channels": 6, "init": str(tmp_path / "narrow" / "best.pt")})
+    kb.train(wider, tmp_path / "wide", resume=False, volumes_path=tmp_path / "volumes.pt", log=log.append)
+    assert any("widened 4 -> 6 channels" in line for line in log)
+    assert torch.load(tmp_path / "wide" / "best.pt", weights_only=True)["network"]["config"]["channels"] == (6, 6, 6)
+    narrower = kb.Config(**{**cfg.__dict__, "channels": 2, "init": str(tmp_path / "narrow" / "best.pt")})
+    with pytest.raises(SystemExit, match="cannot start"):
+        kb.train(narrower, tmp_path / "bad", resume=False, volumes_path=tmp_path / "volumes.pt", log=log.append)

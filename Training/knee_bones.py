@@ -339,6 +339,47 @@ def training_loss(logits: torch.Tensor, target: torch.Tensor, labelled: torch.Te
     return loss if ce_weight <= 0 else loss + ce_weight * marginal_cross_entropy(logits, target, labelled)
 
 
+def widen_state(old: dict, new: dict, old_width: int, new_width: int) -> dict:
+    """Function-preserving widening of a constant-width U-Net (Net2Net's idea, Chen et al. 2016,
+    with zero-weight links instead of copied units): ``new`` is a freshly initialised wider
+    network's state. Old units keep their weights and BatchNorm statistics and read no new unit;
+    new units read everything (their own random weights); the head and every old unit get zero
+    weights from the new units, so the widened network's eval output equals the old one's. A
+    tensor dimension of old_width (one level's features) or 2 x old_width (decoder input: the
+    upsampled features concatenated with the skip) is mapped block by block."""
+    def index(old_size: int, new_size: int) -> torch.Tensor:
+        if old_size == new_size:
+            return torch.arange(old_size)
+        blocks = old_size // old_width
+        if old_size % old_width or new_size != blocks * new_width:
+            raise ValueError(f"cannot map a dimension of {old_size} onto {new_size} when widening "
+                             f"{old_width} -> {new_width} channels")
+        return torch.cat([torch.arange(old_width) + b * new_width for b in range(blocks)])
+
+    out = {}
+    for name, w_new in new.items():
+        w_old = old[name]
+        if w_new.dim() == 0:  # num_batches_tracked
+            out[name] = w_old.clone()
+            continue
+        w = w_new.clone()
+        if name.endswith("running_var"):
+            w.fill_(1.0)
+        elif name.endswith("running_mean") or name.endswith("bias"):
+            w.zero_()
+        elif w.dim() == 1:  # BatchNorm scale
+            w.fill_(1.0)
+        idx = [index(a, b) for a, b in zip(w_old.shape, w_new.shape)]
+        if w.dim() == 4:  # conv: old units (and the head) read no new unit
+            out_dim = 1 if name.startswith("up.") and name.count(".") == 2 else 0  # ConvTranspose2d is (in, out, k, k)
+            rows = [slice(None)] * 4
+            rows[out_dim] = idx[out_dim]
+            w[tuple(rows)] = 0.0
+        w[torch.meshgrid(*idx, indexing="ij")] = w_old
+        out[name] = w
+    return out
+
+
 def lr_at(cfg: Config, iteration: int) -> float:
     """Exponential decay from lr to lr_final over the iteration budget (seed: 1e-3 toward 1e-4)."""
     return cfg.lr * (cfg.lr_final / cfg.lr) ** min(1.0, iteration / max(1, cfg.iterations))
@@ -440,8 +481,18 @@ def train(cfg: Config, out: Path, resume: bool, device: str = "cpu", max_minutes
     if cfg.init:  # fine-tuning: a shipped model on data users bring, or a lower-lr continuation
         from SpineKneeSegLib.weights import load_checkpoint
 
-        net.load_state_dict(load_checkpoint(Path(cfg.init))["state_dict"])
-        log(f"initialised from {cfg.init}")
+        init = load_checkpoint(Path(cfg.init))
+        widths = tuple(init["network"]["config"]["channels"])
+        width = widths[0]
+        if width != cfg.channels:  # e.g. the seed's 32 channels started from a trained 16-channel model
+            if width > cfg.channels or widths != (width,) * cfg.levels:
+                raise SystemExit(f"{cfg.init}: a {widths}-channel network cannot "
+                                 f"start a {cfg.channels}-channel one (only widening a constant width)")
+            net.load_state_dict(widen_state(init["state_dict"], net.state_dict(), width, cfg.channels))
+            log(f"initialised from {cfg.init}, widened {width} -> {cfg.channels} channels")
+        else:
+            net.load_state_dict(init["state_dict"])
+            log(f"initialised from {cfg.init}")
     last = out / "last.pt"
     if resume and last.exists():
         ckpt = torch.load(last, map_location=dev, weights_only=False)  # our own file
