@@ -418,3 +418,38 @@ def test_seed_variants_run_merged_weights_and_a_per_bone_fibula_model(tmp_path):
     with_fibula = read_image(tmp_path / "out3" / "labels.nii.gz").array
     assert dice(with_fibula == 3, ph.labels.array == 3) > 0.5, fib_loss
     assert dice(with_fibula == 1, ph.labels.array == 1) > 0.8  # the other bones are the merged model's
+
+
+@pytest.mark.parametrize("factory,config", [
+    ("unet2d", {"in_channels": 1, "out_channels": 5, "channels": (8,) * 4, "activation": "elu", "norm": "batch",
+                "dropout": 0.5}),
+    ("multinet", {"in_channels": 3, "out_channels": 5, "levels": 3}),
+])
+def test_folding_batch_norm_into_the_convolutions_keeps_the_output(factory, config):
+    from SpineKneeSegLib.models import build_network, fold_batch_norm
+
+    torch.manual_seed(0)
+    net = build_network(factory, config)
+    for m in net.modules():  # non-trivial statistics, as in a trained network
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    x = torch.randn(2, config["in_channels"], 32, 32)
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batch_norm(net)
+    with torch.no_grad():
+        before = net.eval()(x)
+        folded = fold_batch_norm(net)
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+        assert torch.allclose(folded(x), before, atol=1e-5)
+
+
+def test_the_product_loads_the_knee_network_with_batch_norm_folded():
+    from SpineKneeSegLib.inference import load_network
+    from SpineKneeSegLib.weights import resolve_weights
+
+    weights = resolve_weights(TASKS["knee-bones"], None)
+    net = load_network(weights, torch.device("cpu"))
+    assert not net.training and not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
