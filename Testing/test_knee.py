@@ -257,6 +257,15 @@ def test_each_plausibility_check_fails_on_a_broken_label_map(phantom):
     anterior_fibula[fibula] = 0
     anterior_fibula[:, :, :-120][fibula[:, :, 120:]] = 3  # columns run posterior: shift 72 mm anterior
     assert "fibula_posterior_to_tibia" in failed(anterior_fibula)
+    # a fibula that has taken in the tissue beside it (as the popliteus on the real DESS): 12 mm of
+    # background around it in every slice, about 24 mm wider than the bone -> wider than any fibular head
+    from scipy import ndimage
+
+    swollen = labels.copy()
+    grown = ndimage.binary_dilation(labels == 3, structure=np.ones((1, 3, 3), bool), iterations=20)  # 0.6 mm pixels
+    swollen[grown & (labels == 0)] = 3
+    assert "fibula_cross_section" in failed(swollen, raw=swollen)
+    assert "fibula_cross_section" not in failed(labels)
     tiny_patella = labels.copy()
     tiny_patella[(labels == 4) & (np.arange(labels.shape[1])[None, :, None] % 3 != 0)] = 0
     assert "volumes_in_range" in failed(tiny_patella)
@@ -280,6 +289,8 @@ def test_plausibility_passes_on_the_real_dess_label_map(data_root):
     assert summary["knee_side"] == "right"
     assert summary["checks"]["femur_superior_to_tibia"]["femur_above_tibia_mm"] > 30
     assert summary["checks"]["fibula_posterior_to_tibia"]["fibula_posterior_of_tibia_mm"] > 10
+    section = summary["checks"]["fibula_cross_section"]  # a real fibular head: 27 x 21 mm
+    assert 20 < section["widest_left_right_mm"] < 30 and 15 < section["widest_anterior_posterior_mm"] < 30
 
 
 # ---- CLI on the real DESS series --------------------------------------------------------------
@@ -310,7 +321,8 @@ def test_cli_on_the_dess_series(data_root, tmp_path):
     plaus = report["summaries"]["knee_plausibility"]
     assert set(plaus["checks"]) == {"bones_present", "one_component_per_bone", "volumes_in_range",
                                     "femur_superior_to_tibia", "patella_anterior_to_femur",
-                                    "fibula_posterior_to_tibia", "fibula_lateral", "raw_vs_final_dice"}
+                                    "fibula_posterior_to_tibia", "fibula_cross_section", "fibula_lateral",
+                                    "raw_vs_final_dice"}
     assert isinstance(plaus["passed"], bool)
     assert len(plaus["warnings"] if "warnings" in plaus else report["warnings"]) >= (0 if plaus["passed"] else 1)
     rows = (out / "volumes.tsv").read_text().splitlines()

@@ -24,6 +24,11 @@ REQUIRED = (FEMUR, TIBIA, FIBULA)  # the issue's output; the patella only when p
 VOLUME_RANGES_ML = {FEMUR: (5.0, None), TIBIA: (5.0, None), FIBULA: (0.5, 60.0), PATELLA: (5.0, 60.0)}
 MIN_COMPONENT_FRACTION = 0.01  # components below 1 % of a bone's volume are specks, not a split
 MIN_DICE_RAW_VS_FINAL = 0.8  # issue 6: the network's raw output must already hold each bone
+# The fibula's widest cross-section, measured per 5 mm axial band along patient L-R and A-P: 27-29 mm
+# (head) in both real label maps here (SPL atlas, pymskt DESS); adult fibular heads are ~25-35 mm.
+# Wider means the fibula has taken in neighbouring tissue (e.g. the popliteus behind the tibia).
+MAX_FIBULA_CROSS_SECTION_MM = 40.0
+CROSS_SECTION_BAND_MM = 5.0
 MIN_SIDE_OFFSET_MM = 5.0  # the fibula must lie clearly to one side of the tibia to name the knee's side
 JOINT_BAND_MM = 10.0  # "near the joint": bone within this distance of the lowest femur / highest tibia point
 
@@ -160,6 +165,15 @@ def knee_plausibility(labels: np.ndarray, image: Image, raw_labels: np.ndarray |
     relation("patella_anterior_to_femur", PATELLA, FEMUR, 1, 1.0, "patella_anterior_of_femur")
     relation("fibula_posterior_to_tibia", FIBULA, TIBIA, 1, -1.0, "fibula_posterior_of_tibia")
 
+    # the fibula is a slender bone: no axial cross-section wider than a fibular head
+    if FIBULA in present:
+        widest = fibula_cross_section_mm(_to_ras(image, _voxels(labels, FIBULA, boxes)))
+        checks["fibula_cross_section"] = {
+            "passed": max(widest) <= MAX_FIBULA_CROSS_SECTION_MM, "max_mm": MAX_FIBULA_CROSS_SECTION_MM,
+            "widest_left_right_mm": round(widest[0], 1), "widest_anterior_posterior_mm": round(widest[1], 1)}
+    else:
+        checks["fibula_cross_section"] = {"passed": False, "note": "fibula missing"}
+
     # lateral: the fibula lies lateral to the tibia, so its side names the knee; compared with
     # DICOM laterality when the file has one
     side, offset = None, None
@@ -194,6 +208,18 @@ def knee_plausibility(labels: np.ndarray, image: Image, raw_labels: np.ndarray |
             "joint_centre_ras": None if centre is None else [round(v, 2) for v in centre],
             "joint_centre_note": note,
             "volumes_ml": {BONES[v]: round(volumes[v], 3) for v in BONES}}
+
+
+def fibula_cross_section_mm(ras: np.ndarray, band_mm: float = CROSS_SECTION_BAND_MM) -> tuple[float, float]:
+    """Widest extent along R-L and along A-P of a bone's voxels (N, 3 RAS mm) within any axial band
+    of ``band_mm`` (bands with fewer than 1 % of the voxels are skipped: partial tips)."""
+    bands = np.floor((ras[:, 2] - ras[:, 2].min()) / band_mm).astype(np.int64)
+    widest = [0.0, 0.0]
+    counts = np.bincount(bands)
+    for b in np.flatnonzero(counts >= max(1, 0.01 * len(ras))):
+        sel = ras[bands == b]
+        widest = [max(widest[0], float(np.ptp(sel[:, 0]))), max(widest[1], float(np.ptp(sel[:, 1])))]
+    return widest[0], widest[1]
 
 
 def plausibility_warnings(summary: dict) -> list[str]:
