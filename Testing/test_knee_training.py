@@ -581,3 +581,37 @@ def test_widening_keeps_the_networks_output_and_the_new_units_learn(volumes, tmp
     narrower = kb.Config(**{**cfg.__dict__, "channels": 2, "init": str(tmp_path / "narrow" / "best.pt")})
     with pytest.raises(SystemExit, match="cannot start"):
         kb.train(narrower, tmp_path / "bad", resume=False, volumes_path=tmp_path / "volumes.pt", log=log.append)
+
+
+def test_a_shifted_bone_moves_by_its_offset_and_never_overwrites_another_bone(volumes):
+    vol = volumes[0][0]
+    ys, xs = torch.meshgrid(torch.arange(vol.labels.shape[1]), torch.arange(vol.labels.shape[2]), indexing="ij")
+    origin = torch.tensor(vol.origin_lps)
+    z = int(torch.nonzero((vol.labels == 3).flatten(1).any(1)).flatten().float().median())  # through the fibula
+    pts = origin + torch.stack([xs * vol.spacing_mm, ys * vol.spacing_mm,
+                                torch.full(xs.shape, z * vol.spacing_mm)], dim=-1).float()
+    labels = ks.sample_labels(vol, pts, False)
+    moved = ks.shift_bone(vol, labels, pts, False, False, 3, torch.tensor([6.0, 0.0, 0.0]))  # 6 voxels along x
+    fib, new_fib = labels == 3, moved == 3
+    other = (labels >= 1) & (labels <= 4) & (labels != 3)
+    expected = torch.zeros_like(fib)
+    expected[:, 6:] = fib[:, :-6]
+    assert torch.equal(new_fib, expected & ~other) and new_fib.sum() > 0.8 * fib.sum()
+    assert torch.equal(moved[other], labels[other])  # the other bones stay as they were
+    assert (moved[fib & ~new_fib] == 0).all()  # the old place becomes unlabelled tissue
+    # in synthesise: the fibula's target moves, the other bones' targets lie where they were; off by
+    # default, with no extra draws (the old stream)
+    shifted, base = ks.SynthConfig(network_px=96, bone_shift_mm=8.0), ks.SynthConfig(network_px=96)
+    with_fibula = 0
+    for seed in range(12):
+        _, y0, _ = ks.synthesise(vol, base, torch.Generator().manual_seed(seed))
+        _, y1, _ = ks.synthesise(vol, shifted, torch.Generator().manual_seed(seed))
+        assert torch.equal(y1[(y0 == 1) | (y0 == 2) | (y0 == 4)], y0[(y0 == 1) | (y0 == 2) | (y0 == 4)])
+        if (y0 == 3).sum() > 20:
+            with_fibula += 1
+            assert not torch.equal(y0 == 3, y1 == 3), seed
+    assert with_fibula >= 2, with_fibula
+    g0, g1 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    ks.synthesise(vol, base, g0)
+    ks.synthesise(vol, ks.SynthConfig(network_px=96, bone_shift_mm=0.0, shift_bones=(3, 4)), g1)
+    assert torch.equal(g0.get_state(), g1.get_state())

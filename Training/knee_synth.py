@@ -97,6 +97,13 @@ class SynthConfig:
     distractors: tuple[int, int] = (1, 4)
     distractor_mm: tuple[float, float] = (5.0, 25.0)
     distractor_mimic_p: float = 0.7
+    # each of these bones moves on its own by a random offset (uniform in +-bone_shift_mm per LPS
+    # axis) before the image is drawn, so its place relative to the other bones varies as between
+    # people; one training anatomy otherwise teaches "fibula = whatever lies at that spot behind the
+    # tibia". Its old place becomes unlabelled tissue; it never overwrites another bone. 0 = off
+    # (and the old random stream)
+    bone_shift_mm: float = 0.0
+    shift_bones: tuple[int, ...] = (3,)
     blur_px: tuple[float, float] = (0.0, 1.2)
     downsample: tuple[float, float] = (1.0, 2.5)
     bias_sd: float = 0.35
@@ -202,6 +209,16 @@ def sample_labels(vol: KneeVolume, pts: torch.Tensor, mirror: bool, extend: bool
     return out.reshape(pts.shape[:-1]).round().to(torch.long)
 
 
+def shift_bone(vol: KneeVolume, labels: torch.Tensor, pts: torch.Tensor, mirror: bool, extend: bool, bone: int,
+               offset_lps: torch.Tensor) -> torch.Tensor:
+    """``labels`` (sampled at ``pts``) with ``bone`` moved by ``offset_lps`` mm: where the bone was
+    and no longer is becomes unlabelled (0); where it arrives it replaces anything but another bone."""
+    moved = sample_labels(vol, pts - offset_lps, mirror, extend) == bone
+    other_bone = (labels >= 1) & (labels <= BONES) & (labels != bone)
+    labels = torch.where((labels == bone) & ~moved, 0, labels)
+    return torch.where(moved & ~other_bone, bone, labels)
+
+
 def sample_image(vol: KneeVolume, pts: torch.Tensor, mirror: bool, extend: bool = False) -> torch.Tensor:
     """Trilinear real-image values at LPS points (..., 3); outside the volume = 0 (``extend``: as
     sample_labels)."""
@@ -299,6 +316,10 @@ def synthesise(vol: KneeVolume, cfg: SynthConfig, gen: torch.Generator, plane: s
         raise ValueError(f"beyond_volume must be 'empty' or 'extend', not {cfg.beyond_volume!r}")
     extend = cfg.beyond_volume == "extend"
     labels = sample_labels(vol, pts, mirror, extend)  # (S, H, W)
+    if cfg.bone_shift_mm > 0:
+        for bone in cfg.shift_bones:
+            offset = _u(gen, -cfg.bone_shift_mm, cfg.bone_shift_mm, (3,), device)
+            labels = shift_bone(vol, labels, pts, mirror, extend, bone, offset)
     target = labels[labels.shape[0] // 2].clamp(max=BONES + 1)
     target = torch.where(target > BONES, 0, target)
 
