@@ -328,6 +328,10 @@ def test_model_card_of_a_model_trained_on_every_anatomy_carries_the_held_out_run
     extended = kb.model_card("9.9.5", extend_meta, evaluation(0.333), [], variants)
     assert "continue along S-I" in extended and "straight\n  continuations" in extended
     assert "were never seen as bone" in single and "straight\n  continuations" not in single
+    shift_meta = {**held_meta, "config": {**held_meta["config"], "synth": {"bone_shift_mm": 8.0}}}
+    shifted = kb.model_card("9.9.5", shift_meta, evaluation(0.333), [], variants)
+    assert "Per-bone shift: the fibula moved by a random offset (uniform +-8 mm" in shifted
+    assert "Per-bone shift" not in single
     # a weight average says what it averages; a missed coronal patella is a known limit
     swa_meta = {**held_meta, "swa": {"first": 1500, "last": 2000, "snapshots": 6, "bn_batches": 50}}
     coronal = evaluation(0.333)

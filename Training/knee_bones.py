@@ -783,6 +783,12 @@ def model_card(version: str, meta: dict, evaluation: dict, real: list[dict], var
   ({synth['distractor_mm'][0]:g}-{synth['distractor_mm'][1]:g} mm semi-axes) over non-bone pixels, labelled
   background; {synth['distractor_mimic_p']:.0%} of them take a bone's marrow intensity and a dark rim, as
   a muscle belly can look."""
+    if synth.get("bone_shift_mm", 0) > 0:
+        names = ", ".join(BONE_NAMES[b] for b in synth["shift_bones"])
+        tissue_text += f"""
+- Per-bone shift: the {names} moved by a random offset (uniform +-{synth['bone_shift_mm']:g} mm per axis)
+  relative to the other bones before the image is drawn, its old place unlabelled tissue, so that its place
+  relative to the tibia varies as between people."""
     loss_text = ("Soft F1 (Dice) loss" if not cfg.get("ce_weight") else
                  f"Soft F1 (Dice) loss plus {cfg['ce_weight']:g} x pixel cross-entropy (the seed's soft F1 alone: "
                  "`--ce-weight 0`)")
