@@ -203,10 +203,17 @@ def _volume_grid(vol: KneeVolume, pts: torch.Tensor, mirror: bool, extend: bool 
 def sample_labels(vol: KneeVolume, pts: torch.Tensor, mirror: bool, extend: bool = False) -> torch.Tensor:
     """Nearest-neighbour labels at LPS points (..., 3); outside the volume = 0 (along S-I with
     ``extend``: the nearest labelled axial slice)."""
-    src = vol.labels[None, None].float()
     grid = _volume_grid(vol, pts, mirror, extend)
-    out = F.grid_sample(src, grid, mode="nearest", padding_mode="zeros", align_corners=True)
+    out = F.grid_sample(_float_labels(vol), grid, mode="nearest", padding_mode="zeros", align_corners=True)
     return out.reshape(pts.shape[:-1]).round().to(torch.long)
+
+
+def _float_labels(vol: KneeVolume) -> torch.Tensor:
+    """(1, 1, Z, Y, X) float copy of the label map for grid_sample, made once per volume: converting
+    it on every call cost more than the sampling (0.055 of 0.097 s for the SPL atlas on one core)."""
+    if "_labels_f" not in vol.__dict__:
+        vol.__dict__["_labels_f"] = vol.labels[None, None].float()
+    return vol.__dict__["_labels_f"]
 
 
 def shift_bone(vol: KneeVolume, labels: torch.Tensor, pts: torch.Tensor, mirror: bool, extend: bool, bone: int,
