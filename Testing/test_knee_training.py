@@ -615,6 +615,14 @@ def test_a_shifted_bone_moves_by_its_offset_and_never_overwrites_another_bone(vo
             with_fibula += 1
             assert not torch.equal(y0 == 3, y1 == 3), seed
     assert with_fibula >= 2, with_fibula
+    # a real labelled image (OAI-ZIB pairs) keeps its labels where its bones are
+    import dataclasses
+
+    real = dataclasses.replace(vol, image=vol.labels.float())
+    for seed in range(4):
+        _, y0, _ = ks.synthesise(real, base, torch.Generator().manual_seed(seed))
+        _, y1, _ = ks.synthesise(real, shifted, torch.Generator().manual_seed(seed))
+        assert torch.equal(y0, y1)
     g0, g1 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
     ks.synthesise(vol, base, g0)
     ks.synthesise(vol, ks.SynthConfig(network_px=96, bone_shift_mm=0.0, shift_bones=(3, 4)), g1)

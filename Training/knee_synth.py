@@ -323,7 +323,7 @@ def synthesise(vol: KneeVolume, cfg: SynthConfig, gen: torch.Generator, plane: s
         raise ValueError(f"beyond_volume must be 'empty' or 'extend', not {cfg.beyond_volume!r}")
     extend = cfg.beyond_volume == "extend"
     labels = sample_labels(vol, pts, mirror, extend)  # (S, H, W)
-    if cfg.bone_shift_mm > 0:
+    if cfg.bone_shift_mm > 0 and vol.image is None:  # a real image's bones stay where its labels are
         for bone in cfg.shift_bones:
             offset = _u(gen, -cfg.bone_shift_mm, cfg.bone_shift_mm, (3,), device)
             labels = shift_bone(vol, labels, pts, mirror, extend, bone, offset)
