@@ -145,7 +145,8 @@ def test_foramen_trainer_overfits_a_fixed_batch_and_reloads_through_the_registry
     reloaded = load_network(resolve_weights(CARD, None, "foramina"), torch.device("cpu"))
     model.eval()
     with torch.no_grad():
-        assert torch.allclose(reloaded(x), model(x), atol=1e-5)
+        # the product folds batch norm into the convolutions: float rounding, ~2e-5 on logits up to ~66
+        assert torch.allclose(reloaded(x), model(x), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.mrml
