@@ -411,7 +411,9 @@ def test_slab_positions_reach_the_through_plane_margin(volumes):
 def test_synth_overrides_from_the_command_line_are_typed_and_checked():
     assert kb.parse_synth_overrides(["shared_tissue_p=0.8", "fov_mm=100,150", "sub_planes=3"]) == {
         "shared_tissue_p": 0.8, "fov_mm": (100.0, 150.0), "sub_planes": 3}
-    for bad in (["nonsense=1"], ["fov_mm=100"], ["shared_tissue_p=high"], ["extra=1"]):
+    assert kb.parse_synth_overrides(["shift_bones=3,4"]) == {"shift_bones": (3, 4)}  # a list of bones
+    assert kb.parse_synth_overrides(["shift_bones=4"]) == {"shift_bones": (4,)}
+    for bad in (["nonsense=1"], ["fov_mm=100"], ["shared_tissue_p=high"], ["extra=1"], ["shift_bones=7"]):
         with pytest.raises(SystemExit, match="--synth"):
             kb.parse_synth_overrides(bad)
 

@@ -961,6 +961,9 @@ def ship(out: Path, version: str, evaluation: Path, real: Path, variants: Path, 
     return 0
 
 
+VARIABLE_LENGTH_SYNTH = {"shift_bones"}  # SynthConfig tuples that are lists, not fixed (lo, hi) pairs
+
+
 def parse_synth_overrides(items: list[str]) -> dict:
     """["shared_tissue_p=0.8", "fov_mm=110,200"] -> SynthConfig overrides, typed like the defaults."""
     defaults = asdict(SynthConfig())
@@ -972,7 +975,11 @@ def parse_synth_overrides(items: list[str]) -> dict:
                              f"{sorted(k for k in defaults if k != 'extra')}")
         kind = defaults[key]
         try:
-            if isinstance(kind, tuple):
+            if key in VARIABLE_LENGTH_SYNTH:  # any number of values, typed like the first default
+                out[key] = tuple(type(kind[0])(v) for v in text.split(","))
+                if key == "shift_bones" and not all(1 <= b <= BONES for b in out[key]):
+                    raise SystemExit(f"--synth {item!r}: bones are 1 femur, 2 tibia, 3 fibula, 4 patella")
+            elif isinstance(kind, tuple):
                 out[key] = tuple(type(d)(v) for d, v in zip(kind, text.split(",")))
                 if len(text.split(",")) != len(kind):
                     raise ValueError
