@@ -332,6 +332,11 @@ def test_model_card_of_a_model_trained_on_every_anatomy_carries_the_held_out_run
     shifted = kb.model_card("9.9.5", shift_meta, evaluation(0.333), [], variants)
     assert "Per-bone shift: the fibula moved by a random offset (uniform +-8 mm" in shifted
     assert "Per-bone shift" not in single
+    lines_meta = {**held_meta, "config": {**held_meta["config"], "synth": {"fascia_p": 0.5, "streak_p": 0.25}}}
+    lined = kb.model_card("9.9.6", lines_meta, evaluation(0.333), [], variants)
+    lined = " ".join(lined.split())
+    assert "in 50% of the samples a 1-px line (fascia)" in lined and "in 25% thin streaks" in lined
+    assert "Lines in the soft tissues" not in single
     # a weight average says what it averages; a missed coronal patella is a known limit
     swa_meta = {**held_meta, "swa": {"first": 1500, "last": 2000, "snapshots": 6, "bn_batches": 50}}
     coronal = evaluation(0.333)
@@ -628,4 +633,69 @@ def test_a_shifted_bone_moves_by_its_offset_and_never_overwrites_another_bone(vo
     g0, g1 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
     ks.synthesise(vol, base, g0)
     ks.synthesise(vol, ks.SynthConfig(network_px=96, bone_shift_mm=0.0, shift_bones=(3, 4)), g1)
+    assert torch.equal(g0.get_state(), g1.get_state())
+
+
+def test_soft_tissue_boundaries_get_one_pixel_lines_and_bones_none():
+    """Fascia: a 1-px line on one side of every boundary between two soft tissues; bone and cortex
+    pixels never, and a soft tissue's edge against bone gets none (the cortex is that line)."""
+    labels = torch.full((2, 32, 32), 5, dtype=torch.long)
+    labels[:, :, 16:] = 6  # two muscles side by side: boundary between columns 15 and 16
+    labels[:, 10:22, 12:20] = 20  # a cortex rim ...
+    labels[:, 12:20, 14:18] = 1  # ... around a bone on that boundary
+    soft = (labels > 4) & (labels != 20)
+    line = ks.soft_boundary(labels, soft)
+    assert not line[~soft].any()
+    expected = torch.zeros_like(line)
+    expected[:, :, 15] = True  # the lower id's side only, where both sides are muscle
+    expected[:, 10:22, 15] = False  # there the bone and its rim sit
+    assert torch.equal(line, expected), torch.nonzero(line ^ expected)[:5]
+
+
+def test_streaks_run_along_the_fibres_near_s_i():
+    """The streak field is long along S-I: in sagittal and coronal planes its lines run down the
+    rows; in an axial plane they are cross-sections with no preferred direction."""
+    cfg = ks.SynthConfig(streak_tilt_deg=0.0)
+    t = torch.linspace(-80, 80, 160)
+    rr, cc = torch.meshgrid(t, t, indexing="ij")
+    zero = torch.zeros_like(rr)
+    planes = {"sagittal": torch.stack([zero, cc, -rr], -1), "coronal": torch.stack([cc, zero, -rr], -1),
+              "axial": torch.stack([cc, rr, zero], -1)}
+    for name, pts in planes.items():
+        for seed in range(3):
+            lines = ks.streak_lines(pts[None], torch.zeros(3), cfg, torch.Generator().manual_seed(seed))[0]
+            assert lines.shape == rr.shape and 0 <= float(lines.min()) and float(lines.max()) <= 1
+            assert float(lines.max()) > 0.9 and float(lines.mean()) < 0.4  # thin lines, not a wash
+            down = float((lines[1:] - lines[:-1]).abs().mean())
+            across = float((lines[:, 1:] - lines[:, :-1]).abs().mean())
+            if name == "axial":
+                assert 0.5 < down / across < 2, (name, seed, down, across)
+            else:
+                assert down < 0.3 * across, (name, seed, down, across)
+
+
+def test_soft_tissue_lines_leave_bones_the_target_and_the_old_stream_alone(volumes):
+    vol = volumes[0][0]
+    flat = dict(network_px=96, texture_sd=0.0, blur_px=(0.0, 0.0), downsample=(1.0, 1.0), bias_sd=0.0,
+                noise_sd=(0.0, 0.0), sub_planes=1, elastic_mm=0.0, pad_fraction=0.0, cortex_px=(2, 2))
+    base = ks.SynthConfig(**flat)
+    lined = ks.SynthConfig(**flat, fascia_p=1.0, streak_p=1.0, streak_amp=0.5)
+    varied = 0
+    for seed in range(6):
+        x0, y0, _ = ks.synthesise(vol, base, torch.Generator().manual_seed(seed))
+        x1, y1, _ = ks.synthesise(vol, lined, torch.Generator().manual_seed(seed))
+        assert torch.equal(y0, y1) and not torch.equal(x0, x1)
+        for img, target in ((x0[0], y0), (x1[0], y1)):
+            for bone in range(1, 5):  # a bone's marrow stays one flat intensity (inside its cortex)
+                inner = -F.max_pool2d(-(target == bone).float()[None, None], 7, stride=1, padding=3)[0, 0] > 0.5
+                if inner.sum() > 4:
+                    assert float(img[inner].std()) < 1e-4, (seed, bone)
+        # without lines the soft tissues are a few flat intensities; with streaks, a continuum
+        soft = -F.max_pool2d(-(y1 == 0).float()[None, None], 9, stride=1, padding=4)[0, 0] > 0.5
+        varied += int(x1[0][soft].unique().numel() > 10 * x0[0][soft].unique().numel())
+    assert varied >= 5, varied
+    g0, g1 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    ks.synthesise(vol, ks.SynthConfig(network_px=96), g0)
+    ks.synthesise(vol, ks.SynthConfig(network_px=96, fascia_p=0.0, streak_p=0.0, streak_amp=0.9,
+                                      line_dark_p=0.1), g1)
     assert torch.equal(g0.get_state(), g1.get_state())

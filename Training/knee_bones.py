@@ -789,6 +789,13 @@ def model_card(version: str, meta: dict, evaluation: dict, real: list[dict], var
 - Per-bone shift: the {names} moved by a random offset (uniform +-{synth['bone_shift_mm']:g} mm per axis)
   relative to the other bones before the image is drawn, its old place unlabelled tissue, so that its place
   relative to the tibia varies as between people."""
+    if synth.get("fascia_p", 0) > 0 or synth.get("streak_p", 0) > 0:
+        tissue_text += f"""
+- Lines in the soft tissues, which flat synthetic tissues lack and real muscle has: in
+  {synth['fascia_p']:.0%} of the samples a 1-px line (fascia) between every two soft tissues, in
+  {synth['streak_p']:.0%} thin streaks along a direction within {synth['streak_tilt_deg']:g} degrees of S-I
+  (fat septa along muscle fibres, amplitude up to {synth['streak_amp']:g}); dark in
+  {synth['line_dark_p']:.0%} of the samples, so a thin dark rim no longer means bone only."""
     loss_text = ("Soft F1 (Dice) loss" if not cfg.get("ce_weight") else
                  f"Soft F1 (Dice) loss plus {cfg['ce_weight']:g} x pixel cross-entropy (the seed's soft F1 alone: "
                  "`--ce-weight 0`)")

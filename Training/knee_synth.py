@@ -19,6 +19,8 @@ sagittal (rows down, cols posterior) or coronal (rows down, cols to patient left
 - optionally (``distractor_p``) bone-like distractors: smooth-edged blobs over non-bone pixels, most
   with a bone's own marrow intensity and a dark rim, labelled background (real muscle bellies look like
   that; only shape and position make a bone);
+- optionally (``fascia_p``, ``streak_p``) lines in the soft tissues: 1-px fascia between them and
+  thin fibre-like streaks, mostly dark (real muscle has both; without them a dark rim means bone);
 - random per-tissue intensity and texture, blur, resolution loss, multiplicative bias field,
   gamma, Rician noise, zero padding where the window leaves the field of view;
 - per-slice z-score over the same foreground rule inference uses, then intensity jitter (the
@@ -104,6 +106,20 @@ class SynthConfig:
     # (and the old random stream)
     bone_shift_mm: float = 0.0
     shift_bones: tuple[int, ...] = (3,)
+    # lines in the soft tissues, which flat synthetic tissues lack and real muscle has (DESS overlays:
+    # thin dark fascia between muscle compartments, fat septa along the fibres). Without them "a region
+    # inside a thin dark rim" only ever means bone with its cortex. fascia_p: share of samples whose
+    # boundaries between two soft tissues get a 1-px line of its own intensity; streak_p: share whose
+    # soft tissues carry thin lines along a random direction within streak_tilt_deg of S-I (fibres),
+    # each tissue its own amplitude up to streak_amp; lines are dark with probability line_dark_p.
+    # 0 = off (and the old random stream)
+    fascia_p: float = 0.0
+    streak_p: float = 0.0
+    streak_amp: float = 0.3
+    streak_mm: tuple[float, float] = (2.0, 8.0)  # cell of the random field across the fibres
+    streak_length_mm: tuple[float, float] = (40.0, 120.0)  # ... and along them
+    streak_tilt_deg: float = 30.0
+    line_dark_p: float = 0.7
     blur_px: tuple[float, float] = (0.0, 1.2)
     downsample: tuple[float, float] = (1.0, 2.5)
     bias_sd: float = 0.35
@@ -301,6 +317,34 @@ def _distractors(labels: torch.Tensor, first_id: int, fov_mm: float, cfg: SynthC
     return labels, k
 
 
+def soft_boundary(labels: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+    """(S, H, W) bool: ``soft`` pixels with a different soft label among their 8 neighbours, on one
+    side of each boundary only (the lower id), so lines are 1 px wide; bones and cortex take no part."""
+    lab = labels.float()[:, None]
+    s = soft[:, None]
+    higher = F.max_pool2d(torch.where(s, lab, -1.0), 3, stride=1, padding=1)
+    return soft & (higher[:, 0] > labels)
+
+
+def streak_lines(pts: torch.Tensor, centre: torch.Tensor, cfg: SynthConfig, gen) -> torch.Tensor:
+    """(...) in [0, 1] at LPS points (..., 3): thin lines where a random 3D field, smooth over
+    ``streak_length_mm`` along a direction within ``streak_tilt_deg`` of S-I and over ``streak_mm``
+    across it, crosses zero (fibre-like fat septa, continuous across a slab's sub-planes)."""
+    device = pts.device
+    tilt = [math.radians(float(_u(gen, -cfg.streak_tilt_deg, cfg.streak_tilt_deg, device=device))) for _ in range(2)]
+    q = (pts - centre) @ _rotation(*tilt, 0.0, device)  # third column: the fibre direction
+    across = float(_u(gen, *cfg.streak_mm, device=device))
+    cell = torch.tensor([across, across, float(_u(gen, *cfg.streak_length_mm, device=device))], device=device)
+    flat = q.reshape(-1, 3)
+    lo = flat.amin(dim=0)
+    size = ((flat.amax(dim=0) - lo) / cell).ceil().long() + 2  # cells per axis, x y z
+    noise = torch.randn((1, 1, int(size[2]), int(size[1]), int(size[0])), generator=gen, device=device)
+    grid = (flat - lo) / cell / (size - 1) * 2 - 1
+    g = F.grid_sample(noise, grid.reshape(1, 1, -1, 1, 3), mode="bilinear", align_corners=True)
+    width = float(_u(gen, 0.05, 0.15, device=device))  # line width, in units of the field (~1 mm)
+    return torch.exp(-(g.reshape(q.shape[:-1]) / width) ** 2)
+
+
 def _foreground_zscore(img: torch.Tensor) -> torch.Tensor:
     """SpineKneeSegLib.preprocessing.normalise('zscore') on one slice: statistics of the pixels
     above the 5th percentile (all pixels when that keeps <= 5 %)."""
@@ -343,6 +387,11 @@ def synthesise(vol: KneeVolume, cfg: SynthConfig, gen: torch.Generator, plane: s
         width = int(torch.randint(cfg.cortex_px[0], cfg.cortex_px[1] + 1, (1,), generator=gen, device=device))
         labels = _cortex(labels, width, rim_id, also=distractor_ids[mimic])
         n_ids = rim_id + 1 + n_distractors
+        soft = (labels > BONES) & (labels != rim_id)
+        fascia = cfg.fascia_p > 0 and float(_u(gen, 0, 1, device=device)) < cfg.fascia_p
+        if fascia:
+            labels = torch.where(soft_boundary(labels, soft), n_ids, labels)
+            n_ids += 1
         means = tissue_means(vol, cfg, gen, n_ids)
         means[rim_id] = _u(gen, 0.0, 0.12, device=device)  # cortical bone: no signal
         sds = _u(gen, 0.0, cfg.texture_sd, (n_ids,), device)
@@ -351,7 +400,16 @@ def synthesise(vol: KneeVolume, cfg: SynthConfig, gen: torch.Generator, plane: s
             jitter = _u(gen, -cfg.tissue_jitter, cfg.tissue_jitter, device=device)
             means[rim_id + 1 + j] = (means[bone] + jitter).clamp(0, 1)
             sds[rim_id + 1 + j] = sds[bone]
+        if fascia:  # dark like cortex, or any intensity
+            dark = float(_u(gen, 0, 1, device=device)) < cfg.line_dark_p
+            means[-1] = _u(gen, 0.0, 0.15, device=device) if dark else _u(gen, 0.0, 1.0, device=device)
+            sds[-1] = 0.0
         img = means[labels] + sds[labels] * torch.randn(labels.shape, generator=gen, device=device)
+        if cfg.streak_p > 0 and float(_u(gen, 0, 1, device=device)) < cfg.streak_p:
+            sign = -1.0 if float(_u(gen, 0, 1, device=device)) < cfg.line_dark_p else 1.0
+            amp = _u(gen, 0.0, cfg.streak_amp, (n_ids,), device) * sign
+            lines = streak_lines(pts, torch.tensor(vol.joint_centre_lps, device=device), cfg, gen)
+            img = img + torch.where(soft, amp[labels], 0.0) * lines
         img = img.mean(dim=0, keepdim=True)[None]  # (1, 1, H, W): partial volume across the slab
 
     img = _gaussian_blur(img, float(_u(gen, *cfg.blur_px, device=device)))
