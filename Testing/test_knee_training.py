@@ -699,3 +699,15 @@ def test_soft_tissue_lines_leave_bones_the_target_and_the_old_stream_alone(volum
     ks.synthesise(vol, ks.SynthConfig(network_px=96, fascia_p=0.0, streak_p=0.0, streak_amp=0.9,
                                       line_dark_p=0.1), g1)
     assert torch.equal(g0.get_state(), g1.get_state())
+
+
+def test_evaluations_with_several_seeds_pool_their_series():
+    def result(seed, rows):
+        return {"checkpoint": "ck.pt", "seed": seed, "series": rows, "mean_dice": kb.mean_series_dice(rows)}
+    a = result(777, [{"series": "s1", "femur": 0.8, "fibula": 0.2}, {"series": "s2", "femur": 0.6}])
+    b = result(1777, [{"series": "s1", "femur": 0.9, "fibula": 0.6}])
+    pooled = kb.pool_evaluations([a, b])
+    assert pooled["seed"] == [777, 1777] and [r["seed"] for r in pooled["series"]] == [777, 777, 1777]
+    assert pooled["mean_dice"]["femur"] == round((0.8 + 0.6 + 0.9) / 3, 4)
+    assert pooled["mean_dice"]["fibula"] == 0.4  # a series without the fibula does not count for it
+    assert a["mean_dice"]["fibula"] == 0.2 and np.isnan(pooled["mean_dice"]["tibia"])
