@@ -711,3 +711,18 @@ def test_evaluations_with_several_seeds_pool_their_series():
     assert pooled["mean_dice"]["femur"] == round((0.8 + 0.6 + 0.9) / 3, 4)
     assert pooled["mean_dice"]["fibula"] == 0.4  # a series without the fibula does not count for it
     assert a["mean_dice"]["fibula"] == 0.2 and np.isnan(pooled["mean_dice"]["tibia"])
+
+
+def test_held_out_series_can_carry_the_soft_tissue_lines(volumes):
+    """evaluate --synth fascia_p=1 streak_p=1: the 3D series gets the lines, its bone labels and
+    geometry stay; with the lines off (default) nothing extra is drawn."""
+    vol = volumes[0][0]
+    kw = dict(n_slices=12, size_px=64, pixel_mm=2.0, slice_mm=3.0)
+    flat = ks.synthesise_volume(vol, ks.SynthConfig(), torch.Generator().manual_seed(5), **kw)
+    lined = ks.synthesise_volume(vol, ks.SynthConfig(fascia_p=1.0, streak_p=1.0), torch.Generator().manual_seed(5), **kw)
+    assert np.array_equal(flat["labels"], lined["labels"]) and np.allclose(flat["origin"], lined["origin"])
+    assert np.isfinite(lined["image"]).all() and not np.allclose(flat["image"], lined["image"])
+    g0, g1 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    ks.synthesise_volume(vol, ks.SynthConfig(), g0, **kw)
+    ks.synthesise_volume(vol, ks.SynthConfig(fascia_p=0.0, streak_p=0.0, streak_amp=0.9), g1, **kw)
+    assert torch.equal(g0.get_state(), g1.get_state())

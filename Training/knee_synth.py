@@ -345,6 +345,32 @@ def streak_lines(pts: torch.Tensor, centre: torch.Tensor, cfg: SynthConfig, gen)
     return torch.exp(-(g.reshape(q.shape[:-1]) / width) ** 2)
 
 
+def add_fascia(labels: torch.Tensor, soft: torch.Tensor, fascia_id: int, cfg: SynthConfig, gen):
+    """With probability ``fascia_p``: soft-tissue boundaries -> ``fascia_id``. Returns (labels, drawn)."""
+    if not (cfg.fascia_p > 0 and float(_u(gen, 0, 1, device=labels.device)) < cfg.fascia_p):
+        return labels, False
+    return torch.where(soft_boundary(labels, soft), fascia_id, labels), True
+
+
+def fascia_intensity(means: torch.Tensor, sds: torch.Tensor, cfg: SynthConfig, gen) -> None:
+    """The fascia (last id) in place: dark like cortex with probability ``line_dark_p``, else any; flat."""
+    dark = float(_u(gen, 0, 1, device=means.device)) < cfg.line_dark_p
+    means[-1] = _u(gen, 0.0, 0.15, device=means.device) if dark else _u(gen, 0.0, 1.0, device=means.device)
+    sds[-1] = 0.0
+
+
+def add_streaks(img: torch.Tensor, labels: torch.Tensor, soft: torch.Tensor, pts: torch.Tensor, vol: KneeVolume,
+                n_ids: int, cfg: SynthConfig, gen) -> torch.Tensor:
+    """With probability ``streak_p``: fibre-like lines over the soft tissues, each id its own amplitude."""
+    device = img.device
+    if not (cfg.streak_p > 0 and float(_u(gen, 0, 1, device=device)) < cfg.streak_p):
+        return img
+    sign = -1.0 if float(_u(gen, 0, 1, device=device)) < cfg.line_dark_p else 1.0
+    amp = _u(gen, 0.0, cfg.streak_amp, (n_ids,), device) * sign
+    lines = streak_lines(pts, torch.tensor(vol.joint_centre_lps, device=device), cfg, gen)
+    return img + torch.where(soft, amp[labels], 0.0) * lines.reshape(labels.shape)
+
+
 def _foreground_zscore(img: torch.Tensor) -> torch.Tensor:
     """SpineKneeSegLib.preprocessing.normalise('zscore') on one slice: statistics of the pixels
     above the 5th percentile (all pixels when that keeps <= 5 %)."""
@@ -388,10 +414,8 @@ def synthesise(vol: KneeVolume, cfg: SynthConfig, gen: torch.Generator, plane: s
         labels = _cortex(labels, width, rim_id, also=distractor_ids[mimic])
         n_ids = rim_id + 1 + n_distractors
         soft = (labels > BONES) & (labels != rim_id)
-        fascia = cfg.fascia_p > 0 and float(_u(gen, 0, 1, device=device)) < cfg.fascia_p
-        if fascia:
-            labels = torch.where(soft_boundary(labels, soft), n_ids, labels)
-            n_ids += 1
+        labels, fascia = add_fascia(labels, soft, n_ids, cfg, gen)
+        n_ids += fascia
         means = tissue_means(vol, cfg, gen, n_ids)
         means[rim_id] = _u(gen, 0.0, 0.12, device=device)  # cortical bone: no signal
         sds = _u(gen, 0.0, cfg.texture_sd, (n_ids,), device)
@@ -400,16 +424,10 @@ def synthesise(vol: KneeVolume, cfg: SynthConfig, gen: torch.Generator, plane: s
             jitter = _u(gen, -cfg.tissue_jitter, cfg.tissue_jitter, device=device)
             means[rim_id + 1 + j] = (means[bone] + jitter).clamp(0, 1)
             sds[rim_id + 1 + j] = sds[bone]
-        if fascia:  # dark like cortex, or any intensity
-            dark = float(_u(gen, 0, 1, device=device)) < cfg.line_dark_p
-            means[-1] = _u(gen, 0.0, 0.15, device=device) if dark else _u(gen, 0.0, 1.0, device=device)
-            sds[-1] = 0.0
+        if fascia:
+            fascia_intensity(means, sds, cfg, gen)
         img = means[labels] + sds[labels] * torch.randn(labels.shape, generator=gen, device=device)
-        if cfg.streak_p > 0 and float(_u(gen, 0, 1, device=device)) < cfg.streak_p:
-            sign = -1.0 if float(_u(gen, 0, 1, device=device)) < cfg.line_dark_p else 1.0
-            amp = _u(gen, 0.0, cfg.streak_amp, (n_ids,), device) * sign
-            lines = streak_lines(pts, torch.tensor(vol.joint_centre_lps, device=device), cfg, gen)
-            img = img + torch.where(soft, amp[labels], 0.0) * lines
+        img = add_streaks(img, labels, soft, pts, vol, n_ids, cfg, gen)
         img = img.mean(dim=0, keepdim=True)[None]  # (1, 1, H, W): partial volume across the slab
 
     img = _gaussian_blur(img, float(_u(gen, *cfg.blur_px, device=device)))
@@ -502,10 +520,16 @@ def synthesise_volume(vol: KneeVolume, cfg: SynthConfig, gen: torch.Generator, *
     labels = _split_background(labels, vol.n_labels, cfg, gen)
     rim_id = vol.n_labels + cfg.background_tissues[1]
     labels = _cortex(labels, int(torch.randint(1, cfg.cortex_px[1] + 1, (1,), generator=gen, device=device)), rim_id)
-    means = tissue_means(vol, cfg, gen, rim_id + 1, lo=0.05)
+    soft = (labels > BONES) & (labels != rim_id)
+    labels, fascia = add_fascia(labels, soft, rim_id + 1, cfg, gen)
+    n_ids = rim_id + 1 + fascia
+    means = tissue_means(vol, cfg, gen, n_ids, lo=0.05)
     means[rim_id] = _u(gen, 0.0, 0.1, device=device)
-    sds = _u(gen, 0.0, cfg.texture_sd / 2, (rim_id + 1,), device)
+    sds = _u(gen, 0.0, cfg.texture_sd / 2, (n_ids,), device)
+    if fascia:
+        fascia_intensity(means, sds, cfg, gen)
     img = means[labels] + sds[labels] * torch.randn(labels.shape, generator=gen, device=device)
+    img = add_streaks(img, labels, soft, pts.reshape(labels.shape + (3,)), vol, n_ids, cfg, gen)
     img = img.reshape(n_slices, -1, size_px, size_px).mean(dim=1)[:, None]  # partial volume
     img = _gaussian_blur(img, 0.5)
     bias = _smooth_field(gen, (4, 4), (size_px, size_px), device)[None] * cfg.bias_sd / 2
