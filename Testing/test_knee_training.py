@@ -719,7 +719,8 @@ def test_held_out_series_can_carry_the_soft_tissue_lines(volumes):
     vol = volumes[0][0]
     kw = dict(n_slices=12, size_px=64, pixel_mm=2.0, slice_mm=3.0)
     flat = ks.synthesise_volume(vol, ks.SynthConfig(), torch.Generator().manual_seed(5), **kw)
-    lined = ks.synthesise_volume(vol, ks.SynthConfig(fascia_p=1.0, streak_p=1.0), torch.Generator().manual_seed(5), **kw)
+    lined = ks.synthesise_volume(vol, ks.SynthConfig(fascia_p=1.0, streak_p=1.0), torch.Generator().manual_seed(5),
+                                 **kw)
     assert np.array_equal(flat["labels"], lined["labels"]) and np.allclose(flat["origin"], lined["origin"])
     assert np.isfinite(lined["image"]).all() and not np.allclose(flat["image"], lined["image"])
     g0, g1 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
