@@ -653,7 +653,10 @@ def evaluate_series(checkpoint: Path, volumes_path: Path, seed: int = 777, log=p
 
 def mean_series_dice(rows: list[dict]) -> dict:
     """Per-bone Dice averaged over series rows (a bone absent from a series does not count there)."""
-    return {name: round(float(np.nanmean([r.get(name, np.nan) for r in rows])), 4) for name in BONE_NAMES.values()}
+    def mean(values):
+        values = [v for v in values if not np.isnan(v)]
+        return round(float(np.mean(values)), 4) if values else float("nan")
+    return {name: mean([r.get(name, np.nan) for r in rows]) for name in BONE_NAMES.values()}
 
 
 def pool_evaluations(results: list[dict]) -> dict:
