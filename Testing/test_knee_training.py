@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Training"))
 import knee_bones as kb  # noqa: E402
@@ -723,6 +724,14 @@ def test_held_out_series_can_carry_the_soft_tissue_lines(volumes):
                                  **kw)
     assert np.array_equal(flat["labels"], lined["labels"]) and np.allclose(flat["origin"], lined["origin"])
     assert np.isfinite(lined["image"]).all() and not np.allclose(flat["image"], lined["image"])
+    # same draws with zero streak amplitude: the difference is the streaks alone, in the soft tissues
+    no_amp = ks.synthesise_volume(vol, ks.SynthConfig(fascia_p=1.0, streak_p=1.0, streak_amp=0.0),
+                                  torch.Generator().manual_seed(5), **kw)
+    diff = np.abs(lined["image"] - no_amp["image"])
+    bone = lined["labels"] > 0
+    inner = np.stack([ndimage.binary_erosion(b, iterations=3) for b in bone])
+    outer = np.stack([~ndimage.binary_dilation(b, iterations=3) for b in bone])
+    assert inner.sum() > 50 and diff[outer].mean() > 5 * diff[inner].mean(), (diff[outer].mean(), diff[inner].mean())
     g0, g1 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
     ks.synthesise_volume(vol, ks.SynthConfig(), g0, **kw)
     ks.synthesise_volume(vol, ks.SynthConfig(fascia_p=0.0, streak_p=0.0, streak_amp=0.9), g1, **kw)
