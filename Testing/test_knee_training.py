@@ -712,6 +712,7 @@ def test_evaluations_with_several_seeds_pool_their_series():
     assert pooled["mean_dice"]["femur"] == round((0.8 + 0.6 + 0.9) / 3, 4)
     assert pooled["mean_dice"]["fibula"] == 0.4  # a series without the fibula does not count for it
     assert a["mean_dice"]["fibula"] == 0.2 and np.isnan(pooled["mean_dice"]["tibia"])
+    assert kb.pool_evaluations([a]) is a  # one seed: the result as it was, seed an int
 
 
 def test_held_out_series_can_carry_the_soft_tissue_lines(volumes):

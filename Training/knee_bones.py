@@ -661,8 +661,10 @@ def mean_series_dice(rows: list[dict]) -> dict:
 
 def pool_evaluations(results: list[dict]) -> dict:
     """evaluate_series results with different seeds (other contrasts and poses of the same six series
-    layouts) -> one result over all their series: one seed's six series leave a spread of ~0.1 on the
-    fibula between draws."""
+    layouts) -> one result over all their series (one draw's fibula Dice differed by up to 0.25 between
+    draws in session 10). One result is returned as it is: the model cards' seed-777 JSON."""
+    if len(results) == 1:
+        return results[0]
     rows = [dict(r, seed=res["seed"]) for res in results for r in res["series"]]
     return {**results[0], "seed": [res["seed"] for res in results], "series": rows, "mean_dice": mean_series_dice(rows)}
 
