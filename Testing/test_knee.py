@@ -245,9 +245,17 @@ def test_each_plausibility_check_fails_on_a_broken_label_map(phantom):
     from SpineKneeSegLib.postprocessing import largest_component_per_label
 
     final = largest_component_per_label(split)
-    result = failed(final, raw=split)
-    assert "one_component_per_bone" in result and "raw_vs_final_dice" in result
+    # issue 6's rule: the raw output must already hold the bone (raw-vs-final Dice >= 0.8); the clean-up
+    # left one piece, so the final labels pass, and the raw pieces are reported
+    summary = knee_plausibility(final, image, raw_labels=split)
+    assert summary["failed"] == ["raw_vs_final_dice"]
+    pieces = summary["checks"]["one_component_per_bone"]
+    assert pieces["components"]["fibula"] == 1 and pieces["raw_components"]["fibula"] == 2
     assert failed(final, raw=final) == set()  # the final labels alone cannot show the split
+    assert "one_component_per_bone" in failed(split, raw=split)  # labels given to the user in two pieces
+    speck = labels.copy()  # a stray raw fibula voxel far from the bone, removed by the clean-up: no failure
+    speck[tuple(np.argwhere(labels == 0)[0])] = 3
+    assert failed(largest_component_per_label(speck), raw=speck) == set()
     no_fibula = np.where(labels == 3, 0, labels)
     assert {"bones_present", "volumes_in_range", "fibula_posterior_to_tibia", "fibula_lateral"} <= failed(no_fibula)
     no_patella = np.where(labels == 4, 0, labels)  # optional: absent is fine
