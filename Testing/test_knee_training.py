@@ -347,6 +347,26 @@ def test_model_card_of_a_model_trained_on_every_anatomy_carries_the_held_out_run
     assert "2D validation slices at iteration 2000 (the last averaged snapshot" in swa
     assert "Coronal input: the patella is missed (Dice 0.00" in swa and "Coronal input" not in single
     assert "This checkpoint: iteration 2800 of the planned" in single
+    # a real series' row: pass/fail, and beside it the raw pieces, raw-vs-final Dice and fibula width
+    from SpineKneeSegLib.knee import knee_plausibility
+    from SpineKneeSegLib.phantoms import knee_phantom
+    from SpineKneeSegLib.postprocessing import largest_component_per_label
+
+    phantom = knee_phantom(0)
+    raw = phantom.labels.array.copy()
+    side = int(np.ceil((0.03 * (raw == 3).sum()) ** (1 / 3)))  # a stray fibula piece of >= 3 %, in a corner
+    assert not raw[:side, :side, :side].any()
+    raw[:side, :side, :side] = 3
+    plaus = knee_plausibility(largest_component_per_label(raw), phantom.image, raw_labels=raw)
+    fibula_dice = plaus["checks"]["raw_vs_final_dice"]["dice"]["fibula"]
+    assert 0.9 < fibula_dice < 0.99
+    real = [{"series": "dess-dicom", "summaries": {"knee_plausibility": plaus}, "warnings": [],
+             "timings_s": {"total": 4.2}}]
+    row = next(line for line in kb.model_card("9.9.3", held_meta, evaluation(0.333), real, variants).splitlines()
+               if line.startswith("| dess-dicom"))
+    section = plaus["checks"]["fibula_cross_section"]
+    assert row.startswith(f"| dess-dicom | passed | 1/1/2/1; 1.00/1.00/{fibula_dice:.2f}/1.00; ")
+    assert f"{section['widest_left_right_mm']:.0f} x {section['widest_anterior_posterior_mm']:.0f} mm | none | 4.20 |" in row
 
 
 def test_tissue_classes_come_from_the_colour_table_beside_a_label_map(tmp_path):

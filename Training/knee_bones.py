@@ -768,6 +768,20 @@ MAP_SOURCES = {"spl-atlas-labels.nrrd": "SPL Knee Atlas, Richolt/Jakab/Kikinis, 
                "pymskt-dess-labels.nrrd": "pymskt, Gatti et al., MIT; a sagittal 3D DESS right knee"}
 
 
+def _real_series_figures(plaus: dict) -> str:
+    """The plausibility figures a reader of a card wants beside pass/fail: the network's raw pieces
+    (>= 1 % of a bone), raw-vs-final Dice per bone and the fibula's widest cross-section."""
+    checks = plaus.get("checks", {})
+    pieces = checks.get("one_component_per_bone", {})
+    pieces = pieces.get("raw_components", pieces.get("components", {}))
+    dice = checks.get("raw_vs_final_dice", {}).get("dice", {})
+    section = checks.get("fibula_cross_section", {})
+    return ("/".join(str(pieces.get(b, "—")) for b in BONE_NAMES.values()) + "; "
+            + "/".join("—" if dice.get(b) is None else f"{dice[b]:.2f}" for b in BONE_NAMES.values()) + "; "
+            + (f"{section['widest_left_right_mm']:.0f} x {section['widest_anterior_posterior_mm']:.0f} mm"
+               if "widest_left_right_mm" in section else "—"))
+
+
 def model_card(version: str, meta: dict, evaluation: dict, real: list[dict], variants: list[dict],
                held_out: dict | None = None, notes: str = "", evaluation_tissue: dict | None = None) -> str:
     """``evaluation``: this checkpoint's synthetic series (of HELD_OUT). When the checkpoint saw
@@ -784,6 +798,7 @@ def model_card(version: str, meta: dict, evaluation: dict, real: list[dict], var
     for r in real:
         plaus = r["summaries"].get("knee_plausibility", {})
         real_rows.append(f"| {r['series']} | {'passed' if plaus.get('passed') else 'FAILED'} | "
+                         f"{_real_series_figures(plaus)} | "
                          f"{'; '.join(r['warnings']) or 'none'} | {r['timings_s'].get('total', float('nan')):.2f} |")
     trained_on = "; ".join(f"{m} ({MAP_SOURCES.get(m, 'data you brought')})" for m in meta["trained_on"])
     synth = {**asdict(SynthConfig()), **cfg.get("synth", {})}
@@ -932,8 +947,8 @@ a merged checkpoint (`--weights`, metadata `variant: merged`) is split into bone
 
 ## Real series (plausibility check, no labels)
 
-| series | plausibility | warnings | total s |
-|---|---|---|---|
+| series | plausibility | raw pieces fem/tib/fib/pat; raw-vs-final Dice; fibula widest R-L x A-P | warnings | total s |
+|---|---|---|---|---|
 {chr(10).join(real_rows)}
 
 {notes.strip() or "Overlays: no observations recorded."}
