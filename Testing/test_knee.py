@@ -339,6 +339,37 @@ def test_cli_on_the_dess_series(data_root, tmp_path):
     assert pngs and all((out / name).stat().st_size > 1000 for name in pngs)
 
 
+@pytest.mark.mrml
+@pytest.mark.parametrize("series", ["dess-dicom", "mese-t2-dicom"])
+def test_the_shipped_model_passes_the_plausibility_check_on_both_real_series(data_root, tmp_path, series):
+    """Issue 6's done-criterion, with the registered knee-bones model (no --weights) through the CLI:
+    femur, tibia and fibula in one piece each, the raw output already holding each bone (raw-vs-final
+    Dice >= 0.8), and a fibula no wider than a fibular head (v0.2.0's DESS fibula took in the popliteus:
+    45 x 50 mm). Figures from session 11 (v0.3.0): DESS fibula 10.3 ml, 27 x 33 mm."""
+    from SpineKneeSegLib.weights import find_entry
+
+    path = data_root / "knee" / series
+    if not path.is_dir():
+        pytest.skip(f"{path} not found")
+    entry = find_entry("knee-bones")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "SpineKneeSegLib.cli", "run", "--task", "knee-bones", str(path),
+                           "-o", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["weights"]["registry_version"] == entry.version and report["weights"]["registered"]
+    plaus = report["summaries"]["knee_plausibility"]
+    assert plaus["passed"], plaus["failed"]
+    checks = plaus["checks"]
+    assert all(n == 1 for n in checks["one_component_per_bone"]["components"].values())
+    assert min(d for d in checks["raw_vs_final_dice"]["dice"].values() if d is not None) >= 0.8
+    section = checks["fibula_cross_section"]
+    assert max(section["widest_left_right_mm"], section["widest_anterior_posterior_mm"]) <= 40.0
+    # both real label maps hold 10.4-10.6 ml of fibula in view; v0.2.0 kept 18.2 ml (head plus muscle)
+    assert 2.0 <= plaus["volumes_ml"]["fibula"] <= 15.0
+    assert plaus["knee_side"] == "right" and plaus["volumes_ml"]["femur"] > 100 and plaus["volumes_ml"]["tibia"] > 80
+
+
 def test_overlays_accept_the_cards_acquisition_plane(tmp_path):
     """The demo and the run report draw overlays with the card's plane; 'acquisition' must resolve
     to the plane the image is shown in (the demo crashed on it once)."""
