@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Training"))
+TRAINING = Path(__file__).resolve().parents[1] / "Training"
+sys.path.insert(0, str(TRAINING))
 import knee_bones as kb  # noqa: E402
 import knee_synth as ks  # noqa: E402
 
@@ -269,6 +270,49 @@ def test_oai_zib_pairs_train_on_the_real_image(tmp_path):
         expect = (truth[phantom.labels.array == label].mean() - truth[phantom.labels.array == 0].mean()) / scale
         got = float(sampled.mean() - background.mean())
         assert np.sign(got) == np.sign(expect), (label, got, expect)
+
+
+def test_image_and_label_folders_pair_by_case_name_and_prepare(tmp_path):
+    """Labelled data a user brings as two folders (case01.nii.gz + case01_seg.nii.gz, MetaImage with
+    its .raw, a case with no label map) -> pairs CSV through the CLI -> prepared volumes with the real
+    images and only the mapped bones labelled; a folder pair with no common case is a clear error."""
+    import subprocess
+
+    images, labels = tmp_path / "imagesTr", tmp_path / "labelsTr"
+    images.mkdir(), labels.mkdir()
+    import SimpleITK as sitk
+
+    cases = [("case01.nii.gz", "case01_seg.nii.gz"), ("case02.mhd", "case02_seg.mhd")]
+    for i, (img_name, lab_name) in enumerate(cases):
+        phantom = make_phantom("knee-bones", seed=i, shape=(24, 96, 96), spacing=(1.2, 1.2, 3.0))
+        lab = phantom.labels.array.copy()
+        lab[lab == 3] = 0  # this dataset labels femur 1, tibia 2, patella 4 as 7; the fibula is unlabelled
+        lab[lab == 4] = 7
+        # MetaImage (.mhd + .raw) through SimpleITK: the product writes only formats it can read back alone
+        sitk.WriteImage(phantom.image.to_sitk(), str(images / img_name))
+        sitk.WriteImage(phantom.labels.with_array(lab).to_sitk(), str(labels / lab_name))
+    write_image(phantom.image, images / "case03.nrrd")  # no label map: skipped with a warning
+    csv = tmp_path / "pairs.csv"
+    cmd = [sys.executable, str(TRAINING / "knee_bones.py"), "import-folders", "--images", str(images), "--labels",
+           str(labels), "--mapping", "1:1,2:2,7:4", "--label-suffix", "_seg", "--csv", str(csv)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 case(s)" in proc.stdout and "case03" in proc.stdout
+    rows = kb.read_pairs(csv)
+    assert [r["name"] for r in rows] == ["case01", "case02"]
+    assert rows[1]["labels"].name == "case02_seg.mhd" and rows[0]["mapping"] == {1: 1, 2: 2, 7: 4}
+    volumes = kb.prepare(tmp_path / "run", None, 1.0, rows, log=lambda *_: None)
+    assert [v.name for v in volumes] == ["case01", "case02"]
+    assert all(v.image is not None and v.labelled == (1, 2, 4) for v in volumes)
+    assert set(torch.unique(volumes[1].labels).tolist()) == {0, 1, 2, 4}
+
+    wrong = subprocess.run(cmd[:-6] + ["--mapping", "1:1", "--csv", str(tmp_path / "none.csv")],
+                           capture_output=True, text=True, timeout=120)  # no --label-suffix: no case matches
+    assert wrong.returncode != 0 and "no case has both an image" in wrong.stderr and "_seg" in wrong.stderr
+    assert not (tmp_path / "none.csv").exists()
+    bad = subprocess.run(cmd[:7] + ["--mapping", "1:1,9:5", "--csv", str(tmp_path / "bad.csv")],
+                         capture_output=True, text=True, timeout=120)  # bone 5 does not exist
+    assert bad.returncode != 0 and "--mapping" in bad.stderr and not (tmp_path / "bad.csv").exists()
 
 
 def test_a_real_image_is_resampled_onto_its_labels_grid(tmp_path):

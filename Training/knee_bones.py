@@ -7,7 +7,8 @@
 
 Data: ../shared/data/knee/labelmaps (SPL knee atlas, pymskt DESS labels) and/or, with --pairs
 CSV (name,image,labels,mapping), label maps or image+label pairs users bring (real images train
-the same network through the same augmentation; ``import-oai-zib`` writes such a CSV). One label map is
+the same network through the same augmentation; ``import-folders`` (an image folder and a label
+folder) and ``import-oai-zib`` write such a CSV). One label map is
 held out entirely: validation (early stopping) and the held-out Dice figures come from synthetic
 images of the held-out anatomy only. ``train`` needs only torch: run ``prepare`` where SimpleITK
 exists, carry volumes.pt to a GPU machine, train there.
@@ -221,6 +222,52 @@ def import_oai_zib(masks: Path, images: Path) -> list[dict]:
     if unmatched:
         print(f"warning: {len(unmatched)} mask(s) without an image, skipped: {', '.join(unmatched[:10])}")
     return rows
+
+
+IMAGE_EXTENSIONS = (".nii.gz", ".seg.nrrd", ".nii", ".nrrd", ".mha", ".mhd", ".dcm")
+
+
+def case_name(path: Path, strip: str = "") -> str:
+    """'case01_seg.nii.gz' -> 'case01' with strip='_seg': the name an image and its label map share;
+    a DICOM series folder is named by the folder."""
+    name = path.name
+    if not path.is_dir():
+        name = next((name[: -len(ext)] for ext in IMAGE_EXTENSIONS if name.lower().endswith(ext)), path.stem)
+    return name[: -len(strip)] if strip and name.endswith(strip) else name
+
+
+def import_folders(images: Path, labels: Path, mapping: dict[int, int], label_suffix: str = "") -> list[dict]:
+    """An image folder and a label folder (the common layout of labelled data: imagesTr/labelsTr,
+    case01.nii.gz + case01_seg.nii.gz, DICOM series folders beside label files) paired by case name
+    -> pairs rows; ``mapping`` says which label values are which bone (1 femur ... 4 patella)."""
+    def entries(folder: Path, strip: str) -> dict[str, Path]:
+        if not folder.is_dir():
+            raise SystemExit(f"{folder}: not a folder")
+        found = {}
+        for p in sorted(folder.iterdir()):
+            if p.name.startswith(".") or p.suffix.lower() == ".raw" or not (
+                    p.is_dir() or any(p.name.lower().endswith(e) for e in IMAGE_EXTENSIONS)):
+                continue  # MetaImage .raw data files and anything that is not an image
+            name = case_name(p, strip)
+            if name in found:
+                raise SystemExit(f"{folder}: two files for case {name!r}: {found[name].name}, {p.name}")
+            found[name] = p
+        return found
+
+    if not mapping:
+        raise SystemExit("--mapping: say which label values are bones, e.g. 1:1,2:2 "
+                         "(1 femur, 2 tibia, 3 fibula, 4 patella)")
+    image_of, label_of = entries(images, ""), entries(labels, label_suffix)
+    cases = sorted(set(image_of) & set(label_of))
+    if not cases:
+        raise SystemExit(f"no case has both an image in {images} and a label map in {labels} "
+                         f"(images: {', '.join(sorted(image_of)[:5]) or 'none'}; labels: "
+                         f"{', '.join(sorted(label_of)[:5]) or 'none'}; --label-suffix strips e.g. _seg)")
+    alone = sorted(set(image_of) ^ set(label_of))
+    if alone:
+        print(f"warning: {len(alone)} case(s) with only an image or only a label map, skipped: {', '.join(alone[:10])}")
+    return [{"name": c, "image": image_of[c].resolve(), "labels": label_of[c].resolve(), "mapping": dict(mapping)}
+            for c in cases]
 
 
 def _lps(idx_zyx: np.ndarray, origin, spacing) -> np.ndarray:
@@ -1043,6 +1090,14 @@ def main(argv=None) -> int:
     z.add_argument("--masks", type=Path, required=True)
     z.add_argument("--images", type=Path, required=True)
     z.add_argument("--csv", type=Path, required=True)
+    f = sub.add_parser("import-folders",
+                       help="pair an image folder with a label-map folder by case name -> a --pairs CSV")
+    f.add_argument("--images", type=Path, required=True, help="images: files (NIfTI, NRRD, MHA/MHD) or DICOM folders")
+    f.add_argument("--labels", type=Path, required=True, help="label maps, one per image, same case names")
+    f.add_argument("--mapping", required=True, help="label value -> bone, e.g. 1:1,2:2,3:3,4:4 (1 femur, 2 tibia, "
+                   "3 fibula, 4 patella); bones left out are unlabelled, not background")
+    f.add_argument("--label-suffix", default="", help="end of a label file's name to drop, e.g. _seg")
+    f.add_argument("--csv", type=Path, required=True)
     t = sub.add_parser("train")
     t.add_argument("--out", type=Path, required=True)
     t.add_argument("--resume", action="store_true")
@@ -1116,6 +1171,15 @@ def main(argv=None) -> int:
 
         labelmaps = None if args.no_shared else (args.labelmaps or data_root() / "knee" / "labelmaps")
         prepare(args.out, labelmaps, args.spacing, read_pairs(args.pairs) if args.pairs else None)
+        return 0
+    if args.command == "import-folders":
+        try:
+            mapping = parse_mapping(args.mapping)
+        except ValueError as exc:
+            raise SystemExit(f"--mapping: {exc}") from None
+        rows = import_folders(args.images, args.labels, mapping, args.label_suffix)
+        write_pairs(rows, args.csv)
+        print(f"{len(rows)} case(s) -> {args.csv}; next: prepare --pairs {args.csv}")
         return 0
     if args.command == "import-oai-zib":
         rows = import_oai_zib(args.masks, args.images)
