@@ -159,6 +159,31 @@ def test_trainer_checkpoints_validates_on_the_held_out_map_and_resumes(volumes, 
     assert not torch.allclose(averaged["state_dict"][bn], sum(c["state_dict"][bn] for c in snaps) / 3, atol=1e-4)
     assert averaged["metadata"]["swa"] == {"first": 2, "last": 6, "snapshots": 3, "bn_batches": 2}
     assert resolve_weights(TASKS[kb.TASK], str(swa)).path == swa  # the product loads it
+    first = torch.load(swa, weights_only=True)["state_dict"]  # averaging again gives the same model, bit for bit
+    again = torch.load(kb.average_snapshots(tmp_path, 2, 6, bn_batches=2, log=log.append), weights_only=True)
+    assert all(torch.equal(first[k], again["state_dict"][k]) for k in first)
+    # a model soup: the same recipe with another seed, its candidate averaged with this run's
+    kb.train(kb.Config(**{**cfg.__dict__, "seed": 7}), tmp_path / "b", resume=False,
+             volumes_path=tmp_path / "volumes.pt", log=log.append)
+    other = kb.average_snapshots(tmp_path / "b", 2, 6, bn_batches=2, log=log.append,
+                                 volumes_path=tmp_path / "volumes.pt")
+    soup = kb.soup_checkpoints([swa, other], tmp_path / "soup.pt", tmp_path / "volumes.pt", bn_batches=2,
+                               log=log.append)
+    parts = [torch.load(p, weights_only=True)["state_dict"] for p in (swa, other)]
+    souped = torch.load(soup, weights_only=True)
+    assert torch.allclose(souped["state_dict"][key], (parts[0][key] + parts[1][key]) / 2, atol=1e-6)
+    assert [r["seed"] for r in souped["metadata"]["soup"]["runs"]] == [cfg.seed, 7]
+    assert "swa" not in souped["metadata"] and souped["metadata"]["soup"]["runs"][1]["swa"]["snapshots"] == 3
+    no_series = {"series": [], "mean_dice": {b: 0.5 for b in kb.BONE_NAMES.values()}}
+    card = " ".join(kb.model_card("9.9.2", souped["metadata"], no_series, [],
+                                  [{"variant": "merged", "iteration": 300, "bone": 0.5}]).split())
+    assert f"uniform weight average (`soup`, a model soup) of 2 runs of this recipe that differ only in their " \
+           f"random seed ({cfg.seed}, 7), each the weight average (SWA) of its snapshots at iterations 2-6" in card
+    kb.train(kb.Config(**{**cfg.__dict__, "lr": 1e-2}), tmp_path / "c", resume=False,
+             volumes_path=tmp_path / "volumes.pt", log=log.append)
+    with pytest.raises(SystemExit, match="not a run of the same recipe.*differs in lr"):
+        kb.soup_checkpoints([swa, tmp_path / "c" / "best.pt"], tmp_path / "bad.pt", tmp_path / "volumes.pt")
+    assert not (tmp_path / "bad.pt").exists()
     with pytest.raises(SystemExit, match="at least two snapshots"):
         kb.average_snapshots(tmp_path, 5, 6)
     # fine-tuning starts from a checkpoint's weights: at lr 1e-12 they come out unchanged

@@ -597,39 +597,78 @@ def train(cfg: Config, out: Path, resume: bool, device: str = "cpu", max_minutes
     return state
 
 
-def average_snapshots(run: Path, first: int, last: int, bn_batches: int = 50, log=print,
-                      volumes_path: Path | None = None) -> Path:
-    """Stochastic weight averaging (Izmailov et al., UAI 2018) of a run's snapshots ``first``..``last``
-    -> RUN/swa-FIRST-LAST.pt: one model from the many that the noisy late schedule visits. Batch-norm
-    statistics are re-estimated on ``bn_batches`` fresh synthetic training batches (the run's own
-    synthesis and training anatomies)."""
+def _averaged_network(ckpts: list[dict], volumes_path: Path, bn_batches: int):
+    """Uniform weight average of checkpoints of one network -> (network, its Config, the last one's
+    metadata). Batch-norm statistics are re-estimated on ``bn_batches`` fresh synthetic training
+    batches (the checkpoints' own synthesis and training anatomies; fixed seed)."""
     from torch.optim.swa_utils import update_bn
 
-    from SpineKneeSegLib.weights import save_checkpoint
-
-    paths = [p for p in sorted((run / "snapshots").glob("iter-*.pt")) if first <= int(p.stem[5:]) <= last]
-    if len(paths) < 2:
-        raise SystemExit(f"need at least two snapshots in {run / 'snapshots'} between {first} and {last}")
-    ckpts = [torch.load(p, map_location="cpu", weights_only=True) for p in paths]
     meta = dict(ckpts[-1]["metadata"])
     cfg = Config(**{k: v for k, v in meta["config"].items() if k in Config.__dataclass_fields__})
     state = {k: (sum(c["state_dict"][k].double() for c in ckpts) / len(ckpts)).to(v.dtype)
              if v.is_floating_point() else v for k, v in ckpts[-1]["state_dict"].items()}
     net = build_network("unet2d", network_config(cfg))
     net.load_state_dict(state)
-    volumes = [v for v in load_volumes(volumes_path or run / "volumes.pt") if v.name in meta["trained_on"]]
+    volumes = [v for v in load_volumes(volumes_path) if v.name in meta["trained_on"]]
     gen = torch.Generator().manual_seed(4242)
     synth = SynthConfig(**cfg.synth)
     batches = [random_crop(*synthesise_batch(volumes, synth, gen, cfg.batch_size), cfg.patch, gen)[0]
                for _ in range(bn_batches)]
-    update_bn(batches, net)
-    meta.update({"swa": {"first": int(paths[0].stem[5:]), "last": int(paths[-1].stem[5:]), "snapshots": len(paths),
-                         "bn_batches": bn_batches}})
-    out = run / f"swa-{first}-{last}.pt"
+    with torch.random.fork_rng():  # update_bn runs in train mode: seed the dropout too, so averaging repeats exactly
+        torch.manual_seed(4242)
+        update_bn(batches, net)
+    return net, cfg, meta
+
+
+def _save_averaged(out: Path, net, cfg: Config, meta: dict) -> None:
+    from SpineKneeSegLib.weights import save_checkpoint
+
     model = "fibula" if cfg.variant == "fibula" else "labels"
     save_checkpoint(out, TASK, "unet2d", network_config(cfg), {k: v.cpu() for k, v in net.state_dict().items()},
                     metadata=meta, model=model)
+
+
+def average_snapshots(run: Path, first: int, last: int, bn_batches: int = 50, log=print,
+                      volumes_path: Path | None = None) -> Path:
+    """Stochastic weight averaging (Izmailov et al., UAI 2018) of a run's snapshots ``first``..``last``
+    -> RUN/swa-FIRST-LAST.pt: one model from the many that the noisy late schedule visits."""
+    paths = [p for p in sorted((run / "snapshots").glob("iter-*.pt")) if first <= int(p.stem[5:]) <= last]
+    if len(paths) < 2:
+        raise SystemExit(f"need at least two snapshots in {run / 'snapshots'} between {first} and {last}")
+    ckpts = [torch.load(p, map_location="cpu", weights_only=True) for p in paths]
+    net, cfg, meta = _averaged_network(ckpts, volumes_path or run / "volumes.pt", bn_batches)
+    meta["swa"] = {"first": int(paths[0].stem[5:]), "last": int(paths[-1].stem[5:]), "snapshots": len(paths),
+                   "bn_batches": bn_batches}
+    out = run / f"swa-{first}-{last}.pt"
+    _save_averaged(out, net, cfg, meta)
     log(f"averaged {len(paths)} snapshots ({paths[0].stem}..{paths[-1].stem}) -> {out}")
+    return out
+
+
+SOUP_MAY_DIFFER = {"seed"}  # runs of one recipe: only this Config field may differ
+
+
+def soup_checkpoints(paths: list[Path], out: Path, volumes_path: Path, bn_batches: int = 50, log=print) -> Path:
+    """Uniform weight average of the candidates of several runs of one recipe that differ only in their
+    random seed (a "model soup", Wortsman et al., ICML 2022; the runs share their initialisation, so
+    their weights average). Smooths out the run-to-run spread that a single CPU run carries."""
+    if len(paths) < 2:
+        raise SystemExit("soup: give at least two checkpoints")
+    ckpts = [torch.load(p, map_location="cpu", weights_only=True) for p in paths]
+    configs = [{k: v for k, v in c["metadata"]["config"].items() if k not in SOUP_MAY_DIFFER} for c in ckpts]
+    for p, c, cfg in zip(paths, ckpts, configs):
+        differ = sorted(k for k in set(cfg) | set(configs[0]) if cfg.get(k) != configs[0].get(k))
+        if differ or c["metadata"]["trained_on"] != ckpts[0]["metadata"]["trained_on"]:
+            raise SystemExit(f"soup: {p} is not a run of the same recipe as {paths[0]} "
+                             f"(differs in {', '.join(differ) or 'training anatomies'})")
+    net, cfg, meta = _averaged_network(ckpts, volumes_path, bn_batches)
+    meta.pop("swa", None)
+    meta["soup"] = {"bn_batches": bn_batches, "runs": [
+        {"file": f"{p.parent.name}/{p.name}", "seed": c["metadata"]["config"]["seed"],
+         "iteration": c["metadata"]["iteration"], "swa": c["metadata"].get("swa")} for p, c in zip(paths, ckpts)]}
+    _save_averaged(out, net, cfg, meta)
+    log(f"averaged {len(paths)} runs' checkpoints (seeds {', '.join(str(r['seed']) for r in meta['soup']['runs'])})"
+        f" -> {out}")
     return out
 
 
@@ -889,13 +928,25 @@ real MR shows every bone's marrow alike):
 
 {_series_table(evaluation_tissue)}"""
     init = f" Fine-tuned from `{Path(cfg['init']).name}` (fresh optimiser)." if cfg.get("init") else ""
-    swa = meta.get("swa")
+    swa, soup = meta.get("swa"), meta.get("soup")
     at_text = "at this checkpoint" if not swa else (
         f"at iteration {swa['last']} (the last averaged snapshot; the average itself is measured by the series below)")
     checkpoint_text = (f"iteration {meta['iteration']} of the planned {cfg['iterations']}" if not swa else
                        f"the weight average (SWA, `average`) of the {swa['snapshots']} snapshots at iterations "
                        f"{swa['first']}-{swa['last']} of the planned {cfg['iterations']}, batch-norm statistics "
                        f"re-estimated on {swa['bn_batches']} fresh synthetic batches")
+    if soup:
+        runs = soup["runs"]
+        at_text = (f"of the seed-{cfg['seed']} run at iteration {meta['iteration']} (one of the averaged runs; the "
+                   "average itself is measured by the series below)")
+        each = {(r["swa"] or {}).get("first"): r for r in runs}
+        each_text = (f"each the weight average (SWA) of its snapshots at iterations {runs[0]['swa']['first']}-"
+                     f"{runs[0]['swa']['last']}" if len(each) == 1 and runs[0]["swa"] else
+                     "; ".join(f"{r['file']} at iteration {r['iteration']}" for r in runs))
+        checkpoint_text = (f"the uniform weight average (`soup`, a model soup) of {len(runs)} runs of this recipe that "
+                           f"differ only in their random seed ({', '.join(str(r['seed']) for r in runs)}), "
+                           f"{each_text} of the planned {cfg['iterations']}; batch-norm statistics re-estimated on "
+                           f"{soup['bn_batches']} fresh synthetic batches")
     coronal_patella = [r["patella"] for r in evaluation["series"]
                        if r["series"].startswith("coronal") and "patella" in r]
     coronal_text = ("\n- Coronal input: the patella is missed (Dice "
@@ -1131,6 +1182,10 @@ def main(argv=None) -> int:
                    help="SynthConfig overrides for the series (e.g. shared_tissue_p=1); the JSON name gets -synth")
     e.add_argument("--seeds", type=int, nargs="+", default=[777],
                    help="one draw of the six series per seed, pooled (777: the model cards' figures)")
+    sp = sub.add_parser("soup", help="weight-average the candidates of runs of one recipe (differing only in seed)")
+    sp.add_argument("--checkpoints", type=Path, nargs="+", required=True)
+    sp.add_argument("--out", type=Path, required=True, help="the averaged checkpoint (.pt)")
+    sp.add_argument("--volumes", type=Path, required=True, help="prepared volumes.pt (batch-norm re-estimate)")
     a = sub.add_parser("average", help="weight-average a run's snapshots (SWA) -> OUT/swa-FIRST-LAST.pt")
     a.add_argument("--out", type=Path, required=True)
     a.add_argument("--first", type=int, required=True)
@@ -1207,6 +1262,9 @@ def main(argv=None) -> int:
         name += "" if args.seeds == [777] else "-seeds-" + "-".join(map(str, args.seeds))
         (args.out / f"eval-{name}.json").write_text(json.dumps(result, indent=2))
         print(json.dumps(result["mean_dice"]))
+        return 0
+    if args.command == "soup":
+        soup_checkpoints(args.checkpoints, args.out, args.volumes)
         return 0
     if args.command == "average":
         average_snapshots(args.out, args.first, args.last, volumes_path=args.volumes)
