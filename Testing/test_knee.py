@@ -345,7 +345,7 @@ def test_the_shipped_model_passes_the_plausibility_check_on_both_real_series(dat
     """Issue 6's done-criterion, with the registered knee-bones model (no --weights) through the CLI:
     femur, tibia and fibula in one piece each, the raw output already holding each bone (raw-vs-final
     Dice >= 0.8), and a fibula no wider than a fibular head (v0.2.0's DESS fibula took in the popliteus:
-    45 x 50 mm). Figures from session 11 (v0.3.0): DESS fibula 10.3 ml, 27 x 33 mm."""
+    45 x 50 mm). Figures from session 11 (v0.3.1): DESS fibula 10.6 ml, 28.5 x 36.6 mm."""
     from SpineKneeSegLib.weights import find_entry
 
     path = data_root / "knee" / series
