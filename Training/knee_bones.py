@@ -939,9 +939,9 @@ real MR shows every bone's marrow alike):
         runs = soup["runs"]
         at_text = (f"of the seed-{cfg['seed']} run at iteration {meta['iteration']} (one of the averaged runs; the "
                    "average itself is measured by the series below)")
-        each = {(r["swa"] or {}).get("first"): r for r in runs}
+        spans = {None if not r["swa"] else (r["swa"]["first"], r["swa"]["last"]) for r in runs}
         each_text = (f"each the weight average (SWA) of its snapshots at iterations {runs[0]['swa']['first']}-"
-                     f"{runs[0]['swa']['last']}" if len(each) == 1 and runs[0]["swa"] else
+                     f"{runs[0]['swa']['last']}" if len(spans) == 1 and runs[0]["swa"] else
                      "; ".join(f"{r['file']} at iteration {r['iteration']}" for r in runs))
         checkpoint_text = (f"the uniform weight average (`soup`, a model soup) of {len(runs)} runs of this recipe that "
                            f"differ only in their random seed ({', '.join(str(r['seed']) for r in runs)}), "
