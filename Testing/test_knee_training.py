@@ -324,7 +324,8 @@ def test_image_and_label_folders_pair_by_case_name_and_prepare(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "2 case(s)" in proc.stdout and "case03" in proc.stdout
     rows = kb.read_pairs(csv)
-    assert [r["name"] for r in rows] == ["case01", "case02"]
+    assert [r["name"] for r in rows] == ["case01", "case02"]  # case02_seg.raw (MetaImage data) is not a case
+    assert kb.case_name(Path("x/case07.seg.nrrd")) == "case07" and kb.case_name(Path("x/case07.txt")) == "case07"
     assert rows[1]["labels"].name == "case02_seg.mhd" and rows[0]["mapping"] == {1: 1, 2: 2, 7: 4}
     volumes = kb.prepare(tmp_path / "run", None, 1.0, rows, log=lambda *_: None)
     assert [v.name for v in volumes] == ["case01", "case02"]

@@ -224,15 +224,15 @@ def import_oai_zib(masks: Path, images: Path) -> list[dict]:
     return rows
 
 
-IMAGE_EXTENSIONS = (".nii.gz", ".seg.nrrd", ".nii", ".nrrd", ".mha", ".mhd", ".dcm")
-
-
 def case_name(path: Path, strip: str = "") -> str:
-    """'case01_seg.nii.gz' -> 'case01' with strip='_seg': the name an image and its label map share;
-    a DICOM series folder is named by the folder."""
+    """'case01_seg.nii.gz' -> 'case01' with strip='_seg' (and Slicer's 'case01.seg.nrrd' -> 'case01'): the
+    name an image and its label map share; a DICOM series folder is named by the folder."""
+    from SpineKneeSegLib.io import image_suffix
+
     name = path.name
     if not path.is_dir():
-        name = next((name[: -len(ext)] for ext in IMAGE_EXTENSIONS if name.lower().endswith(ext)), path.stem)
+        name = name[: -len(image_suffix(path) or path.suffix)]
+        name = name[: -len(".seg")] if name.endswith(".seg") else name
     return name[: -len(strip)] if strip and name.endswith(strip) else name
 
 
@@ -240,14 +240,15 @@ def import_folders(images: Path, labels: Path, mapping: dict[int, int], label_su
     """An image folder and a label folder (the common layout of labelled data: imagesTr/labelsTr,
     case01.nii.gz + case01_seg.nii.gz, DICOM series folders beside label files) paired by case name
     -> pairs rows; ``mapping`` says which label values are which bone (1 femur ... 4 patella)."""
+    from SpineKneeSegLib.io import image_suffix
+
     def entries(folder: Path, strip: str) -> dict[str, Path]:
         if not folder.is_dir():
             raise SystemExit(f"{folder}: not a folder")
         found = {}
         for p in sorted(folder.iterdir()):
-            if p.name.startswith(".") or p.suffix.lower() == ".raw" or not (
-                    p.is_dir() or any(p.name.lower().endswith(e) for e in IMAGE_EXTENSIONS)):
-                continue  # MetaImage .raw data files and anything that is not an image
+            if p.name.startswith(".") or not (p.is_dir() or image_suffix(p)):
+                continue  # MetaImage .raw data files and anything else the reader does not open
             name = case_name(p, strip)
             if name in found:
                 raise SystemExit(f"{folder}: two files for case {name!r}: {found[name].name}, {p.name}")

@@ -119,6 +119,12 @@ def _check_file(path: Path) -> None:
         raise InputError("file is empty", path)
 
 
+def image_suffix(path: str | os.PathLike) -> str | None:
+    """The file-name ending by which the reader knows an image format ('.nii.gz', '.mhd', ...), or None."""
+    name = Path(path).name.lower()
+    return next((suffix for suffix in _READ_SUFFIXES if name.endswith(suffix)), None)
+
+
 def _suffix_format(path: Path, table: dict) -> str | None:
     name = path.name.lower()
     for suffix, fmt in table.items():
