@@ -363,7 +363,68 @@ def train_loop(cfg: Config, out: Path, prepared: list[PreparedCase], evaluate, r
     return state
 
 
+def column_main(argv) -> int:
+    """``cv`` (case-wise k-fold: train each fold's model on the other folds, then score its held-out
+    cases) and ``final`` (the same recipe on every case) for the whole-column model (issue 21)."""
+    import level_column as lc
+
+    parser = argparse.ArgumentParser(prog="spine_levels.py " + argv[0], description=column_main.__doc__)
+    parser.add_argument("--out", default="Training/runs/spine-levels-cv")
+    parser.add_argument("--data", help="shared data root (default: SPINEKNEESEG_DATA or ../shared/data)")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--fold", type=int, action="append", help="only these folds (default: all)")
+    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--max-minutes", type=float)
+    parser.add_argument("--evaluate-only", action="store_true", help="cv: score existing fold models")
+    for name, value in asdict(lc.ColumnConfig()).items():
+        if not isinstance(value, dict):
+            parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    parser.add_argument("--network", type=json.loads, default=None, help="JSON network config (MultiNet)")
+    args = parser.parse_args(argv[1:])
+    root = Path(args.data) if args.data else data_root()
+    if root is None or not (root / "spine").exists():
+        print("no spine data: set SPINEKNEESEG_DATA", file=sys.stderr)
+        return 2
+    fields = {k: getattr(args, k) for k in asdict(lc.ColumnConfig()) if k != "network"}
+    cfg = lc.ColumnConfig(**fields, **({"network": args.network} if args.network else {}))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cases = lc.spine_cases(root)
+    notes = {c["id"]: c["note"] for c in cases if c["note"]}
+    groups = [g for g in lc.duplicate_groups(cases) if len(g) > 1]
+    print(f"{len(cases)} labelled scans; identical images: {groups or 'none'}")
+    if argv[0] == "final":
+        prepared = [lc.prepare(c, cfg.spacing_mm) for c in cases]
+        lc.train_column(cfg, out, prepared, args.resume, max_minutes=args.max_minutes,
+                        metadata={"trained_on": [c["id"] for c in cases], "duplicates": groups,
+                                  "label_notes": notes})
+        return 0
+    folds = lc.make_folds(cases, args.folds, args.split_seed)
+    (out / "folds.json").write_text(json.dumps({"folds": folds, "duplicates": groups, "label_notes": notes,
+                                                "config": asdict(cfg)}, indent=2))
+    for f in args.fold if args.fold is not None else range(args.folds):
+        fold_dir = out / f"fold{f}"
+        held_out = [c for c in cases if c["id"] in folds[f]]
+        final = fold_dir / "final.pt"
+        if not args.evaluate_only:
+            if not final.exists():
+                prepared = [lc.prepare(c, cfg.spacing_mm) for c in cases if c["id"] not in folds[f]]
+                print(f"fold {f}: training on {len(prepared)} scans, {len(held_out)} held out")
+                if lc.train_column(cfg, fold_dir, prepared, args.resume, max_minutes=args.max_minutes,
+                                   metadata={"fold": f, "held_out": folds[f]}) is None:
+                    return 0
+        if final.exists():
+            from level_eval import evaluate_fold
+
+            evaluate_fold(final, held_out, fold_dir / "evaluation.json")
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("cv", "final"):
+        return column_main(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="Training/runs/spine-levels")
     parser.add_argument("--data", help="shared data root (default: SPINEKNEESEG_DATA or ../shared/data)")

@@ -1,0 +1,314 @@
+"""Whole-column training for the lumbar level model (issue 21): every labelled scan, duplicates
+found by content and kept in one fold, Zukić label/image slice mismatches resolved from the image,
+whole sagittal slices with field-of-view augmentation, fixed schedule (no checkpoint selection).
+
+Used by ``spine_levels.py cv | final``; the seed's crop-based loop stays in ``spine_levels.py``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from SpineKneeSegLib.image import Image
+from SpineKneeSegLib.io import read_image
+from SpineKneeSegLib.models import build_network
+from SpineKneeSegLib.preprocessing import context_channels, training_slices
+from SpineKneeSegLib.tasks import TASKS
+from SpineKneeSegLib.weights import save_checkpoint
+
+CARD = TASKS["lumbar-foramina"]
+N_LEVELS = 5
+DATASETS = ("myosegmentum", "zukic-t2")
+T12, T11 = 6, 7  # Zukić label values above L1
+
+
+# ---- cases -----------------------------------------------------------------------------------
+
+def _body_contrast(image: np.ndarray, labels: np.ndarray) -> float:
+    """|mean inside the bodies - mean in a 4 px ring around them| of a z-scored image: highest when
+    the label slices sit on the image slices that show those bodies."""
+    body = labels > 0
+    ring = ndimage.binary_dilation(body, np.ones((1, 9, 9), bool)) & ~body
+    return abs(float(image[body].mean() - image[ring].mean()))
+
+
+def align_extra_label_slice(image: Image, labels: Image) -> tuple[np.ndarray | None, str]:
+    """A label map with one slice more than its image (four Zukić cases): drop the first or the
+    last label slice, whichever leaves the bodies' outline on stronger image contrast. Refused
+    (None) when the two differ by less than 10 %: then the evidence does not decide."""
+    a = image.array.astype(np.float32)
+    a = (a - a.mean()) / max(float(a.std()), 1e-6)
+    axis = int(np.argmax(np.array(labels.array.shape) - np.array(image.array.shape)))
+    drop_first = np.delete(labels.array, 0, axis=axis)
+    drop_last = np.delete(labels.array, labels.array.shape[axis] - 1, axis=axis)
+    first, last = _body_contrast(a, drop_first), _body_contrast(a, drop_last)
+    evidence = f"body contrast dropping the first label slice {first:.3f}, the last {last:.3f}"
+    if max(first, last) < 1.1 * min(first, last):
+        return None, f"excluded: {evidence} (less than 10 % apart, undecided)"
+    if last >= first:
+        return drop_last, f"last label slice dropped ({evidence})"
+    return drop_first, f"first label slice dropped ({evidence})"
+
+
+def content_hash(path: Path) -> str:
+    return hashlib.sha256(np.ascontiguousarray(read_image(path).array).tobytes()).hexdigest()
+
+
+def spine_cases(root: Path, log=print) -> list[dict]:
+    """Every labelled scan of the two level datasets with its content hash (duplicates share it)
+    and, where the label map has one slice more than the image, the resolution applied."""
+    cases = []
+    for dataset in DATASETS:
+        for folder in sorted((root / "spine" / dataset).glob("case*")):
+            image_path, label_path = folder / "image.nii.gz", folder / "vertebrae.nii.gz"
+            if not (image_path.exists() and label_path.exists()):
+                continue
+            image, labels = read_image(image_path), read_image(label_path)
+            case = {"id": f"{dataset}/{folder.name}", "dataset": dataset, "image": image_path, "labels": label_path,
+                    "hash": hashlib.sha256(np.ascontiguousarray(image.array).tobytes()).hexdigest(), "note": ""}
+            if image.array.shape != labels.array.shape:
+                extra = np.array(labels.array.shape) - np.array(image.array.shape)
+                if sorted(extra.tolist()) != [0, 0, 1]:
+                    log(f"excluded {case['id']}: labels {labels.array.shape} vs image {image.array.shape}")
+                    continue
+                aligned, note = align_extra_label_slice(image, labels)
+                log(f"{case['id']}: labels {labels.array.shape} vs image {image.array.shape}: {note}")
+                if aligned is None:
+                    continue
+                case["aligned_labels"], case["note"] = aligned, note
+            cases.append(case)
+    return cases
+
+
+def case_labels(case: dict) -> np.ndarray:
+    """The case's label map on its image grid (with the extra slice removed where there was one)."""
+    if "aligned_labels" in case:
+        return case["aligned_labels"]
+    return read_image(case["labels"]).array
+
+
+def duplicate_groups(cases: list[dict]) -> list[list[str]]:
+    """Case ids grouped by identical image content (e.g. myosegmentum case18 = case19)."""
+    groups: dict[str, list[str]] = {}
+    for case in cases:
+        groups.setdefault(case["hash"], []).append(case["id"])
+    return list(groups.values())
+
+
+def make_folds(cases: list[dict], k: int, seed: int = 0) -> list[list[str]]:
+    """Case-wise k folds: duplicate groups stay together; each dataset is spread evenly (groups of
+    a dataset dealt round-robin after a seeded shuffle, the next dataset continuing where it left)."""
+    rng = np.random.default_rng(seed)
+    dataset_of = {c["id"]: c["dataset"] for c in cases}
+    folds: list[list[str]] = [[] for _ in range(k)]
+    turn = 0
+    for dataset in DATASETS:
+        groups = [g for g in duplicate_groups(cases) if dataset_of[g[0]] == dataset]
+        for i in rng.permutation(len(groups)):
+            folds[turn % k].extend(groups[i])
+            turn += 1
+    return [sorted(f) for f in folds]
+
+
+def level_labels(labels: np.ndarray) -> np.ndarray:
+    """L1..L5 = 1..5; everything else (T12/T11 in Zukić) is background."""
+    return np.where((labels >= 1) & (labels <= N_LEVELS), labels, 0).astype(np.uint8)
+
+
+@dataclass
+class PreparedCase:
+    id: str
+    dataset: str
+    stack: np.ndarray  # (slices, H, W) float32, normalised, 1.4 mm in-plane (canonical sagittal)
+    labels: np.ndarray  # (slices, H, W) uint8 L1..L5
+    body_slices: np.ndarray  # slice indices holding any level
+
+
+def prepare(case: dict, spacing_mm: float) -> PreparedCase:
+    """Exactly the inference preprocessing (same Lib functions); labels resampled nearest."""
+    image = read_image(case["image"])
+    pre = CARD.preprocessing
+    x, y, _ = training_slices(image, level_labels(case_labels(case)), pre.plane, pre.normalisation, spacing_mm)
+    return PreparedCase(case["id"], case["dataset"], x, y, np.flatnonzero(y.reshape(len(y), -1).any(1)))
+
+
+# ---- whole-slice sampling with field-of-view augmentation -------------------------------------
+
+@dataclass
+class ColumnConfig:
+    steps: int = 1500
+    batch_size: int = 8
+    canvas: int = 192  # network input (px at 1.4 mm = 269 mm): the whole MyoSegmenTUM slice and most of Zukić's
+    lr: float = 1e-3
+    lr_final: float = 1e-5  # cosine decay over the steps
+    loss: str = "weighted-dice+bce"  # the seed's weighted Dice, plus BCE for calibrated probabilities
+    bce_weight: float = 0.5
+    spacing_mm: float = 1.4
+    max_rotation_deg: float = 30.0
+    scale: float = 0.15  # +-
+    shift_px: int = 24  # +- around the spine's centre
+    warp_px: float = 3.0
+    fov_cut_p: float = 0.5  # probability of a random cranio-caudal field-of-view cut (each end half of it)
+    off_body_p: float = 0.1  # slices without any body (lateral): negatives
+    noise_sd: float = 0.25
+    seed: int = 0
+    threads: int = 1
+    network: dict = field(default_factory=lambda: {"levels": 6, "base_channels": 8, "max_channels": 32,
+                                                   "activation": "elu", "norm": "batch"})
+
+
+def network_config(cfg: ColumnConfig) -> dict:
+    return {**cfg.network, "in_channels": CARD.preprocessing.context_slices, "out_channels": N_LEVELS}
+
+
+def _case_probabilities(cases: list[PreparedCase]) -> np.ndarray:
+    """Each dataset (sequence) equally often: 44 T1 scans must not drown 10 T2 ones."""
+    datasets = [c.dataset for c in cases]
+    weights = np.array([1.0 / datasets.count(d) for d in datasets])
+    return weights / weights.sum()
+
+
+def _affine(angle: float, scale: float, centre_src: tuple[float, float], src_hw: tuple[int, int],
+            canvas: int) -> torch.Tensor:
+    """theta for affine_grid: canvas pixel offsets from its centre, rotated and scaled, land at
+    ``centre_src`` (row, col) of the source slice; both in normalised coordinates."""
+    h, w = src_hw
+    c, s = math.cos(angle) * scale, math.sin(angle) * scale
+    # x (columns) and y (rows) in source-normalised units per canvas-normalised unit
+    return torch.tensor([[c * canvas / w, -s * canvas / w, (2 * centre_src[1] + 1) / w - 1],
+                         [s * canvas / h, c * canvas / h, (2 * centre_src[0] + 1) / h - 1]], dtype=torch.float32)
+
+
+def fov_cut(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, p: float) -> None:
+    """In place: blank the rows above a random cut (T12 .. mid-L2) and/or below one (mid-L4 ..
+    well into the sacrum), as a field of view that ends there: image 0 (the padding value),
+    labels background. Rows run inferior in the canonical sagittal slice."""
+    rows = [np.flatnonzero((y == k).any(1).numpy()) for k in range(1, N_LEVELS + 1)]
+    if rng.random() < p / 2 and len(rows[0]) and len(rows[1]):
+        top = int(rng.integers(max(rows[0].min() - 30, 0), int(rows[1].mean()) + 1))
+        x[:, :top], y[:top] = 0, 0
+    if rng.random() < p / 2 and len(rows[3]) and len(rows[4]):
+        bottom = int(rng.integers(int(rows[3].mean()), min(rows[4].max() + 45, y.shape[0] - 1) + 1))
+        x[:, bottom:], y[bottom:] = 0, 0
+
+
+def sample_batch(cases: list[PreparedCase], cfg: ColumnConfig, rng: np.random.Generator,
+                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    from spine_levels import random_intensity  # the seed loop's contrast remapping (T1 <-> T2)
+
+    probabilities = _case_probabilities(cases)
+    xs, ys = [], []
+    for _ in range(cfg.batch_size):
+        case = cases[rng.choice(len(cases), p=probabilities)]
+        if len(case.body_slices) and rng.random() >= cfg.off_body_p:
+            k = int(rng.choice(case.body_slices))
+        else:
+            k = int(rng.integers(case.stack.shape[0]))
+        x = torch.from_numpy(context_channels(case.stack, np.array([k]), CARD.preprocessing.context_slices)[0])
+        y = case.labels[k]
+        fg = np.argwhere(y > 0)
+        centre = fg.mean(0) if len(fg) else np.array(y.shape) / 2.0
+        centre = centre + rng.uniform(-cfg.shift_px, cfg.shift_px, 2)
+        angle = math.radians(rng.uniform(-cfg.max_rotation_deg, cfg.max_rotation_deg))
+        theta = _affine(angle, 1 + rng.uniform(-cfg.scale, cfg.scale), tuple(centre), y.shape, cfg.canvas)
+        grid = F.affine_grid(theta[None], (1, 1, cfg.canvas, cfg.canvas), align_corners=False)
+        coarse = torch.randn(1, 2, 5, 5, generator=gen) * (2 * cfg.warp_px / cfg.canvas)
+        grid = grid + F.interpolate(coarse, size=(cfg.canvas,) * 2, mode="bicubic",
+                                    align_corners=False).permute(0, 2, 3, 1)
+        xw = F.grid_sample(x[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+        onehot = F.one_hot(torch.from_numpy(y).long(), N_LEVELS + 1).permute(2, 0, 1).float()[None]
+        yw = F.grid_sample(onehot, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+        yw = torch.where(yw[1:].max(0).values > 0.5, yw[1:].argmax(0) + 1, 0)
+        fov_cut(xw, yw, rng, cfg.fov_cut_p)
+        xs.append(xw)
+        ys.append(yw)
+    x, y = torch.stack(xs), torch.stack(ys)
+    target = F.one_hot(y, N_LEVELS + 1)[..., 1:].permute(0, 3, 1, 2).float()
+    return random_intensity(x, gen, cfg.noise_sd), target
+
+
+def level_weights(cases: list[PreparedCase]) -> torch.Tensor:
+    """Seed 004: per-channel weights from inverse label frequency, normalised to a maximum of 1."""
+    counts = np.bincount(np.concatenate([c.labels.ravel() for c in cases]), minlength=N_LEVELS + 1)[1:]
+    inverse = 1.0 / np.maximum(counts, 1)
+    return torch.tensor(inverse / inverse.max(), dtype=torch.float32)
+
+
+def make_loss(cfg: ColumnConfig, weights: torch.Tensor):
+    from spine_levels import weighted_dice_loss
+
+    if cfg.loss == "weighted-dice":
+        return lambda logits, target: weighted_dice_loss(logits, target, weights)
+    if cfg.loss == "weighted-dice+bce":
+        return lambda logits, target: weighted_dice_loss(logits, target, weights) + \
+            cfg.bce_weight * F.binary_cross_entropy_with_logits(logits, target)
+    raise ValueError(f"unknown loss {cfg.loss!r} (weighted-dice | weighted-dice+bce)")
+
+
+def train_column(cfg: ColumnConfig, out: Path, cases: list[PreparedCase], resume: bool, log=print,
+                 metadata: dict | None = None, max_minutes: float | None = None) -> Path | None:
+    """Fixed schedule, no validation-based selection: the last weights are the model
+    (``final.pt``, weights format). ``last.pt`` every 50 steps; ``--resume`` continues."""
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    net = build_network("multinet", network_config(cfg))
+    optimiser = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, cfg.steps, eta_min=cfg.lr_final)
+    criterion = make_loss(cfg, level_weights(cases))
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    state = {"step": 0, "losses": [], "seconds": 0.0}
+    last = out / "last.pt"
+    if resume and last.exists():
+        ckpt = torch.load(last, map_location="cpu", weights_only=False)  # our own file
+        net.load_state_dict(ckpt["model"])
+        optimiser.load_state_dict(ckpt["optimiser"])
+        schedule.load_state_dict(ckpt["schedule"])
+        state = ckpt["state"]
+        rng.bit_generator.state = ckpt["numpy_rng"]
+        gen.set_state(ckpt["torch_rng"])
+        log(f"resumed at step {state['step']}")
+    started = time.time()
+    net.train()
+    window = []
+    while state["step"] < cfg.steps:
+        t = time.time()
+        x, target = sample_batch(cases, cfg, rng, gen)
+        optimiser.zero_grad()
+        loss = criterion(net(x), target)
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        state["step"] += 1
+        state["seconds"] += time.time() - t
+        window.append(float(loss.detach()))
+        if state["step"] % 50 == 0 or state["step"] == cfg.steps:
+            state["losses"].append((state["step"], round(float(np.mean(window)), 4)))
+            window = []
+            torch.save({"model": net.state_dict(), "optimiser": optimiser.state_dict(),
+                        "schedule": schedule.state_dict(), "state": state, "numpy_rng": rng.bit_generator.state,
+                        "torch_rng": gen.get_state(), "config": asdict(cfg)}, out / "last.pt.tmp")
+            (out / "last.pt.tmp").replace(last)
+            log(json.dumps({"step": state["step"], "loss": state["losses"][-1][1],
+                            "lr": round(schedule.get_last_lr()[0], 6), "seconds": round(state["seconds"])}))
+        if max_minutes and (time.time() - started) / 60 > max_minutes and state["step"] < cfg.steps:
+            log("time budget reached; continue with --resume")
+            return None
+    net.eval()
+    final = out / "final.pt"
+    save_checkpoint(final, CARD.name, "multinet", network_config(cfg), net.state_dict(),
+                    preprocessing={"in_plane_spacing_mm": cfg.spacing_mm},
+                    metadata={"config": asdict(cfg), "steps": state["step"], "train_seconds": round(state["seconds"]),
+                              "loss_history": state["losses"], "recipe": "whole-column", **(metadata or {})},
+                    model="labels")
+    return final
