@@ -38,6 +38,9 @@ class NetworkOutput:
     # grid: the seed localises foramina there, and resampling them would only cost time
     maps: np.ndarray | None = None
     maps_grid: Image | None = None
+    # the label network's own per-label probabilities (uint8 0..255, (C, *input shape)), kept when
+    # a postprocessor decodes them (lumbar levels: level_decoding)
+    probabilities: np.ndarray | None = None
     network_s: float = 0.0
     preprocess_s: float = 0.0
     postprocess_s: float = 0.0
@@ -108,15 +111,25 @@ def _batches(image: Image, net: torch.nn.Module, device: torch.device, pre: dict
 
 
 def _labels_of(card: TaskCard, image: Image, net, device, pre: dict, batch_size: int, progress, timings: dict,
-               slices=None, centre_lps=None, extra: tuple[Image, ...] = ()) -> np.ndarray:
-    """Label map in the canonical layout (slices not run stay background)."""
+               slices=None, centre_lps=None, extra: tuple[Image, ...] = (), probabilities: list | None = None
+               ) -> np.ndarray:
+    """Label map in the canonical layout (slices not run stay background). ``probabilities``: a
+    list that receives the sigmoid probabilities (uint8, (C, *canonical shape)) of a sigmoid task."""
     labels = np.zeros(canonical_image(image, pre["plane"])[0].array.shape, dtype=np.uint8)
+    probs = None
     for index, logits, grid, (r0, _, c0, _), _ in _batches(image, net, device, pre, batch_size, progress, timings,
                                                             slices, centre_lps, extra):
         t = time.perf_counter()
         out, (a0, a1, b0, b1) = from_network_grid(logits, grid)
         labels[index, r0 + a0:r0 + a1, c0 + b0:c0 + b1] = logits_to_labels(out, card.label_activation).cpu().numpy()
+        if probabilities is not None:
+            if probs is None:
+                probs = np.zeros((out.shape[1], *labels.shape), np.uint8)
+            q = (torch.sigmoid(out) * 255).round().to(torch.uint8).cpu().numpy().swapaxes(0, 1)
+            probs[:, index, r0 + a0:r0 + a1, c0 + b0:c0 + b1] = q
         timings["post"] += time.perf_counter() - t
+    if probabilities is not None:
+        probabilities.append(probs)
     return labels
 
 
@@ -285,14 +298,16 @@ def logits_to_labels(logits: torch.Tensor, activation: str) -> torch.Tensor:
 def segment_slices(card: TaskCard, image: Image, net: torch.nn.Module, device: torch.device,
                    preprocessing: dict | None = None, batch_size: int = 8,
                    progress: Progress | None = None, extra: tuple[Image, ...] = (),
-                   centre_lps=None) -> NetworkOutput:
+                   centre_lps=None, keep_probabilities: bool = False) -> NetworkOutput:
     """Run the label network over every slice; labels on the input's exact grid (logits are
     resampled back, not labels). ``extra``: further input channels on ``image``'s grid (the
     weights' ``extra_inputs``, e.g. a T1 resampled onto the FLAIR). ``centre_lps``: a crop window
-    centre already found (a second model reuses the main network's; no coarse pass)."""
+    centre already found (a second model reuses the main network's; no coarse pass).
+    ``keep_probabilities``: a sigmoid task's probabilities come back too (``probabilities``)."""
     pre = {**card.preprocessing.__dict__, **(preprocessing or {})}
     timings = {"pre": 0.0, "net": 0.0, "post": 0.0}
     summaries, warnings = {}, []
+    probabilities = None
     orientation = canonical_orientation(image, pre["plane"])
     t = time.perf_counter()
     if pre.get("bias_correction"):  # on the canonical image: the same physical image, the same field
@@ -315,9 +330,15 @@ def segment_slices(card: TaskCard, image: Image, net: torch.nn.Module, device: t
             summaries["view_fusion"] = {"planes": [resolve_plane(image, pre["plane"])],
                                         "skipped": f"slices {slice_mm:.2f} mm apart, more than "
                                                    f"{pre['fusion_max_slice_mm']} mm: reformats too blurred"}
+        kept = [] if keep_probabilities and card.label_activation == "sigmoid" else None
         labels = _labels_of(card, image, net, device, pre, batch_size, progress, timings, centre_lps=centre_lps,
-                            extra=tuple(extra))
-    return NetworkOutput(labels=np.ascontiguousarray(orientation.undo(labels)), network_s=timings["net"],
+                            extra=tuple(extra), probabilities=kept)
+        if kept:
+            t = time.perf_counter()
+            probabilities = np.stack([orientation.undo(p) for p in kept[0]])
+            timings["post"] += time.perf_counter() - t
+    return NetworkOutput(labels=np.ascontiguousarray(orientation.undo(labels)), probabilities=probabilities,
+                         network_s=timings["net"],
                          preprocess_s=timings["pre"], postprocess_s=timings["post"], bias_s=bias_s,
                          summaries=summaries, warnings=warnings)
 

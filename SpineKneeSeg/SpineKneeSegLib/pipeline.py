@@ -248,8 +248,11 @@ def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options:
     t = time.perf_counter()
     extra, unused = extra_inputs(card, images, weights.preprocessing.get("extra_inputs", ()), inputs)
     resample_s = time.perf_counter() - t
-    out = segment_slices(card, image, net, device, pre_overrides, options.batch_size, progress, extra)
+    out = segment_slices(card, image, net, device, pre_overrides, options.batch_size, progress, extra,
+                         keep_probabilities="level_decoding" in card.postprocessors)
     maps, maps_grids = {}, {}
+    if out.probabilities is not None:  # the level network's own probabilities, for level_decoding
+        maps["levels"], maps_grids["levels"] = out.probabilities, image
     for name, aux_net in aux_nets.items():
         if card.auxiliary_model(name).output == "labels":  # same preprocessing and window as the main network
             window = out.summaries.get("crop_window", {}).get("joint_centre_ras")
@@ -411,6 +414,20 @@ def postprocess(card: TaskCard, image: Image, labels: np.ndarray, maps: dict[str
             result.summaries["transitional_anatomy"] = check.as_dict()
             if check.flagged:
                 result.warnings.append(f"transitional anatomy suspected: {check.message}")
+        elif name == "level_decoding":  # L1..L5 as one consecutive run over the bodies (issue 21)
+            from .level_decoding import decode_levels
+
+            probs = (maps or {}).get("levels")
+            if probs is None:  # no probabilities (labels only): the decoding still enforces one run
+                probs = np.stack([(result.labels.array == k).astype(np.uint8) * 255 for k in range(1, 6)])
+            decoded = decode_levels(probs, image)
+            result.labels = image.with_array(decoded.labels)
+            result.summaries["level_decoding"] = decoded.summary()
+            result.summaries["level_confidence"] = round(decoded.level_confidence, 4)
+            if decoded.doubtful:
+                result.warnings.append(f"level count doubtful: level confidence {decoded.level_confidence:.2f} "
+                                       "(the run of L1-L5 shifted by one level scores almost as well); check "
+                                       "the levels against T12 (last rib) and the sacrum")
         elif name == "foramina":
             from .foramina import estimate_foramina_from_levels, foramina_summary, localise_foramina
 
@@ -423,10 +440,14 @@ def postprocess(card: TaskCard, image: Image, labels: np.ndarray, maps: dict[str
             transitional = result.summaries.get("transitional_anatomy", {})
             flag = (f"; TRANSITIONAL ANATOMY SUSPECTED ({transitional['status']}): check the level count"
                     if transitional.get("flagged") else "")
+            decoding = result.summaries.get("level_decoding", {})
+            if decoding.get("doubtful"):
+                flag += f"; LEVEL COUNT DOUBTFUL (level confidence {decoding['level_confidence']:.2f})"
             result.points = [{"label": f.label, "ras": f.ras, "description": f.description + flag,
                               "attributes": {"level": str(f.level), "side": f.side,
                                              "confidence": f"{f.probability:.3f}", "source": f.source,
-                                             "transitional": transitional.get("status", "not checked")}}
+                                             "transitional": transitional.get("status", "not checked"),
+                                             "level_confidence": str(decoding.get("level_confidence", ""))}}
                              for f in foramina]
             result.summaries["foramina"] = {**foramina_summary(foramina), "method": method, **notes}
             missing = result.summaries["foramina"]["missing"]

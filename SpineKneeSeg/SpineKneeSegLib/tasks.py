@@ -220,7 +220,8 @@ register(TaskCard(
     auxiliary=(AuxiliaryModel("foramina", "lumbar-foramen-points",
                               NetworkSpec("multinet", {"levels": 5, "base_channels": 8, "max_channels": 16,
                                                        "activation": "elu", "norm": "batch"}), channels=5),),
-    postprocessors=("transitional", "largest_component_per_label", "foramina"),
+    # transitional reads the raw network labels; level_decoding then names the bodies as one run
+    postprocessors=("transitional", "level_decoding", "largest_component_per_label", "foramina"),
     outputs=COMMON_OUTPUTS + ("foramina.mrk.json",),
     issue=3,
 ))

@@ -1,0 +1,167 @@
+"""Scoring of lumbar level models on held-out scans (issue 21): per case and per field of view
+(the whole scan, cut just above L2, cut just below L5), per-level Dice, level identification and
+the failure kind, for the anatomical decoding (the product) and for the old clean-up (largest
+component per level of the raw labels, v0.1.0's pipeline). Everything runs through the Lib's own
+inference and decoding.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from SpineKneeSegLib.image import Image
+from SpineKneeSegLib.inference import load_network, segment_slices
+from SpineKneeSegLib.io import read_image
+from SpineKneeSegLib.level_decoding import decode_levels
+from SpineKneeSegLib.postprocessing import largest_component_per_label
+from SpineKneeSegLib.tasks import TASKS
+from SpineKneeSegLib.weights import resolve_weights
+
+CARD = TASKS["lumbar-foramina"]
+N_LEVELS = 5
+# ordinal position along the column of each label value: T11 -1, T12 0, L1..L5 1..5
+POSITION = {7: -1, 6: 0, 1: 1, 2: 2, 3: 3, 4: 4, 5: 5}
+NAME = {-1: "T11", 0: "T12", 1: "L1", 2: "L2", 3: "L3", 4: "L4", 5: "L5"}
+
+
+def superior_axis(image: Image) -> tuple[int, bool]:
+    """(numpy axis closest to patient superior, whether its index increases toward superior)."""
+    direction = image.direction  # columns: i, j, k in LPS
+    ijk = int(np.argmax(np.abs(direction[2, :])))
+    return 2 - ijk, bool(direction[2, ijk] > 0)
+
+
+def crop_along(image: Image, labels: np.ndarray, axis: int, start: int, stop: int) -> tuple[Image, np.ndarray]:
+    """The scan and its labels restricted to indices [start, stop) of numpy ``axis``: a smaller
+    field of view of the same physical image (origin moved accordingly)."""
+    index = [slice(None)] * 3
+    index[axis] = slice(start, stop)
+    corner = [0, 0, 0]
+    corner[2 - axis] = start  # ijk order
+    origin = image.ijk_to_lps_points([corner])[0]
+    cropped = Image(np.ascontiguousarray(image.array[tuple(index)]), image.spacing, tuple(origin),
+                    image.direction.copy(), dict(image.meta))
+    return cropped, np.ascontiguousarray(labels[tuple(index)])
+
+
+def field_of_view_variants(image: Image, labels: np.ndarray, margin_px: int = 3) -> dict:
+    """{name: (image, labels)}: the whole scan; cut just above L2 (the field of view starts right
+    below L1's lowest voxel, so L1 lies wholly outside); cut just below L5 (``margin_px`` below
+    L5's lowest voxel: the sacrum outside)."""
+    axis, up_increasing = superior_axis(image)
+    out = {"full": (image, labels)}
+    n = labels.shape[axis]
+
+    def extent(level):
+        idx = np.flatnonzero(np.moveaxis(labels == level, axis, 0).reshape(n, -1).any(1))
+        return (idx.min(), idx.max()) if len(idx) else None
+
+    l1, l5 = extent(1), extent(5)
+    if l1 is not None:
+        out["cut above L2"] = (crop_along(image, labels, axis, 0, l1[0]) if up_increasing
+                               else crop_along(image, labels, axis, l1[1] + 1, n))
+    if l5 is not None:
+        out["cut below L5"] = (crop_along(image, labels, axis, max(0, l5[0] - margin_px), n) if up_increasing
+                               else crop_along(image, labels, axis, 0, min(n, l5[1] + margin_px + 1)))
+    return out
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+
+
+def identify(pred: np.ndarray, truth: np.ndarray, image: Image) -> dict:
+    """Where each predicted level lies: on which labelled body (T11, T12, L1..L5) or, off every
+    labelled body, above or below the labelled column; and the failure kinds."""
+    axis, up_increasing = superior_axis(image)
+    coords = {}
+    for value in POSITION:
+        mask = truth == value
+        if mask.any():
+            coords[value] = float(np.argwhere(mask)[:, axis].mean())
+    sign = 1.0 if up_increasing else -1.0  # superior-ness of a numpy index
+    top = max(coords.values(), key=lambda c: sign * c) if coords else None
+    bottom = min(coords.values(), key=lambda c: sign * c) if coords else None
+    where, kinds = {}, []
+    for k in range(1, N_LEVELS + 1):
+        mask = pred == k
+        in_truth = bool((truth == k).any())
+        if not mask.any():
+            where[f"L{k}"] = "missing" if in_truth else "absent (outside the field of view)"
+            if in_truth:
+                kinds.append("missing")
+            continue
+        overlap = np.bincount(truth[mask].astype(np.int64), minlength=8)
+        overlap[0] = 0
+        if overlap.any():
+            position = POSITION[int(overlap.argmax())]
+            where[f"L{k}"] = NAME[position]
+        else:
+            c = sign * float(np.argwhere(mask)[:, axis].mean())
+            if top is not None and c > sign * top:
+                position, where[f"L{k}"] = 0, "above the labelled bodies"
+            elif bottom is not None and c < sign * bottom:
+                position, where[f"L{k}"] = 6, "below L5 (sacrum)"
+            else:
+                position, where[f"L{k}"] = None, "off every body"
+        if position is None:
+            kinds.append("misplaced")
+        elif position < k:
+            kinds.append("shift up")
+        elif position > k:
+            kinds.append("shift down")
+    bodies = [w for w in where.values() if w.startswith(("T1", "L"))]
+    if len(bodies) != len(set(bodies)):
+        kinds.append("duplicate")
+    ok = not kinds
+    if kinds and "missing" not in kinds and "duplicate" not in kinds:
+        found = [k for k in range(1, N_LEVELS + 1) if where[f"L{k}"].startswith(("L", "T1"))]
+        names = [where[f"L{k}"] for k in found]
+        pos = [next(p for p, n in NAME.items() if n == name) for name in names]
+        if any(b - a > 1 for a, b in zip(pos, pos[1:])):
+            kinds.append("gap")
+    return {"all_correct": ok, "kinds": sorted(set(kinds)), "where": where}
+
+
+def score(pred: np.ndarray, truth: np.ndarray, image: Image) -> dict:
+    present = [k for k in range(1, N_LEVELS + 1) if (truth == k).any()]
+    return {"dice": {f"L{k}": round(dice(pred == k, truth == k), 4) for k in present},
+            "identification": identify(pred, truth, image)}
+
+
+@torch.inference_mode()
+def evaluate_case(net, weights_pre: dict, image: Image, truth: np.ndarray) -> dict:
+    out = segment_slices(CARD, image, net, torch.device("cpu"), weights_pre, batch_size=8, keep_probabilities=True)
+    decoded = decode_levels(out.probabilities, image)
+    final = largest_component_per_label(decoded.labels)
+    old = largest_component_per_label(out.labels)
+    return {"decoded": score(final, truth, image), "old_cleanup": score(old, truth, image),
+            "level_confidence": round(decoded.level_confidence, 4), "doubtful": decoded.doubtful,
+            "assignment": decoded.assignment(), "network_s": round(out.network_s, 3)}
+
+
+def evaluate_fold(checkpoint: Path, cases: list[dict], out_json: Path, log=print) -> dict:
+    from level_column import case_labels
+
+    weights = resolve_weights(CARD, checkpoint)
+    net = load_network(weights, torch.device("cpu"))
+    results = {}
+    for case in cases:
+        image = read_image(case["image"])
+        truth = case_labels(case)
+        results[case["id"]] = {}
+        for name, (img, lab) in field_of_view_variants(image, truth).items():
+            r = evaluate_case(net, weights.preprocessing, img, lab)
+            results[case["id"]][name] = r
+            d = r["decoded"]
+            log(f"{case['id']:22s} {name:13s} decoded {'ok ' if d['identification']['all_correct'] else 'BAD'} "
+                f"{','.join(d['identification']['kinds']) or '-':18s} mean Dice "
+                f"{np.mean(list(d['dice'].values())):.3f} conf {r['level_confidence']:.2f} | old "
+                f"{'ok' if r['old_cleanup']['identification']['all_correct'] else 'BAD'} "
+                f"{','.join(r['old_cleanup']['identification']['kinds'])}")
+    out_json.write_text(json.dumps({"checkpoint": str(checkpoint), "cases": results}, indent=2))
+    return results
