@@ -221,7 +221,8 @@ class SpineKneeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ok, reason = c.validate(is_2d)
         self.ui.applyButton.text = c.apply_label
         self.ui.applyButton.enabled = ok or s.running
-        self.ui.statusLabel.text = s.message if s.stage in ("failed", "cancelled") and ok else reason
+        self.ui.statusLabel.text = s.message if s.stage in ("failed", "cancelled", "done") and ok and s.message \
+            else reason
         self.ui.inputsCollapsibleButton.enabled = not s.running
         self.ui.progressBar.value = int(100 * s.fraction)
         self.ui.progressBar.format = c.progress_text or "%p%"
@@ -280,7 +281,7 @@ class SpineKneeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     self.outputDir, slicer.mrmlScene.GetNodeByID(s.input_volume_ids[0]), s.task,
                     slicer.mrmlScene.GetNodeByID(s.output_segmentation_id) if s.output_segmentation_id else None)
                 self.showResults()
-                self.controller.imported()
+                self.controller.imported(report=self.results.report)
             except Exception as exc:  # noqa: BLE001 - shown next to Apply, not as a traceback
                 self.controller.imported(str(exc))
         self.cleanupWorkdir()

@@ -233,3 +233,21 @@ def test_error_event_stops_the_run():
     assert c.state.stage == "failed" and not c.state.running
     assert "contains NaN" in c.state.log[-1] and c.state.message == "x.nii.gz: contains NaN"
     assert c.finished(2) is False and c.state.message == "x.nii.gz: contains NaN"
+
+
+def test_a_doubtful_level_count_is_shown_after_the_import():
+    from SpineKneeSegLib.panel import result_notice
+
+    report = {"summaries": {"level_decoding": {"doubtful": True, "level_confidence": 0.07},
+                            "transitional_anatomy": {"flagged": False, "status": "typical"}}}
+    c = PanelController()
+    c.start()
+    c.handle_output_line(json.dumps({"event": "done", "status": "ok"}))
+    assert c.finished(0)
+    c.imported(report=report)
+    assert c.state.stage == "done"
+    assert c.state.message.startswith("Level count doubtful (level confidence 0.07)")
+    confident = {"summaries": {"level_decoding": {"doubtful": False, "level_confidence": 0.8}}}
+    assert result_notice(confident) == ""
+    flagged = {"summaries": {"transitional_anatomy": {"flagged": True, "status": "suspected-6", "message": "m"}}}
+    assert result_notice(flagged).startswith("Transitional anatomy suspected (suspected-6)")

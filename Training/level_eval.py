@@ -7,6 +7,7 @@ inference and decoding.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -165,3 +166,83 @@ def evaluate_fold(checkpoint: Path, cases: list[dict], out_json: Path, log=print
                 f"{','.join(r['old_cleanup']['identification']['kinds'])}")
     out_json.write_text(json.dumps({"checkpoint": str(checkpoint), "cases": results}, indent=2))
     return results
+
+
+# ---- cross-validation report ------------------------------------------------------------------
+
+VARIANTS = ("full", "cut above L2", "cut below L5")
+
+
+def _mean_dice(result: dict) -> float:
+    return float(np.mean(list(result["dice"].values()))) if result["dice"] else float("nan")
+
+
+def choose_doubtful_threshold(rows: list[tuple[bool, float]], cap: float = 0.5, default: float = 0.3) -> dict:
+    """The level-confidence threshold below which the count is reported doubtful: just above the
+    most confident failure in the cross-validation (every failure flagged), capped; with no
+    failure, ``default``. ``rows``: (correct, confidence) of every held-out prediction."""
+    failures = [c for ok, c in rows if not ok]
+    correct = [c for ok, c in rows if ok]
+    if failures:
+        threshold = min(cap, math.ceil((max(failures) + 1e-9) * 100) / 100 + 0.01)
+        how = "just above the most confident cross-validation failure" + (" (capped)" if threshold == cap else "")
+    else:
+        threshold, how = default, "no cross-validation failure: the default"
+    return {"threshold": threshold, "how": how,
+            "failures_flagged": sum(c < threshold for c in failures), "failures": len(failures),
+            "correct_flagged": sum(c < threshold for c in correct), "correct": len(correct)}
+
+
+def cv_report(run: Path) -> dict:
+    folds = json.loads((run / "folds.json").read_text())
+    per_case, fold_of = {}, {}
+    for f, ids in enumerate(folds["folds"]):
+        path = run / f"fold{f}" / "evaluation.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: fold {f} not evaluated yet")
+        for cid, result in json.loads(path.read_text())["cases"].items():
+            per_case[cid], fold_of[cid] = result, f
+    summary = {"cases": len(per_case), "folds": len(folds["folds"]), "duplicates": folds["duplicates"],
+               "label_notes": folds["label_notes"]}
+    for method in ("decoded", "old_cleanup"):
+        for variant in VARIANTS:
+            rs = [r[variant][method] for r in per_case.values() if variant in r]
+            kinds: dict[str, int] = {}
+            for r in rs:
+                for k in r["identification"]["kinds"]:
+                    kinds[k] = kinds.get(k, 0) + 1
+            levels = {f"L{k}": float(np.mean([r["dice"][f"L{k}"] for r in rs if f"L{k}" in r["dice"]]))
+                      for k in range(1, 6) if any(f"L{k}" in r["dice"] for r in rs)}
+            summary[f"{method}/{variant}"] = {
+                "scans": len(rs), "all_levels_right": sum(r["identification"]["all_correct"] for r in rs),
+                "failed": sorted(cid for cid, r in per_case.items()
+                                 if variant in r and not r[variant][method]["identification"]["all_correct"]),
+                "mean_dice": round(float(np.mean([_mean_dice(r) for r in rs])), 4),
+                "per_level_dice": {k: round(v, 4) for k, v in levels.items()}, "failure_kinds": kinds}
+    rows = [(r[v]["decoded"]["identification"]["all_correct"], r[v]["level_confidence"])
+            for r in per_case.values() for v in VARIANTS if v in r]
+    summary["doubtful_threshold"] = choose_doubtful_threshold(rows)
+    t = summary["doubtful_threshold"]["threshold"]
+    table = ["| case | fold | L1 | L2 | L3 | L4 | L5 | all five right | failure | confidence | cut above L2 | "
+             "cut below L5 | old clean-up |", "|" + "---|" * 13]
+    for cid in sorted(per_case):
+        r = per_case[cid]
+        d = r["full"]["decoded"]
+
+        def verdict(v):
+            if v not in r:
+                return "-"
+            ident = r[v]["decoded"]["identification"]
+            flag = " (doubtful)" if r[v]["level_confidence"] < t else ""
+            return ("yes" if ident["all_correct"] else "NO " + ",".join(ident["kinds"])) + flag
+
+        old = r["full"]["old_cleanup"]["identification"]
+        table.append(f"| {cid} | {fold_of[cid]} | " + " | ".join(f"{d['dice'].get(f'L{k}', float('nan')):.3f}"
+                                                                  for k in range(1, 6)) +
+                     f" | {'yes' if d['identification']['all_correct'] else 'NO'} | "
+                     f"{', '.join(f'{k}: {w}' for k, w in d['identification']['where'].items() if w != k) or '-'}"
+                     f" | {r['full']['level_confidence']:.2f} | {verdict('cut above L2')} | {verdict('cut below L5')} | "
+                     f"{'yes' if old['all_correct'] else 'NO ' + ','.join(old['kinds'])} |")
+    summary["table"] = "\n".join(table)
+    (run / "cv_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

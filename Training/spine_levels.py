@@ -425,6 +425,16 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in ("cv", "final"):
         return column_main(argv)
+    if argv and argv[0] == "cv-report":
+        from level_eval import cv_report
+
+        report = argparse.ArgumentParser(prog="spine_levels.py cv-report",
+                                         description="table and totals of a cv run's held-out evaluations")
+        report.add_argument("--out", default="Training/runs/spine-levels-cv")
+        summary = cv_report(Path(report.parse_args(argv[1:]).out))
+        print(summary.pop("table"))
+        print(json.dumps(summary, indent=2))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="Training/runs/spine-levels")
     parser.add_argument("--data", help="shared data root (default: SPINEKNEESEG_DATA or ../shared/data)")

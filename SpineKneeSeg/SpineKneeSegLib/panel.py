@@ -212,14 +212,15 @@ class PanelController:
             self.state.message = f"The run failed (exit code {exit_code}){': ' + last if last else ''}."
         return False
 
-    def imported(self, error: str = "") -> None:
-        """Importing the results into the scene finished (``error``: why it did not)."""
+    def imported(self, error: str = "", report: dict | None = None) -> None:
+        """Importing the results into the scene finished (``error``: why it did not). A finished
+        run's notice (``result_notice`` of its report, e.g. a doubtful level count) stays shown."""
         self.state.running = False
         if error:
             self.state.stage, self.state.message = "failed", error
             self._log(f"error: {error}")
         else:
-            self.state.stage, self.state.fraction, self.state.message = "done", 1.0, ""
+            self.state.stage, self.state.fraction, self.state.message = "done", 1.0, result_notice(report or {})
 
     # ---- persistence: scene parameter node and user settings ------------------------
     def parameters(self, keys=SCENE_PARAMETERS) -> dict[str, str]:
@@ -237,6 +238,21 @@ class PanelController:
             if key == "device" and value not in ("auto", "cpu", "cuda", "mps"):
                 continue
             setattr(self.state, key, _from_text(value, type(getattr(PanelState(), key))))
+
+
+def result_notice(report: dict) -> str:
+    """What the user must see beside Apply after a run, from its report: a doubtful lumbar level
+    count (level confidence below the cross-validated threshold) and suspected transitional anatomy."""
+    summaries = report.get("summaries", {})
+    notes = []
+    decoding = summaries.get("level_decoding", {})
+    if decoding.get("doubtful"):
+        notes.append(f"Level count doubtful (level confidence {decoding.get('level_confidence', 0):.2f}): check "
+                     "L1-L5 against T12 and the sacrum before using the levels or the foramen markers.")
+    transitional = summaries.get("transitional_anatomy", {})
+    if transitional.get("flagged"):
+        notes.append(f"Transitional anatomy suspected ({transitional.get('status')}): {transitional.get('message', '')}")
+    return " ".join(notes)
 
 
 def _to_text(value) -> str:
