@@ -425,6 +425,17 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in ("cv", "final"):
         return column_main(argv)
+    if argv and argv[0] == "ship":
+        from level_ship import ship
+
+        parser = argparse.ArgumentParser(prog="spine_levels.py ship", description="card + registry of the final model")
+        parser.add_argument("--cv", required=True, help="the cv run (after cv-report)")
+        parser.add_argument("--final", required=True, help="the final run (same recipe, every scan)")
+        parser.add_argument("--version", required=True)
+        parser.add_argument("--command", action="append", default=[], help="a command of the run, for the card")
+        args = parser.parse_args(argv[1:])
+        print(ship(Path(args.cv), Path(args.final), args.version, args.command))
+        return 0
     if argv and argv[0] == "cv-report":
         from level_eval import cv_report
 

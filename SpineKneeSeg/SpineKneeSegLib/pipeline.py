@@ -284,7 +284,8 @@ def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options:
         # network's own "any bone" mask honest: how much of it the split kept
         out.summaries["label_variant"] = {"variant": variant,
                                           "raw_bone_vs_split_dice": round(dice(bone, out.labels > 0) or 0.0, 4)}
-    result = postprocess(card, image, out.labels, maps, maps_grids)
+    result = postprocess(card, image, out.labels, maps, maps_grids,
+                         settings=weights.checkpoint.get("metadata", {}).get("postprocessing", {}))
     result.warnings[:0] = list(image.meta.get("warnings", [])) + list(out.warnings)
     result.summaries.update(out.summaries)
     if fast and fast.skipped:
@@ -353,8 +354,10 @@ def write_dicom_seg_output(card: TaskCard, image: Image, result: RunResult, fold
 
 
 def postprocess(card: TaskCard, image: Image, labels: np.ndarray, maps: dict[str, np.ndarray] | None = None,
-                maps_grids: dict[str, Image] | None = None) -> RunResult:
-    """``maps``/``maps_grids``: auxiliary models' probability maps and their grids, by model name."""
+                maps_grids: dict[str, Image] | None = None, settings: dict | None = None) -> RunResult:
+    """``maps``/``maps_grids``: auxiliary models' probability maps and their grids, by model name;
+    ``settings``: per-postprocessor parameters a checkpoint carries (metadata "postprocessing",
+    e.g. the level-confidence threshold chosen by cross-validation)."""
     from . import postprocessing as pp
 
     result = RunResult(image.with_array(labels))
@@ -415,12 +418,12 @@ def postprocess(card: TaskCard, image: Image, labels: np.ndarray, maps: dict[str
             if check.flagged:
                 result.warnings.append(f"transitional anatomy suspected: {check.message}")
         elif name == "level_decoding":  # L1..L5 as one consecutive run over the bodies (issue 21)
-            from .level_decoding import decode_levels
+            from .level_decoding import DecodingParameters, decode_levels
 
             probs = (maps or {}).get("levels")
             if probs is None:  # no probabilities (labels only): the decoding still enforces one run
                 probs = np.stack([(result.labels.array == k).astype(np.uint8) * 255 for k in range(1, 6)])
-            decoded = decode_levels(probs, image)
+            decoded = decode_levels(probs, image, DecodingParameters(**(settings or {}).get("level_decoding", {})))
             result.labels = image.with_array(decoded.labels)
             result.summaries["level_decoding"] = decoded.summary()
             result.summaries["level_confidence"] = round(decoded.level_confidence, 4)

@@ -1,0 +1,162 @@
+"""Ship the whole-column lumbar level model (issue 21): the model trained on every scan (``final``),
+its model card from the cross-validation of the same recipe (``cv`` + ``cv-report``), the
+level-confidence threshold chosen on that cross-validation stored in the checkpoint, registry +
+SHA256.
+
+    python Training/spine_levels.py ship --cv Training/runs/levels-cv --final Training/runs/levels-final --version 0.2.0
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from SpineKneeSegLib.models import build_network, count_parameters
+from SpineKneeSegLib.weights import load_checkpoint, models_dir, register_model, save_checkpoint
+
+MODEL = "lumbar-levels"
+DATA = """- MyoSegmenTUM spine (Burian et al., BMC Musculoskelet Disord 20:152, 2019): 44 T1 FFE (water-fat)
+  sagittal lumbar MRI with L1..L5 body labels; article CC BY 4.0, data redistributed in the
+  FastCleverSeg repository (GPL-3.0). case18 and case19, case32 and case33 are the same images
+  under two names (found by content): each pair is one scan for the folds.
+- Zukić et al. (Comput Graph Forum 33:190, 2014; Zenodo 22304): 10 T2 TSE 1.5 T scans with L1..L5
+  (T12 and T11 also labelled; background for this model); redistributed in FastCleverSeg (GPL-3.0).
+- As converted in ../shared/data: 1 x 1 mm in-plane, 4 mm sagittal slices; laterality of the
+  source volumes is unknown."""
+
+
+def _variant_line(summary: dict, method: str, variant: str) -> str:
+    s = summary[f"{method}/{variant}"]
+    kinds = ", ".join(f"{k} {n}" for k, n in sorted(s["failure_kinds"].items())) or "none"
+    failed = ", ".join(s["failed"]) or "none"
+    return (f"| {variant} | {s['all_levels_right']} of {s['scans']} | {s['mean_dice']:.3f} | "
+            f"{' / '.join(f'{v:.3f}' for v in s['per_level_dice'].values())} | {kinds} | {failed} |")
+
+
+def model_card(version: str, checkpoint: dict, summary: dict, cv_config: dict, commands: list[str],
+               cv_minutes: float) -> str:
+    meta = checkpoint["metadata"]
+    cfg = meta["config"]
+    net = build_network(checkpoint["network"]["factory"], checkpoint["network"]["config"])
+    threshold = summary["doubtful_threshold"]
+    notes = "\n".join(f"  - {cid}: {note}" for cid, note in summary["label_notes"].items())
+    return f"""# Model card: {MODEL} v{version}
+
+**Status: starter model**, trained on CPU (2 cores) on the 54 labelled scans of two public
+datasets (52 distinct images). Every figure below is cross-validated: case-wise
+{summary['folds']}-fold, identical images in one fold, each scan scored by the fold model that never
+saw it, no checkpoint or threshold selected on the scans it is scored on. Not a medical device.
+
+## What it does
+Task `lumbar-foramina`, level model: the five lumbar vertebral bodies by level (label 1..5 = L1..L5)
+in sagittal lumbar MRI (T1 or T2). Network: seed 004's MultiNet widened to see the whole column
+(`{checkpoint['network']['factory']}`, {json.dumps(checkpoint['network']['config'])};
+{count_parameters(net):,} parameters); 3 adjacent sagittal slices in, 5 sigmoid channels out, run on
+whole slices. Its probabilities are decoded anatomically (`SpineKneeSegLib/level_decoding.py`):
+bodies as instances ordered along the column, L1..L5 as one consecutive run maximising the summed
+level probability (never two bodies with one name, never a level skipped between two named
+bodies), `summaries.level_confidence` = the run's margin over the runs shifted by one level.
+
+## Data
+{DATA}
+- Four Zukić label maps (cases 02, 04, 08, 10) have one slice more than their image. The extra
+  slice was found from the image: the alignment whose body outlines sit on the stronger
+  image contrast (both candidates printed; refused if less than 10 % apart):
+{notes}
+
+## Preprocessing
+Canonical sagittal orientation (slices toward patient right, rows inferior, columns posterior),
+in-plane resampling to {cfg['spacing_mm']} mm (slices kept), per-volume z-score over the foreground,
+3-slice context. Post-processing: anatomical decoding (above), then the largest 26-connected
+component per level.
+
+## Training (the recipe, identical for the fold models and this model)
+Whole sagittal slices on a {cfg['canvas']} x {cfg['canvas']} canvas at {cfg['spacing_mm']} mm
+({cfg['canvas'] * cfg['spacing_mm']:.0f} mm), centred near the labelled column +-{cfg['shift_px']} px;
+field-of-view augmentation: with probability {cfg['fov_cut_p'] / 2:.2f} each, the image ends at a random
+row between above T12 and mid-L2, and between mid-L4 and well below L5 (rows blanked to the padding
+value, labels removed with them), so position in the image is never a cue; rotation about the
+left-right axis +-{cfg['max_rotation_deg']} deg, scale +-{cfg['scale'] * 100:.0f} %, smooth warp {cfg['warp_px']} px, random
+piecewise-linear contrast remapping (30 % inverted: T1 <-> T2), noise N(0, {cfg['noise_sd']}); each dataset
+sampled equally often; {cfg['off_body_p'] * 100:.0f} % of slices without any body. Loss `{cfg['loss']}`
+(seed 004's Dice weighted by inverse level frequency + {cfg['bce_weight']} x binary cross-entropy),
+Adam {cfg['lr']} with cosine decay to {cfg['lr_final']}, batch {cfg['batch_size']}, {cfg['steps']} steps, seed {cfg['seed']}; the
+last weights are the model (fixed schedule: nothing selected on validation). Training this model
+took {meta.get('train_seconds', 0) / 60:.0f} min on one CPU thread; the five fold models {cv_minutes:.0f} min in all.
+
+Commands:
+```
+{chr(10).join(commands)}
+```
+
+## Cross-validated results ({summary['cases']} scans, {summary['folds']} folds)
+Anatomical decoding (this model's pipeline) against the old clean-up (largest component per level
+of the raw labels, v0.1.0's pipeline) on the same fold models. "Cut above L2": the field of view
+starts right below L1 (L1 outside); "cut below L5": it ends 3 px below L5 (no sacrum).
+
+| field of view | all five (present) levels on their own bodies | mean per-level Dice | L1 / L2 / L3 / L4 / L5 | failure kinds | failed scans |
+|---|---|---|---|---|---|
+{_variant_line(summary, 'decoded', 'full')}
+{_variant_line(summary, 'decoded', 'cut above L2')}
+{_variant_line(summary, 'decoded', 'cut below L5')}
+
+Old clean-up on the same predictions:
+
+| field of view | all levels right | mean per-level Dice | L1 / L2 / L3 / L4 / L5 | failure kinds | failed scans |
+|---|---|---|---|---|---|
+{_variant_line(summary, 'old_cleanup', 'full')}
+{_variant_line(summary, 'old_cleanup', 'cut above L2')}
+{_variant_line(summary, 'old_cleanup', 'cut below L5')}
+
+Level confidence: the count is reported doubtful below **{threshold['threshold']:.2f}** ({threshold['how']});
+over all held-out predictions (three fields of view per scan) it flags {threshold['failures_flagged']} of
+{threshold['failures']} failures and {threshold['correct_flagged']} of {threshold['correct']} correct ones. The threshold is stored in this
+checkpoint (metadata `postprocessing.level_decoding.doubtful_below`).
+
+Per scan (whole field of view; "failure" lists levels that are not on their own body):
+
+{summary['table']}
+
+## Known limits
+- Two sources, two sequences, 52 distinct spines: the figures say little about other scanners,
+  protocols, pathology (fractures, scoliosis, implants, severe degeneration) or children.
+- Trained on 4 mm sagittal slices at 1 mm in-plane; other slice thicknesses are untested.
+- The sacrum and T12 are not labelled in MyoSegmenTUM, so the network learns what lies beyond
+  L1 and L5 only as background; the decoder does not need them.
+- Transitional anatomy (4 or 6 lumbar-type vertebrae) cannot be settled from a lumbar field of
+  view: flagged (raw labels) and reported as a doubtful count (level confidence), never relabelled.
+- Laterality in the training data is unknown; it does not matter for level labels, but foramen
+  sides come from the input's direction matrix.
+
+## Licence of the data
+MyoSegmenTUM: CC BY 4.0 (article), data as published; Zukić: as published by the authors; both
+as redistributed in FastCleverSeg under GPL-3.0. Cite the sources above when using this model.
+
+Generated {time.strftime('%Y-%m-%d')} by Training/level_ship.py from the cross-validation run's figures
+(cv_summary.json).
+"""
+
+
+def ship(cv_dir: Path, final_dir: Path, version: str, commands: list[str]) -> str:
+    summary = json.loads((cv_dir / "cv_summary.json").read_text())
+    folds = json.loads((cv_dir / "folds.json").read_text())
+    checkpoint = load_checkpoint(final_dir / "final.pt")
+    if checkpoint["metadata"]["config"] != folds["config"]:
+        raise SystemExit("the final model's recipe differs from the cross-validated one: refusing to ship")
+    cv_minutes = sum(load_checkpoint(cv_dir / f"fold{f}" / "final.pt")["metadata"].get("train_seconds", 0)
+                     for f in range(summary["folds"])) / 60
+    threshold = summary["doubtful_threshold"]["threshold"]
+    target = models_dir() / f"{MODEL}-{version}.pt"
+    meta = {**checkpoint["metadata"], "postprocessing": {"level_decoding": {"doubtful_below": threshold}},
+            "cross_validation": {k: summary[k] for k in summary if k.startswith(("decoded/", "old_cleanup/"))}}
+    save_checkpoint(target, checkpoint["task"], checkpoint["network"]["factory"], checkpoint["network"]["config"],
+                    checkpoint["state_dict"], checkpoint["preprocessing"], meta, checkpoint.get("model", "labels"))
+    card = models_dir() / f"{MODEL}-{version}.md"
+    card.write_text(model_card(version, {**checkpoint, "metadata": meta}, summary, folds["config"], commands,
+                               cv_minutes))
+    full = summary["decoded/full"]
+    entry = register_model(target, MODEL, version, card=card.name,
+                           description=f"starter lumbar-levels (whole column + anatomical decoding): {summary['folds']}-fold "
+                                       f"CV all five levels right on {full['all_levels_right']} of {full['scans']} scans, "
+                                       f"mean per-level Dice {full['mean_dice']:.3f}")
+    return f"registered {entry.file} sha256 {entry.sha256}; card {card.name}"
