@@ -292,7 +292,8 @@ def train_column(cfg: ColumnConfig, out: Path, cases: list[PreparedCase], resume
         state["step"] += 1
         state["seconds"] += time.time() - t
         window.append(float(loss.detach()))
-        if state["step"] % 50 == 0 or state["step"] == cfg.steps:
+        out_of_time = max_minutes is not None and (time.time() - started) / 60 > max_minutes
+        if state["step"] % 50 == 0 or state["step"] == cfg.steps or out_of_time:
             state["losses"].append((state["step"], round(float(np.mean(window)), 4)))
             window = []
             torch.save({"model": net.state_dict(), "optimiser": optimiser.state_dict(),
@@ -301,7 +302,7 @@ def train_column(cfg: ColumnConfig, out: Path, cases: list[PreparedCase], resume
             (out / "last.pt.tmp").replace(last)
             log(json.dumps({"step": state["step"], "loss": state["losses"][-1][1],
                             "lr": round(schedule.get_last_lr()[0], 6), "seconds": round(state["seconds"])}))
-        if max_minutes and (time.time() - started) / 60 > max_minutes and state["step"] < cfg.steps:
+        if out_of_time and state["step"] < cfg.steps:
             log("time budget reached; continue with --resume")
             return None
     net.eval()
