@@ -157,7 +157,11 @@ class ColumnConfig:
     scale: float = 0.15  # +-
     shift_px: int = 24  # +- around the spine's centre
     warp_px: float = 3.0
-    fov_cut_p: float = 0.5  # probability of a random cranio-caudal field-of-view cut (each end half of it)
+    fov_cut_p: float = 0.8  # probability of a random cranio-caudal field-of-view cut (each end half of it)
+    # where a cut falls: "anatomical" (half beyond L1 / L5, a quarter through them, a quarter past
+    # them into L2 / L4: a field of view without L1 or the sacrum is common) or "uniform" (session
+    # 12's first recipe: anywhere from T12 to mid-L2 and from mid-L4 to well below L5)
+    fov_cut_mode: str = "anatomical"
     off_body_p: float = 0.1  # slices without any body (lateral): negatives
     noise_sd: float = 0.25
     seed: int = 0
@@ -188,16 +192,30 @@ def _affine(angle: float, scale: float, centre_src: tuple[float, float], src_hw:
                          [s * canvas / h, c * canvas / h, (2 * centre_src[0] + 1) / h - 1]], dtype=torch.float32)
 
 
-def fov_cut(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, p: float) -> None:
-    """In place: blank the rows above a random cut (T12 .. mid-L2) and/or below one (mid-L4 ..
-    well into the sacrum), as a field of view that ends there: image 0 (the padding value),
-    labels background. Rows run inferior in the canonical sagittal slice."""
+def fov_cut(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, p: float, mode: str = "anatomical") -> None:
+    """In place: blank the rows above a random cut and/or below one, as a field of view that ends
+    there: image 0 (the padding value), labels background. Rows run inferior in the canonical
+    sagittal slice. ``mode``: see ColumnConfig.fov_cut_mode."""
     rows = [np.flatnonzero((y == k).any(1).numpy()) for k in range(1, N_LEVELS + 1)]
+    last = y.shape[0] - 1
+
+    def pick(ranges):
+        if mode == "uniform":
+            lo, hi = ranges[0][0], ranges[-1][1]
+        else:
+            lo, hi = ranges[rng.choice(len(ranges), p=(0.5, 0.25, 0.25))]
+        lo, hi = int(np.clip(lo, 0, last)), int(np.clip(hi, 0, last))
+        return int(rng.integers(min(lo, hi), max(lo, hi) + 1))
+
     if rng.random() < p / 2 and len(rows[0]) and len(rows[1]):
-        top = int(rng.integers(max(rows[0].min() - 30, 0), int(rows[1].mean()) + 1))
+        l1, l2 = rows[0], rows[1]
+        top = pick([(l1.min() - 30, l1.min()), (l1.min(), l1.max()), (l1.max(), int(l2.mean()))])
         x[:, :top], y[:top] = 0, 0
     if rng.random() < p / 2 and len(rows[3]) and len(rows[4]):
-        bottom = int(rng.integers(int(rows[3].mean()), min(rows[4].max() + 45, y.shape[0] - 1) + 1))
+        l4, l5 = rows[3], rows[4]
+        bottom = pick([(l5.max(), l5.max() + 45), (l5.min(), l5.max()), (int(l4.mean()), l5.min())][::-1]
+                      if mode == "uniform" else
+                      [(l5.max(), l5.max() + 45), (l5.min(), l5.max()), (int(l4.mean()), l5.min())])
         x[:, bottom:], y[bottom:] = 0, 0
 
 
@@ -228,7 +246,7 @@ def sample_batch(cases: list[PreparedCase], cfg: ColumnConfig, rng: np.random.Ge
         onehot = F.one_hot(torch.from_numpy(y).long(), N_LEVELS + 1).permute(2, 0, 1).float()[None]
         yw = F.grid_sample(onehot, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
         yw = torch.where(yw[1:].max(0).values > 0.5, yw[1:].argmax(0) + 1, 0)
-        fov_cut(xw, yw, rng, cfg.fov_cut_p)
+        fov_cut(xw, yw, rng, cfg.fov_cut_p, cfg.fov_cut_mode)
         xs.append(xw)
         ys.append(yw)
     x, y = torch.stack(xs), torch.stack(ys)
