@@ -16,7 +16,7 @@ import torch
 from SpineKneeSegLib.image import Image
 from SpineKneeSegLib.inference import load_network, segment_slices
 from SpineKneeSegLib.io import read_image
-from SpineKneeSegLib.level_decoding import decode_levels
+from SpineKneeSegLib.level_decoding import DecodingParameters, decode_levels
 from SpineKneeSegLib.postprocessing import largest_component_per_label
 from SpineKneeSegLib.tasks import TASKS
 from SpineKneeSegLib.weights import resolve_weights
@@ -134,15 +134,24 @@ def score(pred: np.ndarray, truth: np.ndarray, image: Image) -> dict:
             "identification": identify(pred, truth, image)}
 
 
+# body-mask thresholds scored for every case, so cv-report can choose one on the other folds
+BODY_THRESHOLDS = (0.4, 0.5, 0.6, 0.7, 0.8)
+
+
 @torch.inference_mode()
 def evaluate_case(net, weights_pre: dict, image: Image, truth: np.ndarray) -> dict:
     out = segment_slices(CARD, image, net, torch.device("cpu"), weights_pre, batch_size=8, keep_probabilities=True)
     decoded = decode_levels(out.probabilities, image)
     final = largest_component_per_label(decoded.labels)
     old = largest_component_per_label(out.labels)
+    at = {}
+    for t in BODY_THRESHOLDS:
+        d = decode_levels(out.probabilities, image, DecodingParameters(threshold=t))
+        at[str(t)] = {**score(largest_component_per_label(d.labels), truth, image),
+                      "level_confidence": round(d.level_confidence, 4)}
     return {"decoded": score(final, truth, image), "old_cleanup": score(old, truth, image),
             "level_confidence": round(decoded.level_confidence, 4), "doubtful": decoded.doubtful,
-            "assignment": decoded.assignment(), "network_s": round(out.network_s, 3)}
+            "assignment": decoded.assignment(), "network_s": round(out.network_s, 3), "decoded_at": at}
 
 
 def evaluate_fold(checkpoint: Path, cases: list[dict], out_json: Path, log=print) -> dict:
@@ -193,6 +202,23 @@ def choose_doubtful_threshold(rows: list[tuple[bool, float]], cap: float = 0.5, 
             "correct_flagged": sum(c < threshold for c in correct), "correct": len(correct)}
 
 
+def choose_body_threshold(per_case: dict, fold_of: dict, n_folds: int) -> dict:
+    """The decoder's body-mask threshold: for each fold, the one with the best mean whole-field
+    Dice on the OTHER folds' scans (so no scan is scored at a threshold chosen on it); for the
+    shipped model, the best over all folds."""
+    def best(ids):
+        means = {t: np.mean([_mean_dice(per_case[c]["full"]["decoded_at"][str(t)]) for c in ids])
+                 for t in BODY_THRESHOLDS}
+        return max(means, key=means.get), means
+
+    if not all("decoded_at" in r["full"] for r in per_case.values()):
+        return {"per_fold": [0.5] * n_folds, "final": 0.5, "how": "not swept: the default"}
+    per_fold = [best([c for c in per_case if fold_of[c] != f])[0] for f in range(n_folds)]
+    final, means = best(list(per_case))
+    return {"per_fold": per_fold, "final": final, "how": "best mean Dice on the other folds (per fold); "
+            "on all folds (shipped)", "mean_dice_by_threshold": {str(t): round(float(m), 4) for t, m in means.items()}}
+
+
 def cv_report(run: Path) -> dict:
     folds = json.loads((run / "folds.json").read_text())
     per_case, fold_of = {}, {}
@@ -203,7 +229,15 @@ def cv_report(run: Path) -> dict:
         for cid, result in json.loads(path.read_text())["cases"].items():
             per_case[cid], fold_of[cid] = result, f
     summary = {"cases": len(per_case), "folds": len(folds["folds"]), "duplicates": folds["duplicates"],
-               "label_notes": folds["label_notes"]}
+               "label_notes": folds["label_notes"],
+               "body_threshold": choose_body_threshold(per_case, fold_of, len(folds["folds"]))}
+    for cid, r in per_case.items():  # score each scan at the threshold chosen on the other folds
+        t = str(summary["body_threshold"]["per_fold"][fold_of[cid]])
+        for v in r.values():
+            if "decoded_at" in v:
+                v["decoded_default"] = v["decoded"]
+                v["decoded"] = {k: v["decoded_at"][t][k] for k in ("dice", "identification")}
+                v["level_confidence"] = v["decoded_at"][t]["level_confidence"]
     for method in ("decoded", "old_cleanup"):
         for variant in VARIANTS:
             rs = [r[variant][method] for r in per_case.values() if variant in r]

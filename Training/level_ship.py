@@ -108,6 +108,10 @@ Old clean-up on the same predictions:
 {_variant_line(summary, 'old_cleanup', 'cut above L2')}
 {_variant_line(summary, 'old_cleanup', 'cut below L5')}
 
+Body-mask threshold of the decoder: **{summary['body_threshold']['final']}** (summed level probability; each
+fold was scored at the threshold best on the other folds: {summary['body_threshold']['per_fold']}; mean
+whole-field Dice by threshold over all folds {summary['body_threshold'].get('mean_dice_by_threshold', {})}).
+
 Level confidence: the count is reported doubtful below **{threshold['threshold']:.2f}** ({threshold['how']});
 over all held-out predictions (three fields of view per scan) it flags {threshold['failures_flagged']} of
 {threshold['failures']} failures and {threshold['correct_flagged']} of {threshold['correct']} correct ones. The threshold is stored in this
@@ -147,7 +151,9 @@ def ship(cv_dir: Path, final_dir: Path, version: str, commands: list[str]) -> st
                      for f in range(summary["folds"])) / 60
     threshold = summary["doubtful_threshold"]["threshold"]
     target = models_dir() / f"{MODEL}-{version}.pt"
-    meta = {**checkpoint["metadata"], "postprocessing": {"level_decoding": {"doubtful_below": threshold}},
+    body = summary["body_threshold"]["final"]
+    meta = {**checkpoint["metadata"], "postprocessing": {"level_decoding": {"doubtful_below": threshold,
+                                                                            "threshold": body}},
             "cross_validation": {k: summary[k] for k in summary if k.startswith(("decoded/", "old_cleanup/"))}}
     save_checkpoint(target, checkpoint["task"], checkpoint["network"]["factory"], checkpoint["network"]["config"],
                     checkpoint["state_dict"], checkpoint["preprocessing"], meta, checkpoint.get("model", "labels"))
