@@ -190,3 +190,17 @@ def test_end_bodies_that_look_lumbar_do_not_pull_the_run():
     got = named(decoded, truth, values)
     assert got == {"T11": None, "T12": None, **{n: n for n in LUMBAR}, "S1": None}
     assert [b["name"] for b in decoded.summary()["bodies"]] == ["above L1"] + LUMBAR + ["below L5"]
+
+
+def test_specks_of_a_noisy_network_are_not_bodies():
+    """Thousands of specks (an untrained network) beside a real column: the specks are dropped
+    before any per-piece work, the column is still named right."""
+    names = ["T12"] + LUMBAR + ["S1"]
+    prob, image, truth, values = column_phantom(names)
+    rng = np.random.default_rng(5)
+    specks = (rng.random(prob.shape[1:]) < 0.02) & (truth == 0)
+    prob[rng.integers(0, 5), specks] = 0.9
+    decoded = decode_levels(prob, image)
+    got = named(decoded, truth, values)
+    assert [got[n] for n in LUMBAR] == LUMBAR
+    assert len(decoded.bodies) == 5

@@ -95,38 +95,33 @@ def _column_axis(centres: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return axis if axis[2] >= 0 else -axis
 
 
-def _pieces(prob: np.ndarray, params: DecodingParameters) -> tuple[np.ndarray, int]:
-    """Label map of candidate pieces: connected components of the body mask, each split by level
-    when two or more levels hold a real share of it."""
-    best = prob.argmax(axis=0)
-    # summed over levels: a body the network cannot place (0.45 L3 / 0.4 L4) is still a body
-    body = prob.sum(axis=0, dtype=np.uint16) >= params.threshold * 255
+def _pieces(prob: np.ndarray, body: np.ndarray, params: DecodingParameters) -> tuple[np.ndarray, int]:
+    """Label map of candidate pieces: connected components of the body mask (components far
+    smaller than a vertebral body dropped at once: an untrained or noisy network leaves thousands
+    of specks), each split by level when two or more levels hold a real share of it."""
     comp, n = ndimage.label(body, structure=STRUCTURE_6)
     if n == 0:
         return comp, 0
     idx = comp[body]
-    lev = best[body]
+    lev = prob[:, body].argmax(axis=0)
     counts = np.bincount(idx * N_LEVELS + lev, minlength=(n + 1) * N_LEVELS).reshape(n + 1, N_LEVELS)
     sizes = counts.sum(1)
-    out = np.zeros_like(comp)
-    values = np.zeros(len(idx), np.int32)
-    next_id = 1
+    sizes[0] = 0
+    reference = float(np.median(np.sort(sizes)[::-1][:N_LEVELS]))
     ids = np.zeros((n + 1, N_LEVELS), np.int32)
-    for c in range(1, n + 1):
+    next_id = 1
+    for c in np.flatnonzero(sizes >= params.min_volume_fraction * reference):
         strong = np.flatnonzero(counts[c] >= params.split_fraction * sizes[c])
         if len(strong) <= 1:
             ids[c, :] = next_id
             next_id += 1
-        else:  # each voxel goes to the strongest of the strong levels it is most like
-            for level in range(N_LEVELS):
-                if level in strong:
-                    ids[c, level] = next_id + int(np.flatnonzero(strong == level)[0])
-            weak = [lv for lv in range(N_LEVELS) if lv not in strong]
-            for level in weak:
-                ids[c, level] = ids[c, strong[np.argmin(np.abs(strong - level))]]
-            next_id += len(strong)
-    values[:] = ids[idx, lev]
-    out[body] = values
+            continue
+        # each voxel goes to the strong level nearest to its own most probable level
+        for level in range(N_LEVELS):
+            ids[c, level] = next_id + int(np.argmin(np.abs(strong - level)))
+        next_id += len(strong)
+    out = np.zeros_like(comp)
+    out[body] = ids[idx, lev]
     return out, next_id - 1
 
 
@@ -136,7 +131,25 @@ def decode_levels(probabilities: np.ndarray, image: Image,
     prob = probabilities if probabilities.dtype == np.uint8 else np.round(np.clip(probabilities, 0, 1) * 255).astype(
         np.uint8)
     shape = prob.shape[1:]
-    pieces, n = _pieces(prob, params)
+    # summed over levels: a body the network cannot place (0.45 L3 / 0.4 L4) is still a body
+    body = prob.sum(axis=0, dtype=np.uint16) >= params.threshold * 255
+    box = ndimage.find_objects(body.astype(np.uint8))
+    if not box:
+        return LevelDecoding(np.zeros(shape, np.uint8), 0.0, True, 0)
+    box = box[0]  # everything below runs inside the bounding box of the body mask
+    corner = np.array([b.start for b in box])
+    sub = Image(np.empty((0, 0, 0)), image.spacing, tuple(image.ijk_to_lps_points([corner[::-1]])[0]),
+                image.direction.copy()) if corner.any() else image
+    decoded = _decode_box(prob[(slice(None), *box)], body[box], sub, params)
+    labels = np.zeros(shape, np.uint8)
+    labels[box] = decoded.labels
+    decoded.labels = labels
+    return decoded
+
+
+def _decode_box(prob: np.ndarray, body: np.ndarray, image: Image, params: DecodingParameters) -> LevelDecoding:
+    shape = prob.shape[1:]
+    pieces, n = _pieces(prob, body, params)
     if n == 0:
         return LevelDecoding(np.zeros(shape, np.uint8), 0.0, True, 0)
     flat = pieces.ravel()
