@@ -148,9 +148,10 @@ def evaluate_case(net, weights_pre: dict, image: Image, truth: np.ndarray) -> di
     for t in BODY_THRESHOLDS:
         d = decode_levels(out.probabilities, image, DecodingParameters(threshold=t))
         at[str(t)] = {**score(largest_component_per_label(d.labels), truth, image),
-                      "level_confidence": round(d.level_confidence, 4)}
+                      "level_confidence": round(d.level_confidence, 4), "end_conflict": round(d.end_conflict, 4)}
     return {"decoded": score(final, truth, image), "old_cleanup": score(old, truth, image),
             "level_confidence": round(decoded.level_confidence, 4), "doubtful": decoded.doubtful,
+            "end_conflict": round(decoded.end_conflict, 4),
             "assignment": decoded.assignment(), "network_s": round(out.network_s, 3), "decoded_at": at}
 
 
@@ -186,20 +187,28 @@ def _mean_dice(result: dict) -> float:
     return float(np.mean(list(result["dice"].values()))) if result["dice"] else float("nan")
 
 
-def choose_doubtful_threshold(rows: list[tuple[bool, float]], cap: float = 0.5, default: float = 0.3) -> dict:
+END_CONFLICT = 0.5  # DecodingParameters.end_conflict_doubtful: flags on its own, whatever the margin
+
+
+def choose_doubtful_threshold(rows: list[tuple[bool, float, float]], cap: float = 0.5, default: float = 0.3) -> dict:
     """The level-confidence threshold below which the count is reported doubtful: just above the
-    most confident failure in the cross-validation (every failure flagged), capped; with no
-    failure, ``default``. ``rows``: (correct, confidence) of every held-out prediction."""
-    failures = [c for ok, c in rows if not ok]
-    correct = [c for ok, c in rows if ok]
-    if failures:
-        threshold = min(cap, math.ceil((max(failures) + 1e-9) * 100) / 100 + 0.01)
+    most confident failure that the end-conflict rule does not already flag, capped; with no such
+    failure, ``default``. ``rows``: (correct, confidence, end conflict) of every held-out prediction."""
+    unflagged = [c for ok, c, e in rows if not ok and e < END_CONFLICT]
+    if unflagged:
+        threshold = min(cap, math.ceil((max(unflagged) + 1e-9) * 100) / 100 + 0.01)
         how = "just above the most confident cross-validation failure" + (" (capped)" if threshold == cap else "")
     else:
-        threshold, how = default, "no cross-validation failure: the default"
-    return {"threshold": threshold, "how": how,
-            "failures_flagged": sum(c < threshold for c in failures), "failures": len(failures),
-            "correct_flagged": sum(c < threshold for c in correct), "correct": len(correct)}
+        threshold, how = default, "no cross-validation failure left unflagged: the default"
+
+    def flagged(c, e):
+        return c < threshold or e >= END_CONFLICT
+
+    return {"threshold": threshold, "how": how, "end_conflict": END_CONFLICT,
+            "failures_flagged": sum(flagged(c, e) for ok, c, e in rows if not ok),
+            "failures": sum(not ok for ok, _, _ in rows),
+            "correct_flagged": sum(flagged(c, e) for ok, c, e in rows if ok), "correct": sum(ok for ok, _, _ in rows),
+            "flagged_by_end_conflict": sum(e >= END_CONFLICT for _, _, e in rows)}
 
 
 def choose_body_threshold(per_case: dict, fold_of: dict, n_folds: int) -> dict:
@@ -238,6 +247,7 @@ def cv_report(run: Path) -> dict:
                 v["decoded_default"] = v["decoded"]
                 v["decoded"] = {k: v["decoded_at"][t][k] for k in ("dice", "identification")}
                 v["level_confidence"] = v["decoded_at"][t]["level_confidence"]
+                v["end_conflict"] = v["decoded_at"][t].get("end_conflict", 0.0)
     for method in ("decoded", "old_cleanup"):
         for variant in VARIANTS:
             rs = [r[variant][method] for r in per_case.values() if variant in r]
@@ -253,7 +263,7 @@ def cv_report(run: Path) -> dict:
                                  if variant in r and not r[variant][method]["identification"]["all_correct"]),
                 "mean_dice": round(float(np.mean([_mean_dice(r) for r in rs])), 4),
                 "per_level_dice": {k: round(v, 4) for k, v in levels.items()}, "failure_kinds": kinds}
-    rows = [(r[v]["decoded"]["identification"]["all_correct"], r[v]["level_confidence"])
+    rows = [(r[v]["decoded"]["identification"]["all_correct"], r[v]["level_confidence"], r[v].get("end_conflict", 0.0))
             for r in per_case.values() for v in VARIANTS if v in r]
     summary["doubtful_threshold"] = choose_doubtful_threshold(rows)
     t = summary["doubtful_threshold"]["threshold"]
@@ -267,7 +277,7 @@ def cv_report(run: Path) -> dict:
             if v not in r:
                 return "-"
             ident = r[v]["decoded"]["identification"]
-            flag = " (doubtful)" if r[v]["level_confidence"] < t else ""
+            flag = " (doubtful)" if r[v]["level_confidence"] < t or r[v].get("end_conflict", 0) >= END_CONFLICT else ""
             return ("yes" if ident["all_correct"] else "NO " + ",".join(ident["kinds"])) + flag
 
         old = r["full"]["old_cleanup"]["identification"]

@@ -31,6 +31,10 @@ class DecodingParameters:
     # below this level confidence the count is reported as doubtful; chosen by cross-validation
     # (Training/spine_levels.py cv-report: the smallest margin that held every CV failure)
     doubtful_below: float = 0.3
+    # the body just above the named L1 (or just below L5) itself looks like L1 (L5) to the network
+    # with at least this probability: two bodies claim one end of the run, the count is doubtful
+    # whatever the margin (a sixth lumbar-type vertebra, or T12 / S1 taken for a lumbar body)
+    end_conflict_doubtful: float = 0.5
 
 
 @dataclass
@@ -55,6 +59,7 @@ class LevelDecoding:
     offset: int  # index (in superior-to-inferior body order) of the body named L1; may be < 0
     bodies: list[Body] = field(default_factory=list)
     run_scores: dict = field(default_factory=dict)
+    end_conflict: float = 0.0  # the neighbour bodies' probability of L1 (above) / L5 (below), the larger
 
     def assignment(self) -> list[str]:
         """Per body (superior first): the level it was named, or where it lies relative to L1-L5."""
@@ -76,6 +81,7 @@ class LevelDecoding:
         return {
             "level_confidence": round(self.level_confidence, 4),
             "doubtful": self.doubtful,
+            "end_conflict": round(self.end_conflict, 3),
             "bodies": [{"name": n, "found": b.found, "centre_ras": [round(float(v), 1) for v in b.centre_ras],
                         "volume_ml": round(b.volume_ml, 2),
                         "level_probabilities": [round(float(p), 3) for p in b.probabilities]}
@@ -198,8 +204,11 @@ def _decode_box(prob: np.ndarray, body: np.ndarray, image: Image, params: Decodi
         i = best + k
         if 0 <= i < m and bodies[i].found:
             labels[bodies[i].voxels] = k + 1
-    return LevelDecoding(labels.reshape(shape), float(confidence), bool(confidence < params.doubtful_below), best,
-                         bodies, {f"L1 on body {o}": s for o, s in run_scores.items() if abs(o - best) <= 1})
+    ends = [scores[i, k] for i, k in ((best - 1, 0), (best + N_LEVELS, N_LEVELS - 1)) if 0 <= i < m]
+    conflict = float(max(ends, default=0.0))
+    doubtful = confidence < params.doubtful_below or conflict >= params.end_conflict_doubtful
+    return LevelDecoding(labels.reshape(shape), float(confidence), bool(doubtful), best, bodies,
+                         {f"L1 on body {o}": s for o, s in run_scores.items() if abs(o - best) <= 1}, conflict)
 
 
 def _merge(a: Body, b: Body) -> Body:

@@ -423,14 +423,17 @@ def postprocess(card: TaskCard, image: Image, labels: np.ndarray, maps: dict[str
             probs = (maps or {}).get("levels")
             if probs is None:  # no probabilities (labels only): the decoding still enforces one run
                 probs = np.stack([(result.labels.array == k).astype(np.uint8) * 255 for k in range(1, 6)])
-            decoded = decode_levels(probs, image, DecodingParameters(**(settings or {}).get("level_decoding", {})))
+            params = DecodingParameters(**(settings or {}).get("level_decoding", {}))
+            decoded = decode_levels(probs, image, params)
             result.labels = image.with_array(decoded.labels)
             result.summaries["level_decoding"] = decoded.summary()
             result.summaries["level_confidence"] = round(decoded.level_confidence, 4)
             if decoded.doubtful:
-                result.warnings.append(f"level count doubtful: level confidence {decoded.level_confidence:.2f} "
-                                       "(the run of L1-L5 shifted by one level scores almost as well); check "
-                                       "the levels against T12 (last rib) and the sacrum")
+                why = (f"the body beyond one end of L1-L5 looks like that end's level too "
+                       f"(probability {decoded.end_conflict:.2f})" if decoded.end_conflict >= params.end_conflict_doubtful
+                       else "the run of L1-L5 shifted by one level scores almost as well")
+                result.warnings.append(f"level count doubtful: level confidence {decoded.level_confidence:.2f}; {why}; "
+                                       "check the levels against T12 (last rib) and the sacrum")
         elif name == "foramina":
             from .foramina import estimate_foramina_from_levels, foramina_summary, localise_foramina
 
