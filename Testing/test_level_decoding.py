@@ -190,8 +190,9 @@ def test_end_bodies_that_look_lumbar_do_not_pull_the_run():
     got = named(decoded, truth, values)
     assert got == {"T11": None, "T12": None, **{n: n for n in LUMBAR}, "S1": None}
     assert [b["name"] for b in decoded.summary()["bodies"]] == ["above L1"] + LUMBAR + ["below L5"]
-    # ... but two bodies claim each end of the run: named right, and reported doubtful
-    assert decoded.end_conflict == pytest.approx(0.55, abs=0.03) and decoded.doubtful
+    # ... two bodies claim each end of the run: reported, and doubtful when the rule is turned on
+    assert decoded.end_conflict == pytest.approx(0.55, abs=0.03) and not decoded.doubtful
+    assert decode_levels(prob, image, DecodingParameters(end_conflict_doubtful=0.5)).doubtful
 
 
 def test_specks_of_a_noisy_network_are_not_bodies():

@@ -7,7 +7,6 @@ inference and decoding.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -187,27 +186,31 @@ def _mean_dice(result: dict) -> float:
     return float(np.mean(list(result["dice"].values()))) if result["dice"] else float("nan")
 
 
-END_CONFLICT = 0.5  # DecodingParameters.end_conflict_doubtful: flags on its own, whatever the margin
+END_CONFLICT = DecodingParameters().end_conflict_doubtful  # flags on its own, whatever the margin (> 1: off)
 
 
-def choose_doubtful_threshold(rows: list[tuple[bool, float, float]], cap: float = 0.5, default: float = 0.3) -> dict:
-    """The level-confidence threshold below which the count is reported doubtful: just above the
-    most confident failure that the end-conflict rule does not already flag, capped; with no such
-    failure, ``default``. ``rows``: (correct, confidence, end conflict) of every held-out prediction."""
-    unflagged = [c for ok, c, e in rows if not ok and e < END_CONFLICT]
-    if unflagged:
-        threshold = min(cap, math.ceil((max(unflagged) + 1e-9) * 100) / 100 + 0.01)
-        how = "just above the most confident cross-validation failure" + (" (capped)" if threshold == cap else "")
+def choose_doubtful_threshold(rows: list[tuple[bool, float, float]], default: float = 0.3) -> dict:
+    """The level-confidence threshold below which the count is reported doubtful: the one (0.05 ..
+    0.60) that best separates the cross-validation's failures from its correct predictions
+    (Youden's J: share of failures flagged minus share of correct ones flagged, the end-conflict
+    rule counted too; ties: the lower). ``rows``: (correct, confidence, end conflict) of every
+    held-out prediction; with no failure, ``default``."""
+    failures = [(c, e) for ok, c, e in rows if not ok]
+    correct = [(c, e) for ok, c, e in rows if ok]
+
+    def flagged(items, t):
+        return sum(c < t or e >= END_CONFLICT for c, e in items)
+
+    if failures and correct:
+        candidates = [round(0.05 * i, 2) for i in range(1, 13)]
+        j = {t: flagged(failures, t) / len(failures) - flagged(correct, t) / len(correct) for t in candidates}
+        threshold = max(candidates, key=lambda t: (round(j[t], 9), -t))
+        how = f"best separation of the cross-validation's failures from its correct predictions (J = {j[threshold]:.2f})"
     else:
-        threshold, how = default, "no cross-validation failure left unflagged: the default"
-
-    def flagged(c, e):
-        return c < threshold or e >= END_CONFLICT
-
+        threshold, how = default, "no cross-validation failure: the default"
     return {"threshold": threshold, "how": how, "end_conflict": END_CONFLICT,
-            "failures_flagged": sum(flagged(c, e) for ok, c, e in rows if not ok),
-            "failures": sum(not ok for ok, _, _ in rows),
-            "correct_flagged": sum(flagged(c, e) for ok, c, e in rows if ok), "correct": sum(ok for ok, _, _ in rows),
+            "failures_flagged": flagged(failures, threshold), "failures": len(failures),
+            "correct_flagged": flagged(correct, threshold), "correct": len(correct),
             "flagged_by_end_conflict": sum(e >= END_CONFLICT for _, _, e in rows)}
 
 

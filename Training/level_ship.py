@@ -112,11 +112,12 @@ Body-mask threshold of the decoder: **{summary['body_threshold']['final']}** (su
 fold was scored at the threshold best on the other folds: {summary['body_threshold']['per_fold']}; mean
 whole-field Dice by threshold over all folds {summary['body_threshold'].get('mean_dice_by_threshold', {})}).
 
-Level confidence: the count is reported doubtful below **{threshold['threshold']:.2f}** ({threshold['how']}),
-or when the body just above L1 (below L5) itself has a probability of L1 (L5) of at least
-{threshold['end_conflict']} (two bodies claim one end of the run; {threshold['flagged_by_end_conflict']} held-out predictions).
-Over all held-out predictions (three fields of view per scan) the two rules flag {threshold['failures_flagged']} of
-{threshold['failures']} failures and {threshold['correct_flagged']} of {threshold['correct']} correct ones. The threshold is stored in this
+Level confidence: the count is reported doubtful below **{threshold['threshold']:.2f}** ({threshold['how']}).
+Over all held-out predictions (three fields of view per scan) it flags {threshold['failures_flagged']} of
+{threshold['failures']} failures and {threshold['correct_flagged']} of {threshold['correct']} correct ones (most of them with L1 cut off, where
+the count is indeed uncertain). The end conflict (the body beyond L1 or L5 also claiming that
+level) is reported but does not flag by default: at 0.5 it would flag 1 failure and 16 correct
+predictions of folds 0-3. The threshold is stored in this
 checkpoint (metadata `postprocessing.level_decoding.doubtful_below`).
 
 Per scan (whole field of view; "failure" lists levels that are not on their own body):

@@ -32,9 +32,11 @@ class DecodingParameters:
     # (Training/spine_levels.py cv-report: the smallest margin that held every CV failure)
     doubtful_below: float = 0.3
     # the body just above the named L1 (or just below L5) itself looks like L1 (L5) to the network
-    # with at least this probability: two bodies claim one end of the run, the count is doubtful
-    # whatever the margin (a sixth lumbar-type vertebra, or T12 / S1 taken for a lumbar body)
-    end_conflict_doubtful: float = 0.5
+    # with at least this probability: doubtful whatever the margin. Off by default (> 1): in the
+    # cross-validation at 0.5 it flagged 1 failure and 16 correct predictions (the network often
+    # calls T12 "L1" on T2 scans reaching T11 yet the whole run names the column right); the
+    # value is always reported (summaries.level_decoding.end_conflict)
+    end_conflict_doubtful: float = 1.01
 
 
 @dataclass
