@@ -146,8 +146,13 @@ class EstimateParameters:
     extrapolated_confidence: float = 0.35  # L5/S1: S1 is not segmented, so its disc is extrapolated
 
 
-def _body_points(labels: np.ndarray, image: Image, level: int, max_points: int = 20000) -> np.ndarray | None:
-    kji = np.argwhere(labels == level)
+def _body_points(labels: np.ndarray, image: Image, level: int, max_points: int = 20000,
+                 box: tuple | None = None) -> np.ndarray | None:
+    """RAS points of one level's voxels; ``box``: its bounding box (searched only there)."""
+    if box is None:
+        kji = np.argwhere(labels == level)
+    else:
+        kji = np.argwhere(labels[box] == level) + np.array([b.start for b in box])
     if len(kji) == 0:
         return None
     if len(kji) > max_points:  # a deterministic subsample keeps percentiles and centroids, at bounded cost
@@ -167,7 +172,9 @@ def estimate_foramina_from_levels(labels: np.ndarray, image: Image,
 
     Works in RAS: the local superior axis comes from the body centroids (follows lordosis and
     tilt), posterior is patient-posterior made perpendicular to it, lateral completes the frame."""
-    bodies = {level: _body_points(labels, image, level) for level in LEVELS}
+    boxes = ndimage.find_objects(labels, max_label=len(LEVELS))  # one pass, then each body's box only
+    bodies = {level: _body_points(labels, image, level, box=box) if box else None
+              for level, box in zip(LEVELS, boxes)}
     centres = {level: pts.mean(axis=0) for level, pts in bodies.items() if pts is not None}
     notes = {"missing_levels": [f"L{k}" for k in LEVELS if k not in centres]}
     if len(centres) < 2:
