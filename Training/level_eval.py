@@ -265,6 +265,8 @@ def cv_report(run: Path) -> dict:
                 "failed": sorted(cid for cid, r in per_case.items()
                                  if variant in r and not r[variant][method]["identification"]["all_correct"]),
                 "mean_dice": round(float(np.mean([_mean_dice(r) for r in rs])), 4),
+                "mean_dice_when_right": round(float(np.mean([_mean_dice(r) for r in rs
+                                                             if r["identification"]["all_correct"]] or [np.nan])), 4),
                 "per_level_dice": {k: round(v, 4) for k, v in levels.items()}, "failure_kinds": kinds}
     rows = [(r[v]["decoded"]["identification"]["all_correct"], r[v]["level_confidence"], r[v].get("end_conflict", 0.0))
             for r in per_case.values() for v in VARIANTS if v in r]

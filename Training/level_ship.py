@@ -100,6 +100,11 @@ starts right below L1 (L1 outside); "cut below L5": it ends 3 px below L5 (no sa
 {_variant_line(summary, 'decoded', 'cut above L2')}
 {_variant_line(summary, 'decoded', 'cut below L5')}
 
+Mean per-level Dice over the scans whose levels are all right (the outlines alone):
+{summary['decoded/full']['mean_dice_when_right']:.3f} (whole field of view), {summary['decoded/cut below L5']['mean_dice_when_right']:.3f} (cut below L5),
+{summary['decoded/cut above L2']['mean_dice_when_right']:.3f} (cut above L2). Issue 21's aim (all five right on at least 53 of 54, mean
+per-level Dice >= 0.88) is **not met** by this starter.
+
 Old clean-up on the same predictions:
 
 | field of view | all levels right | mean per-level Dice | L1 / L2 / L3 / L4 / L5 | failure kinds | failed scans |
