@@ -1,7 +1,6 @@
 """The whole-column level trainer (issue 21): label/image slice mismatches resolved from the image,
 duplicates kept in one fold, a training run that learns, resumes bit for bit and whose weights run
 through the product's pipeline with the anatomical decoding."""
-import json
 import sys
 from pathlib import Path
 
@@ -137,6 +136,8 @@ def test_training_overfits_a_fixed_batch(phantom_cases, trained_run):
 
 @pytest.mark.mrml
 def test_trained_weights_run_through_the_pipeline_with_decoding(phantom_cases, trained_run, tmp_path):
+    """This trainer's checkpoint loads and runs through the product's pipeline with the decoding
+    (naming accuracy: test_level_decoding on phantoms, test_lumbar_real with the shipped model)."""
     from SpineKneeSegLib.io import write_image
     from SpineKneeSegLib.pipeline import RunOptions, run_case
     from SpineKneeSegLib.tasks import TASKS
@@ -148,7 +149,9 @@ def test_trained_weights_run_through_the_pipeline_with_decoding(phantom_cases, t
     decoding = report["summaries"]["level_decoding"]
     assert 0.0 <= report["summaries"]["level_confidence"] <= 1.0
     names = [b["name"] for b in decoding["bodies"] if b["name"].startswith("L")]
-    assert names == sorted(names) and len(names) == len(set(names))  # one consecutive run
-    markers = json.loads((tmp_path / "out" / "foramina.mrk.json").read_text())["markups"][0]["controlPoints"]
-    flagged = ["LEVEL COUNT DOUBTFUL" in p["description"] for p in markers]
-    assert flagged == [decoding["doubtful"]] * len(markers)  # every marker says so, or none
+    assert names and names == sorted(names) and len(names) == len(set(names))  # one run, named bodies
+    assert names == [f"L{k}" for k in range(int(names[0][1]), int(names[-1][1]) + 1)]  # consecutive
+    # the doubtful flag reaches the warnings (the foramen markers' descriptions are checked in
+    # test_lumbar_real: markers need two bodies, and this 80-step model finds one or two)
+    warned = any(w.startswith("level count doubtful") for w in report["warnings"])
+    assert warned == decoding["doubtful"]

@@ -72,4 +72,8 @@ def test_a_field_of_view_cut_above_l2_is_not_shifted(case, tmp_path):
     for level in range(2, 6):
         assert np.bincount(cut_truth[pred == level], minlength=6)[1:].argmax() + 1 == level
     report = json.loads((out / "report.json").read_text())
-    assert any(m.startswith("L1 (outside") for m in report["summaries"]["level_decoding"]["levels_not_found"])
+    decoding = report["summaries"]["level_decoding"]
+    assert any(m.startswith("L1 (outside") for m in decoding["levels_not_found"])
+    markers = json.loads((out / "foramina.mrk.json").read_text())["markups"][0]["controlPoints"]
+    assert markers and all("L1 " not in p["label"] for p in markers)  # no foramen on a level not in view
+    assert ["LEVEL COUNT DOUBTFUL" in p["description"] for p in markers] == [decoding["doubtful"]] * len(markers)

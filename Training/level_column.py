@@ -24,6 +24,10 @@ from SpineKneeSegLib.models import build_network
 from SpineKneeSegLib.preprocessing import context_channels, training_slices
 from SpineKneeSegLib.tasks import TASKS
 from SpineKneeSegLib.weights import save_checkpoint
+from slicetrain import load_resume_state, save_resume_state
+# the seed loop's pieces, shared: labels L1..L5, inverse-frequency weights, per-dataset sampling,
+# contrast remapping (T1 <-> T2), weighted Dice
+from spine_levels import case_probabilities, level_labels, level_weights, random_intensity, weighted_dice_loss
 
 CARD = TASKS["lumbar-foramina"]
 N_LEVELS = 5
@@ -119,11 +123,6 @@ def make_folds(cases: list[dict], k: int, seed: int = 0) -> list[list[str]]:
     return [sorted(f) for f in folds]
 
 
-def level_labels(labels: np.ndarray) -> np.ndarray:
-    """L1..L5 = 1..5; everything else (T12/T11 in Zukić) is background."""
-    return np.where((labels >= 1) & (labels <= N_LEVELS), labels, 0).astype(np.uint8)
-
-
 @dataclass
 class PreparedCase:
     id: str
@@ -174,13 +173,6 @@ def network_config(cfg: ColumnConfig) -> dict:
     return {**cfg.network, "in_channels": CARD.preprocessing.context_slices, "out_channels": N_LEVELS}
 
 
-def _case_probabilities(cases: list[PreparedCase]) -> np.ndarray:
-    """Each dataset (sequence) equally often: 44 T1 scans must not drown 10 T2 ones."""
-    datasets = [c.dataset for c in cases]
-    weights = np.array([1.0 / datasets.count(d) for d in datasets])
-    return weights / weights.sum()
-
-
 def _affine(angle: float, scale: float, centre_src: tuple[float, float], src_hw: tuple[int, int],
             canvas: int) -> torch.Tensor:
     """theta for affine_grid: canvas pixel offsets from its centre, rotated and scaled, land at
@@ -221,9 +213,7 @@ def fov_cut(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, p: float
 
 def sample_batch(cases: list[PreparedCase], cfg: ColumnConfig, rng: np.random.Generator,
                  gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    from spine_levels import random_intensity  # the seed loop's contrast remapping (T1 <-> T2)
-
-    probabilities = _case_probabilities(cases)
+    probabilities = case_probabilities(cases)
     xs, ys = [], []
     for _ in range(cfg.batch_size):
         case = cases[rng.choice(len(cases), p=probabilities)]
@@ -254,16 +244,7 @@ def sample_batch(cases: list[PreparedCase], cfg: ColumnConfig, rng: np.random.Ge
     return random_intensity(x, gen, cfg.noise_sd), target
 
 
-def level_weights(cases: list[PreparedCase]) -> torch.Tensor:
-    """Seed 004: per-channel weights from inverse label frequency, normalised to a maximum of 1."""
-    counts = np.bincount(np.concatenate([c.labels.ravel() for c in cases]), minlength=N_LEVELS + 1)[1:]
-    inverse = 1.0 / np.maximum(counts, 1)
-    return torch.tensor(inverse / inverse.max(), dtype=torch.float32)
-
-
 def make_loss(cfg: ColumnConfig, weights: torch.Tensor):
-    from spine_levels import weighted_dice_loss
-
     if cfg.loss == "weighted-dice":
         return lambda logits, target: weighted_dice_loss(logits, target, weights)
     if cfg.loss == "weighted-dice+bce":
@@ -287,14 +268,9 @@ def train_column(cfg: ColumnConfig, out: Path, cases: list[PreparedCase], resume
     gen = torch.Generator().manual_seed(cfg.seed)
     state = {"step": 0, "losses": [], "seconds": 0.0}
     last = out / "last.pt"
-    if resume and last.exists():
-        ckpt = torch.load(last, map_location="cpu", weights_only=False)  # our own file
-        net.load_state_dict(ckpt["model"])
-        optimiser.load_state_dict(ckpt["optimiser"])
-        schedule.load_state_dict(ckpt["schedule"])
-        state = ckpt["state"]
-        rng.bit_generator.state = ckpt["numpy_rng"]
-        gen.set_state(ckpt["torch_rng"])
+    resumed = load_resume_state(last, net, optimiser, schedule, rng, gen) if resume else None
+    if resumed is not None:
+        state = resumed
         log(f"resumed at step {state['step']}")
     started = time.time()
     net.train()
@@ -314,10 +290,10 @@ def train_column(cfg: ColumnConfig, out: Path, cases: list[PreparedCase], resume
         if state["step"] % 50 == 0 or state["step"] == cfg.steps or out_of_time:
             state["losses"].append((state["step"], round(float(np.mean(window)), 4)))
             window = []
-            torch.save({"model": net.state_dict(), "optimiser": optimiser.state_dict(),
-                        "schedule": schedule.state_dict(), "state": state, "numpy_rng": rng.bit_generator.state,
-                        "torch_rng": gen.get_state(), "config": asdict(cfg)}, out / "last.pt.tmp")
-            (out / "last.pt.tmp").replace(last)
+            save_resume_state(last, {"model": net.state_dict(), "optimiser": optimiser.state_dict(),
+                                     "scheduler": schedule.state_dict(), "state": state,
+                                     "numpy_rng": rng.bit_generator.state, "torch_rng": gen.get_state(),
+                                     "config": asdict(cfg)})
             log(json.dumps({"step": state["step"], "loss": state["losses"][-1][1],
                             "lr": round(schedule.get_last_lr()[0], 6), "seconds": round(state["seconds"])}))
         if out_of_time and state["step"] < cfg.steps:

@@ -16,7 +16,7 @@ from SpineKneeSegLib.image import Image
 from SpineKneeSegLib.inference import load_network, segment_slices
 from SpineKneeSegLib.io import read_image
 from SpineKneeSegLib.level_decoding import DecodingParameters, decode_levels
-from SpineKneeSegLib.postprocessing import largest_component_per_label
+from SpineKneeSegLib.postprocessing import dice, largest_component_per_label
 from SpineKneeSegLib.tasks import TASKS
 from SpineKneeSegLib.weights import resolve_weights
 
@@ -67,11 +67,6 @@ def field_of_view_variants(image: Image, labels: np.ndarray, margin_px: int = 3)
         out["cut below L5"] = (crop_along(image, labels, axis, max(0, l5[0] - margin_px), n) if up_increasing
                                else crop_along(image, labels, axis, 0, min(n, l5[1] + margin_px + 1)))
     return out
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
 
 
 def identify(pred: np.ndarray, truth: np.ndarray, image: Image) -> dict:

@@ -73,9 +73,10 @@ component per level.
 ## Training (the recipe, identical for the fold models and this model)
 Whole sagittal slices on a {cfg['canvas']} x {cfg['canvas']} canvas at {cfg['spacing_mm']} mm
 ({cfg['canvas'] * cfg['spacing_mm']:.0f} mm), centred near the labelled column +-{cfg['shift_px']} px;
-field-of-view augmentation: with probability {cfg['fov_cut_p'] / 2:.2f} each, the image ends at a random
-row between above T12 and mid-L2, and between mid-L4 and well below L5 (rows blanked to the padding
-value, labels removed with them), so position in the image is never a cue; rotation about the
+field-of-view augmentation ({cfg['fov_cut_mode']}): with probability {cfg['fov_cut_p'] / 2:.2f} at each end, the image
+ends at a random row (anatomical: half of the cuts beyond L1 / L5, a quarter through them, a quarter
+into L2 / L4; rows blanked to the padding value, labels removed with them), so position in the
+image is never a cue; rotation about the
 left-right axis +-{cfg['max_rotation_deg']} deg, scale +-{cfg['scale'] * 100:.0f} %, smooth warp {cfg['warp_px']} px, random
 piecewise-linear contrast remapping (30 % inverted: T1 <-> T2), noise N(0, {cfg['noise_sd']}); each dataset
 sampled equally often; {cfg['off_body_p'] * 100:.0f} % of slices without any body. Loss `{cfg['loss']}`

@@ -114,6 +114,25 @@ def tensorboard_writer(out: Path):
     return SummaryWriter(str(out / "tensorboard"))
 
 
+def load_resume_state(path: Path, net, optimiser, scheduler=None, rng: np.random.Generator | None = None,
+                      gen: torch.Generator | None = None) -> dict | None:
+    """Restore what ``save_resume_state`` wrote (keys model, optimiser[, scheduler][, numpy_rng,
+    torch_rng], state) into the given objects; returns the trainer's state dict, or None when
+    ``path`` does not exist."""
+    if not path.exists():
+        return None
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own file
+    net.load_state_dict(ckpt["model"])
+    optimiser.load_state_dict(ckpt["optimiser"])
+    if scheduler is not None:
+        scheduler.load_state_dict(ckpt["scheduler"])
+    if rng is not None:
+        rng.bit_generator.state = ckpt["numpy_rng"]
+    if gen is not None:
+        gen.set_state(ckpt["torch_rng"])
+    return ckpt["state"]
+
+
 def save_resume_state(path: Path, payload: dict) -> None:
     """Write a trainer's resume state (weights, optimiser, counters) atomically: a run killed
     mid-write keeps its previous state."""

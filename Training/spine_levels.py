@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from SpineKneeSegLib.datasets import data_root  # noqa: E402
 from SpineKneeSegLib.inference import segment_slices  # noqa: E402
 from SpineKneeSegLib.io import read_image  # noqa: E402
-from slicetrain import save_resume_state, tensorboard_writer  # noqa: E402
+from slicetrain import load_resume_state, save_resume_state, tensorboard_writer  # noqa: E402
 
 from SpineKneeSegLib.models import build_network  # noqa: E402
 from SpineKneeSegLib.postprocessing import largest_component_per_label  # noqa: E402
@@ -313,13 +313,9 @@ def train_loop(cfg: Config, out: Path, prepared: list[PreparedCase], evaluate, r
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     last = out / "last.pt"
-    if resume and last.exists():
-        ckpt = torch.load(last, map_location="cpu", weights_only=False)  # our own file
-        net.load_state_dict(ckpt["model"])
-        optimiser.load_state_dict(ckpt["optimiser"])
-        state = ckpt["state"]
-        rng.bit_generator.state = ckpt["numpy_rng"]
-        gen.set_state(ckpt["torch_rng"])
+    resumed = load_resume_state(last, net, optimiser, rng=rng, gen=gen) if resume else None
+    if resumed is not None:
+        state = resumed
         log(f"resumed at epoch {state['epoch']} (best {state['best']:.4f} at {state['best_epoch']})")
     writer = tensorboard_writer(out)
     steps = max(1, sum(c.stack.shape[0] for c in prepared) // cfg.batch_size)
