@@ -32,6 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SpineKneeSeg"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from clinical_geometry import draw_acquisitions, simulate_acquisition  # noqa: E402
 from wmh_metrics import all_metrics  # noqa: E402
 
 from SpineKneeSegLib.datasets import data_root  # noqa: E402
@@ -54,7 +55,8 @@ class Config:
     batch_size: int = 8
     patch: int = 160  # seed 002 trains on 256x256; 160 covers most of a 1 mm brain at a third of the cost
     lr: float = 1e-4  # seed 002
-    loss: str = "focal-tversky"  # seed 002; or "tversky" (gamma 1), "dice", "bce"
+    loss: str = "focal-tversky"  # seed 002; or "blob" (seed's loss + per-lesion terms), "tversky" (gamma 1), "dice", "bce"
+    blob_weight: float = 1.0  # "blob": weight of the mean per-lesion term beside the global one
     alpha: float = 0.85
     beta: float = 0.15
     gamma: float = 4 / 3
@@ -63,6 +65,7 @@ class Config:
     slab_fraction: float = 0.3  # share of batches drawn from simulated thick slabs
     slab_mm: str = "3,5,8"  # simulated slab thicknesses
     slab_phases: int = 1  # slab stacks per thickness, each starting at a different offset
+    geometries: int = 0  # random clinical acquisitions per case (3-8 mm slices, 0.4-1.2 mm pixels, any axis)
     t1: bool = False  # T1 as 3 more input channels (the weights then need a T1 at inference)
     lesion_fraction: float = 0.6  # share of sampled slices that contain lesion
     steps_per_epoch: int = 40
@@ -151,7 +154,30 @@ def focal_tversky_loss(logits, target, alpha, beta, gamma, smooth):
     return (1 - ti) ** (1 / gamma)
 
 
+def blob_loss(logits, target, alpha, beta, gamma, smooth, weight):
+    """Lesion-aware loss (blob loss, Kofler et al. 2023): the seed's global focal Tversky plus the
+    mean, over every true lesion (8-connected in the patch), of the same loss computed on that
+    lesion and the background only, so a missed 5-pixel lesion costs as much as a missed large one
+    and the other lesions cannot pay for it."""
+    from scipy import ndimage
+
+    total = focal_tversky_loss(logits, target, alpha, beta, gamma, smooth)
+    terms = []
+    for b, t in enumerate(target[:, 0].numpy()):
+        components, n = ndimage.label(t > 0, structure=np.ones((3, 3)))
+        if not n:
+            continue
+        components = torch.from_numpy(components)
+        background = target[b, 0] == 0
+        for c in range(1, n + 1):
+            region = (components == c) | background
+            terms.append(focal_tversky_loss(logits[b, 0][region], target[b, 0][region], alpha, beta, gamma, smooth))
+    return total + weight * torch.stack(terms).mean() if terms else total
+
+
 def make_loss(cfg: Config):
+    if cfg.loss == "blob":
+        return lambda lg, t: blob_loss(lg, t, cfg.alpha, cfg.beta, cfg.gamma, cfg.smooth, cfg.blob_weight)
     if cfg.loss == "focal-tversky":
         return lambda lg, t: focal_tversky_loss(lg, t, cfg.alpha, cfg.beta, cfg.gamma, cfg.smooth)
     if cfg.loss == "tversky":
@@ -254,6 +280,10 @@ def train(cfg: Config, cases: list[dict], out: Path, log=print) -> dict:
                 slab_extras = tuple(simulate_slabs(e, labels, thickness, offset)[0] for e in extras)
                 slabs.append(prepare(f"{case['id']}@{thickness:g}mm+{offset:g}", slab_image, slab_labels, cfg,
                                      slab_extras))
+        for acq in draw_acquisitions(rng, cfg.geometries):
+            sim_image, sim_labels = simulate_acquisition(image, labels, acq)
+            sim_extras = tuple(simulate_acquisition(e, labels, acq)[0] for e in extras)
+            slabs.append(prepare(f"{case['id']}@{acq.label()}", sim_image, sim_labels, cfg, sim_extras))
     train_idx, held_idx = {}, {}
     for p in thin:
         train_idx[p.id], held_idx[p.id] = split_blocks(p)
@@ -313,37 +343,58 @@ def fit_baseline(cases: list[dict]) -> float:
     return float(grid[int(scores.argmax())])
 
 
-def evaluate_case(net, case: dict, z_baseline: float, cfg: Config) -> dict:
+EVAL_VIEWS = {"1mm": None, "3mm": 3.0, "5mm": 5.0, f"{EVAL_SLAB_MM:g}mm": EVAL_SLAB_MM}  # native + axial slabs
+
+
+def eval_views(case: dict, cfg: Config):
+    """(name, image, truth, extras) of a case at its native geometry and resliced to thick axial
+    slabs (averaged 1 mm slices; a slab voxel is lesion when >= half its slices are)."""
     image, labels, extras = read_case(case, cfg)
-    result = {}
-    thick = simulate_slabs(image, labels, EVAL_SLAB_MM)
-    for name, (img, truth, ext) in {"1mm": (image, labels, extras),
-                                    f"{EVAL_SLAB_MM:g}mm": (*thick, tuple(simulate_slabs(e, labels, EVAL_SLAB_MM)[0]
-                                                                          for e in extras))}.items():
+    for name, mm in EVAL_VIEWS.items():
+        if mm is None:
+            yield name, image, labels, extras
+        else:
+            slab, truth = simulate_slabs(image, labels, mm)
+            yield name, slab, truth, tuple(simulate_slabs(e, labels, mm)[0] for e in extras)
+
+
+def evaluate_case(net, case: dict, z_baseline: float, cfg: Config, out: Path | None = None) -> dict:
+    """Metrics with the plain 0.5 cut (the decoder is chosen afterwards, by ``wmh_selection``,
+    from the probabilities saved to ``out/probabilities.npz``)."""
+    result, saved = {}, {}
+    for name, img, truth, ext in eval_views(case, cfg):
         spacing_kji = tuple(img.spacing[::-1])
         t0 = time.perf_counter()
-        pred = segment_slices(CARD, img, net, torch.device("cpu"), batch_size=8, extra=ext).labels
-        result[name] = {"model": all_metrics(pred, truth, spacing_kji), "seconds": round(time.perf_counter() - t0, 2),
+        net_out = segment_slices(CARD, img, net, torch.device("cpu"), batch_size=8, extra=ext, keep_probabilities=True)
+        saved[name] = net_out.probabilities[0]
+        result[name] = {"model": all_metrics(net_out.labels, truth, spacing_kji),
+                        "seconds": round(time.perf_counter() - t0, 2),
                         "baseline": all_metrics(baseline_threshold(img, z_baseline), truth, spacing_kji)}
+    if out is not None:
+        np.savez_compressed(out / "probabilities.npz", **saved)
     return result
 
 
 def loo(cfg: Config, root: Path, out: Path) -> dict:
+    """Leave-one-case-out; a fold whose ``fold.json`` exists is not redone (resumable)."""
     cases = brain_cases(root)
     folds = {}
     for held in cases:
         train_cases = [c for c in cases if c is not held]
         fold_out = out / f"fold-{held['id']}"
+        if (fold_out / "fold.json").exists() and (fold_out / "probabilities.npz").exists():
+            folds[held["id"]] = json.loads((fold_out / "fold.json").read_text())
+            continue
         info = train(cfg, train_cases, fold_out)
         from SpineKneeSegLib.inference import load_network
         from SpineKneeSegLib.weights import resolve_weights
 
         net = load_network(resolve_weights(CARD, fold_out / "best.pt"), torch.device("cpu"))
         z = fit_baseline(train_cases)
-        folds[held["id"]] = {"training": info, "baseline_z": z, **evaluate_case(net, held, z, cfg)}
-        (out / "loo.json").write_text(json.dumps(folds, indent=2, default=float))
+        folds[held["id"]] = {"training": info, "baseline_z": z, **evaluate_case(net, held, z, cfg, fold_out)}
+        (fold_out / "fold.json").write_text(json.dumps(folds[held["id"]], indent=2, default=float))
     summary = {}
-    for res in ("1mm", f"{EVAL_SLAB_MM:g}mm"):
+    for res in EVAL_VIEWS:
         for who in ("model", "baseline"):
             summary[f"{who}@{res}"] = {
                 "dice": float(np.mean([f[res][who]["wmh2017"]["dice"] for f in folds.values()])),
@@ -351,7 +402,7 @@ def loo(cfg: Config, root: Path, out: Path) -> dict:
                 "hd95_mm": float(np.median([f[res][who]["wmh2017"]["hd95_mm"] for f in folds.values()])),
                 "avd_percent": float(np.mean([f[res][who]["wmh2017"]["avd_percent"] for f in folds.values()])),
                 "f3": float(np.mean([f[res][who]["seed002"]["f3"] for f in folds.values()]))}
-    result = {"folds": folds, "summary": summary}
+    result = {"folds": folds, "summary": summary, "config": asdict(cfg)}
     (out / "loo.json").write_text(json.dumps(result, indent=2, default=float))
     print(json.dumps(summary, indent=2))
     return result

@@ -249,10 +249,10 @@ def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options:
     extra, unused = extra_inputs(card, images, weights.preprocessing.get("extra_inputs", ()), inputs)
     resample_s = time.perf_counter() - t
     out = segment_slices(card, image, net, device, pre_overrides, options.batch_size, progress, extra,
-                         keep_probabilities="level_decoding" in card.postprocessors)
+                         keep_probabilities=bool(PROBABILITY_STEPS & set(card.postprocessors)))
     maps, maps_grids = {}, {}
-    if out.probabilities is not None:  # the level network's own probabilities, for level_decoding
-        maps["levels"], maps_grids["levels"] = out.probabilities, image
+    if out.probabilities is not None:  # the network's own probabilities, for level / lesion decoding
+        maps["probabilities"], maps_grids["probabilities"] = out.probabilities, image
     for name, aux_net in aux_nets.items():
         if card.auxiliary_model(name).output == "labels":  # same preprocessing and window as the main network
             window = out.summaries.get("crop_window", {}).get("joint_centre_ras")
@@ -353,6 +353,9 @@ def write_dicom_seg_output(card: TaskCard, image: Image, result: RunResult, fold
     return round(time.perf_counter() - t, 4)
 
 
+PROBABILITY_STEPS = {"level_decoding", "lesion_decoding"}  # post-processors that read the network's probabilities
+
+
 def postprocess(card: TaskCard, image: Image, labels: np.ndarray, maps: dict[str, np.ndarray] | None = None,
                 maps_grids: dict[str, Image] | None = None, settings: dict | None = None) -> RunResult:
     """``maps``/``maps_grids``: auxiliary models' probability maps and their grids, by model name;
@@ -403,6 +406,16 @@ def postprocess(card: TaskCard, image: Image, labels: np.ndarray, maps: dict[str
             if image.meta.get("spacing_note"):
                 notes.append(f"femoral head diameters and areas in mm rest on: {image.meta['spacing_note']}")
             result.warnings.extend(notes)
+        elif name == "lesion_decoding":  # threshold + minimum lesion size chosen by LOO (issue 22)
+            from .lesions import decode_lesions, decoding_rules, rule_for
+
+            probs = (maps or {}).get("probabilities")
+            if probs is not None:
+                rule = rule_for(decoding_rules((settings or {}).get("lesion_decoding")), max(image.spacing))
+                result.labels = image.with_array(decode_lesions(probs[0], image.spacing, rule))
+                result.summaries["lesion_decoding"] = {"threshold": rule.threshold,
+                                                       "min_volume_mm3": rule.min_volume_mm3,
+                                                       "rule_max_slice_mm": rule.max_slice_mm}
         elif name == "lesion_table":
             from .lesions import lesion_table
             from .preprocessing import slice_axis
@@ -420,7 +433,7 @@ def postprocess(card: TaskCard, image: Image, labels: np.ndarray, maps: dict[str
         elif name == "level_decoding":  # L1..L5 as one consecutive run over the bodies (issue 21)
             from .level_decoding import DecodingParameters, decode_levels
 
-            probs = (maps or {}).get("levels")
+            probs = (maps or {}).get("probabilities")
             if probs is None:  # no probabilities (labels only): the decoding still enforces one run
                 probs = np.stack([(result.labels.array == k).astype(np.uint8) * 255 for k in range(1, 6)])
             params = DecodingParameters(**(settings or {}).get("level_decoding", {}))

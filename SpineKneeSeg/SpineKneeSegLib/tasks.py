@@ -242,7 +242,7 @@ register(TaskCard(
     weights_with_input=(("t1", "brain-wmh-t1"),),
     labels=BRAIN_LABELS,
     label_activation="sigmoid",  # seed 002: one sigmoid lesion channel
-    postprocessors=("lesion_table",),
+    postprocessors=("lesion_decoding", "lesion_table"),
     outputs=COMMON_OUTPUTS + ("lesions.tsv",),
     issue=5,
 ))

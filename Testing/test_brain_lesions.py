@@ -1,0 +1,190 @@
+"""Issue 22: clinical-geometry simulation, the lesion-aware loss, the lesion decoder (threshold and
+minimum volume chosen by leave-one-case-out, carried by the checkpoint) and its selection — on
+constructed cases with known answers."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Training"))
+from brain_wmh import blob_loss, focal_tversky_loss  # noqa: E402
+from clinical_geometry import Acquisition, box_kernel, draw_acquisitions, simulate_acquisition  # noqa: E402
+
+from SpineKneeSegLib.image import Image  # noqa: E402
+from SpineKneeSegLib.lesions import DecodingRule, decode_lesions, decoding_rules, label_lesions, rule_for  # noqa: E402
+
+
+def _volume_with_cube(shape=(60, 70, 80), corner=(20, 30, 40), size=6):
+    arr = np.zeros(shape, np.float32)
+    lab = np.zeros(shape, np.uint8)
+    k, j, i = corner
+    arr[k:k + size, j:j + size, i:i + size] = 100.0
+    lab[k:k + size, j:j + size, i:i + size] = 1
+    direction = np.array([[0.0, 0, 1], [1, 0, 0], [0, 1, 0]])  # not the identity: positions must still hold
+    return Image(arr, (1.0, 1.0, 1.0), (5.0, -7.0, 3.0), direction), lab
+
+
+def _centroid_lps(image: Image, weights: np.ndarray) -> np.ndarray:
+    kji = np.argwhere(weights > 0)
+    w = weights[weights > 0].astype(float)
+    return image.ijk_to_lps_points((kji[:, ::-1] * w[:, None]).sum(0, keepdims=True) / w.sum())[0]
+
+
+def test_box_kernel_has_the_slab_width():
+    for width in (1.0, 2.0, 3.0, 4.2, 7.5):
+        taps = box_kernel(width)
+        assert taps.sum() == pytest.approx(1.0)
+        assert taps.max() * width == pytest.approx(1.0)  # whole pixels weigh 1/width
+        assert np.allclose(taps, taps[::-1])
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_simulated_acquisition_keeps_positions_and_partial_volume(axis):
+    image, labels = _volume_with_cube()
+    acq = Acquisition(axis, 5.0, 0.5, phase_mm=1.5)
+    thick, thick_labels = simulate_acquisition(image, labels, acq)
+    expected = np.full(3, 0.5)
+    expected[axis] = 5.0
+    assert thick.spacing == pytest.approx(tuple(expected[::-1]))
+    assert thick_labels.shape == thick.array.shape
+    # the cube's intensity-weighted centre stays where it was in space (within half a thin voxel)
+    assert np.allclose(_centroid_lps(thick, thick.array), _centroid_lps(image, image.array), atol=0.5)
+    # partial volume: total signal (intensity x voxel volume) is kept, no thick voxel reaches the cube's value
+    kept = thick.array.sum() * np.prod(thick.spacing) / (image.array.sum() * np.prod(image.spacing))
+    assert kept == pytest.approx(1.0, abs=0.05)
+    assert thick.array.max() < 100.0
+    # labels are carried the same way: the >= 50 % rule keeps the cube's volume roughly
+    volume = thick_labels.sum() * np.prod(thick.spacing)
+    assert 0.4 * 216 <= volume <= 1.6 * 216
+
+
+def test_random_acquisitions_cover_the_requested_ranges():
+    draws = draw_acquisitions(np.random.default_rng(0), 300)
+    assert {a.axis for a in draws} == {0, 1, 2}
+    assert 3.0 <= min(a.thickness_mm for a in draws) < 3.3 and 7.7 < max(a.thickness_mm for a in draws) <= 8.0
+    assert 0.4 <= min(a.in_plane_mm for a in draws) < 0.45 and 1.15 < max(a.in_plane_mm for a in draws) <= 1.2
+    assert all(0 <= a.phase_mm <= a.thickness_mm for a in draws)
+
+
+def _two_lesion_target():
+    target = torch.zeros(1, 1, 40, 40)
+    target[0, 0, 5:25, 5:25] = 1  # 400 pixels
+    target[0, 0, 32:35, 32:35] = 1  # 9 pixels
+    return target
+
+
+def test_blob_loss_charges_a_missed_small_lesion_more_than_the_same_missed_area_of_a_big_one():
+    target = _two_lesion_target()
+    logit = lambda p: torch.logit(p.clamp(1e-4, 1 - 1e-4))  # noqa: E731
+    miss_small = target.clone()
+    miss_small[0, 0, 32:35, 32:35] = 0
+    miss_edge = target.clone()
+    miss_edge[0, 0, 5:14, 5] = 0  # the same 9 pixels, off the big lesion's edge
+    args = (0.85, 0.15, 4 / 3, 2.0)
+    seed_small = focal_tversky_loss(logit(miss_small), target, *args)
+    seed_edge = focal_tversky_loss(logit(miss_edge), target, *args)
+    assert seed_small == pytest.approx(float(seed_edge), rel=0.02)  # the seed's loss cannot tell them apart
+    blob_small = blob_loss(logit(miss_small), target, *args, weight=1.0)
+    blob_edge = blob_loss(logit(miss_edge), target, *args, weight=1.0)
+    assert blob_small > blob_edge + 0.2
+    # no lesion in the patch: the blob loss is the seed's loss
+    empty = torch.zeros(1, 1, 40, 40)
+    assert blob_loss(logit(miss_small), empty, *args, weight=1.0) == focal_tversky_loss(logit(miss_small), empty, *args)
+
+
+def test_blob_loss_gradient_reaches_the_missed_small_lesion():
+    target = _two_lesion_target()
+    logits = torch.full((1, 1, 40, 40), -3.0, requires_grad=True)
+    blob_loss(logits, target, 0.85, 0.15, 4 / 3, 2.0, weight=1.0).backward()
+    small = -logits.grad[0, 0, 32:35, 32:35].mean()
+    big = -logits.grad[0, 0, 5:25, 5:25].mean()
+    assert small > 2 * big > 0  # per pixel, the small lesion pulls harder
+
+
+def test_decoder_drops_small_lesions_and_never_merges():
+    probs = np.zeros((20, 30, 30), np.uint8)
+    probs[2:6, 2:6, 2:6] = 200  # 64 voxels
+    probs[2:6, 2:6, 7:11] = 200  # 64 voxels, one voxel gap: a separate lesion
+    probs[12, 12, 12] = 240  # 1 voxel
+    probs[15:17, 20:22, 20:22] = 100  # 8 voxels, faint
+    spacing = (1.0, 1.0, 2.0)  # voxel = 2 mm3
+    assert label_lesions(decode_lesions(probs, spacing, DecodingRule(0.5, 0.0)), 26)[1] == 3
+    assert label_lesions(decode_lesions(probs, spacing, DecodingRule(0.3, 0.0)), 26)[1] == 4
+    kept = decode_lesions(probs, spacing, DecodingRule(0.3, 10.0))  # drops the 2 mm3 voxel only
+    assert label_lesions(kept, 26)[1] == 3 and kept[12, 12, 12] == 0 and kept[15, 20, 20] == 1
+    assert decode_lesions(probs, spacing, DecodingRule(0.3, 200.0)).sum() == 0
+    # removing lesions never joins the rest: components of the output are subsets of the cut's
+    base, _ = label_lesions(probs >= 77, 26)
+    out, n = label_lesions(kept, 26)
+    for c in range(1, n + 1):
+        assert len(np.unique(base[out == c])) == 1
+
+
+def test_decoding_rules_pick_by_the_thickest_voxel_side():
+    assert decoding_rules(None) == [DecodingRule()]
+    rules = decoding_rules({"rules": [{"threshold": 0.3, "min_volume_mm3": 4.0, "max_slice_mm": None},
+                                      {"threshold": 0.6, "min_volume_mm3": 10.0, "max_slice_mm": 2.0}]})
+    assert rule_for(rules, 1.0).threshold == 0.6 and rule_for(rules, 2.0).threshold == 0.6
+    assert rule_for(rules, 7.5).threshold == 0.3
+
+
+def test_selection_grid_equals_the_lib_decoder_and_never_looks_at_the_scored_case():
+    import wmh_selection as sel
+
+    rng = np.random.default_rng(3)
+    views = {}
+    for case in ("a", "b", "c"):
+        truth = np.zeros((16, 24, 24), bool)
+        for _ in range(6):
+            k, j, i = rng.integers(2, 14), rng.integers(2, 20), rng.integers(2, 20)
+            truth[k - 1:k + rng.integers(1, 3), j - 1:j + 2, i - 1:i + 2] = True
+        probs = np.clip(truth * rng.uniform(80, 255) + rng.normal(40, 40, truth.shape), 0, 255).astype(np.uint8)
+        views[case] = {"1mm": (probs, truth, (1.0, 1.0, 1.0)), "7.5mm": (probs, truth, (1.0, 1.0, 7.5))}
+    grid = sel.f1_grid(views)
+    for (case, view), scores in grid.items():
+        probs, truth, spacing = views[case][view]
+        for a in (0, 5, 12):
+            for b in (0, 3, 6):
+                rule = DecodingRule(sel.THRESHOLDS[a], sel.MIN_VOLUMES_MM3[b])
+                assert scores[a, b] == pytest.approx(sel.lesion_f1(decode_lesions(probs, spacing, rule),
+                                                                    label_lesions(truth, 26)))
+    # make case "a" prefer a threshold nobody else does: its own rule must not follow it
+    grid[("a", "1mm")][:] = 0
+    grid[("a", "1mm")][-1, -1] = 10.0
+    rules_a = sel.choose_rules(grid, views, ["b", "c"], 2.0)
+    assert rules_a[0].max_slice_mm == 2.0 and rules_a[1].max_slice_mm is None
+    assert (rules_a[0].threshold, rules_a[0].min_volume_mm3) != (sel.THRESHOLDS[-1], sel.MIN_VOLUMES_MM3[-1])
+    rules_all = sel.choose_rules(grid, views, ["a", "b", "c"], 2.0)
+    assert (rules_all[0].threshold, rules_all[0].min_volume_mm3) == (sel.THRESHOLDS[-1], sel.MIN_VOLUMES_MM3[-1])
+
+
+@pytest.mark.mrml
+def test_run_uses_the_checkpoints_decoding_rule_for_the_inputs_slice_thickness(tmp_path):
+    """A checkpoint carrying two rules: the 7 mm FLAIR gets the thick-slice one, the report says
+    which, and the lesion table counts the decoder's own 26-connected lesions."""
+    import json
+
+    from SpineKneeSegLib import cli
+    from SpineKneeSegLib.io import read_image, write_image
+    from SpineKneeSegLib.phantoms import brain_phantom
+    from SpineKneeSegLib.weights import initialise_weights
+
+    phantom = brain_phantom(3, slice_thickness_mm=7.0, pixel_mm=1.0, in_plane=208)
+    write_image(phantom.image, tmp_path / "flair.nii.gz")
+    rules = {"rules": [{"threshold": 0.9, "min_volume_mm3": 0.0, "max_slice_mm": 2.0},
+                       {"threshold": 0.2, "min_volume_mm3": 30.0, "max_slice_mm": None}]}
+    initialise_weights("brain-wmh", tmp_path / "w.pt", {"channels": (4, 8)}, seed=1,
+                       metadata={"postprocessing": {"lesion_decoding": rules}})
+    out = tmp_path / "out"
+    assert cli.main(["run", "--task", "brain-wmh", str(tmp_path / "flair.nii.gz"), "-o", str(out),
+                     "--weights", str(tmp_path / "w.pt"), "--progress", "none"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["summaries"]["lesion_decoding"] == {"threshold": 0.2, "min_volume_mm3": 30.0,
+                                                      "rule_max_slice_mm": None}
+    labels = read_image(out / "labels.nii.gz").array
+    components, n = label_lesions(labels, 26)
+    assert report["summaries"]["lesions"]["lesion_count"] == n
+    assert n >= 1  # an untrained network's ~0.5 outputs pass the 0.2 cut
+    assert np.bincount(components.ravel())[1:].min() * 7.0 >= 30.0  # each kept lesion has the minimum volume
