@@ -26,10 +26,13 @@ WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors", ".ckpt")  # files that must be
 
 
 def models_dir() -> Path:
-    """Resources/Models of the module (overridable for tests and site installs)."""
+    """Resources/Models of the module (overridable for tests and site installs); in an installed
+    wheel the same folder is the package's ``_resources/Models``."""
     if os.environ.get(MODELS_ENV):
         return Path(os.environ[MODELS_ENV])
-    return Path(__file__).resolve().parent.parent / "Resources" / "Models"
+    here = Path(__file__).resolve().parent
+    beside = here.parent / "Resources" / "Models"
+    return beside if beside.is_dir() else here / "_resources" / "Models"
 
 
 def sha256_of(path: str | os.PathLike) -> str:
