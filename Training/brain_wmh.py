@@ -1,19 +1,22 @@
 """Train and evaluate the WMH / MS-lesion model (seed 002: 2.5D attention U-Net on FLAIR) on
 ../shared/data/brain/open-ms, leave-one-out, against a FLAIR z-score threshold baseline.
 
-    python Training/brain_wmh.py loo --out Training/runs/brain-wmh [--epochs 40]   # 3 folds + baseline
+    python Training/brain_wmh.py loo --out Training/runs/brain-wmh [--epochs 40]   # 3 folds + baseline (resumable)
     python Training/brain_wmh.py final --out Training/runs/brain-wmh               # all 3 cases -> best.pt
-    python Training/brain_wmh.py ship --out Training/runs/brain-wmh --version 0.2.0 # only if it beats the baseline
+    python Training/brain_wmh.py ship --out Training/runs/brain-wmh --version 0.3.0 [--compare OTHER_RUN]
+        # decoding rules chosen by Training/wmh_selection.py go into the checkpoint; only if it beats the baseline
 
 Options: every Config field (e.g. --t1 adds the T1, resampled onto the FLAIR, as 3 more channels;
---slab-mm 3,5,7.5,8 --slab-phases 2 simulates more thick-slice acquisitions).
+--slab-mm 3,5,7.5,8 --slab-phases 2 simulates more thick-slice acquisitions; --geometries 8 adds
+random clinical acquisitions; --loss blob the lesion-aware loss).
 
 Preprocessing is the task card's own (axial canonical slices, z-score inside the brain, 1 mm
 in-plane). Training slices whose intensity entropy is < 2 bits are dropped (seed 002); each epoch
 also sees the training volumes as simulated thick slabs (3-8 mm, averaged 1 mm slices) so the
 model serves thick-slice clinical FLAIR. Early stopping uses held-back slice blocks of the
 training volumes, never the left-out case. Evaluation runs the Lib's inference on the left-out
-case at 1 mm and resliced to 7.5 mm slabs.
+case at 1 mm and resliced to 3, 5 and 7.5 mm slabs, and saves its probabilities for the decoder
+selection (Training/wmh_selection.py).
 """
 from __future__ import annotations
 
@@ -408,75 +411,60 @@ def loo(cfg: Config, root: Path, out: Path) -> dict:
     return result
 
 
-def previous_table(previous: dict | None) -> str:
-    """The same leave-one-out means of an earlier run (e.g. the version this one replaces)."""
-    if not previous:
-        return ""
-    rows = "\n".join(f"| {k} | {v['dice']:.3f} | {v['lesion_f1']:.3f} | {v['hd95_mm']:.1f} | {v['avd_percent']:.0f} | "
-                     f"{v['f3']:.3f} |" for k, v in previous["summary"].items() if k.startswith("model"))
-    return f"""
-{previous['label']}, same protocol:
-
-| model@slices | Dice | lesion F1 | HD95 mm | AVD % | F3 |
-|---|---|---|---|---|---|
-{rows}
-"""
-
-
-def repeat_table(repeat: dict | None, summary: dict) -> str:
-    """The same recipe's leave-one-out with another training seed: how much of a difference is luck."""
-    if not repeat:
-        return ""
-    key = f"model@{EVAL_SLAB_MM:g}mm"
-    again = repeat["summary"][key]
-    both = {m: (summary[key][m] + again[m]) / 2 for m in ("dice", "lesion_f1")}
-    verdict = ("met" if again["dice"] >= 0.5 and again["lesion_f1"] >= 0.5 else "**not met**")
-    rows = "\n".join(f"| {case} | {res} | {fold[res]['model']['wmh2017']['dice']:.3f} | "
-                     f"{fold[res]['model']['wmh2017']['lesion_f1']:.3f} |"
-                     for case, fold in repeat["folds"].items() for res in ("1mm", f"{EVAL_SLAB_MM:g}mm"))
-    means = "\n".join(f"| mean | {k.split('@')[1]} | {v['dice']:.3f} | {v['lesion_f1']:.3f} |"
-                      for k, v in repeat["summary"].items() if k.startswith("model"))
-    return f"""
-The same recipe repeated with training seed {repeat['seed']} ({repeat['label']}):
-
-| case | slices | Dice | lesion F1 |
-|---|---|---|---|
-{rows}
-{means}
-
-Target on the {EVAL_SLAB_MM:g} mm slabs with seed {repeat['seed']}: {verdict} (Dice {again['dice']:.3f}, lesion F1
-{again['lesion_f1']:.3f}). Mean of the two seeds' leave-one-out means: Dice {both['dice']:.3f}, lesion F1
-{both['lesion_f1']:.3f}. The seed-to-seed difference is as large as the margin to the target.
-"""
-
-
-def model_card(version: str, loo_result: dict, final: dict, cfg: dict, previous: dict | None = None,
-               repeat: dict | None = None) -> str:
+def variant_table(runs: dict[str, dict]) -> str:
+    """Means per slice thickness of each variant's nested-decoder leave-one-out."""
     rows = []
-    for case, fold in loo_result["folds"].items():
-        for res in ("1mm", f"{EVAL_SLAB_MM:g}mm"):
-            m, b = fold[res]["model"], fold[res]["baseline"]
-            rows.append(f"| {case} | {res} | {m['wmh2017']['dice']:.3f} | {m['wmh2017']['lesion_f1']:.3f} | "
-                        f"{m['wmh2017']['hd95_mm']:.1f} | {m['wmh2017']['avd_percent']:.0f} | {m['seed002']['f3']:.3f} | "
-                        f"{b['wmh2017']['dice']:.3f} | {b['wmh2017']['lesion_f1']:.3f} |")
-    summary = "\n".join(f"| {k} | {v['dice']:.3f} | {v['lesion_f1']:.3f} | {v['hd95_mm']:.1f} | {v['avd_percent']:.0f} | "
-                        f"{v['f3']:.3f} |" for k, v in loo_result["summary"].items())
-    thick = loo_result["summary"][f"model@{EVAL_SLAB_MM:g}mm"]
+    for label, sel in runs.items():
+        for view, m in sel["summary"]["nested"].items():
+            plain = sel["summary"]["plain_0.5"][view]
+            rows.append(f"| {label} | {view} | {m['dice']:.3f} | {m['lesion_recall']:.3f} | {m['lesion_f1']:.3f} | "
+                        f"{plain['dice']:.3f} | {plain['lesion_f1']:.3f} |")
+    return ("| variant | slices | Dice | lesion recall | lesion F1 | Dice, 0.5 cut | lesion F1, 0.5 cut |\n"
+            "|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+
+
+def verdict(summary: dict) -> str:
+    thick, native = summary[f"{EVAL_SLAB_MM:g}mm"], summary["1mm"]
+    parts = [f"{EVAL_SLAB_MM:g} mm lesion F1 {thick['lesion_f1']:.3f} (>= 0.5: {'met' if thick['lesion_f1'] >= 0.5 else 'NOT met'})",
+             f"{EVAL_SLAB_MM:g} mm Dice {thick['dice']:.3f} (>= 0.6: {'met' if thick['dice'] >= 0.6 else 'NOT met'})",
+             f"native lesion F1 {native['lesion_f1']:.3f} (>= 0.6: {'met' if native['lesion_f1'] >= 0.6 else 'NOT met'})"]
+    return "; ".join(parts)
+
+
+def model_card(version: str, cfg: dict, final: dict, selection: dict, selection_md: str, variants: dict,
+               minutes: dict) -> str:
+    from wmh_selection import THRESHOLDS, MIN_VOLUMES_MM3
+
     t1 = bool(cfg.get("t1"))
     inputs = ("3 adjacent axial FLAIR slices and the same 3 of the T1 (resampled onto the FLAIR grid)"
               if t1 else "3 adjacent axial slices")
     t1_limit = ("- Needs a T1 in the FLAIR's space (one study, or co-registered): `run FLAIR T1` picks this model\n"
                 "  (registry entry `brain-wmh-t1`); FLAIR alone runs the FLAIR-only `brain-wmh` model."
                 if t1 else "- The optional T1 input is not used by this model (a registered `brain-wmh-t1` model is).")
+    rules = "\n".join(f"- slices up to {r['max_slice_mm']} mm" if r["max_slice_mm"] else "- thicker slices"
+                      for r in selection["rules_all_cases"])
+    rules = "\n".join(f"{line}: probability >= {r['threshold']:.2f}, lesions >= {r['min_volume_mm3']:g} mm3"
+                      for line, r in zip(rules.splitlines(), selection["rules_all_cases"]))
+    loss = ("blob loss (Kofler et al. 2023): the seed's focal Tversky over the patch plus, weighted "
+            f"{cfg['blob_weight']}, the mean of the same loss over each true lesion and the background"
+            if cfg["loss"] == "blob" else "the seed's focal Tversky loss")
     return f"""# Model card: {entry_name(cfg)} v{version}
 
 **Status: starter model trained on 3 FLAIR volumes.** That is far too little data for clinical
 use or for any claim beyond these figures. Not a medical device.
 
 ## What it does
-Task `brain-wmh`: white-matter / MS lesion mask (label 1) on skull-stripped FLAIR. Network: seed
-002's 2.5D U-Net with attention gates ({json.dumps(CARD.network.config)}), {inputs} in,
-one sigmoid channel out.
+Task `brain-wmh`: white-matter / MS lesion mask (label 1) on skull-stripped FLAIR, and a table of
+its 26-connected lesions. Network: seed 002's 2.5D U-Net with attention gates
+({json.dumps(CARD.network.config)}), {inputs} in, one sigmoid channel out. The mask is decoded
+from the probability by a rule chosen for lesion F1 by leave-one-case-out (stored in the
+checkpoint, reported in `report.json` under `summaries.lesion_decoding`):
+
+{rules}
+
+(the thickest voxel side of the input decides; grid searched: thresholds {THRESHOLDS[0]}-{THRESHOLDS[-1]},
+minimum volumes {", ".join(f"{v:g}" for v in MIN_VOLUMES_MM3)} mm3). The decoder only removes whole
+lesions, so two lesions apart in the thresholded mask are never merged.
 
 ## Data
 open-ms (Lesjak et al., Neuroinformatics 16:51, 2018; via muschellij2/open_ms_data): patients 07,
@@ -486,53 +474,56 @@ Licence CC BY.
 
 ## Preprocessing
 Axial canonical slices, z-score over the brain, 1 mm in-plane; inference only on slices holding
-brain, inside the brain's bounding box; probabilities (not labels) resampled back to the input grid.
+brain, inside the brain's bounding box; probabilities resampled back to the input grid, then decoded.
 
 ## Training
-Focal Tversky loss (alpha {cfg['alpha']}, beta {cfg['beta']}, gamma {cfg['gamma']:.3f}, smoothing {cfg['smooth']}), Adam lr
-{cfg['lr']} (seed 002 uses 1e-4; 1e-3 was needed to converge within a CPU session),
-ReduceLROnPlateau x0.2 / 5 epochs, {cfg['steps_per_epoch']} batches of {cfg['batch_size']} {cfg['patch']}x{cfg['patch']} patches an
-epoch, at most {cfg['epochs']} epochs; slices with intensity entropy < {cfg['min_entropy_bits']} bits dropped; flips,
-gain/offset/noise; {int(cfg['slab_fraction'] * 100)} % of batches from simulated {cfg.get('slab_mm', '3,5,8')} mm slabs
-({cfg.get('slab_phases', 1)} slab phase(s) each). Early stopping on
-held-back slice blocks of the training volumes. Final model: all 3 volumes, best epoch
+{loss} (alpha {cfg['alpha']}, beta {cfg['beta']}, gamma {cfg['gamma']:.3f}, smoothing {cfg['smooth']}); Adam lr
+{cfg['lr']} (seed 002: 1e-4; 1e-3 converges within a CPU session), ReduceLROnPlateau x0.2 / 5 epochs,
+{cfg['steps_per_epoch']} batches of {cfg['batch_size']} {cfg['patch']}x{cfg['patch']} patches an epoch, at most
+{cfg['epochs']} epochs, early stopping on held-back slice blocks of the training volumes; slices with intensity
+entropy < {cfg['min_entropy_bits']} bits dropped; flips, gain/offset/noise. {int(cfg['slab_fraction'] * 100)} % of
+batches come from simulated clinical acquisitions of the training volumes: axial slabs of {cfg['slab_mm']} mm
+({cfg['slab_phases']} phases each) and {cfg['geometries']} random acquisitions per volume (Training/clinical_geometry.py:
+slice thickness 3-8 mm with partial-volume averaging along a random acquisition axis, in-plane pixels
+0.4-1.2 mm, labels carried the same way and kept where >= 50 %). Final model: all 3 volumes, best epoch
 {final.get('best_epoch')} of {final.get('epochs')}.
 
-## Leave-one-out (each case predicted by a model trained on the other two)
-Baseline: FLAIR z-score inside the brain above a threshold chosen on the two training cases.
-Thick slices: the left-out case resliced to {EVAL_SLAB_MM:g} mm slabs (averaged 1 mm
-slices{"; the T1 too" if t1 else ""}).
-A slab voxel is lesion when at least half its 1 mm slices are, so the slab truth loses many of the
-smallest lesions: figures at the two resolutions measure different tasks and are not comparable.
+## Leave-one-case-out (each case predicted by a model trained on the other two)
+Each case is scored at its native 1 mm geometry and resliced to 3, 5 and 7.5 mm axial slabs
+(averaged 1 mm slices; a slab voxel is lesion when at least half its slices are, so the slab truth
+has fewer, larger lesions: the figures at different thicknesses measure different tasks). The
+decoding rule that scores a case was chosen on the other two cases' left-out probabilities only.
+Metrics: WMH-2017 (Dice, HD95, AVD, lesion recall and F1 on 26-connected lesions, any overlap).
 
-| case | slices | Dice | lesion F1 | HD95 mm | AVD % | F3 | baseline Dice | baseline lesion F1 |
-|---|---|---|---|---|---|---|---|---|
-{chr(10).join(rows)}
+{selection_md}
 
-Means (HD95: median):
+Targets of issue 22: {verdict(selection["summary"]["nested"])}.
 
-| model@slices | Dice | lesion F1 | HD95 mm | AVD % | F3 |
-|---|---|---|---|---|---|
-{summary}
-{previous_table(previous)}
-Target on the {EVAL_SLAB_MM:g} mm slabs (Dice >= 0.5 and lesion F1 >= 0.5):
-{"met" if thick["dice"] >= 0.5 and thick["lesion_f1"] >= 0.5 else "**not met**"} (Dice {thick["dice"]:.3f}, lesion F1
-{thick["lesion_f1"]:.3f}). With three volumes each fold trains on two, and single cases swing:
-between brain-wmh v0.1.0 and v0.2.0, which differ only in the simulated slabs, one case's 7.5 mm Dice
-rose by 0.20 and another's fell by 0.12. Differences of a few hundredths in the means are not evidence.
-{repeat_table(repeat, loo_result["summary"])}
+## Variants compared (same data, folds and schedule; nested decoder and the seed's plain 0.5 cut)
+
+{variant_table(variants)}
+
+Shipped: {cfg['loss']}. brain-wmh v0.2.0 (seed loss, axial slabs only, 0.5 cut) had, by the same
+leave-one-out: Dice 0.550 / lesion F1 0.386 at 1 mm, Dice 0.479 / lesion F1 0.292 at 7.5 mm.
+With three volumes every fold trains on two and single cases swing by 0.1-0.2 between runs:
+differences of a few hundredths in the means are not evidence.
 
 ## Known limits
 - Three MS patients from one public dataset, registered to MNI: nothing is known about other
   scanners, non-registered FLAIR, small-vessel WMH in older patients, or tumours.
+- Lesions of fewer than 10 voxels are the ones missed (see the bracket table); on thick slabs
+  they are mostly gone from the truth as well.
 - FLAIR must be skull-stripped. `run` refuses FLAIR that does not look stripped (SpineKneeSegLib/skullstrip.py:
   background share, brain volume, largest axial section); `--skull-stripped yes` overrides.
 {t1_limit}
 
+## How it was made
+Training/brain_wmh.py (loo, final, ship) and Training/wmh_selection.py; commands in Training/README.md.
+On 2 CPU cores: leave-one-out {minutes.get('loo', '?')} min per variant (two variants side by side,
+one thread each), final model {minutes.get('final', '?')} min.
+
 ## Licence of the data
 open-ms: CC BY (cite Lesjak et al. 2018).
-
-Generated by Training/brain_wmh.py from its own leave-one-out run.
 """
 
 
@@ -541,10 +532,12 @@ def entry_name(cfg: dict) -> str:
     return "brain-wmh-t1" if cfg.get("t1") else "brain-wmh"
 
 
-def ship(out: Path, version: str, previous: Path | None = None, repeat: Path | None = None) -> int:
-    """Register the final model only when it beats the baseline in leave-one-out (mean Dice at
-    both 1 mm and the thick-slab version)."""
-    from SpineKneeSegLib.weights import models_dir, register_model
+def ship(out: Path, version: str, compare: list[Path], minutes: dict) -> int:
+    """Register the final model with the decoding rules chosen on every left-out case, only when
+    it beats the baseline in leave-one-out (mean Dice at 1 mm and on the thick slabs)."""
+    from wmh_selection import markdown, report
+
+    from SpineKneeSegLib.weights import load_checkpoint, models_dir, register_model, save_checkpoint
 
     loo_result = json.loads((out / "loo.json").read_text())
     s = loo_result["summary"]
@@ -552,28 +545,26 @@ def ship(out: Path, version: str, previous: Path | None = None, repeat: Path | N
     if not beaten:
         print(f"not shipping: the model does not beat the baseline in leave-one-out: {json.dumps(s)}", file=sys.stderr)
         return 1
+    selection = report(out)
+    variants = {f"{loo_result['config']['loss']} (shipped)": selection}
+    for other in compare:
+        variants[f"{json.loads((other / 'loo.json').read_text())['config']['loss']} ({other.name})"] = report(other)
     final = json.loads((out / "final" / "final.json").read_text())
-    checkpoint_cfg = torch.load(out / "final" / "best.pt", map_location="cpu", weights_only=True)["metadata"]["config"]
-    name = entry_name(checkpoint_cfg)
+    checkpoint = load_checkpoint(out / "final" / "best.pt")
+    cfg = checkpoint["metadata"]["config"]
+    name = entry_name(cfg)
     target = models_dir() / f"{name}-{version}.pt"
+    metadata = {**checkpoint["metadata"], "postprocessing": {"lesion_decoding": {"rules": selection["rules_all_cases"]}},
+                "leave_one_out": selection["summary"]["nested"]}
+    save_checkpoint(target, checkpoint["task"], checkpoint["network"]["factory"], checkpoint["network"]["config"],
+                    checkpoint["state_dict"], checkpoint["preprocessing"], json.loads(json.dumps(metadata, default=float)))
     card = models_dir() / f"{name}-{version}.md"
-    import shutil
-
-    shutil.copyfile(out / "final" / "best.pt", target)
-    before = None
-    if previous is not None:
-        label = f"{'The FLAIR-only model' if name != 'brain-wmh' else 'Previous version'} (run {previous})"
-        before = {**json.loads((previous / "loo.json").read_text()), "label": label}
-    again = None
-    if repeat is not None:
-        again = {**json.loads((repeat / "loo.json").read_text()), "label": f"run {repeat}",
-                 "seed": torch.load(next((repeat).glob("fold-*/best.pt")), map_location="cpu",
-                                    weights_only=True)["metadata"]["config"]["seed"]}
-    card.write_text(model_card(version, loo_result, final, checkpoint_cfg, before, again))
-    m = s[f"model@{EVAL_SLAB_MM:g}mm"]
+    card.write_text(model_card(version, cfg, final, selection, markdown(selection), variants, minutes))
+    thick = selection["summary"]["nested"][f"{EVAL_SLAB_MM:g}mm"]
     entry = register_model(target, name, version, card=card.name,
-                           description=f"starter {name} (3 volumes): LOO Dice {s['model@1mm']['dice']:.3f} at 1 mm, "
-                                       f"{m['dice']:.3f} at {EVAL_SLAB_MM:g} mm")
+                           description=f"starter {name} (3 volumes): LOO lesion F1 "
+                                       f"{selection['summary']['nested']['1mm']['lesion_f1']:.3f} at 1 mm, "
+                                       f"{thick['lesion_f1']:.3f} at {EVAL_SLAB_MM:g} mm (Dice {thick['dice']:.3f})")
     print(f"registered {entry.file} sha256 {entry.sha256}")
     return 0
 
@@ -584,8 +575,9 @@ def main(argv=None) -> int:
     parser.add_argument("--version", default="0.1.0")
     parser.add_argument("--out", default="Training/runs/brain-wmh")
     parser.add_argument("--data")
-    parser.add_argument("--previous", type=Path, help="ship: a former run folder whose LOO means the card also shows")
-    parser.add_argument("--repeat", type=Path, help="ship: this recipe's LOO run with another --seed (card shows it)")
+    parser.add_argument("--compare", type=Path, nargs="*", default=[],
+                        help="ship: other variants' LOO run folders, compared in the card")
+    parser.add_argument("--minutes", default="", help="ship: wall-clock minutes for the card, e.g. loo=48,final=15")
     for name, value in asdict(Config()).items():
         if isinstance(value, bool):
             parser.add_argument(f"--{name.replace('_', '-')}", action="store_true", default=value)
@@ -604,7 +596,8 @@ def main(argv=None) -> int:
         (Path(args.out) / "final" / "final.json").write_text(json.dumps(info))
         print(json.dumps(info))
     else:
-        return ship(Path(args.out), args.version, args.previous, args.repeat)
+        minutes = dict(item.split("=") for item in args.minutes.split(",") if item)
+        return ship(Path(args.out), args.version, args.compare, minutes)
     return 0
 
 
