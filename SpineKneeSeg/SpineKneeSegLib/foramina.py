@@ -14,6 +14,7 @@ import numpy as np
 from scipy import ndimage
 
 from .image import Image
+from .steps import StepContext, step
 
 LEVELS = (1, 2, 3, 4, 5)
 SIDES = ("left", "right")
@@ -232,3 +233,32 @@ def estimate_foramina_from_levels(labels: np.ndarray, image: Image,
                                  source="estimated from vertebral levels"))
     notes["disc_height_mm"] = round(disc, 2)
     return found, notes
+
+
+# ---- steps (registered by name; see steps.py) ----------------------------------------------------
+
+@step("foramina")
+def _foramina_step(ctx: StepContext) -> None:
+    result = ctx.result
+    if "foramina" in ctx.maps:
+        foramina, notes = localise_foramina(ctx.maps["foramina"], ctx.maps_grids["foramina"]), {}
+        method = "foramen model"
+    else:
+        foramina, notes = estimate_foramina_from_levels(result.labels.array, ctx.image)
+        method = "estimated from vertebral levels (no foramen model)"
+    transitional = result.summaries.get("transitional_anatomy", {})
+    flag = (f"; TRANSITIONAL ANATOMY SUSPECTED ({transitional['status']}): check the level count"
+            if transitional.get("flagged") else "")
+    decoding = result.summaries.get("level_decoding", {})
+    if decoding.get("doubtful"):
+        flag += f"; LEVEL COUNT DOUBTFUL (level confidence {decoding['level_confidence']:.2f})"
+    result.points = [{"label": f.label, "ras": f.ras, "description": f.description + flag,
+                      "attributes": {"level": str(f.level), "side": f.side,
+                                     "confidence": f"{f.probability:.3f}", "source": f.source,
+                                     "transitional": transitional.get("status", "not checked"),
+                                     "level_confidence": str(decoding.get("level_confidence", ""))}}
+                     for f in foramina]
+    result.summaries["foramina"] = {**foramina_summary(foramina), "method": method, **notes}
+    missing = result.summaries["foramina"]["missing"]
+    if missing:
+        result.warnings.append(f"foramina not found (not guessed): {', '.join(missing)}")

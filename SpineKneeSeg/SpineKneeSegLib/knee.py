@@ -9,6 +9,7 @@ import numpy as np
 from scipy import ndimage
 
 from .image import Image
+from .steps import StepContext, step
 
 FEMUR, TIBIA, FIBULA, PATELLA = 1, 2, 3, 4
 BONES = {FEMUR: "femur", TIBIA: "tibia", FIBULA: "fibula", PATELLA: "patella"}
@@ -234,3 +235,26 @@ def plausibility_warnings(summary: dict) -> list[str]:
                                                                                "raw_components"))
         out.append(f"knee plausibility check failed: {name.replace('_', ' ')} ({detail})")
     return out
+
+
+# ---- steps (registered by name; see steps.py) ----------------------------------------------------
+
+@step("fibula_model")
+def _fibula_model_step(ctx: StepContext) -> None:
+    """Seed 000's per-bone model: its fibula replaces the main one's (the specialist wins where the
+    two disagree)."""
+    if "fibula" not in ctx.maps:
+        return
+    raw = np.where(ctx.raw == FIBULA, 0, ctx.raw).astype(np.uint8)
+    raw[ctx.maps["fibula"] > 0] = FIBULA
+    ctx.raw = raw
+    ctx.result.labels = ctx.image.with_array(raw)
+    ctx.result.summaries["fibula_model"] = "per-bone fibula model (--aux-weights fibula)"
+
+
+@step("knee_plausibility")
+def _knee_plausibility_step(ctx: StepContext) -> None:
+    summary = knee_plausibility(ctx.result.labels.array, ctx.image, raw_labels=ctx.raw,
+                                raw_components=ctx.raw_components)
+    ctx.result.summaries["knee_plausibility"] = summary
+    ctx.result.warnings.extend(plausibility_warnings(summary))

@@ -8,6 +8,7 @@ from scipy import ndimage
 
 from .image import Image
 from .tables import ColumnSpec, Table
+from .steps import StepContext, step
 
 # seed 002's size brackets, in voxels
 BRACKETS = ((0, 10), (10, 400), (400, 1000), (1000, None))
@@ -141,3 +142,27 @@ def lesion_summary(rows: list[dict], connectivity: int) -> dict:
     total = sum(r["volume_mm3"] for r in rows)
     return {"lesion_count": len(rows), "connectivity": connectivity, "brackets": per_bracket,
             "total_lesion_load_ml": round(total / 1000.0, 4)}
+
+
+# ---- steps (registered by name; see steps.py) ----------------------------------------------------
+
+@step("lesion_decoding", needs_probabilities=True)
+def _lesion_decoding_step(ctx: StepContext) -> None:
+    """Threshold and minimum lesion volume chosen by leave-one-case-out (issue 22), by the input's
+    thickest voxel side; without probabilities the network's own 0.5 cut stands."""
+    probs = ctx.maps.get("probabilities")
+    if probs is None:
+        return
+    rule = rule_for(decoding_rules(ctx.settings.get("lesion_decoding")), max(ctx.image.spacing))
+    ctx.result.labels = ctx.image.with_array(decode_lesions(probs[0], ctx.image.spacing, rule))
+    ctx.result.summaries["lesion_decoding"] = {"threshold": rule.threshold, "min_volume_mm3": rule.min_volume_mm3,
+                                               "rule_max_slice_mm": rule.max_slice_mm}
+
+
+@step("lesion_table")
+def _lesion_table_step(ctx: StepContext) -> None:
+    from .preprocessing import slice_axis
+
+    table, summary = lesion_table(ctx.result.labels.array, ctx.image, slice_axis=slice_axis(ctx.image, "axial"))
+    ctx.result.tables.append(table)
+    ctx.result.summaries["lesions"] = summary

@@ -16,6 +16,7 @@ import numpy as np
 from scipy import ndimage
 
 from .image import Image
+from .steps import StepContext, step
 
 N_LEVELS = 5
 STRUCTURE_6 = ndimage.generate_binary_structure(3, 1)
@@ -256,3 +257,24 @@ def _fill_gaps(bodies: list[Body], params: DecodingParameters) -> list[Body]:
                                 (t, t), 0.0))
         out.append(body)
     return out
+
+
+# ---- steps (registered by name; see steps.py) ----------------------------------------------------
+
+@step("level_decoding", needs_probabilities=True)
+def _level_decoding_step(ctx: StepContext) -> None:
+    """L1..L5 as one consecutive run over the bodies (issue 21)."""
+    probs = ctx.maps.get("probabilities")
+    if probs is None:  # no probabilities (labels only): the decoding still enforces one run
+        probs = np.stack([(ctx.result.labels.array == k).astype(np.uint8) * 255 for k in range(1, 6)])
+    params = DecodingParameters(**ctx.settings.get("level_decoding", {}))
+    decoded = decode_levels(probs, ctx.image, params)
+    ctx.result.labels = ctx.image.with_array(decoded.labels)
+    ctx.result.summaries["level_decoding"] = decoded.summary()
+    ctx.result.summaries["level_confidence"] = round(decoded.level_confidence, 4)
+    if decoded.doubtful:
+        why = (f"the body beyond one end of L1-L5 looks like that end's level too "
+               f"(probability {decoded.end_conflict:.2f})" if decoded.end_conflict >= params.end_conflict_doubtful
+               else "the run of L1-L5 shifted by one level scores almost as well")
+        ctx.result.warnings.append(f"level count doubtful: level confidence {decoded.level_confidence:.2f}; {why}; "
+                                   "check the levels against T12 (last rib) and the sacrum")

@@ -19,6 +19,7 @@ from .errors import InputError
 from .image import Image
 from .progress import Progress
 from .tables import Table
+from .steps import needs_probabilities
 from .tasks import TaskCard, with_checkpoint_labels
 
 
@@ -249,7 +250,7 @@ def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options:
     extra, unused = extra_inputs(card, images, weights.preprocessing.get("extra_inputs", ()), inputs)
     resample_s = time.perf_counter() - t
     out = segment_slices(card, image, net, device, pre_overrides, options.batch_size, progress, extra,
-                         keep_probabilities=bool(PROBABILITY_STEPS & set(card.postprocessors)))
+                         keep_probabilities=needs_probabilities(card.postprocessors))
     maps, maps_grids = {}, {}
     if out.probabilities is not None:  # the network's own probabilities, for level / lesion decoding
         maps["probabilities"], maps_grids["probabilities"] = out.probabilities, image
@@ -353,133 +354,25 @@ def write_dicom_seg_output(card: TaskCard, image: Image, result: RunResult, fold
     return round(time.perf_counter() - t, 4)
 
 
-PROBABILITY_STEPS = {"level_decoding", "lesion_decoding"}  # post-processors that read the network's probabilities
-
-
 def postprocess(card: TaskCard, image: Image, labels: np.ndarray, maps: dict[str, np.ndarray] | None = None,
                 maps_grids: dict[str, Image] | None = None, settings: dict | None = None) -> RunResult:
-    """``maps``/``maps_grids``: auxiliary models' probability maps and their grids, by model name;
-    ``settings``: per-postprocessor parameters a checkpoint carries (metadata "postprocessing",
-    e.g. the level-confidence threshold chosen by cross-validation)."""
-    from . import postprocessing as pp
+    """Run the card's registered steps in order (steps.py). ``maps``/``maps_grids``: probability
+    maps by name ("probabilities": the main network's; auxiliary models' by model name) and their
+    grids; ``settings``: per-step parameters a checkpoint carries (metadata "postprocessing",
+    e.g. thresholds chosen by cross-validation)."""
+    from .steps import STEPS, StepContext
 
-    result = RunResult(image.with_array(labels))
-    raw = labels  # the network's own output, for checks that must not see the clean-up
-    raw_components = None  # its connected components, labelled once for clean-up and checks
+    ctx = StepContext(card, image, RunResult(image.with_array(labels)), labels, dict(maps or {}),
+                      dict(maps_grids or {}), dict(settings or {}))
     for name in card.postprocessors:
-        if name == "largest_component_per_label":
-            components = None
-            if result.labels.array is raw:
-                components = raw_components = pp.label_components(raw)
-            result.labels = image.with_array(pp.largest_component_per_label(result.labels.array, components))
-        elif name == "fibula_model":
-            if maps and "fibula" in maps:  # seed 000's per-bone model: its fibula replaces the main one's
-                from .knee import FIBULA
-
-                raw = np.where(raw == FIBULA, 0, raw).astype(np.uint8)
-                raw[maps["fibula"] > 0] = FIBULA  # the specialist wins where the two disagree
-                result.labels = image.with_array(raw)
-                result.summaries["fibula_model"] = "per-bone fibula model (--aux-weights fibula)"
-        elif name == "remove_small_components":
-            result.labels = image.with_array(pp.remove_small_components(result.labels.array))
-        elif name == "knee_plausibility":
-            from .knee import knee_plausibility, plausibility_warnings
-
-            summary = knee_plausibility(result.labels.array, image, raw_labels=raw, raw_components=raw_components)
-            result.summaries["knee_plausibility"] = summary
-            result.warnings.extend(plausibility_warnings(summary))
-        elif name == "volume_table":
-            result.tables.append(pp.volume_table(result.labels.array, image, card.labels))
-        elif name == "area_table":
-            result.tables.append(pp.area_table(result.labels.array, image, card.labels))
-        elif name == "femoral_heads":
-            from .xray import femoral_heads, head_table
-
-            heads, notes = femoral_heads(result.labels.array, image)
-            result.tables.append(head_table(heads))
-            result.points = [{"label": h.label, "ras": h.centre_ras,
-                              "description": h.description(),
-                              "attributes": {"side": h.side, "diameter_mm": f"{h.diameter_mm:.2f}",
-                                             "fit_rms_mm": f"{h.fit_rms_mm:.3f}",
-                                             "arc_coverage": f"{h.arc_coverage:.3f}"}} for h in heads]
-            result.summaries["femoral_heads"] = [h.as_dict() for h in heads]
-            if image.meta.get("spacing_note"):
-                notes.append(f"femoral head diameters and areas in mm rest on: {image.meta['spacing_note']}")
-            result.warnings.extend(notes)
-        elif name == "lesion_decoding":  # threshold + minimum lesion size chosen by LOO (issue 22)
-            from .lesions import decode_lesions, decoding_rules, rule_for
-
-            probs = (maps or {}).get("probabilities")
-            if probs is not None:
-                rule = rule_for(decoding_rules((settings or {}).get("lesion_decoding")), max(image.spacing))
-                result.labels = image.with_array(decode_lesions(probs[0], image.spacing, rule))
-                result.summaries["lesion_decoding"] = {"threshold": rule.threshold,
-                                                       "min_volume_mm3": rule.min_volume_mm3,
-                                                       "rule_max_slice_mm": rule.max_slice_mm}
-        elif name == "lesion_table":
-            from .lesions import lesion_table
-            from .preprocessing import slice_axis
-
-            table, summary = lesion_table(result.labels.array, image, slice_axis=slice_axis(image, "axial"))
-            result.tables.append(table)
-            result.summaries["lesions"] = summary
-        elif name == "transitional":  # on the raw labels: duplicates vanish in the component clean-up
-            from .transitional import check_transitional
-
-            check = check_transitional(result.labels.array, image)
-            result.summaries["transitional_anatomy"] = check.as_dict()
-            if check.flagged:
-                result.warnings.append(f"transitional anatomy suspected: {check.message}")
-        elif name == "level_decoding":  # L1..L5 as one consecutive run over the bodies (issue 21)
-            from .level_decoding import DecodingParameters, decode_levels
-
-            probs = (maps or {}).get("probabilities")
-            if probs is None:  # no probabilities (labels only): the decoding still enforces one run
-                probs = np.stack([(result.labels.array == k).astype(np.uint8) * 255 for k in range(1, 6)])
-            params = DecodingParameters(**(settings or {}).get("level_decoding", {}))
-            decoded = decode_levels(probs, image, params)
-            result.labels = image.with_array(decoded.labels)
-            result.summaries["level_decoding"] = decoded.summary()
-            result.summaries["level_confidence"] = round(decoded.level_confidence, 4)
-            if decoded.doubtful:
-                why = (f"the body beyond one end of L1-L5 looks like that end's level too "
-                       f"(probability {decoded.end_conflict:.2f})" if decoded.end_conflict >= params.end_conflict_doubtful
-                       else "the run of L1-L5 shifted by one level scores almost as well")
-                result.warnings.append(f"level count doubtful: level confidence {decoded.level_confidence:.2f}; {why}; "
-                                       "check the levels against T12 (last rib) and the sacrum")
-        elif name == "foramina":
-            from .foramina import estimate_foramina_from_levels, foramina_summary, localise_foramina
-
-            if maps and "foramina" in maps:
-                foramina, notes = localise_foramina(maps["foramina"], maps_grids["foramina"]), {}
-                method = "foramen model"
-            else:
-                foramina, notes = estimate_foramina_from_levels(result.labels.array, image)
-                method = "estimated from vertebral levels (no foramen model)"
-            transitional = result.summaries.get("transitional_anatomy", {})
-            flag = (f"; TRANSITIONAL ANATOMY SUSPECTED ({transitional['status']}): check the level count"
-                    if transitional.get("flagged") else "")
-            decoding = result.summaries.get("level_decoding", {})
-            if decoding.get("doubtful"):
-                flag += f"; LEVEL COUNT DOUBTFUL (level confidence {decoding['level_confidence']:.2f})"
-            result.points = [{"label": f.label, "ras": f.ras, "description": f.description + flag,
-                              "attributes": {"level": str(f.level), "side": f.side,
-                                             "confidence": f"{f.probability:.3f}", "source": f.source,
-                                             "transitional": transitional.get("status", "not checked"),
-                                             "level_confidence": str(decoding.get("level_confidence", ""))}}
-                             for f in foramina]
-            result.summaries["foramina"] = {**foramina_summary(foramina), "method": method, **notes}
-            missing = result.summaries["foramina"]["missing"]
-            if missing:
-                result.warnings.append(f"foramina not found (not guessed): {', '.join(missing)}")
-        else:
-            raise ValueError(f"task {card.name}: unknown postprocessor {name!r}")
+        STEPS[name].run(ctx)
+    result = ctx.result
     from .labels import present_labels
 
     present = present_labels(result.labels.array)
     result.summaries["segments_present"] = [card.label_names[v] for v in present if v in card.label_names]
     missing = [s.name for s in card.labels if s.value not in present]
-    if missing and card.name != "brain-wmh":
+    if missing and card.warn_missing_labels:
         result.warnings.append(f"no voxels predicted for: {', '.join(missing)}")
     return result
 

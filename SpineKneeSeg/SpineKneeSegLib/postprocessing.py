@@ -6,6 +6,7 @@ from scipy import ndimage
 
 from .image import Image
 from .labels import LabelSpec
+from .steps import StepContext, step
 from .tables import ColumnSpec, Table
 
 STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
@@ -87,3 +88,28 @@ def area_table(labels: np.ndarray, image: Image, specs: tuple[LabelSpec, ...]) -
                ColumnSpec("pixels", "int", "pixels"),
                ColumnSpec("area_mm2", "float", "mm2")]
     return Table("Areas", columns, rows, "areas.tsv")
+
+
+# ---- steps (registered by name; see steps.py) ----------------------------------------------------
+
+@step("largest_component_per_label")
+def _largest_component_step(ctx: StepContext) -> None:
+    components = None
+    if ctx.result.labels.array is ctx.raw:  # labelled once, shared with checks that read the raw output
+        components = ctx.raw_components = label_components(ctx.raw)
+    ctx.result.labels = ctx.image.with_array(largest_component_per_label(ctx.result.labels.array, components))
+
+
+@step("remove_small_components")
+def _remove_small_components_step(ctx: StepContext) -> None:
+    ctx.result.labels = ctx.image.with_array(remove_small_components(ctx.result.labels.array))
+
+
+@step("volume_table")
+def _volume_table_step(ctx: StepContext) -> None:
+    ctx.result.tables.append(volume_table(ctx.result.labels.array, ctx.image, ctx.card.labels))
+
+
+@step("area_table")
+def _area_table_step(ctx: StepContext) -> None:
+    ctx.result.tables.append(area_table(ctx.result.labels.array, ctx.image, ctx.card.labels))

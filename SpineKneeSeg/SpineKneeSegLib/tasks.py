@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# the modules that own post-processing steps register them on import (steps.py)
+from . import foramina, knee, lesions, level_decoding, postprocessing, transitional, xray  # noqa: F401
 from .labels import BRAIN_LABELS, KNEE_LABELS, SPINE_LABELS, XRAY_FEMUR_LABELS, XRAY_PELVIS_LABELS, LabelSpec
+from .steps import check_steps
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,7 @@ class TaskCard:
     # (optional input, registry entry): weights trained with that input, used instead of
     # weights_entry when the input is given and the entry is present (e.g. FLAIR + T1)
     weights_with_input: tuple[tuple[str, str], ...] = ()
+    warn_missing_labels: bool = True  # "no voxels predicted for ..." (not for lesions: none is a finding)
 
     @property
     def dims(self) -> int:
@@ -158,6 +162,7 @@ def register(card: TaskCard) -> TaskCard:
     values = [spec.value for spec in card.labels]
     if values != list(range(1, len(values) + 1)):
         raise ValueError(f"task {card.name!r}: label values must be 1..N, got {values}")
+    check_steps(card.postprocessors, f"task {card.name!r}")
     TASKS[card.name] = card
     return card
 
@@ -243,6 +248,7 @@ register(TaskCard(
     labels=BRAIN_LABELS,
     label_activation="sigmoid",  # seed 002: one sigmoid lesion channel
     postprocessors=("lesion_decoding", "lesion_table"),
+    warn_missing_labels=False,
     outputs=COMMON_OUTPUTS + ("lesions.tsv",),
     issue=5,
 ))

@@ -18,6 +18,7 @@ import numpy as np
 from scipy import ndimage
 
 from .image import Image
+from .steps import StepContext, step
 
 LEVELS = (1, 2, 3, 4, 5)
 
@@ -94,3 +95,14 @@ def check_transitional(labels: np.ndarray, image: Image,
         return TransitionalResult("undetermined", "not all of L1-L5 found; the lumbar count cannot be checked",
                                   evidence)
     return TransitionalResult("typical", "L1-L5 each found once", evidence)
+
+
+# ---- steps (registered by name; see steps.py) ----------------------------------------------------
+
+@step("transitional")
+def _transitional_step(ctx: StepContext) -> None:
+    """On the labels as they stand (the raw output when first): duplicates vanish in the clean-up."""
+    check = check_transitional(ctx.result.labels.array, ctx.image)
+    ctx.result.summaries["transitional_anatomy"] = check.as_dict()
+    if check.flagged:
+        ctx.result.warnings.append(f"transitional anatomy suspected: {check.message}")

@@ -30,6 +30,7 @@ from scipy import ndimage
 
 from .image import Image
 from .tables import ColumnSpec, Table
+from .steps import StepContext, step
 
 ANGLE_BINS = 72  # 5 degree bins for the arc coverage
 
@@ -189,3 +190,19 @@ def head_table(heads: list[FemoralHead]) -> Table:
                ColumnSpec("fit_rms_mm", "float", "mm", "RMS of boundary points from the circle"),
                ColumnSpec("arc_coverage", "float", description="fraction of the circle followed by the boundary")]
     return Table("Femoral heads", columns, rows, "femoral_heads.tsv")
+
+
+# ---- steps (registered by name; see steps.py) ----------------------------------------------------
+
+@step("femoral_heads")
+def _femoral_heads_step(ctx: StepContext) -> None:
+    heads, notes = femoral_heads(ctx.result.labels.array, ctx.image)
+    ctx.result.tables.append(head_table(heads))
+    ctx.result.points = [{"label": h.label, "ras": h.centre_ras, "description": h.description(),
+                          "attributes": {"side": h.side, "diameter_mm": f"{h.diameter_mm:.2f}",
+                                         "fit_rms_mm": f"{h.fit_rms_mm:.3f}",
+                                         "arc_coverage": f"{h.arc_coverage:.3f}"}} for h in heads]
+    ctx.result.summaries["femoral_heads"] = [h.as_dict() for h in heads]
+    if ctx.image.meta.get("spacing_note"):
+        notes.append(f"femoral head diameters and areas in mm rest on: {ctx.image.meta['spacing_note']}")
+    ctx.result.warnings.extend(notes)

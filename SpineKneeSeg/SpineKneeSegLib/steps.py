@@ -1,0 +1,57 @@
+"""Post-processing steps by name. Each module that owns a step registers it here (``@step``); a
+task card names its steps, the pipeline runs them in order and knows none of them by name, and a
+card naming an unregistered step is refused when it is registered (at import, not mid-run)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+
+@dataclass
+class StepContext:
+    """What a step reads and changes. ``result`` is the pipeline's RunResult (labels, tables,
+    points, summaries, warnings); ``raw`` the network's own labels, for checks that must not see
+    the clean-up; ``maps``/``maps_grids`` probability maps by name ("probabilities": the main
+    network's, when a step asked for them) and their grids; ``settings`` the checkpoint's
+    per-step parameters (metadata "postprocessing")."""
+    card: Any
+    image: Any
+    result: Any
+    raw: np.ndarray
+    maps: dict = field(default_factory=dict)
+    maps_grids: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
+    raw_components: Any = None  # the raw labels' connected components, labelled once when a step needs them
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    run: Callable[[StepContext], None]
+    needs_probabilities: bool = False  # the main network's probabilities, not only its labels
+
+
+STEPS: dict[str, Step] = {}
+
+
+def step(name: str, needs_probabilities: bool = False):
+    """Register the decorated function as the post-processing step ``name``."""
+    def register(fn: Callable[[StepContext], None]):
+        if name in STEPS and STEPS[name].run is not fn:
+            raise ValueError(f"post-processing step {name!r} is registered twice")
+        STEPS[name] = Step(name, fn, needs_probabilities)
+        return fn
+    return register
+
+
+def check_steps(names, owner: str) -> None:
+    unknown = [n for n in names if n not in STEPS]
+    if unknown:
+        raise ValueError(f"{owner}: unknown post-processing step(s) {', '.join(unknown)}; registered: "
+                         f"{', '.join(sorted(STEPS))}")
+
+
+def needs_probabilities(names) -> bool:
+    return any(STEPS[n].needs_probabilities for n in names)
