@@ -32,6 +32,16 @@ class SpineKneeSeg(ScriptedLoadableModule):
         self.parent.helpText = ("Knee bones, lumbar levels and foramina, brain lesions and X-ray femur "
                                 "segmentation. Choose a task and an input volume, then Apply.")
         self.parent.acknowledgementText = "Data sources and licences: see the extension README."
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData():
+    """Sample Data module: the small real scans in Resources/SampleData (README.md there)."""
+    import SampleData
+    from SpineKneeSegLib.datasets import sample_data_sources
+
+    for source in sample_data_sources():
+        SampleData.SampleDataLogic.registerCustomSampleDataSource(**source)
 
 
 class SpineKneeSegLogic:

@@ -111,7 +111,7 @@ def test_cmake_lists_every_python_file_and_resource():
     assert "slicerMacroBuildScriptedModule" in cmake
     py_files = sorted(str(p.relative_to(MODULE)) for p in MODULE.rglob("*.py") if "__pycache__" not in p.parts)
     resources = sorted(str(p.relative_to(MODULE)) for p in (MODULE / "Resources").rglob("*")
-                       if p.is_file() and p.suffix in (".ui", ".png", ".json", ".md"))
+                       if p.is_file() and p.suffix in (".ui", ".png", ".json", ".md", ".pt", ".gz"))
     for f in py_files + resources:
         assert f in cmake, f"{f} missing from SpineKneeSeg/CMakeLists.txt"
 
