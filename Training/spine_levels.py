@@ -29,7 +29,7 @@ from SpineKneeSegLib.io import read_image  # noqa: E402
 from slicetrain import load_resume_state, save_resume_state, tensorboard_writer  # noqa: E402
 
 from SpineKneeSegLib.models import build_network  # noqa: E402
-from SpineKneeSegLib.postprocessing import largest_component_per_label  # noqa: E402
+from SpineKneeSegLib.postprocessing import dice as lib_dice, largest_component_per_label  # noqa: E402
 from SpineKneeSegLib.preprocessing import context_channels, training_slices  # noqa: E402
 from SpineKneeSegLib.tasks import TASKS  # noqa: E402
 from SpineKneeSegLib.weights import save_checkpoint  # noqa: E402
@@ -156,8 +156,9 @@ def loss_fn(kind: str, weights: torch.Tensor):
 # ---- evaluation (the Lib's own inference path) -------------------------------------------------
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+    """The Lib's Dice; a level absent from both scores 1 here (nothing missed, nothing invented)."""
+    value = lib_dice(a, b)
+    return 1.0 if value is None else value
 
 
 def level_identification(pred: np.ndarray, truth: np.ndarray) -> dict:

@@ -16,6 +16,7 @@ from .datasets import data_root, sample_dir, samples_for
 from .errors import NoWeightsError
 from .io import write_image
 from .pipeline import RunOptions, run_case
+from .postprocessing import dice
 from .render import save_overlay, side_by_side
 from .tasks import TASKS, TaskCard
 from .weights import find_entry
@@ -27,11 +28,6 @@ SHARED_CASES = {
     "brain-wmh": ("brain/open-ms/patient07/flair.nii.gz", "brain/open-ms/patient07/lesions.nii.gz"),
     "knee-bones": ("knee/dess-dicom", None),
 }
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float | None:
-    total = int(a.sum()) + int(b.sum())
-    return None if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
 
 
 def per_label_dice(pred: np.ndarray, truth: np.ndarray, card: TaskCard) -> dict[str, float | None]:
