@@ -181,8 +181,9 @@ def test_run_uses_the_checkpoints_decoding_rule_for_the_inputs_slice_thickness(t
     assert cli.main(["run", "--task", "brain-wmh", str(tmp_path / "flair.nii.gz"), "-o", str(out),
                      "--weights", str(tmp_path / "w.pt"), "--progress", "none"]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["summaries"]["lesion_decoding"] == {"threshold": 0.2, "min_volume_mm3": 30.0,
-                                                      "rule_max_slice_mm": None}
+    decoding = report["summaries"]["lesion_decoding"]
+    assert (decoding["threshold"], decoding["min_volume_mm3"], decoding["rule_max_slice_mm"]) == (0.2, 30.0, None)
+    assert "7 mm thick" in decoding["note"]
     labels = read_image(out / "labels.nii.gz").array
     components, n = label_lesions(labels, 26)
     assert report["summaries"]["lesions"]["lesion_count"] == n

@@ -58,6 +58,9 @@ def _label_in_box(mask: np.ndarray, connectivity: int):
     return cropped, n, found[0]
 
 
+THICK_SLICE_NOTE_MM = 3.0  # thicker voxels: the report says small lesions may be averaged away
+
+
 @dataclass(frozen=True)
 class DecodingRule:
     """Lesion mask from the sigmoid probability: voxels >= ``threshold``, then 26-connected lesions
@@ -155,8 +158,12 @@ def _lesion_decoding_step(ctx: StepContext) -> None:
         return
     rule = rule_for(decoding_rules(ctx.settings.get("lesion_decoding")), max(ctx.image.spacing))
     ctx.result.labels = ctx.image.with_array(decode_lesions(probs[0], ctx.image.spacing, rule))
-    ctx.result.summaries["lesion_decoding"] = {"threshold": rule.threshold, "min_volume_mm3": rule.min_volume_mm3,
-                                               "rule_max_slice_mm": rule.max_slice_mm}
+    summary = {"threshold": rule.threshold, "min_volume_mm3": rule.min_volume_mm3, "rule_max_slice_mm": rule.max_slice_mm}
+    thickest = max(ctx.image.spacing)
+    if thickest > THICK_SLICE_NOTE_MM:
+        summary["note"] = (f"voxels up to {thickest:g} mm thick: a lesion much thinner than that is averaged with its "
+                           "surroundings and may be missed; the model card gives lesion recall per size at 3, 5 and 7.5 mm")
+    ctx.result.summaries["lesion_decoding"] = summary
 
 
 @step("lesion_table")
