@@ -87,9 +87,42 @@ def _missing(tmp_path):
     return [tmp_path / "does-not-exist.nii.gz"], "no such file"
 
 
+def _zero_pixdim(tmp_path):
+    """A NIfTI without spacing (pixdim 0): ITK would read it as 1 mm (issue 27)."""
+    import struct
+
+    raw = bytearray(gzip.decompress(_volume(tmp_path, "spaced.nii.gz").read_bytes()))
+    raw[80:84] = struct.pack("<f", 0.0)  # pixdim[1]
+    path = tmp_path / "nospacing.nii.gz"
+    path.write_bytes(gzip.compress(bytes(raw)))
+    return [path], "pixdim"
+
+
+def _sheared_nrrd(tmp_path):
+    """A sheared grid (non-orthogonal axes): outputs on an orthogonal grid would miss its voxels."""
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(1)
+    img = sitk.GetImageFromArray(rng.normal(100, 20, (24, 32, 32)).astype(np.float32))
+    img.SetSpacing((0.5, 0.5, 3.0))
+    shear = np.radians(5.0)
+    img.SetDirection((1.0, 0.0, float(np.sin(shear)), 0.0, 1.0, 0.0, 0.0, 0.0, float(np.cos(shear))))
+    path = tmp_path / "sheared.nrrd"
+    sitk.WriteImage(img, str(path))
+    return [path], "not orthogonal"
+
+
+def _gantry_tilt(tmp_path):
+    folder = tmp_path / "tilted"
+    vol = (np.arange(8 * 32 * 32).reshape(8, 32, 32) % 300).astype(np.int16)
+    write_dicom_series(folder, vol, shear=0.5)
+    return [folder], "not orthogonal"
+
+
 CORPUS = {"empty": _empty, "nan": _nan, "truncated": _truncated, "truncated-gzip": _truncated_raw_gzip,
           "2d-to-3d-task": _two_d, "two-series": _two_series, "missing-slice": _missing_slice,
-          "constant": _constant, "missing-file": _missing}
+          "constant": _constant, "missing-file": _missing, "zero-pixdim": _zero_pixdim,
+          "sheared-nrrd": _sheared_nrrd, "gantry-tilt": _gantry_tilt}
 
 
 @pytest.mark.parametrize("case", sorted(CORPUS))
@@ -103,6 +136,23 @@ def test_bad_input_exits_2_names_file_and_writes_nothing(case, tmp_path, capsys,
     assert paths[0].name in err and word.lower() in err.lower(), err
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if ".partial." in p.name]
+
+
+def test_huge_intensities_give_the_same_labels_as_the_unscaled_image(tmp_path, knee_weights):
+    """A valid float image scaled by 1e30: float32 statistics would overflow and zero the image."""
+    from SpineKneeSegLib.io import read_image
+
+    base = _volume(tmp_path, "base.nii.gz")
+    image = read_image(base)
+    write_image(image.with_array(image.array * np.float32(1e30)), tmp_path / "huge.nii.gz")
+    labels = []
+    for name in ("base.nii.gz", "huge.nii.gz"):
+        out = tmp_path / f"out-{name}"
+        assert cli.main(["run", "--task", "knee-bones", str(tmp_path / name), "-o", str(out), "--weights",
+                         str(knee_weights), "--progress", "none"]) == 0
+        labels.append(read_image(out / "labels.nii.gz").array)
+    assert labels[0].any()
+    assert np.mean(labels[0] == labels[1]) > 0.999
 
 
 def test_bad_input_is_reported_before_missing_weights(tmp_path, capsys):

@@ -272,6 +272,7 @@ def _check_nifti_data(path: Path) -> None:
             header = _parse_nifti_header(f.read(540))
             if header is None:
                 return  # not a NIfTI header we understand: let ITK judge
+            _check_nifti_spacing(header, path)
             f.seek(header.offset)
             n_bytes, bad = _scan_data(f, header.data_bytes, header.float_dtype)
     except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
@@ -283,11 +284,22 @@ def _check_nifti_data(path: Path) -> None:
         raise InputError(f"contains {bad} values", path)
 
 
+def _check_nifti_spacing(header: "_NiftiHeader", path: Path) -> None:
+    """ITK reads a zero or negative pixdim as 1 mm: volumes and distances would be invented."""
+    for axis, (size, mm) in enumerate(zip(header.sizes[:3], header.pixdim[:3])):
+        if size > 1 and not (math.isfinite(mm) and mm > 0):
+            raise InputError(f"voxel size (pixdim[{axis + 1}]) is {mm:g} along axis {axis}: the file carries no "
+                             "spacing, so volumes and distances would be invented; write the true voxel size "
+                             "into the header", path)
+
+
 @dataclass
 class _NiftiHeader:
     offset: int
     data_bytes: int
     float_dtype: np.dtype | None  # set for float32/float64 data, which may hold NaN/inf
+    sizes: tuple[int, ...] = ()  # dim[1..ndim]
+    pixdim: tuple[float, ...] = ()  # pixdim[1..ndim]: voxel size per axis
 
 
 def _parse_nifti_header(header: bytes) -> _NiftiHeader | None:
@@ -295,11 +307,13 @@ def _parse_nifti_header(header: bytes) -> _NiftiHeader | None:
         if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:  # NIfTI-1
             datatype, bitpix = struct.unpack(endian + "2h", header[70:74])
             dims = struct.unpack(endian + "8h", header[40:56])
+            pixdim = struct.unpack(endian + "8f", header[76:108])
             offset = max(int(struct.unpack(endian + "f", header[108:112])[0]), 348)
             break
         if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:  # NIfTI-2
             datatype, bitpix = struct.unpack(endian + "2h", header[12:16])
             dims = struct.unpack(endian + "8q", header[16:80])
+            pixdim = struct.unpack(endian + "8d", header[104:168])
             offset = max(struct.unpack(endian + "q", header[168:176])[0], 540)
             break
     else:
@@ -309,7 +323,8 @@ def _parse_nifti_header(header: bytes) -> _NiftiHeader | None:
         return None
     voxels = math.prod(max(int(d), 1) for d in dims[1:ndim + 1])
     float_dtype = {16: np.dtype(endian + "f4"), 64: np.dtype(endian + "f8")}.get(datatype)
-    return _NiftiHeader(offset, voxels * bitpix // 8, float_dtype)
+    return _NiftiHeader(offset, voxels * bitpix // 8, float_dtype, tuple(int(d) for d in dims[1:ndim + 1]),
+                        tuple(float(v) for v in pixdim[1:ndim + 1]))
 
 
 def _scan_data(f, limit: int, float_dtype, chunk: int = 1 << 22) -> tuple[int, str | None]:

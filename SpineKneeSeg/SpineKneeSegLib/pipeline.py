@@ -189,6 +189,31 @@ def validate_input(card: TaskCard, spec, image: Image, path) -> None:
                          f"{card.preprocessing.min_size}x{card.preprocessing.min_size}", path)
     if float(image.array.max()) == float(image.array.min()):
         raise InputError("is constant (every voxel has the same value): nothing to segment", path)
+    check_orthogonal_axes(image, path)
+    if card.preprocessing.normalisation in ("zscore", "percentile"):
+        from .preprocessing import normalisation_stats
+
+        try:
+            normalisation_stats(image.array, card.preprocessing.normalisation)
+        except InputError as exc:
+            raise InputError(str(exc), path) from None
+
+
+AXES_TOLERANCE = 1e-3  # |cos| between voxel axes (0.06 degrees): DICOM / NIfTI rounding stays far below
+
+
+def check_orthogonal_axes(image: Image, path) -> None:
+    """Refuse a sheared grid (non-orthogonal direction matrix, e.g. a gantry tilt kept as acquired):
+    the writers store orthogonal axes, so the labels would not lie on the input's voxels."""
+    d = np.asarray(image.direction, float)
+    d = d / np.linalg.norm(d, axis=0)
+    cosines = np.abs(d.T @ d - np.eye(3))
+    a, b = np.unravel_index(int(np.argmax(cosines)), cosines.shape)
+    if cosines[a, b] > AXES_TOLERANCE:
+        angle = float(np.degrees(np.arccos(np.clip(d[:, a] @ d[:, b], -1, 1))))
+        raise InputError(f"its voxel axes are not orthogonal (axes {min(a, b)} and {max(a, b)} meet at {angle:.2f} "
+                         f"degrees, a shear of {abs(90 - angle):.2f}): outputs on an orthogonal grid would not lie "
+                         "on its voxels; resample it onto an orthogonal grid first", path)
 
 
 # ---- the run ---------------------------------------------------------------------------

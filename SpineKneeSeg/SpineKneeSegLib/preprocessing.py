@@ -179,21 +179,32 @@ def crop_in_plane(image: Image, box: tuple[int, int, int, int]) -> Image:
     return Image(image.array[:, r0:r1, c0:c1], image.spacing, tuple(origin), image.direction)
 
 
-def normalise(stack: np.ndarray, method: str, stats: dict | None = None) -> np.ndarray:
-    stack = stack.astype(np.float32, copy=False)
-    stats = stats or {}
+def normalisation_stats(stack: np.ndarray, method: str, stats: dict | None = None) -> tuple[float, float]:
+    """(centre, scale) of the normalisation, in float64: a float32 variance of intensities scaled
+    by 1e17 or more overflows to inf and would zero the whole image. Refuses (InputError, no path:
+    the caller names the file) a spread that is not finite or not positive."""
+    from .errors import InputError
+
+    stack = np.asarray(stack)
     if method == "zscore":
         values = stack[foreground_mask(stack)]
-        mean, std = float(values.mean()), float(values.std())
+        mean, std = float(np.mean(values, dtype=np.float64)), float(np.std(values, dtype=np.float64))
     elif method == "fixed":  # the training population's statistics, stored with the model
-        mean, std = float(stats["mean"]), float(stats["std"])
+        mean, std = float((stats or {})["mean"]), float((stats or {})["std"])
     elif method == "percentile":
         lo, hi = sampled_percentile(stack, (0.5, 99.5))
-        mean, std = float(lo), float(max(hi - lo, 1e-6))
+        mean, std = float(lo), float(max(hi - lo, 1e-6 * max(abs(float(lo)), abs(float(hi)), 1.0)))
     else:
         raise ValueError(f"unknown normalisation {method!r}")
-    out = np.subtract(stack, np.float32(mean), dtype=np.float32)  # one full-size array, not two
-    out *= np.float32(1.0 / max(std, 1e-6))
+    if not (np.isfinite(mean) and np.isfinite(std)) or std <= 0:
+        raise InputError(f"intensities cannot be normalised ({method}: centre {mean:g}, spread {std:g})")
+    return mean, std
+
+
+def normalise(stack: np.ndarray, method: str, stats: dict | None = None) -> np.ndarray:
+    mean, std = normalisation_stats(stack, method, stats)
+    out = np.subtract(stack.astype(np.float32, copy=False), np.float32(mean), dtype=np.float32)  # one full-size array
+    out *= np.float32(1.0 / std)
     return out
 
 
