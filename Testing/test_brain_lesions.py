@@ -266,3 +266,44 @@ def test_shipped_model_finds_small_lesions_that_survive_7_5_mm_slabs(tmp_path):
     n_pred = label_lesions(pred, 26)[1]
     assert report["summaries"]["lesions"]["lesion_count"] == n_pred
     assert len((out / "lesions.tsv").read_text().strip().splitlines()) == n_pred + 1
+
+
+@pytest.mark.mrml
+def test_a_t1_that_does_not_overlap_the_flair_is_left_out_with_a_warning(tmp_path, monkeypatch):
+    """Issue 27: the same T1 moved 1 m away fed the FLAIR+T1 model an empty channel. Now the
+    FLAIR-only model runs and the report says why; with explicit --weights the run is refused."""
+    import json
+
+    from SpineKneeSegLib import cli
+    from SpineKneeSegLib.io import write_image
+    from SpineKneeSegLib.phantoms import brain_phantom
+    from SpineKneeSegLib.weights import initialise_weights, register_model
+
+    flair = brain_phantom(3, slice_thickness_mm=5.0).image
+    t1 = flair.with_array(flair.array.max() - flair.array)
+    write_image(flair, tmp_path / "flair.nii.gz")
+    write_image(t1, tmp_path / "t1.nii.gz")
+    write_image(Image(t1.array, t1.spacing, tuple(np.asarray(t1.origin) + [1000.0, 0, 0]), t1.direction),
+                tmp_path / "t1-moved.nii.gz")
+    models = tmp_path / "models"
+    models.mkdir()
+    monkeypatch.setenv("SPINEKNEESEG_MODELS", str(models))
+    initialise_weights("brain-wmh", models / "flair-only.pt", {"channels": (4, 8)}, seed=1)
+    register_model(models / "flair-only.pt", "brain-wmh", "0.0.1", card="none (test)")
+    initialise_weights("brain-wmh", models / "with-t1.pt", {"channels": (4, 8)}, seed=2,
+                       preprocessing={"extra_inputs": ["t1"]})
+    register_model(models / "with-t1.pt", "brain-wmh-t1", "0.0.1", card="none (test)")
+
+    def run(t1_name, *extra):
+        out = tmp_path / f"out-{t1_name}-{len(extra)}"
+        code = cli.main(["run", "--task", "brain-wmh", str(tmp_path / "flair.nii.gz"), str(tmp_path / t1_name),
+                         "-o", str(out), "--progress", "none", *extra])
+        return code, (json.loads((out / "report.json").read_text()) if code == 0 else None)
+
+    code, report = run("t1.nii.gz")
+    assert code == 0 and report["weights"]["path"].endswith("with-t1.pt")
+    code, report = run("t1-moved.nii.gz")
+    assert code == 0 and report["weights"]["path"].endswith("flair-only.pt")
+    assert any("t1-moved.nii.gz not used" in w and "covers only 0 %" in w for w in report["warnings"])
+    code, _ = run("t1-moved.nii.gz", "--weights", str(models / "with-t1.pt"))
+    assert code == 2 and not (tmp_path / "out-t1-moved.nii.gz-2").exists()

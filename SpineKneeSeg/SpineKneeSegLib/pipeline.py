@@ -101,7 +101,31 @@ def load_inputs(card: TaskCard, paths: list[str], options: RunOptions) -> list[I
         validate_input(card, spec, image, path)
         if spec.skull_stripped and options.skull_stripped == "auto":
             check_skull_stripped(image, path)
-    return images
+    return drop_non_overlapping(card, images, paths, explicit_weights=options.weights is not None)
+
+
+MIN_COVERAGE = 0.5  # share of the first input's foreground a further input must cover
+
+
+def drop_non_overlapping(card: TaskCard, images: list[Image], paths, explicit_weights: bool) -> list[Image]:
+    """A further input (a T1) that does not overlap the first (the FLAIR) would feed the network an
+    empty channel (a T1 moved 1 m gave 179 lesions instead of 24): it is left out, with a warning,
+    so the single-input model runs; with explicit --weights (which may need it) the run is refused."""
+    from .preprocessing import coverage
+
+    kept = [images[0]]
+    for spec, image, path in zip(card.inputs[1:], images[1:], paths[1:]):
+        share = coverage(images[0], image)
+        if share >= MIN_COVERAGE:
+            kept.append(image)
+            continue
+        why = (f"covers only {100 * share:.0f} % of the {card.inputs[0].name}'s foreground (at least "
+               f"{100 * MIN_COVERAGE:.0f} % needed): the two are not in one space (register it first)")
+        if explicit_weights:
+            raise InputError(why, path)
+        images[0].meta.setdefault("warnings", []).append(f"{spec.name} {path} not used: {why}; "
+                                                         f"ran on the {card.inputs[0].name} alone")
+    return kept
 
 
 def extra_inputs(card: TaskCard, images: list[Image], names, paths) -> tuple[tuple[Image, ...], list[str]]:

@@ -299,6 +299,24 @@ def resample_onto(moving: Image, reference: Image) -> Image:
     return reference.with_array(sitk.GetArrayFromImage(out))
 
 
+def coverage(reference: Image, other: Image, samples: int = 20000, seed: int = 0) -> float:
+    """Share of ``reference``'s foreground (above its 5th percentile) at whose physical position
+    ``other`` has foreground too (nearest voxel): whether a second input (a T1) overlaps the
+    first (the FLAIR) at all. A random sample of the foreground voxels keeps it cheap."""
+    fg = np.flatnonzero(foreground_mask(reference.array))
+    if not len(fg):
+        return 0.0
+    pick = np.random.default_rng(seed).choice(fg, min(samples, len(fg)), replace=False)
+    kji = np.stack(np.unravel_index(pick, reference.array.shape), 1)
+    ijk = np.rint(other.lps_to_ijk_points(reference.ijk_to_lps_points(kji[:, ::-1].astype(float)))).astype(int)
+    inside = np.all((ijk >= 0) & (ijk < np.array(other.array.shape[::-1])), axis=1)
+    if not inside.any():
+        return 0.0
+    k, j, i = ijk[inside, 2], ijk[inside, 1], ijk[inside, 0]
+    other_fg = other.array[k, j, i] > sampled_percentile(other.array, 5)
+    return float(other_fg.sum()) / len(pick)
+
+
 def context_channels(stack: np.ndarray, index: np.ndarray, context: int) -> np.ndarray:
     """(len(index), context, H, W): each slice with its neighbours as channels (edge slices see
     zero padding, as in seed 004's 'pad two empty slices'). Gathers only the slices asked for: a
