@@ -38,6 +38,37 @@ def write_text_atomic(target: str | os.PathLike, text: str) -> None:
         Path(tmp).write_text(text, encoding="utf-8")
 
 
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def sweep_stale(parent: Path, prefix: str) -> list[Path]:
+    """Remove folders ``<prefix><pid>.*`` in ``parent`` left by runs that died (SIGKILL, power
+    loss); a live run's folder (its process still exists) is left alone. Returns what was removed."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for item in parent.glob(f"{prefix}*"):
+            pid = item.name[len(prefix):].split(".", 1)[0].split("-", 1)[0]
+            if item.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+                shutil.rmtree(item, ignore_errors=True)
+                removed.append(item)
+    return removed
+
+
+def staging_dir(parent: Path, name: str) -> Path:
+    """A hidden staging folder ``.<name>.partial.<pid>.<random>`` beside the output; stale ones of
+    dead runs into the same place are swept first."""
+    prefix = f".{name}.partial."
+    sweep_stale(parent, prefix)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}.", dir=parent))
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike):
     """Yield a staging folder beside ``target``; on success its files are moved into ``target``.
@@ -48,7 +79,7 @@ def atomic_directory(target: str | os.PathLike):
     target = Path(target)
     parent = target.parent if str(target.parent) else Path(".")
     parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial.", dir=parent))
+    stage = staging_dir(parent, target.name)
     try:
         yield stage
         created = not target.exists()

@@ -9,7 +9,7 @@ import json
 import sys
 import traceback
 
-from .errors import InputError, SpineKneeSegError
+from .errors import InputError, SpineKneeSegError, Terminated
 
 
 class _Parser(argparse.ArgumentParser):
@@ -215,10 +215,19 @@ def cmd_annotate(args) -> int:
     return annotate_cli.run(args)
 
 
+def _raise_terminated(signum, _frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
+    import signal
+    import threading
+
     args = build_parser().parse_args(argv)
     handler = {"tasks": cmd_tasks, "run": cmd_run, "demo": cmd_demo, "annotate": cmd_annotate}[args.command]
     progress_json = getattr(args, "progress", None) == "json"
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None  # unwind like Ctrl-C
     try:
         return handler(args)
     except SpineKneeSegError as exc:
@@ -227,9 +236,14 @@ def main(argv=None) -> int:
         return _fail(2, f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "), progress_json)
     except KeyboardInterrupt:
         return _fail(130, "cancelled", progress_json)
+    except Terminated:
+        return _fail(Terminated.exit_code, "terminated (SIGTERM); nothing partial was left", progress_json)
     except Exception as exc:  # noqa: BLE001 - last resort: internal error with the traceback
         traceback.print_exc()
         return _fail(1, f"internal error: {type(exc).__name__}: {exc}", progress_json)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _fail(code: int, message: str, progress_json: bool) -> int:

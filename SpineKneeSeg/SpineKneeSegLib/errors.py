@@ -26,3 +26,11 @@ class NoWeightsError(SpineKneeSegError):
 
 class CancelledError(SpineKneeSegError):
     exit_code = 130
+
+
+class Terminated(BaseException):
+    """SIGTERM (a batch scheduler, Slicer's Cancel on some platforms): raised in the main thread
+    so that every staging and temporary folder is removed on the way out. BaseException, like
+    KeyboardInterrupt, so no ``except Exception`` swallows it."""
+
+    exit_code = 143

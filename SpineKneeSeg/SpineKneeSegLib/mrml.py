@@ -476,7 +476,9 @@ def _staged(target: Path):
     table's .schema.tsv and the folder inside a .mrb. Same folder, so each move is a rename."""
     parent = target.parent if str(target.parent) else Path(".")
     parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial.", dir=parent))
+    from .atomic import staging_dir
+
+    stage = staging_dir(parent, target.name)
     try:
         staged = stage / target.name
         yield staged

@@ -12,6 +12,7 @@ some logics look up their peers while the scene is being set), ``slicer.mrmlScen
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 import types
@@ -170,7 +171,11 @@ def create_headless_slicer(cache_dir: str | Path | None = None, activate: bool =
     """
     slicer = require_slicer()
     owns_cache = cache_dir is None
-    cache = Path(tempfile.mkdtemp(prefix="spinekneeseg-mrml-")) if owns_cache else Path(cache_dir)
+    if owns_cache:  # pid-tagged, so the next run can sweep those of runs that were killed
+        from .atomic import sweep_stale
+
+        sweep_stale(Path(tempfile.gettempdir()), "spinekneeseg-mrml-")
+    cache = Path(tempfile.mkdtemp(prefix=f"spinekneeseg-mrml-{os.getpid()}-")) if owns_cache else Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
 
     scene = slicer.vtkMRMLScene()

@@ -17,7 +17,7 @@ from . import __version__
 from .atomic import atomic_directory, check_writable_dir
 from .errors import InputError
 from .image import Image
-from .progress import Progress
+from .progress import Progress, pause_point
 from .tables import Table
 from .steps import needs_probabilities
 from .tasks import TaskCard, with_checkpoint_labels
@@ -367,6 +367,7 @@ def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options:
     for w in result.warnings:
         progress.log(w, "warning")
     with atomic_directory(output_dir) as stage:
+        pause_point("staged")
         report["outputs"] = write_outputs(card, image, result, stage, options.scene)
         timings["write"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t_start

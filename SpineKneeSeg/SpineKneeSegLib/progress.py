@@ -9,11 +9,23 @@ JSON lines: {"event": "stage", "stage": "preprocessing", "fraction": 0.2}
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
+
+PAUSE_ENV = "SPINEKNEESEG_PAUSE_AT_STAGE"  # "writing:5": sleep 5 s when the stage starts (tests send signals there)
 
 # Stage weights for a single overall fraction (inference dominates).
 STAGES = {"loading": (0.0, 0.1), "preprocessing": (0.1, 0.15), "inference": (0.15, 0.85),
           "postprocessing": (0.85, 0.93), "writing": (0.93, 1.0)}
+
+
+def pause_point(name: str) -> None:
+    """Test hook: with $SPINEKNEESEG_PAUSE_AT_STAGE = "name:seconds" the run sleeps here (a stage's
+    start, or "staged": inside the output's staging folder), so a test can signal it there."""
+    wanted = os.environ.get(PAUSE_ENV, "")
+    if wanted.split(":")[0] == name:
+        time.sleep(float((wanted.split(":") + ["30"])[1]))
 
 
 class Progress:
@@ -31,6 +43,7 @@ class Progress:
 
     def stage(self, name: str) -> None:
         self._close_bar()
+        pause_point(name)
         if self.mode == "json":
             self._emit(event="stage", stage=name, fraction=STAGES.get(name, (0, 0))[0])
         elif self.mode == "bar":

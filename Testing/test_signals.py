@@ -1,0 +1,95 @@
+"""Clean stops (issue 27, part 4): SIGTERM during the write stage removes the staging folder and
+the MRML temporary folder (exit 143); after SIGKILL the next run into the same place sweeps the
+dead run's leftovers. Real subprocesses of the CLI."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from SpineKneeSegLib.image import Image
+from SpineKneeSegLib.io import write_image
+from SpineKneeSegLib.weights import initialise_weights
+
+pytestmark = [pytest.mark.mrml, pytest.mark.slow]
+
+
+@pytest.fixture
+def case(tmp_path):
+    rng = np.random.default_rng(0)
+    write_image(Image(rng.normal(100, 20, (12, 48, 48)).astype(np.float32), spacing=(0.5, 0.5, 3.0)),
+                tmp_path / "scan.nii.gz")
+    initialise_weights("knee-bones", tmp_path / "knee.pt", {"channels": (4, 8)})
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {**os.environ, "TMPDIR": str(temp), "SPINEKNEESEG_PAUSE_AT_STAGE": "staged:60"}
+    command = [sys.executable, "-m", "SpineKneeSegLib.cli", "run", "--task", "knee-bones", str(tmp_path / "scan.nii.gz"),
+               "-o", str(tmp_path / "out"), "--weights", str(tmp_path / "knee.pt"), "--progress", "json", "--scene"]
+    return tmp_path, temp, env, command
+
+
+def _start_and_wait_for_staging(tmp_path, env, command):
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if line and json.loads(line).get("stage") == "writing":
+            break
+        assert proc.poll() is None, proc.stderr.read()
+    while time.time() < deadline and not [p for p in tmp_path.iterdir() if ".partial." in p.name]:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    return proc
+
+
+def _leftovers(tmp_path, temp):
+    return ([p.name for p in tmp_path.iterdir() if ".partial." in p.name]
+            + [p.name for p in temp.iterdir() if p.name.startswith("spinekneeseg-mrml-")])
+
+
+def test_sigterm_during_writing_leaves_no_staging_or_temporary_folder(case):
+    tmp_path, temp, env, command = case
+    proc = _start_and_wait_for_staging(tmp_path, env, command)
+    assert [p for p in tmp_path.iterdir() if ".partial." in p.name]  # the signal lands while staging exists
+    assert [p for p in temp.iterdir() if p.name.startswith("spinekneeseg-mrml-")]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "terminated" in err
+    assert _leftovers(tmp_path, temp) == []
+    assert not (tmp_path / "out").exists()
+
+
+def test_after_sigkill_the_next_run_sweeps_the_dead_runs_leftovers(case):
+    tmp_path, temp, env, command = case
+    proc = _start_and_wait_for_staging(tmp_path, env, command)
+    proc.kill()
+    proc.wait(timeout=30)
+    assert _leftovers(tmp_path, temp)  # SIGKILL cannot clean up
+    rerun = subprocess.run(command, env={**env, "SPINEKNEESEG_PAUSE_AT_STAGE": ""}, capture_output=True, text=True,
+                           timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert _leftovers(tmp_path, temp) == []
+    assert (tmp_path / "out" / "labels.nii.gz").exists()
+
+
+def test_sweep_removes_only_folders_of_dead_processes(tmp_path):
+    from SpineKneeSegLib.atomic import sweep_stale
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        for pid in (dead.pid, live.pid, os.getpid()):
+            (tmp_path / f".out.partial.{pid}.abc").mkdir()
+        (tmp_path / ".out.partial.legacy").mkdir()  # no pid: cannot tell, left alone
+        removed = sweep_stale(tmp_path, ".out.partial.")
+    finally:
+        live.kill()
+    assert [p.name for p in removed] == [f".out.partial.{dead.pid}.abc"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f".out.partial.{live.pid}.abc", f".out.partial.{os.getpid()}.abc", ".out.partial.legacy"])
