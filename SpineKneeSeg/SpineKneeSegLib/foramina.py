@@ -11,10 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 
 from .image import Image
+from .lazy import LazyModule
 from .steps import StepContext, step
+
+ndimage = LazyModule("scipy.ndimage")  # loaded on first use (lazy.py)
 
 LEVELS = (1, 2, 3, 4, 5)
 SIDES = ("left", "right")

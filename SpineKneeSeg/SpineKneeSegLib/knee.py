@@ -6,10 +6,12 @@ taken from the direction matrix, so the checks hold for any axis order, flip or 
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 
 from .image import Image
+from .lazy import LazyModule
 from .steps import StepContext, step
+
+ndimage = LazyModule("scipy.ndimage")  # loaded on first use (lazy.py)
 
 FEMUR, TIBIA, FIBULA, PATELLA = 1, 2, 3, 4
 BONES = {FEMUR: "femur", TIBIA: "tibia", FIBULA: "fibula", PATELLA: "patella"}

@@ -4,11 +4,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 
 from .image import Image
-from .tables import ColumnSpec, Table
+from .lazy import LazyModule
 from .steps import StepContext, step
+from .tables import ColumnSpec, Table
+
+ndimage = LazyModule("scipy.ndimage")  # loaded on first use (lazy.py)
 
 # seed 002's size brackets, in voxels
 BRACKETS = ((0, 10), (10, 400), (400, 1000), (1000, None))

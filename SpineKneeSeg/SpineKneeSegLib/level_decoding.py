@@ -13,13 +13,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import ndimage
 
 from .image import Image
+from .lazy import LazyModule
 from .steps import StepContext, step
 
+ndimage = LazyModule("scipy.ndimage")  # loaded on first use (lazy.py)
+
 N_LEVELS = 5
-STRUCTURE_6 = ndimage.generate_binary_structure(3, 1)
+STRUCTURE_6 = np.array([[[0, 0, 0], [0, 1, 0], [0, 0, 0]], [[0, 1, 0], [1, 1, 1], [0, 1, 0]],
+                        [[0, 0, 0], [0, 1, 0], [0, 0, 0]]], bool)  # 6-connectivity (generate_binary_structure(3, 1))
 
 
 @dataclass(frozen=True)

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 
 from .image import Image
 from .labels import LabelSpec
+from .lazy import LazyModule
 from .steps import StepContext, step
 from .tables import ColumnSpec, Table
+
+ndimage = LazyModule("scipy.ndimage")  # loaded on first use (lazy.py)
 
 STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
 

@@ -7,12 +7,14 @@ same pixels, so the label map lands on the input's exact grid.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from .image import Image
+
+if TYPE_CHECKING:  # torch loads only when slices go to a network: input checks stay fast
+    import torch
 
 # Canonical (slice, row, col) directions in LPS per plane: every input is shown to the networks in
 # this orientation whatever its file's axis order or flips, so a model sees what it was trained on
@@ -334,12 +336,16 @@ def context_channels(stack: np.ndarray, index: np.ndarray, context: int) -> np.n
 def resize_batch(batch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear in-plane resampling that keeps the field of view (pixel-area convention,
     align_corners=False), so it maps exactly back with the inverse call."""
+    import torch.nn.functional as F
+
     if tuple(batch.shape[-2:]) == tuple(size):
         return batch
     return F.interpolate(batch, size=size, mode="bilinear", align_corners=False)
 
 
 def pad_to(batch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    import torch.nn.functional as F
+
     dh, dw = size[0] - batch.shape[-2], size[1] - batch.shape[-1]
     return F.pad(batch, (0, dw, 0, dh)) if dh or dw else batch
 
@@ -349,6 +355,9 @@ def to_network_grid(batch: torch.Tensor, grid: SliceGeometry, pad_value: float =
     """(N, C, h, w) input slices -> (N, C, *grid.network_hw). Without a window: resize_batch. With
     one: bilinear sampling of the window (after an integer box-filter when it shrinks by 2x or
     more, against aliasing), ``pad_value`` outside the slice; ``mode='nearest'`` for label maps."""
+    import torch
+    import torch.nn.functional as F
+
     if grid.window is None:
         if mode == "nearest":
             return F.interpolate(batch, size=grid.network_hw, mode="nearest")
@@ -373,6 +382,9 @@ def from_network_grid(logits: torch.Tensor, grid: SliceGeometry) -> tuple[torch.
     """(N, C, *network_hw) network output -> (output on the input pixels whose centres lie inside
     the window, that box (r0, r1, c0, c1)); bilinear (logits, not labels, are resampled). Pixels
     outside the box are background for the caller."""
+    import torch
+    import torch.nn.functional as F
+
     h, w = grid.input_hw
     if grid.window is None:
         return resize_batch(logits, grid.input_hw), (0, h, 0, w)
@@ -398,6 +410,8 @@ def training_slices(image: Image, labels: np.ndarray, plane: str, normalisation:
     layout as ``image``) resampled nearest-neighbour to the same grid, uint8. ``network_px``,
     ``crop_mm`` and ``window_centre_lps`` (LPS mm; None: the field-of-view centre) give the
     square-window grid of tasks such as knee-bones."""
+    import torch
+
     canon, orientation = canonical_image(image, plane)
     stack = normalise(canon.array, normalisation)
     centre = window_centre_rc(canon, window_centre_lps) if window_centre_lps is not None else None
@@ -472,6 +486,9 @@ def bias_correct(image: Image, method: str | None, params: dict | None = None) -
     N4 runs in voxel space (spacing kept; origin and direction dropped): the field then depends
     on the voxels only, so one physical image gives one field (a last-bit change of the origin
     moved B-spline knot spans and the field by up to 8 % on a phantom)."""
+    import torch
+    import torch.nn.functional as F
+
     import SimpleITK as sitk
 
     if not method:

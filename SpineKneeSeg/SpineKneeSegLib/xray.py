@@ -26,11 +26,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 
 from .image import Image
-from .tables import ColumnSpec, Table
+from .lazy import LazyModule
 from .steps import StepContext, step
+from .tables import ColumnSpec, Table
+
+ndimage = LazyModule("scipy.ndimage")  # loaded on first use (lazy.py)
 
 ANGLE_BINS = 72  # 5 degree bins for the arc coverage
 
