@@ -279,3 +279,41 @@ def test_rgb_png_runs_as_grey_with_a_warning(tmp_path, xray_weights):
     report = json.loads((out / "report.json").read_text())
     assert report["inputs"][0]["shape_kji"] == [1, 96, 128]
     assert any("converted to grey" in w for w in report["warnings"])
+
+
+def test_full_disk_is_exit_2_with_the_reason_and_the_folder(tmp_path, capsys, knee_weights, monkeypatch):
+    """A full disk cannot be made here: the writer's failure (as VTK reports it) and the free space
+    are simulated. The run must exit 2 with the operating system's reason and the output folder,
+    not exit 1 with the writer's message, and leave nothing behind."""
+    import collections
+    import shutil
+
+    from SpineKneeSegLib import pipeline
+    from SpineKneeSegLib.errors import SpineKneeSegError
+
+    def failing_writer(*_args, **_kw):
+        raise SpineKneeSegError("out/.x.partial/foramina.mrk.json: writing vtkMRMLMarkupsFiducialNode 'F' failed")
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(pipeline, "write_outputs", failing_writer)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _path: usage(10 << 30, 10 << 30, 0))
+    out = tmp_path / "out"
+    code = cli.main(["run", "--task", "knee-bones", str(_volume(tmp_path)), "-o", str(out), "--weights",
+                     str(knee_weights), "--progress", "none"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "No space left on device" in err and str(out) in err and "vtkMRML" not in err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if ".partial." in p.name]
+
+
+def test_a_genuine_bug_is_exit_1_and_asks_for_a_report(tmp_path, capsys, knee_weights, monkeypatch):
+    from SpineKneeSegLib import pipeline
+
+    def broken(*_args, **_kw):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(pipeline, "write_outputs", broken)
+    code = cli.main(["run", "--task", "knee-bones", str(_volume(tmp_path)), "-o", str(tmp_path / "out"), "--weights",
+                     str(knee_weights), "--progress", "none"])
+    err = capsys.readouterr().err
+    assert code == 1 and "internal error" in err and "please report" in err and "ZeroDivisionError" in err

@@ -240,7 +240,8 @@ def main(argv=None) -> int:
         return _fail(Terminated.exit_code, "terminated (SIGTERM); nothing partial was left", progress_json)
     except Exception as exc:  # noqa: BLE001 - last resort: internal error with the traceback
         traceback.print_exc()
-        return _fail(1, f"internal error: {type(exc).__name__}: {exc}", progress_json)
+        return _fail(1, f"internal error — please report it with the traceback above (stderr): "
+                        f"{type(exc).__name__}: {exc}", progress_json)
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)

@@ -371,18 +371,46 @@ def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options:
     }
     for w in result.warnings:
         progress.log(w, "warning")
-    with atomic_directory(output_dir) as stage:
-        pause_point("staged")
-        report["outputs"] = write_outputs(card, image, result, stage, options.scene)
-        timings["write"] = time.perf_counter() - t
-        timings["total"] = time.perf_counter() - t_start
-        report["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
-        report["timings_s"]["mrml_startup"] = round(mrml_startup, 4)
-        if options.dicom_seg and image.meta.get("is_dicom"):  # after "total": off the timed path, timed apart
-            report["timings_s"]["dicom_seg"] = write_dicom_seg_output(card, image, result, stage, report, progress)
-        (stage / "report.json").write_text(json.dumps(report, indent=2))
+    try:
+        with atomic_directory(output_dir) as stage:
+            pause_point("staged")
+            report["outputs"] = write_outputs(card, image, result, stage, options.scene)
+            timings["write"] = time.perf_counter() - t
+            timings["total"] = time.perf_counter() - t_start
+            report["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
+            report["timings_s"]["mrml_startup"] = round(mrml_startup, 4)
+            if options.dicom_seg and image.meta.get("is_dicom"):  # after "total": off the timed path, timed apart
+                report["timings_s"]["dicom_seg"] = write_dicom_seg_output(card, image, result, stage, report, progress)
+            (stage / "report.json").write_text(json.dumps(report, indent=2))
+    except Exception as exc:  # a writer's own message (VTK, ITK) hides a full disk or a lost permission
+        problem = storage_problem(output_dir)
+        if problem is None:
+            raise
+        raise OSError(problem[0], problem[1], str(output_dir)) from exc
     progress.done(status="ok", output=str(output_dir))
     return report
+
+
+MIN_FREE_BYTES = 64 << 20  # below this a failed write is put down to a full disk
+
+
+def storage_problem(folder: Path) -> tuple[int, str] | None:
+    """(errno, reason) when the output folder's file system is full or not writable, else None."""
+    import errno
+    import os
+    import shutil
+
+    where = Path(folder)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        if shutil.disk_usage(where).free < MIN_FREE_BYTES:
+            return errno.ENOSPC, "No space left on device"
+    except OSError:
+        return None
+    if not os.access(where, os.W_OK):
+        return errno.EACCES, "Permission denied"
+    return None
 
 
 def write_dicom_seg_output(card: TaskCard, image: Image, result: RunResult, folder: Path, report: dict,
