@@ -116,6 +116,8 @@ def drop_non_overlapping(card: TaskCard, images: list[Image], paths, explicit_we
     kept = [images[0]]
     for spec, image, path in zip(card.inputs[1:], images[1:], paths[1:]):
         share = coverage(images[0], image)
+        image.meta.setdefault("checks", {})["overlap"] = (f"covers {100 * share:.0f} % of the {card.inputs[0].name}'s "
+                                                          f"foreground (at least {100 * MIN_COVERAGE:.0f} % needed)")
         if share >= MIN_COVERAGE:
             kept.append(image)
             continue
@@ -214,13 +216,17 @@ def validate_input(card: TaskCard, spec, image: Image, path) -> None:
     if float(image.array.max()) == float(image.array.min()):
         raise InputError("is constant (every voxel has the same value): nothing to segment", path)
     check_orthogonal_axes(image, path)
+    checks = {"voxel_type": "real numbers, all finite", "spacing_mm": "positive (readers refuse a zero or missing one)",
+              "axes": f"orthogonal (within |cos| {AXES_TOLERANCE})"}
     if card.preprocessing.normalisation in ("zscore", "percentile"):
         from .preprocessing import normalisation_stats
 
         try:
-            normalisation_stats(image.array, card.preprocessing.normalisation)
+            centre, spread = normalisation_stats(image.array, card.preprocessing.normalisation)
         except InputError as exc:
             raise InputError(str(exc), path) from None
+        checks["intensity"] = f"{card.preprocessing.normalisation} centre {centre:.4g}, spread {spread:.4g} (float64)"
+    image.meta["checks"] = checks
 
 
 AXES_TOLERANCE = 1e-3  # |cos| between voxel axes (0.06 degrees): DICOM / NIfTI rounding stays far below
@@ -505,7 +511,7 @@ def write_outputs(card: TaskCard, image: Image, result: RunResult, folder: Path,
 def describe_input(path, image: Image) -> dict:
     return {"path": str(path), "shape_kji": list(image.array.shape), "spacing": list(image.spacing),
             "origin": list(image.origin), "direction": image.direction.round(6).tolist(),
-            "dtype": str(image.array.dtype)}
+            "dtype": str(image.array.dtype), "checks": image.meta.get("checks", {})}
 
 
 def versions() -> dict:
