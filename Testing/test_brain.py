@@ -1,13 +1,10 @@
 """Brain WMH (seed 002) pieces: attention U-Net, brain-box inference, slab simulation, focal
 Tversky loss and the seed's and WMH-2017's metrics on constructed cases with known answers."""
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Training"))
 from brain_wmh import focal_tversky_loss, simulate_slabs, slice_entropy_bits  # noqa: E402
 from wmh_metrics import hd95_mm, lesion_detection_by_bracket, voxel_metrics, wmh2017_metrics  # noqa: E402
 

@@ -1,14 +1,11 @@
 """Issue 22: clinical-geometry simulation, the lesion-aware loss, the lesion decoder (threshold and
 minimum volume chosen by leave-one-case-out, carried by the checkpoint) and its selection — on
 constructed cases with known answers."""
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Training"))
 from brain_wmh import blob_loss, focal_tversky_loss  # noqa: E402
 from clinical_geometry import Acquisition, box_kernel, draw_acquisitions, simulate_acquisition  # noqa: E402
 

@@ -1,12 +1,9 @@
 """Seed 004's metrics on inputs with known answers."""
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Training"))
 from evaluate import exact_binomial_comparison, foramen_errors, read_markers, summarise_foramina  # noqa: E402
 from spine_levels import level_identification, level_labels, weighted_dice_loss  # noqa: E402
 

@@ -6,14 +6,12 @@ no real foramen labels exist yet. These tests score it on held-out phantoms (see
 handedness of the direction matrix) whose foramina come from pedicle and disc geometry with random
 offsets in phantoms.py, which does not import the estimator or the localiser."""
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Training"))
 from spine_foramina import TEST_SEEDS, phantom_case, predict_foramina, score_foramina  # noqa: E402
 from spine_levels import Config, network_config, sample_batch, weighted_dice_loss  # noqa: E402
 

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 TRAINING = Path(__file__).resolve().parents[1] / "Training"
-sys.path.insert(0, str(TRAINING))
 import knee_bones as kb  # noqa: E402
 import knee_synth as ks  # noqa: E402
 

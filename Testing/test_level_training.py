@@ -1,14 +1,11 @@
 """The whole-column level trainer (issue 21): label/image slice mismatches resolved from the image,
 duplicates kept in one fold, a training run that learns, resumes bit for bit and whose weights run
 through the product's pipeline with the anatomical decoding."""
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Training"))
 import level_column as lc  # noqa: E402
 
 from SpineKneeSegLib.datasets import data_root  # noqa: E402

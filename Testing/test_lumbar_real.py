@@ -52,10 +52,7 @@ def test_levels_and_estimated_foramina_on_a_held_out_case(case, tmp_path):
 
 
 def test_a_field_of_view_cut_above_l2_is_not_shifted(case, tmp_path):
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Training"))
     from level_eval import field_of_view_variants
 
     from SpineKneeSegLib.io import write_image

@@ -1,14 +1,11 @@
 """The common training loop: overfits a fixed small batch, its checkpoint goes through the weights
 registry (SHA256 checked) and runs unchanged through the CLI; a tampered file is refused."""
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from Training.slicetrain import TrainConfig, train  # noqa: E402
+from slicetrain import TrainConfig, train  # noqa: E402
 
 from SpineKneeSegLib import cli  # noqa: E402
 from SpineKneeSegLib.io import read_image, write_image  # noqa: E402
@@ -68,7 +65,6 @@ def test_registered_weights_run_through_the_cli(trained, tmp_path, monkeypatch, 
 
 
 def test_level_trainer_takes_corrected_label_maps_from_a_manifest(tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Training"))
     from spine_levels import manifest_label_cases, prepare
 
     from SpineKneeSegLib.training_manifest import TrainingCase, add_training_case
@@ -92,7 +88,7 @@ def test_foreground_dice_loss_scores_both_heads():
     ~1 for a confident wrong one, on sigmoid (one channel per label) and softmax heads alike."""
     import torch
 
-    from Training.slicetrain import dice_ce_loss, foreground_dice_loss, sigmoid_dice_bce_loss
+    from slicetrain import dice_ce_loss, foreground_dice_loss, sigmoid_dice_bce_loss
 
     target = torch.zeros(2, 16, 16, dtype=torch.long)
     target[:, 4:12, 4:12] = 1

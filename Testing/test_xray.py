@@ -4,7 +4,6 @@ phantom's true heads, and the CLI end to end with the shipped weights on held-ou
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,6 @@ from SpineKneeSegLib.tasks import TASKS
 from SpineKneeSegLib.weights import find_entry
 from SpineKneeSegLib.xray import femoral_heads, fit_head
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Training"))
 
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +17,6 @@ from SpineKneeSegLib.phantoms import xray_femur_phantom
 from SpineKneeSegLib.tasks import TASKS
 from SpineKneeSegLib.weights import resolve_weights
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Training"))
 import xray as X  # noqa: E402
 import xray_import as XI  # noqa: E402
 

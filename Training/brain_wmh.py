@@ -32,8 +32,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SpineKneeSeg"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from clinical_geometry import draw_acquisitions, simulate_acquisition  # noqa: E402
 from wmh_metrics import all_metrics  # noqa: E402

@@ -11,10 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SpineKneeSeg"))
 from SpineKneeSegLib.image import Image  # noqa: E402
 
 

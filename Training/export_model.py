@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SpineKneeSeg"))
 
 from SpineKneeSegLib.models import build_network, count_parameters  # noqa: E402
 from SpineKneeSegLib.weights import load_checkpoint, models_dir, register_model  # noqa: E402

@@ -27,8 +27,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SpineKneeSeg"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from knee_synth import BONES, KneeVolume, SynthConfig, synthesise, synthesise_batch, synthesise_volume  # noqa: E402
 

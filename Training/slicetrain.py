@@ -6,7 +6,6 @@ Task issues add their own losses, augmentation and data importers on top; this i
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +13,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SpineKneeSeg"))  # run from a checkout
 
 from SpineKneeSegLib.image import Image  # noqa: E402
 from SpineKneeSegLib.models import build_network  # noqa: E402

@@ -23,8 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SpineKneeSeg"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from evaluate import foramen_errors, summarise_foramina  # noqa: E402
 from spine_levels import CARD, Config, PreparedCase, train_loop  # noqa: E402

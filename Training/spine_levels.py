@@ -20,8 +20,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SpineKneeSeg"))  # run from a checkout
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from SpineKneeSegLib.datasets import data_root  # noqa: E402
 from SpineKneeSegLib.inference import segment_slices  # noqa: E402

@@ -10,10 +10,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SpineKneeSeg"))
 from SpineKneeSegLib.lesions import BRACKETS, bracket_name, label_lesions  # noqa: E402
 
 

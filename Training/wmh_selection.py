@@ -18,8 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SpineKneeSeg"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from wmh_metrics import all_metrics  # noqa: E402
 

@@ -38,8 +38,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SpineKneeSeg"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from slicetrain import (dice_ce_loss, foreground_dice_loss, save_resume_state, sigmoid_dice_bce_loss,  # noqa: E402
                         tensorboard_writer)

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "SpineKneeSeg"))
 
 from SpineKneeSegLib.errors import InputError  # noqa: E402
 from SpineKneeSegLib.image import Image  # noqa: E402
