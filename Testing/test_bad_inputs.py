@@ -112,6 +112,19 @@ def _sheared_nrrd(tmp_path):
     return [path], "not orthogonal"
 
 
+def _dicom_without_pixel_spacing(tmp_path):
+    import pydicom
+
+    folder = tmp_path / "nospacing"
+    vol = (np.arange(8 * 32 * 32).reshape(8, 32, 32) % 300).astype(np.int16)
+    files, _ = write_dicom_series(folder, vol)
+    for f in files:
+        ds = pydicom.dcmread(f)
+        del ds.PixelSpacing
+        ds.save_as(f)
+    return [folder], "PixelSpacing"
+
+
 def _gantry_tilt(tmp_path):
     folder = tmp_path / "tilted"
     vol = (np.arange(8 * 32 * 32).reshape(8, 32, 32) % 300).astype(np.int16)
@@ -122,7 +135,8 @@ def _gantry_tilt(tmp_path):
 CORPUS = {"empty": _empty, "nan": _nan, "truncated": _truncated, "truncated-gzip": _truncated_raw_gzip,
           "2d-to-3d-task": _two_d, "two-series": _two_series, "missing-slice": _missing_slice,
           "constant": _constant, "missing-file": _missing, "zero-pixdim": _zero_pixdim,
-          "sheared-nrrd": _sheared_nrrd, "gantry-tilt": _gantry_tilt}
+          "sheared-nrrd": _sheared_nrrd, "gantry-tilt": _gantry_tilt,
+          "dicom-without-pixel-spacing": _dicom_without_pixel_spacing}
 
 
 @pytest.mark.parametrize("case", sorted(CORPUS))

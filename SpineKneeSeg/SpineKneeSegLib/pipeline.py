@@ -215,6 +215,9 @@ def validate_input(card: TaskCard, spec, image: Image, path) -> None:
                          f"{card.preprocessing.min_size}x{card.preprocessing.min_size}", path)
     if float(image.array.max()) == float(image.array.min()):
         raise InputError("is constant (every voxel has the same value): nothing to segment", path)
+    if spec.dims == 3 and image.meta.get("spacing_source") == "none":  # DICOM without PixelSpacing
+        raise InputError("has no PixelSpacing: the in-plane voxel size is unknown, so volumes and distances would "
+                         "be invented", path)
     if not all(np.isfinite(s) and s > 0 for s in image.spacing):
         raise InputError(f"voxel size {tuple(image.spacing)} mm is not positive: volumes and distances would be "
                          "invented", path)
