@@ -188,7 +188,7 @@ def test_run_uses_the_checkpoints_decoding_rule_for_the_inputs_slice_thickness(t
     assert np.bincount(components.ravel())[1:].min() * 7.0 >= 30.0  # each kept lesion has the minimum volume
 
 
-RECALL_FLOOR_7_5MM = 0.0
+RECALL_FLOOR_7_5MM = 0.07  # brain-wmh v0.3.0 finds 2 of 27 (v0.2.0: 5): a regression guard, far below the aim
 
 
 def _small_lesion_flair(seed: int, n_lesions: int = 60, shape=(150, 180, 150)):

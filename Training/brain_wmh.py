@@ -446,7 +446,7 @@ def model_card(version: str, cfg: dict, final: dict, selection: dict, selection_
     t1_limit = ("- Needs a T1 in the FLAIR's space (one study, or co-registered): `run FLAIR T1` picks this model\n"
                 "  (registry entry `brain-wmh-t1`); FLAIR alone runs the FLAIR-only `brain-wmh` model."
                 if t1 else "- The optional T1 input is not used by this model (a registered `brain-wmh-t1` model is).")
-    from wmh_selection import shipped_decoder
+    from wmh_selection import DECODER_MARGIN, shipped_decoder
 
     decoder = shipped_decoder(selection)
     chosen = selection["rules_all_cases"]
@@ -458,15 +458,20 @@ def model_card(version: str, cfg: dict, final: dict, selection: dict, selection_
 leave-one-out cases ({rule_text}; the thickest voxel side of the input picks the rule), stored in
 the checkpoint and reported in `report.json` under `summaries.lesion_decoding`. Chosen on the other
 cases, such rules beat the plain 0.5 cut in leave-one-out (mean lesion F1 over 1, 3, 5 and 7.5 mm:
-{f1['nested']:.3f} against {f1['plain_0.5']:.3f}).""" if decoder == "nested" else
+{f1['nested']:.4f} against {f1['plain_0.5']:.4f}).""" if decoder == "nested" else
                 f"""The mask is the seed's plain 0.5 cut of the probability (stored in the checkpoint as the
 decoding rule, reported in `report.json` under `summaries.lesion_decoding`). A decoder chosen for
 lesion F1 — a probability threshold ({THRESHOLDS[0]}-{THRESHOLDS[-1]}) and a minimum lesion volume
 ({", ".join(f"{v:g}" for v in MIN_VOLUMES_MM3)} mm3), one rule for slices up to 2 mm and one for
 thicker — was tried by leave-one-case-out, each case decoded by the rules chosen on the other two,
-and lost to the plain cut (mean lesion F1 over 1, 3, 5 and 7.5 mm: {f1['nested']:.3f} against
-{f1['plain_0.5']:.3f}): with two cases to choose on, the rule does not transfer to the third. The
-rules all three cases would pick ({rule_text}) are therefore not shipped.""")
+and did not beat the plain cut by the required {DECODER_MARGIN} (mean lesion F1 over 1, 3, 5 and 7.5 mm:
+{f1['nested']:.4f} against {f1['plain_0.5']:.4f}): with two cases to choose on, a rule does not
+transfer to the third. The rules all three cases would pick ({rule_text}) are therefore not shipped.""")
+    geometries = (f" and {cfg['geometries']} random acquisitions per volume (Training/clinical_geometry.py: slice "
+                  "thickness 3-8 mm with partial-volume averaging along a random acquisition axis, in-plane pixels "
+                  "0.4-1.2 mm, labels carried the same way and kept where >= 50 %)" if cfg.get("geometries") else
+                  " (averaged 1 mm slices, labels kept where >= 50 %; no random acquisition axes: they cost Dice, "
+                  "see the variants)")
     loss = ("blob loss (Kofler et al. 2023): the seed's focal Tversky over the patch plus, weighted "
             f"{cfg['blob_weight']}, the mean of the same loss over each true lesion and the background"
             if cfg["loss"] == "blob" else "the seed's focal Tversky loss")
@@ -500,10 +505,8 @@ brain, inside the brain's bounding box; probabilities resampled back to the inpu
 {cfg['steps_per_epoch']} batches of {cfg['batch_size']} {cfg['patch']}x{cfg['patch']} patches an epoch, at most
 {cfg['epochs']} epochs, early stopping on held-back slice blocks of the training volumes; slices with intensity
 entropy < {cfg['min_entropy_bits']} bits dropped; flips, gain/offset/noise. {int(cfg['slab_fraction'] * 100)} % of
-batches come from simulated clinical acquisitions of the training volumes: axial slabs of {cfg['slab_mm']} mm
-({cfg['slab_phases']} phases each) and {cfg['geometries']} random acquisitions per volume (Training/clinical_geometry.py:
-slice thickness 3-8 mm with partial-volume averaging along a random acquisition axis, in-plane pixels
-0.4-1.2 mm, labels carried the same way and kept where >= 50 %). Final model: all 3 volumes, best epoch
+batches come from simulated thick-slice acquisitions of the training volumes: axial slabs of {cfg['slab_mm']} mm
+({cfg['slab_phases']} phases each){geometries}. Final model: all 3 volumes, best epoch
 {final.get('best_epoch')} of {final.get('epochs')}.
 
 ## Leave-one-case-out (each case predicted by a model trained on the other two)
@@ -561,9 +564,9 @@ def ship(out: Path, version: str, compare: list[Path], minutes: dict, notes: str
         print(f"not shipping: the model does not beat the baseline in leave-one-out: {json.dumps(s)}", file=sys.stderr)
         return 1
     selection = report(out)
-    variants = {f"{loo_result['config']['loss']} (shipped)": selection}
+    variants = {f"{out.name}: {loo_result['config']['loss']} (shipped)": selection}
     for other in compare:
-        variants[f"{json.loads((other / 'loo.json').read_text())['config']['loss']} ({other.name})"] = report(other)
+        variants[f"{other.name}: {json.loads((other / 'loo.json').read_text())['config']['loss']}"] = report(other)
     final = json.loads((out / "final" / "final.json").read_text())
     checkpoint = load_checkpoint(out / "final" / "best.pt")
     cfg = checkpoint["metadata"]["config"]
