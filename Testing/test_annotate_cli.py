@@ -312,7 +312,25 @@ def test_predict_writes_prefill_markers(tmp_path, capsys):
     assert cli.main(["annotate", "predict", str(scans), "--device", "cpu"]) == 0
     predictions = scans / "annotations" / "p.pred.mrk.json"
     points = read_foramen_markers(predictions, include_unconfirmed=True)
-    assert all(p.name in {f"L{level} {side}" for level in range(1, 6) for side in ("left", "right")} for p in points)
+    assert points and all(p.name in {f"L{level} {side}" for level in range(1, 6) for side in ("left", "right")}
+                          for p in points)
+    # issue 26: the file itself says a model made every point and no reader confirmed it
+    assert all(p.status == "unconfirmed" and "origin=model" in p.description and "model=lumbar-levels" in p.description
+               for p in points)
+    assert read_foramen_markers(predictions) == []
+    capsys.readouterr()
+    code = cli.main(["annotate", "export", "--markers", str(predictions), "--image", str(scans / "p.nii.gz"),
+                     "--output", str(tmp_path / "lab.nii.gz")])
+    assert code == 2 and "no placed, confirmed foramen points" in capsys.readouterr().err
+    # a model's file written before points were marked: still not labels
+    import json
+
+    doc = json.loads(predictions.read_text())
+    for cp in doc["markups"][0]["controlPoints"]:
+        cp["description"] = cp["description"].split("; status=")[0]
+    old = scans / "annotations" / "old.pred.mrk.json"
+    old.write_text(json.dumps(doc))
+    assert read_foramen_markers(old) == [] and len(read_foramen_markers(old, include_unconfirmed=True)) == len(points)
     capsys.readouterr()
     assert cli.main(["annotate", "predict", str(scans), "--device", "cpu"]) == 0
     assert "predicted 0 case(s) (all had predictions)" in capsys.readouterr().out

@@ -117,8 +117,11 @@ def read_foramen_markers(path: str | Path, *, include_undefined: bool = False,
     """Points of a Slicer markups file, in RAS whatever its ``coordinateSystem``. A point whose
     level/side cannot be read is an error naming it (a silent skip would lose a label).
     Points a model pre-filled that no reader has confirmed (description ``status=unconfirmed``)
-    are not labels and are skipped unless ``include_unconfirmed``."""
+    are not labels and are skipped unless ``include_unconfirmed``; in a model's own file
+    (``*.pred.mrk.json``) a point without a status is unconfirmed too (files written before
+    predictions were marked)."""
     path = Path(path)
+    model_file = path.name.endswith(".pred.mrk.json")
     points = []
     for markup, flip in _markups(path, allow_empty=False):
         for n, cp in enumerate(markup.get("controlPoints") or []):
@@ -127,6 +130,8 @@ def read_foramen_markers(path: str | Path, *, include_undefined: bool = False,
                 continue
             label, description = str(cp.get("label", "")), str(cp.get("description", ""))
             status = point_status(description)
+            if model_file and "status" not in parse_point_description(description):
+                status = UNCONFIRMED
             if status == UNCONFIRMED and not include_unconfirmed:
                 continue
             named = level_and_side(label, description, cp.get("attributes"))

@@ -258,6 +258,29 @@ def add_to_training_manifest(worklist: Worklist, manifest, reviewed_only: bool =
     return added
 
 
+def model_name(report: dict) -> str:
+    """``<file> <version>`` of the weights a run used, for the points it made."""
+    weights = report.get("weights", {})
+    stem, version = Path(weights.get("path", "unknown")).stem, weights.get("registry_version")
+    if version and stem.endswith(f"-{version}"):
+        stem = stem[: -len(version) - 1]
+    return f"{stem} {version or '(unregistered weights)'}"
+
+
+def mark_model_points(path: Path, model: str) -> None:
+    """Every point of a model's markups file says in the file itself that a model made it and no
+    reader has confirmed it (``status=unconfirmed; origin=model; model=...``), so no tool that
+    reads it takes the guesses for labels."""
+    import json
+
+    doc = json.loads(path.read_text())
+    tag = f"status=unconfirmed; origin=model; model={model.replace(';', ',')}"
+    for markup in doc.get("markups", []):
+        for cp in markup.get("controlPoints") or []:
+            cp["description"] = "; ".join(filter(None, [str(cp.get("description", "")).strip(), tag]))
+    path.write_text(json.dumps(doc, indent=2))
+
+
 def predict_worklist(worklist: Worklist, options=None, overwrite: bool = False, progress=None) -> list[str]:
     """Run the lumbar-foramina task on every case and keep its markers as ``<case>.pred.mrk.json``
     beside the annotations (the panel's "Pre-fill" loads them as unconfirmed points). Runs the
@@ -278,9 +301,11 @@ def predict_worklist(worklist: Worklist, options=None, overwrite: bool = False, 
         if case.predictions.exists() and not overwrite:
             continue
         with tempfile.TemporaryDirectory(prefix=".predict-", dir=worklist.annotations_dir) as tmp:
-            run_case(card, [str(case.image)], Path(tmp) / "out", options or RunOptions(), progress or Progress("none"))
+            report = run_case(card, [str(case.image)], Path(tmp) / "out", options or RunOptions(),
+                              progress or Progress("none"))
             staged = Path(tmp) / f"{case.id}{PREDICTIONS_SUFFIX}"
             shutil.copyfile(Path(tmp) / "out" / "foramina.mrk.json", staged)
+            mark_model_points(staged, model_name(report))
             os.replace(staged, case.predictions)
         done.append(case.id)
     return done
