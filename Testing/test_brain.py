@@ -112,8 +112,8 @@ def test_metrics_on_known_lesions():
     pred[5:10, 5:10, 5:8] = 1  # 75 of 125 = 60 %: not "> 60 %" -> not detected (seed 002)
     pred[2, 35, 35] = 1  # a false positive lesion
     brackets = lesion_detection_by_bracket(pred, truth)
-    assert brackets["[10,400)"] == {"lesions": 1, "detected": 0}
-    assert brackets["[0,10)"] == {"lesions": 1, "detected": 0}
+    assert brackets["[10,400)"] == {"lesions": 1, "detected": 0, "any_overlap": 1}  # touched, not > 60 %
+    assert brackets["[0,10)"] == {"lesions": 1, "detected": 0, "any_overlap": 0}
     pred[5:10, 5:10, 8] = 1  # 100 of 125
     assert lesion_detection_by_bracket(pred, truth)["[10,400)"]["detected"] == 1
     wmh = wmh2017_metrics(pred, truth, (1.0, 1.0, 1.0))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from brain_wmh import blob_loss, focal_tversky_loss  # noqa: E402
+from wmh_metrics import wmh2017_metrics  # noqa: E402
 from clinical_geometry import Acquisition, box_kernel, draw_acquisitions, simulate_acquisition  # noqa: E402
 
 from SpineKneeSegLib.image import Image  # noqa: E402
@@ -145,8 +146,8 @@ def test_selection_grid_equals_the_lib_decoder_and_never_looks_at_the_scored_cas
         for a in (0, 5, 12):
             for b in (0, 3, 6):
                 rule = DecodingRule(sel.THRESHOLDS[a], sel.MIN_VOLUMES_MM3[b])
-                assert scores[a, b] == pytest.approx(sel.lesion_f1(decode_lesions(probs, spacing, rule),
-                                                                    label_lesions(truth, 26)))
+                pred = decode_lesions(probs, spacing, rule)
+                assert scores[a, b] == pytest.approx(wmh2017_metrics(pred, truth, spacing[::-1])["lesion_f1"])
     # make case "a" prefer a threshold nobody else does: its own rule must not follow it
     grid[("a", "1mm")][:] = 0
     grid[("a", "1mm")][-1, -1] = 10.0

@@ -25,9 +25,9 @@ OUT = Path(__file__).resolve().parents[1] / "SpineKneeSeg" / "Resources" / "Samp
 
 
 def crop(image: Image, box: tuple[slice, ...]) -> Image:
-    """The sub-volume ``box`` (k, j, i) with its origin moved so every voxel keeps its position."""
-    start_ijk = np.array([s.start for s in box][::-1], float)
-    origin = np.asarray(image.origin) + np.asarray(image.direction) @ (start_ijk * np.asarray(image.spacing))
+    """The sub-volume ``box`` (k, j, i) with its origin moved so every voxel keeps its position
+    (a 3D box; preprocessing.crop_in_plane crops rows and columns only)."""
+    origin = image.ijk_to_lps_points([[s.start for s in box][::-1]])[0]
     return Image(np.ascontiguousarray(image.array[box]), image.spacing, tuple(origin), image.direction)
 
 

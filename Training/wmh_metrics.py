@@ -28,9 +28,10 @@ def voxel_metrics(pred: np.ndarray, truth: np.ndarray, beta: float = 3.0) -> dic
 
 def lesion_detection_by_bracket(pred: np.ndarray, truth: np.ndarray, found_fraction: float = 0.6,
                                 connectivity: int = 26) -> dict:
-    """Seed 002: per size bracket, how many true lesions have > ``found_fraction`` of voxels found."""
+    """Seed 002: per size bracket, how many true lesions have > ``found_fraction`` of voxels found
+    ("detected"); and, WMH-2017's rule, how many any prediction touches ("any_overlap")."""
     comp, n = label_lesions(truth, connectivity)
-    out = {bracket_name(lo): {"lesions": 0, "detected": 0} for lo, _ in BRACKETS}
+    out = {bracket_name(lo): {"lesions": 0, "detected": 0, "any_overlap": 0} for lo, _ in BRACKETS}
     if n:
         sizes = np.bincount(comp.ravel(), minlength=n + 1)[1:]
         hits = np.bincount(comp[pred > 0].ravel(), minlength=n + 1)[1:]
@@ -38,6 +39,7 @@ def lesion_detection_by_bracket(pred: np.ndarray, truth: np.ndarray, found_fract
             row = out[bracket_name(int(size))]
             row["lesions"] += 1
             row["detected"] += int(hit > found_fraction * size)
+            row["any_overlap"] += int(hit > 0)
     return out
 
 

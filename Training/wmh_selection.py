@@ -21,7 +21,7 @@ import numpy as np
 
 from wmh_metrics import all_metrics  # noqa: E402
 
-from SpineKneeSegLib.lesions import BRACKETS, DecodingRule, bracket_name, decode_lesions, label_lesions  # noqa: E402
+from SpineKneeSegLib.lesions import DecodingRule, decode_lesions, label_lesions  # noqa: E402
 
 THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.1, 0.91, 0.05))
 MIN_VOLUMES_MM3 = (0.0, 2.0, 4.0, 6.0, 10.0, 15.0, 25.0)
@@ -40,17 +40,6 @@ def load_views(run: Path, cfg) -> dict:
         probs = np.load(saved)
         out[case["id"]] = {name: (probs[name], truth > 0, img.spacing) for name, img, truth, _ in eval_views(case, cfg)}
     return out
-
-
-def lesion_f1(pred: np.ndarray, truth_components: tuple[np.ndarray, int]) -> float:
-    """WMH-2017 lesion F1 (26-connected, any overlap) against pre-labelled truth."""
-    tc, tn = truth_components
-    pc, pn = label_lesions(pred, 26)
-    detected = len(np.unique(tc[(pc > 0) & (tc > 0)]))
-    touching = len(np.unique(pc[(tc > 0) & (pc > 0)]))
-    recall = detected / tn if tn else 1.0
-    precision = touching / pn if pn else 1.0
-    return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
 
 
 def f1_grid(views: dict) -> dict:
@@ -98,22 +87,6 @@ def choose_rules(grid: dict, views: dict, cases: list[str], split_mm: float | No
     return rules
 
 
-def bracket_recall(pred: np.ndarray, truth: np.ndarray) -> dict:
-    """Per seed-002 size bracket (voxels): true lesions, those touched (WMH-2017 any overlap) and
-    those > 60 % found (seed 002)."""
-    comp, n = label_lesions(truth, 26)
-    out = {bracket_name(lo): {"lesions": 0, "any_overlap": 0, "over_60pct": 0} for lo, _ in BRACKETS}
-    if n:
-        sizes = np.bincount(comp.ravel(), minlength=n + 1)[1:]
-        hits = np.bincount(comp[pred > 0].ravel(), minlength=n + 1)[1:]
-        for size, hit in zip(sizes, hits):
-            row = out[bracket_name(int(size))]
-            row["lesions"] += 1
-            row["any_overlap"] += int(hit > 0)
-            row["over_60pct"] += int(hit > 0.6 * size)
-    return out
-
-
 def score(views: dict, rules_for_case: dict) -> dict:
     """{case: {view: metrics}} with each case decoded by its own (not-chosen-on-it) rules."""
     from SpineKneeSegLib.lesions import rule_for
@@ -126,7 +99,7 @@ def score(views: dict, rules_for_case: dict) -> dict:
             pred = decode_lesions(probs, spacing, rule)
             m = all_metrics(pred, truth, tuple(spacing[::-1]))
             table[case][view] = {**m["wmh2017"], "f3": m["seed002"]["f3"], "rule": rule.__dict__,
-                                 "brackets": bracket_recall(pred, truth)}
+                                 "brackets": m["seed002"]["brackets"]}
     return table
 
 
@@ -140,7 +113,7 @@ def summarise(table: dict) -> dict:
             n = sum(r["brackets"][name]["lesions"] for r in rows)
             brackets[name] = {"lesions": n,
                               "recall_any_overlap": sum(r["brackets"][name]["any_overlap"] for r in rows) / n if n else None,
-                              "recall_over_60pct": sum(r["brackets"][name]["over_60pct"] for r in rows) / n if n else None}
+                              "recall_over_60pct": sum(r["brackets"][name]["detected"] for r in rows) / n if n else None}
         out[v] = {"dice": float(np.mean([r["dice"] for r in rows])),
                   "lesion_f1": float(np.mean([r["lesion_f1"] for r in rows])),
                   "lesion_recall": float(np.mean([r["lesion_recall"] for r in rows])),
