@@ -38,7 +38,7 @@ class SpineKneeSeg(ScriptedLoadableModule):
 def registerSampleData():
     """Sample Data module: the small real scans in Resources/SampleData (README.md there)."""
     import SampleData
-    from SpineKneeSegLib.datasets import sample_data_sources
+    from SpineKneeSegLib.core.datasets import sample_data_sources
 
     for source in sample_data_sources():
         SampleData.SampleDataLogic.registerCustomSampleDataSource(**source)
@@ -48,18 +48,18 @@ class SpineKneeSegLogic:
     """Plain class (ScriptedLoadableModuleLogic imports qt): Slicer's getModuleLogic reads widget.logic."""
 
     def __init__(self):
-        from SpineKneeSegLib.panel import PanelController
+        from SpineKneeSegLib.panel.controller import PanelController
 
         self.controller = PanelController()
 
     def input_files(self, volume_nodes, folder):
-        from SpineKneeSegLib.results import input_paths
+        from SpineKneeSegLib.mrml.results import input_paths
 
         database = getattr(slicer, "dicomDatabase", None)
         return input_paths(volume_nodes, folder, database.fileForInstance if database else None)
 
     def import_results(self, output_dir, reference_volume, task, segmentation_node=None):
-        from SpineKneeSegLib.results import load_results
+        from SpineKneeSegLib.mrml.results import load_results
 
         return load_results(slicer.mrmlScene, output_dir, reference_volume, task, segmentation_node)
 
@@ -71,8 +71,8 @@ class SpineKneeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
-        from SpineKneeSegLib.devices import CHOICES, detect_devices
-        from SpineKneeSegLib.parameters import load_settings
+        from SpineKneeSegLib.engine.devices import CHOICES, detect_devices
+        from SpineKneeSegLib.panel.parameters import load_settings
         from SpineKneeSegLib.tasks import TASKS
 
         ui_widget = slicer.util.loadUI(self.resourcePath("UI/SpineKneeSeg.ui"))
@@ -102,8 +102,8 @@ class SpineKneeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ---- Annotate section: buttons and shortcuts -> AnnotatePanel (Lib, tested headless) ----
     def setupAnnotate(self):
-        from SpineKneeSegLib.annotate_panel import BUTTONS, SHORTCUTS, AnnotatePanel
-        from SpineKneeSegLib.mrml_harness import get_app
+        from SpineKneeSegLib.annotation.controller import BUTTONS, SHORTCUTS, AnnotatePanel
+        from SpineKneeSegLib.mrml.harness import get_app
 
         self.annotator = AnnotatePanel(get_app(), on_change=self.refreshAnnotate)
         for name, command in BUTTONS.items():
@@ -154,7 +154,7 @@ class SpineKneeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self):
         self.removeObservers()
         if self.process is not None:
-            from SpineKneeSegLib.runner import kill_process_tree
+            from SpineKneeSegLib.panel.runner import kill_process_tree
 
             kill_process_tree(int(self.process.processId()))
         for shortcut in getattr(self, "shortcuts", []):
@@ -170,7 +170,7 @@ class SpineKneeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.onSceneChanged()
 
     def onSceneChanged(self, *_):
-        from SpineKneeSegLib.parameters import load_from_node, parameter_node
+        from SpineKneeSegLib.panel.parameters import load_from_node, parameter_node
 
         node = parameter_node(slicer.mrmlScene)
         if node.GetParameter("task"):  # a saved scene: its panel state wins over the user settings
@@ -181,7 +181,7 @@ class SpineKneeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onGUIChanged(self, *_):
         if self._updating:
             return
-        from SpineKneeSegLib.parameters import parameter_node, save_settings, save_to_node
+        from SpineKneeSegLib.panel.parameters import parameter_node, save_settings, save_to_node
 
         s = self.controller.state
         fast_before, task_before, device_before = s.fast, s.task, s.device
@@ -200,7 +200,7 @@ class SpineKneeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateGUIFromState()
 
     def updateGUIFromState(self):
-        from SpineKneeSegLib.panel import task_summary
+        from SpineKneeSegLib.panel.controller import task_summary
 
         c, s = self.controller, self.controller.state
         self._updating = True
@@ -239,7 +239,7 @@ class SpineKneeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ---- a run: QProcess of the CLI; Apply <-> Cancel ----
     def onApplyOrCancel(self):
-        from SpineKneeSegLib.runner import cli_environment, cli_python, kill_process_tree
+        from SpineKneeSegLib.panel.runner import cli_environment, cli_python, kill_process_tree
 
         if self.process is not None:  # Cancel: the launcher AND the interpreter it started
             self.process.finished.disconnect(self.onProcessFinished)
@@ -324,7 +324,7 @@ class SpineKneeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             layout_table.tableView().clicked.connect(self.onResultRowClicked)
 
     def onResultRowClicked(self, index):
-        from SpineKneeSegLib.results import jump_target
+        from SpineKneeSegLib.mrml.results import jump_target
 
         if self.results is None or self.results.main_table is None:
             return
@@ -334,7 +334,7 @@ class SpineKneeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ---- first use: Python packages (asked, never SimpleITK/numpy/vtk/slicer-core) ----
     def ensureDependencies(self):
-        from SpineKneeSegLib.dependencies import is_offline_error, offline_message, plan_install
+        from SpineKneeSegLib.panel.dependencies import is_offline_error, offline_message, plan_install
 
         plan = plan_install(pytorch_extension=importlib.util.find_spec("PyTorchUtils") is not None)
         if not plan.needed:
@@ -357,7 +357,7 @@ class SpineKneeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return False
         finally:
             qt.QApplication.restoreOverrideCursor()
-        from SpineKneeSegLib.devices import detect_devices
+        from SpineKneeSegLib.engine.devices import detect_devices
 
         self.controller.set_devices(*detect_devices(), initial=True)
         return True
@@ -386,10 +386,10 @@ def _pip_ensure(plan):
 class SpineKneeSegTest(ScriptedLoadableModuleTest):
     """Inside Slicer (README: "Running SpineKneeSegTest"): every task on a phantom, run in a PythonSlicer
     child process exactly as the panel runs it, results loaded into Slicer's own scene and checked
-    (SpineKneeSegLib/selftest.py; the same body runs headless in Testing/test_runner.py)."""
+    (SpineKneeSegLib/panel/selftest.py; the same body runs headless in Testing/test_runner.py)."""
 
     def runTest(self):
-        from SpineKneeSegLib import selftest
+        from SpineKneeSegLib.panel import selftest
 
         slicer.mrmlScene.Clear(0)
         selftest.run_all(slicer.mrmlScene, log=self.delayDisplay)

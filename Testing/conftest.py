@@ -14,7 +14,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def slicer_app():
     """A fresh headless Slicer (scene + module logics, slicer.mrmlScene / slicer.modules set) per
     test: it costs ~15 ms, and no test sees another's nodes. Skips only without slicer-core."""
-    from SpineKneeSegLib.mrml_harness import create_headless_slicer, require_slicer
+    from SpineKneeSegLib.mrml.harness import create_headless_slicer, require_slicer
 
     try:
         require_slicer()

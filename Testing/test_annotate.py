@@ -13,16 +13,14 @@ import json
 
 import numpy as np
 import pytest
-from SpineKneeSegLib.mrml_harness import require_slicer
+from SpineKneeSegLib.mrml.harness import require_slicer
 
 try:
     require_slicer()
 except ImportError as exc:  # only a missing slicer-core skips; any other import error fails
     pytest.skip(f"real MRML unavailable: {exc}", allow_module_level=True)
 
-from SpineKneeSegLib import mrml
-from SpineKneeSegLib.annotation import AnnotationController, geometry_of
-from SpineKneeSegLib.foramen_labels import (
+from SpineKneeSegLib.annotation.foramen_labels import (
     CONFIRMED,
     NOT_VISIBLE,
     UNCONFIRMED,
@@ -31,9 +29,11 @@ from SpineKneeSegLib.foramen_labels import (
     read_foramen_markers,
     read_marker_records,
 )
-from SpineKneeSegLib.mrml_harness import HeadlessSliceView, create_headless_slicer
-from SpineKneeSegLib.phantoms import spine_phantom
-from SpineKneeSegLib.worklist import FORAMEN_ORDER
+from SpineKneeSegLib.annotation.session import AnnotationController, geometry_of
+from SpineKneeSegLib.annotation.worklist import FORAMEN_ORDER
+from SpineKneeSegLib.mrml import nodes
+from SpineKneeSegLib.mrml.harness import HeadlessSliceView, create_headless_slicer
+from SpineKneeSegLib.tasks.spine.phantom import spine_phantom
 
 pytestmark = pytest.mark.mrml
 SHAPE, SPACING = (12, 128, 128), (2.0, 2.0, 4.0)
@@ -78,7 +78,7 @@ def _view_mode(app) -> None:
 
 
 def _setup(slicer_app, view, phantom, path, **kw):
-    volume = mrml.image_to_volume_node(slicer_app.scene, phantom.image, "scan")
+    volume = nodes.image_to_volume_node(slicer_app.scene, phantom.image, "scan")
     node = slicer_app.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "case")
     node.CreateDefaultDisplayNodes()
     controller = AnnotationController(node, geometry_of(phantom.image), path, **kw)
@@ -200,7 +200,7 @@ def test_not_visible_prefill_accept_move_and_identical_reload(slicer_app, view, 
     # reopen in a fresh application (as after closing or crashing Slicer): everything is back
     before = _snapshot(node)
     with create_headless_slicer(activate=False) as other:
-        reloaded = mrml.load_markups(other.scene, path)
+        reloaded = nodes.load_markups(other.scene, path)
         assert _snapshot(reloaded) == before
         again = AnnotationController(reloaded, geometry_of(phantom.image), path)
         assert {n: vars(r) for n, r in again.progress().items()} == {n: vars(r) for n, r in rows_after(before).items()}
@@ -213,12 +213,12 @@ def test_not_visible_prefill_accept_move_and_identical_reload(slicer_app, view, 
 
 def rows_after(snapshot):
     """Per-foramen progress computed from a snapshot, independently of the controller."""
-    from SpineKneeSegLib.foramen_labels import (
+    from SpineKneeSegLib.annotation.foramen_labels import (
         MarkerRecord,
         level_and_side,
         point_status,
     )
-    from SpineKneeSegLib.worklist import foramen_progress
+    from SpineKneeSegLib.annotation.worklist import foramen_progress
 
     records = []
     for label, description, status, _selected, ras in snapshot:
@@ -231,7 +231,7 @@ def rows_after(snapshot):
 def _snapshot(node):
     """Label, description, position status, selected flag and RAS (mm, 1e-4) of every point."""
     out = []
-    for p in mrml.markups_node_to_points(node):
+    for p in nodes.markups_node_to_points(node):
         index = node.GetNthControlPointIndexByID(p["id"])
         out.append((p["label"], p["description"], p["status"], bool(node.GetNthControlPointSelected(index)),
                     tuple(np.round(p["ras"], 4)) if p["ras"] is not None else None))

@@ -11,18 +11,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 from SpineKneeSegLib import cli
-from SpineKneeSegLib.foramen_labels import point_description, read_foramen_markers
-from SpineKneeSegLib.image import Image
-from SpineKneeSegLib.io import read_image, write_image
-from SpineKneeSegLib.mrml_harness import require_slicer
+from SpineKneeSegLib.annotation.foramen_labels import (
+    point_description,
+    read_foramen_markers,
+)
+from SpineKneeSegLib.core.image import Image
+from SpineKneeSegLib.core.image_io import read_image, write_image
+from SpineKneeSegLib.mrml.harness import require_slicer
 
 try:
     require_slicer()
 except ImportError as exc:  # marker files are written by Slicer's own storage node
     pytest.skip(f"real MRML unavailable: {exc}", allow_module_level=True)
 
-from SpineKneeSegLib import mrml
-from SpineKneeSegLib.mrml_harness import get_app
+from SpineKneeSegLib.mrml import nodes
+from SpineKneeSegLib.mrml.harness import get_app
 
 
 def _rotation(ax, ay, az):
@@ -49,8 +52,8 @@ def _image(direction) -> Image:
 
 def _save_markers(path, points, labels, descriptions=None):
     scene = get_app().scene
-    node = mrml.points_to_markups_node(scene, points, labels, descriptions=descriptions, name="markers")
-    mrml.save_node(node, path)
+    node = nodes.points_to_markups_node(scene, points, labels, descriptions=descriptions, name="markers")
+    nodes.save_node(node, path)
     scene.RemoveNode(node)
     return path
 
@@ -129,7 +132,7 @@ def test_export_reads_ras_files_labels_only_and_skips_unplaced_and_unconfirmed(t
     assert cli.main(["annotate", "export", "--markers", str(markers), "--image", str(tmp_path / "scan.nrrd"),
                      "--output", str(out), "--include-unconfirmed", "--manifest", str(tmp_path / "m.csv")]) == 0
     assert set(np.unique(read_image(out).array)) == {0, 2, 3}
-    from SpineKneeSegLib.training_manifest import read_training_manifest
+    from SpineKneeSegLib.annotation.training_manifest import read_training_manifest
 
     [case] = read_training_manifest(tmp_path / "m.csv")
     assert (case.id, case.task, case.markers) == ("ras", "lumbar-foramina", markers)
@@ -203,7 +206,7 @@ def test_import_rsna_lands_points_on_the_instances_slices(tmp_path, capsys):
                      "--output", str(tmp_path / "l.nii.gz")]) == 0
     levels = read_image(tmp_path / "l.nii.gz").array
     assert [sorted(set(np.unique(levels[k])) - {0}) for k in range(6)] == [[1], [], [4], [], [5], []]
-    from SpineKneeSegLib.training_manifest import read_training_manifest
+    from SpineKneeSegLib.annotation.training_manifest import read_training_manifest
 
     [case] = read_training_manifest(tmp_path / "m.csv")
     assert case.id == "100_200" and case.image == series and case.markers == out / "100_200.mrk.json"
@@ -281,8 +284,8 @@ def _done_markers(path, image: Image):
 
 
 def test_worklist_status_and_training_manifest(tmp_path, capsys):
-    from SpineKneeSegLib.foramen_labels import rasterise_foramen_targets
-    from SpineKneeSegLib.training_manifest import read_training_manifest
+    from SpineKneeSegLib.annotation.foramen_labels import rasterise_foramen_targets
+    from SpineKneeSegLib.annotation.training_manifest import read_training_manifest
 
     scans = tmp_path / "scans"
     image = _image(GEOMETRIES["oblique"])
@@ -304,7 +307,7 @@ def test_worklist_status_and_training_manifest(tmp_path, capsys):
 
 
 def test_predict_writes_prefill_markers(tmp_path, capsys):
-    from SpineKneeSegLib.phantoms import spine_phantom
+    from SpineKneeSegLib.tasks.spine.phantom import spine_phantom
 
     scans = tmp_path / "scans"
     phantom = spine_phantom(seed=3, shape=(12, 128, 128), spacing=(2.0, 2.0, 4.0), k_toward="right")
@@ -337,8 +340,8 @@ def test_predict_writes_prefill_markers(tmp_path, capsys):
 
 
 def test_save_correction_from_files(tmp_path, capsys):
-    from SpineKneeSegLib.labels import SPINE_LABELS
-    from SpineKneeSegLib.training_manifest import read_training_manifest
+    from SpineKneeSegLib.annotation.training_manifest import read_training_manifest
+    from SpineKneeSegLib.core.labels import SPINE_LABELS
 
     image = _image(GEOMETRIES["oblique-left-handed"])
     write_image(image, tmp_path / "scan.nii.gz")
@@ -346,8 +349,8 @@ def test_save_correction_from_files(tmp_path, capsys):
     labels[2:5, 10:20, 10:20] = 2
     labels[5:7, 30:40, 5:15] = 4
     scene = get_app().scene
-    seg = mrml.labels_to_segmentation_node(scene, image.with_array(labels), SPINE_LABELS, "edited")
-    mrml.save_node(seg, tmp_path / "edited.seg.nrrd")
+    seg = nodes.labels_to_segmentation_node(scene, image.with_array(labels), SPINE_LABELS, "edited")
+    nodes.save_node(seg, tmp_path / "edited.seg.nrrd")
     scene.RemoveNode(seg)
     code = cli.main(["annotate", "save-correction", "--segmentation", str(tmp_path / "edited.seg.nrrd"),
                      "--image", str(tmp_path / "scan.nii.gz"), "--task", "lumbar-foramina", "--case", "c7",

@@ -12,12 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from SpineKneeSegLib.errors import InputError
-from SpineKneeSegLib.foramen_labels import point_description
-from SpineKneeSegLib.io import read_image, write_image
-from SpineKneeSegLib.phantoms import spine_phantom
-from SpineKneeSegLib.training_manifest import read_training_manifest
-from SpineKneeSegLib.worklist import (
+from SpineKneeSegLib.annotation.foramen_labels import point_description
+from SpineKneeSegLib.annotation.training_manifest import read_training_manifest
+from SpineKneeSegLib.annotation.worklist import (
     DONE,
     FORAMEN_ORDER,
     NOT_STARTED,
@@ -25,6 +22,9 @@ from SpineKneeSegLib.worklist import (
     REVIEWED,
     Worklist,
 )
+from SpineKneeSegLib.core.errors import InputError
+from SpineKneeSegLib.core.image_io import read_image, write_image
+from SpineKneeSegLib.tasks.spine.phantom import spine_phantom
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE, SPACING = (12, 128, 128), (2.0, 2.0, 4.0)
@@ -54,7 +54,7 @@ def _middle_points(phantom) -> dict[str, dict]:
 # ---- static: the widget's buttons and shortcuts are real --------------------------------------
 
 def test_buttons_exist_in_the_ui_and_every_command_exists():
-    from SpineKneeSegLib.annotate_panel import BUTTONS, SHORTCUTS, AnnotatePanel
+    from SpineKneeSegLib.annotation.controller import BUTTONS, SHORTCUTS, AnnotatePanel
 
     names = {w.get("name") for w in ET.parse(ROOT / "SpineKneeSeg/Resources/UI/SpineKneeSeg.ui").iter("widget")}
     assert set(BUTTONS) <= names, sorted(set(BUTTONS) - names)
@@ -100,8 +100,8 @@ def test_worklist_from_folder_and_list_file(scans, tmp_path):
 
 @pytest.fixture
 def panel(slicer_app):
-    from SpineKneeSegLib.annotate_panel import AnnotatePanel
-    from SpineKneeSegLib.mrml_harness import HeadlessSliceView
+    from SpineKneeSegLib.annotation.controller import AnnotatePanel
+    from SpineKneeSegLib.mrml.harness import HeadlessSliceView
 
     view = HeadlessSliceView(slicer_app)
     redraws = []
@@ -119,7 +119,7 @@ def _click(panel, ras):
 
 
 def test_worklist_cases_clicks_review_prefill_and_reopen(panel, scans, slicer_app):
-    from SpineKneeSegLib import mrml
+    from SpineKneeSegLib.mrml import nodes
 
     folder, phantoms = scans
     message = panel.run("open_worklist", str(folder))
@@ -160,9 +160,9 @@ def test_worklist_cases_clicks_review_prefill_and_reopen(panel, scans, slicer_ap
 
     # pre-fill from a model's markers file (as `annotate predict` writes it)
     pred = _middle_points(phantoms["caseB"])
-    node = mrml.points_to_markups_node(slicer_app.scene, [np.add(pred[n]["ras"], (0, 2, 0)) for n in FORAMEN_ORDER],
+    node = nodes.points_to_markups_node(slicer_app.scene, [np.add(pred[n]["ras"], (0, 2, 0)) for n in FORAMEN_ORDER],
                                        list(FORAMEN_ORDER), name="prediction")
-    mrml.save_node(node, panel.case.predictions)
+    nodes.save_node(node, panel.case.predictions)
     slicer_app.scene.RemoveNode(node)
     assert panel.run("prefill").startswith("10 unconfirmed point(s) from caseB.pred.mrk.json")
     assert panel.view().foramina[0] == "L1 left: 1 unconfirmed"
@@ -195,13 +195,13 @@ def test_refused_commands_show_a_message(panel, scans):
 
 def test_segment_editor_correction_becomes_a_training_label(panel, scans, slicer_app):
     import slicer.util
-    from SpineKneeSegLib import mrml
-    from SpineKneeSegLib.labels import SPINE_LABELS
+    from SpineKneeSegLib.core.labels import SPINE_LABELS
+    from SpineKneeSegLib.mrml import nodes
 
     folder, phantoms = scans
     panel.run("open_worklist", str(folder))
     phantom = phantoms["caseA"]
-    seg = mrml.labels_to_segmentation_node(slicer_app.scene, phantom.labels, SPINE_LABELS, "levels",
+    seg = nodes.labels_to_segmentation_node(slicer_app.scene, phantom.labels, SPINE_LABELS, "levels",
                                            reference_volume=panel.volume_node)
     # the reader's correction in the Segment Editor: L3 erased on slice 5, a stray segment added
     segmentation = seg.GetSegmentation()
@@ -227,7 +227,7 @@ def test_segment_editor_correction_becomes_a_training_label(panel, scans, slicer
 
 
 def test_description_format_round_trips():
-    from SpineKneeSegLib.foramen_labels import (
+    from SpineKneeSegLib.annotation.foramen_labels import (
         level_and_side,
         parse_point_description,
         point_status,

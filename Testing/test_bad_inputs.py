@@ -4,11 +4,10 @@ import gzip
 
 import numpy as np
 import pytest
-
 from SpineKneeSegLib import cli
-from SpineKneeSegLib.image import Image
-from SpineKneeSegLib.io import write_image
-from SpineKneeSegLib.weights import initialise_weights
+from SpineKneeSegLib.core.image import Image
+from SpineKneeSegLib.core.image_io import write_image
+from SpineKneeSegLib.engine.weights import initialise_weights
 from test_io import write_dicom_series  # the DICOM writer the I/O tests use
 
 pytestmark = pytest.mark.mrml
@@ -154,7 +153,7 @@ def test_bad_input_exits_2_names_file_and_writes_nothing(case, tmp_path, capsys,
 
 def test_huge_intensities_give_the_same_labels_as_the_unscaled_image(tmp_path, knee_weights):
     """A valid float image scaled by 1e30: float32 statistics would overflow and zero the image."""
-    from SpineKneeSegLib.io import read_image
+    from SpineKneeSegLib.core.image_io import read_image
 
     base = _volume(tmp_path, "base.nii.gz")
     image = read_image(base)
@@ -302,8 +301,8 @@ def test_full_disk_is_exit_2_with_the_reason_and_the_folder(tmp_path, capsys, kn
     import collections
     import shutil
 
-    from SpineKneeSegLib import pipeline
-    from SpineKneeSegLib.errors import SpineKneeSegError
+    from SpineKneeSegLib.core.errors import SpineKneeSegError
+    from SpineKneeSegLib.engine import pipeline
 
     def failing_writer(*_args, **_kw):
         raise SpineKneeSegError("out/.x.partial/foramina.mrk.json: writing vtkMRMLMarkupsFiducialNode 'F' failed")
@@ -321,7 +320,7 @@ def test_full_disk_is_exit_2_with_the_reason_and_the_folder(tmp_path, capsys, kn
 
 
 def test_a_genuine_bug_is_exit_1_and_asks_for_a_report(tmp_path, capsys, knee_weights, monkeypatch):
-    from SpineKneeSegLib import pipeline
+    from SpineKneeSegLib.engine import pipeline
 
     def broken(*_args, **_kw):
         raise ZeroDivisionError("division by zero")

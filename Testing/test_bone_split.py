@@ -1,9 +1,8 @@
 """Seed 000's merged variant: an "any bone" mask split back into the four bones."""
 import numpy as np
 import pytest
-
-from SpineKneeSegLib.bone_split import split_any_bone
-from SpineKneeSegLib.phantoms import make_phantom
+from SpineKneeSegLib.tasks import make_phantom
+from SpineKneeSegLib.tasks.knee.bone_split import split_any_bone
 
 
 def _dice(a, b):

@@ -4,15 +4,20 @@ Tversky loss and the seed's and WMH-2017's metrics on constructed cases with kno
 import numpy as np
 import pytest
 import torch
-
 from brain_wmh import focal_tversky_loss, simulate_slabs, slice_entropy_bits  # noqa: E402
-from wmh_metrics import hd95_mm, lesion_detection_by_bracket, voxel_metrics, wmh2017_metrics  # noqa: E402
-
-from SpineKneeSegLib.image import Image  # noqa: E402
-from SpineKneeSegLib.inference import segment_slices  # noqa: E402
-from SpineKneeSegLib.models import AttentionGate, build_network  # noqa: E402
-from SpineKneeSegLib.phantoms import make_phantom  # noqa: E402
-from SpineKneeSegLib.tasks import TASKS  # noqa: E402
+from SpineKneeSegLib.core.image import Image  # noqa: E402
+from SpineKneeSegLib.engine.inference import segment_slices  # noqa: E402
+from SpineKneeSegLib.engine.models import AttentionGate, build_network  # noqa: E402
+from SpineKneeSegLib.tasks import (
+    TASKS,  # noqa: E402
+    make_phantom,  # noqa: E402
+)
+from wmh_metrics import (  # noqa: E402
+    hd95_mm,
+    lesion_detection_by_bracket,
+    voxel_metrics,
+    wmh2017_metrics,
+)
 
 CARD = TASKS["brain-wmh"]
 
@@ -135,8 +140,8 @@ def test_hd95_of_a_shifted_cube_is_the_shift():
 
 
 def test_lesion_table_is_exact_on_a_phantom_with_every_bracket():
-    from SpineKneeSegLib.lesions import bracket_name, lesion_table
-    from SpineKneeSegLib.preprocessing import slice_axis
+    from SpineKneeSegLib.engine.preprocessing import slice_axis
+    from SpineKneeSegLib.tasks.brain.lesions import bracket_name, lesion_table
 
     phantom = make_phantom("brain-wmh", seed=2)
     table, summary = lesion_table(phantom.labels.array, phantom.image,
@@ -167,9 +172,9 @@ def test_cli_on_thick_slice_anisotropic_flair(tmp_path):
     import json
 
     from SpineKneeSegLib import cli
-    from SpineKneeSegLib.io import read_image, write_image
-    from SpineKneeSegLib.phantoms import brain_phantom
-    from SpineKneeSegLib.weights import initialise_weights
+    from SpineKneeSegLib.core.image_io import read_image, write_image
+    from SpineKneeSegLib.engine.weights import initialise_weights
+    from SpineKneeSegLib.tasks.brain.phantom import brain_phantom
 
     phantom = brain_phantom(3, slice_thickness_mm=7.0, pixel_mm=0.5, in_plane=416)
     write_image(phantom.image, tmp_path / "flair.nii.gz")
@@ -188,7 +193,7 @@ def test_cli_on_thick_slice_anisotropic_flair(tmp_path):
 
 
 def test_resample_onto_keeps_physical_positions():
-    from SpineKneeSegLib.preprocessing import resample_onto
+    from SpineKneeSegLib.engine.preprocessing import resample_onto
 
     reference = Image(np.zeros((40, 60, 60), np.float32), (1.0, 1.0, 1.0), (-30.0, -30.0, -20.0))
     moving = np.zeros((20, 25, 25), np.float32)
@@ -207,11 +212,11 @@ def test_weights_with_a_t1_channel_need_the_t1_and_use_it(tmp_path, capsys):
     import json
 
     from SpineKneeSegLib import cli
-    from SpineKneeSegLib.inference import _batches, load_network
-    from SpineKneeSegLib.io import write_image
-    from SpineKneeSegLib.phantoms import brain_phantom
-    from SpineKneeSegLib.preprocessing import resample_onto
-    from SpineKneeSegLib.weights import initialise_weights, resolve_weights
+    from SpineKneeSegLib.core.image_io import write_image
+    from SpineKneeSegLib.engine.inference import _batches, load_network
+    from SpineKneeSegLib.engine.preprocessing import resample_onto
+    from SpineKneeSegLib.engine.weights import initialise_weights, resolve_weights
+    from SpineKneeSegLib.tasks.brain.phantom import brain_phantom
 
     flair = brain_phantom(2, slice_thickness_mm=5.0).image
     t1 = Image(flair.array[:, ::2, ::2].max() - flair.array[:, ::2, ::2], (4.0, 4.0, 5.0), flair.origin,
@@ -245,9 +250,9 @@ def test_a_registered_t1_model_is_used_when_a_t1_is_given(tmp_path, monkeypatch,
     import json
 
     from SpineKneeSegLib import cli
-    from SpineKneeSegLib.io import write_image
-    from SpineKneeSegLib.phantoms import brain_phantom
-    from SpineKneeSegLib.weights import initialise_weights, register_model
+    from SpineKneeSegLib.core.image_io import write_image
+    from SpineKneeSegLib.engine.weights import initialise_weights, register_model
+    from SpineKneeSegLib.tasks.brain.phantom import brain_phantom
 
     flair = brain_phantom(3, slice_thickness_mm=5.0).image
     write_image(flair, tmp_path / "flair.nii.gz")
@@ -280,11 +285,10 @@ def test_trainer_with_t1_writes_weights_the_pipeline_runs(tmp_path):
     """A 2-epoch run of Training/brain_wmh.py's train() on phantom cases with --t1: real files in,
     a checkpoint whose channels and extra_inputs the product's inference accepts."""
     from brain_wmh import Config, train
-
-    from SpineKneeSegLib.inference import load_network
-    from SpineKneeSegLib.io import write_image
-    from SpineKneeSegLib.phantoms import brain_phantom
-    from SpineKneeSegLib.weights import resolve_weights
+    from SpineKneeSegLib.core.image_io import write_image
+    from SpineKneeSegLib.engine.inference import load_network
+    from SpineKneeSegLib.engine.weights import resolve_weights
+    from SpineKneeSegLib.tasks.brain.phantom import brain_phantom
 
     cases = []
     for seed in (4, 5):

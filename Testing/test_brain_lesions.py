@@ -5,13 +5,22 @@ constructed cases with known answers."""
 import numpy as np
 import pytest
 import torch
-
 from brain_wmh import blob_loss, focal_tversky_loss  # noqa: E402
+from clinical_geometry import (  # noqa: E402
+    Acquisition,
+    box_kernel,
+    draw_acquisitions,
+    simulate_acquisition,
+)
+from SpineKneeSegLib.core.image import Image  # noqa: E402
+from SpineKneeSegLib.tasks.brain.lesions import (  # noqa: E402
+    DecodingRule,
+    decode_lesions,
+    decoding_rules,
+    label_lesions,
+    rule_for,
+)
 from wmh_metrics import wmh2017_metrics  # noqa: E402
-from clinical_geometry import Acquisition, box_kernel, draw_acquisitions, simulate_acquisition  # noqa: E402
-
-from SpineKneeSegLib.image import Image  # noqa: E402
-from SpineKneeSegLib.lesions import DecodingRule, decode_lesions, decoding_rules, label_lesions, rule_for  # noqa: E402
 
 
 def _volume_with_cube(shape=(60, 70, 80), corner=(20, 30, 40), size=6):
@@ -165,9 +174,9 @@ def test_run_uses_the_checkpoints_decoding_rule_for_the_inputs_slice_thickness(t
     import json
 
     from SpineKneeSegLib import cli
-    from SpineKneeSegLib.io import read_image, write_image
-    from SpineKneeSegLib.phantoms import brain_phantom
-    from SpineKneeSegLib.weights import initialise_weights
+    from SpineKneeSegLib.core.image_io import read_image, write_image
+    from SpineKneeSegLib.engine.weights import initialise_weights
+    from SpineKneeSegLib.tasks.brain.phantom import brain_phantom
 
     phantom = brain_phantom(3, slice_thickness_mm=7.0, pixel_mm=1.0, in_plane=208)
     write_image(phantom.image, tmp_path / "flair.nii.gz")
@@ -244,7 +253,7 @@ def test_shipped_model_finds_small_lesions_that_survive_7_5_mm_slabs(tmp_path):
     import json
 
     from SpineKneeSegLib import cli
-    from SpineKneeSegLib.io import read_image, write_image
+    from SpineKneeSegLib.core.image_io import read_image, write_image
 
     image, labels = _small_lesion_flair(seed=11)
     slab, slab_truth = _reslice_axial(image, labels, 7.5)
@@ -273,9 +282,9 @@ def test_a_t1_that_does_not_overlap_the_flair_is_left_out_with_a_warning(tmp_pat
     import json
 
     from SpineKneeSegLib import cli
-    from SpineKneeSegLib.io import write_image
-    from SpineKneeSegLib.phantoms import brain_phantom
-    from SpineKneeSegLib.weights import initialise_weights, register_model
+    from SpineKneeSegLib.core.image_io import write_image
+    from SpineKneeSegLib.engine.weights import initialise_weights, register_model
+    from SpineKneeSegLib.tasks.brain.phantom import brain_phantom
 
     flair = brain_phantom(3, slice_thickness_mm=5.0).image
     t1 = flair.with_array(flair.array.max() - flair.array)

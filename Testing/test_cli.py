@@ -7,12 +7,10 @@ import sys
 
 import numpy as np
 import pytest
-
 from SpineKneeSegLib import cli
-from SpineKneeSegLib.io import read_image, write_image
-from SpineKneeSegLib.phantoms import make_phantom
-from SpineKneeSegLib.tasks import TASKS
-from SpineKneeSegLib.weights import initialise_weights, sha256_of
+from SpineKneeSegLib.core.image_io import read_image, write_image
+from SpineKneeSegLib.engine.weights import initialise_weights, sha256_of
+from SpineKneeSegLib.tasks import TASKS, make_phantom
 
 pytestmark = pytest.mark.mrml
 TIMING_KEYS = {"load", "preprocess", "network", "postprocess", "write", "total"}
@@ -94,31 +92,31 @@ def test_aux_weights_errors(tmp_path, tiny_weights, phantom_files, capsys):
 
 
 def test_scene_mrb_reloads_with_every_node(tmp_path, tiny_weights, phantom_files):
-    from SpineKneeSegLib import mrml
+    from SpineKneeSegLib.mrml import nodes
 
     out = tmp_path / "out"
     assert _run("brain-wmh", [phantom_files["brain-wmh"]], out, tiny_weights["brain-wmh"], "--scene",
                 "--progress", "none") == 0
-    app = mrml.load_scene_mrb(out / "scene.mrb")
+    app = nodes.load_scene_mrb(out / "scene.mrb")
     scene = app.scene
     volumes = list(_nodes(scene, "vtkMRMLScalarVolumeNode"))
     segs = list(_nodes(scene, "vtkMRMLSegmentationNode"))
     tables = list(_nodes(scene, "vtkMRMLTableNode"))
     assert len(volumes) == 1 and len(segs) == 1 and len(tables) == 1
     source = read_image(phantom_files["brain-wmh"])
-    assert mrml.volume_node_to_image(volumes[0]).same_geometry(source)
+    assert nodes.volume_node_to_image(volumes[0]).same_geometry(source)
     segmentation = segs[0].GetSegmentation()
     names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
     assert names == ["lesion"]
-    labels = mrml.segmentation_node_to_labels(segs[0], source, TASKS["brain-wmh"].labels)
+    labels = nodes.segmentation_node_to_labels(segs[0], source, TASKS["brain-wmh"].labels)
     assert np.array_equal(labels, read_image(out / "labels.nii.gz").array)
-    rows = mrml.table_node_to_rows(tables[0])
+    rows = nodes.table_node_to_rows(tables[0])
     lesion_tsv = (out / "lesions.tsv").read_text().splitlines()
     assert len(rows) == len(lesion_tsv) - 1
 
 
 def test_foramina_markups_and_scene(tmp_path, tiny_weights, phantom_files):
-    from SpineKneeSegLib import mrml
+    from SpineKneeSegLib.mrml import nodes
 
     out = tmp_path / "out"
     assert _run("lumbar-foramina", [phantom_files["lumbar-foramina"]], out, tiny_weights["lumbar-foramina"],
@@ -130,7 +128,7 @@ def test_foramina_markups_and_scene(tmp_path, tiny_weights, phantom_files):
     labels = [p["label"] for p in data["markups"][0]["controlPoints"]]
     assert len(labels) == report["summaries"]["foramina"]["found"]
     assert all(label.split()[0] in {f"L{k}" for k in range(1, 6)} for label in labels)
-    app = mrml.load_scene_mrb(out / "scene.mrb")
+    app = nodes.load_scene_mrb(out / "scene.mrb")
     assert len(list(_nodes(app.scene, "vtkMRMLMarkupsFiducialNode"))) == 1
 
 
@@ -160,7 +158,7 @@ def test_manifest_runs_every_case_and_reports_failures(tmp_path, tiny_weights, p
 
 
 def test_oblique_left_handed_input_keeps_exact_geometry(tmp_path, tiny_weights):
-    from SpineKneeSegLib.image import Image
+    from SpineKneeSegLib.core.image import Image
 
     rng = np.random.default_rng(0)
     angle = np.deg2rad(20)

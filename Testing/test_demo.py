@@ -4,8 +4,7 @@ of Resources/SampleData, with the model's status and whether it saw the sample i
 import json
 
 import pytest
-
-from SpineKneeSegLib.datasets import SAMPLES, sample_data_sources, sample_dir
+from SpineKneeSegLib.core.datasets import SAMPLES, sample_data_sources, sample_dir
 
 
 def test_every_sample_file_is_shipped_and_attributed():

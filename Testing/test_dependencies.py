@@ -1,10 +1,15 @@
 """Dependency planning for Slicer's Python (pure logic; installing itself happens only in Slicer,
 through slicer.pydeps.pip_ensure / the PyTorch extension, which cannot run here)."""
-import tomllib
 from pathlib import Path
 
-from SpineKneeSegLib.dependencies import (RUNTIME_REQUIREMENTS, is_offline_error, offline_message, plan_install,
-                                          requirement_name)
+import tomllib
+from SpineKneeSegLib.panel.dependencies import (
+    RUNTIME_REQUIREMENTS,
+    is_offline_error,
+    offline_message,
+    plan_install,
+    requirement_name,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 FRESH_SLICER = {"numpy": "1.26.4", "SimpleITK": "2.4.0", "vtk": "9.4.2", "pydicom": "2.4.4", "pillow": "10.2.0"}

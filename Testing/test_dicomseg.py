@@ -12,15 +12,20 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from test_io import write_dicom_series  # the project's synthetic DICOM writer (shuffled file names)
-
 from SpineKneeSegLib import cli
-from SpineKneeSegLib.dicomseg import write_dicom_seg
-from SpineKneeSegLib.io import read_image
-from SpineKneeSegLib.labels import BRAIN_LABELS, KNEE_LABELS, SPINE_LABELS, XRAY_FEMUR_LABELS
-from SpineKneeSegLib.phantoms import make_phantom
-from SpineKneeSegLib.tasks import TASKS
-from SpineKneeSegLib.weights import initialise_weights
+from SpineKneeSegLib.core.image_io import read_image
+from SpineKneeSegLib.core.labels import (
+    BRAIN_LABELS,
+    KNEE_LABELS,
+    SPINE_LABELS,
+    XRAY_FEMUR_LABELS,
+)
+from SpineKneeSegLib.engine.dicomseg import write_dicom_seg
+from SpineKneeSegLib.engine.weights import initialise_weights
+from SpineKneeSegLib.tasks import TASKS, make_phantom
+from test_io import (
+    write_dicom_series,  # the project's synthetic DICOM writer (shuffled file names)
+)
 
 # Rows of lassoan/SlicerTotalSegmentator TotalSegmentator/Resources/totalsegmentator_snomed_mapping.csv
 # (read 2026-11-23): structure -> (category code, type code, type meaning). The lesion's type

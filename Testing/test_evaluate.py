@@ -3,8 +3,12 @@ import json
 
 import numpy as np
 import pytest
-
-from evaluate import exact_binomial_comparison, foramen_errors, read_markers, summarise_foramina  # noqa: E402
+from evaluate import (  # noqa: E402
+    exact_binomial_comparison,
+    foramen_errors,
+    read_markers,
+    summarise_foramina,
+)
 from spine_levels import level_identification, level_labels, weighted_dice_loss  # noqa: E402
 
 

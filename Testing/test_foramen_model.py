@@ -4,26 +4,32 @@
 only (seeds 0-47; selected on seeds 1000-1011). It is a test fixture, never registered or shipped:
 no real foramen labels exist yet. These tests score it on held-out phantoms (seeds 2000+, both
 handedness of the direction matrix) whose foramina come from pedicle and disc geometry with random
-offsets in phantoms.py, which does not import the estimator or the localiser."""
+offsets in tasks/spine/phantom.py, which does not import the estimator or the localiser."""
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
 from spine_foramina import TEST_SEEDS, phantom_case, predict_foramina, score_foramina  # noqa: E402
 from spine_levels import Config, network_config, sample_batch, weighted_dice_loss  # noqa: E402
-
 from SpineKneeSegLib import cli  # noqa: E402
-from SpineKneeSegLib.foramen_labels import ForamenPoint, rasterise_foramen_targets  # noqa: E402
-from SpineKneeSegLib.inference import load_network  # noqa: E402
-from SpineKneeSegLib.io import write_image  # noqa: E402
-from SpineKneeSegLib.models import build_network  # noqa: E402
-from SpineKneeSegLib.phantoms import spine_phantom  # noqa: E402
-from SpineKneeSegLib.preprocessing import Orientation, reorient  # noqa: E402
+from SpineKneeSegLib.annotation.foramen_labels import (  # noqa: E402
+    ForamenPoint,
+    rasterise_foramen_targets,
+)
+from SpineKneeSegLib.core.image_io import write_image  # noqa: E402
+from SpineKneeSegLib.engine.inference import load_network  # noqa: E402
+from SpineKneeSegLib.engine.models import build_network  # noqa: E402
+from SpineKneeSegLib.engine.preprocessing import Orientation, reorient  # noqa: E402
+from SpineKneeSegLib.engine.weights import (  # noqa: E402
+    find_entry,
+    register_model,
+    resolve_weights,
+    save_checkpoint,
+)
 from SpineKneeSegLib.tasks import TASKS  # noqa: E402
-from SpineKneeSegLib.weights import find_entry, register_model, resolve_weights, save_checkpoint  # noqa: E402
+from SpineKneeSegLib.tasks.spine.phantom import spine_phantom  # noqa: E402
 
 CARD = TASKS["lumbar-foramina"]
 FIXTURE = Path(__file__).parent / "fixtures" / "foramen-phantom.pt"
@@ -152,15 +158,17 @@ def test_trainer_reads_markers_from_a_manifest(mrml_scene, tmp_path):
     """Markers saved by Slicer Markups (LPS on disk) + a training manifest -> the same targets and
     truth as the phantom's own points: the annotation mode feeds the foramen trainer directly."""
     from spine_foramina import manifest_cases, prepare
-
-    from SpineKneeSegLib import mrml
-    from SpineKneeSegLib.training_manifest import TrainingCase, add_training_case
+    from SpineKneeSegLib.annotation.training_manifest import (
+        TrainingCase,
+        add_training_case,
+    )
+    from SpineKneeSegLib.mrml import nodes
 
     phantom = spine_phantom(seed=12, k_toward="left", tilt_deg=7)
     write_image(phantom.image, tmp_path / "case12.nii.gz")
-    node = mrml.points_to_markups_node(mrml_scene, [p["ras"] for p in phantom.points],
+    node = nodes.points_to_markups_node(mrml_scene, [p["ras"] for p in phantom.points],
                                        [p["label"] for p in phantom.points], name="case12")
-    mrml.save_node(node, tmp_path / "case12.mrk.json")
+    nodes.save_node(node, tmp_path / "case12.mrk.json")
     manifest = tmp_path / "manifest.csv"
     add_training_case(manifest, TrainingCase("case12", CARD.name, tmp_path / "case12.nii.gz",
                                              markers=tmp_path / "case12.mrk.json"))

@@ -9,8 +9,7 @@ import numpy as np
 import SimpleITK as sitk
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from SpineKneeSegLib.image import LPS_TO_RAS, Image
+from SpineKneeSegLib.core.image import LPS_TO_RAS, Image
 
 SETTINGS = settings(max_examples=60, deadline=None)
 

@@ -16,11 +16,15 @@ import pytest
 import SimpleITK as sitk
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
-
-from SpineKneeSegLib.datasets import data_root
-from SpineKneeSegLib.errors import InputError
-from SpineKneeSegLib.image import Image
-from SpineKneeSegLib.io import image_dimensionality, list_dicom_series, read_image, write_image
+from SpineKneeSegLib.core.datasets import data_root
+from SpineKneeSegLib.core.errors import InputError
+from SpineKneeSegLib.core.image import Image
+from SpineKneeSegLib.core.image_io import (
+    image_dimensionality,
+    list_dicom_series,
+    read_image,
+    write_image,
+)
 
 # an oblique orientation: rotations about two axes, so no cosine is 0 or 1
 _A, _B = np.radians(20.0), np.radians(-35.0)

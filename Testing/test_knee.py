@@ -10,16 +10,29 @@ import time
 import numpy as np
 import pytest
 import torch
-
-from SpineKneeSegLib.image import Image
-from SpineKneeSegLib.io import read_image
-from SpineKneeSegLib.knee import joint_centre_from_labels, knee_plausibility
-from SpineKneeSegLib.phantoms import knee_phantom
-from SpineKneeSegLib.preprocessing import (Orientation, acquisition_plane, bias_correct, canonical_image,
-                                           canonical_orientation, from_network_grid, network_grid,
-                                           network_grid_image, reorient, slice_axis, to_network_grid,
-                                           training_slices, window_centre_rc)
+from SpineKneeSegLib.core.image import Image
+from SpineKneeSegLib.core.image_io import read_image
+from SpineKneeSegLib.engine.preprocessing import (
+    Orientation,
+    acquisition_plane,
+    bias_correct,
+    canonical_image,
+    canonical_orientation,
+    from_network_grid,
+    network_grid,
+    network_grid_image,
+    reorient,
+    slice_axis,
+    to_network_grid,
+    training_slices,
+    window_centre_rc,
+)
 from SpineKneeSegLib.tasks import TASKS
+from SpineKneeSegLib.tasks.knee.anatomy import (
+    joint_centre_from_labels,
+    knee_plausibility,
+)
+from SpineKneeSegLib.tasks.knee.phantom import knee_phantom
 
 CARD = TASKS["knee-bones"]
 LAYOUTS = [Orientation((2, 0, 1), (True, False, True)), Orientation((1, 2, 0), (False, True, True))]
@@ -161,7 +174,7 @@ def test_joint_centre_from_true_labels(side):
     # superior-inferior (the axis that places the window between the bones) and right-left within
     # 3 mm; the phantom's "joint centre" is its knee frame origin, which lies 6-7 mm anterior of
     # the bones' own anterior-posterior centre (condyles at a = -8 mm, plateau at a = -6 mm in
-    # phantoms.py), hence 10 mm in 3D
+    # tasks/knee/phantom.py), hence 10 mm in 3D
     assert abs(centre[2] - truth[2]) < 3.0 and abs(centre[0] - truth[0]) < 3.0, (centre, truth)
     assert np.linalg.norm(np.asarray(centre) - truth) < 10.0
     assert note == "femur above tibia"
@@ -171,7 +184,7 @@ def test_joint_centre_from_true_labels(side):
 def _overfit(xs, ys, out_channels, steps=150, batch=8):
     """A tiny U-Net overfit on a phantom's own slices: stands in for a trained network where the
     code around the network is what a test checks."""
-    from SpineKneeSegLib.models import build_network
+    from SpineKneeSegLib.engine.models import build_network
 
     config = {"in_channels": 1, "out_channels": out_channels, "channels": (8, 8, 8), "activation": "elu",
               "norm": "batch"}
@@ -191,7 +204,7 @@ def _overfit(xs, ys, out_channels, steps=150, batch=8):
 def test_coarse_pass_finds_the_joint_with_an_overfit_network():
     """A field of view wider than 1.1 x crop_mm triggers the coarse pass: a tiny network overfit on
     the phantom's own whole-FOV slices must put the window at the joint."""
-    from SpineKneeSegLib.inference import window_centre
+    from SpineKneeSegLib.engine.inference import window_centre
 
     ph = knee_phantom(2, shape=(16, 320, 320))  # 192 mm field of view
     # 64 px instead of 224 keeps the overfit to ~10-30 s on 2 shared cores (geometry is the same code)
@@ -242,7 +255,7 @@ def test_each_plausibility_check_fails_on_a_broken_label_map(phantom):
     cut = np.median(fib[:, 1])
     rows = np.arange(labels.shape[1])[None, :, None]
     split[(labels == 3) & (np.abs(rows - cut) < 5)] = 0
-    from SpineKneeSegLib.postprocessing import largest_component_per_label
+    from SpineKneeSegLib.engine.postprocessing import largest_component_per_label
 
     final = largest_component_per_label(split)
     # issue 6's rule: the raw output must already hold the bone (raw-vs-final Dice >= 0.8); the clean-up
@@ -305,7 +318,7 @@ def test_plausibility_passes_on_the_real_dess_label_map(data_root):
 
 @pytest.mark.mrml
 def test_cli_on_the_dess_series(data_root, tmp_path):
-    from SpineKneeSegLib.weights import initialise_weights
+    from SpineKneeSegLib.engine.weights import initialise_weights
 
     dess = data_root / "knee" / "dess-dicom"
     if not dess.is_dir():
@@ -346,7 +359,7 @@ def test_the_shipped_model_passes_the_plausibility_check_on_both_real_series(dat
     femur, tibia and fibula in one piece each, the raw output already holding each bone (raw-vs-final
     Dice >= 0.8), and a fibula no wider than a fibular head (v0.2.0's DESS fibula took in the popliteus:
     45 x 50 mm). Figures from session 11 (v0.3.1): DESS fibula 10.6 ml, 28.5 x 36.6 mm."""
-    from SpineKneeSegLib.weights import find_entry
+    from SpineKneeSegLib.engine.weights import find_entry
 
     path = data_root / "knee" / series
     if not path.is_dir():
@@ -373,7 +386,7 @@ def test_the_shipped_model_passes_the_plausibility_check_on_both_real_series(dat
 def test_overlays_accept_the_cards_acquisition_plane(tmp_path):
     """The demo and the run report draw overlays with the card's plane; 'acquisition' must resolve
     to the plane the image is shown in (the demo crashed on it once)."""
-    from SpineKneeSegLib.render import save_overlay
+    from SpineKneeSegLib.engine.render import save_overlay
 
     phantom = knee_phantom(0)
     out = save_overlay(tmp_path / "o.png", phantom.image, phantom.labels, TASKS["knee-bones"].labels,
@@ -385,8 +398,7 @@ def test_montage_shows_evenly_spread_slices_with_the_label_colours(tmp_path):
     """Training's check-real writes a montage of the whole result (stray pieces in outer slices
     show there, not on the per-bone overlays): the tiles carry the labels' colours where the bones are."""
     from PIL import Image as PILImage
-
-    from SpineKneeSegLib.render import save_label_montage
+    from SpineKneeSegLib.engine.render import save_label_montage
 
     phantom = knee_phantom(0)
     card = TASKS["knee-bones"]
@@ -412,10 +424,10 @@ def test_seed_variants_run_merged_weights_and_a_per_bone_fibula_model(tmp_path):
     tibia, fibula and patella (bone_split), and the bones land on the phantom's. A per-bone fibula
     model (--variant fibula) given as --aux-weights fibula=FILE replaces the fibula. Tiny networks
     overfit on the phantom's own slices at 64 px stand in for trained ones (the decoding is tested)."""
-    from SpineKneeSegLib.io import write_image
-    from SpineKneeSegLib.pipeline import RunOptions, run_case
-    from SpineKneeSegLib.postprocessing import dice
-    from SpineKneeSegLib.weights import save_checkpoint
+    from SpineKneeSegLib.core.image_io import write_image
+    from SpineKneeSegLib.engine.pipeline import RunOptions, run_case
+    from SpineKneeSegLib.engine.postprocessing import dice
+    from SpineKneeSegLib.engine.weights import save_checkpoint
 
     ph = knee_phantom(1, shape=(24, 320, 320))  # 192 mm field of view: the coarse joint pass runs
     pre = {"network_px": 64, "bias_correction": None}
@@ -451,7 +463,7 @@ def test_seed_variants_run_merged_weights_and_a_per_bone_fibula_model(tmp_path):
     # a layout the card does not know is refused, naming the file
     odd = tmp_path / "knee-fibula-only.pt"
     save_checkpoint(odd, "knee-bones", "unet2d", config, net.state_dict(), metadata={"variant": "fibula"})
-    from SpineKneeSegLib.errors import InputError
+    from SpineKneeSegLib.core.errors import InputError
 
     with pytest.raises(InputError, match="fibula"):
         run_case(CARD, [str(tmp_path / "knee.nrrd")], tmp_path / "out2", RunOptions(weights=str(odd)))
@@ -477,7 +489,7 @@ def test_seed_variants_run_merged_weights_and_a_per_bone_fibula_model(tmp_path):
     ("multinet", {"in_channels": 3, "out_channels": 5, "levels": 3}),
 ])
 def test_folding_batch_norm_into_the_convolutions_keeps_the_output(factory, config):
-    from SpineKneeSegLib.models import build_network, fold_batch_norm
+    from SpineKneeSegLib.engine.models import build_network, fold_batch_norm
 
     torch.manual_seed(0)
     net = build_network(factory, config)
@@ -498,8 +510,8 @@ def test_folding_batch_norm_into_the_convolutions_keeps_the_output(factory, conf
 
 
 def test_the_product_loads_the_knee_network_with_batch_norm_folded():
-    from SpineKneeSegLib.inference import load_network
-    from SpineKneeSegLib.weights import resolve_weights
+    from SpineKneeSegLib.engine.inference import load_network
+    from SpineKneeSegLib.engine.weights import resolve_weights
 
     weights = resolve_weights(TASKS["knee-bones"], None)
     net = load_network(weights, torch.device("cpu"))

@@ -15,11 +15,12 @@ from scipy import ndimage
 TRAINING = Path(__file__).resolve().parents[1] / "Training"
 import knee_bones as kb  # noqa: E402
 import knee_synth as ks  # noqa: E402
-
-from SpineKneeSegLib.io import write_image  # noqa: E402
-from SpineKneeSegLib.phantoms import make_phantom  # noqa: E402
-from SpineKneeSegLib.weights import register_model, resolve_weights  # noqa: E402
-from SpineKneeSegLib.tasks import TASKS  # noqa: E402
+from SpineKneeSegLib.core.image_io import write_image  # noqa: E402
+from SpineKneeSegLib.engine.weights import register_model, resolve_weights  # noqa: E402
+from SpineKneeSegLib.tasks import (
+    TASKS,  # noqa: E402
+    make_phantom,  # noqa: E402
+)
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +119,7 @@ def test_overfits_a_fixed_batch_and_reloads_through_the_registry(volumes, tmp_pa
     assert losses[-1] <= 0.5 * losses[0], losses[::10]
     models = tmp_path / "models"
     models.mkdir()
-    from SpineKneeSegLib.weights import save_checkpoint
+    from SpineKneeSegLib.engine.weights import save_checkpoint
 
     save_checkpoint(models / "knee-test.pt", "knee-bones", "unet2d", kb.network_config(cfg), net.state_dict())
     monkeypatch.setenv("SPINEKNEESEG_MODELS", str(models))
@@ -261,8 +262,7 @@ def test_oai_zib_pairs_train_on_the_real_image(tmp_path):
     oai[:] = 0
     oai[phantom.labels.array == 1], oai[phantom.labels.array == 2] = 1, 3  # femoral bone, tibial bone
     import SimpleITK as sitk
-
-    from SpineKneeSegLib.image import Image
+    from SpineKneeSegLib.core.image import Image
 
     # OAI-ZIB ships MetaImage (.mhd + .raw)
     sitk.WriteImage(Image(oai, phantom.labels.spacing, phantom.labels.origin, phantom.labels.direction).to_sitk(),
@@ -417,9 +417,9 @@ def test_model_card_of_a_model_trained_on_every_anatomy_carries_the_held_out_run
     assert "Coronal input: the patella is missed (Dice 0.00" in swa and "Coronal input" not in single
     assert "This checkpoint: iteration 2800 of the planned" in single
     # a real series' row: pass/fail, and beside it the raw pieces, raw-vs-final Dice and fibula width
-    from SpineKneeSegLib.knee import knee_plausibility
-    from SpineKneeSegLib.phantoms import knee_phantom
-    from SpineKneeSegLib.postprocessing import largest_component_per_label
+    from SpineKneeSegLib.engine.postprocessing import largest_component_per_label
+    from SpineKneeSegLib.tasks.knee.anatomy import knee_plausibility
+    from SpineKneeSegLib.tasks.knee.phantom import knee_phantom
 
     phantom = knee_phantom(0)
     raw = phantom.labels.array.copy()
@@ -445,7 +445,7 @@ def test_tissue_classes_come_from_the_colour_table_beside_a_label_map(tmp_path):
     arr = np.zeros((20, 20, 20), np.uint8)
     arr[2:8, 2:8, 2:8], arr[12:18, 2:8, 2:8] = 95, 96  # femur, tibia
     arr[2:8, 12:18, 2:8], arr[12:18, 12:18, 2:8], arr[2:8, 2:8, 12:18] = 12, 13, 31  # 2 muscles, a ligament
-    from SpineKneeSegLib.image import Image
+    from SpineKneeSegLib.core.image import Image
 
     path = tmp_path / "atlas.nrrd"
     write_image(Image(arr, (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), np.eye(3)), path)
@@ -594,7 +594,7 @@ def test_beyond_the_label_map_the_first_labelled_slices_continue(volumes):
 
 
 def test_components_are_described_largest_first_with_their_place_relative_to_the_tibia():
-    from SpineKneeSegLib.image import Image
+    from SpineKneeSegLib.core.image import Image
 
     labels = np.zeros((10, 20, 30), np.uint8)  # (k, j, i); identity direction = LPS axes
     labels[2:8, 5:15, 5:15] = 2  # tibia: centroid index (4.5, 9.5, 9.5)
@@ -612,7 +612,7 @@ def test_components_are_described_largest_first_with_their_place_relative_to_the
 def test_slice_fit_measures_the_fit_to_one_anatomys_synthetic_slices(volumes, tmp_path):
     """`fit`: Dice on a fixed draw of training-like slices of a named anatomy. A network overfit on
     exactly that draw scores high, an untrained one low; an unknown or ambiguous anatomy is refused."""
-    from SpineKneeSegLib.weights import save_checkpoint
+    from SpineKneeSegLib.engine.weights import save_checkpoint
 
     vols = [v for v, _ in volumes]
     kb.save_volumes(vols, tmp_path / "volumes.pt")

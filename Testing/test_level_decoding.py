@@ -9,9 +9,8 @@ missed, two bodies bridged across a disc, a lateral fragment, and six lumbar-typ
 """
 import numpy as np
 import pytest
-
-from SpineKneeSegLib.image import Image
-from SpineKneeSegLib.level_decoding import DecodingParameters, decode_levels
+from SpineKneeSegLib.core.image import Image
+from SpineKneeSegLib.tasks.spine.level_decoding import DecodingParameters, decode_levels
 
 SPACING = (1.0, 1.0, 4.0)  # i (anterior-posterior), j (superior-inferior), k (lateral) mm
 # ITK direction columns for i, j, k in LPS: i -> posterior (+P), j -> inferior (-S), k -> left (+L)

@@ -2,15 +2,13 @@
 duplicates kept in one fold, a training run that learns, resumes bit for bit and whose weights run
 through the product's pipeline with the anatomical decoding."""
 
+import level_column as lc  # noqa: E402
 import numpy as np
 import pytest
 import torch
-
-import level_column as lc  # noqa: E402
-
-from SpineKneeSegLib.datasets import data_root  # noqa: E402
-from SpineKneeSegLib.image import Image  # noqa: E402
-from SpineKneeSegLib.phantoms import make_phantom  # noqa: E402
+from SpineKneeSegLib.core.datasets import data_root  # noqa: E402
+from SpineKneeSegLib.core.image import Image  # noqa: E402
+from SpineKneeSegLib.tasks import make_phantom  # noqa: E402
 
 
 def _bodies_image(extra_at: str):
@@ -83,7 +81,7 @@ def _tiny_config(**kw):
 @pytest.fixture(scope="module")
 def phantom_cases():
     phantom = make_phantom("lumbar-foramina", seed=3)
-    from SpineKneeSegLib.preprocessing import training_slices
+    from SpineKneeSegLib.engine.preprocessing import training_slices
 
     x, y, _ = training_slices(phantom.image, phantom.labels.array, "sagittal", "zscore", 1.4)
     return phantom, [lc.PreparedCase("phantom", "myosegmentum", x, y, np.flatnonzero(y.reshape(len(y), -1).any(1)))]
@@ -116,7 +114,7 @@ def test_training_resumes_bit_for_bit(phantom_cases, tmp_path):
 
 def test_training_overfits_a_fixed_batch(phantom_cases, trained_run):
     """A fixed batch, scored by the initial and the trained network: the loss at least halves."""
-    from SpineKneeSegLib.models import build_network
+    from SpineKneeSegLib.engine.models import build_network
 
     _, cases = phantom_cases
     cfg = _tiny_config(steps=80)
@@ -135,8 +133,8 @@ def test_training_overfits_a_fixed_batch(phantom_cases, trained_run):
 def test_trained_weights_run_through_the_pipeline_with_decoding(phantom_cases, trained_run, tmp_path):
     """This trainer's checkpoint loads and runs through the product's pipeline with the decoding
     (naming accuracy: test_level_decoding on phantoms, test_lumbar_real with the shipped model)."""
-    from SpineKneeSegLib.io import write_image
-    from SpineKneeSegLib.pipeline import RunOptions, run_case
+    from SpineKneeSegLib.core.image_io import write_image
+    from SpineKneeSegLib.engine.pipeline import RunOptions, run_case
     from SpineKneeSegLib.tasks import TASKS
 
     phantom, _ = phantom_cases

@@ -7,12 +7,11 @@ import json
 
 import numpy as np
 import pytest
-
 from SpineKneeSegLib import cli
-from SpineKneeSegLib.datasets import data_root
-from SpineKneeSegLib.io import read_image
+from SpineKneeSegLib.core.datasets import data_root
+from SpineKneeSegLib.core.image_io import read_image
+from SpineKneeSegLib.engine.weights import find_entry
 from SpineKneeSegLib.tasks import TASKS
-from SpineKneeSegLib.weights import find_entry
 
 pytestmark = [pytest.mark.data, pytest.mark.mrml]
 HELD_OUT = "spine/myosegmentum/case12"
@@ -54,8 +53,7 @@ def test_levels_and_estimated_foramina_on_a_held_out_case(case, tmp_path):
 def test_a_field_of_view_cut_above_l2_is_not_shifted(case, tmp_path):
 
     from level_eval import field_of_view_variants
-
-    from SpineKneeSegLib.io import write_image
+    from SpineKneeSegLib.core.image_io import write_image
 
     image, truth = read_image(case / "image.nii.gz"), read_image(case / "vertebrae.nii.gz").array
     cut, cut_truth = field_of_view_variants(image, truth)["cut above L2"]

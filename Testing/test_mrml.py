@@ -10,8 +10,7 @@ import math
 
 import numpy as np
 import pytest
-
-from SpineKneeSegLib.mrml_harness import require_slicer
+from SpineKneeSegLib.mrml.harness import require_slicer
 
 try:
     require_slicer()
@@ -21,13 +20,12 @@ except ImportError as exc:  # only a missing slicer-core skips; any other import
 import slicer  # noqa: E402
 import slicer.util  # noqa: E402
 import vtk  # noqa: E402
-
-from SpineKneeSegLib import mrml  # noqa: E402
-from SpineKneeSegLib.errors import InputError  # noqa: E402
-from SpineKneeSegLib.image import Image  # noqa: E402
-from SpineKneeSegLib.labels import BRAIN_LABELS, KNEE_LABELS, XRAY_FEMUR_LABELS  # noqa: E402
-from SpineKneeSegLib.mrml_harness import context_for_scene, get_app, is_real_slicer  # noqa: E402
-from SpineKneeSegLib.tables import ColumnSpec  # noqa: E402
+from SpineKneeSegLib.core.errors import InputError  # noqa: E402
+from SpineKneeSegLib.core.image import Image  # noqa: E402
+from SpineKneeSegLib.core.labels import BRAIN_LABELS, KNEE_LABELS, XRAY_FEMUR_LABELS  # noqa: E402
+from SpineKneeSegLib.core.tables import ColumnSpec  # noqa: E402
+from SpineKneeSegLib.mrml import nodes  # noqa: E402
+from SpineKneeSegLib.mrml.harness import context_for_scene, get_app, is_real_slicer  # noqa: E402
 
 pytestmark = pytest.mark.mrml
 
@@ -95,8 +93,8 @@ def test_harness_mirrors_slicer_modules(slicer_app):
 def test_slicer_util_helpers_work_headless(slicer_app):
     """slicer.util functions that call slicer.modules.<name>.logic() work on this harness."""
     image = _image(DIRECTIONS["oblique"])
-    volume = mrml.image_to_volume_node(slicer_app.scene, image, "ct")
-    seg = mrml.labels_to_segmentation_node(slicer_app.scene, _labels(image), KNEE_LABELS, "bones",
+    volume = nodes.image_to_volume_node(slicer_app.scene, image, "ct")
+    seg = nodes.labels_to_segmentation_node(slicer_app.scene, _labels(image), KNEE_LABELS, "bones",
                                            reference_volume=volume)
     femur = slicer.util.arrayFromSegmentBinaryLabelmap(seg, "femur", volume)
     np.testing.assert_array_equal(femur.astype(bool), _labels(image).array == 1)
@@ -112,11 +110,11 @@ def test_get_app_is_created_once():
 @pytest.mark.parametrize("kind", sorted(DIRECTIONS))
 def test_volume_node_round_trip_is_exact(mrml_scene, kind):
     image = _image(DIRECTIONS[kind])
-    node = mrml.image_to_volume_node(mrml_scene, image, "input")
+    node = nodes.image_to_volume_node(mrml_scene, image, "input")
     matrix = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(matrix)
     np.testing.assert_allclose(slicer.util.arrayFromVTKMatrix(matrix), image.ijk_to_ras, atol=1e-9)
-    back = mrml.volume_node_to_image(node)
+    back = nodes.volume_node_to_image(node)
     np.testing.assert_array_equal(back.array, image.array)
     assert back.array.dtype == image.array.dtype
     np.testing.assert_allclose(back.spacing, image.spacing, atol=1e-9)
@@ -127,20 +125,20 @@ def test_volume_node_round_trip_is_exact(mrml_scene, kind):
 def test_volume_node_accepts_bool_and_int64(mrml_scene):
     image = _image(np.eye(3))
     for array in (image.array > 0, image.array.astype(np.int64)):
-        node = mrml.image_to_volume_node(mrml_scene, image.with_array(array), "v")
-        np.testing.assert_array_equal(mrml.volume_node_to_image(node).array, array.astype(np.int32))
+        node = nodes.image_to_volume_node(mrml_scene, image.with_array(array), "v")
+        np.testing.assert_array_equal(nodes.volume_node_to_image(node).array, array.astype(np.int32))
 
 
 @pytest.mark.parametrize("suffix", [".nrrd", ".nii.gz"])
 @pytest.mark.parametrize("kind", sorted(DIRECTIONS))
 def test_volume_file_round_trip_keeps_physical_image(mrml_scene, tmp_path, suffix, kind):
     image = _image(DIRECTIONS[kind])
-    node = mrml.image_to_volume_node(mrml_scene, image, "input")
-    path = mrml.save_node(node, tmp_path / f"input{suffix}")
+    node = nodes.image_to_volume_node(mrml_scene, image, "input")
+    path = nodes.save_node(node, tmp_path / f"input{suffix}")
     assert _only_file(tmp_path, "input") == [f"input{suffix}"]
-    loaded = mrml.load_volume(mrml_scene, path)
+    loaded = nodes.load_volume(mrml_scene, path)
     assert loaded.GetName().startswith("input") and loaded is not node  # Slicer makes it "input_1"
-    back = mrml.volume_node_to_image(loaded)
+    back = nodes.volume_node_to_image(loaded)
     assert back.array.dtype == image.array.dtype
     assert_same_physical_image(image, back)
 
@@ -154,8 +152,8 @@ def _assert_segments_match_specs(seg_node, labels):
         segment = segmentation.GetSegment(spec.segment_id)
         assert segment.GetName() == spec.name
         np.testing.assert_allclose(segment.GetColor(), spec.color, atol=1e-6)
-        codes = mrml.terminology_codes(segment.GetTerminology())
-        assert codes["context"] == mrml.TERMINOLOGY_CONTEXT
+        codes = nodes.terminology_codes(segment.GetTerminology())
+        assert codes["context"] == nodes.TERMINOLOGY_CONTEXT
         assert (codes["category"], codes["type"], codes["region"]) == (spec.category, spec.type, spec.region)
 
 
@@ -163,19 +161,19 @@ def _assert_segments_match_specs(seg_node, labels):
 def test_segmentation_seg_nrrd_round_trip(mrml_scene, tmp_path, kind):
     image = _image(DIRECTIONS[kind])
     labels = _labels(image)
-    volume = mrml.image_to_volume_node(mrml_scene, image, "input")
-    seg = mrml.labels_to_segmentation_node(mrml_scene, labels, KNEE_LABELS, "knee", reference_volume=volume)
+    volume = nodes.image_to_volume_node(mrml_scene, image, "input")
+    seg = nodes.labels_to_segmentation_node(mrml_scene, labels, KNEE_LABELS, "knee", reference_volume=volume)
     _assert_segments_match_specs(seg, KNEE_LABELS)  # fibula present though it has no voxels
-    np.testing.assert_array_equal(mrml.segmentation_node_to_labels(seg, image, KNEE_LABELS), labels.array)
+    np.testing.assert_array_equal(nodes.segmentation_node_to_labels(seg, image, KNEE_LABELS), labels.array)
 
-    path = mrml.save_node(seg, tmp_path / "knee.seg.nrrd")
+    path = nodes.save_node(seg, tmp_path / "knee.seg.nrrd")
     assert _only_file(tmp_path, "knee") == ["knee.seg.nrrd"]
     header = path.read_bytes()[:8192].decode("latin-1")
-    assert "TerminologyEntry:" + mrml.terminology_entry(KNEE_LABELS[0]) in header
-    loaded = mrml.load_segmentation(mrml_scene, path)
+    assert "TerminologyEntry:" + nodes.terminology_entry(KNEE_LABELS[0]) in header
+    loaded = nodes.load_segmentation(mrml_scene, path)
     assert loaded.GetName() == "knee"
     _assert_segments_match_specs(loaded, KNEE_LABELS)
-    back = mrml.segmentation_node_to_labels(loaded, image, KNEE_LABELS)
+    back = nodes.segmentation_node_to_labels(loaded, image, KNEE_LABELS)
     np.testing.assert_array_equal(back, labels.array)
 
 
@@ -183,50 +181,50 @@ def test_segmentation_to_labels_resamples_in_physical_space(mrml_scene):
     """The same physical grid stored with reversed slices receives reversed labels."""
     image = _image(DIRECTIONS["oblique-left-handed"])
     labels = _labels(image)
-    seg = mrml.labels_to_segmentation_node(mrml_scene, labels, KNEE_LABELS, "knee")
+    seg = nodes.labels_to_segmentation_node(mrml_scene, labels, KNEE_LABELS, "knee")
     flipped_direction = image.direction @ np.diag([1.0, 1.0, -1.0])
     last_slice = image.ijk_to_lps_points([[0, 0, image.array.shape[0] - 1]])[0]
     flipped = Image(image.array[::-1], image.spacing, last_slice, flipped_direction)
     assert flipped.is_right_handed and flipped.same_geometry(image)
-    np.testing.assert_array_equal(mrml.segmentation_node_to_labels(seg, flipped, KNEE_LABELS), labels.array[::-1])
+    np.testing.assert_array_equal(nodes.segmentation_node_to_labels(seg, flipped, KNEE_LABELS), labels.array[::-1])
 
 
 def test_segmentation_region_code_round_trips(mrml_scene, tmp_path):
     image = _image(np.eye(3))
     lesion = image.with_array((image.array > 1400).astype(np.uint8))
-    seg = mrml.labels_to_segmentation_node(mrml_scene, lesion, BRAIN_LABELS, "wmh")
-    loaded = mrml.load_segmentation(mrml_scene, mrml.save_node(seg, tmp_path / "wmh.seg.nrrd"))
+    seg = nodes.labels_to_segmentation_node(mrml_scene, lesion, BRAIN_LABELS, "wmh")
+    loaded = nodes.load_segmentation(mrml_scene, nodes.save_node(seg, tmp_path / "wmh.seg.nrrd"))
     _assert_segments_match_specs(loaded, BRAIN_LABELS)
-    assert mrml.terminology_codes(loaded.GetSegmentation().GetSegment("lesion").GetTerminology())[
+    assert nodes.terminology_codes(loaded.GetSegmentation().GetSegment("lesion").GetTerminology())[
         "region"].meaning == "Brain"
-    np.testing.assert_array_equal(mrml.segmentation_node_to_labels(loaded, image, BRAIN_LABELS), lesion.array)
+    np.testing.assert_array_equal(nodes.segmentation_node_to_labels(loaded, image, BRAIN_LABELS), lesion.array)
 
 
 def test_empty_segmentation_keeps_its_segments(mrml_scene, tmp_path):
     """No lesion found is a normal result: the file still names the lesion segment."""
     image = _image(np.eye(3)).with_array(np.zeros((7, 9, 11), np.uint8))
-    seg = mrml.labels_to_segmentation_node(mrml_scene, image, BRAIN_LABELS, "wmh")
-    loaded = mrml.load_segmentation(mrml_scene, mrml.save_node(seg, tmp_path / "wmh.seg.nrrd"))
+    seg = nodes.labels_to_segmentation_node(mrml_scene, image, BRAIN_LABELS, "wmh")
+    loaded = nodes.load_segmentation(mrml_scene, nodes.save_node(seg, tmp_path / "wmh.seg.nrrd"))
     _assert_segments_match_specs(loaded, BRAIN_LABELS)
-    assert not mrml.segmentation_node_to_labels(loaded, image, BRAIN_LABELS).any()
+    assert not nodes.segmentation_node_to_labels(loaded, image, BRAIN_LABELS).any()
 
 
 def test_single_slice_radiograph_round_trip(mrml_scene, tmp_path):
     rng = np.random.default_rng(1)
     xray = Image(rng.integers(0, 4000, (1, 50, 40)).astype(np.uint16), (0.2, 0.2, 1.0), (5.0, 6.0, 0.0))
-    volume = mrml.image_to_volume_node(mrml_scene, xray, "xray")
-    assert_same_physical_image(xray, mrml.volume_node_to_image(
-        mrml.load_volume(mrml_scene, mrml.save_node(volume, tmp_path / "xray.nii.gz"))))
+    volume = nodes.image_to_volume_node(mrml_scene, xray, "xray")
+    assert_same_physical_image(xray, nodes.volume_node_to_image(
+        nodes.load_volume(mrml_scene, nodes.save_node(volume, tmp_path / "xray.nii.gz"))))
     femur = xray.with_array((xray.array > 2000).astype(np.uint8))
-    seg = mrml.labels_to_segmentation_node(mrml_scene, femur, XRAY_FEMUR_LABELS, "femur", reference_volume=volume)
-    loaded = mrml.load_segmentation(mrml_scene, mrml.save_node(seg, tmp_path / "femur.seg.nrrd"))
-    np.testing.assert_array_equal(mrml.segmentation_node_to_labels(loaded, xray, XRAY_FEMUR_LABELS), femur.array)
+    seg = nodes.labels_to_segmentation_node(mrml_scene, femur, XRAY_FEMUR_LABELS, "femur", reference_volume=volume)
+    loaded = nodes.load_segmentation(mrml_scene, nodes.save_node(seg, tmp_path / "femur.seg.nrrd"))
+    np.testing.assert_array_equal(nodes.segmentation_node_to_labels(loaded, xray, XRAY_FEMUR_LABELS), femur.array)
 
 
 def test_segmentation_converts_to_closed_surface(mrml_scene):
     image = _image(DIRECTIONS["oblique"])
     labels = _labels(image)
-    seg = mrml.labels_to_segmentation_node(mrml_scene, labels, KNEE_LABELS, "knee")
+    seg = nodes.labels_to_segmentation_node(mrml_scene, labels, KNEE_LABELS, "knee")
     assert seg.CreateClosedSurfaceRepresentation()
     femur = vtk.vtkPolyData()
     seg.GetClosedSurfaceRepresentation("femur", femur)
@@ -245,24 +243,24 @@ def test_segmentation_converts_to_closed_surface(mrml_scene):
 def test_unknown_label_value_is_refused(mrml_scene):
     image = _image(np.eye(3))
     with pytest.raises(ValueError, match=r"\[9\] have no LabelSpec"):
-        mrml.labels_to_segmentation_node(mrml_scene, image.with_array(np.full(image.array.shape, 9, np.uint8)),
+        nodes.labels_to_segmentation_node(mrml_scene, image.with_array(np.full(image.array.shape, 9, np.uint8)),
                                          KNEE_LABELS, "bad")
 
 
 def test_terminology_is_registered_with_slicer(slicer_app):
     image = _image(np.eye(3))
-    mrml.labels_to_segmentation_node(slicer_app.scene, _labels(image), KNEE_LABELS, "knee")
+    nodes.labels_to_segmentation_node(slicer_app.scene, _labels(image), KNEE_LABELS, "knee")
     names = vtk.vtkStringArray()
     slicer_app.terminologies.GetLoadedTerminologyNames(names)
-    assert mrml.TERMINOLOGY_CONTEXT in [names.GetValue(i) for i in range(names.GetNumberOfValues())]
+    assert nodes.TERMINOLOGY_CONTEXT in [names.GetValue(i) for i in range(names.GetNumberOfValues())]
     entry = slicer.vtkSlicerTerminologyEntry()
     assert slicer.vtkSlicerTerminologiesModuleLogic.DeserializeTerminologyEntry(
-        mrml.terminology_entry(KNEE_LABELS[3]), entry)
+        nodes.terminology_entry(KNEE_LABELS[3]), entry)
     info = slicer_app.terminologies.GetInfoStringFromTerminologyEntry(entry)
     assert "Patella" in info and "Anatomical Structure" in info
     regions = vtk.vtkStringArray()
     slicer_app.terminologies.GetLoadedRegionContextNames(regions)
-    assert mrml.REGION_CONTEXT in [regions.GetValue(i) for i in range(regions.GetNumberOfValues())]
+    assert nodes.REGION_CONTEXT in [regions.GetValue(i) for i in range(regions.GetNumberOfValues())]
 
 
 # ---- markups -------------------------------------------------------------------------------
@@ -285,14 +283,14 @@ def _assert_points(points, expect_attributes=True):
 
 def _markups(scene):
     attributes = [{"level": label[1], "side": label.split()[1]} for label in POINT_LABELS]
-    return mrml.points_to_markups_node(scene, POINTS, POINT_LABELS, POINT_DESCRIPTIONS, name="foramina",
+    return nodes.points_to_markups_node(scene, POINTS, POINT_LABELS, POINT_DESCRIPTIONS, name="foramina",
                                        attributes=attributes)
 
 
 def test_markups_mrk_json_round_trip_lps_file_ras_nodes(mrml_scene, tmp_path):
     node = _markups(mrml_scene)
-    _assert_points(mrml.markups_node_to_points(node))
-    path = mrml.save_node(node, tmp_path / "foramina.mrk.json")
+    _assert_points(nodes.markups_node_to_points(node))
+    path = nodes.save_node(node, tmp_path / "foramina.mrk.json")
     assert _only_file(tmp_path, "foramina") == ["foramina.mrk.json"]
 
     saved = json.loads(path.read_text())["markups"][0]
@@ -301,17 +299,17 @@ def test_markups_mrk_json_round_trip_lps_file_ras_nodes(mrml_scene, tmp_path):
     np.testing.assert_allclose(saved["controlPoints"][0]["position"], [-x, -y, z])
     assert saved["controlPoints"][2]["positionStatus"] == "missing"
 
-    loaded = mrml.load_markups(mrml_scene, path)
+    loaded = nodes.load_markups(mrml_scene, path)
     assert loaded.GetName() == "foramina" and loaded is not node
     # per-point attributes live in node attributes, which .mrk.json does not keep (.mrb does)
-    _assert_points(mrml.markups_node_to_points(loaded), expect_attributes=False)
+    _assert_points(nodes.markups_node_to_points(loaded), expect_attributes=False)
 
 
 def test_markups_node_attributes_and_length_check(mrml_scene):
-    node = mrml.points_to_markups_node(mrml_scene, [(1, 2, 3)], ["a"], attributes={"task": "spine"})
+    node = nodes.points_to_markups_node(mrml_scene, [(1, 2, 3)], ["a"], attributes={"task": "spine"})
     assert node.GetAttribute("task") == "spine"
     with pytest.raises(ValueError, match="same length"):
-        mrml.points_to_markups_node(mrml_scene, [(1, 2, 3)], ["a", "b"])
+        nodes.points_to_markups_node(mrml_scene, [(1, 2, 3)], ["a", "b"])
 
 
 # ---- tables --------------------------------------------------------------------------------
@@ -340,45 +338,45 @@ def _assert_rows(rows):
 
 
 def test_table_tsv_round_trip_keeps_types_units_values(mrml_scene, tmp_path):
-    node = mrml.rows_to_table_node(mrml_scene, ROWS, COLUMNS, "lesions")
-    assert mrml.table_node_columns(node) == COLUMNS
-    _assert_rows(mrml.table_node_to_rows(node))
+    node = nodes.rows_to_table_node(mrml_scene, ROWS, COLUMNS, "lesions")
+    assert nodes.table_node_columns(node) == COLUMNS
+    _assert_rows(nodes.table_node_to_rows(node))
 
-    path = mrml.save_node(node, tmp_path / "lesions.tsv")
+    path = nodes.save_node(node, tmp_path / "lesions.tsv")
     assert _only_file(tmp_path, "lesions") == ["lesions.schema.tsv", "lesions.tsv"]
     assert path.read_text().splitlines()[0].split("\t") == [c.name for c in COLUMNS]
 
-    loaded = mrml.load_table(mrml_scene, path)
+    loaded = nodes.load_table(mrml_scene, path)
     assert loaded.GetName() == "lesions"
-    assert sorted(mrml.table_node_columns(loaded), key=lambda c: c.name) == sorted(COLUMNS, key=lambda c: c.name)
-    _assert_rows(mrml.table_node_to_rows(loaded))
-    assert list(mrml.table_node_to_rows(loaded, ["bracket", "lesion"])[0]) == ["bracket", "lesion"]
+    assert sorted(nodes.table_node_columns(loaded), key=lambda c: c.name) == sorted(COLUMNS, key=lambda c: c.name)
+    _assert_rows(nodes.table_node_to_rows(loaded))
+    assert list(nodes.table_node_to_rows(loaded, ["bracket", "lesion"])[0]) == ["bracket", "lesion"]
 
 
 def test_table_int_column_refuses_missing_value(mrml_scene):
     with pytest.raises(ValueError, match="'lesion', row 0"):
-        mrml.rows_to_table_node(mrml_scene, [{"lesion": None}], COLUMNS[:1], "t")
+        nodes.rows_to_table_node(mrml_scene, [{"lesion": None}], COLUMNS[:1], "t")
 
 
 # ---- files: errors -------------------------------------------------------------------------
 def test_save_node_refuses_wrong_suffix_and_writes_nothing(mrml_scene, tmp_path):
     node = _markups(mrml_scene)
     with pytest.raises(InputError, match=r"\.mrk\.json"):
-        mrml.save_node(node, tmp_path / "foramina.nrrd")
+        nodes.save_node(node, tmp_path / "foramina.nrrd")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_load_missing_file_names_it(mrml_scene, tmp_path):
     with pytest.raises(InputError, match="nope.nrrd: file not found"):
-        mrml.load_volume(mrml_scene, tmp_path / "nope.nrrd")
+        nodes.load_volume(mrml_scene, tmp_path / "nope.nrrd")
     bad = tmp_path / "bad.seg.nrrd"
     bad.write_text("not a nrrd")
     with pytest.raises(InputError, match="bad.seg.nrrd: cannot be read as a segmentation"):
-        mrml.load_segmentation(mrml_scene, bad)
+        nodes.load_segmentation(mrml_scene, bad)
     with pytest.raises(InputError, match="bad.seg.nrrd: cannot be read as markups"):
-        mrml.load_markups(mrml_scene, bad)
+        nodes.load_markups(mrml_scene, bad)
     with pytest.raises(InputError, match="a table must be"):
-        mrml.load_table(mrml_scene, bad)
+        nodes.load_table(mrml_scene, bad)
 
 
 # ---- whole scene ---------------------------------------------------------------------------
@@ -386,34 +384,34 @@ def test_mrb_scene_round_trip_into_fresh_scene(slicer_app, tmp_path):
     scene = slicer_app.scene
     image = _image(DIRECTIONS["oblique-left-handed"])
     labels = _labels(image)
-    volume = mrml.image_to_volume_node(scene, image, "input")
-    mrml.labels_to_segmentation_node(scene, labels, KNEE_LABELS, "knee", reference_volume=volume)
+    volume = nodes.image_to_volume_node(scene, image, "input")
+    nodes.labels_to_segmentation_node(scene, labels, KNEE_LABELS, "knee", reference_volume=volume)
     _markups(scene).SetAttribute("task", "spine")
-    mrml.rows_to_table_node(scene, ROWS, COLUMNS, "lesions")
+    nodes.rows_to_table_node(scene, ROWS, COLUMNS, "lesions")
 
-    path = mrml.save_scene_mrb(scene, tmp_path / "scene.mrb")
+    path = nodes.save_scene_mrb(scene, tmp_path / "scene.mrb")
     assert _only_file(tmp_path, "scene") == ["scene.mrb"]
 
-    fresh = mrml.load_scene_mrb(path)
+    fresh = nodes.load_scene_mrb(path)
     try:
         assert fresh.scene is not scene and slicer.mrmlScene is fresh.scene
         s = fresh.scene
-        back = mrml.volume_node_to_image(s.GetFirstNodeByName("input"))
+        back = nodes.volume_node_to_image(s.GetFirstNodeByName("input"))
         assert_same_physical_image(image, back)
 
         seg = s.GetFirstNodeByName("knee")
         _assert_segments_match_specs(seg, KNEE_LABELS)
-        np.testing.assert_array_equal(mrml.segmentation_node_to_labels(seg, image, KNEE_LABELS), labels.array)
+        np.testing.assert_array_equal(nodes.segmentation_node_to_labels(seg, image, KNEE_LABELS), labels.array)
         assert seg.GetNodeReference("referenceImageGeometryRef") is s.GetFirstNodeByName("input")
         assert seg.CreateClosedSurfaceRepresentation()
 
         points = s.GetFirstNodeByName("foramina")
-        _assert_points(mrml.markups_node_to_points(points))
+        _assert_points(nodes.markups_node_to_points(points))
         assert points.GetAttribute("task") == "spine"
 
         table = s.GetFirstNodeByName("lesions")
-        assert sorted(mrml.table_node_columns(table), key=lambda c: c.name) == sorted(COLUMNS, key=lambda c: c.name)
-        _assert_rows(mrml.table_node_to_rows(table))
+        assert sorted(nodes.table_node_columns(table), key=lambda c: c.name) == sorted(COLUMNS, key=lambda c: c.name)
+        _assert_rows(nodes.table_node_to_rows(table))
     finally:
         fresh.close()
         slicer_app.activate()

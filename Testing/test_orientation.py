@@ -5,13 +5,16 @@ import itertools
 import numpy as np
 import pytest
 import torch
-
-from SpineKneeSegLib.image import Image
-from SpineKneeSegLib.inference import segment_slices
-from SpineKneeSegLib.models import build_network
-from SpineKneeSegLib.phantoms import make_phantom
-from SpineKneeSegLib.preprocessing import Orientation, canonical_image, canonical_orientation, reorient
-from SpineKneeSegLib.tasks import TASKS
+from SpineKneeSegLib.core.image import Image
+from SpineKneeSegLib.engine.inference import segment_slices
+from SpineKneeSegLib.engine.models import build_network
+from SpineKneeSegLib.engine.preprocessing import (
+    Orientation,
+    canonical_image,
+    canonical_orientation,
+    reorient,
+)
+from SpineKneeSegLib.tasks import TASKS, make_phantom
 
 LAYOUTS = [Orientation(axes, flips) for axes, flips in
            [((0, 1, 2), (False, False, False)), ((2, 0, 1), (True, False, True)), ((1, 2, 0), (False, True, True))]]
@@ -61,7 +64,7 @@ def test_same_physical_image_same_labels(task):
 
 def test_tiled_inference_matches_whole_slices():
     """Blended overlapping tiles (bounded memory on big slices) agree with whole-slice inference."""
-    from SpineKneeSegLib.inference import tiled_forward
+    from SpineKneeSegLib.engine.inference import tiled_forward
 
     torch.manual_seed(0)
     net = build_network("multinet", {"in_channels": 3, "out_channels": 5, "levels": 3, "max_channels": 8}).eval()
@@ -114,7 +117,7 @@ def test_view_fusion_maps_every_view_back_onto_the_input(layout):
 
 
 def test_view_fusion_skips_thick_slices_and_interpolates_between_run_slices():
-    from SpineKneeSegLib.inference import _fill_between
+    from SpineKneeSegLib.engine.inference import _fill_between
 
     direction = np.array([[0, 0, -1], [1, 0, 0], [0, -1, 0]], float)
     image = Image(np.random.default_rng(2).normal(size=(6, 12, 10)).astype(np.float32), (0.6, 0.6, 3.0),
@@ -131,8 +134,8 @@ def test_view_fusion_skips_thick_slices_and_interpolates_between_run_slices():
 
 def test_fuse_views_option_is_validated_and_fast_mode_turns_fusion_off():
     from SpineKneeSegLib.cli import parse_planes
-    from SpineKneeSegLib.errors import InputError
-    from SpineKneeSegLib.pipeline import fast_mode_plan, fusion_planes
+    from SpineKneeSegLib.core.errors import InputError
+    from SpineKneeSegLib.engine.pipeline import fast_mode_plan, fusion_planes
 
     assert parse_planes(None) is None and parse_planes("none") == ()
     assert parse_planes("Sagittal, coronal") == ("sagittal", "coronal")

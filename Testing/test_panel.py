@@ -6,13 +6,17 @@ import json
 import types
 
 import pytest
-
-from SpineKneeSegLib import devices
 from SpineKneeSegLib.cli import build_parser
-from SpineKneeSegLib.devices import DeviceInfo
-from SpineKneeSegLib.panel import LOG_LINES, PanelController, PanelState, task_summary
-from SpineKneeSegLib.parameters import load_settings, save_settings
-from SpineKneeSegLib.pipeline import fast_mode_plan
+from SpineKneeSegLib.engine import devices
+from SpineKneeSegLib.engine.devices import DeviceInfo
+from SpineKneeSegLib.engine.pipeline import fast_mode_plan
+from SpineKneeSegLib.panel.controller import (
+    LOG_LINES,
+    PanelController,
+    PanelState,
+    task_summary,
+)
+from SpineKneeSegLib.panel.parameters import load_settings, save_settings
 from SpineKneeSegLib.tasks import TASKS
 
 
@@ -236,7 +240,7 @@ def test_error_event_stops_the_run():
 
 
 def test_a_doubtful_level_count_is_shown_after_the_import():
-    from SpineKneeSegLib.panel import result_notice
+    from SpineKneeSegLib.panel.controller import result_notice
 
     report = {"summaries": {"level_decoding": {"doubtful": True, "level_confidence": 0.07},
                             "transitional_anatomy": {"flagged": False, "status": "typical"}}}

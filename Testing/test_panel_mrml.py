@@ -9,8 +9,7 @@ import json
 import numpy as np
 import pydicom
 import pytest
-
-from SpineKneeSegLib.mrml_harness import require_slicer
+from SpineKneeSegLib.mrml.harness import require_slicer
 
 try:
     require_slicer()
@@ -18,16 +17,21 @@ except ImportError as exc:
     pytest.skip(f"real MRML unavailable: {exc}", allow_module_level=True)
 
 import slicer  # noqa: E402
-
-from SpineKneeSegLib import mrml  # noqa: E402
-from SpineKneeSegLib.errors import InputError  # noqa: E402
-from SpineKneeSegLib.mrml_harness import create_headless_slicer  # noqa: E402
-from SpineKneeSegLib.panel import PanelController, PanelState  # noqa: E402
-from SpineKneeSegLib.parameters import load_from_node, parameter_node, save_to_node  # noqa: E402
-from SpineKneeSegLib.phantoms import make_phantom  # noqa: E402
-from SpineKneeSegLib.pipeline import postprocess, write_outputs  # noqa: E402
-from SpineKneeSegLib.results import jump_target, load_results  # noqa: E402
-from SpineKneeSegLib.tasks import TASKS  # noqa: E402
+from SpineKneeSegLib.core.errors import InputError  # noqa: E402
+from SpineKneeSegLib.engine.pipeline import postprocess, write_outputs  # noqa: E402
+from SpineKneeSegLib.mrml import nodes  # noqa: E402
+from SpineKneeSegLib.mrml.harness import create_headless_slicer  # noqa: E402
+from SpineKneeSegLib.mrml.results import jump_target, load_results  # noqa: E402
+from SpineKneeSegLib.panel.controller import PanelController, PanelState  # noqa: E402
+from SpineKneeSegLib.panel.parameters import (  # noqa: E402
+    load_from_node,
+    parameter_node,
+    save_to_node,
+)
+from SpineKneeSegLib.tasks import (
+    TASKS,  # noqa: E402
+    make_phantom,  # noqa: E402
+)
 
 pytestmark = pytest.mark.mrml
 
@@ -45,7 +49,7 @@ def _finished_run(task, folder, seed=1):
 
 def _study_volume(scene, phantom):
     """The input as Slicer's DICOM import leaves it: a volume under patient / study items."""
-    volume = mrml.image_to_volume_node(scene, phantom.image, "scan")
+    volume = nodes.image_to_volume_node(scene, phantom.image, "scan")
     sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
     patient = sh.CreateSubjectItem(sh.GetSceneItemID(), "Patient 1")
     study = sh.CreateStudyItem(patient, "Study 1")
@@ -84,7 +88,7 @@ def test_brain_results_lesion_table_jump_and_study_placement(slicer_app, tmp_pat
 def test_lumbar_results_markups_labels_and_volume_tables(slicer_app, tmp_path):
     scene = slicer_app.scene
     phantom, result = _finished_run("lumbar-foramina", tmp_path / "out")
-    volume = mrml.image_to_volume_node(scene, phantom.image, "spine")
+    volume = nodes.image_to_volume_node(scene, phantom.image, "spine")
     loaded = load_results(scene, tmp_path / "out", volume)
     assert loaded.segmentation.GetName() == "spine lumbar-foramina"  # task from report.json
     (markups,) = loaded.markups
@@ -92,9 +96,9 @@ def test_lumbar_results_markups_labels_and_volume_tables(slicer_app, tmp_path):
     assert labels == [p["label"] for p in result.points] and "L5 right" in labels
     assert markups.GetDisplayNode().GetPointLabelsVisibility()
     knee_phantom, _ = _finished_run("knee-bones", tmp_path / "knee")
-    knee_volume = mrml.image_to_volume_node(scene, knee_phantom.image, "knee")
+    knee_volume = nodes.image_to_volume_node(scene, knee_phantom.image, "knee")
     knee = load_results(scene, tmp_path / "knee", knee_volume, "knee-bones")
-    rows = mrml.table_node_to_rows(knee.tables["volumes.tsv"])
+    rows = nodes.table_node_to_rows(knee.tables["volumes.tsv"])
     assert [r[next(iter(r))] for r in rows][:4] and len(rows) == 4  # femur, tibia, fibula, patella
     assert jump_target(knee.tables["volumes.tsv"], 0) is None  # no centroid columns: no jump
 
@@ -102,7 +106,7 @@ def test_lumbar_results_markups_labels_and_volume_tables(slicer_app, tmp_path):
 def test_existing_segmentation_gets_its_segments_replaced(slicer_app, tmp_path):
     scene = slicer_app.scene
     phantom, _ = _finished_run("knee-bones", tmp_path / "out")
-    volume = mrml.image_to_volume_node(scene, phantom.image, "knee")
+    volume = nodes.image_to_volume_node(scene, phantom.image, "knee")
     existing = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my edits")
     before = scene.GetNumberOfNodes()
     existing.GetSegmentation().AddEmptySegment("femur", "femur")  # an old femur: replaced
@@ -123,7 +127,7 @@ def test_existing_segmentation_gets_its_segments_replaced(slicer_app, tmp_path):
 def test_a_broken_output_leaves_the_scene_unchanged(slicer_app, tmp_path):
     scene = slicer_app.scene
     phantom, _ = _finished_run("lumbar-foramina", tmp_path / "out")
-    volume = mrml.image_to_volume_node(scene, phantom.image, "spine")
+    volume = nodes.image_to_volume_node(scene, phantom.image, "spine")
     (tmp_path / "out" / "foramina.mrk.json").write_text("{ truncated")
     before = scene.GetNumberOfNodes()
     with pytest.raises(InputError, match="foramina.mrk.json"):
@@ -174,17 +178,16 @@ def test_parameter_node_round_trips_through_a_saved_scene(slicer_app):
 def test_dicom_volume_is_passed_as_its_own_series_else_as_nrrd(slicer_app, tmp_path):
     """A volume from Slicer's DICOM database goes to the CLI as its own files (so the CLI writes a
     DICOM-SEG); the database look-up (slicer.dicomDatabase.fileForInstance) is a dict here."""
+    from SpineKneeSegLib.core.image_io import read_image
+    from SpineKneeSegLib.mrml.results import input_paths
     from test_dicomseg import _dicom_phantom
-
-    from SpineKneeSegLib.io import read_image
-    from SpineKneeSegLib.results import input_paths
 
     phantom = _dicom_phantom("knee-bones", tmp_path / "db")
     files = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID: str(f) for f in (tmp_path / "db").iterdir()}
     scene = slicer_app.scene
-    from_dicom = mrml.image_to_volume_node(scene, phantom.image, "dicom")
+    from_dicom = nodes.image_to_volume_node(scene, phantom.image, "dicom")
     from_dicom.SetAttribute("DICOM.instanceUIDs", " ".join(files))
-    plain = mrml.image_to_volume_node(scene, phantom.image, "plain")
+    plain = nodes.image_to_volume_node(scene, phantom.image, "plain")
     paths = input_paths([from_dicom, plain], tmp_path / "work", files.get)
     assert paths == [str(tmp_path / "work" / "input0"), str(tmp_path / "work" / "input1.nrrd")]
     staged = read_image(paths[0])

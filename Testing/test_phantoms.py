@@ -4,29 +4,33 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scipy import ndimage
-
-from SpineKneeSegLib import phantoms as P
-from SpineKneeSegLib.image import Image
+from SpineKneeSegLib.core.image import Image
+from SpineKneeSegLib.core.phantoms import Phantom
+from SpineKneeSegLib.tasks import make_phantom, phantom_tasks
+from SpineKneeSegLib.tasks.brain.phantom import brain_phantom
+from SpineKneeSegLib.tasks.knee.phantom import knee_phantom
+from SpineKneeSegLib.tasks.spine.phantom import spine_phantom
+from SpineKneeSegLib.tasks.xray.phantom import xray_femur_phantom
 
 
 @pytest.fixture(scope="module")
 def knee():
-    return P.knee_phantom(0)
+    return knee_phantom(0)
 
 
 @pytest.fixture(scope="module")
 def spine():
-    return P.spine_phantom(0)
+    return spine_phantom(0)
 
 
 @pytest.fixture(scope="module")
 def brain():
-    return P.brain_phantom(0)
+    return brain_phantom(0)
 
 
 @pytest.fixture(scope="module")
 def xray():
-    return P.xray_femur_phantom(0)
+    return xray_femur_phantom(0)
 
 
 def _centroid_ras(img: Image, mask: np.ndarray) -> np.ndarray:
@@ -34,7 +38,7 @@ def _centroid_ras(img: Image, mask: np.ndarray) -> np.ndarray:
     return img.ijk_to_ras_points([[i.mean(), j.mean(), k.mean()]])[0]
 
 
-def _common_checks(ph: P.Phantom, task: str, values):
+def _common_checks(ph: Phantom, task: str, values):
     assert ph.task == task
     assert ph.image.array.dtype == np.float32
     assert ph.labels.array.dtype == np.uint8
@@ -49,16 +53,16 @@ def _common_checks(ph: P.Phantom, task: str, values):
 # ---- dispatch and determinism ----------------------------------------------------------------
 
 def test_tasks_and_dispatch():
-    assert P.PHANTOM_TASKS == ("knee-bones", "lumbar-foramina", "brain-wmh", "xray-femur", "xray-multiclass")
+    assert phantom_tasks() == ("knee-bones", "lumbar-foramina", "brain-wmh", "xray-femur", "xray-multiclass")
     with pytest.raises(ValueError):
-        P.make_phantom("liver")
+        make_phantom("liver")
 
 
-@pytest.mark.parametrize("task", P.PHANTOM_TASKS)
+@pytest.mark.parametrize("task", phantom_tasks())
 def test_deterministic_per_seed(task):
-    a = P.make_phantom(task, seed=3)
-    b = P.make_phantom(task, seed=3)
-    c = P.make_phantom(task, seed=4)
+    a = make_phantom(task, seed=3)
+    b = make_phantom(task, seed=3)
+    c = make_phantom(task, seed=4)
     assert a.task == task
     assert np.array_equal(a.image.array, b.image.array)
     assert np.array_equal(a.labels.array, b.labels.array)
@@ -108,7 +112,7 @@ def test_knee_anatomy(knee):
 
 
 def test_knee_left_side_mirrors():
-    left = P.knee_phantom(1, knee_side="left")
+    left = knee_phantom(1, knee_side="left")
     img, lab = left.image, left.labels.array
     c_tib = _centroid_ras(img, lab == 2)
     c_fib = _centroid_ras(img, lab == 3)
@@ -134,7 +138,7 @@ def test_spine_geometry(spine):
     assert np.allclose(img.direction[:, 1], [0, 0, -1])
     assert np.allclose(img.direction[:, 2], [1, 0, 0])
     assert not img.is_right_handed
-    right = P.spine_phantom(0, k_toward="right")
+    right = spine_phantom(0, k_toward="right")
     assert np.allclose(right.image.direction[:, 2], [-1, 0, 0]) and right.image.is_right_handed
 
 
@@ -191,7 +195,7 @@ def test_spine_ten_foramina(spine):
     _check_foramina(spine, range(1, 6))
     assert len(spine.extra["foramina"]) == 10
     # the point falls on the distinct foramen pattern: bright fat in a noise-free render
-    clean = P.spine_phantom(0, noise=0.0, bias=0.0)
+    clean = spine_phantom(0, noise=0.0, bias=0.0)
     arr = clean.image.array
     body = arr[clean.labels.array > 0]
     for p in clean.points:
@@ -201,7 +205,7 @@ def test_spine_ten_foramina(spine):
 
 @pytest.mark.parametrize("k_toward", ["left", "right"])
 def test_spine_laterality_follows_direction(k_toward):
-    ph = P.spine_phantom(5, k_toward=k_toward, tilt_deg=8.0)
+    ph = spine_phantom(5, k_toward=k_toward, tilt_deg=8.0)
     _check_foramina(ph, range(1, 6))
     k_left = np.mean([p["ijk"][2] for p in ph.points if p["side"] == "left"])
     k_right = np.mean([p["ijk"][2] for p in ph.points if p["side"] == "right"])
@@ -209,7 +213,7 @@ def test_spine_laterality_follows_direction(k_toward):
 
 
 def test_spine_transitional_counts():
-    six = P.spine_phantom(2, lumbar_count=6)
+    six = spine_phantom(2, lumbar_count=6)
     _common_checks(six, "lumbar-foramina", {1, 2, 3, 4, 5})
     assert six.extra["extra_vertebra"] == "L6"
     l6 = next(v for v in six.extra["vertebrae"] if v["name"] == "L6")
@@ -220,7 +224,7 @@ def test_spine_transitional_counts():
     assert any(f["segment"] == "L6/S1" for f in six.extra["unlabelled_foramina"])
     assert next(p for p in six.points if p["level"] == 5)["segment"] == "L5/L6"
 
-    four = P.spine_phantom(2, lumbar_count=4)
+    four = spine_phantom(2, lumbar_count=4)
     _common_checks(four, "lumbar-foramina", {1, 2, 3, 4})
     assert four.extra["missing_vertebrae"] == ["L5"]
     _check_foramina(four, range(1, 5))
@@ -261,13 +265,13 @@ def test_brain_lesions(brain):
 
 
 def test_brain_thick_slices_with_skull():
-    ph = P.brain_phantom(7, slice_thickness_mm=5.0, skull_stripped=False)
+    ph = brain_phantom(7, slice_thickness_mm=5.0, skull_stripped=False)
     _check_brain(ph)
     assert ph.image.spacing[2] == 5.0
     outside = ~ph.extra["brain_mask"]
     # a skull/scalp ring: bright voxels outside the brain
     assert (ph.image.array[outside] > 500).sum() > 2000
-    stripped = P.brain_phantom(7, slice_thickness_mm=5.0)
+    stripped = brain_phantom(7, slice_thickness_mm=5.0)
     assert (stripped.image.array[~stripped.extra["brain_mask"]] > 500).sum() < 50
 
 
@@ -309,7 +313,7 @@ def test_xray_pelvis(xray):
 
 
 def test_xray_hip_uint16():
-    ph = P.xray_femur_phantom(1, view="hip", side="left", intensity_range="uint16")
+    ph = xray_femur_phantom(1, view="hip", side="left", intensity_range="uint16")
     _check_xray(ph, 1)
     arr = ph.image.array
     assert arr.dtype == np.float32 and arr.max() > 1000 and arr.max() <= 65535
@@ -318,7 +322,7 @@ def test_xray_hip_uint16():
 
 
 def test_xray_multiclass_labels_share_the_image_and_the_femur():
-    femur, pelvis = P.xray_femur_phantom(2), P.make_phantom("xray-multiclass", seed=2)
+    femur, pelvis = xray_femur_phantom(2), make_phantom("xray-multiclass", seed=2)
     assert pelvis.task == "xray-multiclass"
     assert np.array_equal(femur.image.array, pelvis.image.array)
     assert np.array_equal(femur.labels.array == 1, pelvis.labels.array == 1)

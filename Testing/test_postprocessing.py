@@ -1,13 +1,24 @@
 """Post-processing and measurement tables on label maps with known answers (no network)."""
 import numpy as np
 import pytest
-
-from SpineKneeSegLib.foramina import foramen_label, localise_foramina, motion_segment
-from SpineKneeSegLib.image import Image
-from SpineKneeSegLib.lesions import bracket_name, label_lesions, lesion_table
-from SpineKneeSegLib.postprocessing import (area_table, largest_component_per_label, remove_small_components,
-                                            volume_table)
+from SpineKneeSegLib.core.image import Image
+from SpineKneeSegLib.engine.postprocessing import (
+    area_table,
+    largest_component_per_label,
+    remove_small_components,
+    volume_table,
+)
 from SpineKneeSegLib.tasks import TASKS
+from SpineKneeSegLib.tasks.brain.lesions import (
+    bracket_name,
+    label_lesions,
+    lesion_table,
+)
+from SpineKneeSegLib.tasks.spine.foramina import (
+    foramen_label,
+    localise_foramina,
+    motion_segment,
+)
 
 
 def test_largest_component_keeps_the_big_blob_per_label():
@@ -142,7 +153,7 @@ def test_localiser_with_uint8_maps_and_missing_levels():
 def test_localiser_recovers_phantom_foramina_by_name(k_toward):
     """Discs of 7 mm around the phantom's own foramen points (seed 004's training targets) go in;
     every one of the ten foramina must come out with the right name, near its points."""
-    from SpineKneeSegLib.phantoms import spine_phantom
+    from SpineKneeSegLib.tasks.spine.phantom import spine_phantom
 
     phantom = spine_phantom(seed=2, k_toward=k_toward)
     image = phantom.image
@@ -162,7 +173,7 @@ def test_localiser_recovers_phantom_foramina_by_name(k_toward):
 @pytest.mark.parametrize("axis", [0, 1, 2])
 def test_network_grid_keeps_the_field_of_view(axis):
     """Pixel-area resampling: the resampled grid covers exactly the same physical extent."""
-    from SpineKneeSegLib.preprocessing import network_grid, network_grid_image
+    from SpineKneeSegLib.engine.preprocessing import network_grid, network_grid_image
 
     rng = np.random.default_rng(axis)
     q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
@@ -183,9 +194,9 @@ def test_estimate_from_levels_names_and_places_the_ten_foramina(k_toward, tilt):
     """Without a foramen model the markers come from the L1..L5 bodies (the phantom's ground-truth
     labels here): right names and sides for both handedness, within 6 mm of the phantom's foramina
     (an anatomical estimate, not a detection)."""
-    from SpineKneeSegLib.foramina import estimate_foramina_from_levels
-    from SpineKneeSegLib.phantoms import spine_phantom
-    from SpineKneeSegLib.preprocessing import Orientation, reorient
+    from SpineKneeSegLib.engine.preprocessing import Orientation, reorient
+    from SpineKneeSegLib.tasks.spine.foramina import estimate_foramina_from_levels
+    from SpineKneeSegLib.tasks.spine.phantom import spine_phantom
 
     phantom = spine_phantom(seed=1, k_toward=k_toward, tilt_deg=tilt)
     found, notes = estimate_foramina_from_levels(phantom.labels.array, phantom.image)
@@ -205,8 +216,8 @@ def test_estimate_from_levels_names_and_places_the_ten_foramina(k_toward, tilt):
 def test_estimate_reports_missing_levels_instead_of_shifting():
     """Seed 004: a missed L5 must not shift every label. Without L3 there is no L2 (L2/L3) or L3
     marker, and the others keep their names."""
-    from SpineKneeSegLib.foramina import estimate_foramina_from_levels
-    from SpineKneeSegLib.phantoms import spine_phantom
+    from SpineKneeSegLib.tasks.spine.foramina import estimate_foramina_from_levels
+    from SpineKneeSegLib.tasks.spine.phantom import spine_phantom
 
     phantom = spine_phantom(seed=0)
     labels = phantom.labels.array.copy()

@@ -13,12 +13,16 @@ import time
 
 import numpy as np
 import pytest
-
-from SpineKneeSegLib.io import write_image
-from SpineKneeSegLib.panel import PanelController, PanelState
-from SpineKneeSegLib.phantoms import make_phantom
-from SpineKneeSegLib.runner import CliProcess, _alive, cli_environment, descendants
-from SpineKneeSegLib.weights import initialise_weights
+from SpineKneeSegLib.core.image_io import write_image
+from SpineKneeSegLib.engine.weights import initialise_weights
+from SpineKneeSegLib.panel.controller import PanelController, PanelState
+from SpineKneeSegLib.panel.runner import (
+    CliProcess,
+    _alive,
+    cli_environment,
+    descendants,
+)
+from SpineKneeSegLib.tasks import make_phantom
 
 pytestmark = pytest.mark.mrml
 LAUNCHER = [sys.executable, "-c", "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"]
@@ -56,7 +60,7 @@ def _drain(run, controller, until=None, timeout=120):
 def test_run_streams_progress_drives_the_panel_and_loads_into_a_scene(tmp_path, slicer_app):
     """selftest.run_task (SpineKneeSegTest's body: phantom -> volume node -> CLI child process ->
     controller -> results in the scene, with its own checks) plus the stream's shape."""
-    from SpineKneeSegLib import selftest
+    from SpineKneeSegLib.panel import selftest
 
     seen, events = [], []
 

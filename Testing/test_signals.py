@@ -10,10 +10,9 @@ import time
 
 import numpy as np
 import pytest
-
-from SpineKneeSegLib.image import Image
-from SpineKneeSegLib.io import write_image
-from SpineKneeSegLib.weights import initialise_weights
+from SpineKneeSegLib.core.image import Image
+from SpineKneeSegLib.core.image_io import write_image
+from SpineKneeSegLib.engine.weights import initialise_weights
 
 pytestmark = [pytest.mark.mrml, pytest.mark.slow]
 
@@ -78,7 +77,7 @@ def test_after_sigkill_the_next_run_sweeps_the_dead_runs_leftovers(case):
 
 
 def test_sweep_removes_only_folders_of_dead_processes(tmp_path):
-    from SpineKneeSegLib.atomic import sweep_stale
+    from SpineKneeSegLib.core.atomic import sweep_stale
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

@@ -4,13 +4,12 @@ import json
 
 import numpy as np
 import pytest
-
 from SpineKneeSegLib import cli
-from SpineKneeSegLib.datasets import data_root
-from SpineKneeSegLib.io import read_image, write_image
-from SpineKneeSegLib.phantoms import brain_phantom
-from SpineKneeSegLib.skullstrip import STRIP_LIMITS, assess_skull_stripping
-from SpineKneeSegLib.weights import initialise_weights
+from SpineKneeSegLib.core.datasets import data_root
+from SpineKneeSegLib.core.image_io import read_image, write_image
+from SpineKneeSegLib.engine.weights import initialise_weights
+from SpineKneeSegLib.tasks.brain.phantom import brain_phantom
+from SpineKneeSegLib.tasks.brain.skullstrip import STRIP_LIMITS, assess_skull_stripping
 
 pytestmark = pytest.mark.mrml
 

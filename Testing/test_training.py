@@ -4,14 +4,14 @@ import json
 
 import numpy as np
 import pytest
-
 from slicetrain import TrainConfig, train  # noqa: E402
-
 from SpineKneeSegLib import cli  # noqa: E402
-from SpineKneeSegLib.io import read_image, write_image  # noqa: E402
-from SpineKneeSegLib.phantoms import make_phantom  # noqa: E402
-from SpineKneeSegLib.tasks import TASKS  # noqa: E402
-from SpineKneeSegLib.weights import find_entry, register_model, sha256_of  # noqa: E402
+from SpineKneeSegLib.core.image_io import read_image, write_image  # noqa: E402
+from SpineKneeSegLib.engine.weights import find_entry, register_model, sha256_of  # noqa: E402
+from SpineKneeSegLib.tasks import (
+    TASKS,  # noqa: E402
+    make_phantom,  # noqa: E402
+)
 
 
 def _dice(a, b):
@@ -66,8 +66,10 @@ def test_registered_weights_run_through_the_cli(trained, tmp_path, monkeypatch, 
 
 def test_level_trainer_takes_corrected_label_maps_from_a_manifest(tmp_path):
     from spine_levels import manifest_label_cases, prepare
-
-    from SpineKneeSegLib.training_manifest import TrainingCase, add_training_case
+    from SpineKneeSegLib.annotation.training_manifest import (
+        TrainingCase,
+        add_training_case,
+    )
 
     phantom = make_phantom("lumbar-foramina", seed=2)
     write_image(phantom.image, tmp_path / "scan.nii.gz")
@@ -87,7 +89,6 @@ def test_foreground_dice_loss_scores_both_heads():
     """The one soft-Dice core behind every 2D trainer's loss: ~0 for a confident right answer,
     ~1 for a confident wrong one, on sigmoid (one channel per label) and softmax heads alike."""
     import torch
-
     from slicetrain import dice_ce_loss, foreground_dice_loss, sigmoid_dice_bce_loss
 
     target = torch.zeros(2, 16, 16, dtype=torch.long)

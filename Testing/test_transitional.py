@@ -2,11 +2,10 @@
 foramen marker's description, and never relabelled."""
 import numpy as np
 import pytest
-
-from SpineKneeSegLib.phantoms import spine_phantom
-from SpineKneeSegLib.pipeline import postprocess
+from SpineKneeSegLib.engine.pipeline import postprocess
 from SpineKneeSegLib.tasks import TASKS
-from SpineKneeSegLib.transitional import check_transitional
+from SpineKneeSegLib.tasks.spine.phantom import spine_phantom
+from SpineKneeSegLib.tasks.spine.transitional import check_transitional
 
 CARD = TASKS["lumbar-foramina"]
 

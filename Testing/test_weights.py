@@ -13,12 +13,20 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from SpineKneeSegLib.errors import InputError, NoWeightsError
+from SpineKneeSegLib.core.errors import InputError, NoWeightsError
+from SpineKneeSegLib.engine.weights import (
+    WEIGHT_SUFFIXES,
+    check_weights_dir,
+    find_entry,
+    initialise_weights,
+    load_checkpoint,
+    models_dir,
+    read_registry,
+    register_model,
+    resolve_weights,
+    sha256_of,
+)
 from SpineKneeSegLib.tasks import TASKS
-from SpineKneeSegLib.weights import (WEIGHT_SUFFIXES, check_weights_dir, find_entry, initialise_weights,
-                                     load_checkpoint, models_dir, read_registry, register_model, resolve_weights,
-                                     sha256_of)
 
 ROOT = Path(__file__).resolve().parents[1]
 CARD = TASKS["knee-bones"]

@@ -26,8 +26,10 @@ def wheel(tmp_path_factory) -> Path:
 def test_wheel_contains_every_weights_file_card_registry_and_ui(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     registry = json.loads((RESOURCES / "Models" / "registry.json").read_text())
-    expected = {"SpineKneeSegLib/_resources/Models/registry.json", "SpineKneeSegLib/_resources/UI/SpineKneeSeg.ui",
-                "SpineKneeSegLib/cli.py"}
+    lib = ROOT / "SpineKneeSeg"
+    expected = {"SpineKneeSegLib/_resources/Models/registry.json", "SpineKneeSegLib/_resources/UI/SpineKneeSeg.ui"}
+    expected |= {p.relative_to(lib).as_posix() for p in (lib / "SpineKneeSegLib").rglob("*.py")
+                 if "__pycache__" not in p.parts}  # every module of every layer (pyproject lists the packages)
     for entry in registry["models"]:
         expected.add(f"SpineKneeSegLib/_resources/Models/{entry['file']}")
         if entry.get("card"):
@@ -44,7 +46,7 @@ def test_installed_wheel_runs_a_task_with_its_shipped_weights(wheel, tmp_path):
     python = venv / "bin" / "python"
     subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SPINEKNEESEG_MODELS")}
-    where = subprocess.run([str(python), "-c", "import SpineKneeSegLib.weights as w; print(w.__file__); "
+    where = subprocess.run([str(python), "-c", "import SpineKneeSegLib.engine.weights as w; print(w.__file__); "
                             "print(w.models_dir())"], check=True, capture_output=True, text=True, cwd=tmp_path,
                            env=env).stdout.split()
     assert all(str(venv) in line for line in where), where
@@ -54,8 +56,8 @@ def test_installed_wheel_runs_a_task_with_its_shipped_weights(wheel, tmp_path):
     shipped = {m["file"] for m in registry["models"]}
     assert sum(name in tasks for name in shipped) >= 5, tasks
     # a real task with the wheel's weights: the X-ray femur phantom written by the test's own install
-    from SpineKneeSegLib.io import write_image
-    from SpineKneeSegLib.phantoms import make_phantom
+    from SpineKneeSegLib.core.image_io import write_image
+    from SpineKneeSegLib.tasks import make_phantom
 
     write_image(make_phantom("xray-femur", seed=3).image, tmp_path / "hip.nii.gz")
     run = subprocess.run([str(venv / "bin" / "spinekneeseg"), "run", "--task", "xray-femur", str(tmp_path / "hip.nii.gz"),

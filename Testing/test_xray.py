@@ -13,16 +13,19 @@ import torch
 from PIL import Image as PILImage
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
 from SpineKneeSegLib import cli
-from SpineKneeSegLib.image import Image
-from SpineKneeSegLib.io import read_image, write_image
-from SpineKneeSegLib.phantoms import xray_femur_phantom
-from SpineKneeSegLib.preprocessing import from_network_grid, network_grid, network_grid_image, to_network_grid
+from SpineKneeSegLib.core.image import Image
+from SpineKneeSegLib.core.image_io import read_image, write_image
+from SpineKneeSegLib.engine.preprocessing import (
+    from_network_grid,
+    network_grid,
+    network_grid_image,
+    to_network_grid,
+)
+from SpineKneeSegLib.engine.weights import find_entry
 from SpineKneeSegLib.tasks import TASKS
-from SpineKneeSegLib.weights import find_entry
-from SpineKneeSegLib.xray import femoral_heads, fit_head
-
+from SpineKneeSegLib.tasks.xray.anatomy import femoral_heads, fit_head
+from SpineKneeSegLib.tasks.xray.phantom import xray_femur_phantom
 
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -208,8 +211,8 @@ def test_shipped_femur_model_on_held_out_phantoms_in_three_formats(tmp_path, cap
     """The registered xray-femur weights on a held-out phantom (test seed, never trained on) as
     DICOM CR MONOCHROME1 + rescale, 16-bit PNG and 2D NIfTI: labels on the input's exact pixels,
     the same in every format, Dice against the known mask, femoral heads near the true ones."""
-    from SpineKneeSegLib import mrml
-    from SpineKneeSegLib.mrml_harness import create_headless_slicer
+    from SpineKneeSegLib.mrml import nodes
+    from SpineKneeSegLib.mrml.harness import create_headless_slicer
 
     assert find_entry("xray-femur") is not None, "xray-femur weights are not registered"
     ph, files = phantom_files(tmp_path)
@@ -235,14 +238,14 @@ def test_shipped_femur_model_on_held_out_phantoms_in_three_formats(tmp_path, cap
         assert (preds[name] == preds["dicom"]).mean() > 0.999, name
     app = create_headless_slicer()
     try:
-        node = mrml.load_markups(app.scene, tmp_path / "out-png16" / "femoral_heads.mrk.json")
-        points = mrml.markups_node_to_points(node)
+        node = nodes.load_markups(app.scene, tmp_path / "out-png16" / "femoral_heads.mrk.json")
+        points = nodes.markups_node_to_points(node)
         assert sorted(p["label"] for p in points) == ["femoral head left", "femoral head right"]
         assert all("diameter" in p["description"] for p in points)
         # the named segment lands on the DICOM's own pixels, as labels.nii.gz does
-        seg = mrml.load_segmentation(app.scene, tmp_path / "out-dicom" / "segmentation.seg.nrrd")
+        seg = nodes.load_segmentation(app.scene, tmp_path / "out-dicom" / "segmentation.seg.nrrd")
         assert seg.GetSegmentation().GetNthSegment(0).GetName() == "femur"
-        back = mrml.segmentation_node_to_labels(seg, read_image(files["dicom"]), TASKS["xray-femur"].labels)
+        back = nodes.segmentation_node_to_labels(seg, read_image(files["dicom"]), TASKS["xray-femur"].labels)
         np.testing.assert_array_equal(back, preds["dicom"])
     finally:
         app.close()
@@ -267,7 +270,7 @@ def test_pixel_mm_overrides_a_png_without_spacing(tmp_path):
 
 
 def test_cards_and_checkpoint_labels():
-    from SpineKneeSegLib.tasks import with_checkpoint_labels
+    from SpineKneeSegLib.engine.cards import with_checkpoint_labels
 
     femur, multi = TASKS["xray-femur"], TASKS["xray-multiclass"]
     assert femur.label_activation == "sigmoid" and femur.output_channels == 1
@@ -281,7 +284,7 @@ def test_cards_and_checkpoint_labels():
 
 @pytest.mark.mrml
 def test_shipped_multiclass_model_on_a_held_out_phantom(tmp_path):
-    from SpineKneeSegLib.phantoms import make_phantom
+    from SpineKneeSegLib.tasks import make_phantom
 
     assert find_entry("xray-multiclass") is not None, "xray-multiclass weights are not registered"
     ph = make_phantom("xray-multiclass", seed=90_003, intensity_range="uint16")  # a test seed, never trained on

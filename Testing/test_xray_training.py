@@ -9,16 +9,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image as PILImage
-
-from SpineKneeSegLib.image import Image
-from SpineKneeSegLib.io import read_image, write_image
-from SpineKneeSegLib.phantoms import xray_femur_phantom
-from SpineKneeSegLib.tasks import TASKS
-from SpineKneeSegLib.weights import resolve_weights
-
 import xray as X  # noqa: E402
 import xray_import as XI  # noqa: E402
+from PIL import Image as PILImage
+from SpineKneeSegLib.core.image import Image
+from SpineKneeSegLib.core.image_io import read_image, write_image
+from SpineKneeSegLib.engine.weights import resolve_weights
+from SpineKneeSegLib.tasks import TASKS
+from SpineKneeSegLib.tasks.xray.phantom import xray_femur_phantom
 
 
 def _tiny(task, **kw):
@@ -143,8 +141,8 @@ def test_jsrt_raw_images_and_half_size_scr_masks(tmp_path):
 def test_manifest_with_other_classes_trains_xray_multiclass(tmp_path):
     """Imported N-class data (here 2 classes) trains xray-multiclass; the checkpoint's label names
     replace the card's in the product (tasks.with_checkpoint_labels)."""
-    from SpineKneeSegLib.inference import load_network, segment_slices
-    from SpineKneeSegLib.tasks import with_checkpoint_labels
+    from SpineKneeSegLib.engine.cards import with_checkpoint_labels
+    from SpineKneeSegLib.engine.inference import load_network, segment_slices
 
     (tmp_path / "img").mkdir()
     (tmp_path / "msk").mkdir()

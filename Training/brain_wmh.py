@@ -31,19 +31,21 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-
 from clinical_geometry import draw_acquisitions, simulate_acquisition  # noqa: E402
-from wmh_metrics import all_metrics  # noqa: E402
-
-from SpineKneeSegLib.datasets import data_root  # noqa: E402
-from SpineKneeSegLib.image import Image  # noqa: E402
-from SpineKneeSegLib.inference import segment_slices  # noqa: E402
-from SpineKneeSegLib.io import read_image  # noqa: E402
-from SpineKneeSegLib.models import build_network  # noqa: E402
-from SpineKneeSegLib.preprocessing import context_channels, normalise, slice_axis, training_slices  # noqa: E402
+from SpineKneeSegLib.core.datasets import data_root  # noqa: E402
+from SpineKneeSegLib.core.image import Image  # noqa: E402
+from SpineKneeSegLib.core.image_io import read_image  # noqa: E402
+from SpineKneeSegLib.engine.inference import segment_slices  # noqa: E402
+from SpineKneeSegLib.engine.models import build_network  # noqa: E402
+from SpineKneeSegLib.engine.preprocessing import (  # noqa: E402
+    context_channels,
+    normalise,
+    slice_axis,
+    training_slices,
+)
+from SpineKneeSegLib.engine.weights import save_checkpoint  # noqa: E402
 from SpineKneeSegLib.tasks import TASKS  # noqa: E402
-from SpineKneeSegLib.weights import save_checkpoint  # noqa: E402
+from wmh_metrics import all_metrics  # noqa: E402
 
 CARD = TASKS["brain-wmh"]
 EVAL_SLAB_MM = 7.5
@@ -241,7 +243,7 @@ def weights_preprocessing(cfg: Config) -> dict:
 
 def read_case(case: dict, cfg: Config) -> tuple[Image, np.ndarray, tuple[Image, ...]]:
     """FLAIR, lesion labels and (with --t1) the T1 resampled onto the FLAIR, as inference does."""
-    from SpineKneeSegLib.preprocessing import resample_onto
+    from SpineKneeSegLib.engine.preprocessing import resample_onto
 
     image = read_image(case["flair"])
     extras = (resample_onto(read_image(case["t1"]), image),) if cfg.t1 else ()
@@ -390,8 +392,8 @@ def loo(cfg: Config, root: Path, out: Path, only: list[str] | None = None) -> di
             folds[held["id"]] = json.loads((fold_out / "fold.json").read_text())
             continue
         info = train(cfg, train_cases, fold_out)
-        from SpineKneeSegLib.inference import load_network
-        from SpineKneeSegLib.weights import resolve_weights
+        from SpineKneeSegLib.engine.inference import load_network
+        from SpineKneeSegLib.engine.weights import resolve_weights
 
         net = load_network(resolve_weights(CARD, fold_out / "best.pt"), torch.device("cpu"))
         z = fit_baseline(train_cases)
@@ -438,7 +440,7 @@ def verdict(summary: dict) -> str:
 
 def model_card(version: str, cfg: dict, final: dict, selection: dict, selection_md: str, variants: dict,
                minutes: dict, notes: str = "") -> str:
-    from wmh_selection import THRESHOLDS, MIN_VOLUMES_MM3
+    from wmh_selection import MIN_VOLUMES_MM3, THRESHOLDS
 
     t1 = bool(cfg.get("t1"))
     inputs = ("3 adjacent axial FLAIR slices and the same 3 of the T1 (resampled onto the FLAIR grid)"
@@ -531,7 +533,7 @@ Targets of issue 22: {verdict(selection["summary"][decoder])}.
   scanners, non-registered FLAIR, small-vessel WMH in older patients, or tumours.
 - Lesions of fewer than 10 voxels are the ones missed (see the bracket table); on thick slabs
   they are mostly gone from the truth as well.
-- FLAIR must be skull-stripped. `run` refuses FLAIR that does not look stripped (SpineKneeSegLib/skullstrip.py:
+- FLAIR must be skull-stripped. `run` refuses FLAIR that does not look stripped (SpineKneeSegLib/tasks/brain/skullstrip.py:
   background share, brain volume, largest axial section); `--skull-stripped yes` overrides.
 {t1_limit}
 
@@ -553,9 +555,13 @@ def entry_name(cfg: dict) -> str:
 def ship(out: Path, version: str, compare: list[Path], minutes: dict, notes: str = "") -> int:
     """Register the final model with the decoding rules chosen on every left-out case, only when
     it beats the baseline in leave-one-out (mean Dice at 1 mm and on the thick slabs)."""
+    from SpineKneeSegLib.engine.weights import (
+        load_checkpoint,
+        models_dir,
+        register_model,
+        save_checkpoint,
+    )
     from wmh_selection import markdown, report, shipped_decoder, shipped_rules
-
-    from SpineKneeSegLib.weights import load_checkpoint, models_dir, register_model, save_checkpoint
 
     loo_result = json.loads((out / "loo.json").read_text())
     s = loo_result["summary"]

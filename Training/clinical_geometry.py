@@ -10,9 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
-
-
-from SpineKneeSegLib.image import Image  # noqa: E402
+from SpineKneeSegLib.core.image import Image  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 WITHIN_MM = 5.0
 
 
@@ -62,7 +61,7 @@ def exact_binomial_comparison(a_within: list[bool], b_within: list[bool]) -> dic
 def read_markers(path: Path) -> dict[str, tuple]:
     """A .mrk.json file -> foramen label -> mean RAS of its defined points (a model's unconfirmed
     predictions included: this scores files, whoever wrote them; unnamed points ignored)."""
-    from SpineKneeSegLib.foramen_labels import read_marker_records
+    from SpineKneeSegLib.annotation.foramen_labels import read_marker_records
 
     points: dict[str, list] = {}
     for record in read_marker_records(path):
@@ -73,12 +72,11 @@ def read_markers(path: Path) -> dict[str, tuple]:
 
 def evaluate_levels_cli(args) -> dict:
     import torch
-
-    from SpineKneeSegLib.datasets import data_root
-    from SpineKneeSegLib.inference import load_network
-    from SpineKneeSegLib.tasks import TASKS
-    from SpineKneeSegLib.weights import resolve_weights
     from spine_levels import evaluate_cases, spine_cases, split
+    from SpineKneeSegLib.core.datasets import data_root
+    from SpineKneeSegLib.engine.inference import load_network
+    from SpineKneeSegLib.engine.weights import resolve_weights
+    from SpineKneeSegLib.tasks import TASKS
 
     weights = resolve_weights(TASKS["lumbar-foramina"], args.weights)
     net = load_network(weights, torch.device("cpu"))

@@ -12,9 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-
-from SpineKneeSegLib.models import build_network, count_parameters  # noqa: E402
-from SpineKneeSegLib.weights import load_checkpoint, models_dir, register_model  # noqa: E402
+from SpineKneeSegLib.engine.models import build_network, count_parameters  # noqa: E402
+from SpineKneeSegLib.engine.weights import load_checkpoint, models_dir, register_model  # noqa: E402
 
 DATA_SOURCES = {
     "lumbar-levels": (

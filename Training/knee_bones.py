@@ -26,13 +26,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-
-from knee_synth import BONES, KneeVolume, SynthConfig, synthesise, synthesise_batch, synthesise_volume  # noqa: E402
-
+from knee_synth import (  # noqa: E402
+    BONES,
+    KneeVolume,
+    SynthConfig,
+    synthesise,
+    synthesise_batch,
+    synthesise_volume,
+)
 from slicetrain import save_resume_state, tensorboard_writer  # noqa: E402
-
-from SpineKneeSegLib.models import build_network  # noqa: E402
+from SpineKneeSegLib.engine.models import build_network  # noqa: E402
 
 TASK = "knee-bones"
 
@@ -115,8 +118,7 @@ def prepare_volume(path: Path, mapping: dict[int, int], spacing_mm: float, image
     (any format the product reads: NIfTI, NRRD, MHA/MHD, DICOM folder) the real image is resampled
     (linear) onto the same grid; the bones missing from ``mapping`` are marked unlabelled."""
     import SimpleITK as sitk
-
-    from SpineKneeSegLib.io import read_image
+    from SpineKneeSegLib.core.image_io import read_image
 
     label_image = read_image(path)
     image = label_image.to_sitk()
@@ -225,7 +227,7 @@ def import_oai_zib(masks: Path, images: Path) -> list[dict]:
 def case_name(path: Path, strip: str = "") -> str:
     """'case01_seg.nii.gz' -> 'case01' with strip='_seg' (and Slicer's 'case01.seg.nrrd' -> 'case01'): the
     name an image and its label map share; a DICOM series folder is named by the folder."""
-    from SpineKneeSegLib.io import image_suffix
+    from SpineKneeSegLib.core.image_io import image_suffix
 
     name = path.name
     if not path.is_dir():
@@ -238,7 +240,7 @@ def import_folders(images: Path, labels: Path, mapping: dict[int, int], label_su
     """An image folder and a label folder (the common layout of labelled data: imagesTr/labelsTr,
     case01.nii.gz + case01_seg.nii.gz, DICOM series folders beside label files) paired by case name
     -> pairs rows; ``mapping`` says which label values are which bone (1 femur ... 4 patella)."""
-    from SpineKneeSegLib.io import image_suffix
+    from SpineKneeSegLib.core.image_io import image_suffix
 
     def entries(folder: Path, strip: str) -> dict[str, Path]:
         if not folder.is_dir():
@@ -275,8 +277,8 @@ def _lps(idx_zyx: np.ndarray, origin, spacing) -> np.ndarray:
 
 def joint_centre(labels: np.ndarray, origin, spacing) -> tuple[float, float, float]:
     """The product's joint centre (knee.joint_centre_from_labels) of an LPS-aligned (z, y, x) grid, in LPS."""
-    from SpineKneeSegLib.image import Image
-    from SpineKneeSegLib.knee import joint_centre_from_labels
+    from SpineKneeSegLib.core.image import Image
+    from SpineKneeSegLib.tasks.knee.anatomy import joint_centre_from_labels
 
     grid = Image(labels, (spacing,) * 3, tuple(float(v) for v in origin), np.eye(3))
     ras, note = joint_centre_from_labels(labels, grid)
@@ -502,7 +504,7 @@ def random_crop(x: torch.Tensor, y: torch.Tensor, size: int, gen: torch.Generato
 
 def train(cfg: Config, out: Path, resume: bool, device: str = "cpu", max_minutes: float | None = None,
           log=print, volumes_path: Path | None = None) -> dict:
-    from SpineKneeSegLib.weights import save_checkpoint
+    from SpineKneeSegLib.engine.weights import save_checkpoint
 
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device)
@@ -525,7 +527,7 @@ def train(cfg: Config, out: Path, resume: bool, device: str = "cpu", max_minutes
     optimiser = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     state = {"iteration": 0, "epoch": 0, "best": -math.inf, "best_epoch": 0, "history": []}
     if cfg.init:  # fine-tuning: a shipped model on data users bring, or a lower-lr continuation
-        from SpineKneeSegLib.weights import load_checkpoint
+        from SpineKneeSegLib.engine.weights import load_checkpoint
 
         init = load_checkpoint(Path(cfg.init))
         widths = tuple(init["network"]["config"]["channels"])
@@ -620,7 +622,7 @@ def _averaged_network(ckpts: list[dict], volumes_path: Path, bn_batches: int):
 
 
 def _save_averaged(out: Path, net, cfg: Config, meta: dict) -> None:
-    from SpineKneeSegLib.weights import save_checkpoint
+    from SpineKneeSegLib.engine.weights import save_checkpoint
 
     model = "fibula" if cfg.variant == "fibula" else "labels"
     save_checkpoint(out, TASK, "unet2d", network_config(cfg), {k: v.cpu() for k, v in net.state_dict().items()},
@@ -682,9 +684,9 @@ BONE_NAMES = {1: "femur", 2: "tibia", 3: "fibula", 4: "patella"}
 
 def load_knee_checkpoint(checkpoint: Path):
     """(weights, label variant, network on the CPU) of a knee checkpoint, main or per-bone model."""
-    from SpineKneeSegLib.inference import load_network
+    from SpineKneeSegLib.engine.inference import load_network
+    from SpineKneeSegLib.engine.weights import load_checkpoint, resolve_weights
     from SpineKneeSegLib.tasks import TASKS
-    from SpineKneeSegLib.weights import load_checkpoint, resolve_weights
 
     weights = resolve_weights(TASKS[TASK], str(checkpoint), load_checkpoint(checkpoint).get("model", "labels"))
     variant = weights.checkpoint["metadata"].get("variant", "multiclass")
@@ -697,11 +699,11 @@ def evaluate_series(checkpoint: Path, volumes_path: Path, seed: int = 777, log=p
     the held-out anatomy; per-bone Dice of the raw network labels and after post-processing.
     ``synth``: SynthConfig overrides for the series (e.g. shared_tissue_p=1: one marrow intensity
     for the four bones, as in real MR; default: every structure its own intensity, as in v0.1.0's card)."""
-    from SpineKneeSegLib.bone_split import split_any_bone
-    from SpineKneeSegLib.image import Image
-    from SpineKneeSegLib.inference import segment_slices
-    from SpineKneeSegLib.postprocessing import dice, largest_component_per_label
+    from SpineKneeSegLib.core.image import Image
+    from SpineKneeSegLib.engine.inference import segment_slices
+    from SpineKneeSegLib.engine.postprocessing import dice, largest_component_per_label
     from SpineKneeSegLib.tasks import TASKS
+    from SpineKneeSegLib.tasks.knee.bone_split import split_any_bone
 
     card = TASKS[TASK]
     weights, variant, net = load_knee_checkpoint(checkpoint)
@@ -786,10 +788,10 @@ def compare_variants(runs: dict[str, Path], at_iteration: int) -> list[dict]:
 
 def check_real_series(checkpoint: Path, out: Path, log=print) -> list[dict]:
     """Run the product (CLI code path) on the two real knee series; nothing here is tuned on them."""
-    from SpineKneeSegLib.datasets import data_root
-    from SpineKneeSegLib.io import read_image
-    from SpineKneeSegLib.pipeline import RunOptions, run_case
-    from SpineKneeSegLib.render import save_label_montage
+    from SpineKneeSegLib.core.datasets import data_root
+    from SpineKneeSegLib.core.image_io import read_image
+    from SpineKneeSegLib.engine.pipeline import RunOptions, run_case
+    from SpineKneeSegLib.engine.render import save_label_montage
     from SpineKneeSegLib.tasks import TASKS
 
     results = []
@@ -809,8 +811,7 @@ def describe_components(labels: np.ndarray, image, bone: int, reference: int = 2
     volume, slice range and centroid offset (mm, RAS: right, anterior, superior) from the
     ``reference`` bone's centroid (default the tibia). Shows where a network's stray pieces lie."""
     from scipy import ndimage
-
-    from SpineKneeSegLib.knee import _to_ras
+    from SpineKneeSegLib.tasks.knee.anatomy import _to_ras
 
     voxel_ml = float(np.prod(image.spacing)) / 1000.0
     ref = np.argwhere(labels == reference)
@@ -827,10 +828,10 @@ def describe_components(labels: np.ndarray, image, bone: int, reference: int = 2
 
 def raw_components(checkpoint: Path, series: Path, bone: int) -> list[dict]:
     """The network's own (raw, before clean-up) labels of ``checkpoint`` on a series -> describe_components."""
-    from SpineKneeSegLib.inference import load_network, segment_slices
-    from SpineKneeSegLib.io import read_image
+    from SpineKneeSegLib.core.image_io import read_image
+    from SpineKneeSegLib.engine.inference import load_network, segment_slices
+    from SpineKneeSegLib.engine.weights import resolve_weights
     from SpineKneeSegLib.tasks import TASKS
-    from SpineKneeSegLib.weights import resolve_weights
 
     card = TASKS[TASK]
     image = read_image(str(series))
@@ -1039,7 +1040,7 @@ compare it with the multiclass fibula column. The variant runs were stopped at {
 iterations to leave the CPU to the main model, so this is an early-training comparison. The seed's
 finding that a merged channel learns more easily holds here too. Both variants run in the product:
 a merged checkpoint (`--weights`, metadata `variant: merged`) is split into bones by
-`SpineKneeSegLib.bone_split.split_any_bone`; a per-bone fibula model runs beside the main one with
+`SpineKneeSegLib.tasks.knee.bone_split.split_any_bone`; a per-bone fibula model runs beside the main one with
 `--aux-weights fibula=FILE` and its fibula replaces the main one's.
 
 ## Real series (plausibility check, no labels)
@@ -1069,7 +1070,7 @@ def ship(out: Path, version: str, evaluation: Path, real: Path, variants: Path, 
     ``evaluation_tissue``: the same series with one marrow intensity for all bones (evaluate --synth)."""
     import shutil
 
-    from SpineKneeSegLib.weights import models_dir, register_model
+    from SpineKneeSegLib.engine.weights import models_dir, register_model
 
     checkpoint = checkpoint or out / "best.pt"
     meta = torch.load(checkpoint, map_location="cpu", weights_only=True)["metadata"]
@@ -1221,7 +1222,7 @@ def main(argv=None) -> int:
                    help="evaluate --synth shared_tissue_p=1 JSON of the same checkpoint")
     args = parser.parse_args(argv)
     if args.command == "prepare":
-        from SpineKneeSegLib.datasets import data_root
+        from SpineKneeSegLib.core.datasets import data_root
 
         labelmaps = None if args.no_shared else (args.labelmaps or data_root() / "knee" / "labelmaps")
         prepare(args.out, labelmaps, args.spacing, read_pairs(args.pairs) if args.pairs else None)

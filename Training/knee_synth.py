@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 BONES = 4  # label values 1..4 = femur, tibia, fibula, patella (project-wide knee labels)
 
-# canonical (slice normal, row, col) in LPS, as SpineKneeSegLib.preprocessing.CANONICAL_AXES
+# canonical (slice normal, row, col) in LPS, as SpineKneeSegLib.engine.preprocessing.CANONICAL_AXES
 PLANES = {
     "sagittal": ((-1.0, 0.0, 0.0), (0.0, 0.0, -1.0), (0.0, 1.0, 0.0)),
     "coronal": ((0.0, 1.0, 0.0), (0.0, 0.0, -1.0), (1.0, 0.0, 0.0)),
@@ -372,7 +372,7 @@ def add_streaks(img: torch.Tensor, labels: torch.Tensor, soft: torch.Tensor, pts
 
 
 def _foreground_zscore(img: torch.Tensor) -> torch.Tensor:
-    """SpineKneeSegLib.preprocessing.normalise('zscore') on one slice: statistics of the pixels
+    """SpineKneeSegLib.engine.preprocessing.normalise('zscore') on one slice: statistics of the pixels
     above the 5th percentile (all pixels when that keeps <= 5 %)."""
     flat = img.flatten()
     lo = torch.quantile(flat[:: max(1, flat.numel() // 20000)], 0.05)

@@ -17,17 +17,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
-
-from SpineKneeSegLib.image import Image
-from SpineKneeSegLib.io import read_image
-from SpineKneeSegLib.models import build_network
-from SpineKneeSegLib.preprocessing import context_channels, training_slices
-from SpineKneeSegLib.tasks import TASKS
-from SpineKneeSegLib.weights import save_checkpoint
 from slicetrain import load_resume_state, save_resume_state
+
 # the seed loop's pieces, shared: labels L1..L5, inverse-frequency weights, per-dataset sampling,
 # contrast remapping (T1 <-> T2), weighted Dice
-from spine_levels import case_probabilities, level_labels, level_weights, random_intensity, weighted_dice_loss
+from spine_levels import (
+    case_probabilities,
+    level_labels,
+    level_weights,
+    random_intensity,
+    weighted_dice_loss,
+)
+from SpineKneeSegLib.core.image import Image
+from SpineKneeSegLib.core.image_io import read_image
+from SpineKneeSegLib.engine.models import build_network
+from SpineKneeSegLib.engine.preprocessing import context_channels, training_slices
+from SpineKneeSegLib.engine.weights import save_checkpoint
+from SpineKneeSegLib.tasks import TASKS
 
 CARD = TASKS["lumbar-foramina"]
 N_LEVELS = 5

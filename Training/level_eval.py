@@ -11,14 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from SpineKneeSegLib.image import Image
-from SpineKneeSegLib.inference import load_network, segment_slices
-from SpineKneeSegLib.io import read_image
-from SpineKneeSegLib.level_decoding import DecodingParameters, decode_levels
-from SpineKneeSegLib.postprocessing import dice, largest_component_per_label
+from SpineKneeSegLib.core.image import Image
+from SpineKneeSegLib.core.image_io import read_image
+from SpineKneeSegLib.engine.inference import load_network, segment_slices
+from SpineKneeSegLib.engine.postprocessing import dice, largest_component_per_label
+from SpineKneeSegLib.engine.weights import resolve_weights
 from SpineKneeSegLib.tasks import TASKS
-from SpineKneeSegLib.weights import resolve_weights
+from SpineKneeSegLib.tasks.spine.level_decoding import DecodingParameters, decode_levels
 
 CARD = TASKS["lumbar-foramina"]
 N_LEVELS = 5

@@ -11,8 +11,13 @@ import json
 import time
 from pathlib import Path
 
-from SpineKneeSegLib.models import build_network, count_parameters
-from SpineKneeSegLib.weights import load_checkpoint, models_dir, register_model, save_checkpoint
+from SpineKneeSegLib.engine.models import build_network, count_parameters
+from SpineKneeSegLib.engine.weights import (
+    load_checkpoint,
+    models_dir,
+    register_model,
+    save_checkpoint,
+)
 
 MODEL = "lumbar-levels"
 DATA = """- MyoSegmenTUM spine (Burian et al., BMC Musculoskelet Disord 20:152, 2019): 44 T1 FFE (water-fat)
@@ -52,7 +57,7 @@ Task `lumbar-foramina`, level model: the five lumbar vertebral bodies by level (
 in sagittal lumbar MRI (T1 or T2). Network: seed 004's MultiNet widened to see the whole column
 (`{checkpoint['network']['factory']}`, {json.dumps(checkpoint['network']['config'])};
 {count_parameters(net):,} parameters); 3 adjacent sagittal slices in, 5 sigmoid channels out, run on
-whole slices. Its probabilities are decoded anatomically (`SpineKneeSegLib/level_decoding.py`):
+whole slices. Its probabilities are decoded anatomically (`SpineKneeSegLib/tasks/spine/level_decoding.py`):
 bodies as instances ordered along the column, L1..L5 as one consecutive run maximising the summed
 level probability (never two bodies with one name, never a level skipped between two named
 bodies), `summaries.level_confidence` = the run's margin over the runs shifted by one level.

@@ -15,11 +15,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
-
-from SpineKneeSegLib.datasets import data_root  # noqa: E402
-from SpineKneeSegLib.image import Image  # noqa: E402
-from SpineKneeSegLib.io import read_image, write_image  # noqa: E402
+from SpineKneeSegLib.core.datasets import data_root  # noqa: E402
+from SpineKneeSegLib.core.image import Image  # noqa: E402
+from SpineKneeSegLib.core.image_io import read_image, write_image  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "SpineKneeSeg" / "Resources" / "SampleData"
 

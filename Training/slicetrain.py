@@ -12,13 +12,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-
-from SpineKneeSegLib.image import Image  # noqa: E402
-from SpineKneeSegLib.models import build_network  # noqa: E402
-from SpineKneeSegLib.preprocessing import context_channels, pad_to, training_slices  # noqa: E402
-from SpineKneeSegLib.tasks import TaskCard  # noqa: E402
-from SpineKneeSegLib.weights import save_checkpoint  # noqa: E402
+from SpineKneeSegLib.core.image import Image  # noqa: E402
+from SpineKneeSegLib.engine.cards import TaskCard  # noqa: E402
+from SpineKneeSegLib.engine.models import build_network  # noqa: E402
+from SpineKneeSegLib.engine.preprocessing import (  # noqa: E402
+    context_channels,
+    pad_to,
+    training_slices,
+)
+from SpineKneeSegLib.engine.weights import save_checkpoint  # noqa: E402
 
 
 def slices_for_training(card: TaskCard, image: Image, labels: Image, multiple: int,

@@ -3,7 +3,7 @@ discs around marker points, 5 level channels) and score it with the seed's foram
 
     python Training/spine_foramina.py --out Training/runs/foramina-phantom [--manifest M.csv] [--resume]
 
-Cases: phantoms with known foramina (SpineKneeSegLib.phantoms: both handedness of the direction
+Cases: phantoms with known foramina (SpineKneeSegLib.core.phantoms: both handedness of the direction
 matrix, tilts, spacings, 4/5/6 lumbar vertebrae) and, with ``--manifest``, real scans whose foramen
 markers come from the annotation mode or the RSNA importer (rows with a ``markers`` file).
 Validation: held-out phantoms (and held-out manifest cases, every 5th), through the Lib's own
@@ -22,20 +22,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-
 from evaluate import foramen_errors, summarise_foramina  # noqa: E402
 from spine_levels import CARD, Config, PreparedCase, train_loop  # noqa: E402
-
-from SpineKneeSegLib.foramen_labels import (ForamenPoint, rasterise_foramen_targets,  # noqa: E402
-                                            read_foramen_markers)
-from SpineKneeSegLib.foramina import localise_foramina  # noqa: E402
-from SpineKneeSegLib.image import Image  # noqa: E402
-from SpineKneeSegLib.inference import probability_maps  # noqa: E402
-from SpineKneeSegLib.io import read_image  # noqa: E402
-from SpineKneeSegLib.phantoms import spine_phantom  # noqa: E402
-from SpineKneeSegLib.preprocessing import training_slices  # noqa: E402
-from SpineKneeSegLib.training_manifest import read_training_manifest  # noqa: E402
+from SpineKneeSegLib.annotation.foramen_labels import (  # noqa: E402
+    ForamenPoint,
+    rasterise_foramen_targets,
+    read_foramen_markers,
+)
+from SpineKneeSegLib.annotation.training_manifest import read_training_manifest  # noqa: E402
+from SpineKneeSegLib.core.image import Image  # noqa: E402
+from SpineKneeSegLib.core.image_io import read_image  # noqa: E402
+from SpineKneeSegLib.engine.inference import probability_maps  # noqa: E402
+from SpineKneeSegLib.engine.preprocessing import training_slices  # noqa: E402
+from SpineKneeSegLib.tasks.spine.foramina import localise_foramina  # noqa: E402
+from SpineKneeSegLib.tasks.spine.phantom import spine_phantom  # noqa: E402
 
 TRAIN_SEEDS = tuple(range(0, 48))
 VALIDATION_SEEDS = tuple(range(1000, 1012))
@@ -151,8 +151,8 @@ def main(argv=None) -> int:
                         help="with --evaluate: lumbar vertebrae in the test phantoms")
     args = parser.parse_args(argv)
     if args.evaluate:
-        from SpineKneeSegLib.inference import load_network
-        from SpineKneeSegLib.weights import resolve_weights
+        from SpineKneeSegLib.engine.inference import load_network
+        from SpineKneeSegLib.engine.weights import resolve_weights
 
         weights = resolve_weights(CARD, args.evaluate, "foramina")
         net = load_network(weights, torch.device("cpu"))

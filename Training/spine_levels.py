@@ -19,18 +19,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-
-from SpineKneeSegLib.datasets import data_root  # noqa: E402
-from SpineKneeSegLib.inference import segment_slices  # noqa: E402
-from SpineKneeSegLib.io import read_image  # noqa: E402
 from slicetrain import load_resume_state, save_resume_state, tensorboard_writer  # noqa: E402
-
-from SpineKneeSegLib.models import build_network  # noqa: E402
-from SpineKneeSegLib.postprocessing import dice as lib_dice, largest_component_per_label  # noqa: E402
-from SpineKneeSegLib.preprocessing import context_channels, training_slices  # noqa: E402
+from SpineKneeSegLib.core.datasets import data_root  # noqa: E402
+from SpineKneeSegLib.core.image_io import read_image  # noqa: E402
+from SpineKneeSegLib.engine.inference import segment_slices  # noqa: E402
+from SpineKneeSegLib.engine.models import build_network  # noqa: E402
+from SpineKneeSegLib.engine.postprocessing import dice as lib_dice  # noqa: E402
+from SpineKneeSegLib.engine.postprocessing import largest_component_per_label
+from SpineKneeSegLib.engine.preprocessing import context_channels, training_slices  # noqa: E402
+from SpineKneeSegLib.engine.weights import save_checkpoint  # noqa: E402
 from SpineKneeSegLib.tasks import TASKS  # noqa: E402
-from SpineKneeSegLib.weights import save_checkpoint  # noqa: E402
 
 CARD = TASKS["lumbar-foramina"]
 N_LEVELS = 5
@@ -270,7 +268,7 @@ def network_config(cfg: Config) -> dict:
 def manifest_label_cases(manifest: Path) -> list[dict]:
     """Corrected level segmentations saved from Slicer (``annotate save-correction``): manifest
     rows of this task with a ``labels`` file; they join the training cases."""
-    from SpineKneeSegLib.training_manifest import read_training_manifest
+    from SpineKneeSegLib.annotation.training_manifest import read_training_manifest
 
     return [{"id": f"manifest/{c.id}", "image": c.image, "labels": c.labels}
             for c in read_training_manifest(manifest) if c.task == CARD.name and c.labels is not None]

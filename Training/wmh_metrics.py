@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
-
-
-from SpineKneeSegLib.lesions import BRACKETS, bracket_name, label_lesions  # noqa: E402
+from SpineKneeSegLib.tasks.brain.lesions import BRACKETS, bracket_name, label_lesions  # noqa: E402
 
 
 def voxel_metrics(pred: np.ndarray, truth: np.ndarray, beta: float = 3.0) -> dict:

@@ -17,11 +17,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
-
+from SpineKneeSegLib.tasks.brain.lesions import (  # noqa: E402
+    DecodingRule,
+    decode_lesions,
+    label_lesions,
+)
 from wmh_metrics import all_metrics  # noqa: E402
-
-from SpineKneeSegLib.lesions import DecodingRule, decode_lesions, label_lesions  # noqa: E402
 
 THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.1, 0.91, 0.05))
 MIN_VOLUMES_MM3 = (0.0, 2.0, 4.0, 6.0, 10.0, 15.0, 25.0)
@@ -30,7 +31,7 @@ MIN_VOLUMES_MM3 = (0.0, 2.0, 4.0, 6.0, 10.0, 15.0, 25.0)
 def load_views(run: Path, cfg) -> dict:
     """{case: {view: (probabilities uint8, truth, spacing ijk)}} from a LOO run's folds."""
     from brain_wmh import brain_cases, eval_views
-    from SpineKneeSegLib.datasets import data_root
+    from SpineKneeSegLib.core.datasets import data_root
 
     out = {}
     for case in brain_cases(data_root()):
@@ -89,7 +90,7 @@ def choose_rules(grid: dict, views: dict, cases: list[str], split_mm: float | No
 
 def score(views: dict, rules_for_case: dict) -> dict:
     """{case: {view: metrics}} with each case decoded by its own (not-chosen-on-it) rules."""
-    from SpineKneeSegLib.lesions import rule_for
+    from SpineKneeSegLib.tasks.brain.lesions import rule_for
 
     table = {}
     for case, per_view in views.items():

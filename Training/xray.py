@@ -7,12 +7,12 @@ mask pairs you bring: see xray_import.py).
     python Training/xray.py experiment --config Training/configs/xray_noise.json   # seed 001's noise experiment
     python Training/xray.py ship --task xray-femur --run Training/runs/xray-femur --version 0.1.0
 
-Data: ``SpineKneeSegLib.phantoms.xray_femur_phantom`` (AP pelvis and hip radiographs with exact
+Data: ``SpineKneeSegLib.core.phantoms.xray_femur_phantom`` (AP pelvis and hip radiographs with exact
 masks; 16-bit), varied in view, pixel size, field of view and aspect ratio; training seeds 0..n-1,
 validation seeds from 50000, held-out test seeds from 90000 (never trained or selected on).
 ``--manifest`` adds image + label pairs (CSV id,image,labels, as xray_import.py writes).
 
-Preprocessing is the task card's (SpineKneeSegLib.preprocessing.training_slices: percentile
+Preprocessing is the task card's (SpineKneeSegLib.engine.preprocessing.training_slices: percentile
 normalisation, aspect-kept letterbox into network_px x network_px), so a checkpoint runs unchanged
 in every door. Noise augmentation (seed 001) adds N(0, sigma) to the raw 16-bit pixel values
 before normalisation, with probability ``noise_p`` per image.
@@ -37,18 +37,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-
-from slicetrain import (dice_ce_loss, foreground_dice_loss, save_resume_state, sigmoid_dice_bce_loss,  # noqa: E402
-                        tensorboard_writer)
-
-from SpineKneeSegLib.image import Image  # noqa: E402
-from SpineKneeSegLib.models import build_network, count_parameters  # noqa: E402
-from SpineKneeSegLib.phantoms import xray_femur_phantom  # noqa: E402
-from SpineKneeSegLib.postprocessing import dice as label_dice  # noqa: E402
-from SpineKneeSegLib.preprocessing import training_slices  # noqa: E402
+from slicetrain import (  # noqa: E402
+    dice_ce_loss,
+    foreground_dice_loss,
+    save_resume_state,
+    sigmoid_dice_bce_loss,
+    tensorboard_writer,
+)
+from SpineKneeSegLib.core.image import Image  # noqa: E402
+from SpineKneeSegLib.engine.models import build_network, count_parameters  # noqa: E402
+from SpineKneeSegLib.engine.postprocessing import dice as label_dice  # noqa: E402
+from SpineKneeSegLib.engine.preprocessing import training_slices  # noqa: E402
+from SpineKneeSegLib.engine.weights import save_checkpoint  # noqa: E402
 from SpineKneeSegLib.tasks import TASKS  # noqa: E402
-from SpineKneeSegLib.weights import save_checkpoint  # noqa: E402
+from SpineKneeSegLib.tasks.xray.phantom import xray_femur_phantom  # noqa: E402
 
 TASKS_HERE = ("xray-femur", "xray-multiclass")
 VAL_SEED0, TEST_SEED0 = 50_000, 90_000
@@ -156,7 +158,7 @@ def load_cases(cfg: Config, seeds, log=print) -> list[Case]:
 
 
 def manifest_cases(cfg: Config, n_labels: int) -> list[Case]:
-    from SpineKneeSegLib.io import read_image
+    from SpineKneeSegLib.core.image_io import read_image
 
     pre = preprocessing(cfg)
     cases = []
@@ -217,7 +219,7 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
 
 
 def grid_labels(logits: torch.Tensor, activation: str) -> np.ndarray:
-    from SpineKneeSegLib.inference import logits_to_labels
+    from SpineKneeSegLib.engine.inference import logits_to_labels
 
     return logits_to_labels(logits, activation).numpy()
 
@@ -313,7 +315,7 @@ def train(cfg: Config, out: Path, resume: bool = False, max_minutes: float | Non
             writer.flush()
         meta = {"step": state["step"], "val_mean_dice": metrics["mean_dice"], "config": asdict(cfg),
                 "labels": label_names, "train_seconds": round(state["seconds"], 1),
-                "trained_on": "synthetic radiograph phantoms only (SpineKneeSegLib.phantoms.xray_femur_phantom, "
+                "trained_on": "synthetic radiograph phantoms only (SpineKneeSegLib.core.phantoms.xray_femur_phantom, "
                               f"seeds 0..{cfg.n_train - 1})" + (f" + {cfg.manifest}" if cfg.manifest else "")}
         weights = {k: v.contiguous() for k, v in net.state_dict().items()}
         if metrics["mean_dice"] > state["best"]:
@@ -336,9 +338,9 @@ def evaluate(weights_path: Path, n: int = 24, noise_sigma: float = 5000.0, log=p
     """Dice of held-out phantoms (test seeds, never trained or selected on) through the Lib's
     segment_slices, clean and with seed 001's noise; for xray-femur also the femoral-head fit
     against the phantom's true heads."""
-    from SpineKneeSegLib.inference import load_network, segment_slices
-    from SpineKneeSegLib.tasks import with_checkpoint_labels
-    from SpineKneeSegLib.weights import load_checkpoint, resolve_weights
+    from SpineKneeSegLib.engine.cards import with_checkpoint_labels
+    from SpineKneeSegLib.engine.inference import load_network, segment_slices
+    from SpineKneeSegLib.engine.weights import load_checkpoint, resolve_weights
 
     task = load_checkpoint(weights_path)["task"]
     card = TASKS[task]
@@ -358,8 +360,10 @@ def evaluate(weights_path: Path, n: int = 24, noise_sigma: float = 5000.0, log=p
             seconds.append(time.perf_counter() - t)
             row[cond] = {s.name: dice(pred == s.value, labels.array == s.value) for s in card.labels}
             if task == "xray-femur" and cond == "clean":
-                from SpineKneeSegLib.postprocessing import remove_small_components
-                from SpineKneeSegLib.xray import femoral_heads
+                from SpineKneeSegLib.engine.postprocessing import (
+                    remove_small_components,
+                )
+                from SpineKneeSegLib.tasks.xray.anatomy import femoral_heads
 
                 heads, _ = femoral_heads(remove_small_components(pred), image)
                 row["heads"] = head_errors(heads, ph.extra["femoral_heads"])
@@ -439,7 +443,7 @@ def results_table(spec: dict, results: dict) -> str:
                      f"{c['min_case_mean']:.3f} | {n['mean']:.3f} / {n['min_case_mean']:.3f} |")
     lines.append(f"\nHeld-out phantoms: test seeds {TEST_SEED0}..{TEST_SEED0 + spec.get('test_n', 24) - 1}; noisy = "
                  f"N(0, {spec.get('noise_sigma', 5000.0):g}) added to the 16-bit pixel values; Dice through "
-                 "SpineKneeSegLib.inference.segment_slices on the input's own pixels.")
+                 "SpineKneeSegLib.engine.inference.segment_slices on the input's own pixels.")
     return "\n".join(lines) + "\n"
 
 
@@ -467,7 +471,7 @@ def model_card(task: str, version: str, checkpoint: dict, evaluation: dict, expe
 
 **Trained only on synthetic radiograph phantoms. It has never seen a real radiograph and has not
 been validated on one.** No openly licensed X-ray image + mask data could be obtained for this
-project; the phantoms (`SpineKneeSegLib.phantoms.xray_femur_phantom`) are analytic drawings of a
+project; the phantoms (`SpineKneeSegLib.core.phantoms.xray_femur_phantom`) are analytic drawings of a
 pelvis and proximal femurs (head, neck, shaft, trochanters) with simulated exposure, noise,
 collimation and burn-in text. Expect it to fail on real images until it is retrained on real
 image + mask pairs (`Training/xray_import.py` reads image/mask folders, COCO polygon JSON and
@@ -524,7 +528,11 @@ Generated by `Training/xray.py ship` from the run's own evaluation files.
 
 
 def ship(task: str, run: Path, version: str, experiments: list[Path], note: str = "") -> int:
-    from SpineKneeSegLib.weights import load_checkpoint, models_dir, register_model
+    from SpineKneeSegLib.engine.weights import (
+        load_checkpoint,
+        models_dir,
+        register_model,
+    )
 
     checkpoint = load_checkpoint(run / "best.pt")
     if checkpoint["task"] != task:

@@ -29,11 +29,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
-
-from SpineKneeSegLib.errors import InputError  # noqa: E402
-from SpineKneeSegLib.image import Image  # noqa: E402
-from SpineKneeSegLib.io import read_image, write_image  # noqa: E402
+from SpineKneeSegLib.core.errors import InputError  # noqa: E402
+from SpineKneeSegLib.core.image import Image  # noqa: E402
+from SpineKneeSegLib.core.image_io import read_image, write_image  # noqa: E402
 
 MASK_SUFFIXES = ("", "_mask", "-mask", "_label", "-label", "_seg", "-seg")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".nii", ".nii.gz", ".nrrd", ".mha", ".img")

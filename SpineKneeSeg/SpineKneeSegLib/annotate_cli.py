@@ -12,9 +12,12 @@ def run(args) -> int:
 
 
 def export(args) -> int:
-    from .foramen_export import export_foramen_labels
-    from .training_manifest import TrainingCase, add_training_case
-    from .worklist import FORAMEN_TASK
+    from SpineKneeSegLib.annotation.export import export_foramen_labels
+    from SpineKneeSegLib.annotation.training_manifest import (
+        TrainingCase,
+        add_training_case,
+    )
+    from SpineKneeSegLib.annotation.worklist import FORAMEN_TASK
 
     result = export_foramen_labels(args.markers, args.image, args.output, args.radius,
                                    include_unconfirmed=args.include_unconfirmed)
@@ -30,7 +33,7 @@ def export(args) -> int:
 
 
 def import_rsna(args) -> int:
-    from .rsna import import_rsna as run_import
+    from SpineKneeSegLib.annotation.rsna import import_rsna as run_import
 
     summary = run_import(args.csv, args.series_dir, args.output, manifest=args.manifest)
     skipped = ", ".join(f"{n} {c!r}" for c, n in summary["skipped_conditions"].items())
@@ -40,9 +43,9 @@ def import_rsna(args) -> int:
 
 
 def compare(args) -> int:
-    from .agreement import compare_readers
-    from .foramen_labels import read_marker_records
-    from .io import read_image
+    from SpineKneeSegLib.annotation.agreement import compare_readers
+    from SpineKneeSegLib.annotation.foramen_labels import read_marker_records
+    from SpineKneeSegLib.core.image_io import read_image
 
     a, b = (read_marker_records(p) for p in args.markers)
     image = read_image(args.image) if args.image else None
@@ -63,7 +66,7 @@ def compare(args) -> int:
 
 
 def _worklist(args):
-    from .worklist import Worklist
+    from SpineKneeSegLib.annotation.worklist import Worklist
 
     return Worklist.from_path(args.worklist, args.annotations)
 
@@ -81,7 +84,7 @@ def status(args) -> int:
 
 
 def manifest(args) -> int:
-    from .worklist import add_to_training_manifest
+    from SpineKneeSegLib.annotation.worklist import add_to_training_manifest
 
     added = add_to_training_manifest(_worklist(args), args.manifest, args.reviewed_only)
     print(f"added {len(added)} case(s) to {args.manifest}" + (f": {', '.join(added)}" if added else ""))
@@ -89,9 +92,10 @@ def manifest(args) -> int:
 
 
 def predict(args) -> int:
+    from SpineKneeSegLib.annotation.worklist import predict_worklist
+    from SpineKneeSegLib.engine.pipeline import RunOptions
+
     from .cli import parse_aux_weights
-    from .pipeline import RunOptions
-    from .worklist import predict_worklist
 
     options = RunOptions(device=args.device, weights=args.weights, aux_weights=parse_aux_weights(args.aux_weights))
     done = predict_worklist(_worklist(args), options, overwrite=args.overwrite)
@@ -100,14 +104,14 @@ def predict(args) -> int:
 
 
 def save_correction(args) -> int:
-    from . import mrml
-    from .corrections import save_correction as save
-    from .io import read_image
-    from .mrml_harness import get_app
+    from SpineKneeSegLib.annotation.corrections import save_correction as save
+    from SpineKneeSegLib.core.image_io import read_image
+    from SpineKneeSegLib.mrml import nodes
+    from SpineKneeSegLib.mrml.harness import get_app
 
     scene = get_app().scene
-    volume = mrml.image_to_volume_node(scene, read_image(args.image), args.case)
-    segmentation = mrml.load_segmentation(scene, args.segmentation)
+    volume = nodes.image_to_volume_node(scene, read_image(args.image), args.case)
+    segmentation = nodes.load_segmentation(scene, args.segmentation)
     try:
         saved = save(segmentation, volume, args.case, args.task, args.output, image_path=Path(args.image),
                      manifest=args.manifest)

@@ -9,7 +9,7 @@ import json
 import sys
 import traceback
 
-from .errors import InputError, SpineKneeSegError, Terminated
+from SpineKneeSegLib.core.errors import InputError, SpineKneeSegError, Terminated
 
 
 class _Parser(argparse.ArgumentParser):
@@ -20,7 +20,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .tasks import TASKS
+    from SpineKneeSegLib.tasks import TASKS
 
     parser = _Parser(prog="spinekneeseg", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=_version())
@@ -124,14 +124,14 @@ def _add_annotate_parser(sub) -> None:
 
 
 def _version() -> str:
-    from . import __version__
+    from SpineKneeSegLib import __version__
 
     return f"spinekneeseg {__version__}"
 
 
 def cmd_tasks(args) -> int:
-    from .tasks import TASKS
-    from .weights import find_entry
+    from SpineKneeSegLib.engine.weights import find_entry
+    from SpineKneeSegLib.tasks import TASKS
 
     listing = []
     for card in TASKS.values():
@@ -174,22 +174,22 @@ def parse_planes(text: str | None) -> tuple[str, ...] | None:
 
 
 def cmd_run(args) -> int:
-    from .pipeline import RunOptions, run_case
-    from .progress import Progress
-    from .tasks import get_task
+    from SpineKneeSegLib.core.progress import Progress
+    from SpineKneeSegLib.engine.pipeline import RunOptions, run_case
+    from SpineKneeSegLib.tasks import get_task
 
     card = get_task(args.task)
     aux = parse_aux_weights(args.aux_weights)
     options = RunOptions(device=args.device, weights=args.weights, aux_weights=aux, scene=args.scene,
                          echo=args.echo, series=args.series, batch_size=args.batch_size, threads=args.threads,
-                         skull_stripped=args.skull_stripped, fast=args.fast, weights_dir=args.weights_dir,
+                         waive_checks=("skull_stripped",) if args.skull_stripped == "yes" else (), fast=args.fast, weights_dir=args.weights_dir,
                          dicom_seg=not args.no_dicom_seg, pixel_mm=args.pixel_mm,
                          fuse_views=parse_planes(args.fuse_views))
     progress = Progress(args.progress)
     if args.manifest:
         if args.inputs:
             raise InputError("give either INPUT files or --manifest, not both")
-        from .batch import run_manifest
+        from SpineKneeSegLib.engine.batch import run_manifest
 
         return run_manifest(card, args.manifest, args.output, options, progress)
     if not args.inputs:
@@ -210,7 +210,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_annotate(args) -> int:
-    from . import annotate_cli
+    from SpineKneeSegLib import annotate_cli
 
     return annotate_cli.run(args)
 

@@ -11,15 +11,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_directory, check_writable_dir
-from .datasets import data_root, sample_dir, samples_for
-from .errors import NoWeightsError
-from .io import write_image
-from .pipeline import RunOptions, run_case
-from .postprocessing import dice
-from .render import save_overlay, side_by_side
-from .tasks import TASKS, TaskCard
-from .weights import find_entry
+from SpineKneeSegLib.core.atomic import atomic_directory, check_writable_dir
+from SpineKneeSegLib.core.datasets import data_root, sample_dir, samples_for
+from SpineKneeSegLib.core.errors import NoWeightsError
+from SpineKneeSegLib.core.image_io import write_image
+from SpineKneeSegLib.engine.cards import TaskCard
+from SpineKneeSegLib.engine.pipeline import RunOptions, run_case
+from SpineKneeSegLib.engine.postprocessing import dice
+from SpineKneeSegLib.engine.render import save_overlay, side_by_side
+from SpineKneeSegLib.engine.weights import find_entry
+from SpineKneeSegLib.tasks import TASKS
 
 # one real case per task when ../shared/data is present: (relative image path, relative label path)
 SHARED_CASES = {
@@ -35,8 +36,8 @@ def per_label_dice(pred: np.ndarray, truth: np.ndarray, card: TaskCard) -> dict[
 
 
 def run_demo(output: str | Path, device: str = "auto", use_data: bool = True) -> dict:
-    from .io import read_image
-    from .phantoms import make_phantom
+    from SpineKneeSegLib.core.image_io import read_image
+    from SpineKneeSegLib.tasks import make_phantom
 
     output = check_writable_dir(output)
     root = data_root() if use_data else None
@@ -90,7 +91,7 @@ def run_demo(output: str | Path, device: str = "auto", use_data: bool = True) ->
 
 def _shared_reference(card: TaskCard, root: Path, folder: Path, stage: Path) -> dict | None:
     """A real shared case with the dataset's own labels (not a prediction), when it has any."""
-    from .io import read_image
+    from SpineKneeSegLib.core.image_io import read_image
 
     rel_image, rel_labels = SHARED_CASES.get(card.name, (None, None))
     if rel_labels is None or not (root / rel_image).exists():
@@ -105,7 +106,7 @@ def _shared_reference(card: TaskCard, root: Path, folder: Path, stage: Path) -> 
 
 def _run_sample(card: TaskCard, sample, folder: Path, stage: Path, device) -> dict:
     """A shipped real sample scan, with its reference labels beside the prediction when it has any."""
-    from .io import read_image
+    from SpineKneeSegLib.core.image_io import read_image
 
     folder.mkdir(parents=True)
     image_path = sample_dir() / sample.image
@@ -122,7 +123,7 @@ def _run_sample(card: TaskCard, sample, folder: Path, stage: Path, device) -> di
 
 
 def _run_and_score(card, name, inputs, truth, folder: Path, stage: Path, device, truth_png):
-    from .io import read_image
+    from SpineKneeSegLib.core.image_io import read_image
 
     folder.mkdir(parents=True, exist_ok=True)
     run_dir = folder / "run"

@@ -25,15 +25,18 @@ import time
 from pathlib import Path
 
 import torch
-
-from SpineKneeSegLib.datasets import data_root
-from SpineKneeSegLib.inference import load_network, segment_slices
-from SpineKneeSegLib.io import read_image, write_image
-from SpineKneeSegLib.phantoms import knee_phantom
-from SpineKneeSegLib.pipeline import RunOptions, run_case
-from SpineKneeSegLib.preprocessing import bias_correct, canonical_image
+from SpineKneeSegLib.core.datasets import data_root
+from SpineKneeSegLib.core.image_io import read_image, write_image
+from SpineKneeSegLib.engine.inference import load_network, segment_slices
+from SpineKneeSegLib.engine.pipeline import RunOptions, run_case
+from SpineKneeSegLib.engine.preprocessing import bias_correct, canonical_image
+from SpineKneeSegLib.engine.weights import (
+    find_entry,
+    initialise_weights,
+    resolve_weights,
+)
 from SpineKneeSegLib.tasks import TASKS
-from SpineKneeSegLib.weights import find_entry, initialise_weights, resolve_weights
+from SpineKneeSegLib.tasks.knee.phantom import knee_phantom
 
 TASK = "knee-bones"
 TARGETS = {"bias_correction": 1.0, "network": 4.5, "total": 6.0}  # issue 6, seconds on 2 cores

@@ -18,13 +18,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-from SpineKneeSegLib.datasets import data_root
+from SpineKneeSegLib.core.datasets import data_root
+from SpineKneeSegLib.core.image_io import write_image
 from SpineKneeSegLib.demo import SHARED_CASES
-from SpineKneeSegLib.io import write_image
-from SpineKneeSegLib.phantoms import make_phantom
-from SpineKneeSegLib.pipeline import RunOptions, run_case
-from SpineKneeSegLib.tasks import TASKS
-from SpineKneeSegLib.weights import find_entry, initialise_weights, main_entry_name
+from SpineKneeSegLib.engine.pipeline import RunOptions, run_case
+from SpineKneeSegLib.engine.weights import (
+    find_entry,
+    initialise_weights,
+    main_entry_name,
+)
+from SpineKneeSegLib.tasks import TASKS, make_phantom
 
 
 def bench(task: str, runs: int, use_data: bool, workdir: Path, input_paths: list[str] | None = None,
@@ -93,9 +96,9 @@ def main(argv=None) -> int:
               f"write {r['write']:.3f}  (mrml start-up {r.get('mrml_startup', 0):.3f}, not in total)")
     cpu = "".join(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name"))[:60] if Path("/proc/cpuinfo").exists() else "?"
-    import torch
-
     import resource
+
+    import torch
 
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
     print(f"machine: {cpu}; torch threads {torch.get_num_threads()}; peak memory of this process "

@@ -17,8 +17,8 @@ import numpy as np
 
 
 def cases(folder: Path) -> dict[str, list[str]]:
-    from SpineKneeSegLib.image import Image
-    from SpineKneeSegLib.io import write_image
+    from SpineKneeSegLib.core.image import Image
+    from SpineKneeSegLib.core.image_io import write_image
 
     write_image(Image(np.full((8, 32, 32), 7.0, np.float32)), folder / "constant.nii.gz")
     write_image(Image((np.arange(64 * 64).reshape(1, 64, 64) % 255).astype(np.uint8)), folder / "radiograph.png")

@@ -1,0 +1,710 @@
+"""Read and write images: NIfTI, NRRD, MetaImage, PNG/JPEG/TIFF and DICOM series -> ``Image``.
+
+Every reading failure becomes an ``InputError`` that names the file and the problem. DICOM series
+are assembled here (not by a series reader) so that slice order, multi-echo splitting, gap checks
+and oblique / left-handed geometry are explicit and exact:
+
+* files are grouped by SeriesInstanceUID, then split by echo (EchoNumbers, else EchoTime);
+* slices are sorted by position along the slice normal (row x column cosines);
+* origin = first sorted ImagePositionPatient, direction = (row, column, slice-step) cosines,
+  spacing = (PixelSpacing[1], PixelSpacing[0], measured step).
+"""
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+
+from SpineKneeSegLib.core.atomic import atomic_path
+from SpineKneeSegLib.core.errors import InputError
+from SpineKneeSegLib.core.image import Image
+
+# suffix (lower case) -> format name; order matters (".nii.gz" before ".gz")
+_READ_SUFFIXES = {
+    ".nii.gz": "nifti", ".nii": "nifti", ".nrrd": "nrrd", ".nhdr": "nrrd", ".mha": "metaimage",
+    ".mhd": "metaimage", ".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".tif": "tiff",
+    ".tiff": "tiff", ".dcm": "dicom", ".dicom": "dicom", ".ima": "dicom",
+}
+_WRITE_SUFFIXES = {".nii.gz": "nifti", ".nii": "nifti", ".nrrd": "nrrd", ".mha": "metaimage",
+                   ".png": "png"}
+GAP_TOLERANCE = 0.01  # relative deviation of a slice gap from the median spacing
+_DUPLICATE_MM = 1e-3  # slice positions closer than this are the same position
+_LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, what PIL's "L" mode uses
+
+
+# ==== public API =====================================================================
+
+def read_image(paths, echo: int | None = None, series: str | None = None) -> Image:
+    """Read an image file, a DICOM folder, a DICOM file or an explicit list of DICOM files.
+
+    ``series`` picks a SeriesInstanceUID when a folder holds several; ``echo`` picks an echo
+    number of a multi-echo series (default: the first echo, with a warning in meta).
+    """
+    path_list = _as_path_list(paths)
+    if len(path_list) > 1:
+        for p in path_list:
+            _check_file(p)
+        return _read_dicom_files(path_list, echo, series, where=path_list[0].parent)
+    path = path_list[0]
+    if not path.exists():
+        raise InputError("no such file or folder", path)
+    if path.is_dir():
+        return _read_dicom_folder(path, echo, series)
+    _check_file(path)
+    fmt = _detect_format(path)
+    if fmt == "dicom":
+        return _read_dicom_files([path], echo, series, where=path)
+    return _read_with_sitk(path, fmt)
+
+
+def write_image(image: Image, path) -> None:
+    """Write atomically; the format comes from the suffix (.nii.gz, .nii, .nrrd, .mha, .png)."""
+    path = Path(path)
+    fmt = _suffix_format(path, _WRITE_SUFFIXES)
+    if fmt is None:
+        raise InputError(f"cannot write this format; use one of {', '.join(_WRITE_SUFFIXES)}", path)
+    sitk_image = _png_sitk_image(image, path) if fmt == "png" else _writable(image).to_sitk()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        # PNG is compressed by its own codec; useCompression only matters for NIfTI .gz/NRRD/MHA
+        sitk.WriteImage(sitk_image, str(tmp), useCompression=fmt != "png")
+
+
+def list_dicom_series(folder) -> list[dict]:
+    """One dict per series in ``folder`` (searched recursively): uid, description, modality,
+    series_number, files (count) and echoes (sorted echo numbers)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError("not a folder", folder)
+    slices = _scan_folder(folder)
+    out = []
+    for uid, group in _group_by_series(slices).items():
+        first = group[0]
+        out.append({"uid": uid, "description": first.description, "modality": first.modality,
+                    "series_number": first.series_number, "files": len(group),
+                    "echoes": sorted(_split_echoes(group))})
+    return sorted(out, key=lambda s: (s["series_number"] is None, s["series_number"] or 0,
+                                      s["uid"]))
+
+
+def image_dimensionality(image: Image) -> int:
+    """2 for a single-slice image (radiograph), else 3."""
+    return 2 if image.array.shape[0] == 1 else 3
+
+
+# ==== plain image files ==============================================================
+
+def _as_path_list(paths) -> list[Path]:
+    if isinstance(paths, (str, os.PathLike)):
+        return [Path(paths)]
+    path_list = [Path(p) for p in paths]
+    if not path_list:
+        raise InputError("empty list of input files")
+    return path_list
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise InputError("no such file", path)
+    if path.is_dir():
+        raise InputError("expected a file, got a folder (pass a folder on its own)", path)
+    if path.stat().st_size == 0:
+        raise InputError("file is empty", path)
+
+
+def image_suffix(path: str | os.PathLike) -> str | None:
+    """The file-name ending by which the reader knows an image format ('.nii.gz', '.mhd', ...), or None."""
+    name = Path(path).name.lower()
+    return next((suffix for suffix in _READ_SUFFIXES if name.endswith(suffix)), None)
+
+
+def _suffix_format(path: Path, table: dict) -> str | None:
+    name = path.name.lower()
+    for suffix, fmt in table.items():
+        if name.endswith(suffix):
+            return fmt
+    return None
+
+
+def _detect_format(path: Path) -> str:
+    fmt = _suffix_format(path, _READ_SUFFIXES)
+    if fmt is not None:
+        return fmt
+    if _has_dicom_magic(path):  # DICOM files often have no suffix (IM0001, 1.2.840...)
+        return "dicom"
+    raise InputError("unknown image format (supported: NIfTI, NRRD, MHA/MHD, PNG, JPEG, TIFF, "
+                     "DICOM)", path)
+
+
+def _has_dicom_magic(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(128)
+        return f.read(4) == b"DICM"
+
+
+def _read_with_sitk(path: Path, fmt: str) -> Image:
+    if fmt == "nifti":
+        _check_nifti_data(path)
+    try:
+        sitk_image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        sitk_image = _read_with_pillow(path) if fmt in _PLAIN_2D else None  # e.g. grey + alpha PNG
+        if sitk_image is None:
+            raise InputError(f"cannot read {fmt} file (corrupt, truncated or not an image): "
+                             f"{_sitk_reason(exc)}", path) from None
+    components = sitk_image.GetNumberOfComponentsPerPixel()
+    image = _image_from_sitk(sitk_image, path)
+    image.meta.update({"source": str(path), "format": fmt, "is_dicom": False, "warnings": []})
+    if components > 1:
+        image.meta["warnings"].append(f"{components}-channel (colour) image converted to grey (BT.601 luminance)")
+    if fmt in _PLAIN_2D:
+        note = _plain_2d_spacing_note(path, image)
+        image.meta["spacing_note"] = note
+        image.meta["warnings"].append(note)
+    return image
+
+
+_PLAIN_2D = ("png", "jpeg", "tiff")
+
+
+def _read_with_pillow(path: Path):
+    """Pillow for the plain 2D images ITK's readers refuse (grey + alpha PNG, some palette and
+    16-bit TIFF layouts); None when Pillow cannot read it either."""
+    try:
+        from PIL import Image as PILImage
+
+        with PILImage.open(path) as im:
+            im.load()
+            if im.mode in ("LA", "La"):
+                im = im.getchannel(0)
+            elif im.mode in ("P", "PA", "RGBA", "CMYK", "YCbCr"):
+                im = im.convert("RGB")
+            array = np.asarray(im)
+    except Exception:  # Pillow raises many types for a file it cannot decode
+        return None
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    return sitk.GetImageFromArray(np.ascontiguousarray(array), isVector=array.ndim == 3)
+
+
+def _plain_2d_spacing_note(path: Path, image: Image) -> str:
+    """Where the pixel size of a PNG/JPEG/TIFF came from: such files carry at most a resolution
+    tag (an export setting, not a calibrated detector pixel); without one ITK reports 1 mm."""
+    try:
+        from PIL import Image as PILImage
+
+        with PILImage.open(path) as im:
+            dpi = im.info.get("dpi")
+    except Exception:  # Pillow cannot open what ITK could: no resolution to report
+        dpi = None
+    sx, sy = image.spacing[:2]
+    if abs(sx - 1.0) > 1e-6 or abs(sy - 1.0) > 1e-6:  # ITK found a pixel size in the file
+        return (f"pixel size {sx:.4g} x {sy:.4g} mm from the file's metadata, not a calibrated DICOM "
+                "pixel spacing; give the true one with --pixel-mm")
+    tag = (f" (its resolution tag, {dpi[0]:.4g} dpi, is a screen/print export setting and is not used)"
+           if dpi else "")
+    return (f"no pixel size in the file{tag}: 1 pixel = 1 mm assumed, so mm and mm2 figures are pixel "
+            "units; give the true pixel size with --pixel-mm")
+
+
+def _sitk_reason(exc: Exception) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _image_from_sitk(sitk_image, path: Path) -> Image:
+    if sitk_image.GetDimension() not in (2, 3):
+        raise InputError(f"{sitk_image.GetDimension()}D images are not supported (2D or 3D only)",
+                         path)
+    if sitk_image.GetNumberOfComponentsPerPixel() > 1:
+        sitk_image = _to_luminance(sitk_image, path)
+    image = Image.from_sitk(sitk_image)
+    _check_voxels(image.array, path)
+    return image
+
+
+def _to_luminance(sitk_image, path: Path):
+    """RGB(A) -> grey (BT.601 weights, alpha ignored), keeping the integer type."""
+    n = sitk_image.GetNumberOfComponentsPerPixel()
+    if n not in (3, 4):
+        raise InputError(f"images with {n} components per pixel are not supported", path)
+    rgb = sitk.GetArrayFromImage(sitk_image)
+    grey = rgb[..., :3].astype(float) @ _LUMA
+    if np.issubdtype(rgb.dtype, np.integer):
+        info = np.iinfo(rgb.dtype)
+        grey = np.clip(np.rint(grey), info.min, info.max).astype(rgb.dtype)
+    else:
+        grey = grey.astype(rgb.dtype)
+    out = sitk.GetImageFromArray(grey)
+    out.CopyInformation(sitk_image)
+    return out
+
+
+def _check_voxels(array: np.ndarray, path) -> None:
+    if array.size == 0:
+        raise InputError(f"image has zero size (shape {array.shape})", path)
+    bad = _non_finite_kind(array)
+    if bad:
+        raise InputError(f"contains {bad} values", path)
+
+
+def _non_finite_kind(array: np.ndarray) -> str | None:
+    if not np.issubdtype(array.dtype, np.inexact):
+        return None
+    if np.isnan(array).any():
+        return "NaN"
+    return "infinite" if np.isinf(array).any() else None
+
+
+def _check_nifti_data(path: Path) -> None:
+    """ITK silently zero-fills a truncated NIfTI and turns NaN voxels into 0, so check the raw
+    data (decompressing a .nii.gz once more) before handing the file to ITK."""
+    gz = path.name.lower().endswith(".gz")
+    try:
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+            header = _parse_nifti_header(f.read(540))
+            if header is None:
+                return  # not a NIfTI header we understand: let ITK judge
+            _check_nifti_spacing(header, path)
+            f.seek(header.offset)
+            n_bytes, bad = _scan_data(f, header.data_bytes, header.float_dtype)
+    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
+        raise InputError(f"cannot read NIfTI file (corrupt or truncated): {exc}", path) from None
+    if n_bytes < header.data_bytes:
+        raise InputError(f"truncated NIfTI file: {n_bytes} bytes of voxel data, header needs "
+                         f"{header.data_bytes}", path)
+    if bad:
+        raise InputError(f"contains {bad} values", path)
+
+
+def _check_nifti_spacing(header: "_NiftiHeader", path: Path) -> None:
+    """ITK reads a zero or negative pixdim as 1 mm: volumes and distances would be invented."""
+    for axis, (size, mm) in enumerate(zip(header.sizes[:3], header.pixdim[:3])):
+        if size > 1 and not (math.isfinite(mm) and mm > 0):
+            raise InputError(f"voxel size (pixdim[{axis + 1}]) is {mm:g} along axis {axis}: the file carries no "
+                             "spacing, so volumes and distances would be invented; write the true voxel size "
+                             "into the header", path)
+
+
+@dataclass
+class _NiftiHeader:
+    offset: int
+    data_bytes: int
+    float_dtype: np.dtype | None  # set for float32/float64 data, which may hold NaN/inf
+    sizes: tuple[int, ...] = ()  # dim[1..ndim]
+    pixdim: tuple[float, ...] = ()  # pixdim[1..ndim]: voxel size per axis
+
+
+def _parse_nifti_header(header: bytes) -> _NiftiHeader | None:
+    for endian in "<>":
+        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:  # NIfTI-1
+            datatype, bitpix = struct.unpack(endian + "2h", header[70:74])
+            dims = struct.unpack(endian + "8h", header[40:56])
+            pixdim = struct.unpack(endian + "8f", header[76:108])
+            offset = max(int(struct.unpack(endian + "f", header[108:112])[0]), 348)
+            break
+        if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:  # NIfTI-2
+            datatype, bitpix = struct.unpack(endian + "2h", header[12:16])
+            dims = struct.unpack(endian + "8q", header[16:80])
+            pixdim = struct.unpack(endian + "8d", header[104:168])
+            offset = max(struct.unpack(endian + "q", header[168:176])[0], 540)
+            break
+    else:
+        return None
+    ndim = dims[0]
+    if not 1 <= ndim <= 7 or bitpix <= 0:
+        return None
+    voxels = math.prod(max(int(d), 1) for d in dims[1:ndim + 1])
+    float_dtype = {16: np.dtype(endian + "f4"), 64: np.dtype(endian + "f8")}.get(datatype)
+    return _NiftiHeader(offset, voxels * bitpix // 8, float_dtype, tuple(int(d) for d in dims[1:ndim + 1]),
+                        tuple(float(v) for v in pixdim[1:ndim + 1]))
+
+
+def _scan_data(f, limit: int, float_dtype, chunk: int = 1 << 22) -> tuple[int, str | None]:
+    """-> (bytes available up to ``limit``, "NaN"/"infinite" when float data holds such)."""
+    total, bad = 0, None
+    while total < limit and (block := f.read(min(chunk, limit - total))):
+        if float_dtype is not None and bad is None:
+            usable = len(block) - len(block) % float_dtype.itemsize
+            bad = _non_finite_kind(np.frombuffer(block[:usable], float_dtype))
+        total += len(block)
+    return total, bad
+
+
+def _writable(image: Image) -> Image:
+    """SimpleITK has no bool or float16 pixels."""
+    if image.array.dtype == bool:
+        return image.with_array(image.array.astype(np.uint8))
+    if image.array.dtype == np.float16:
+        return image.with_array(image.array.astype(np.float32))
+    return image
+
+
+def _png_sitk_image(image: Image, path: Path):
+    if not image.is_2d or image.array.dtype not in (np.uint8, np.uint16):
+        raise InputError(f"PNG needs a single-slice uint8/uint16 image, got shape "
+                         f"{image.array.shape} {image.array.dtype}", path)
+    out = sitk.GetImageFromArray(np.ascontiguousarray(image.array[0]))
+    out.SetSpacing(image.spacing[:2])  # PNG keeps pixel size only: no origin or direction
+    return out
+
+
+# ==== DICOM ==========================================================================
+
+@dataclass
+class _Slice:
+    """The header fields of one DICOM image file that the reader needs."""
+
+    path: Path
+    series_uid: str
+    description: str
+    modality: str
+    series_number: int | None
+    echo_number: int | None
+    echo_time: float | None
+    orientation: np.ndarray | None  # 6 cosines: row (i direction), column (j direction)
+    position: np.ndarray | None
+    rows: int
+    columns: int
+    frames: int
+    pixel_spacing: tuple[float, float] | None  # (between rows, between columns), as DICOM
+    slice_step: float | None  # SpacingBetweenSlices, else SliceThickness
+    laterality: str | None = None  # ImageLaterality (0020,0062), else Laterality (0020,0060): R | L | B | U
+    spacing_source: str = "PixelSpacing"  # or ImagerPixelSpacing (projection radiographs), or none
+    patient_orientation: tuple[str, str] | None = None  # PatientOrientation (0020,0020): row, column directions
+    photometric: str = ""
+
+
+def _read_dicom_folder(folder: Path, echo, series) -> Image:
+    slices = _scan_folder(folder)
+    if not slices:
+        raise InputError("no DICOM image files found in this folder", folder)
+    return _assemble_dicom(slices, echo, series, where=folder)
+
+
+def _read_dicom_files(files: list[Path], echo, series, where: Path) -> Image:
+    slices = []
+    for path in files:
+        s = _read_header(path)
+        if s is None:
+            raise InputError("not a DICOM image file", path)
+        slices.append(s)
+    return _assemble_dicom(slices, echo, series, where=where)
+
+
+def _scan_folder(folder: Path) -> list[_Slice]:
+    slices = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        if path.name.startswith(".") or path.name.upper() == "DICOMDIR":
+            continue
+        s = _read_header(path)
+        if s is not None:
+            slices.append(s)
+    return slices
+
+
+def _read_header(path: Path) -> _Slice | None:
+    """Header of a DICOM image file, or None when the file is not one."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except pydicom.errors.InvalidDicomError:
+        if path.suffix.lower() not in ("", ".dcm", ".ima", ".dicom"):
+            return None
+        try:  # DICOM files written without the 128-byte preamble
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        except Exception:  # any parse failure of a forced read means "not DICOM"
+            return None
+    except Exception as exc:  # a truncated or corrupt DICOM header
+        raise InputError(f"cannot read DICOM header: {exc}", path) from None
+    if "SeriesInstanceUID" not in ds or "Rows" not in ds or "Columns" not in ds:
+        return None  # not an image (DICOMDIR, structured report, presentation state, junk)
+    try:
+        return _slice_from_dataset(path, ds)
+    except (ValueError, TypeError, IndexError) as exc:
+        raise InputError(f"malformed DICOM header: {exc}", path) from None
+
+
+def _slice_from_dataset(path: Path, ds) -> _Slice:
+    def floats(name, n):
+        value = ds.get(name)
+        if value is None or len(value) != n:
+            return None
+        return np.array([float(v) for v in value])
+
+    echo_numbers = ds.get("EchoNumbers")
+    if echo_numbers is not None and not isinstance(echo_numbers, (int, str)):
+        echo_numbers = echo_numbers[0] if len(echo_numbers) else None  # multi-valued IS
+    pixel_spacing = floats("PixelSpacing", 2)
+    spacing_source = "PixelSpacing"
+    if pixel_spacing is None:  # projection radiographs: spacing at the detector, not at the patient
+        pixel_spacing = floats("ImagerPixelSpacing", 2)
+        spacing_source = "ImagerPixelSpacing" if pixel_spacing is not None else "none"
+        magnification = _float_or_none(ds.get("EstimatedRadiographicMagnificationFactor"))
+        if pixel_spacing is not None and magnification and magnification > 0:
+            pixel_spacing = pixel_spacing / magnification
+            spacing_source = f"ImagerPixelSpacing / EstimatedRadiographicMagnificationFactor {magnification:g}"
+    orientation_letters = ds.get("PatientOrientation")
+    step = ds.get("SpacingBetweenSlices") or ds.get("SliceThickness")
+    return _Slice(
+        path=path, series_uid=str(ds.SeriesInstanceUID),
+        description=str(ds.get("SeriesDescription", "")), modality=str(ds.get("Modality", "")),
+        series_number=_int_or_none(ds.get("SeriesNumber")),
+        echo_number=_int_or_none(echo_numbers),
+        echo_time=_float_or_none(ds.get("EchoTime")),
+        orientation=floats("ImageOrientationPatient", 6),
+        position=floats("ImagePositionPatient", 3),
+        rows=int(ds.Rows), columns=int(ds.Columns),
+        frames=_int_or_none(ds.get("NumberOfFrames")) or 1,
+        pixel_spacing=tuple(pixel_spacing) if pixel_spacing is not None else None,
+        slice_step=_float_or_none(step),
+        laterality=str(ds.get("ImageLaterality") or ds.get("Laterality") or "").strip().upper() or None,
+        spacing_source=spacing_source, photometric=str(ds.get("PhotometricInterpretation", "")),
+        patient_orientation=(tuple(str(v).strip().upper() for v in orientation_letters)
+                             if orientation_letters is not None and len(orientation_letters) == 2 else None))
+
+
+def _int_or_none(value) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _float_or_none(value) -> float | None:
+    try:
+        return float(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _group_by_series(slices: list[_Slice]) -> dict[str, list[_Slice]]:
+    groups: dict[str, list[_Slice]] = {}
+    for s in slices:
+        groups.setdefault(s.series_uid, []).append(s)
+    return groups
+
+
+def _select_series(slices: list[_Slice], series: str | None, where: Path) -> list[_Slice]:
+    groups = _group_by_series(slices)
+    listing = "; ".join(f"{uid} ({g[0].description or 'no description'}, {len(g)} files)"
+                        for uid, g in groups.items())
+    if series is not None:
+        if series not in groups:
+            raise InputError(f"DICOM series {series} not found; available: {listing}", where)
+        return groups[series]
+    if len(groups) > 1:
+        raise InputError(f"{len(groups)} DICOM series found: {listing}. Choose one with "
+                         f"series=UID (CLI flag --series UID)", where)
+    return next(iter(groups.values()))
+
+
+def _split_echoes(slices: list[_Slice]) -> dict[int, list[_Slice]]:
+    """Echo number -> slices. EchoNumbers when they differ; else EchoTime rank (1-based), but
+    only when positions repeat, so a series with a per-slice TE jitter is not shattered."""
+    numbers = {s.echo_number for s in slices}
+    if len(numbers) > 1 and None not in numbers:
+        return _group(slices, lambda s: s.echo_number)
+    times = sorted({s.echo_time for s in slices if s.echo_time is not None})
+    if len(times) > 1 and _has_repeated_positions(slices) and all(
+            s.echo_time is not None for s in slices):
+        rank = {t: i + 1 for i, t in enumerate(times)}
+        return _group(slices, lambda s: rank[s.echo_time])
+    only = numbers.pop() if len(numbers) == 1 else None
+    return {only or 1: list(slices)}
+
+
+def _group(slices, key) -> dict[int, list[_Slice]]:
+    out: dict[int, list[_Slice]] = {}
+    for s in slices:
+        out.setdefault(key(s), []).append(s)
+    return dict(sorted(out.items()))
+
+
+def _has_repeated_positions(slices: list[_Slice]) -> bool:
+    keys = [tuple(np.round(s.position, 3)) for s in slices if s.position is not None]
+    return len(set(keys)) < len(keys)
+
+
+def _select_echo(slices: list[_Slice], echo: int | None, where: Path):
+    """-> (echo number, its slices, echo time, all echo numbers, warnings)."""
+    echoes = _split_echoes(slices)
+    times = {e: g[0].echo_time for e, g in echoes.items()}
+    warnings = []
+    if echo is None:
+        echo = min(echoes)
+        if len(echoes) > 1:
+            te = ", ".join(f"{times[e]:g}" if times[e] is not None else "?" for e in echoes)
+            warnings.append(f"multi-echo series with {len(echoes)} echoes (TE {te} ms): using "
+                            f"echo {echo}; choose with --echo N")
+    elif echo not in echoes:
+        raise InputError(f"echo {echo} not available; this series has echo(es) "
+                         f"{', '.join(map(str, echoes))}", where)
+    return echo, echoes[echo], times[echo], sorted(echoes), warnings
+
+
+def _assemble_dicom(slices: list[_Slice], echo, series, where: Path) -> Image:
+    chosen = _select_series(slices, series, where)
+    echo, chosen, echo_time, all_echoes, warnings = _select_echo(chosen, echo, where)
+    if len(chosen) == 1 and chosen[0].frames > 1:
+        image = _read_multiframe(chosen[0])
+        chosen_sorted = chosen
+    else:
+        chosen_sorted = _sort_along_normal(chosen, where)
+        spacing, origin, direction, geo_warnings = _dicom_geometry(chosen_sorted, where)
+        warnings += geo_warnings
+        image = Image(_read_dicom_pixels(chosen_sorted), spacing, origin, direction)
+    _check_voxels(image.array, where)
+    first = chosen_sorted[0]
+    image.meta.update({
+        "source": str(where), "format": "dicom", "is_dicom": True,
+        "series_uid": first.series_uid, "series_description": first.description,
+        "modality": first.modality, "laterality": first.laterality,
+        "echo": echo, "echo_time": echo_time, "echoes": all_echoes,
+        "photometric": first.photometric, "spacing_source": first.spacing_source,
+        **({"spacing_note": f"pixel size from {first.spacing_source}"}
+           if first.spacing_source != "PixelSpacing" else {}),
+        "dicom_files": [str(s.path) for s in chosen_sorted], "warnings": warnings})
+    return image
+
+
+def _slice_normal(s: _Slice) -> np.ndarray:
+    row, col = _unit(s.orientation[:3]), _unit(s.orientation[3:])
+    return np.cross(row, col)
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v)
+
+
+def _sort_along_normal(slices: list[_Slice], where: Path) -> list[_Slice]:
+    """Sort by position along the slice normal; check one orientation and one matrix size."""
+    first = slices[0]
+    for s in slices:
+        if (s.rows, s.columns) != (first.rows, first.columns):
+            raise InputError(f"slices of different sizes: {first.path.name} is "
+                             f"{first.rows}x{first.columns}, {s.path.name} is {s.rows}x{s.columns}",
+                             where)
+    if len(slices) == 1:
+        return list(slices)
+    missing = [s.path.name for s in slices if s.orientation is None or s.position is None]
+    if missing:
+        raise InputError(f"cannot order slices: no ImagePositionPatient/ImageOrientationPatient in "
+                         f"{', '.join(missing[:3])}", where)
+    for s in slices:
+        if not np.allclose(s.orientation, first.orientation, atol=1e-4):
+            raise InputError(f"slices with different orientations ({first.path.name} and "
+                             f"{s.path.name}): a localizer or a mixed series?", where)
+    normal = _slice_normal(first)
+    return sorted(slices, key=lambda s: float(normal @ s.position))
+
+
+def _dicom_geometry(slices: list[_Slice], where: Path):
+    """-> spacing, origin, direction, warnings for slices sorted along their normal."""
+    first = slices[0]
+    row_spacing, col_spacing = first.pixel_spacing or (1.0, 1.0)
+    warnings = [] if first.pixel_spacing else [f"no PixelSpacing in {first.path.name}: using 1 mm"]
+    if first.spacing_source.startswith("ImagerPixelSpacing"):
+        warnings.append(f"pixel size from {first.spacing_source} ({col_spacing:g} x {row_spacing:g} mm): "
+                        "measured at the detector, so lengths and areas at the patient are overestimated by "
+                        "the geometric magnification" + ("" if "/" in first.spacing_source else
+                                                          " (no EstimatedRadiographicMagnificationFactor given)"))
+    if first.orientation is None:  # a projection radiograph: no patient geometry
+        origin = first.position if first.position is not None else np.zeros(3)
+        step = first.slice_step or 1.0
+        return (col_spacing, row_spacing, step), tuple(origin), _projection_direction(first), warnings
+    row, col = _unit(first.orientation[:3]), _unit(first.orientation[3:])
+    if len(slices) == 1:
+        step_vector = np.cross(row, col) * (first.slice_step or 1.0)
+    else:
+        step_vector = _measured_step(slices, where)
+        tilt = _angle_deg(step_vector, np.cross(row, col))
+        if tilt > 0.01:
+            warnings.append(f"slices are sheared by {tilt:.2f} degrees (gantry tilt): geometry "
+                            "kept as acquired, the axes are not orthogonal")
+    step = float(np.linalg.norm(step_vector))
+    direction = np.column_stack([row, col, step_vector / step])
+    return (col_spacing, row_spacing, step), tuple(first.position), direction, warnings
+
+
+_LETTER_LPS = {"L": (1, 0, 0), "R": (-1, 0, 0), "P": (0, 1, 0), "A": (0, -1, 0), "H": (0, 0, 1), "F": (0, 0, -1)}
+
+
+def _projection_direction(s: _Slice) -> np.ndarray:
+    """Direction of a radiograph without ImageOrientationPatient, from PatientOrientation (the
+    patient directions of the rows and columns, e.g. L\\F: columns run toward patient left, rows
+    toward the feet); identity (= L\\P: the radiographic convention, patient right on the image
+    left) when absent or not two distinct primary directions."""
+    letters = s.patient_orientation
+    if not letters or any(not a or any(c not in _LETTER_LPS for c in a) for a in letters):
+        return np.eye(3)
+    i_dir, j_dir = (_unit(np.sum([_LETTER_LPS[c] for c in a], axis=0).astype(float)) for a in letters)
+    if abs(float(i_dir @ j_dir)) > 1e-6:
+        return np.eye(3)
+    return np.column_stack([i_dir, j_dir, np.cross(i_dir, j_dir)])
+
+
+def _measured_step(slices: list[_Slice], where: Path) -> np.ndarray:
+    """Mean slice-step vector after checking for duplicates, gaps and off-line slices."""
+    normal = _slice_normal(slices[0])
+    positions = np.array([s.position for s in slices])
+    distances = positions @ normal
+    gaps = np.diff(distances)
+    for n, gap in enumerate(gaps):
+        if gap < _DUPLICATE_MM:
+            raise InputError(
+                f"duplicate slice position {distances[n]:.3f} mm in {slices[n].path.name} and "
+                f"{slices[n + 1].path.name} (several images per position: a multi-echo, dynamic "
+                f"or diffusion series?)", where)
+    median = float(np.median(gaps))
+    for n, gap in enumerate(gaps):
+        if abs(gap - median) > GAP_TOLERANCE * median:
+            raise InputError(
+                f"missing or uneven slices: gap of {gap:.3g} mm between slice {n + 1} and {n + 2} "
+                f"({slices[n].path.name}, {slices[n + 1].path.name}), "
+                f"median spacing {median:.3g} mm",
+                where)
+    step = (positions[-1] - positions[0]) / (len(slices) - 1)
+    expected = positions[0] + np.outer(np.arange(len(slices)), step)
+    worst = int(np.argmax(np.linalg.norm(positions - expected, axis=1)))
+    if np.linalg.norm(positions[worst] - expected[worst]) > GAP_TOLERANCE * median:
+        raise InputError(f"slice positions are not on a straight line (slice {worst + 1}, "
+                         f"{slices[worst].path.name})", where)
+    return step
+
+
+def _angle_deg(a: np.ndarray, b: np.ndarray) -> float:
+    cos = abs(float(a @ b)) / (np.linalg.norm(a) * np.linalg.norm(b))
+    return math.degrees(math.acos(min(1.0, cos)))
+
+
+def _read_dicom_pixels(slices: list[_Slice]) -> np.ndarray:
+    """Stack the slices' pixels; SimpleITK/GDCM decodes every transfer syntax and applies
+    RescaleSlope/Intercept per file (so per-slice scaling is honoured)."""
+    planes = []
+    for s in slices:
+        try:
+            plane = sitk.ReadImage(str(s.path))
+        except RuntimeError as exc:
+            raise InputError(f"cannot read DICOM pixel data: {_sitk_reason(exc)}", s.path) from None
+        if plane.GetNumberOfComponentsPerPixel() > 1:
+            plane = _to_luminance(plane, s.path)
+        array = sitk.GetArrayFromImage(plane).reshape(-1, s.rows, s.columns)
+        planes.append(array[0])
+    dtype = np.result_type(*planes)
+    return np.stack([p.astype(dtype, copy=False) for p in planes])
+
+
+def _read_multiframe(s: _Slice) -> Image:
+    """An enhanced/multi-frame file: GDCM builds its geometry from the functional groups."""
+    try:
+        sitk_image = sitk.ReadImage(str(s.path))
+    except RuntimeError as exc:
+        raise InputError(f"cannot read DICOM file: {_sitk_reason(exc)}", s.path) from None
+    return _image_from_sitk(sitk_image, s.path)

@@ -1,0 +1,70 @@
+"""Many cases from a manifest: one output folder each, one failing case does not stop the rest."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from SpineKneeSegLib.core.atomic import check_writable_dir, write_text_atomic
+from SpineKneeSegLib.core.errors import InputError, SpineKneeSegError
+from SpineKneeSegLib.core.progress import Progress
+from SpineKneeSegLib.engine.cards import TaskCard
+from SpineKneeSegLib.engine.pipeline import RunOptions, run_case
+
+SUMMARY_COLUMNS = ("id", "status", "exit_code", "message", "output", "total_s", "network_s")
+
+
+def read_manifest(path: str | Path) -> list[tuple[str, list[str]]]:
+    """CSV with a header: ``id`` and ``input`` (plus ``input2``, ``input3``... for extra inputs).
+    Relative input paths are relative to the manifest's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("manifest does not exist", path)
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        fields = reader.fieldnames or []
+        if "id" not in fields or "input" not in fields:
+            raise InputError(f"manifest needs columns 'id' and 'input' (found: {', '.join(fields) or 'none'})", path)
+        extra = sorted((c for c in fields if c.startswith("input") and c != "input"), key=lambda c: int(c[5:] or 0))
+        cases, seen = [], set()
+        for line, row in enumerate(reader, start=2):
+            case_id = (row.get("id") or "").strip()
+            if not case_id or "/" in case_id or case_id in (".", ".."):
+                raise InputError(f"line {line}: invalid case id {case_id!r}", path)
+            if case_id in seen:
+                raise InputError(f"line {line}: duplicate case id {case_id!r}", path)
+            seen.add(case_id)
+            inputs = [row[c].strip() for c in ["input", *extra] if (row.get(c) or "").strip()]
+            cases.append((case_id, [str((path.parent / p) if not Path(p).is_absolute() else p) for p in inputs]))
+    if not cases:
+        raise InputError("manifest lists no cases", path)
+    return cases
+
+
+def run_manifest(card: TaskCard, manifest: str | Path, output: str | Path, options: RunOptions,
+                 progress: Progress) -> int:
+    """Returns 0 when every case succeeded, else the exit code of the first failure."""
+    cases = read_manifest(manifest)
+    output = check_writable_dir(output)
+    output.mkdir(parents=True, exist_ok=True)
+    rows, first_failure = [], 0
+    for case_id, inputs in cases:
+        progress.log(f"case {case_id}")
+        try:
+            report = run_case(card, inputs, output / case_id, options, progress)
+            t = report["timings_s"]
+            rows.append((case_id, "ok", 0, "", str(output / case_id), t["total"], t["network"]))
+        except SpineKneeSegError as exc:
+            rows.append((case_id, "failed", exc.exit_code, str(exc), "", "", ""))
+        except OSError as exc:
+            rows.append((case_id, "failed", 2, str(exc), "", "", ""))
+        except Exception as exc:  # noqa: BLE001 - one case's bug must not stop the batch
+            rows.append((case_id, "failed", 1, f"internal error: {type(exc).__name__}: {exc}", "", "", ""))
+        if rows[-1][1] != "ok":
+            progress.log(f"case {case_id} failed: {rows[-1][3]}", "error")
+            first_failure = first_failure or rows[-1][2]
+    lines = ["\t".join(SUMMARY_COLUMNS)] + ["\t".join(str(v).replace("\t", " ").replace("\n", " ") for v in r)
+                                            for r in rows]
+    write_text_atomic(output / "summary.tsv", "\n".join(lines) + "\n")
+    ok = sum(r[1] == "ok" for r in rows)
+    progress.log(f"{ok}/{len(rows)} cases ok; summary in {output / 'summary.tsv'}")
+    return first_failure

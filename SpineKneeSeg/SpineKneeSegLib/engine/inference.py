@@ -1,0 +1,378 @@
+"""Slice-wise network inference with memory proportional to one batch of slices."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from SpineKneeSegLib.core.image import Image
+from SpineKneeSegLib.core.progress import Progress
+from SpineKneeSegLib.engine.cards import TaskCard
+from SpineKneeSegLib.engine.models import build_network, fold_batch_norm
+from SpineKneeSegLib.engine.preprocessing import (
+    bias_correct,
+    canonical_image,
+    canonical_orientation,
+    context_channels,
+    crop_in_plane,
+    foreground_box,
+    from_network_grid,
+    in_plane_spacing,
+    network_grid,
+    network_grid_image,
+    normalise,
+    pad_to,
+    resolve_plane,
+    to_network_grid,
+    window_centre_rc,
+)
+from SpineKneeSegLib.engine.weights import LoadedWeights
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from SpineKneeSegLib.core.errors import InputError
+
+        raise InputError("--device cuda requested but no CUDA device is available (use auto or cpu)")
+    return torch.device(name)
+
+
+@dataclass
+class NetworkOutput:
+    labels: np.ndarray | None = None  # uint8, input array shape
+    # probability maps (uint8 0..255, (C, *grid shape)) of auxiliary models, kept on the network
+    # grid: the seed localises foramina there, and resampling them would only cost time
+    maps: np.ndarray | None = None
+    maps_grid: Image | None = None
+    # the label network's own per-label probabilities (uint8 0..255, (C, *input shape)), kept when
+    # a postprocessor decodes them (lumbar levels: level_decoding)
+    probabilities: np.ndarray | None = None
+    network_s: float = 0.0
+    preprocess_s: float = 0.0
+    postprocess_s: float = 0.0
+    bias_s: float = 0.0  # bias-field correction (not in preprocess_s)
+    summaries: dict = field(default_factory=dict)  # e.g. crop_window, bias_correction: for the report
+    warnings: list = field(default_factory=list)
+
+
+def load_network(weights: LoadedWeights, device: torch.device) -> torch.nn.Module:
+    net = build_network(weights.network["factory"], weights.network["config"])
+    net.load_state_dict(weights.checkpoint["state_dict"])
+    # batch norm folded into the convolutions (inference only); channels-last: oneDNN's fast layout
+    # for convolutions with few channels (knee-bones' 16-channel U-Net on 2 CPU cores: 14.3 -> 8.6 s
+    # per 80 slices of 224 x 224); inputs follow it in _batches
+    return fold_batch_norm(net.eval()).to(device).to(memory_format=torch.channels_last)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _batches(image: Image, net: torch.nn.Module, device: torch.device, pre: dict, batch_size: int,
+             progress: Progress | None, timings: dict, slices: np.ndarray | None = None, centre_lps=None,
+             extra: tuple[Image, ...] = ()):
+    """Yield (slice indices, logits on the unpadded network grid, grid, in-plane box, grid image)
+    for every batch of slices; accumulate preprocessing and forward-pass seconds in ``timings``.
+    With ``crop_foreground`` only foreground slices inside the foreground box are run; ``slices``
+    (canonical indices) runs only those. With ``network_px`` the network sees a square
+    ``crop_mm`` window centred on ``centre_lps`` (None: the field-of-view centre). ``extra``:
+    further inputs on ``image``'s grid (e.g. a T1), each normalised on its own and appended as
+    ``context_slices`` more channels."""
+    t0 = time.perf_counter()
+    canon, _ = canonical_image(image, pre["plane"])  # slices along axis 0, canonical in-plane orientation
+    stack = normalise(canon.array, pre["normalisation"], pre.get("stats"))
+    n = stack.shape[0]
+    found = foreground_box(canon.array) if pre.get("crop_foreground") else None
+    run, box = found if found else (np.arange(n), (0, stack.shape[1], 0, stack.shape[2]))
+    if slices is not None:
+        run = np.asarray(slices)
+    cropped = crop_in_plane(canon, box)
+    stacks = [stack] + [normalise(canonical_image(e, pre["plane"])[0].array, pre["normalisation"], pre.get("stats"))
+                        for e in extra]
+    stacks = [s[:, box[0]:box[1], box[2]:box[3]] for s in stacks]
+    stack = stacks[0]
+    centre = window_centre_rc(cropped, centre_lps) if centre_lps is not None else None
+    grid = network_grid(cropped, 0, pre["in_plane_spacing_mm"], getattr(net, "size_multiple", 1),
+                        pre.get("network_px"), pre.get("crop_mm"), centre)
+    # outside the image the window shows the normalised image minimum: what air (the MRI
+    # background) looks like to the network, whereas 0 after z-score would be average tissue
+    pad_value = float(stack.min()) if grid.window is not None else 0.0
+    timings["pre"] += time.perf_counter() - t0
+    for start in range(0, len(run), batch_size):
+        t = time.perf_counter()
+        index = run[start:start + batch_size]
+        x = np.concatenate([context_channels(s, index, pre["context_slices"]) for s in stacks], axis=1)
+        x = torch.from_numpy(x).to(device)
+        x = pad_to(to_network_grid(x, grid, pad_value), grid.padded_hw).contiguous(memory_format=torch.channels_last)
+        _sync(device)
+        t_net = time.perf_counter()
+        timings["pre"] += t_net - t
+        logits = tiled_forward(net, x, pre.get("tile_px"))
+        _sync(device)
+        timings["net"] += time.perf_counter() - t_net
+        yield index, logits[..., : grid.network_hw[0], : grid.network_hw[1]], grid, box, cropped
+        if progress:
+            progress.step("inference", min(start + batch_size, len(run)), len(run))
+
+
+def _labels_of(card: TaskCard, image: Image, net, device, pre: dict, batch_size: int, progress, timings: dict,
+               slices=None, centre_lps=None, extra: tuple[Image, ...] = (), probabilities: list | None = None
+               ) -> np.ndarray:
+    """Label map in the canonical layout (slices not run stay background). ``probabilities``: a
+    list that receives the sigmoid probabilities (uint8, (C, *canonical shape)) of a sigmoid task."""
+    labels = np.zeros(canonical_image(image, pre["plane"])[0].array.shape, dtype=np.uint8)
+    probs = None
+    for index, logits, grid, (r0, _, c0, _), _ in _batches(image, net, device, pre, batch_size, progress, timings,
+                                                            slices, centre_lps, extra):
+        t = time.perf_counter()
+        out, (a0, a1, b0, b1) = from_network_grid(logits, grid)
+        labels[index, r0 + a0:r0 + a1, c0 + b0:c0 + b1] = logits_to_labels(out, card.label_activation).cpu().numpy()
+        if probabilities is not None:
+            if probs is None:
+                probs = np.zeros((out.shape[1], *labels.shape), np.uint8)
+            q = (torch.sigmoid(out) * 255).round().to(torch.uint8).cpu().numpy().swapaxes(0, 1)
+            probs[:, index, r0 + a0:r0 + a1, c0 + b0:c0 + b1] = q
+        timings["post"] += time.perf_counter() - t
+    if probabilities is not None:
+        probabilities.append(probs)
+    return labels
+
+
+def _probabilities_of(image: Image, net, device, pre: dict, batch_size: int, timings: dict, slices=None,
+                      centre_lps=None, extra: tuple[Image, ...] = ()) -> np.ndarray:
+    """Softmax class probabilities as uint8 0..255, (C, *canonical shape); slices not run and
+    pixels outside the window stay 0 (no class)."""
+    shape = canonical_image(image, pre["plane"])[0].array.shape
+    probs = None
+    for index, logits, grid, (r0, _, c0, _), _ in _batches(image, net, device, pre, batch_size, None, timings,
+                                                            slices, centre_lps, extra):
+        t = time.perf_counter()
+        out, (a0, a1, b0, b1) = from_network_grid(torch.softmax(logits, dim=1), grid)
+        if probs is None:
+            probs = np.zeros((out.shape[1], *shape), np.uint8)
+        q = (out * 255).round().to(torch.uint8).cpu().numpy().swapaxes(0, 1)
+        probs[:, index, r0 + a0:r0 + a1, c0 + b0:c0 + b1] = q
+        timings["post"] += time.perf_counter() - t
+    return probs
+
+
+def _fill_between(probs: np.ndarray, run: np.ndarray) -> None:
+    """Linear interpolation along the slice axis (axis 1) between the slices in ``run``."""
+    for a, b in zip(run[:-1], run[1:]):
+        for i in range(a + 1, b):
+            w = (i - a) / (b - a)
+            probs[:, i] = np.round((1 - w) * probs[:, a] + w * probs[:, b])
+
+
+def fused_labels(card: TaskCard, image: Image, net, device, pre: dict, batch_size: int, progress, timings: dict,
+                 centre_lps=None, extra: tuple[Image, ...] = ()) -> tuple[np.ndarray, dict]:
+    """Multi-view fusion: class probabilities of the acquisition plane (every slice) and of each
+    other plane in ``fusion_planes`` (every ~fusion_slice_mm, linear between) averaged on the
+    canonical grid of ``pre["plane"]``; returns labels there and a summary for the report."""
+    if card.label_activation != "softmax":
+        raise ValueError(f"multi-view fusion needs a softmax task; {card.name} is {card.label_activation}")
+    t0 = time.perf_counter()
+    main, main_orientation = canonical_image(image, pre["plane"])
+    main_plane = resolve_plane(image, pre["plane"])
+    acc = _probabilities_of(image, net, device, pre, batch_size, timings, None, centre_lps, extra).astype(np.uint16)
+    if progress:
+        progress.step("inference", 1, 2)
+    summary = {"planes": [main_plane], "slices": [int(main.array.shape[0])]}
+    for plane in dict.fromkeys(pre["fusion_planes"]):
+        if plane == main_plane:
+            continue
+        view, orientation = canonical_image(image, plane)
+        n = view.array.shape[0]
+        step = max(1, int(round(pre["fusion_slice_mm"] / view.spacing[2])))
+        run = np.unique(np.r_[np.arange(0, n, step), n - 1])
+        probs = _probabilities_of(image, net, device, {**pre, "plane": plane}, batch_size, timings, run,
+                                  centre_lps, extra)
+        t = time.perf_counter()
+        _fill_between(probs, run)
+        for c in range(probs.shape[0]):  # the view's canonical layout -> the input's -> the main plane's
+            acc[c] += main_orientation.apply(orientation.undo(probs[c]))
+        timings["post"] += time.perf_counter() - t
+        summary["planes"].append(plane)
+        summary["slices"].append(int(len(run)))
+    t = time.perf_counter()
+    labels = acc.argmax(axis=0).astype(np.uint8)
+    timings["post"] += time.perf_counter() - t
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
+    if progress:
+        progress.step("inference", 2, 2)
+    return labels, summary
+
+
+def window_centre_key(crop_window: str | None) -> str:
+    """The report key of the window centre: "<finder>_centre_ras" (knee: joint_centre_ras), else
+    "window_centre_ras"."""
+    return f"{crop_window}_centre_ras" if crop_window else "window_centre_ras"
+
+
+def window_centre(card: TaskCard, image: Image, net, device, pre: dict, batch_size: int,
+                  timings: dict) -> tuple[np.ndarray | None, dict, list[str]]:
+    """Where the square window goes: (centre in LPS or None = field-of-view centre, report
+    summary, warnings). ``crop_window`` names a registered window finder (hooks.py; the knee's
+    "joint", seed 000): when the longer in-plane field of view exceeds 1.1 x crop_mm, a coarse pass
+    of the same network (every 4th slice of the central half, window = the whole field of view)
+    gives the finder its labels and the window is centred where it says; else the field-of-view
+    centre is used and no pass is run."""
+    from SpineKneeSegLib.engine.hooks import PLAIN_VARIANT, WINDOW_FINDERS
+
+    canon, _ = canonical_image(image, pre["plane"])
+    n, h, w = canon.array.shape
+    sr, sc = in_plane_spacing(canon, 0)
+    fov = max(h * sr, w * sc)
+    crop_mm = pre.get("crop_mm") or fov
+    fov_centre_lps = canon.ijk_to_lps_points([[(w - 1) / 2.0, (h - 1) / 2.0, (n - 1) / 2.0]])[0]
+    info = {"plane": resolve_plane(image, pre["plane"]), "network_px": int(pre["network_px"]),
+            "crop_mm": round(float(crop_mm), 3), "field_of_view_mm": [round(h * sr, 2), round(w * sc, 2)],
+            "crop_window": pre.get("crop_window")}
+    centre_lps, warnings = None, []
+    if pre.get("crop_window") is not None and pre["crop_window"] not in WINDOW_FINDERS:
+        raise ValueError(f"unknown crop_window {pre['crop_window']!r} ({', '.join(sorted(WINDOW_FINDERS))})")
+    if pre.get("crop_window") is None:
+        info["method"] = "field-of-view centre"
+    elif fov <= 1.1 * crop_mm:
+        info["method"] = "field-of-view centre (field of view <= 1.1 x crop_mm: no detection pass)"
+    else:
+        t = time.perf_counter()
+        net_before = timings["net"]
+        run = np.arange(n // 4, n - n // 4, 4) if n >= 4 else np.arange(n)
+        coarse = _labels_of(card, image, net, device, {**pre, "crop_mm": None}, batch_size, None, timings, run)
+        ras, note, found_from = WINDOW_FINDERS[pre["crop_window"]].find(coarse, canon,
+                                                                        pre.get("label_variant", PLAIN_VARIANT))
+        info["coarse_pass"] = {"slices": [int(i) for i in run], "seconds": round(time.perf_counter() - t, 3),
+                               "network_seconds": round(timings["net"] - net_before, 3), "note": note}
+        if ras is None:
+            info["method"] = f"field-of-view centre (fallback: coarse pass found no {pre['crop_window']})"
+            warnings.append(f"{pre['crop_window']} centre not found by the coarse pass ({note}); the crop window is "
+                            "centred on the field of view")
+        else:
+            info["method"] = f"coarse pass ({found_from})"
+            centre_lps = np.asarray(ras) * np.array([-1.0, -1.0, 1.0])
+    used = fov_centre_lps if centre_lps is None else centre_lps
+    info[window_centre_key(pre.get("crop_window"))] = [round(float(v), 2) for v in np.asarray(used) * np.array([-1.0, -1.0, 1.0])]
+    return centre_lps, info, warnings
+
+
+def _ramp(n: int, overlap: int) -> torch.Tensor:
+    """1D blending weights: linear ramps over the overlaps, flat in the middle."""
+    w = torch.ones(n)
+    if overlap > 0:
+        ramp = (torch.arange(overlap, dtype=torch.float32) + 1) / (overlap + 1)
+        w[:overlap], w[-overlap:] = ramp, ramp.flip(0)
+    return w
+
+
+def tiled_forward(net: torch.nn.Module, x: torch.Tensor, tile: int | None, overlap_fraction: float = 0.25):
+    """Forward pass over overlapping square tiles blended with linear ramps (bounded memory on
+    large slices); the whole slice at once when ``tile`` is None or the slice already fits."""
+    h, w = x.shape[-2:]
+    if not tile or (h <= tile and w <= tile):
+        return net(x)
+    overlap = int(tile * overlap_fraction)
+    step = tile - overlap
+    starts = lambda n: sorted({min(s, max(n - tile, 0)) for s in range(0, max(n - overlap, 1), step)})  # noqa: E731
+    out = weight = None
+    for top in starts(h):
+        for left in starts(w):
+            patch = net(x[..., top:top + tile, left:left + tile])
+            ph, pw = patch.shape[-2:]
+            wt = (_ramp(ph, overlap if ph == tile else 0)[:, None] * _ramp(pw, overlap if pw == tile else 0)[None])
+            wt = wt.to(patch.device)
+            if out is None:
+                out = torch.zeros(x.shape[0], patch.shape[1], h, w, device=patch.device, dtype=patch.dtype)
+                weight = torch.zeros(h, w, device=patch.device, dtype=patch.dtype)
+            out[..., top:top + ph, left:left + pw] += patch * wt
+            weight[top:top + ph, left:left + pw] += wt
+    return out / weight
+
+
+def logits_to_labels(logits: torch.Tensor, activation: str) -> torch.Tensor:
+    """softmax head: channel 0 is background; sigmoid head: one channel per label, a voxel takes
+    the most probable label whose probability exceeds 0.5 (logit > 0)."""
+    # max().indices: torch's CPU argmax over a non-last dim is ~10x slower
+    best = logits.max(dim=1)
+    if activation == "softmax":
+        return best.indices.to(torch.uint8)
+    if activation == "sigmoid":
+        return torch.where(best.values > 0, best.indices + 1, 0).to(torch.uint8)
+    raise ValueError(f"unknown label activation {activation!r}")
+
+
+@torch.inference_mode()
+def segment_slices(card: TaskCard, image: Image, net: torch.nn.Module, device: torch.device,
+                   preprocessing: dict | None = None, batch_size: int = 8,
+                   progress: Progress | None = None, extra: tuple[Image, ...] = (),
+                   centre_lps=None, keep_probabilities: bool = False) -> NetworkOutput:
+    """Run the label network over every slice; labels on the input's exact grid (logits are
+    resampled back, not labels). ``extra``: further input channels on ``image``'s grid (the
+    weights' ``extra_inputs``, e.g. a T1 resampled onto the FLAIR). ``centre_lps``: a crop window
+    centre already found (a second model reuses the main network's; no coarse pass).
+    ``keep_probabilities``: a sigmoid task's probabilities come back too (``probabilities``)."""
+    pre = {**card.preprocessing.__dict__, **(preprocessing or {})}
+    timings = {"pre": 0.0, "net": 0.0, "post": 0.0}
+    summaries, warnings = {}, []
+    probabilities = None
+    orientation = canonical_orientation(image, pre["plane"])
+    t = time.perf_counter()
+    if pre.get("bias_correction"):  # on the canonical image: the same physical image, the same field
+        image, info = bias_correct(canonical_image(image, pre["plane"])[0], pre["bias_correction"], pre)
+        extra = tuple(canonical_image(e, pre["plane"])[0] for e in extra)  # onto the same canonical grid
+    else:
+        info = {}
+    bias_s = time.perf_counter() - t
+    if info:
+        summaries["bias_correction"] = {**info, "seconds": round(bias_s, 3)}
+    if pre.get("network_px") and centre_lps is None:
+        centre_lps, summaries["crop_window"], warnings = window_centre(card, image, net, device, pre, batch_size,
+                                                                        timings)
+    slice_mm = canonical_image(image, pre["plane"])[0].spacing[2]
+    if pre.get("fusion_planes") and slice_mm <= pre.get("fusion_max_slice_mm", float("inf")):
+        labels, summaries["view_fusion"] = fused_labels(card, image, net, device, pre, batch_size, progress, timings,
+                                                        centre_lps, tuple(extra))
+    else:
+        if pre.get("fusion_planes"):
+            summaries["view_fusion"] = {"planes": [resolve_plane(image, pre["plane"])],
+                                        "skipped": f"slices {slice_mm:.2f} mm apart, more than "
+                                                   f"{pre['fusion_max_slice_mm']} mm: reformats too blurred"}
+        kept = [] if keep_probabilities and card.label_activation == "sigmoid" else None
+        labels = _labels_of(card, image, net, device, pre, batch_size, progress, timings, centre_lps=centre_lps,
+                            extra=tuple(extra), probabilities=kept)
+        if kept:
+            t = time.perf_counter()
+            probabilities = np.stack([orientation.undo(p) for p in kept[0]])
+            timings["post"] += time.perf_counter() - t
+    return NetworkOutput(labels=np.ascontiguousarray(orientation.undo(labels)), probabilities=probabilities,
+                         network_s=timings["net"],
+                         preprocess_s=timings["pre"], postprocess_s=timings["post"], bias_s=bias_s,
+                         summaries=summaries, warnings=warnings)
+
+
+@torch.inference_mode()
+def probability_maps(preprocessing: dict, image: Image, net: torch.nn.Module, device: torch.device,
+                     batch_size: int = 8, progress: Progress | None = None) -> NetworkOutput:
+    """Sigmoid maps of an auxiliary network (e.g. foramina) as uint8 on the network grid. No
+    bias-field correction and no joint search here (no task with auxiliary models uses them): a
+    ``network_px`` window is centred on the field of view."""
+    timings = {"pre": 0.0, "net": 0.0, "post": 0.0}
+    maps, grid, cropped = None, None, None
+    n = canonical_image(image, preprocessing["plane"])[0].array.shape[0]
+    for index, logits, grid, _, cropped in _batches(image, net, device, preprocessing, batch_size, progress, timings):
+        t = time.perf_counter()
+        if maps is None:  # (C, slices, h, w) on the canonical network grid; skipped slices stay 0
+            maps = np.zeros((logits.shape[1], n, *logits.shape[-2:]), np.uint8)
+        maps[:, index] = (torch.sigmoid(logits) * 255).round().to(torch.uint8).cpu().numpy().swapaxes(0, 1)
+        timings["post"] += time.perf_counter() - t
+    return NetworkOutput(maps=maps, maps_grid=network_grid_image(cropped, grid),
+                         network_s=timings["net"], preprocess_s=timings["pre"], postprocess_s=timings["post"])

@@ -1,0 +1,535 @@
+"""One run of one task on one case: load -> validate -> weights -> network -> postprocess -> write.
+
+This is the single code path behind the CLI, the Slicer panel (which runs the CLI in a separate
+process) and the end-to-end tests.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from SpineKneeSegLib import __version__
+from SpineKneeSegLib.core.atomic import atomic_directory, check_writable_dir
+from SpineKneeSegLib.core.errors import InputError
+from SpineKneeSegLib.core.image import Image
+from SpineKneeSegLib.core.progress import Progress, pause_point
+from SpineKneeSegLib.core.tables import Table
+from SpineKneeSegLib.engine.cards import TaskCard, with_checkpoint_labels
+from SpineKneeSegLib.engine.hooks import INPUT_CHECKS, LABEL_DECODERS, PLAIN_VARIANT
+from SpineKneeSegLib.engine.steps import needs_probabilities
+
+
+@dataclass
+class RunOptions:
+    device: str = "auto"
+    weights: str | None = None
+    aux_weights: dict = field(default_factory=dict)  # auxiliary model name -> checkpoint path
+    scene: bool = False
+    echo: int | None = None
+    series: str | None = None
+    batch_size: int = 8
+    threads: int | None = None
+    waive_checks: tuple[str, ...] = ()  # input checks the user vouches for (e.g. --skull-stripped yes)
+    fast: bool = False  # skip optional refinements (fast_mode_plan): offered on CPU / small GPUs
+    weights_dir: str | None = None  # extra folder of registered weights (offline copies), hash-checked
+    dicom_seg: bool = True  # write segmentation.dcm (DICOM-SEG) when the input is a DICOM series
+    pixel_mm: float | None = None  # 2D inputs: the true pixel size (PNG/JPEG carry none)
+    fuse_views: tuple[str, ...] | None = None  # planes for multi-view fusion (None: the task's; (): off)
+
+
+@dataclass(frozen=True)
+class FastModePlan:
+    overrides: dict  # preprocessing overrides (after the checkpoint's own)
+    skip_auxiliary: tuple[str, ...]  # optional auxiliary models not run
+    skipped: tuple[str, ...]  # what is skipped, in words (panel tooltip, report)
+
+
+def fast_mode_plan(card: TaskCard) -> FastModePlan:
+    """What fast mode turns off for ``card``: only optional refinements, never the network itself,
+    so a task with nothing optional runs the same either way (``skipped`` is then empty)."""
+    overrides, skipped = {}, []
+    if card.preprocessing.bias_correction:
+        overrides["bias_correction"] = None
+        skipped.append("N4 bias-field correction")
+    if card.preprocessing.crop_window:
+        overrides["crop_window"] = None
+        skipped.append("joint-centre detection pass (window centred on the field of view)")
+    if card.preprocessing.fusion_planes:
+        overrides["fusion_planes"] = ()
+        skipped.append("multi-view fusion (acquisition plane only)")
+    # a seed variant (knee's fibula model) runs only when the user gives it, so fast mode keeps it
+    aux = tuple(a.name for a in card.auxiliary if not a.required and not a.seed_variant)
+    skipped += [f"optional {name} model" for name in aux]
+    return FastModePlan(overrides, aux, tuple(skipped))
+
+
+@dataclass
+class RunResult:
+    labels: Image
+    tables: list[Table] = field(default_factory=list)
+    points: list[dict] = field(default_factory=list)  # {"label", "ras", "description", "attributes"}
+    summaries: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+# ---- loading and validation ------------------------------------------------------------
+
+def load_inputs(card: TaskCard, paths: list[str], options: RunOptions) -> list[Image]:
+    from SpineKneeSegLib.core.image_io import read_image
+
+    required = [spec for spec in card.inputs if spec.required]
+    if not (len(required) <= len(paths) <= len(card.inputs)):
+        names = ", ".join(f"{s.name}{'' if s.required else ' (optional)'}" for s in card.inputs)
+        raise InputError(f"task {card.name} takes {names}; got {len(paths)} input(s)")
+    def read(path):
+        return read_image(path, echo=options.echo, series=options.series)
+
+    if len(paths) > 1:  # FLAIR + T1: decompression and ITK reading release the GIL (0.23 -> 0.14 s)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(paths)) as pool:
+            images = list(pool.map(read, paths))
+    else:
+        images = [read(paths[0])]
+    if options.pixel_mm is not None:
+        images = [with_pixel_size(image, options.pixel_mm, path) for image, path in zip(images, paths)]
+    for spec, image, path in zip(card.inputs, images, paths):
+        validate_input(card, spec, image, path)
+        for check in spec.checks:
+            if check not in options.waive_checks:
+                INPUT_CHECKS[check].check(image, path)
+    return drop_non_overlapping(card, images, paths, explicit_weights=options.weights is not None)
+
+
+MIN_COVERAGE = 0.5  # share of the first input's foreground a further input must cover
+
+
+def drop_non_overlapping(card: TaskCard, images: list[Image], paths, explicit_weights: bool) -> list[Image]:
+    """A further input (a T1) that does not overlap the first (the FLAIR) would feed the network an
+    empty channel (the same T1 moved 1 m gave 179 lesions, 22.6 mL, instead of 2.0 mL): it is left out, with a warning,
+    so the single-input model runs; with explicit --weights (which may need it) the run is refused."""
+    from SpineKneeSegLib.engine.preprocessing import coverage
+
+    kept = [images[0]]
+    for spec, image, path in zip(card.inputs[1:], images[1:], paths[1:]):
+        share = coverage(images[0], image)
+        image.meta.setdefault("checks", {})["overlap"] = (f"covers {100 * share:.0f} % of the {card.inputs[0].name}'s "
+                                                          f"foreground (at least {100 * MIN_COVERAGE:.0f} % needed)")
+        if share >= MIN_COVERAGE:
+            kept.append(image)
+            continue
+        why = (f"covers only {100 * share:.0f} % of the {card.inputs[0].name}'s foreground (at least "
+               f"{100 * MIN_COVERAGE:.0f} % needed): the two are not in one space (register it first)")
+        if explicit_weights:
+            raise InputError(why, path)
+        images[0].meta.setdefault("warnings", []).append(f"{spec.name} {path} not used: {why}; "
+                                                         f"ran on the {card.inputs[0].name} alone")
+    return kept
+
+
+def extra_inputs(card: TaskCard, images: list[Image], names, paths) -> tuple[tuple[Image, ...], list[str]]:
+    """The further inputs the weights take as channels (``extra_inputs``, e.g. ["t1"]), each
+    resampled onto the first input's grid; and the names of given inputs the weights ignore."""
+    from SpineKneeSegLib.engine.preprocessing import resample_onto
+
+    given = {spec.name: image for spec, image in zip(card.inputs, images)}
+    missing = [n for n in names if n not in given]
+    if missing:
+        raise InputError(f"these {card.name} weights take {', '.join(missing)} as well; give it after "
+                         f"{card.inputs[0].name}", paths[0])
+    extra = tuple(resample_onto(given[n], images[0]) for n in names)
+    unused = [spec.name for spec in card.inputs[1:len(images)] if spec.name not in names]
+    return extra, unused
+
+
+def fusion_planes(card: TaskCard, planes) -> tuple[str, ...]:
+    """Validated ``--fuse-views``: known planes, and a task whose labels are one softmax."""
+    planes = tuple(planes)
+    unknown = [p for p in planes if p not in ("sagittal", "coronal", "axial")]
+    if unknown:
+        raise InputError(f"--fuse-views: unknown plane(s) {', '.join(unknown)} (sagittal, coronal, axial)")
+    if planes and card.label_activation != "softmax":
+        raise InputError(f"--fuse-views: task {card.name} has {card.label_activation} labels; fusion averages "
+                         "softmax probabilities")
+    return planes
+
+
+def with_pixel_size(image: Image, pixel_mm: float, path) -> Image:
+    """A 2D image with the pixel size the user gave (square pixels), replacing the file's."""
+    if not pixel_mm > 0:
+        raise InputError(f"--pixel-mm must be positive, got {pixel_mm}")
+    if not image.is_2d:
+        raise InputError("--pixel-mm applies to 2D images (radiographs) only; this is a 3D volume", path)
+    meta = dict(image.meta)
+    meta["warnings"] = [w for w in meta.get("warnings", []) if "--pixel-mm" not in w]
+    meta["spacing_note"] = f"pixel size {pixel_mm:g} mm given with --pixel-mm (file said {image.spacing[0]:g} x " \
+                           f"{image.spacing[1]:g} mm)"
+    return Image(image.array, (pixel_mm, pixel_mm, image.spacing[2]), image.origin, image.direction, meta)
+
+
+def label_variant(card: TaskCard, weights) -> str:
+    """The checkpoint's label layout (metadata "variant"), when the card knows other layouts."""
+    if not card.label_variants:
+        return PLAIN_VARIANT
+    variant = weights.checkpoint.get("metadata", {}).get("variant", PLAIN_VARIANT)
+    if variant not in card.label_variants:
+        raise InputError(f"weights are a {variant!r} model; task {card.name} runs "
+                         f"{', '.join(card.label_variants)} models", weights.path)
+    return variant
+
+
+def validate_input(card: TaskCard, spec, image: Image, path) -> None:
+    from SpineKneeSegLib.engine.preprocessing import resolve_plane, slice_axis
+
+    if spec.dims == 3 and image.is_2d:
+        raise InputError(f"is a 2D image (shape {image.array.shape[1:]}); task {card.name} needs a 3D volume", path)
+    if spec.dims == 2 and not image.is_2d:
+        raise InputError(f"is a 3D volume with {image.array.shape[0]} slices; task {card.name} needs a single "
+                         "2D image", path)
+    if not np.issubdtype(image.array.dtype, np.number) or np.issubdtype(image.array.dtype, np.complexfloating):
+        raise InputError(f"has non-real voxel type {image.array.dtype}", path)
+    if np.issubdtype(image.array.dtype, np.floating) and not np.all(np.isfinite(image.array)):
+        raise InputError("contains NaN or infinite values", path)
+    axis = slice_axis(image, card.preprocessing.plane)
+    n_slices = image.array.shape[axis]
+    in_plane = [s for i, s in enumerate(image.array.shape) if i != axis]
+    if n_slices < card.preprocessing.min_slices:
+        plane = resolve_plane(image, card.preprocessing.plane)
+        raise InputError(f"has {n_slices} slice(s) along the {plane} normal; task {card.name} "
+                         f"needs at least {card.preprocessing.min_slices}", path)
+    if min(in_plane) < card.preprocessing.min_size:
+        raise InputError(f"slices are {in_plane[0]}x{in_plane[1]} pixels; task {card.name} needs at least "
+                         f"{card.preprocessing.min_size}x{card.preprocessing.min_size}", path)
+    if float(image.array.max()) == float(image.array.min()):
+        raise InputError("is constant (every voxel has the same value): nothing to segment", path)
+    if spec.dims == 3 and image.meta.get("spacing_source") == "none":  # DICOM without PixelSpacing
+        raise InputError("has no PixelSpacing: the in-plane voxel size is unknown, so volumes and distances would "
+                         "be invented", path)
+    if not all(np.isfinite(s) and s > 0 for s in image.spacing):
+        raise InputError(f"voxel size {tuple(image.spacing)} mm is not positive: volumes and distances would be "
+                         "invented", path)
+    check_orthogonal_axes(image, path)
+    spacing_note = image.meta.get("spacing_note")
+    checks = {"voxel_type": "real numbers, all finite",
+              "spacing_mm": "positive" + (f"; {spacing_note}" if spacing_note else " (from the file)"),
+              "axes": f"orthogonal (within |cos| {AXES_TOLERANCE})"}
+    if card.preprocessing.normalisation in ("zscore", "percentile"):
+        from SpineKneeSegLib.engine.preprocessing import normalisation_stats
+
+        try:
+            centre, spread = normalisation_stats(image.array, card.preprocessing.normalisation)
+        except InputError as exc:
+            raise InputError(str(exc), path) from None
+        checks["intensity"] = f"{card.preprocessing.normalisation} centre {centre:.4g}, spread {spread:.4g} (float64)"
+    image.meta["checks"] = checks
+
+
+AXES_TOLERANCE = 1e-3  # |cos| between voxel axes (0.06 degrees): DICOM / NIfTI rounding stays far below
+
+
+def check_orthogonal_axes(image: Image, path) -> None:
+    """Refuse a sheared grid (non-orthogonal direction matrix, e.g. a gantry tilt kept as acquired):
+    the writers store orthogonal axes, so the labels would not lie on the input's voxels."""
+    d = np.asarray(image.direction, float)
+    d = d / np.linalg.norm(d, axis=0)
+    cosines = np.abs(d.T @ d - np.eye(3))
+    a, b = np.unravel_index(int(np.argmax(cosines)), cosines.shape)
+    if cosines[a, b] > AXES_TOLERANCE:
+        angle = float(np.degrees(np.arccos(np.clip(d[:, a] @ d[:, b], -1, 1))))
+        raise InputError(f"its voxel axes are not orthogonal (axes {min(a, b)} and {max(a, b)} meet at {angle:.2f} "
+                         f"degrees, a shear of {abs(90 - angle):.2f}): outputs on an orthogonal grid would not lie "
+                         "on its voxels; resample it onto an orthogonal grid first", path)
+
+
+# ---- the run ---------------------------------------------------------------------------
+
+def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options: RunOptions | None = None,
+             progress: Progress | None = None) -> dict:
+    """Run ``card`` on ``inputs`` and write every output into ``output_dir`` atomically.
+
+    Returns the report (also written as report.json)."""
+    options = options or RunOptions()
+    progress = progress or Progress("none")
+    output_dir = Path(output_dir)
+    check_writable_dir(output_dir)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    # inputs are read and checked before torch and MRML load: a refusal comes in well under a second
+    progress.stage("loading")
+    images = load_inputs(card, [str(p) for p in inputs], options)
+    image = images[0]
+    unknown = set(options.aux_weights) - {aux.name for aux in card.auxiliary}
+    if unknown:
+        raise InputError(f"task {card.name} has no auxiliary model {', '.join(sorted(unknown))}")
+
+    t_imports = time.perf_counter()  # importing torch is start-up cost, like MRML's: not in total
+    import torch
+
+    from SpineKneeSegLib.engine.inference import (
+        load_network,
+        pick_device,
+        probability_maps,
+        segment_slices,
+        window_centre_key,
+    )
+    from SpineKneeSegLib.engine.weights import resolve_weights
+
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    # Scene/logic set-up is start-up cost like imports (none inside Slicer): timed apart from total.
+    t_startup = time.perf_counter()
+    from SpineKneeSegLib.mrml.harness import get_app
+
+    get_app()
+    mrml_startup = time.perf_counter() - t_startup
+    t_start += time.perf_counter() - t_imports
+    weights = resolve_weights(card, options.weights, weights_dir=options.weights_dir,  # after input validation
+                              inputs_given=len(images))
+    fast = fast_mode_plan(card) if options.fast else None
+    aux_weights = {aux.name: resolve_weights(card, options.aux_weights.get(aux.name), aux.name,
+                                             weights_dir=options.weights_dir)
+                   for aux in card.auxiliary if not (fast and aux.name in fast.skip_auxiliary)}
+    card = with_checkpoint_labels(card, weights.checkpoint.get("metadata", {}), weights.path)
+    variant = label_variant(card, weights)
+    decoder = LABEL_DECODERS.get(variant)  # None: the card's own labels
+    needs = decoder.channels if decoder else card.output_channels
+    if weights.network["config"].get("out_channels", card.output_channels) != needs:
+        raise InputError(f"weights have {weights.network['config'].get('out_channels')} output channels; task "
+                         f"{card.name} with labels {', '.join(card.label_names.values())} needs "
+                         f"{needs}", weights.path)
+    device = pick_device(options.device)
+    net = load_network(weights, device)
+    aux_nets = {name: load_network(w, device) for name, w in aux_weights.items() if w is not None}
+    timings["load"] = time.perf_counter() - t_start
+
+    progress.stage("preprocessing")
+    pre_overrides = {**weights.preprocessing, **(fast.overrides if fast else {}), "label_variant": variant}
+    if options.fuse_views is not None:
+        pre_overrides["fusion_planes"] = fusion_planes(card, options.fuse_views)
+    t = time.perf_counter()
+    extra, unused = extra_inputs(card, images, weights.preprocessing.get("extra_inputs", ()), inputs)
+    resample_s = time.perf_counter() - t
+    out = segment_slices(card, image, net, device, pre_overrides, options.batch_size, progress, extra,
+                         keep_probabilities=needs_probabilities(card.postprocessors))
+    maps, maps_grids = {}, {}
+    if out.probabilities is not None:  # the network's own probabilities, for level / lesion decoding
+        maps["probabilities"], maps_grids["probabilities"] = out.probabilities, image
+    for name, aux_net in aux_nets.items():
+        if card.auxiliary_model(name).output == "labels":  # same preprocessing and window as the main network
+            window = out.summaries.get("crop_window", {}).get(window_centre_key(pre_overrides.get(
+                "crop_window", card.preprocessing.crop_window)))
+            centre = None if window is None else np.asarray(window) * np.array([-1.0, -1.0, 1.0])
+            aux_out = segment_slices(card, image, aux_net, device, {**pre_overrides, "label_variant": PLAIN_VARIANT,
+                                                                     **aux_weights[name].preprocessing},
+                                     options.batch_size, progress, centre_lps=centre)
+            maps[name], maps_grids[name] = aux_out.labels, image
+            out.bias_s += aux_out.bias_s
+        else:
+            pre = {**card.preprocessing.__dict__, **aux_weights[name].preprocessing}
+            aux_out = probability_maps(pre, image, aux_net, device, options.batch_size, progress)
+            maps[name], maps_grids[name] = aux_out.maps, aux_out.maps_grid
+        for attr in ("network_s", "preprocess_s", "postprocess_s"):
+            setattr(out, attr, getattr(out, attr) + getattr(aux_out, attr))
+    timings["preprocess"] = out.preprocess_s + resample_s
+    timings["network"] = out.network_s
+    if pre_overrides.get("bias_correction", card.preprocessing.bias_correction):
+        timings["bias_correction"] = out.bias_s
+
+    progress.stage("postprocessing")
+    t = time.perf_counter()
+    if decoder:  # the steps then see the card's labels (e.g. the knee's bones split from "any bone")
+        out.labels, decoded = decoder.decode(out.labels, image)
+        out.summaries["label_variant"] = {"variant": variant, **decoded}
+    result = postprocess(card, image, out.labels, maps, maps_grids,
+                         settings=weights.checkpoint.get("metadata", {}).get("postprocessing", {}))
+    result.warnings[:0] = list(image.meta.get("warnings", [])) + list(out.warnings)
+    result.summaries.update(out.summaries)
+    if fast and fast.skipped:
+        result.warnings.append(f"fast mode: skipped {'; '.join(fast.skipped)}")
+    if "skull_stripping" in image.meta:
+        result.summaries["skull_stripping"] = image.meta["skull_stripping"]
+    if unused:
+        result.warnings.append(f"input(s) {', '.join(unused)} were validated but are not used by these weights")
+    timings["postprocess"] = out.postprocess_s + time.perf_counter() - t
+
+    progress.stage("writing")
+    t = time.perf_counter()
+    report = {
+        "task": card.name, "status": "ok",
+        "inputs": [describe_input(p, im) for p, im in zip(inputs, images)],
+        "versions": versions(),
+        "device": str(device),
+        "fast_mode": list(fast.skipped) if fast else False,
+        "weights": {"path": str(weights.path), "sha256": weights.sha256, "registered": weights.entry is not None,
+                    "registry_version": weights.entry.version if weights.entry else None,
+                    "auxiliary": {name: ({"path": str(w.path), "sha256": w.sha256,
+                                          "registry_version": w.entry.version if w.entry else None}
+                                         if w is not None else None) for name, w in aux_weights.items()}},
+        "labels": {str(s.value): s.name for s in card.labels},
+        "warnings": result.warnings,
+        "summaries": result.summaries,
+        "outputs": [],
+    }
+    for w in result.warnings:
+        progress.log(w, "warning")
+    try:
+        with atomic_directory(output_dir) as stage:
+            pause_point("staged")
+            report["outputs"] = write_outputs(card, image, result, stage, options.scene)
+            timings["write"] = time.perf_counter() - t
+            timings["total"] = time.perf_counter() - t_start
+            report["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
+            report["timings_s"]["mrml_startup"] = round(mrml_startup, 4)
+            if options.dicom_seg and image.meta.get("is_dicom"):  # after "total": off the timed path, timed apart
+                report["timings_s"]["dicom_seg"] = write_dicom_seg_output(card, image, result, stage, report, progress)
+            (stage / "report.json").write_text(json.dumps(report, indent=2))
+    except Exception as exc:  # a writer's own message (VTK, ITK) hides a full disk or a lost permission
+        problem = storage_problem(output_dir)
+        if problem is None:
+            raise
+        raise OSError(problem[0], problem[1], str(output_dir)) from exc
+    progress.done(status="ok", output=str(output_dir))
+    return report
+
+
+MIN_FREE_BYTES = 64 << 20  # below this a failed write is put down to a full disk
+
+
+def storage_problem(folder: Path) -> tuple[int, str] | None:
+    """(errno, reason) when the output folder's file system is full or not writable, else None."""
+    import errno
+    import os
+    import shutil
+
+    where = Path(folder)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        if shutil.disk_usage(where).free < MIN_FREE_BYTES:
+            return errno.ENOSPC, "No space left on device"
+    except OSError:
+        return None
+    if not os.access(where, os.W_OK):
+        return errno.EACCES, "Permission denied"
+    return None
+
+
+def write_dicom_seg_output(card: TaskCard, image: Image, result: RunResult, folder: Path, report: dict,
+                           progress: Progress) -> float:
+    """segmentation.dcm beside the other outputs; when it cannot be written (highdicom missing,
+    a multi-frame or incomplete source) the run still succeeds and says why in its warnings."""
+    t = time.perf_counter()
+    try:
+        from SpineKneeSegLib.engine.dicomseg import can_write, write_dicom_seg
+
+        ok, why = can_write(image)
+        if not ok:
+            raise ValueError(why)
+        write_dicom_seg(image, result.labels.array, card, folder / "segmentation.dcm")
+        report["outputs"].insert(report["outputs"].index("report.json"), "segmentation.dcm")
+    except ImportError:
+        message = "no DICOM-SEG written: highdicom is not installed (pip install highdicom)"
+        report["warnings"].append(message)
+        progress.log(message, "warning")
+    except ValueError as exc:
+        message = f"no DICOM-SEG written: {exc}"
+        report["warnings"].append(message)
+        progress.log(message, "warning")
+    return round(time.perf_counter() - t, 4)
+
+
+def postprocess(card: TaskCard, image: Image, labels: np.ndarray, maps: dict[str, np.ndarray] | None = None,
+                maps_grids: dict[str, Image] | None = None, settings: dict | None = None) -> RunResult:
+    """Run the card's registered steps in order (steps.py). ``maps``/``maps_grids``: probability
+    maps by name ("probabilities": the main network's; auxiliary models' by model name) and their
+    grids; ``settings``: per-step parameters a checkpoint carries (metadata "postprocessing",
+    e.g. thresholds chosen by cross-validation)."""
+    from SpineKneeSegLib.engine.steps import STEPS, StepContext
+
+    ctx = StepContext(card, image, RunResult(image.with_array(labels)), labels, dict(maps or {}),
+                      dict(maps_grids or {}), dict(settings or {}))
+    for name in card.postprocessors:
+        STEPS[name].run(ctx)
+    result = ctx.result
+    from SpineKneeSegLib.core.labels import present_labels
+
+    present = present_labels(result.labels.array)
+    result.summaries["segments_present"] = [card.label_names[v] for v in present if v in card.label_names]
+    missing = [s.name for s in card.labels if s.value not in present]
+    if missing and card.warn_missing_labels:
+        result.warnings.append(f"no voxels predicted for: {', '.join(missing)}")
+    return result
+
+
+def write_outputs(card: TaskCard, image: Image, result: RunResult, folder: Path, scene: bool) -> list[str]:
+    """Every output goes through the same MRML adapter as the Slicer module."""
+    from SpineKneeSegLib.core.image_io import write_image
+    from SpineKneeSegLib.mrml import nodes
+    from SpineKneeSegLib.mrml.harness import get_app
+
+    written = []
+    write_image(result.labels.with_array(result.labels.array.astype(np.uint8)), folder / "labels.nii.gz")
+    written.append("labels.nii.gz")
+    app = get_app()
+    mrml_scene = app.scene
+    mrml_scene.Clear(0)
+    # the labels lie on the input's grid, so they carry its reference geometry themselves; the input
+    # volume node (a 0.07 s copy of a 7 M-voxel brain) is made only for the scene file
+    volume = nodes.image_to_volume_node(mrml_scene, image, "input") if scene else None
+    seg = nodes.labels_to_segmentation_node(mrml_scene, result.labels, card.labels, f"{card.name} segmentation",
+                                           reference_volume=volume)
+    nodes.save_node(seg, folder / "segmentation.seg.nrrd")
+    written.append("segmentation.seg.nrrd")
+    for markups_file in (o for o in card.outputs if o.endswith(".mrk.json")):  # foramina, femoral heads
+        markups = nodes.points_to_markups_node(
+            mrml_scene, [p["ras"] for p in result.points], [p["label"] for p in result.points],
+            descriptions=[p["description"] for p in result.points], name=markups_file[: -len(".mrk.json")],
+            attributes=[p["attributes"] for p in result.points])
+        nodes.save_node(markups, folder / markups_file)
+        written.append(markups_file)
+    for table in result.tables:
+        node = nodes.rows_to_table_node(mrml_scene, table.rows, table.columns, table.name)
+        nodes.save_node(node, folder / table.file_name)
+        written.append(table.file_name)
+    if "overlays/" in card.outputs:
+        from SpineKneeSegLib.engine.render import save_label_overlays
+
+        written.append("overlays/")  # the folder (as the card names it), then its PNGs
+        written.extend(save_label_overlays(folder, "overlays", image, result.labels, card))
+    if scene:
+        nodes.save_scene_mrb(mrml_scene, folder / "scene.mrb")
+        written.append("scene.mrb")
+    written.append("report.json")
+    return written
+
+
+def describe_input(path, image: Image) -> dict:
+    return {"path": str(path), "shape_kji": list(image.array.shape), "spacing": list(image.spacing),
+            "origin": list(image.origin), "direction": image.direction.round(6).tolist(),
+            "dtype": str(image.array.dtype), "checks": image.meta.get("checks", {})}
+
+
+def versions() -> dict:
+    import SimpleITK
+    import torch
+
+    out = {"spinekneeseg": __version__, "python": platform.python_version(), "torch": torch.__version__,
+           "numpy": np.__version__, "SimpleITK": SimpleITK.Version_VersionString()}
+    try:
+        from importlib.metadata import version
+
+        out["slicer-core"] = version("slicer-core")
+    except Exception:  # inside Slicer: Slicer's own version
+        try:
+            import slicer
+
+            out["slicer"] = slicer.app.applicationVersion
+        except Exception:
+            pass
+    return out

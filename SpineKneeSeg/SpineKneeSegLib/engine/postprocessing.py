@@ -1,0 +1,117 @@
+"""Label-map post-processing and per-structure measurement tables (uint8 throughout)."""
+from __future__ import annotations
+
+import numpy as np
+
+from SpineKneeSegLib.core.image import Image
+from SpineKneeSegLib.core.labels import LabelSpec
+from SpineKneeSegLib.core.lazy import LazyModule
+from SpineKneeSegLib.core.tables import ColumnSpec, Table
+from SpineKneeSegLib.engine.steps import StepContext, step
+
+ndimage = LazyModule("scipy.ndimage")  # loaded on first use (lazy.py)
+
+STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Dice of two masks; None when both are empty (nothing to score)."""
+    total = int(a.sum()) + int(b.sum())
+    return None if total == 0 else 2.0 * float(np.logical_and(a, b).sum()) / total
+
+
+def label_components(labels: np.ndarray) -> dict[int, tuple]:
+    """{label value: (bounding box, its 26-connected component map, component sizes with
+    sizes[0] = 0)}, labelled inside each label's bounding box (fast on small structures). Computed
+    once and shared by the clean-up and the checks that count components."""
+    out = {}
+    # one pass finds every label's bounding box (labels are small non-negative integers)
+    for value, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None:
+            continue
+        comp, _ = ndimage.label(labels[box] == value, structure=STRUCTURE_26)
+        sizes = np.bincount(comp.ravel())
+        sizes[0] = 0
+        out[value] = (box, comp, sizes)
+    return out
+
+
+def _label_components(labels: np.ndarray, components: dict | None = None):
+    """The labels of ``label_components`` that have more than one component."""
+    for box, comp, sizes in (components if components is not None else label_components(labels)).values():
+        if len(sizes) > 2:
+            yield box, comp, sizes
+
+
+def largest_component_per_label(labels: np.ndarray, components: dict | None = None) -> np.ndarray:
+    """Keep the largest 26-connected component of every label (removes stray blobs);
+    ``components``: ``label_components(labels)`` when the caller has it already."""
+    out = labels.copy()
+    for box, comp, sizes in _label_components(labels, components):
+        out[box][(comp != 0) & (comp != int(sizes.argmax()))] = 0
+    return out
+
+
+def remove_small_components(labels: np.ndarray, min_fraction: float = 0.1) -> np.ndarray:
+    """Drop components smaller than ``min_fraction`` of the label's largest one (keeps e.g. both
+    femurs on a pelvis radiograph)."""
+    out = labels.copy()
+    for box, comp, sizes in _label_components(labels):
+        small = np.flatnonzero((sizes < min_fraction * sizes.max()) & (sizes > 0))
+        out[box][np.isin(comp, small)] = 0
+    return out
+
+
+def volume_table(labels: np.ndarray, image: Image, specs: tuple[LabelSpec, ...]) -> Table:
+    """One row per label of the task, absent ones included with 0 voxels (e.g. knee-bones' patella
+    when it is out of view): a fixed schema that tables across cases can be stacked on; 0 ml
+    means not found (the report's knee_plausibility says whether that is plausible)."""
+    voxel_mm3 = float(np.prod(image.spacing))
+    counts = np.bincount(labels.ravel(), minlength=max(s.value for s in specs) + 1)
+    rows = [{"structure": s.name, "label": s.value, "voxels": int(counts[s.value]),
+             "volume_mm3": round(float(counts[s.value]) * voxel_mm3, 3),
+             "volume_ml": round(float(counts[s.value]) * voxel_mm3 / 1000.0, 4)} for s in specs]
+    columns = [ColumnSpec("structure", "string", description="segment name"),
+               ColumnSpec("label", "int", description="label value"),
+               ColumnSpec("voxels", "int", "voxels"),
+               ColumnSpec("volume_mm3", "float", "mm3"),
+               ColumnSpec("volume_ml", "float", "mL")]
+    return Table("Volumes", columns, rows, "volumes.tsv")
+
+
+def area_table(labels: np.ndarray, image: Image, specs: tuple[LabelSpec, ...]) -> Table:
+    """In-plane area for single-slice (radiograph) label maps."""
+    pixel_mm2 = float(image.spacing[0] * image.spacing[1])
+    counts = np.bincount(labels.ravel(), minlength=max(s.value for s in specs) + 1)
+    rows = [{"structure": s.name, "label": s.value, "pixels": int(counts[s.value]),
+             "area_mm2": round(float(counts[s.value]) * pixel_mm2, 3)} for s in specs]
+    columns = [ColumnSpec("structure", "string", description="segment name"),
+               ColumnSpec("label", "int", description="label value"),
+               ColumnSpec("pixels", "int", "pixels"),
+               ColumnSpec("area_mm2", "float", "mm2")]
+    return Table("Areas", columns, rows, "areas.tsv")
+
+
+# ---- steps (registered by name; see steps.py) ----------------------------------------------------
+
+@step("largest_component_per_label")
+def _largest_component_step(ctx: StepContext) -> None:
+    components = None
+    if ctx.result.labels.array is ctx.raw:  # labelled once, shared with checks that read the raw output
+        components = ctx.raw_components = label_components(ctx.raw)
+    ctx.result.labels = ctx.image.with_array(largest_component_per_label(ctx.result.labels.array, components))
+
+
+@step("remove_small_components")
+def _remove_small_components_step(ctx: StepContext) -> None:
+    ctx.result.labels = ctx.image.with_array(remove_small_components(ctx.result.labels.array))
+
+
+@step("volume_table")
+def _volume_table_step(ctx: StepContext) -> None:
+    ctx.result.tables.append(volume_table(ctx.result.labels.array, ctx.image, ctx.card.labels))
+
+
+@step("area_table")
+def _area_table_step(ctx: StepContext) -> None:
+    ctx.result.tables.append(area_table(ctx.result.labels.array, ctx.image, ctx.card.labels))

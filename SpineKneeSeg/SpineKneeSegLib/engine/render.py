@@ -1,0 +1,202 @@
+"""Offscreen PNG overlays (numpy + Pillow: no display, no OpenGL) for reports.
+
+Slices are shown the radiological way: axial with patient right on the left and anterior up,
+sagittal with anterior left and superior up, coronal with patient right left and superior up.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image as PILImage
+from PIL import ImageDraw
+
+from SpineKneeSegLib.core.image import Image
+from SpineKneeSegLib.core.labels import LabelSpec
+
+
+def to_lps_array(image: Image) -> np.ndarray:
+    """Array reoriented so that i runs toward L, j toward P, k toward S (array[k, j, i])."""
+    import SimpleITK as sitk
+
+    if image.is_2d:
+        return image.array
+    return sitk.GetArrayFromImage(sitk.DICOMOrient(image.to_sitk(), "LPS"))
+
+
+def display_spacing(image: Image, plane: str) -> tuple[float, float]:
+    """(row, col) pixel size in mm of what display_slice shows, for square-pixel rendering."""
+    if image.is_2d or plane == "image":
+        return image.spacing[1], image.spacing[0]
+    lps_spacing = np.abs(image.direction @ np.diag(image.spacing)).max(axis=1)  # mm along L, P, S
+    x, y, z = lps_spacing
+    return {"axial": (y, x), "coronal": (z, x), "sagittal": (z, y)}[plane]
+
+
+def display_slice(array_lps: np.ndarray, plane: str, index: int | None = None) -> tuple[np.ndarray, int]:
+    if array_lps.shape[0] == 1 or plane == "image":
+        return array_lps[0], 0
+    axis = {"axial": 0, "coronal": 1, "sagittal": 2}[plane]
+    n = array_lps.shape[axis]
+    index = n // 2 if index is None else int(np.clip(index, 0, n - 1))
+    sl = np.take(array_lps, index, axis=axis)
+    return (sl if plane == "axial" else sl[::-1]), index
+
+
+def _grey(sl: np.ndarray) -> np.ndarray:
+    lo, hi = np.percentile(sl, (1, 99)) if sl.size else (0, 1)
+    return (np.clip((sl.astype(np.float32) - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
+
+
+def _boundary(mask: np.ndarray) -> np.ndarray:
+    inner = mask.copy()
+    inner[1:-1, 1:-1] = (mask[1:-1, 1:-1] & mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:])
+    return mask & ~inner
+
+
+def overlay_rgb(grey: np.ndarray, labels: np.ndarray | None, specs: tuple[LabelSpec, ...],
+                alpha: float = 0.4) -> np.ndarray:
+    rgb = np.repeat(grey[..., None], 3, axis=2).astype(np.float32)
+    if labels is not None:
+        for spec in specs:
+            mask = labels == spec.value
+            if not mask.any():
+                continue
+            colour = np.array(spec.color, dtype=np.float32) * 255
+            rgb[mask] = (1 - alpha) * rgb[mask] + alpha * colour
+            rgb[_boundary(mask)] = colour
+    return rgb.clip(0, 255).astype(np.uint8)
+
+
+def best_slice(labels_lps: np.ndarray, plane: str) -> int | None:
+    """The slice with the most labelled voxels (None for an empty label map)."""
+    if labels_lps.shape[0] == 1 or plane == "image" or not labels_lps.any():
+        return None
+    axis = {"axial": 0, "coronal": 1, "sagittal": 2}[plane]
+    other = tuple(a for a in range(3) if a != axis)
+    return int(np.argmax((labels_lps > 0).sum(axis=other)))
+
+
+def save_overlay(path: str | Path, image: Image, labels: Image | None, specs: tuple[LabelSpec, ...],
+                 plane: str, title: str = "", index: int | None = None, min_size: int = 320) -> Path:
+    from SpineKneeSegLib.engine.preprocessing import resolve_plane
+
+    plane = resolve_plane(image, plane)  # a task card's "acquisition" plane: the one this image is shown in
+    arr = to_lps_array(image)
+    lab = to_lps_array(labels) if labels is not None else None
+    return _save_lps_overlay(path, arr, lab, image, specs, plane, title, index, min_size)
+
+
+def _save_lps_overlay(path, arr: np.ndarray, lab: np.ndarray | None, image: Image, specs, plane: str, title: str,
+                      index: int | None, min_size: int) -> Path:
+    if index is None and lab is not None:
+        index = best_slice(lab, plane)
+    grey, index = display_slice(arr, plane, index)
+    lab_sl = display_slice(lab, plane, index)[0] if lab is not None else None
+    return _save_slice(path, grey, lab_sl, specs, display_spacing(image, plane), title, min_size)
+
+
+def _save_slice(path, grey: np.ndarray, lab_sl: np.ndarray | None, specs, spacing_rc: tuple[float, float],
+                title: str, min_size: int) -> Path:
+    img = PILImage.fromarray(overlay_rgb(_grey(grey), lab_sl, specs))
+    row_mm, col_mm = spacing_rc
+    width, height = img.width * col_mm / min(row_mm, col_mm), img.height * row_mm / min(row_mm, col_mm)
+    scale = max(1.0, min_size / max(width, height))
+    img = img.resize((round(width * scale), round(height * scale)), PILImage.NEAREST)
+    if title:
+        draw = ImageDraw.Draw(img)
+        draw.rectangle([0, 0, img.width, 14], fill=(0, 0, 0))
+        draw.text((3, 1), title, fill=(255, 255, 255))
+    img.save(path)
+    return Path(path)
+
+
+def save_label_overlays(folder: str | Path, subdir: str, image: Image, labels: Image, card,
+                        min_size: int = 320) -> list[str]:
+    """A report's overlay PNGs (a task opts in with the output name "overlays/"): one slice in the
+    task's plane through the centroid of every label present (for knee-bones the femur, tibia,
+    fibula and patella slices; the femur/tibia slice is the mid-knee one), or the middle slice
+    when nothing was found. Returns the paths relative to ``folder`` (written inside it, i.e.
+    inside the run's staging folder).
+
+    Slices are cut from the canonical views of preprocessing (a transpose and flips: no copy of
+    the volume), whose in-plane orientation is the display convention above: sagittal anterior
+    left and superior up, coronal patient right left and superior up, axial anterior up."""
+    from scipy import ndimage
+
+    from SpineKneeSegLib.engine.preprocessing import (
+        canonical_orientation,
+        resolve_plane,
+    )
+
+    plane = "image" if image.is_2d else resolve_plane(image, card.preprocessing.plane)
+    orientation = canonical_orientation(image, plane)
+    arr, lab = orientation.apply(image.array), orientation.apply(labels.array)
+    spacing_by_axis = tuple(reversed(image.spacing))  # (k, j, i)
+    spacing_rc = (spacing_by_axis[orientation.axes[1]], spacing_by_axis[orientation.axes[2]])
+    out_dir = Path(folder) / subdir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    boxes = ndimage.find_objects(labels.array, max_label=max(s.value for s in card.labels))
+    views = []
+    for spec in card.labels:
+        box = boxes[spec.value - 1] if spec.value <= len(boxes) else None
+        if box is None:
+            continue
+        centroid_kji = (np.argwhere(labels.array[box] == spec.value).mean(axis=0)
+                        + np.array([b.start for b in box]))
+        a = orientation.axes[0]
+        index = int(round(centroid_kji[a]))
+        index = labels.array.shape[a] - 1 - index if orientation.flips[0] else index
+        views.append((f"{plane}-{spec.segment_id}.png", index,
+                      f"{card.name}: {plane} slice {index} through the {spec.name}"))
+    if not views:
+        views.append((f"{plane}-middle.png", arr.shape[0] // 2, f"{card.name}: {plane} middle slice (no labels)"))
+    written = []
+    for name, index, title in views:
+        _save_slice(out_dir / name, arr[index], lab[index], card.labels, spacing_rc, title, min_size)
+        written.append(f"{subdir}/{name}")
+    return written
+
+
+def save_label_montage(path: str | Path, image: Image, labels: Image, card, tiles: int = 24, columns: int = 6,
+                       tile_px: int = 200) -> Path:
+    """One PNG of ``tiles`` slices evenly spread through the volume in the task's plane (same
+    display convention as save_label_overlays), each with its slice number: for checking a whole
+    result at a glance (stray pieces in outer slices that the per-label overlays never show)."""
+    from SpineKneeSegLib.engine.preprocessing import (
+        canonical_orientation,
+        resolve_plane,
+    )
+
+    plane = resolve_plane(image, card.preprocessing.plane)
+    orientation = canonical_orientation(image, plane)
+    arr, lab = orientation.apply(image.array), orientation.apply(labels.array)
+    lo, hi = np.percentile(arr[:: max(1, arr.shape[0] // 8)], (1, 99))
+    spacing_by_axis = tuple(reversed(image.spacing))
+    row_mm, col_mm = spacing_by_axis[orientation.axes[1]], spacing_by_axis[orientation.axes[2]]
+    h, w = arr.shape[1] * row_mm, arr.shape[2] * col_mm
+    size = (round(tile_px * w / max(h, w)), round(tile_px * h / max(h, w)))
+    indices = np.unique(np.linspace(0, arr.shape[0] - 1, min(tiles, arr.shape[0])).round().astype(int))
+    rows = -(-len(indices) // columns)
+    canvas = PILImage.new("RGB", (columns * size[0], rows * size[1]))
+    for n, index in enumerate(indices):
+        grey = (np.clip((arr[index].astype(np.float32) - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
+        tile = PILImage.fromarray(overlay_rgb(grey, lab[index], card.labels)).resize(size, PILImage.BILINEAR)
+        ImageDraw.Draw(tile).text((3, 1), str(int(index)), fill=(255, 255, 0))
+        canvas.paste(tile, ((n % columns) * size[0], (n // columns) * size[1]))
+    tmp = Path(path).with_name(Path(path).name + ".part")
+    canvas.save(tmp, format="PNG")
+    tmp.replace(path)
+    return Path(path)
+
+
+def side_by_side(paths: list[Path], out: Path) -> Path:
+    images = [PILImage.open(p).convert("RGB") for p in paths]
+    height = max(i.height for i in images)
+    canvas = PILImage.new("RGB", (sum(i.width for i in images) + 4 * (len(images) - 1), height))
+    x = 0
+    for i in images:
+        canvas.paste(i, (x, 0))
+        x += i.width + 4
+    canvas.save(out)
+    return out

@@ -1,0 +1,4 @@
+"""The knee task: its card, its registered steps, its anatomy code and its phantom."""
+# its steps and hooks register on import, then its card (which names them)
+from SpineKneeSegLib.tasks.knee import anatomy, bone_split  # noqa: F401  isort: skip
+from SpineKneeSegLib.tasks.knee import card  # noqa: F401  isort: skip

@@ -1,0 +1,283 @@
+"""Anatomical decoding of the lumbar level network (issue 21): vertebral bodies as instances,
+ordered along the column, named L1..L5 as ONE consecutive run that maximises the summed level
+probability. Two bodies never share a name and no level is skipped between two named bodies; a
+body missing from the network's output leaves a gap the run steps over (named "not found"), never
+a shift. The margin of the winning run over the runs shifted by one level is the level confidence.
+
+Written here (no library decodes vertebral levels): instances are connected components of the
+level probabilities; one that holds two levels stacked along the column (a bridged disc) is split
+by level; pieces at the same height (a lateral fragment, a posterior element) join their body.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from SpineKneeSegLib.core.image import Image
+from SpineKneeSegLib.core.lazy import LazyModule
+from SpineKneeSegLib.engine.steps import StepContext, step
+
+ndimage = LazyModule("scipy.ndimage")  # loaded on first use (lazy.py)
+
+N_LEVELS = 5
+STRUCTURE_6 = np.array([[[0, 0, 0], [0, 1, 0], [0, 0, 0]], [[0, 1, 0], [1, 1, 1], [0, 1, 0]],
+                        [[0, 0, 0], [0, 1, 0], [0, 0, 0]]], bool)  # 6-connectivity (generate_binary_structure(3, 1))
+
+
+@dataclass(frozen=True)
+class DecodingParameters:
+    threshold: float = 0.5  # a voxel is body when its level probabilities sum to at least this
+    split_fraction: float = 0.2  # a component is split when a second level holds this share of it
+    min_volume_fraction: float = 0.15  # of the median of the five largest bodies: smaller is noise
+    same_height_overlap: float = 0.5  # column-extent overlap (of the smaller) that makes two pieces one body
+    gap_factor: float = 1.6  # consecutive bodies this many median spacings apart have a missed body between
+    # below this level confidence the count is reported as doubtful; chosen by cross-validation
+    # (Training/spine_levels.py cv-report: the smallest margin that held every CV failure)
+    doubtful_below: float = 0.3
+    # the body just above the named L1 (or just below L5) itself looks like L1 (L5) to the network
+    # with at least this probability: doubtful whatever the margin. Off by default (> 1): in the
+    # cross-validation at 0.5 it flagged 1 failure and 16 correct predictions (the network often
+    # calls T12 "L1" on T2 scans reaching T11 yet the whole run names the column right); the
+    # value is always reported (summaries.level_decoding.end_conflict)
+    end_conflict_doubtful: float = 1.01
+
+
+@dataclass
+class Body:
+    voxels: np.ndarray | None  # flat indices into the volume (None: a missed body, inserted in a gap)
+    probabilities: np.ndarray  # (5,) mean probability of each level over the body
+    centre_ras: np.ndarray
+    position_mm: float  # along the column, superior positive
+    extent_mm: tuple[float, float]
+    volume_ml: float
+
+    @property
+    def found(self) -> bool:
+        return self.voxels is not None
+
+
+@dataclass
+class LevelDecoding:
+    labels: np.ndarray  # uint8 L1..L5 on the input grid
+    level_confidence: float
+    doubtful: bool
+    offset: int  # index (in superior-to-inferior body order) of the body named L1; may be < 0
+    bodies: list[Body] = field(default_factory=list)
+    run_scores: dict = field(default_factory=dict)
+    end_conflict: float = 0.0  # the neighbour bodies' probability of L1 (above) / L5 (below), the larger
+
+    def assignment(self) -> list[str]:
+        """Per body (superior first): the level it was named, or where it lies relative to L1-L5."""
+        names = []
+        for i, _ in enumerate(self.bodies):
+            k = i - self.offset + 1
+            names.append(f"L{k}" if 1 <= k <= N_LEVELS else ("above L1" if k < 1 else "below L5"))
+        return names
+
+    def summary(self) -> dict:
+        names = self.assignment()
+        missing = []
+        for k in range(1, N_LEVELS + 1):
+            i = self.offset + k - 1
+            if not (0 <= i < len(self.bodies)):
+                missing.append(f"L{k} (outside the bodies found: field of view or not segmented)")
+            elif not self.bodies[i].found:
+                missing.append(f"L{k} (a gap between two bodies: not segmented)")
+        return {
+            "level_confidence": round(self.level_confidence, 4),
+            "doubtful": self.doubtful,
+            "end_conflict": round(self.end_conflict, 3),
+            "bodies": [{"name": n, "found": b.found, "centre_ras": [round(float(v), 1) for v in b.centre_ras],
+                        "volume_ml": round(b.volume_ml, 2),
+                        "level_probabilities": [round(float(p), 3) for p in b.probabilities]}
+                       for n, b in zip(names, self.bodies)],
+            "levels_not_found": missing,
+            "run_scores": {k: round(v, 3) for k, v in self.run_scores.items()},
+        }
+
+
+def _column_axis(centres: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Unit direction of the column through the body centres (weighted PCA), pointing superior."""
+    if len(centres) < 2:
+        return np.array([0.0, 0.0, 1.0])
+    mean = np.average(centres, axis=0, weights=weights)
+    _, _, vt = np.linalg.svd((centres - mean) * np.sqrt(weights)[:, None], full_matrices=False)
+    axis = vt[0]
+    return axis if axis[2] >= 0 else -axis
+
+
+def _pieces(prob: np.ndarray, body: np.ndarray, params: DecodingParameters) -> tuple[np.ndarray, int]:
+    """Label map of candidate pieces: connected components of the body mask (components far
+    smaller than a vertebral body dropped at once: an untrained or noisy network leaves thousands
+    of specks), each split by level when two or more levels hold a real share of it."""
+    comp, n = ndimage.label(body, structure=STRUCTURE_6)
+    if n == 0:
+        return comp, 0
+    idx = comp[body]
+    lev = prob[:, body].argmax(axis=0)
+    counts = np.bincount(idx * N_LEVELS + lev, minlength=(n + 1) * N_LEVELS).reshape(n + 1, N_LEVELS)
+    sizes = counts.sum(1)
+    sizes[0] = 0
+    reference = float(np.median(np.sort(sizes)[::-1][:N_LEVELS]))
+    ids = np.zeros((n + 1, N_LEVELS), np.int32)
+    next_id = 1
+    for c in np.flatnonzero(sizes >= params.min_volume_fraction * reference):
+        strong = np.flatnonzero(counts[c] >= params.split_fraction * sizes[c])
+        if len(strong) <= 1:
+            ids[c, :] = next_id
+            next_id += 1
+            continue
+        # each voxel goes to the strong level nearest to its own most probable level
+        for level in range(N_LEVELS):
+            ids[c, level] = next_id + int(np.argmin(np.abs(strong - level)))
+        next_id += len(strong)
+    out = np.zeros_like(comp)
+    out[body] = ids[idx, lev]
+    return out, next_id - 1
+
+
+def decode_levels(probabilities: np.ndarray, image: Image,
+                  params: DecodingParameters = DecodingParameters()) -> LevelDecoding:
+    """``probabilities``: (5, *image.array.shape) uint8 0..255 (or float 0..1), one map per level."""
+    prob = probabilities if probabilities.dtype == np.uint8 else np.round(np.clip(probabilities, 0, 1) * 255).astype(
+        np.uint8)
+    shape = prob.shape[1:]
+    # summed over levels: a body the network cannot place (0.45 L3 / 0.4 L4) is still a body
+    body = prob.sum(axis=0, dtype=np.uint16) >= params.threshold * 255
+    box = ndimage.find_objects(body.astype(np.uint8))
+    if not box:
+        return LevelDecoding(np.zeros(shape, np.uint8), 0.0, True, 0)
+    box = box[0]  # everything below runs inside the bounding box of the body mask
+    corner = np.array([b.start for b in box])
+    sub = Image(np.empty((0, 0, 0)), image.spacing, tuple(image.ijk_to_lps_points([corner[::-1]])[0]),
+                image.direction.copy()) if corner.any() else image
+    decoded = _decode_box(prob[(slice(None), *box)], body[box], sub, params)
+    labels = np.zeros(shape, np.uint8)
+    labels[box] = decoded.labels
+    decoded.labels = labels
+    return decoded
+
+
+def _decode_box(prob: np.ndarray, body: np.ndarray, image: Image, params: DecodingParameters) -> LevelDecoding:
+    shape = prob.shape[1:]
+    pieces, n = _pieces(prob, body, params)
+    if n == 0:
+        return LevelDecoding(np.zeros(shape, np.uint8), 0.0, True, 0)
+    flat = pieces.ravel()
+    order = np.argsort(flat, kind="stable")
+    bounds = np.searchsorted(flat[order], np.arange(n + 2))
+    members = [order[bounds[i]:bounds[i + 1]] for i in range(1, n + 1)]
+    voxel_ml = float(np.prod(image.spacing)) / 1000.0
+    probs_flat = prob.reshape(N_LEVELS, -1)
+
+    def describe(vox: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        k, j, i = np.unravel_index(vox, shape)
+        centre = image.ijk_to_ras_points([[i.mean(), j.mean(), k.mean()]])[0]
+        return probs_flat[:, vox].mean(axis=1) / 255.0, centre, len(vox) * voxel_ml
+
+    raw = [(vox, *describe(vox)) for vox in members if len(vox)]
+    volumes = np.array([r[3] for r in raw])
+    reference = float(np.median(np.sort(volumes)[::-1][:N_LEVELS]))
+    raw = [r for r in raw if r[3] >= params.min_volume_fraction * reference]
+    centres = np.array([r[2] for r in raw])
+    axis = _column_axis(centres, np.array([r[3] for r in raw]))
+    # each piece's extent along the column from its voxels (5th-95th percentile: robust to specks)
+    affine = image.ijk_to_ras_points(np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], float))
+    steps = (affine[1:] - affine[0]) @ axis  # mm along the column per step in i, j, k
+    origin = float(affine[0] @ axis)
+    bodies = []
+    for vox, p, centre, volume in raw:
+        k, j, i = np.unravel_index(vox, shape)
+        t = origin + i * steps[0] + j * steps[1] + k * steps[2]
+        lo, hi = np.percentile(t, [5, 95])
+        bodies.append(Body(vox, p, centre, float(centre @ axis), (float(lo), float(hi)), volume))
+    bodies = _merge_same_height(bodies, params)
+    bodies.sort(key=lambda b: -b.position_mm)  # superior first
+    bodies = _fill_gaps(bodies, params)
+    scores = np.array([b.probabilities for b in bodies])  # (n, 5); missed bodies score 0
+    m = len(bodies)
+
+    def run_score(offset: int) -> float:
+        return float(sum(scores[offset + k, k] for k in range(N_LEVELS) if 0 <= offset + k < m))
+
+    run_scores = {o: run_score(o) for o in range(-N_LEVELS, m + 1)}
+    best = max(run_scores, key=lambda o: (run_scores[o], -abs(o)))
+    neighbours = [run_scores[o] for o in (best - 1, best + 1) if o in run_scores]
+    confidence = (run_scores[best] - max(neighbours)) / N_LEVELS
+    labels = np.zeros(int(np.prod(shape)), np.uint8)
+    for k in range(N_LEVELS):
+        i = best + k
+        if 0 <= i < m and bodies[i].found:
+            labels[bodies[i].voxels] = k + 1
+    ends = [scores[i, k] for i, k in ((best - 1, 0), (best + N_LEVELS, N_LEVELS - 1)) if 0 <= i < m]
+    conflict = float(max(ends, default=0.0))
+    doubtful = confidence < params.doubtful_below or conflict >= params.end_conflict_doubtful
+    return LevelDecoding(labels.reshape(shape), float(confidence), bool(doubtful), best, bodies,
+                         {f"L1 on body {o}": s for o, s in run_scores.items() if abs(o - best) <= 1}, conflict)
+
+
+def _merge(a: Body, b: Body) -> Body:
+    wa, wb = a.volume_ml, b.volume_ml
+    total = wa + wb
+    return Body(np.concatenate([a.voxels, b.voxels]), (a.probabilities * wa + b.probabilities * wb) / total,
+                (a.centre_ras * wa + b.centre_ras * wb) / total, (a.position_mm * wa + b.position_mm * wb) / total,
+                (min(a.extent_mm[0], b.extent_mm[0]), max(a.extent_mm[1], b.extent_mm[1])), total)
+
+
+def _merge_same_height(bodies: list[Body], params: DecodingParameters) -> list[Body]:
+    """Pieces whose extents along the column overlap by more than ``same_height_overlap`` of the
+    smaller one lie at one vertebral level: one body (largest pieces absorb smaller ones)."""
+    bodies = sorted(bodies, key=lambda b: -b.volume_ml)
+    merged: list[Body] = []
+    for piece in bodies:
+        for n, body in enumerate(merged):
+            overlap = min(piece.extent_mm[1], body.extent_mm[1]) - max(piece.extent_mm[0], body.extent_mm[0])
+            smaller = min(piece.extent_mm[1] - piece.extent_mm[0], body.extent_mm[1] - body.extent_mm[0])
+            if smaller > 0 and overlap > params.same_height_overlap * smaller:
+                merged[n] = _merge(body, piece)
+                break
+        else:
+            merged.append(piece)
+    return merged
+
+
+def _fill_gaps(bodies: list[Body], params: DecodingParameters) -> list[Body]:
+    """Insert missed bodies where consecutive bodies lie ``gap_factor`` median spacings apart."""
+    if len(bodies) < 3:
+        return bodies
+    positions = np.array([b.position_mm for b in bodies])
+    spacing = float(np.median(-np.diff(positions)))
+    out = [bodies[0]]
+    for prev, body in zip(bodies[:-1], bodies[1:]):
+        gap = prev.position_mm - body.position_mm
+        if spacing > 0 and gap > params.gap_factor * spacing:
+            missed = int(round(gap / spacing)) - 1
+            for m in range(1, missed + 1):
+                t = prev.position_mm - m * gap / (missed + 1)
+                w = m / (missed + 1)
+                out.append(Body(None, np.zeros(N_LEVELS), prev.centre_ras * (1 - w) + body.centre_ras * w, t,
+                                (t, t), 0.0))
+        out.append(body)
+    return out
+
+
+# ---- steps (registered by name; see steps.py) ----------------------------------------------------
+
+@step("level_decoding", needs_probabilities=True)
+def _level_decoding_step(ctx: StepContext) -> None:
+    """L1..L5 as one consecutive run over the bodies (issue 21)."""
+    probs = ctx.maps.get("probabilities")
+    if probs is None:  # no probabilities (labels only): the decoding still enforces one run
+        probs = np.stack([(ctx.result.labels.array == k).astype(np.uint8) * 255 for k in range(1, 6)])
+    params = DecodingParameters(**ctx.settings.get("level_decoding", {}))
+    decoded = decode_levels(probs, ctx.image, params)
+    ctx.result.labels = ctx.image.with_array(decoded.labels)
+    ctx.result.summaries["level_decoding"] = decoded.summary()
+    ctx.result.summaries["level_confidence"] = round(decoded.level_confidence, 4)
+    if decoded.doubtful:
+        why = (f"the body beyond one end of L1-L5 looks like that end's level too "
+               f"(probability {decoded.end_conflict:.2f})" if decoded.end_conflict >= params.end_conflict_doubtful
+               else "the run of L1-L5 shifted by one level scores almost as well")
+        ctx.result.warnings.append(f"level count doubtful: level confidence {decoded.level_confidence:.2f}; {why}; "
+                                   "check the levels against T12 (last rib) and the sacrum")
