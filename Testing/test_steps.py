@@ -9,13 +9,10 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
-from SpineKneeSegLib.core.image import Image
-from SpineKneeSegLib.core.labels import LabelSpec
 from SpineKneeSegLib.engine import pipeline
-from SpineKneeSegLib.engine.cards import InputSpec, register
-from SpineKneeSegLib.engine.steps import STEPS, StepContext, step
+from SpineKneeSegLib.engine.cards import register
+from SpineKneeSegLib.engine.steps import STEPS, step
 from SpineKneeSegLib.tasks import TASKS
 
 LIB = Path(pipeline.__file__).parent
