@@ -2,6 +2,7 @@
 in a fresh slicer-core scene with every node intact. Networks are tiny untrained initialisations
 (`--weights PATH`): these tests check the plumbing and geometry, not accuracy."""
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -155,6 +156,18 @@ def test_manifest_runs_every_case_and_reports_failures(tmp_path, tiny_weights, p
     assert status == {"good1": ("ok", "0"), "broken": ("failed", "2"), "good2": ("ok", "0")}
     assert (out / "good1" / "labels.nii.gz").is_file() and (out / "good2" / "segmentation.seg.nrrd").is_file()
     assert not (out / "broken").exists()
+
+    # a re-run resumes: finished cases are skipped (not redone, not refused), the failed one is retried
+    finished = (out / "good1" / "report.json").stat().st_mtime_ns
+    bad.write_bytes(Path(phantom_files["knee-bones"]).read_bytes())
+    assert cli.main(["run", "--task", "knee-bones", "--manifest", str(manifest), "-o", str(out),
+                     "--weights", str(tiny_weights["knee-bones"]), "--progress", "none"]) == 0
+    lines = [line.split("\t") for line in (out / "summary.tsv").read_text().splitlines()]
+    assert {row[0]: row[1] for row in lines[1:]} == {"good1": "skipped", "broken": "ok", "good2": "skipped"}
+    assert (out / "good1" / "report.json").stat().st_mtime_ns == finished
+    assert cli.main(["run", "--task", "knee-bones", "--manifest", str(manifest), "-o", str(out), "--overwrite",
+                     "--weights", str(tiny_weights["knee-bones"]), "--progress", "none"]) == 0
+    assert (out / "good1" / "report.json").stat().st_mtime_ns != finished
 
 
 def test_oblique_left_handed_input_keeps_exact_geometry(tmp_path, tiny_weights):

@@ -1,6 +1,8 @@
 """Clean stops (issue 27, part 4): SIGTERM during the write stage removes the staging folder and
 the MRML temporary folder (exit 143); after SIGKILL the next run into the same place sweeps the
-dead run's leftovers. Real subprocesses of the CLI."""
+dead run's leftovers and takes over its lock. No result is silently overwritten (issue 26, part 4):
+a second run into a folder another live run is writing is refused, a finished result is replaced
+only with --overwrite. Real subprocesses of the CLI."""
 import json
 import os
 import signal
@@ -74,6 +76,41 @@ def test_after_sigkill_the_next_run_sweeps_the_dead_runs_leftovers(case):
     assert rerun.returncode == 0, rerun.stderr
     assert _leftovers(tmp_path, temp) == []
     assert (tmp_path / "out" / "labels.nii.gz").exists()
+    assert not (tmp_path / ".out.lock").exists()  # the dead run's lock was taken over, then released
+
+
+def test_a_second_run_into_a_folder_another_live_run_is_writing_is_refused(case):
+    tmp_path, temp, env, command = case
+    first = _start_and_wait_for_staging(tmp_path, env, command)
+    lock = json.loads((tmp_path / ".out.lock").read_text())
+    assert lock["pid"] == first.pid
+    second = subprocess.run(command, env={**env, "SPINEKNEESEG_PAUSE_AT_STAGE": ""}, capture_output=True, text=True,
+                            timeout=300)
+    assert second.returncode == 2, second.stderr
+    assert f"another run (process {first.pid}" in second.stderr and "out" in second.stderr
+    first.send_signal(signal.SIGTERM)  # the first run is unharmed by the refusal: it still owns its lock
+    first.communicate(timeout=60)
+    assert not (tmp_path / ".out.lock").exists()
+
+
+def test_a_finished_result_is_replaced_only_with_overwrite(case):
+    tmp_path, temp, env, command = case
+    quick = {**env, "SPINEKNEESEG_PAUSE_AT_STAGE": ""}
+    assert subprocess.run(command, env=quick, capture_output=True, text=True, timeout=300).returncode == 0
+    out = tmp_path / "out"
+    assert (out / "scene.mrb").exists()
+    before = (out / "report.json").read_bytes()
+    again = subprocess.run(command, env=quick, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "already holds a finished result (knee-bones" in again.stderr, again.stderr
+    assert "--overwrite" in again.stderr and (out / "report.json").read_bytes() == before
+    (out / "my-notes.txt").write_text("a reader's own file")
+    without_scene = [c for c in command if c != "--scene"] + ["--overwrite"]
+    replaced = subprocess.run(without_scene, env=quick, capture_output=True, text=True, timeout=300)
+    assert replaced.returncode == 0, replaced.stderr
+    assert (out / "report.json").read_bytes() != before
+    assert not (out / "scene.mrb").exists()  # the earlier result's file the new one does not write: gone
+    assert (out / "my-notes.txt").exists()  # what no run wrote is left alone
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
 def test_sweep_removes_only_folders_of_dead_processes(tmp_path):

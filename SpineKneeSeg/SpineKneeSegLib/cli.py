@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="image file(s) or DICOM folder(s), in the task's input order")
     run.add_argument("--manifest", help="CSV with columns id,input[,input2...]: one output folder per case")
     run.add_argument("-o", "--output", required=True, help="output folder")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace a finished result already in the output folder (default: refuse; with "
+                          "--manifest: redo finished cases instead of skipping them)")
     run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     run.add_argument("--weights", help="checkpoint file (default: the registered weights for the task)")
     run.add_argument("--weights-dir", help="folder of downloaded registered weights (offline); each file is "
@@ -183,7 +186,7 @@ def cmd_run(args) -> int:
     options = RunOptions(device=args.device, weights=args.weights, aux_weights=aux, scene=args.scene,
                          echo=args.echo, series=args.series, batch_size=args.batch_size, threads=args.threads,
                          waive_checks=("skull_stripped",) if args.skull_stripped == "yes" else (), fast=args.fast, weights_dir=args.weights_dir,
-                         dicom_seg=not args.no_dicom_seg, pixel_mm=args.pixel_mm,
+                         dicom_seg=not args.no_dicom_seg, pixel_mm=args.pixel_mm, overwrite=args.overwrite,
                          fuse_views=parse_planes(args.fuse_views))
     progress = Progress(args.progress)
     if args.manifest:

@@ -70,11 +70,13 @@ def staging_dir(parent: Path, name: str) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike):
+def atomic_directory(target: str | os.PathLike, stale: tuple[str, ...] = ()):
     """Yield a staging folder beside ``target``; on success its files are moved into ``target``.
 
-    ``target`` may already exist (files of the same name are replaced); on failure the staging
-    folder is removed and ``target`` is left as it was (and not created if it did not exist).
+    ``target`` may already exist (files of the same name are replaced, and the names in ``stale``
+    -- an earlier result's outputs -- removed when the new result does not write them); on failure
+    the staging folder is removed and ``target`` is left as it was (and not created if it did not
+    exist).
     """
     target = Path(target)
     parent = target.parent if str(target.parent) else Path(".")
@@ -84,12 +86,19 @@ def atomic_directory(target: str | os.PathLike):
         yield stage
         created = not target.exists()
         target.mkdir(exist_ok=True)
+        written = {item.name for item in stage.iterdir()}
         try:
             for item in sorted(stage.iterdir()):
                 dest = target / item.name
                 if dest.is_dir() and not item.is_dir():
                     shutil.rmtree(dest)
                 os.replace(item, dest) if not item.is_dir() else _replace_dir(item, dest)
+            for name in set(stale) - written:
+                old = target / name
+                if old.parent == target and (old.is_file() or old.is_symlink()):
+                    old.unlink()
+                elif old.parent == target and old.is_dir():
+                    shutil.rmtree(old, ignore_errors=True)
         except BaseException:
             if created:
                 shutil.rmtree(target, ignore_errors=True)
@@ -117,3 +126,60 @@ def check_writable_dir(path: str | os.PathLike) -> Path:
     if not os.access(probe, os.W_OK | os.X_OK):
         raise InputError("output folder is not writable", probe)
     return path
+
+
+@contextlib.contextmanager
+def output_lock(target: str | os.PathLike):
+    """Hold ``.<name>.lock`` beside the output folder for the whole run: a second run into the same
+    folder while this one lives raises OutputBusy (naming the owner); a lock left by a dead process
+    (SIGKILL, power loss) is taken over. The lock holds the owner's pid, host and start time."""
+    import json
+    import socket
+    import time
+
+    from SpineKneeSegLib.core.errors import OutputBusy
+
+    target = Path(target)
+    parent = target.parent if str(target.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    lock = parent / f".{target.name}.lock"
+    mine = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+    for _ in range(5):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner = _lock_owner(lock)
+            if owner and owner.get("host") == socket.gethostname() and not pid_alive(int(owner.get("pid", -1))):
+                with contextlib.suppress(FileNotFoundError):  # stale: its process is gone; take it over
+                    os.unlink(lock)
+                continue
+            if owner is None:  # being written this very moment (or left empty by a process killed then)
+                with contextlib.suppress(OSError):
+                    if time.time() - lock.stat().st_mtime > 10:
+                        os.unlink(lock)
+                time.sleep(0.05)
+                continue
+            raise OutputBusy(f"another run (process {owner.get('pid')} on {owner.get('host')}, started "
+                             f"{owner.get('started')}) is writing to this output folder; wait for it to "
+                             f"finish or choose another output folder", target) from None
+        with os.fdopen(fd, "w") as f:
+            f.write(mine)
+        break
+    else:
+        raise OutputBusy(f"could not take the output folder's lock {lock.name}", target)
+    try:
+        yield lock
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            if lock.read_text() == mine:
+                os.unlink(lock)
+
+
+def _lock_owner(lock: Path) -> dict | None:
+    import json
+
+    try:
+        owner = json.loads(lock.read_text())
+        return owner if isinstance(owner, dict) and str(owner.get("pid", "")).isdigit() else None
+    except (OSError, ValueError):
+        return None

@@ -16,6 +16,11 @@ class InputError(SpineKneeSegError):
         super().__init__(f"{self.path}: {message}" if self.path else message)
 
 
+class OutputBusy(InputError):
+    """The output folder is being written by another live run, or holds a finished result that
+    was not asked to be replaced (--overwrite)."""
+
+
 class NoWeightsError(SpineKneeSegError):
     exit_code = 3
 

@@ -8,7 +8,7 @@ from SpineKneeSegLib.core.atomic import check_writable_dir, write_text_atomic
 from SpineKneeSegLib.core.errors import InputError, SpineKneeSegError
 from SpineKneeSegLib.core.progress import Progress
 from SpineKneeSegLib.engine.cards import TaskCard
-from SpineKneeSegLib.engine.pipeline import RunOptions, run_case
+from SpineKneeSegLib.engine.pipeline import RunOptions, finished_result, run_case
 
 SUMMARY_COLUMNS = ("id", "status", "exit_code", "message", "output", "total_s", "network_s")
 
@@ -48,6 +48,12 @@ def run_manifest(card: TaskCard, manifest: str | Path, output: str | Path, optio
     output.mkdir(parents=True, exist_ok=True)
     rows, first_failure = [], 0
     for case_id, inputs in cases:
+        earlier = None if options.overwrite else finished_result(output / case_id)
+        if earlier is not None:  # a re-run resumes: finished cases are not redone
+            rows.append((case_id, "skipped", 0, f"finished earlier ({earlier.summary}); --overwrite redoes it",
+                         str(output / case_id), "", ""))
+            progress.log(f"case {case_id}: finished earlier, skipped")
+            continue
         progress.log(f"case {case_id}")
         try:
             report = run_case(card, inputs, output / case_id, options, progress)
@@ -65,6 +71,7 @@ def run_manifest(card: TaskCard, manifest: str | Path, output: str | Path, optio
     lines = ["\t".join(SUMMARY_COLUMNS)] + ["\t".join(str(v).replace("\t", " ").replace("\n", " ") for v in r)
                                             for r in rows]
     write_text_atomic(output / "summary.tsv", "\n".join(lines) + "\n")
-    ok = sum(r[1] == "ok" for r in rows)
-    progress.log(f"{ok}/{len(rows)} cases ok; summary in {output / 'summary.tsv'}")
+    ok, skipped = sum(r[1] == "ok" for r in rows), sum(r[1] == "skipped" for r in rows)
+    progress.log(f"{ok}/{len(rows)} cases ok" + (f", {skipped} finished earlier" if skipped else "")
+                 + f"; summary in {output / 'summary.tsv'}")
     return first_failure

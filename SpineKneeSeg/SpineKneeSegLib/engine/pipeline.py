@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from SpineKneeSegLib import __version__
-from SpineKneeSegLib.core.atomic import atomic_directory, check_writable_dir
-from SpineKneeSegLib.core.errors import InputError
+from SpineKneeSegLib.core.atomic import atomic_directory, check_writable_dir, output_lock
+from SpineKneeSegLib.core.errors import InputError, OutputBusy
 from SpineKneeSegLib.core.image import Image
 from SpineKneeSegLib.core.progress import Progress, pause_point
 from SpineKneeSegLib.core.tables import Table
@@ -40,6 +40,7 @@ class RunOptions:
     dicom_seg: bool = True  # write segmentation.dcm (DICOM-SEG) when the input is a DICOM series
     pixel_mm: float | None = None  # 2D inputs: the true pixel size (PNG/JPEG carry none)
     fuse_views: tuple[str, ...] | None = None  # planes for multi-view fusion (None: the task's; (): off)
+    overwrite: bool = False  # replace a finished result already in the output folder
 
 
 @dataclass(frozen=True)
@@ -252,11 +253,46 @@ def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options:
              progress: Progress | None = None) -> dict:
     """Run ``card`` on ``inputs`` and write every output into ``output_dir`` atomically.
 
-    Returns the report (also written as report.json)."""
+    Returns the report (also written as report.json). The output folder is locked for the run
+    (a second run into it is refused while this one lives); a finished result already there is
+    replaced only with ``options.overwrite``."""
     options = options or RunOptions()
     progress = progress or Progress("none")
     output_dir = Path(output_dir)
     check_writable_dir(output_dir)
+    with output_lock(output_dir):
+        earlier = finished_result(output_dir)
+        if earlier is not None and not options.overwrite:
+            raise OutputBusy(f"already holds a finished result ({earlier.summary}); pass --overwrite to "
+                             "replace it, or choose another output folder", output_dir)
+        return _run_locked(card, inputs, output_dir, options, progress, earlier.outputs if earlier else ())
+
+
+@dataclass(frozen=True)
+class EarlierResult:
+    outputs: tuple[str, ...]  # its files and folders (report.json's "outputs"), removed when not rewritten
+    summary: str
+
+
+def finished_result(folder: Path, report_name: str = "report.json") -> EarlierResult | None:
+    """The result an earlier run left in ``folder`` (its report.json), or None."""
+    import datetime
+
+    report = Path(folder) / report_name
+    if not report.is_file():
+        return None
+    try:
+        earlier = json.loads(report.read_text())
+    except (OSError, ValueError):
+        earlier = {}
+    earlier = earlier if isinstance(earlier, dict) else {}
+    outputs = tuple(str(o).rstrip("/") for o in earlier.get("outputs", []) if "/" not in str(o).rstrip("/"))
+    when = datetime.datetime.fromtimestamp(report.stat().st_mtime).strftime("%Y-%m-%d %H:%M")
+    return EarlierResult(outputs + (report_name,), f"{earlier.get('task', 'unknown task')}, written {when}")
+
+
+def _run_locked(card: TaskCard, inputs: list[str], output_dir: Path, options: RunOptions, progress: Progress,
+                stale: tuple[str, ...]) -> dict:
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -379,7 +415,7 @@ def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options:
     for w in result.warnings:
         progress.log(w, "warning")
     try:
-        with atomic_directory(output_dir) as stage:
+        with atomic_directory(output_dir, stale=stale) as stage:
             pause_point("staged")
             report["outputs"] = write_outputs(card, image, result, stage, options.scene)
             timings["write"] = time.perf_counter() - t
