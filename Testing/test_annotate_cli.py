@@ -339,6 +339,59 @@ def test_predict_writes_prefill_markers(tmp_path, capsys):
     assert "predicted 0 case(s) (all had predictions)" in capsys.readouterr().out
 
 
+def _three_layouts(tmp_path):
+    """A worklist folder holding a case in each layout, plus three entries that are not cases."""
+    from test_io import write_dicom_series
+
+    from SpineKneeSegLib.tasks.spine.phantom import spine_phantom
+
+    scans = tmp_path / "scans"
+    phantom = spine_phantom(seed=3, shape=(12, 128, 128), spacing=(2.0, 2.0, 4.0), k_toward="right")
+    image = phantom.image
+    write_image(image, scans / "top.nii.gz")  # an image file at the top level
+    write_image(image, scans / "sub" / "image.nii.gz")  # a sub-folder with one image file
+    write_dicom_series(scans / "dcm", np.round(image.array).astype(np.int16), direction=image.direction,
+                       origin=image.origin, step=image.spacing[2], pixel_spacing=(image.spacing[1], image.spacing[0]))
+    (scans / "notes.txt").write_text("reading notes")
+    write_image(image, scans / "two" / "a.nii.gz")
+    write_image(image, scans / "two" / "b.nii.gz")
+    (scans / "empty").mkdir()
+    return scans, image
+
+
+def test_three_worklist_layouts_are_cases_alike_in_status_predict_and_manifest(tmp_path, capsys):
+    from SpineKneeSegLib.annotation.training_manifest import read_training_manifest
+
+    scans, image = _three_layouts(tmp_path)
+    capsys.readouterr()
+    assert cli.main(["annotate", "status", str(scans), "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert listing["cases"] == {"dcm": "not started", "sub": "not started", "top": "not started"}
+    reasons = {Path(p).name: r for p, r in listing["not_cases"].items()}
+    assert set(reasons) == {"notes.txt", "two", "empty"}
+    assert "holds 2 image files" in reasons["two"] and "no image file and no DICOM series" in reasons["empty"]
+    assert cli.main(["annotate", "status", str(scans)]) == 0
+    assert "not a case: " in capsys.readouterr().out
+
+    assert cli.main(["annotate", "predict", str(scans), "--device", "cpu"]) == 0
+    predicted = {case: read_foramen_markers(scans / "annotations" / f"{case}.pred.mrk.json", include_unconfirmed=True)
+                 for case in ("top", "sub", "dcm")}
+    assert all(predicted.values())
+    # the same scan in three layouts: the same markers (DICOM stores int16 pixels, hence a tolerance)
+    for case in ("sub", "dcm"):
+        assert [p.name for p in predicted[case]] == [p.name for p in predicted["top"]]
+        assert np.allclose([p.ras for p in predicted[case]], [p.ras for p in predicted["top"]], atol=2.0)
+
+    for case in ("top", "sub", "dcm"):
+        _done_markers(scans / "annotations" / f"{case}.mrk.json", image)
+    manifest = tmp_path / "training.csv"
+    assert cli.main(["annotate", "manifest", str(scans), "--manifest", str(manifest)]) == 0
+    images = {case.id: case.image for case in read_training_manifest(manifest)}
+    assert images == {"top": scans / "top.nii.gz", "sub": scans / "sub" / "image.nii.gz", "dcm": scans / "dcm"}
+    for path in images.values():  # every manifest image is readable as the scan it names
+        assert read_image(path).array.shape == image.array.shape
+
+
 def test_save_correction_from_files(tmp_path, capsys):
     from SpineKneeSegLib.annotation.training_manifest import read_training_manifest
     from SpineKneeSegLib.core.labels import SPINE_LABELS

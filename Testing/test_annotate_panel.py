@@ -73,16 +73,18 @@ def test_buttons_exist_in_the_ui_and_every_command_exists():
 
 def test_worklist_from_folder_and_list_file(scans, tmp_path):
     folder, _ = scans
-    (folder / "dicom-case").mkdir()
-    (folder / "dicom-case" / "IM0001").write_bytes(b"x")
+    (folder / "not-dicom").mkdir()
+    (folder / "not-dicom" / "IM0001").write_bytes(b"x")  # a folder of junk is listed, with its reason
     (folder / "old.seg.nrrd").write_bytes(b"x")  # a saved correction is not a scan
     worklist = Worklist.from_path(folder)
-    assert [c.id for c in worklist.cases] == ["caseA", "caseB", "dicom-case"]
+    assert [c.id for c in worklist.cases] == ["caseA", "caseB"]
+    assert [(n.path.name, n.reason) for n in worklist.skipped] == [
+        ("not-dicom", "holds no image file and no DICOM series")]
     assert worklist.annotations_dir == folder / "annotations"
     assert worklist.case("caseB").markers == folder / "annotations" / "caseB.mrk.json"
-    assert worklist.statuses() == {"caseA": NOT_STARTED, "caseB": NOT_STARTED, "dicom-case": NOT_STARTED}
+    assert worklist.statuses() == {"caseA": NOT_STARTED, "caseB": NOT_STARTED}
     assert worklist.next_case("caseA").id == "caseB" and worklist.next_case("caseA", -1) is None
-    assert worklist.next_case(None, -1).id == "dicom-case"
+    assert worklist.next_case(None, -1).id == "caseB"
 
     listing = tmp_path / "list.csv"
     listing.write_text("id,image\nfirst,scans/caseB.nii.gz\nsecond,scans/caseA.nii.gz\n")
@@ -241,3 +243,16 @@ def test_description_format_round_trips():
     assert point_status("foramen L3/L4 right; estimated") == "confirmed"  # other tools' points
     with pytest.raises(ValueError):
         point_description(3, "right", status="maybe")
+
+
+def test_the_panel_opens_the_three_worklist_layouts_like_the_command_line(panel, tmp_path):
+    from test_annotate_cli import _three_layouts
+
+    scans, image = _three_layouts(tmp_path)
+    message = panel.run("open_worklist", str(scans))
+    assert message.startswith("3 scans: 3 not started; 3 not a case: ") and "two (holds 2 image files" in message
+    assert [c.id for c in panel.worklist.cases] == ["dcm", "sub", "top"]  # the command line's cases
+    for case_id in ("dcm", "sub", "top"):
+        panel.run("open_case", case_id)
+        assert panel.case.id == case_id and panel.volume_node is not None
+        assert panel.volume_node.GetImageData().GetDimensions() == tuple(reversed(image.array.shape))

@@ -74,11 +74,14 @@ def _worklist(args):
 def status(args) -> int:
     worklist = _worklist(args)
     statuses = worklist.statuses()
+    not_cases = {str(n.path): n.reason for n in worklist.skipped}
     if args.json:
-        print(json.dumps({"cases": statuses, "counts": worklist.counts()}, indent=2))
+        print(json.dumps({"cases": statuses, "counts": worklist.counts(), "not_cases": not_cases}, indent=2))
         return 0
     for case_id, value in statuses.items():
         print(f"{case_id}\t{value}")
+    for path, reason in not_cases.items():
+        print(f"not a case: {path}: {reason}")
     print(", ".join(f"{n} {s}" for s, n in worklist.counts().items()))
     return 0
 

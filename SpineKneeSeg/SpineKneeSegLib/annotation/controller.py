@@ -85,7 +85,11 @@ class AnnotatePanel:
         first = self.worklist.next_case(None, unfinished_only=True) or self.worklist.cases[0]
         self.cmd_open_case(first.id)
         counts = self.worklist.counts()
-        return f"{len(self.worklist)} scans: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+        message = f"{len(self.worklist)} scans: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+        if self.worklist.skipped:  # the same definition of a case as the command line
+            message += (f"; {len(self.worklist.skipped)} not a case: "
+                        + "; ".join(f"{n.path.name} ({n.reason})" for n in self.worklist.skipped[:3]))
+        return message
 
     def cmd_open_case(self, which) -> str:
         """Open a case by id or row: load its scan and its saved markers, enter placement."""

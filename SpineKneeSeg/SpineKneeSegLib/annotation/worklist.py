@@ -1,9 +1,12 @@
 """The annotation worklist: which scans to read, where each one's markers are saved, and how far
 each case has got (not started / partial / done / reviewed).
 
-A worklist is a folder of scans (image files at its top level, and sub-folders holding one DICOM
-series each) or a list file (one image path per line, or a CSV with columns ``id,image``; relative
-paths are relative to the list file). A case's markers live in ``<annotations>/<case>.mrk.json``
+A worklist is a folder of scans or a list file (one image path per line, or a CSV with columns
+``id,image``; relative paths are relative to the list file). In a folder a case is, by one
+definition every command and the panel share (``find_cases``): an image file at the top level
+(case id: its name without the suffix), a sub-folder holding one image file (``case01/image.nii.gz``,
+the layout of most public datasets; case id: the folder's name), or a sub-folder holding one
+DICOM series. Anything else is listed in ``Worklist.skipped`` with the reason it is not a case. A case's markers live in ``<annotations>/<case>.mrk.json``
 (default ``annotations/`` beside the scans or the list file); the status is computed from that
 file each time, so it is never out of date. The "reviewed" flag is the only stored state
 (``worklist-status.json``, written atomically); it records the markers file's SHA-256, so a file
@@ -36,7 +39,8 @@ CASE_STATUSES = (NOT_STARTED, PARTIAL, DONE, REVIEWED)
 # Reading order: one side at a time (all five are usually seen on the same parasagittal slices).
 FORAMEN_ORDER = tuple(foramen_label(level, side) for side in SIDES for level in LEVELS)
 STATUS_FILE = "worklist-status.json"
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")  # volume files (DICOM: series folders)
+NOT_IMAGES = (".seg.nrrd", ".mrk.json")  # segmentations and markers beside a scan are not scans
 MARKERS_SUFFIX = ".mrk.json"
 PREDICTIONS_SUFFIX = ".pred.mrk.json"  # a model's markers for pre-filling (``annotate predict``)
 
@@ -102,15 +106,24 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+@dataclass(frozen=True)
+class NotACase:
+    path: Path
+    reason: str
+
+
 class Worklist:
-    def __init__(self, cases: list[WorklistCase], annotations_dir: Path, source: Path):
+    def __init__(self, cases: list[WorklistCase], annotations_dir: Path, source: Path,
+                 skipped: list[NotACase] | None = None):
         ids = [c.id for c in cases]
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:
             raise InputError(f"several scans share the case id(s) {', '.join(duplicates)}", source)
         if not cases:
-            raise InputError("the worklist holds no scans", source)
+            why = "; ".join(f"{n.path.name}: {n.reason}" for n in (skipped or [])[:5])
+            raise InputError("the worklist holds no scans" + (f" ({why})" if why else ""), source)
         self.cases = list(cases)
+        self.skipped = list(skipped or [])  # folder entries that are not cases, each with its reason
         self.annotations_dir = Path(annotations_dir)
         self.source = Path(source)
         self._by_id = {c.id: c for c in self.cases}
@@ -123,10 +136,10 @@ class Worklist:
             raise InputError("worklist folder or list file does not exist", path)
         base = path if path.is_dir() else path.parent
         annotations = Path(annotations_dir) if annotations_dir else base / "annotations"
-        images = _scan_folder(path, annotations) if path.is_dir() else _read_list(path)
+        images, skipped = find_cases(path, annotations) if path.is_dir() else (_read_list(path), [])
         cases = [WorklistCase(case_id, image, annotations / f"{case_id}{MARKERS_SUFFIX}",
                               annotations / f"{case_id}{PREDICTIONS_SUFFIX}") for case_id, image in images]
-        return cls(cases, annotations, path)
+        return cls(cases, annotations, path, skipped)
 
     # ---- lookup and navigation ---------------------------------------------------------
     def __len__(self) -> int:
@@ -205,17 +218,54 @@ def _case_id(path: Path) -> str:
     return name
 
 
-def _scan_folder(folder: Path, annotations: Path) -> list[tuple[str, Path]]:
-    """Image files at the top level, and sub-folders that hold files (a DICOM series each)."""
-    found = []
+def _volume_file(path: Path) -> bool:
+    name = path.name.lower()
+    return path.is_file() and name.endswith(IMAGE_SUFFIXES) and not name.endswith(NOT_IMAGES)
+
+
+def find_cases(folder: Path, annotations: Path) -> tuple[list[tuple[str, Path]], list[NotACase]]:
+    """The worklist folder's cases (id, image file or DICOM series folder) and what is not a case,
+    with the reason: the one definition of a case (module docstring)."""
+    found, skipped = [], []
     for p in sorted(folder.iterdir()):
         if p.name.startswith(".") or p.resolve() == annotations.resolve():
             continue
-        if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES) and not p.name.lower().endswith(".seg.nrrd"):
-            found.append((_case_id(p), p))
-        elif p.is_dir() and any(f.is_file() for f in p.iterdir()):
-            found.append((p.name, p))
-    return found
+        if p.is_file():
+            if _volume_file(p):
+                found.append((_case_id(p), p))
+            elif not p.name.lower().endswith(NOT_IMAGES):
+                skipped.append(NotACase(p, "not a volume file (NIfTI, NRRD or MetaImage); a DICOM series "
+                                           "goes in a sub-folder of its own"))
+        elif p.is_dir():
+            image, reason = _case_in_folder(p)
+            if image is None:
+                skipped.append(NotACase(p, reason))
+            else:
+                found.append((p.name, image))
+    return found, skipped
+
+
+def _case_in_folder(folder: Path) -> tuple[Path | None, str]:
+    """(the case's image, "") for a sub-folder holding one volume file or one DICOM series, else
+    (None, why not)."""
+    from SpineKneeSegLib.core.image_io import list_dicom_series
+
+    volumes = sorted(p for p in folder.iterdir() if _volume_file(p) and not p.name.startswith("."))
+    if len(volumes) == 1:
+        return volumes[0], ""
+    if len(volumes) > 1:
+        return None, (f"holds {len(volumes)} image files ({', '.join(p.name for p in volumes[:3])}"
+                      f"{', ...' if len(volumes) > 3 else ''}); a case folder holds one")
+    try:
+        series = list_dicom_series(folder)
+    except InputError as exc:
+        return None, f"unreadable DICOM: {exc}"
+    if len(series) == 1:
+        return folder, ""
+    if len(series) > 1:
+        return None, (f"holds {len(series)} DICOM series "
+                      f"({', '.join(str(s['description'] or s['uid']) for s in series[:3])}); put one series per folder")
+    return None, "holds no image file and no DICOM series"
 
 
 def _read_list(path: Path) -> list[tuple[str, Path]]:
