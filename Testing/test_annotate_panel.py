@@ -185,6 +185,33 @@ def test_worklist_cases_clicks_review_prefill_and_reopen(panel, scans, slicer_ap
     assert panel.worklist.status("caseA") == DONE
 
 
+def test_prefill_orders_the_review_least_confident_first(panel, scans, slicer_app):
+    """Issue 26: the model's calibrated confidence orders the reader's work."""
+    from SpineKneeSegLib.mrml import nodes
+
+    folder, phantoms = scans
+    panel.run("open_worklist", str(folder))
+    pred = _middle_points(phantoms["caseA"])
+    confidence = {name: 0.9 for name in FORAMEN_ORDER}
+    confidence.update({"L4 right": 0.12, "L2 left": 0.35, "L5 left": 0.6})
+    descriptions = [f"foramen {name}; estimated from vertebral levels; confidence={confidence[name]:.2f}; "
+                    "status=unconfirmed; origin=model; model=lumbar-levels 0.2.0" for name in FORAMEN_ORDER]
+    node = nodes.points_to_markups_node(slicer_app.scene, [pred[n]["ras"] for n in FORAMEN_ORDER], list(FORAMEN_ORDER),
+                                       descriptions, name="prediction")
+    nodes.save_node(node, panel.case.predictions)
+    slicer_app.scene.RemoveNode(node)
+    message = panel.run("prefill")
+    assert "least confident first: L4 right (0.12), L2 left (0.35), L5 left (0.60)" in message
+    controller = panel.controller
+    assert controller.current == "L4 right" and controller.review_order[:3] == ["L4 right", "L2 left", "L5 left"]
+    panel.run("accept")  # confirming the current one moves on to the next least confident
+    assert controller.current == "L2 left"
+    panel.run("accept")
+    assert controller.current == "L5 left"
+    kept = [p for p in controller.points() if p.foramen == "L5 left"]
+    assert "confidence=0.6" in controller.node.GetNthControlPointDescription(kept[0].index)
+
+
 def test_refused_commands_show_a_message(panel, scans):
     assert panel.run("next_foramen") == "open a case first"
     folder, _ = scans

@@ -207,7 +207,16 @@ class AnnotatePanel:
             raise ValueError(f"no model markers for {case.id}: run `spinekneeseg annotate predict` on the "
                              "worklist, or Apply the lumbar-foramina task to this scan")
         added = controller.prefill(points, source="model")
-        return f"{added} unconfirmed point(s) from {source}: accept (A) or move them"
+        from SpineKneeSegLib.annotation.session import model_confidence
+
+        known = {}
+        for p in points:
+            c = model_confidence(p)
+            if c is not None:
+                known[p.name] = min(known.get(p.name, 1.0), c)
+        order = ", ".join(f"{name} ({known[name]:.2f})" if name in known else name for name in controller.review_order[:3])
+        return (f"{added} unconfirmed point(s) from {source}: accept (A) or move them"
+                + (f"; least confident first: {order}" if order else ""))
 
     # ---- corrections ---------------------------------------------------------------------
     def cmd_save_correction(self, segmentation_node, volume_node, task: str) -> str:

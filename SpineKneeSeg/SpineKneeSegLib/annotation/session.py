@@ -104,6 +104,7 @@ class AnnotationController:
         # there is something to write (hovering in placement mode adds and removes preview points)
         self._saved_signature = self._signature() if self.markers_path.is_file() else ()
         self.current = self._first_unfinished() or FORAMEN_ORDER[0]
+        self.review_order: list[str] = []  # pre-filled foramina, least confident first (prefill)
 
     def close(self) -> None:
         for tag in self._tags:
@@ -172,8 +173,10 @@ class AnnotationController:
 
     def prefill(self, predicted: list[ForamenPoint], source: str = "model") -> int:
         """Add a model's points as unconfirmed points for every foramen that has no confirmed point
-        and no "not visible" mark (earlier unconfirmed points of those foramina are replaced).
-        Returns the number of points added."""
+        and no "not visible" mark (earlier unconfirmed points of those foramina are replaced), and
+        order the reader's review least confident first (the model's calibrated ``confidence``;
+        points without one come first, as the least known): the current foramen becomes the least
+        confident one, and confirming one moves on to the next. Returns the number of points added."""
         rows = self.progress()
         wanted = [p for p in predicted if p.name in rows and not rows[p.name].confirmed and not rows[p.name].not_visible]
         names = {p.name for p in wanted}
@@ -186,8 +189,16 @@ class AnnotationController:
             for p in wanted:
                 index = self.node.AddControlPoint(vtk.vtkVector3d(*p.ras), p.name)
                 self.node.SetNthControlPointDescription(index, point_description(
-                    p.level, p.side, slice_index=self._slice_of(p.ras), status=UNCONFIRMED, origin=source))
+                    p.level, p.side, slice_index=self._slice_of(p.ras), status=UNCONFIRMED, origin=source,
+                    confidence=model_confidence(p)))
                 self.node.SetNthControlPointSelected(index, False)  # drawn in the "unselected" colour
+        least_known = {}
+        for p in wanted:  # a foramen seen on several slices: its least confident point
+            c = model_confidence(p)
+            least_known[p.name] = min(least_known.get(p.name, 2.0), -1.0 if c is None else c)
+        self.review_order = sorted(least_known, key=lambda name: (least_known[name], FORAMEN_ORDER.index(name)))
+        if self.review_order:
+            self.current = self.review_order[0]
         self._remember_positions()
         self._after_edit()
         return len(wanted)
@@ -200,8 +211,16 @@ class AnnotationController:
                 if p.status == UNCONFIRMED and (foramen is None or p.foramen == foramen):
                     self._describe(p.index, p.foramen, CONFIRMED)
                     count += 1
+        if count and self.advance and foramen == self.current and self.review_order:
+            self.current = self._next_to_review(foramen)
         self._after_edit()
         return count
+
+    def _next_to_review(self, after: str) -> str:
+        """The next pre-filled foramen, in the review order, that still has unconfirmed points."""
+        rows = self.progress()
+        waiting = [name for name in self.review_order if rows[name].unconfirmed and name != after]
+        return waiting[0] if waiting else self._next_unfinished(after)
 
     def delete_points(self, foramen: str | None = None) -> int:
         """Delete every point (and mark) of a foramen; in Slicer a reader usually deletes one point
@@ -391,3 +410,12 @@ def _with_index(vtk, handler):
         handler(index)
 
     return observer
+
+
+def model_confidence(point: ForamenPoint) -> float | None:
+    """The model's calibrated confidence of a predicted point (its ``confidence`` field), or None."""
+    value = parse_point_description(point.description).get("confidence")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None

@@ -15,6 +15,12 @@ import numpy as np
 from SpineKneeSegLib.core.image import Image
 from SpineKneeSegLib.core.lazy import LazyModule
 from SpineKneeSegLib.engine.steps import StepContext, step
+from SpineKneeSegLib.tasks.spine.foramen_confidence import (
+    ConfidenceModel,
+    body_probabilities,
+    confidences,
+    foramen_evidence,
+)
 
 ndimage = LazyModule("scipy.ndimage")  # loaded on first use (lazy.py)
 
@@ -53,7 +59,7 @@ class Foramen:
     @property
     def description(self) -> str:
         where = f"; slices {self.slices[0]}-{self.slices[1]}" if self.slices[0] >= 0 else ""
-        return f"foramen {motion_segment(self.level)} {self.side}; {self.source}; confidence {self.probability:.2f}{where}"
+        return f"foramen {motion_segment(self.level)} {self.side}; {self.source}; confidence={self.probability:.2f}{where}"
 
 
 def lateral_axis(image: Image) -> int:
@@ -145,8 +151,6 @@ class EstimateParameters:
     superior_fraction: float = 0.3
     lateral_fraction: float = 0.8  # of the bodies' half-width, either side of their centre (pedicle line)
     default_disc_mm: float = 10.0  # disc height used below L5 when no other disc can be measured
-    confidence: float = 0.5  # estimates are plausible positions, not detections
-    extrapolated_confidence: float = 0.35  # L5/S1: S1 is not segmented, so its disc is extrapolated
 
 
 def _body_points(labels: np.ndarray, image: Image, level: int, max_points: int = 20000,
@@ -217,11 +221,9 @@ def estimate_foramina_from_levels(labels: np.ndarray, image: Image,
         if level < 5:
             disc_mid = (lower_endplate + np.percentile(lower @ up, 97)) / 2.0
             pair = np.vstack([upper, lower])
-            confidence = params.confidence
         else:
             disc_mid = lower_endplate - disc / 2.0
             pair = upper
-            confidence = params.extrapolated_confidence
         posterior_wall = np.percentile(pair @ posterior, 97)
         lateral = pair @ right
         half_width = (np.percentile(lateral, 97) - np.percentile(lateral, 3)) / 2.0
@@ -231,8 +233,8 @@ def estimate_foramina_from_levels(labels: np.ndarray, image: Image,
                                                        - centre @ posterior) * posterior
         for side, sign in (("left", -1.0), ("right", 1.0)):
             ras = base + sign * params.lateral_fraction * half_width * right
-            found.append(Foramen(level, side, tuple(round(float(v), 3) for v in ras), confidence, 0, (-1, -1),
-                                 source="estimated from vertebral levels"))
+            found.append(Foramen(level, side, tuple(round(float(v), 3) for v in ras), 0.0, 0, (-1, -1),
+                                 source="estimated from vertebral levels"))  # confidence: foramen_confidence.py
     notes["disc_height_mm"] = round(disc, 2)
     return found, notes
 
@@ -254,13 +256,26 @@ def _foramina_step(ctx: StepContext) -> None:
     decoding = result.summaries.get("level_decoding", {})
     if decoding.get("doubtful"):
         flag += f"; LEVEL COUNT DOUBTFUL (level confidence {decoding['level_confidence']:.2f})"
+    evidence = foramen_evidence(foramina, decoding.get("level_confidence"),
+                                body_probabilities(decoding) if decoding else None)
+    settings = ctx.settings.get("foramen_confidence", {})
+    model = ConfidenceModel(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
+    for f, p in zip(foramina, confidences(evidence, model)):
+        f.probability = p  # the calibrated confidence replaces the raw detection / placeholder value
     result.points = [{"label": f.label, "ras": f.ras, "description": f.description + flag,
                       "attributes": {"level": str(f.level), "side": f.side,
                                      "confidence": f"{f.probability:.3f}", "source": f.source,
                                      "transitional": transitional.get("status", "not checked"),
-                                     "level_confidence": str(decoding.get("level_confidence", ""))}}
-                     for f in foramina]
-    result.summaries["foramina"] = {**foramina_summary(foramina), "method": method, **notes}
+                                     "level_confidence": str(decoding.get("level_confidence", "")),
+                                     **{f"evidence_{k}": str(v) for k, v in e.items()}}}
+                     for f, e in zip(foramina, evidence)]
+    result.summaries["foramina"] = {**foramina_summary(foramina), "method": method, **notes,
+                                    "confidence": {"meaning": f"probability that the marker is within "
+                                                              f"{model.tolerance_mm:g} mm of its foramen "
+                                                              "(calibrated on phantoms)",
+                                                   "per_foramen": {f.label: f.probability for f in foramina},
+                                                   "least_confident_first": [f.label for f in sorted(
+                                                       foramina, key=lambda f: f.probability)]}}
     missing = result.summaries["foramina"]["missing"]
     if missing:
         result.warnings.append(f"foramina not found (not guessed): {', '.join(missing)}")
