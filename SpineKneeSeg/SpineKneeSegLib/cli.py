@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "sagittal,coronal) and average the probabilities; 'none' turns it off")
     run.add_argument("--skull-stripped", default="auto", choices=("auto", "yes"),
                      help="brain-wmh: 'auto' refuses FLAIR that does not look skull-stripped; 'yes' skips the check")
+    run.add_argument("--invert", default="auto", choices=("auto", "yes", "no"),
+                     help="radiographs: turn the grey scale over (yes), never (no), or decide (auto: a DICOM's "
+                          "header, else the image's evidence; the report records the decision and why)")
     run.add_argument("--pixel-mm", type=float, help="2D inputs: true pixel size in mm (PNG/JPEG carry none; "
                                                     "DICOM's is replaced)")
 
@@ -187,6 +190,7 @@ def cmd_run(args) -> int:
                          echo=args.echo, series=args.series, batch_size=args.batch_size, threads=args.threads,
                          waive_checks=("skull_stripped",) if args.skull_stripped == "yes" else (), fast=args.fast, weights_dir=args.weights_dir,
                          dicom_seg=not args.no_dicom_seg, pixel_mm=args.pixel_mm, overwrite=args.overwrite,
+                         input_settings={"invert": args.invert},
                          fuse_views=parse_planes(args.fuse_views))
     progress = Progress(args.progress)
     if args.manifest:

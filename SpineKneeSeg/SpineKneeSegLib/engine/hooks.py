@@ -29,8 +29,10 @@ class LabelDecoder:
 
 @dataclass(frozen=True)
 class InputCheck:
-    """``check(image, path)`` raises InputError (naming what the user may pass to waive it) or
-    records its evidence in ``image.meta``."""
+    """``check(image, path, settings) -> Image | None`` raises InputError (naming what the user may
+    pass to waive it), or records its evidence in ``image.meta["checks"]`` and returns None (or a
+    corrected image, e.g. a radiograph's grey scale turned over). ``settings``: the run's
+    ``input_settings`` (e.g. {"invert": "auto"})."""
     name: str
     check: Callable
 

@@ -35,6 +35,7 @@ class RunOptions:
     batch_size: int = 8
     threads: int | None = None
     waive_checks: tuple[str, ...] = ()  # input checks the user vouches for (e.g. --skull-stripped yes)
+    input_settings: dict = field(default_factory=dict)  # for the input checks (e.g. {"invert": "auto"})
     fast: bool = False  # skip optional refinements (fast_mode_plan): offered on CPU / small GPUs
     weights_dir: str | None = None  # extra folder of registered weights (offline copies), hash-checked
     dicom_seg: bool = True  # write segmentation.dcm (DICOM-SEG) when the input is a DICOM series
@@ -99,11 +100,11 @@ def load_inputs(card: TaskCard, paths: list[str], options: RunOptions) -> list[I
         images = [read(paths[0])]
     if options.pixel_mm is not None:
         images = [with_pixel_size(image, options.pixel_mm, path) for image, path in zip(images, paths)]
-    for spec, image, path in zip(card.inputs, images, paths):
-        validate_input(card, spec, image, path)
+    for n, (spec, path) in enumerate(zip(card.inputs, paths)):
+        validate_input(card, spec, images[n], path)
         for check in spec.checks:
             if check not in options.waive_checks:
-                INPUT_CHECKS[check].check(image, path)
+                images[n] = INPUT_CHECKS[check].check(images[n], path, options.input_settings) or images[n]
     return drop_non_overlapping(card, images, paths, explicit_weights=options.weights is not None)
 
 

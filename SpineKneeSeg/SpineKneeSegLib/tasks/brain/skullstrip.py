@@ -75,7 +75,7 @@ def assess_skull_stripping(image: Image, limits: dict | None = None) -> StripEvi
 
 
 @input_check("skull_stripped")
-def check_skull_stripped(image: Image, path) -> None:
+def check_skull_stripped(image: Image, path, settings: dict | None = None) -> None:
     """Refuse a head that is not brain-only (waived by ``--skull-stripped yes``)."""
     evidence = assess_skull_stripping(image)
     if not evidence.stripped:

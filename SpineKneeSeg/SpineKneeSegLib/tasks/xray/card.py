@@ -24,7 +24,8 @@ register(TaskCard(
     description="Binary proximal femur on AP pelvis/hip radiographs with femoral-head centre and "
                 "diameter (seed 003).",
     modality="CR/DX",
-    inputs=(InputSpec("image", "CR/DX", 2, description="2D radiograph (DICOM CR/DX, PNG/JPEG/TIFF, 2D NIfTI)"),),
+    inputs=(InputSpec("image", "CR/DX", 2, description="2D radiograph (DICOM CR/DX, PNG/JPEG/TIFF, 2D NIfTI)",
+                      checks=("radiograph_polarity_advice",)),),
     preprocessing=XRAY_PREPROCESSING,
     # seed 003: U-Net 32-64-128-128, dropout 0.2, one sigmoid channel (Dice loss, Adam 3e-4,
     # betas 0.8/0.991 in Training/xray.py); a checkpoint may carry a narrower CPU variant
@@ -46,7 +47,8 @@ register(TaskCard(
     description="Femur, hip bone and sacrum on AP pelvis radiographs (seed 001: 3 classes; a "
                 "checkpoint trained on other classes carries its own label names).",
     modality="CR/DX",
-    inputs=(InputSpec("image", "CR/DX", 2, description="2D radiograph (DICOM CR/DX, PNG/JPEG/TIFF, 2D NIfTI)"),),
+    inputs=(InputSpec("image", "CR/DX", 2, description="2D radiograph (DICOM CR/DX, PNG/JPEG/TIFF, 2D NIfTI)",
+                      checks=("radiograph_polarity_advice",)),),
     preprocessing=XRAY_PREPROCESSING,
     # seed 001: U-Net with batch norm and transposed-convolution upsampling, softmax over
     # background + N classes (Dice + cross-entropy, RMSprop, ReduceLROnPlateau, clipping in Training/)

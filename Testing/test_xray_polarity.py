@@ -1,0 +1,80 @@
+"""Radiograph polarity (issue 24, part 2) on real radiographs: JSRT chest images are stored
+inverted (air bright). The decision comes from the image (ridges and border, collimation bands and
+burned-in text left out), is recorded with its evidence, and --invert yes|no overrides it; DICOM
+follows its header. Tested on real JSRT images in both polarities, at 8, 12 and 16 bits, as PNG
+and NIfTI, through the Lib's reader. Full-set figures: Training/xray_polarity.py."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from SpineKneeSegLib.core.datasets import data_root
+from SpineKneeSegLib.core.image import Image
+from SpineKneeSegLib.core.image_io import read_image, write_image
+from SpineKneeSegLib.tasks.xray.polarity import advise_polarity, decide_polarity, inverted, polarity_evidence
+
+pytestmark = pytest.mark.data
+JSRT = (data_root() or Path("/nonexistent")) / "xray" / "jsrt-scr"
+CASES = sorted(p.name for p in JSRT.glob("JPC*"))[:12] if JSRT.is_dir() else []
+
+
+def _stored(case) -> np.ndarray:
+    if not CASES:
+        pytest.skip("JSRT/SCR data not available")
+    return read_image(JSRT / case / "image.nii.gz").array.reshape(512, 512).astype(np.float64)
+
+
+def _variants(stored: np.ndarray):
+    """(name, array, truly inverted) at several bit depths, with collimation and burned-in text."""
+    usual = 255.0 - stored
+    collimated = np.pad(usual * 16, ((24, 24), (40, 40)), constant_values=4095)  # 12 bit, unexposed edges
+    collimated[30:46, 60:200] = 4095  # burned-in text at full white
+    return [("stored 8 bit", stored, True), ("usual 8 bit", usual, False), ("usual 12 bit + collimation + text",
+            collimated, False), ("usual 16 bit", usual * 257, False), ("stored 16 bit", stored * 257, True)]
+
+
+@pytest.mark.parametrize("case", CASES or ["none"])
+def test_the_decision_from_the_image_is_never_the_wrong_way(case):
+    for name, array, truly_inverted in _variants(_stored(case)):
+        evidence = polarity_evidence(array, 0.7)
+        wrong = "keep" if truly_inverted else "invert"
+        assert evidence.decision != wrong, (case, name, evidence)
+
+
+def test_most_sampled_images_are_decided_and_the_rest_are_said_undecided():
+    decided = sum(polarity_evidence(array, 0.7).decision == ("invert" if inv else "keep")
+                  for case in CASES for _, array, inv in _variants(_stored(case)))
+    assert decided >= 0.9 * 5 * len(CASES), decided
+
+
+def test_png_and_nifti_through_the_reader_and_the_overrides(tmp_path):
+    from PIL import Image as PILImage
+
+    stored = _stored(CASES[0])
+    PILImage.fromarray(stored.astype(np.uint8)).save(tmp_path / "stored8.png")
+    PILImage.fromarray((stored * 257).astype(np.uint16)).save(tmp_path / "stored16.png")
+    write_image(Image((255.0 - stored)[None].astype(np.float32) * 16, (0.7, 0.7, 1.0)), tmp_path / "usual12.nii.gz")
+    for file, turned in (("stored8.png", True), ("stored16.png", True), ("usual12.nii.gz", False)):
+        image = read_image(tmp_path / file)
+        out = decide_polarity(image, tmp_path / file, {"invert": "auto"})
+        assert (out is not None) == turned, file
+        assert image.meta["checks"]["polarity"].startswith("inverted" if turned else "kept as stored"), file
+        if turned:  # the grey scale turned over within its own range, geometry untouched
+            assert out.array.min() == image.array.min() and out.array.max() == image.array.max()
+            assert np.array_equal(inverted(out).array, image.array) and out.same_geometry(image)
+        json.dumps(image.meta["polarity"])  # the evidence goes into report.json
+    image = read_image(tmp_path / "stored8.png")
+    assert decide_polarity(image, "x", {"invert": "no"}) is None and "--invert no" in image.meta["checks"]["polarity"]
+    assert decide_polarity(read_image(tmp_path / "usual12.nii.gz"), "x", {"invert": "yes"}) is not None
+    advised = read_image(tmp_path / "stored8.png")  # phantom-trained tasks: evidence and a warning only
+    assert advise_polarity(advised, "x", {"invert": "auto"}) is None
+    assert any("--invert yes" in w for w in advised.meta["warnings"])
+    with pytest.raises(Exception, match="--invert must be one of"):
+        decide_polarity(read_image(tmp_path / "stored8.png"), "x", {"invert": "maybe"})
+
+
+def test_dicom_follows_its_header():
+    image = Image(np.zeros((1, 8, 8), np.float32), (0.7, 0.7, 1.0))
+    image.meta.update({"is_dicom": True, "photometric": "MONOCHROME1"})
+    assert decide_polarity(image, "x", {"invert": "auto"}) is None
+    assert "PhotometricInterpretation MONOCHROME1" in image.meta["checks"]["polarity"]
