@@ -189,6 +189,25 @@ def test_segmentation_to_labels_resamples_in_physical_space(mrml_scene):
     np.testing.assert_array_equal(nodes.segmentation_node_to_labels(seg, flipped, KNEE_LABELS), labels.array[::-1])
 
 
+def test_overlapping_structures_keep_both_in_a_second_layer_and_their_laterality(mrml_scene, tmp_path):
+    """xray-chest: a clavicle over a lung is in both segments (two labelmap layers of one .seg.nrrd)."""
+    from SpineKneeSegLib.core.labels import XRAY_CHEST_LABELS
+    from SpineKneeSegLib.tasks import make_phantom
+
+    ph = make_phantom("xray-chest", seed=2)
+    clavicles = ph.extra["layers"]["clavicles"]
+    lungs_heart, bones = XRAY_CHEST_LABELS[:3], XRAY_CHEST_LABELS[3:]
+    seg = nodes.labels_to_segmentation_node(mrml_scene, ph.labels, lungs_heart, "chest", layers=[(clavicles, bones)])
+    loaded = nodes.load_segmentation(mrml_scene, nodes.save_node(seg, tmp_path / "chest.seg.nrrd"))
+    segmentation = loaded.GetSegmentation()
+    assert segmentation.GetNumberOfLayers() == 2
+    _assert_segments_match_specs(loaded, XRAY_CHEST_LABELS)
+    np.testing.assert_array_equal(nodes.segmentation_node_to_labels(loaded, ph.image, lungs_heart), ph.labels.array)
+    np.testing.assert_array_equal(nodes.segmentation_node_to_labels(loaded, ph.image, bones), clavicles.array)
+    left = nodes.terminology_codes(segmentation.GetSegment("left_clavicle").GetTerminology())
+    assert (left["type"].meaning, left["modifier"].meaning) == ("Clavicle", "Left")
+
+
 def test_segmentation_region_code_round_trips(mrml_scene, tmp_path):
     image = _image(np.eye(3))
     lesion = image.with_array((image.array > 1400).astype(np.uint8))

@@ -53,7 +53,8 @@ def _common_checks(ph: Phantom, task: str, values):
 # ---- dispatch and determinism ----------------------------------------------------------------
 
 def test_tasks_and_dispatch():
-    assert phantom_tasks() == ("knee-bones", "lumbar-foramina", "brain-wmh", "xray-femur", "xray-multiclass")
+    assert phantom_tasks() == ("knee-bones", "lumbar-foramina", "brain-wmh", "xray-femur", "xray-multiclass",
+                               "xray-chest")
     with pytest.raises(ValueError):
         make_phantom("liver")
 
@@ -333,3 +334,13 @@ def test_xray_multiclass_labels_share_the_image_and_the_femur():
     heads = pelvis.extra["femoral_heads"]
     assert min(h["centre_ij"][0] for h in heads) < cols.mean() < max(h["centre_ij"][0] for h in heads)
     assert rows.mean() < min(h["centre_ij"][1] for h in heads)
+
+
+def test_chest_phantom_keeps_the_overlapping_clavicles_apart():
+    ph = make_phantom("xray-chest", seed=1)
+    clavicles = ph.extra["layers"]["clavicles"].array
+    assert set(np.unique(ph.labels.array)) == {0, 1, 2, 3} and set(np.unique(clavicles)) == {0, 4, 5}
+    assert ((clavicles > 0) & np.isin(ph.labels.array, (1, 2))).any()  # over the lung apices
+    centre_u = lambda mask: np.nonzero(mask)[2].mean()  # noqa: E731  (columns run toward patient left)
+    assert centre_u(ph.labels.array == 1) < centre_u(ph.labels.array == 2)
+    assert centre_u(clavicles == 4) < centre_u(clavicles == 5)

@@ -29,6 +29,7 @@ class LabelSpec:
     category: Code | None = None
     type: Code | None = None
     region: Code | None = None  # anatomic region (e.g. brain for a lesion)
+    modifier: Code | None = None  # the type's modifier (laterality: right / left)
 
     @property
     def segment_id(self) -> str:
@@ -72,6 +73,20 @@ XRAY_PELVIS_LABELS = (
     _bone(1, "femur", "71341001", "Femur", (241, 214, 145)),
     _bone(2, "hip bone", "29836001", "Hip", (216, 101, 79)),
     _bone(3, "sacrum", "54735007", "Sacrum", (111, 184, 210)),
+)
+
+
+# xray-chest (JSRT/SCR): lungs and heart in one map, the clavicles (which overlap the lungs) in a
+# second layer; laterality as SNOMED's type modifier, as TotalSegmentator's left/right structures
+RIGHT, LEFT = Code("SCT", "24028007", "Right"), Code("SCT", "7771000", "Left")
+XRAY_CHEST_LABELS = (
+    LabelSpec(1, "right lung", _rgb(197, 165, 145), ANATOMICAL_STRUCTURE, Code("SCT", "3341006", "Right lung")),
+    LabelSpec(2, "left lung", _rgb(197, 165, 145), ANATOMICAL_STRUCTURE, Code("SCT", "44029006", "Left lung")),
+    LabelSpec(3, "heart", _rgb(206, 110, 84), ANATOMICAL_STRUCTURE, Code("SCT", "80891009", "Heart")),
+    LabelSpec(4, "right clavicle", _rgb(241, 214, 145), ANATOMICAL_STRUCTURE, Code("SCT", "51299004", "Clavicle"),
+              modifier=RIGHT),
+    LabelSpec(5, "left clavicle", _rgb(230, 200, 130), ANATOMICAL_STRUCTURE, Code("SCT", "51299004", "Clavicle"),
+              modifier=LEFT),
 )
 
 

@@ -110,6 +110,9 @@ class TaskCard:
     # weights_entry when the input is given and the entry is present (e.g. FLAIR + T1)
     weights_with_input: tuple[tuple[str, str], ...] = ()
     warn_missing_labels: bool = True  # "no voxels predicted for ..." (not for lesions: none is a finding)
+    # (name, label values): structures that may overlap the others (sigmoid tasks), decoded into a
+    # label map of their own, written as <name>.nii.gz and as a layer of the .seg.nrrd
+    label_layers: tuple[tuple[str, tuple[int, ...]], ...] = ()
     # ``phantom(seed=0, **kw) -> core.phantoms.Phantom``: a synthetic scan with exact labels drawn by
     # code that shares nothing with the model (the demo's fallback, the self-test, geometry tests)
     phantom: Callable | None = field(default=None, compare=False)
@@ -170,6 +173,10 @@ def register(card: TaskCard) -> TaskCard:
     values = [spec.value for spec in card.labels]
     if values != list(range(1, len(values) + 1)):
         raise ValueError(f"task {card.name!r}: label values must be 1..N, got {values}")
+    layered = [v for _, group in card.label_layers for v in group]
+    if card.label_layers and (card.label_activation != "sigmoid" or len(set(layered)) != len(layered)
+                              or not set(layered) < set(values)):
+        raise ValueError(f"task {card.name!r}: label layers need sigmoid labels and disjoint groups of its labels")
     check_steps(card.postprocessors, f"task {card.name!r}")
     check_hooks(card)
     TASKS[card.name] = card

@@ -73,6 +73,7 @@ def fast_mode_plan(card: TaskCard) -> FastModePlan:
 @dataclass
 class RunResult:
     labels: Image
+    layers: dict[str, Image] = field(default_factory=dict)  # the card's label_layers (overlapping structures)
     tables: list[Table] = field(default_factory=list)
     points: list[dict] = field(default_factory=list)  # {"label", "ras", "description", "attributes"}
     summaries: dict = field(default_factory=dict)
@@ -496,7 +497,8 @@ def postprocess(card: TaskCard, image: Image, labels: np.ndarray, maps: dict[str
     result = ctx.result
     from SpineKneeSegLib.core.labels import present_labels
 
-    present = present_labels(result.labels.array)
+    present = sorted({v for array in (result.labels.array, *(layer.array for layer in result.layers.values()))
+                      for v in present_labels(array)})
     result.summaries["segments_present"] = [card.label_names[v] for v in present if v in card.label_names]
     missing = [s.name for s in card.labels if s.value not in present]
     if missing and card.warn_missing_labels:
@@ -519,8 +521,15 @@ def write_outputs(card: TaskCard, image: Image, result: RunResult, folder: Path,
     # the labels lie on the input's grid, so they carry its reference geometry themselves; the input
     # volume node (a 0.07 s copy of a 7 M-voxel brain) is made only for the scene file
     volume = nodes.image_to_volume_node(mrml_scene, image, "input") if scene else None
-    seg = nodes.labels_to_segmentation_node(mrml_scene, result.labels, card.labels, f"{card.name} segmentation",
-                                           reference_volume=volume)
+    layers = []
+    for name, values in card.label_layers:  # overlapping structures: a file and a segmentation layer each
+        layer = result.layers[name]
+        write_image(layer.with_array(layer.array.astype(np.uint8)), folder / f"{name}.nii.gz")
+        written.append(f"{name}.nii.gz")
+        layers.append((layer, [spec for spec in card.labels if spec.value in values]))
+    main_specs = [spec for spec in card.labels if all(spec.value not in values for _, values in card.label_layers)]
+    seg = nodes.labels_to_segmentation_node(mrml_scene, result.labels, main_specs, f"{card.name} segmentation",
+                                           reference_volume=volume, layers=layers)
     nodes.save_node(seg, folder / "segmentation.seg.nrrd")
     written.append("segmentation.seg.nrrd")
     for markups_file in (o for o in card.outputs if o.endswith(".mrk.json")):  # foramina, femoral heads

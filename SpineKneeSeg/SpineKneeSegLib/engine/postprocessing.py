@@ -62,12 +62,19 @@ def remove_small_components(labels: np.ndarray, min_fraction: float = 0.1) -> np
     return out
 
 
+def _counts(labels, specs) -> np.ndarray:
+    """Voxels per label value, over one label map or a list of layers (disjoint values)."""
+    maps = labels if isinstance(labels, (list, tuple)) else [labels]
+    size = max(s.value for s in specs) + 1
+    return sum(np.bincount(m.ravel(), minlength=size)[:size] for m in maps)
+
+
 def volume_table(labels: np.ndarray, image: Image, specs: tuple[LabelSpec, ...]) -> Table:
     """One row per label of the task, absent ones included with 0 voxels (e.g. knee-bones' patella
     when it is out of view): a fixed schema that tables across cases can be stacked on; 0 ml
     means not found (the report's knee_plausibility says whether that is plausible)."""
     voxel_mm3 = float(np.prod(image.spacing))
-    counts = np.bincount(labels.ravel(), minlength=max(s.value for s in specs) + 1)
+    counts = _counts(labels, specs)
     rows = [{"structure": s.name, "label": s.value, "voxels": int(counts[s.value]),
              "volume_mm3": round(float(counts[s.value]) * voxel_mm3, 3),
              "volume_ml": round(float(counts[s.value]) * voxel_mm3 / 1000.0, 4)} for s in specs]
@@ -82,7 +89,7 @@ def volume_table(labels: np.ndarray, image: Image, specs: tuple[LabelSpec, ...])
 def area_table(labels: np.ndarray, image: Image, specs: tuple[LabelSpec, ...]) -> Table:
     """In-plane area for single-slice (radiograph) label maps."""
     pixel_mm2 = float(image.spacing[0] * image.spacing[1])
-    counts = np.bincount(labels.ravel(), minlength=max(s.value for s in specs) + 1)
+    counts = _counts(labels, specs)
     rows = [{"structure": s.name, "label": s.value, "pixels": int(counts[s.value]),
              "area_mm2": round(float(counts[s.value]) * pixel_mm2, 3)} for s in specs]
     columns = [ColumnSpec("structure", "string", description="segment name"),
@@ -93,6 +100,32 @@ def area_table(labels: np.ndarray, image: Image, specs: tuple[LabelSpec, ...]) -
 
 
 # ---- steps (registered by name; see steps.py) ----------------------------------------------------
+
+def label_maps(result) -> list[np.ndarray]:
+    """The run's label map and its overlapping layers (disjoint label values)."""
+    return [result.labels.array, *(layer.array for layer in result.layers.values())]
+
+
+def decode_sigmoid(probabilities: np.ndarray, values) -> np.ndarray:
+    """uint8 labels from uint8 sigmoid maps (one per label, value v in channel v - 1): each voxel
+    takes the most probable of ``values`` whose probability is above 0.5."""
+    values = np.asarray(list(values), np.uint8)
+    sub = probabilities[values.astype(int) - 1]
+    best = sub.argmax(axis=0)
+    return np.where(sub.max(axis=0) >= 128, values[best], 0).astype(np.uint8)
+
+
+@step("label_layers", needs_probabilities=True)
+def _label_layers_step(ctx: StepContext) -> None:
+    """Structures that overlap others (the card's ``label_layers``) decoded apart from the main map,
+    so that e.g. a clavicle over a lung keeps both."""
+    probabilities = ctx.maps["probabilities"]
+    layered = {v for _, values in ctx.card.label_layers for v in values}
+    main = [spec.value for spec in ctx.card.labels if spec.value not in layered]
+    ctx.result.labels = ctx.image.with_array(decode_sigmoid(probabilities, main))
+    for name, values in ctx.card.label_layers:
+        ctx.result.layers[name] = ctx.image.with_array(decode_sigmoid(probabilities, values))
+
 
 @step("largest_component_per_label")
 def _largest_component_step(ctx: StepContext) -> None:
@@ -105,13 +138,15 @@ def _largest_component_step(ctx: StepContext) -> None:
 @step("remove_small_components")
 def _remove_small_components_step(ctx: StepContext) -> None:
     ctx.result.labels = ctx.image.with_array(remove_small_components(ctx.result.labels.array))
+    for name, layer in ctx.result.layers.items():
+        ctx.result.layers[name] = layer.with_array(remove_small_components(layer.array))
 
 
 @step("volume_table")
 def _volume_table_step(ctx: StepContext) -> None:
-    ctx.result.tables.append(volume_table(ctx.result.labels.array, ctx.image, ctx.card.labels))
+    ctx.result.tables.append(volume_table(label_maps(ctx.result), ctx.image, ctx.card.labels))
 
 
 @step("area_table")
 def _area_table_step(ctx: StepContext) -> None:
-    ctx.result.tables.append(area_table(ctx.result.labels.array, ctx.image, ctx.card.labels))
+    ctx.result.tables.append(area_table(label_maps(ctx.result), ctx.image, ctx.card.labels))

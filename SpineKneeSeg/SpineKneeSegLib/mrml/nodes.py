@@ -98,12 +98,15 @@ def _oriented_image(array: np.ndarray | None, ijk_to_ras: np.ndarray, shape_kji)
 
 # ---- segmentations -------------------------------------------------------------------------
 def labels_to_segmentation_node(scene, label_image: Image, labels: Sequence[LabelSpec], name: str,
-                                reference_volume=None):
+                                reference_volume=None, layers: Sequence[tuple[Image, Sequence[LabelSpec]]] = ()):
     """A segmentation node with one segment per LabelSpec (id ``spec.segment_id``, name, colour,
     terminology), all sharing one labelmap: a label absent from the array still gets its (empty)
-    segment, so segment names do not depend on what was found."""
+    segment, so segment names do not depend on what was found. ``layers``: further label maps on
+    the same grid whose segments may overlap the first's (e.g. clavicles over the lungs), each a
+    labelmap layer of its own."""
     labels = list(labels)
     values = _check_label_values(label_image.array, labels)
+    extra = [(_check_label_values(image.array, list(specs)), list(specs)) for image, specs in layers]
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
     node.CreateDefaultDisplayNodes()
     segmentation = node.GetSegmentation()
@@ -115,9 +118,13 @@ def labels_to_segmentation_node(scene, label_image: Image, labels: Sequence[Labe
         segmentation.SetConversionParameter(
             slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName(),
             slicer.vtkSegmentationConverter.SerializeImageGeometry(shared))
-    register_terminology(scene, labels)
+    register_terminology(scene, labels + [spec for _, specs in extra for spec in specs])
     for spec in labels:
         segmentation.AddSegment(_segment(spec, shared), spec.segment_id)
+    for layer_values, specs in extra:
+        layer = _oriented_image(layer_values, label_image.ijk_to_ras, label_image.array.shape)
+        for spec in specs:
+            segmentation.AddSegment(_segment(spec, layer), spec.segment_id)
     return node
 
 
@@ -191,12 +198,12 @@ def terminology_entry(spec: LabelSpec) -> str:
     """
     if spec.category is None or spec.type is None:
         return ""
-    category, kind, region = spec.category, spec.type, spec.region
+    category, kind, region, modifier = spec.category, spec.type, spec.region, spec.modifier
     return _TERMINOLOGY.SerializeTerminologyEntry(
         TERMINOLOGY_CONTEXT,
         category.value, category.scheme, category.meaning,
         kind.value, kind.scheme, kind.meaning,
-        "", "", "",
+        modifier.value if modifier else "", modifier.scheme if modifier else "", modifier.meaning if modifier else "",
         REGION_CONTEXT if region else "",
         region.value if region else "", region.scheme if region else "", region.meaning if region else "",
         "", "", "")
@@ -206,10 +213,11 @@ def terminology_codes(entry: str) -> dict[str, Code | None]:
     """Parse a TerminologyEntry tag: {"context", "category", "type", "region"} (Codes or None)."""
     parsed = slicer.vtkSlicerTerminologyEntry()
     if not entry or not _TERMINOLOGY.DeserializeTerminologyEntry(entry, parsed):
-        return {"context": None, "category": None, "type": None, "region": None}
+        return {"context": None, "category": None, "type": None, "modifier": None, "region": None}
     return {"context": parsed.GetTerminologyContextName(),
             "category": _code(parsed.GetCategoryObject()),
             "type": _code(parsed.GetTypeObject()),
+            "modifier": _code(parsed.GetTypeModifierObject()),
             "region": _code(parsed.GetRegionObject())}
 
 
@@ -276,6 +284,12 @@ def _types_context(specs: Sequence[LabelSpec]) -> dict:
         if all(t["CodeValue"] != spec.type.value for t in category["Type"]):
             category["Type"].append({**_code_json(spec.type), "3dSlicerLabel": _slicer_label(spec),
                                      "recommendedDisplayRGBValue": [round(c * 255) for c in spec.color]})
+        if spec.modifier is not None:  # laterality: one type, its right and left modifiers
+            kind = next(t for t in category["Type"] if t["CodeValue"] == spec.type.value)
+            modifiers = kind.setdefault("Modifier", [])
+            if all(m["CodeValue"] != spec.modifier.value for m in modifiers):
+                modifiers.append({**_code_json(spec.modifier), "3dSlicerLabel": spec.name,
+                                  "recommendedDisplayRGBValue": [round(c * 255) for c in spec.color]})
     return {"SegmentationCategoryTypeContextName": TERMINOLOGY_CONTEXT,
             "@schema": "https://raw.githubusercontent.com/qiicr/dcmqi/master/doc/schemas/segment-context-schema.json#",
             "SegmentationCodes": {"Category": list(categories.values())}}

@@ -1,5 +1,5 @@
 """The X-ray cards, xray-femur (seed 003) and xray-multiclass (seed 001)."""
-from SpineKneeSegLib.core.labels import XRAY_FEMUR_LABELS, XRAY_PELVIS_LABELS
+from SpineKneeSegLib.core.labels import XRAY_CHEST_LABELS, XRAY_FEMUR_LABELS, XRAY_PELVIS_LABELS
 from SpineKneeSegLib.engine.cards import (
                                    COMMON_OUTPUTS,
                                    InputSpec,
@@ -8,7 +8,7 @@ from SpineKneeSegLib.engine.cards import (
                                    TaskCard,
                                    register,
 )
-from SpineKneeSegLib.tasks.xray.phantom import xray_femur_phantom, xray_pelvis_phantom
+from SpineKneeSegLib.tasks.xray.phantom import xray_chest_phantom, xray_femur_phantom, xray_pelvis_phantom
 
 # X-ray (seeds 001, 003): the radiograph is shown to the network as stored (rows, columns), cut to
 # a square of its longer side centred on the image (aspect ratio kept, the rest padded with the
@@ -59,4 +59,27 @@ register(TaskCard(
     outputs=COMMON_OUTPUTS + ("areas.tsv",),
     issue=8,
     phantom=xray_pelvis_phantom,
+))
+
+register(TaskCard(
+    name="xray-chest",
+    title="Chest (X-ray): lungs, heart, clavicles",
+    description="Right and left lung, heart and both clavicles on PA chest radiographs (seed 001's "
+                "network; trained on the JSRT/SCR radiographs).",
+    modality="CR/DX",
+    inputs=(InputSpec("image", "CR/DX", 2, description="2D PA chest radiograph (DICOM CR/DX, PNG/JPEG/TIFF, 2D NIfTI)",
+                      checks=("radiograph_polarity",)),),
+    preprocessing=XRAY_PREPROCESSING,
+    # seed 001's U-Net (batch norm, transposed-convolution upsampling); its Dice + cross-entropy in
+    # per-structure (sigmoid) form, because the clavicles overlap the lungs and a softmax would
+    # give each pixel one structure only (Training/xray_chest.py)
+    network=NetworkSpec("unet2d", {"channels": (32, 64, 128, 128), "activation": "relu", "norm": "batch"}),
+    weights_entry="xray-chest",
+    labels=XRAY_CHEST_LABELS,
+    label_activation="sigmoid",
+    label_layers=(("clavicles", (4, 5)),),
+    postprocessors=("label_layers", "remove_small_components", "area_table"),
+    outputs=COMMON_OUTPUTS + ("clavicles.nii.gz", "areas.tsv"),
+    issue=24,
+    phantom=xray_chest_phantom,
 ))

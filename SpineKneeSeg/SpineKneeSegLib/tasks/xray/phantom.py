@@ -1,4 +1,5 @@
-"""Radiograph phantoms (AP pelvis / hip) with exact femur, hip-bone and sacrum masks.
+"""Radiograph phantoms: AP pelvis / hip with exact femur, hip-bone and sacrum masks; PA chest with
+exact lung, heart and (overlapping) clavicle masks.
 
 Shares no code with the segmentation methods it tests (core.phantoms' helpers and numpy/scipy
 only); conventions as in core/phantoms.py."""
@@ -233,6 +234,52 @@ def xray_pelvis_phantom(seed=0, **kw) -> Phantom:
     ph = xray_femur_phantom(seed, classes="pelvis", **kw)
     ph.task = "xray-multiclass"
     return ph
+
+
+def xray_chest_phantom(seed=0, *, shape=(512, 512), pixel_mm=0.7) -> Phantom:
+    """PA chest radiograph (single-slice Image, shape (1, H, W)) in the usual display (air and lungs
+    dark, bone bright; patient right on the image's left). Labels 1 right lung, 2 left lung, 3 heart;
+    the clavicles overlap the lungs, so they are ``extra["layers"]["clavicles"]`` (4 right, 5 left)."""
+    rng = np.random.default_rng(seed)
+    h_n, w_n = shape
+    direction = np.array([[1.0, 0, 0], [0, 0, 1.0], [0, -1.0, 0]])  # columns -> patient left, rows -> feet
+    origin = origin_for_centre(np.array([0.0, 150.0, 1300.0]), direction, (pixel_mm, pixel_mm, 1.0), (w_n, h_n, 1))
+    img = Image(np.zeros((1, h_n, w_n), np.float32), (pixel_mm, pixel_mm, 1.0), origin, direction)
+    jj, ii = np.meshgrid(np.arange(h_n, dtype=np.float64), np.arange(w_n, dtype=np.float64), indexing="ij")
+    u = (ii - (w_n - 1) / 2) * pixel_mm + rng.uniform(-8, 8)  # toward patient left
+    v = (jj - (h_n - 1) / 2) * pixel_mm + rng.uniform(-8, 8)  # toward the feet
+    scale = rng.uniform(0.9, 1.1)
+    u, v = u / scale, v / scale
+
+    def ellipse(cu, cv, ru, rv):
+        return ((u - cu) / ru) ** 2 + ((v - cv) / rv) ** 2 <= 1.0
+
+    body = ellipse(0, 20, 165, 230)
+    right_lung = ellipse(-70, -10, 55, 120) & (v < 110 - 0.3 * (u + 70))
+    left_lung = ellipse(72, 0, 50, 115) & (v < 115 + 0.3 * (u - 72))
+    heart = ellipse(25, 70, 62, 55)
+    right_lung &= ~heart
+    left_lung &= ~heart
+    labels = np.zeros((h_n, w_n), np.uint8)
+    labels[right_lung], labels[left_lung], labels[heart] = 1, 2, 3
+    clavicles = np.zeros((h_n, w_n), np.uint8)
+    for value, sign in ((4, -1.0), (5, 1.0)):  # a bar from the sternum out over the lung apex
+        t = np.clip((sign * u - 15) / 95, 0, 1)
+        centre_v = -125 + 18 * t + rng.uniform(-4, 4)
+        bar = (np.abs(v - centre_v) < 7) & (sign * u > 15) & (sign * u < 110)
+        clavicles[bar] = value
+    tissue = 0.45 * body + 0.25 * heart - 0.3 * (right_lung | left_lung)
+    tissue += 0.35 * (np.abs(u) < 14) * body  # spine and mediastinum
+    for k in range(9):  # posterior ribs: thin bright arcs across the lungs
+        arc = np.abs(v - (-110 + 25 * k) - 0.0025 * u ** 2) < 3.0
+        tissue += 0.12 * (arc & body)
+    tissue += 0.3 * (clavicles > 0)
+    tissue = ndimage.gaussian_filter(tissue, 1.2 / pixel_mm) + rng.normal(0, 0.02, tissue.shape)
+    img.array[0] = np.clip(tissue, 0, None).astype(np.float32)
+    layer = Image(clavicles[None], img.spacing, img.origin, img.direction)
+    return Phantom("xray-chest", img, Image(labels[None], img.spacing, img.origin, img.direction),
+                   extra={"layers": {"clavicles": layer}},
+                   description="PA chest radiograph phantom: lungs, heart, overlapping clavicles")
 
 
 # ------------------------------------------------------------------------------------------------
