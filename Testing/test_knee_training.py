@@ -13,7 +13,11 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 TRAINING = Path(__file__).resolve().parents[1] / "Training"
-import knee_bones as kb  # noqa: E402
+import knee_data as kd  # noqa: E402
+import knee_train as kt  # noqa: E402
+import knee_average as ka  # noqa: E402
+import knee_eval as ke  # noqa: E402
+import knee_card as kc  # noqa: E402
 import knee_synth as ks  # noqa: E402
 from SpineKneeSegLib.core.image_io import write_image  # noqa: E402
 from SpineKneeSegLib.engine.weights import register_model, resolve_weights  # noqa: E402
@@ -31,7 +35,7 @@ def volumes(tmp_path_factory):
         phantom = make_phantom("knee-bones", seed=seed, knee_side=side, shape=(40, 160, 160), spacing=(0.8, 0.8, 2.0))
         path = folder / f"phantom-{side}.nrrd"
         write_image(phantom.labels, path)
-        out.append((kb.prepare_volume(path, {1: 1, 2: 2, 3: 3, 4: 4}, 1.0), phantom))
+        out.append((kd.prepare_volume(path, {1: 1, 2: 2, 3: 3, 4: 4}, 1.0), phantom))
     return out
 
 
@@ -94,11 +98,11 @@ def test_mirroring_swaps_the_fibula_side(volumes):
 
 def test_variant_targets():
     y = torch.tensor([[0, 1, 2, 3, 4]])
-    assert kb.variant_target(y, "multiclass").tolist() == [[0, 1, 2, 3, 4]]
-    assert kb.variant_target(y, "merged").tolist() == [[0, 1, 1, 1, 1]]
-    assert kb.variant_target(y, "fibula").tolist() == [[0, 0, 0, 1, 0]]
-    assert kb.network_config(kb.Config())["out_channels"] == 5
-    assert sum(p.numel() for p in kb.build_network("unet2d", kb.network_config(kb.Config(channels=32))).parameters()) \
+    assert kt.variant_target(y, "multiclass").tolist() == [[0, 1, 2, 3, 4]]
+    assert kt.variant_target(y, "merged").tolist() == [[0, 1, 1, 1, 1]]
+    assert kt.variant_target(y, "fibula").tolist() == [[0, 0, 0, 1, 0]]
+    assert kt.network_config(kd.Config())["out_channels"] == 5
+    assert sum(p.numel() for p in kt.build_network("unet2d", kt.network_config(kd.Config(channels=32))).parameters()) \
         < 500_000  # seed 000: < 500k parameters
 
 
@@ -106,13 +110,13 @@ def test_overfits_a_fixed_batch_and_reloads_through_the_registry(volumes, tmp_pa
     vol = volumes[0][0]
     torch.manual_seed(0)
     x, y = ks.synthesise_batch([vol], ks.SynthConfig(network_px=64), torch.Generator().manual_seed(2), 8)
-    cfg = kb.Config(channels=16, levels=3, dropout=0.0)
-    net = kb.build_network("unet2d", kb.network_config(cfg))
+    cfg = kd.Config(channels=16, levels=3, dropout=0.0)
+    net = kt.build_network("unet2d", kt.network_config(cfg))
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     losses = []
     for _ in range(80):
         opt.zero_grad()
-        loss = kb.soft_dice_loss(net(x), y)
+        loss = kt.soft_dice_loss(net(x), y)
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
@@ -121,12 +125,12 @@ def test_overfits_a_fixed_batch_and_reloads_through_the_registry(volumes, tmp_pa
     models.mkdir()
     from SpineKneeSegLib.engine.weights import save_checkpoint
 
-    save_checkpoint(models / "knee-test.pt", "knee-bones", "unet2d", kb.network_config(cfg), net.state_dict())
+    save_checkpoint(models / "knee-test.pt", "knee-bones", "unet2d", kt.network_config(cfg), net.state_dict())
     monkeypatch.setenv("SPINEKNEESEG_MODELS", str(models))
     register_model(models / "knee-test.pt", "knee-bones", "0.0.1", card="none (test)")
     loaded = resolve_weights(TASKS["knee-bones"])
     assert loaded.entry.version == "0.0.1"
-    again = kb.build_network("unet2d", loaded.network["config"])
+    again = kt.build_network("unet2d", loaded.network["config"])
     again.load_state_dict(loaded.checkpoint["state_dict"])
     net.eval(), again.eval()
     with torch.no_grad():
@@ -135,21 +139,21 @@ def test_overfits_a_fixed_batch_and_reloads_through_the_registry(volumes, tmp_pa
 
 def test_trainer_checkpoints_validates_on_the_held_out_map_and_resumes(volumes, tmp_path):
     vols = [v for v, _ in volumes]
-    kb.save_volumes(vols, tmp_path / "volumes.pt")
-    cfg = kb.Config(channels=4, levels=3, iterations=4, eval_every=2, batch_size=2, patch=64, val_samples=4,
+    kd.save_volumes(vols, tmp_path / "volumes.pt")
+    cfg = kd.Config(channels=4, levels=3, iterations=4, eval_every=2, batch_size=2, patch=64, val_samples=4,
                     held_out=vols[1].name, synth={"network_px": 64})
     log = []
-    state = kb.train(cfg, tmp_path, resume=False, max_minutes=None, log=log.append)
+    state = kt.train(cfg, tmp_path, resume=False, max_minutes=None, log=log.append)
     assert state["iteration"] == 4 and state["epoch"] == 2
     assert "validating on 4 synthetic slices of ['phantom-left.nrrd']" in log[0]
     meta = torch.load(tmp_path / "best.pt", weights_only=True)["metadata"]
     assert meta["held_out"] == "phantom-left.nrrd" and meta["trained_on"] == ["phantom-right.nrrd"]
     cfg.iterations = 6
-    state = kb.train(cfg, tmp_path, resume=True, log=log.append)
+    state = kt.train(cfg, tmp_path, resume=True, log=log.append)
     assert state["iteration"] == 6 and any("resumed at iteration 4" in line for line in log)
     assert len(json.loads(json.dumps(state["history"]))) == 3
     # weight averaging (SWA) of snapshots 2..6: the mean of their weights, batch norm re-estimated
-    swa = kb.average_snapshots(tmp_path, 2, 6, bn_batches=2, log=log.append)
+    swa = ka.average_snapshots(tmp_path, 2, 6, bn_batches=2, log=log.append)
     snaps = [torch.load(tmp_path / "snapshots" / f"iter-{i:06d}.pt", weights_only=True) for i in (2, 4, 6)]
     averaged = torch.load(swa, weights_only=True)
     key = next(k for k in averaged["state_dict"] if k.endswith("weight") and averaged["state_dict"][k].dim() == 4)
@@ -158,39 +162,39 @@ def test_trainer_checkpoints_validates_on_the_held_out_map_and_resumes(volumes, 
     bn = next(k for k in averaged["state_dict"] if k.endswith("running_mean"))
     assert not torch.allclose(averaged["state_dict"][bn], sum(c["state_dict"][bn] for c in snaps) / 3, atol=1e-4)
     assert averaged["metadata"]["swa"] == {"first": 2, "last": 6, "snapshots": 3, "bn_batches": 2}
-    assert resolve_weights(TASKS[kb.TASK], str(swa)).path == swa  # the product loads it
+    assert resolve_weights(TASKS[kd.TASK], str(swa)).path == swa  # the product loads it
     first = torch.load(swa, weights_only=True)["state_dict"]  # averaging again gives the same model, bit for bit
-    again = torch.load(kb.average_snapshots(tmp_path, 2, 6, bn_batches=2, log=log.append), weights_only=True)
+    again = torch.load(ka.average_snapshots(tmp_path, 2, 6, bn_batches=2, log=log.append), weights_only=True)
     assert all(torch.equal(first[k], again["state_dict"][k]) for k in first)
     # a model soup: the same recipe with another seed, its candidate averaged with this run's
-    kb.train(kb.Config(**{**cfg.__dict__, "seed": 7}), tmp_path / "b", resume=False,
+    kt.train(kd.Config(**{**cfg.__dict__, "seed": 7}), tmp_path / "b", resume=False,
              volumes_path=tmp_path / "volumes.pt", log=log.append)
-    other = kb.average_snapshots(tmp_path / "b", 2, 6, bn_batches=2, log=log.append,
+    other = ka.average_snapshots(tmp_path / "b", 2, 6, bn_batches=2, log=log.append,
                                  volumes_path=tmp_path / "volumes.pt")
-    soup = kb.soup_checkpoints([swa, other], tmp_path / "soup.pt", tmp_path / "volumes.pt", bn_batches=2,
+    soup = ka.soup_checkpoints([swa, other], tmp_path / "soup.pt", tmp_path / "volumes.pt", bn_batches=2,
                                log=log.append)
     parts = [torch.load(p, weights_only=True)["state_dict"] for p in (swa, other)]
     souped = torch.load(soup, weights_only=True)
     assert torch.allclose(souped["state_dict"][key], (parts[0][key] + parts[1][key]) / 2, atol=1e-6)
     assert [r["seed"] for r in souped["metadata"]["soup"]["runs"]] == [cfg.seed, 7]
     assert "swa" not in souped["metadata"] and souped["metadata"]["soup"]["runs"][1]["swa"]["snapshots"] == 3
-    no_series = {"series": [], "mean_dice": {b: 0.5 for b in kb.BONE_NAMES.values()}}
-    card = " ".join(kb.model_card("9.9.2", souped["metadata"], no_series, [],
+    no_series = {"series": [], "mean_dice": {b: 0.5 for b in ke.BONE_NAMES.values()}}
+    card = " ".join(kc.model_card("9.9.2", souped["metadata"], no_series, [],
                                   [{"variant": "merged", "iteration": 300, "bone": 0.5}]).split())
     assert f"uniform weight average (`soup`, a model soup) of 2 runs of this recipe that differ only in their " \
            f"random seed ({cfg.seed}, 7), each the weight average (SWA) of its snapshots at iterations 2-6" in card
-    kb.train(kb.Config(**{**cfg.__dict__, "lr": 1e-2}), tmp_path / "c", resume=False,
+    kt.train(kd.Config(**{**cfg.__dict__, "lr": 1e-2}), tmp_path / "c", resume=False,
              volumes_path=tmp_path / "volumes.pt", log=log.append)
     with pytest.raises(SystemExit, match="not a run of the same recipe.*differs in lr"):
-        kb.soup_checkpoints([swa, tmp_path / "c" / "best.pt"], tmp_path / "bad.pt", tmp_path / "volumes.pt")
+        ka.soup_checkpoints([swa, tmp_path / "c" / "best.pt"], tmp_path / "bad.pt", tmp_path / "volumes.pt")
     assert not (tmp_path / "bad.pt").exists()
     with pytest.raises(SystemExit, match="at least two snapshots"):
-        kb.average_snapshots(tmp_path, 5, 6)
+        ka.average_snapshots(tmp_path, 5, 6)
     # fine-tuning starts from a checkpoint's weights: at lr 1e-12 they come out unchanged
     start = torch.load(tmp_path / "best.pt", weights_only=True)["state_dict"]
-    tuned = kb.Config(**{**cfg.__dict__, "iterations": 2, "lr": 1e-12, "lr_final": 1e-12,
+    tuned = kd.Config(**{**cfg.__dict__, "iterations": 2, "lr": 1e-12, "lr_final": 1e-12,
                          "init": str(tmp_path / "best.pt")})
-    kb.train(tuned, tmp_path / "tuned", resume=False, volumes_path=tmp_path / "volumes.pt", log=log.append)
+    kt.train(tuned, tmp_path / "tuned", resume=False, volumes_path=tmp_path / "volumes.pt", log=log.append)
     after = torch.load(tmp_path / "tuned" / "snapshots" / "iter-000002.pt", weights_only=True)["state_dict"]
     assert any(line.startswith("initialised from") for line in log)
     weights = [k for k in start if start[k].is_floating_point() and "running" not in k]
@@ -201,17 +205,17 @@ def test_held_out_none_trains_and_validates_on_every_anatomy(volumes, tmp_path):
     """--held-out none: the model to ship after the held-out figures are measured sees every label
     map; its validation slices come from each map in turn (fixed seed, not the training stream)."""
     vols = [v for v, _ in volumes]
-    kb.save_volumes(vols, tmp_path / "volumes.pt")
-    cfg = kb.Config(channels=4, levels=3, iterations=2, eval_every=2, batch_size=2, patch=64, val_samples=4,
-                    held_out=kb.ALL_ANATOMIES, synth={"network_px": 64, "shared_tissue_p": 1.0}, ce_weight=0.5)
+    kd.save_volumes(vols, tmp_path / "volumes.pt")
+    cfg = kd.Config(channels=4, levels=3, iterations=2, eval_every=2, batch_size=2, patch=64, val_samples=4,
+                    held_out=kd.ALL_ANATOMIES, synth={"network_px": 64, "shared_tissue_p": 1.0}, ce_weight=0.5)
     log = []
-    kb.train(cfg, tmp_path, resume=False, log=log.append)
+    kt.train(cfg, tmp_path, resume=False, log=log.append)
     assert "phantom-right.nrrd" in log[0] and "phantom-left.nrrd" in log[0].split("validating")[1]
     meta = torch.load(tmp_path / "best.pt", weights_only=True)["metadata"]
     assert meta["held_out"] == "none" and meta["trained_on"] == ["phantom-right.nrrd", "phantom-left.nrrd"]
     assert meta["config"]["ce_weight"] == 0.5 and meta["config"]["synth"]["shared_tissue_p"] == 1.0
-    _, y = kb.validation_set(vols, cfg, ks.SynthConfig(network_px=64))
-    _, y_right = kb.validation_set(vols[:1], cfg, ks.SynthConfig(network_px=64))
+    _, y = kd.validation_set(vols, cfg, ks.SynthConfig(network_px=64))
+    _, y_right = kd.validation_set(vols[:1], cfg, ks.SynthConfig(network_px=64))
     assert not torch.equal(y, y_right)  # the left map's slices are in the set
 
 
@@ -224,13 +228,13 @@ def test_marginal_loss_does_not_punish_bones_a_map_does_not_label():
     says_fibula = says_background.clone()
     says_fibula[:, 0, 4:], says_fibula[:, 3, 4:] = -5.0, 5.0
     femur_tibia_only = torch.tensor([[True, True, True, False, False]])
-    assert abs(float(kb.soft_dice_loss(says_fibula, target, femur_tibia_only))
-               - float(kb.soft_dice_loss(says_background, target, femur_tibia_only))) < 1e-3
+    assert abs(float(kt.soft_dice_loss(says_fibula, target, femur_tibia_only))
+               - float(kt.soft_dice_loss(says_background, target, femur_tibia_only))) < 1e-3
     everything = torch.ones(1, 5, dtype=torch.bool)
-    assert float(kb.soft_dice_loss(says_fibula, target, everything)) > \
-        float(kb.soft_dice_loss(says_background, target, everything)) + 0.1
+    assert float(kt.soft_dice_loss(says_fibula, target, everything)) > \
+        float(kt.soft_dice_loss(says_background, target, everything)) + 0.1
     # the cross-entropy term (--ce-weight) is marginal in the same way
-    ce = kb.marginal_cross_entropy
+    ce = kt.marginal_cross_entropy
     fibula_ce, background_ce = ce(says_fibula, target, femur_tibia_only), ce(says_background, target, femur_tibia_only)
     assert abs(float(fibula_ce) - float(background_ce)) < 1e-3
     assert float(ce(says_fibula, target, everything)) > float(ce(says_background, target, everything)) + 1.0
@@ -247,8 +251,8 @@ def test_cross_entropy_charges_a_small_stray_piece_that_the_batch_dice_hardly_se
     clean[0, 0, 4:28, 4:28], clean[0, 1, 4:28, 4:28] = -6.0, 6.0
     stray = clean.clone()
     stray[1, 0, 10:12, 10:12], stray[1, 1, 10:12, 10:12] = -6.0, 6.0
-    dice_only = float(kb.training_loss(stray, target, None, 0.0) - kb.training_loss(clean, target, None, 0.0))
-    with_ce = float(kb.training_loss(stray, target, None, 1.0) - kb.training_loss(clean, target, None, 1.0))
+    dice_only = float(kt.training_loss(stray, target, None, 0.0) - kt.training_loss(clean, target, None, 0.0))
+    with_ce = float(kt.training_loss(stray, target, None, 1.0) - kt.training_loss(clean, target, None, 1.0))
     assert 0 < dice_only < 0.01 and with_ce > dice_only + 0.02
 
 
@@ -266,15 +270,15 @@ def test_oai_zib_pairs_train_on_the_real_image(tmp_path):
 
     # OAI-ZIB ships MetaImage (.mhd + .raw)
     sitk.WriteImage(Image(oai, phantom.labels.spacing, phantom.labels.origin, phantom.labels.direction).to_sitk(),
-                    str(masks / f"9001104{kb.OAI_ZIB_SUFFIX}"))
+                    str(masks / f"9001104{kd.OAI_ZIB_SUFFIX}"))
     sitk.WriteImage(phantom.image.to_sitk(), str(images / "9001104.mhd"))
-    sitk.WriteImage(phantom.labels.to_sitk(), str(masks / f"9999999{kb.OAI_ZIB_SUFFIX}"))  # no image: skipped
-    rows = kb.import_oai_zib(masks, images)
+    sitk.WriteImage(phantom.labels.to_sitk(), str(masks / f"9999999{kd.OAI_ZIB_SUFFIX}"))  # no image: skipped
+    rows = kd.import_oai_zib(masks, images)
     assert [r["name"] for r in rows] == ["9001104"] and rows[0]["mapping"] == {1: 1, 3: 2}
-    kb.write_pairs(rows, tmp_path / "pairs.csv")
-    again = kb.read_pairs(tmp_path / "pairs.csv")
+    kd.write_pairs(rows, tmp_path / "pairs.csv")
+    again = kd.read_pairs(tmp_path / "pairs.csv")
     assert again[0]["image"] == rows[0]["image"] and again[0]["mapping"] == {1: 1, 3: 2}
-    (vol,) = kb.prepare(tmp_path / "run", None, 1.0, again, log=lambda *_: None)
+    (vol,) = kd.prepare(tmp_path / "run", None, 1.0, again, log=lambda *_: None)
     assert vol.image is not None and vol.labelled == (1, 2)
     assert set(torch.unique(vol.labels).tolist()) <= {0, 1, 2}
 
@@ -322,11 +326,11 @@ def test_image_and_label_folders_pair_by_case_name_and_prepare(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "2 case(s)" in proc.stdout and "case03" in proc.stdout
-    rows = kb.read_pairs(csv)
+    rows = kd.read_pairs(csv)
     assert [r["name"] for r in rows] == ["case01", "case02"]  # case02_seg.raw (MetaImage data) is not a case
-    assert kb.case_name(Path("x/case07.seg.nrrd")) == "case07" and kb.case_name(Path("x/case07.txt")) == "case07"
+    assert kd.case_name(Path("x/case07.seg.nrrd")) == "case07" and kd.case_name(Path("x/case07.txt")) == "case07"
     assert rows[1]["labels"].name == "case02_seg.mhd" and rows[0]["mapping"] == {1: 1, 2: 2, 7: 4}
-    volumes = kb.prepare(tmp_path / "run", None, 1.0, rows, log=lambda *_: None)
+    volumes = kd.prepare(tmp_path / "run", None, 1.0, rows, log=lambda *_: None)
     assert [v.name for v in volumes] == ["case01", "case02"]
     assert all(v.image is not None and v.labelled == (1, 2, 4) for v in volumes)
     assert set(torch.unique(volumes[1].labels).tolist()) == {0, 1, 2, 4}
@@ -346,7 +350,7 @@ def test_a_real_image_is_resampled_onto_its_labels_grid(tmp_path):
     phantom = make_phantom("knee-bones", seed=2, shape=(30, 128, 128), spacing=(1.0, 1.0, 2.5))
     write_image(phantom.image, tmp_path / "image.nii.gz")
     write_image(phantom.labels, tmp_path / "labels.nii.gz")
-    vol = kb.prepare_volume(tmp_path / "labels.nii.gz", {1: 1, 2: 2, 3: 3, 4: 4}, 1.0, tmp_path / "image.nii.gz")
+    vol = kd.prepare_volume(tmp_path / "labels.nii.gz", {1: 1, 2: 2, 3: 3, 4: 4}, 1.0, tmp_path / "image.nii.gz")
     truth = phantom.image.array.astype(float)
     image = vol.image.float().numpy() * np.percentile(truth[truth > 0], 99.5)
     labels = vol.labels.numpy()
@@ -364,46 +368,46 @@ def test_model_card_of_a_model_trained_on_every_anatomy_carries_the_held_out_run
     """A model that saw every label map has no held-out anatomy: its card must say so and show the
     held-out run's figures as the generalisation measurement, its own as seen-anatomy figures."""
     def evaluation(dice):
-        row = {"series": "sagittal 80x1.5 mm", **{b: dice for b in kb.BONE_NAMES.values()},
-               **{f"{b}_raw": dice for b in kb.BONE_NAMES.values()}}
-        return {"series": [row], "mean_dice": {b: dice for b in kb.BONE_NAMES.values()}}
+        row = {"series": "sagittal 80x1.5 mm", **{b: dice for b in ke.BONE_NAMES.values()},
+               **{f"{b}_raw": dice for b in ke.BONE_NAMES.values()}}
+        return {"series": [row], "mean_dice": {b: dice for b in ke.BONE_NAMES.values()}}
 
-    cfg = kb.Config(held_out=kb.ALL_ANATOMIES, init="models/knee-bones-0.1.0.pt").__dict__
-    val = {"dice": {b: 0.5 for b in kb.BONE_NAMES.values()}}
+    cfg = kd.Config(held_out=kd.ALL_ANATOMIES, init="models/knee-bones-0.1.0.pt").__dict__
+    val = {"dice": {b: 0.5 for b in ke.BONE_NAMES.values()}}
     meta = {"config": cfg, "val": val, "held_out": "none", "iteration": 900,
             "trained_on": ["spl-atlas-labels.nrrd", "pymskt-dess-labels.nrrd"]}
-    held_meta = {**meta, "held_out": kb.HELD_OUT, "trained_on": ["spl-atlas-labels.nrrd"], "iteration": 2800}
+    held_meta = {**meta, "held_out": kd.HELD_OUT, "trained_on": ["spl-atlas-labels.nrrd"], "iteration": 2800}
     variants = [{"variant": "merged", "iteration": 300, "bone": 0.5}]
-    card = kb.model_card("9.9.9", meta, evaluation(0.777), [], variants,
+    card = kc.model_card("9.9.9", meta, evaluation(0.777), [], variants,
                          {"version": "0.1.0", "evaluation": evaluation(0.333), "meta": held_meta}, "Looked at: ok.")
     assert "No anatomy is held out from this model" in card and "Fine-tuned from `knee-bones-0.1.0.pt`" in card
     held, own = card.split("## This model on the same synthetic series")
     assert "unseen anatomy: v0.1.0" in held and "| **mean** | 0.333" in held and "0.777" not in held
     assert "| **mean** | 0.777" in own.split("## Seed variants")[0] and "Looked at: ok." in card
-    single = kb.model_card("9.9.8", held_meta, evaluation(0.333), [], variants)
+    single = kc.model_card("9.9.8", held_meta, evaluation(0.333), [], variants)
     assert "Held out entirely" in single and "No anatomy is held out" not in single
     assert "Tissue classes" not in single and "up to 10 mm beyond" in single
     # a model trained with tissue classes says so, and shows the shared-marrow series beside the default ones
     tissue_meta = {**held_meta, "config": {**held_meta["config"], "synth": {"shared_tissue_p": 0.8,
                                                                             "through_plane_margin_mm": 25.0}}}
-    tissue = kb.model_card("9.9.7", tissue_meta, evaluation(0.333), [], variants, evaluation_tissue=evaluation(0.444))
+    tissue = kc.model_card("9.9.7", tissue_meta, evaluation(0.333), [], variants, evaluation_tissue=evaluation(0.444))
     assert "Tissue classes" in tissue and "in 80% of the samples" in tissue and "up to 25 mm beyond" in tissue
     assert "one marrow intensity for all four bones" in tissue and "| **mean** | 0.444" in tissue
     assert "distractors" not in single.lower() and "distractors" not in tissue.lower()
     distract_meta = {**held_meta, "config": {**held_meta["config"], "synth": {"distractor_p": 0.5}}}
-    distract = kb.model_card("9.9.6", distract_meta, evaluation(0.333), [], variants)
+    distract = kc.model_card("9.9.6", distract_meta, evaluation(0.333), [], variants)
     assert "Bone-like distractors: in 50% of the samples, 1-4 smooth-edged blobs" in distract
     assert "continue along S-I" not in distract
     extend_meta = {**held_meta, "config": {**held_meta["config"], "synth": {"beyond_volume": "extend"}}}
-    extended = kb.model_card("9.9.5", extend_meta, evaluation(0.333), [], variants)
+    extended = kc.model_card("9.9.5", extend_meta, evaluation(0.333), [], variants)
     assert "continue along S-I" in extended and "straight\n  continuations" in extended
     assert "were never seen as bone" in single and "straight\n  continuations" not in single
     shift_meta = {**held_meta, "config": {**held_meta["config"], "synth": {"bone_shift_mm": 8.0}}}
-    shifted = kb.model_card("9.9.5", shift_meta, evaluation(0.333), [], variants)
+    shifted = kc.model_card("9.9.5", shift_meta, evaluation(0.333), [], variants)
     assert "Per-bone shift: the fibula moved by a random offset (uniform +-8 mm" in shifted
     assert "Per-bone shift" not in single
     lines_meta = {**held_meta, "config": {**held_meta["config"], "synth": {"fascia_p": 0.5, "streak_p": 0.25}}}
-    lined = kb.model_card("9.9.6", lines_meta, evaluation(0.333), [], variants)
+    lined = kc.model_card("9.9.6", lines_meta, evaluation(0.333), [], variants)
     lined = " ".join(lined.split())
     assert "in 50% of the samples a 1-px line (fascia)" in lined and "in 25% thin streaks" in lined
     assert "Lines in the soft tissues" not in single
@@ -411,7 +415,7 @@ def test_model_card_of_a_model_trained_on_every_anatomy_carries_the_held_out_run
     swa_meta = {**held_meta, "swa": {"first": 1500, "last": 2000, "snapshots": 6, "bn_batches": 50}}
     coronal = evaluation(0.333)
     coronal["series"].append({**coronal["series"][0], "series": "coronal 40x3.0 mm", "patella": 0.0})
-    swa = kb.model_card("9.9.4", swa_meta, coronal, [], variants)
+    swa = kc.model_card("9.9.4", swa_meta, coronal, [], variants)
     assert "weight average (SWA, `average`) of the 6 snapshots at iterations 1500-2000" in swa
     assert "2D validation slices at iteration 2000 (the last averaged snapshot" in swa
     assert "Coronal input: the patella is missed (Dice 0.00" in swa and "Coronal input" not in single
@@ -431,7 +435,7 @@ def test_model_card_of_a_model_trained_on_every_anatomy_carries_the_held_out_run
     assert 0.9 < fibula_dice < 0.99
     real = [{"series": "dess-dicom", "summaries": {"knee_plausibility": plaus}, "warnings": [],
              "timings_s": {"total": 4.2}}]
-    row = next(line for line in kb.model_card("9.9.3", held_meta, evaluation(0.333), real, variants).splitlines()
+    row = next(line for line in kc.model_card("9.9.3", held_meta, evaluation(0.333), real, variants).splitlines()
                if line.startswith("| dess-dicom"))
     section = plaus["checks"]["fibula_cross_section"]
     assert row.startswith(f"| dess-dicom | passed | 1/1/2/1; 1.00/1.00/{fibula_dice:.2f}/1.00; ")
@@ -449,10 +453,10 @@ def test_tissue_classes_come_from_the_colour_table_beside_a_label_map(tmp_path):
 
     path = tmp_path / "atlas.nrrd"
     write_image(Image(arr, (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), np.eye(3)), path)
-    plain = kb.prepare_volume(path, {95: 1, 96: 2}, 1.0)
+    plain = kd.prepare_volume(path, {95: 1, 96: 2}, 1.0)
     (tmp_path / "atlas.ctbl").write_text("# colour table\n12 vastus_lateralis 230 125 125 255\n"
                                          "13 vastus_medialis 230 125 125 255\n31 acl 255 255 255 255\n")
-    grouped = kb.prepare_volume(path, {95: 1, 96: 2}, 1.0)
+    grouped = kd.prepare_volume(path, {95: 1, 96: 2}, 1.0)
     # renumbered: 5 = value 12, 6 = value 13, 7 = value 31
     assert plain.tissue[1:5] == grouped.tissue[1:5] == (1, 1, 1, 1)
     assert len({plain.tissue[i] for i in (5, 6, 7)}) == 3
@@ -461,9 +465,9 @@ def test_tissue_classes_come_from_the_colour_table_beside_a_label_map(tmp_path):
 
 def test_the_shared_label_maps_group_muscles_and_cartilage(data_root):
     maps = data_root / "knee" / "labelmaps"
-    spl = kb.tissue_of(maps / "spl-atlas-labels.nrrd", [12, 13, 26, 31, 83, 86])
+    spl = kd.tissue_of(maps / "spl-atlas-labels.nrrd", [12, 13, 26, 31, 83, 86])
     assert spl[12] == spl[13] == spl[26] != spl[31] and spl[83] == spl[86] != spl[12]
-    dess = kb.tissue_of(maps / "pymskt-dess-labels.nrrd", [1, 4, 9, 10])
+    dess = kd.tissue_of(maps / "pymskt-dess-labels.nrrd", [1, 4, 9, 10])
     assert dess[1] == dess[4] == "cartilage" and dess[9] == dess[10] == "meniscus"
 
 
@@ -505,13 +509,13 @@ def test_slab_positions_reach_the_through_plane_margin(volumes):
 
 
 def test_synth_overrides_from_the_command_line_are_typed_and_checked():
-    assert kb.parse_synth_overrides(["shared_tissue_p=0.8", "fov_mm=100,150", "sub_planes=3"]) == {
+    assert kd.parse_synth_overrides(["shared_tissue_p=0.8", "fov_mm=100,150", "sub_planes=3"]) == {
         "shared_tissue_p": 0.8, "fov_mm": (100.0, 150.0), "sub_planes": 3}
-    assert kb.parse_synth_overrides(["shift_bones=3,4"]) == {"shift_bones": (3, 4)}  # a list of bones
-    assert kb.parse_synth_overrides(["shift_bones=4"]) == {"shift_bones": (4,)}
+    assert kd.parse_synth_overrides(["shift_bones=3,4"]) == {"shift_bones": (3, 4)}  # a list of bones
+    assert kd.parse_synth_overrides(["shift_bones=4"]) == {"shift_bones": (4,)}
     for bad in (["nonsense=1"], ["fov_mm=100"], ["shared_tissue_p=high"], ["extra=1"], ["shift_bones=7"]):
         with pytest.raises(SystemExit, match="--synth"):
-            kb.parse_synth_overrides(bad)
+            kd.parse_synth_overrides(bad)
 
 
 def test_synthetic_series_can_give_the_four_bones_one_marrow_intensity(volumes):
@@ -601,12 +605,12 @@ def test_components_are_described_largest_first_with_their_place_relative_to_the
     labels[3:7, 16:19, 20:26] = 3  # fibula, 72 voxels
     labels[0:1, 0:2, 0:2] = 3  # a stray piece, 4 voxels
     image = Image(np.zeros(labels.shape, np.float32), (1.0, 1.0, 2.0))
-    rows = kb.describe_components(labels, image, 3)
+    rows = ke.describe_components(labels, image, 3)
     assert [r["ml"] for r in rows] == [round(72 * 2 / 1000, 3), round(4 * 2 / 1000, 3)]
     assert rows[0]["slices"] == [3, 6] and rows[1]["slices"] == [0, 0]
     # fibula centroid index (4.5, 17, 22.5): 13 voxels to patient left (RAS -13), 7.5 posterior (-7.5), level
     assert rows[0]["offset_ras_mm"] == [-13.0, -7.5, 0.0]
-    assert kb.describe_components(labels, image, 4) == []
+    assert ke.describe_components(labels, image, 4) == []
 
 
 def test_slice_fit_measures_the_fit_to_one_anatomys_synthetic_slices(volumes, tmp_path):
@@ -615,43 +619,43 @@ def test_slice_fit_measures_the_fit_to_one_anatomys_synthetic_slices(volumes, tm
     from SpineKneeSegLib.engine.weights import save_checkpoint
 
     vols = [v for v, _ in volumes]
-    kb.save_volumes(vols, tmp_path / "volumes.pt")
+    kd.save_volumes(vols, tmp_path / "volumes.pt")
     synth = {"network_px": 64}
     gen = torch.Generator().manual_seed(4242)
     x, y = (torch.stack(t) for t in zip(*(ks.synthesise(vols[0], ks.SynthConfig(**synth), gen)[:2] for _ in range(6))))
-    cfg = kb.Config(channels=16, levels=3, dropout=0.0)
+    cfg = kd.Config(channels=16, levels=3, dropout=0.0)
     torch.manual_seed(0)
-    net = kb.build_network("unet2d", kb.network_config(cfg))
-    save_checkpoint(tmp_path / "untrained.pt", "knee-bones", "unet2d", kb.network_config(cfg), net.state_dict())
+    net = kt.build_network("unet2d", kt.network_config(cfg))
+    save_checkpoint(tmp_path / "untrained.pt", "knee-bones", "unet2d", kt.network_config(cfg), net.state_dict())
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     for _ in range(150):
         opt.zero_grad()
-        kb.soft_dice_loss(net(x), y).backward()
+        kt.soft_dice_loss(net(x), y).backward()
         opt.step()
-    save_checkpoint(tmp_path / "fit.pt", "knee-bones", "unet2d", kb.network_config(cfg), net.state_dict())
+    save_checkpoint(tmp_path / "fit.pt", "knee-bones", "unet2d", kt.network_config(cfg), net.state_dict())
     name = vols[0].name.split(".")[0]
-    fit = kb.slice_fit(tmp_path / "fit.pt", tmp_path / "volumes.pt", name, synth, samples=6)
-    untrained = kb.slice_fit(tmp_path / "untrained.pt", tmp_path / "volumes.pt", name, synth, samples=6)
+    fit = ke.slice_fit(tmp_path / "fit.pt", tmp_path / "volumes.pt", name, synth, samples=6)
+    untrained = ke.slice_fit(tmp_path / "untrained.pt", tmp_path / "volumes.pt", name, synth, samples=6)
     assert fit["anatomy"] == vols[0].name and fit["samples"] == 6
     assert fit["dice"]["femur"] > 0.8 and fit["dice"]["tibia"] > 0.8, fit
     assert untrained["dice"]["femur"] < 0.5, untrained
     with pytest.raises(SystemExit, match="matches 0"):
-        kb.slice_fit(tmp_path / "fit.pt", tmp_path / "volumes.pt", "spl", synth, samples=2)
+        ke.slice_fit(tmp_path / "fit.pt", tmp_path / "volumes.pt", "spl", synth, samples=2)
     with pytest.raises(SystemExit, match="matches 2"):
-        kb.slice_fit(tmp_path / "fit.pt", tmp_path / "volumes.pt", "phantom", synth, samples=2)
+        ke.slice_fit(tmp_path / "fit.pt", tmp_path / "volumes.pt", "phantom", synth, samples=2)
 
 
 def test_widening_keeps_the_networks_output_and_the_new_units_learn(volumes, tmp_path):
     torch.manual_seed(0)
-    narrow = kb.build_network("unet2d", kb.network_config(kb.Config(channels=4, levels=3))).eval()
+    narrow = kt.build_network("unet2d", kt.network_config(kd.Config(channels=4, levels=3))).eval()
     for m in narrow.modules():  # non-trivial batch-norm statistics, as in a trained network
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.2, 0.2)
-    wide = kb.build_network("unet2d", kb.network_config(kb.Config(channels=6, levels=3)))
-    wide.load_state_dict(kb.widen_state(narrow.state_dict(), wide.state_dict(), 4, 6))
+    wide = kt.build_network("unet2d", kt.network_config(kd.Config(channels=6, levels=3)))
+    wide.load_state_dict(kt.widen_state(narrow.state_dict(), wide.state_dict(), 4, 6))
     x = torch.randn(3, 1, 32, 32)
     with torch.no_grad():
         assert torch.allclose(wide.eval()(x), narrow(x), atol=1e-5)
@@ -668,21 +672,21 @@ def test_widening_keeps_the_networks_output_and_the_new_units_learn(volumes, tmp
     assert wide.head.weight[:, 4:].abs().sum() > 0
     assert not torch.allclose(wide.down[0][0].weight[4:], first_new)
     with pytest.raises(ValueError, match="cannot map"):
-        kb.widen_state(narrow.state_dict(), wide.state_dict(), 3, 6)
+        kt.widen_state(narrow.state_dict(), wide.state_dict(), 3, 6)
     # the trainer widens a narrower --init checkpoint (and refuses a narrowing one)
     vols = [v for v, _ in volumes]
-    kb.save_volumes(vols, tmp_path / "volumes.pt")
-    cfg = kb.Config(channels=4, levels=3, iterations=2, eval_every=2, batch_size=2, patch=64, val_samples=4,
+    kd.save_volumes(vols, tmp_path / "volumes.pt")
+    cfg = kd.Config(channels=4, levels=3, iterations=2, eval_every=2, batch_size=2, patch=64, val_samples=4,
                     held_out=vols[1].name, synth={"network_px": 64})
-    kb.train(cfg, tmp_path / "narrow", resume=False, volumes_path=tmp_path / "volumes.pt", log=lambda *_: None)
+    kt.train(cfg, tmp_path / "narrow", resume=False, volumes_path=tmp_path / "volumes.pt", log=lambda *_: None)
     log = []
-    wider = kb.Config(**{**cfg.__dict__, "channels": 6, "init": str(tmp_path / "narrow" / "best.pt")})
-    kb.train(wider, tmp_path / "wide", resume=False, volumes_path=tmp_path / "volumes.pt", log=log.append)
+    wider = kd.Config(**{**cfg.__dict__, "channels": 6, "init": str(tmp_path / "narrow" / "best.pt")})
+    kt.train(wider, tmp_path / "wide", resume=False, volumes_path=tmp_path / "volumes.pt", log=log.append)
     assert any("widened 4 -> 6 channels" in line for line in log)
     assert torch.load(tmp_path / "wide" / "best.pt", weights_only=True)["network"]["config"]["channels"] == (6, 6, 6)
-    narrower = kb.Config(**{**cfg.__dict__, "channels": 2, "init": str(tmp_path / "narrow" / "best.pt")})
+    narrower = kd.Config(**{**cfg.__dict__, "channels": 2, "init": str(tmp_path / "narrow" / "best.pt")})
     with pytest.raises(SystemExit, match="cannot start"):
-        kb.train(narrower, tmp_path / "bad", resume=False, volumes_path=tmp_path / "volumes.pt", log=log.append)
+        kt.train(narrower, tmp_path / "bad", resume=False, volumes_path=tmp_path / "volumes.pt", log=log.append)
 
 
 def test_a_shifted_bone_moves_by_its_offset_and_never_overwrites_another_bone(volumes):
@@ -794,15 +798,15 @@ def test_soft_tissue_lines_leave_bones_the_target_and_the_old_stream_alone(volum
 
 def test_evaluations_with_several_seeds_pool_their_series():
     def result(seed, rows):
-        return {"checkpoint": "ck.pt", "seed": seed, "series": rows, "mean_dice": kb.mean_series_dice(rows)}
+        return {"checkpoint": "ck.pt", "seed": seed, "series": rows, "mean_dice": ke.mean_series_dice(rows)}
     a = result(777, [{"series": "s1", "femur": 0.8, "fibula": 0.2}, {"series": "s2", "femur": 0.6}])
     b = result(1777, [{"series": "s1", "femur": 0.9, "fibula": 0.6}])
-    pooled = kb.pool_evaluations([a, b])
+    pooled = ke.pool_evaluations([a, b])
     assert pooled["seed"] == [777, 1777] and [r["seed"] for r in pooled["series"]] == [777, 777, 1777]
     assert pooled["mean_dice"]["femur"] == round((0.8 + 0.6 + 0.9) / 3, 4)
     assert pooled["mean_dice"]["fibula"] == 0.4  # a series without the fibula does not count for it
     assert a["mean_dice"]["fibula"] == 0.2 and np.isnan(pooled["mean_dice"]["tibia"])
-    assert kb.pool_evaluations([a]) is a  # one seed: the result as it was, seed an int
+    assert ke.pool_evaluations([a]) is a  # one seed: the result as it was, seed an int
 
 
 def test_held_out_series_can_carry_the_soft_tissue_lines(volumes):

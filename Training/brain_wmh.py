@@ -45,6 +45,7 @@ from SpineKneeSegLib.engine.preprocessing import (  # noqa: E402
 )
 from SpineKneeSegLib.engine.weights import save_checkpoint  # noqa: E402
 from SpineKneeSegLib.tasks import TASKS  # noqa: E402
+from trainloop import Evaluation, LoopConfig, run_loop, seed_everything
 from wmh_metrics import all_metrics  # noqa: E402
 
 CARD = TASKS["brain-wmh"]
@@ -271,7 +272,7 @@ def held_back_dice(net, pool: list[Prepared], held: dict[str, np.ndarray]) -> fl
 def train(cfg: Config, cases: list[dict], out: Path, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
     thin, slabs = [], []
     for case in cases:
         image, labels, extras = read_case(case, cfg)
@@ -296,34 +297,29 @@ def train(cfg: Config, cases: list[dict], out: Path, log=print) -> dict:
     optimiser = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimiser, mode="max", factor=0.2, patience=5)
     criterion = make_loss(cfg)
-    best, best_epoch, history = -1.0, 0, []
-    for epoch in range(1, cfg.epochs + 1):
-        t0 = time.time()
-        net.train()
-        losses = []
-        for _ in range(cfg.steps_per_epoch):
+
+    def batches(_step):
+        while True:
             pool = slabs if rng.random() < cfg.slab_fraction else thin
-            x, y = sample_batch(pool, cfg, rng, train_idx)
-            optimiser.zero_grad()
-            loss = criterion(net(x), y)
-            loss.backward()
-            optimiser.step()
-            losses.append(float(loss.detach()))
+            yield sample_batch(pool, cfg, rng, train_idx)
+
+    def evaluate(net):
         dice = held_back_dice(net, thin, held_idx)
-        scheduler.step(dice)
-        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "held_back_dice": round(dice, 4),
-                        "lr": optimiser.param_groups[0]["lr"], "seconds": round(time.time() - t0, 1)})
-        log(json.dumps(history[-1]))
-        if dice > best:
-            best, best_epoch = dice, epoch
-            save_checkpoint(out / "best.pt", CARD.name, CARD.network.factory, network_config(cfg), net.state_dict(),
-                            preprocessing=weights_preprocessing(cfg),
-                            metadata={"epoch": epoch, "held_back_dice": dice, "config": asdict(cfg),
-                                      "trained_on": [c["id"] for c in cases]})
-        if epoch - best_epoch >= cfg.patience:
-            break
+        return Evaluation(dice, {"held_back_dice": round(dice, 4)}, {"val/held_back_dice": dice})
+
+    def save_best(path, net, state, evaluation):
+        save_checkpoint(path, CARD.name, CARD.network.factory, network_config(cfg), net.state_dict(),
+                        preprocessing=weights_preprocessing(cfg),
+                        metadata={"epoch": state["epoch"], "held_back_dice": evaluation.score, "config": asdict(cfg),
+                                  "trained_on": [c["id"] for c in cases]})
+
+    loop = LoopConfig(steps=cfg.epochs * cfg.steps_per_epoch, eval_every=cfg.steps_per_epoch, patience=cfg.patience,
+                      scheduler_on="evaluation", seed=cfg.seed, round_loss=None)
+    state = run_loop(net, optimiser, batches, lambda n, b: criterion(n(b[0]), b[1]), loop, out, scheduler=scheduler,
+                     evaluate=evaluate, save_best=save_best, rng=rng, extra={"config": asdict(cfg)}, log=log)
+    history = [{k: h[k] for k in ("epoch", "loss", "held_back_dice", "lr", "seconds")} for h in state["history"]]
     (out / "history.json").write_text(json.dumps(history, indent=2))
-    return {"best_held_back_dice": best, "best_epoch": best_epoch, "epochs": len(history)}
+    return {"best_held_back_dice": state["best"], "best_epoch": state["best_epoch"], "epochs": state["epoch"]}
 
 
 # ---- evaluation ----------------------------------------------------------------------------------

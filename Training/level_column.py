@@ -7,9 +7,7 @@ Used by ``spine_levels.py cv | final``; the seed's crop-based loop stays in ``sp
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,7 +15,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
-from slicetrain import load_resume_state, save_resume_state
 
 # the seed loop's pieces, shared: labels L1..L5, inverse-frequency weights, per-dataset sampling,
 # contrast remapping (T1 <-> T2), weighted Dice
@@ -34,6 +31,7 @@ from SpineKneeSegLib.engine.models import build_network
 from SpineKneeSegLib.engine.preprocessing import context_channels, training_slices
 from SpineKneeSegLib.engine.weights import save_checkpoint
 from SpineKneeSegLib.tasks import TASKS
+from trainloop import LoopConfig, run_loop, seed_everything
 
 CARD = TASKS["lumbar-foramina"]
 N_LEVELS = 5
@@ -265,46 +263,25 @@ def train_column(cfg: ColumnConfig, out: Path, cases: list[PreparedCase], resume
     (``final.pt``, weights format). ``last.pt`` every 50 steps; ``--resume`` continues."""
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
     net = build_network("multinet", network_config(cfg))
     optimiser = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, cfg.steps, eta_min=cfg.lr_final)
     criterion = make_loss(cfg, level_weights(cases))
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    state = {"step": 0, "losses": [], "seconds": 0.0}
-    last = out / "last.pt"
-    resumed = load_resume_state(last, net, optimiser, schedule, rng, gen) if resume else None
-    if resumed is not None:
-        state = resumed
-        log(f"resumed at step {state['step']}")
-    started = time.time()
-    net.train()
-    window = []
-    while state["step"] < cfg.steps:
-        t = time.time()
-        x, target = sample_batch(cases, cfg, rng, gen)
-        optimiser.zero_grad()
-        loss = criterion(net(x), target)
-        loss.backward()
-        optimiser.step()
-        schedule.step()
-        state["step"] += 1
-        state["seconds"] += time.time() - t
-        window.append(float(loss.detach()))
-        out_of_time = max_minutes is not None and (time.time() - started) / 60 > max_minutes
-        if state["step"] % 50 == 0 or state["step"] == cfg.steps or out_of_time:
-            state["losses"].append((state["step"], round(float(np.mean(window)), 4)))
-            window = []
-            save_resume_state(last, {"model": net.state_dict(), "optimiser": optimiser.state_dict(),
-                                     "scheduler": schedule.state_dict(), "state": state,
-                                     "numpy_rng": rng.bit_generator.state, "torch_rng": gen.get_state(),
-                                     "config": asdict(cfg)})
-            log(json.dumps({"step": state["step"], "loss": state["losses"][-1][1],
-                            "lr": round(schedule.get_last_lr()[0], 6), "seconds": round(state["seconds"])}))
-        if out_of_time and state["step"] < cfg.steps:
-            log("time budget reached; continue with --resume")
-            return None
+
+    def batches(_step):
+        while True:
+            yield sample_batch(cases, cfg, rng, gen)
+
+    loop = LoopConfig(steps=cfg.steps, checkpoint_every=50, seed=cfg.seed, max_minutes=max_minutes,
+                      tensorboard=False)
+    state = run_loop(net, optimiser, batches, lambda n, b: criterion(n(b[0]), b[1]), loop, out, scheduler=schedule,
+                     rng=rng, gen=gen, resume=resume, extra={"config": asdict(cfg)}, log=log,
+                     resume_message=lambda st: f"resumed at step {st['step']}")
+    if state["stopped"] == "time":
+        return None
     net.eval()
     final = out / "final.pt"
     save_checkpoint(final, CARD.name, "multinet", network_config(cfg), net.state_dict(),

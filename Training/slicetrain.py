@@ -2,7 +2,8 @@
 factory as inference (SpineKneeSegLib), so a trained checkpoint runs unchanged in every door.
 
 Task issues add their own losses, augmentation and data importers on top; this is the common loop
-(soft Dice + cross-entropy for the label softmax, Adam, seeded, checkpoint via the weights format).
+(soft Dice + cross-entropy for the label softmax, Adam, seeded, checkpoint via the weights format),
+run on trainloop.run_loop.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from SpineKneeSegLib.engine.preprocessing import (  # noqa: E402
     training_slices,
 )
 from SpineKneeSegLib.engine.weights import save_checkpoint  # noqa: E402
+from trainloop import LoopConfig, run_loop, seed_everything
 
 
 def slices_for_training(card: TaskCard, image: Image, labels: Image, multiple: int,
@@ -72,7 +74,7 @@ class TrainConfig:
 def train(card: TaskCard, pairs: list[tuple[Image, Image]], config: TrainConfig, checkpoint: str | Path,
           metadata: dict | None = None) -> list[float]:
     """Train on (image, labels) pairs; write the checkpoint; return the per-epoch mean losses."""
-    torch.manual_seed(config.seed)
+    seed_everything(config.seed)
     rng = np.random.default_rng(config.seed)
     net_config = {**card.network.config, **config.network, "in_channels": card.preprocessing.context_slices,
                   "out_channels": card.output_channels}
@@ -85,57 +87,22 @@ def train(card: TaskCard, pairs: list[tuple[Image, Image]], config: TrainConfig,
     else:
         criterion = lambda logits, y: dice_ce_loss(logits, y, n_classes)  # noqa: E731
     optimiser = torch.optim.Adam(net.parameters(), lr=config.lr)
-    history = []
-    for _ in range(config.epochs):
-        net.train()
-        losses = []
-        for x, y in data:
-            for start in range(0, len(x), config.batch_size):
-                pick = rng.permutation(len(x))[start:start + config.batch_size] if len(x) > config.batch_size \
-                    else np.arange(len(x))
-                optimiser.zero_grad()
-                loss = criterion(net(x[pick]), y[pick])
-                loss.backward()
-                optimiser.step()
-                losses.append(float(loss.detach()))
-        history.append(float(np.mean(losses)))
+    sizes = [-(-len(x) // config.batch_size) for x, _ in data]  # batches of each pair per epoch
+
+    def batches(_step):
+        while True:
+            for x, y in data:
+                for start in range(0, len(x), config.batch_size):
+                    pick = rng.permutation(len(x))[start:start + config.batch_size] if len(x) > config.batch_size \
+                        else np.arange(len(x))
+                    yield x[pick], y[pick]
+
+    loop = LoopConfig(steps=config.epochs * sum(sizes), checkpoint_every=sum(sizes), seed=config.seed,
+                      tensorboard=False, round_loss=None)
+    state = run_loop(net, optimiser, batches, lambda n, b: criterion(n(b[0]), b[1]), loop, None,
+                     log=lambda _: None)
+    history = [h["loss"] for h in state["history"]]
     save_checkpoint(checkpoint, card.name, card.network.factory, net_config, net.state_dict(),
                     preprocessing=config.preprocessing,
                     metadata={"trained": True, "epochs": config.epochs, "final_loss": history[-1], **(metadata or {})})
     return history
-
-
-def tensorboard_writer(out: Path):
-    """TensorBoard writer under OUT/tensorboard, or None without the 'train' extra."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is in the 'train' extra
-        return None
-    return SummaryWriter(str(out / "tensorboard"))
-
-
-def load_resume_state(path: Path, net, optimiser, scheduler=None, rng: np.random.Generator | None = None,
-                      gen: torch.Generator | None = None) -> dict | None:
-    """Restore what ``save_resume_state`` wrote (keys model, optimiser[, scheduler][, numpy_rng,
-    torch_rng], state) into the given objects; returns the trainer's state dict, or None when
-    ``path`` does not exist."""
-    if not path.exists():
-        return None
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own file
-    net.load_state_dict(ckpt["model"])
-    optimiser.load_state_dict(ckpt["optimiser"])
-    if scheduler is not None:
-        scheduler.load_state_dict(ckpt["scheduler"])
-    if rng is not None:
-        rng.bit_generator.state = ckpt["numpy_rng"]
-    if gen is not None:
-        gen.set_state(ckpt["torch_rng"])
-    return ckpt["state"]
-
-
-def save_resume_state(path: Path, payload: dict) -> None:
-    """Write a trainer's resume state (weights, optimiser, counters) atomically: a run killed
-    mid-write keeps its previous state."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)

@@ -12,14 +12,12 @@ import argparse
 import json
 import math
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from slicetrain import load_resume_state, save_resume_state, tensorboard_writer  # noqa: E402
 from SpineKneeSegLib.core.datasets import data_root  # noqa: E402
 from SpineKneeSegLib.core.image_io import read_image  # noqa: E402
 from SpineKneeSegLib.engine.inference import segment_slices  # noqa: E402
@@ -29,6 +27,7 @@ from SpineKneeSegLib.engine.postprocessing import largest_component_per_label
 from SpineKneeSegLib.engine.preprocessing import context_channels, training_slices  # noqa: E402
 from SpineKneeSegLib.engine.weights import save_checkpoint  # noqa: E402
 from SpineKneeSegLib.tasks import TASKS  # noqa: E402
+from trainloop import Evaluation, LoopConfig, run_loop, seed_everything
 
 CARD = TASKS["lumbar-foramina"]
 N_LEVELS = 5
@@ -302,58 +301,36 @@ def train_loop(cfg: Config, out: Path, prepared: list[PreparedCase], evaluate, r
     out.mkdir(parents=True, exist_ok=True)
     weights = level_weights(prepared)
     log(f"{len(prepared)} prepared training cases; level weights {[round(float(w), 2) for w in weights]}")
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
     net = build_network("multinet", network_config(cfg))
     optimiser = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     criterion = loss_fn(cfg.loss, weights)
-    state = {"epoch": 0, "best": -math.inf, "best_epoch": 0, "history": []}
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    last = out / "last.pt"
-    resumed = load_resume_state(last, net, optimiser, rng=rng, gen=gen) if resume else None
-    if resumed is not None:
-        state = resumed
-        log(f"resumed at epoch {state['epoch']} (best {state['best']:.4f} at {state['best_epoch']})")
-    writer = tensorboard_writer(out)
-    steps = max(1, sum(c.stack.shape[0] for c in prepared) // cfg.batch_size)
-    started = time.time()
-    while state["epoch"] < cfg.epochs and state["epoch"] - state["best_epoch"] < cfg.patience:
-        t0 = time.time()
-        net.train()
-        losses = []
-        for _ in range(steps):
-            x, target = sample_batch(prepared, cfg, rng, gen)
-            optimiser.zero_grad()
-            loss = criterion(net(x), target)
-            loss.backward()
-            optimiser.step()
-            losses.append(float(loss.detach()))
-        net.eval()
+    steps = max(1, sum(c.stack.shape[0] for c in prepared) // cfg.batch_size)  # one epoch
+
+    def batches(_step):
+        while True:
+            yield sample_batch(prepared, cfg, rng, gen)
+
+    def scored(net):
         score, scalars, metrics = evaluate(net)
-        state["epoch"] += 1
-        entry = {"epoch": state["epoch"], "loss": float(np.mean(losses)), "score": score,
-                 **{k.replace("/", "_"): v for k, v in scalars.items()}, "seconds": round(time.time() - t0, 1)}
-        state["history"].append(entry)
-        if writer:
-            writer.add_scalar("train/loss", entry["loss"], state["epoch"])
-            for name, value in scalars.items():
-                writer.add_scalar(name, value, state["epoch"])
-            writer.flush()
-        if score > state["best"]:
-            state["best"], state["best_epoch"] = score, state["epoch"]
-            save_checkpoint(out / "best.pt", CARD.name, "multinet", network_config(cfg), net.state_dict(),
-                            preprocessing={"in_plane_spacing_mm": cfg.spacing_mm},
-                            metadata={"epoch": state["epoch"], "val": metrics, "config": asdict(cfg),
-                                      **(metadata or {})}, model=model)
-            (out / "best_metrics.json").write_text(json.dumps(metrics, indent=2))
-        save_resume_state(last, {"model": net.state_dict(), "optimiser": optimiser.state_dict(), "state": state,
-                                 "numpy_rng": rng.bit_generator.state, "torch_rng": gen.get_state(),
-                                 "config": asdict(cfg)})
-        log(json.dumps(entry))
-        if max_minutes and (time.time() - started) / 60 > max_minutes:
-            log("time budget reached; resume with --resume")
-            break
-    return state
+        return Evaluation(score, {"score": score, **{k.replace("/", "_"): v for k, v in scalars.items()}},
+                          scalars, metrics)
+
+    def save_best(path, net, state, evaluation):
+        save_checkpoint(path, CARD.name, "multinet", network_config(cfg), net.state_dict(),
+                        preprocessing={"in_plane_spacing_mm": cfg.spacing_mm},
+                        metadata={"epoch": state["epoch"], "val": evaluation.metrics, "config": asdict(cfg),
+                                  **(metadata or {})}, model=model)
+        (out / "best_metrics.json").write_text(json.dumps(evaluation.metrics, indent=2))
+
+    loop = LoopConfig(steps=cfg.epochs * steps, eval_every=steps, patience=cfg.patience, seed=cfg.seed,
+                      max_minutes=max_minutes, round_loss=None)
+    return run_loop(net, optimiser, batches, lambda n, b: criterion(n(b[0]), b[1]), loop, out, evaluate=scored,
+                    save_best=save_best, rng=rng, gen=gen, resume=resume, extra={"config": asdict(cfg)}, log=log,
+                    resume_message=lambda st: f"resumed at epoch {st['epoch']} (best {st['best']:.4f} at "
+                                              f"{st['best_epoch']})")
 
 
 def column_main(argv) -> int:

@@ -40,9 +40,7 @@ import torch
 from slicetrain import (  # noqa: E402
     dice_ce_loss,
     foreground_dice_loss,
-    save_resume_state,
     sigmoid_dice_bce_loss,
-    tensorboard_writer,
 )
 from SpineKneeSegLib.core.image import Image  # noqa: E402
 from SpineKneeSegLib.engine.models import build_network, count_parameters  # noqa: E402
@@ -51,6 +49,7 @@ from SpineKneeSegLib.engine.preprocessing import training_slices  # noqa: E402
 from SpineKneeSegLib.engine.weights import save_checkpoint  # noqa: E402
 from SpineKneeSegLib.tasks import TASKS  # noqa: E402
 from SpineKneeSegLib.tasks.xray.phantom import xray_femur_phantom  # noqa: E402
+from trainloop import Evaluation, LoopConfig, run_loop, seed_everything
 
 TASKS_HERE = ("xray-femur", "xray-multiclass")
 VAL_SEED0, TEST_SEED0 = 50_000, 90_000
@@ -250,7 +249,7 @@ def train(cfg: Config, out: Path, resume: bool = False, max_minutes: float | Non
     out.mkdir(parents=True, exist_ok=True)
     pre = preprocessing(cfg)
     rng = np.random.default_rng(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
     cases = load_cases(cfg, range(cfg.n_train), log) if cfg.n_train else []
     val = []
     if cfg.manifest:
@@ -274,60 +273,40 @@ def train(cfg: Config, out: Path, resume: bool = False, max_minutes: float | Non
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimiser, mode="max", factor=0.5,
                                                            patience=cfg.plateau_patience)
     criterion = make_loss(cfg, card.label_activation, len(labels))
-    state = {"step": 0, "best": -math.inf, "best_step": 0, "history": [], "seconds": 0.0}
     last = out / "last.pt"
-    if resume and last.exists():
-        ckpt = torch.load(last, map_location="cpu", weights_only=False)  # our own file
-        net.load_state_dict(ckpt["model"])
-        optimiser.load_state_dict(ckpt["optimiser"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        state = ckpt["state"]
-        rng = np.random.default_rng([cfg.seed, state["step"]])  # a resumed run draws fresh batches
-        log(f"resumed at step {state['step']} (best {state['best']:.4f} at {state['best_step']})")
-    writer = tensorboard_writer(out)
+    if resume and last.exists() and "numpy_rng" not in torch.load(last, map_location="cpu", weights_only=False):
+        step = torch.load(last, map_location="cpu", weights_only=False)["state"]["step"]  # an older run's file
+        rng = np.random.default_rng([cfg.seed, step])  # it draws fresh batches, as it did
     log(f"{cfg.task} {cfg.variant}: {count_parameters(net):,} parameters, {len(cases)} training cases, "
         f"{len(val)} validation phantoms, {cfg.optimiser} lr {cfg.lr}, loss {cfg.loss}, noise p {cfg.noise_p}")
-    started = time.time()
-    while state["step"] < cfg.steps:
-        t0 = time.time()
-        net.train()
-        losses = []
-        for _ in range(min(cfg.eval_every, cfg.steps - state["step"])):
-            x, y = sample_batch(cases, cfg, rng, pre)
-            optimiser.zero_grad()
-            loss = criterion(net(x.contiguous(memory_format=torch.channels_last)), y)
-            loss.backward()
-            if cfg.clip_grad:
-                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad)
-            optimiser.step()
-            losses.append(float(loss.detach()))
-            state["step"] += 1
+
+    def batches(_step):
+        while True:
+            yield sample_batch(cases, cfg, rng, pre)
+
+    def evaluate(net):
         metrics = validate(net, val, card.label_activation, len(labels))
-        if cfg.optimiser == "rmsprop" or cfg.task == "xray-multiclass":
-            scheduler.step(metrics["mean_dice"])  # seed 001's plateau schedule
-        state["seconds"] += time.time() - t0
-        entry = {"step": state["step"], "loss": round(float(np.mean(losses)), 4), "lr": optimiser.param_groups[0]["lr"],
-                 "val_dice": [round(v, 4) for v in metrics["dice"]], "seconds": round(time.time() - t0, 1)}
-        state["history"].append(entry)
-        if writer:
-            writer.add_scalar("train/loss", entry["loss"], state["step"])
-            writer.add_scalar("val/mean_dice", metrics["mean_dice"], state["step"])
-            writer.flush()
-        meta = {"step": state["step"], "val_mean_dice": metrics["mean_dice"], "config": asdict(cfg),
+        return Evaluation(metrics["mean_dice"], {"val_dice": [round(v, 4) for v in metrics["dice"]]},
+                          {"val/mean_dice": metrics["mean_dice"]}, metrics)
+
+    def save_best(path, net, state, evaluation):
+        meta = {"step": state["step"], "val_mean_dice": evaluation.score, "config": asdict(cfg),
                 "labels": label_names, "train_seconds": round(state["seconds"], 1),
                 "trained_on": "synthetic radiograph phantoms only (SpineKneeSegLib.core.phantoms.xray_femur_phantom, "
                               f"seeds 0..{cfg.n_train - 1})" + (f" + {cfg.manifest}" if cfg.manifest else "")}
-        weights = {k: v.contiguous() for k, v in net.state_dict().items()}
-        if metrics["mean_dice"] > state["best"]:
-            state["best"], state["best_step"] = metrics["mean_dice"], state["step"]
-            save_checkpoint(out / "best.pt", cfg.task, card.network.factory, net_cfg, weights,
-                            preprocessing={"network_px": cfg.network_px}, metadata=meta)
-        save_resume_state(last, {"model": net.state_dict(), "optimiser": optimiser.state_dict(),
-                                 "scheduler": scheduler.state_dict(), "state": state, "config": asdict(cfg)})
-        log(json.dumps(entry))
-        if max_minutes and (time.time() - started) / 60 > max_minutes:
-            log("time budget reached; resume with --resume")
-            break
+        save_checkpoint(path, cfg.task, card.network.factory, net_cfg,
+                        {k: v.contiguous() for k, v in net.state_dict().items()},
+                        preprocessing={"network_px": cfg.network_px}, metadata=meta)
+
+    plateau = cfg.optimiser == "rmsprop" or cfg.task == "xray-multiclass"  # seed 001's plateau schedule
+    loop = LoopConfig(steps=cfg.steps, eval_every=cfg.eval_every, grad_clip=cfg.clip_grad or None, seed=cfg.seed,
+                      scheduler_on="evaluation" if plateau else "never", max_minutes=max_minutes or None)
+    state = run_loop(net, optimiser, batches,
+                     lambda n, b: criterion(n(b[0].contiguous(memory_format=torch.channels_last)), b[1]), loop, out,
+                     scheduler=scheduler, evaluate=evaluate, save_best=save_best, rng=rng, resume=resume,
+                     extra={"config": asdict(cfg)}, log=log,
+                     resume_message=lambda st: f"resumed at step {st['step']} (best {st['best']:.4f} at "
+                                               f"{st['best_step']})")
     (out / "history.json").write_text(json.dumps(state["history"], indent=1))
     return state
 

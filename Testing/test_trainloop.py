@@ -1,0 +1,118 @@
+"""Training/trainloop.py, the one loop every training script runs on: exact resume, early
+stopping, best checkpoint, optional TensorBoard. A tiny model on the CPU, a few seconds."""
+import builtins
+import json
+
+import numpy as np
+import pytest
+import torch
+import trainloop as tl
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 8), torch.nn.Linear(8, 1)
+        self.drop = torch.nn.Dropout(0.3)  # draws from the global torch generator: resume must restore it
+
+    def forward(self, x):
+        return self.b(self.drop(torch.relu(self.a(x))))
+
+
+def stream(gen: torch.Generator, rng: np.random.Generator):
+    """Batches drawn from the two generators the loop saves and restores."""
+    def start(step):
+        while True:
+            x = torch.randn(16, 4, generator=gen) + float(rng.normal())
+            yield x, x.sum(1, keepdim=True)
+    return start
+
+
+def mse(net, batch):
+    x, y = batch
+    return torch.nn.functional.mse_loss(net(x), y)
+
+
+def setup(seed=3, lr=1e-2):
+    tl.seed_everything(seed)
+    net = Tiny()
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 5, 0.5)
+    gen, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
+    return net, opt, sched, gen, rng
+
+
+def run(out, steps, resume=False, max_minutes=None, evaluate=None, **kw):
+    net, opt, sched, gen, rng = setup()
+    cfg = tl.LoopConfig(steps=steps, eval_every=kw.pop("eval_every", 4), max_minutes=max_minutes, **kw)
+    state = tl.run_loop(net, opt, stream(gen, rng), mse, cfg, out, scheduler=sched, rng=rng, gen=gen,
+                        evaluate=evaluate or (lambda n: tl.Evaluation(-float(mse(n, (torch.ones(2, 4), 4 * torch.ones(2, 1)))))),
+                        resume=resume, log=lambda _: None)
+    return net, state
+
+
+def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path):
+    straight, s1 = run(tmp_path / "straight", 12)
+    _, cut = run(tmp_path / "split", 12, max_minutes=0.0)  # stops after one step, last.pt written
+    assert cut["step"] == 1 and cut["stopped"] == "time"
+    _, cut = run(tmp_path / "split", 12, resume=True, stop_after=7)  # a second interruption, mid-evaluation
+    assert cut["step"] == 7
+    resumed, s2 = run(tmp_path / "split", 12, resume=True)
+    assert s2["step"] == 12 and s2["epoch"] == s1["epoch"] == 3
+    assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
+    assert [h["step"] for h in s2["history"]] == [4, 8, 12]
+    assert json.loads(json.dumps(s2["history"]))  # plain data
+
+
+def test_early_stopping_stops_at_the_patience(tmp_path):
+    scores = iter([0.5, 0.7, 0.6, 0.65, 0.69, 0.9, 0.95])
+    _, state = run(tmp_path, 100, evaluate=lambda n: tl.Evaluation(next(scores)), eval_every=2, patience=3)
+    assert state["stopped"] == "patience"
+    assert state["epoch"] == 5 and state["step"] == 10  # best at evaluation 2, then 3 without a better one
+    assert state["best"] == 0.7 and state["best_epoch"] == 2 and state["best_step"] == 4
+
+
+def test_best_checkpoint_holds_the_best_evaluation(tmp_path):
+    scores = iter([0.1, 0.8, 0.3, 0.2])
+    weights = {}
+
+    def evaluate(net):
+        score = next(scores)
+        weights[score] = {k: v.clone() for k, v in net.state_dict().items()}
+        return tl.Evaluation(score, record={"score": score})
+
+    _, state = run(tmp_path, 8, evaluate=evaluate, eval_every=2)
+    best = torch.load(tmp_path / "best.pt", weights_only=False)
+    assert best["score"] == 0.8 and best["step"] == 4 and best["record"] == {"score": 0.8}
+    assert all(torch.equal(best["model"][k], weights[0.8][k]) for k in weights[0.8])
+    assert state["best"] == 0.8 and [h["score"] for h in state["history"]] == [0.1, 0.8, 0.3, 0.2]
+
+
+def test_tensorboard_is_optional(tmp_path, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("no tensorboard")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    assert tl.tensorboard_writer(tmp_path) is None
+    _, state = run(tmp_path / "run", 4)
+    assert state["step"] == 4 and not (tmp_path / "run" / "tensorboard").exists()
+
+
+def test_tensorboard_written_when_installed(tmp_path):
+    pytest.importorskip("torch.utils.tensorboard")
+    run(tmp_path, 4)
+    assert any((tmp_path / "tensorboard").iterdir())
+
+
+def test_older_resume_states_are_read():
+    knee = tl._upgrade_state({"iteration": 500, "epoch": 2, "best": 0.4, "best_epoch": 1, "history": [{}, {}]}, 250)
+    assert knee["step"] == 500 and knee["best_epoch"] == 1
+    levels = tl._upgrade_state({"epoch": 3, "best": 0.5, "best_epoch": 2, "history": [{}] * 3}, 40)
+    assert levels["step"] == 120
+    xray = tl._upgrade_state({"step": 60, "best": 0.9, "best_step": 30, "history": [{"step": 30}, {"step": 60}],
+                              "seconds": 1.0}, 30)
+    assert xray["epoch"] == 2 and xray["best_epoch"] == 1
