@@ -180,7 +180,7 @@ def parse_planes(text: str | None) -> tuple[str, ...] | None:
 
 
 def cmd_run(args) -> int:
-    from SpineKneeSegLib.core.progress import Progress
+    from SpineKneeSegLib.core.progress import Progress, process_age_s
     from SpineKneeSegLib.engine.pipeline import RunOptions, run_case
     from SpineKneeSegLib.tasks import get_task
 
@@ -190,7 +190,7 @@ def cmd_run(args) -> int:
                          echo=args.echo, series=args.series, batch_size=args.batch_size, threads=args.threads,
                          waive_checks=("skull_stripped",) if args.skull_stripped == "yes" else (), fast=args.fast, weights_dir=args.weights_dir,
                          dicom_seg=not args.no_dicom_seg, pixel_mm=args.pixel_mm, overwrite=args.overwrite,
-                         input_settings={"invert": args.invert},
+                         input_settings={"invert": args.invert}, startup_s=process_age_s(),
                          fuse_views=parse_planes(args.fuse_views))
     progress = Progress(args.progress)
     if args.manifest:

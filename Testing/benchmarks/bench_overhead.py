@@ -93,7 +93,8 @@ def main(argv=None) -> int:
               f"{r['network']:8.3f} {r['overhead']:8.3f} {r['ratio']:6.2f} {r['limit']:6.3f}  "
               f"{'ok' if r['ok'] else 'FAIL'}")
         print(f"{'':26} load {r['load']:.3f}  preprocess {r['preprocess']:.3f}  postprocess {r['postprocess']:.3f}  "
-              f"write {r['write']:.3f}  (mrml start-up {r.get('mrml_startup', 0):.3f}, not in total)")
+              f"write {r['write']:.3f}  mrml start-up {r.get('mrml_startup', 0):.3f}  dicom-seg {r.get('dicom_seg', 0):.3f}"
+              f"  (all in total; start-up before it {r.get('startup', 0):.3f})")
     cpu = "".join(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name"))[:60] if Path("/proc/cpuinfo").exists() else "?"
     import resource

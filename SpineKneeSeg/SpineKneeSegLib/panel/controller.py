@@ -257,6 +257,10 @@ def result_notice(report: dict) -> str:
     transitional = summaries.get("transitional_anatomy", {})
     if transitional.get("flagged"):
         notes.append(f"Transitional anatomy suspected ({transitional.get('status')}): {transitional.get('message', '')}")
+    timings = report.get("timings_s", {})
+    if "total" in timings:  # the wait: start-up (interpreter, imports) + the run itself
+        notes.append(f"Took {timings.get('startup', 0) + timings['total']:.1f} s (start-up {timings.get('startup', 0):.1f} s, "
+                     f"network {timings.get('network', 0):.1f} s).")
     return " ".join(notes)
 
 
