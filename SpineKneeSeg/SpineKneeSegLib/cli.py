@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("inputs", nargs="*", metavar="INPUT",
                      help="image file(s) or DICOM folder(s), in the task's input order")
     run.add_argument("--manifest", help="CSV with columns id,input[,input2...]: one output folder per case")
+    run.add_argument("--workers", type=int, default=2,
+                     help="--manifest: cases in flight at once in this process (reading and writing overlap "
+                          "the network; default 2)")
     run.add_argument("-o", "--output", required=True, help="output folder")
     run.add_argument("--overwrite", action="store_true",
                      help="replace a finished result already in the output folder (default: refuse; with "
@@ -198,7 +201,7 @@ def cmd_run(args) -> int:
             raise InputError("give either INPUT files or --manifest, not both")
         from SpineKneeSegLib.engine.batch import run_manifest
 
-        return run_manifest(card, args.manifest, args.output, options, progress)
+        return run_manifest(card, args.manifest, args.output, options, progress, workers=args.workers)
     if not args.inputs:
         raise InputError("no INPUT given (or use --manifest cases.csv)")
     report = run_case(card, args.inputs, args.output, options, progress)

@@ -14,7 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from SpineKneeSegLib import __version__
-from SpineKneeSegLib.core.atomic import atomic_directory, check_writable_dir, output_lock
+from SpineKneeSegLib.core.atomic import (
+    atomic_directory,
+    check_writable_dir,
+    output_lock,
+)
 from SpineKneeSegLib.core.errors import InputError, OutputBusy
 from SpineKneeSegLib.core.image import Image
 from SpineKneeSegLib.core.progress import Progress, pause_point
@@ -511,7 +515,15 @@ def postprocess(card: TaskCard, image: Image, labels: np.ndarray, maps: dict[str
 
 
 def write_outputs(card: TaskCard, image: Image, result: RunResult, folder: Path, scene: bool) -> list[str]:
-    """Every output goes through the same MRML adapter as the Slicer module."""
+    """Every output goes through the same MRML adapter as the Slicer module (one writer at a time
+    in the shared scene: a batch's workers take turns)."""
+    from SpineKneeSegLib.mrml.harness import SCENE_LOCK
+
+    with SCENE_LOCK:
+        return _write_outputs(card, image, result, folder, scene)
+
+
+def _write_outputs(card: TaskCard, image: Image, result: RunResult, folder: Path, scene: bool) -> list[str]:
     from SpineKneeSegLib.core.image_io import write_image
     from SpineKneeSegLib.mrml import nodes
     from SpineKneeSegLib.mrml.harness import get_app

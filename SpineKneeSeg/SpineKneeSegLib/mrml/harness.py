@@ -15,6 +15,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import threading
 import types
 import weakref
 from dataclasses import dataclass, field
@@ -254,6 +255,9 @@ def context_for_scene(scene) -> SlicerContext:
 
 
 _APP: SlicerContext | None = None
+# the headless application's one scene is shared: writers that clear and fill it (pipeline's
+# write_outputs) hold this, so a batch's worker threads take turns
+SCENE_LOCK = threading.RLock()
 
 
 def get_app() -> SlicerContext:
