@@ -116,3 +116,24 @@ def test_older_resume_states_are_read():
     xray = tl._upgrade_state({"step": 60, "best": 0.9, "best_step": 30, "history": [{"step": 30}, {"step": 60}],
                               "seconds": 1.0}, 30)
     assert xray["epoch"] == 2 and xray["best_epoch"] == 1
+
+
+def test_one_card_writer_lays_out_the_sections_and_publishes(tmp_path, monkeypatch):
+    import modelcard
+    from SpineKneeSegLib.engine.weights import resolve_weights, save_checkpoint, sha256_of
+    from SpineKneeSegLib.tasks import TASKS
+
+    text = modelcard.render("knee-bones v9.9.9 (starter)", [("Data", "- phantoms"), ("Known limits", "- all")],
+                            intro="**Status: starter**")
+    assert text.splitlines()[0] == "# Model card: knee-bones v9.9.9 (starter)"
+    assert [line for line in text.splitlines() if line.startswith("## ")] == ["## Data", "## Known limits"]
+    assert modelcard.table(["case", "dice"], [["a", 0.5], ["b", None]]).splitlines()[2:] == ["| a | 0.500 |",
+                                                                                             "| b | — |"]
+    monkeypatch.setenv("SPINEKNEESEG_MODELS", str(tmp_path))
+    net = torch.nn.Conv2d(1, 1, 1)
+    source = tmp_path / "run.pt"
+    save_checkpoint(source, "knee-bones", "unet2d", {}, net.state_dict())
+    entry = modelcard.publish("knee-bones", "9.9.9", text, "a test", source)
+    assert (tmp_path / "knee-bones-9.9.9.md").read_text() == text
+    assert entry.sha256 == sha256_of(tmp_path / "knee-bones-9.9.9.pt") and entry.card == "knee-bones-9.9.9.md"
+    assert resolve_weights(TASKS["knee-bones"]).entry.version == "9.9.9"

@@ -45,6 +45,8 @@ from SpineKneeSegLib.engine.preprocessing import (  # noqa: E402
 )
 from SpineKneeSegLib.engine.weights import save_checkpoint  # noqa: E402
 from SpineKneeSegLib.tasks import TASKS  # noqa: E402
+from evalhelpers import dice_or
+from modelcard import publish
 from trainloop import Evaluation, LoopConfig, run_loop, seed_everything
 from wmh_metrics import all_metrics  # noqa: E402
 
@@ -254,7 +256,7 @@ def read_case(case: dict, cfg: Config) -> tuple[Image, np.ndarray, tuple[Image, 
 @torch.no_grad()
 def held_back_dice(net, pool: list[Prepared], held: dict[str, np.ndarray]) -> float:
     net.eval()
-    tp = total = 0.0
+    preds, truths = [], []
     for case in pool:
         idx = held[case.id]
         for start in range(0, len(idx), 16):
@@ -264,9 +266,9 @@ def held_back_dice(net, pool: list[Prepared], held: dict[str, np.ndarray]) -> fl
             ph, pw = (-h) % 8, (-w) % 8
             pred = net(F.pad(x, (0, pw, 0, ph)))[..., :h, :w][:, 0] > 0
             y = torch.from_numpy(case.y[chunk] > 0)
-            tp += float((pred & y).sum())
-            total += float(pred.sum() + y.sum())
-    return 2 * tp / total if total else 1.0
+            preds.append(pred.flatten())
+            truths.append(y.flatten())
+    return dice_or(torch.cat(preds), torch.cat(truths), empty=1.0) if preds else 1.0
 
 
 def train(cfg: Config, cases: list[dict], out: Path, log=print) -> dict:
@@ -553,8 +555,6 @@ def ship(out: Path, version: str, compare: list[Path], minutes: dict, notes: str
     it beats the baseline in leave-one-out (mean Dice at 1 mm and on the thick slabs)."""
     from SpineKneeSegLib.engine.weights import (
         load_checkpoint,
-        models_dir,
-        register_model,
         save_checkpoint,
     )
     from wmh_selection import markdown, report, shipped_decoder, shipped_rules
@@ -573,19 +573,19 @@ def ship(out: Path, version: str, compare: list[Path], minutes: dict, notes: str
     checkpoint = load_checkpoint(out / "final" / "best.pt")
     cfg = checkpoint["metadata"]["config"]
     name = entry_name(cfg)
-    target = models_dir() / f"{name}-{version}.pt"
     decoder = shipped_decoder(selection)
     metadata = {**checkpoint["metadata"], "postprocessing": {"lesion_decoding": {"rules": shipped_rules(selection)}},
                 "leave_one_out": selection["summary"][decoder], "leave_one_out_decoder": decoder}
-    save_checkpoint(target, checkpoint["task"], checkpoint["network"]["factory"], checkpoint["network"]["config"],
-                    checkpoint["state_dict"], checkpoint["preprocessing"], json.loads(json.dumps(metadata, default=float)))
-    card = models_dir() / f"{name}-{version}.md"
-    card.write_text(model_card(version, cfg, final, selection, markdown(selection), variants, minutes, notes))
+    text = model_card(version, cfg, final, selection, markdown(selection), variants, minutes, notes)
     thick = selection["summary"][decoder][f"{EVAL_SLAB_MM:g}mm"]
-    entry = register_model(target, name, version, card=card.name,
-                           description=f"starter {name} (3 volumes): LOO lesion F1 "
-                                       f"{selection['summary'][decoder]['1mm']['lesion_f1']:.3f} at 1 mm, "
-                                       f"{thick['lesion_f1']:.3f} at {EVAL_SLAB_MM:g} mm (Dice {thick['dice']:.3f})")
+    entry = publish(name, version, text,
+                    f"starter {name} (3 volumes): LOO lesion F1 "
+                    f"{selection['summary'][decoder]['1mm']['lesion_f1']:.3f} at 1 mm, "
+                    f"{thick['lesion_f1']:.3f} at {EVAL_SLAB_MM:g} mm (Dice {thick['dice']:.3f})",
+                    write_weights=lambda target: save_checkpoint(
+                        target, checkpoint["task"], checkpoint["network"]["factory"], checkpoint["network"]["config"],
+                        checkpoint["state_dict"], checkpoint["preprocessing"],
+                        json.loads(json.dumps(metadata, default=float))))
     print(f"registered {entry.file} sha256 {entry.sha256}")
     return 0
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
 
 from SpineKneeSegLib.engine.models import build_network, count_parameters  # noqa: E402
-from SpineKneeSegLib.engine.weights import load_checkpoint, models_dir, register_model  # noqa: E402
+from modelcard import publish
+from SpineKneeSegLib.engine.weights import load_checkpoint  # noqa: E402
 
 DATA_SOURCES = {
     "lumbar-levels": (
@@ -124,13 +124,9 @@ def main(argv=None) -> int:
     import torch
 
     history = torch.load(run / "last.pt", map_location="cpu", weights_only=False)["state"]["history"]
-    target = models_dir() / f"{args.model}-{args.version}.pt"
-    card = models_dir() / f"{args.model}-{args.version}.md"
-    shutil.copyfile(run / "best.pt", target)
-    card.write_text(model_card(args.model, args.version, checkpoint, metrics, history))
-    entry = register_model(target, args.model, args.version, card=card.name,
-                           description=f"starter {args.model}: validation mean Dice {metrics['mean_dice']:.3f}")
-    print(f"registered {entry.file} sha256 {entry.sha256}; card {card.name}")
+    entry = publish(args.model, args.version, model_card(args.model, args.version, checkpoint, metrics, history),
+                    f"starter {args.model}: validation mean Dice {metrics['mean_dice']:.3f}", run / "best.pt")
+    print(f"registered {entry.file} sha256 {entry.sha256}; card {entry.card}")
     return 0
 
 

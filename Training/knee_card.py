@@ -9,6 +9,7 @@ import torch
 from knee_data import ALL_ANATOMIES, HELD_OUT, TASK
 from knee_eval import BONE_NAMES
 from knee_synth import SynthConfig
+from modelcard import publish
 
 def _series_table(evaluation: dict) -> str:
     rows = "\n".join(
@@ -237,10 +238,6 @@ def ship(out: Path, version: str, evaluation: Path, real: Path, variants: Path, 
     model trained on every anatomy (the held-out-anatomy run whose figures it carries).
     ``checkpoint``: the weights to ship (default OUT/best.pt, the best validation evaluation);
     ``evaluation_tissue``: the same series with one marrow intensity for all bones (evaluate --synth)."""
-    import shutil
-
-    from SpineKneeSegLib.engine.weights import models_dir, register_model
-
     checkpoint = checkpoint or out / "best.pt"
     meta = torch.load(checkpoint, map_location="cpu", weights_only=True)["metadata"]
     held = None
@@ -250,19 +247,15 @@ def ship(out: Path, version: str, evaluation: Path, real: Path, variants: Path, 
                 "meta": torch.load(spec["checkpoint"], map_location="cpu", weights_only=True)["metadata"]}
     elif meta["held_out"] == ALL_ANATOMIES:
         raise SystemExit("a model trained on every anatomy ships with --held-out-figures (its held-out run)")
-    target = models_dir() / f"{TASK}-{version}.pt"
-    card = models_dir() / f"{TASK}-{version}.md"
-    shutil.copyfile(checkpoint, target)
-    card.write_text(model_card(version, meta, json.loads(evaluation.read_text()), json.loads(real.read_text()),
+    text = (model_card(version, meta, json.loads(evaluation.read_text()), json.loads(real.read_text()),
                                json.loads(variants.read_text()), held, notes.read_text() if notes else "",
                                json.loads(evaluation_tissue.read_text()) if evaluation_tissue else None))
     mean = (held or {}).get("evaluation") or json.loads(evaluation.read_text())
     mean = mean["mean_dice"]
     maps = "both label maps" if held else "one label map"
-    entry = register_model(target, TASK, version, card=card.name,
-                           description=f"starter knee-bones trained on synthetic images from {maps}: held-out "
-                                       "synthetic Dice femur/tibia/fibula/patella "
-                                       + "/".join(f"{mean[b]:.2f}" for b in BONE_NAMES.values()))
+    entry = publish(TASK, version, text, f"starter knee-bones trained on synthetic images from {maps}: held-out "
+                                         "synthetic Dice femur/tibia/fibula/patella "
+                                         + "/".join(f"{mean[b]:.2f}" for b in BONE_NAMES.values()), checkpoint)
     print(f"registered {entry.file} sha256 {entry.sha256}")
     return 0
 

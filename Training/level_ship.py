@@ -11,11 +11,10 @@ import json
 import time
 from pathlib import Path
 
+from modelcard import publish
 from SpineKneeSegLib.engine.models import build_network, count_parameters
 from SpineKneeSegLib.engine.weights import (
     load_checkpoint,
-    models_dir,
-    register_model,
     save_checkpoint,
 )
 
@@ -164,19 +163,17 @@ def ship(cv_dir: Path, final_dir: Path, version: str, commands: list[str]) -> st
     cv_minutes = sum(load_checkpoint(cv_dir / f"fold{f}" / "final.pt")["metadata"].get("train_seconds", 0)
                      for f in range(summary["folds"])) / 60
     threshold = summary["doubtful_threshold"]["threshold"]
-    target = models_dir() / f"{MODEL}-{version}.pt"
     body = summary["body_threshold"]["final"]
     meta = {**checkpoint["metadata"], "postprocessing": {"level_decoding": {"doubtful_below": threshold,
                                                                             "threshold": body}},
             "cross_validation": {k: summary[k] for k in summary if k.startswith(("decoded/", "old_cleanup/"))}}
-    save_checkpoint(target, checkpoint["task"], checkpoint["network"]["factory"], checkpoint["network"]["config"],
-                    checkpoint["state_dict"], checkpoint["preprocessing"], meta, checkpoint.get("model", "labels"))
-    card = models_dir() / f"{MODEL}-{version}.md"
-    card.write_text(model_card(version, {**checkpoint, "metadata": meta}, summary, folds["config"], commands,
-                               cv_minutes))
+    text = model_card(version, {**checkpoint, "metadata": meta}, summary, folds["config"], commands, cv_minutes)
     full = summary["decoded/full"]
-    entry = register_model(target, MODEL, version, card=card.name,
-                           description=f"starter lumbar-levels (whole column + anatomical decoding): {summary['folds']}-fold "
-                                       f"CV all five levels right on {full['all_levels_right']} of {full['scans']} scans, "
-                                       f"mean per-level Dice {full['mean_dice']:.3f}")
-    return f"registered {entry.file} sha256 {entry.sha256}; card {card.name}"
+    entry = publish(MODEL, version, text,
+                    f"starter lumbar-levels (whole column + anatomical decoding): {summary['folds']}-fold "
+                    f"CV all five levels right on {full['all_levels_right']} of {full['scans']} scans, "
+                    f"mean per-level Dice {full['mean_dice']:.3f}",
+                    write_weights=lambda target: save_checkpoint(
+                        target, checkpoint["task"], checkpoint["network"]["factory"], checkpoint["network"]["config"],
+                        checkpoint["state_dict"], checkpoint["preprocessing"], meta, checkpoint.get("model", "labels")))
+    return f"registered {entry.file} sha256 {entry.sha256}; card {entry.card}"

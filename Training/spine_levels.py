@@ -22,11 +22,11 @@ from SpineKneeSegLib.core.datasets import data_root  # noqa: E402
 from SpineKneeSegLib.core.image_io import read_image  # noqa: E402
 from SpineKneeSegLib.engine.inference import segment_slices  # noqa: E402
 from SpineKneeSegLib.engine.models import build_network  # noqa: E402
-from SpineKneeSegLib.engine.postprocessing import dice as lib_dice  # noqa: E402
 from SpineKneeSegLib.engine.postprocessing import largest_component_per_label
 from SpineKneeSegLib.engine.preprocessing import context_channels, training_slices  # noqa: E402
 from SpineKneeSegLib.engine.weights import save_checkpoint  # noqa: E402
 from SpineKneeSegLib.tasks import TASKS  # noqa: E402
+from evalhelpers import dice_or, mean_per_key
 from trainloop import Evaluation, LoopConfig, run_loop, seed_everything
 
 CARD = TASKS["lumbar-foramina"]
@@ -150,12 +150,6 @@ def loss_fn(kind: str, weights: torch.Tensor):
 
 # ---- evaluation (the Lib's own inference path) -------------------------------------------------
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """The Lib's Dice; a level absent from both scores 1 here (nothing missed, nothing invented)."""
-    value = lib_dice(a, b)
-    return 1.0 if value is None else value
-
-
 def level_identification(pred: np.ndarray, truth: np.ndarray) -> dict:
     """Seed 004's check: each level's (largest) predicted component must overlap its own body most;
     a shift means it overlaps a neighbour's body instead (e.g. L5 predicted on L4)."""
@@ -189,11 +183,10 @@ def evaluate_cases(net: torch.nn.Module, cases: list[dict], config: dict | None 
         truth = level_labels(read_image(case["labels"]).array)
         out = segment_slices(CARD, image, net, torch.device("cpu"), pre, batch_size=8)
         pred = largest_component_per_label(out.labels)
-        per_case[case["id"]] = {"dice": {f"L{k}": round(dice(pred == k, truth == k), 4)
+        per_case[case["id"]] = {"dice": {f"L{k}": round(dice_or(pred == k, truth == k, empty=1.0), 4)
                                          for k in range(1, N_LEVELS + 1)},
                                 "identification": level_identification(pred, truth)}
-    means = {f"L{k}": float(np.mean([c["dice"][f"L{k}"] for c in per_case.values()]))
-             for k in range(1, N_LEVELS + 1)}
+    means = mean_per_key([c["dice"] for c in per_case.values()], [f"L{k}" for k in range(1, N_LEVELS + 1)], None)
     return {"mean_dice": float(np.mean(list(means.values()))), "per_level_dice": means,
             "all_levels_identified": sum(c["identification"]["all_correct"] for c in per_case.values()),
             "cases": per_case}

@@ -8,6 +8,7 @@ and lesion F1 with 26-connected lesions detected on any overlap.
 from __future__ import annotations
 
 import numpy as np
+from evalhelpers import dice_or
 from scipy import ndimage
 from SpineKneeSegLib.tasks.brain.lesions import BRACKETS, bracket_name, label_lesions  # noqa: E402
 
@@ -20,7 +21,7 @@ def voxel_metrics(pred: np.ndarray, truth: np.ndarray, beta: float = 3.0) -> dic
     recall = tp / (tp + fn) if tp + fn else 0.0
     b2 = beta * beta
     f_beta = (1 + b2) * precision * recall / (b2 * precision + recall) if precision + recall else 0.0
-    dice = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
+    dice = dice_or(pred, truth, empty=1.0)
     return {"dice": dice, "precision": precision, "recall": recall, f"f{beta:g}": f_beta}
 
 

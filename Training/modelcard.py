@@ -1,0 +1,54 @@
+"""The one model-card writer of Training/: every script's ``model_card`` passes only its content
+(status line, data + licence, split, preprocessing, network, training commands, metrics, known
+limits); this module lays out the card and ships it: weights into SpineKneeSeg/Resources/Models,
+the card beside them, the SHA256 and the registry entry (SpineKneeSegLib.engine.weights).
+
+The shipped cards are never rewritten here (their SHA256s are in the registry)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+
+def render(title: str, sections: Sequence[tuple[str, str]], intro: str = "") -> str:
+    """``# Model card: TITLE``, the intro (status line, what it is), then ``## heading`` + body per
+    section in the order given (a section with an empty heading continues the previous one)."""
+    parts = [f"# Model card: {title}\n"]
+    if intro.strip():
+        parts.append(intro.strip("\n") + "\n")
+    for heading, body in sections:
+        parts.append((f"## {heading}\n" if heading else "") + body.strip("\n") + "\n")
+    return "\n".join(parts)
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence], fmt: Callable[[object], str] | None = None) -> str:
+    """A markdown table; cells through ``fmt`` (default: floats to 3 decimals, None as an em dash)."""
+    def cell(v):
+        if fmt is not None:
+            return fmt(v)
+        if v is None:
+            return "—"
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def publish(model: str, version: str, card_text: str, description: str, weights: Path | None = None,
+            write_weights: Callable[[Path], None] | None = None):
+    """Ship a model: ``weights`` copied (or ``write_weights(target)`` called, for weights whose
+    metadata the script extends) to MODELS/MODEL-VERSION.pt, the card written beside it as .md,
+    and the registry entry (SHA256, size, card, description) added. Returns the entry."""
+    from SpineKneeSegLib.core.atomic import write_text_atomic
+    from SpineKneeSegLib.engine.weights import models_dir, register_model
+
+    target = models_dir() / f"{model}-{version}.pt"
+    card = models_dir() / f"{model}-{version}.md"
+    if write_weights is not None:
+        write_weights(target)
+    else:
+        shutil.copyfile(weights, target)
+    write_text_atomic(card, card_text)
+    return register_model(target, model, version, card=card.name, description=description)
