@@ -555,7 +555,6 @@ def ship(out: Path, version: str, compare: list[Path], minutes: dict, notes: str
     it beats the baseline in leave-one-out (mean Dice at 1 mm and on the thick slabs)."""
     from SpineKneeSegLib.engine.weights import (
         load_checkpoint,
-        save_checkpoint,
     )
     from wmh_selection import markdown, report, shipped_decoder, shipped_rules
 
@@ -582,10 +581,7 @@ def ship(out: Path, version: str, compare: list[Path], minutes: dict, notes: str
                     f"starter {name} (3 volumes): LOO lesion F1 "
                     f"{selection['summary'][decoder]['1mm']['lesion_f1']:.3f} at 1 mm, "
                     f"{thick['lesion_f1']:.3f} at {EVAL_SLAB_MM:g} mm (Dice {thick['dice']:.3f})",
-                    write_weights=lambda target: save_checkpoint(
-                        target, checkpoint["task"], checkpoint["network"]["factory"], checkpoint["network"]["config"],
-                        checkpoint["state_dict"], checkpoint["preprocessing"],
-                        json.loads(json.dumps(metadata, default=float))))
+                    checkpoint=checkpoint, metadata=json.loads(json.dumps(metadata, default=float)))
     print(f"registered {entry.file} sha256 {entry.sha256}")
     return 0
 

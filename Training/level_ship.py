@@ -15,7 +15,6 @@ from modelcard import publish
 from SpineKneeSegLib.engine.models import build_network, count_parameters
 from SpineKneeSegLib.engine.weights import (
     load_checkpoint,
-    save_checkpoint,
 )
 
 MODEL = "lumbar-levels"
@@ -173,7 +172,5 @@ def ship(cv_dir: Path, final_dir: Path, version: str, commands: list[str]) -> st
                     f"starter lumbar-levels (whole column + anatomical decoding): {summary['folds']}-fold "
                     f"CV all five levels right on {full['all_levels_right']} of {full['scans']} scans, "
                     f"mean per-level Dice {full['mean_dice']:.3f}",
-                    write_weights=lambda target: save_checkpoint(
-                        target, checkpoint["task"], checkpoint["network"]["factory"], checkpoint["network"]["config"],
-                        checkpoint["state_dict"], checkpoint["preprocessing"], meta, checkpoint.get("model", "labels")))
+                    checkpoint=checkpoint, metadata=meta)
     return f"registered {entry.file} sha256 {entry.sha256}; card {entry.card}"

@@ -37,17 +37,20 @@ def table(header: Sequence[str], rows: Iterable[Sequence], fmt: Callable[[object
 
 
 def publish(model: str, version: str, card_text: str, description: str, weights: Path | None = None,
-            write_weights: Callable[[Path], None] | None = None):
-    """Ship a model: ``weights`` copied (or ``write_weights(target)`` called, for weights whose
-    metadata the script extends) to MODELS/MODEL-VERSION.pt, the card written beside it as .md,
-    and the registry entry (SHA256, size, card, description) added. Returns the entry."""
+            checkpoint: dict | None = None, metadata: dict | None = None):
+    """Ship a model: ``weights`` copied (or a loaded ``checkpoint`` saved again with ``metadata``,
+    which the script extends: decoding rules, cross-validation) to MODELS/MODEL-VERSION.pt, the card
+    written beside it as .md, and the registry entry (SHA256, size, card, description) added.
+    Returns the entry."""
     from SpineKneeSegLib.core.atomic import write_text_atomic
-    from SpineKneeSegLib.engine.weights import models_dir, register_model
+    from SpineKneeSegLib.engine.weights import models_dir, register_model, save_checkpoint
 
     target = models_dir() / f"{model}-{version}.pt"
     card = models_dir() / f"{model}-{version}.md"
-    if write_weights is not None:
-        write_weights(target)
+    if checkpoint is not None:
+        save_checkpoint(target, checkpoint["task"], checkpoint["network"]["factory"], checkpoint["network"]["config"],
+                        checkpoint["state_dict"], checkpoint["preprocessing"], metadata,
+                        checkpoint.get("model", "labels"))
     else:
         shutil.copyfile(weights, target)
     write_text_atomic(card, card_text)
