@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, default=2,
                      help="--manifest: cases in flight at once in this process (reading and writing overlap "
                           "the network; default 2)")
+    run.add_argument("--scheduler", metavar="ADDRESS",
+                     help="--manifest: run the cases on a Dask distributed cluster (e.g. tcp://host:8786); "
+                          "-o must be a folder every worker can write")
     run.add_argument("-o", "--output", required=True, help="output folder")
     run.add_argument("--overwrite", action="store_true",
                      help="replace a finished result already in the output folder (default: refuse; with "
@@ -196,11 +199,17 @@ def cmd_run(args) -> int:
                          input_settings={"invert": args.invert}, startup_s=process_age_s(),
                          fuse_views=parse_planes(args.fuse_views))
     progress = Progress(args.progress)
+    if args.scheduler and not args.manifest:
+        raise InputError("--scheduler runs a --manifest on a cluster; give --manifest cases.csv")
     if args.manifest:
         if args.inputs:
             raise InputError("give either INPUT files or --manifest, not both")
         from SpineKneeSegLib.engine.batch import run_manifest
 
+        if args.scheduler:
+            from SpineKneeSegLib.engine.batch import run_manifest_on_cluster
+
+            return run_manifest_on_cluster(card, args.manifest, args.output, options, progress, args.scheduler)
         return run_manifest(card, args.manifest, args.output, options, progress, workers=args.workers)
     if not args.inputs:
         raise InputError("no INPUT given (or use --manifest cases.csv)")

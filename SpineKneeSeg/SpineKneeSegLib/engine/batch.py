@@ -88,6 +88,48 @@ def run_manifest(card: TaskCard, manifest: str | Path, output: str | Path, optio
     return finish_manifest(rows, output, time.perf_counter() - started, progress)
 
 
+def run_manifest_on_cluster(card: TaskCard, manifest: str | Path, output: str | Path, options: RunOptions,
+                            progress: Progress, scheduler: str) -> int:
+    """The same cohort on a Dask distributed cluster (``scheduler``: its address, e.g.
+    tcp://host:8786): one task per case running ``run_one`` on a worker, outputs in ``output``
+    (a folder every worker can write: a shared file system), the same summary.tsv, skip rule and
+    exit code as the local run."""
+    import time
+
+    try:
+        from distributed import Client, as_completed
+    except ImportError:
+        raise InputError("--scheduler needs Dask distributed (pip install 'dask[distributed]')") from None
+    cases = read_manifest(manifest)
+    output = check_writable_dir(output).resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    try:
+        client = Client(scheduler, timeout="10s")
+    except OSError as exc:
+        raise InputError(f"cannot reach the Dask scheduler ({exc})", scheduler) from None
+    with client:
+        futures = {client.submit(_run_one_on_worker, card.name, case_id, inputs, str(output), options,
+                                 key=f"spinekneeseg-{card.name}-{case_id}-{time.time_ns()}", pure=False): case_id
+                   for case_id, inputs in cases}
+        rows = {}
+        try:
+            for future in as_completed(futures):
+                row = future.result()
+                rows[row[0]] = row
+                progress.log(f"case {row[0]}: {row[1]}" + (f" ({row[3]})" if row[1] == "failed" else ""))
+        except BaseException:
+            client.cancel(list(futures))
+            raise
+    return finish_manifest([rows[case_id] for case_id, _ in cases], output, time.perf_counter() - started, progress)
+
+
+def _run_one_on_worker(task: str, case_id: str, inputs: list[str], output: str, options: RunOptions) -> tuple:
+    from SpineKneeSegLib.engine.cards import get_task  # the worker process loads the task plug-ins itself
+
+    return run_one(get_task(task), case_id, inputs, Path(output), options, Progress("none"))
+
+
 def finish_manifest(rows: list[tuple], output: Path, seconds: float, progress: Progress) -> int:
     lines = ["\t".join(SUMMARY_COLUMNS)] + ["\t".join(str(v).replace("\t", " ").replace("\n", " ") for v in r)
                                             for r in rows]
