@@ -15,6 +15,13 @@ from SpineKneeSegLib.tasks.xray.phantom import xray_chest_phantom, xray_femur_ph
 # normalised minimum) and resampled to network_px x network_px; the output goes back onto the
 # input's exact pixels (preprocessing.from_network_grid). Percentile normalisation (0.5-99.5 %)
 # makes 8-bit, 12-bit and 16-bit images and any rescale slope/intercept look alike.
+def radiograph(what: str, polarity_check: str) -> InputSpec:
+    """The one input of an X-ray task; ``polarity_check``: "radiograph_polarity" turns an inverted
+    image over (tasks trained on real radiographs), "radiograph_polarity_advice" only warns."""
+    return InputSpec("image", "CR/DX", 2, description=f"{what} (DICOM CR/DX, PNG/JPEG/TIFF, 2D NIfTI)",
+                     checks=(polarity_check,))
+
+
 XRAY_PREPROCESSING = Preprocessing(plane="image", in_plane_spacing_mm=None, normalisation="percentile",
                                    context_slices=1, tile_px=None, network_px=256, crop_mm=None)
 
@@ -24,8 +31,7 @@ register(TaskCard(
     description="Binary proximal femur on AP pelvis/hip radiographs with femoral-head centre and "
                 "diameter (seed 003).",
     modality="CR/DX",
-    inputs=(InputSpec("image", "CR/DX", 2, description="2D radiograph (DICOM CR/DX, PNG/JPEG/TIFF, 2D NIfTI)",
-                      checks=("radiograph_polarity_advice",)),),
+    inputs=(radiograph("2D radiograph", "radiograph_polarity_advice"),),
     preprocessing=XRAY_PREPROCESSING,
     # seed 003: U-Net 32-64-128-128, dropout 0.2, one sigmoid channel (Dice loss, Adam 3e-4,
     # betas 0.8/0.991 in Training/xray.py); a checkpoint may carry a narrower CPU variant
@@ -47,8 +53,7 @@ register(TaskCard(
     description="Femur, hip bone and sacrum on AP pelvis radiographs (seed 001: 3 classes; a "
                 "checkpoint trained on other classes carries its own label names).",
     modality="CR/DX",
-    inputs=(InputSpec("image", "CR/DX", 2, description="2D radiograph (DICOM CR/DX, PNG/JPEG/TIFF, 2D NIfTI)",
-                      checks=("radiograph_polarity_advice",)),),
+    inputs=(radiograph("2D radiograph", "radiograph_polarity_advice"),),
     preprocessing=XRAY_PREPROCESSING,
     # seed 001: U-Net with batch norm and transposed-convolution upsampling, softmax over
     # background + N classes (Dice + cross-entropy, RMSprop, ReduceLROnPlateau, clipping in Training/)
@@ -67,8 +72,7 @@ register(TaskCard(
     description="Right and left lung, heart and both clavicles on PA chest radiographs (seed 001's "
                 "network; trained on the JSRT/SCR radiographs).",
     modality="CR/DX",
-    inputs=(InputSpec("image", "CR/DX", 2, description="2D PA chest radiograph (DICOM CR/DX, PNG/JPEG/TIFF, 2D NIfTI)",
-                      checks=("radiograph_polarity",)),),
+    inputs=(radiograph("2D PA chest radiograph", "radiograph_polarity"),),
     preprocessing=XRAY_PREPROCESSING,
     # seed 001's U-Net (batch norm, transposed-convolution upsampling); its Dice + cross-entropy in
     # per-structure (sigmoid) form, because the clavicles overlap the lungs and a softmax would

@@ -1,0 +1,312 @@
+"""The xray-chest model (issue 24) on the real JSRT/SCR radiographs, and seed 001's experiments
+replayed on them.
+
+    python Training/xray_chest.py train --out Training/runs/xray-chest [--steps 1500] [--noise-p 0] [--resume]
+    python Training/xray_chest.py evaluate --run Training/runs/xray-chest [--noise-sigma 5000]
+    python Training/xray_chest.py experiment --config Training/configs/xray_chest_noise.json
+    python Training/xray_chest.py ship --run Training/runs/xray-chest --version 0.1.0
+
+Data: every case of ``../shared/data/xray/jsrt-scr`` (198 PA chest radiographs, 512 x 512 at
+0.7 mm, 8 bit, stored inverted; labels 1 right lung, 2 left lung, 3 heart; clavicles 4 right, 5
+left in a separate map). Identical images are looked for by content (none are expected) and kept
+on one side of the split. Split: a fixed case-wise split by a seeded shuffle, ``--test-fraction``
+(0.25: 49-50 cases) held out and never trained on, selected on or looked at before evaluation;
+the rest trains with a fixed schedule and the last weights are kept (no validation selection).
+
+Images are turned to the usual display (bone bright) as ``--invert auto`` does for this task, and
+made 16-bit (x 257) so that seed 001's noise (N(0, 5000) on 16-bit values) means what it meant
+there. Preprocessing is the task card's (percentile normalisation, letterbox into 256 x 256),
+built by the Lib's own functions. Network: seed 001's U-Net (batch norm, transposed-convolution
+upsampling; ``--variant seed`` 32-64-128-128 or ``cpu`` 16-32-64-64), one sigmoid channel per
+structure because the clavicles overlap the lungs; loss: seed 001's Dice + cross-entropy in its
+per-structure form (soft Dice + binary cross-entropy); RMSprop (seed 001) with a cosine schedule
+and gradient clipping. Evaluation runs the Lib's inference and the task's own decoding on the
+held-out radiographs at their own 512 x 512 pixels: Dice, Jaccard and HD95 (mm) per structure.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from SpineKneeSegLib.core.datasets import data_root
+from SpineKneeSegLib.core.image_io import read_image
+from SpineKneeSegLib.engine.models import build_network, count_parameters
+from SpineKneeSegLib.engine.postprocessing import decode_sigmoid, dice
+from SpineKneeSegLib.engine.preprocessing import training_slices
+from SpineKneeSegLib.tasks import TASKS
+from SpineKneeSegLib.tasks.xray.polarity import inverted
+from trainloop import LoopConfig, run_loop, seed_everything
+from wmh_metrics import hd95_mm
+
+TASK = "xray-chest"
+STRUCTURES = ("right lung", "left lung", "heart", "right clavicle", "left clavicle")
+VARIANT_CHANNELS = {"seed": (32, 64, 128, 128), "cpu": (16, 32, 64, 64)}
+UINT16 = 257.0  # 8-bit -> 16-bit
+# SCR (van Ginneken 2006) human observer Jaccard; Dice = 2J / (1 + J)
+HUMAN_JACCARD = {"lungs": 0.946, "heart": 0.878, "clavicles": 0.896}
+
+
+@dataclass
+class Config:
+    out: str
+    steps: int = 1500
+    batch_size: int = 8
+    lr: float = 1e-3
+    variant: str = "cpu"
+    noise_p: float = 0.0  # seed 001's Gaussian noise augmentation: probability per image
+    noise_sigma: float = 5000.0  # on 16-bit values
+    n_train: int | None = None  # the first N of the shuffled training cases (training-set size sweep)
+    test_fraction: float = 0.25
+    split_seed: int = 0
+    seed: int = 0
+    threads: int | None = None
+
+
+@dataclass
+class Case:
+    id: str
+    image: object  # core.image.Image, 16-bit, usual display
+    truth: np.ndarray  # (5, H, W) bool at the image's pixels
+    x: np.ndarray  # (1, 256, 256) network grid, clean
+    y: np.ndarray  # (5, 256, 256) float32 targets
+    noise_scale: float  # raw 16-bit noise of std 1 seen on the (normalised) network grid
+
+
+def case_ids(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if (p / "image.nii.gz").exists())
+
+
+def split(ids: list[str], root: Path, test_fraction: float, seed: int) -> tuple[list[str], list[str], dict]:
+    """Case-wise split; identical images (same pixel content) stay on one side."""
+    groups: dict[str, list[str]] = {}
+    for case in ids:
+        digest = hashlib.sha256(read_image(root / case / "image.nii.gz").array.tobytes()).hexdigest()
+        groups.setdefault(digest, []).append(case)
+    keys = sorted(groups)
+    np.random.default_rng(seed).shuffle(keys)
+    n_test = int(round(test_fraction * len(ids)))
+    test, train = [], []
+    for key in keys:
+        (test if len(test) < n_test else train).extend(groups[key])
+    duplicates = [g for g in groups.values() if len(g) > 1]
+    return train, sorted(test), {"groups": len(groups), "duplicates": duplicates}
+
+
+def load_case(root: Path, case: str, pre: dict) -> Case:
+    image = read_image(root / case / "image.nii.gz")
+    image = inverted(image)  # stored inverted (README of the data); --invert auto agrees on 189 of 198
+    image = image.with_array(image.array.astype(np.float32) * UINT16)
+    labels = read_image(root / case / "labels.nii.gz").array
+    clavicles = read_image(root / case / "clavicles.nii.gz").array
+    truth = np.concatenate([np.stack([labels[0] == v for v in (1, 2, 3)]), np.stack([clavicles[0] == v for v in (1, 2)])])
+    x, y_main, _ = training_slices(image, labels.astype(np.uint8), pre["plane"], pre["normalisation"],
+                                   pre["in_plane_spacing_mm"], 1, pre["network_px"], pre["crop_mm"])
+    _, y_clav, _ = training_slices(image, clavicles.astype(np.uint8), pre["plane"], pre["normalisation"],
+                                   pre["in_plane_spacing_mm"], 1, pre["network_px"], pre["crop_mm"])
+    y = np.concatenate([np.stack([y_main[0] == v for v in (1, 2, 3)]), np.stack([y_clav[0] == v for v in (1, 2)])])
+    lo, hi = np.percentile(image.array, (0.5, 99.5))  # the percentile normalisation's spread
+    noise_scale = _grid_noise_factor(pre) / float(hi - lo)
+    return Case(case, image, truth, x.astype(np.float32), y.astype(np.float32), noise_scale)
+
+
+_FACTOR: dict = {}
+
+
+def _grid_noise_factor(pre: dict) -> float:
+    """Std on the network grid of unit white noise at the image's pixels (512 -> 256 resampling)."""
+    key = (pre["network_px"],)
+    if key not in _FACTOR:
+        from SpineKneeSegLib.core.image import Image
+
+        noise = np.random.default_rng(1).normal(0, 1, (1, 512, 512)).astype(np.float32)
+        x, _, _ = training_slices(Image(noise, (0.7, 0.7, 1.0)), np.zeros((1, 512, 512), np.uint8), pre["plane"],
+                                  "percentile", pre["in_plane_spacing_mm"], 1, pre["network_px"], pre["crop_mm"])
+        lo, hi = np.percentile(noise, (0.5, 99.5))
+        _FACTOR[key] = float(np.std(x) * (hi - lo))
+    return _FACTOR[key]
+
+
+def load_split(cfg: Config, log=print):
+    root = data_root() / "xray" / "jsrt-scr"
+    pre = dict(TASKS[TASK].preprocessing.__dict__)
+    train_ids, test_ids, info = split(case_ids(root), root, cfg.test_fraction, cfg.split_seed)
+    if cfg.n_train is not None:
+        train_ids = train_ids[:cfg.n_train]
+    t = time.time()
+    train = [load_case(root, c, pre) for c in train_ids]
+    test = [load_case(root, c, pre) for c in test_ids]
+    log(f"{len(train)} training and {len(test)} held-out radiographs loaded in {time.time() - t:.0f} s "
+        f"({info['groups']} distinct images; identical pairs: {info['duplicates'] or 'none'})")
+    return train, test, info
+
+
+def multilabel_dice_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Seed 001's Dice + cross-entropy per structure: soft Dice of each sigmoid channel + BCE."""
+    p = torch.sigmoid(logits)
+    inter = (p * target).sum(dim=(0, 2, 3))
+    soft_dice = (2 * inter + 1.0) / (p.sum(dim=(0, 2, 3)) + target.sum(dim=(0, 2, 3)) + 1.0)
+    return (1 - soft_dice).mean() + F.binary_cross_entropy_with_logits(logits, target)
+
+
+def batches(cases: list[Case], cfg: Config, rng: np.random.Generator):
+    """Random batches with seed 001's noise, small affine jitter and contrast changes."""
+    while True:
+        idx = rng.integers(len(cases), size=cfg.batch_size)
+        xs, ys = [], []
+        for i in idx:
+            c = cases[i]
+            x, y = torch.from_numpy(c.x).clone(), torch.from_numpy(c.y)
+            x = x * float(rng.uniform(0.85, 1.15)) + float(rng.uniform(-0.1, 0.1))  # exposure / contrast
+            if cfg.noise_p and rng.random() < cfg.noise_p:
+                x = x + torch.from_numpy(rng.normal(0, cfg.noise_sigma * c.noise_scale, x.shape).astype(np.float32))
+            xs.append(x)
+            ys.append(y)
+        x, y = torch.stack(xs), torch.stack(ys)
+        angle, s = math.radians(float(rng.uniform(-7, 7))), float(rng.uniform(0.9, 1.1))
+        shift = rng.uniform(-0.06, 0.06, 2)
+        theta = torch.tensor([[s * math.cos(angle), -s * math.sin(angle), shift[0]],
+                              [s * math.sin(angle), s * math.cos(angle), shift[1]]], dtype=torch.float32)
+        grid = F.affine_grid(theta.expand(len(x), 2, 3), list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, align_corners=False, padding_mode="border")
+        y = (F.grid_sample(y, grid, align_corners=False, mode="nearest") > 0.5).float()
+        yield x, y
+
+
+def network_config(cfg: Config) -> dict:
+    card = TASKS[TASK]
+    return {**card.network.config, "channels": VARIANT_CHANNELS[cfg.variant], "in_channels": 1,
+            "out_channels": len(card.labels)}
+
+
+def train(cfg: Config, resume: bool = False, log=print) -> dict:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    train_cases, _, info = load_split(cfg, log)
+    seed_everything(cfg.seed)
+    net = build_network(TASKS[TASK].network.factory, network_config(cfg))
+    optimiser = torch.optim.RMSprop(net.parameters(), lr=cfg.lr)
+
+    def lr_at(step):
+        return 1e-5 + 0.5 * (cfg.lr - 1e-5) * (1 + math.cos(math.pi * step / cfg.steps))
+
+    rng = np.random.default_rng(cfg.seed)
+    log(f"{count_parameters(net)} parameters; {cfg.steps} steps of {cfg.batch_size}")
+    state = run_loop(net, optimiser, lambda step: batches(train_cases, cfg, rng),
+                     lambda n, batch: multilabel_dice_bce(n(batch[0]), batch[1]),
+                     LoopConfig(steps=cfg.steps, checkpoint_every=100, grad_clip=1.0, seed=cfg.seed, tensorboard=True),
+                     out, rng=rng, lr_at=lr_at, resume=resume, save_best=False,
+                     extra={"config": asdict(cfg), "network": network_config(cfg), "split": info}, log=log)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    return state
+
+
+def load_trained(run: Path) -> tuple[torch.nn.Module, dict]:
+    ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
+    net = build_network(TASKS[TASK].network.factory, ckpt["network"])
+    net.load_state_dict(ckpt["model"])
+    return net.eval(), ckpt
+
+
+def evaluate(run: Path, noise_sigma: float = 0.0, log=print, cases=None) -> dict:
+    """Held-out radiographs through the Lib's inference and the task's decoding, at 512 x 512."""
+    from SpineKneeSegLib.engine.inference import segment_slices
+
+    net, ckpt = load_trained(run)
+    cfg = Config(**ckpt["config"])
+    if cases is None:
+        _, cases, _ = load_split(Config(**{**ckpt["config"], "n_train": 0}), log)
+    card = TASKS[TASK]
+    rng = np.random.default_rng(1234)
+    rows = []
+    for c in cases:
+        image = c.image
+        if noise_sigma:
+            image = image.with_array(image.array + rng.normal(0, noise_sigma, image.array.shape).astype(np.float32))
+        out = segment_slices(card, image, net, torch.device("cpu"), {}, keep_probabilities=True)
+        predicted = [decode_sigmoid(out.probabilities, (1, 2, 3))[0], decode_sigmoid(out.probabilities, (4, 5))[0]]
+        row = {"case": c.id}
+        for n, name in enumerate(STRUCTURES):
+            pred = predicted[0 if n < 3 else 1] == n + 1
+            truth = c.truth[n]
+            d = dice(pred, truth)
+            row[f"{name} dice"] = round(d, 4) if d is not None else float("nan")
+            row[f"{name} hd95"] = round(hd95_mm(pred[None], truth[None], (1.0, 0.7, 0.7)), 2) \
+                if pred.any() and truth.any() else float("nan")
+        rows.append(row)
+    summary = {k: round(float(np.nanmean([r[k] for r in rows])), 4) for k in rows[0] if k != "case"}
+    summary["mean dice"] = round(float(np.mean([summary[f"{s} dice"] for s in STRUCTURES])), 4)
+    result = {"noise_sigma": noise_sigma, "cases": len(rows), "summary": summary, "per_case": rows,
+              "config": asdict(cfg)}
+    log(json.dumps(summary))
+    return result
+
+
+def experiment(config_path: Path, log=print) -> dict:
+    """Seed 001's experiments: the runs a JSON config names, each trained (or resumed; a finished
+    run with the same config is reused) and evaluated on the same held-out radiographs at each of
+    ``noise_sigmas``; results.json and results.md in ``out``."""
+    spec = json.loads(config_path.read_text())
+    out = Path(spec["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
+    for run in spec["runs"]:
+        name = run["name"]
+        cfg = Config(**{**spec.get("common", {}), **{k: v for k, v in run.items() if k != "name"},
+                        "out": str(out / name)})
+        path = Path(cfg.out)
+        saved = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else None
+        if saved != asdict(cfg):
+            train(cfg, resume=(path / "last.pt").exists() and saved is None, log=log)
+        for sigma in spec.get("noise_sigmas", [0.0]):
+            key = f"{name} @ noise {sigma:g}"
+            if key not in results:
+                results[key] = {"run": name, "noise_sigma": sigma, **{k: v for k, v in run.items() if k != "name"},
+                                **evaluate(path, sigma, log)["summary"]}
+                (out / "results.json").write_text(json.dumps(results, indent=2))
+    columns = ["mean dice", *(f"{s} dice" for s in STRUCTURES)]
+    lines = ["| run | noise sigma | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
+    for key, r in results.items():
+        lines.append(f"| {r['run']} | {r['noise_sigma']:g} | " + " | ".join(f"{r[c]:.3f}" for c in columns) + " |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return results
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("--out", required=True)
+    for name, default in asdict(Config(out="")).items():
+        if name != "out":
+            t.add_argument(f"--{name.replace('_', '-')}", type=type(default) if default is not None else int, default=default)
+    t.add_argument("--resume", action="store_true")
+    e = sub.add_parser("evaluate")
+    e.add_argument("--run", required=True, type=Path)
+    e.add_argument("--noise-sigma", type=float, default=0.0)
+    x = sub.add_parser("experiment")
+    x.add_argument("--config", required=True, type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        values = {k: getattr(args, k) for k in asdict(Config(out="")) if k != "out"}
+        train(Config(out=args.out, **values), resume=args.resume)
+    elif args.command == "evaluate":
+        result = evaluate(args.run, args.noise_sigma)
+        name = f"evaluation{'-noise' + str(int(args.noise_sigma)) if args.noise_sigma else ''}.json"
+        (args.run / name).write_text(json.dumps(result, indent=2))
+    else:
+        experiment(args.config)
+
+
+if __name__ == "__main__":
+    main()
