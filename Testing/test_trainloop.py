@@ -2,6 +2,7 @@
 stopping, best checkpoint, optional TensorBoard. A tiny model on the CPU, a few seconds."""
 import builtins
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,3 +138,59 @@ def test_one_card_writer_lays_out_the_sections_and_publishes(tmp_path, monkeypat
     assert (tmp_path / "knee-bones-9.9.9.md").read_text() == text
     assert entry.sha256 == sha256_of(tmp_path / "knee-bones-9.9.9.pt") and entry.card == "knee-bones-9.9.9.md"
     assert resolve_weights(TASKS["knee-bones"]).entry.version == "9.9.9"
+
+
+# ---- data-parallel (issue 25, part 4): torchrun's processes, here two spawned with gloo on the CPU ----
+
+def _tiny_net():
+    torch.manual_seed(0)  # no batch norm: per-process statistics would differ from the whole batch's
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 1, 3, padding=1))
+
+
+def _whole_batches(steps=3):
+    gen = torch.Generator().manual_seed(5)
+    return [(torch.randn(8, 1, 12, 12, generator=gen), torch.randn(8, 1, 12, 12, generator=gen)) for _ in range(steps)]
+
+
+def _mse(net, batch):
+    return torch.nn.functional.mse_loss(net(batch[0]), batch[1])
+
+
+def _ddp_worker(rank, world, port, out):
+    import os
+
+    import torch.distributed as dist
+    from trainloop import LoopConfig, init_distributed, run_loop
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
+    torch.set_num_threads(1)
+    assert init_distributed() == (rank, world)
+    net = _tiny_net()
+    half = [(x[rank::world], y[rank::world]) for x, y in _whole_batches()]  # this process's share of each batch
+    run_loop(net, torch.optim.SGD(net.parameters(), lr=0.1), iter(half), _mse,
+             LoopConfig(steps=3, tensorboard=False), Path(out), log=lambda m: None)
+    torch.save(net.state_dict(), Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_data_parallel_averages_gradients_and_equals_one_process_on_the_whole_batch(tmp_path):
+    import socket
+
+    from trainloop import LoopConfig, run_loop
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path / "ddp")), nprocs=2, join=True)
+    single = _tiny_net()
+    run_loop(single, torch.optim.SGD(single.parameters(), lr=0.1), iter(_whole_batches()), _mse,
+             LoopConfig(steps=3, tensorboard=False), tmp_path / "single", log=lambda m: None)
+    ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in (0, 1)]
+    for name, value in single.state_dict().items():
+        assert torch.allclose(ranks[0][name], ranks[1][name])  # the processes stay in step
+        assert torch.allclose(ranks[0][name], value, atol=1e-6), name  # = one process on the whole batch
+    untrained = _tiny_net().state_dict()
+    assert any(not torch.allclose(untrained[k], v) for k, v in single.state_dict().items())
+    saved = torch.load(tmp_path / "ddp" / "last.pt", weights_only=False)  # rank 0 wrote the checkpoint
+    assert saved["state"]["step"] == 3 and len(saved["rank_rng"]) == 2

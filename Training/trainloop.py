@@ -69,6 +69,33 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
+def init_distributed() -> tuple[int, int]:
+    """Under ``torchrun`` (WORLD_SIZE > 1 in the environment) join the process group once (gloo
+    on the CPU, nccl on CUDA) and return (rank, world size); a plain run returns (0, 1). run_loop
+    then trains data-parallel: each process draws its own batches (seed them with ``rank_seed``),
+    DistributedDataParallel averages the gradients, only rank 0 writes checkpoints and logs."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return distributed_rank()
+
+
+def distributed_rank() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def rank_seed(seed: int) -> int:
+    """A data-parallel process's own seed for its batch stream (rank 0 keeps ``seed``)."""
+    return seed + 1009 * distributed_rank()[0]
+
+
 def tensorboard_writer(out: Path):
     """TensorBoard writer under OUT/tensorboard, or None without the 'train' extra."""
     try:
@@ -168,6 +195,12 @@ def run_loop(net: torch.nn.Module, optimiser: torch.optim.Optimizer,
     ``on_evaluation(net, state, evaluation)``: after each evaluation (e.g. snapshots). ``lr_at(step)``:
     the learning rate set before each step (a schedule written as a formula). Returns the state."""
     device = torch.device(cfg.device)
+    rank, world = init_distributed()  # under torchrun: data-parallel; else (0, 1)
+    model = net
+    if world > 1:  # torchrun: gradients averaged across the processes, rank 0 writes
+        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        if rank != 0:
+            log = lambda message: None  # noqa: E731  (rank 0 speaks for the run)
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
     state = _upgrade_state({"step": 0, "epoch": 0, "best": -math.inf, "best_epoch": 0, "best_step": 0,
@@ -175,13 +208,19 @@ def run_loop(net: torch.nn.Module, optimiser: torch.optim.Optimizer,
     last = out / "last.pt" if out is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    if resume and last is not None:
+    if resume and last is not None:  # every rank reads rank 0's file
         ckpt = load_resume_state(last, net, optimiser, scheduler, rng, gen, scaler)
+        if ckpt is not None and world > 1 and "rank_rng" in ckpt:  # this rank's own batch stream
+            mine = ckpt["rank_rng"][rank]
+            if rng is not None and mine.get("numpy") is not None:
+                rng.bit_generator.state = mine["numpy"]
+            if gen is not None and mine.get("torch") is not None:
+                gen.set_state(mine["torch"])
         if ckpt is not None:
             state = _upgrade_state(ckpt["state"], cfg.eval_every)
             log(resume_message(state) if resume_message else
                 f"resumed at step {state['step']} (best {state['best']:.4f} at evaluation {state['best_epoch']})")
-    writer = tensorboard_writer(out) if cfg.tensorboard and out is not None else None
+    writer = tensorboard_writer(out) if cfg.tensorboard and out is not None and rank == 0 else None
     stream = batches(state["step"]) if callable(batches) else batches
     budget = min(cfg.steps, cfg.stop_after or cfg.steps)
     checkpoint_every = cfg.checkpoint_every or cfg.eval_every or budget
@@ -190,7 +229,14 @@ def run_loop(net: torch.nn.Module, optimiser: torch.optim.Optimizer,
     chunk_started = time.time()
 
     def checkpoint():
-        if last is None:
+        rank_rng = None
+        if world > 1:  # a collective: every rank takes part, rank 0 writes
+            import torch.distributed as dist
+
+            rank_rng = [None] * world
+            dist.all_gather_object(rank_rng, {"numpy": rng.bit_generator.state if rng is not None else None,
+                                              "torch": gen.get_state() if gen is not None else None})
+        if last is None or rank != 0:
             return
         payload = {"model": net.state_dict(), "optimiser": optimiser.state_dict(), "state": state,
                    "global_rng": _global_rng(), **(extra or {})}
@@ -202,6 +248,8 @@ def run_loop(net: torch.nn.Module, optimiser: torch.optim.Optimizer,
             payload["numpy_rng"] = rng.bit_generator.state
         if gen is not None:
             payload["torch_rng"] = gen.get_state()
+        if rank_rng is not None:
+            payload["rank_rng"] = rank_rng
         save_atomic(last, payload)
 
     def stopped_early() -> bool:
@@ -217,7 +265,7 @@ def run_loop(net: torch.nn.Module, optimiser: torch.optim.Optimizer,
         optimiser.zero_grad()
         autocast = torch.autocast("cuda", dtype=torch.float16) if use_amp else contextlib.nullcontext()
         with autocast:
-            loss = loss_fn(net, batch)
+            loss = loss_fn(model, batch)
         if scaler is not None:
             scaler.scale(loss).backward()
             if cfg.grad_clip:
@@ -237,6 +285,12 @@ def run_loop(net: torch.nn.Module, optimiser: torch.optim.Optimizer,
         window.append(float(loss.detach()))
         step = state["step"]
         out_of_time = cfg.max_minutes is not None and (time.time() - started) / 60 > cfg.max_minutes
+        if world > 1 and cfg.max_minutes is not None:  # one decision for every rank (else a collective hangs)
+            import torch.distributed as dist
+
+            flag = torch.tensor([float(out_of_time)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            out_of_time = bool(flag.item())
         due_eval = evaluate is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps)
         due_checkpoint = step % checkpoint_every == 0 or step == budget or out_of_time or due_eval
         if not due_checkpoint:
@@ -267,7 +321,7 @@ def run_loop(net: torch.nn.Module, optimiser: torch.optim.Optimizer,
                 on_evaluation(net, state, evaluation)
             if evaluation.score > state["best"]:
                 state["best"], state["best_epoch"], state["best_step"] = evaluation.score, state["epoch"], step
-                if save_best and out is not None:
+                if save_best and out is not None and rank == 0:
                     (_default_save_best if save_best is True else save_best)(out / "best.pt", net, state, evaluation)
         else:
             entry = {"step": step, "loss": mean_loss, "lr": lr, "seconds": round(state["seconds"])}

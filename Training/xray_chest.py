@@ -43,7 +43,7 @@ from SpineKneeSegLib.engine.postprocessing import decode_sigmoid, dice
 from SpineKneeSegLib.engine.preprocessing import training_slices
 from SpineKneeSegLib.tasks import TASKS
 from SpineKneeSegLib.tasks.xray.polarity import inverted
-from trainloop import LoopConfig, run_loop, seed_everything
+from trainloop import LoopConfig, init_distributed, rank_seed, run_loop, seed_everything
 from wmh_metrics import hd95_mm
 
 TASK = "xray-chest"
@@ -199,7 +199,8 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
     def lr_at(step):
         return 1e-5 + 0.5 * (cfg.lr - 1e-5) * (1 + math.cos(math.pi * step / cfg.steps))
 
-    rng = np.random.default_rng(cfg.seed)
+    init_distributed()  # torchrun --nproc-per-node N: each process its own batches, gradients averaged
+    rng = np.random.default_rng(rank_seed(cfg.seed))
     log(f"{count_parameters(net)} parameters; {cfg.steps} steps of {cfg.batch_size}")
     state = run_loop(net, optimiser, lambda step: batches(train_cases, cfg, rng),
                      lambda n, batch: multilabel_dice_bce(n(batch[0]), batch[1]),
