@@ -78,3 +78,29 @@ def test_dicom_follows_its_header():
     image.meta.update({"is_dicom": True, "photometric": "MONOCHROME1"})
     assert decide_polarity(image, "x", {"invert": "auto"}) is None
     assert "PhotometricInterpretation MONOCHROME1" in image.meta["checks"]["polarity"]
+
+
+@pytest.mark.mrml
+def test_xray_chest_gives_the_same_labels_for_either_polarity(tmp_path):
+    """The stored (inverted) radiograph and its usual-display copy, through the CLI: auto turns
+    the first over, so the network sees the same image and the labels agree."""
+    from SpineKneeSegLib import cli
+    from SpineKneeSegLib.engine.weights import initialise_weights
+
+    stored = _stored(CASES[1])
+    spacing = (0.7, 0.7, 1.0)
+    write_image(Image(stored[None].astype(np.float32), spacing), tmp_path / "stored.nii.gz")
+    write_image(Image((255.0 - stored)[None].astype(np.float32) * 257, spacing), tmp_path / "usual16.nii.gz")
+    initialise_weights("xray-chest", tmp_path / "chest.pt", {"channels": (8, 16)}, seed=3)
+    labels = {}
+    for name in ("stored", "usual16"):
+        out = tmp_path / name
+        assert cli.main(["run", "--task", "xray-chest", str(tmp_path / f"{name}.nii.gz"), "-o", str(out), "--weights",
+                         str(tmp_path / "chest.pt"), "--progress", "none"]) == 0
+        report = json.loads((out / "report.json").read_text())
+        polarity = report["inputs"][0]["checks"]["polarity"]
+        assert polarity.startswith("inverted" if name == "stored" else "kept as stored"), polarity
+        labels[name] = (read_image(out / "labels.nii.gz").array, read_image(out / "clavicles.nii.gz").array)
+        assert labels[name][0].shape == stored[None].shape  # on the input's own pixels
+    for a, b in zip(labels["stored"], labels["usual16"]):
+        assert np.mean(a != b) < 1e-3
