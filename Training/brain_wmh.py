@@ -46,7 +46,7 @@ from SpineKneeSegLib.engine.preprocessing import (  # noqa: E402
 from SpineKneeSegLib.engine.weights import save_checkpoint  # noqa: E402
 from SpineKneeSegLib.tasks import TASKS  # noqa: E402
 from evalhelpers import dice_or
-from modelcard import publish
+from modelcard import publish, render
 from trainloop import Evaluation, LoopConfig, run_loop, seed_everything
 from wmh_metrics import all_metrics  # noqa: E402
 
@@ -475,42 +475,29 @@ transfer to the third. The rules all three cases would pick ({rule_text}) are th
     loss = ("blob loss (Kofler et al. 2023): the seed's focal Tversky over the patch plus, weighted "
             f"{cfg['blob_weight']}, the mean of the same loss over each true lesion and the background"
             if cfg["loss"] == "blob" else "the seed's focal Tversky loss")
-    return f"""# Model card: {entry_name(cfg)} v{version}
-
-**Status: starter model trained on 3 FLAIR volumes.** That is far too little data for clinical
-use or for any claim beyond these figures. Not a medical device.
-
-## What it does
-Task `brain-wmh`: white-matter / MS lesion mask (label 1) on skull-stripped FLAIR, and a table of
+    return render(f"{entry_name(cfg)} v{version}", [
+        ("What it does", f"""Task `brain-wmh`: white-matter / MS lesion mask (label 1) on skull-stripped FLAIR, and a table of
 its 26-connected lesions. Network: seed 002's 2.5D U-Net with attention gates
 ({json.dumps(CARD.network.config)}), {inputs} in, one sigmoid channel out.
 
 {decoding} The decoder only removes whole lesions, so two lesions apart in the thresholded mask
 are never merged; inputs with voxels thicker than 3 mm get a note that thin lesions may be
-averaged away.
-
-## Data
-open-ms (Lesjak et al., Neuroinformatics 16:51, 2018; via muschellij2/open_ms_data): patients 07,
+averaged away."""),
+        ("Data", f"""open-ms (Lesjak et al., Neuroinformatics 16:51, 2018; via muschellij2/open_ms_data): patients 07,
 19, 26 — 1 mm isotropic FLAIR (skull-stripped, N4-corrected, MNI space, 182x218x182) with
 consensus MS lesion masks (1 300, 49 769 and 8 227 voxels){"; the T1 volumes of the same cases" if t1 else ""}.
-Licence CC BY.
-
-## Preprocessing
-Axial canonical slices, z-score over the brain, 1 mm in-plane; inference only on slices holding
-brain, inside the brain's bounding box; probabilities resampled back to the input grid, then decoded.
-
-## Training
-{loss} (alpha {cfg['alpha']}, beta {cfg['beta']}, gamma {cfg['gamma']:.3f}, smoothing {cfg['smooth']}); Adam lr
+Licence CC BY."""),
+        ("Preprocessing", """Axial canonical slices, z-score over the brain, 1 mm in-plane; inference only on slices holding
+brain, inside the brain's bounding box; probabilities resampled back to the input grid, then decoded."""),
+        ("Training", f"""{loss} (alpha {cfg['alpha']}, beta {cfg['beta']}, gamma {cfg['gamma']:.3f}, smoothing {cfg['smooth']}); Adam lr
 {cfg['lr']} (seed 002: 1e-4; 1e-3 converges within a CPU session), ReduceLROnPlateau x0.2 / 5 epochs,
 {cfg['steps_per_epoch']} batches of {cfg['batch_size']} {cfg['patch']}x{cfg['patch']} patches an epoch, at most
 {cfg['epochs']} epochs, early stopping on held-back slice blocks of the training volumes; slices with intensity
 entropy < {cfg['min_entropy_bits']} bits dropped; flips, gain/offset/noise. {int(cfg['slab_fraction'] * 100)} % of
 batches come from simulated thick-slice acquisitions of the training volumes: axial slabs of {cfg['slab_mm']} mm
 ({cfg['slab_phases']} phases each){geometries}. Final model: all 3 volumes, best epoch
-{final.get('best_epoch')} of {final.get('epochs')}.
-
-## Leave-one-case-out (each case predicted by a model trained on the other two)
-Each case is scored at its native 1 mm geometry and resliced to 3, 5 and 7.5 mm axial slabs
+{final.get('best_epoch')} of {final.get('epochs')}."""),
+        ("Leave-one-case-out (each case predicted by a model trained on the other two)", f"""Each case is scored at its native 1 mm geometry and resliced to 3, 5 and 7.5 mm axial slabs
 (averaged 1 mm slices; a slab voxel is lesion when at least half its slices are, so the slab truth
 has fewer, larger lesions: the figures at different thicknesses measure different tasks). Any
 decoding rule that scores a case was chosen on the other two cases' left-out probabilities only.
@@ -518,31 +505,23 @@ Metrics: WMH-2017 (Dice, HD95, AVD, lesion recall and F1 on 26-connected lesions
 
 {selection_md}
 
-Targets of issue 22: {verdict(selection["summary"][decoder])}.
+Targets of issue 22: {verdict(selection["summary"][decoder])}."""),
+        ("Variants compared (same data, folds and schedule; rules chosen on the other cases, and the seed's plain 0.5 cut)", f"""{variant_table(variants)}
 
-## Variants compared (same data, folds and schedule; rules chosen on the other cases, and the seed's plain 0.5 cut)
-
-{variant_table(variants)}
-
-{notes}
-
-## Known limits
-- Three MS patients from one public dataset, registered to MNI: nothing is known about other
+{notes}"""),
+        ("Known limits", f"""- Three MS patients from one public dataset, registered to MNI: nothing is known about other
   scanners, non-registered FLAIR, small-vessel WMH in older patients, or tumours.
 - Lesions of fewer than 10 voxels are the ones missed (see the bracket table); on thick slabs
   they are mostly gone from the truth as well.
 - FLAIR must be skull-stripped. `run` refuses FLAIR that does not look stripped (SpineKneeSegLib/tasks/brain/skullstrip.py:
   background share, brain volume, largest axial section); `--skull-stripped yes` overrides.
-{t1_limit}
-
-## How it was made
-Training/brain_wmh.py (loo, final, ship) and Training/wmh_selection.py; commands in Training/README.md.
+{t1_limit}"""),
+        ("How it was made", f"""Training/brain_wmh.py (loo, final, ship) and Training/wmh_selection.py; commands in Training/README.md.
 On 2 CPU cores: leave-one-out {minutes.get('loo', '?')} min per variant (two variants side by side,
-one thread each), final model {minutes.get('final', '?')} min.
-
-## Licence of the data
-open-ms: CC BY (cite Lesjak et al. 2018).
-"""
+one thread each), final model {minutes.get('final', '?')} min."""),
+        ("Licence of the data", """open-ms: CC BY (cite Lesjak et al. 2018)."""),
+    ], """**Status: starter model trained on 3 FLAIR volumes.** That is far too little data for clinical
+use or for any claim beyond these figures. Not a medical device.""")
 
 
 def entry_name(cfg: dict) -> str:

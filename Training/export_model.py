@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from SpineKneeSegLib.engine.models import build_network, count_parameters  # noqa: E402
-from modelcard import publish
+from modelcard import publish, render
 from SpineKneeSegLib.engine.weights import load_checkpoint  # noqa: E402
 
 DATA_SOURCES = {
@@ -44,31 +44,22 @@ def model_card(model: str, version: str, checkpoint: dict, metrics: dict, histor
     rows = "\n".join(f"| {cid} | " + " | ".join(f"{c['dice'][f'L{k}']:.3f}" for k in range(1, 6)) +
                      f" | {_identification(c['identification'])} |" for cid, c in cases.items())
     epochs = len(history)
-    return f"""# Model card: {model} v{version}
-
-**Status: starter model**, trained on CPU in one session on 46 scans; validated on 8 held-out
-scans. Not a medical device; not validated clinically.
-
-## What it does
-Task `lumbar-foramina`, level model: segments the five lumbar vertebral bodies by level
+    intro = """**Status: starter model**, trained on CPU in one session on 46 scans; validated on 8 held-out
+scans. Not a medical device; not validated clinically."""
+    sections = [
+        ("What it does", f"""Task `lumbar-foramina`, level model: segments the five lumbar vertebral bodies by level
 (label 1..5 = L1..L5) in sagittal lumbar MRI (T1 or T2). Network: seed 004's MultiNet
 (`{checkpoint['network']['factory']}`, {json.dumps(checkpoint['network']['config'])}), {count_parameters(net):,}
-parameters; 3 adjacent sagittal slices in, 5 sigmoid channels out.
-
-## Data
-{DATA_SOURCES.get(model, '')}
+parameters; 3 adjacent sagittal slices in, 5 sigmoid channels out."""),
+        ("Data", f"""{DATA_SOURCES.get(model, '')}
 
 Split (fixed, by case): validation = {', '.join(meta.get('validation_cases', []))}; every other
-case of the two datasets is training (46 cases). Nothing was tuned on any other data.
-
-## Preprocessing
-Canonical sagittal orientation (slices toward patient right, rows inferior, columns posterior),
+case of the two datasets is training (46 cases). Nothing was tuned on any other data."""),
+        ("Preprocessing", f"""Canonical sagittal orientation (slices toward patient right, rows inferior, columns posterior),
 in-plane resampling to {cfg.get('spacing_mm')} mm (slices kept), per-volume z-score over the
 foreground, 3-slice context (edge slices padded with empty slices). Post-processing: largest
-26-connected component per level.
-
-## Training
-Loss `{cfg.get('loss')}` (seed 004's per-channel Dice weighted by inverse label frequency),
+26-connected component per level."""),
+        ("Training", f"""Loss `{cfg.get('loss')}` (seed 004's per-channel Dice weighted by inverse label frequency),
 Adam lr {cfg.get('lr')}, batch {cfg.get('batch_size')} random {cfg.get('crop')}x{cfg.get('crop')} crops (80 % centred
 near labelled bone); augmentation: rotation about the left-right axis within
 +-{cfg.get('max_rotation_deg')} deg, +-10 % scale, smooth non-linear warp ({cfg.get('warp_px')} px), random
@@ -76,35 +67,31 @@ piecewise-linear contrast remapping (30 % inverted) with gain/offset so one mode
 T2, noise N(0, {cfg.get('noise_sd')}); seed {cfg.get('seed')}. Early stopping on validation mean Dice (patience
 {cfg.get('patience')}); best epoch {meta.get('epoch')} of {epochs} run (stopped by the session's
 time budget, not by early stopping). The checkpoint was *selected* on the same 8 validation cases
-it is reported on, so the figures below are mildly optimistic; there is no separate test set.
-
-## Validation (held-out cases, measured by Training/spine_levels.py with the Lib's inference)
-Mean per-level Dice: **{metrics['mean_dice']:.3f}** (L1 {per_level['L1']:.3f}, L2 {per_level['L2']:.3f},
+it is reported on, so the figures below are mildly optimistic; there is no separate test set."""),
+        ("Validation (held-out cases, measured by Training/spine_levels.py with the Lib's inference)",
+         f"""Mean per-level Dice: **{metrics['mean_dice']:.3f}** (L1 {per_level['L1']:.3f}, L2 {per_level['L2']:.3f},
 L3 {per_level['L3']:.3f}, L4 {per_level['L4']:.3f}, L5 {per_level['L5']:.3f}).
 Every level identified correctly (largest component on its own body): **{metrics['all_levels_identified']} of
 {len(cases)}** cases.
 
 | case | L1 | L2 | L3 | L4 | L5 | all levels right |
 |---|---|---|---|---|---|---|
-{rows}
-
-## Known limits
-- 8 validation cases from the same two sources as training: the figures say little about other
+{rows}"""),
+        ("Known limits", """- 8 validation cases from the same two sources as training: the figures say little about other
   scanners, protocols, pathology (fractures, scoliosis, implants) or children.
 - Trained on 4 mm sagittal slices at 1 mm in-plane; other slice thicknesses are untested.
 - Transitional anatomy (4 or 6 lumbar-type vertebrae) is not modelled: the pipeline flags it from
   this model's raw output (L5 missing below L4, or one level on two vertebrae) and never relabels.
 - Laterality in the training data is unknown; it does not matter for level labels, but foramen
   sides come from the input's direction matrix, not from this model.
-- No foramen model is shipped: foramen markers are estimated from these levels.
-
-## Licence of the data
-MyoSegmenTUM: CC BY 4.0 (article), data as published; Zukić: as published by the authors; both
+- No foramen model is shipped: foramen markers are estimated from these levels."""),
+        ("Licence of the data", f"""MyoSegmenTUM: CC BY 4.0 (article), data as published; Zukić: as published by the authors; both
 as redistributed in FastCleverSeg under GPL-3.0. Cite the sources above when using this model.
 
 Generated {time.strftime('%Y-%m-%d')} by Training/export_model.py from the training run's own
-validation figures.
-"""
+validation figures."""),
+    ]
+    return render(f"{model} v{version}", sections, intro)
 
 
 def main(argv=None) -> int:

@@ -9,7 +9,7 @@ import torch
 from knee_data import ALL_ANATOMIES, HELD_OUT, TASK
 from knee_eval import BONE_NAMES
 from knee_synth import SynthConfig
-from modelcard import publish
+from modelcard import publish, render
 
 def _series_table(evaluation: dict) -> str:
     rows = "\n".join(
@@ -160,12 +160,8 @@ Synthetic 3D series of the held-out anatomy through the product's inference (Dic
 post-processing, raw network output in brackets):
 
 {_series_table(evaluation)}{tissue_table}"""
-    return f"""# Model card: knee-bones v{version} (starter, trained on synthetic images only)
-
-**Task** `knee-bones` (seed 000): femur, tibia, fibula, patella in knee MRI, slice-wise 2D U-Net.
-
-## Data
-- **No labelled real knee MRI was available.** Training images are synthesised on the fly from
+    return render(f"knee-bones v{version} (starter, trained on synthetic images only)", [
+        ("Data", f"""- **No labelled real knee MRI was available.** Training images are synthesised on the fly from
   label maps, the SynthSeg way (Billot et al., MedIA 2023; `Training/knee_synth.py`): random
   per-structure intensities and texture, pseudo-tissues in unlabelled regions, a dark cortical rim,
   partial volume over 0.5-4 mm slabs, blur, resolution loss, bias field, gamma, Rician noise,
@@ -174,19 +170,15 @@ post-processing, raw network output in brackets):
 - Trained on: {trained_on}.
 {held_text}
 - Real series checked (no labels; nothing tuned on them): pyKNEEr DESS (GPL-3.0 repository) and pymskt
-  multi-echo T2 (MIT) from ../shared/data/knee.
-
-## Preprocessing (the task card; stored with the weights)
-Slices along the acquisition axis (largest spacing; sagittal or coronal), canonical orientation;
+  multi-echo T2 (MIT) from ../shared/data/knee."""),
+        ("Preprocessing (the task card; stored with the weights)", """Slices along the acquisition axis (largest spacing; sagittal or coronal), canonical orientation;
 fast N4 (estimated on a shrunk, masked image, applied at full resolution); a 160 mm square window
 centred on the femorotibial joint, resampled to 224x224; per-volume z-score over the foreground.
 The synthetic training population has random intensities by design, so it has no meaningful fixed
 mean/std: statistics are the input's own (mean/std of voxels above the 5th percentile). The seed's
 population-statistics variant is `normalisation: fixed` with `stats` in a checkpoint (for models
-trained on one protocol's real images).
-
-## Network and training
-2D U-Net, constant {cfg['channels']} channels x {cfg['levels']} levels, ELU, batch norm, dropout
+trained on one protocol's real images)."""),
+        ("Network and training", f"""2D U-Net, constant {cfg['channels']} channels x {cfg['levels']} levels, ELU, batch norm, dropout
 {cfg['dropout']} at the end of the contracting path, softmax background + 4 bones
 ({'lighter than ' if cfg['channels'] < 32 else ''}the seed's constant 32, selectable: `--channels 32`).
 {loss_text}, Adam {cfg['lr']:g} decaying exponentially toward {cfg['lr_final']:g} over
@@ -196,11 +188,8 @@ iterations each) on {cfg['val_samples']} fixed synthetic validation slices.{init
 This checkpoint: {checkpoint_text} (CPU, 2 cores; training resumes
 with `Training/knee_bones.py train --resume`; a GPU session is the place to finish it).
 
-{figures}
-
-## Seed variants (same synthetic data, same schedule, validation Dice at equal iterations)
-
-| variant | femur | tibia | fibula | patella | any bone | merged "bone" |
+{figures}"""),
+        ("Seed variants (same synthetic data, same schedule, validation Dice at equal iterations)", f"""| variant | femur | tibia | fibula | patella | any bone | merged "bone" |
 |---|---|---|---|---|---|---|
 {variant_rows}
 
@@ -211,25 +200,18 @@ iterations to leave the CPU to the main model, so this is an early-training comp
 finding that a merged channel learns more easily holds here too. Both variants run in the product:
 a merged checkpoint (`--weights`, metadata `variant: merged`) is split into bones by
 `SpineKneeSegLib.tasks.knee.bone_split.split_any_bone`; a per-bone fibula model runs beside the main one with
-`--aux-weights fibula=FILE` and its fibula replaces the main one's.
-
-## Real series (plausibility check, no labels)
-
-| series | plausibility | raw pieces fem/tib/fib/pat; raw-vs-final Dice; fibula widest R-L x A-P | warnings | total s |
+`--aux-weights fibula=FILE` and its fibula replaces the main one's."""),
+        ("Real series (plausibility check, no labels)", f"""| series | plausibility | raw pieces fem/tib/fib/pat; raw-vs-final Dice; fibula widest R-L x A-P | warnings | total s |
 |---|---|---|---|---|
 {chr(10).join(real_rows)}
 
-{notes.strip() or "Overlays: no observations recorded."}
-
-## Known limits
-- A starter model: {'two' if all_maps else 'one'} training {'anatomies' if all_maps else 'anatomy'}, synthetic
+{notes.strip() or "Overlays: no observations recorded."}"""),
+        ("Known limits", f"""- A starter model: {'two' if all_maps else 'one'} training {'anatomies' if all_maps else 'anatomy'}, synthetic
   images only, stopped far short of its schedule.{coronal_text}
 - {shaft_text}
-- Nothing was measured on labelled real images; the figures above are synthetic.
-
-## Licence of the data
-SPL Knee Atlas: Apache-2.0. pymskt label map and T2 series: MIT. pyKNEEr DESS series: GPL-3.0 repository.
-"""
+- Nothing was measured on labelled real images; the figures above are synthetic."""),
+        ("Licence of the data", """SPL Knee Atlas: Apache-2.0. pymskt label map and T2 series: MIT. pyKNEEr DESS series: GPL-3.0 repository."""),
+    ], """**Task** `knee-bones` (seed 000): femur, tibia, fibula, patella in knee MRI, slice-wise 2D U-Net.""")
 
 
 def ship(out: Path, version: str, evaluation: Path, real: Path, variants: Path, held_out: Path | None = None,

@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from modelcard import publish
+from modelcard import publish, render
 from SpineKneeSegLib.engine.models import build_network, count_parameters
 from SpineKneeSegLib.engine.weights import (
     load_checkpoint,
@@ -43,38 +43,25 @@ def model_card(version: str, checkpoint: dict, summary: dict, cv_config: dict, c
     net = build_network(checkpoint["network"]["factory"], checkpoint["network"]["config"])
     threshold = summary["doubtful_threshold"]
     notes = "\n".join(f"  - {cid}: {note}" for cid, note in summary["label_notes"].items())
-    return f"""# Model card: {MODEL} v{version}
-
-**Status: starter model**, trained on CPU (2 cores) on the 54 labelled scans of two public
-datasets (52 distinct images). Every figure below is cross-validated: case-wise
-{summary['folds']}-fold, identical images in one fold, each scan scored by the fold model that never
-saw it, no checkpoint or threshold selected on the scans it is scored on. Not a medical device.
-
-## What it does
-Task `lumbar-foramina`, level model: the five lumbar vertebral bodies by level (label 1..5 = L1..L5)
+    return render(f"{MODEL} v{version}", [
+        ("What it does", f"""Task `lumbar-foramina`, level model: the five lumbar vertebral bodies by level (label 1..5 = L1..L5)
 in sagittal lumbar MRI (T1 or T2). Network: seed 004's MultiNet widened to see the whole column
 (`{checkpoint['network']['factory']}`, {json.dumps(checkpoint['network']['config'])};
 {count_parameters(net):,} parameters); 3 adjacent sagittal slices in, 5 sigmoid channels out, run on
 whole slices. Its probabilities are decoded anatomically (`SpineKneeSegLib/tasks/spine/level_decoding.py`):
 bodies as instances ordered along the column, L1..L5 as one consecutive run maximising the summed
 level probability (never two bodies with one name, never a level skipped between two named
-bodies), `summaries.level_confidence` = the run's margin over the runs shifted by one level.
-
-## Data
-{DATA}
+bodies), `summaries.level_confidence` = the run's margin over the runs shifted by one level."""),
+        ("Data", f"""{DATA}
 - Four Zukić label maps (cases 02, 04, 08, 10) have one slice more than their image. The extra
   slice was found from the image: the alignment whose body outlines sit on the stronger
   image contrast (both candidates printed; refused if less than 10 % apart):
-{notes}
-
-## Preprocessing
-Canonical sagittal orientation (slices toward patient right, rows inferior, columns posterior),
+{notes}"""),
+        ("Preprocessing", f"""Canonical sagittal orientation (slices toward patient right, rows inferior, columns posterior),
 in-plane resampling to {cfg['spacing_mm']} mm (slices kept), per-volume z-score over the foreground,
 3-slice context. Post-processing: anatomical decoding (above), then the largest 26-connected
-component per level.
-
-## Training (the recipe, identical for the fold models and this model)
-Whole sagittal slices on a {cfg['canvas']} x {cfg['canvas']} canvas at {cfg['spacing_mm']} mm
+component per level."""),
+        ("Training (the recipe, identical for the fold models and this model)", f"""Whole sagittal slices on a {cfg['canvas']} x {cfg['canvas']} canvas at {cfg['spacing_mm']} mm
 ({cfg['canvas'] * cfg['spacing_mm']:.0f} mm), centred near the labelled column +-{cfg['shift_px']} px;
 field-of-view augmentation ({cfg['fov_cut_mode']}): with probability {cfg['fov_cut_p'] / 2:.2f} at each end, the image
 ends at a random row (anatomical: half of the cuts beyond L1 / L5, a quarter through them, a quarter
@@ -91,10 +78,8 @@ took {meta.get('train_seconds', 0) / 60:.0f} min on one CPU thread; the five fol
 Commands:
 ```
 {chr(10).join(commands)}
-```
-
-## Cross-validated results ({summary['cases']} scans, {summary['folds']} folds)
-Anatomical decoding (this model's pipeline) against the old clean-up (largest component per level
+```"""),
+        (f"Cross-validated results ({summary['cases']} scans, {summary['folds']} folds)", f"""Anatomical decoding (this model's pipeline) against the old clean-up (largest component per level
 of the raw labels, v0.1.0's pipeline) on the same fold models. "Cut above L2": the field of view
 starts right below L1 (L1 outside); "cut below L5": it ends 3 px below L5 (no sacrum).
 
@@ -131,10 +116,8 @@ checkpoint (metadata `postprocessing.level_decoding.doubtful_below`).
 
 Per scan (whole field of view; "failure" lists levels that are not on their own body):
 
-{summary['table']}
-
-## Known limits
-- Two sources, two sequences, 52 distinct spines: the figures say little about other scanners,
+{summary['table']}"""),
+        ("Known limits", """- Two sources, two sequences, 52 distinct spines: the figures say little about other scanners,
   protocols, pathology (fractures, scoliosis, implants, severe degeneration) or children.
 - Trained on 4 mm sagittal slices at 1 mm in-plane; other slice thicknesses are untested.
 - The sacrum and T12 are not labelled in MyoSegmenTUM, so the network learns what lies beyond
@@ -142,15 +125,16 @@ Per scan (whole field of view; "failure" lists levels that are not on their own 
 - Transitional anatomy (4 or 6 lumbar-type vertebrae) cannot be settled from a lumbar field of
   view: flagged (raw labels) and reported as a doubtful count (level confidence), never relabelled.
 - Laterality in the training data is unknown; it does not matter for level labels, but foramen
-  sides come from the input's direction matrix.
-
-## Licence of the data
-MyoSegmenTUM: CC BY 4.0 (article), data as published; Zukić: as published by the authors; both
+  sides come from the input's direction matrix."""),
+        ("Licence of the data", f"""MyoSegmenTUM: CC BY 4.0 (article), data as published; Zukić: as published by the authors; both
 as redistributed in FastCleverSeg under GPL-3.0. Cite the sources above when using this model.
 
 Generated {time.strftime('%Y-%m-%d')} by Training/level_ship.py from the cross-validation run's figures
-(cv_summary.json).
-"""
+(cv_summary.json)."""),
+    ], f"""**Status: starter model**, trained on CPU (2 cores) on the 54 labelled scans of two public
+datasets (52 distinct images). Every figure below is cross-validated: case-wise
+{summary['folds']}-fold, identical images in one fold, each scan scored by the fold model that never
+saw it, no checkpoint or threshold selected on the scans it is scored on. Not a medical device.""")
 
 
 def ship(cv_dir: Path, final_dir: Path, version: str, commands: list[str]) -> str:

@@ -48,7 +48,7 @@ from SpineKneeSegLib.engine.weights import save_checkpoint  # noqa: E402
 from SpineKneeSegLib.tasks import TASKS  # noqa: E402
 from SpineKneeSegLib.tasks.xray.phantom import xray_femur_phantom  # noqa: E402
 from evalhelpers import dice_or, nanmean
-from modelcard import publish
+from modelcard import publish, render
 from trainloop import Evaluation, LoopConfig, run_loop, seed_everything
 
 TASKS_HERE = ("xray-femur", "xray-multiclass")
@@ -440,51 +440,32 @@ def model_card(task: str, version: str, checkpoint: dict, evaluation: dict, expe
     exp = "\n\n".join(t for t in experiments.values()) or "None run for this model (see Training/README.md)."
     seed = "003" if task == "xray-femur" else "001"
     note_block = f"\n\n{note}\n" if note else ""
-    return f"""# Model card: {task} v{version}
-
-**Trained only on synthetic radiograph phantoms. It has never seen a real radiograph and has not
-been validated on one.** No openly licensed X-ray image + mask data could be obtained for this
-project; the phantoms (`SpineKneeSegLib.core.phantoms.xray_femur_phantom`) are analytic drawings of a
-pelvis and proximal femurs (head, neck, shaft, trochanters) with simulated exposure, noise,
-collimation and burn-in text. Expect it to fail on real images until it is retrained on real
-image + mask pairs (`Training/xray_import.py` reads image/mask folders, COCO polygon JSON and
-JSRT/SCR-style mask folders). Not a medical device.
-
-## What it does
-Task `{task}`: {', '.join(f'{d["value"]} {d["name"]}' for d in meta['labels'])} on a single 2D AP
+    return render(f"{task} v{version}", [
+        ("What it does", f"""Task `{task}`: {', '.join(f'{d["value"]} {d["name"]}' for d in meta['labels'])} on a single 2D AP
 pelvis/hip radiograph. Network: seed {seed}'s U-Net (`{checkpoint['network']['factory']}`,
 {json.dumps(checkpoint['network']['config'])}), {count_parameters(net):,} parameters
-(variant `{cfg['variant']}`{'' if cfg['variant'] == 'seed' else '; the seed width is `--variant seed`'}).
-
-## Preprocessing (the task card's, the same in every door)
-Pixels as stored (DICOM MONOCHROME1 inverted, rescale slope/intercept applied), percentile
+(variant `{cfg['variant']}`{'' if cfg['variant'] == 'seed' else '; the seed width is `--variant seed`'})."""),
+        ("Preprocessing (the task card's, the same in every door)", f"""Pixels as stored (DICOM MONOCHROME1 inverted, rescale slope/intercept applied), percentile
 normalisation (0.5-99.5 %), the image cut to a square of its longer side around its centre
 (aspect ratio kept, padding = normalised minimum) and resampled to {cfg['network_px']} x
-{cfg['network_px']}; logits resampled back onto the input's exact pixels.
-
-## Training
-{cfg['n_train']} phantoms (training seeds 0..{cfg['n_train'] - 1}: 70 % AP pelvis, 30 % single hip, pixel
+{cfg['network_px']}; logits resampled back onto the input's exact pixels."""),
+        ("Training", f"""{cfg['n_train']} phantoms (training seeds 0..{cfg['n_train'] - 1}: 70 % AP pelvis, 30 % single hip, pixel
 0.4-0.9 mm, non-square fields, 16-bit), {cfg['steps']} steps of batch {cfg['batch_size']}; loss `{cfg['loss']}`,
 optimiser {cfg['optimiser']} lr {cfg['lr']}{' betas ' + str(tuple(cfg['betas'])) if cfg['optimiser'] == 'adam' else ''},
 {'gradient norm clipped at ' + str(cfg['clip_grad']) + ', ' if cfg['clip_grad'] else ''}left-right flips
 p {cfg['flip_p']}, Gaussian noise (seed 001) sigma {cfg['noise_sigma']:g} on 16-bit values for a share
 {cfg['noise_p']} of the images.{note_block} Best of the evaluations on {cfg['n_val']} validation phantoms (seeds
 {VAL_SEED0}+) at step {meta['step']}; {meta['train_seconds']} s of training on 2 shared CPU cores
-(1 thread).
-
-## Held-out phantoms (seeds {evaluation['test_seeds'][0]}..{evaluation['test_seeds'][1]}, never trained or selected on)
-Dice through the product's inference on each image's own pixels; noisy = N(0, {evaluation['noise_sigma']:g})
+(1 thread)."""),
+        (f"Held-out phantoms (seeds {evaluation['test_seeds'][0]}..{evaluation['test_seeds'][1]}, never trained or selected on)", f"""Dice through the product's inference on each image's own pixels; noisy = N(0, {evaluation['noise_sigma']:g})
 on the 16-bit values.
 
 | images | {' | '.join(names)} | worst case (mean over classes) |
 |---|{'---|' * len(names)}---|
 {dice_rows}
-{heads}
-## Experiments on phantoms (seed 001's noise experiment; seed 003's width)
-{exp}
-
-## Known limits
-- Phantoms only: real radiographs have trabecular texture, overlapping soft tissue, implants,
+{heads}"""),
+        ("Experiments on phantoms (seed 001's noise experiment; seed 003's width)", f"""{exp}"""),
+        ("Known limits", """- Phantoms only: real radiographs have trabecular texture, overlapping soft tissue, implants,
   fractures, osteophytes, children's growth plates and positioning this model has never seen.
   The Dice figures above say the pipeline and the network work, not that the model is accurate.
 - Femoral-head centre and diameter come from a circle fitted to the predicted femur boundary;
@@ -496,8 +477,14 @@ on the 16-bit values.
   100-step run at 128 px (table above; Dice + BCE trained); a collapsed run shows as validation
   Dice 0 in its log and is never shipped by `ship` unnoticed (the card prints its held-out Dice).
 
-Generated by `Training/xray.py ship` from the run's own evaluation files.
-"""
+Generated by `Training/xray.py ship` from the run's own evaluation files."""),
+    ], """**Trained only on synthetic radiograph phantoms. It has never seen a real radiograph and has not
+been validated on one.** No openly licensed X-ray image + mask data could be obtained for this
+project; the phantoms (`SpineKneeSegLib.core.phantoms.xray_femur_phantom`) are analytic drawings of a
+pelvis and proximal femurs (head, neck, shaft, trochanters) with simulated exposure, noise,
+collimation and burn-in text. Expect it to fail on real images until it is retrained on real
+image + mask pairs (`Training/xray_import.py` reads image/mask folders, COCO polygon JSON and
+JSRT/SCR-style mask folders). Not a medical device.""")
 
 
 def ship(task: str, run: Path, version: str, experiments: list[Path], note: str = "") -> int:
