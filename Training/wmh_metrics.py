@@ -43,13 +43,14 @@ def lesion_detection_by_bracket(pred: np.ndarray, truth: np.ndarray, found_fract
 
 
 def hd95_mm(pred: np.ndarray, truth: np.ndarray, spacing_kji) -> float:
-    """Larger of the two directed 95th-percentile surface distances (WMH-2017), in mm."""
+    """Larger of the two directed 95th-percentile surface distances (WMH-2017), in mm; 2D masks
+    (a radiograph) with a 2D ``spacing_kji``."""
     pred, truth = pred > 0, truth > 0
     if not pred.any() or not truth.any():
         return float("inf")
 
     def surface(mask):
-        return mask & ~ndimage.binary_erosion(mask, ndimage.generate_binary_structure(3, 1))
+        return mask & ~ndimage.binary_erosion(mask, ndimage.generate_binary_structure(mask.ndim, 1))
 
     sp, st = surface(pred), surface(truth)
     to_truth = ndimage.distance_transform_edt(~st, sampling=spacing_kji)

@@ -241,7 +241,7 @@ def evaluate(run: Path, noise_sigma: float = 0.0, log=print, cases=None) -> dict
             truth = c.truth[n]
             d = dice(pred, truth)
             row[f"{name} dice"] = round(d, 4) if d is not None else float("nan")
-            row[f"{name} hd95"] = round(hd95_mm(pred[None], truth[None], (1.0, 0.7, 0.7)), 2) \
+            row[f"{name} hd95"] = round(hd95_mm(pred, truth, c.image.spacing[1::-1]), 2) \
                 if pred.any() and truth.any() else float("nan")
         rows.append(row)
     summary = {k: round(float(np.nanmean([r[k] for r in rows])), 4) for k in rows[0] if k != "case"}
