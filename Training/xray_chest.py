@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from SpineKneeSegLib.core.datasets import data_root
 from SpineKneeSegLib.core.image_io import read_image
 from SpineKneeSegLib.engine.models import build_network, count_parameters
-from SpineKneeSegLib.engine.postprocessing import decode_sigmoid, dice
+from SpineKneeSegLib.engine.postprocessing import dice
 from SpineKneeSegLib.engine.preprocessing import training_slices
 from SpineKneeSegLib.tasks import TASKS
 from SpineKneeSegLib.tasks.xray.polarity import inverted
@@ -221,6 +221,7 @@ def load_trained(run: Path) -> tuple[torch.nn.Module, dict]:
 def evaluate(run: Path, noise_sigma: float = 0.0, log=print, cases=None) -> dict:
     """Held-out radiographs through the Lib's inference and the task's decoding, at 512 x 512."""
     from SpineKneeSegLib.engine.inference import segment_slices
+    from SpineKneeSegLib.engine.pipeline import postprocess
 
     net, ckpt = load_trained(run)
     cfg = Config(**ckpt["config"])
@@ -234,7 +235,9 @@ def evaluate(run: Path, noise_sigma: float = 0.0, log=print, cases=None) -> dict
         if noise_sigma:
             image = image.with_array(image.array + rng.normal(0, noise_sigma, image.array.shape).astype(np.float32))
         out = segment_slices(card, image, net, torch.device("cpu"), {}, keep_probabilities=True)
-        predicted = [decode_sigmoid(out.probabilities, (1, 2, 3))[0], decode_sigmoid(out.probabilities, (4, 5))[0]]
+        # the task's own steps, as `spinekneeseg run` (label layers, small-component removal)
+        result = postprocess(card, image, out.labels, {"probabilities": out.probabilities}, {"probabilities": image})
+        predicted = [result.labels.array[0], result.layers["clavicles"].array[0]]
         row = {"case": c.id}
         for n, name in enumerate(STRUCTURES):
             pred = predicted[0 if n < 3 else 1] == n + 1
