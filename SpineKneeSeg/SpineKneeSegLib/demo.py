@@ -28,6 +28,8 @@ SHARED_CASES = {
     "lumbar-foramina": ("spine/zukic-t2/case06/image.nii.gz", "spine/zukic-t2/case06/vertebrae.nii.gz"),
     "brain-wmh": ("brain/open-ms/patient07/flair.nii.gz", "brain/open-ms/patient07/lesions.nii.gz"),
     "knee-bones": ("knee/dess-dicom", None),
+    # a JSRT radiograph held out of xray-chest's training (its fixed split), stored inverted
+    "xray-chest": ("xray/jsrt-scr/JPCLN001/image.nii.gz", "xray/jsrt-scr/JPCLN001/labels.nii.gz"),
 }
 
 
