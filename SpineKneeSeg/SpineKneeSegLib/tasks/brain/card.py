@@ -1,26 +1,19 @@
 """The brain-wmh card (seed 002)."""
 from SpineKneeSegLib.core.labels import BRAIN_LABELS
-from SpineKneeSegLib.engine.cards import (
-    COMMON_OUTPUTS,
-    InputSpec,
-    NetworkSpec,
-    Preprocessing,
-    TaskCard,
-    register,
-)
+from SpineKneeSegLib.engine import cards
 from SpineKneeSegLib.tasks.brain.phantom import brain_phantom
 
-register(TaskCard(
+cards.register(cards.TaskCard(
     name="brain-wmh",
     title="Brain white-matter lesions (FLAIR)",
     description="White-matter / MS lesions on FLAIR with a per-lesion table (seed 002).",
     modality="MR",
-    inputs=(InputSpec("flair", "MR", 3, description="FLAIR volume (skull-stripped)", checks=("skull_stripped",)),
-            InputSpec("t1", "MR", 3, required=False, description="optional T1, resampled onto FLAIR")),
-    preprocessing=Preprocessing(plane="axial", in_plane_spacing_mm=1.0, normalisation="zscore",
+    inputs=(cards.InputSpec("flair", "MR", 3, description="FLAIR volume (skull-stripped)", checks=("skull_stripped",)),
+            cards.InputSpec("t1", "MR", 3, required=False, description="optional T1, resampled onto FLAIR")),
+    preprocessing=cards.Preprocessing(plane="axial", in_plane_spacing_mm=1.0, normalisation="zscore",
                                 context_slices=3, min_slices=3, crop_foreground=True),
     # seed 002: 2.5D attention U-Net; 16 base channels (the seed's 32: "channels": (32, 64, 128, 256))
-    network=NetworkSpec("unet2d", {"channels": (16, 32, 64, 128), "activation": "relu", "norm": "batch",
+    network=cards.NetworkSpec("unet2d", {"channels": (16, 32, 64, 128), "activation": "relu", "norm": "batch",
                                    "attention": True}),
     weights_entry="brain-wmh",
     weights_with_input=(("t1", "brain-wmh-t1"),),
@@ -28,7 +21,7 @@ register(TaskCard(
     label_activation="sigmoid",  # seed 002: one sigmoid lesion channel
     postprocessors=("lesion_decoding", "lesion_table"),
     warn_missing_labels=False,
-    outputs=COMMON_OUTPUTS + ("lesions.tsv",),
+    outputs=cards.COMMON_OUTPUTS + ("lesions.tsv",),
     issue=5,
     phantom=brain_phantom,
 ))

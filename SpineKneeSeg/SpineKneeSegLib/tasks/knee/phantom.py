@@ -1,7 +1,5 @@
 """Knee MRI phantom (femur, tibia, fibula, patella) with exact labels.
-
-Shares no code with the segmentation methods it tests (core.phantoms' helpers and numpy/scipy
-only); conventions as in core/phantoms.py."""
+Shares no code with the methods it tests (conventions: core/phantoms.py)."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,37 +1,29 @@
 """The lumbar-foramina card (seed 004)."""
 from SpineKneeSegLib.core.labels import SPINE_LABELS
-from SpineKneeSegLib.engine.cards import (
-    COMMON_OUTPUTS,
-    AuxiliaryModel,
-    InputSpec,
-    NetworkSpec,
-    Preprocessing,
-    TaskCard,
-    register,
-)
+from SpineKneeSegLib.engine import cards
 from SpineKneeSegLib.tasks.spine.phantom import spine_phantom
 
-register(TaskCard(
+cards.register(cards.TaskCard(
     name="lumbar-foramina",
     title="Lumbar levels and foramina (MRI)",
     description="L1-L5 vertebral bodies by level and the ten neural foramina (L1-L5 left/right) "
                 "in sagittal lumbar MRI (seed 004).",
     modality="MR",
-    inputs=(InputSpec("image", "MR", 3, description="sagittal T1 or T2 lumbar spine MRI"),),
-    preprocessing=Preprocessing(plane="sagittal", in_plane_spacing_mm=1.4, normalisation="zscore",
+    inputs=(cards.InputSpec("image", "MR", 3, description="sagittal T1 or T2 lumbar spine MRI"),),
+    preprocessing=cards.Preprocessing(plane="sagittal", in_plane_spacing_mm=1.4, normalisation="zscore",
                                 context_slices=3, min_slices=3),
     # seed 004: MultiNet, 3 sagittal slices in, 5 sigmoid level channels out
-    network=NetworkSpec("multinet", {"levels": 5, "base_channels": 8, "max_channels": 16, "activation": "elu",
+    network=cards.NetworkSpec("multinet", {"levels": 5, "base_channels": 8, "max_channels": 16, "activation": "elu",
                                      "norm": "batch"}),
     weights_entry="lumbar-levels",
     labels=SPINE_LABELS,
     label_activation="sigmoid",
-    auxiliary=(AuxiliaryModel("foramina", "lumbar-foramen-points",
-                              NetworkSpec("multinet", {"levels": 5, "base_channels": 8, "max_channels": 16,
+    auxiliary=(cards.AuxiliaryModel("foramina", "lumbar-foramen-points",
+                              cards.NetworkSpec("multinet", {"levels": 5, "base_channels": 8, "max_channels": 16,
                                                        "activation": "elu", "norm": "batch"}), channels=5),),
     # transitional reads the raw network labels; level_decoding then names the bodies as one run
     postprocessors=("transitional", "level_decoding", "largest_component_per_label", "foramina"),
-    outputs=COMMON_OUTPUTS + ("foramina.mrk.json",),
+    outputs=cards.COMMON_OUTPUTS + ("foramina.mrk.json",),
     issue=3,
     phantom=spine_phantom,
 ))

@@ -1,7 +1,5 @@
 """Sagittal lumbar MRI phantom (L1-L5 bodies, foramina, optional transitional anatomy) with exact labels.
-
-Shares no code with the segmentation methods it tests (core.phantoms' helpers and numpy/scipy
-only); conventions as in core/phantoms.py."""
+Shares no code with the methods it tests (conventions: core/phantoms.py)."""
 from __future__ import annotations
 
 import math

@@ -1,31 +1,33 @@
 """The X-ray cards, xray-femur (seed 003) and xray-multiclass (seed 001)."""
-from SpineKneeSegLib.core.labels import XRAY_CHEST_LABELS, XRAY_FEMUR_LABELS, XRAY_PELVIS_LABELS
-from SpineKneeSegLib.engine.cards import (
-                                   COMMON_OUTPUTS,
-                                   InputSpec,
-                                   NetworkSpec,
-                                   Preprocessing,
-                                   TaskCard,
-                                   register,
+from SpineKneeSegLib.core.labels import (
+    XRAY_CHEST_LABELS,
+    XRAY_FEMUR_LABELS,
+    XRAY_PELVIS_LABELS,
 )
-from SpineKneeSegLib.tasks.xray.phantom import xray_chest_phantom, xray_femur_phantom, xray_pelvis_phantom
+from SpineKneeSegLib.engine import cards
+from SpineKneeSegLib.tasks.xray.phantom import (
+    xray_chest_phantom,
+    xray_femur_phantom,
+    xray_pelvis_phantom,
+)
+
 
 # X-ray (seeds 001, 003): the radiograph is shown to the network as stored (rows, columns), cut to
 # a square of its longer side centred on the image (aspect ratio kept, the rest padded with the
 # normalised minimum) and resampled to network_px x network_px; the output goes back onto the
 # input's exact pixels (preprocessing.from_network_grid). Percentile normalisation (0.5-99.5 %)
 # makes 8-bit, 12-bit and 16-bit images and any rescale slope/intercept look alike.
-def radiograph(what: str, polarity_check: str) -> InputSpec:
+def radiograph(what: str, polarity_check: str) -> cards.InputSpec:
     """The one input of an X-ray task; ``polarity_check``: "radiograph_polarity" turns an inverted
     image over (tasks trained on real radiographs), "radiograph_polarity_advice" only warns."""
-    return InputSpec("image", "CR/DX", 2, description=f"{what} (DICOM CR/DX, PNG/JPEG/TIFF, 2D NIfTI)",
+    return cards.InputSpec("image", "CR/DX", 2, description=f"{what} (DICOM CR/DX, PNG/JPEG/TIFF, 2D NIfTI)",
                      checks=(polarity_check,))
 
 
-XRAY_PREPROCESSING = Preprocessing(plane="image", in_plane_spacing_mm=None, normalisation="percentile",
+XRAY_PREPROCESSING = cards.Preprocessing(plane="image", in_plane_spacing_mm=None, normalisation="percentile",
                                    context_slices=1, tile_px=None, network_px=256, crop_mm=None)
 
-register(TaskCard(
+cards.register(cards.TaskCard(
     name="xray-femur",
     title="Proximal femur (X-ray)",
     description="Binary proximal femur on AP pelvis/hip radiographs with femoral-head centre and "
@@ -35,19 +37,19 @@ register(TaskCard(
     preprocessing=XRAY_PREPROCESSING,
     # seed 003: U-Net 32-64-128-128, dropout 0.2, one sigmoid channel (Dice loss, Adam 3e-4,
     # betas 0.8/0.991 in Training/xray.py); a checkpoint may carry a narrower CPU variant
-    network=NetworkSpec("unet2d", {"channels": (32, 64, 128, 128), "activation": "relu", "norm": "none",
+    network=cards.NetworkSpec("unet2d", {"channels": (32, 64, 128, 128), "activation": "relu", "norm": "none",
                                    "dropout": 0.2}),
     weights_entry="xray-femur",
     labels=XRAY_FEMUR_LABELS,
     label_activation="sigmoid",
     # both femurs of a pelvis view are kept; femoral heads: circle fitted to each femur's boundary
     postprocessors=("remove_small_components", "area_table", "femoral_heads"),
-    outputs=COMMON_OUTPUTS + ("areas.tsv", "femoral_heads.tsv", "femoral_heads.mrk.json"),
+    outputs=cards.COMMON_OUTPUTS + ("areas.tsv", "femoral_heads.tsv", "femoral_heads.mrk.json"),
     issue=8,
     phantom=xray_femur_phantom,
 ))
 
-register(TaskCard(
+cards.register(cards.TaskCard(
     name="xray-multiclass",
     title="Pelvis bones (X-ray, multi-class)",
     description="Femur, hip bone and sacrum on AP pelvis radiographs (seed 001: 3 classes; a "
@@ -57,16 +59,16 @@ register(TaskCard(
     preprocessing=XRAY_PREPROCESSING,
     # seed 001: U-Net with batch norm and transposed-convolution upsampling, softmax over
     # background + N classes (Dice + cross-entropy, RMSprop, ReduceLROnPlateau, clipping in Training/)
-    network=NetworkSpec("unet2d", {"channels": (32, 64, 128, 128), "activation": "relu", "norm": "batch"}),
+    network=cards.NetworkSpec("unet2d", {"channels": (32, 64, 128, 128), "activation": "relu", "norm": "batch"}),
     weights_entry="xray-multiclass",
     labels=XRAY_PELVIS_LABELS,
     postprocessors=("remove_small_components", "area_table"),
-    outputs=COMMON_OUTPUTS + ("areas.tsv",),
+    outputs=cards.COMMON_OUTPUTS + ("areas.tsv",),
     issue=8,
     phantom=xray_pelvis_phantom,
 ))
 
-register(TaskCard(
+cards.register(cards.TaskCard(
     name="xray-chest",
     title="Chest (X-ray): lungs, heart, clavicles",
     description="Right and left lung, heart and both clavicles on PA chest radiographs (seed 001's "
@@ -77,13 +79,13 @@ register(TaskCard(
     # seed 001's U-Net (batch norm, transposed-convolution upsampling); its Dice + cross-entropy in
     # per-structure (sigmoid) form, because the clavicles overlap the lungs and a softmax would
     # give each pixel one structure only (Training/xray_chest.py)
-    network=NetworkSpec("unet2d", {"channels": (32, 64, 128, 128), "activation": "relu", "norm": "batch"}),
+    network=cards.NetworkSpec("unet2d", {"channels": (32, 64, 128, 128), "activation": "relu", "norm": "batch"}),
     weights_entry="xray-chest",
     labels=XRAY_CHEST_LABELS,
     label_activation="sigmoid",
     label_layers=(("clavicles", (4, 5)),),
     postprocessors=("label_layers", "remove_small_components", "area_table"),
-    outputs=COMMON_OUTPUTS + ("clavicles.nii.gz", "areas.tsv"),
+    outputs=cards.COMMON_OUTPUTS + ("clavicles.nii.gz", "areas.tsv"),
     issue=24,
     phantom=xray_chest_phantom,
 ))

@@ -1,8 +1,6 @@
 """Radiograph phantoms: AP pelvis / hip with exact femur, hip-bone and sacrum masks; PA chest with
 exact lung, heart and (overlapping) clavicle masks.
-
-Shares no code with the segmentation methods it tests (core.phantoms' helpers and numpy/scipy
-only); conventions as in core/phantoms.py."""
+Shares no code with the methods it tests (conventions: core/phantoms.py)."""
 from __future__ import annotations
 
 import math
