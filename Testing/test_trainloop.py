@@ -171,6 +171,7 @@ def _ddp_worker(rank, world, port, out):
     run_loop(net, torch.optim.SGD(net.parameters(), lr=0.1), iter(half), _mse,
              LoopConfig(steps=3, tensorboard=False), Path(out), log=lambda m: None)
     torch.save(net.state_dict(), Path(out) / f"rank{rank}.pt")
+    dist.barrier()  # both ranks done before either tears the group down (else gloo may abort at exit)
     dist.destroy_process_group()
 
 

@@ -340,4 +340,8 @@ def run_loop(net: torch.nn.Module, optimiser: torch.optim.Optimizer,
     state["stopped"] = "patience" if stopped_early() and state["step"] < budget else "steps"
     if writer is not None:
         writer.close()
+    if world > 1:  # leave together: a rank tearing its process group down while another still
+        import torch.distributed as dist  # writes rank 0's checkpoint can abort the process (gloo)
+
+        dist.barrier()
     return state
