@@ -336,12 +336,19 @@ def run_loop(net: torch.nn.Module, optimiser: torch.optim.Optimizer,
         if out_of_time and step < budget:
             log("time budget reached; resume with --resume")
             state["stopped"] = "time"
+            _leave_together(world)
             return state
     state["stopped"] = "patience" if stopped_early() and state["step"] < budget else "steps"
     if writer is not None:
         writer.close()
-    if world > 1:  # leave together: a rank tearing its process group down while another still
-        import torch.distributed as dist  # writes rank 0's checkpoint can abort the process (gloo)
+    _leave_together(world)
+    return state
+
+
+def _leave_together(world: int) -> None:
+    """Data-parallel: a rank tearing its process group down while rank 0 still writes the
+    checkpoint can abort the process (gloo), so every rank leaves the loop together."""
+    if world > 1:
+        import torch.distributed as dist
 
         dist.barrier()
-    return state
