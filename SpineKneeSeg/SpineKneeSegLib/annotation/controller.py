@@ -207,13 +207,7 @@ class AnnotatePanel:
             raise ValueError(f"no model markers for {case.id}: run `spinekneeseg annotate predict` on the "
                              "worklist, or Apply the lumbar-foramina task to this scan")
         added = controller.prefill(points, source="model")
-        from SpineKneeSegLib.annotation.session import model_confidence
-
-        known = {}
-        for p in points:
-            c = model_confidence(p)
-            if c is not None:
-                known[p.name] = min(known.get(p.name, 1.0), c)
+        known = controller.review_confidence
         order = ", ".join(f"{name} ({known[name]:.2f})" if name in known else name for name in controller.review_order[:3])
         return (f"{added} unconfirmed point(s) from {source}: accept (A) or move them"
                 + (f"; least confident first: {order}" if order else ""))

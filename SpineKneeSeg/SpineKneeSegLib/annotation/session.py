@@ -105,6 +105,7 @@ class AnnotationController:
         self._saved_signature = self._signature() if self.markers_path.is_file() else ()
         self.current = self._first_unfinished() or FORAMEN_ORDER[0]
         self.review_order: list[str] = []  # pre-filled foramina, least confident first (prefill)
+        self.review_confidence: dict[str, float] = {}  # their model confidence, where the file gives one
 
     def close(self) -> None:
         for tag in self._tags:
@@ -197,6 +198,7 @@ class AnnotationController:
             c = model_confidence(p)
             least_known[p.name] = min(least_known.get(p.name, 2.0), -1.0 if c is None else c)
         self.review_order = sorted(least_known, key=lambda name: (least_known[name], FORAMEN_ORDER.index(name)))
+        self.review_confidence = {name: c for name, c in least_known.items() if c >= 0}
         if self.review_order:
             self.current = self.review_order[0]
         self._remember_positions()

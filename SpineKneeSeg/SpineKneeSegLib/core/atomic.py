@@ -93,12 +93,10 @@ def atomic_directory(target: str | os.PathLike, stale: tuple[str, ...] = ()):
                 if dest.is_dir() and not item.is_dir():
                     shutil.rmtree(dest)
                 os.replace(item, dest) if not item.is_dir() else _replace_dir(item, dest)
-            for name in set(stale) - written:
+            for name in set(stale) - written:  # plain names of entries in target (finished_result)
                 old = target / name
-                if old.parent == target and (old.is_file() or old.is_symlink()):
-                    old.unlink()
-                elif old.parent == target and old.is_dir():
-                    shutil.rmtree(old, ignore_errors=True)
+                shutil.rmtree(old, ignore_errors=True) if old.is_dir() and not old.is_symlink() else \
+                    old.unlink(missing_ok=True)
         except BaseException:
             if created:
                 shutil.rmtree(target, ignore_errors=True)
