@@ -7,7 +7,10 @@ Used by ``spine_levels.py cv | final``; the seed's crop-based loop stays in ``sp
 from __future__ import annotations
 
 import hashlib
+import lzma
 import math
+import pickle
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,10 +26,11 @@ from spine_levels import (
     level_labels,
     level_weights,
     random_intensity,
+    read_image,
     weighted_dice_loss,
 )
+from SpineKneeSegLib.core.atomic import atomic_path
 from SpineKneeSegLib.core.image import Image
-from SpineKneeSegLib.core.image_io import read_image
 from SpineKneeSegLib.engine.models import build_network
 from SpineKneeSegLib.engine.preprocessing import context_channels, training_slices
 from SpineKneeSegLib.engine.weights import save_checkpoint
@@ -169,6 +173,7 @@ class ColumnConfig:
     noise_sd: float = 0.25
     seed: int = 0
     threads: int = 1
+    device: str = "cpu"  # "cuda" on a GPU machine: sampling, warping and the network all run there
     network: dict = field(default_factory=lambda: {"levels": 6, "base_channels": 8, "max_channels": 32,
                                                    "activation": "elu", "norm": "batch"})
 
@@ -188,12 +193,13 @@ def _affine(angle: float, scale: float, centre_src: tuple[float, float], src_hw:
                          [s * canvas / h, c * canvas / h, (2 * centre_src[0] + 1) / h - 1]], dtype=torch.float32)
 
 
-def fov_cut(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, p: float, mode: str = "anatomical") -> None:
-    """In place: blank the rows above a random cut and/or below one, as a field of view that ends
-    there: image 0 (the padding value), labels background. Rows run inferior in the canonical
-    sagittal slice. ``mode``: see ColumnConfig.fov_cut_mode."""
-    rows = [np.flatnonzero((y == k).any(1).numpy()) for k in range(1, N_LEVELS + 1)]
-    last = y.shape[0] - 1
+def fov_cut_rows(present: np.ndarray, n_rows: int, rng: np.random.Generator, p: float,
+                 mode: str = "anatomical") -> tuple[int | None, int | None]:
+    """A random cranio-caudal field of view for one warped slice: (first kept row or None, first
+    cut row below or None). ``present``: (5, rows) whether each level occupies each row; rows run
+    inferior in the canonical sagittal slice. ``mode``: see ColumnConfig.fov_cut_mode."""
+    rows = [np.flatnonzero(present[k]) for k in range(N_LEVELS)]
+    last = n_rows - 1
 
     def pick(ranges):
         if mode == "uniform":
@@ -203,49 +209,91 @@ def fov_cut(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, p: float
         lo, hi = int(np.clip(lo, 0, last)), int(np.clip(hi, 0, last))
         return int(rng.integers(min(lo, hi), max(lo, hi) + 1))
 
+    top = bottom = None
     if rng.random() < p / 2 and len(rows[0]) and len(rows[1]):
         l1, l2 = rows[0], rows[1]
         top = pick([(l1.min() - 30, l1.min()), (l1.min(), l1.max()), (l1.max(), int(l2.mean()))])
-        x[:, :top], y[:top] = 0, 0
     if rng.random() < p / 2 and len(rows[3]) and len(rows[4]):
         l4, l5 = rows[3], rows[4]
         bottom = pick([(l5.max(), l5.max() + 45), (l5.min(), l5.max()), (int(l4.mean()), l5.min())][::-1]
                       if mode == "uniform" else
                       [(l5.max(), l5.max() + 45), (l5.min(), l5.max()), (int(l4.mean()), l5.min())])
-        x[:, bottom:], y[bottom:] = 0, 0
+    return top, bottom
+
+
+class ColumnSampler:
+    """Batches of whole slices, warped and cut on one device (the GPU when there is one): every
+    scan's stack lives there, zero-padded at the bottom / right to one size, which is what
+    grid_sample's zero padding would have read there anyway."""
+
+    def __init__(self, cases: list[PreparedCase], cfg: ColumnConfig, device: torch.device | str = "cpu"):
+        self.cases, self.cfg, self.device = cases, cfg, torch.device(device)
+        self.probabilities = case_probabilities(cases)
+        h = max(c.stack.shape[1] for c in cases)
+        w = max(c.stack.shape[2] for c in cases)
+        n = sum(len(c.stack) for c in cases)
+        stack, labels = np.zeros((n, h, w), np.float32), np.zeros((n, h, w), np.uint8)
+        self.start, self.centre = [], np.zeros((n, 2))
+        at = 0
+        for c in cases:
+            s, ch, cw = c.stack.shape
+            stack[at:at + s, :ch, :cw], labels[at:at + s, :ch, :cw] = c.stack, c.labels
+            for k in range(s):  # the spine's centre on the slice (the slice's centre without bodies)
+                fg = np.argwhere(c.labels[k] > 0)
+                self.centre[at + k] = fg.mean(0) if len(fg) else np.array((ch, cw)) / 2.0
+            self.start.append(at)
+            at += s
+        self.hw = (h, w)
+        self.stack = torch.from_numpy(stack).to(self.device)
+        self.labels = torch.from_numpy(labels).to(self.device)
+
+    def __call__(self, rng: np.random.Generator, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg, b = self.cfg, self.cfg.batch_size
+        context = CARD.preprocessing.context_slices
+        index, inside, thetas = [], [], []
+        for i in rng.choice(len(self.cases), size=b, p=self.probabilities):
+            case = self.cases[i]
+            if len(case.body_slices) and rng.random() >= cfg.off_body_p:
+                k = int(rng.choice(case.body_slices))
+            else:
+                k = int(rng.integers(case.stack.shape[0]))
+            source = k + np.arange(context) - context // 2  # the slice and its neighbours; zeros beyond the stack
+            inside.append((source >= 0) & (source < len(case.stack)))
+            index.append(self.start[i] + np.clip(source, 0, len(case.stack) - 1))
+            centre = self.centre[self.start[i] + k] + rng.uniform(-cfg.shift_px, cfg.shift_px, 2)
+            angle = math.radians(rng.uniform(-cfg.max_rotation_deg, cfg.max_rotation_deg))
+            thetas.append(_affine(angle, 1 + rng.uniform(-cfg.scale, cfg.scale), tuple(centre), self.hw, cfg.canvas))
+        dev = self.device
+        size = (cfg.canvas, cfg.canvas)
+        grid = F.affine_grid(torch.stack(thetas).to(dev), (b, 1, *size), align_corners=False)
+        coarse = torch.randn(b, 2, 5, 5, generator=gen, device=dev) * (2 * cfg.warp_px / cfg.canvas)
+        grid = grid + F.interpolate(coarse, size=size, mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
+        index_t = torch.from_numpy(np.stack(index)).to(dev)
+        x = self.stack[index_t] * torch.from_numpy(np.stack(inside)).to(dev, torch.float32)[..., None, None]
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        centre_slice = index_t[:, context // 2]
+        onehot = F.one_hot(self.labels[centre_slice].long(), N_LEVELS + 1).permute(0, 3, 1, 2).float()
+        yw = F.grid_sample(onehot, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        y = torch.where(yw[:, 1:].max(1).values > 0.5, yw[:, 1:].argmax(1) + 1, 0)
+        levels = torch.arange(1, N_LEVELS + 1, device=dev)
+        present = (y[:, None] == levels[None, :, None, None]).any(3).cpu().numpy()  # (b, 5, rows)
+        keep = np.ones((b, cfg.canvas), bool)
+        for j in range(b):
+            top, bottom = fov_cut_rows(present[j], cfg.canvas, rng, cfg.fov_cut_p, cfg.fov_cut_mode)
+            keep[j, :top or 0] = False
+            if bottom is not None:
+                keep[j, bottom:] = False
+        keep_t = torch.from_numpy(keep).to(dev)
+        x = x * keep_t[:, None, :, None]  # the padding value beyond the field of view
+        y = y * keep_t[:, :, None]
+        target = F.one_hot(y, N_LEVELS + 1)[..., 1:].permute(0, 3, 1, 2).float()
+        return random_intensity(x, gen, cfg.noise_sd), target
 
 
 def sample_batch(cases: list[PreparedCase], cfg: ColumnConfig, rng: np.random.Generator,
                  gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    probabilities = case_probabilities(cases)
-    xs, ys = [], []
-    for _ in range(cfg.batch_size):
-        case = cases[rng.choice(len(cases), p=probabilities)]
-        if len(case.body_slices) and rng.random() >= cfg.off_body_p:
-            k = int(rng.choice(case.body_slices))
-        else:
-            k = int(rng.integers(case.stack.shape[0]))
-        x = torch.from_numpy(context_channels(case.stack, np.array([k]), CARD.preprocessing.context_slices)[0])
-        y = case.labels[k]
-        fg = np.argwhere(y > 0)
-        centre = fg.mean(0) if len(fg) else np.array(y.shape) / 2.0
-        centre = centre + rng.uniform(-cfg.shift_px, cfg.shift_px, 2)
-        angle = math.radians(rng.uniform(-cfg.max_rotation_deg, cfg.max_rotation_deg))
-        theta = _affine(angle, 1 + rng.uniform(-cfg.scale, cfg.scale), tuple(centre), y.shape, cfg.canvas)
-        grid = F.affine_grid(theta[None], (1, 1, cfg.canvas, cfg.canvas), align_corners=False)
-        coarse = torch.randn(1, 2, 5, 5, generator=gen) * (2 * cfg.warp_px / cfg.canvas)
-        grid = grid + F.interpolate(coarse, size=(cfg.canvas,) * 2, mode="bicubic",
-                                    align_corners=False).permute(0, 2, 3, 1)
-        xw = F.grid_sample(x[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
-        onehot = F.one_hot(torch.from_numpy(y).long(), N_LEVELS + 1).permute(2, 0, 1).float()[None]
-        yw = F.grid_sample(onehot, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
-        yw = torch.where(yw[1:].max(0).values > 0.5, yw[1:].argmax(0) + 1, 0)
-        fov_cut(xw, yw, rng, cfg.fov_cut_p, cfg.fov_cut_mode)
-        xs.append(xw)
-        ys.append(yw)
-    x, y = torch.stack(xs), torch.stack(ys)
-    target = F.one_hot(y, N_LEVELS + 1)[..., 1:].permute(0, 3, 1, 2).float()
-    return random_intensity(x, gen, cfg.noise_sd), target
+    """One batch on the CPU (a fresh sampler: for tests and inspection; training keeps one)."""
+    return ColumnSampler(cases, cfg)(rng, gen)
 
 
 def make_loss(cfg: ColumnConfig, weights: torch.Tensor):
@@ -264,29 +312,69 @@ def train_column(cfg: ColumnConfig, out: Path, cases: list[PreparedCase], resume
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
-    net = build_network("multinet", network_config(cfg))
+    device = torch.device(cfg.device)
+    net = build_network("multinet", network_config(cfg)).to(device)
     optimiser = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, cfg.steps, eta_min=cfg.lr_final)
     criterion = make_loss(cfg, level_weights(cases))
     rng = np.random.default_rng(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    sampler = ColumnSampler(cases, cfg, device)
+    stamps: list[float] = []  # when each batch was asked for: the step time, sampling included
 
     def batches(_step):
         while True:
-            yield sample_batch(cases, cfg, rng, gen)
+            stamps.append(time.perf_counter())
+            yield sampler(rng, gen)
 
+    # float32 throughout: the Dice sums over a batch overflow float16, and this small network is
+    # bound by kernel launches, not arithmetic
     loop = LoopConfig(steps=cfg.steps, checkpoint_every=50, seed=cfg.seed, max_minutes=max_minutes,
-                      tensorboard=False)
+                      tensorboard=False, device=cfg.device, amp=False)
     state = run_loop(net, optimiser, batches, lambda n, b: criterion(n(b[0]), b[1]), loop, out, scheduler=schedule,
                      rng=rng, gen=gen, resume=resume, extra={"config": asdict(cfg)}, log=log,
                      resume_message=lambda st: f"resumed at step {st['step']}")
     if state["stopped"] == "time":
         return None
     net.eval()
+    step_s = float(np.median(np.diff(stamps[10:]))) if len(stamps) > 12 else None
     final = out / "final.pt"
-    save_checkpoint(final, CARD.name, "multinet", network_config(cfg), net.state_dict(),
+    save_checkpoint(final, CARD.name, "multinet", network_config(cfg), {k: v.cpu() for k, v in net.state_dict().items()},
                     preprocessing={"in_plane_spacing_mm": cfg.spacing_mm},
                     metadata={"config": asdict(cfg), "steps": state["step"], "train_seconds": round(state["seconds"]),
+                              "median_step_s": step_s, "device": torch.cuda.get_device_name(device)
+                              if device.type == "cuda" else "cpu",
                               "loss_history": state["losses"], "recipe": "whole-column", **(metadata or {})},
                     model="labels")
     return final
+
+
+# ---- packed arrays: the prepared scans in one file, for a machine without the data or SimpleITK --
+
+def pack_cases(path: Path, cases: list[dict], prepared: list[PreparedCase], spacing_mm: float) -> dict:
+    """The prepared stacks quantised to 8 bits per scan (error <= half a step, printed; the training
+    noise alone is 0.25 SD) with the labels and the case records that fold making needs."""
+    records, worst = [], 0.0
+    for case, p in zip(cases, prepared):
+        lo, hi = float(p.stack.min()), float(p.stack.max())
+        step = max(hi - lo, 1e-6) / 255
+        records.append({"id": case["id"], "dataset": case["dataset"], "hash": case["hash"], "note": case["note"],
+                        "stack": np.round((p.stack - lo) / step).astype(np.uint8), "lo": lo, "step": step,
+                        "labels": p.labels.astype(np.uint8)})
+        worst = max(worst, step / 2)
+    with atomic_path(path) as tmp, lzma.open(tmp, "wb", preset=6) as f:
+        pickle.dump({"spacing_mm": spacing_mm, "cases": records}, f)
+    return {"scans": len(records), "max_quantisation_error_sd": round(worst, 4), "bytes": path.stat().st_size}
+
+
+def unpack_cases(path: Path, spacing_mm: float) -> tuple[list[dict], list[PreparedCase]]:
+    with lzma.open(path, "rb") as f:
+        packed = pickle.load(f)  # noqa: S301  (our own file, made by pack_cases)
+    if abs(packed["spacing_mm"] - spacing_mm) > 1e-6:
+        raise ValueError(f"{path}: packed at {packed['spacing_mm']} mm, the recipe asks for {spacing_mm} mm")
+    records = packed["cases"]
+    cases = [{k: r[k] for k in ("id", "dataset", "hash", "note")} for r in records]
+    prepared = [PreparedCase(r["id"], r["dataset"], (r["lo"] + r["stack"].astype(np.float32) * r["step"]),
+                             r["labels"], np.flatnonzero(r["labels"].reshape(len(r["labels"]), -1).any(1)))
+                for r in records]
+    return cases, prepared

@@ -19,8 +19,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from SpineKneeSegLib.core.datasets import data_root  # noqa: E402
-from SpineKneeSegLib.core.image_io import read_image  # noqa: E402
-from SpineKneeSegLib.engine.inference import segment_slices  # noqa: E402
 from SpineKneeSegLib.engine.models import build_network  # noqa: E402
 from SpineKneeSegLib.engine.postprocessing import largest_component_per_label
 from SpineKneeSegLib.engine.preprocessing import context_channels, training_slices  # noqa: E402
@@ -28,6 +26,15 @@ from SpineKneeSegLib.engine.weights import save_checkpoint  # noqa: E402
 from SpineKneeSegLib.tasks import TASKS  # noqa: E402
 from evalhelpers import dice_or, mean_per_key
 from trainloop import Evaluation, LoopConfig, run_loop, seed_everything
+
+
+def read_image(path):
+    """The Lib's reader, imported on first use: training from packed arrays (``--packed``, e.g. on a
+    GPU machine without SimpleITK) needs none."""
+    from SpineKneeSegLib.core.image_io import read_image as read
+
+    return read(path)
+
 
 CARD = TASKS["lumbar-foramina"]
 N_LEVELS = 5
@@ -179,6 +186,8 @@ def evaluate_cases(net: torch.nn.Module, cases: list[dict], config: dict | None 
     per_case = {}
     pre = {"in_plane_spacing_mm": (config or {}).get("spacing_mm", CARD.preprocessing.in_plane_spacing_mm)}
     for case in cases:
+        from SpineKneeSegLib.engine.inference import segment_slices
+
         image = read_image(case["image"])
         truth = level_labels(read_image(case["labels"]).array)
         out = segment_slices(CARD, image, net, torch.device("cpu"), pre, batch_size=8)
@@ -328,7 +337,8 @@ def train_loop(cfg: Config, out: Path, prepared: list[PreparedCase], evaluate, r
 
 def column_main(argv) -> int:
     """``cv`` (case-wise k-fold: train each fold's model on the other folds, then score its held-out
-    cases) and ``final`` (the same recipe on every case) for the whole-column model (issue 21)."""
+    cases), ``final`` (the same recipe on every case) for the whole-column model (issue 21), and
+    ``pack`` (the prepared scans in one file, --out FILE, for a machine without the data)."""
     import level_column as lc
 
     parser = argparse.ArgumentParser(prog="spine_levels.py " + argv[0], description=column_main.__doc__)
@@ -344,22 +354,38 @@ def column_main(argv) -> int:
         if not isinstance(value, dict):
             parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     parser.add_argument("--network", type=json.loads, default=None, help="JSON network config (MultiNet)")
+    parser.add_argument("--packed", type=Path, help="train from a file made by 'pack' (no data folder, no SimpleITK "
+                        "needed; held-out scoring then waits for --evaluate-only where the data are)")
     args = parser.parse_args(argv[1:])
-    root = Path(args.data) if args.data else data_root()
-    if root is None or not (root / "spine").exists():
-        print("no spine data: set SPINEKNEESEG_DATA", file=sys.stderr)
-        return 2
     fields = {k: getattr(args, k) for k in asdict(lc.ColumnConfig()) if k != "network"}
     cfg = lc.ColumnConfig(**fields, **({"network": args.network} if args.network else {}))
     out = Path(args.out)
+    if args.packed:
+        cases, packed = lc.unpack_cases(args.packed, cfg.spacing_mm)
+        prepared_of = {p.id: p for p in packed}
+    else:
+        root = Path(args.data) if args.data else data_root()
+        if root is None or not (root / "spine").exists():
+            print("no spine data: set SPINEKNEESEG_DATA", file=sys.stderr)
+            return 2
+        cases = lc.spine_cases(root)
+        prepared_of = None
+    if argv[0] == "pack":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        info = lc.pack_cases(out, cases, [lc.prepare(c, cfg.spacing_mm) for c in cases], cfg.spacing_mm)
+        print(json.dumps({"packed": str(out), **info}))
+        return 0
+
+    def prepared(selected):
+        return [prepared_of[c["id"]] if prepared_of else lc.prepare(c, cfg.spacing_mm) for c in selected]
+
     out.mkdir(parents=True, exist_ok=True)
-    cases = lc.spine_cases(root)
     notes = {c["id"]: c["note"] for c in cases if c["note"]}
     groups = [g for g in lc.duplicate_groups(cases) if len(g) > 1]
     print(f"{len(cases)} labelled scans; identical images: {groups or 'none'}")
     if argv[0] == "final":
-        prepared = [lc.prepare(c, cfg.spacing_mm) for c in cases]
-        lc.train_column(cfg, out, prepared, args.resume, max_minutes=args.max_minutes,
+        training = prepared(cases)
+        lc.train_column(cfg, out, training, args.resume, max_minutes=args.max_minutes,
                         metadata={"trained_on": [c["id"] for c in cases], "duplicates": groups,
                                   "label_notes": notes})
         return 0
@@ -372,12 +398,12 @@ def column_main(argv) -> int:
         final = fold_dir / "final.pt"
         if not args.evaluate_only:
             if not final.exists():
-                prepared = [lc.prepare(c, cfg.spacing_mm) for c in cases if c["id"] not in folds[f]]
-                print(f"fold {f}: training on {len(prepared)} scans, {len(held_out)} held out")
-                if lc.train_column(cfg, fold_dir, prepared, args.resume, max_minutes=args.max_minutes,
+                training = prepared([c for c in cases if c["id"] not in folds[f]])
+                print(f"fold {f}: training on {len(training)} scans, {len(held_out)} held out")
+                if lc.train_column(cfg, fold_dir, training, args.resume, max_minutes=args.max_minutes,
                                    metadata={"fold": f, "held_out": folds[f]}) is None:
                     return 0
-        if final.exists():
+        if final.exists() and not args.packed:
             from level_eval import evaluate_fold
 
             evaluate_fold(final, held_out, fold_dir / "evaluation.json")
@@ -386,7 +412,7 @@ def column_main(argv) -> int:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in ("cv", "final"):
+    if argv and argv[0] in ("cv", "final", "pack"):
         return column_main(argv)
     if argv and argv[0] == "ship":
         from level_ship import ship
