@@ -32,7 +32,7 @@ from spine_levels import (
 from SpineKneeSegLib.core.atomic import atomic_path
 from SpineKneeSegLib.core.image import Image
 from SpineKneeSegLib.engine.models import build_network
-from SpineKneeSegLib.engine.preprocessing import context_channels, training_slices
+from SpineKneeSegLib.engine.preprocessing import training_slices
 from SpineKneeSegLib.engine.weights import save_checkpoint
 from SpineKneeSegLib.tasks import TASKS
 from trainloop import LoopConfig, run_loop, seed_everything
