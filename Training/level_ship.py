@@ -36,10 +36,17 @@ def _variant_line(summary: dict, method: str, variant: str) -> str:
             f"{' / '.join(f'{v:.3f}' for v in s['per_level_dice'].values())} | {kinds} | {failed} |")
 
 
+def trained_on(meta: dict) -> str:
+    """Where the recipe ran, from the checkpoint (models before session 15 carry no device)."""
+    device = meta.get("device", "cpu")
+    return "one CPU thread" if device == "cpu" else f"one {device} (the five fold models and this one side by side)"
+
+
 def model_card(version: str, checkpoint: dict, summary: dict, cv_config: dict, commands: list[str],
-               cv_minutes: float) -> str:
+               cv_minutes: float, notes: list[str] | None = None) -> str:
     meta = checkpoint["metadata"]
     cfg = meta["config"]
+    where = trained_on(meta)
     net = build_network(checkpoint["network"]["factory"], checkpoint["network"]["config"])
     threshold = summary["doubtful_threshold"]
     notes = "\n".join(f"  - {cid}: {note}" for cid, note in summary["label_notes"].items())
@@ -73,7 +80,8 @@ sampled equally often; {cfg['off_body_p'] * 100:.0f} % of slices without any bod
 (seed 004's Dice weighted by inverse level frequency + {cfg['bce_weight']} x binary cross-entropy),
 Adam {cfg['lr']} with cosine decay to {cfg['lr_final']}, batch {cfg['batch_size']}, {cfg['steps']} steps, seed {cfg['seed']}; the
 last weights are the model (fixed schedule: nothing selected on validation). Training this model
-took {meta.get('train_seconds', 0) / 60:.0f} min on one CPU thread; the five fold models {cv_minutes:.0f} min in all.
+took {meta.get('train_seconds', 0) / 60:.1f} min on {where}; the five fold models {cv_minutes:.1f} min in all.
+{chr(10).join(notes or [])}
 
 Commands:
 ```
@@ -110,8 +118,8 @@ Level confidence: the count is reported doubtful below **{threshold['threshold']
 Over all held-out predictions (three fields of view per scan) it flags {threshold['failures_flagged']} of
 {threshold['failures']} failures and {threshold['correct_flagged']} of {threshold['correct']} correct ones (most of them with L1 cut off, where
 the count is indeed uncertain). The end conflict (the body beyond L1 or L5 also claiming that
-level) is reported but does not flag by default: at 0.5 it would flag 1 failure and 16 correct
-predictions of folds 0-3. The threshold is stored in this
+level) is reported but does not flag by default (session 12's recipe: at 0.5 it flagged 1 failure
+and 16 correct predictions of folds 0-3). The threshold is stored in this
 checkpoint (metadata `postprocessing.level_decoding.doubtful_below`).
 
 Per scan (whole field of view; "failure" lists levels that are not on their own body):
@@ -131,13 +139,13 @@ as redistributed in FastCleverSeg under GPL-3.0. Cite the sources above when usi
 
 Generated {time.strftime('%Y-%m-%d')} by Training/level_ship.py from the cross-validation run's figures
 (cv_summary.json)."""),
-    ], f"""**Status: starter model**, trained on CPU (2 cores) on the 54 labelled scans of two public
+    ], f"""**Status: starter model**, trained on {where} on the 54 labelled scans of two public
 datasets (52 distinct images). Every figure below is cross-validated: case-wise
 {summary['folds']}-fold, identical images in one fold, each scan scored by the fold model that never
 saw it, no checkpoint or threshold selected on the scans it is scored on. Not a medical device.""")
 
 
-def ship(cv_dir: Path, final_dir: Path, version: str, commands: list[str]) -> str:
+def ship(cv_dir: Path, final_dir: Path, version: str, commands: list[str], notes: list[str] | None = None) -> str:
     summary = json.loads((cv_dir / "cv_summary.json").read_text())
     folds = json.loads((cv_dir / "folds.json").read_text())
     checkpoint = load_checkpoint(final_dir / "final.pt")
@@ -150,7 +158,8 @@ def ship(cv_dir: Path, final_dir: Path, version: str, commands: list[str]) -> st
     meta = {**checkpoint["metadata"], "postprocessing": {"level_decoding": {"doubtful_below": threshold,
                                                                             "threshold": body}},
             "cross_validation": {k: summary[k] for k in summary if k.startswith(("decoded/", "old_cleanup/"))}}
-    text = model_card(version, {**checkpoint, "metadata": meta}, summary, folds["config"], commands, cv_minutes)
+    text = model_card(version, {**checkpoint, "metadata": meta}, summary, folds["config"], commands, cv_minutes,
+                      notes)
     full = summary["decoded/full"]
     entry = publish(MODEL, version, text,
                     f"starter lumbar-levels (whole column + anatomical decoding): {summary['folds']}-fold "

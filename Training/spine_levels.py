@@ -422,8 +422,9 @@ def main(argv=None) -> int:
         parser.add_argument("--final", required=True, help="the final run (same recipe, every scan)")
         parser.add_argument("--version", required=True)
         parser.add_argument("--command", action="append", default=[], help="a command of the run, for the card")
+        parser.add_argument("--note", action="append", default=[], help="a line for the card's training section")
         args = parser.parse_args(argv[1:])
-        print(ship(Path(args.cv), Path(args.final), args.version, args.command))
+        print(ship(Path(args.cv), Path(args.final), args.version, args.command, args.note))
         return 0
     if argv and argv[0] == "cv-report":
         from level_eval import cv_report
