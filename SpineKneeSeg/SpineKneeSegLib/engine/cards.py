@@ -41,7 +41,7 @@ class Preprocessing:
 
     plane: str = "axial"  # axial | sagittal | coronal | acquisition | image (2D inputs: the image plane)
     in_plane_spacing_mm: float | None = None  # None: keep the input's pixel size
-    normalisation: str = "zscore"  # zscore (per volume, foreground) | percentile | fixed
+    normalisation: str = "zscore"  # zscore (per volume, foreground) | percentile | percentile-field (radiographs) | fixed
     context_slices: int = 1  # 1 = 2D; 3 = 2.5D (neighbours as channels)
     min_size: int = 16  # smallest accepted in-plane size (pixels)
     min_slices: int = 1  # smallest accepted number of slices along the plane normal

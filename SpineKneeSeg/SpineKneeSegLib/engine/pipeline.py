@@ -226,7 +226,7 @@ def validate_input(card: TaskCard, spec, image: Image, path) -> None:
     checks = {"voxel_type": "real numbers, all finite",
               "spacing_mm": "positive" + (f"; {spacing_note}" if spacing_note else " (from the file)"),
               "axes": f"orthogonal (within |cos| {AXES_TOLERANCE})"}
-    if card.preprocessing.normalisation in ("zscore", "percentile"):
+    if card.preprocessing.normalisation in ("zscore", "percentile", "percentile-field"):
         from SpineKneeSegLib.engine.preprocessing import normalisation_stats
 
         try:

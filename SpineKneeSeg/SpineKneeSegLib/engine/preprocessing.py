@@ -181,6 +181,50 @@ def crop_in_plane(image: Image, box: tuple[int, int, int, int]) -> Image:
     return Image(image.array[:, r0:r1, c0:c1], image.spacing, tuple(origin), image.direction)
 
 
+def edge_bands(a: np.ndarray, tolerance: float = 0.01) -> tuple[int, int, int, int]:
+    """(first, last + 1) row and column of a 2D image without the constant bands along its edges
+    (rows or columns whose spread is under ``tolerance`` of the image's range: collimation
+    shutters, padding): the exposed field's rectangle."""
+    span = float(a.max() - a.min()) or 1.0
+    bounds = []
+    for axis in (0, 1):
+        flat = (a.max(axis=1 - axis) - a.min(axis=1 - axis)) < tolerance * span
+        inside = np.flatnonzero(~flat)
+        bounds += [int(inside[0]), int(inside[-1]) + 1] if len(inside) else [0, 0]
+    return tuple(bounds)
+
+
+def field_mask(a: np.ndarray, tolerance: float = 0.01) -> np.ndarray:
+    """The exposed field of a radiograph: without constant bands along the edges (collimation,
+    padding) and without the image's extreme grey values (burned-in text and markers are drawn
+    at one of them)."""
+    r0, r1, c0, c1 = edge_bands(a, tolerance)
+    mask = np.zeros(a.shape, bool)
+    mask[r0:r1, c0:c1] = True
+    mask &= (a > a.min()) & (a < a.max())
+    return mask
+
+
+FIELD_CLIP = (-0.1, 1.1)  # normalised: the 0.5 / 99.5 % field percentiles map to 0 / 1
+
+
+def normalise_radiograph(a: np.ndarray) -> np.ndarray:
+    """Percentile normalisation of one radiograph that collimation and burned-in text cannot
+    drive: the 0.5 / 99.5 % percentiles of the exposed field only; the bands along the edges
+    show the field's nearest edge (what a shutter hides is not invented, nor drawn as a bright
+    frame the network never saw); text and other outliers are clipped just beyond the field's
+    range."""
+    r0, r1, c0, c1 = edge_bands(a)
+    if r1 - r0 < 2 or c1 - c0 < 2:  # nothing but bands: plain percentiles
+        lo, hi = (float(v) for v in sampled_percentile(a, (0.5, 99.5)))
+        return ((a - lo) / max(hi - lo, 1e-6)).astype(np.float32)
+    field = a[r0:r1, c0:c1]
+    inside = field[(field > a.min()) & (field < a.max())]
+    lo, hi = (float(v) for v in sampled_percentile(inside if inside.size else field, (0.5, 99.5)))
+    out = np.clip((field.astype(np.float32) - np.float32(lo)) * np.float32(1.0 / max(hi - lo, 1e-6)), *FIELD_CLIP)
+    return np.pad(out, ((r0, a.shape[0] - r1), (c0, a.shape[1] - c1)), mode="edge")
+
+
 def normalisation_stats(stack: np.ndarray, method: str, stats: dict | None = None) -> tuple[float, float]:
     """(centre, scale) of the normalisation, in float64: a float32 variance of intensities scaled
     by 1e17 or more overflows to inf and would zero the whole image. Refuses (InputError, no path:
@@ -193,7 +237,7 @@ def normalisation_stats(stack: np.ndarray, method: str, stats: dict | None = Non
         mean, std = float(np.mean(values, dtype=np.float64)), float(np.std(values, dtype=np.float64))
     elif method == "fixed":  # the training population's statistics, stored with the model
         mean, std = float((stats or {})["mean"]), float((stats or {})["std"])
-    elif method == "percentile":
+    elif method in ("percentile", "percentile-field"):  # the latter's own field: normalise_radiograph
         lo, hi = sampled_percentile(stack, (0.5, 99.5))
         mean, std = float(lo), float(max(hi - lo, 1e-6 * max(abs(float(lo)), abs(float(hi)), 1.0)))
     else:
@@ -204,6 +248,8 @@ def normalisation_stats(stack: np.ndarray, method: str, stats: dict | None = Non
 
 
 def normalise(stack: np.ndarray, method: str, stats: dict | None = None) -> np.ndarray:
+    if method == "percentile-field":  # radiographs (one slice each): see normalise_radiograph
+        return np.stack([normalise_radiograph(np.asarray(a)) for a in stack])
     mean, std = normalisation_stats(stack, method, stats)
     out = np.subtract(stack.astype(np.float32, copy=False), np.float32(mean), dtype=np.float32)  # one full-size array
     out *= np.float32(1.0 / std)

@@ -1,4 +1,6 @@
 """The X-ray cards, xray-femur (seed 003) and xray-multiclass (seed 001)."""
+import dataclasses
+
 from SpineKneeSegLib.core.labels import (
     XRAY_CHEST_LABELS,
     XRAY_FEMUR_LABELS,
@@ -26,6 +28,11 @@ def radiograph(what: str, polarity_check: str) -> cards.InputSpec:
 
 XRAY_PREPROCESSING = cards.Preprocessing(plane="image", in_plane_spacing_mm=None, normalisation="percentile",
                                    context_slices=1, tile_px=None, network_px=256, crop_mm=None)
+# real radiographs: the percentiles of the exposed field only, shutters shown as the field's edge,
+# burned-in text clipped (engine.preprocessing.normalise_radiograph; Training/xray_robustness.py
+# measures it). The femur / pelvis models keep plain percentiles: their phantoms taught them
+# bright shutter bands, and they have not been retrained.
+XRAY_FIELD_PREPROCESSING = dataclasses.replace(XRAY_PREPROCESSING, normalisation="percentile-field")
 
 cards.register(cards.TaskCard(
     name="xray-femur",
@@ -75,7 +82,7 @@ cards.register(cards.TaskCard(
                 "network; trained on the JSRT/SCR radiographs).",
     modality="CR/DX",
     inputs=(radiograph("2D PA chest radiograph", "radiograph_polarity"),),
-    preprocessing=XRAY_PREPROCESSING,
+    preprocessing=XRAY_FIELD_PREPROCESSING,
     # seed 001's U-Net (batch norm, transposed-convolution upsampling); its Dice + cross-entropy in
     # per-structure (sigmoid) form, because the clavicles overlap the lungs and a softmax would
     # give each pixel one structure only (Training/xray_chest.py)

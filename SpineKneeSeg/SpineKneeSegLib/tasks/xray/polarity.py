@@ -20,6 +20,7 @@ from SpineKneeSegLib.core.errors import InputError
 from SpineKneeSegLib.core.image import Image
 from SpineKneeSegLib.core.lazy import LazyModule
 from SpineKneeSegLib.engine.hooks import input_check
+from SpineKneeSegLib.engine.preprocessing import field_mask
 
 ndimage = LazyModule("scipy.ndimage")
 
@@ -39,27 +40,6 @@ class PolarityEvidence:
     def as_dict(self) -> dict:
         return {"score": round(self.score, 3), "ridge": round(self.ridge, 3), "border": round(self.border, 3),
                 "field_fraction": round(self.field_fraction, 3), "decision": self.decision}
-
-
-def field_mask(a: np.ndarray, tolerance: float = 0.01) -> np.ndarray:
-    """The exposed field: without constant bands along the edges (rows or columns whose spread is
-    under ``tolerance`` of the image's range: collimation, padding) and without the image's
-    extreme grey values (burned-in text and markers are drawn at one of them)."""
-    span = float(a.max() - a.min()) or 1.0
-    mask = np.ones(a.shape, bool)
-    for axis in (0, 1):
-        spread = a.max(axis=1 - axis) - a.min(axis=1 - axis)
-        flat = spread < tolerance * span
-        n = len(flat)
-        first = next((i for i in range(n) if not flat[i]), n)
-        last = next((i for i in range(n - 1, -1, -1) if not flat[i]), -1)
-        index = [slice(None), slice(None)]
-        index[axis] = slice(0, first)
-        mask[tuple(index)] = False
-        index[axis] = slice(last + 1, None)
-        mask[tuple(index)] = False
-    mask &= (a > a.min()) & (a < a.max())
-    return mask
 
 
 def polarity_evidence(array: np.ndarray, pixel_mm: float, margin: float = 0.2) -> PolarityEvidence:
