@@ -52,9 +52,11 @@ class NetworkOutput:
     # grid: the seed localises foramina there, and resampling them would only cost time
     maps: np.ndarray | None = None
     maps_grid: Image | None = None
-    # the label network's own per-label probabilities (uint8 0..255, (C, *input shape)), kept when
-    # a postprocessor decodes them (lumbar levels: level_decoding)
+    # the label network's own per-label probabilities (uint8 0..255), kept when a postprocessor
+    # decodes them: (C, *input shape), or with keep_probabilities="network" (C, *grid shape) on the
+    # network's own grid ``probabilities_grid`` (lumbar levels: decoded there, no resampling)
     probabilities: np.ndarray | None = None
+    probabilities_grid: Image | None = None
     network_s: float = 0.0
     preprocess_s: float = 0.0
     postprocess_s: float = 0.0
@@ -124,26 +126,44 @@ def _batches(image: Image, net: torch.nn.Module, device: torch.device, pre: dict
             progress.step("inference", min(start + batch_size, len(run)), len(run))
 
 
+def uint8_sigmoid(logits: torch.Tensor) -> np.ndarray:
+    """round(255 x sigmoid) as uint8, same shape; in numpy, one thread: a chain of torch
+    element-wise ops cost ~10 ms a batch more on 2 busy cores (each waits for both threads)."""
+    x = logits.float().cpu().numpy()
+    with np.errstate(over="ignore"):  # exp overflow: probability 0, as it should
+        q = np.exp(-x)
+    q += 1.0
+    np.divide(255.0, q, out=q)
+    return np.rint(q, out=q).astype(np.uint8)
+
+
 def _labels_of(card: TaskCard, image: Image, net, device, pre: dict, batch_size: int, progress, timings: dict,
-               slices=None, centre_lps=None, extra: tuple[Image, ...] = (), probabilities: list | None = None
-               ) -> np.ndarray:
+               slices=None, centre_lps=None, extra: tuple[Image, ...] = (), probabilities: list | None = None,
+               probabilities_on: str = "input") -> np.ndarray:
     """Label map in the canonical layout (slices not run stay background). ``probabilities``: a
-    list that receives the sigmoid probabilities (uint8, (C, *canonical shape)) of a sigmoid task."""
+    list that receives the sigmoid probabilities of a sigmoid task (uint8) and their grid:
+    on the canonical grid, (C, *canonical shape), and None; with ``probabilities_on="network"``
+    on the network grid, (C, slices, *network_hw), and that grid as an Image (canonical)."""
     labels = np.zeros(canonical_image(image, pre["plane"])[0].array.shape, dtype=np.uint8)
-    probs = None
-    for index, logits, grid, (r0, _, c0, _), _ in _batches(image, net, device, pre, batch_size, progress, timings,
-                                                            slices, centre_lps, extra):
+    probs, grid_image = None, None
+    for index, logits, grid, (r0, _, c0, _), cropped in _batches(image, net, device, pre, batch_size, progress,
+                                                                  timings, slices, centre_lps, extra):
         t = time.perf_counter()
         out, (a0, a1, b0, b1) = from_network_grid(logits, grid)
         labels[index, r0 + a0:r0 + a1, c0 + b0:c0 + b1] = logits_to_labels(out, card.label_activation).cpu().numpy()
-        if probabilities is not None:
+        if probabilities is not None and probabilities_on == "network":
+            if probs is None:
+                probs = np.zeros((logits.shape[1], labels.shape[0], *logits.shape[-2:]), np.uint8)
+                grid_image = network_grid_image(cropped, grid)
+            probs[:, index] = uint8_sigmoid(logits).swapaxes(0, 1)
+        elif probabilities is not None:
             if probs is None:
                 probs = np.zeros((out.shape[1], *labels.shape), np.uint8)
             q = (torch.sigmoid(out) * 255).round().to(torch.uint8).cpu().numpy().swapaxes(0, 1)
             probs[:, index, r0 + a0:r0 + a1, c0 + b0:c0 + b1] = q
         timings["post"] += time.perf_counter() - t
     if probabilities is not None:
-        probabilities.append(probs)
+        probabilities.append((probs, grid_image))
     return labels
 
 
@@ -314,16 +334,18 @@ def logits_to_labels(logits: torch.Tensor, activation: str) -> torch.Tensor:
 def segment_slices(card: TaskCard, image: Image, net: torch.nn.Module, device: torch.device,
                    preprocessing: dict | None = None, batch_size: int = 8,
                    progress: Progress | None = None, extra: tuple[Image, ...] = (),
-                   centre_lps=None, keep_probabilities: bool = False) -> NetworkOutput:
+                   centre_lps=None, keep_probabilities: bool | str = False) -> NetworkOutput:
     """Run the label network over every slice; labels on the input's exact grid (logits are
     resampled back, not labels). ``extra``: further input channels on ``image``'s grid (the
     weights' ``extra_inputs``, e.g. a T1 resampled onto the FLAIR). ``centre_lps``: a crop window
     centre already found (a second model reuses the main network's; no coarse pass).
-    ``keep_probabilities``: a sigmoid task's probabilities come back too (``probabilities``)."""
+    ``keep_probabilities``: a sigmoid task's probabilities come back too (``probabilities``), on
+    the input grid (True or "input") or on the network's own grid ("network": no resampling of
+    C maps, ``probabilities_grid`` says where)."""
     pre = {**card.preprocessing.__dict__, **(preprocessing or {})}
     timings = {"pre": 0.0, "net": 0.0, "post": 0.0}
     summaries, warnings = {}, []
-    probabilities = None
+    probabilities, probabilities_grid = None, None
     orientation = canonical_orientation(image, pre["plane"])
     t = time.perf_counter()
     if pre.get("bias_correction"):  # on the canonical image: the same physical image, the same field
@@ -348,13 +370,16 @@ def segment_slices(card: TaskCard, image: Image, net: torch.nn.Module, device: t
                                                    f"{pre['fusion_max_slice_mm']} mm: reformats too blurred"}
         kept = [] if keep_probabilities and card.label_activation == "sigmoid" else None
         labels = _labels_of(card, image, net, device, pre, batch_size, progress, timings, centre_lps=centre_lps,
-                            extra=tuple(extra), probabilities=kept)
+                            extra=tuple(extra), probabilities=kept,
+                            probabilities_on="network" if keep_probabilities == "network" else "input")
         if kept:
-            t = time.perf_counter()
-            probabilities = np.stack([orientation.undo(p) for p in kept[0]])
-            timings["post"] += time.perf_counter() - t
+            probabilities, probabilities_grid = kept[0]
+            if probabilities_grid is None:  # on the canonical grid: back to the input's layout
+                t = time.perf_counter()
+                probabilities = np.stack([orientation.undo(p) for p in probabilities])
+                timings["post"] += time.perf_counter() - t
     return NetworkOutput(labels=np.ascontiguousarray(orientation.undo(labels)), probabilities=probabilities,
-                         network_s=timings["net"],
+                         probabilities_grid=probabilities_grid, network_s=timings["net"],
                          preprocess_s=timings["pre"], postprocess_s=timings["post"], bias_s=bias_s,
                          summaries=summaries, warnings=warnings)
 
@@ -372,7 +397,7 @@ def probability_maps(preprocessing: dict, image: Image, net: torch.nn.Module, de
         t = time.perf_counter()
         if maps is None:  # (C, slices, h, w) on the canonical network grid; skipped slices stay 0
             maps = np.zeros((logits.shape[1], n, *logits.shape[-2:]), np.uint8)
-        maps[:, index] = (torch.sigmoid(logits) * 255).round().to(torch.uint8).cpu().numpy().swapaxes(0, 1)
+        maps[:, index] = uint8_sigmoid(logits).swapaxes(0, 1)
         timings["post"] += time.perf_counter() - t
     return NetworkOutput(maps=maps, maps_grid=network_grid_image(cropped, grid),
                          network_s=timings["net"], preprocess_s=timings["pre"], postprocess_s=timings["post"])

@@ -365,7 +365,8 @@ def _run_locked(card: TaskCard, inputs: list[str], output_dir: Path, options: Ru
                          keep_probabilities=needs_probabilities(card.postprocessors))
     maps, maps_grids = {}, {}
     if out.probabilities is not None:  # the network's own probabilities, for level / lesion decoding
-        maps["probabilities"], maps_grids["probabilities"] = out.probabilities, image
+        maps["probabilities"] = out.probabilities
+        maps_grids["probabilities"] = image if out.probabilities_grid is None else out.probabilities_grid
     for name, aux_net in aux_nets.items():
         if card.auxiliary_model(name).output == "labels":  # same preprocessing and window as the main network
             window = out.summaries.get("crop_window", {}).get(window_centre_key(pre_overrides.get(

@@ -30,13 +30,15 @@ class StepContext:
 class Step:
     name: str
     run: Callable[[StepContext], None]
-    needs_probabilities: bool = False  # the main network's probabilities, not only its labels
+    # the main network's probabilities, not only its labels: True (on the input grid) or "network"
+    # (on the network's own grid, maps_grids["probabilities"]: none of C maps resampled)
+    needs_probabilities: bool | str = False
 
 
 STEPS: dict[str, Step] = {}
 
 
-def step(name: str, needs_probabilities: bool = False):
+def step(name: str, needs_probabilities: bool | str = False):
     """Register the decorated function as the post-processing step ``name``."""
     def register(fn: Callable[[StepContext], None]):
         if name in STEPS and STEPS[name].run is not fn:
@@ -53,5 +55,8 @@ def check_steps(names, owner: str) -> None:
                          f"{', '.join(sorted(STEPS))}")
 
 
-def needs_probabilities(names) -> bool:
-    return any(STEPS[n].needs_probabilities for n in names)
+def needs_probabilities(names) -> bool | str:
+    """False, "network" when every step that reads the main network's probabilities takes them on
+    the network's grid, else True (the input grid)."""
+    wanted = {STEPS[n].needs_probabilities for n in names} - {False}
+    return ("network" if wanted == {"network"} else True) if wanted else False

@@ -90,12 +90,16 @@ def localise_foramina(probabilities: np.ndarray, image: Image, threshold: float 
     found: list[Foramen] = []
     midline_x = image.ijk_to_ras_points([(np.array(image.size_ijk) - 1) / 2.0])[0, 0]
     for level_index, level in enumerate(LEVELS):
-        prob = probabilities[level_index]
-        comp, n = ndimage.label(prob >= threshold * scale, structure=structure)
-        if n == 0:
+        mask = probabilities[level_index] >= threshold * scale
+        box = _bounding_box(mask)
+        if box is None:
             continue
-        sizes = np.bincount(comp.ravel(), minlength=n + 1)[1:]
-        lateral = _mean_index_per_component(comp, n, sizes, lat)
+        # labelled inside the mask's bounding box only: a trained model's maps are mostly empty
+        corner = np.array([b.start for b in box])
+        prob = probabilities[level_index][box]
+        comp, n = ndimage.label(mask[box], structure=structure)
+        sizes, lateral = _sizes_and_mean_index(comp, n, lat)
+        lateral += corner[lat]
         # Candidates are components; when few or not spread apart, split at the middle slice.
         if n > min_candidates and np.ptp(lateral) >= min_spread_slices:
             groups = _kmeans_1d(lateral)
@@ -106,7 +110,7 @@ def localise_foramina(probabilities: np.ndarray, image: Image, threshold: float 
             members = np.flatnonzero(groups == g)
             if len(members):
                 best = int(members[np.argmax(sizes[members])])
-                sides.append((best, _describe_component(comp, best + 1, prob)))
+                sides.append((best, _describe_component(comp, best + 1, prob, corner)))
         if len(sides) == 2:  # name the two sides by their relative RAS x: +x is patient right
             xs = [image.ijk_to_ras_points([d["centre"][::-1]])[0, 0] for _, d in sides]
             names = ["right", "left"] if xs[0] > xs[1] else ["left", "right"]
@@ -119,20 +123,43 @@ def localise_foramina(probabilities: np.ndarray, image: Image, threshold: float 
     return found
 
 
-def _mean_index_per_component(comp: np.ndarray, n: int, sizes: np.ndarray, axis: int) -> np.ndarray:
-    """Mean voxel index along ``axis`` of every component in one vectorised pass (noisy maps can
-    hold thousands of specks; a per-component loop was most of the run time)."""
-    shape = [1, 1, 1]
-    shape[axis] = comp.shape[axis]
-    index = np.broadcast_to(np.arange(comp.shape[axis], dtype=np.float32).reshape(shape), comp.shape)
-    return np.bincount(comp.ravel(), weights=index.ravel(), minlength=n + 1)[1:] / np.maximum(sizes, 1)
+def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """Bounding box of a 3D mask from its three projections (a fraction of ndimage.find_objects'
+    cost), None when empty."""
+    box = []
+    for axis in range(3):
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        if not len(hits):
+            return None
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)
 
 
-def _describe_component(comp: np.ndarray, c: int, prob: np.ndarray) -> dict:
-    """Centre (k, j, i), index span per axis and mean probability of component ``c``."""
-    coords = np.nonzero(comp == c)
-    return {"centre": [float(x.mean()) for x in coords], "span": [(int(x.min()), int(x.max())) for x in coords],
-            "mean": float(prob[coords].mean())}
+def _sizes_and_mean_index(comp: np.ndarray, n: int, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Voxel count and mean voxel index along ``axis`` of every component, from one unweighted
+    bincount per slice along ``axis`` (noisy maps hold thousands of specks: a per-component loop
+    was most of the run time, a weighted bincount over the volume several times this)."""
+    counts = np.stack([np.bincount(plane.ravel(), minlength=n + 1) for plane in np.moveaxis(comp, axis, 0)])
+    sizes = counts.sum(axis=0)[1:]
+    return sizes, (np.arange(len(counts)) @ counts)[1:] / np.maximum(sizes, 1)
+
+
+def _describe_component(comp: np.ndarray, c: int, prob: np.ndarray, corner: np.ndarray) -> dict:
+    """Centre (k, j, i), index span per axis and mean probability of component ``c`` of a crop
+    whose first voxel lies at ``corner``; from the component's projections on the three axes."""
+    member = comp == c
+    centre, span = [], []
+    for axis in range(3):
+        counts = np.count_nonzero(member, axis=tuple(a for a in range(3) if a != axis))
+        index = np.arange(len(counts)) + int(corner[axis])
+        hits = index[counts > 0]
+        centre.append(float(index @ counts / counts.sum()))  # integer sums: exactly the mean of the indices
+        span.append((int(hits[0]), int(hits[-1])))
+    if prob.dtype == np.uint8:  # integer sum, as exact as the mean of the gathered values
+        mean = int(np.add.reduce(prob, axis=None, where=member, dtype=np.int64)) / int(np.count_nonzero(member))
+    else:
+        mean = float(prob[member].mean())
+    return {"centre": centre, "span": span, "mean": mean}
 
 
 def foramina_summary(foramina: list[Foramen]) -> dict:

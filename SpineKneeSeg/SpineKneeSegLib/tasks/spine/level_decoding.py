@@ -262,16 +262,114 @@ def _fill_gaps(bodies: list[Body], params: DecodingParameters) -> list[Body]:
     return out
 
 
+# ---- from the network's grid to the input's ----------------------------------------------------
+
+UNNAMED = 255  # a body voxel of no named level (above L1, below L5, noise): never grown into
+
+
+def _grid_coordinates(grid: Image, target: Image) -> list[tuple[int, np.ndarray]]:
+    """For each array axis of ``target``: (the array axis of ``grid`` it runs along, the grid's
+    continuous index at every target index). The two grids must be axis-aligned (the network grid
+    is the input's, reoriented to the canonical layout and rescaled in-plane)."""
+    unit = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], float)
+    mapped = grid.lps_to_ijk_points(target.ijk_to_lps_points(unit))  # grid (i, j, k) of target's
+    steps = mapped[1:] - mapped[0]
+    out = []
+    for axis in range(3):  # target array axis; its ijk axis is 2 - axis
+        row = steps[2 - axis]
+        along = int(np.argmax(np.abs(row)))
+        if np.abs(np.delete(row, along)).max() > 1e-6 * np.abs(row[along]):
+            raise ValueError("level decoding: the probabilities' grid is not axis-aligned with the image")
+        out.append((2 - along, mapped[0, along] + row[along] * np.arange(target.array.shape[axis])))
+    return out
+
+
+# logit of each uint8 probability (clipped half a step inside 0..255): levels interpolated as logits,
+# as the input-grid decoding saw them (bilinear logits), not as probabilities (which would move a
+# 0.4 outline by up to a quarter of a network pixel where the logits outside are strongly negative)
+_P = (np.clip(np.arange(256.0), 0.5, 254.5)) / 255.0
+LOGIT_OF_UINT8 = np.log(_P / (1.0 - _P))
+
+
+def _summed_probability_at(probs: np.ndarray, coords: list[np.ndarray]) -> np.ndarray:
+    """Sum over levels of sigmoid(level logits interpolated linearly) at points given by their
+    continuous indices along the three grid axes (edge values beyond the first / last centre)."""
+    lows, weights = [], []
+    for axis, c in enumerate(coords):
+        c = np.clip(c, 0, probs.shape[axis + 1] - 1)
+        low = np.floor(c).astype(np.int64)
+        lows.append(low)
+        weights.append(c - low)
+    logits = np.zeros((probs.shape[0], len(coords[0])))
+    for corner in range(8):
+        up = [(corner >> axis) & 1 for axis in range(3)]
+        w = np.prod([weights[a] if up[a] else 1 - weights[a] for a in range(3)], axis=0)
+        if not w.any():  # e.g. along the slices: the network's are the input's
+            continue
+        idx = tuple(np.minimum(lows[a] + up[a], probs.shape[a + 1] - 1) for a in range(3))
+        logits += w * LOGIT_OF_UINT8[probs[(slice(None), *idx)]]
+    return (1.0 / (1.0 + np.exp(-logits))).sum(axis=0)
+
+
+def labels_onto_image(labels: np.ndarray, probs: np.ndarray, threshold: float, grid: Image, image: Image,
+                      mask: np.ndarray) -> np.ndarray:
+    """Decoded levels on the network grid (``labels``; ``probs`` the level maps there, uint8) ->
+    the input grid. An input voxel is body when ``mask`` (the network's labels on the input grid:
+    one level above 0.5, from bilinear logits) holds it, or else when its level probabilities,
+    interpolated, sum to ``threshold`` (the outline of the decoding's body mask, drawn on the input
+    grid); it takes the level of the nearest grid voxel, grid levels first grown one voxel in-plane
+    into the background (an outline voxel may lie nearest to a grid voxel just outside) but not
+    into body voxels of no named level (above L1, below L5, noise). Only the levels' bounding box
+    is visited, and only voxels next to a level are interpolated."""
+    box = ndimage.find_objects((labels > 0).view(np.uint8))
+    out = np.zeros(image.array.shape, np.uint8)
+    if not box:
+        return out
+    box = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in box[0])  # one voxel of margin
+    crop = np.where(probs[(slice(None), *box)].sum(axis=0, dtype=np.uint16) >= threshold * 255, UNNAMED, 0)
+    crop = crop.astype(np.uint8)
+    named = labels[box] > 0
+    crop[named] = labels[box][named]
+    grown = ndimage.grey_dilation(np.where(crop == UNNAMED, 0, crop), footprint=np.ones((1, 3, 3), bool))
+    crop = np.where(crop == 0, grown, crop)
+    crop[crop == UNNAMED] = 0
+    picks, axes, target, coords = [None] * 3, [0] * 3, [], [None] * 3
+    for axis, (grid_axis, coord) in enumerate(_grid_coordinates(grid, image)):
+        index = np.rint(coord).astype(np.int64)
+        inside = np.flatnonzero((index >= box[grid_axis].start) & (index < box[grid_axis].stop))
+        if not len(inside):
+            return out
+        picks[grid_axis], axes[axis] = index[inside] - box[grid_axis].start, grid_axis
+        target.append(slice(int(inside[0]), int(inside[-1]) + 1))
+        coords[axis] = (grid_axis, coord[inside[0]:inside[-1] + 1])
+    target = tuple(target)
+    levels = crop[np.ix_(*picks)].transpose(axes)
+    body = mask[target].copy()
+    ask = np.nonzero((levels > 0) & ~body)
+    at = [None] * 3
+    for axis, (grid_axis, coord) in enumerate(coords):
+        at[grid_axis] = coord[ask[axis]]
+    body[ask] = _summed_probability_at(probs, at) >= threshold
+    out[target] = np.where(body, levels, 0)
+    return out
+
+
 # ---- steps (registered by name; see steps.py) ----------------------------------------------------
 
-@step("level_decoding", needs_probabilities=True)
+@step("level_decoding", needs_probabilities="network")
 def _level_decoding_step(ctx: StepContext) -> None:
-    """L1..L5 as one consecutive run over the bodies (issue 21)."""
+    """L1..L5 as one consecutive run over the bodies (issue 21). Decoded on the network's own
+    grid (5 maps never resampled; about half the voxels of a 1 mm input), the levels then carried
+    onto the input grid (labels_onto_image)."""
     probs = ctx.maps.get("probabilities")
+    grid = ctx.maps_grids.get("probabilities", ctx.image)
     if probs is None:  # no probabilities (labels only): the decoding still enforces one run
-        probs = np.stack([(ctx.result.labels.array == k).astype(np.uint8) * 255 for k in range(1, 6)])
+        probs, grid = np.stack([(ctx.result.labels.array == k).astype(np.uint8) * 255 for k in range(1, 6)]), ctx.image
     params = DecodingParameters(**ctx.settings.get("level_decoding", {}))
-    decoded = decode_levels(probs, ctx.image, params)
+    decoded = decode_levels(probs, grid, params)
+    if grid is not ctx.image:
+        decoded.labels = labels_onto_image(decoded.labels, probs, params.threshold, grid, ctx.image,
+                                           ctx.result.labels.array > 0)
     ctx.result.labels = ctx.image.with_array(decoded.labels)
     ctx.result.summaries["level_decoding"] = decoded.summary()
     ctx.result.summaries["level_confidence"] = round(decoded.level_confidence, 4)
