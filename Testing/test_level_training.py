@@ -150,3 +150,36 @@ def test_trained_weights_run_through_the_pipeline_with_decoding(phantom_cases, t
     # test_lumbar_real: markers need two bodies, and this 80-step model finds one or two)
     warned = any(w.startswith("level count doubtful") for w in report["warnings"])
     assert warned == decoding["doubtful"]
+
+
+def test_packed_cases_round_trip_within_half_a_quantisation_step(phantom_cases, tmp_path):
+    """'pack' (for a GPU machine without the data or SimpleITK): labels exact, intensities within
+    half of the scan's 8-bit step; a different recipe spacing is refused."""
+    _, cases = phantom_cases
+    records = [{"id": "phantom", "dataset": "myosegmentum", "hash": "h", "note": ""}]
+    info = lc.pack_cases(tmp_path / "p.pkl.xz", records, cases, 1.4)
+    back_records, back = lc.unpack_cases(tmp_path / "p.pkl.xz", 1.4)
+    assert back_records == records and info["scans"] == 1
+    step = (cases[0].stack.max() - cases[0].stack.min()) / 255
+    assert np.abs(back[0].stack - cases[0].stack).max() <= step / 2 + 1e-5
+    assert np.array_equal(back[0].labels, cases[0].labels)
+    assert np.array_equal(back[0].body_slices, cases[0].body_slices)
+    with pytest.raises(ValueError, match="1.4 mm"):
+        lc.unpack_cases(tmp_path / "p.pkl.xz", 1.0)
+
+
+def test_sampler_pads_scans_of_different_sizes_without_moving_them(phantom_cases):
+    """Scans of different in-plane sizes share one zero-padded stack: a scan sampled with a
+    bigger one beside it gives the same batch as when sampled alone (same draws, no intensity
+    or geometry randomness left but the slice and the warp seed)."""
+    _, cases = phantom_cases
+    small = cases[0]
+    big = lc.PreparedCase("big", "zukic-t2", np.pad(small.stack, ((0, 0), (0, 40), (0, 70))),
+                          np.pad(small.labels, ((0, 0), (0, 40), (0, 70))), small.body_slices)
+    cfg = _tiny_config()  # no rotation, scale, shift, warp, cut or noise
+    alone = lc.ColumnSampler([small], cfg)
+    shared = lc.ColumnSampler([small, big], cfg)
+    shared.probabilities = np.array([1.0, 0.0])  # always the small scan
+    a = alone(np.random.default_rng(5), torch.Generator().manual_seed(5))
+    b = shared(np.random.default_rng(5), torch.Generator().manual_seed(5))
+    assert torch.allclose(a[0], b[0], atol=1e-4) and torch.equal(a[1], b[1])  # grid rounding only

@@ -399,7 +399,7 @@ def ship(run: Path, version: str, experiments_md: Path | None, minutes: float, l
     noisy = evaluate(run, 5000.0, log)
     cfg = ckpt["config"]
     command = ("python Training/xray_chest.py train --out " + str(run) + " " +
-               " ".join(f"--{k.replace('_', '-')} {v}" for k, v in cfg.items() if k not in ("out", "threads") and v is not None))
+               " ".join(f"--{k.replace('_', '-')} {v}" for k, v in cfg.items() if k not in ("out", "threads") and v not in (None, "")))
     text = model_card(version, ckpt, clean, noisy,
                       {"text": experiments_md.read_text() if experiments_md and experiments_md.exists() else
                        "see Training/README.md"}, command, minutes,
