@@ -43,7 +43,7 @@ def trained_on(meta: dict) -> str:
 
 
 def model_card(version: str, checkpoint: dict, summary: dict, cv_config: dict, commands: list[str],
-               cv_minutes: float, notes: list[str] | None = None) -> str:
+               cv_minutes: float, extra_notes: list[str] | None = None) -> str:
     meta = checkpoint["metadata"]
     cfg = meta["config"]
     where = trained_on(meta)
@@ -81,7 +81,7 @@ sampled equally often; {cfg['off_body_p'] * 100:.0f} % of slices without any bod
 Adam {cfg['lr']} with cosine decay to {cfg['lr_final']}, batch {cfg['batch_size']}, {cfg['steps']} steps, seed {cfg['seed']}; the
 last weights are the model (fixed schedule: nothing selected on validation). Training this model
 took {meta.get('train_seconds', 0) / 60:.1f} min on {where}; the five fold models {cv_minutes:.1f} min in all.
-{chr(10).join(notes or [])}
+{chr(10).join(extra_notes or [])}
 
 Commands:
 ```
