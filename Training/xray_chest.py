@@ -265,26 +265,31 @@ def load_trained(run: Path) -> tuple[torch.nn.Module, dict]:
     return net.eval(), ckpt
 
 
-def evaluate(run: Path, noise_sigma: float = 0.0, log=print, cases=None) -> dict:
-    """Held-out radiographs through the Lib's inference and the task's decoding, at 512 x 512."""
+def predict_structures(net: torch.nn.Module, image, preprocessing: dict) -> list[np.ndarray]:
+    """[labels 1-3, clavicles 4-5] of one radiograph (2D) through the Lib's inference and the
+    task's own steps, as `spinekneeseg run` (label layers, small-component removal)."""
     from SpineKneeSegLib.engine.inference import segment_slices
     from SpineKneeSegLib.engine.pipeline import postprocess
 
+    card = TASKS[TASK]
+    out = segment_slices(card, image, net, torch.device("cpu"), preprocessing, keep_probabilities=True)
+    result = postprocess(card, image, out.labels, {"probabilities": out.probabilities}, {"probabilities": image})
+    return [result.labels.array[0], result.layers["clavicles"].array[0]]
+
+
+def evaluate(run: Path, noise_sigma: float = 0.0, log=print, cases=None) -> dict:
+    """Held-out radiographs through the Lib's inference and the task's decoding, at 512 x 512."""
     net, ckpt = load_trained(run)
     cfg = config_from(ckpt["config"])
     if cases is None:
         _, cases, _ = load_split(Config(**{**asdict(cfg), "n_train": 0}), log)
-    card = TASKS[TASK]
     rng = np.random.default_rng(1234)
     rows = []
     for c in cases:
         image = c.image
         if noise_sigma:
             image = image.with_array(image.array + rng.normal(0, noise_sigma, image.array.shape).astype(np.float32))
-        out = segment_slices(card, image, net, torch.device("cpu"), run_preprocessing(cfg), keep_probabilities=True)
-        # the task's own steps, as `spinekneeseg run` (label layers, small-component removal)
-        result = postprocess(card, image, out.labels, {"probabilities": out.probabilities}, {"probabilities": image})
-        predicted = [result.labels.array[0], result.layers["clavicles"].array[0]]
+        predicted = predict_structures(net, image, run_preprocessing(cfg))
         row = {"case": c.id}
         for n, name in enumerate(STRUCTURES):
             pred = predicted[0 if n < 3 else 1] == n + 1

@@ -17,12 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from SpineKneeSegLib.engine.inference import load_network, segment_slices
-from SpineKneeSegLib.engine.pipeline import postprocess
+from SpineKneeSegLib.engine.inference import load_network
 from SpineKneeSegLib.engine.postprocessing import dice
 from SpineKneeSegLib.engine.weights import resolve_weights
 from SpineKneeSegLib.tasks import TASKS
-from xray_chest import STRUCTURES, Config, config_from, load_split, load_trained, run_preprocessing
+from xray_chest import STRUCTURES, Config, config_from, load_split, load_trained, predict_structures, run_preprocessing
 
 CARD = TASKS["xray-chest"]
 
@@ -97,9 +96,7 @@ def main(argv=None) -> int:
         a = c.image.array[0]
         for name, (changed, field) in variants(a, rng).items():
             image = c.image.with_array(changed[None].astype(np.float32))
-            out = segment_slices(CARD, image, net, torch.device("cpu"), pre, keep_probabilities=True)
-            result = postprocess(CARD, image, out.labels, {"probabilities": out.probabilities}, {"probabilities": image})
-            predicted = [result.labels.array[0], result.layers["clavicles"].array[0]]
+            predicted = predict_structures(net, image, pre)
             row = {"case": c.id, "variant": name}
             for n, s in enumerate(STRUCTURES):
                 d = dice((predicted[0 if n < 3 else 1] == n + 1) & field, c.truth[n] & field)

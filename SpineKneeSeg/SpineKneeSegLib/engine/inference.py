@@ -159,8 +159,7 @@ def _labels_of(card: TaskCard, image: Image, net, device, pre: dict, batch_size:
         elif probabilities is not None:
             if probs is None:
                 probs = np.zeros((out.shape[1], *labels.shape), np.uint8)
-            q = (torch.sigmoid(out) * 255).round().to(torch.uint8).cpu().numpy().swapaxes(0, 1)
-            probs[:, index, r0 + a0:r0 + a1, c0 + b0:c0 + b1] = q
+            probs[:, index, r0 + a0:r0 + a1, c0 + b0:c0 + b1] = uint8_sigmoid(out).swapaxes(0, 1)
         timings["post"] += time.perf_counter() - t
     if probabilities is not None:
         probabilities.append((probs, grid_image))

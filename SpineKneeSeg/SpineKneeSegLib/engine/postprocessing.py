@@ -20,6 +20,29 @@ def dice(a: np.ndarray, b: np.ndarray) -> float | None:
     return None if total == 0 else 2.0 * float(np.logical_and(a, b).sum()) / total
 
 
+def mask_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """Bounding box of a mask from its projections on each axis (a fraction of
+    ndimage.find_objects' cost on a large, mostly empty volume); None when empty."""
+    box = []
+    for axis in range(mask.ndim):
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if not len(hits):
+            return None
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)
+
+
+def label_in_box(mask: np.ndarray, structure: np.ndarray) -> tuple[np.ndarray, int, tuple[slice, ...] | None]:
+    """Connected components labelled only inside the mask's bounding box (lesions, foramen
+    candidates: small parts of a large volume): (ids in the box, n, the box; None when empty)."""
+    mask = mask > 0
+    box = mask_box(mask)
+    if box is None:
+        return np.zeros((0,) * mask.ndim, np.int32), 0, None
+    cropped, n = ndimage.label(mask[box], structure=structure)
+    return cropped, n, box
+
+
 def label_components(labels: np.ndarray) -> dict[int, tuple]:
     """{label value: (bounding box, its 26-connected component map, component sizes with
     sizes[0] = 0)}, labelled inside each label's bounding box (fast on small structures). Computed

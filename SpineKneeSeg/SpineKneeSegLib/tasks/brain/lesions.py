@@ -8,6 +8,7 @@ import numpy as np
 from SpineKneeSegLib.core.image import Image
 from SpineKneeSegLib.core.lazy import LazyModule
 from SpineKneeSegLib.core.tables import ColumnSpec, Table
+from SpineKneeSegLib.engine.postprocessing import label_in_box
 from SpineKneeSegLib.engine.steps import StepContext, step
 
 ndimage = LazyModule("scipy.ndimage")  # loaded on first use (lazy.py)
@@ -51,13 +52,7 @@ def _label_in_box(mask: np.ndarray, connectivity: int):
     7 M-voxel brain): (ids in the box, n, the box as slices; None when the mask is empty)."""
     if connectivity not in CONNECTIVITY:
         raise ValueError(f"connectivity must be 6, 18 or 26, got {connectivity}")
-    structure = ndimage.generate_binary_structure(3, CONNECTIVITY[connectivity])
-    mask = mask > 0
-    found = ndimage.find_objects(mask.view(np.uint8))
-    if not found:
-        return np.zeros((0, 0, 0), np.int32), 0, None
-    cropped, n = ndimage.label(mask[found[0]], structure=structure)
-    return cropped, n, found[0]
+    return label_in_box(mask, ndimage.generate_binary_structure(3, CONNECTIVITY[connectivity]))
 
 
 THICK_SLICE_NOTE_MM = 3.0  # thicker voxels: the report says small lesions may be averaged away

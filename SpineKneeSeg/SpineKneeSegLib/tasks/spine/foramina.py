@@ -14,6 +14,7 @@ import numpy as np
 
 from SpineKneeSegLib.core.image import Image
 from SpineKneeSegLib.core.lazy import LazyModule
+from SpineKneeSegLib.engine.postprocessing import label_in_box
 from SpineKneeSegLib.engine.steps import StepContext, step
 from SpineKneeSegLib.tasks.spine.foramen_confidence import (
     ConfidenceModel,
@@ -90,14 +91,12 @@ def localise_foramina(probabilities: np.ndarray, image: Image, threshold: float 
     found: list[Foramen] = []
     midline_x = image.ijk_to_ras_points([(np.array(image.size_ijk) - 1) / 2.0])[0, 0]
     for level_index, level in enumerate(LEVELS):
-        mask = probabilities[level_index] >= threshold * scale
-        box = _bounding_box(mask)
-        if box is None:
-            continue
         # labelled inside the mask's bounding box only: a trained model's maps are mostly empty
+        comp, n, box = label_in_box(probabilities[level_index] >= threshold * scale, structure)
+        if box is None or n == 0:
+            continue
         corner = np.array([b.start for b in box])
         prob = probabilities[level_index][box]
-        comp, n = ndimage.label(mask[box], structure=structure)
         sizes, lateral = _sizes_and_mean_index(comp, n, lat)
         lateral += corner[lat]
         # Candidates are components; when few or not spread apart, split at the middle slice.
@@ -121,18 +120,6 @@ def localise_foramina(probabilities: np.ndarray, image: Image, threshold: float 
             found.append(Foramen(level, side, tuple(round(float(v), 3) for v in ras), d["mean"] / scale,
                                  int(sizes[best]), d["span"][lat]))
     return found
-
-
-def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """Bounding box of a 3D mask from its three projections (a fraction of ndimage.find_objects'
-    cost), None when empty."""
-    box = []
-    for axis in range(3):
-        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        if not len(hits):
-            return None
-        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    return tuple(box)
 
 
 def _sizes_and_mean_index(comp: np.ndarray, n: int, axis: int) -> tuple[np.ndarray, np.ndarray]:
