@@ -316,3 +316,46 @@ def test_a_t1_that_does_not_overlap_the_flair_is_left_out_with_a_warning(tmp_pat
     assert any("t1-moved.nii.gz not used" in w and "covers only 0 %" in w for w in report["warnings"])
     code, _ = run("t1-moved.nii.gz", "--weights", str(models / "with-t1.pt"))
     assert code == 2 and not (tmp_path / "out-t1-moved.nii.gz-2").exists()
+
+
+def _drawn_brain(shape=(60, 80, 80)):
+    """A textured ellipsoidal 'brain' with one real lesion, generated here (no model code)."""
+    k, j, i = np.indices(shape)
+    inside = ((k - 30) / 26) ** 2 + ((j - 40) / 36) ** 2 + ((i - 40) / 36) ** 2 <= 1
+    arr = np.where(inside, np.random.default_rng(1).normal(100, 10, shape), 0).astype(np.float32)
+    lab = np.zeros(shape, np.uint8)
+    lab[28:33, 38:43, 38:43] = 1
+    arr[lab > 0] += 40
+    return arr, lab
+
+
+def test_synthetic_lesions_are_separate_labelled_and_in_deep_tissue():
+    from scipy import ndimage
+    from synthetic_lesions import deep_tissue, insert_lesions
+
+    arr, lab = _drawn_brain()
+    spacing = (1.0, 1.0, 1.0)
+    out, out_lab, placed = insert_lesions(arr, lab, spacing, np.random.default_rng(0), 25)
+    assert placed == 25 and out.shape == arr.shape and out_lab.dtype == lab.dtype
+    assert np.array_equal(out_lab[lab > 0], lab[lab > 0]) and np.array_equal(arr, _drawn_brain()[0])  # inputs untouched
+    new = (out_lab > 0) & (lab == 0)
+    components, n = ndimage.label(out_lab > 0, np.ones((3, 3, 3)))
+    assert n == 1 + placed  # every painted lesion its own 26-connected lesion, none joined to the real one
+    sizes = np.bincount(ndimage.label(new, np.ones((3, 3, 3)))[0].ravel())[1:]
+    assert len(sizes) == placed and sizes.max() <= 4 / 3 * np.pi * 2.5 ** 3 + 1  # radii <= 2.5 mm
+    # brighter where labelled, by 0.4-1.6 brain SD at the centre; nothing outside the brain changed
+    sd = arr[arr > 0].std()
+    gain = out - arr
+    assert np.all(gain >= 0) and np.all(gain[arr == 0] == 0)
+    assert 0.2 * sd < gain[new].mean() < 1.6 * sd
+    # every centre lies in the allowed deep tissue (away from the brain's edge and the real lesion)
+    allowed = deep_tissue(arr, lab, spacing, keep_off_mm=3.0 + 2.5)
+    for c in range(1, n + 1):
+        voxels = np.argwhere(components == c)
+        if lab[tuple(voxels[0])]:
+            continue
+        peak = voxels[np.argmax(gain[tuple(voxels.T)])]
+        assert allowed[tuple(peak)] or allowed[tuple(np.round(voxels.mean(0)).astype(int))]
+    # nothing asked, nothing painted
+    same, same_lab, none = insert_lesions(arr, lab, spacing, np.random.default_rng(0), 0)
+    assert none == 0 and np.array_equal(same, arr) and np.array_equal(same_lab, lab)

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from clinical_geometry import draw_acquisitions, simulate_acquisition  # noqa: E402
+from synthetic_lesions import insert_lesions
 from SpineKneeSegLib.core.datasets import data_root  # noqa: E402
 from SpineKneeSegLib.core.image import Image  # noqa: E402
 from SpineKneeSegLib.core.image_io import read_image  # noqa: E402
@@ -72,6 +73,8 @@ class Config:
     slab_mm: str = "3,5,8"  # simulated slab thicknesses
     slab_phases: int = 1  # slab stacks per thickness, each starting at a different offset
     geometries: int = 0  # random clinical acquisitions per case (3-8 mm slices, 0.4-1.2 mm pixels, any axis)
+    synthetic_copies: int = 0  # copies of each training volume with small synthetic lesions (synthetic_lesions.py)
+    synthetic_lesions: int = 40  # lesions painted into each copy
     t1: bool = False  # T1 as 3 more input channels (the weights then need a T1 at inference)
     lesion_fraction: float = 0.6  # share of sampled slices that contain lesion
     steps_per_epoch: int = 40
@@ -275,17 +278,23 @@ def train(cfg: Config, cases: list[dict], out: Path, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
     seed_everything(cfg.seed)
-    thin, slabs = [], []
+    thin, slabs, painted = [], [], []
     for case in cases:
         image, labels, extras = read_case(case, cfg)
         thin.append(prepare(case["id"], image, labels, cfg, extras))
-        for thickness in (float(t) for t in cfg.slab_mm.split(",")):
-            for phase in range(cfg.slab_phases):
-                offset = thickness * phase / cfg.slab_phases
-                slab_image, slab_labels = simulate_slabs(image, labels, thickness, offset)
-                slab_extras = tuple(simulate_slabs(e, labels, thickness, offset)[0] for e in extras)
-                slabs.append(prepare(f"{case['id']}@{thickness:g}mm+{offset:g}", slab_image, slab_labels, cfg,
-                                     slab_extras))
+        volumes = [(case["id"], image, labels)]
+        for copy in range(cfg.synthetic_copies):
+            array, copy_labels, _ = insert_lesions(image.array, labels, image.spacing[::-1], rng, cfg.synthetic_lesions)
+            volumes.append((f"{case['id']}+synthetic{copy}", image.with_array(array), copy_labels))
+            painted.append(prepare(volumes[-1][0], volumes[-1][1], copy_labels, cfg, extras))
+        for name, vol, vol_labels in volumes:
+            for thickness in (float(t) for t in cfg.slab_mm.split(",")):
+                for phase in range(cfg.slab_phases):
+                    offset = thickness * phase / cfg.slab_phases
+                    slab_image, slab_labels = simulate_slabs(vol, vol_labels, thickness, offset)
+                    slab_extras = tuple(simulate_slabs(e, vol_labels, thickness, offset)[0] for e in extras)
+                    slabs.append(prepare(f"{name}@{thickness:g}mm+{offset:g}", slab_image, slab_labels, cfg,
+                                         slab_extras))
         for acq in draw_acquisitions(rng, cfg.geometries):
             sim_image, sim_labels = simulate_acquisition(image, labels, acq)
             sim_extras = tuple(simulate_acquisition(e, labels, acq)[0] for e in extras)
@@ -293,6 +302,8 @@ def train(cfg: Config, cases: list[dict], out: Path, log=print) -> dict:
     train_idx, held_idx = {}, {}
     for p in thin:
         train_idx[p.id], held_idx[p.id] = split_blocks(p)
+    for p in painted:  # same anatomy as its volume: never trained on that volume's held-back blocks
+        train_idx[p.id] = split_blocks(p)[0]
     for p in slabs:
         train_idx[p.id] = p.keep
     net = build_network(CARD.network.factory, network_config(cfg))
@@ -302,7 +313,7 @@ def train(cfg: Config, cases: list[dict], out: Path, log=print) -> dict:
 
     def batches(_step):
         while True:
-            pool = slabs if rng.random() < cfg.slab_fraction else thin
+            pool = slabs if rng.random() < cfg.slab_fraction else thin + painted
             yield sample_batch(pool, cfg, rng, train_idx)
 
     def evaluate(net):
