@@ -423,3 +423,49 @@ def test_real_mese_multi_echo():
     assert last.array.mean() < first.array.mean()  # T2 decay: later echoes are darker
     with pytest.raises(InputError, match="echo 9 not available"):
         read_image(folder, echo=9)
+
+
+def _scan(folder: Path):
+    from SpineKneeSegLib.core import image_io
+
+    return image_io._scan_folder(folder)
+
+
+def _both_pixel_paths(folder: Path):
+    from SpineKneeSegLib.core import image_io
+
+    slices = _scan(folder)
+    fast = image_io._read_dicom_pixels(slices)
+    for s in slices:
+        s.plain_pixels = False
+    return slices, fast, image_io._read_dicom_pixels(slices)
+
+
+def test_plain_dicom_pixels_read_by_numpy_equal_gdcm(tmp_path):
+    """The pydicom path for plain stored integers gives GDCM's values and type, voxel for voxel;
+    a rescaled series is never plain."""
+    volume = _volume((3, 4, 5)) - 50  # negative values: signed pixels
+    write_dicom_series(tmp_path / "plain", volume)
+    slices, fast, gdcm = _both_pixel_paths(tmp_path / "plain")
+    assert all(s.plain_pixels for s in _scan(tmp_path / "plain"))
+    assert fast.dtype == gdcm.dtype and np.array_equal(fast, gdcm)
+    write_dicom_series(tmp_path / "rescaled", volume, slope=2.5, intercept=-10)
+    assert not any(s.plain_pixels for s in _scan(tmp_path / "rescaled"))
+
+
+def test_plain_dicom_pixels_on_the_real_knee_series():
+    from SpineKneeSegLib.core.datasets import data_root
+
+    root = data_root()
+    if root is None or not (root / "knee" / "dess-dicom").exists():
+        pytest.skip("shared knee DICOM series not available (../shared/data)")
+    slices, fast, gdcm = _both_pixel_paths(root / "knee" / "dess-dicom")
+    assert len(slices) == 80 and fast.dtype == gdcm.dtype and np.array_equal(fast, gdcm)
+
+
+def test_plain_dicom_with_truncated_pixels_names_the_file(tmp_path):
+    files, _ = write_dicom_series(tmp_path / "ser", _volume((3, 4, 5)))
+    data = files[1].read_bytes()
+    files[1].write_bytes(data[:-15])
+    with pytest.raises(InputError, match=files[1].name):
+        read_image(tmp_path / "ser")
