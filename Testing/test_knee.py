@@ -516,3 +516,22 @@ def test_the_product_loads_the_knee_network_with_batch_norm_folded():
     weights = resolve_weights(TASKS["knee-bones"], None)
     net = load_network(weights, torch.device("cpu"))
     assert not net.training and not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+
+
+@pytest.mark.parametrize("with_components", [True, False])
+def test_plausibility_confusion_in_the_label_box_equals_the_whole_volume_count(with_components):
+    from scipy import ndimage
+    from SpineKneeSegLib.engine.postprocessing import label_components
+    from SpineKneeSegLib.tasks.knee.anatomy import _confusion
+
+    rng = np.random.default_rng(3)
+    raw = np.zeros((20, 60, 70), np.uint8)
+    raw[4:15, 10:40, 20:65] = rng.integers(0, 5, (11, 30, 45))
+    raw[18, 2, 3] = 3  # a stray voxel far from the rest widens the box
+    final = np.where(rng.random(raw.shape) < 0.2, 0, raw).astype(np.uint8)
+    boxes = ndimage.find_objects(final)
+    got = _confusion(raw, final, boxes, label_components(raw) if with_components else None)
+    expected = np.bincount((np.minimum(raw, 5).astype(int) * 6 + np.minimum(final, 5)).ravel(), minlength=36)
+    assert np.array_equal(got, expected.reshape(6, 6))
+    empty = np.zeros_like(raw)
+    assert _confusion(empty, empty, ndimage.find_objects(empty), None)[0, 0] == raw.size

@@ -53,12 +53,12 @@ def _to_ras(image: Image, kji: np.ndarray, rows=slice(None)) -> np.ndarray:
     return kji[:, ::-1].astype(np.float32) @ m[..., :3].T.astype(np.float32) + m[..., 3].astype(np.float32)
 
 
-def joint_centre_from_labels(labels: np.ndarray, image: Image) -> tuple[list[float] | None, str]:
+def joint_centre_from_labels(labels: np.ndarray, image: Image, boxes=None) -> tuple[list[float] | None, str]:
     """Femorotibial joint centre in RAS mm from a label map on ``image``'s grid: superior-inferior
     midway between the lowest femur point and the highest tibia point (1st / 99th percentile of
     S, so stray voxels do not move it), right-left and anterior-posterior the mean of femur and
     tibia voxels within JOINT_BAND_MM of those points. (None, reason) without both bones."""
-    boxes = ndimage.find_objects(labels, max_label=TIBIA)
+    boxes = ndimage.find_objects(labels, max_label=TIBIA) if boxes is None else boxes
     femur, tibia = _voxels(labels, FEMUR, boxes), _voxels(labels, TIBIA, boxes)
     missing = [name for name, pts in (("femur", femur), ("tibia", tibia)) if len(pts) == 0]
     if missing:
@@ -119,6 +119,23 @@ def dicom_laterality(image: Image) -> str | None:
     return {"R": "right", "L": "left"}.get(value)
 
 
+def _confusion(raw: np.ndarray, labels: np.ndarray, boxes, raw_components: dict | None) -> np.ndarray:
+    """6 x 6 raw x final label counts (values above 5 counted as 5), counted inside the box that
+    holds every label of both maps (``boxes``: find_objects of ``labels``; ``raw_components``:
+    label_components of ``raw``) and background outside it: a knee's bones fill a fraction of a
+    512 x 512 x 80 volume."""
+    raw_boxes = ([c[0] for c in raw_components.values()] if raw_components is not None
+                 else ndimage.find_objects(raw))
+    found = [b for b in (*boxes, *raw_boxes) if b is not None]
+    confusion = np.zeros(36, np.int64)
+    if found:
+        box = tuple(slice(min(b[d].start for b in found), max(b[d].stop for b in found)) for d in range(raw.ndim))
+        pair = np.minimum(raw[box], 5).astype(np.uint8) * np.uint8(6) + np.minimum(labels[box], 5).astype(np.uint8)
+        confusion += np.bincount(pair.ravel(), minlength=36)
+    confusion[0] += raw.size - int(confusion.sum())
+    return confusion.reshape(6, 6)
+
+
 def knee_plausibility(labels: np.ndarray, image: Image, raw_labels: np.ndarray | None = None,
                       raw_components: dict | None = None) -> dict:
     """Anatomical plausibility of a knee-bones label map (the final, post-processed one); the
@@ -128,13 +145,11 @@ def knee_plausibility(labels: np.ndarray, image: Image, raw_labels: np.ndarray |
     None-passed (skipped) only for an absent patella."""
     raw = labels if raw_labels is None else raw_labels
     voxel_ml = float(np.prod(image.spacing)) / 1000.0
-    # raw x final confusion counts in one pass: volumes and every Dice from it
-    confusion = np.bincount((np.minimum(raw, 5).astype(np.uint16) * 6 + np.minimum(labels, 5)).ravel(),
-                            minlength=36).reshape(6, 6)
+    boxes = ndimage.find_objects(labels)  # every value present, so the confusion box misses none
+    confusion = _confusion(raw, labels, boxes, raw_components)
     counts = confusion.sum(axis=0)
     volumes = {v: float(counts[v]) * voxel_ml for v in BONES}
     present = {v for v in BONES if counts[v] > 0}
-    boxes = ndimage.find_objects(labels, max_label=PATELLA)
     # the voxel-to-RAS map is affine: the centroid of the mapped voxels is the mapped mean index
     centroid = {v: _to_ras(image, _voxels(labels, v, boxes).mean(axis=0, keepdims=True))[0] for v in present}
     checks: dict[str, dict] = {}
@@ -217,7 +232,7 @@ def knee_plausibility(labels: np.ndarray, image: Image, raw_labels: np.ndarray |
                                                               for k, d in dices.items()},
                                    "min": MIN_DICE_RAW_VS_FINAL, **({"low": low} if low else {})}
 
-    centre, note = joint_centre_from_labels(labels, image)
+    centre, note = joint_centre_from_labels(labels, image, boxes)
     failed = [name for name, c in checks.items() if c["passed"] is False]
     return {"passed": not failed, "failed": failed, "checks": checks,
             "knee_side": side, "dicom_laterality": declared, "side_agrees": agrees,
