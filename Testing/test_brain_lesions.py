@@ -359,3 +359,24 @@ def test_synthetic_lesions_are_separate_labelled_and_in_deep_tissue():
     # nothing asked, nothing painted
     same, same_lab, none = insert_lesions(arr, lab, spacing, np.random.default_rng(0), 0)
     assert none == 0 and np.array_equal(same, arr) and np.array_equal(same_lab, lab)
+
+
+def test_lesion_contrast_rows_measure_the_drawn_contrast_and_what_was_found():
+    from wmh_contrast import lesion_rows, table
+
+    flair = np.full((30, 40, 40), 100.0)
+    flair[0] = 0.0  # a background slice: outside the brain
+    flair[5:25, 5:35, 5:35] += np.random.default_rng(0).normal(0, 2.0, (20, 30, 30))
+    truth = np.zeros(flair.shape, np.uint8)
+    truth[10:12, 10:12, 10:12] = 1  # 8 voxels, drawn 6 units brighter than around it
+    truth[20:24, 20:25, 20:25] = 1  # 100 voxels, not brighter
+    flair[10:12, 10:12, 10:12] += 6.0
+    found = np.zeros_like(truth)
+    found[21, 21, 21] = 1  # touches the large one only
+    rows = sorted(lesion_rows(flair, truth, found), key=lambda r: r["voxels"])
+    sd = flair[flair > 0].std()
+    assert [r["voxels"] for r in rows] == [8, 100] and [r["found"] for r in rows] == [False, True]
+    assert rows[0]["contrast_sd"] == pytest.approx(6.0 / sd, abs=1.5 / sd)  # shell noise: a few voxels' worth
+    assert abs(rows[1]["contrast_sd"]) < 1.0 / sd
+    text = table(rows)
+    assert "| [0, 10) |" in text and "0/1" in text and "1/1" in text
