@@ -105,7 +105,7 @@ def test_cli_writes_dicom_seg_for_a_dicom_input_and_explains_when_it_cannot(tmp_
     report = json.loads((out / "report.json").read_text())
     assert "segmentation.dcm" in report["outputs"] and "dicom_seg" in report["timings_s"]
     t = report["timings_s"]  # issue 25: the DICOM-SEG is part of the wait, itemised
-    assert 0 <= t["dicom_seg"] and t["total"] >= t["dicom_seg"] + t["write"] + t["network"] - 1e-3
+    assert 0 <= t["dicom_seg"] and t["total"] >= max(t["dicom_seg"], t["write"]) + t["network"] - 1e-3  # built beside the other writes
     seg = hd.seg.segread(out / "segmentation.dcm")
     (lesion,) = seg.SegmentSequence
     assert lesion.SegmentLabel == "lesion" and lesion.AnatomicRegionSequence[0].CodeValue == "12738006"

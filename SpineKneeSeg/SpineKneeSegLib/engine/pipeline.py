@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,12 +95,11 @@ def load_inputs(card: TaskCard, paths: list[str], options: RunOptions) -> list[I
     if not (len(required) <= len(paths) <= len(card.inputs)):
         names = ", ".join(f"{s.name}{'' if s.required else ' (optional)'}" for s in card.inputs)
         raise InputError(f"task {card.name} takes {names}; got {len(paths)} input(s)")
+
     def read(path):
         return read_image(path, echo=options.echo, series=options.series)
 
     if len(paths) > 1:  # FLAIR + T1: decompression and ITK reading release the GIL (0.23 -> 0.14 s)
-        from concurrent.futures import ThreadPoolExecutor
-
         with ThreadPoolExecutor(len(paths)) as pool:
             images = list(pool.map(read, paths))
     else:
@@ -426,12 +426,21 @@ def _run_locked(card: TaskCard, inputs: list[str], output_dir: Path, options: Ru
     for w in result.warnings:
         progress.log(w, "warning")
     try:
-        with atomic_directory(output_dir, stale=stale) as stage:
+        with atomic_directory(output_dir, stale=stale) as stage, ThreadPoolExecutor(1) as pool:
             pause_point("staged")
+            # the DICOM-SEG (highdicom, pure Python) is built while the MRML writers and the PNG
+            # encoder (native code) write the rest; leaving the pool waits for it in any case
+            seg_job = (pool.submit(write_dicom_seg_output, card, image, result, stage)
+                       if options.dicom_seg and image.meta.get("is_dicom") else None)
             report["outputs"] = write_outputs(card, image, result, stage, options.scene)
             timings["write"] = time.perf_counter() - t
-            if options.dicom_seg and image.meta.get("is_dicom"):
-                timings["dicom_seg"] = write_dicom_seg_output(card, image, result, stage, report, progress)
+            if seg_job is not None:
+                timings["dicom_seg"], problem = seg_job.result()
+                if problem is None:
+                    report["outputs"].insert(report["outputs"].index("report.json"), "segmentation.dcm")
+                else:
+                    report["warnings"].append(problem)
+                    progress.log(problem, "warning")
             # total: what the user waits for from the end of the imports to the last file written
             timings["total"] = time.perf_counter() - t_start
             report["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
@@ -469,11 +478,12 @@ def storage_problem(folder: Path) -> tuple[int, str] | None:
     return None
 
 
-def write_dicom_seg_output(card: TaskCard, image: Image, result: RunResult, folder: Path, report: dict,
-                           progress: Progress) -> float:
-    """segmentation.dcm beside the other outputs; when it cannot be written (highdicom missing,
-    a multi-frame or incomplete source) the run still succeeds and says why in its warnings."""
+def write_dicom_seg_output(card: TaskCard, image: Image, result: RunResult, folder: Path) -> tuple[float, str | None]:
+    """segmentation.dcm beside the other outputs: (seconds, None), or (seconds, why not) when it
+    cannot be written (highdicom missing, a multi-frame or incomplete source): the run still
+    succeeds and says why in its warnings."""
     t = time.perf_counter()
+    problem = None
     try:
         from SpineKneeSegLib.engine.dicomseg import can_write, write_dicom_seg
 
@@ -481,16 +491,11 @@ def write_dicom_seg_output(card: TaskCard, image: Image, result: RunResult, fold
         if not ok:
             raise ValueError(why)
         write_dicom_seg(image, result.labels.array, card, folder / "segmentation.dcm")
-        report["outputs"].insert(report["outputs"].index("report.json"), "segmentation.dcm")
     except ImportError:
-        message = "no DICOM-SEG written: highdicom is not installed (pip install highdicom)"
-        report["warnings"].append(message)
-        progress.log(message, "warning")
+        problem = "no DICOM-SEG written: highdicom is not installed (pip install highdicom)"
     except ValueError as exc:
-        message = f"no DICOM-SEG written: {exc}"
-        report["warnings"].append(message)
-        progress.log(message, "warning")
-    return round(time.perf_counter() - t, 4)
+        problem = f"no DICOM-SEG written: {exc}"
+    return round(time.perf_counter() - t, 4), problem
 
 
 def postprocess(card: TaskCard, image: Image, labels: np.ndarray, maps: dict[str, np.ndarray] | None = None,
