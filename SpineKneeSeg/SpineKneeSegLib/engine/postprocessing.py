@@ -88,8 +88,10 @@ def remove_small_components(labels: np.ndarray, min_fraction: float = 0.1) -> np
 def _counts(labels, specs) -> np.ndarray:
     """Voxels per label value, over one label map or a list of layers (disjoint values)."""
     maps = labels if isinstance(labels, (list, tuple)) else [labels]
-    size = max(s.value for s in specs) + 1
-    return sum(np.bincount(m.ravel(), minlength=size)[:size] for m in maps)
+    counts = np.zeros(max(s.value for s in specs) + 1, np.int64)
+    for spec in specs:  # one comparison per label: no int64 copy of a 21 M-voxel map, as bincount makes
+        counts[spec.value] = sum(np.count_nonzero(m == spec.value) for m in maps)
+    return counts
 
 
 def volume_table(labels: np.ndarray, image: Image, specs: tuple[LabelSpec, ...]) -> Table:

@@ -30,7 +30,7 @@ from SpineKneeSegLib.mrml.harness import (
 )
 
 slicer = require_slicer()  # clear ImportError (how to install slicer-core) when it is missing
-import slicer.util  # noqa: E402  (after the check above)
+import slicer.util  # noqa: E402, F811  (after the check above; binds the submodule)
 import vtk  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
 

@@ -130,8 +130,11 @@ def _confusion(raw: np.ndarray, labels: np.ndarray, boxes, raw_components: dict 
     confusion = np.zeros(36, np.int64)
     if found:
         box = tuple(slice(min(b[d].start for b in found), max(b[d].stop for b in found)) for d in range(raw.ndim))
-        pair = np.minimum(raw[box], 5).astype(np.uint8) * np.uint8(6) + np.minimum(labels[box], 5).astype(np.uint8)
-        confusion += np.bincount(pair.ravel(), minlength=36)
+        import torch  # its uint8 clamp/bincount take half numpy's time (no int64 copy of the volume)
+
+        pair = torch.from_numpy(np.ascontiguousarray(raw[box], np.uint8)).clamp(max=5).mul_(6)
+        pair.add_(torch.from_numpy(np.ascontiguousarray(labels[box], np.uint8)).clamp(max=5))
+        confusion += torch.bincount(pair.view(-1), minlength=36).numpy()
     confusion[0] += raw.size - int(confusion.sum())
     return confusion.reshape(6, 6)
 
