@@ -344,3 +344,29 @@ def test_chest_phantom_keeps_the_overlapping_clavicles_apart():
     centre_u = lambda mask: np.nonzero(mask)[2].mean()  # noqa: E731  (columns run toward patient left)
     assert centre_u(ph.labels.array == 1) < centre_u(ph.labels.array == 2)
     assert centre_u(clavicles == 4) < centre_u(clavicles == 5)
+
+
+def test_femur_phantom_over_a_real_background_keeps_labels_and_multiplies_transmission():
+    """Issue 24 part 4: the drawn bones projected over a radiograph's display values (here
+    stand-ins of another size): same labels and collimation as the drawn phantom, and inside the
+    field the bones' transmission, (1 - image) / (1 - background), is the same over any background,
+    at most 1 everywhere and lowest on the femur."""
+    from scipy import ndimage
+    from SpineKneeSegLib.tasks.xray.phantom import xray_femur_phantom
+
+    drawn = xray_femur_phantom(7, shape=(300, 280), pixel_mm=0.8)
+    backgrounds = [np.tile(np.linspace(0.1, 0.6, 256), (256, 1)), np.full((200, 220), 0.3)]
+    transmissions = []
+    for background in backgrounds:
+        over = xray_femur_phantom(7, shape=(300, 280), pixel_mm=0.8, background=background)
+        assert over.image.array.shape == drawn.image.array.shape
+        assert np.array_equal(over.labels.array, drawn.labels.array)
+        assert over.extra["collimation_px"] == drawn.extra["collimation_px"]
+        c = over.extra["collimation_px"]
+        field = (slice(c["top"] + 40, 300 - c["bottom"]), slice(c["left"], 280 - c["right"]))  # below the text
+        resized = ndimage.zoom(background, (300 / background.shape[0], 280 / background.shape[1]), order=1)
+        transmissions.append((1.0 - over.image.array[0][field]) / (1.0 - resized[field]))
+    femur = drawn.labels.array[0][field] > 0
+    assert np.allclose(transmissions[0], transmissions[1], atol=1e-5)
+    assert transmissions[0].max() <= 1.0 + 1e-6
+    assert np.median(transmissions[0][femur]) < 0.7 * np.median(transmissions[0][~femur])  # ~femur holds the pelvis

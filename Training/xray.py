@@ -78,6 +78,7 @@ class Config:
     noise_p: float = 0.5  # share of training images given Gaussian noise (0: seed 001's "without")
     noise_sigma: float = 5000.0  # on 16-bit values (seed 001)
     flip_p: float = 0.5  # left-right flips (a femur is a femur; sides come from geometry, not the network)
+    real_background_p: float = 0.0  # share of training phantoms drawn over a real JSRT radiograph (xray_real.py)
     seed: int = 0
     manifest: str | None = None  # CSV id,image,labels of real pairs (xray_import.py)
     extra: dict = field(default_factory=dict)
@@ -112,10 +113,11 @@ def phantom_kwargs(seed: int) -> dict:
     return {"view": "hip", "side": "right" if rng.random() < 0.5 else "left", "pixel_mm": pixel, "shape": shape}
 
 
-def make_case(task: str, seed: int):
-    """(16-bit image, labels, phantom) of one phantom seed for ``task``."""
-    ph = xray_femur_phantom(seed, intensity_range="uint16",
-                            classes="femur" if task == "xray-femur" else "pelvis", **phantom_kwargs(seed))
+def make_case(task: str, seed: int, background: np.ndarray | None = None):
+    """(16-bit image, labels, phantom) of one phantom seed for ``task``; ``background``: a real
+    radiograph (display 0..1, bone bright) the drawn bones are projected over."""
+    ph = xray_femur_phantom(seed, intensity_range="uint16", classes="femur" if task == "xray-femur" else "pelvis",
+                            background=background, **phantom_kwargs(seed))
     return ph.image, ph.labels, ph
 
 
@@ -144,15 +146,27 @@ def preprocessing(cfg: Config) -> dict:
     return {**TASKS[cfg.task].preprocessing.__dict__, "network_px": cfg.network_px}
 
 
-def load_cases(cfg: Config, seeds, log=print) -> list[Case]:
+def load_cases(cfg: Config, seeds, log=print, real_background_p: float = 0.0) -> list[Case]:
+    """Phantoms of ``seeds``; with ``real_background_p`` that share drawn over the real radiographs
+    of the JSRT training split (which one and whether: fixed by the phantom's seed)."""
     pre = preprocessing(cfg)
     cases = []
     t = time.time()
+    backgrounds = None
     for s in seeds:
-        image, labels, _ = make_case(cfg.task, int(s))
+        background = None
+        pick = np.random.default_rng([int(s), 4242])
+        if real_background_p > 0 and pick.random() < real_background_p:
+            if backgrounds is None:
+                from xray_real import chest_backgrounds
+
+                backgrounds = chest_backgrounds("train")
+            background = backgrounds[int(pick.integers(len(backgrounds)))][1]
+        image, labels, _ = make_case(cfg.task, int(s), background)
         x, y = grid_pair(image, labels.array, pre)
         cases.append(Case(image, labels, x, y))
-    log(f"{len(cases)} phantoms in {time.time() - t:.1f} s")
+    log(f"{len(cases)} phantoms in {time.time() - t:.1f} s"
+        + (f" ({real_background_p:.0%} drawn over real radiographs)" if real_background_p else ""))
     return cases
 
 
@@ -244,7 +258,7 @@ def train(cfg: Config, out: Path, resume: bool = False, max_minutes: float | Non
     pre = preprocessing(cfg)
     rng = np.random.default_rng(cfg.seed)
     seed_everything(cfg.seed)
-    cases = load_cases(cfg, range(cfg.n_train), log) if cfg.n_train else []
+    cases = load_cases(cfg, range(cfg.n_train), log, cfg.real_background_p) if cfg.n_train else []
     val = []
     if cfg.manifest:
         real = manifest_cases(cfg, len(label_names))

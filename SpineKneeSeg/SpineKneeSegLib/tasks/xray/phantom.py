@@ -17,7 +17,7 @@ from SpineKneeSegLib.core.phantoms import (
 
 
 def xray_femur_phantom(seed=0, *, view="pelvis", shape=None, pixel_mm=None, side="right",
-                       intensity_range="unit", noise=None, classes="femur") -> Phantom:
+                       intensity_range="unit", noise=None, classes="femur", background=None) -> Phantom:
     """AP radiograph (single-slice Image, shape (1, H, W)); bone bright.
 
     ``view``: "pelvis" (both hips; default 512x512 at 0.7 mm) or "hip" (one hip, ``side``; default
@@ -26,6 +26,9 @@ def xray_femur_phantom(seed=0, *, view="pelvis", shape=None, pixel_mm=None, side
     "pelvis" (1 femur, 2 hip bone, 3 sacrum; where they overlap in projection the femur wins over
     the hip bone, the hip bone over the sacrum); the image is the same for both.
     ``extra["femoral_heads"]``: list of {centre_ras, centre_ij, diameter_mm, side}.
+    ``background``: a real radiograph's display values (2D, 0..1, bone bright; resized to ``shape``)
+    in place of the drawn soft tissue, gas, gamma and noise: the drawn bones' transmission
+    multiplies the real one, so the image keeps that radiograph's texture, noise and blur.
     """
     if view not in ("pelvis", "hip"):
         raise ValueError("view must be 'pelvis' or 'hip'")
@@ -181,6 +184,11 @@ def xray_femur_phantom(seed=0, *, view="pelvis", shape=None, pixel_mm=None, side
     disp = ndimage.gaussian_filter(disp, 0.8)
     noise_sd = rng.uniform(0.01, 0.03) if noise is None else float(noise)
     disp = disp + rng.normal(0, noise_sd, shape)
+    if background is not None:  # drawn bones over a real radiograph: transmissions multiply
+        real = np.clip(np.asarray(background, np.float64), 0.0, 1.0)
+        real = ndimage.zoom(real, (h_n / real.shape[0], w_n / real.shape[1]), order=1)[:h_n, :w_n]
+        bones = ndimage.gaussian_filter(np.exp(-mu_bone * (pel + femur_path) * exposure), 0.8)
+        disp = 1.0 - (1.0 - real) * bones
     # collimation: shutters on each edge show as flat bright (or dark) bands
     m_top, m_bot = rng.integers(0, int(0.06 * h_n) + 1, 2)
     m_l, m_r = rng.integers(0, int(0.06 * w_n) + 1, 2)
