@@ -8,7 +8,8 @@
 
 Options: every Config field (e.g. --t1 adds the T1, resampled onto the FLAIR, as 3 more channels;
 --slab-mm 3,5,7.5,8 --slab-phases 2 simulates more thick-slice acquisitions; --geometries 8 adds
-random clinical acquisitions; --loss blob the lesion-aware loss).
+random clinical acquisitions; --loss blob the lesion-aware loss; --synthetic-copies 2 adds copies of
+each training volume with 40 small synthetic lesions painted in, synthetic_lesions.py).
 
 Preprocessing is the task card's own (axial canonical slices, z-score inside the brain, 1 mm
 in-plane). Training slices whose intensity entropy is < 2 bits are dropped (seed 002); each epoch
