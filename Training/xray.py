@@ -79,6 +79,7 @@ class Config:
     noise_sigma: float = 5000.0  # on 16-bit values (seed 001)
     flip_p: float = 0.5  # left-right flips (a femur is a femur; sides come from geometry, not the network)
     real_background_p: float = 0.0  # share of training phantoms drawn over a real JSRT radiograph (xray_real.py)
+    real_negatives: float = 0.0  # real JSRT radiographs (no femur: empty labels) added, as a share of n_train
     seed: int = 0
     manifest: str | None = None  # CSV id,image,labels of real pairs (xray_import.py)
     extra: dict = field(default_factory=dict)
@@ -259,6 +260,16 @@ def train(cfg: Config, out: Path, resume: bool = False, max_minutes: float | Non
     rng = np.random.default_rng(cfg.seed)
     seed_everything(cfg.seed)
     cases = load_cases(cfg, range(cfg.n_train), log, cfg.real_background_p) if cfg.n_train else []
+    if cfg.real_negatives > 0:  # real radiographs without the structure: the network learns to leave them empty
+        from xray_real import chest_backgrounds
+
+        chest = chest_backgrounds("train")
+        for _, display in chest[:int(round(cfg.real_negatives * cfg.n_train))]:
+            image = Image((display * UINT16_MAX).round().astype(np.float32)[None], (0.7, 0.7, 1.0))
+            empty = np.zeros(image.array.shape, np.uint8)
+            x, y = grid_pair(image, empty, pre)
+            cases.append(Case(image, image.with_array(empty), x, y))
+        log(f"{int(round(cfg.real_negatives * cfg.n_train))} real radiographs without a femur added")
     val = []
     if cfg.manifest:
         real = manifest_cases(cfg, len(label_names))
