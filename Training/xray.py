@@ -447,7 +447,8 @@ def results_table(spec: dict, results: dict) -> str:
 
 # ---- ship ------------------------------------------------------------------------------------------------
 
-def model_card(task: str, version: str, checkpoint: dict, evaluation: dict, experiments: dict, note: str = "") -> str:
+def model_card(task: str, version: str, checkpoint: dict, evaluation: dict, experiments: dict, note: str = "",
+               real_evaluation: dict | None = None) -> str:
     meta = checkpoint["metadata"]
     cfg = meta["config"]
     net = build_network(checkpoint["network"]["factory"], checkpoint["network"]["config"])
@@ -465,6 +466,33 @@ def model_card(task: str, version: str, checkpoint: dict, evaluation: dict, expe
     exp = "\n\n".join(t for t in experiments.values()) or "None run for this model (see Training/README.md)."
     seed = "003" if task == "xray-femur" else "001"
     note_block = f"\n\n{note}\n" if note else ""
+    real_p, negatives = cfg.get("real_background_p", 0.0), cfg.get("real_negatives", 0.0)
+    real_training = (f" A share {real_p} of the phantoms drawn over real chest radiographs of the JSRT/SCR chest "
+                     "task's training split (the drawn bones' transmission multiplying the real image's: real "
+                     "exposure, noise, blur, ribs and clavicles behind the bones)" if real_p else "") + (
+        f"; {int(round(negatives * cfg['n_train']))} real chest radiographs of that split added with empty labels "
+        "(a radiograph may hold no femur)" if negatives else "") + ("." if real_p or negatives else "")
+    real = real_evaluation or {}
+    real_section = [] if not real else [("Real radiographs (no real femur: what can be measured)", f"""The
+test phantoms drawn over the chest task's 50 held-out radiographs (never trained on): femur Dice
+{real['summary']['composite_dice_mean']:.3f} (worst {real['summary']['composite_dice_min']:.3f}). The 50 held-out
+chest radiographs as they are, where any femur is a false positive: on average
+{100 * real['summary']['chest_fp_share_mean']:.1f} % of each image marked femur; {real['summary']['chest_fp_radiographs']}
+of {real['summary']['chest_radiographs']} get a femur of at least 1 cm2 (`Training/xray_real.py evaluate`).""")]
+    uses = " and ".join(u for u, on in (("as backgrounds behind drawn bones", real_p),
+                                        ("as radiographs without a femur", negatives)) if on)
+    banner = (f"""**Trained on synthetic radiograph phantoms and on real chest radiographs (JSRT/SCR: {uses});
+it has never seen a real femur and has not been validated on a real hip or pelvis radiograph.** No openly licensed hip X-ray with femur masks
+could be obtained for this project. Expect errors on real hip radiographs until it is retrained on
+real image + mask pairs (`Training/xray_import.py`). JSRT: research and education use; cite
+Shiraishi et al., AJR 174:71 (2000) and van Ginneken et al., Med Image Anal 10:19 (2006). Not a
+medical device.""" if real_p or negatives else """**Trained only on synthetic radiograph phantoms. It has never seen a real radiograph and has not
+been validated on one.** No openly licensed X-ray image + mask data could be obtained for this
+project; the phantoms (`SpineKneeSegLib.core.phantoms.xray_femur_phantom`) are analytic drawings of a
+pelvis and proximal femurs (head, neck, shaft, trochanters) with simulated exposure, noise,
+collimation and burn-in text. Expect it to fail on real images until it is retrained on real
+image + mask pairs (`Training/xray_import.py` reads image/mask folders, COCO polygon JSON and
+JSRT/SCR-style mask folders). Not a medical device.""")
     return render(f"{task} v{version}", [
         ("What it does", f"""Task `{task}`: {', '.join(f'{d["value"]} {d["name"]}' for d in meta['labels'])} on a single 2D AP
 pelvis/hip radiograph. Network: seed {seed}'s U-Net (`{checkpoint['network']['factory']}`,
@@ -479,7 +507,7 @@ normalisation (0.5-99.5 %), the image cut to a square of its longer side around 
 optimiser {cfg['optimiser']} lr {cfg['lr']}{' betas ' + str(tuple(cfg['betas'])) if cfg['optimiser'] == 'adam' else ''},
 {'gradient norm clipped at ' + str(cfg['clip_grad']) + ', ' if cfg['clip_grad'] else ''}left-right flips
 p {cfg['flip_p']}, Gaussian noise (seed 001) sigma {cfg['noise_sigma']:g} on 16-bit values for a share
-{cfg['noise_p']} of the images.{note_block} Best of the evaluations on {cfg['n_val']} validation phantoms (seeds
+{cfg['noise_p']} of the images.{real_training}{note_block} Best of the evaluations on {cfg['n_val']} validation phantoms (seeds
 {VAL_SEED0}+) at step {meta['step']}; {meta['train_seconds']} s of training on 2 shared CPU cores
 (1 thread)."""),
         (f"Held-out phantoms (seeds {evaluation['test_seeds'][0]}..{evaluation['test_seeds'][1]}, never trained or selected on)", f"""Dice through the product's inference on each image's own pixels; noisy = N(0, {evaluation['noise_sigma']:g})
@@ -489,8 +517,9 @@ on the 16-bit values.
 |---|{'---|' * len(names)}---|
 {dice_rows}
 {heads}"""),
+        *real_section,
         ("Experiments on phantoms (seed 001's noise experiment; seed 003's width)", f"""{exp}"""),
-        ("Known limits", """- Phantoms only: real radiographs have trabecular texture, overlapping soft tissue, implants,
+        ("Known limits", """- No real femur: real hip radiographs have trabecular texture, overlapping soft tissue, implants,
   fractures, osteophytes, children's growth plates and positioning this model has never seen.
   The Dice figures above say the pipeline and the network work, not that the model is accurate.
 - Femoral-head centre and diameter come from a circle fitted to the predicted femur boundary;
@@ -503,13 +532,7 @@ on the 16-bit values.
   Dice 0 in its log and is never shipped by `ship` unnoticed (the card prints its held-out Dice).
 
 Generated by `Training/xray.py ship` from the run's own evaluation files."""),
-    ], """**Trained only on synthetic radiograph phantoms. It has never seen a real radiograph and has not
-been validated on one.** No openly licensed X-ray image + mask data could be obtained for this
-project; the phantoms (`SpineKneeSegLib.core.phantoms.xray_femur_phantom`) are analytic drawings of a
-pelvis and proximal femurs (head, neck, shaft, trochanters) with simulated exposure, noise,
-collimation and burn-in text. Expect it to fail on real images until it is retrained on real
-image + mask pairs (`Training/xray_import.py` reads image/mask folders, COCO polygon JSON and
-JSRT/SCR-style mask folders). Not a medical device.""")
+    ], banner)
 
 
 def ship(task: str, run: Path, version: str, experiments: list[Path], note: str = "") -> int:
@@ -521,12 +544,17 @@ def ship(task: str, run: Path, version: str, experiments: list[Path], note: str 
         return 2
     evaluation = json.loads((run / "evaluation.json").read_text())
     tables = {str(p): p.read_text() for p in experiments if p.exists()}
-    text = model_card(task, version, checkpoint, evaluation, tables, note)
+    real_path = run / "evaluation-real-best.json"  # Training/xray_real.py evaluate
+    real = json.loads(real_path.read_text()) if real_path.exists() else None
+    text = model_card(task, version, checkpoint, evaluation, tables, note, real)
     clean = evaluation["summary"]["clean"]["mean"]
     noisy = evaluation["summary"]["noisy"]["mean"]
-    entry = publish(task, version, text, f"starter {task} trained ONLY on synthetic radiograph phantoms: held-out "
-                                         f"phantom Dice {clean:.3f} clean / {noisy:.3f} noisy; never validated on "
-                                         "real radiographs", run / "best.pt")
+    cfg = checkpoint["metadata"]["config"]
+    trained = ("phantoms and real chest radiographs (no real femur)" if cfg.get("real_background_p")
+               or cfg.get("real_negatives") else "ONLY synthetic radiograph phantoms")
+    entry = publish(task, version, text, f"starter {task} trained on {trained}: held-out phantom Dice {clean:.3f} "
+                                         f"clean / {noisy:.3f} noisy; never validated on a real hip radiograph",
+                    run / "best.pt")
     print(f"registered {entry.file} sha256 {entry.sha256}; card {entry.card}")
     return 0
 
