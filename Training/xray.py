@@ -261,11 +261,11 @@ def train(cfg: Config, out: Path, resume: bool = False, max_minutes: float | Non
     seed_everything(cfg.seed)
     cases = load_cases(cfg, range(cfg.n_train), log, cfg.real_background_p) if cfg.n_train else []
     if cfg.real_negatives > 0:  # real radiographs without the structure: the network learns to leave them empty
-        from xray_real import chest_backgrounds
+        from xray_real import chest_backgrounds, radiograph
 
         chest = chest_backgrounds("train")
         for _, display in chest[:int(round(cfg.real_negatives * cfg.n_train))]:
-            image = Image((display * UINT16_MAX).round().astype(np.float32)[None], (0.7, 0.7, 1.0))
+            image = radiograph(display)
             empty = np.zeros(image.array.shape, np.uint8)
             x, y = grid_pair(image, empty, pre)
             cases.append(Case(image, image.with_array(empty), x, y))

@@ -51,6 +51,13 @@ def chest_backgrounds(side: str) -> list[tuple[str, np.ndarray]]:
     return out
 
 
+def radiograph(display: np.ndarray):
+    """A 16-bit single-slice Image (JSRT's 0.7 mm pixels) of display values 0..1."""
+    from SpineKneeSegLib.core.image import Image
+
+    return Image((display * 65535.0).round().astype(np.float32)[None], (0.7, 0.7, 1.0))
+
+
 def _net(weights_path: Path):
     from SpineKneeSegLib.engine.inference import load_network
     from SpineKneeSegLib.engine.weights import resolve_weights
@@ -61,7 +68,6 @@ def _net(weights_path: Path):
 
 def evaluate_real(weights_path: Path, n: int = 24, log=print) -> dict:
     """Held-out composites (Dice) and femur false positives on held-out chest radiographs."""
-    from SpineKneeSegLib.core.image import Image
     from SpineKneeSegLib.engine.inference import segment_slices
     from xray import TEST_SEED0, make_case
 
@@ -76,7 +82,7 @@ def evaluate_real(weights_path: Path, n: int = 24, log=print) -> dict:
         composites.append({"seed": seed, "background": case, "dice": dice_or(pred == 1, labels.array == 1)})
     false_positives = []
     for case, display in held:
-        image = Image((display * 65535.0).round().astype(np.float32)[None], (0.7, 0.7, 1.0))
+        image = radiograph(display)
         pred = segment_slices(card, image, net, torch.device("cpu"), weights.preprocessing).labels
         area_mm2 = float((pred == 1).sum()) * 0.7 * 0.7
         false_positives.append({"case": case, "femur_mm2": round(area_mm2, 1),
