@@ -44,3 +44,22 @@ def test_a_few_steps_train_resume_and_evaluate_through_the_lib(root, tmp_path):
     assert result["cases"] == 2 and 0.0 <= result["summary"]["mean dice"] <= 1.0
     assert set(result["per_case"][0]) >= {"case", "right lung dice", "left clavicle hd95"}
     assert np.isfinite(result["summary"]["right lung dice"])
+
+
+def test_real_backgrounds_follow_the_chest_split_and_keep_the_phantom_labels(root):
+    """Issue 24 part 4: the femur model's real backgrounds are the chest task's training split
+    only (its 50 held-out radiographs stay unseen), bone bright in 0..1; a phantom drawn over one
+    keeps the drawn phantom's labels."""
+    from xray import make_case
+    from xray_real import chest_backgrounds
+
+    train, held = chest_backgrounds("train"), chest_backgrounds("test")
+    assert len(train) == 148 and len(held) == 50 and not {c for c, _ in train} & {c for c, _ in held}
+    display = train[0][1]
+    assert display.dtype == np.float32 and 0.0 <= display.min() and display.max() <= 1.0
+    from SpineKneeSegLib.core.image_io import read_image
+
+    labels = read_image(root / train[0][0] / "labels.nii.gz").array[0]
+    assert display[labels == 1].mean() < display[labels == 3].mean() - 0.1  # usual display: lung darker than heart
+    drawn, over = make_case("xray-femur", 90000), make_case("xray-femur", 90000, display)
+    assert np.array_equal(drawn[1].array, over[1].array) and not np.array_equal(drawn[0].array, over[0].array)
