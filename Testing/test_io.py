@@ -469,3 +469,19 @@ def test_plain_dicom_with_truncated_pixels_names_the_file(tmp_path):
     files[1].write_bytes(data[:-15])
     with pytest.raises(InputError, match=files[1].name):
         read_image(tmp_path / "ser")
+
+
+@pytest.mark.parametrize("signed", [0, 1])
+def test_plain_dicom_12_bit_stored_values_equal_gdcm(tmp_path, signed):
+    """12 bits stored in 16: pydicom sign-extends and masks the unused high bits as GDCM does."""
+    files, _ = write_dicom_series(tmp_path / "s", _volume((2, 4, 5)))
+    raw = np.array([[0x0FFF, 0x0800, 0x07FF, 0xF001, 0x0001]] * 4, np.uint16)  # -1, -2048, 2047, garbage, 1
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 12, 11, signed
+        ds.PixelData = raw.astype("<u2").tobytes()
+        ds.save_as(path)
+    assert all(s.plain_pixels for s in _scan(tmp_path / "s"))  # the numpy path is the one compared
+    slices, fast, gdcm = _both_pixel_paths(tmp_path / "s")
+    assert fast.dtype == gdcm.dtype and np.array_equal(fast, gdcm)
+    assert fast[0, 0, 3] == 1 and (fast[0, 0, 0] == -1 if signed else fast[0, 0, 0] == 4095)
