@@ -1,6 +1,6 @@
 """Small synthetic lesions painted into a real 1 mm FLAIR (issue 22): the missed lesions are the
 ones under 10 voxels, and three training volumes hold only 59 of them. Each synthetic lesion is a
-soft-edged ellipsoid (radii 0.7-2.5 mm, so about 2-60 voxels at 1 mm) added in deep tissue away
+soft-edged ellipsoid (radii 0.7-2.5 mm: 3-73 labelled voxels at 1 mm in a 40-lesion draw) added in deep tissue away
 from the real lesions, with a local contrast drawn from what the real small lesions show against
 their 2-voxel shell (0.3-1.3 brain SD, median 0.6-0.8 on open-ms). The label is the ellipsoid
 (profile >= 0.5), so slab simulation afterwards averages lesion and label together, as a thick

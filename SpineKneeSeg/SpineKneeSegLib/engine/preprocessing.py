@@ -234,8 +234,9 @@ def normalisation_stats(stack: np.ndarray, method: str, stats: dict | None = Non
     stack = np.asarray(stack)
     if method == "zscore":
         # over a large volume (a 512 x 512 x 80 knee: 21 M voxels) every k-th voxel, <= 4 M of them:
-        # the mean and SD move by < 0.1 % and a full float64 pass costs ~0.3 s; smaller volumes
-        # (a 1 mm brain, 7 M) keep every voxel, exactly as before
+        # on the DESS knee the mean and SD moved by 0.002 % and 0.005 %, and the full float64 std had
+        # taken 0.9 s a call in a profile under load; smaller volumes (a 1 mm brain, 7 M) keep every
+        # voxel, exactly as before
         flat = stack.reshape(-1)
         flat = flat[::max(1, flat.size // 4_000_000)]
         values = flat[foreground_mask(flat)]
