@@ -54,20 +54,9 @@ def checkpoint_of(recipe_out: Path, job: str) -> Path:
     return recipe_out / ("final" if job == "final" else job) / "final.pt"
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--packed", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--recipe", action="append", required=True, help="NAME='spine_levels.py options'")
-    parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--budget-minutes", type=float, required=True, help="training wall time per model")
-    parser.add_argument("--probe-steps", type=int, default=40)
-    parser.add_argument("--max-steps", type=int, default=20000)
-    parser.add_argument("common", nargs="*", help="options for every job (after --)")
-    args = parser.parse_args(argv)
-    recipes = dict(r.split("=", 1) for r in args.recipe)
-    plan = {"budget_minutes": args.budget_minutes, "recipes": recipes, "common": args.common,
-            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "probe": {}}
+def probe_steps(args, recipes: dict[str, str], plan: dict) -> tuple[float, dict[str, int] | None]:
+    """Every job for a few steps at once; each recipe's steps from its slowest job's wall step time
+    (median_step_s: batch to batch, the GPU's work included)."""
     started = time.time()
     probe_jobs = {}
     for name, options in recipes.items():
@@ -77,16 +66,44 @@ def main(argv=None) -> int:
     codes = run_all(probe_jobs, args.out / "logs" / "probe")
     if any(codes.values()):
         print(f"probe failed: {codes}", file=sys.stderr)
-        return 1
-    plan["probe_seconds"] = round(time.time() - started, 1)
-    jobs, steps = {}, {}
-    for name, options in recipes.items():
+        return round(time.time() - started, 1), None
+    steps = {}
+    for name in recipes:
         times = {job: torch.load(checkpoint_of(args.out / "probe" / name, job), weights_only=False)["metadata"]
                  ["median_step_s"] for job in job_commands(args.out, args.packed, args.folds, 1, []).keys()}
         slowest = max(times.values())
         steps[name] = int(min(args.max_steps, max(100, args.budget_minutes * 60 / slowest // 100 * 100)))
         plan["probe"][name] = {"median_step_s": times, "steps": steps[name]}
         print(f"recipe {name}: slowest step {slowest:.4f} s with every job running -> {steps[name]} steps", flush=True)
+    return round(time.time() - started, 1), steps
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--packed", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--recipe", action="append", required=True, help="NAME='spine_levels.py options'")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--budget-minutes", type=float, help="training wall time per model (a probe fits the steps)")
+    parser.add_argument("--steps", type=int, help="steps of every job, no probe (a step time known from an "
+                        "earlier run on the same machine kind: plan.json's probe)")
+    parser.add_argument("--probe-steps", type=int, default=40)
+    parser.add_argument("--max-steps", type=int, default=20000)
+    parser.add_argument("common", nargs="*", help="options for every job (after --)")
+    args = parser.parse_args(argv)
+    if (args.steps is None) == (args.budget_minutes is None):
+        parser.error("give --budget-minutes (probe) or --steps (no probe)")
+    recipes = dict(r.split("=", 1) for r in args.recipe)
+    args.out.mkdir(parents=True, exist_ok=True)
+    plan = {"budget_minutes": args.budget_minutes, "recipes": recipes, "common": args.common,
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "probe": {}}
+    steps = {name: args.steps for name in recipes}
+    if args.steps is None:
+        plan["probe_seconds"], steps = probe_steps(args, recipes, plan)
+        if steps is None:
+            return 1
+    jobs = {}
+    for name, options in recipes.items():
         for job, cmd in job_commands(args.out / name, args.packed, args.folds, steps[name],
                                      shlex.split(options) + args.common).items():
             jobs[f"{name}/{job}"] = cmd
@@ -97,7 +114,7 @@ def main(argv=None) -> int:
     plan["train_seconds"] = round(time.time() - started, 1)
     plan["exit_codes"] = codes
     (args.out / "plan.json").write_text(json.dumps(plan, indent=2))
-    print(json.dumps({k: plan[k] for k in ("probe_seconds", "train_seconds", "exit_codes")}, indent=2))
+    print(json.dumps({k: plan.get(k) for k in ("probe_seconds", "train_seconds", "exit_codes")}, indent=2))
     return int(any(codes.values()))
 
 

@@ -281,8 +281,8 @@ def run_loop(net: torch.nn.Module, optimiser: torch.optim.Optimizer,
         if scheduler is not None and cfg.scheduler_on == "step":
             scheduler.step()
         state["step"] += 1
+        window.append(float(loss.detach()))  # waits for the device: the step's time includes its GPU work
         state["seconds"] += time.time() - t
-        window.append(float(loss.detach()))
         step = state["step"]
         out_of_time = cfg.max_minutes is not None and (time.time() - started) / 60 > cfg.max_minutes
         if world > 1 and cfg.max_minutes is not None:  # one decision for every rank (else a collective hangs)

@@ -1,0 +1,27 @@
+#!/bin/bash
+# Issue 21, session 17: recipe D (lumbar-levels v0.3.0) for longer, five fold models and the final
+# model side by side on a lent GPU. Run from the repository root on the device machine, with
+# .devdata/levels-1.4mm.pkl.xz carried (spine_levels.py pack). No probe: session 15 measured the
+# step there (6 jobs at once: 0.19 s batch to batch). Each job stops at --max-minutes and then
+# keeps last.pt, which `spine_levels.py cv --resume` finishes elsewhere.
+set -u
+export PYTHONPATH=SpineKneeSeg:Training PYTHONUNBUFFERED=1
+STEPS=${STEPS:-2200}
+MAX_MIN=${MAX_MIN:-7.5}
+RUN=${RUN:-/tmp/run}
+OUT=${OUT:-/tmp/out}
+D='{"levels": 6, "base_channels": 16, "max_channels": 64, "activation": "elu", "norm": "batch"}'
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import torch; print('torch', torch.__version__)"
+date +%s
+python3 Training/level_parallel.py --packed .devdata/levels-1.4mm.pkl.xz --out "$RUN" --steps "$STEPS" \
+    --recipe E="--batch-size 32 --network '$D' --max-minutes $MAX_MIN" -- --device "${DEVICE:-cuda}" --threads 1
+date +%s
+for job in fold0 fold1 fold2 fold3 fold4 final; do
+    mkdir -p "$OUT/E/$job"
+    if [ -f "$RUN/E/$job/final.pt" ]; then cp "$RUN/E/$job/final.pt" "$OUT/E/$job/"
+    else cp "$RUN/E/$job/last.pt" "$OUT/E/$job/" 2>/dev/null || echo "$job: no model"; fi
+done
+tar czf "$OUT/meta.tgz" -C "$RUN" plan.json logs E/folds.json
+tail -n 2 "$RUN"/logs/*.log
+ls -la "$OUT"/E/*
