@@ -183,3 +183,30 @@ def test_sampler_pads_scans_of_different_sizes_without_moving_them(phantom_cases
     a = alone(np.random.default_rng(5), torch.Generator().manual_seed(5))
     b = shared(np.random.default_rng(5), torch.Generator().manual_seed(5))
     assert torch.allclose(a[0], b[0], atol=1e-4) and torch.equal(a[1], b[1])  # grid rounding only
+
+
+def test_parallel_runner_with_fixed_steps_trains_every_fold_and_the_final_model(phantom_cases, tmp_path):
+    """level_parallel.py --steps (the lent-GPU runner, here on the CPU): no probe, one process per
+    fold model and one for the final model, each for exactly the steps given, plan.json with the
+    commands that reproduce them; --steps and --budget-minutes together are refused."""
+    import json
+
+    import level_parallel
+
+    _, cases = phantom_cases
+    records = [{"id": f"myosegmentum/case{k}", "dataset": "myosegmentum", "hash": str(k), "note": ""} for k in (1, 2)]
+    lc.pack_cases(tmp_path / "p.pkl.xz", records, cases * 2, 1.4)
+    net = '{"levels": 3, "base_channels": 4, "max_channels": 8, "activation": "elu", "norm": "batch"}'
+    argv = ["--packed", str(tmp_path / "p.pkl.xz"), "--out", str(tmp_path / "run"), "--folds", "2", "--steps", "2",
+            "--recipe", f"T=--batch-size 2 --canvas 64 --network '{net}'", "--", "--device", "cpu", "--threads", "1"]
+    assert level_parallel.main(argv) == 0
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert plan["exit_codes"] == {"T/fold0": 0, "T/fold1": 0, "T/final": 0} and plan["probe"] == {}
+    assert all("--steps 2" in c for c in plan["commands"].values())
+    for job in ("fold0", "fold1", "final"):
+        meta = torch.load(tmp_path / "run" / "T" / job / "final.pt", weights_only=False)["metadata"]
+        assert meta["steps"] == 2 and meta["config"]["canvas"] == 64
+    held_out = {json.loads((tmp_path / "run" / "T" / "folds.json").read_text())["folds"][f][0] for f in (0, 1)}
+    assert held_out == {"myosegmentum/case1", "myosegmentum/case2"}  # each fold holds out the other case
+    with pytest.raises(SystemExit):
+        level_parallel.main(argv[:-5] + ["--budget-minutes", "1", "--", "--device", "cpu"])
