@@ -7,6 +7,8 @@
 set -u
 export PYTHONPATH=SpineKneeSeg:Training PYTHONUNBUFFERED=1
 STEPS=${STEPS:-2200}
+NAME=${NAME:-E}
+EXTRA=${EXTRA:-}  # more spine_levels.py options, e.g. "--seed 1"
 MAX_MIN=${MAX_MIN:-7.5}
 RUN=${RUN:-/tmp/run}
 OUT=${OUT:-/tmp/out}
@@ -15,13 +17,13 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__)"
 date +%s
 python3 Training/level_parallel.py --packed .devdata/levels-1.4mm.pkl.xz --out "$RUN" --steps "$STEPS" \
-    --recipe E="--batch-size 32 --network '$D' --max-minutes $MAX_MIN" -- --device "${DEVICE:-cuda}" --threads 1
+    --recipe "$NAME=--batch-size 32 --network '$D' --max-minutes $MAX_MIN $EXTRA" -- --device "${DEVICE:-cuda}" --threads 1
 date +%s
 for job in fold0 fold1 fold2 fold3 fold4 final; do
-    mkdir -p "$OUT/E/$job"
-    if [ -f "$RUN/E/$job/final.pt" ]; then cp "$RUN/E/$job/final.pt" "$OUT/E/$job/"
-    else cp "$RUN/E/$job/last.pt" "$OUT/E/$job/" 2>/dev/null || echo "$job: no model"; fi
+    mkdir -p "$OUT/$NAME/$job"
+    if [ -f "$RUN/$NAME/$job/final.pt" ]; then cp "$RUN/$NAME/$job/final.pt" "$OUT/$NAME/$job/"
+    else cp "$RUN/$NAME/$job/last.pt" "$OUT/$NAME/$job/" 2>/dev/null || echo "$job: no model"; fi
 done
-tar czf "$OUT/meta.tgz" -C "$RUN" plan.json logs E/folds.json
+tar czf "$OUT/meta.tgz" -C "$RUN" plan.json logs "$NAME/folds.json"
 tail -n 2 "$RUN"/logs/*.log
-ls -la "$OUT"/E/*
+ls -la "$OUT"/$NAME/*
