@@ -535,3 +535,27 @@ def test_plausibility_confusion_in_the_label_box_equals_the_whole_volume_count(w
     assert np.array_equal(got, expected.reshape(6, 6))
     empty = np.zeros_like(raw)
     assert _confusion(empty, empty, ndimage.find_objects(empty), None)[0, 0] == raw.size
+
+
+def test_plausibility_after_the_clean_up_reuses_its_components_and_agrees(phantom):
+    """The card's steps: the largest-component clean-up leaves the final labels' components (one
+    per bone, not labelled again) and the plausibility summary is the one computed from scratch,
+    on raw labels with a split fibula and a stray tibia speck."""
+    from SpineKneeSegLib.engine.steps import STEPS, StepContext
+    from SpineKneeSegLib.engine.postprocessing import largest_component_per_label
+    from SpineKneeSegLib.engine.pipeline import RunResult
+
+    image, labels = phantom.image, phantom.labels.array
+    raw = labels.copy()
+    fib = np.argwhere(labels == 3)
+    raw[(labels == 3) & (np.abs(np.arange(labels.shape[1])[None, :, None] - np.median(fib[:, 1])) < 5)] = 0
+    raw[tuple(np.argwhere(labels == 0)[0])] = 2
+    ctx = StepContext(TASKS["knee-bones"], image, RunResult(image.with_array(raw)), raw)
+    for name in ("largest_component_per_label", "knee_plausibility"):
+        STEPS[name].run(ctx)
+    final = ctx.result.labels.array
+    assert ctx.made_components is not None and ctx.made_components[0] is final
+    assert np.array_equal(final, largest_component_per_label(raw))
+    assert ctx.result.summaries["knee_plausibility"] == knee_plausibility(final, image, raw_labels=raw)
+    pieces = ctx.result.summaries["knee_plausibility"]["checks"]["one_component_per_bone"]
+    assert pieces["components"]["fibula"] == 1 and pieces["raw_components"]["fibula"] == 2

@@ -90,12 +90,20 @@ XRAY_CHEST_LABELS = (
 )
 
 
+PRESENT_CHUNK = 1 << 18  # voxels a histogram counts at once
+
+
 def present_labels(array: np.ndarray) -> list[int]:
     """Non-zero values present in a label map; a histogram for uint8 maps (np.unique sorts all
-    7 M voxels of a brain: 0.06 s)."""
+    7 M voxels of a brain: 0.06 s), counted in chunks: bincount widens its input to int64, and on
+    the knee's 21 M voxels one 168 MB copy took 0.1-0.27 s in the pipeline against 0.02 s."""
     if array.dtype == np.uint8:
         top = int(array.max())
         if top <= 1:  # binary masks (lesions, femur): the maximum says it all, 10x faster
             return [1] if top else []
-        return [int(v) for v in np.flatnonzero(np.bincount(array.ravel(), minlength=256)) if v]
+        flat = array.ravel(order="K")  # no copy for a transposed or flipped view
+        counts = np.zeros(256, np.int64)
+        for start in range(0, flat.size, PRESENT_CHUNK):
+            counts += np.bincount(flat[start:start + PRESENT_CHUNK], minlength=256)
+        return [int(v) for v in np.flatnonzero(counts) if v]
     return [int(v) for v in np.unique(array) if v]

@@ -75,6 +75,12 @@ def largest_component_per_label(labels: np.ndarray, components: dict | None = No
     return out
 
 
+def kept_components(components: dict) -> dict:
+    """``label_components`` of ``largest_component_per_label``'s output, from its input's: one
+    component per label, the largest (box: the input's, which holds it; no component map)."""
+    return {value: (box, None, np.array([0, int(sizes.max())])) for value, (box, _, sizes) in components.items()}
+
+
 def remove_small_components(labels: np.ndarray, min_fraction: float = 0.1) -> np.ndarray:
     """Drop components smaller than ``min_fraction`` of the label's largest one (keeps e.g. both
     femurs on a pelvis radiograph)."""
@@ -157,7 +163,10 @@ def _largest_component_step(ctx: StepContext) -> None:
     components = None
     if ctx.result.labels.array is ctx.raw:  # labelled once, shared with checks that read the raw output
         components = ctx.raw_components = label_components(ctx.raw)
-    ctx.result.labels = ctx.image.with_array(largest_component_per_label(ctx.result.labels.array, components))
+    cleaned = largest_component_per_label(ctx.result.labels.array, components)
+    if components is not None:  # the checks on the final labels need not label them again (0.15 s on a knee)
+        ctx.made_components = (cleaned, kept_components(components))
+    ctx.result.labels = ctx.image.with_array(cleaned)
 
 
 @step("remove_small_components")

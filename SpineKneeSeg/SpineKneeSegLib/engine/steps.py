@@ -24,6 +24,9 @@ class StepContext:
     maps_grids: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
     raw_components: Any = None  # the raw labels' connected components, labelled once when a step needs them
+    # (array, its components): a step that knows the components of the labels it made (the
+    # largest-component clean-up: one per label) leaves them for checks on those same labels
+    made_components: Any = None
 
 
 @dataclass(frozen=True)

@@ -140,10 +140,11 @@ def _confusion(raw: np.ndarray, labels: np.ndarray, boxes, raw_components: dict 
 
 
 def knee_plausibility(labels: np.ndarray, image: Image, raw_labels: np.ndarray | None = None,
-                      raw_components: dict | None = None) -> dict:
+                      raw_components: dict | None = None, components: dict | None = None) -> dict:
     """Anatomical plausibility of a knee-bones label map (the final, post-processed one); the
     raw-vs-final Dice and the reported raw piece counts use ``raw_labels`` (the network's own
-    output; the final labels when None). Returns {"passed", "checks": {name: {"passed", ...}}, "knee_side",
+    output; the final labels when None); ``raw_components`` / ``components``: label_components of
+    the raw / final labels when already known. Returns {"passed", "checks": {name: {"passed", ...}}, "knee_side",
     "dicom_laterality", "side_agrees", "joint_centre_ras", "volumes_ml", "failed"}; a check is
     None-passed (skipped) only for an absent patella."""
     raw = labels if raw_labels is None else raw_labels
@@ -165,7 +166,7 @@ def knee_plausibility(labels: np.ndarray, image: Image, raw_labels: np.ndarray |
     # one connected component per bone in what the user gets (issue 6); the raw output is held to
     # raw-vs-final Dice below (the issue's rule), and its pieces are reported, not failed on: stray
     # pieces are what the clean-up is for
-    n_final = component_counts(labels)
+    n_final = component_counts(labels, components=components)
     n_raw = n_final if raw_labels is None else component_counts(raw, components=raw_components)
     split = [f"{BONES[v]} ({n_final[v]})" for v in BONES if n_final[v] > 1]
     checks["one_component_per_bone"] = {
@@ -284,7 +285,9 @@ def _fibula_model_step(ctx: StepContext) -> None:
 
 @step("knee_plausibility")
 def _knee_plausibility_step(ctx: StepContext) -> None:
-    summary = knee_plausibility(ctx.result.labels.array, ctx.image, raw_labels=ctx.raw,
-                                raw_components=ctx.raw_components)
+    labels = ctx.result.labels.array
+    made = ctx.made_components
+    summary = knee_plausibility(labels, ctx.image, raw_labels=ctx.raw, raw_components=ctx.raw_components,
+                                components=made[1] if made is not None and made[0] is labels else None)
     ctx.result.summaries["knee_plausibility"] = summary
     ctx.result.warnings.extend(plausibility_warnings(summary))
