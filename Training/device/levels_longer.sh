@@ -2,8 +2,9 @@
 # Issue 21, session 17: recipe D (lumbar-levels v0.3.0) for longer, five fold models and the final
 # model side by side on a lent GPU. Run from the repository root on the device machine, with
 # .devdata/levels-1.4mm.pkl.xz carried (spine_levels.py pack). No probe: session 15 measured the
-# step there (6 jobs at once: 0.19 s batch to batch). Each job stops at --max-minutes and then
-# keeps last.pt, which `spine_levels.py cv --resume` finishes elsewhere.
+# step there (6 jobs at once: 0.19 s batch to batch). A job stopped by --max-minutes comes back
+# as last.pt, for `spine_levels.py cv --resume` on a GPU machine (the random state it saved is
+# a CUDA generator's; not tried on the CPU).
 set -u
 export PYTHONPATH=SpineKneeSeg:Training PYTHONUNBUFFERED=1
 STEPS=${STEPS:-2200}
