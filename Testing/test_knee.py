@@ -537,13 +537,19 @@ def test_plausibility_confusion_in_the_label_box_equals_the_whole_volume_count(w
     assert _confusion(empty, empty, ndimage.find_objects(empty), None)[0, 0] == raw.size
 
 
-def test_plausibility_after_the_clean_up_reuses_its_components_and_agrees(phantom):
+def test_plausibility_after_the_clean_up_reuses_its_components_and_agrees(phantom, monkeypatch):
     """The card's steps: the largest-component clean-up leaves the final labels' components (one
-    per bone, not labelled again) and the plausibility summary is the one computed from scratch,
-    on raw labels with a split fibula and a stray tibia speck."""
-    from SpineKneeSegLib.engine.steps import STEPS, StepContext
-    from SpineKneeSegLib.engine.postprocessing import largest_component_per_label
+    per bone) and the plausibility check labels nothing again (one labelling in all, the raw
+    map's); its summary is the one computed from scratch, on raw labels with a split fibula and a
+    stray tibia speck."""
+    from SpineKneeSegLib.engine import postprocessing
     from SpineKneeSegLib.engine.pipeline import RunResult
+    from SpineKneeSegLib.engine.postprocessing import largest_component_per_label
+    from SpineKneeSegLib.engine.steps import STEPS, StepContext
+
+    labelled = []
+    real_label_components = postprocessing.label_components
+    monkeypatch.setattr(postprocessing, "label_components", lambda a: labelled.append(a) or real_label_components(a))
 
     image, labels = phantom.image, phantom.labels.array
     raw = labels.copy()
@@ -553,6 +559,8 @@ def test_plausibility_after_the_clean_up_reuses_its_components_and_agrees(phanto
     ctx = StepContext(TASKS["knee-bones"], image, RunResult(image.with_array(raw)), raw)
     for name in ("largest_component_per_label", "knee_plausibility"):
         STEPS[name].run(ctx)
+    assert len(labelled) == 1 and labelled[0] is raw
+    monkeypatch.undo()
     final = ctx.result.labels.array
     assert ctx.made_components is not None and ctx.made_components[0] is final
     assert np.array_equal(final, largest_component_per_label(raw))

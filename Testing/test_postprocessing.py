@@ -232,18 +232,25 @@ def test_estimate_reports_missing_levels_instead_of_shifting():
             assert np.allclose(f.ras, by_label[f.label], atol=3.0)
 
 
-def test_present_labels_counts_every_chunk_and_every_view():
-    """The chunked histogram finds exactly np.unique's non-zero values: a value only in the last,
-    partial chunk, in transposed and flipped views (ravel without a copy), and other dtypes."""
+def test_label_histogram_counts_every_chunk_and_every_view():
+    """The chunked histogram equals np.bincount and present_labels np.unique's non-zero values: a
+    value only in the last, partial chunk, transposed and flipped views (ravel without a copy),
+    other dtypes; the volume table's counts come from it."""
     from SpineKneeSegLib.core import labels as L
 
     rng = np.random.default_rng(0)
     a = np.zeros((3, 300, 301), np.uint8)  # 270,900 voxels: one full chunk and a partial one
     a[0, 5, 5], a[2, 299, 300], a[1, 100, 7] = 7, 200, 3
-    assert a.size % L.PRESENT_CHUNK and a.size > L.PRESENT_CHUNK
+    assert a.size % L.HISTOGRAM_CHUNK and a.size > L.HISTOGRAM_CHUNK
     for view in (a, a.transpose(2, 0, 1), a[::-1, :, ::-1], a[:, ::2]):
         assert L.present_labels(view) == [int(v) for v in np.unique(view) if v]
-    b = rng.integers(0, 6, (20, 40, 40)).astype(np.uint8)
+        assert np.array_equal(L.label_histogram(view), np.bincount(view.ravel(), minlength=256))
+    assert np.array_equal(L.label_histogram(a, 8), np.bincount(a.ravel(), minlength=256)[:8])
+    assert len(L.label_histogram(a, 300)) == 300 and L.label_histogram(a, 300)[200] == 1
+    table = volume_table(a, Image(a), (L.LabelSpec(3, "x", (1.0, 0.0, 0.0)), L.LabelSpec(7, "y", (0.0, 1.0, 0.0))))
+    assert [r["voxels"] for r in table.rows] == [1, 1]
+    b = rng.integers(0, 6, (20, 40, 40)).astype(np.uint8)  # few values: counted by comparisons
+    assert np.array_equal(L.label_histogram(b.transpose(1, 0, 2), 7), np.bincount(b.ravel(), minlength=7))
     assert L.present_labels(b) == [1, 2, 3, 4, 5]
     assert L.present_labels(b.astype(np.int16)) == [1, 2, 3, 4, 5]
     assert L.present_labels(np.zeros((4, 4), np.uint8)) == [] and L.present_labels((b > 2).astype(np.uint8)) == [1]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from SpineKneeSegLib.core.image import Image
-from SpineKneeSegLib.core.labels import LabelSpec
+from SpineKneeSegLib.core.labels import LabelSpec, label_histogram
 from SpineKneeSegLib.core.lazy import LazyModule
 from SpineKneeSegLib.core.tables import ColumnSpec, Table
 from SpineKneeSegLib.engine.steps import StepContext, step
@@ -94,10 +94,7 @@ def remove_small_components(labels: np.ndarray, min_fraction: float = 0.1) -> np
 def _counts(labels, specs) -> np.ndarray:
     """Voxels per label value, over one label map or a list of layers (disjoint values)."""
     maps = labels if isinstance(labels, (list, tuple)) else [labels]
-    counts = np.zeros(max(s.value for s in specs) + 1, np.int64)
-    for spec in specs:  # one comparison per label: no int64 copy of a 21 M-voxel map, as bincount makes
-        counts[spec.value] = sum(np.count_nonzero(m == spec.value) for m in maps)
-    return counts
+    return sum(label_histogram(m, max(s.value for s in specs) + 1) for m in maps)
 
 
 def volume_table(labels: np.ndarray, image: Image, specs: tuple[LabelSpec, ...]) -> Table:

@@ -184,7 +184,9 @@ def xray_femur_phantom(seed=0, *, view="pelvis", shape=None, pixel_mm=None, side
     disp = ndimage.gaussian_filter(disp, 0.8)
     noise_sd = rng.uniform(0.01, 0.03) if noise is None else float(noise)
     disp = disp + rng.normal(0, noise_sd, shape)
-    if background is not None:  # drawn bones over a real radiograph: transmissions multiply
+    # drawn bones over a real radiograph: transmissions multiply (the drawn image above is still
+    # made: its random draws keep the seed's collimation and text the same with any background)
+    if background is not None:
         real = np.clip(np.asarray(background, np.float64), 0.0, 1.0)
         real = ndimage.zoom(real, (h_n / real.shape[0], w_n / real.shape[1]), order=1)[:h_n, :w_n]
         bones = ndimage.gaussian_filter(np.exp(-mu_bone * (pel + femur_path) * exposure), 0.8)
