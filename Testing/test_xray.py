@@ -24,7 +24,7 @@ from SpineKneeSegLib.engine.preprocessing import (
 )
 from SpineKneeSegLib.engine.weights import find_entry
 from SpineKneeSegLib.tasks import TASKS
-from SpineKneeSegLib.tasks.xray.anatomy import femoral_heads, fit_head
+from SpineKneeSegLib.tasks.xray.anatomy import MIN_FEMUR_MM2, femoral_heads, fit_head
 from SpineKneeSegLib.tasks.xray.phantom import xray_femur_phantom
 
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
@@ -298,3 +298,71 @@ def test_shipped_multiclass_model_on_a_held_out_phantom(tmp_path):
     assert dice[1] > 0.9 and dice[2] > 0.9 and dice[3] > 0.6, dice
     rows = (out / "areas.tsv").read_text().splitlines()
     assert [r.split("\t")[0] for r in rows[1:]] == ["femur", "hip bone", "sacrum"]
+
+
+# ---- is there a femur at all (radiograph-level rule) ----------------------------------------------
+
+def _presence(labels: np.ndarray, image: Image):
+    from SpineKneeSegLib.engine.pipeline import postprocess
+
+    return postprocess(TASKS["xray-femur"], image, labels)
+
+
+@pytest.mark.parametrize("seed", [82, 23, 0])  # the training phantoms with the smallest femurs (hip views)
+def test_every_true_phantom_femur_survives_the_femur_rule(seed):
+    from xray import make_case  # Training/ (pytest's pythonpath)
+
+    image, labels, _ = make_case("xray-femur", seed)
+    result = _presence(labels.array.copy(), image)
+    np.testing.assert_array_equal(result.labels.array, labels.array)
+    assert result.summaries["femur_presence"]["femur_found"] and not result.summaries["femur_presence"]["dropped_mm2"]
+    assert min(result.summaries["femur_presence"]["kept_mm2"]) > MIN_FEMUR_MM2
+
+
+def test_a_blob_too_small_for_a_femur_is_removed_and_said():
+    """A 10 cm2 blob beside a pelvis phantom's two femurs goes; alone, it leaves no femur and a
+    warning that says so, with its size and the rule's."""
+    ph = xray_femur_phantom(5)
+    blob = np.zeros_like(ph.labels.array)
+    rows, cols = blob.shape[1:]
+    radius_px = np.sqrt(1000.0 / np.pi) / ph.image.spacing[0]  # 10 cm2
+    jj, ii = np.ogrid[:rows, :cols]
+    blob[0][(jj - 40 - radius_px) ** 2 + (ii - cols / 2) ** 2 <= radius_px ** 2] = 1
+    assert not (blob & ph.labels.array).any()
+    both = _presence(ph.labels.array | blob, ph.image)
+    np.testing.assert_array_equal(both.labels.array, ph.labels.array)
+    summary = both.summaries["femur_presence"]
+    assert summary["femur_found"] and len(summary["kept_mm2"]) == 2 and len(summary["dropped_mm2"]) == 1
+    assert abs(summary["dropped_mm2"][0] - 1000.0) < 30
+    assert any(w.startswith("2 femur segment(s) kept: removed 1 region") for w in both.warnings)
+    alone = _presence(blob, ph.image)
+    assert not alone.labels.array.any() and not alone.summaries["femur_presence"]["femur_found"]
+    assert any(w.startswith("no femur found in this radiograph") and "(10.0 cm2)" in w and "(20 cm2)" in w
+               for w in alone.warnings), alone.warnings
+    assert alone.summaries["femoral_heads"] == []
+
+
+def test_the_femur_rule_without_a_pixel_size_assumes_a_radiographs_field():
+    """A 128-pixel PNG-like image without a pixel size: at the 1 mm ITK reports, a true femur
+    would be 'too small'; the rule takes the longer side as a 40 cm field and keeps it."""
+    ph = xray_femur_phantom(5, shape=(128, 128), pixel_mm=3.0)
+    plain = Image(ph.labels.array, (1.0, 1.0, 1.0))
+    plain.meta["spacing_note"] = "no pixel size in the file: 1 pixel = 1 mm assumed"
+    assert (ph.labels.array == 1).sum() < MIN_FEMUR_MM2  # in pixels
+    result = _presence(ph.labels.array.copy(), plain)
+    np.testing.assert_array_equal(result.labels.array, ph.labels.array)
+    assert result.summaries["femur_presence"]["pixel_mm_assumed"] == round(400.0 / 128, 4)
+    tiny = np.zeros_like(ph.labels.array)
+    tiny[0, 10:14, 10:14] = 1  # 16 px = 1.6 cm2 at the assumed 3.1 mm
+    said = _presence(tiny, plain)
+    assert not said.labels.array.any()
+    assert any("assumed 3.12 mm pixel" in w for w in said.warnings), said.warnings
+
+
+def test_checkpoint_settings_override_the_femur_rule():
+    from SpineKneeSegLib.engine.pipeline import postprocess
+
+    ph = xray_femur_phantom(5)
+    result = postprocess(TASKS["xray-femur"], ph.image, ph.labels.array.copy(),
+                         settings={"femur_presence": {"min_area_mm2": 1e6}})
+    assert not result.labels.array.any() and result.summaries["femur_presence"]["min_area_mm2"] == 1e6

@@ -10,9 +10,11 @@ meets real texture behind the bones it must outline. Measured, on what nobody tr
 - held-out composites: the test phantoms drawn over the chest task's 50 held-out radiographs;
 - real radiographs without a femur: the 50 held-out chest radiographs as they are, where every
   femur pixel the model reports is a false positive (share of the image, and how many
-  radiographs get a femur of at least 1 cm2).
+  radiographs get a femur of at least 1 cm2), before and after the product's radiograph-level
+  rule (`femur_presence`: a femur smaller than half the smallest training phantom's is no femur).
 
     python Training/xray_real.py evaluate --weights Training/runs/xray-femur-real/best.pt [--n 24]
+    python Training/xray_real.py phantom-femur-areas   # the anatomy that rule's threshold comes from
 """
 from __future__ import annotations
 
@@ -58,6 +60,23 @@ def radiograph(display: np.ndarray):
     return Image((display * 65535.0).round().astype(np.float32)[None], (0.7, 0.7, 1.0))
 
 
+def phantom_femur_areas(n: int = 160) -> dict:
+    """Area (mm2) of every femur in training phantoms 0..n-1 (each pelvis view shows two): the
+    smallest femur a radiograph can show, which `anatomy.MIN_FEMUR_MM2` halves."""
+    from scipy import ndimage
+    from xray import make_case
+
+    areas = {"pelvis": [], "hip": []}
+    for seed in range(n):
+        image, labels, ph = make_case("xray-femur", seed)
+        comp, _ = ndimage.label(labels.array[0] == 1, structure=np.ones((3, 3)))
+        areas[ph.extra["view"]] += (np.bincount(comp.ravel())[1:] * image.spacing[0] * image.spacing[1]).tolist()
+    every = np.concatenate([areas["pelvis"], areas["hip"]])
+    return {"phantoms": n, "femurs": len(every), "min_mm2": round(float(every.min()), 1),
+            "p5_mm2": round(float(np.percentile(every, 5)), 1), "median_mm2": round(float(np.median(every)), 1),
+            **{f"{view}_min_mm2": round(float(min(a)), 1) for view, a in areas.items()}}
+
+
 def _net(weights_path: Path):
     from SpineKneeSegLib.engine.inference import load_network
     from SpineKneeSegLib.engine.weights import resolve_weights
@@ -67,30 +86,51 @@ def _net(weights_path: Path):
 
 
 def evaluate_real(weights_path: Path, n: int = 24, log=print) -> dict:
-    """Held-out composites (Dice) and femur false positives on held-out chest radiographs."""
+    """Held-out clean phantoms and composites (Dice) and femur false positives on held-out chest
+    radiographs: the network's own labels, and after the product's post-processing (its
+    radiograph-level femur_presence rule included)."""
     from SpineKneeSegLib.engine.inference import segment_slices
+    from SpineKneeSegLib.engine.pipeline import postprocess
     from xray import TEST_SEED0, make_case
 
     card = TASKS["xray-femur"]
     weights, net = _net(weights_path)
+    settings = weights.checkpoint.get("metadata", {}).get("postprocessing", {})
+
+    def predict(image):
+        raw = segment_slices(card, image, net, torch.device("cpu"), weights.preprocessing).labels
+        return raw, postprocess(card, image, raw, settings=settings)
+
     held = chest_backgrounds("test")
     composites = []
     for k, seed in enumerate(range(TEST_SEED0, TEST_SEED0 + n)):
         case, background = held[k % len(held)]
-        image, labels, _ = make_case("xray-femur", seed, background)
-        pred = segment_slices(card, image, net, torch.device("cpu"), weights.preprocessing).labels
-        composites.append({"seed": seed, "background": case, "dice": dice_or(pred == 1, labels.array == 1)})
+        for name, bg in (("clean", None), ("composite", background)):
+            image, labels, _ = make_case("xray-femur", seed, bg)
+            raw, final = predict(image)
+            composites.append({"seed": seed, "kind": name, "background": case if bg is not None else None,
+                               "dice": dice_or(raw == 1, labels.array == 1),
+                               "dice_after_rule": dice_or(final.labels.array == 1, labels.array == 1),
+                               "femur_found": final.summaries["femur_presence"]["femur_found"]})
     false_positives = []
     for case, display in held:
         image = radiograph(display)
-        pred = segment_slices(card, image, net, torch.device("cpu"), weights.preprocessing).labels
-        area_mm2 = float((pred == 1).sum()) * 0.7 * 0.7
-        false_positives.append({"case": case, "femur_mm2": round(area_mm2, 1),
-                                "share": round(float((pred == 1).mean()), 5)})
-    summary = {"composite_dice_mean": round(float(np.mean([c["dice"] for c in composites])), 4),
-               "composite_dice_min": round(float(np.min([c["dice"] for c in composites])), 4),
+        raw, final = predict(image)
+        false_positives.append({"case": case, "femur_mm2": round(float((raw == 1).sum()) * 0.7 * 0.7, 1),
+                                "share": round(float((raw == 1).mean()), 5),
+                                "reported_mm2": round(float((final.labels.array == 1).sum()) * 0.7 * 0.7, 1)})
+
+    def mean(kind, key, fn=np.mean):
+        return round(float(fn([c[key] for c in composites if c["kind"] == kind])), 4)
+
+    summary = {"clean_dice_mean": mean("clean", "dice"), "clean_dice_after_rule": mean("clean", "dice_after_rule"),
+               "composite_dice_mean": mean("composite", "dice"),
+               "composite_dice_min": mean("composite", "dice", np.min),
+               "composite_dice_after_rule": mean("composite", "dice_after_rule"),
+               "phantoms_without_femur_after_rule": sum(not c["femur_found"] for c in composites),
                "chest_fp_share_mean": round(float(np.mean([f["share"] for f in false_positives])), 5),
                "chest_fp_radiographs": sum(f["femur_mm2"] >= FP_AREA_MM2 for f in false_positives),
+               "chest_radiographs_with_femur_reported": sum(f["reported_mm2"] > 0 for f in false_positives),
                "chest_radiographs": len(false_positives)}
     log(json.dumps(summary))
     return {"weights": str(weights_path), "sha256": weights.sha256, "summary": summary,
@@ -99,11 +139,16 @@ def evaluate_real(weights_path: Path, n: int = 24, log=print) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=("evaluate",))
-    parser.add_argument("--weights", type=Path, required=True)
+    parser.add_argument("command", choices=("evaluate", "phantom-femur-areas"))
+    parser.add_argument("--weights", type=Path, help="evaluate: the checkpoint")
     parser.add_argument("--n", type=int, default=24)
     parser.add_argument("--out", type=Path, help="write the JSON here (default: beside the weights)")
     args = parser.parse_args(argv)
+    if args.command == "phantom-femur-areas":
+        print(json.dumps(phantom_femur_areas()))
+        return 0
+    if args.weights is None:
+        parser.error("evaluate needs --weights")
     result = evaluate_real(args.weights, args.n)
     out = args.out or args.weights.parent / f"evaluation-real-{args.weights.stem}.json"
     out.write_text(json.dumps(result, indent=1))

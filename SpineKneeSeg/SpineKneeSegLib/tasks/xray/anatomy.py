@@ -31,10 +31,15 @@ from SpineKneeSegLib.core.image import Image
 from SpineKneeSegLib.core.lazy import LazyModule
 from SpineKneeSegLib.core.tables import ColumnSpec, Table
 from SpineKneeSegLib.engine.steps import StepContext, step
+from SpineKneeSegLib.tasks.xray.polarity import ASSUMED_FIELD_MM, working_pixel_mm
 
 ndimage = LazyModule("scipy.ndimage")  # loaded on first use (lazy.py)
 
 ANGLE_BINS = 72  # 5 degree bins for the arc coverage
+# the smallest femur a radiograph can show and still be a femur: half the smallest femur in the
+# 160 training phantoms (seeds 0-159, pelvis and hip views: 42.6 cm2; Training/xray_real.py
+# phantom-femur-areas prints them). Fixed from that anatomy before any chest radiograph was scored.
+MIN_FEMUR_MM2 = 2000.0
 
 
 @dataclass
@@ -194,7 +199,52 @@ def head_table(heads: list[FemoralHead]) -> Table:
     return Table("Femoral heads", columns, rows, "femoral_heads.tsv")
 
 
+def drop_implausible_femurs(labels: np.ndarray, pixel_mm2: float, min_area_mm2: float = MIN_FEMUR_MM2,
+                            label: int = 1) -> tuple[np.ndarray, list[float], list[float]]:
+    """Remove femur components smaller than any proximal femur a hip or pelvis radiograph shows
+    (a blob on a chest or knee radiograph is not a femur) -> (labels, kept areas mm2, dropped
+    areas mm2), largest first."""
+    mask = labels == label
+    in_plane = np.zeros((3, 3, 3), bool)
+    in_plane[1] = True  # 8-connected within each image (a radiograph has one)
+    comp, n = ndimage.label(mask, structure=in_plane)
+    if n == 0:
+        return labels, [], []
+    areas = np.bincount(comp.ravel())[1:] * pixel_mm2
+    small = np.flatnonzero(areas < min_area_mm2) + 1
+    out = labels.copy() if len(small) else labels
+    if len(small):
+        out[np.isin(comp, small)] = 0
+    kept = sorted((float(a) for a in areas if a >= min_area_mm2), reverse=True)
+    dropped = sorted((float(a) for a in areas if a < min_area_mm2), reverse=True)
+    return out, kept, dropped
+
+
 # ---- steps (registered by name; see steps.py) ----------------------------------------------------
+
+@step("femur_presence")
+def _femur_presence_step(ctx: StepContext) -> None:
+    """Radiograph-level "is there a femur at all": without one, an empty map and a plain warning
+    rather than a blob named femur (the checkpoint may carry its own "femur_presence"
+    {"min_area_mm2"})."""
+    min_mm2 = float(ctx.settings.get("femur_presence", {}).get("min_area_mm2", MIN_FEMUR_MM2))
+    pixel_mm, assumed = working_pixel_mm(ctx.image)
+    pixel_mm2 = pixel_mm ** 2 if assumed else float(ctx.image.spacing[0] * ctx.image.spacing[1])
+    labels, kept, dropped = drop_implausible_femurs(ctx.result.labels.array, pixel_mm2, min_mm2)
+    ctx.result.labels = ctx.image.with_array(labels)
+    ctx.result.summaries["femur_presence"] = {
+        "femur_found": bool(kept), "min_area_mm2": min_mm2, "kept_mm2": [round(a, 1) for a in kept],
+        "dropped_mm2": [round(a, 1) for a in dropped], "pixel_mm_assumed": round(pixel_mm, 4) if assumed else None}
+    if dropped:
+        regions = ", ".join(f"{a / 100:.1f}" for a in dropped)
+        what = ("no femur found in this radiograph" if not kept
+                else f"{len(kept)} femur segment(s) kept")
+        ctx.result.warnings.append(
+            f"{what}: removed {len(dropped)} region(s) the network marked as femur ({regions} cm2), each "
+            f"smaller than the smallest plausible proximal femur in view ({min_mm2 / 100:.0f} cm2)"
+            + (f"; sizes with an assumed {pixel_mm:.3g} mm pixel (no pixel size in the file: the longer side "
+               f"taken as a {ASSUMED_FIELD_MM / 10:.0f} cm field)" if assumed else ""))
+
 
 @step("femoral_heads")
 def _femoral_heads_step(ctx: StepContext) -> None:

@@ -49,8 +49,9 @@ cards.register(cards.TaskCard(
     weights_entry="xray-femur",
     labels=XRAY_FEMUR_LABELS,
     label_activation="sigmoid",
-    # both femurs of a pelvis view are kept; femoral heads: circle fitted to each femur's boundary
-    postprocessors=("remove_small_components", "area_table", "femoral_heads"),
+    # both femurs of a pelvis view are kept, blobs too small to be a femur are not (femur_presence);
+    # femoral heads: circle fitted to each femur's boundary
+    postprocessors=("remove_small_components", "femur_presence", "area_table", "femoral_heads"),
     outputs=cards.COMMON_OUTPUTS + ("areas.tsv", "femoral_heads.tsv", "femoral_heads.mrk.json"),
     issue=8,
     phantom=xray_femur_phantom,

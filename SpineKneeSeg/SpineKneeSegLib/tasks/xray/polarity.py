@@ -29,6 +29,15 @@ RIDGE_SIGMAS_MM = (2.1, 4.2)
 ASSUMED_FIELD_MM = 400.0
 
 
+def working_pixel_mm(image: Image) -> tuple[float, bool]:
+    """(pixel size in mm, assumed?): the file's, or, for a file without one, the size that makes
+    the longer side a radiograph's usual field of about 40 cm."""
+    spacing = float(image.spacing[0])
+    if "no pixel size in the file" in str(image.meta.get("spacing_note", "")) or spacing <= 0:
+        return ASSUMED_FIELD_MM / max(image.array.shape[-2:]), True
+    return spacing, False
+
+
 @dataclass(frozen=True)
 class PolarityEvidence:
     score: float  # ridge - border; > 0: displayed as usual (bone bright)
@@ -109,10 +118,7 @@ def _decide(image: Image, path, settings: dict | None, act: bool) -> Image | Non
         checks["polarity"] = f"from the DICOM header (PhotometricInterpretation {photometric})"
         return None
     array = image.array.reshape(image.array.shape[-2:])
-    spacing = float(image.spacing[0])
-    if "no pixel size in the file" in str(image.meta.get("spacing_note", "")) or spacing <= 0:
-        spacing = ASSUMED_FIELD_MM / max(array.shape)  # no pixel size: a radiograph's field is about 40 cm wide
-    evidence = polarity_evidence(array, spacing)
+    evidence = polarity_evidence(array, working_pixel_mm(image)[0])
     image.meta["polarity"] = evidence.as_dict()
     summary = f"score {evidence.score:+.2f} (ridges {evidence.ridge:+.2f}, border {evidence.border:+.2f})"
     if evidence.decision == "invert" and act:
