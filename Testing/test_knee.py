@@ -394,6 +394,43 @@ def test_overlays_accept_the_cards_acquisition_plane(tmp_path):
     assert out.exists() and out.stat().st_size > 1000
 
 
+@pytest.mark.parametrize("flip", [False, True])
+def test_each_overlay_cuts_through_its_bones_centroid(tmp_path, flip):
+    """The per-bone overlay is the slice through the bone's centroid in the task's plane: each PNG
+    is byte-identical to one drawn from the slice computed here from all the bone's voxels, also
+    for an image stored the other way along the slicing axis."""
+    from SpineKneeSegLib.engine.preprocessing import canonical_orientation, resolve_plane
+    from SpineKneeSegLib.engine.render import _save_slice, save_label_overlays
+
+    phantom = knee_phantom(0)
+    image, labels = phantom.image, phantom.labels
+    card = TASKS["knee-bones"]
+    plane = resolve_plane(image, card.preprocessing.plane)
+    if flip:  # the same anatomy stored with the slicing axis reversed (origin and direction follow)
+        axis = canonical_orientation(image, plane).axes[0]
+        index = [0, 0, 0]
+        index[2 - axis] = image.array.shape[axis] - 1
+        origin = image.ijk_to_lps_points([index])[0]
+        direction = image.direction.copy()
+        direction[:, 2 - axis] *= -1
+        image = Image(np.flip(image.array, axis).copy(), image.spacing, origin, direction)
+        labels = Image(np.flip(labels.array, axis).copy(), labels.spacing, origin, direction)
+    orientation = canonical_orientation(image, plane)
+    arr, lab = orientation.apply(image.array), orientation.apply(labels.array)
+    spacing_kji = tuple(reversed(image.spacing))
+    spacing_rc = (spacing_kji[orientation.axes[1]], spacing_kji[orientation.axes[2]])
+    written = save_label_overlays(tmp_path, "overlays", image, labels, card)
+    assert len(written) == len([s for s in card.labels if (labels.array == s.value).any()])
+    for spec in card.labels:
+        name = f"overlays/{plane}-{spec.segment_id}.png"
+        if not (labels.array == spec.value).any():
+            continue
+        index = int(round(np.argwhere(lab == spec.value)[:, 0].mean()))
+        title = f"{card.name}: {plane} slice {index} through the {spec.name}"
+        reference = _save_slice(tmp_path / "reference.png", arr[index], lab[index], card.labels, spacing_rc, title, 320)
+        assert (tmp_path / name).read_bytes() == reference.read_bytes(), spec.name
+
+
 def test_montage_shows_evenly_spread_slices_with_the_label_colours(tmp_path):
     """Training's check-real writes a montage of the whole result (stray pieces in outer slices
     show there, not on the per-bone overlays): the tiles carry the labels' colours where the bones are."""

@@ -142,10 +142,11 @@ def save_label_overlays(folder: str | Path, subdir: str, image: Image, labels: I
         box = boxes[spec.value - 1] if spec.value <= len(boxes) else None
         if box is None:
             continue
-        centroid_kji = (np.argwhere(labels.array[box] == spec.value).mean(axis=0)
-                        + np.array([b.start for b in box]))
         a = orientation.axes[0]
-        index = int(round(centroid_kji[a]))
+        # the centroid along the slicing axis only: voxels per slice in the label's box (argwhere's
+        # coordinate arrays of a whole femur cost 0.1 s on the knee DESS)
+        per_slice = np.count_nonzero(labels.array[box] == spec.value, axis=tuple(x for x in range(3) if x != a))
+        index = int(round(box[a].start + float(per_slice @ np.arange(len(per_slice))) / per_slice.sum()))
         index = labels.array.shape[a] - 1 - index if orientation.flips[0] else index
         views.append((f"{plane}-{spec.segment_id}.png", index,
                       f"{card.name}: {plane} slice {index} through the {spec.name}"))
