@@ -120,3 +120,50 @@ def test_2d_from_sitk_is_single_slice():
     img = Image.from_sitk(img2d)
     assert img.array.shape == (1, 5, 7) and img.is_2d
     assert img.spacing[:2] == (0.2, 0.3)
+
+
+# ---- network input: normalised after the grid, as if before ---------------------------------------
+
+def _normalised_first(stacks, method, index, context, grid, pad_value):
+    """The former order: whole volumes normalised, then slices gathered and put on the grid."""
+    import torch
+    from SpineKneeSegLib.engine.preprocessing import context_channels, normalise, to_network_grid
+
+    x = np.concatenate([context_channels(normalise(s, method), index, context) for s in stacks], axis=1)
+    return to_network_grid(torch.from_numpy(x), grid, pad_value)
+
+
+def test_network_input_normalised_on_the_grid_equals_normalising_the_volumes_first():
+    """A z-scored MRI stack (int16, as DICOM gives it) with a second input in a square window that
+    shrinks 2.3x (box filter + bilinear, padded outside the slice), context 3 at both ends, and a
+    whole-slice resize: the network input is the same to float rounding, edge channels and padding
+    included."""
+    from SpineKneeSegLib.engine.preprocessing import NetworkInput, SliceGeometry
+
+    rng = np.random.default_rng(4)
+    raw = (rng.gamma(2.0, 300.0, (6, 96, 80)) * (rng.random((6, 96, 80)) > 0.3)).astype(np.int16)
+    second = rng.normal(800.0, 90.0, (6, 96, 80)).astype(np.float32)
+    source = NetworkInput.of([raw, second], "zscore", None, 3)
+    windowed = SliceGeometry(0, (96, 80), (40, 40), (48, 48), window=(-10.0, -20.0, 92.0, 92.0))
+    resized = SliceGeometry(0, (96, 80), (60, 50), (64, 64))
+    for grid, pad_value in ((windowed, source.normalised_min()), (resized, 0.0)):
+        for index in (np.arange(0, 3), np.array([2, 5])):
+            got = source.batch(index, grid, pad_value).numpy()
+            want = _normalised_first([raw, second], "zscore", index, 3, grid, pad_value).numpy()
+            assert got.shape == want.shape == (len(index), 6, *grid.network_hw)
+            np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+    from SpineKneeSegLib.engine.preprocessing import normalise
+
+    assert np.isclose(source.normalised_min(), float(normalise(raw, "zscore").min()), rtol=1e-6)  # the window's air
+
+
+def test_radiograph_field_normalisation_still_normalises_each_image_first():
+    from SpineKneeSegLib.engine.preprocessing import NetworkInput, SliceGeometry, normalise
+
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 4096, (1, 64, 64)).astype(np.float32)
+    source = NetworkInput.of([image], "percentile-field", None, 1)
+    grid = SliceGeometry(0, (64, 64), (32, 32), (32, 32))
+    want = _normalised_first([image], "percentile-field", np.array([0]), 1, grid, 0.0).numpy()
+    np.testing.assert_allclose(source.batch(np.array([0]), grid).numpy(), want, atol=1e-6)
+    assert source.affines == ((0.0, 1.0),) and np.allclose(source.stacks[0], normalise(image, "percentile-field"))

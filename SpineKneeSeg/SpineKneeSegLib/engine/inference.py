@@ -12,20 +12,18 @@ from SpineKneeSegLib.core.progress import Progress
 from SpineKneeSegLib.engine.cards import TaskCard
 from SpineKneeSegLib.engine.models import build_network, fold_batch_norm
 from SpineKneeSegLib.engine.preprocessing import (
+    NetworkInput,
     bias_correct,
     canonical_image,
     canonical_orientation,
-    context_channels,
     crop_in_plane,
     foreground_box,
     from_network_grid,
     in_plane_spacing,
     network_grid,
     network_grid_image,
-    normalise,
     pad_to,
     resolve_plane,
-    to_network_grid,
     window_centre_rc,
 )
 from SpineKneeSegLib.engine.weights import LoadedWeights
@@ -91,30 +89,27 @@ def _batches(image: Image, net: torch.nn.Module, device: torch.device, pre: dict
     ``context_slices`` more channels."""
     t0 = time.perf_counter()
     canon, _ = canonical_image(image, pre["plane"])  # slices along axis 0, canonical in-plane orientation
-    stack = normalise(canon.array, pre["normalisation"], pre.get("stats"))
-    n = stack.shape[0]
+    n = canon.array.shape[0]
     found = foreground_box(canon.array) if pre.get("crop_foreground") else None
-    run, box = found if found else (np.arange(n), (0, stack.shape[1], 0, stack.shape[2]))
+    run, box = found if found else (np.arange(n), (0, canon.array.shape[1], 0, canon.array.shape[2]))
     if slices is not None:
         run = np.asarray(slices)
     cropped = crop_in_plane(canon, box)
-    stacks = [stack] + [normalise(canonical_image(e, pre["plane"])[0].array, pre["normalisation"], pre.get("stats"))
-                        for e in extra]
-    stacks = [s[:, box[0]:box[1], box[2]:box[3]] for s in stacks]
-    stack = stacks[0]
+    # statistics from the whole (uncropped) volumes; normalised batch by batch on the network grid
+    source = NetworkInput.of([canon.array] + [canonical_image(e, pre["plane"])[0].array for e in extra],
+                             pre["normalisation"], pre.get("stats"), pre["context_slices"]).crop(box)
     centre = window_centre_rc(cropped, centre_lps) if centre_lps is not None else None
     grid = network_grid(cropped, 0, pre["in_plane_spacing_mm"], getattr(net, "size_multiple", 1),
                         pre.get("network_px"), pre.get("crop_mm"), centre)
     # outside the image the window shows the normalised image minimum: what air (the MRI
     # background) looks like to the network, whereas 0 after z-score would be average tissue
-    pad_value = float(stack.min()) if grid.window is not None else 0.0
+    pad_value = source.normalised_min() if grid.window is not None else 0.0
     timings["pre"] += time.perf_counter() - t0
     for start in range(0, len(run), batch_size):
         t = time.perf_counter()
         index = run[start:start + batch_size]
-        x = np.concatenate([context_channels(s, index, pre["context_slices"]) for s in stacks], axis=1)
-        x = torch.from_numpy(x).to(device)
-        x = pad_to(to_network_grid(x, grid, pad_value), grid.padded_hw).contiguous(memory_format=torch.channels_last)
+        x = source.batch(index, grid, pad_value).to(device)
+        x = pad_to(x, grid.padded_hw).contiguous(memory_format=torch.channels_last)
         _sync(device)
         t_net = time.perf_counter()
         timings["pre"] += t_net - t
