@@ -10,6 +10,10 @@ export PYTHONPATH=SpineKneeSeg:Training PYTHONUNBUFFERED=1
 STEPS=${STEPS:-2200}
 NAME=${NAME:-E}
 EXTRA=${EXTRA:-}  # more spine_levels.py options, e.g. "--seed 1"
+# the packed scans (carried); at 1.0 mm in-plane: PACK=.devdata/levels-1.0mm.pkl.xz (34 MB, made by
+# `spine_levels.py pack --spacing-mm 1.0 --out ...`) and EXTRA="--spacing-mm 1.0 --canvas 288
+# --shift-px 34 --warp-px 4.2" (recipe D's field of view and augmentation in mm, not pixels)
+PACK=${PACK:-.devdata/levels-1.4mm.pkl.xz}
 MAX_MIN=${MAX_MIN:-7.5}
 RUN=${RUN:-/tmp/run}
 OUT=${OUT:-/tmp/out}
@@ -17,7 +21,7 @@ D='{"levels": 6, "base_channels": 16, "max_channels": 64, "activation": "elu", "
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__)"
 date +%s
-python3 Training/level_parallel.py --packed .devdata/levels-1.4mm.pkl.xz --out "$RUN" --steps "$STEPS" \
+python3 Training/level_parallel.py --packed "$PACK" --out "$RUN" --steps "$STEPS" \
     --recipe "$NAME=--batch-size 32 --network '$D' --max-minutes $MAX_MIN $EXTRA" -- --device "${DEVICE:-cuda}" --threads 1
 date +%s
 for job in fold0 fold1 fold2 fold3 fold4 final; do
