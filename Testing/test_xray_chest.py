@@ -63,3 +63,26 @@ def test_real_backgrounds_follow_the_chest_split_and_keep_the_phantom_labels(roo
     assert display[labels == 1].mean() < display[labels == 3].mean() - 0.1  # usual display: lung darker than heart
     drawn, over = make_case("xray-femur", 90000), make_case("xray-femur", 90000, display)
     assert np.array_equal(drawn[1].array, over[1].array) and not np.array_equal(drawn[0].array, over[0].array)
+
+
+def test_real_radiograph_evaluation_of_both_hip_models(root):
+    """xray_real.evaluate on the 50 held-out chest radiographs, two test phantoms clean and drawn
+    over a held-out radiograph: the phantom-only xray-multiclass v0.1.0 marks bone on every chest
+    radiograph (its card's limit, measured), while xray-femur v0.2.0 with the product's size rule
+    reports a femur on at most one (its card: JPCLN037's humerus) and keeps both clean phantoms'
+    femurs."""
+    from SpineKneeSegLib.engine.weights import find_entry, read_registry
+    from xray_real import evaluate_real, mean_class_dice
+
+    v010 = next(e for e in read_registry() if e.model == "xray-multiclass" and e.version == "0.1.0")
+    multi = evaluate_real(v010.path(), n=2, log=lambda m: None, task="xray-multiclass")
+    assert multi["summary"]["chest_radiographs"] == 50 and multi["summary"]["chest_fp_radiographs"] == 50
+    assert {c["kind"] for c in multi["composites"]} == {"clean", "composite"} and len(multi["composites"]) == 4
+    assert "phantoms_without_femur_after_rule" not in multi["summary"]
+    femur = find_entry("xray-femur")
+    assert femur.version != "0.1.0"
+    result = evaluate_real(femur.path(), n=2, log=lambda m: None)
+    assert result["summary"]["chest_radiographs_with_bone_reported"] <= 1
+    assert all(c["femur_found"] and c["dice_after_rule"] > 0.9 for c in result["composites"] if c["kind"] == "clean")
+    truth = np.array([0, 1, 1, 2, 2, 3])
+    assert mean_class_dice(np.array([0, 1, 1, 2, 0, 0]), truth, (1, 2, 3)) == pytest.approx((1 + 2 / 3 + 0) / 3)

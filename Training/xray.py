@@ -450,11 +450,12 @@ def results_table(spec: dict, results: dict) -> str:
 def rule_text(real: dict) -> str:
     """The card's sentence on the radiograph-level femur rule, where the evaluation measured it."""
     s = real["summary"]
-    if "chest_radiographs_with_femur_reported" not in s:
+    if "phantoms_without_femur_after_rule" not in s:  # a task without the femur rule
         return ""
+    reported = s.get("chest_radiographs_with_bone_reported", s.get("chest_radiographs_with_femur_reported"))
     return (f"\nAfter the product's post-processing, whose radiograph-level rule removes any femur smaller than half "
             f"the smallest training phantom's (tasks/xray/anatomy.py MIN_FEMUR_MM2, fixed before scoring): "
-            f"{s['chest_radiographs_with_femur_reported']} of {s['chest_radiographs']} chest radiographs report a "
+            f"{reported} of {s['chest_radiographs']} chest radiographs report a "
             f"femur; held-out phantoms clean {s['clean_dice_after_rule']:.3f} (network alone {s['clean_dice_mean']:.3f}), "
             f"composites {s['composite_dice_after_rule']:.3f}; left without a femur: "
             + ", ".join(f"{sum(not c['femur_found'] for c in real['composites'] if c['kind'] == kind)} of "
@@ -489,11 +490,11 @@ def model_card(task: str, version: str, checkpoint: dict, evaluation: dict, expe
         "(a radiograph may hold no femur)" if negatives else "") + ("." if real_p or negatives else "")
     real = real_evaluation or {}
     real_section = [] if not real else [("Real radiographs (no real femur: what can be measured)", f"""The
-test phantoms drawn over the chest task's 50 held-out radiographs (never trained on): femur Dice
+test phantoms drawn over the chest task's 50 held-out radiographs (never trained on): {'femur Dice' if task == 'xray-femur' else 'Dice (mean over the bones)'}
 {real['summary']['composite_dice_mean']:.3f} (worst {real['summary']['composite_dice_min']:.3f}). The 50 held-out
-chest radiographs as they are, where any femur is a false positive: on average
-{100 * real['summary']['chest_fp_share_mean']:.1f} % of each image marked femur; {real['summary']['chest_fp_radiographs']}
-of {real['summary']['chest_radiographs']} get a femur of at least 1 cm2 (`Training/xray_real.py evaluate`).{rule_text(real)}""")]
+chest radiographs as they are, where any bone is a false positive: on average
+{100 * real['summary']['chest_fp_share_mean']:.1f} % of each image marked; {real['summary']['chest_fp_radiographs']}
+of {real['summary']['chest_radiographs']} get {'a femur' if task == 'xray-femur' else 'any of its bones'} of at least 1 cm2 (`Training/xray_real.py evaluate`).{rule_text(real)}""")]
     uses = " and ".join(u for u, on in (("as backgrounds behind drawn bones", real_p),
                                         ("as radiographs without a femur", negatives)) if on)
     banner = (f"""**Trained on synthetic radiograph phantoms and on real chest radiographs (JSRT/SCR: {uses});
