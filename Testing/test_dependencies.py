@@ -24,7 +24,7 @@ def test_requirements_match_pyproject_dependencies_and_dicom_extra():
 def test_fresh_slicer_without_pytorch_extension():
     plan = plan_install(installed=FRESH_SLICER)
     names = [requirement_name(r) for r in plan.pip]
-    assert names == ["torch", "scipy", "tqdm", "highdicom"] and plan.torch == "pip"
+    assert names == ["torch", "scipy", "tqdm", "connected-components-3d", "highdicom"] and plan.torch == "pip"
     assert not {"numpy", "SimpleITK", "vtk", "slicer-core"} & set(names)
     assert set(plan.skip_packages) == {"SimpleITK", "numpy", "vtk"}  # dependencies never replace them
     assert "pydicom>=2.4" in plan.satisfied and plan.needed
@@ -37,7 +37,8 @@ def test_pytorch_extension_installs_torch_and_pip_never_touches_it():
 
 
 def test_everything_present_needs_nothing_but_old_versions_are_upgraded():
-    everything = {**FRESH_SLICER, "torch": "2.13.0+cu126", "scipy": "1.14", "tqdm": "4.66", "highdicom": "0.28.2"}
+    everything = {**FRESH_SLICER, "torch": "2.13.0+cu126", "scipy": "1.14", "tqdm": "4.66", "highdicom": "0.28.2",
+                  "connected-components-3d": "4.1.1"}
     plan = plan_install(installed=everything)
     assert not plan.needed and plan.torch == "present" and "torch" in plan.skip_packages
     old = plan_install(installed={**everything, "scipy": "1.5.0", "pydicom": "2.1"})

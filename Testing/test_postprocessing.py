@@ -254,3 +254,32 @@ def test_label_histogram_counts_every_chunk_and_every_view():
     assert L.present_labels(b) == [1, 2, 3, 4, 5]
     assert L.present_labels(b.astype(np.int16)) == [1, 2, 3, 4, 5]
     assert L.present_labels(np.zeros((4, 4), np.uint8)) == [] and L.present_labels((b > 2).astype(np.uint8)) == [1]
+
+
+@pytest.mark.parametrize("shape", [(12, 40, 36), (1, 64, 64)])  # a volume, and a radiograph's single slice
+def test_components_are_scipys_26_connected_components(shape):
+    """label_components (connected-components-3d) against scipy.ndimage.label with the full 3x3x3
+    structure: per label the same component sizes and the same voxels in each component, touching
+    labels kept apart, diagonal neighbours joined; the clean-ups built on them agree with scipy's."""
+    from scipy import ndimage
+    from SpineKneeSegLib.engine.postprocessing import label_components, largest_component_per_label
+
+    rng = np.random.default_rng(sum(shape))
+    labels = ndimage.zoom(rng.integers(0, 4, (max(1, shape[0] // 4), shape[1] // 4, shape[2] // 4)),
+                          (shape[0] / max(1, shape[0] // 4), 4, 4), order=0).astype(np.uint8)
+    labels.ravel()[rng.integers(0, labels.size, 60)] = rng.integers(1, 4, 60)  # specks
+    components = label_components(labels)
+    assert set(components) == set(np.unique(labels)) - {0}
+    expected = labels.copy()
+    for value, (box, comp, sizes) in components.items():
+        want, n = ndimage.label(labels == value, structure=np.ones((3, 3, 3), bool))
+        want_sizes = np.bincount(want.ravel())[1:]
+        assert sorted(sizes[1:][sizes[1:] > 0]) == sorted(want_sizes) and len(sizes) - 1 == n
+        assert (want_sizes == want_sizes.max()).sum() == 1  # a unique largest: numbering cannot matter below
+        full = np.zeros(labels.shape, np.int64)
+        full[box] = comp
+        pairs = {(a, b) for a, b in zip(full[labels == value], want[labels == value])}
+        assert len(pairs) == n  # one scipy component for each of ours, and the other way round
+        expected[(want != 0) & (want != int(np.argmax(np.bincount(want.ravel())[1:]) + 1))] = 0
+    # the largest component is unique in size here, so the clean-up is the same whoever numbers them
+    np.testing.assert_array_equal(largest_component_per_label(labels, components), expected)

@@ -10,8 +10,10 @@ from SpineKneeSegLib.core.tables import ColumnSpec, Table
 from SpineKneeSegLib.engine.steps import StepContext, step
 
 ndimage = LazyModule("scipy.ndimage")  # loaded on first use (lazy.py)
+# connected-components-3d: the same 26-connected labelling as ndimage.label, 10-60x faster (a knee
+# output's femur box: 0.2 s -> 0.02 s; with scattered specks 1.7 s -> 0.03 s)
+cc3d = LazyModule("cc3d")
 
-STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float | None:
@@ -52,7 +54,7 @@ def label_components(labels: np.ndarray) -> dict[int, tuple]:
     for value, box in enumerate(ndimage.find_objects(labels), start=1):
         if box is None:
             continue
-        comp, _ = ndimage.label(labels[box] == value, structure=STRUCTURE_26)
+        comp = cc3d.connected_components((labels[box] == value).view(np.uint8), connectivity=26)
         sizes = np.bincount(comp.ravel())
         sizes[0] = 0
         out[value] = (box, comp, sizes)

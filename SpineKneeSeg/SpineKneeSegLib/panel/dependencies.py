@@ -22,6 +22,7 @@ RUNTIME_REQUIREMENTS = (
     "scipy>=1.10",
     "pillow>=9",
     "tqdm>=4.60",
+    "connected-components-3d>=3.12",
     "highdicom>=0.22",
 )
 SLICER_SHIPS = ("SimpleITK", "numpy", "vtk")
