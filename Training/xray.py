@@ -452,10 +452,9 @@ def rule_text(real: dict) -> str:
     s = real["summary"]
     if "phantoms_without_femur_after_rule" not in s:  # a task without the femur rule
         return ""
-    reported = s.get("chest_radiographs_with_bone_reported", s.get("chest_radiographs_with_femur_reported"))
     return (f"\nAfter the product's post-processing, whose radiograph-level rule removes any femur smaller than half "
             f"the smallest training phantom's (tasks/xray/anatomy.py MIN_FEMUR_MM2, fixed before scoring): "
-            f"{reported} of {s['chest_radiographs']} chest radiographs report a "
+            f"{s['chest_radiographs_with_bone_reported']} of {s['chest_radiographs']} chest radiographs report a "
             f"femur; held-out phantoms clean {s['clean_dice_after_rule']:.3f} (network alone {s['clean_dice_mean']:.3f}), "
             f"composites {s['composite_dice_after_rule']:.3f}; left without a femur: "
             + ", ".join(f"{sum(not c['femur_found'] for c in real['composites'] if c['kind'] == kind)} of "

@@ -64,14 +64,14 @@ def radiograph(display: np.ndarray):
 def phantom_femur_areas(n: int = 160) -> dict:
     """Area (mm2) of every femur in training phantoms 0..n-1 (each pelvis view shows two): the
     smallest femur a radiograph can show, which `anatomy.MIN_FEMUR_MM2` halves."""
-    from scipy import ndimage
+    from SpineKneeSegLib.tasks.xray.anatomy import drop_implausible_femurs
     from xray import make_case
 
     areas = {"pelvis": [], "hip": []}
     for seed in range(n):
         image, labels, ph = make_case("xray-femur", seed)
-        comp, _ = ndimage.label(labels.array[0] == 1, structure=np.ones((3, 3)))
-        areas[ph.extra["view"]] += (np.bincount(comp.ravel())[1:] * image.spacing[0] * image.spacing[1]).tolist()
+        # the product rule's own component areas, with nothing dropped
+        areas[ph.extra["view"]] += drop_implausible_femurs(labels.array, image.spacing[0] * image.spacing[1], 0.0)[1]
     every = np.concatenate([areas["pelvis"], areas["hip"]])
     return {"phantoms": n, "femurs": len(every), "min_mm2": round(float(every.min()), 1),
             "p5_mm2": round(float(np.percentile(every, 5)), 1), "median_mm2": round(float(np.median(every)), 1),

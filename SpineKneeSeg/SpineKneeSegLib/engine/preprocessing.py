@@ -436,7 +436,7 @@ class NetworkInput:
     ``batch`` samples slices onto the network grid first and normalises after. The normalisation
     is affine, so it commutes with the box filter and the bilinear weights: the same input as
     normalising whole volumes first, on the network grid's voxels only (a knee's 512 px slices ->
-    a 224 px window: a fifth of them; the whole-volume pass cost 0.29 s)."""
+    a 224 px window: a fifth of them; the whole-volume pass took 0.24 s in a profile)."""
     stacks: tuple  # (slices, rows, cols) each, on one grid
     affines: tuple  # (centre, spread) each: normalised = (value - centre) / spread
     context: int

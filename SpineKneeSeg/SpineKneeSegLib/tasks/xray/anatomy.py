@@ -30,6 +30,7 @@ import numpy as np
 from SpineKneeSegLib.core.image import Image
 from SpineKneeSegLib.core.lazy import LazyModule
 from SpineKneeSegLib.core.tables import ColumnSpec, Table
+from SpineKneeSegLib.engine.postprocessing import label_components
 from SpineKneeSegLib.engine.steps import StepContext, step
 from SpineKneeSegLib.tasks.xray.polarity import ASSUMED_FIELD_MM, working_pixel_mm
 
@@ -203,20 +204,20 @@ def drop_implausible_femurs(labels: np.ndarray, pixel_mm2: float, min_area_mm2: 
                             label: int = 1) -> tuple[np.ndarray, list[float], list[float]]:
     """Remove femur components smaller than any proximal femur a hip or pelvis radiograph shows
     (a blob on a chest or knee radiograph is not a femur) -> (labels, kept areas mm2, dropped
-    areas mm2), largest first."""
-    mask = labels == label
-    in_plane = np.zeros((3, 3, 3), bool)
-    in_plane[1] = True  # 8-connected within each image (a radiograph has one)
-    comp, n = ndimage.label(mask, structure=in_plane)
-    if n == 0:
+    areas mm2), largest first. Components as every clean-up counts them (label_components: on a
+    single slice, 8-connected)."""
+    found = label_components(labels).get(label)
+    if found is None:
         return labels, [], []
-    areas = np.bincount(comp.ravel())[1:] * pixel_mm2
-    small = np.flatnonzero(areas < min_area_mm2) + 1
-    out = labels.copy() if len(small) else labels
+    box, comp, sizes = found
+    areas = sizes * pixel_mm2  # areas[0] = 0: background
+    small = np.flatnonzero((areas < min_area_mm2) & (sizes > 0))
+    out = labels
     if len(small):
-        out[np.isin(comp, small)] = 0
-    kept = sorted((float(a) for a in areas if a >= min_area_mm2), reverse=True)
-    dropped = sorted((float(a) for a in areas if a < min_area_mm2), reverse=True)
+        out = labels.copy()
+        out[box][np.isin(comp, small)] = 0
+    kept = sorted((float(a) for a in areas if a >= min_area_mm2 and a > 0), reverse=True)
+    dropped = sorted((float(areas[k]) for k in small), reverse=True)
     return out, kept, dropped
 
 
