@@ -432,18 +432,25 @@ def _scan(folder: Path):
 
 
 def _both_pixel_paths(folder: Path):
+    """(slices, the file-offset read, GDCM's read); the offset read is also checked against
+    pydicom's pixel_array (the plain path before it), value for value and type."""
     from SpineKneeSegLib.core import image_io
 
     slices = _scan(folder)
+    assert all(s.stored is not None for s in slices)  # the offset read is the one compared
     fast = image_io._read_dicom_pixels(slices)
+    for s in slices:
+        s.stored = None
+    by_pydicom = image_io._read_dicom_pixels(slices)
+    assert fast.dtype == by_pydicom.dtype and np.array_equal(fast, by_pydicom)
     for s in slices:
         s.plain_pixels = False
     return slices, fast, image_io._read_dicom_pixels(slices)
 
 
 def test_plain_dicom_pixels_read_by_numpy_equal_gdcm(tmp_path):
-    """The pydicom path for plain stored integers gives GDCM's values and type, voxel for voxel;
-    a rescaled series is never plain."""
+    """The file-offset path for plain stored integers gives pydicom's and GDCM's values and type,
+    voxel for voxel; a rescaled series is never plain."""
     volume = _volume((3, 4, 5)) - 50  # negative values: signed pixels
     write_dicom_series(tmp_path / "plain", volume)
     slices, fast, gdcm = _both_pixel_paths(tmp_path / "plain")
@@ -451,6 +458,31 @@ def test_plain_dicom_pixels_read_by_numpy_equal_gdcm(tmp_path):
     assert fast.dtype == gdcm.dtype and np.array_equal(fast, gdcm)
     write_dicom_series(tmp_path / "rescaled", volume, slope=2.5, intercept=-10)
     assert not any(s.plain_pixels for s in _scan(tmp_path / "rescaled"))
+
+
+@pytest.mark.parametrize("layout", ["8-bit odd", "16-bit unsigned implicit VR", "large"])
+def test_plain_dicom_layouts_read_from_the_file_offset(tmp_path, layout):
+    """8-bit pixels with an odd count (PixelData padded to even length), implicit VR, and a slice
+    whose PixelData is over the header pass's deferral size (skipped, read from its offset)."""
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    shape = {"8-bit odd": (2, 3, 5), "16-bit unsigned implicit VR": (2, 4, 5), "large": (2, 64, 48)}[layout]
+    files, _ = write_dicom_series(tmp_path / "s", _volume(shape) % 200)
+    for path in files:
+        ds = pydicom.dcmread(path)
+        pixels = ds.pixel_array
+        if layout == "8-bit odd":
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+            ds.PixelData = pixels.astype(np.uint8).tobytes() + b"\0"
+        elif layout.startswith("16-bit unsigned"):
+            ds.PixelRepresentation = 0
+            ds.PixelData = (pixels.astype(np.int32) + 40000).astype("<u2").tobytes()
+            ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        ds.save_as(path, enforce_file_format=True)
+    slices, fast, gdcm = _both_pixel_paths(tmp_path / "s")
+    assert fast.dtype == gdcm.dtype and np.array_equal(fast, gdcm) and fast.shape == shape
+    if layout.startswith("16-bit unsigned"):
+        assert fast.min() >= 40000
 
 
 def test_plain_dicom_pixels_on_the_real_knee_series():
@@ -473,7 +505,8 @@ def test_plain_dicom_with_truncated_pixels_names_the_file(tmp_path):
 
 @pytest.mark.parametrize("signed", [0, 1])
 def test_plain_dicom_12_bit_stored_values_equal_gdcm(tmp_path, signed):
-    """12 bits stored in 16: pydicom sign-extends and masks the unused high bits as GDCM does."""
+    """12 bits stored in 16: the offset read (as pydicom) sign-extends and masks the unused high
+    bits as GDCM does."""
     files, _ = write_dicom_series(tmp_path / "s", _volume((2, 4, 5)))
     raw = np.array([[0x0FFF, 0x0800, 0x07FF, 0xF001, 0x0001]] * 4, np.uint16)  # -1, -2048, 2047, garbage, 1
     for path in files:

@@ -381,6 +381,18 @@ class _Slice:
     patient_orientation: tuple[str, str] | None = None  # PatientOrientation (0020,0020): row, column directions
     photometric: str = ""
     plain_pixels: bool = False  # uncompressed MONOCHROME2 integers without rescale: numpy can read them as stored
+    stored: "_StoredPixels | None" = None  # where a plain file keeps them, when the header pass could say
+
+
+@dataclass(frozen=True)
+class _StoredPixels:
+    """An uncompressed little-endian PixelData value: file position, byte count, numpy dtype and
+    the bits that hold the value (the rest are masked, or carry the sign, as pydicom does)."""
+
+    offset: int
+    nbytes: int
+    dtype: str
+    bits_stored: int
 
 
 def _read_dicom_folder(folder: Path, echo, series) -> Image:
@@ -411,15 +423,20 @@ def _scan_folder(folder: Path) -> list[_Slice]:
     return slices
 
 
+# values over this size (PixelData, private blobs such as a Siemens CSA header) are skipped by the
+# header pass, their file position kept: the pixel pass then reads PixelData without parsing again
+_DEFER_BYTES = 1024
+
+
 def _read_header(path: Path) -> _Slice | None:
     """Header of a DICOM image file, or None when the file is not one."""
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
     except pydicom.errors.InvalidDicomError:
         if path.suffix.lower() not in ("", ".dcm", ".ima", ".dicom"):
             return None
         try:  # DICOM files written without the 128-byte preamble
-            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES, force=True)
         except Exception:  # any parse failure of a forced read means "not DICOM"
             return None
     except Exception as exc:  # a truncated or corrupt DICOM header
@@ -453,6 +470,7 @@ def _slice_from_dataset(path: Path, ds) -> _Slice:
             spacing_source = f"ImagerPixelSpacing / EstimatedRadiographicMagnificationFactor {magnification:g}"
     orientation_letters = ds.get("PatientOrientation")
     step = ds.get("SpacingBetweenSlices") or ds.get("SliceThickness")
+    plain = _plain_pixels(ds)
     return _Slice(
         path=path, series_uid=str(ds.SeriesInstanceUID),
         description=str(ds.get("SeriesDescription", "")), modality=str(ds.get("Modality", "")),
@@ -467,7 +485,7 @@ def _slice_from_dataset(path: Path, ds) -> _Slice:
         slice_step=_float_or_none(step),
         laterality=str(ds.get("ImageLaterality") or ds.get("Laterality") or "").strip().upper() or None,
         spacing_source=spacing_source, photometric=str(ds.get("PhotometricInterpretation", "")),
-        plain_pixels=_plain_pixels(ds),
+        plain_pixels=plain, stored=_stored_pixels(ds) if plain else None,
         patient_orientation=(tuple(str(v).strip().upper() for v in orientation_letters)
                              if orientation_letters is not None and len(orientation_letters) == 2 else None))
 
@@ -700,7 +718,40 @@ def _plain_pixels(ds) -> bool:
             and (_int_or_none(ds.get("NumberOfFrames")) or 1) == 1)
 
 
+def _stored_pixels(ds) -> _StoredPixels | None:
+    """Where a plain file's pixels lie (None: let pydicom decode them, e.g. a short PixelData kept
+    in memory, an undefined length, or a high bit that is not the stored bits' top)."""
+    element = ds.get_item(0x7FE00010, keep_deferred=True)
+    allocated, stored = int(ds.get("BitsAllocated", 0) or 0), int(ds.get("BitsStored", 0) or 0)
+    if (not isinstance(element, pydicom.dataelem.RawDataElement) or element.value_tell is None
+            or not 0 < stored <= allocated or int(ds.get("HighBit", stored - 1)) != stored - 1):
+        return None
+    size = int(ds.Rows) * int(ds.Columns) * allocated // 8
+    if element.length not in (size, size + 1):  # an odd 8-bit value is padded to even length
+        return None
+    kind = "i" if int(ds.get("PixelRepresentation", 0) or 0) == 1 else "u"
+    return _StoredPixels(int(element.value_tell), size, f"<{kind}{allocated // 8}", stored)
+
+
+def _read_stored_pixels(s: _Slice) -> np.ndarray:
+    """What pydicom's pixel_array gives for a plain file, read straight from the file."""
+    p = s.stored
+    with open(s.path, "rb") as f:
+        f.seek(p.offset)
+        raw = f.read(p.nbytes)
+    if len(raw) != p.nbytes:
+        raise InputError(f"cannot read DICOM pixel data: {len(raw)} of {p.nbytes} bytes (truncated file)", s.path)
+    array = np.frombuffer(raw, p.dtype).reshape(s.rows, s.columns)
+    bits = array.dtype.itemsize * 8
+    if p.bits_stored < bits:  # as pydicom: unused high bits masked, or the stored sign bit extended
+        shift = bits - p.bits_stored
+        array = (array << shift) >> shift if array.dtype.kind == "i" else array & ((1 << p.bits_stored) - 1)
+    return array
+
+
 def _read_plain_pixels(s: _Slice) -> np.ndarray:
+    if s.stored is not None:
+        return _read_stored_pixels(s)
     try:
         return pydicom.dcmread(s.path).pixel_array
     except Exception as exc:  # truncated pixel data and the like
