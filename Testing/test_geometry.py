@@ -167,3 +167,51 @@ def test_radiograph_field_normalisation_still_normalises_each_image_first():
     want = _normalised_first([image], "percentile-field", np.array([0]), 1, grid, 0.0).numpy()
     np.testing.assert_allclose(source.batch(np.array([0]), grid).numpy(), want, atol=1e-6)
     assert source.affines == ((0.0, 1.0),) and np.allclose(source.stacks[0], normalise(image, "percentile-field"))
+
+
+# ---- labels back on the input grid: only where the network found something ------------------------
+
+def _labels_back(logits, grid, activation, within):
+    from SpineKneeSegLib.engine.inference import logits_to_labels
+    from SpineKneeSegLib.engine.preprocessing import from_network_grid
+
+    out = np.zeros((logits.shape[0], *grid.input_hw), np.uint8)
+    if within is False:
+        return out
+    back, (r0, r1, c0, c1) = from_network_grid(logits, grid, within)
+    out[:, r0:r1, c0:c1] = logits_to_labels(back, activation).numpy()
+    return out
+
+
+def test_labels_resampled_only_near_the_networks_labels_equal_resampling_everything():
+    """Smooth random logits with a few small objects (softmax and sigmoid heads) in a window that
+    grows 2.3x and one that shrinks and reaches outside the slice: labels from the restricted
+    resampling equal those from resampling every pixel, voxel for voxel; a batch without labels
+    resamples nothing. Without a window the restriction is not used."""
+    import torch
+    import torch.nn.functional as F
+    from SpineKneeSegLib.engine.inference import logits_to_labels
+    from SpineKneeSegLib.engine.preprocessing import SliceGeometry, network_label_box
+
+    rng = np.random.default_rng(7)
+    grids = [SliceGeometry(0, (120, 110), (48, 48), (48, 48), window=(10.3, -4.7, 110.0, 110.0)),
+             SliceGeometry(0, (120, 110), (48, 48), (48, 48), window=(-30.0, 20.0, 60.0, 60.0))]
+    found = 0
+    for grid in grids:
+        for activation, channels in (("softmax", 4), ("sigmoid", 3)):
+            for trial in range(4):
+                coarse = torch.from_numpy(rng.normal(0, 1, (3, channels, 6, 6)).astype(np.float32))
+                logits = F.interpolate(coarse, size=grid.network_hw, mode="bicubic", align_corners=False)
+                logits[:, 0 if activation == "softmax" else slice(None)] += 1.5 + trial  # mostly background
+                box = network_label_box(logits_to_labels(logits, activation))
+                want = _labels_back(logits, grid, activation, None)
+                got = _labels_back(logits, grid, activation, box if box is not None else False)
+                np.testing.assert_array_equal(got, want)
+                found += box is not None and 0 < (want > 0).mean() < 0.5
+                if box is None:
+                    assert not want.any()
+    assert found >= 6  # the restriction was exercised on partly labelled batches
+    resized = SliceGeometry(0, (120, 110), (48, 40), (48, 48))
+    from SpineKneeSegLib.engine.preprocessing import from_network_grid
+
+    assert from_network_grid(logits[..., :48, :40], resized, (0, 1, 0, 1))[1] == (0, 120, 0, 110)

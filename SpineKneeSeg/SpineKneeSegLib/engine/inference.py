@@ -22,6 +22,7 @@ from SpineKneeSegLib.engine.preprocessing import (
     in_plane_spacing,
     network_grid,
     network_grid_image,
+    network_label_box,
     pad_to,
     resolve_plane,
     window_centre_rc,
@@ -144,8 +145,12 @@ def _labels_of(card: TaskCard, image: Image, net, device, pre: dict, batch_size:
     for index, logits, grid, (r0, _, c0, _), cropped in _batches(image, net, device, pre, batch_size, progress,
                                                                   timings, slices, centre_lps, extra):
         t = time.perf_counter()
-        out, (a0, a1, b0, b1) = from_network_grid(logits, grid)
-        labels[index, r0 + a0:r0 + a1, c0 + b0:c0 + b1] = logits_to_labels(out, card.label_activation).cpu().numpy()
+        # with a window, labels only near the network's own (probabilities on the input grid: all)
+        restrict = grid.window is not None and not (probabilities is not None and probabilities_on != "network")
+        within = network_label_box(logits_to_labels(logits, card.label_activation)) if restrict else None
+        if within is not None or not restrict:
+            out, (a0, a1, b0, b1) = from_network_grid(logits, grid, within)
+            labels[index, r0 + a0:r0 + a1, c0 + b0:c0 + b1] = logits_to_labels(out, card.label_activation).cpu().numpy()
         if probabilities is not None and probabilities_on == "network":
             if probs is None:
                 probs = np.zeros((logits.shape[1], labels.shape[0], *logits.shape[-2:]), np.uint8)

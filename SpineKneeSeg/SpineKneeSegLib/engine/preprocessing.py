@@ -468,10 +468,14 @@ class NetworkInput:
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
-def from_network_grid(logits: torch.Tensor, grid: SliceGeometry) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+def from_network_grid(logits: torch.Tensor, grid: SliceGeometry,
+                      within: tuple[int, int, int, int] | None = None) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
     """(N, C, *network_hw) network output -> (output on the input pixels whose centres lie inside
     the window, that box (r0, r1, c0, c1)); bilinear (logits, not labels, are resampled). Pixels
-    outside the box are background for the caller."""
+    outside the box are background for the caller. ``within`` (rows y0, y1, columns x0, x1 of the
+    network grid, half-open), with a window: only input pixels whose bilinear neighbours touch it
+    are resampled (labels; see ``network_label_box``). Without a window every pixel is (F.interpolate:
+    grid_sample's floats differ in the last bit, enough to flip a near tie)."""
     import torch
     import torch.nn.functional as F
 
@@ -479,8 +483,12 @@ def from_network_grid(logits: torch.Tensor, grid: SliceGeometry) -> tuple[torch.
     if grid.window is None:
         return resize_batch(logits, grid.input_hw), (0, h, 0, w)
     top, left, wh, ww = grid.window
+    nh, nw = grid.network_hw
     r0, r1 = max(0, int(np.ceil(top - 0.5))), min(h, int(np.floor(top + wh - 0.5)) + 1)
     c0, c1 = max(0, int(np.ceil(left - 0.5))), min(w, int(np.floor(left + ww - 0.5)) + 1)
+    if within is not None:
+        r0, r1 = _touching(r0, r1, top, wh, nh, within[0], within[1])
+        c0, c1 = _touching(c0, c1, left, ww, nw, within[2], within[3])
     if r1 <= r0 or c1 <= c0:
         return logits[..., :0, :0], (0, 0, 0, 0)
     ys = (2.0 * (torch.arange(r0, r1, dtype=torch.float32) + 0.5 - top) / wh - 1.0).to(logits.device)
@@ -489,6 +497,29 @@ def from_network_grid(logits: torch.Tensor, grid: SliceGeometry) -> tuple[torch.
     sampling = torch.stack((gx, gy), dim=-1).to(logits.dtype)[None].expand(logits.shape[0], -1, -1, -1)
     out = F.grid_sample(logits, sampling, mode="bilinear", padding_mode="border", align_corners=False)
     return out, (r0, r1, c0, c1)
+
+
+def _touching(p0: int, p1: int, start: float, extent: float, n: int, q0: int, q1: int) -> tuple[int, int]:
+    """The input pixels in [p0, p1) whose two bilinear neighbours on an n-pixel network axis
+    (border-clamped, as grid_sample's) include one in [q0, q1): a contiguous run."""
+    p = np.arange(p0, p1)
+    q = np.floor(np.clip((p + 0.5 - start) * n / extent - 0.5, 0, n - 1))
+    hit = np.flatnonzero((q <= q1 - 1) & (q + 1 >= q0))
+    return (int(p[hit[0]]), int(p[hit[-1]]) + 1) if len(hit) else (p0, p0)
+
+
+def network_label_box(labels: torch.Tensor) -> tuple[int, int, int, int] | None:
+    """Rows and columns (half-open) of a batch's labels on the network grid that are not
+    background; None when all are. Bilinear weights are a convex combination, so where a pixel's
+    four network neighbours all favour background (or no sigmoid channel is above 0), so does the
+    resampled logit vector: nothing outside this box need be resampled for labels."""
+    import torch
+
+    rows = torch.nonzero(labels.amax(dim=(0, 2)))
+    if not len(rows):
+        return None
+    cols = torch.nonzero(labels.amax(dim=(0, 1)))
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
 def training_slices(image: Image, labels: np.ndarray, plane: str, normalisation: str,
