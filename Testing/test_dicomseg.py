@@ -94,6 +94,25 @@ def test_knee_truth_round_trips_frame_by_frame(tmp_path):
     assert stat.S_IMODE(os.stat(path).st_mode) & 0o044, "outputs must be readable by others (umask), not 0600"
 
 
+def test_dicom_seg_from_the_readers_headers_equals_one_from_the_files(tmp_path):
+    """The writer references the headers the reader kept (no second parse of the series): the same
+    SEG as from headers read again from the files, and none of the source pixels are held."""
+    phantom = _dicom_phantom("knee-bones", tmp_path / "series")
+    image = read_image(tmp_path / "series")
+    headers = image.meta["dicom_headers"]
+    assert len(headers) == len(image.meta["dicom_files"]) and not any("PixelData" in h for h in headers)
+    assert [h.SOPInstanceUID for h in headers] == [
+        pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in image.meta["dicom_files"]]
+    kept = write_dicom_seg(image, phantom.labels.array, TASKS["knee-bones"], tmp_path / "kept.dcm")
+    reread = write_dicom_seg(image.with_array(image.array, dicom_headers=None), phantom.labels.array,
+                             TASKS["knee-bones"], tmp_path / "reread.dcm")
+    a, b = pydicom.dcmread(kept), pydicom.dcmread(reread)
+    assert a.PixelData == b.PixelData and a.NumberOfFrames == b.NumberOfFrames
+    for keyword in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence", "ReferencedSeriesSequence",
+                    "PatientID", "StudyInstanceUID", "FrameOfReferenceUID"):
+        assert a.get(keyword) == b.get(keyword), keyword
+
+
 def test_cli_writes_dicom_seg_for_a_dicom_input_and_explains_when_it_cannot(tmp_path):
     small = {"slice_thickness_mm": 6.0, "in_plane": 64}  # a small brain: the network's time is not tested here
     _dicom_phantom("brain-wmh", tmp_path / "series", **small)

@@ -382,6 +382,7 @@ class _Slice:
     photometric: str = ""
     plain_pixels: bool = False  # uncompressed MONOCHROME2 integers without rescale: numpy can read them as stored
     stored: "_StoredPixels | None" = None  # where a plain file keeps them, when the header pass could say
+    header: object = None  # the pydicom header without PixelData (a DICOM-SEG references it)
 
 
 @dataclass(frozen=True)
@@ -444,9 +445,13 @@ def _read_header(path: Path) -> _Slice | None:
     if "SeriesInstanceUID" not in ds or "Rows" not in ds or "Columns" not in ds:
         return None  # not an image (DICOMDIR, structured report, presentation state, junk)
     try:
-        return _slice_from_dataset(path, ds)
+        s = _slice_from_dataset(path, ds)
     except (ValueError, TypeError, IndexError) as exc:
         raise InputError(f"malformed DICOM header: {exc}", path) from None
+    if "PixelData" in ds:
+        del ds.PixelData  # as a stop_before_pixels read: the DICOM-SEG writer parses no file again
+    s.header = ds
+    return s
 
 
 def _slice_from_dataset(path: Path, ds) -> _Slice:
@@ -590,7 +595,8 @@ def _assemble_dicom(slices: list[_Slice], echo, series, where: Path) -> Image:
         "photometric": first.photometric, "spacing_source": first.spacing_source,
         **({"spacing_note": f"pixel size from {first.spacing_source}"}
            if first.spacing_source != "PixelSpacing" else {}),
-        "dicom_files": [str(s.path) for s in chosen_sorted], "warnings": warnings})
+        "dicom_files": [str(s.path) for s in chosen_sorted], "dicom_headers": [s.header for s in chosen_sorted],
+        "warnings": warnings})
     return image
 
 

@@ -87,8 +87,11 @@ def write_dicom_seg(image, labels: np.ndarray, card, path) -> Path:
     ok, why = can_write(image)
     if not ok:
         raise ValueError(why)
-    # the headers are all a SEG references (highdicom reads no source pixels): 3x faster than full reads
-    sources = [_with_type2(pydicom.dcmread(f, stop_before_pixels=True)) for f in image.meta["dicom_files"]]
+    # the headers are all a SEG references (highdicom reads no source pixels): the reader's own when it
+    # kept them (80 DESS headers parsed again took a quarter of this writer's time), else read here
+    headers = image.meta.get("dicom_headers") or [None] * len(image.meta["dicom_files"])
+    sources = [_with_type2(h if h is not None else pydicom.dcmread(f, stop_before_pixels=True))
+               for h, f in zip(headers, image.meta["dicom_files"])]
     if "FrameOfReferenceUID" not in sources[0]:
         raise ValueError(f"{image.meta['dicom_files'][0]}: no FrameOfReferenceUID, a DICOM-SEG cannot reference it")
     rows, columns = int(sources[0].Rows), int(sources[0].Columns)
