@@ -241,6 +241,36 @@ def test_plausibility_passes_on_true_labels(phantom):
     assert summary["checks"]["raw_vs_final_dice"]["dice"]["femur"] == 1.0
 
 
+def test_plausibility_from_the_clean_ups_components_equals_reading_the_voxels(phantom):
+    """The pipeline hands the plausibility check the clean-up's components (boxes, sizes): the same
+    summary as labelling the final map and counting raw x final voxels, on a raw map with specks
+    of every bone and a split fibula; components of anything else are not taken for the clean-up's."""
+    import json
+
+    from SpineKneeSegLib.engine.postprocessing import (
+        kept_components,
+        label_components,
+        largest_component_per_label,
+    )
+    from SpineKneeSegLib.tasks.knee.anatomy import _clean_up_confusion
+
+    labels, image = phantom.labels.array, phantom.image
+    raw = labels.copy()
+    rng = np.random.default_rng(3)
+    raw.ravel()[rng.choice(raw.size, 40, replace=False)] = rng.integers(1, 5, 40)
+    fib = np.argwhere(labels == 3)
+    raw[(labels == 3) & (np.abs(np.arange(labels.shape[1])[None, :, None] - np.median(fib[:, 1])) < 2)] = 0
+    components = label_components(raw)
+    final = largest_component_per_label(raw, components)
+    fast = knee_plausibility(final, image, raw_labels=raw, raw_components=components,
+                             components=kept_components(components))
+    slow = knee_plausibility(final, image, raw_labels=raw)
+    assert json.dumps(fast, sort_keys=True) == json.dumps(slow, sort_keys=True)
+    assert fast["checks"]["raw_vs_final_dice"]["dice"]["fibula"] < 1.0  # the shortcut had something to count
+    assert _clean_up_confusion(raw, components, label_components(final)) is None  # maps, not the clean-up's
+    assert _clean_up_confusion(raw, label_components(labels), kept_components(components)) is None
+
+
 def test_each_plausibility_check_fails_on_a_broken_label_map(phantom):
     labels, image = phantom.labels.array, phantom.image
 

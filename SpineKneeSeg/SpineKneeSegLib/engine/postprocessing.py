@@ -55,11 +55,22 @@ def label_components(labels: np.ndarray) -> dict[int, tuple]:
     for value, box in enumerate(ndimage.find_objects(labels), start=1):
         if box is None:
             continue
-        comp = cc3d.connected_components((labels[box] == value).view(np.uint8), connectivity=26)
-        sizes = np.bincount(comp.ravel())
+        comp, n = cc3d.connected_components((labels[box] == value).view(np.uint8), connectivity=26, return_N=True)
+        sizes = component_sizes(comp, n)
         sizes[0] = 0
         out[value] = (box, comp, sizes)
     return out
+
+
+def component_sizes(comp: np.ndarray, n: int) -> np.ndarray:
+    """Voxels per component id 0..n (int64) of a component map. Ids below 256 (a label's pieces,
+    nearly always) are counted as uint8 by torch: numpy's bincount first copies the map to int64
+    (the DESS femur's 9 M-voxel box: 18 -> 6 ms)."""
+    if n < 256:
+        import torch
+
+        return torch.bincount(torch.from_numpy(comp.astype(np.uint8).ravel()), minlength=n + 1).numpy()
+    return np.bincount(comp.ravel(), minlength=n + 1)
 
 
 def _label_components(labels: np.ndarray, components: dict | None = None):

@@ -44,7 +44,8 @@ def _voxels(labels: np.ndarray, value: int, boxes=None) -> np.ndarray:
     box = boxes[value - 1] if value <= len(boxes) else None
     if box is None:
         return np.zeros((0, 3), np.int64)
-    return np.argwhere(labels[box] == value) + np.array([b.start for b in box])
+    mask = labels[box] == value  # flat indices, then unravelled: half argwhere's time on a femur
+    return np.stack(np.unravel_index(np.flatnonzero(mask), mask.shape), axis=1) + np.array([b.start for b in box])
 
 
 def _to_ras(image: Image, kji: np.ndarray, rows=slice(None)) -> np.ndarray:
@@ -53,13 +54,15 @@ def _to_ras(image: Image, kji: np.ndarray, rows=slice(None)) -> np.ndarray:
     return kji[:, ::-1].astype(np.float32) @ m[..., :3].T.astype(np.float32) + m[..., 3].astype(np.float32)
 
 
-def joint_centre_from_labels(labels: np.ndarray, image: Image, boxes=None) -> tuple[list[float] | None, str]:
+def joint_centre_from_labels(labels: np.ndarray, image: Image, boxes=None, voxels=None) -> tuple[list[float] | None, str]:
     """Femorotibial joint centre in RAS mm from a label map on ``image``'s grid: superior-inferior
     midway between the lowest femur point and the highest tibia point (1st / 99th percentile of
     S, so stray voxels do not move it), right-left and anterior-posterior the mean of femur and
-    tibia voxels within JOINT_BAND_MM of those points. (None, reason) without both bones."""
-    boxes = ndimage.find_objects(labels, max_label=TIBIA) if boxes is None else boxes
-    femur, tibia = _voxels(labels, FEMUR, boxes), _voxels(labels, TIBIA, boxes)
+    tibia voxels within JOINT_BAND_MM of those points. (None, reason) without both bones.
+    ``voxels``: value -> _voxels(labels, value), when the caller has them."""
+    boxes = ndimage.find_objects(labels, max_label=TIBIA) if boxes is None and voxels is None else boxes
+    voxels = voxels or (lambda value: _voxels(labels, value, boxes))
+    femur, tibia = voxels(FEMUR), voxels(TIBIA)
     missing = [name for name, pts in (("femur", femur), ("tibia", tibia)) if len(pts) == 0]
     if missing:
         return None, f"no {' and no '.join(missing)} voxels"
@@ -119,6 +122,22 @@ def dicom_laterality(image: Image) -> str | None:
     return {"R": "right", "L": "left"}.get(value)
 
 
+def _clean_up_confusion(raw: np.ndarray, raw_components: dict, components: dict | None) -> np.ndarray | None:
+    """The 6 x 6 raw x final counts without reading a voxel, when ``components`` are
+    postprocessing.kept_components(raw_components) (final = raw's largest piece of each label:
+    each label keeps its largest component and loses the rest to background); else None."""
+    if components is None or set(components) != set(raw_components) or any(
+            c[1] is not None or int(c[2].sum()) != int(raw_components[v][2].max()) for v, c in components.items()):
+        return None
+    confusion = np.zeros((6, 6), np.int64)
+    for v, (_, _, sizes) in raw_components.items():
+        kept, total = int(sizes.max()), int(sizes.sum())
+        confusion[min(v, 5), min(v, 5)] += kept
+        confusion[min(v, 5), 0] += total - kept
+    confusion[0, 0] = raw.size - int(confusion.sum())
+    return confusion
+
+
 def _confusion(raw: np.ndarray, labels: np.ndarray, boxes, raw_components: dict | None) -> np.ndarray:
     """6 x 6 raw x final label counts (values above 5 counted as 5), counted inside the box that
     holds every label of both maps (``boxes``: find_objects of ``labels``; ``raw_components``:
@@ -149,13 +168,24 @@ def knee_plausibility(labels: np.ndarray, image: Image, raw_labels: np.ndarray |
     None-passed (skipped) only for an absent patella."""
     raw = labels if raw_labels is None else raw_labels
     voxel_ml = float(np.prod(image.spacing)) / 1000.0
-    boxes = ndimage.find_objects(labels)  # every value present, so the confusion box misses none
-    confusion = _confusion(raw, labels, boxes, raw_components)
+    # a box per value present (the confusion box misses none): the final labels' own, or from their
+    # components (for the largest-component clean-up's output, its input's boxes, which hold them)
+    boxes = (ndimage.find_objects(labels) if components is None else
+             [components[v][0] if v in components else None for v in range(1, max(components, default=0) + 1)])
+    found: dict[int, np.ndarray] = {}
+
+    def voxels(value: int) -> np.ndarray:  # each bone's indices looked up once (centroid, fibula, joint)
+        if value not in found:
+            found[value] = _voxels(labels, value, boxes)
+        return found[value]
+
+    confusion = (_clean_up_confusion(raw, raw_components, components) if raw_components is not None else None)
+    confusion = _confusion(raw, labels, boxes, raw_components) if confusion is None else confusion
     counts = confusion.sum(axis=0)
     volumes = {v: float(counts[v]) * voxel_ml for v in BONES}
     present = {v for v in BONES if counts[v] > 0}
     # the voxel-to-RAS map is affine: the centroid of the mapped voxels is the mapped mean index
-    centroid = {v: _to_ras(image, _voxels(labels, v, boxes).mean(axis=0, keepdims=True))[0] for v in present}
+    centroid = {v: _to_ras(image, voxels(v).mean(axis=0, keepdims=True))[0] for v in present}
     checks: dict[str, dict] = {}
 
     # every required bone present, the patella optional
@@ -202,7 +232,7 @@ def knee_plausibility(labels: np.ndarray, image: Image, raw_labels: np.ndarray |
 
     # the fibula is a slender bone: no axial cross-section wider than a fibular head
     if FIBULA in present:
-        widest = fibula_cross_section_mm(_to_ras(image, _voxels(labels, FIBULA, boxes)))
+        widest = fibula_cross_section_mm(_to_ras(image, voxels(FIBULA)))
         checks["fibula_cross_section"] = {
             "passed": max(widest) <= MAX_FIBULA_CROSS_SECTION_MM, "max_mm": MAX_FIBULA_CROSS_SECTION_MM,
             "widest_left_right_mm": round(widest[0], 1), "widest_anterior_posterior_mm": round(widest[1], 1)}
@@ -236,7 +266,7 @@ def knee_plausibility(labels: np.ndarray, image: Image, raw_labels: np.ndarray |
                                                               for k, d in dices.items()},
                                    "min": MIN_DICE_RAW_VS_FINAL, **({"low": low} if low else {})}
 
-    centre, note = joint_centre_from_labels(labels, image, boxes)
+    centre, note = joint_centre_from_labels(labels, image, voxels=voxels)
     failed = [name for name, c in checks.items() if c["passed"] is False]
     return {"passed": not failed, "failed": failed, "checks": checks,
             "knee_side": side, "dicom_laterality": declared, "side_agrees": agrees,
