@@ -322,6 +322,12 @@ def _run_locked(card: TaskCard, inputs: list[str], output_dir: Path, options: Ru
 
     from SpineKneeSegLib.mrml import nodes  # noqa: F401  (slicer-core and VTK: imports, not the run)
 
+    if options.dicom_seg and image.meta.get("is_dicom"):
+        try:  # the DICOM-SEG writer's library: 0.3-0.4 s to import, start-up like the rest
+            import highdicom  # noqa: F401
+        except ImportError:
+            pass  # the writer says so in the report's warnings
+
     from SpineKneeSegLib.engine.inference import (
         load_network,
         pick_device,

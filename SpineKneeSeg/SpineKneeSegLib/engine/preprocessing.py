@@ -643,14 +643,17 @@ def bias_correct(image: Image, method: str | None, params: dict | None = None) -
         coarse = tuple(n if a == axis else min(n, px) for a, n in enumerate(shape))
         log_field = corrector.GetLogBiasFieldAsImage(_grid_image(None, coarse, shape, image.spacing))
         field = torch.exp(torch.from_numpy(sitk.GetArrayFromImage(log_field)).neg_())
+        low, high = float(field.min()), float(field.max())  # interpolation stays within the samples' range
         if coarse != shape and axis is not None:  # every slice kept: bilinear per slice (trilinear's
             # weights along it are 1 and 0), 0.05 instead of 0.11 s at 512 x 512 x 80
             field = F.interpolate(field.movedim(axis, 0)[:, None], size=[n for a, n in enumerate(shape) if a != axis],
                                   mode="bilinear", align_corners=False)[:, 0].movedim(0, axis)
         elif coarse != shape:
             field = F.interpolate(field[None, None], size=shape, mode="trilinear", align_corners=False)[0, 0]
+    if method == "n4-full":
+        low, high = float(field.min()), float(field.max())
     array.mul_(field)
     info = {"method": method, "shrink_factors_ijk": factors, "shrunk_size_ijk": list(small.GetSize()),
             "iterations": list(corrector.GetMaximumNumberOfIterations()),
-            "field_range": [round(1.0 / float(field.max()), 4), round(1.0 / float(field.min()), 4)]}
+            "field_range": [round(1.0 / high, 4), round(1.0 / low, 4)]}
     return image.with_array(array.numpy()), info
