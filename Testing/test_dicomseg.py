@@ -163,3 +163,16 @@ def test_dess_dicom_seg_maps_frames_to_their_source_slices(data_root, tmp_path):
     seg, back = _frames_by_source(path, image, 4)
     np.testing.assert_array_equal(back, labels)
     assert seg.number_of_frames == 22  # only slices holding a segment: 20 femur + 2 patella
+
+
+def test_dicom_seg_writer_warmed_at_start_up():
+    """The run loads highdicom's standard tables with its imports (start-up), so the first
+    DICOM-SEG of a process does not parse them inside timings_s.total."""
+    from highdicom import _standard_utils
+    from SpineKneeSegLib.engine.pipeline import warm_dicom_seg_writer
+
+    loaders = [_standard_utils.get_iod_module_map, _standard_utils.get_module_attribute_map]
+    for loader in loaders:
+        loader.cache_clear()
+    warm_dicom_seg_writer()
+    assert all(loader.cache_info().currsize == 1 for loader in loaders)
