@@ -92,7 +92,8 @@ def main(argv=None) -> int:
         print(f"{r['task']:16} {r['weights']:9} {r['source'][:42]:42} {'x'.join(map(str, r['shape'])):16} {r['total']:7.3f} "
               f"{r['network']:8.3f} {r['overhead']:8.3f} {r['ratio']:6.2f} {r['limit']:6.3f}  "
               f"{'ok' if r['ok'] else 'FAIL'}")
-        print(f"{'':26} load {r['load']:.3f}  preprocess {r['preprocess']:.3f}  postprocess {r['postprocess']:.3f}  "
+        print(f"{'':26} load {r['load']:.3f}  bias field {r.get('bias_correction', 0):.3f}  preprocess {r['preprocess']:.3f}  "
+              f"postprocess {r['postprocess']:.3f}  "
               f"write {r['write']:.3f}  mrml start-up {r.get('mrml_startup', 0):.3f}  dicom-seg {r.get('dicom_seg', 0):.3f}"
               f"  (all in total; start-up before it {r.get('startup', 0):.3f})")
     cpu = "".join(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
