@@ -210,3 +210,20 @@ def test_parallel_runner_with_fixed_steps_trains_every_fold_and_the_final_model(
     assert held_out == {"myosegmentum/case1", "myosegmentum/case2"}  # each fold holds out the other case
     with pytest.raises(SystemExit):
         level_parallel.main(argv[:-5] + ["--budget-minutes", "1", "--", "--device", "cpu"])
+
+
+def test_dice_ceiling_is_one_on_the_native_grid_and_drops_with_nearest_targets():
+    """Training/level_ceiling.py: a perfect network on the scan's own 1 mm grid scores 1; on a
+    1.4 mm grid, labels averaged onto it come back nearly whole and nearest-sampled ones lose
+    boundary voxels (the training targets' own limit)."""
+    from level_ceiling import case_ceilings
+
+    rng = np.random.default_rng(1)
+    labels = np.zeros((6, 120, 90), np.uint8)
+    for level in range(1, 6):  # five bodies down the column, their edges off the 1.4 mm grid
+        top = 8 + 21 * (level - 1) + int(rng.integers(0, 3))
+        labels[1:5, top:top + 17, 30:61] = level
+    image = Image(rng.normal(100, 10, labels.shape).astype(np.float32), (1.0, 1.0, 4.0))
+    ceilings = case_ceilings(image, labels, [1.4, 1.0])
+    assert ceilings["1 mm area"] == ceilings["1 mm nearest"] == 1.0
+    assert ceilings["1.4 mm area"] > 0.99 > ceilings["1.4 mm nearest"] > 0.85
