@@ -283,3 +283,21 @@ def test_components_are_scipys_26_connected_components(shape):
         expected[(want != 0) & (want != int(np.argmax(np.bincount(want.ravel())[1:]) + 1))] = 0
     # the largest component is unique in size here, so the clean-up is the same whoever numbers them
     np.testing.assert_array_equal(largest_component_per_label(labels, components), expected)
+
+
+@pytest.mark.parametrize("pieces", [3, 300])
+def test_component_sizes_equal_numpy_bincount(pieces):
+    """Component sizes counted as uint8 by torch (below 256 ids) or by numpy (from 256): the same
+    counts as np.bincount, id 0 included."""
+    import cc3d
+    from SpineKneeSegLib.engine.postprocessing import component_sizes
+
+    rng = np.random.default_rng(pieces)
+    mask = np.zeros((20, 60, 60), np.uint8)
+    for _ in range(pieces):  # separate specks and blobs (every other voxel: no two touch)
+        k, j, i = 2 * rng.integers(0, 10), 2 * rng.integers(0, 30), 2 * rng.integers(0, 30)
+        mask[k, j, i] = 1
+    mask[2:6, 4:20, 4:10] = 1
+    comp, n = cc3d.connected_components(mask, connectivity=6, return_N=True)
+    assert (n >= 256) == (pieces == 300)
+    np.testing.assert_array_equal(component_sizes(comp, n), np.bincount(comp.ravel(), minlength=n + 1))

@@ -727,7 +727,10 @@ def _plain_pixels(ds) -> bool:
 def _stored_pixels(ds) -> _StoredPixels | None:
     """Where a plain file's pixels lie (None: let pydicom decode them, e.g. a short PixelData kept
     in memory, an undefined length, or a high bit that is not the stored bits' top)."""
-    element = ds.get_item(0x7FE00010, keep_deferred=True)
+    try:
+        element = ds.get_item(0x7FE00010, keep_deferred=True)
+    except TypeError:  # pydicom 2.x (which Slicer may bundle) has no keep_deferred: pydicom reads them
+        return None
     allocated, stored = int(ds.get("BitsAllocated", 0) or 0), int(ds.get("BitsStored", 0) or 0)
     if (not isinstance(element, pydicom.dataelem.RawDataElement) or element.value_tell is None
             or not 0 < stored <= allocated or int(ds.get("HighBit", stored - 1)) != stored - 1):

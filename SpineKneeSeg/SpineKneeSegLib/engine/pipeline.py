@@ -496,11 +496,11 @@ def warm_dicom_seg_writer() -> None:
         import highdicom  # noqa: F401
     except ImportError:
         return  # the writer says so in the report's warnings
-    from pydicom.sr.codedict import codes
+    try:  # a warm-up only: whatever fails here, the writer meets (and reports) in its own time
+        from pydicom.sr.codedict import codes
 
-    codes.cid7162.ArtificialIntelligence  # noqa: B018  (loads pydicom's SNOMED/DCM concept tables: 0.14 s)
-    try:  # private, cached loaders (highdicom 0.28): if they move, the first SEG just loads them itself
-        from highdicom import _standard_utils
+        codes.cid7162.ArtificialIntelligence  # noqa: B018  (pydicom's SNOMED/DCM concept tables: 0.14 s)
+        from highdicom import _standard_utils  # private, cached loaders (highdicom 0.28)
 
         for loader in ("get_sop_class_iod_map", "get_iod_module_map", "get_module_attribute_map"):
             getattr(_standard_utils, loader)()
