@@ -8,7 +8,8 @@ freshly initialised. Network time does not depend on the weights' values, but po
 does: an untrained network's noisy output (thousands of specks) is a worst case for connected
 components, lesion tables and the foramen localiser, so such rows are marked "untrained".
 Inputs are the built-in phantoms, or with --data one real shared case per task where one exists.
-The first run of each task is a warm-up and is not counted.
+The first run of each task is a warm-up and is not counted; then the tasks take turns, one run
+each per round, so that a slow spell of the machine falls on every task alike.
 """
 from __future__ import annotations
 
@@ -30,8 +31,10 @@ from SpineKneeSegLib.engine.weights import (
 from SpineKneeSegLib.tasks import TASKS, make_phantom
 
 
-def bench(task: str, runs: int, use_data: bool, workdir: Path, input_paths: list[str] | None = None,
-          with_aux: bool = True, aux_given: dict | None = None) -> dict:
+def prepare(task: str, use_data: bool, workdir: Path, input_paths: list[str] | None = None,
+            with_aux: bool = True, aux_given: dict | None = None) -> dict:
+    """What one task's runs need: weights (registered, else the card's network untrained), the
+    auxiliary models, and the input (given, one real shared case, or the phantom)."""
     card = TASKS[task]
     entry = find_entry(main_entry_name(card, len(input_paths or [None])))  # FLAIR + T1: the T1 model
     if entry is not None:
@@ -56,16 +59,34 @@ def bench(task: str, runs: int, use_data: bool, workdir: Path, input_paths: list
         path = workdir / f"{task}.nii.gz"
         write_image(make_phantom(task, seed=0).image, path)
         source, inputs = "phantom", [str(path)]
-    samples = []
-    for i in range(runs + 1):
-        report = run_case(TASKS[task], inputs, workdir / f"out-{task}-{i}", RunOptions(weights=str(weights), aux_weights=aux))
-        if i:
-            samples.append(report["timings_s"])
+    return {"task": task, "kind": kind, "source": source, "inputs": inputs,
+            "options": RunOptions(weights=str(weights), aux_weights=aux)}
+
+
+def run_once(plan: dict, workdir: Path, i: int) -> dict:
+    return run_case(TASKS[plan["task"]], plan["inputs"], workdir / f"out-{plan['task']}-{i}", plan["options"])
+
+
+def summarise(plan: dict, reports: list[dict]) -> dict:
+    samples = [r["timings_s"] for r in reports]
     med = {k: statistics.median(s[k] for s in samples) for k in samples[0]}
     overhead = med["total"] - med["network"]
     limit = max(0.3 * med["network"], 0.3)
-    return {"task": task, "weights": kind, "source": source, "shape": report["inputs"][0]["shape_kji"], **med,
+    return {"task": plan["task"], "weights": plan["kind"], "source": plan["source"],
+            "shape": reports[-1]["inputs"][0]["shape_kji"], **med,
             "overhead": overhead, "ratio": overhead / med["network"], "limit": limit, "ok": overhead <= limit}
+
+
+def bench_all(plans: list[dict], runs: int, workdir: Path) -> list[dict]:
+    """Every task once as a warm-up (not counted), then ``runs`` rounds of every task in turn:
+    interleaved, so a slow spell of the machine lands on all tasks alike rather than on one."""
+    for plan in plans:
+        run_once(plan, workdir, 0)
+    reports = {plan["task"]: [] for plan in plans}
+    for i in range(1, runs + 1):
+        for plan in plans:
+            reports[plan["task"]].append(run_once(plan, workdir, i))
+    return [summarise(plan, reports[plan["task"]]) for plan in plans]
 
 
 def main(argv=None) -> int:
@@ -81,13 +102,12 @@ def main(argv=None) -> int:
                                                    "224x224x20 lumbar MRI for the spine issue's < 2 s target, or "
                                                    "FLAIR and T1 for brain-wmh with its T1 model")
     args = parser.parse_args(argv)
-    results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for task in args.tasks:
-            results.append(bench(task, args.runs, args.data, Path(tmp), args.input, not args.no_aux,
-                                 dict(a.split("=", 1) for a in args.aux_weights)))
+        aux = dict(a.split("=", 1) for a in args.aux_weights)
+        plans = [prepare(task, args.data, Path(tmp), args.input, not args.no_aux, aux) for task in args.tasks]
+        results = bench_all(plans, args.runs, Path(tmp))
     print(f"{'task':16} {'weights':9} {'input':42} {'shape':16} {'total':>7} {'network':>8} {'outside':>8} {'ratio':>6} "
-          f"{'limit':>6}  rule   (medians of {args.runs} runs, seconds)")
+          f"{'limit':>6}  rule   (medians of {args.runs} interleaved runs, seconds)")
     for r in results:
         print(f"{r['task']:16} {r['weights']:9} {r['source'][:42]:42} {'x'.join(map(str, r['shape'])):16} {r['total']:7.3f} "
               f"{r['network']:8.3f} {r['overhead']:8.3f} {r['ratio']:6.2f} {r['limit']:6.3f}  "

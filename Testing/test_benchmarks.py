@@ -1,0 +1,35 @@
+"""The overhead benchmark's mechanics (not its figures: those depend on the machine and are
+printed by the script, never asserted): tasks take turns after one warm-up each, and the medians
+and the rule's verdict come from the counted runs only."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+BENCH = Path(__file__).parent / "benchmarks" / "bench_overhead.py"
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("bench_overhead", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_overhead_benchmark_interleaves_tasks_and_counts_only_the_rounds(tmp_path, monkeypatch):
+    bench = _bench_module()
+    plans = [bench.prepare(task, False, tmp_path) for task in ("xray-chest", "xray-femur")]
+    calls = []
+    real = bench.run_once
+
+    def recorded(plan, workdir, i):
+        calls.append((plan["task"], i))
+        return real(plan, workdir, i)
+
+    monkeypatch.setattr(bench, "run_once", recorded)
+    results = bench.bench_all(plans, 2, tmp_path)
+    assert calls == [("xray-chest", 0), ("xray-femur", 0), ("xray-chest", 1), ("xray-femur", 1),
+                     ("xray-chest", 2), ("xray-femur", 2)]
+    for r in results:
+        assert r["source"] == "phantom" and r["overhead"] == r["total"] - r["network"]
+        assert r["limit"] == max(0.3 * r["network"], 0.3) and r["ok"] == (r["overhead"] <= r["limit"])
