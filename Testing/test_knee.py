@@ -446,11 +446,12 @@ def test_overlays_accept_the_cards_acquisition_plane(tmp_path):
     assert out.exists() and out.stat().st_size > 1000
 
 
-@pytest.mark.parametrize("flip", [False, True])
-def test_each_overlay_cuts_through_its_bones_centroid(tmp_path, flip):
+@pytest.mark.parametrize("flip, given_boxes", [(False, False), (True, False), (True, True)])
+def test_each_overlay_cuts_through_its_bones_centroid(tmp_path, flip, given_boxes):
     """The per-bone overlay is the slice through the bone's centroid in the task's plane: each PNG
     is byte-identical to one drawn from the slice computed here from all the bone's voxels, also
-    for an image stored the other way along the slicing axis."""
+    for an image stored the other way along the slicing axis, and when the pipeline hands over
+    boxes larger than the bones (the clean-up's, which hold them)."""
     from SpineKneeSegLib.engine.preprocessing import canonical_orientation, resolve_plane
     from SpineKneeSegLib.engine.render import _save_slice, save_label_overlays
 
@@ -471,7 +472,11 @@ def test_each_overlay_cuts_through_its_bones_centroid(tmp_path, flip):
     arr, lab = orientation.apply(image.array), orientation.apply(labels.array)
     spacing_kji = tuple(reversed(image.spacing))
     spacing_rc = (spacing_kji[orientation.axes[1]], spacing_kji[orientation.axes[2]])
-    written = save_label_overlays(tmp_path, "overlays", image, labels, card)
+    boxes = None
+    if given_boxes:  # every present bone's box: the whole volume
+        whole = tuple(slice(0, n) for n in labels.array.shape)
+        boxes = {s.value: whole for s in card.labels if (labels.array == s.value).any()}
+    written = save_label_overlays(tmp_path, "overlays", image, labels, card, boxes=boxes)
     assert len(written) == len([s for s in card.labels if (labels.array == s.value).any()])
     for spec in card.labels:
         name = f"overlays/{plane}-{spec.segment_id}.png"

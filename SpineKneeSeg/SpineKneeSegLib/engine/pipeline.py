@@ -85,6 +85,9 @@ class RunResult:
     points: list[dict] = field(default_factory=list)  # {"label", "ras", "description", "attributes"}
     summaries: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # {label value: a box holding all its voxels in ``labels``} when a step knew them (the clean-up's
+    # components): the overlays then need not scan the volume for them (0.036 s on the knee DESS)
+    label_boxes: dict | None = None
 
 
 # ---- loading and validation ------------------------------------------------------------
@@ -541,6 +544,8 @@ def postprocess(card: TaskCard, image: Image, labels: np.ndarray, maps: dict[str
     for name in card.postprocessors:
         STEPS[name].run(ctx)
     result = ctx.result
+    if ctx.made_components is not None and ctx.made_components[0] is result.labels.array:
+        result.label_boxes = {value: c[0] for value, c in ctx.made_components[1].items()}
     from SpineKneeSegLib.core.labels import present_labels
 
     present = sorted({v for array in (result.labels.array, *(layer.array for layer in result.layers.values()))
@@ -601,7 +606,7 @@ def _write_outputs(card: TaskCard, image: Image, result: RunResult, folder: Path
         from SpineKneeSegLib.engine.render import save_label_overlays
 
         written.append("overlays/")  # the folder (as the card names it), then its PNGs
-        written.extend(save_label_overlays(folder, "overlays", image, result.labels, card))
+        written.extend(save_label_overlays(folder, "overlays", image, result.labels, card, boxes=result.label_boxes))
     if scene:
         nodes.save_scene_mrb(mrml_scene, folder / "scene.mrb")
         written.append("scene.mrb")

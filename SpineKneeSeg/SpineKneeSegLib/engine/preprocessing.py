@@ -409,7 +409,6 @@ def to_network_grid(batch: torch.Tensor, grid: SliceGeometry, pad_value: float =
     """(N, C, h, w) input slices -> (N, C, *grid.network_hw). Without a window: resize_batch. With
     one: bilinear sampling of the window (after an integer box-filter when it shrinks by 2x or
     more, against aliasing), ``pad_value`` outside the slice; ``mode='nearest'`` for label maps."""
-    import torch
     import torch.nn.functional as F
 
     if grid.window is None:

@@ -112,7 +112,7 @@ def _save_slice(path, grey: np.ndarray, lab_sl: np.ndarray | None, specs, spacin
 
 
 def save_label_overlays(folder: str | Path, subdir: str, image: Image, labels: Image, card,
-                        min_size: int = 320) -> list[str]:
+                        min_size: int = 320, boxes: dict | None = None) -> list[str]:
     """A report's overlay PNGs (a task opts in with the output name "overlays/"): one slice in the
     task's plane through the centroid of every label present (for knee-bones the femur, tibia,
     fibula and patella slices; the femur/tibia slice is the mid-knee one), or the middle slice
@@ -121,7 +121,8 @@ def save_label_overlays(folder: str | Path, subdir: str, image: Image, labels: I
 
     Slices are cut from the canonical views of preprocessing (a transpose and flips: no copy of
     the volume), whose in-plane orientation is the display convention above: sagittal anterior
-    left and superior up, coronal patient right left and superior up, axial anterior up."""
+    left and superior up, coronal patient right left and superior up, axial anterior up.
+    ``boxes``: {label value: a box holding all its voxels} when the caller knows them."""
     from scipy import ndimage
 
     from SpineKneeSegLib.engine.preprocessing import (
@@ -136,10 +137,12 @@ def save_label_overlays(folder: str | Path, subdir: str, image: Image, labels: I
     spacing_rc = (spacing_by_axis[orientation.axes[1]], spacing_by_axis[orientation.axes[2]])
     out_dir = Path(folder) / subdir
     out_dir.mkdir(parents=True, exist_ok=True)
-    boxes = ndimage.find_objects(labels.array, max_label=max(s.value for s in card.labels))
+    if boxes is None:
+        found = ndimage.find_objects(labels.array, max_label=max(s.value for s in card.labels))
+        boxes = {value: box for value, box in enumerate(found, start=1) if box is not None}
     views = []
     for spec in card.labels:
-        box = boxes[spec.value - 1] if spec.value <= len(boxes) else None
+        box = boxes.get(spec.value)
         if box is None:
             continue
         a = orientation.axes[0]
