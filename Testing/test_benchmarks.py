@@ -33,3 +33,20 @@ def test_overhead_benchmark_interleaves_tasks_and_counts_only_the_rounds(tmp_pat
     for r in results:
         assert r["source"] == "phantom" and r["overhead"] == r["total"] - r["network"]
         assert r["limit"] == max(0.3 * r["network"], 0.3) and r["ok"] == (r["overhead"] <= r["limit"])
+
+
+def test_network_benchmark_times_training_steps_that_update_the_weights(capsys):
+    """bench_networks.py --train: every task's registered architecture takes real optimisation
+    steps (the weights move) and gets a row of figures."""
+    import torch
+
+    spec = importlib.util.spec_from_file_location("bench_networks", BENCH.parent / "bench_networks.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 3, 1))
+    before = [p.detach().clone() for p in net.parameters()]
+    seconds = bench.time_train_step(net.train(), torch.randn(2, 1, 32, 32), "softmax", 2, amp=False)
+    assert seconds > 0 and all(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    assert bench.main(["--device", "cpu", "--train", "--batches", "1", "--runs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "training steps" in out and all(f"{task} (registered)" in out for task in bench.TASKS)
