@@ -227,3 +227,49 @@ def test_dice_ceiling_is_one_on_the_native_grid_and_drops_with_nearest_targets()
     ceilings = case_ceilings(image, labels, [1.4, 1.0])
     assert ceilings["1 mm area"] == ceilings["1 mm nearest"] == 1.0
     assert ceilings["1.4 mm area"] > 0.99 > ceilings["1.4 mm nearest"] > 0.85
+
+
+def test_soft_targets_are_the_labels_resampled_as_the_image_and_train(phantom_cases, tmp_path):
+    """targets="soft": each level's share of a pixel on the network grid (exactly one-hot on the
+    scan's own pixels; shares summing to one, with fractional boundaries, at 1.4 mm) stays soft
+    through the warp and the field-of-view cut, survives packing, trains, and is refused where
+    the fractions were never made."""
+    from SpineKneeSegLib.engine.preprocessing import training_slices
+
+    phantom, cases = phantom_cases
+    labels = phantom.labels.array
+    native_mm = float(min(phantom.image.spacing[:2]))
+    _, y_native, grid_native = training_slices(phantom.image, labels, "sagittal", "zscore", native_mm)
+    native = lc.label_fractions(phantom.image, labels, grid_native)
+    assert set(np.unique(native)) <= {0, 255} and np.array_equal(native.argmax(1), y_native)
+    _, y, grid = training_slices(phantom.image, labels, "sagittal", "zscore", 1.4)
+    shares = lc.label_fractions(phantom.image, labels, grid)
+    assert shares.shape == (len(y), 6, *y.shape[1:])
+    assert np.abs(shares.astype(int).sum(1) - 255).max() <= 3  # rounding of six shares
+    fractional = (shares > 0) & (shares < 255)
+    assert fractional[:, 1:].any() and (shares.argmax(1) == y).mean() > 0.97
+
+    soft_case = lc.PreparedCase("phantom", "myosegmentum", cases[0].stack, y, cases[0].body_slices, shares)
+    records = [{"id": "phantom", "dataset": "myosegmentum", "hash": "h", "note": ""}]
+    lc.pack_cases(tmp_path / "soft.pkl.xz", records, [soft_case], 1.4)
+    soft_case = lc.unpack_cases(tmp_path / "soft.pkl.xz", 1.4)[1][0]
+    assert np.array_equal(soft_case.fractions, shares)
+    from dataclasses import replace
+
+    cfg = replace(_tiny_config(steps=4, targets="soft"), fov_cut_p=1.0, warp_px=3.0)
+    _, target = lc.ColumnSampler([soft_case], cfg)(np.random.default_rng(3), torch.Generator().manual_seed(3))
+    assert target.shape == (cfg.batch_size, 5, cfg.canvas, cfg.canvas) and 0 <= float(target.min())
+    assert float(target.sum(1).max()) <= 1.0 + 1e-4 and ((target > 0.05) & (target < 0.95)).any()  # soft edges
+    _, hard = lc.ColumnSampler([soft_case], replace(cfg, targets="nearest"))(np.random.default_rng(3),
+                                                                              torch.Generator().manual_seed(3))
+    assert set(hard.unique().tolist()) <= {0.0, 1.0}  # the seed's targets stay hard
+    threads = torch.get_num_threads()
+    try:
+        final = lc.train_column(cfg, tmp_path / "run", [soft_case], False, log=lambda *_: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.load(final, weights_only=True)["metadata"]["config"]["targets"] == "soft"
+    with pytest.raises(ValueError, match="fractions"):
+        lc.ColumnSampler(cases, cfg)
+    with pytest.raises(ValueError, match="unknown targets"):
+        lc.ColumnSampler(cases, _tiny_config(targets="fuzzy"))

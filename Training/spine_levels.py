@@ -372,12 +372,14 @@ def column_main(argv) -> int:
         prepared_of = None
     if argv[0] == "pack":
         out.parent.mkdir(parents=True, exist_ok=True)
-        info = lc.pack_cases(out, cases, [lc.prepare(c, cfg.spacing_mm) for c in cases], cfg.spacing_mm)
+        info = lc.pack_cases(out, cases, [lc.prepare(c, cfg.spacing_mm, cfg.targets == "soft") for c in cases],
+                             cfg.spacing_mm)
         print(json.dumps({"packed": str(out), **info}))
         return 0
 
     def prepared(selected):
-        return [prepared_of[c["id"]] if prepared_of else lc.prepare(c, cfg.spacing_mm) for c in selected]
+        return [prepared_of[c["id"]] if prepared_of else lc.prepare(c, cfg.spacing_mm, cfg.targets == "soft")
+                for c in selected]
 
     out.mkdir(parents=True, exist_ok=True)
     notes = {c["id"]: c["note"] for c in cases if c["note"]}

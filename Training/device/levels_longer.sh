@@ -12,7 +12,9 @@ NAME=${NAME:-E}
 EXTRA=${EXTRA:-}  # more spine_levels.py options, e.g. "--seed 1"
 # the packed scans (carried); at 1.0 mm in-plane: PACK=.devdata/levels-1.0mm.pkl.xz (34 MB, made by
 # `spine_levels.py pack --spacing-mm 1.0 --out ...`) and EXTRA="--spacing-mm 1.0 --canvas 288
-# --shift-px 34 --warp-px 4.2" (recipe D's field of view and augmentation in mm, not pixels)
+# --shift-px 34 --warp-px 4.2" (recipe D's field of view and augmentation in mm, not pixels); recipe D
+# with soft targets (session 19, level_ceiling.py): PACK=.devdata/levels-1.4mm-soft.pkl.xz (20 MB,
+# `spine_levels.py pack --targets soft --spacing-mm 1.4 --out ...`) and EXTRA="--targets soft"
 PACK=${PACK:-.devdata/levels-1.4mm.pkl.xz}
 MAX_MIN=${MAX_MIN:-7.5}
 RUN=${RUN:-/tmp/run}
