@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from evalhelpers import dice_per_label
 from level_column import case_labels, spine_cases
 from spine_levels import N_LEVELS, level_labels
 from SpineKneeSegLib.core.datasets import data_root
@@ -26,11 +27,6 @@ CARD = TASKS["lumbar-foramina"]
 MODES = {"area": "bilinear", "nearest": "nearest"}  # to_network_grid's mode for each way onto the grid
 
 
-def mean_level_dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    return float(np.mean([2.0 * np.logical_and(pred == k, truth == k).sum()
-                          / max(1, int((pred == k).sum() + (truth == k).sum())) for k in range(1, N_LEVELS + 1)]))
-
-
 def case_ceilings(image, truth: np.ndarray, spacings: list[float]) -> dict[str, float]:
     canon, orientation = canonical_image(image, CARD.preprocessing.plane)
     t = orientation.apply(truth)
@@ -40,7 +36,9 @@ def case_ceilings(image, truth: np.ndarray, spacings: list[float]) -> dict[str, 
         grid = network_grid(canon, 0, spacing, 1)
         for name, mode in MODES.items():
             back, _ = from_network_grid(to_network_grid(onehot, grid, mode=mode), grid)
-            out[f"{spacing:g} mm {name}"] = mean_level_dice(back.argmax(1).numpy(), t)
+            # a level absent from both counts as right (1.0), as the level evaluation scores it
+            dice = dice_per_label(back.argmax(1).numpy(), t, range(1, N_LEVELS + 1), empty=1.0)
+            out[f"{spacing:g} mm {name}"] = float(np.mean(list(dice.values())))
     return out
 
 

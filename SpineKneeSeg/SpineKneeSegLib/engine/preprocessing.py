@@ -571,8 +571,9 @@ N4_DEFAULTS = {
     "n4_convergence": 0.001,
     "n4_control_points": 4,
     # the field is evaluated on a grid of at most this many pixels in-plane (all slices) and
-    # upsampled in-plane: 0.25 s instead of 1.3 s for GetLogBiasFieldAsImage at 512x512x80,
-    # max |log difference| 0.002 (0.2 %); 0 = evaluate at full resolution
+    # upsampled in-plane: on the DESS (512 x 512 x 80) the whole correction takes 0.29 s instead of
+    # 1.07 s evaluated at every voxel, max |log difference| 0.0019 (0.2 %) inside the knee (session
+    # 19); 0 = evaluate at full resolution
     "n4_field_px": 128,
 }
 
@@ -649,6 +650,7 @@ def bias_correct(image: Image, method: str | None, params: dict | None = None) -
     if method == "n4-full":
         field = torch.from_numpy(sitk.GetArrayFromImage(corrector.GetLogBiasFieldAsImage(small)))
         field = torch.exp(field.neg_())
+        low, high = float(field.min()), float(field.max())
     else:  # 1 / field on a coarse grid (all slices of the acquisition axis), upsampled
         axis = acquisition_axis(image)
         px = int(p["n4_field_px"]) or max(shape)
@@ -667,8 +669,6 @@ def bias_correct(image: Image, method: str | None, params: dict | None = None) -
             field = None
         elif coarse != shape:
             field = F.interpolate(field[None, None], size=shape, mode="trilinear", align_corners=False)[0, 0]
-    if method == "n4-full":
-        low, high = float(field.min()), float(field.max())
     if field is not None:
         array.mul_(field)
     info = {"method": method, "shrink_factors_ijk": factors, "shrunk_size_ijk": list(small.GetSize()),
