@@ -80,14 +80,14 @@ def identify(pred: np.ndarray, truth: np.ndarray, image: Image) -> dict:
     sign = 1.0 if up_increasing else -1.0  # superior-ness of a numpy index
     top = max(coords.values(), key=lambda c: sign * c) if coords else None
     bottom = min(coords.values(), key=lambda c: sign * c) if coords else None
-    where, kinds = {}, []
+    where, positions, missing = {}, {}, []
     for k in range(1, N_LEVELS + 1):
         mask = pred == k
         in_truth = bool((truth == k).any())
         if not mask.any():
             where[f"L{k}"] = "missing" if in_truth else "absent (outside the field of view)"
             if in_truth:
-                kinds.append("missing")
+                missing.append(k)
             continue
         overlap = np.bincount(truth[mask].astype(np.int64), minlength=8)
         overlap[0] = 0
@@ -102,6 +102,16 @@ def identify(pred: np.ndarray, truth: np.ndarray, image: Image) -> dict:
                 position, where[f"L{k}"] = 6, "below L5 (sacrum)"
             else:
                 position, where[f"L{k}"] = None, "off every body"
+        positions[k] = position
+    return classify(where, positions, missing)
+
+
+def classify(where: dict, positions: dict, missing: list) -> dict:
+    """Failure kinds from where each predicted level lies: ``positions`` {k: ordinal position of
+    its body (T12 0, L1..L5 1..5, below L5 6) or None off every body}, ``missing`` the levels
+    present in the scan but not predicted."""
+    kinds = ["missing" for _ in missing]
+    for k, position in positions.items():
         if position is None:
             kinds.append("misplaced")
         elif position < k:

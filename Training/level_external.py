@@ -1,0 +1,221 @@
+"""Level naming on scans no level model was trained or chosen on (issue 21): the five ivd-t2 scans
+in ../shared/data/spine (Menezes-Reis et al., T2 FSE, another centre than the 54 training scans),
+whose labels are the five lumbar discs (1 = L1/L2 .. 5 = L5/S1), not the bodies. Each scan runs
+through the product (``run_case`` of lumbar-foramina, as a user's would), and each named body is
+placed by the discs around it:
+
+- between disc k-1 and disc k: L_k (L2..L5);
+- above disc 1: L1 within one L1/L2-to-L2/L3 disc spacing of disc 1, T12 within two, then T11;
+- below disc 5: the sacrum.
+
+The failure kinds are level_eval's (shift up / down, gap, duplicate, missing). The foramen markers
+are placed against their own disc (marker "L_k ..." is the L_k/L_k+1 foramen, at the level of disc
+k): signed superior offset in mm, and whether the nearest disc is its own. No Dice: there are no
+body labels. Laterality is unknown in these scans, so left and right are not told apart.
+
+    python Training/level_external.py [--weights registered PATH ...] [--out Training/runs/levels-external]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from level_eval import NAME, N_LEVELS, classify
+from SpineKneeSegLib.core.datasets import data_root
+from SpineKneeSegLib.core.image import Image
+from SpineKneeSegLib.core.image_io import read_image
+from SpineKneeSegLib.tasks.spine.level_decoding import DecodingParameters
+
+N_DISCS = 5
+DATASET = "spine/ivd-t2"
+
+
+def superior_mm(image: Image, kji: np.ndarray) -> np.ndarray:
+    """Patient-superior coordinate (RAS S, mm) of (N, 3) k, j, i indices."""
+    return image.ijk_to_ras_points(np.asarray(kji, dtype=float)[:, ::-1])[:, 2]
+
+
+def disc_levels(discs: np.ndarray, image: Image) -> np.ndarray:
+    """S (mm) of each disc's centroid, discs 1..5; refuses a map without all five, or with them
+    out of order (superior to inferior)."""
+    levels = []
+    for d in range(1, N_DISCS + 1):
+        kji = np.argwhere(discs == d)
+        if len(kji) == 0:
+            raise ValueError(f"disc {d} is not labelled")
+        levels.append(float(superior_mm(image, kji.mean(axis=0, keepdims=True))[0]))
+    levels = np.array(levels)
+    if not np.all(np.diff(levels) < 0):
+        raise ValueError(f"discs are not ordered superior to inferior: S {np.round(levels, 1).tolist()}")
+    return levels
+
+
+def place_body(s: float, discs_s: np.ndarray) -> tuple[int | None, str]:
+    """(ordinal position as level_eval's POSITION: T11 -1, T12 0, L1..L5 1..5, sacrum 6; name) of
+    a body whose centroid is at S ``s``."""
+    if s < discs_s[-1]:
+        return 6, "below L5 (sacrum)"
+    for k in range(1, N_DISCS):  # between disc k and disc k+1: L(k+1)
+        if discs_s[k] <= s < discs_s[k - 1]:
+            return k + 1, NAME[k + 1]
+    above = int(np.floor((s - discs_s[0]) / (discs_s[0] - discs_s[1])))  # in disc spacings above disc 1
+    position = 1 - above
+    return position, NAME.get(position, "above T11")
+
+
+def identify_by_discs(pred: np.ndarray, discs: np.ndarray, image: Image) -> dict:
+    """level_eval.identify's result ({"all_correct", "kinds", "where"}) for a predicted body map,
+    each body placed by the discs (no body labels). Every level counts as in the scan: callers
+    check that the field of view reaches above disc 1 (see field_of_view_ok)."""
+    discs_s = disc_levels(discs, image)
+    where, positions, missing = {}, {}, []
+    for k in range(1, N_LEVELS + 1):
+        kji = np.argwhere(pred == k)
+        if len(kji) == 0:
+            where[f"L{k}"] = "missing"
+            missing.append(k)
+            continue
+        positions[k], where[f"L{k}"] = place_body(float(superior_mm(image, kji.mean(axis=0, keepdims=True))[0]),
+                                                  discs_s)
+    return {**classify(where, positions, missing), "disc_s_mm": [round(float(s), 1) for s in discs_s]}
+
+
+def field_of_view_ok(discs: np.ndarray, image: Image, min_mm: float = 15.0) -> bool:
+    """The scan reaches at least ``min_mm`` above disc 1's centroid (L1 is then in it)."""
+    corners = np.array([[k, j, i] for k in (0, image.array.shape[0] - 1) for j in (0, image.array.shape[1] - 1)
+                        for i in (0, image.array.shape[2] - 1)])
+    return bool(float(superior_mm(image, corners).max()) - disc_levels(discs, image)[0] >= min_mm)
+
+
+def foramen_offsets(points: list[dict], discs_s: np.ndarray) -> list[dict]:
+    """Per marker ("L_k left/right", LPS mm): S offset from its own disc k (positive: above) and
+    whether disc k is the nearest of the five."""
+    out = []
+    for p in points:
+        level = int(p["label"].split()[0][1:])
+        s = float(p["lps"][2])  # LPS and RAS share S
+        nearest = int(np.argmin(np.abs(discs_s - s))) + 1
+        out.append({"label": p["label"], "offset_mm": round(s - float(discs_s[level - 1]), 1),
+                    "nearest_disc_is_own": bool(nearest == level)})
+    return out
+
+
+def read_markups(path: Path) -> list[dict]:
+    """Labels and LPS positions of a Slicer markups file."""
+    markups = json.loads(path.read_text())["markups"][0]
+    if markups.get("coordinateSystem", "LPS") != "LPS":
+        raise ValueError(f"{path}: coordinates in {markups['coordinateSystem']}, expected LPS")
+    return [{"label": c["label"], "lps": c["position"]} for c in markups["controlPoints"]]
+
+
+def external_cases(root: Path) -> list[dict]:
+    folder = root / DATASET
+    cases = [{"id": f"ivd-t2/{d.name}", "image": d / "image.nii.gz", "discs": d / "discs.nii.gz"}
+             for d in sorted(folder.glob("case*")) if (d / "discs.nii.gz").exists()]
+    if not cases:
+        raise FileNotFoundError(f"{folder}: no case with image.nii.gz and discs.nii.gz")
+    return cases
+
+
+def evaluate(case: dict, weights: str | None, out: Path) -> dict:
+    """One scan through the product's lumbar-foramina run, scored against its discs."""
+    from SpineKneeSegLib.engine.pipeline import RunOptions, run_case
+    from SpineKneeSegLib.tasks import TASKS
+
+    report = run_case(TASKS["lumbar-foramina"], [str(case["image"])], out, RunOptions(weights=weights, overwrite=True))
+    image = read_image(case["image"])
+    discs = read_image(case["discs"]).array.astype(np.int64)
+    pred = read_image(out / "labels.nii.gz").array
+    ident = identify_by_discs(pred, discs, image)
+    forams = foramen_offsets(read_markups(out / "foramina.mrk.json"), np.array(ident["disc_s_mm"]))
+    decoding = report["summaries"].get("level_decoding", {})
+    transitional = report["summaries"].get("transitional_anatomy", {})
+    return {"identification": ident, "field_of_view_ok": field_of_view_ok(discs, image),
+            "level_confidence": decoding.get("level_confidence"), "doubtful": decoding.get("doubtful"),
+            "transitional": transitional.get("status"), "foramina": forams,
+            "warnings": report["warnings"], "network_s": report["timings_s"]["network"]}
+
+
+def table(results: dict, doubtful_below: float) -> str:
+    rows = ["| weights | case | all five right | where (wrong ones) | confidence | doubtful | transitional | "
+            "foramen offset from own disc, mm (median, range) | nearest disc own |", "|" + "---|" * 9]
+    for name, cases in results.items():
+        for cid, r in cases.items():
+            ident = r["identification"]
+            wrong = ", ".join(f"{k}: {w}" for k, w in ident["where"].items() if w != k) or "-"
+            offs = [f["offset_mm"] for f in r["foramina"]]
+            own = sum(f["nearest_disc_is_own"] for f in r["foramina"])
+            doubtful = r["level_confidence"] < doubtful_below
+            rows.append(f"| {name} | {cid} | {'yes' if ident['all_correct'] else 'NO ' + ','.join(ident['kinds'])} | "
+                        f"{wrong} | {r['level_confidence']:.2f} | {'yes' if doubtful else 'no'} | "
+                        f"{r['transitional']} | "
+                        + (f"{np.median(offs):+.1f} ({min(offs):+.1f} to {max(offs):+.1f})" if offs else "-")
+                        + f" | {own} of {len(offs)} |")
+    return "\n".join(rows)
+
+
+def registered_doubtful_below() -> float:
+    """The shipped level model's doubtful threshold (chosen by its cross-validation), so that fold
+    models, which carry none, are judged by the same rule."""
+    from SpineKneeSegLib.engine.weights import resolve_weights
+    from SpineKneeSegLib.tasks import TASKS
+
+    settings = resolve_weights(TASKS["lumbar-foramina"], None).checkpoint.get("metadata", {}).get("postprocessing", {})
+    return float(settings.get("level_decoding", {}).get("doubtful_below", DecodingParameters().doubtful_below))
+
+
+def summary(results: dict, doubtful_below: float) -> dict:
+    """Per weights: scans named right, and at one doubtful threshold how many were right and
+    confident, right but doubtful, wrong and doubtful (caught), wrong and confident (silent)."""
+    out = {}
+    for name, cases in results.items():
+        counts = {"right": 0, "right, confident": 0, "right, doubtful": 0, "wrong, doubtful": 0,
+                  "wrong, confident (silent)": 0}
+        for r in cases.values():
+            right, doubtful = r["identification"]["all_correct"], r["level_confidence"] < doubtful_below
+            counts["right"] += right
+            counts[f"{'right' if right else 'wrong'}, {'doubtful' if doubtful else 'confident'}"
+                   + ("" if right or doubtful else " (silent)")] += 1
+        out[name] = {"scans": len(cases), **counts}
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--weights", nargs="+", default=["registered"],
+                        help="level checkpoints; 'registered': the registered lumbar-levels model (the default)")
+    parser.add_argument("--out", type=Path, default=Path("Training/runs/levels-external"))
+    parser.add_argument("--data", type=Path, help="shared data root (default: SPINEKNEESEG_DATA or ../shared/data)")
+    args = parser.parse_args(argv)
+    root = args.data or data_root()
+    if root is None or not (root / DATASET).exists():
+        print(f"no {DATASET} folder: set SPINEKNEESEG_DATA", file=sys.stderr)
+        return 2
+    cases = external_cases(root)
+    results = {}
+    for weights in args.weights:
+        name = weights if weights == "registered" else "/".join(Path(weights).parts[-3:-1])  # e.g. D/fold0
+        results[name] = {}
+        for case in cases:
+            r = evaluate(case, None if weights == "registered" else weights, args.out / name / case["id"].split("/")[1])
+            results[name][case["id"]] = r
+            ident = r["identification"]
+            print(f"{name:12s} {case['id']:14s} {'ok ' if ident['all_correct'] else 'BAD'} "
+                  f"{','.join(ident['kinds']) or '-':16s} conf {r['level_confidence']:.2f}", flush=True)
+    threshold = registered_doubtful_below()
+    totals = summary(results, threshold)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "external.json").write_text(json.dumps({"doubtful_below": threshold, "summary": totals,
+                                                        "cases": results}, indent=2))
+    print(table(results, threshold))
+    print(f"\nat level confidence < {threshold:.2f} = doubtful (the registered model's threshold):")
+    for name, counts in totals.items():
+        print(f"{name:14s} " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
