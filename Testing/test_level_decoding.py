@@ -206,3 +206,29 @@ def test_specks_of_a_noisy_network_are_not_bodies():
     got = named(decoded, truth, values)
     assert [got[n] for n in LUMBAR] == LUMBAR
     assert len(decoded.bodies) == 5
+
+
+def test_l5_run_weight_counts_from_the_sacrum():
+    """A field of view that cuts L1 away above L2: a network that names the top body it sees L1
+    (and the next L2) but the body above the sacrum L5 pulls the equal-weight run one level down;
+    weighting L5 names the column from the sacrum. Both are doubtful (the evidence conflicts)."""
+    names = LUMBAR[1:] + ["S1"]
+    overrides = {"L2": [0.94, 0.0, 0, 0, 0], "L3": [0, 0.94, 0.06, 0, 0], "L4": [0, 0, 0.55, 0.47, 0],
+                 "L5": [0, 0, 0, 0.01, 0.95]}
+    prob, image, truth, values = column_phantom(names, overrides=overrides, noise=0.0)
+    seed = decode_levels(prob, image)
+    assert named(seed, truth, values) == {"L2": "L1", "L3": "L2", "L4": "L3", "L5": "L4", "S1": None}
+    weighted = decode_levels(prob, image, DecodingParameters(run_weights=(1, 1, 1, 1, 3)))
+    assert_consistent(weighted)
+    assert named(weighted, truth, values) == {"L2": "L2", "L3": "L3", "L4": "L4", "L5": "L5", "S1": None}
+    assert seed.doubtful and weighted.doubtful
+    assert 0.0 <= weighted.level_confidence <= 1.0
+
+
+def test_equal_run_weights_are_the_seed_decoding():
+    prob, image, truth, values = column_phantom(["T12"] + LUMBAR + ["S1"])
+    seed = decode_levels(prob, image)
+    same = decode_levels(prob, image, DecodingParameters(run_weights=(2.0,) * 5))  # scale-free
+    assert np.array_equal(seed.labels, same.labels) and seed.level_confidence == pytest.approx(same.level_confidence)
+    with pytest.raises(ValueError, match="run_weights"):
+        decode_levels(prob, image, DecodingParameters(run_weights=(1, 1, 1, 1)))

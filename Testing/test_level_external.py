@@ -143,3 +143,36 @@ def test_shipped_model_on_another_centre_is_right_or_doubtful(tmp_path):
             assert r["doubtful"], (case["id"], r["identification"], r["level_confidence"])
             assert any("level count doubtful" in w for w in r["warnings"]), r["warnings"]
     assert right >= 1  # the scorer is not simply failing everything
+
+
+def test_card_section_renders_one_weights_runs(tmp_path):
+    """The model card's section (level_ship.py --external) from the script's JSON, for the runs of
+    the weights it names only."""
+    run = {"identification": {"all_correct": False, "kinds": ["missing", "shift down"],
+                              "where": {"L1": "L2", "L2": "L3", "L3": "L4", "L4": "L5", "L5": "missing"}},
+           "level_confidence": 0.19, "transitional": "typical",
+           "foramina": [{"label": "L1 left", "offset_mm": -32.0, "nearest_disc_is_own": False}]}
+    results = {"registered": {"ivd-t2/case42": run}, "D/fold0": {"ivd-t2/case42": run}}
+    path = tmp_path / "external.json"
+    path.write_text(json.dumps({"doubtful_below": 0.5, "summary": ext.summary(results, 0.5), "cases": results}))
+    text = ext.card_section(path)
+    assert "| registered | ivd-t2/case42 | NO missing,shift down | L1: L2" in text and "D/fold0" not in text
+    assert "All five right on 0 of 1" in text and "wrong, doubtful 1" in text
+    with pytest.raises(KeyError, match="no runs of 'final'"):
+        ext.card_section(path, "final")
+
+
+def test_cut_through_l1_keeps_the_lower_half_of_l1_only():
+    """level_eval's new field of view (the external scans' failure: a lumbar scan that starts at
+    L1): half of L1 inside, T12 outside, the rest of the column untouched, geometry kept."""
+    from level_eval import field_of_view_variants
+
+    labels = np.zeros((4, 120, 30), np.uint8)
+    for value, (r0, r1) in {6: (0, 8), 1: (10, 30), 2: (34, 54), 5: (90, 110)}.items():  # T12, L1, L2, L5
+        labels[:, r0:r1, 5:25] = value
+    image = Image(np.zeros(labels.shape, np.float32), (1.0, 1.0, 4.0), (0.0, 0.0, 0.0), DIRECTION)
+    cut_image, cut = field_of_view_variants(image, labels)["cut through L1"]
+    assert (cut == 1).sum() == (labels == 1).sum() // 2 and not (cut == 6).any()
+    assert (cut == 5).sum() == (labels == 5).sum()
+    # the same physical place: the cut grid's first row is the full grid's row 20
+    assert np.allclose(cut_image.ijk_to_ras_points([[0, 0, 0]]), image.ijk_to_ras_points([[0, 20, 0]]))

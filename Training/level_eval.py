@@ -48,8 +48,9 @@ def crop_along(image: Image, labels: np.ndarray, axis: int, start: int, stop: in
 
 def field_of_view_variants(image: Image, labels: np.ndarray, margin_px: int = 3) -> dict:
     """{name: (image, labels)}: the whole scan; cut just above L2 (the field of view starts right
-    below L1's lowest voxel, so L1 lies wholly outside); cut just below L5 (``margin_px`` below
-    L5's lowest voxel: the sacrum outside)."""
+    below L1's lowest voxel, so L1 lies wholly outside); cut through L1 (it starts halfway down
+    L1: its lower half inside, T12 outside, as in a lumbar scan whose field of view begins at L1);
+    cut just below L5 (``margin_px`` below L5's lowest voxel: the sacrum outside)."""
     axis, up_increasing = superior_axis(image)
     out = {"full": (image, labels)}
     n = labels.shape[axis]
@@ -62,6 +63,10 @@ def field_of_view_variants(image: Image, labels: np.ndarray, margin_px: int = 3)
     if l1 is not None:
         out["cut above L2"] = (crop_along(image, labels, axis, 0, l1[0]) if up_increasing
                                else crop_along(image, labels, axis, l1[1] + 1, n))
+    if l1 is not None:
+        mid = (l1[0] + l1[1] + 1) // 2
+        out["cut through L1"] = (crop_along(image, labels, axis, 0, mid) if up_increasing
+                                 else crop_along(image, labels, axis, mid, n))
     if l5 is not None:
         out["cut below L5"] = (crop_along(image, labels, axis, max(0, l5[0] - margin_px), n) if up_increasing
                                else crop_along(image, labels, axis, 0, min(n, l5[1] + margin_px + 1)))
@@ -139,6 +144,13 @@ def score(pred: np.ndarray, truth: np.ndarray, image: Image) -> dict:
 
 # body-mask thresholds scored for every case, so cv-report can choose one on the other folds
 BODY_THRESHOLDS = (0.4, 0.5, 0.6, 0.7, 0.8)
+# L5's weight in a run's score (DecodingParameters.run_weights: counting from the sacrum), each at
+# every body threshold; 1: the seed's equal weights
+L5_WEIGHTS = (1.0, 1.5, 2.0, 3.0)
+
+
+def l5_weighted(weight: float) -> tuple:
+    return (1.0,) * (N_LEVELS - 1) + (float(weight),)
 
 
 @torch.inference_mode()
@@ -147,15 +159,19 @@ def evaluate_case(net, weights_pre: dict, image: Image, truth: np.ndarray) -> di
     decoded = decode_levels(out.probabilities, image)
     final = largest_component_per_label(decoded.labels)
     old = largest_component_per_label(out.labels)
-    at = {}
-    for t in BODY_THRESHOLDS:
-        d = decode_levels(out.probabilities, image, DecodingParameters(threshold=t))
-        at[str(t)] = {**score(largest_component_per_label(d.labels), truth, image),
-                      "level_confidence": round(d.level_confidence, 4), "end_conflict": round(d.end_conflict, 4)}
+    at, weighted = {}, {}
+    for w in L5_WEIGHTS:
+        for t in BODY_THRESHOLDS:
+            d = decode_levels(out.probabilities, image, DecodingParameters(threshold=t, run_weights=l5_weighted(w)))
+            weighted.setdefault(str(w), {})[str(t)] = {
+                **score(largest_component_per_label(d.labels), truth, image),
+                "level_confidence": round(d.level_confidence, 4), "end_conflict": round(d.end_conflict, 4)}
+        at = weighted[str(1.0)]
     return {"decoded": score(final, truth, image), "old_cleanup": score(old, truth, image),
             "level_confidence": round(decoded.level_confidence, 4), "doubtful": decoded.doubtful,
             "end_conflict": round(decoded.end_conflict, 4),
-            "assignment": decoded.assignment(), "network_s": round(out.network_s, 3), "decoded_at": at}
+            "assignment": decoded.assignment(), "network_s": round(out.network_s, 3), "decoded_at": at,
+            "decoded_weighted": weighted}
 
 
 def evaluate_fold(checkpoint: Path, cases: list[dict], out_json: Path, log=print) -> dict:
@@ -183,7 +199,7 @@ def evaluate_fold(checkpoint: Path, cases: list[dict], out_json: Path, log=print
 
 # ---- cross-validation report ------------------------------------------------------------------
 
-VARIANTS = ("full", "cut above L2", "cut below L5")
+VARIANTS = ("full", "cut above L2", "cut through L1", "cut below L5")
 
 
 def _mean_dice(result: dict) -> float:
@@ -235,6 +251,31 @@ def choose_body_threshold(per_case: dict, fold_of: dict, n_folds: int) -> dict:
             "on all folds (shipped)", "mean_dice_by_threshold": {str(t): round(float(m), 4) for t, m in means.items()}}
 
 
+def choose_l5_weight(per_case: dict, fold_of: dict, n_folds: int, thresholds: dict) -> dict:
+    """The decoder's L5 run weight: for each fold, the one that names all five levels right on
+    the most held-out predictions of the OTHER folds (whole field and both cuts, each scan at its
+    fold's body threshold; ties: the smaller weight, the seed's 1 first); for the shipped model,
+    the same over all folds at the shipped threshold."""
+    if not all("decoded_weighted" in r["full"] for r in per_case.values()):
+        return {"per_fold": [1.0] * n_folds, "final": 1.0, "how": "not swept: the seed's equal weights"}
+
+    def right(ids, t_of):
+        return {w: sum(r[v]["decoded_weighted"][str(w)][str(t_of(c))]["identification"]["all_correct"]
+                       for c in ids for v, r in ((v, per_case[c]) for v in VARIANTS) if v in r)
+                for w in L5_WEIGHTS}
+
+    def best(counts):
+        return max(L5_WEIGHTS, key=lambda w: (counts[w], -w))
+
+    per_fold = [best(right([c for c in per_case if fold_of[c] != f], lambda c, f=f: thresholds["per_fold"][f]))
+                for f in range(n_folds)]
+    overall = right(list(per_case), lambda c: thresholds["final"])
+    return {"per_fold": per_fold, "final": best(overall),
+            "how": "most predictions named right on the other folds (per fold); on all folds (shipped)",
+            "right_by_weight": {str(w): n for w, n in overall.items()},
+            "predictions": sum(v in r for r in per_case.values() for v in VARIANTS)}
+
+
 def cv_report(run: Path) -> dict:
     folds = json.loads((run / "folds.json").read_text())
     per_case, fold_of = {}, {}
@@ -247,17 +288,22 @@ def cv_report(run: Path) -> dict:
     summary = {"cases": len(per_case), "folds": len(folds["folds"]), "duplicates": folds["duplicates"],
                "label_notes": folds["label_notes"],
                "body_threshold": choose_body_threshold(per_case, fold_of, len(folds["folds"]))}
-    for cid, r in per_case.items():  # score each scan at the threshold chosen on the other folds
+    summary["l5_weight"] = choose_l5_weight(per_case, fold_of, len(folds["folds"]), summary["body_threshold"])
+    for cid, r in per_case.items():  # score each scan at the threshold and weight chosen on the other folds
         t = str(summary["body_threshold"]["per_fold"][fold_of[cid]])
+        w = str(summary["l5_weight"]["per_fold"][fold_of[cid]])
         for v in r.values():
             if "decoded_at" in v:
+                chosen = v["decoded_weighted"][w][t] if "decoded_weighted" in v else v["decoded_at"][t]
                 v["decoded_default"] = v["decoded"]
-                v["decoded"] = {k: v["decoded_at"][t][k] for k in ("dice", "identification")}
-                v["level_confidence"] = v["decoded_at"][t]["level_confidence"]
-                v["end_conflict"] = v["decoded_at"][t].get("end_conflict", 0.0)
+                v["decoded"] = {k: chosen[k] for k in ("dice", "identification")}
+                v["level_confidence"] = chosen["level_confidence"]
+                v["end_conflict"] = chosen.get("end_conflict", 0.0)
     for method in ("decoded", "old_cleanup"):
         for variant in VARIANTS:
             rs = [r[variant][method] for r in per_case.values() if variant in r]
+            if not rs:  # evaluated before this field of view was scored
+                continue
             kinds: dict[str, int] = {}
             for r in rs:
                 for k in r["identification"]["kinds"]:
@@ -277,7 +323,7 @@ def cv_report(run: Path) -> dict:
     summary["doubtful_threshold"] = choose_doubtful_threshold(rows)
     t = summary["doubtful_threshold"]["threshold"]
     table = ["| case | fold | L1 | L2 | L3 | L4 | L5 | all five right | failure | confidence | cut above L2 | "
-             "cut below L5 | old clean-up |", "|" + "---|" * 13]
+             "cut through L1 | cut below L5 | old clean-up |", "|" + "---|" * 14]
     for cid in sorted(per_case):
         r = per_case[cid]
         d = r["full"]["decoded"]
@@ -294,7 +340,8 @@ def cv_report(run: Path) -> dict:
                                                                   for k in range(1, 6)) +
                      f" | {'yes' if d['identification']['all_correct'] else 'NO'} | "
                      f"{', '.join(f'{k}: {w}' for k, w in d['identification']['where'].items() if w != k) or '-'}"
-                     f" | {r['full']['level_confidence']:.2f} | {verdict('cut above L2')} | {verdict('cut below L5')} | "
+                     f" | {r['full']['level_confidence']:.2f} | {verdict('cut above L2')} | "
+                     f"{verdict('cut through L1')} | {verdict('cut below L5')} | "
                      f"{'yes' if old['all_correct'] else 'NO ' + ','.join(old['kinds'])} |")
     summary["table"] = "\n".join(table)
     (run / "cv_summary.json").write_text(json.dumps(summary, indent=2))

@@ -183,6 +183,24 @@ def summary(results: dict, doubtful_below: float) -> dict:
     return out
 
 
+def card_section(path: Path, name: str = "registered") -> str:
+    """A model card's section from an external.json: the table and the tally of one weights' runs."""
+    data = json.loads(Path(path).read_text())
+    if name not in data["cases"]:
+        raise KeyError(f"{path}: no runs of {name!r} (has {', '.join(data['cases'])})")
+    counts = data["summary"][name]
+    return (f"""Five T2 FSE scans from another centre (`ivd-t2`, Menezes-Reis et al., Quant Imaging Med Surg 6:402,
+2016; redistributed in FastCleverSeg, GPL-3.0) that no level model was trained or chosen on. Their labels
+are the five lumbar discs, not the bodies, so each named body is placed between its discs (no Dice);
+each foramen marker is measured against its own disc (`Training/level_external.py`, the product's
+`run_case`). Doubtful below {data['doubtful_below']:.2f}:
+
+{table({name: data['cases'][name]}, data['doubtful_below'])}
+
+All five right on {counts['right']} of {counts['scans']}: """
+            + "; ".join(f"{k} {v}" for k, v in counts.items() if k not in ("scans", "right")) + ".")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", nargs="+", default=["registered"],

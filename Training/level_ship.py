@@ -43,7 +43,7 @@ def trained_on(meta: dict) -> str:
 
 
 def model_card(version: str, checkpoint: dict, summary: dict, cv_config: dict, commands: list[str],
-               cv_minutes: float, extra_notes: list[str] | None = None) -> str:
+               cv_minutes: float, extra_notes: list[str] | None = None, external: str = "") -> str:
     meta = checkpoint["metadata"]
     cfg = meta["config"]
     where = trained_on(meta)
@@ -89,12 +89,14 @@ Commands:
 ```"""),
         (f"Cross-validated results ({summary['cases']} scans, {summary['folds']} folds)", f"""Anatomical decoding (this model's pipeline) against the old clean-up (largest component per level
 of the raw labels, v0.1.0's pipeline) on the same fold models. "Cut above L2": the field of view
-starts right below L1 (L1 outside); "cut below L5": it ends 3 px below L5 (no sacrum).
+starts right below L1 (L1 outside); "cut through L1": it starts halfway down L1 (T12 outside, a part
+of L1 inside; scored from session 20); "cut below L5": it ends 3 px below L5 (no sacrum).
 
 | field of view | all five (present) levels on their own bodies | mean per-level Dice | L1 / L2 / L3 / L4 / L5 | failure kinds | failed scans |
 |---|---|---|---|---|---|
 {_variant_line(summary, 'decoded', 'full')}
 {_variant_line(summary, 'decoded', 'cut above L2')}
+{_variant_line(summary, 'decoded', 'cut through L1') if 'decoded/cut through L1' in summary else ''}
 {_variant_line(summary, 'decoded', 'cut below L5')}
 
 Mean per-level Dice over the scans whose levels are all right (the outlines alone):
@@ -108,6 +110,7 @@ Old clean-up on the same predictions:
 |---|---|---|---|---|---|
 {_variant_line(summary, 'old_cleanup', 'full')}
 {_variant_line(summary, 'old_cleanup', 'cut above L2')}
+{_variant_line(summary, 'old_cleanup', 'cut through L1') if 'old_cleanup/cut through L1' in summary else ''}
 {_variant_line(summary, 'old_cleanup', 'cut below L5')}
 
 Body-mask threshold of the decoder: **{summary['body_threshold']['final']}** (summed level probability; each
@@ -125,6 +128,7 @@ checkpoint (metadata `postprocessing.level_decoding.doubtful_below`).
 Per scan (whole field of view; "failure" lists levels that are not on their own body):
 
 {summary['table']}"""),
+        *([("On scans from another centre", external)] if external else []),
         ("Known limits", """- Two sources, two sequences, 52 distinct spines: the figures say little about other scanners,
   protocols, pathology (fractures, scoliosis, implants, severe degeneration) or children.
 - Trained on 4 mm sagittal slices at 1 mm in-plane; other slice thicknesses are untested.
@@ -145,7 +149,10 @@ datasets (52 distinct images). Every figure below is cross-validated: case-wise
 saw it, no checkpoint or threshold selected on the scans it is scored on. Not a medical device.""")
 
 
-def ship(cv_dir: Path, final_dir: Path, version: str, commands: list[str], notes: list[str] | None = None) -> str:
+def ship(cv_dir: Path, final_dir: Path, version: str, commands: list[str], notes: list[str] | None = None,
+         external: Path | None = None) -> str:
+    """``external``: an external.json of Training/level_external.py whose "registered" runs used
+    this model's weights and decoding settings (e.g. --weights on the final checkpoint with them)."""
     summary = json.loads((cv_dir / "cv_summary.json").read_text())
     folds = json.loads((cv_dir / "folds.json").read_text())
     checkpoint = load_checkpoint(final_dir / "final.pt")
@@ -158,8 +165,10 @@ def ship(cv_dir: Path, final_dir: Path, version: str, commands: list[str], notes
     meta = {**checkpoint["metadata"], "postprocessing": {"level_decoding": {"doubtful_below": threshold,
                                                                             "threshold": body}},
             "cross_validation": {k: summary[k] for k in summary if k.startswith(("decoded/", "old_cleanup/"))}}
+    from level_external import card_section
+
     text = model_card(version, {**checkpoint, "metadata": meta}, summary, folds["config"], commands, cv_minutes,
-                      notes)
+                      notes, card_section(external) if external else "")
     full = summary["decoded/full"]
     entry = publish(MODEL, version, text,
                     f"starter lumbar-levels (whole column + anatomical decoding): {summary['folds']}-fold "

@@ -425,8 +425,9 @@ def main(argv=None) -> int:
         parser.add_argument("--version", required=True)
         parser.add_argument("--command", action="append", default=[], help="a command of the run, for the card")
         parser.add_argument("--note", action="append", default=[], help="a line for the card's training section")
+        parser.add_argument("--external", type=Path, help="level_external.py's external.json (its 'registered' runs)")
         args = parser.parse_args(argv[1:])
-        print(ship(Path(args.cv), Path(args.final), args.version, args.command, args.note))
+        print(ship(Path(args.cv), Path(args.final), args.version, args.command, args.note, args.external))
         return 0
     if argv and argv[0] == "cv-report":
         from level_eval import cv_report

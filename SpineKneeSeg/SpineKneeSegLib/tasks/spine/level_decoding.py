@@ -41,6 +41,10 @@ class DecodingParameters:
     # calls T12 "L1" on T2 scans reaching T11 yet the whole run names the column right); the
     # value is always reported (summaries.level_decoding.end_conflict)
     end_conflict_doubtful: float = 1.01
+    # weight of each level's probability (L1..L5) in a run's score. Equal: the seed's sum. A larger
+    # L5 weight counts from the sacrum, the anchor a lumbar field of view holds (T12 is often cut
+    # off, and then the network tends to call the top body L1); chosen by cross-validation
+    run_weights: tuple = (1.0, 1.0, 1.0, 1.0, 1.0)
 
 
 @dataclass
@@ -195,7 +199,10 @@ def _decode_box(prob: np.ndarray, body: np.ndarray, image: Image, params: Decodi
     bodies = _merge_same_height(bodies, params)
     bodies.sort(key=lambda b: -b.position_mm)  # superior first
     bodies = _fill_gaps(bodies, params)
-    scores = np.array([b.probabilities for b in bodies])  # (n, 5); missed bodies score 0
+    weights = np.asarray(params.run_weights, dtype=float)
+    if weights.shape != (N_LEVELS,) or np.any(weights <= 0):
+        raise ValueError(f"run_weights must be {N_LEVELS} positive numbers, not {params.run_weights!r}")
+    scores = np.array([b.probabilities for b in bodies]) * weights  # (n, 5); missed bodies score 0
     m = len(bodies)
 
     def run_score(offset: int) -> float:
@@ -204,13 +211,13 @@ def _decode_box(prob: np.ndarray, body: np.ndarray, image: Image, params: Decodi
     run_scores = {o: run_score(o) for o in range(-N_LEVELS, m + 1)}
     best = max(run_scores, key=lambda o: (run_scores[o], -abs(o)))
     neighbours = [run_scores[o] for o in (best - 1, best + 1) if o in run_scores]
-    confidence = (run_scores[best] - max(neighbours)) / N_LEVELS
+    confidence = (run_scores[best] - max(neighbours)) / float(weights.sum())  # 0..1 whatever the weights
     labels = np.zeros(int(np.prod(shape)), np.uint8)
     for k in range(N_LEVELS):
         i = best + k
         if 0 <= i < m and bodies[i].found:
             labels[bodies[i].voxels] = k + 1
-    ends = [scores[i, k] for i, k in ((best - 1, 0), (best + N_LEVELS, N_LEVELS - 1)) if 0 <= i < m]
+    ends = [bodies[i].probabilities[k] for i, k in ((best - 1, 0), (best + N_LEVELS, N_LEVELS - 1)) if 0 <= i < m]
     conflict = float(max(ends, default=0.0))
     doubtful = confidence < params.doubtful_below or conflict >= params.end_conflict_doubtful
     return LevelDecoding(labels.reshape(shape), float(confidence), bool(doubtful), best, bodies,
