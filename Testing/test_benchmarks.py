@@ -50,3 +50,27 @@ def test_network_benchmark_times_training_steps_that_update_the_weights(capsys):
     assert bench.main(["--device", "cpu", "--train", "--batches", "1", "--runs", "1"]) == 0
     out = capsys.readouterr().out
     assert "training steps" in out and all(f"{task} (registered)" in out for task in bench.TASKS)
+
+
+def test_knee_floor_times_the_steps_no_run_can_skip_and_writes_them(tmp_path):
+    """bench_knee.py --floor: reading the input and writing each required output, timed alone
+    from a label map; the outputs it times are real files (labels back equal; a .seg.nrrd)."""
+    import numpy as np
+    import pytest
+    from SpineKneeSegLib.core.image_io import read_image, write_image
+    from SpineKneeSegLib.tasks import TASKS
+    from SpineKneeSegLib.tasks.knee.phantom import knee_phantom
+
+    pytest.importorskip("slicer_core")
+    spec = importlib.util.spec_from_file_location("bench_knee", BENCH.parent / "bench_knee.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    phantom = knee_phantom(0)
+    write_image(phantom.image, tmp_path / "knee.nii.gz")
+    write_image(phantom.labels, tmp_path / "labels.nii.gz")
+    floor = bench.floor_steps(TASKS["knee-bones"], tmp_path / "knee.nii.gz", read_image(tmp_path / "knee.nii.gz"),
+                              tmp_path / "labels.nii.gz", tmp_path, runs=1)
+    assert set(floor) == {"read input", "labels.nii.gz", ".seg.nrrd (MRML)"}  # no DICOM-SEG for a NIfTI input
+    assert all(v > 0 for v in floor.values())
+    assert np.array_equal(read_image(tmp_path / "floor.nii.gz").array, phantom.labels.array)
+    assert (tmp_path / "floor.seg.nrrd").stat().st_size > 0

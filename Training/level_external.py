@@ -205,17 +205,22 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", nargs="+", default=["registered"],
                         help="level checkpoints; 'registered': the registered lumbar-levels model (the default)")
+    parser.add_argument("--name", nargs="+", help="a name per --weights for the tables (default: registered, "
+                        "else the checkpoint's run/job folders, e.g. D/fold0)")
     parser.add_argument("--out", type=Path, default=Path("Training/runs/levels-external"))
     parser.add_argument("--data", type=Path, help="shared data root (default: SPINEKNEESEG_DATA or ../shared/data)")
     args = parser.parse_args(argv)
+    if args.name and len(args.name) != len(args.weights):
+        parser.error("--name needs one name per --weights")
     root = args.data or data_root()
     if root is None or not (root / DATASET).exists():
         print(f"no {DATASET} folder: set SPINEKNEESEG_DATA", file=sys.stderr)
         return 2
     cases = external_cases(root)
     results = {}
-    for weights in args.weights:
-        name = weights if weights == "registered" else "/".join(Path(weights).parts[-3:-1])  # e.g. D/fold0
+    for n, weights in enumerate(args.weights):
+        name = (args.name[n] if args.name else
+                weights if weights == "registered" else "/".join(Path(weights).parts[-3:-1]))  # e.g. D/fold0
         results[name] = {}
         for case in cases:
             r = evaluate(case, None if weights == "registered" else weights, args.out / name / case["id"].split("/")[1])

@@ -15,6 +15,7 @@ from modelcard import publish, render
 from SpineKneeSegLib.engine.models import build_network, count_parameters
 from SpineKneeSegLib.engine.weights import (
     load_checkpoint,
+    save_checkpoint,
 )
 
 MODEL = "lumbar-levels"
@@ -34,6 +35,17 @@ def _variant_line(summary: dict, method: str, variant: str) -> str:
     failed = ", ".join(s["failed"]) or "none"
     return (f"| {variant} | {s['all_levels_right']} of {s['scans']} | {s['mean_dice']:.3f} | "
             f"{' / '.join(f'{v:.3f}' for v in s['per_level_dice'].values())} | {kinds} | {failed} |")
+
+
+def l5_line(summary: dict) -> str:
+    """The card's sentence on the decoder's L5 run weight (from session 20's cv-report)."""
+    w = summary.get("l5_weight")
+    if not w or "right_by_weight" not in w:
+        return ""
+    return (f"\nL5 weight in the decoder's run score: **{w['final']}** (1 = the seed's plain sum; more counts from the "
+            f"sacrum; each fold scored at the weight naming the most predictions right on the other folds: "
+            f"{w['per_fold']}; predictions named right over all folds and fields of view by weight, of "
+            f"{w['predictions']}: {w['right_by_weight']}).")
 
 
 def trained_on(meta: dict) -> str:
@@ -116,6 +128,7 @@ Old clean-up on the same predictions:
 Body-mask threshold of the decoder: **{summary['body_threshold']['final']}** (summed level probability; each
 fold was scored at the threshold best on the other folds: {summary['body_threshold']['per_fold']}; mean
 whole-field Dice by threshold over all folds {summary['body_threshold'].get('mean_dice_by_threshold', {})}).
+{l5_line(summary)}
 
 Level confidence: the count is reported doubtful below **{threshold['threshold']:.2f}** ({threshold['how']}).
 Over all held-out predictions (three fields of view per scan) it flags {threshold['failures_flagged']} of
@@ -149,10 +162,23 @@ datasets (52 distinct images). Every figure below is cross-validated: case-wise
 saw it, no checkpoint or threshold selected on the scans it is scored on. Not a medical device.""")
 
 
+def shipping_metadata(checkpoint: dict, summary: dict) -> dict:
+    """The final model's metadata plus the decoding settings chosen by the cross-validation (body
+    threshold, L5 run weight, doubtful threshold) and its figures."""
+    from level_eval import l5_weighted
+
+    decoding = {"doubtful_below": summary["doubtful_threshold"]["threshold"],
+                "threshold": summary["body_threshold"]["final"]}
+    if summary.get("l5_weight", {}).get("final", 1.0) != 1.0:
+        decoding["run_weights"] = list(l5_weighted(summary["l5_weight"]["final"]))
+    return {**checkpoint["metadata"], "postprocessing": {"level_decoding": decoding},
+            "cross_validation": {k: summary[k] for k in summary if k.startswith(("decoded/", "old_cleanup/"))}}
+
+
 def ship(cv_dir: Path, final_dir: Path, version: str, commands: list[str], notes: list[str] | None = None,
-         external: Path | None = None) -> str:
+         external: Path | None = None, candidate: Path | None = None) -> str:
     """``external``: an external.json of Training/level_external.py whose "registered" runs used
-    this model's weights and decoding settings (e.g. --weights on the final checkpoint with them)."""
+    this model's weights and decoding settings (``candidate``: write that checkpoint, then stop)."""
     summary = json.loads((cv_dir / "cv_summary.json").read_text())
     folds = json.loads((cv_dir / "folds.json").read_text())
     checkpoint = load_checkpoint(final_dir / "final.pt")
@@ -160,11 +186,11 @@ def ship(cv_dir: Path, final_dir: Path, version: str, commands: list[str], notes
         raise SystemExit("the final model's recipe differs from the cross-validated one: refusing to ship")
     cv_minutes = sum(load_checkpoint(cv_dir / f"fold{f}" / "final.pt")["metadata"].get("train_seconds", 0)
                      for f in range(summary["folds"])) / 60
-    threshold = summary["doubtful_threshold"]["threshold"]
-    body = summary["body_threshold"]["final"]
-    meta = {**checkpoint["metadata"], "postprocessing": {"level_decoding": {"doubtful_below": threshold,
-                                                                            "threshold": body}},
-            "cross_validation": {k: summary[k] for k in summary if k.startswith(("decoded/", "old_cleanup/"))}}
+    meta = shipping_metadata(checkpoint, summary)
+    if candidate is not None:  # the checkpoint as it would ship, for level_external.py; nothing registered
+        save_checkpoint(candidate, checkpoint["task"], checkpoint["network"]["factory"], checkpoint["network"]["config"],
+                        checkpoint["state_dict"], checkpoint["preprocessing"], meta, checkpoint.get("model", "labels"))
+        return f"wrote the candidate {candidate} (not registered)"
     from level_external import card_section
 
     text = model_card(version, {**checkpoint, "metadata": meta}, summary, folds["config"], commands, cv_minutes,

@@ -426,8 +426,11 @@ def main(argv=None) -> int:
         parser.add_argument("--command", action="append", default=[], help="a command of the run, for the card")
         parser.add_argument("--note", action="append", default=[], help="a line for the card's training section")
         parser.add_argument("--external", type=Path, help="level_external.py's external.json (its 'registered' runs)")
+        parser.add_argument("--candidate", type=Path, help="only write the checkpoint that would ship (for "
+                            "level_external.py --weights PATH --name registered), register nothing")
         args = parser.parse_args(argv[1:])
-        print(ship(Path(args.cv), Path(args.final), args.version, args.command, args.note, args.external))
+        print(ship(Path(args.cv), Path(args.final), args.version, args.command, args.note, args.external,
+                   args.candidate))
         return 0
     if argv and argv[0] == "cv-report":
         from level_eval import cv_report
