@@ -176,3 +176,57 @@ def test_cut_through_l1_keeps_the_lower_half_of_l1_only():
     assert (cut == 5).sum() == (labels == 5).sum()
     # the same physical place: the cut grid's first row is the full grid's row 20
     assert np.allclose(cut_image.ijk_to_ras_points([[0, 0, 0]]), image.ijk_to_ras_points([[0, 20, 0]]))
+
+
+def _cv_run(tmp_path, l5_final: float):
+    """A cross-validation folder as cv-report leaves it (summary, folds, fold and final models of
+    one tiny MultiNet), enough for level_ship."""
+    import level_column as lc
+    from dataclasses import asdict
+    from SpineKneeSegLib.engine.models import build_network
+    from SpineKneeSegLib.engine.weights import save_checkpoint
+
+    cfg = asdict(lc.ColumnConfig(network={"levels": 2, "base_channels": 4, "max_channels": 4,
+                                          "activation": "elu", "norm": "batch"}))
+    net = build_network("multinet", lc.network_config(lc.ColumnConfig(**cfg)))
+    variant = {"scans": 2, "all_levels_right": 1, "failed": ["a/case2"], "mean_dice": 0.5, "mean_dice_when_right": 0.8,
+               "per_level_dice": {f"L{k}": 0.5 for k in range(1, 6)}, "failure_kinds": {"shift down": 1}}
+    summary = {"cases": 2, "folds": 2, "duplicates": [], "label_notes": {}, "table": "| a table |",
+               "body_threshold": {"per_fold": [0.4, 0.4], "final": 0.4, "how": "test"},
+               "l5_weight": {"per_fold": [l5_final, 1.0], "final": l5_final, "how": "test",
+                             "right_by_weight": {"1.0": 5, "3.0": 6}, "predictions": 8},
+               "doubtful_threshold": {"threshold": 0.6, "how": "test", "failures_flagged": 1, "failures": 2,
+                                      "correct_flagged": 1, "correct": 6, "end_conflict": 1.01},
+               **{f"{m}/{v}": variant for m in ("decoded", "old_cleanup")
+                  for v in ("full", "cut above L2", "cut below L5")}}  # an older run: no "cut through L1"
+    cv = tmp_path / "cv"
+    for job in ("fold0", "fold1", "final"):
+        (cv / job).mkdir(parents=True)
+        save_checkpoint(cv / job / "final.pt", "lumbar-foramina", "multinet", lc.network_config(lc.ColumnConfig(**cfg)),
+                        net.state_dict(), {"in_plane_spacing_mm": 1.4}, {"config": cfg, "train_seconds": 60})
+    (cv / "cv_summary.json").write_text(json.dumps(summary))
+    (cv / "folds.json").write_text(json.dumps({"folds": [["a/case1"], ["a/case2"]], "config": cfg}))
+    return cv, summary
+
+
+@pytest.mark.parametrize("l5_final, shipped", [(3.0, [1.0, 1.0, 1.0, 1.0, 3.0]), (1.0, None)])
+def test_ship_candidate_carries_the_chosen_decoding_into_the_product(tmp_path, l5_final, shipped):
+    """spine_levels.py ship --candidate: the checkpoint that would ship, with the decoding settings
+    the cross-validation chose, which the product's level decoding then uses; nothing registered.
+    The card renders an older run (no cut-through-L1 rows) as one unbroken table."""
+    from level_ship import model_card, ship, shipping_metadata
+    from SpineKneeSegLib.engine.weights import load_checkpoint
+    from SpineKneeSegLib.tasks.spine.level_decoding import DecodingParameters
+
+    cv, summary = _cv_run(tmp_path, l5_final)
+    message = ship(cv, cv / "final", "9.9.9", ["a command"], candidate=tmp_path / "candidate.pt")
+    assert "not registered" in message
+    decoding = load_checkpoint(tmp_path / "candidate.pt")["metadata"]["postprocessing"]["level_decoding"]
+    assert decoding.get("run_weights") == shipped and decoding["doubtful_below"] == 0.6 and decoding["threshold"] == 0.4
+    assert tuple(DecodingParameters(**decoding).run_weights) == tuple(shipped or (1.0,) * 5)
+    checkpoint = load_checkpoint(cv / "final" / "final.pt")
+    card = model_card("9.9.9", {**checkpoint, "metadata": shipping_metadata(checkpoint, summary)}, summary,
+                      {}, ["a command"], 1.0)
+    rows = [line for line in card.splitlines() if line.startswith(("| full", "| cut"))]
+    assert len(rows) == 6 and "\n\n| cut" not in card
+    assert f"L5 weight in the decoder's run score: **{l5_final}**" in card

@@ -63,7 +63,6 @@ def field_of_view_variants(image: Image, labels: np.ndarray, margin_px: int = 3)
     if l1 is not None:
         out["cut above L2"] = (crop_along(image, labels, axis, 0, l1[0]) if up_increasing
                                else crop_along(image, labels, axis, l1[1] + 1, n))
-    if l1 is not None:
         mid = (l1[0] + l1[1] + 1) // 2
         out["cut through L1"] = (crop_along(image, labels, axis, 0, mid) if up_increasing
                                  else crop_along(image, labels, axis, mid, n))

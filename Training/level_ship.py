@@ -37,6 +37,13 @@ def _variant_line(summary: dict, method: str, variant: str) -> str:
             f"{' / '.join(f'{v:.3f}' for v in s['per_level_dice'].values())} | {kinds} | {failed} |")
 
 
+def _variant_lines(summary: dict, method: str) -> str:
+    """The table rows of every field of view the cross-validation scored (cut through L1: from session 20)."""
+    from level_eval import VARIANTS
+
+    return "\n".join(_variant_line(summary, method, v) for v in VARIANTS if f"{method}/{v}" in summary)
+
+
 def l5_line(summary: dict) -> str:
     """The card's sentence on the decoder's L5 run weight (from session 20's cv-report)."""
     w = summary.get("l5_weight")
@@ -106,10 +113,7 @@ of L1 inside; scored from session 20); "cut below L5": it ends 3 px below L5 (no
 
 | field of view | all five (present) levels on their own bodies | mean per-level Dice | L1 / L2 / L3 / L4 / L5 | failure kinds | failed scans |
 |---|---|---|---|---|---|
-{_variant_line(summary, 'decoded', 'full')}
-{_variant_line(summary, 'decoded', 'cut above L2')}
-{_variant_line(summary, 'decoded', 'cut through L1') if 'decoded/cut through L1' in summary else ''}
-{_variant_line(summary, 'decoded', 'cut below L5')}
+{_variant_lines(summary, 'decoded')}
 
 Mean per-level Dice over the scans whose levels are all right (the outlines alone):
 {summary['decoded/full']['mean_dice_when_right']:.3f} (whole field of view), {summary['decoded/cut below L5']['mean_dice_when_right']:.3f} (cut below L5),
@@ -120,10 +124,7 @@ Old clean-up on the same predictions:
 
 | field of view | all levels right | mean per-level Dice | L1 / L2 / L3 / L4 / L5 | failure kinds | failed scans |
 |---|---|---|---|---|---|
-{_variant_line(summary, 'old_cleanup', 'full')}
-{_variant_line(summary, 'old_cleanup', 'cut above L2')}
-{_variant_line(summary, 'old_cleanup', 'cut through L1') if 'old_cleanup/cut through L1' in summary else ''}
-{_variant_line(summary, 'old_cleanup', 'cut below L5')}
+{_variant_lines(summary, 'old_cleanup')}
 
 Body-mask threshold of the decoder: **{summary['body_threshold']['final']}** (summed level probability; each
 fold was scored at the threshold best on the other folds: {summary['body_threshold']['per_fold']}; mean
@@ -131,7 +132,7 @@ whole-field Dice by threshold over all folds {summary['body_threshold'].get('mea
 {l5_line(summary)}
 
 Level confidence: the count is reported doubtful below **{threshold['threshold']:.2f}** ({threshold['how']}).
-Over all held-out predictions (three fields of view per scan) it flags {threshold['failures_flagged']} of
+Over all held-out predictions (every field of view above, per scan) it flags {threshold['failures_flagged']} of
 {threshold['failures']} failures and {threshold['correct_flagged']} of {threshold['correct']} correct ones (most of them with L1 cut off, where
 the count is indeed uncertain). The end conflict (the body beyond L1 or L5 also claiming that
 level) is reported but does not flag by default (session 12's recipe: at 0.5 it flagged 1 failure

@@ -43,7 +43,8 @@ class DecodingParameters:
     end_conflict_doubtful: float = 1.01
     # weight of each level's probability (L1..L5) in a run's score. Equal: the seed's sum. A larger
     # L5 weight counts from the sacrum, the anchor a lumbar field of view holds (T12 is often cut
-    # off, and then the network tends to call the top body L1); chosen by cross-validation
+    # off, and then the network tends to call the top body L1). cv-report chooses it per fold; in
+    # session 20 it changed one or two of 216 predictions, so the shipped model keeps equal weights
     run_weights: tuple = (1.0, 1.0, 1.0, 1.0, 1.0)
 
 
