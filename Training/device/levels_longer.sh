@@ -19,7 +19,9 @@ PACK=${PACK:-.devdata/levels-1.4mm.pkl.xz}
 MAX_MIN=${MAX_MIN:-7.5}
 RUN=${RUN:-/tmp/run}
 OUT=${OUT:-/tmp/out}
-D='{"levels": 6, "base_channels": 16, "max_channels": 64, "activation": "elu", "norm": "batch"}'
+# recipe D's network; NET overrides it (session 20's suggestion at 1.0 mm: "levels": 7, with
+# --canvas 320 in EXTRA, a multiple of 2^6)
+D=${NET:-'{"levels": 6, "base_channels": 16, "max_channels": 64, "activation": "elu", "norm": "batch"}'}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__)"
 date +%s
