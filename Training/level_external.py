@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 from level_eval import NAME, N_LEVELS, classify
+from SpineKneeSegLib.core.atomic import write_text_atomic
 from SpineKneeSegLib.core.datasets import data_root
 from SpineKneeSegLib.core.image import Image
 from SpineKneeSegLib.core.image_io import read_image
@@ -53,7 +54,7 @@ def disc_levels(discs: np.ndarray, image: Image) -> np.ndarray:
     return levels
 
 
-def place_body(s: float, discs_s: np.ndarray) -> tuple[int | None, str]:
+def place_body(s: float, discs_s: np.ndarray) -> tuple[int, str]:
     """(ordinal position as level_eval's POSITION: T11 -1, T12 0, L1..L5 1..5, sacrum 6; name) of
     a body whose centroid is at S ``s``."""
     if s < discs_s[-1]:
@@ -227,12 +228,14 @@ def main(argv=None) -> int:
             results[name][case["id"]] = r
             ident = r["identification"]
             print(f"{name:12s} {case['id']:14s} {'ok ' if ident['all_correct'] else 'BAD'} "
-                  f"{','.join(ident['kinds']) or '-':16s} conf {r['level_confidence']:.2f}", flush=True)
+                  f"{','.join(ident['kinds']) or '-':16s} conf {r['level_confidence']:.2f}"
+                  + ("" if r["field_of_view_ok"] else "  (the scan ends < 15 mm above disc 1: L1 may be outside, "
+                     "its 'missing' not a failure)"), flush=True)
     threshold = registered_doubtful_below()
     totals = summary(results, threshold)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "external.json").write_text(json.dumps({"doubtful_below": threshold, "summary": totals,
-                                                        "cases": results}, indent=2))
+    write_text_atomic(args.out / "external.json", json.dumps({"doubtful_below": threshold, "summary": totals,
+                                                              "cases": results}, indent=2))
     print(table(results, threshold))
     print(f"\nat level confidence < {threshold:.2f} = doubtful (the registered model's threshold):")
     for name, counts in totals.items():
