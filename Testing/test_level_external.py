@@ -83,8 +83,11 @@ def test_discs_out_of_order_or_missing_are_refused():
 
 
 def test_foramen_markers_are_placed_against_their_own_disc():
+    from SpineKneeSegLib.annotation.foramen_labels import ForamenPoint
+
     discs_s = np.array([-104.0, -136.0, -168.0, -200.0, -232.0])
-    points = [{"label": "L3 left", "lps": [0.0, 0.0, -164.0]}, {"label": "L4 right", "lps": [5.0, 3.0, -168.0]}]
+    points = [ForamenPoint(3, "left", (0.0, 0.0, -164.0), "L3 left", "", True, "confirmed"),
+              ForamenPoint(4, "right", (-5.0, -3.0, -168.0), "L4 right", "", True, "confirmed")]
     out = ext.foramen_offsets(points, discs_s)
     assert out[0] == {"label": "L3 left", "offset_mm": 4.0, "nearest_disc_is_own": True}
     assert out[1] == {"label": "L4 right", "offset_mm": 32.0, "nearest_disc_is_own": False}

@@ -91,25 +91,16 @@ def field_of_view_ok(discs: np.ndarray, image: Image, min_mm: float = 15.0) -> b
     return bool(float(superior_mm(image, corners).max()) - disc_levels(discs, image)[0] >= min_mm)
 
 
-def foramen_offsets(points: list[dict], discs_s: np.ndarray) -> list[dict]:
-    """Per marker ("L_k left/right", LPS mm): S offset from its own disc k (positive: above) and
-    whether disc k is the nearest of the five."""
+def foramen_offsets(points, discs_s: np.ndarray) -> list[dict]:
+    """Per marker (annotation's ForamenPoint: level k = the L_k/L_k+1 foramen, RAS mm): S offset
+    from its own disc k (positive: above) and whether disc k is the nearest of the five."""
     out = []
     for p in points:
-        level = int(p["label"].split()[0][1:])
-        s = float(p["lps"][2])  # LPS and RAS share S
+        s = float(p.ras[2])
         nearest = int(np.argmin(np.abs(discs_s - s))) + 1
-        out.append({"label": p["label"], "offset_mm": round(s - float(discs_s[level - 1]), 1),
-                    "nearest_disc_is_own": bool(nearest == level)})
+        out.append({"label": p.label, "offset_mm": round(s - float(discs_s[p.level - 1]), 1),
+                    "nearest_disc_is_own": bool(nearest == p.level)})
     return out
-
-
-def read_markups(path: Path) -> list[dict]:
-    """Labels and LPS positions of a Slicer markups file."""
-    markups = json.loads(path.read_text())["markups"][0]
-    if markups.get("coordinateSystem", "LPS") != "LPS":
-        raise ValueError(f"{path}: coordinates in {markups['coordinateSystem']}, expected LPS")
-    return [{"label": c["label"], "lps": c["position"]} for c in markups["controlPoints"]]
 
 
 def external_cases(root: Path) -> list[dict]:
@@ -123,6 +114,7 @@ def external_cases(root: Path) -> list[dict]:
 
 def evaluate(case: dict, weights: str | None, out: Path) -> dict:
     """One scan through the product's lumbar-foramina run, scored against its discs."""
+    from SpineKneeSegLib.annotation.foramen_labels import read_foramen_markers
     from SpineKneeSegLib.engine.pipeline import RunOptions, run_case
     from SpineKneeSegLib.tasks import TASKS
 
@@ -131,7 +123,7 @@ def evaluate(case: dict, weights: str | None, out: Path) -> dict:
     discs = read_image(case["discs"]).array.astype(np.int64)
     pred = read_image(out / "labels.nii.gz").array
     ident = identify_by_discs(pred, discs, image)
-    forams = foramen_offsets(read_markups(out / "foramina.mrk.json"), np.array(ident["disc_s_mm"]))
+    forams = foramen_offsets(read_foramen_markers(out / "foramina.mrk.json"), np.array(ident["disc_s_mm"]))
     decoding = report["summaries"].get("level_decoding", {})
     transitional = report["summaries"].get("transitional_anatomy", {})
     return {"identification": ident, "field_of_view_ok": field_of_view_ok(discs, image),
@@ -141,21 +133,22 @@ def evaluate(case: dict, weights: str | None, out: Path) -> dict:
 
 
 def table(results: dict, doubtful_below: float) -> str:
-    rows = ["| weights | case | all five right | where (wrong ones) | confidence | doubtful | transitional | "
-            "foramen offset from own disc, mm (median, range) | nearest disc own |", "|" + "---|" * 9]
+    from modelcard import table as markdown_table
+
+    rows = []
     for name, cases in results.items():
         for cid, r in cases.items():
             ident = r["identification"]
-            wrong = ", ".join(f"{k}: {w}" for k, w in ident["where"].items() if w != k) or "-"
             offs = [f["offset_mm"] for f in r["foramina"]]
-            own = sum(f["nearest_disc_is_own"] for f in r["foramina"])
-            doubtful = r["level_confidence"] < doubtful_below
-            rows.append(f"| {name} | {cid} | {'yes' if ident['all_correct'] else 'NO ' + ','.join(ident['kinds'])} | "
-                        f"{wrong} | {r['level_confidence']:.2f} | {'yes' if doubtful else 'no'} | "
-                        f"{r['transitional']} | "
-                        + (f"{np.median(offs):+.1f} ({min(offs):+.1f} to {max(offs):+.1f})" if offs else "-")
-                        + f" | {own} of {len(offs)} |")
-    return "\n".join(rows)
+            rows.append((name, cid, "yes" if ident["all_correct"] else "NO " + ",".join(ident["kinds"]),
+                         ", ".join(f"{k}: {w}" for k, w in ident["where"].items() if w != k) or "-",
+                         f"{r['level_confidence']:.2f}", "yes" if r["level_confidence"] < doubtful_below else "no",
+                         r["transitional"],
+                         f"{np.median(offs):+.1f} ({min(offs):+.1f} to {max(offs):+.1f})" if offs else "-",
+                         f"{sum(f['nearest_disc_is_own'] for f in r['foramina'])} of {len(offs)}"))
+    return markdown_table(["weights", "case", "all five right", "where (wrong ones)", "confidence", "doubtful",
+                           "transitional", "foramen offset from own disc, mm (median, range)", "nearest disc own"],
+                          rows, fmt=str)
 
 
 def registered_doubtful_below() -> float:
