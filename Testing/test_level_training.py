@@ -273,3 +273,108 @@ def test_soft_targets_are_the_labels_resampled_as_the_image_and_train(phantom_ca
         lc.ColumnSampler(cases, cfg)
     with pytest.raises(ValueError, match="unknown targets"):
         lc.ColumnSampler(cases, _tiny_config(targets="fuzzy"))
+
+
+def test_context_targets_mark_the_half_planes_beyond_the_column_ends():
+    """beyond_ends on a drawn column (rows run inferior): "above L1" is every row above L1's top
+    row in each canvas column, "below L5" every row below L5's bottom row, columns without the body
+    taking the nearest column's row; a level cut away by the field of view gives 0 (its beyond
+    region is cut away too); a slice that never held the level gives -1 (ignored)."""
+    y = torch.zeros((3, 40, 20), dtype=torch.long)
+    for level, (top, bottom) in enumerate([(8, 11), (13, 16), (18, 21), (23, 26), (28, 31)], start=1):
+        y[0, top:bottom + 1, 6:12] = level
+    y[0, 28:33, 10:12] = 5  # L5 reaches two rows lower in columns 10-11 (a tilted endplate)
+    keep = torch.ones((3, 40), dtype=torch.bool)
+    y[1] = y[0]
+    y[1, 27:] = 0  # the field of view ends above L5: L5 cut away
+    keep[1, 27:] = False
+    had = (y[:, None] == torch.arange(1, 6)[None, :, None, None]).flatten(2).any(2)
+    had[1] = True  # slice 1 held L5 before the cut
+    t = lc.beyond_ends(y, keep, had)  # slice 2: no body at all
+    assert t.shape == (3, 2, 40, 20)
+    above, below = t[0, 0], t[0, 1]
+    assert torch.equal(above[:8], torch.ones(8, 20)) and not above[8:].any()
+    assert below[32:, 6:10].all() and not below[:32, 6:10].any()  # L5's bottom row 31 there
+    assert below[33:, 10:].all() and not below[:33, 10:].any()  # 32 in the tilted columns and beyond
+    assert below[32:, :6].all() and not below[:32, :6].any()  # the nearest column's row on the left
+    assert not t[1, 1].any() and t[1, 0][:8].all()  # L5 cut away: nothing below it inside the view
+    assert (t[2] == -1).all()
+    logits = torch.zeros_like(t)
+    assert float(lc.context_bce(logits[2:], t[2:])) == 0.0  # nothing defined, nothing learnt
+    assert abs(float(lc.context_bce(logits[:1], t[:1])) - np.log(2)) < 1e-5
+
+
+def test_context_channels_train_under_bf16_and_are_stripped_from_the_saved_model(phantom_cases, tmp_path):
+    """context_targets: the training network has 5 + 2 outputs, the saved one 5, whose logits are
+    exactly the training network's first five (the heads' summed 1x1 outputs); bfloat16 autocast
+    trains too and is recorded; an unknown autocast is refused."""
+    from dataclasses import replace
+
+    from SpineKneeSegLib.engine.models import build_network
+
+    _, cases = phantom_cases
+    cfg = replace(_tiny_config(steps=4), context_targets=True, autocast="bf16")
+    x, target = lc.sample_batch(cases, cfg, np.random.default_rng(2), torch.Generator().manual_seed(2))
+    assert target.shape[1] == 7
+    threads = torch.get_num_threads()
+    try:
+        final = lc.train_column(cfg, tmp_path / "run", cases, False, log=lambda *_: None)
+    finally:
+        torch.set_num_threads(threads)
+    saved = torch.load(final, weights_only=True)
+    assert saved["network"]["config"]["out_channels"] == 5
+    assert saved["metadata"]["config"]["context_targets"] and saved["metadata"]["config"]["autocast"] == "bf16"
+    training = build_network("multinet", lc.network_config(cfg, training=True)).eval()
+    training.load_state_dict(torch.load(tmp_path / "run" / "last.pt", weights_only=False)["model"])
+    shipped = build_network("multinet", saved["network"]["config"]).eval()
+    shipped.load_state_dict(saved["state_dict"])
+    with torch.no_grad():
+        assert torch.allclose(shipped(x), training(x)[:, :5], atol=1e-6)
+    with pytest.raises(ValueError, match="unknown autocast"):
+        lc.autocast_context(replace(cfg, autocast="fp8"))
+
+
+def test_ensemble_of_two_runs_averages_their_probabilities_fold_by_fold(phantom_cases, trained_run, tmp_path):
+    """level_ensemble.py: two runs on the same folds become one run whose fold and final models are
+    mean_of checkpoints (members' sigmoid probabilities averaged, read by the product's loader
+    like one network), its recipe the members' with differing settings listed; runs on other
+    folds are refused."""
+    import json
+    import shutil
+
+    import level_ensemble
+    from SpineKneeSegLib.engine.inference import load_network
+    from SpineKneeSegLib.engine.weights import resolve_weights
+    from SpineKneeSegLib.tasks import TASKS
+
+    _, cases = phantom_cases
+    threads = torch.get_num_threads()
+    try:
+        other = lc.train_column(_tiny_config(steps=6, seed=1), tmp_path / "seed1", cases, False, log=lambda *_: None)
+    finally:
+        torch.set_num_threads(threads)
+    runs = []
+    for name, ckpt, seed in (("a", trained_run, 0), ("b", other, 1)):
+        run = tmp_path / name
+        for model in ("fold0", "fold1", "final"):
+            (run / model).mkdir(parents=True)
+            shutil.copy(ckpt, run / model / "final.pt")
+        (run / "folds.json").write_text(json.dumps({"folds": [["x"], ["y"]], "duplicates": [], "label_notes": {},
+                                                    "config": {"steps": 6, "seed": seed}}))
+        runs.append(run)
+    assert level_ensemble.main(["--member", str(runs[0]), "--member", str(runs[1]), "--out", str(tmp_path / "e")]) == 0
+    folds = json.loads((tmp_path / "e" / "folds.json").read_text())
+    assert folds["folds"] == [["x"], ["y"]] and folds["config"] == {"steps": 6, "seed": [0, 1]}
+    card = TASKS["lumbar-foramina"]
+    weights = resolve_weights(card, tmp_path / "e" / "final" / "final.pt")
+    assert weights.network["factory"] == "mean_of" and weights.checkpoint["metadata"]["ensemble_of"] == 2
+    ensemble = load_network(weights, torch.device("cpu"))
+    members = [load_network(resolve_weights(card, p), torch.device("cpu")) for p in (trained_run, other)]
+    x = lc.sample_batch(cases, _tiny_config(), np.random.default_rng(4), torch.Generator().manual_seed(4))[0]
+    with torch.no_grad():
+        expected = torch.stack([m(x).sigmoid() for m in members]).mean(0)
+        assert torch.allclose(ensemble(x).sigmoid(), expected, atol=1e-5)
+        assert not torch.allclose(members[0](x).sigmoid(), expected, atol=1e-3)  # the members do differ
+    (runs[1] / "folds.json").write_text(json.dumps({"folds": [["y"], ["x"]], "config": {}}))
+    with pytest.raises(SystemExit, match="folds differ"):
+        level_ensemble.make_ensemble_run(runs, tmp_path / "bad")

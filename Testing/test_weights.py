@@ -133,3 +133,31 @@ def test_loading_never_runs_pickled_code(tmp_path):
     json_file.write_text(json.dumps({"format": "spinekneeseg-weights/1"}))
     with pytest.raises(InputError, match="not a readable weights file"):
         load_checkpoint(json_file)
+
+
+def test_ensemble_checkpoint_keeps_its_members_and_refuses_mismatched_ones(tmp_path):
+    """save_ensemble: one file, every member's SHA256 recorded, softmax members averaged as
+    probabilities; members for another task or with other preprocessing are refused."""
+    from SpineKneeSegLib.engine.inference import load_network
+    from SpineKneeSegLib.engine.weights import save_ensemble
+
+    tiny = {"channels": [4, 8]}
+    paths = [tmp_path / f"m{k}.pt" for k in range(2)]
+    for k, p in enumerate(paths):
+        initialise_weights("knee-bones", p, tiny, seed=k)
+    save_ensemble(tmp_path / "e.pt", paths, "softmax", {"note": "test"})
+    weights = resolve_weights(CARD, tmp_path / "e.pt")
+    assert [m["sha256"] for m in weights.checkpoint["metadata"]["members"]] == [sha256_of(p) for p in paths]
+    net = load_network(weights, torch.device("cpu"))
+    members = [load_network(resolve_weights(CARD, p), torch.device("cpu")) for p in paths]
+    x = torch.randn(2, weights.network["config"]["in_channels"], 32, 32)
+    with torch.no_grad():
+        mean = torch.stack([m(x).softmax(1) for m in members]).mean(0)
+        assert torch.allclose(net(x).softmax(1), mean, atol=1e-5)
+    initialise_weights("knee-bones", tmp_path / "other.pt", tiny, preprocessing={"in_plane_spacing_mm": 2.0})
+    with pytest.raises(InputError, match="preprocessing"):
+        save_ensemble(tmp_path / "bad.pt", [paths[0], tmp_path / "other.pt"], "softmax")
+    initialise_weights("lumbar-foramina", tmp_path / "spine.pt", {"levels": 3, "base_channels": 4, "max_channels": 8})
+    with pytest.raises(InputError, match="task"):
+        save_ensemble(tmp_path / "bad.pt", [paths[0], tmp_path / "spine.pt"], "softmax")
+    assert not (tmp_path / "bad.pt").exists()

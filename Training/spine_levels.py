@@ -351,7 +351,9 @@ def column_main(argv) -> int:
     parser.add_argument("--max-minutes", type=float)
     parser.add_argument("--evaluate-only", action="store_true", help="cv: score existing fold models")
     for name, value in asdict(lc.ColumnConfig()).items():
-        if not isinstance(value, dict):
+        if isinstance(value, bool):  # --context-targets / --no-context-targets
+            parser.add_argument(f"--{name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=value)
+        elif not isinstance(value, dict):
             parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     parser.add_argument("--network", type=json.loads, default=None, help="JSON network config (MultiNet)")
     parser.add_argument("--packed", type=Path, help="train from a file made by 'pack' (no data folder, no SimpleITK "
@@ -391,9 +393,13 @@ def column_main(argv) -> int:
                         metadata={"trained_on": [c["id"] for c in cases], "duplicates": groups,
                                   "label_notes": notes})
         return 0
-    folds = lc.make_folds(cases, args.folds, args.split_seed)
-    (out / "folds.json").write_text(json.dumps({"folds": folds, "duplicates": groups, "label_notes": notes,
-                                                "config": asdict(cfg)}, indent=2))
+    folds_json = out / "folds.json"
+    if args.evaluate_only and folds_json.exists():  # score what was trained: its folds and recipe stay as written
+        folds = json.loads(folds_json.read_text())["folds"]
+    else:
+        folds = lc.make_folds(cases, args.folds, args.split_seed)
+        folds_json.write_text(json.dumps({"folds": folds, "duplicates": groups, "label_notes": notes,
+                                          "config": asdict(cfg)}, indent=2))
     for f in args.fold if args.fold is not None else range(args.folds):
         fold_dir = out / f"fold{f}"
         held_out = [c for c in cases if c["id"] in folds[f]]

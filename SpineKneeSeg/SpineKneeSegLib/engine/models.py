@@ -180,7 +180,40 @@ class MultiNet(nn.Module):
         return out
 
 
-NETWORKS: dict[str, Callable[..., nn.Module]] = {"unet2d": UNet2D, "multinet": MultiNet}
+class MeanOf(nn.Module):
+    """An ensemble: the members' probabilities averaged (sigmoid per channel, or softmax over
+    channels), given back as logits of the mean so that every caller reads it like one network.
+    Members are independently trained networks (e.g. seeds of one recipe); their weights cannot be
+    averaged, their outputs can. ``members``: [{"factory": ..., "config": ...}, ...]."""
+
+    def __init__(self, members: list, activation: str = "sigmoid", in_channels: int | None = None,
+                 out_channels: int | None = None):
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        if activation not in ("sigmoid", "softmax"):
+            raise ValueError(f"ensemble activation must be sigmoid or softmax, not {activation!r}")
+        nets = [build_network(m["factory"], m["config"]) for m in members]
+        for m, net in zip(members, nets):
+            for key, want in (("in_channels", in_channels), ("out_channels", out_channels)):
+                if want is not None and m["config"].get(key, want) != want:
+                    raise ValueError(f"ensemble member has {key} {m['config'][key]}, the ensemble {want}")
+        self.members = nn.ModuleList(nets)
+        self.activation = activation
+
+    @property
+    def size_multiple(self) -> int:
+        return max(getattr(m, "size_multiple", 1) for m in self.members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [m(x).float() for m in self.members]
+        if self.activation == "sigmoid":
+            mean = torch.stack([o.sigmoid() for o in outs]).mean(0)
+            return torch.logit(mean, eps=1e-6)
+        return torch.stack([o.softmax(1) for o in outs]).mean(0).clamp_min(1e-12).log()
+
+
+NETWORKS: dict[str, Callable[..., nn.Module]] = {"unet2d": UNet2D, "multinet": MultiNet, "mean_of": MeanOf}
 
 
 def build_network(factory: str, config: dict) -> nn.Module:

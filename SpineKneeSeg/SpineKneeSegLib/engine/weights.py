@@ -214,6 +214,25 @@ def save_checkpoint(path: str | os.PathLike, task: str, factory: str, config: di
     return sha256_of(path)
 
 
+def save_ensemble(path: str | os.PathLike, members: list, activation: str, metadata: dict | None = None) -> str:
+    """One checkpoint holding several trained ones (factory ``mean_of``: their probabilities
+    averaged). Members must be for the same task and model with the same preprocessing and channel
+    counts; each member's SHA256 and metadata are kept. Returns the SHA256."""
+    checkpoints = [load_checkpoint(m) for m in members]
+    first = checkpoints[0]
+    for m, c in zip(members, checkpoints):
+        for key in ("task", "model", "preprocessing"):
+            if c.get(key) != first.get(key):
+                raise InputError(f"ensemble member differs in {key} ({c.get(key)!r} vs {first.get(key)!r})", m)
+    channels = {k: first["network"]["config"].get(k) for k in ("in_channels", "out_channels")}
+    state = {f"members.{i}.{k}": v for i, c in enumerate(checkpoints) for k, v in c["state_dict"].items()}
+    config = {"members": [c["network"] for c in checkpoints], "activation": activation, **channels}
+    meta = {"members": [{"file": str(m), "sha256": sha256_of(m), "metadata": c.get("metadata", {})}
+                        for m, c in zip(members, checkpoints)], **(metadata or {})}
+    return save_checkpoint(path, first["task"], "mean_of", config, state, first.get("preprocessing"), meta,
+                           first.get("model", "labels"))
+
+
 def initialise_weights(task: str, path: str | os.PathLike, config: dict | None = None, seed: int = 0,
                        metadata: dict | None = None, model: str = "labels", preprocessing: dict | None = None) -> str:
     """Write an untrained (He-initialised) checkpoint of the task card's network, with ``config``
