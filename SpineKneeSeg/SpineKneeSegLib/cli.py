@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                                            "checked against the registry's SHA256")
     run.add_argument("--fast", action="store_true",
                      help="skip optional refinements (N4, joint-centre pass, optional auxiliary models)")
+    run.add_argument("--precision", default="float32", choices=("float32", "bfloat16"),
+                     help="bfloat16: the networks under bfloat16 autocast, about 2x faster on CPUs with native "
+                          "bfloat16 (else float32, with a warning); the model cards' figures are float32's")
     run.add_argument("--no-dicom-seg", action="store_true",
                      help="do not write segmentation.dcm (DICOM-SEG) for a DICOM input")
     run.add_argument("--aux-weights", action="append", default=[], metavar="NAME=PATH",
@@ -199,7 +202,7 @@ def cmd_run(args) -> int:
                          waive_checks=("skull_stripped",) if args.skull_stripped == "yes" else (), fast=args.fast, weights_dir=args.weights_dir,
                          dicom_seg=not args.no_dicom_seg, pixel_mm=args.pixel_mm, overwrite=args.overwrite,
                          input_settings={"invert": args.invert}, startup_s=process_age_s(),
-                         fuse_views=parse_planes(args.fuse_views))
+                         fuse_views=parse_planes(args.fuse_views), precision=args.precision)
     progress = Progress(args.progress)
     if args.scheduler and not args.manifest:
         raise InputError("--scheduler runs a --manifest on a cluster; give --manifest cases.csv")

@@ -49,6 +49,9 @@ class RunOptions:
     fuse_views: tuple[str, ...] | None = None  # planes for multi-view fusion (None: the task's; (): off)
     overwrite: bool = False  # replace a finished result already in the output folder
     startup_s: float | None = None  # the process's start-up before run_case (interpreter, imports), when known
+    # "bfloat16": networks under bfloat16 autocast where the device computes it natively (else
+    # float32, with a warning); the model cards' figures are float32's
+    precision: str = "float32"
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,18 @@ class FastModePlan:
     overrides: dict  # preprocessing overrides (after the checkpoint's own)
     skip_auxiliary: tuple[str, ...]  # optional auxiliary models not run
     skipped: tuple[str, ...]  # what is skipped, in words (panel tooltip, report)
+
+
+def run_precision(requested: str, device) -> tuple[str, str | None]:
+    """(the precision the networks run in, a warning when it is not the one asked for): bfloat16
+    only where ``device`` computes it natively; emulated it would be slower than float32."""
+    from SpineKneeSegLib.engine.inference import PRECISIONS, native_bfloat16
+
+    if requested not in PRECISIONS:
+        raise InputError(f"unknown precision {requested!r} (one of {', '.join(PRECISIONS)})")
+    if requested == "bfloat16" and not native_bfloat16(device):
+        return "float32", f"bfloat16 asked for, but {device} has no native bfloat16: ran in float32"
+    return requested, None
 
 
 def fast_mode_plan(card: TaskCard) -> FastModePlan:
@@ -362,8 +377,9 @@ def _run_locked(card: TaskCard, inputs: list[str], output_dir: Path, options: Ru
                          f"{card.name} with labels {', '.join(card.label_names.values())} needs "
                          f"{needs}", weights.path)
     device = pick_device(options.device)
-    net = load_network(weights, device)
-    aux_nets = {name: load_network(w, device) for name, w in aux_weights.items() if w is not None}
+    precision, precision_warning = run_precision(options.precision, device)
+    net = load_network(weights, device, precision)
+    aux_nets = {name: load_network(w, device, precision) for name, w in aux_weights.items() if w is not None}
     timings["load"] = time.perf_counter() - t_start
 
     progress.stage("preprocessing")
@@ -411,6 +427,8 @@ def _run_locked(card: TaskCard, inputs: list[str], output_dir: Path, options: Ru
     result.summaries.update(out.summaries)
     if fast and fast.skipped:
         result.warnings.append(f"fast mode: skipped {'; '.join(fast.skipped)}")
+    if precision_warning:
+        result.warnings.append(precision_warning)
     if "skull_stripping" in image.meta:
         result.summaries["skull_stripping"] = image.meta["skull_stripping"]
     if unused:
@@ -424,6 +442,7 @@ def _run_locked(card: TaskCard, inputs: list[str], output_dir: Path, options: Ru
         "inputs": [describe_input(p, im) for p, im in zip(inputs, images)],
         "versions": versions(),
         "device": str(device),
+        "precision": precision,
         "fast_mode": list(fast.skipped) if fast else False,
         "weights": {"path": str(weights.path), "sha256": weights.sha256, "registered": weights.entry is not None,
                     "registry_version": weights.entry.version if weights.entry else None,
