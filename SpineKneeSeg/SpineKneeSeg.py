@@ -91,7 +91,7 @@ class SpineKneeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                        self.ui.inputVolumeSelector.currentNodeChanged,
                        self.ui.secondInputVolumeSelector.currentNodeChanged,
                        self.ui.outputSegmentationSelector.currentNodeChanged, self.ui.fastModeCheckBox.toggled,
-                       self.ui.weightsDirPathLineEdit.currentPathChanged):
+                       self.ui.bfloat16CheckBox.toggled, self.ui.weightsDirPathLineEdit.currentPathChanged):
             signal.connect(self.onGUIChanged)
         self.ui.applyButton.clicked.connect(self.onApplyOrCancel)
         self.ui.resultsTableView.clicked.connect(self.onResultRowClicked)
@@ -188,6 +188,7 @@ class SpineKneeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         s.task = self.ui.taskSelector.currentData or s.task
         s.device = self.ui.deviceSelector.currentText or "auto"
         s.fast = self.ui.fastModeCheckBox.checked
+        s.bfloat16 = self.ui.bfloat16CheckBox.checked
         if (s.task, s.device) != (task_before, device_before) and s.fast == fast_before:
             s.fast = self.controller.fast_mode_offered[0]  # re-offer for the new task / device
         s.weights_dir = self.ui.weightsDirPathLineEdit.currentPath
@@ -208,6 +209,7 @@ class SpineKneeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.taskSelector.setCurrentIndex(self.ui.taskSelector.findData(s.task))
             self.ui.deviceSelector.setCurrentText(s.device)
             self.ui.fastModeCheckBox.checked = s.fast
+            self.ui.bfloat16CheckBox.checked = s.bfloat16
             self.ui.weightsDirPathLineEdit.currentPath = s.weights_dir
             # only ids the state knows: an empty state leaves what a selector picked by itself
             for selector, node_id in zip((self.ui.inputVolumeSelector, self.ui.secondInputVolumeSelector),
@@ -226,6 +228,7 @@ class SpineKneeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         offered, why = c.fast_mode_offered
         self.ui.fastModeCheckBox.toolTip = why or "Not needed here: a large GPU, or nothing optional to skip."
         self.ui.fastModeCheckBox.enabled = not s.running and (offered or s.fast)
+        self.ui.bfloat16CheckBox.enabled = not s.running
         nodes = [slicer.mrmlScene.GetNodeByID(i) for i in s.input_volume_ids]
         is_2d = [bool(n and n.GetImageData() and n.GetImageData().GetDimensions()[2] == 1) for n in nodes]
         ok, reason = c.validate(is_2d)

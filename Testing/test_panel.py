@@ -189,10 +189,12 @@ def test_cuda_chosen_but_absent_is_refused_next_to_apply():
     assert c.validate([False]) == (False, "Weights folder not found: /nonexistent/weights")
 
 
-def test_command_carries_fast_and_weights_dir(tmp_path):
-    c = PanelController(PanelState(task="knee-bones", fast=True, weights_dir=str(tmp_path)))
+def test_command_carries_fast_bfloat16_and_weights_dir(tmp_path):
+    c = PanelController(PanelState(task="knee-bones", fast=True, bfloat16=True, weights_dir=str(tmp_path)))
     args = build_parser().parse_args(c.command("python", ["in.nrrd"], "out")[3:])
-    assert args.fast and args.weights_dir == str(tmp_path)
+    assert args.fast and args.weights_dir == str(tmp_path) and args.precision == "bfloat16"
+    c.state.bfloat16 = False
+    assert build_parser().parse_args(c.command("python", ["in.nrrd"], "out")[3:]).precision == "float32"
 
 
 class _Settings:

@@ -33,8 +33,8 @@ STAGE_TEXT = {"idle": "", "loading": "Loading", "preprocessing": "Preprocessing"
 LOG_LINES = 2000  # the log keeps the last lines only (a long run must not grow without bound)
 
 # What persists where: scene (parameter node) and user settings (between sessions).
-SCENE_PARAMETERS = ("task", "device", "fast", "weights", "weights_dir")
-USER_SETTINGS = ("task", "device", "fast", "weights_dir")
+SCENE_PARAMETERS = ("task", "device", "fast", "bfloat16", "weights", "weights_dir")
+USER_SETTINGS = ("task", "device", "fast", "bfloat16", "weights_dir")
 
 
 @dataclass
@@ -44,6 +44,7 @@ class PanelState:
     output_segmentation_id: str = ""  # "" = create a new segmentation
     device: str = "auto"
     fast: bool = False
+    bfloat16: bool = False  # --precision bfloat16 (float32 where the device has no native bfloat16)
     weights: str = ""  # explicit checkpoint (developers); "" = the registry's
     weights_dir: str = ""  # folder of downloaded registered weights (offline)
     running: bool = False
@@ -134,6 +135,8 @@ class PanelController:
             args += ["--weights-dir", self.state.weights_dir]
         if self.state.fast:
             args.append("--fast")
+        if self.state.bfloat16:
+            args += ["--precision", "bfloat16"]
         return args
 
     # ---- the run's state machine ----------------------------------------------------
