@@ -368,6 +368,7 @@ def test_ensemble_of_two_runs_averages_their_probabilities_fold_by_fold(phantom_
     card = TASKS["lumbar-foramina"]
     weights = resolve_weights(card, tmp_path / "e" / "final" / "final.pt")
     assert weights.network["factory"] == "mean_of" and weights.checkpoint["metadata"]["ensemble_of"] == 2
+    assert weights.network["config"]["out_channels"] == 5  # what the pipeline checks against the task
     ensemble = load_network(weights, torch.device("cpu"))
     members = [load_network(resolve_weights(card, p), torch.device("cpu")) for p in (trained_run, other)]
     x = lc.sample_batch(cases, _tiny_config(), np.random.default_rng(4), torch.Generator().manual_seed(4))[0]

@@ -173,11 +173,12 @@ def evaluate_case(net, weights_pre: dict, image: Image, truth: np.ndarray) -> di
             "decoded_weighted": weighted}
 
 
-def evaluate_fold(checkpoint: Path, cases: list[dict], out_json: Path, log=print) -> dict:
+def evaluate_fold(checkpoint: Path, cases: list[dict], out_json: Path, log=print, precision: str = "float32") -> dict:
+    """``precision``: the product's --precision (bfloat16: the network under bfloat16 autocast)."""
     from level_column import case_labels
 
     weights = resolve_weights(CARD, checkpoint)
-    net = load_network(weights, torch.device("cpu"))
+    net = load_network(weights, torch.device("cpu"), precision)
     results = {}
     for case in cases:
         image = read_image(case["image"])
@@ -192,7 +193,7 @@ def evaluate_fold(checkpoint: Path, cases: list[dict], out_json: Path, log=print
                 f"{np.mean(list(d['dice'].values())):.3f} conf {r['level_confidence']:.2f} | old "
                 f"{'ok' if r['old_cleanup']['identification']['all_correct'] else 'BAD'} "
                 f"{','.join(r['old_cleanup']['identification']['kinds'])}")
-    out_json.write_text(json.dumps({"checkpoint": str(checkpoint), "cases": results}, indent=2))
+    out_json.write_text(json.dumps({"checkpoint": str(checkpoint), "precision": precision, "cases": results}, indent=2))
     return results
 
 

@@ -350,6 +350,8 @@ def column_main(argv) -> int:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--max-minutes", type=float)
     parser.add_argument("--evaluate-only", action="store_true", help="cv: score existing fold models")
+    parser.add_argument("--eval-precision", default="float32", choices=("float32", "bfloat16"),
+                        help="held-out scoring with the product's --precision")
     for name, value in asdict(lc.ColumnConfig()).items():
         if isinstance(value, bool):  # --context-targets / --no-context-targets
             parser.add_argument(f"--{name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=value)
@@ -414,7 +416,7 @@ def column_main(argv) -> int:
         if final.exists() and not args.packed:
             from level_eval import evaluate_fold
 
-            evaluate_fold(final, held_out, fold_dir / "evaluation.json")
+            evaluate_fold(final, held_out, fold_dir / "evaluation.json", precision=args.eval_precision)
     return 0
 
 
