@@ -31,7 +31,8 @@ def ensemble_metadata(checkpoints: list[dict]) -> dict:
     """What ship and the card read from a final or fold model, for the ensemble: the merged recipe,
     the members' training seconds summed, the rest of the first member's metadata."""
     metas = [c.get("metadata", {}) for c in checkpoints]
-    return {**{k: v for k, v in metas[0].items() if k not in ("config", "train_seconds")},
+    per_member = ("config", "train_seconds", "loss_history", "median_step_s")  # kept per member by save_ensemble
+    return {**{k: v for k, v in metas[0].items() if k not in per_member},
             "config": merged_config([m.get("config", {}) for m in metas]),
             "train_seconds": sum(m.get("train_seconds", 0) for m in metas), "ensemble_of": len(metas)}
 

@@ -31,8 +31,8 @@ PRECISIONS = ("float32", "bfloat16")
 def agreement(a: np.ndarray, b: np.ndarray) -> dict:
     """Per-label Dice of two label maps (labels present in either) and the share of voxels whose
     label differs."""
-    labels = sorted(set(np.unique(a).tolist()) | set(np.unique(b).tolist()) - {0})
-    return {"dice": {int(k): round(dice(a == k, b == k), 4) for k in labels if k != 0},
+    labels = sorted((set(np.unique(a).tolist()) | set(np.unique(b).tolist())) - {0})
+    return {"dice": {int(k): round(dice(a == k, b == k), 4) for k in labels},
             "changed": float((a != b).mean())}
 
 
