@@ -379,3 +379,46 @@ def test_ensemble_of_two_runs_averages_their_probabilities_fold_by_fold(phantom_
     (runs[1] / "folds.json").write_text(json.dumps({"folds": [["y"], ["x"]], "config": {}}))
     with pytest.raises(SystemExit, match="folds differ"):
         level_ensemble.make_ensemble_run(runs, tmp_path / "bad")
+
+
+def test_kept_results_outlive_the_run_and_report_partially(phantom_cases, trained_run, tmp_path):
+    """spine_levels.py keep: a scored fold's evaluation and its model's SHA256 go into a folder that
+    is committed (Training/runs is not); cv-report --partial reports the folds kept so far, and
+    without it refuses a cross-validation with a fold missing; a stale evaluation (older than its
+    model) and a folder kept from other folds are refused."""
+    import json
+    import os
+    import shutil
+
+    from level_eval import cv_report, evaluate_fold
+    from level_results import keep
+    from SpineKneeSegLib.core.image_io import write_image
+    from SpineKneeSegLib.engine.weights import sha256_of
+    import spine_levels
+
+    phantom, _ = phantom_cases
+    write_image(phantom.image, tmp_path / "phantom.nii.gz")
+    case = {"id": "a/case1", "image": tmp_path / "phantom.nii.gz", "aligned_labels": phantom.labels.array}
+    run = tmp_path / "run"
+    (run / "fold0").mkdir(parents=True)
+    shutil.copy(trained_run, run / "fold0" / "final.pt")
+    (run / "folds.json").write_text(json.dumps({"folds": [["a/case1"], ["a/case2"]], "duplicates": [],
+                                                "label_notes": {}, "config": {"steps": 80}}))
+    evaluate_fold(run / "fold0" / "final.pt", [case], run / "fold0" / "evaluation.json", log=lambda *_: None)
+    assert spine_levels.main(["keep", "--out", str(run), "--to", str(tmp_path / "kept")]) == 0
+    kept = tmp_path / "kept"
+    model = json.loads((kept / "fold0" / "model.json").read_text())
+    assert model["sha256"] == sha256_of(trained_run) and model["steps"] == 80
+    assert not (kept / "fold0" / "final.pt").exists() and not (kept / "fold1").exists()
+    summary = cv_report(kept, partial=True)
+    assert summary["folds_scored"] == [0] and summary["cases"] == 1
+    assert summary["decoded/full"]["scans"] == 1
+    with pytest.raises(FileNotFoundError, match="fold 1 not evaluated"):
+        cv_report(kept)
+    later = (run / "fold0" / "evaluation.json").stat().st_mtime + 10
+    os.utime(run / "fold0" / "final.pt", (later, later))  # the model was trained again after its scoring
+    with pytest.raises(ValueError, match="older than"):
+        keep(run, kept)
+    (run / "folds.json").write_text(json.dumps({"folds": [["a/case2"], ["a/case1"]], "duplicates": []}))
+    with pytest.raises(ValueError, match="folds differ"):
+        keep(run, kept)

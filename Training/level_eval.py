@@ -276,16 +276,24 @@ def choose_l5_weight(per_case: dict, fold_of: dict, n_folds: int, thresholds: di
             "predictions": sum(v in r for r in per_case.values() for v in VARIANTS)}
 
 
-def cv_report(run: Path) -> dict:
+def cv_report(run: Path, partial: bool = False) -> dict:
+    """``partial``: report the folds scored so far (a recipe trained across sessions); the decoder's
+    choices for each are still made on the other scored folds only."""
     folds = json.loads((run / "folds.json").read_text())
-    per_case, fold_of = {}, {}
+    per_case, fold_of, scored = {}, {}, []
     for f, ids in enumerate(folds["folds"]):
         path = run / f"fold{f}" / "evaluation.json"
         if not path.exists():
+            if partial:
+                continue
             raise FileNotFoundError(f"{path}: fold {f} not evaluated yet")
+        scored.append(f)
         for cid, result in json.loads(path.read_text())["cases"].items():
             per_case[cid], fold_of[cid] = result, f
-    summary = {"cases": len(per_case), "folds": len(folds["folds"]), "duplicates": folds["duplicates"],
+    if not per_case:
+        raise FileNotFoundError(f"{run}: no fold evaluated yet")
+    summary = {"cases": len(per_case), "folds": len(folds["folds"]), "folds_scored": scored,
+               "duplicates": folds["duplicates"],
                "label_notes": folds["label_notes"],
                "body_threshold": choose_body_threshold(per_case, fold_of, len(folds["folds"]))}
     summary["l5_weight"] = choose_l5_weight(per_case, fold_of, len(folds["folds"]), summary["body_threshold"])

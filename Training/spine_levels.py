@@ -440,13 +440,25 @@ def main(argv=None) -> int:
         print(ship(Path(args.cv), Path(args.final), args.version, args.command, args.note, args.external,
                    args.candidate))
         return 0
+    if argv and argv[0] == "keep":
+        from level_results import keep
+
+        parser = argparse.ArgumentParser(prog="spine_levels.py keep", description="copy a cv run's scored folds "
+                                         "(evaluations, model SHA256s) into a folder that is committed")
+        parser.add_argument("--out", required=True, type=Path, help="the cv run")
+        parser.add_argument("--to", required=True, type=Path, help="e.g. Training/results/NAME")
+        args = parser.parse_args(argv[1:])
+        keep(args.out, args.to)
+        return 0
     if argv and argv[0] == "cv-report":
         from level_eval import cv_report
 
         report = argparse.ArgumentParser(prog="spine_levels.py cv-report",
                                          description="table and totals of a cv run's held-out evaluations")
         report.add_argument("--out", default="Training/runs/spine-levels-cv")
-        summary = cv_report(Path(report.parse_args(argv[1:]).out))
+        report.add_argument("--partial", action="store_true", help="report the folds scored so far")
+        options = report.parse_args(argv[1:])
+        summary = cv_report(Path(options.out), options.partial)
         print(summary.pop("table"))
         print(json.dumps(summary, indent=2))
         return 0
