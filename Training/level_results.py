@@ -1,9 +1,9 @@
 """Keep a level cv run's scored results in the repository (issue 21).
 
-A CPU recipe takes five fold models and a final one at about 50 minutes each, more than one session
-holds, and ``Training/runs`` does not outlive a session. What the cross-validation needs from a
-finished fold is small: its held-out scoring (``evaluation.json``), its external scoring, and
-which model produced them. ``keep`` copies those into a committed folder laid out like the run
+A CPU recipe takes five fold models and a final one at about 50 minutes each in bfloat16 (110 in
+float32), more than one session holds, and ``Training/runs`` does not outlive a session. What the
+cross-validation needs from a finished fold is small: its held-out scoring (``evaluation.json``),
+its external scoring, and which model produced them. ``keep`` copies those into a committed folder laid out like the run
 (``folds.json``, ``foldN/evaluation.json``), so ``spine_levels.py cv-report --out`` reads it once
 every fold is there, and records each model's SHA256, steps, time and last losses in
 ``foldN/model.json`` (the weights themselves are not kept: 2.7 MB a fold).
@@ -32,31 +32,34 @@ def model_summary(checkpoint: Path) -> dict:
 
 def keep(run: Path, to: Path, log=print) -> list[str]:
     """Copy what each scored fold (and the final model, if trained) of ``run`` left into ``to``;
-    folds without an evaluation are skipped. Returns what was kept."""
+    folds without an evaluation are skipped. Everything is checked before anything is written.
+    Returns what was kept."""
     folds_json = run / "folds.json"
     if not folds_json.exists():
         raise FileNotFoundError(f"{folds_json}: not a cv run (no folds.json)")
-    to.mkdir(parents=True, exist_ok=True)
-    kept = []
     earlier = to / "folds.json"
     if earlier.exists() and json.loads(earlier.read_text())["folds"] != json.loads(folds_json.read_text())["folds"]:
         raise ValueError(f"{earlier}: its folds differ from {folds_json}'s; keep each run in its own folder")
-    shutil.copyfile(folds_json, earlier)
+    jobs = []
     for fold_dir in sorted(p for p in run.iterdir() if p.is_dir()):
-        final, evaluation = fold_dir / "final.pt", fold_dir / "evaluation.json"
-        is_final = fold_dir.name == "final"
-        if not final.exists() or not (evaluation.exists() or is_final):
+        final = fold_dir / "final.pt"
+        scored = [fold_dir / n for n in ("evaluation.json", "external.json") if (fold_dir / n).exists()]
+        if not final.exists() or (not (fold_dir / "evaluation.json").exists() and fold_dir.name != "final"):
             continue
+        for src in scored:
+            if src.stat().st_mtime < final.stat().st_mtime:  # scored an earlier model of that name
+                raise ValueError(f"{src} is older than {final}: score the model again before keeping it")
+        jobs.append((fold_dir, final, scored))
+    to.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(folds_json, earlier)
+    kept = []
+    for fold_dir, final, scored in jobs:
         dest = to / fold_dir.name
         dest.mkdir(exist_ok=True)
         summary = model_summary(final)
-        for name in ("evaluation.json", "external.json"):
-            src = fold_dir / name
-            if src.exists():
-                if src.stat().st_mtime < final.stat().st_mtime:  # scored an earlier model of that name
-                    raise ValueError(f"{src} is older than {final}: score the model again before keeping it")
-                write_text_atomic(dest / name, json.dumps(json.loads(src.read_text()), indent=1))
-                kept.append(str(dest / name))
+        for src in scored:
+            write_text_atomic(dest / src.name, json.dumps(json.loads(src.read_text()), indent=1))
+            kept.append(str(dest / src.name))
         write_text_atomic(dest / "model.json", json.dumps(summary, indent=1))
         kept.append(str(dest / "model.json"))
         log(f"kept {fold_dir.name}: {summary['sha256'][:12]}, {summary.get('steps')} steps, "
