@@ -233,3 +233,53 @@ def test_ship_candidate_carries_the_chosen_decoding_into_the_product(tmp_path, l
     rows = [line for line in card.splitlines() if line.startswith(("| full", "| cut"))]
     assert len(rows) == 6 and "\n\n| cut" not in card
     assert f"L5 weight in the decoder's run score: **{l5_final}**" in card
+
+
+@pytest.mark.parametrize("right, dice, verdict", [
+    (53, 0.881, "is met."), (52, 0.881, "met for the Dice, **not met** for the count."),
+    (53, 0.865, "met for the count (53 of 54), **not met** for the Dice (0.865)."), (50, 0.80, "is **not met**.")])
+def test_card_says_which_of_the_issues_aims_are_met(right, dice, verdict):
+    """The card's verdict on issue 21's two figures comes from the cross-validation, never fixed text."""
+    from level_ship import aim_line
+
+    assert aim_line({"decoded/full": {"scans": 54, "all_levels_right": right, "mean_dice": dice}}).endswith(verdict)
+
+
+def test_card_describes_context_targets_and_compares_with_the_previous_version(tmp_path):
+    """A recipe with context targets says so (training section and known limits); the comparison
+    table puts the previous version's cross-validated figures beside this one's, field of view by
+    field of view, "not scored" where the previous run lacked that field of view; a CPU run names
+    its threads."""
+    from level_ship import comparison, model_card, shipping_metadata, trained_on
+    from SpineKneeSegLib.engine.weights import load_checkpoint
+
+    cv, summary = _cv_run(tmp_path, 1.0)
+    summary["decoded/cut through L1"] = {**summary["decoded/full"], "all_levels_right": 2, "failed": []}
+    checkpoint = load_checkpoint(cv / "final" / "final.pt")
+    meta = shipping_metadata(checkpoint, summary)
+    meta["config"] = {**meta["config"], "context_targets": True, "context_weight": 0.5, "threads": 2}
+    previous = {"version": "0.3.0", "cross_validation": {
+        "decoded/full": {"scans": 2, "all_levels_right": 0, "failed": ["a/case1", "a/case2"], "mean_dice": 0.4,
+                         "mean_dice_when_right": 0.0}}}
+    card = model_card("9.9.9", {**checkpoint, "metadata": meta}, summary, {}, ["a command"], 1.0, previous=previous)
+    assert "Context targets: two more output channels" in card and "from the context targets" in card
+    assert "## Compared with v0.3.0" in card
+    table = comparison(previous, summary, "v9.9.9")
+    assert "| full | 0 of 2, Dice 0.400 (0.000 when right); fails: a/case1, a/case2 | 1 of 2, Dice 0.500" in table
+    assert "| cut through L1 | not scored | 2 of 2" in table
+    assert trained_on(meta) == "2 CPU threads (one model after another)"
+    plain = model_card("9.9.9", {**checkpoint, "metadata": shipping_metadata(checkpoint, summary)}, summary, {},
+                       ["a command"], 1.0)
+    assert "Context targets" not in plain and "only as background" in plain and "Compared with" not in plain
+
+
+def test_ship_reads_a_kept_cross_validation(tmp_path):
+    """``keep`` leaves each fold's figures (model.json), not its weights: the card's training time
+    comes from them, and shipping from a kept run works."""
+    from level_ship import fold_train_seconds, ship
+
+    cv, _ = _cv_run(tmp_path, 1.0)
+    (cv / "fold1" / "final.pt").unlink()
+    (cv / "fold1" / "model.json").write_text(json.dumps({"train_seconds": 6294}))
+    assert fold_train_seconds(cv / "fold1") == 6294 and fold_train_seconds(cv / "fold0") == 60
+    assert "not registered" in ship(cv, cv / "final", "9.9.9", [], candidate=tmp_path / "candidate.pt")

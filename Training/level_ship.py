@@ -58,11 +58,61 @@ def l5_line(summary: dict) -> str:
 def trained_on(meta: dict) -> str:
     """Where the recipe ran, from the checkpoint (models before session 15 carry no device)."""
     device = meta.get("device", "cpu")
-    return "one CPU thread" if device == "cpu" else f"one {device} (the five fold models and this one side by side)"
+    if device != "cpu":
+        return f"one {device} (the five fold models and this one side by side)"
+    threads = meta.get("config", {}).get("threads", 1)
+    return f"{threads} CPU thread{'s' if threads != 1 else ''} (one model after another)"
+
+
+def context_line(cfg: dict) -> str:
+    """The recipe's context targets (session 22 on), in the training section."""
+    if not cfg.get("context_targets"):
+        return ""
+    return (f"Context targets: two more output channels during training only, \"above L1\" and \"below L5\" (the "
+            f"half-planes beyond the column's ends in each canvas column, inside the field of view; binary "
+            f"cross-entropy weighted {cfg.get('context_weight', 0.5)}), so the network learns where the lumbar run "
+            f"ends; they are stripped from the saved model, whose five level channels are exactly the training "
+            f"network's. ")
+
+
+def aim_line(summary: dict) -> str:
+    """Issue 21's two figures (at least 53 of 54 whole fields right, mean per-level Dice >= 0.88), each
+    said met or not from the cross-validation."""
+    full = summary["decoded/full"]
+    count = full["all_levels_right"] >= full["scans"] - 1
+    dice = full["mean_dice"] >= 0.88
+    verdict = "met" if count and dice else ("**not met**" if not (count or dice) else
+                                             f"met for the count ({full['all_levels_right']} of {full['scans']}), "
+                                             f"**not met** for the Dice ({full['mean_dice']:.3f})"
+                                             if count else "met for the Dice, **not met** for the count")
+    return f"Issue 21's aim (all five right on at least 53 of 54, mean per-level Dice >= 0.88) is {verdict}."
+
+
+def comparison(previous: dict, summary: dict, this: str) -> str:
+    """The card's table against the previous registered version, both from their own cross-validation
+    (``previous``: that checkpoint's metadata, key ``cross_validation`` and ``version``)."""
+    from level_eval import VARIANTS
+
+    before = previous["cross_validation"]
+    rows = []
+    for v in VARIANTS:
+        now, was = summary.get(f"decoded/{v}"), before.get(f"decoded/{v}")
+        if now is None:
+            continue
+
+        def cell(s):
+            return "not scored" if s is None else (
+                f"{s['all_levels_right']} of {s['scans']}, Dice {s['mean_dice']:.3f} "
+                f"({s['mean_dice_when_right']:.3f} when right); fails: {', '.join(s['failed']) or 'none'}")
+        rows.append(f"| {v} | {cell(was)} | {cell(now)} |")
+    return (f"Each model's own case-wise five-fold cross-validation on the same 54 scans (the fold models "
+            f"never saw the scans they are scored on):\n\n| field of view | v{previous['version']} | {this} |\n"
+            f"|---|---|---|\n" + "\n".join(rows))
 
 
 def model_card(version: str, checkpoint: dict, summary: dict, cv_config: dict, commands: list[str],
-               cv_minutes: float, extra_notes: list[str] | None = None, external: str = "") -> str:
+               cv_minutes: float, extra_notes: list[str] | None = None, external: str = "",
+               previous: dict | None = None) -> str:
     meta = checkpoint["metadata"]
     cfg = meta["config"]
     where = trained_on(meta)
@@ -95,7 +145,7 @@ into L2 / L4; rows blanked to the padding value, labels removed with them), so p
 image is never a cue; rotation about the
 left-right axis +-{cfg['max_rotation_deg']} deg, scale +-{cfg['scale'] * 100:.0f} %, smooth warp {cfg['warp_px']} px, random
 piecewise-linear contrast remapping (30 % inverted: T1 <-> T2), noise N(0, {cfg['noise_sd']}); each dataset
-sampled equally often; {cfg['off_body_p'] * 100:.0f} % of slices without any body. Loss `{cfg['loss']}`
+sampled equally often; {cfg['off_body_p'] * 100:.0f} % of slices without any body. {context_line(cfg)}Loss `{cfg['loss']}`
 (seed 004's Dice weighted by inverse level frequency + {cfg['bce_weight']} x binary cross-entropy),
 Adam {cfg['lr']} with cosine decay to {cfg['lr_final']}, batch {cfg['batch_size']}, {cfg['steps']} steps, seed {cfg['seed']}; the
 last weights are the model (fixed schedule: nothing selected on validation). Training this model
@@ -117,8 +167,7 @@ of L1 inside; scored from session 20); "cut below L5": it ends 3 px below L5 (no
 
 Mean per-level Dice over the scans whose levels are all right (the outlines alone):
 {summary['decoded/full']['mean_dice_when_right']:.3f} (whole field of view), {summary['decoded/cut below L5']['mean_dice_when_right']:.3f} (cut below L5),
-{summary['decoded/cut above L2']['mean_dice_when_right']:.3f} (cut above L2). Issue 21's aim (all five right on at least 53 of 54, mean
-per-level Dice >= 0.88) is **not met** by this starter.
+{summary['decoded/cut above L2']['mean_dice_when_right']:.3f} (cut above L2). {aim_line(summary)}
 
 Old clean-up on the same predictions:
 
@@ -142,12 +191,15 @@ checkpoint (metadata `postprocessing.level_decoding.doubtful_below`).
 Per scan (whole field of view; "failure" lists levels that are not on their own body):
 
 {summary['table']}"""),
+        *([(f"Compared with v{previous['version']}", comparison(previous, summary, f"v{version}"))]
+          if previous else []),
         *([("On scans from another centre", external)] if external else []),
-        ("Known limits", """- Two sources, two sequences, 52 distinct spines: the figures say little about other scanners,
+        ("Known limits", f"""- Two sources, two sequences, 52 distinct spines: the figures say little about other scanners,
   protocols, pathology (fractures, scoliosis, implants, severe degeneration) or children.
 - Trained on 4 mm sagittal slices at 1 mm in-plane; other slice thicknesses are untested.
 - The sacrum and T12 are not labelled in MyoSegmenTUM, so the network learns what lies beyond
-  L1 and L5 only as background; the decoder does not need them.
+  L1 and L5 {"from the context targets (the half-planes beyond the labelled column)" if cfg.get("context_targets")
+             else "only as background"}; the decoder does not need them.
 - Transitional anatomy (4 or 6 lumbar-type vertebrae) cannot be settled from a lumbar field of
   view: flagged (raw labels) and reported as a doubtful count (level confidence), never relabelled.
 - Laterality in the training data is unknown; it does not matter for level labels, but foramen
@@ -176,17 +228,44 @@ def shipping_metadata(checkpoint: dict, summary: dict) -> dict:
             "cross_validation": {k: summary[k] for k in summary if k.startswith(("decoded/", "old_cleanup/"))}}
 
 
+def previous_version(version: str) -> dict | None:
+    """The newest registered lumbar-levels older than ``version`` whose checkpoint carries
+    cross-validated figures (v0.2.0 on), for the card's comparison; None when there is none."""
+    from SpineKneeSegLib.engine.weights import models_dir, read_registry
+
+    def key(v: str) -> tuple:
+        return tuple(int(p) for p in v.split("."))
+
+    older = [e for e in read_registry() if e.model == MODEL and key(e.version) < key(version)
+             and (models_dir() / e.file).is_file()]
+    if not older:
+        return None
+    entry = max(older, key=lambda e: key(e.version))
+    meta = load_checkpoint(models_dir() / entry.file)["metadata"]
+    if "cross_validation" not in meta:
+        return None
+    return {"version": entry.version, "cross_validation": meta["cross_validation"]}
+
+
+def fold_train_seconds(fold_dir: Path) -> float:
+    """A fold model's training time: from its checkpoint in a run folder, or from the kept run's
+    model.json (``keep`` copies the figures, not the weights)."""
+    if (fold_dir / "final.pt").is_file():
+        return load_checkpoint(fold_dir / "final.pt")["metadata"].get("train_seconds", 0)
+    return json.loads((fold_dir / "model.json").read_text())["train_seconds"]
+
+
 def ship(cv_dir: Path, final_dir: Path, version: str, commands: list[str], notes: list[str] | None = None,
          external: Path | None = None, candidate: Path | None = None) -> str:
     """``external``: an external.json of Training/level_external.py whose "registered" runs used
-    this model's weights and decoding settings (``candidate``: write that checkpoint, then stop)."""
+    this model's weights and decoding settings (``candidate``: write that checkpoint, then stop).
+    The card compares with the newest older registered version."""
     summary = json.loads((cv_dir / "cv_summary.json").read_text())
     folds = json.loads((cv_dir / "folds.json").read_text())
     checkpoint = load_checkpoint(final_dir / "final.pt")
     if checkpoint["metadata"]["config"] != folds["config"]:
         raise SystemExit("the final model's recipe differs from the cross-validated one: refusing to ship")
-    cv_minutes = sum(load_checkpoint(cv_dir / f"fold{f}" / "final.pt")["metadata"].get("train_seconds", 0)
-                     for f in range(summary["folds"])) / 60
+    cv_minutes = sum(fold_train_seconds(cv_dir / f"fold{f}") for f in range(summary["folds"])) / 60
     meta = shipping_metadata(checkpoint, summary)
     if candidate is not None:  # the checkpoint as it would ship, for level_external.py; nothing registered
         save_checkpoint(candidate, checkpoint["task"], checkpoint["network"]["factory"], checkpoint["network"]["config"],
@@ -195,7 +274,7 @@ def ship(cv_dir: Path, final_dir: Path, version: str, commands: list[str], notes
     from level_external import card_section
 
     text = model_card(version, {**checkpoint, "metadata": meta}, summary, folds["config"], commands, cv_minutes,
-                      notes, card_section(external) if external else "")
+                      notes, card_section(external) if external else "", previous_version(version))
     full = summary["decoded/full"]
     entry = publish(MODEL, version, text,
                     f"starter lumbar-levels (whole column + anatomical decoding): {summary['folds']}-fold "

@@ -38,7 +38,7 @@ class Sample:
 SAMPLES = (
     Sample("SpineKneeSeg lumbar T1 (MyoSegmenTUM case01)", "lumbar-foramina", "lumbar-myosegmentum-case01.nii.gz",
            "lumbar-myosegmentum-case01-labels.nii.gz", "MyoSegmenTUM spine (Burian et al. 2019), CC BY 4.0",
-           "yes: one of the 54 scans lumbar-levels v0.2.0 was trained on (its cross-validated figures are in the card)"),
+           "yes: one of the 54 scans every lumbar-levels model from v0.2.0 on was trained on (cross-validated figures: its card)"),
     Sample("SpineKneeSeg knee multi-echo T2, echo 1 (pymskt)", "knee-bones", "knee-mese-t2-echo1.nii.gz", None,
            "pymskt demo data (Gatti et al.), MIT",
            "no: the knee model was trained on synthetic images only and has no labels for this scan"),
