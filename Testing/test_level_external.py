@@ -159,8 +159,9 @@ def test_card_section_renders_one_weights_runs(tmp_path):
     path = tmp_path / "external.json"
     path.write_text(json.dumps({"doubtful_below": 0.5, "summary": ext.summary(results, 0.5), "cases": results}))
     text = ext.card_section(path)
-    assert "| registered | ivd-t2/case42 | NO missing,shift down | L1: L2" in text and "D/fold0" not in text
+    assert "| registered | ivd-t2/case42 | NO missing,shift down | L1: L2" in text and "| D/fold0" not in text
     assert "All five right on 0 of 1" in text and "wrong, doubtful 1" in text
+    assert "through 1 other models of the same recipe (D/fold0)" in text and "right on 0 of 1 runs" in text
     with pytest.raises(KeyError, match="no runs of 'final'"):
         ext.card_section(path, "final")
 
@@ -283,3 +284,14 @@ def test_ship_reads_a_kept_cross_validation(tmp_path):
     (cv / "fold1" / "model.json").write_text(json.dumps({"train_seconds": 6294}))
     assert fold_train_seconds(cv / "fold1") == 6294 and fold_train_seconds(cv / "fold0") == 60
     assert "not registered" in ship(cv, cv / "final", "9.9.9", [], candidate=tmp_path / "candidate.pt")
+
+
+def test_a_candidate_is_judged_by_its_own_doubtful_threshold(tmp_path):
+    """level_external.py on a candidate (ship --candidate) uses the threshold the candidate's
+    cross-validation chose and says so, not the threshold of the model it is to replace."""
+    from level_ship import ship
+
+    cv, _ = _cv_run(tmp_path, 1.0)
+    ship(cv, cv / "final", "9.9.9", [], candidate=tmp_path / "candidate.pt")
+    threshold, whose = ext.registered_doubtful_below(["registered", str(tmp_path / "candidate.pt")])
+    assert threshold == 0.6 and "candidate.pt" in whose

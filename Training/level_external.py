@@ -151,14 +151,22 @@ def table(results: dict, doubtful_below: float) -> str:
                           rows, fmt=str)
 
 
-def registered_doubtful_below() -> float:
-    """The shipped level model's doubtful threshold (chosen by its cross-validation), so that fold
-    models, which carry none, are judged by the same rule."""
-    from SpineKneeSegLib.engine.weights import resolve_weights
+def registered_doubtful_below(weights: list[str] | None = None) -> tuple[float, str]:
+    """The doubtful threshold every run is judged by, and whose it is: the first checkpoint among
+    ``weights`` that carries one (a candidate written by ``level_ship --candidate``: its own
+    cross-validated threshold), else the shipped level model's, so that fold models, which carry
+    none, are judged by the same rule."""
+    from SpineKneeSegLib.engine.weights import load_checkpoint, resolve_weights
     from SpineKneeSegLib.tasks import TASKS
 
+    for w in weights or []:
+        if w != "registered":
+            decoding = load_checkpoint(Path(w))["metadata"].get("postprocessing", {}).get("level_decoding", {})
+            if "doubtful_below" in decoding:
+                return float(decoding["doubtful_below"]), f"the threshold stored in {w}"
     settings = resolve_weights(TASKS["lumbar-foramina"], None).checkpoint.get("metadata", {}).get("postprocessing", {})
-    return float(settings.get("level_decoding", {}).get("doubtful_below", DecodingParameters().doubtful_below))
+    return (float(settings.get("level_decoding", {}).get("doubtful_below", DecodingParameters().doubtful_below)),
+            "the registered model's threshold")
 
 
 def summary(results: dict, doubtful_below: float) -> dict:
@@ -192,7 +200,20 @@ each foramen marker is measured against its own disc (`Training/level_external.p
 {table({name: data['cases'][name]}, data['doubtful_below'])}
 
 All five right on {counts['right']} of {counts['scans']}: """
-            + "; ".join(f"{k} {v}" for k, v in counts.items() if k not in ("scans", "right")) + ".")
+            + "; ".join(f"{k} {v}" for k, v in counts.items() if k not in ("scans", "right")) + "."
+            + others_line(data, name))
+
+
+def others_line(data: dict, name: str) -> str:
+    """The other weights run into the same external.json (the fold models of the same recipe), tallied
+    at the same threshold: one model's five scans are few, and its fold models show the spread."""
+    others = {k: v for k, v in data["summary"].items() if k != name}
+    if not others:
+        return ""
+    total = {k: sum(v[k] for v in others.values()) for k in next(iter(others.values()))}
+    return (f"\n\nThe same five scans through {len(others)} other models of the same recipe "
+            f"({', '.join(others)}), at the same threshold: all five right on {total['right']} of {total['scans']} "
+            f"runs; " + "; ".join(f"{k} {v}" for k, v in total.items() if k not in ("scans", "right")) + ".")
 
 
 def main(argv=None) -> int:
@@ -224,13 +245,13 @@ def main(argv=None) -> int:
                   f"{','.join(ident['kinds']) or '-':16s} conf {r['level_confidence']:.2f}"
                   + ("" if r["field_of_view_ok"] else "  (the scan ends < 15 mm above disc 1: L1 may be outside, "
                      "its 'missing' not a failure)"), flush=True)
-    threshold = registered_doubtful_below()
+    threshold, whose = registered_doubtful_below(args.weights)
     totals = summary(results, threshold)
     args.out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(args.out / "external.json", json.dumps({"doubtful_below": threshold, "summary": totals,
                                                               "cases": results}, indent=2))
     print(table(results, threshold))
-    print(f"\nat level confidence < {threshold:.2f} = doubtful (the registered model's threshold):")
+    print(f"\nat level confidence < {threshold:.2f} = doubtful ({whose}):")
     for name, counts in totals.items():
         print(f"{name:14s} " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0

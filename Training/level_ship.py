@@ -197,6 +197,9 @@ Per scan (whole field of view; "failure" lists levels that are not on their own 
         ("Known limits", f"""- Two sources, two sequences, 52 distinct spines: the figures say little about other scanners,
   protocols, pathology (fractures, scoliosis, implants, severe degeneration) or children.
 - Trained on 4 mm sagittal slices at 1 mm in-plane; other slice thicknesses are untested.
+- A field of view that starts within L1 (T12 outside, as in many lumbar protocols) is the weak
+  case: see "cut through L1" above and, where given, the scans from another centre. The count is
+  then often wrong or missing L1; the level confidence flags most such runs, not all.
 - The sacrum and T12 are not labelled in MyoSegmenTUM, so the network learns what lies beyond
   L1 and L5 {"from the context targets (the half-planes beyond the labelled column)" if cfg.get("context_targets")
              else "only as background"}; the decoder does not need them.
