@@ -295,3 +295,4 @@ def test_a_candidate_is_judged_by_its_own_doubtful_threshold(tmp_path):
     ship(cv, cv / "final", "9.9.9", [], candidate=tmp_path / "candidate.pt")
     threshold, whose = ext.registered_doubtful_below(["registered", str(tmp_path / "candidate.pt")])
     assert threshold == 0.6 and "candidate.pt" in whose
+

@@ -195,3 +195,23 @@ def test_data_parallel_averages_gradients_and_equals_one_process_on_the_whole_ba
     assert any(not torch.allclose(untrained[k], v) for k, v in single.state_dict().items())
     saved = torch.load(tmp_path / "ddp" / "last.pt", weights_only=False)  # rank 0 wrote the checkpoint
     assert saved["state"]["step"] == 3 and len(saved["rank_rng"]) == 2
+
+
+def test_shipping_lists_the_files_in_the_module_cmake(tmp_path):
+    """A shipped model's weights and card go into the module's CMakeLists.txt resources (the Slicer
+    build installs only those), after the model's older versions, once; a models folder outside a
+    module (a test's, a site's) is left alone."""
+    from modelcard import list_in_cmake
+
+    models = tmp_path / "SpineKneeSeg" / "Resources" / "Models"
+    models.mkdir(parents=True)
+    cmake = tmp_path / "SpineKneeSeg" / "CMakeLists.txt"
+    cmake.write_text("set(MODULE_PYTHON_RESOURCES\n  Resources/Models/lumbar-levels-0.3.0.pt\n"
+                     "  Resources/Models/xray-chest-0.1.0.pt\n  Resources/Models/registry.json\n  )\n")
+    new = [models / "lumbar-levels-0.4.0.pt", models / "lumbar-levels-0.4.0.md"]
+    assert list_in_cmake(*new) == ["Resources/Models/lumbar-levels-0.4.0.md", "Resources/Models/lumbar-levels-0.4.0.pt"]
+    assert list_in_cmake(*new) == []
+    lines = cmake.read_text().splitlines()
+    assert lines[1:4] == ["  Resources/Models/lumbar-levels-0.3.0.pt", "  Resources/Models/lumbar-levels-0.4.0.md",
+                          "  Resources/Models/lumbar-levels-0.4.0.pt"]
+    assert list_in_cmake(tmp_path / "elsewhere" / "m-1.0.0.pt") == []

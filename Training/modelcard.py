@@ -54,4 +54,31 @@ def publish(model: str, version: str, card_text: str, description: str, weights:
     else:
         shutil.copyfile(weights, target)
     write_text_atomic(card, card_text)
-    return register_model(target, model, version, card=card.name, description=description)
+    entry = register_model(target, model, version, card=card.name, description=description)
+    list_in_cmake(target, card)
+    return entry
+
+
+def list_in_cmake(*files: Path) -> list[str]:
+    """Add shipped files to the module's CMakeLists.txt resources (the Slicer build installs only
+    what is listed there), each after the last line of its model, when the models folder is the
+    module's own (not a test's or a site's folder). Returns the lines added."""
+    from SpineKneeSegLib.core.atomic import write_text_atomic
+
+    cmake = Path(files[0]).resolve().parent.parent.parent / "CMakeLists.txt"
+    if Path(files[0]).resolve().parent.parts[-2:] != ("Resources", "Models") or not cmake.is_file():
+        return []
+    lines = cmake.read_text().splitlines()
+    added = []
+    for f in sorted(files, key=lambda f: Path(f).name):
+        entry = f"  Resources/Models/{Path(f).name}"
+        if entry in lines:
+            continue
+        model = Path(f).name.rsplit("-", 1)[0]
+        same = [i for i, line in enumerate(lines) if line.startswith(f"  Resources/Models/{model}-")]
+        at = (same[-1] + 1) if same else lines.index("  Resources/Models/registry.json")
+        lines.insert(at, entry)
+        added.append(entry.strip())
+    if added:
+        write_text_atomic(cmake, "\n".join(lines) + "\n")
+    return added
