@@ -296,3 +296,18 @@ def test_a_candidate_is_judged_by_its_own_doubtful_threshold(tmp_path):
     threshold, whose = ext.registered_doubtful_below(["registered", str(tmp_path / "candidate.pt")])
     assert threshold == 0.6 and "candidate.pt" in whose
 
+
+
+def test_mirror_reverses_the_sagittal_slices_on_the_same_grid():
+    """level_mirror.py's test-time mirror: the left-right (sagittal slice) axis reversed, whatever
+    the array's axis order, geometry unchanged, so probabilities flipped back lie on the input grid."""
+    from level_mirror import mirrored
+
+    array = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    # numpy axes are (k, j, i); the direction's columns are i, j, k. Identity: i (numpy axis 2) runs
+    # along x; permuted: k (numpy axis 0) runs along x
+    for direction, lr_axis in ((np.eye(3), 2), (np.array([[0, 0, 1], [1, 0, 0], [0, 1, 0]], float), 0)):
+        image = Image(array, (1.0, 1.0, 4.0), (0.0, 0.0, 0.0), direction)
+        flipped, axis = mirrored(image)
+        assert axis == lr_axis and np.array_equal(flipped.array, np.flip(array, lr_axis))
+        assert flipped.spacing == image.spacing and np.array_equal(flipped.direction, image.direction)
