@@ -215,3 +215,7 @@ def test_shipping_lists_the_files_in_the_module_cmake(tmp_path):
     assert lines[1:4] == ["  Resources/Models/lumbar-levels-0.3.0.pt", "  Resources/Models/lumbar-levels-0.4.0.md",
                           "  Resources/Models/lumbar-levels-0.4.0.pt"]
     assert list_in_cmake(tmp_path / "elsewhere" / "m-1.0.0.pt") == []
+    cmake.write_text("  Resources/Models/brain-wmh-0.3.0.pt\n  Resources/Models/brain-wmh-t1-0.1.0.pt\n"
+                     "  Resources/Models/registry.json\n")
+    list_in_cmake(models / "brain-wmh-0.4.0.pt")  # after brain-wmh's versions, not after brain-wmh-t1's
+    assert cmake.read_text().splitlines()[1] == "  Resources/Models/brain-wmh-0.4.0.pt"

@@ -6,6 +6,7 @@ the card beside them, the SHA256 and the registry entry (SpineKneeSegLib.engine.
 The shipped cards are never rewritten here (their SHA256s are in the registry)."""
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -75,7 +76,8 @@ def list_in_cmake(*files: Path) -> list[str]:
         if entry in lines:
             continue
         model = Path(f).name.rsplit("-", 1)[0]
-        same = [i for i, line in enumerate(lines) if line.startswith(f"  Resources/Models/{model}-")]
+        same = [i for i, line in enumerate(lines)  # "brain-wmh-0..." but not "brain-wmh-t1-0..."
+                if re.fullmatch(rf"  Resources/Models/{re.escape(model)}-\d[^/]*", line)]
         at = (same[-1] + 1) if same else lines.index("  Resources/Models/registry.json")
         lines.insert(at, entry)
         added.append(entry.strip())
