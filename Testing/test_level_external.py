@@ -311,3 +311,20 @@ def test_mirror_reverses_the_sagittal_slices_on_the_same_grid():
         flipped, axis = mirrored(image)
         assert axis == lr_axis and np.array_equal(flipped.array, np.flip(array, lr_axis))
         assert flipped.spacing == image.spacing and np.array_equal(flipped.direction, image.direction)
+
+
+def test_fov_edge_features_count_cut_bodies_at_the_superior_edge():
+    """level_fov_edge.py's features: body voxels in the two superior-most rows, unnamed or named
+    L1, found along the superior axis whichever way the array runs."""
+    from level_fov_edge import edge_features
+
+    prob = np.zeros((5, 4, 20, 6), np.uint8)
+    labels = np.zeros((4, 20, 6), np.uint8)
+    # LPS direction with numpy axis 1 (j) along S, index increasing superior: the top rows are 18, 19
+    direction = np.array([[1, 0, 0], [0, 0, 1], [0, 1, 0]], float)
+    image = Image(np.zeros((4, 20, 6), np.float32), (1.0, 1.0, 4.0), (0.0, 0.0, 0.0), direction)
+    prob[0, :, 17:20, :2] = 255  # a cut body at the top, left unnamed
+    prob[0, :, 19, 3:] = 255
+    labels[:, 19, 3:] = 1  # and the named L1 reaching the edge
+    prob[2, :, 0:2, :] = 255  # a body at the inferior edge: not counted
+    assert edge_features(prob, labels, image, 0.5) == {"edge_unnamed": 4 * 2 * 2, "l1_at_edge": 4 * 3}
