@@ -297,7 +297,6 @@ def test_a_candidate_is_judged_by_its_own_doubtful_threshold(tmp_path):
     assert threshold == 0.6 and "candidate.pt" in whose
 
 
-
 def test_mirror_reverses_the_sagittal_slices_on_the_same_grid():
     """level_mirror.py's test-time mirror: the left-right (sagittal slice) axis reversed, whatever
     the array's axis order, geometry unchanged, so probabilities flipped back lie on the input grid."""
@@ -328,3 +327,30 @@ def test_fov_edge_features_count_cut_bodies_at_the_superior_edge():
     labels[:, 19, 3:] = 1  # and the named L1 reaching the edge
     prob[2, :, 0:2, :] = 255  # a body at the inferior edge: not counted
     assert edge_features(prob, labels, image, 0.5) == {"edge_unnamed": 4 * 2 * 2, "l1_at_edge": 4 * 3}
+
+
+def test_mirror_average_is_flipped_back_onto_the_input_grid(tmp_path):
+    """level_mirror.probabilities with the mirror: the average of the scan's and its mirror image's
+    probabilities, the latter flipped back. So the mirrored scan's average is the scan's, mirrored
+    (a wrong flip-back axis, or no mirror pass at all, breaks this for an asymmetric network)."""
+    import torch
+    from level_eval import CARD
+    from level_mirror import mirrored, probabilities
+    from SpineKneeSegLib.engine.inference import load_network
+    from SpineKneeSegLib.engine.weights import resolve_weights
+
+    cv, _ = _cv_run(tmp_path, 1.0)
+    weights = resolve_weights(CARD, cv / "fold0" / "final.pt")
+    torch.manual_seed(0)
+    net = load_network(weights, torch.device("cpu"), "float32")
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.5)  # away from symmetric initial weights
+    array = np.random.default_rng(0).normal(size=(40, 48, 6)).astype(np.float32)  # x = numpy axis 2
+    image = Image(array, (4.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3))
+    flipped, axis = mirrored(image)
+    plain = probabilities(net, weights.preprocessing, image, mirror=False)
+    averaged = probabilities(net, weights.preprocessing, image, mirror=True)
+    of_flipped = probabilities(net, weights.preprocessing, flipped, mirror=True)
+    assert not np.allclose(plain, averaged, atol=1e-3)  # the mirror pass changed something
+    np.testing.assert_allclose(np.flip(of_flipped, axis + 1), averaged, atol=2 / 255)

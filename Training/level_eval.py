@@ -153,8 +153,25 @@ def l5_weighted(weight: float) -> tuple:
 
 
 @torch.inference_mode()
+def run_network(net, weights_pre: dict, image: Image):
+    """The product's level network on one scan, its probabilities kept on the input grid."""
+    return segment_slices(CARD, image, net, torch.device("cpu"), weights_pre, batch_size=8, keep_probabilities=True)
+
+
+def fold_models(run: Path, summary: dict):
+    """Per fold of a cross-validation run: (fold, held-out case ids, weights, network, the decoder
+    settings cv-report chose for that fold on the other folds)."""
+    folds = json.loads((run / "folds.json").read_text())["folds"]
+    for f, held_out in enumerate(folds):
+        weights = resolve_weights(CARD, run / f"fold{f}" / "final.pt")
+        params = DecodingParameters(threshold=summary["body_threshold"]["per_fold"][f],
+                                    run_weights=l5_weighted(summary["l5_weight"]["per_fold"][f]))
+        yield f, held_out, weights, load_network(weights, torch.device("cpu"), "float32"), params
+
+
+@torch.inference_mode()
 def evaluate_case(net, weights_pre: dict, image: Image, truth: np.ndarray) -> dict:
-    out = segment_slices(CARD, image, net, torch.device("cpu"), weights_pre, batch_size=8, keep_probabilities=True)
+    out = run_network(net, weights_pre, image)
     decoded = decode_levels(out.probabilities, image)
     final = largest_component_per_label(decoded.labels)
     old = largest_component_per_label(out.labels)

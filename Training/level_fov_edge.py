@@ -20,14 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from level_column import case_labels, spine_cases
-from level_eval import field_of_view_variants, l5_weighted, score, superior_axis
-from level_mirror import CARD
+from level_eval import field_of_view_variants, fold_models, run_network, score, superior_axis
 from SpineKneeSegLib.core.datasets import data_root
 from SpineKneeSegLib.core.image import Image
 from SpineKneeSegLib.core.image_io import read_image
-from SpineKneeSegLib.engine.inference import load_network, segment_slices
 from SpineKneeSegLib.engine.postprocessing import largest_component_per_label
-from SpineKneeSegLib.engine.weights import resolve_weights
 from SpineKneeSegLib.tasks.spine.level_decoding import DecodingParameters, decode_levels
 
 EDGE_ROWS = 2
@@ -45,9 +42,8 @@ def edge_features(prob: np.ndarray, labels: np.ndarray, image: Image, threshold:
     return {"edge_unnamed": int((body & (named == 0)).sum()), "l1_at_edge": int((named == 1).sum())}
 
 
-@torch.inference_mode()
 def predict(net, pre: dict, image: Image, params: DecodingParameters):
-    out = segment_slices(CARD, image, net, torch.device("cpu"), pre, batch_size=8, keep_probabilities=True)
+    out = run_network(net, pre, image)
     d = decode_levels(out.probabilities, image, params)
     return d, edge_features(out.probabilities, d.labels, image, params.threshold)
 
@@ -56,10 +52,10 @@ def tally(rows: list[dict], threshold: float, min_voxels: int) -> str:
     def flagged(r, with_edge):
         return r["confidence"] < threshold or (with_edge and r["edge_unnamed"] >= min_voxels)
 
+    fail = [r for r in rows if not r["right"]]
+    ok = [r for r in rows if r["right"]]
     out = []
     for with_edge in (False, True):
-        fail = [r for r in rows if not r["right"]]
-        ok = [r for r in rows if r["right"]]
         out.append(f"{'confidence + edge' if with_edge else 'confidence alone':18s}: failures flagged "
                    f"{sum(flagged(r, with_edge) for r in fail)} of {len(fail)}, correct flagged "
                    f"{sum(flagged(r, with_edge) for r in ok)} of {len(ok)}")
@@ -81,15 +77,10 @@ def main(argv=None) -> int:
         return 2
     summary = json.loads(args.summary.read_text())
     threshold = summary["doubtful_threshold"]["threshold"]
-    folds = json.loads((args.run / "folds.json").read_text())["folds"]
     cases = {c["id"]: c for c in spine_cases(root, log=lambda *_: None)}
     external = json.loads((args.external or args.run / "final" / "external.json").read_text())
     cv_rows, ext_rows = [], []
-    for f, held_out in enumerate(folds):
-        weights = resolve_weights(CARD, args.run / f"fold{f}" / "final.pt")
-        net = load_network(weights, torch.device("cpu"), "float32")
-        params = DecodingParameters(threshold=summary["body_threshold"]["per_fold"][f],
-                                    run_weights=l5_weighted(summary["l5_weight"]["per_fold"][f]))
+    for f, held_out, weights, net, params in fold_models(args.run, summary):
         for cid in held_out:
             image, truth = read_image(cases[cid]["image"]), case_labels(cases[cid])
             for variant, (img, lab) in field_of_view_variants(image, truth).items():

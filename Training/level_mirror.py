@@ -20,18 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from level_column import case_labels, spine_cases
-from level_eval import l5_weighted, score
+from level_eval import fold_models, run_network, score
 from SpineKneeSegLib.core.datasets import data_root
 from SpineKneeSegLib.core.image import Image
 from SpineKneeSegLib.core.image_io import read_image
-from SpineKneeSegLib.engine.inference import load_network, segment_slices
 from SpineKneeSegLib.engine.postprocessing import largest_component_per_label
 from SpineKneeSegLib.engine.preprocessing import canonical_orientation
-from SpineKneeSegLib.engine.weights import resolve_weights
-from SpineKneeSegLib.tasks import TASKS
-from SpineKneeSegLib.tasks.spine.level_decoding import DecodingParameters, decode_levels
-
-CARD = TASKS["lumbar-foramina"]
+from SpineKneeSegLib.tasks.spine.level_decoding import decode_levels
 
 
 def mirrored(image: Image) -> tuple[Image, int]:
@@ -40,12 +35,10 @@ def mirrored(image: Image) -> tuple[Image, int]:
     return Image(np.flip(image.array, axis).copy(), image.spacing, image.origin, image.direction), axis
 
 
-@torch.inference_mode()
 def probabilities(net, pre: dict, image: Image, mirror: bool) -> np.ndarray:
     """(5, *shape) float level probabilities; ``mirror``: averaged with the mirrored image's, flipped back."""
     def run(img):
-        return segment_slices(CARD, img, net, torch.device("cpu"), pre, batch_size=8,
-                              keep_probabilities=True).probabilities.astype(np.float32) / 255
+        return run_network(net, pre, img).probabilities.astype(np.float32) / 255
 
     p = run(image)
     if mirror:
@@ -66,15 +59,9 @@ def main(argv=None) -> int:
     if root is None:
         print("no shared data: set SPINEKNEESEG_DATA", file=sys.stderr)
         return 2
-    summary = json.loads(args.summary.read_text())
-    folds = json.loads((args.run / "folds.json").read_text())["folds"]
     cases = {c["id"]: c for c in spine_cases(root, log=lambda *_: None)}
     rows = {}
-    for f, held_out in enumerate(folds):
-        weights = resolve_weights(CARD, args.run / f"fold{f}" / "final.pt")
-        net = load_network(weights, torch.device("cpu"), "float32")
-        params = DecodingParameters(threshold=summary["body_threshold"]["per_fold"][f],
-                                    run_weights=l5_weighted(summary["l5_weight"]["per_fold"][f]))
+    for f, held_out, weights, net, params in fold_models(args.run, json.loads(args.summary.read_text())):
         for cid in held_out:
             image, truth = read_image(cases[cid]["image"]), case_labels(cases[cid])
             row = {"fold": f}

@@ -79,12 +79,14 @@ def aim_line(summary: dict) -> str:
     """Issue 21's two figures (at least 53 of 54 whole fields right, mean per-level Dice >= 0.88), each
     said met or not from the cross-validation."""
     full = summary["decoded/full"]
-    count = full["all_levels_right"] >= full["scans"] - 1
-    dice = full["mean_dice"] >= 0.88
-    verdict = "met" if count and dice else ("**not met**" if not (count or dice) else
-                                             f"met for the count ({full['all_levels_right']} of {full['scans']}), "
-                                             f"**not met** for the Dice ({full['mean_dice']:.3f})"
-                                             if count else "met for the Dice, **not met** for the count")
+    count, dice = full["all_levels_right"] >= full["scans"] - 1, full["mean_dice"] >= 0.88
+    if count == dice:
+        verdict = "met" if count else "**not met**"
+    elif count:
+        verdict = (f"met for the count ({full['all_levels_right']} of {full['scans']}), "
+                   f"**not met** for the Dice ({full['mean_dice']:.3f})")
+    else:
+        verdict = "met for the Dice, **not met** for the count"
     return f"Issue 21's aim (all five right on at least 53 of 54, mean per-level Dice >= 0.88) is {verdict}."
 
 
@@ -234,16 +236,13 @@ def shipping_metadata(checkpoint: dict, summary: dict) -> dict:
 def previous_version(version: str) -> dict | None:
     """The newest registered lumbar-levels older than ``version`` whose checkpoint carries
     cross-validated figures (v0.2.0 on), for the card's comparison; None when there is none."""
-    from SpineKneeSegLib.engine.weights import models_dir, read_registry
+    from SpineKneeSegLib.engine.weights import models_dir, read_registry, version_key
 
-    def key(v: str) -> tuple:
-        return tuple(int(p) for p in v.split("."))
-
-    older = [e for e in read_registry() if e.model == MODEL and key(e.version) < key(version)
+    older = [e for e in read_registry() if e.model == MODEL and version_key(e.version) < version_key(version)
              and (models_dir() / e.file).is_file()]
     if not older:
         return None
-    entry = max(older, key=lambda e: key(e.version))
+    entry = max(older, key=lambda e: version_key(e.version))
     meta = load_checkpoint(models_dir() / entry.file)["metadata"]
     if "cross_validation" not in meta:
         return None

@@ -69,8 +69,13 @@ def read_registry(root: Path | None = None) -> list[RegistryEntry]:
     return [RegistryEntry(**{k: v for k, v in entry.items() if k in known}) for entry in data.get("models", [])]
 
 
+def version_key(version: str) -> tuple:
+    """"0.10.0" sorts after "0.9.1"."""
+    return tuple(int(p) for p in version.split(".") if p.isdigit())
+
+
 def _version_key(entry: RegistryEntry) -> tuple:
-    return tuple(int(p) for p in entry.version.split(".") if p.isdigit())
+    return version_key(entry.version)
 
 
 def find_entry(model: str, root: Path | None = None, weights_dir: str | os.PathLike | None = None
