@@ -27,7 +27,8 @@ def tiny_weights(tmp_path_factory):
         initialise_weights(task, paths[task], tiny, seed=1)
         for aux in card.auxiliary:
             paths[f"{task}:{aux.name}"] = folder / f"{task}-{aux.name}.pt"
-            tiny_aux = {"channels": (4, 8)} if aux.network.factory == "unet2d" else {"levels": 3, "max_channels": 8}
+            tiny_aux = ({"channels": (4, 8)} if aux.network.factory == "unet2d" else {"width": 4}
+                        if aux.network.factory == "level_refiner" else {"levels": 3, "max_channels": 8})
             initialise_weights(task, paths[f"{task}:{aux.name}"], tiny_aux, seed=2, model=aux.name)
     return paths
 

@@ -76,7 +76,9 @@ class AuxiliaryModel:
     """A second network of a task (e.g. the foramen model beside the level model), handed to a
     postprocessor. Optional ones fall back to what the postprocessor can do without. ``output``
     "maps": sigmoid maps on the network grid; "labels": argmax labels on the input grid through the
-    card's whole preprocessing (N4, the main network's crop window), e.g. a per-bone model."""
+    card's whole preprocessing (N4, the main network's crop window), e.g. a per-bone model;
+    "step": not run by the pipeline but handed to the post-processing steps, which run it on what
+    they made (e.g. the level outline refiner on the decoded levels)."""
 
     name: str
     weights_entry: str

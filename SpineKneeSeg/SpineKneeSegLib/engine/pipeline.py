@@ -98,6 +98,7 @@ class RunResult:
     layers: dict[str, Image] = field(default_factory=dict)  # the card's label_layers (overlapping structures)
     tables: list[Table] = field(default_factory=list)
     points: list[dict] = field(default_factory=list)  # {"label", "ras", "description", "attributes"}
+    steps_network_s: float = 0.0  # networks run inside post-processing steps (counted as network time)
     summaries: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     # {label value: a box holding all its voxels in ``labels``} when a step knew them (the clean-up's
@@ -395,7 +396,11 @@ def _run_locked(card: TaskCard, inputs: list[str], output_dir: Path, options: Ru
     if out.probabilities is not None:  # the network's own probabilities, for level / lesion decoding
         maps["probabilities"] = out.probabilities
         maps_grids["probabilities"] = image if out.probabilities_grid is None else out.probabilities_grid
+    step_nets = {name: (aux_net, aux_weights[name]) for name, aux_net in aux_nets.items()
+                 if card.auxiliary_model(name).output == "step"}  # run by a post-processing step
     for name, aux_net in aux_nets.items():
+        if name in step_nets:
+            continue
         if card.auxiliary_model(name).output == "labels":  # same preprocessing and window as the main network
             window = out.summaries.get("crop_window", {}).get(window_centre_key(pre_overrides.get(
                 "crop_window", card.preprocessing.crop_window)))
@@ -422,7 +427,8 @@ def _run_locked(card: TaskCard, inputs: list[str], output_dir: Path, options: Ru
         out.labels, decoded = decoder.decode(out.labels, image)
         out.summaries["label_variant"] = {"variant": variant, **decoded}
     result = postprocess(card, image, out.labels, maps, maps_grids,
-                         settings=weights.checkpoint.get("metadata", {}).get("postprocessing", {}))
+                         settings=weights.checkpoint.get("metadata", {}).get("postprocessing", {}), networks=step_nets)
+    timings["network"] += result.steps_network_s
     result.warnings[:0] = list(image.meta.get("warnings", [])) + list(out.warnings)
     result.summaries.update(out.summaries)
     if fast and fast.skipped:
@@ -433,7 +439,7 @@ def _run_locked(card: TaskCard, inputs: list[str], output_dir: Path, options: Ru
         result.summaries["skull_stripping"] = image.meta["skull_stripping"]
     if unused:
         result.warnings.append(f"input(s) {', '.join(unused)} were validated but are not used by these weights")
-    timings["postprocess"] = out.postprocess_s + time.perf_counter() - t
+    timings["postprocess"] = out.postprocess_s + time.perf_counter() - t - result.steps_network_s
 
     progress.stage("writing")
     t = time.perf_counter()
@@ -551,18 +557,21 @@ def write_dicom_seg_output(card: TaskCard, image: Image, result: RunResult, fold
 
 
 def postprocess(card: TaskCard, image: Image, labels: np.ndarray, maps: dict[str, np.ndarray] | None = None,
-                maps_grids: dict[str, Image] | None = None, settings: dict | None = None) -> RunResult:
+                maps_grids: dict[str, Image] | None = None, settings: dict | None = None,
+                networks: dict | None = None) -> RunResult:
     """Run the card's registered steps in order (steps.py). ``maps``/``maps_grids``: probability
     maps by name ("probabilities": the main network's; auxiliary models' by model name) and their
     grids; ``settings``: per-step parameters a checkpoint carries (metadata "postprocessing",
-    e.g. thresholds chosen by cross-validation)."""
+    e.g. thresholds chosen by cross-validation); ``networks``: auxiliary models the steps run
+    (name -> (network, weights)); their seconds come back as ``steps_network_s``."""
     from SpineKneeSegLib.engine.steps import STEPS, StepContext
 
     ctx = StepContext(card, image, RunResult(image.with_array(labels)), labels, dict(maps or {}),
-                      dict(maps_grids or {}), dict(settings or {}))
+                      dict(maps_grids or {}), dict(settings or {}), networks=dict(networks or {}))
     for name in card.postprocessors:
         STEPS[name].run(ctx)
     result = ctx.result
+    result.steps_network_s = ctx.network_s
     if ctx.made_components is not None and ctx.made_components[0] is result.labels.array:
         result.label_boxes = {value: c[0] for value, c in ctx.made_components[1].items()}
     from SpineKneeSegLib.core.labels import present_labels

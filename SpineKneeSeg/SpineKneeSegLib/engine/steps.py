@@ -27,6 +27,9 @@ class StepContext:
     # (array, its components): a step that knows the components of the labels it made (the
     # largest-component clean-up: one per label) leaves them for checks on those same labels
     made_components: Any = None
+    # auxiliary models a step runs itself (AuxiliaryModel output "step"): name -> (network, its weights)
+    networks: dict = field(default_factory=dict)
+    network_s: float = 0.0  # seconds those networks ran (counted as network time, not post-processing)
 
 
 @dataclass(frozen=True)

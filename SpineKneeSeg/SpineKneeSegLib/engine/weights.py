@@ -252,7 +252,8 @@ def initialise_weights(task: str, path: str | os.PathLike, config: dict | None =
     spec = card.network if model == "labels" else card.auxiliary_model(model).network
     full = {**spec.config, **(config or {})}
     # one set of context slices per input channel stack (the first input + the weights' extra_inputs)
-    full["in_channels"] = card.preprocessing.context_slices * (1 + len((preprocessing or {}).get("extra_inputs", ())))
+    if "in_channels" not in spec.config:  # else a network with inputs of its own (the level refiner)
+        full["in_channels"] = card.preprocessing.context_slices * (1 + len((preprocessing or {}).get("extra_inputs", ())))
     full["out_channels"] = card.output_channels if model == "labels" else card.auxiliary_model(model).channels
     torch.manual_seed(seed)
     net = build_network(spec.factory, full)

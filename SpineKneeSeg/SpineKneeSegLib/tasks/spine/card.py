@@ -20,9 +20,14 @@ cards.register(cards.TaskCard(
     label_activation="sigmoid",
     auxiliary=(cards.AuxiliaryModel("foramina", "lumbar-foramen-points",
                               cards.NetworkSpec("multinet", {"levels": 5, "base_channels": 8, "max_channels": 16,
-                                                       "activation": "elu", "norm": "batch"}), channels=5),),
-    # transitional reads the raw network labels; level_decoding then names the bodies as one run
-    postprocessors=("transitional", "level_decoding", "largest_component_per_label", "foramina"),
+                                                       "activation": "elu", "norm": "batch"}), channels=5),
+               # redraws the decoded levels' outline at the scan's own pixels (session 28)
+               cards.AuxiliaryModel("refiner", "lumbar-level-refiner",
+                                    cards.NetworkSpec("level_refiner", {"in_channels": 2, "width": 16}), channels=1,
+                                    output="step")),
+    # transitional reads the raw network labels; level_decoding then names the bodies as one run,
+    # level_refinement redraws their outline
+    postprocessors=("transitional", "level_decoding", "level_refinement", "largest_component_per_label", "foramina"),
     outputs=cards.COMMON_OUTPUTS + ("foramina.mrk.json",),
     issue=3,
     phantom=spine_phantom,

@@ -1,0 +1,183 @@
+"""Boundary refinement of the decoded lumbar levels (issue 21, session 28).
+
+The level network runs on a 1.4 mm grid; most of its wrong voxels lie within two pixels of the
+true outline, in slices where the level is present (Training/level_dice_errors.py). A small 2D
+network at the scan's own pixels sees the image and the level network's summed body probability
+and redraws the outline in a thin in-plane band around the decoded bodies. Names are never
+changed: a band voxel it calls body takes the level of the nearest decoded voxel in its slice,
+so the refinement cannot shift, duplicate or drop a level. Optional: without its weights (or
+with --fast) the decoded outline stays.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from SpineKneeSegLib.core.image import Image
+from SpineKneeSegLib.core.lazy import LazyModule
+from SpineKneeSegLib.engine import models
+from SpineKneeSegLib.engine.preprocessing import canonical_orientation
+from SpineKneeSegLib.engine.steps import StepContext, step
+from SpineKneeSegLib.tasks.spine.level_decoding import LOGIT_OF_UINT8, _grid_coordinates
+
+ndimage = LazyModule("scipy.ndimage")
+
+BAND_PX = 2  # pixels either side of the decoded outline the refiner may redraw
+MARGIN_PX = 24  # context around the bodies' box the refiner sees (its receptive field is ~20 px)
+
+
+class LevelRefiner(torch.nn.Module):
+    """(normalised image, summed level probability) -> body logit, on the scan's own pixels: two
+    scales (full, and half with dilated convolutions), its output added to the probability's own
+    logit so that it learns the correction."""
+
+    def __init__(self, in_channels: int = 2, out_channels: int = 1, width: int = 16):
+        super().__init__()
+        if (in_channels, out_channels) != (2, 1):
+            raise ValueError(f"the level refiner takes 2 channels (image, probability) to 1, not "
+                             f"{in_channels} to {out_channels}")
+
+        def block(i, o, d=1):
+            return torch.nn.Sequential(torch.nn.Conv2d(i, o, 3, padding=d, dilation=d), torch.nn.BatchNorm2d(o),
+                                       torch.nn.ELU())
+        w = width
+        self.enc = torch.nn.Sequential(block(2, w), block(w, w))
+        self.down = torch.nn.Sequential(block(w, 2 * w), block(2 * w, 2 * w, 2), block(2 * w, 2 * w, 4))
+        self.dec = torch.nn.Sequential(block(3 * w, w), torch.nn.Conv2d(w, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.enc(x)
+        d = F.interpolate(self.down(F.avg_pool2d(e, 2)), size=e.shape[-2:], mode="bilinear", align_corners=False)
+        p = x[:, 1:2].clamp(1e-3, 1 - 1e-3)
+        return self.dec(torch.cat([e, d], 1)) + torch.log(p / (1 - p))
+
+
+models.NETWORKS["level_refiner"] = LevelRefiner
+
+
+def normalise(image: np.ndarray) -> np.ndarray:
+    """The refiner's intensity scale: the 1st..99th percentile of the region it sees to 0..1."""
+    lo, hi = np.percentile(image, (1, 99))
+    return np.clip((image - lo) / max(float(hi - lo), 1e-6), 0, 1.5).astype(np.float32)
+
+
+def _disc(r: int) -> np.ndarray:
+    y, x = np.mgrid[-r:r + 1, -r:r + 1]
+    return (y * y + x * x) <= r * r
+
+
+def band(labels: np.ndarray, width: int) -> np.ndarray:
+    """In-plane band of ``width`` pixels either side of the bodies' outline (slices first)."""
+    body = labels > 0
+    se = _disc(width)[None]
+    return ndimage.binary_dilation(body, se) & ~ndimage.binary_erosion(body, se)
+
+
+def refined_labels(labels: np.ndarray, body: np.ndarray, width: int) -> np.ndarray:
+    """``labels`` (slices first) with their outline redrawn by ``body`` inside the band: a band
+    voxel called body takes the level of the nearest labelled voxel in its slice."""
+    b = band(labels, width)
+    out = np.where(b, 0, labels).astype(labels.dtype)
+    for s in np.flatnonzero(b.any(axis=(1, 2))):
+        _, (iy, ix) = ndimage.distance_transform_edt(labels[s] == 0, return_indices=True)
+        take = b[s] & body[s]
+        out[s][take] = labels[s][iy[take], ix[take]]
+    return out
+
+
+def bodies_box(labels: np.ndarray, margin: int) -> tuple[slice, ...] | None:
+    """The labelled slices and the labels' in-plane box grown by ``margin`` (slices first)."""
+    found = ndimage.find_objects((labels > 0).astype(np.uint8))
+    if not found:
+        return None
+    box = found[0]
+    return (box[0],) + tuple(slice(max(b.start - margin, 0), min(b.stop + margin, n))
+                             for b, n in zip(box[1:], labels.shape[1:]))
+
+
+def summed_probability_on(probs: np.ndarray, grid: Image, image: Image, box: tuple[slice, ...]) -> np.ndarray:
+    """Sum over levels of sigmoid(level logits, linearly interpolated from the network ``grid``)
+    at every voxel of ``box`` of ``image`` (numpy axes of the image), as float32 in 0..5."""
+    coords = _grid_coordinates(grid, image)
+    along, at = [0] * 3, [None] * 3
+    for axis, (grid_axis, c) in enumerate(coords):
+        along[grid_axis], at[grid_axis] = axis, np.clip(c[box[axis]], 0, probs.shape[grid_axis + 1] - 1)
+    lo = [int(np.floor(a.min())) for a in at]
+    hi = [int(np.ceil(a.max())) + 1 for a in at]
+    logits = torch.from_numpy(LOGIT_OF_UINT8[probs[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]].astype(np.float32))
+    # grid_sample's last coordinate indexes the last axis; align_corners: -1 / 1 are the end centres
+    norm = [torch.from_numpy(2 * (a - l) / max(h - l - 1, 1) - 1).float() for a, l, h in zip(at, lo, hi)]
+    zz, yy, xx = torch.meshgrid(*norm, indexing="ij")
+    sample = torch.stack([xx, yy, zz], -1)[None]
+    out = F.grid_sample(logits[None], sample, mode="bilinear", padding_mode="border", align_corners=True)[0]
+    summed = torch.sigmoid(out).sum(0).numpy()
+    return np.ascontiguousarray(summed.transpose(np.argsort(along)))  # grid axes -> image axes
+
+
+def refiner_inputs(image: Image, labels: np.ndarray, probs: np.ndarray, grid: Image,
+                   margin: int = MARGIN_PX):
+    """(inputs (2, slices, h, w) float32, box in the image's axes, slice axis, the labels in the
+    box slices first) for the refiner; None without labels. ``probs``/``grid``: the level
+    network's uint8 maps on its own grid (or on the image's)."""
+    axis = canonical_orientation(image, "sagittal").axes[0]
+    first = np.moveaxis(labels, axis, 0)
+    box_first = bodies_box(first, margin)
+    if box_first is None:
+        return None
+    box = [None] * 3  # the same box in the image's axes
+    order = [axis] + [a for a in range(3) if a != axis]
+    for k, a in enumerate(order):
+        box[a] = box_first[k]
+    box = tuple(box)
+    summed = np.moveaxis(summed_probability_on(probs, grid, image, box), axis, 0)
+    pixels = np.moveaxis(image.array[box].astype(np.float32), axis, 0)
+    x = np.stack([normalise(pixels), np.clip(summed, 0, 1)])
+    return x, box, axis, first[box_first]
+
+
+@torch.inference_mode()
+def refiner_body(net: torch.nn.Module, x: np.ndarray, threshold: float = 0.5, batch: int = 8) -> np.ndarray:
+    body = np.zeros(x.shape[1:], bool)
+    for i in range(0, x.shape[1], batch):
+        xs = torch.from_numpy(np.ascontiguousarray(x[:, i:i + batch].transpose(1, 0, 2, 3)))
+        body[i:i + batch] = (torch.sigmoid(net(xs).float())[:, 0] >= threshold).numpy()
+    return body
+
+
+def refine_levels(net: torch.nn.Module, image: Image, labels: np.ndarray, probs: np.ndarray, grid: Image,
+                  band_px: int = BAND_PX, threshold: float = 0.5) -> tuple[np.ndarray, dict]:
+    """The decoded ``labels`` (image axes) with their outline redrawn by the refiner, and a summary."""
+    inputs = refiner_inputs(image, labels, probs, grid)
+    if inputs is None:
+        return labels, {"changed_voxels": 0}
+    x, box, axis, first = inputs
+    t = time.perf_counter()
+    body = refiner_body(net, x, threshold)
+    network_s = time.perf_counter() - t
+    new_first = refined_labels(first, body, band_px)
+    out = labels.copy()
+    out[box] = np.moveaxis(new_first, 0, axis)
+    changed = int((out != labels).sum())
+    return out, {"changed_voxels": changed, "band_px": band_px, "network_s": round(network_s, 4)}
+
+
+# ---- step ----------------------------------------------------------------------------------------
+
+@step("level_refinement", needs_probabilities="network")
+def _level_refinement_step(ctx: StepContext) -> None:
+    """Redraw the decoded levels' outline with the refiner (optional auxiliary model "refiner")."""
+    found = ctx.networks.get("refiner")
+    probs = ctx.maps.get("probabilities")
+    if found is None or probs is None:
+        return
+    net, weights = found
+    settings = weights.checkpoint.get("metadata", {}).get("postprocessing", {}).get("level_refinement", {})
+    labels, summary = refine_levels(net, ctx.image, ctx.result.labels.array, probs,
+                                    ctx.maps_grids.get("probabilities", ctx.image),
+                                    settings.get("band_px", BAND_PX), settings.get("threshold", 0.5))
+    ctx.network_s += summary.get("network_s", 0.0)
+    ctx.result.labels = ctx.image.with_array(labels)
+    ctx.result.summaries["level_refinement"] = summary

@@ -1,0 +1,158 @@
+"""The lumbar level outline refiner (issue 21, session 28): it redraws only a thin in-plane band
+around the decoded bodies, never renames, shifts or drops a level, reads the level network's
+probabilities at the right physical places, and runs inside the product's pipeline with its
+time counted as network time."""
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+from SpineKneeSegLib.engine.inference import segment_slices
+from SpineKneeSegLib.engine.models import build_network
+from SpineKneeSegLib.engine.pipeline import RunOptions, run_case
+from SpineKneeSegLib.engine.preprocessing import Orientation, reorient
+from SpineKneeSegLib.engine.weights import initialise_weights, load_checkpoint
+from SpineKneeSegLib.tasks import TASKS
+from SpineKneeSegLib.tasks.spine.level_refinement import (
+    _disc,
+    band,
+    refine_levels,
+    refined_labels,
+    summed_probability_on,
+)
+from SpineKneeSegLib.tasks.spine.phantom import spine_phantom
+
+CARD = TASKS["lumbar-foramina"]
+
+
+def _two_bodies():
+    """Two rectangular bodies (levels 2 and 3) 12 px apart in each of 3 slices (slices first)."""
+    labels = np.zeros((3, 60, 40), np.uint8)
+    labels[:, 8:24, 10:30] = 2
+    labels[:, 36:52, 10:30] = 3
+    return labels
+
+
+@pytest.mark.parametrize("width", [1, 2, 3])
+def test_refiner_calling_everything_body_grows_each_level_by_the_band(width):
+    labels = _two_bodies()
+    out = refined_labels(labels, np.ones(labels.shape, bool), width)
+    for k in (2, 3):
+        grown = ndimage.binary_dilation(labels == k, _disc(width)[None])
+        assert np.array_equal(out == k, grown), k
+    assert set(np.unique(out)) == {0, 2, 3}
+
+
+@pytest.mark.parametrize("width", [1, 2, 3])
+def test_refiner_calling_nothing_body_erodes_each_level_by_the_band(width):
+    labels = _two_bodies()
+    out = refined_labels(labels, np.zeros(labels.shape, bool), width)
+    for k in (2, 3):
+        assert np.array_equal(out == k, ndimage.binary_erosion(labels == k, _disc(width)[None])), k
+
+
+def test_refiner_never_renames_and_never_reaches_beyond_the_band():
+    """A random body mask: voxels outside the band keep their label, each body keeps its name,
+    and no voxel takes a level that is not the nearest one in its slice."""
+    labels = _two_bodies()
+    rng = np.random.default_rng(0)
+    out = refined_labels(labels, rng.random(labels.shape) < 0.5, 2)
+    b = band(labels, 2)
+    assert np.array_equal(out[~b], labels[~b])
+    for k in (2, 3):
+        near = ndimage.binary_dilation(labels == k, _disc(2)[None])
+        assert not ((out == k) & ~near).any(), k
+
+
+@pytest.mark.parametrize("layout", [None, Orientation((2, 0, 1), (True, False, True))])
+def test_probabilities_are_read_at_the_right_physical_places(layout):
+    """The level maps on the network's own 1.4 mm grid hold logits linear in physical position;
+    read onto the 1 mm input grid (also stored with other voxel axes) they give the sigmoid sum
+    of those logits at each input voxel's own position (linear interpolation is exact for a
+    linear field; the uint8 maps quantise it)."""
+    phantom = spine_phantom(seed=2, shape=(8, 96, 96))
+    image = phantom.image if layout is None else reorient(phantom.image, layout)
+    net = build_network("multinet", {"levels": 3, "base_channels": 4, "max_channels": 8, "in_channels": 3,
+                                     "out_channels": 5}).eval()
+    with torch.inference_mode():
+        out = segment_slices(CARD, image, net, torch.device("cpu"), keep_probabilities="network")
+    grid = out.probabilities_grid
+    slopes = np.array([[0.03, 0.01, 0.02], [0.025, -0.01, 0.02], [0.02, 0.02, 0.01], [0.03, 0.0, 0.03],
+                       [0.02, 0.01, 0.0]])  # logits per mm along L, P, S
+
+    def logits_at(lps):
+        centred = lps - image.ijk_to_lps_points(np.array([[s / 2 for s in image.size_ijk]]))[0]
+        return centred @ slopes.T  # (n, 5), within about +-3
+
+    gi, gj, gk = np.meshgrid(*[np.arange(n) for n in grid.size_ijk], indexing="ij")
+    lps = grid.ijk_to_lps_points(np.stack([gi.ravel(), gj.ravel(), gk.ravel()], 1))
+    p = 1 / (1 + np.exp(-logits_at(lps)))  # (n, 5) in ijk order
+    probs = np.rint(255 * p.T.reshape(5, *grid.size_ijk)).astype(np.uint8).transpose(0, 3, 2, 1)  # -> array axes
+    assert probs.shape == out.probabilities.shape
+    inner = tuple(slice(3, n - 3) for n in image.array.shape)
+    summed = summed_probability_on(probs, grid, image, inner)
+    ii, jj, kk = np.meshgrid(*[np.arange(n)[s] for n, s in zip(image.size_ijk, inner[::-1])], indexing="ij")
+    truth = (1 / (1 + np.exp(-logits_at(image.ijk_to_lps_points(np.stack([ii.ravel(), jj.ravel(), kk.ravel()], 1)))))).sum(1)
+    truth = truth.reshape(ii.shape).transpose(2, 1, 0)
+    assert summed.shape == truth.shape
+    assert np.abs(summed - truth).max() < 0.012, np.abs(summed - truth).max()
+    assert np.ptp(truth) > 1.0  # the field varies: a wrong axis could not pass
+
+
+@pytest.mark.parametrize("layout", [None, Orientation((2, 0, 1), (True, False, True))])
+def test_a_refiner_that_adds_nothing_draws_the_probability_outline(layout):
+    """With its correction zeroed the refiner's body is the level network's summed probability
+    >= 0.5, so the step (inputs cut from the scan, slices moved first and back) must equal the
+    band redrawn with exactly that mask; the decoded bodies (eroded by a pixel) grow back toward
+    the true outline, names kept."""
+    phantom = spine_phantom(seed=4, shape=(8, 128, 128))
+    image, truth = phantom.image, phantom.labels.array  # slices along array axis 0 (4 mm)
+    net = build_network("level_refiner", {"in_channels": 2, "width": 4}).eval()
+    torch.nn.init.zeros_(net.dec[-1].weight)
+    torch.nn.init.zeros_(net.dec[-1].bias)
+    # level maps on the input grid itself: each body at 0.9, a one-pixel in-plane ring at 0.6
+    ring = (ndimage.grey_dilation(truth, footprint=np.ones((1, 3, 3), bool)) > 0) & (truth == 0)
+    grown = ndimage.grey_dilation(truth, footprint=np.ones((1, 3, 3), bool))
+    probs = np.zeros((5, *truth.shape), np.uint8)
+    for k in range(1, 6):
+        probs[k - 1][truth == k] = 230
+        probs[k - 1][ring & (grown == k)] = 153
+    decoded = np.where(ndimage.binary_erosion(truth > 0, np.ones((1, 3, 3), bool)), truth, 0).astype(np.uint8)
+    expected = refined_labels(decoded, (truth > 0) | ring, 2)
+    if layout is not None:  # the same scan stored with its slices along another array axis
+        image, truth, decoded, expected = (reorient(image, layout), layout.apply(truth), layout.apply(decoded),
+                                           layout.apply(expected))
+        probs = np.stack([layout.apply(p) for p in probs])
+    out, summary = refine_levels(net, image, decoded, probs, image, band_px=2)
+    assert np.array_equal(out, expected)
+    assert summary["changed_voxels"] > 0
+    assert set(np.unique(out)) == set(np.unique(decoded))
+
+    def dice(a):
+        return np.mean([2 * ((a == k) & (truth == k)).sum() / ((a == k).sum() + (truth == k).sum()) for k in range(1, 6)])
+    assert dice(out) > dice(decoded)
+
+
+def test_refiner_runs_in_the_pipeline_as_network_time(tmp_path):
+    from SpineKneeSegLib.core.image_io import write_image
+
+    phantom = spine_phantom(seed=1)
+    scan = tmp_path / "spine.nii.gz"
+    write_image(phantom.image, scan)
+    main = tmp_path / "levels.pt"
+    initialise_weights("lumbar-foramina", main, {"levels": 3, "max_channels": 8}, seed=1)
+    refiner = tmp_path / "refiner.pt"
+    initialise_weights("lumbar-foramina", refiner, {"width": 4}, seed=2, model="refiner")
+    assert load_checkpoint(refiner)["network"]["config"]["in_channels"] == 2
+    plain = run_case(CARD, [str(scan)], tmp_path / "plain", RunOptions(weights=str(main)))
+    refined = run_case(CARD, [str(scan)], tmp_path / "refined",
+                       RunOptions(weights=str(main), aux_weights={"refiner": str(refiner)}))
+    assert "level_refinement" not in plain["summaries"]
+    summary = refined["summaries"]["level_refinement"]
+    assert summary["band_px"] == 2 and summary["network_s"] > 0
+    assert refined["timings_s"]["network"] >= summary["network_s"]
+    assert refined["weights"]["auxiliary"]["refiner"]["sha256"]
+
+
+def test_refiner_refuses_other_channel_counts():
+    with pytest.raises(ValueError, match="2 channels"):
+        build_network("level_refiner", {"in_channels": 3, "width": 4})
