@@ -156,3 +156,62 @@ def test_refiner_runs_in_the_pipeline_as_network_time(tmp_path):
 def test_refiner_refuses_other_channel_counts():
     with pytest.raises(ValueError, match="2 channels"):
         build_network("level_refiner", {"in_channels": 3, "width": 4})
+
+
+def _phantom_inputs(path):
+    """Training/level_refine.py's input file made from four phantoms (two folds): the decoded
+    bodies are the truth eroded by a pixel, the level maps the truth at 0.9 with a 0.6 ring."""
+    from SpineKneeSegLib.tasks.spine.level_refinement import refiner_inputs
+
+    store = {}
+    for n in range(4):
+        phantom = spine_phantom(seed=10 + n, shape=(6, 128, 128))
+        truth = phantom.labels.array
+        grown = ndimage.grey_dilation(truth, footprint=np.ones((1, 3, 3), bool))
+        probs = np.zeros((5, *truth.shape), np.uint8)
+        for k in range(1, 6):
+            probs[k - 1][truth == k] = 230
+            probs[k - 1][(grown == k) & (truth == 0)] = 153
+        decoded = np.where(ndimage.binary_erosion(truth > 0, np.ones((1, 3, 3), bool)), truth, 0).astype(np.uint8)
+        x, box, axis, _ = refiner_inputs(phantom.image, decoded, probs, phantom.image)
+        assert axis == 0
+        key = f"phantom__case{n}"
+        store.update({f"{key}__x": x.astype(np.float16), f"{key}__labels": decoded, f"{key}__truth": truth,
+                      f"{key}__box": np.array([[s.start, s.stop] for s in box]), f"{key}__fold": np.array(n % 2)})
+    np.savez_compressed(path, **store)
+
+
+def test_refiner_training_cross_validates_trains_and_ships(tmp_path, monkeypatch):
+    """cv scores each fold's scans with a refiner trained on the other fold only; final refuses a
+    recipe other than the cross-validated one; ship registers a checkpoint the product loads."""
+    import json
+
+    import level_refine
+    from SpineKneeSegLib.engine.weights import find_entry, resolve_weights, sha256_of
+
+    inputs, out = tmp_path / "inputs.npz", tmp_path / "run"
+    _phantom_inputs(inputs)
+    seen = []
+    real_train = level_refine.train
+    monkeypatch.setattr(level_refine, "train", lambda cases, *a, **k: seen.append(
+        sorted(int(c["fold"]) for c in cases)) or real_train(cases, *a, **k))
+    common = ["--inputs", str(inputs), "--out", str(out), "--steps", "3", "--batch-size", "2", "--size", "48",
+              "--threads", "1"]
+    assert level_refine.main(["cv", *common]) == 0
+    assert seen == [[1, 1], [0, 0]]  # fold 0's refiner never saw fold 0
+    cv = json.loads((out / "refine_cv.json").read_text())
+    assert cv["summary"]["scans"] == 4 and set(cv["cases"]) == {f"phantom/case{n}" for n in range(4)}
+    for r in cv["cases"].values():
+        assert 0 < np.mean(list(r["before"].values())) < 1
+    assert level_refine.main(["final", *common[:-4], "--steps", "4", "--threads", "1"]) == 2  # not the cv's recipe
+    assert level_refine.main(["final", *common]) == 0
+    models = tmp_path / "models"
+    models.mkdir()
+    monkeypatch.setenv("SPINEKNEESEG_MODELS", str(models))
+    assert level_refine.main(["ship", "--out", str(out), "--version", "0.0.1", "--timing", "test"]) == 0
+    entry = find_entry("lumbar-level-refiner")
+    assert entry.sha256 == sha256_of(models / "lumbar-level-refiner-0.0.1.pt")
+    card = (models / "lumbar-level-refiner-0.0.1.md").read_text()
+    assert "phantom/case3" in card and f"{cv['summary']['dice_after']:.4f}" in card
+    loaded = resolve_weights(CARD, None, "refiner")
+    assert loaded.checkpoint["metadata"]["postprocessing"]["level_refinement"]["band_px"] == 2
