@@ -196,6 +196,8 @@ def test_console_script_and_module_entry_points(tmp_path):
     assert result.returncode == 0, result.stderr
     listing = json.loads(result.stdout)
     assert [t["task"] for t in listing] == list(TASKS)
+    for t in listing:  # every auxiliary model is listed with its registry status
+        assert set(t["auxiliary"]) == {a.name for a in TASKS[t["task"]].auxiliary}
     result = subprocess.run([sys.executable, "-m", "SpineKneeSegLib.cli", "--version"], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0 and "spinekneeseg" in result.stdout

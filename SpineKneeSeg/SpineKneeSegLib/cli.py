@@ -161,13 +161,19 @@ def cmd_tasks(args) -> int:
             extra = find_entry(name)
             listing[-1]["weights"] += (f"; with {needs}: {extra.file} v{extra.version} sha256 {extra.sha256[:12]}"
                                        if extra else f"; with {needs}: none registered (the {needs} is not used)")
+        listing[-1]["auxiliary"] = {}
+        for aux in card.auxiliary:  # optional models beside the main one (foramina, the level refiner, ...)
+            found = find_entry(aux.weights_entry)
+            listing[-1]["auxiliary"][aux.name] = (f"{found.file} v{found.version} sha256 {found.sha256[:12]}" if found
+                                                  else "none registered" + ("" if aux.required else " (optional)"))
     if args.json:
         print(json.dumps(listing, indent=2))
         return 0
     for t in listing:
         print(f"{t['task']}: {t['title']}\n  {t['description']}\n  inputs:  {'; '.join(t['inputs'])}\n"
               f"  labels:  {', '.join(f'{k} {v}' for k, v in t['labels'].items())}\n"
-              f"  outputs: {', '.join(t['outputs'])}\n  weights: {t['weights']}")
+              f"  outputs: {', '.join(t['outputs'])}\n  weights: {t['weights']}"
+              + "".join(f"\n    {name}: {status}" for name, status in t["auxiliary"].items()))
     return 0
 
 
