@@ -310,7 +310,7 @@ python Training/level_refine.py ship --out Training/runs/level-refiner --version
 Per level after: {' / '.join(f'{v:.3f}' for v in s['per_level_after'].values())}. Better on {s['better_on']} of {s['scans']} scans;
 the three largest losses: {', '.join(f'{c} ({d:+.3f})' for d, c in worse)}.
 Issue 21's Dice aim (mean per-level Dice >= 0.88 over the cross-validation) is
-**{'met' if meets else 'not met'}** with the refiner ({s['dice_after']:.3f}). The one scan the level model names wrong
+**{'met' if meets else 'not met'}** with the refiner ({s['dice_after']:.4f}). The one scan the level model names wrong
 (myosegmentum/case08, flagged doubtful) stays wrong: the refiner does not touch names.
 
 {table(('case', 'fold', 'named right', 'Dice before', 'after', 'change', 'L1 / L2 / L3 / L4 / L5 after'), rows)}"""),
@@ -325,7 +325,7 @@ Issue 21's Dice aim (mean per-level Dice >= 0.88 over the cross-validation) is
 - ivd-t2 (another centre) has disc labels only, so no Dice there; names are unchanged by design."""),
         ("Licence", "Weights: the repository's licence. Training data: see Data (GPL-3.0 redistribution, CC BY 4.0 articles)."),
     ]
-    return render(f"Model card: lumbar-level-refiner v{version}", sections,
+    return render(f"lumbar-level-refiner v{version}", sections,
                   intro="**Status: starter model**, trained on the CPU on 54 labelled scans of two public datasets. "
                         "Every figure is cross-validated (case-wise 5-fold). Not a medical device.")
 
@@ -341,8 +341,8 @@ def cmd_ship(args) -> int:
     text = model_card(args.version, checkpoint, cv, timing, levels.version if levels else "?")
     s = cv["summary"]
     entry = publish("lumbar-level-refiner", args.version, text,
-                    f"starter level outline refiner (54 scans): CV mean per-level Dice {s['dice_before']:.3f} -> "
-                    f"{s['dice_after']:.3f}", weights=args.out / "final.pt")
+                    f"starter level outline refiner (54 scans): CV mean per-level Dice {s['dice_before']:.4f} -> "
+                    f"{s['dice_after']:.4f}", weights=args.out / "final.pt")
     print(f"registered {entry.model} {entry.version} SHA256 {entry.sha256}")
     return 0
 
