@@ -141,9 +141,10 @@ def refiner_inputs(image: Image, labels: np.ndarray, probs: np.ndarray, grid: Im
 @torch.inference_mode()
 def refiner_body(net: torch.nn.Module, x: np.ndarray, threshold: float = 0.5, batch: int = 8) -> np.ndarray:
     body = np.zeros(x.shape[1:], bool)
+    device = next(net.parameters()).device  # the pipeline's --device
     for i in range(0, x.shape[1], batch):
-        xs = torch.from_numpy(np.ascontiguousarray(x[:, i:i + batch].transpose(1, 0, 2, 3)))
-        body[i:i + batch] = (torch.sigmoid(net(xs).float())[:, 0] >= threshold).numpy()
+        xs = torch.from_numpy(np.ascontiguousarray(x[:, i:i + batch].transpose(1, 0, 2, 3))).to(device)
+        body[i:i + batch] = (torch.sigmoid(net(xs).float())[:, 0] >= threshold).cpu().numpy()
     return body
 
 
