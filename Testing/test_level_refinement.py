@@ -132,8 +132,10 @@ def test_a_refiner_that_adds_nothing_draws_the_probability_outline(layout):
     assert dice(out) > dice(decoded)
 
 
-def test_refiner_runs_in_the_pipeline_as_network_time(tmp_path):
+def test_refiner_runs_in_the_pipeline_as_network_time(tmp_path, monkeypatch):
     from SpineKneeSegLib.core.image_io import write_image
+
+    monkeypatch.setenv("SPINEKNEESEG_MODELS", str(tmp_path / "no-registry"))  # no registered refiner
 
     phantom = spine_phantom(seed=1)
     scan = tmp_path / "spine.nii.gz"
