@@ -116,8 +116,8 @@ def main(argv=None) -> int:
               f"postprocess {r['postprocess']:.3f}  "
               f"write {r['write']:.3f}  mrml start-up {r.get('mrml_startup', 0):.3f}  dicom-seg {r.get('dicom_seg', 0):.3f}"
               f"  (all in total; start-up before it {r.get('startup', 0):.3f})")
-    cpu = "".join(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name"))[:60] if Path("/proc/cpuinfo").exists() else "?"
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "?")[:60] if Path("/proc/cpuinfo").exists() else "?"  # one core's name
     import resource
 
     import torch
