@@ -153,6 +153,14 @@ def test_refiner_runs_in_the_pipeline_as_network_time(tmp_path, monkeypatch):
     assert summary["band_px"] == 2 and summary["network_s"] > 0
     assert refined["timings_s"]["network"] >= summary["network_s"]
     assert refined["weights"]["auxiliary"]["refiner"]["sha256"]
+    monkeypatch.setenv("SPINEKNEESEG_MODELS", str(tmp_path))  # a registered refiner, turned off by the user
+    from SpineKneeSegLib.engine.weights import register_model
+    register_model(refiner, "lumbar-level-refiner", "0.0.1", card="none (test)")
+    on = run_case(CARD, [str(scan)], tmp_path / "on", RunOptions(weights=str(main)))
+    off = run_case(CARD, [str(scan)], tmp_path / "off", RunOptions(weights=str(main), aux_weights={"refiner": "none"}))
+    assert "level_refinement" in on["summaries"], on["weights"]
+    assert "level_refinement" not in off["summaries"]
+    assert off["weights"]["auxiliary"]["refiner"] is None
 
 
 def test_refiner_refuses_other_channel_counts():

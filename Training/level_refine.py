@@ -275,7 +275,8 @@ probability's logit. Only an in-plane band of {meta['postprocessing']['level_ref
 may change; a band voxel it calls body takes the level of the nearest decoded voxel in its slice,
 so it can never rename, shift, duplicate or drop a level (level identification and
 `summaries.level_confidence` are the level model's). `summaries.level_refinement` reports the
-voxels it changed and its time. Without it (not installed, `--fast`) the decoded outline stays."""),
+voxels it changed and its time. Without it (not installed) the decoded outline stays; `--fast` keeps
+it (0.1-0.2 s)."""),
         ("Why", """Session 28 (`Training/level_dice_errors.py` on the level model's cross-validation): 92 % of the
 wrong voxels of correctly named scans lie in slices where both prediction and truth have the
 level, about 85 % within 2 px of the true outline (the level network's 1.4 mm grid and its
@@ -316,8 +317,8 @@ Issue 21's Dice aim (mean per-level Dice >= 0.88 over the cross-validation) is
 {table(('case', 'fold', 'named right', 'Dice before', 'after', 'change', 'L1 / L2 / L3 / L4 / L5 after'), rows)}"""),
         ("Speed", timing),
         ("Known limits", """- A starter trained on 54 scans of two sources (T1 water-fat, T2 TSE; 1 x 1 mm in-plane, 4 mm
-  slices): on other contrasts or pixel sizes its outline may be worse than the decoded one; run
-  without it (`--fast`) to compare.
+  slices): on other contrasts or pixel sizes its outline may be worse than the decoded one; compare
+  with a run without it (`--aux-weights refiner=none`).
 - Trained on fold models' predictions and applied to the level model trained on all scans: the same
   kind of prediction on a new scan, but the pairing itself was not scored.
 - It redraws the in-plane outline only: the lateral end slices of a body (8 % of the wrong voxels)

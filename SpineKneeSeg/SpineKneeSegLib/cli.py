@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-dicom-seg", action="store_true",
                      help="do not write segmentation.dcm (DICOM-SEG) for a DICOM input")
     run.add_argument("--aux-weights", action="append", default=[], metavar="NAME=PATH",
-                     help="checkpoint of an auxiliary model, e.g. foramina=foramen.pt (repeatable)")
+                     help="checkpoint of an auxiliary model, e.g. foramina=foramen.pt, or NAME=none to run "
+                          "without an optional one, e.g. refiner=none (repeatable)")
     run.add_argument("--scene", action="store_true", help="also write scene.mrb (opens in 3D Slicer)")
     run.add_argument("--progress", default="bar", choices=("bar", "json", "none"))
     run.add_argument("--echo", type=int, help="echo number for multi-echo DICOM series (default 1)")

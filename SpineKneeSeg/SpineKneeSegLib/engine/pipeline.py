@@ -87,7 +87,7 @@ def fast_mode_plan(card: TaskCard) -> FastModePlan:
         overrides["fusion_planes"] = ()
         skipped.append("multi-view fusion (acquisition plane only)")
     # a seed variant (knee's fibula model) runs only when the user gives it, so fast mode keeps it
-    aux = tuple(a.name for a in card.auxiliary if not a.required and not a.seed_variant)
+    aux = tuple(a.name for a in card.auxiliary if not a.required and not a.seed_variant and a.fast_skips)
     skipped += [f"optional {name} model" for name in aux]
     return FastModePlan(overrides, aux, tuple(skipped))
 
@@ -334,6 +334,9 @@ def _run_locked(card: TaskCard, inputs: list[str], output_dir: Path, options: Ru
     unknown = set(options.aux_weights) - {aux.name for aux in card.auxiliary}
     if unknown:
         raise InputError(f"task {card.name} has no auxiliary model {', '.join(sorted(unknown))}")
+    off_but_required = [a.name for a in card.auxiliary if a.required and _turned_off(options.aux_weights.get(a.name))]
+    if off_but_required:
+        raise InputError(f"task {card.name} cannot run without its auxiliary model {', '.join(off_but_required)}")
 
     t_imports = time.perf_counter()  # importing torch, slicer-core and VTK is start-up (timings_s.startup)
     import scipy.ndimage  # noqa: F401  (the steps' lazy module, core/lazy.py: imported here, with the rest)
@@ -366,8 +369,9 @@ def _run_locked(card: TaskCard, inputs: list[str], output_dir: Path, options: Ru
     weights = resolve_weights(card, options.weights, weights_dir=options.weights_dir,  # after input validation
                               inputs_given=len(images))
     fast = fast_mode_plan(card) if options.fast else None
-    aux_weights = {aux.name: resolve_weights(card, options.aux_weights.get(aux.name), aux.name,
-                                             weights_dir=options.weights_dir)
+    aux_weights = {aux.name: None if _turned_off(options.aux_weights.get(aux.name))  # NAME=none
+                   else resolve_weights(card, options.aux_weights.get(aux.name), aux.name,
+                                        weights_dir=options.weights_dir)
                    for aux in card.auxiliary if not (fast and aux.name in fast.skip_auxiliary)}
     card = with_checkpoint_labels(card, weights.checkpoint.get("metadata", {}), weights.path)
     variant = label_variant(card, weights)
@@ -554,6 +558,11 @@ def write_dicom_seg_output(card: TaskCard, image: Image, result: RunResult, fold
     except ValueError as exc:
         problem = f"no DICOM-SEG written: {exc}"
     return round(time.perf_counter() - t, 4), problem
+
+
+def _turned_off(aux_weight) -> bool:
+    """--aux-weights NAME=none: run without that optional auxiliary model."""
+    return isinstance(aux_weight, str) and aux_weight.strip().lower() == "none"
 
 
 def postprocess(card: TaskCard, image: Image, labels: np.ndarray, maps: dict[str, np.ndarray] | None = None,

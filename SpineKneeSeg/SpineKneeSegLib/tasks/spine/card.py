@@ -24,7 +24,7 @@ cards.register(cards.TaskCard(
                # redraws the decoded levels' outline at the scan's own pixels (session 28)
                cards.AuxiliaryModel("refiner", "lumbar-level-refiner",
                                     cards.NetworkSpec("level_refiner", {"in_channels": 2, "width": 16}), channels=1,
-                                    output="step")),
+                                    output="step", fast_skips=False)),
     # transitional reads the raw network labels; level_decoding then names the bodies as one run,
     # level_refinement redraws their outline
     postprocessors=("transitional", "level_decoding", "level_refinement", "largest_component_per_label", "foramina"),

@@ -5,8 +5,8 @@ true outline, in slices where the level is present (Training/level_dice_errors.p
 network at the scan's own pixels sees the image and the level network's summed body probability
 and redraws the outline in a thin in-plane band around the decoded bodies. Names are never
 changed: a band voxel it calls body takes the level of the nearest decoded voxel in its slice,
-so the refinement cannot shift, duplicate or drop a level. Optional: without its weights (or
-with --fast) the decoded outline stays.
+so the refinement cannot shift, duplicate or drop a level. Optional: without its weights the
+decoded outline stays; cheap enough that --fast keeps it.
 """
 from __future__ import annotations
 
