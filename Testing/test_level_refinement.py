@@ -225,3 +225,14 @@ def test_refiner_training_cross_validates_trains_and_ships(tmp_path, monkeypatch
     assert "phantom/case3" in card and f"{cv['summary']['dice_after']:.4f}" in card
     loaded = resolve_weights(CARD, None, "refiner")
     assert loaded.checkpoint["metadata"]["postprocessing"]["level_refinement"]["band_px"] == 2
+
+
+def test_the_task_list_imports_without_torch():
+    """Slicer lists the tasks before it has installed PyTorch: the refiner's step must not need it
+    at import (the network lives in engine/models.py)."""
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['torch'] = None; import SpineKneeSegLib.tasks as t; print(len(t.TASKS))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from SpineKneeSegLib.tasks.spine.level_refinement import BAND_PX, LevelRefiner, band, refined_labels, refiner_body
+from SpineKneeSegLib.engine.models import LevelRefiner
+from SpineKneeSegLib.tasks.spine.level_refinement import BAND_PX, band, refined_labels, refiner_body
 
 LEVELS = 5
 NETWORK = {"in_channels": 2, "width": 16}

@@ -13,49 +13,20 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from SpineKneeSegLib.core.image import Image
 from SpineKneeSegLib.core.lazy import LazyModule
-from SpineKneeSegLib.engine import models
 from SpineKneeSegLib.engine.preprocessing import canonical_orientation
 from SpineKneeSegLib.engine.steps import StepContext, step
 from SpineKneeSegLib.tasks.spine.level_decoding import LOGIT_OF_UINT8, _grid_coordinates
 
 ndimage = LazyModule("scipy.ndimage")
+torch = LazyModule("torch")  # the task list must import without torch (Slicer before its dependencies)
 
 BAND_PX = 2  # pixels either side of the decoded outline the refiner may redraw
 MARGIN_PX = 24  # context around the bodies' box the refiner sees (its receptive field is ~20 px)
 
 
-class LevelRefiner(torch.nn.Module):
-    """(normalised image, summed level probability) -> body logit, on the scan's own pixels: two
-    scales (full, and half with dilated convolutions), its output added to the probability's own
-    logit so that it learns the correction."""
-
-    def __init__(self, in_channels: int = 2, out_channels: int = 1, width: int = 16):
-        super().__init__()
-        if (in_channels, out_channels) != (2, 1):
-            raise ValueError(f"the level refiner takes 2 channels (image, probability) to 1, not "
-                             f"{in_channels} to {out_channels}")
-
-        def block(i, o, d=1):
-            return torch.nn.Sequential(torch.nn.Conv2d(i, o, 3, padding=d, dilation=d), torch.nn.BatchNorm2d(o),
-                                       torch.nn.ELU())
-        w = width
-        self.enc = torch.nn.Sequential(block(2, w), block(w, w))
-        self.down = torch.nn.Sequential(block(w, 2 * w), block(2 * w, 2 * w, 2), block(2 * w, 2 * w, 4))
-        self.dec = torch.nn.Sequential(block(3 * w, w), torch.nn.Conv2d(w, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        e = self.enc(x)
-        d = F.interpolate(self.down(F.avg_pool2d(e, 2)), size=e.shape[-2:], mode="bilinear", align_corners=False)
-        p = x[:, 1:2].clamp(1e-3, 1 - 1e-3)
-        return self.dec(torch.cat([e, d], 1)) + torch.log(p / (1 - p))
-
-
-models.NETWORKS["level_refiner"] = LevelRefiner
 
 
 def normalise(image: np.ndarray) -> np.ndarray:
@@ -112,7 +83,7 @@ def summed_probability_on(probs: np.ndarray, grid: Image, image: Image, box: tup
     norm = [torch.from_numpy(2 * (a - l) / max(h - l - 1, 1) - 1).float() for a, l, h in zip(at, lo, hi)]
     zz, yy, xx = torch.meshgrid(*norm, indexing="ij")
     sample = torch.stack([xx, yy, zz], -1)[None]
-    out = F.grid_sample(logits[None], sample, mode="bilinear", padding_mode="border", align_corners=True)[0]
+    out = torch.nn.functional.grid_sample(logits[None], sample, mode="bilinear", padding_mode="border", align_corners=True)[0]
     summed = torch.sigmoid(out).sum(0).numpy()
     return np.ascontiguousarray(summed.transpose(np.argsort(along)))  # grid axes -> image axes
 
@@ -138,17 +109,18 @@ def refiner_inputs(image: Image, labels: np.ndarray, probs: np.ndarray, grid: Im
     return x, box, axis, first[box_first]
 
 
-@torch.inference_mode()
-def refiner_body(net: torch.nn.Module, x: np.ndarray, threshold: float = 0.5, batch: int = 8) -> np.ndarray:
+def refiner_body(net, x: np.ndarray, threshold: float = 0.5, batch: int = 8) -> np.ndarray:
+    """The refiner's body mask (slices, h, w) for its inputs ``x`` (2, slices, h, w)."""
     body = np.zeros(x.shape[1:], bool)
     device = next(net.parameters()).device  # the pipeline's --device
-    for i in range(0, x.shape[1], batch):
-        xs = torch.from_numpy(np.ascontiguousarray(x[:, i:i + batch].transpose(1, 0, 2, 3))).to(device)
-        body[i:i + batch] = (torch.sigmoid(net(xs).float())[:, 0] >= threshold).cpu().numpy()
+    with torch.inference_mode():
+        for i in range(0, x.shape[1], batch):
+            xs = torch.from_numpy(np.ascontiguousarray(x[:, i:i + batch].transpose(1, 0, 2, 3))).to(device)
+            body[i:i + batch] = (torch.sigmoid(net(xs).float())[:, 0] >= threshold).cpu().numpy()
     return body
 
 
-def refine_levels(net: torch.nn.Module, image: Image, labels: np.ndarray, probs: np.ndarray, grid: Image,
+def refine_levels(net, image: Image, labels: np.ndarray, probs: np.ndarray, grid: Image,
                   band_px: int = BAND_PX, threshold: float = 0.5) -> tuple[np.ndarray, dict]:
     """The decoded ``labels`` (image axes) with their outline redrawn by the refiner, and a summary."""
     inputs = refiner_inputs(image, labels, probs, grid)
