@@ -13,17 +13,12 @@ to the truth's slices), and the ratio of predicted to true volume (under- or ove
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
-from level_column import case_labels, spine_cases
-from level_eval import fold_models, run_network, score
-from SpineKneeSegLib.core.datasets import data_root
-from SpineKneeSegLib.core.image_io import read_image
+from level_eval import cv_run_parser, held_out_scans, run_network, score
 from SpineKneeSegLib.engine.postprocessing import largest_component_per_label
 from SpineKneeSegLib.engine.preprocessing import canonical_orientation
 from SpineKneeSegLib.tasks.spine.level_decoding import decode_levels
@@ -53,36 +48,25 @@ def split_errors(pred: np.ndarray, truth: np.ndarray, slice_axis: int) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", type=Path, required=True, help="the cv run folder (foldN/final.pt, folds.json)")
-    parser.add_argument("--summary", type=Path, required=True, help="cv-report's cv_summary.json (decoder per fold)")
-    parser.add_argument("--out", type=Path, help="JSON of the per-scan figures (default RUN/dice_errors.json)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser = cv_run_parser(__doc__.split("\n\n")[0], "JSON of the per-scan figures (default RUN/dice_errors.json)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    root = data_root()
-    if root is None:
-        print("no shared data: set SPINEKNEESEG_DATA", file=sys.stderr)
-        return 2
-    cases = {c["id"]: c for c in spine_cases(root, log=lambda *_: None)}
     rows = {}
-    for f, held_out, weights, net, params in fold_models(args.run, json.loads(args.summary.read_text())):
-        for cid in held_out:
-            image, truth = read_image(cases[cid]["image"]), case_labels(cases[cid])
-            d = decode_levels(run_network(net, weights.preprocessing, image).probabilities, image, params)
-            pred = largest_component_per_label(d.labels)
-            if not score(pred, truth, image)["identification"]["all_correct"]:
-                print(f"{cid:22s} fold {f}: levels not all right, left out of the split", flush=True)
-                continue
-            axis = canonical_orientation(image, "sagittal").axes[0]
-            rows[cid] = {"fold": f, "levels": split_errors(pred, truth, axis)}
-            lv = rows[cid]["levels"].values()
-            edge, inp = sum(v["edge"] for v in lv), sum(v["in_plane"] for v in lv)
-            print(f"{cid:22s} fold {f} Dice {np.mean([v['dice'] for v in lv]):.3f} "
-                  f"with true extent {np.mean([v['dice_true_extent'] for v in lv]):.3f}  wrong voxels: "
-                  f"edge slices {edge / (edge + inp):.0%}  extra / missing slices "
-                  f"{sum(v['extra_slices'] for v in lv)} / {sum(v['missing_slices'] for v in lv)}  "
-                  f"volume ratio {np.mean([v['volume_ratio'] for v in lv]):.2f}", flush=True)
+    for f, cid, image, truth, weights, net, params in held_out_scans(args.run, json.loads(args.summary.read_text())):
+        d = decode_levels(run_network(net, weights.preprocessing, image).probabilities, image, params)
+        pred = largest_component_per_label(d.labels)
+        if not score(pred, truth, image)["identification"]["all_correct"]:
+            print(f"{cid:22s} fold {f}: levels not all right, left out of the split", flush=True)
+            continue
+        axis = canonical_orientation(image, "sagittal").axes[0]
+        rows[cid] = {"fold": f, "levels": split_errors(pred, truth, axis)}
+        lv = rows[cid]["levels"].values()
+        edge, inp = sum(v["edge"] for v in lv), sum(v["in_plane"] for v in lv)
+        print(f"{cid:22s} fold {f} Dice {np.mean([v['dice'] for v in lv]):.3f} "
+              f"with true extent {np.mean([v['dice_true_extent'] for v in lv]):.3f}  wrong voxels: "
+              f"edge slices {edge / (edge + inp):.0%}  extra / missing slices "
+              f"{sum(v['extra_slices'] for v in lv)} / {sum(v['missing_slices'] for v in lv)}  "
+              f"volume ratio {np.mean([v['volume_ratio'] for v in lv]):.2f}", flush=True)
     all_levels = [v for r in rows.values() for v in r["levels"].values()]
     edge, inp = sum(v["edge"] for v in all_levels), sum(v["in_plane"] for v in all_levels)
     print(f"{len(rows)} scans named right: mean per-level Dice {np.mean([v['dice'] for v in all_levels]):.4f}, "

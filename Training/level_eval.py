@@ -169,6 +169,33 @@ def fold_models(run: Path, summary: dict):
         yield f, held_out, weights, load_network(weights, torch.device("cpu"), "float32"), params
 
 
+def held_out_scans(run: Path, summary: dict):
+    """Every labelled scan with the fold model that never saw it: (fold, case id, image, true
+    labels, weights, network, that fold's decoder settings). FileNotFoundError without the data."""
+    from level_column import case_labels, spine_cases
+    from SpineKneeSegLib.core.datasets import data_root
+
+    root = data_root()
+    if root is None:
+        raise FileNotFoundError("no shared data: set SPINEKNEESEG_DATA")
+    cases = {c["id"]: c for c in spine_cases(root, log=lambda *_: None)}
+    for f, held_out, weights, net, params in fold_models(run, summary):
+        for cid in held_out:
+            yield f, cid, read_image(cases[cid]["image"]), case_labels(cases[cid]), weights, net, params
+
+
+def cv_run_parser(description: str, out_help: str):
+    """The arguments of a script that re-runs a cross-validation's fold models on their scans."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--run", type=Path, required=True, help="the cv run folder (foldN/final.pt, folds.json)")
+    parser.add_argument("--summary", type=Path, required=True, help="cv-report's cv_summary.json (decoder per fold)")
+    parser.add_argument("--out", type=Path, help=out_help)
+    parser.add_argument("--threads", type=int, default=2)
+    return parser
+
+
 @torch.inference_mode()
 def evaluate_case(net, weights_pre: dict, image: Image, truth: np.ndarray) -> dict:
     out = run_network(net, weights_pre, image)

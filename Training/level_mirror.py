@@ -12,18 +12,13 @@ on the CPU it would break the task's 2 s per case; this measures what it would b
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
-from level_column import case_labels, spine_cases
-from level_eval import fold_models, run_network, score
-from SpineKneeSegLib.core.datasets import data_root
+from level_eval import cv_run_parser, held_out_scans, run_network, score
 from SpineKneeSegLib.core.image import Image
-from SpineKneeSegLib.core.image_io import read_image
 from SpineKneeSegLib.engine.postprocessing import largest_component_per_label
 from SpineKneeSegLib.engine.preprocessing import canonical_orientation
 from SpineKneeSegLib.tasks.spine.level_decoding import decode_levels
@@ -48,32 +43,21 @@ def probabilities(net, pre: dict, image: Image, mirror: bool) -> np.ndarray:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", type=Path, required=True, help="the cv run folder (foldN/final.pt, folds.json)")
-    parser.add_argument("--summary", type=Path, required=True, help="cv-report's cv_summary.json (decoder per fold)")
-    parser.add_argument("--out", type=Path, help="JSON of the per-scan figures (default RUN/mirror.json)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser = cv_run_parser(__doc__.split("\n\n")[0], "JSON of the per-scan figures (default RUN/mirror.json)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    root = data_root()
-    if root is None:
-        print("no shared data: set SPINEKNEESEG_DATA", file=sys.stderr)
-        return 2
-    cases = {c["id"]: c for c in spine_cases(root, log=lambda *_: None)}
     rows = {}
-    for f, held_out, weights, net, params in fold_models(args.run, json.loads(args.summary.read_text())):
-        for cid in held_out:
-            image, truth = read_image(cases[cid]["image"]), case_labels(cases[cid])
-            row = {"fold": f}
-            for name, mirror in (("plain", False), ("mirror", True)):
-                d = decode_levels(probabilities(net, weights.preprocessing, image, mirror), image, params)
-                s = score(largest_component_per_label(d.labels), truth, image)
-                row[name] = {"right": s["identification"]["all_correct"],
-                             "dice": round(float(np.mean(list(s["dice"].values()))), 4),
-                             "confidence": round(d.level_confidence, 3)}
-            rows[cid] = row
-            print(f"{cid:22s} fold {f} plain {row['plain']['dice']:.3f} {'ok ' if row['plain']['right'] else 'BAD'} "
-                  f"mirror {row['mirror']['dice']:.3f} {'ok ' if row['mirror']['right'] else 'BAD'}", flush=True)
+    for f, cid, image, truth, weights, net, params in held_out_scans(args.run, json.loads(args.summary.read_text())):
+        row = {"fold": f}
+        for name, mirror in (("plain", False), ("mirror", True)):
+            d = decode_levels(probabilities(net, weights.preprocessing, image, mirror), image, params)
+            s = score(largest_component_per_label(d.labels), truth, image)
+            row[name] = {"right": s["identification"]["all_correct"],
+                         "dice": round(float(np.mean(list(s["dice"].values()))), 4),
+                         "confidence": round(d.level_confidence, 3)}
+        rows[cid] = row
+        print(f"{cid:22s} fold {f} plain {row['plain']['dice']:.3f} {'ok ' if row['plain']['right'] else 'BAD'} "
+              f"mirror {row['mirror']['dice']:.3f} {'ok ' if row['mirror']['right'] else 'BAD'}", flush=True)
     for name in ("plain", "mirror"):
         print(f"{name:7s} all five right {sum(r[name]['right'] for r in rows.values())} of {len(rows)}, mean "
               f"per-level Dice {np.mean([r[name]['dice'] for r in rows.values()]):.4f}")

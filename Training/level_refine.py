@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from SpineKneeSegLib.engine.models import LevelRefiner
+from SpineKneeSegLib.engine.postprocessing import largest_component_per_label
 from SpineKneeSegLib.tasks.spine.level_refinement import BAND_PX, band, refined_labels, refiner_body
 
 LEVELS = 5
@@ -40,44 +41,36 @@ NETWORK = {"in_channels": 2, "width": 16}
 # ---- inputs: the product's steps on each scan's out-of-fold prediction ---------------------------
 
 def cmd_inputs(args) -> int:
-    from level_column import case_labels, spine_cases
-    from level_eval import CARD, fold_models
-    from SpineKneeSegLib.core.datasets import data_root
-    from SpineKneeSegLib.core.image_io import read_image
+    from level_eval import CARD, held_out_scans, score
     from SpineKneeSegLib.engine.inference import segment_slices
     from SpineKneeSegLib.engine.pipeline import RunResult
     from SpineKneeSegLib.engine.steps import STEPS, StepContext
     from SpineKneeSegLib.tasks.spine.level_refinement import refiner_inputs
 
     torch.set_num_threads(args.threads)
-    root = data_root()
-    if root is None:
-        print("no shared data: set SPINEKNEESEG_DATA", file=sys.stderr)
-        return 2
-    cases = {c["id"]: c for c in spine_cases(root, log=lambda *_: None)}
     store = {}
-    for f, held_out, weights, net, params in fold_models(args.run, json.loads(args.summary.read_text())):
+    for f, cid, image, truth, weights, net, params in held_out_scans(args.run, json.loads(args.summary.read_text())):
         settings = {"level_decoding": {"threshold": params.threshold, "run_weights": params.run_weights}}
-        for cid in held_out:
-            image, truth = read_image(cases[cid]["image"]), case_labels(cases[cid])
-            with torch.inference_mode():
-                out = segment_slices(CARD, image, net, torch.device("cpu"), weights.preprocessing, batch_size=8,
-                                     keep_probabilities="network")
-            ctx = StepContext(CARD, image, RunResult(image.with_array(out.labels)), out.labels,
-                              {"probabilities": out.probabilities}, {"probabilities": out.probabilities_grid},
-                              settings)
-            for name in CARD.postprocessors[:CARD.postprocessors.index("level_refinement")]:
-                STEPS[name].run(ctx)
-            labels = ctx.result.labels.array
-            x, box, axis, first = refiner_inputs(image, labels, out.probabilities, out.probabilities_grid)
-            key = cid.replace("/", "__")
-            store[f"{key}__x"] = x.astype(np.float16)
-            store[f"{key}__labels"] = np.moveaxis(labels, axis, 0)  # decoded, before the clean-up
-            store[f"{key}__truth"] = np.moveaxis(truth.astype(np.uint8), axis, 0)
-            store[f"{key}__box"] = np.array([[s.start, s.stop] for s in (box[axis],) +
-                                             tuple(box[a] for a in range(3) if a != axis)])
-            store[f"{key}__fold"] = np.array(f)
-            print(cid, "fold", f, flush=True)
+        with torch.inference_mode():
+            out = segment_slices(CARD, image, net, torch.device("cpu"), weights.preprocessing, batch_size=8,
+                                 keep_probabilities="network")
+        ctx = StepContext(CARD, image, RunResult(image.with_array(out.labels)), out.labels,
+                          {"probabilities": out.probabilities}, {"probabilities": out.probabilities_grid},
+                          settings)
+        for name in CARD.postprocessors[:CARD.postprocessors.index("level_refinement")]:
+            STEPS[name].run(ctx)
+        labels = ctx.result.labels.array
+        x, box, axis, first = refiner_inputs(image, labels, out.probabilities, out.probabilities_grid)
+        key = cid.replace("/", "__")
+        store[f"{key}__x"] = x.astype(np.float16)
+        store[f"{key}__labels"] = np.moveaxis(labels, axis, 0)  # decoded, before the clean-up
+        store[f"{key}__truth"] = np.moveaxis(truth.astype(np.uint8), axis, 0)
+        store[f"{key}__box"] = np.array([[s.start, s.stop] for s in (box[axis],) +
+                                         tuple(box[a] for a in range(3) if a != axis)])
+        store[f"{key}__fold"] = np.array(f)
+        store[f"{key}__right"] = np.array(score(largest_component_per_label(labels), truth, image)
+                                          ["identification"]["all_correct"])
+        print(cid, "fold", f, flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(args.out, **store)
     return 0
@@ -90,7 +83,7 @@ def load_inputs(path: Path) -> dict:
         cid, part = k.rsplit("__", 1)
         cases.setdefault(cid.replace("__", "/"), {})[part] = z[k]
     for c in cases.values():
-        c["fold"] = int(c["fold"])
+        c["fold"], c["right"] = int(c["fold"]), bool(c["right"])
         c["box"] = tuple(slice(int(a), int(b)) for a, b in c["box"])
         c["x"] = c["x"].astype(np.float32)
         c["target"] = (c["truth"][c["box"]] > 0).astype(np.float32)  # any vertebra (Zukić: T12, T11 too)
@@ -102,21 +95,6 @@ def load_inputs(path: Path) -> dict:
 def level_dice(pred: np.ndarray, truth: np.ndarray) -> dict:
     return {f"L{k}": float(2 * ((pred == k) & (truth == k)).sum() / max((pred == k).sum() + (truth == k).sum(), 1))
             for k in range(1, LEVELS + 1)}
-
-
-def names_right(pred: np.ndarray, truth: np.ndarray) -> bool:
-    """Each level's largest share of the truth is its own (the scoring in level_eval, on overlap)."""
-    for k in range(1, LEVELS + 1):
-        values, counts = np.unique(truth[pred == k], return_counts=True)
-        keep = values > 0
-        if not keep.any() or values[keep][np.argmax(counts[keep])] != k:
-            return False
-    return True
-
-
-def clean(labels: np.ndarray) -> np.ndarray:
-    from SpineKneeSegLib.engine.postprocessing import largest_component_per_label
-    return largest_component_per_label(labels)
 
 
 def refined_case(net: LevelRefiner, c: dict, band_px: int) -> np.ndarray:
@@ -177,14 +155,15 @@ def train(cases: list[dict], steps: int, batch: int, size: int, seed: int, band_
 def cmd_cv(args) -> int:
     torch.set_num_threads(args.threads)
     cases = load_inputs(args.inputs)
-    rows, t0 = {}, time.perf_counter()
+    rows = {}
     args.out.mkdir(parents=True, exist_ok=True)
     recipe = {"steps": args.steps, "band_px": args.band, "seed": args.seed, "batch_size": args.batch_size,
               "crop": args.size}
     for f in sorted({c["fold"] for c in cases.values()}):
         done = args.out / f"refine_fold{f}.json"  # a fold scored by an earlier run of this recipe is kept
         if done.exists() and json.loads(done.read_text())["recipe"] == recipe:
-            rows.update(json.loads(done.read_text())["cases"])
+            rows.update({c: {k: v for k, v in r.items() if k not in ("right", "right_after")}  # named below
+                         for c, r in json.loads(done.read_text())["cases"].items()})
             print(f"fold {f}: kept from {done}", flush=True)
             continue
         train_cases = [c for c in cases.values() if c["fold"] != f]
@@ -195,17 +174,18 @@ def cmd_cv(args) -> int:
             if c["fold"] != f:
                 continue
             t = time.perf_counter()
-            new = clean(refined_case(net, c, args.band))
+            new = largest_component_per_label(refined_case(net, c, args.band))
             secs = time.perf_counter() - t
-            old = clean(c["labels"])
+            old = largest_component_per_label(c["labels"])
             before, after = level_dice(old, c["truth"]), level_dice(new, c["truth"])
-            rows[cid] = {"fold": f, "right": names_right(old, c["truth"]), "right_after": names_right(new, c["truth"]),
-                         "before": before, "after": after, "refine_s": round(secs, 3)}
+            rows[cid] = {"fold": f, "before": before, "after": after, "refine_s": round(secs, 3)}
             mb, ma = np.mean(list(before.values())), np.mean(list(after.values()))
-            print(f"{cid:22s} fold {f} {'ok ' if rows[cid]['right'] else 'BAD'} Dice {mb:.4f} -> {ma:.4f}", flush=True)
+            print(f"{cid:22s} fold {f} {'ok ' if c['right'] else 'BAD'} Dice {mb:.4f} -> {ma:.4f}", flush=True)
         done.write_text(json.dumps({"recipe": recipe, "cases": {c: r for c, r in rows.items() if r["fold"] == f}}))
+    for cid, r in rows.items():  # named right as level_eval scored the level model's labels (the refiner keeps names)
+        r["right"] = cases[cid]["right"]
     summary = summarise(rows)
-    summary.update({**recipe, "minutes": round((time.perf_counter() - t0) / 60, 1)})
+    summary.update(recipe)
     print(json.dumps(summary))
     (args.out / "refine_cv.json").write_text(json.dumps({"summary": summary, "cases": rows}, indent=1))
     return 0
@@ -217,7 +197,6 @@ def summarise(rows: dict) -> dict:
 
     right = [r for r in rows.values() if r["right"]]
     return {"scans": len(rows), "named_right": len(right),
-            "named_right_after": sum(r["right_after"] for r in rows.values()),
             "dice_before": mean(rows.values(), "before"), "dice_after": mean(rows.values(), "after"),
             "dice_before_named_right": mean(right, "before"), "dice_after_named_right": mean(right, "after"),
             "per_level_after": {f"L{k}": round(float(np.mean([r["after"][f"L{k}"] for r in rows.values()])), 4)
@@ -269,7 +248,7 @@ def model_card(version: str, checkpoint: dict, cv: dict, timing: str, levels_ver
 `lumbar-level-refiner`): after the anatomical decoding has named the vertebral bodies L1..L5, it
 redraws their outline at the scan's own pixels. A small 2D network (`level_refiner`,
 {json.dumps(checkpoint['network']['config'])}; {count_parameters(net):,} parameters; full and half
-resolution, dilated convolutions, receptive field about 20 px) sees each sagittal slice's image
+resolution, dilated convolutions, receptive field 36 px) sees each sagittal slice's image
 (1st..99th percentile of the bodies' box to 0..1) and the level network's summed level probability
 (read from the level network's 1.4 mm grid onto the scan's pixels), and adds a correction to that
 probability's logit. Only an in-plane band of {meta['postprocessing']['level_refinement']['band_px']} px either side of the decoded outline
@@ -307,7 +286,7 @@ python Training/level_refine.py ship --out Training/runs/level-refiner --version
 |---|---|---|
 | mean per-level Dice, all 54 scans | {s['dice_before']:.4f} | {s['dice_after']:.4f} |
 | on the {s['named_right']} scans named right | {s['dice_before_named_right']:.4f} | {s['dice_after_named_right']:.4f} |
-| scans named right | {s['named_right']} | {s['named_right_after']} |
+| scans named right | {s['named_right']} | {s['named_right']} (the refiner never renames) |
 
 Per level after: {' / '.join(f'{v:.3f}' for v in s['per_level_after'].values())}. Better on {s['better_on']} of {s['scans']} scans;
 the three largest losses: {', '.join(f'{c} ({d:+.3f})' for d, c in worse)}.

@@ -24,7 +24,7 @@ ndimage = LazyModule("scipy.ndimage")
 torch = LazyModule("torch")  # the task list must import without torch (Slicer before its dependencies)
 
 BAND_PX = 2  # pixels either side of the decoded outline the refiner may redraw
-MARGIN_PX = 24  # context around the bodies' box the refiner sees (its receptive field is ~20 px)
+MARGIN_PX = 24  # context around the bodies' box the refiner sees (its receptive field: 36 px, 18 each side)
 
 
 
