@@ -100,6 +100,41 @@ def test_field_of_view_must_reach_above_the_first_disc():
     assert not ext.field_of_view_ok(discs[:, 96:256], cut)  # the grid now starts 8 rows above disc 1
 
 
+def test_cuts_are_placed_by_the_disc_centroids():
+    """--fov's smaller fields of view on the drawn column (discs every 32 rows, bodies between):
+    through L1 the scan starts at L1's middle, above L2 at disc 1's middle (L1 outside, not
+    expected), below L5 it ends at disc 5's middle (sacrum outside); each a real crop of the same
+    physical grid."""
+    image, discs, bodies = _column()
+    cuts = ext.field_of_view_cuts(image, discs)
+    assert set(cuts) == set(ext.FIELDS_OF_VIEW)
+    # the 4-row disc slabs' centroids lie at rows 103.5 .. 231.5 (rounded half to even: 104, 232)
+    first_row = {"full": 0, "cut through L1": 88, "cut above L2": 104, "cut below L5": 0}
+    last_row = {"full": 259, "cut through L1": 259, "cut above L2": 259, "cut below L5": 232}
+    for name, (cut_image, cut_discs, expected) in cuts.items():
+        rows = cut_discs.shape[1]
+        assert rows == last_row[name] - first_row[name] + 1, name
+        assert np.allclose(cut_image.ijk_to_ras_points([[0, 0, 0]]), image.ijk_to_ras_points([[0, first_row[name], 0]]))
+        assert expected == ((2, 3, 4, 5) if name == "cut above L2" else (1, 2, 3, 4, 5)), name
+    l1 = bodies["L1"]
+    assert l1[0] < first_row["cut through L1"] < l1[1]  # half of L1 inside
+    assert first_row["cut above L2"] >= l1[1]  # none of it
+    assert last_row["cut below L5"] < bodies["sacrum"][0] and last_row["cut below L5"] >= bodies["L5"][1]
+
+
+def test_a_level_outside_a_cut_is_absent_and_naming_it_is_a_shift():
+    """With L1 outside the field of view, leaving it unnamed is right; calling L2 "L1" is not."""
+    image, discs, bodies = _column()
+    discs_s = ext.disc_levels(discs, image)
+    right = _predicted(bodies, {k: f"L{k}" for k in range(2, 6)})
+    ident = ext.identify_by_discs(right, None, image, discs_s, expected=(2, 3, 4, 5))
+    assert ident["all_correct"] and ident["where"]["L1"] == "absent (outside the field of view)"
+    assert ext.identify_by_discs(right, discs, image)["kinds"] == ["missing"]  # whole scan: L1 expected
+    up = _predicted(bodies, {1: "L2", 2: "L3", 3: "L4", 4: "L5"})
+    ident = ext.identify_by_discs(up, None, image, discs_s, expected=(2, 3, 4, 5))
+    assert ident["kinds"] == ["missing", "shift down"] and ident["where"]["L1"] == "L2"
+
+
 def _external_cases():
     root = data_root()
     if root is None or not (root / ext.DATASET).exists():
@@ -146,6 +181,22 @@ def test_shipped_model_on_another_centre_is_right_or_doubtful(tmp_path):
             assert r["doubtful"], (case["id"], r["identification"], r["level_confidence"])
             assert any("level count doubtful" in w for w in r["warnings"]), r["warnings"]
     assert right >= 1  # the scorer is not simply failing everything
+
+
+@pytest.mark.data
+@pytest.mark.mrml
+def test_shipped_model_on_scans_cut_through_l1_is_right_or_doubtful(tmp_path):
+    """The weak case the card names (a field of view that starts within L1, T12 outside) on the
+    other centre's scans, cut by their discs and run as real smaller images: named right, or
+    flagged doubtful, never a silent wrong count."""
+    cases = _external_cases()
+    if find_entry(TASKS["lumbar-foramina"].weights_entry) is None:
+        pytest.skip("no lumbar-levels model registered")
+    for case in cases:
+        r = ext.evaluate(case, None, tmp_path / case["id"].split("/")[1], "cut through L1")
+        assert r["rows"] < 221, r["rows"]  # the scans are 221 rows tall: this one was cut
+        if not r["identification"]["all_correct"]:
+            assert r["doubtful"], (case["id"], r["identification"], r["level_confidence"])
 
 
 def test_card_section_renders_one_weights_runs(tmp_path):

@@ -13,7 +13,16 @@ are placed against their own disc (marker "L_k ..." is the L_k/L_k+1 foramen, at
 k): signed superior offset in mm, and whether the nearest disc is its own. No Dice: there are no
 body labels. Laterality is unknown in these scans, so left and right are not told apart.
 
-    python Training/level_external.py [--weights registered PATH ...] [--out Training/runs/levels-external]
+``--fov`` also runs each scan with a smaller field of view, cut at the discs' centroids as
+level_eval cuts the training scans by their bodies: "cut through L1" (the scan starts at L1's
+middle, half a disc spacing above disc 1: T12 outside, as in many lumbar protocols), "cut above
+L2" (it starts at the middle of disc 1: L1 outside, to be left unnamed) and "cut below L5" (it
+ends at the middle of disc 5: the sacrum outside). Discs are tilted, so a cut at a centroid can
+leave a corner of the body beyond it. Each cut is a real smaller image (origin moved, written to
+NIfTI) run through the product.
+
+    python Training/level_external.py [--weights registered PATH ...] [--fov full "cut through L1" ...]
+        [--out Training/runs/levels-external]
 """
 from __future__ import annotations
 
@@ -23,7 +32,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from level_eval import NAME, N_LEVELS, classify
+from level_eval import NAME, N_LEVELS, classify, crop_along, superior_axis
 from SpineKneeSegLib.core.atomic import write_text_atomic
 from SpineKneeSegLib.core.datasets import data_root
 from SpineKneeSegLib.core.image import Image
@@ -32,6 +41,7 @@ from SpineKneeSegLib.tasks.spine.level_decoding import DecodingParameters
 
 N_DISCS = 5
 DATASET = "spine/ivd-t2"
+FIELDS_OF_VIEW = ("full", "cut through L1", "cut above L2", "cut below L5")
 
 
 def superior_mm(image: Image, kji: np.ndarray) -> np.ndarray:
@@ -67,21 +77,60 @@ def place_body(s: float, discs_s: np.ndarray) -> tuple[int, str]:
     return position, NAME.get(position, "above T11")
 
 
-def identify_by_discs(pred: np.ndarray, discs: np.ndarray, image: Image) -> dict:
+def identify_by_discs(pred: np.ndarray, discs: np.ndarray | None, image: Image,
+                      discs_s: np.ndarray | None = None, expected=range(1, N_LEVELS + 1)) -> dict:
     """level_eval.identify's result ({"all_correct", "kinds", "where"}) for a predicted body map,
-    each body placed by the discs (no body labels). Every level counts as in the scan: callers
-    check that the field of view reaches above disc 1 (see field_of_view_ok)."""
-    discs_s = disc_levels(discs, image)
+    each body placed by the discs (no body labels). ``discs_s``: the discs' S (mm) measured on the
+    whole scan (then ``discs`` may be None: a cut field of view may hold only part of them);
+    ``expected``: the levels inside the field of view, whose absence is a failure (for the whole
+    scan all five: callers check that it reaches above disc 1, see field_of_view_ok); a level
+    outside it is "absent", and naming one is a failure like any misplaced name."""
+    discs_s = disc_levels(discs, image) if discs_s is None else np.asarray(discs_s, dtype=float)
     where, positions, missing = {}, {}, []
     for k in range(1, N_LEVELS + 1):
         kji = np.argwhere(pred == k)
         if len(kji) == 0:
-            where[f"L{k}"] = "missing"
-            missing.append(k)
+            where[f"L{k}"] = "missing" if k in expected else "absent (outside the field of view)"
+            if k in expected:
+                missing.append(k)
             continue
         positions[k], where[f"L{k}"] = place_body(float(superior_mm(image, kji.mean(axis=0, keepdims=True))[0]),
                                                   discs_s)
     return {**classify(where, positions, missing), "disc_s_mm": [round(float(s), 1) for s in discs_s]}
+
+
+def disc_rows(discs: np.ndarray, axis: int) -> np.ndarray:
+    """Each disc's centroid index along numpy ``axis`` (discs 1..5)."""
+    rows = []
+    for d in range(1, N_DISCS + 1):
+        idx = np.argwhere(discs == d)
+        if len(idx) == 0:
+            raise ValueError(f"disc {d} is not labelled")
+        rows.append(float(idx[:, axis].mean()))
+    return np.array(rows)
+
+
+def field_of_view_cuts(image: Image, discs: np.ndarray) -> dict:
+    """{name: (image, discs, levels inside)}: the whole scan and the three cuts of FIELDS_OF_VIEW,
+    placed by the discs' centroids as place_body places bodies (see the module's docstring)."""
+    axis, up = superior_axis(image)
+    n = discs.shape[axis]
+    rows = disc_rows(discs, axis)
+    spacing = rows[0] - rows[1]  # disc 1 to disc 2, signed toward superior
+
+    def starting_at(row):  # the field of view's superior end at ``row`` (kept)
+        row = int(np.clip(round(row), 0, n - 1))
+        return crop_along(image, discs, axis, 0, row + 1) if up else crop_along(image, discs, axis, row, n)
+
+    def ending_at(row):  # its inferior end at ``row`` (kept)
+        row = int(np.clip(round(row), 0, n - 1))
+        return crop_along(image, discs, axis, row, n) if up else crop_along(image, discs, axis, 0, row + 1)
+
+    all_five = tuple(range(1, N_LEVELS + 1))
+    return {"full": (image, discs, all_five),
+            "cut through L1": (*starting_at(rows[0] + spacing / 2), all_five),  # L1's middle
+            "cut above L2": (*starting_at(rows[0]), all_five[1:]),  # the middle of the L1/L2 disc
+            "cut below L5": (*ending_at(rows[4]), all_five)}  # the middle of the L5/S1 disc
 
 
 def field_of_view_ok(discs: np.ndarray, image: Image, min_mm: float = 15.0) -> bool:
@@ -112,21 +161,36 @@ def external_cases(root: Path) -> list[dict]:
     return cases
 
 
-def evaluate(case: dict, weights: str | None, out: Path) -> dict:
-    """One scan through the product's lumbar-foramina run, scored against its discs."""
+def evaluate(case: dict, weights: str | None, out: Path, field_of_view: str = "full") -> dict:
+    """One scan (or its cut ``field_of_view``) through the product's lumbar-foramina run, scored
+    against its discs."""
+    import tempfile
+
     from SpineKneeSegLib.annotation.foramen_labels import read_foramen_markers
+    from SpineKneeSegLib.core.image_io import write_image
     from SpineKneeSegLib.engine.pipeline import RunOptions, run_case
     from SpineKneeSegLib.tasks import TASKS
 
-    report = run_case(TASKS["lumbar-foramina"], [str(case["image"])], out, RunOptions(weights=weights, overwrite=True))
-    image = read_image(case["image"])
+    whole = read_image(case["image"])
     discs = read_image(case["discs"]).array.astype(np.int64)
-    pred = read_image(out / "labels.nii.gz").array
-    ident = identify_by_discs(pred, discs, image)
-    forams = foramen_offsets(read_foramen_markers(out / "foramina.mrk.json"), np.array(ident["disc_s_mm"]))
+    discs_s = disc_levels(discs, whole)
+    image, _, expected = field_of_view_cuts(whole, discs)[field_of_view]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = case["image"]
+        if field_of_view != "full":
+            path = Path(tmp) / "image.nii.gz"
+            write_image(image, path)
+        report = run_case(TASKS["lumbar-foramina"], [str(path)], out, RunOptions(weights=weights, overwrite=True))
+    pred = read_image(out / "labels.nii.gz")
+    if pred.array.shape != image.array.shape:
+        raise ValueError(f"{out / 'labels.nii.gz'}: shape {pred.array.shape}, the input {image.array.shape}")
+    ident = identify_by_discs(pred.array, None, image, discs_s, expected)
+    forams = foramen_offsets(read_foramen_markers(out / "foramina.mrk.json"), discs_s)
     decoding = report["summaries"].get("level_decoding", {})
     transitional = report["summaries"].get("transitional_anatomy", {})
-    return {"identification": ident, "field_of_view_ok": field_of_view_ok(discs, image),
+    return {"identification": ident, "field_of_view": field_of_view,
+            "field_of_view_ok": field_of_view_ok(discs, whole) if field_of_view == "full" else True,
+            "rows": int(image.array.shape[superior_axis(whole)[0]]),
             "level_confidence": decoding.get("level_confidence"), "doubtful": decoding.get("doubtful"),
             "transitional": transitional.get("status"), "foramina": forams,
             "warnings": report["warnings"], "network_s": report["timings_s"]["network"]}
@@ -222,6 +286,9 @@ def main(argv=None) -> int:
                         help="level checkpoints; 'registered': the registered lumbar-levels model (the default)")
     parser.add_argument("--name", nargs="+", help="a name per --weights for the tables (default: registered, "
                         "else the checkpoint's run/job folders, e.g. D/fold0)")
+    parser.add_argument("--fov", nargs="+", default=["full"], choices=FIELDS_OF_VIEW,
+                        help="fields of view to run each scan with (default: full); a cut's runs are tabled "
+                        "as 'WEIGHTS, CUT'")
     parser.add_argument("--out", type=Path, default=Path("Training/runs/levels-external"))
     parser.add_argument("--data", type=Path, help="shared data root (default: SPINEKNEESEG_DATA or ../shared/data)")
     args = parser.parse_args(argv)
@@ -234,17 +301,20 @@ def main(argv=None) -> int:
     cases = external_cases(root)
     results = {}
     for n, weights in enumerate(args.weights):
-        name = (args.name[n] if args.name else
+        base = (args.name[n] if args.name else
                 weights if weights == "registered" else "/".join(Path(weights).parts[-3:-1]))  # e.g. D/fold0
-        results[name] = {}
-        for case in cases:
-            r = evaluate(case, None if weights == "registered" else weights, args.out / name / case["id"].split("/")[1])
-            results[name][case["id"]] = r
-            ident = r["identification"]
-            print(f"{name:12s} {case['id']:14s} {'ok ' if ident['all_correct'] else 'BAD'} "
-                  f"{','.join(ident['kinds']) or '-':16s} conf {r['level_confidence']:.2f}"
-                  + ("" if r["field_of_view_ok"] else "  (the scan ends < 15 mm above disc 1: L1 may be outside, "
-                     "its 'missing' not a failure)"), flush=True)
+        for fov in args.fov:
+            name = base if fov == "full" else f"{base}, {fov}"
+            results[name] = {}
+            for case in cases:
+                folder = args.out / base / (case["id"].split("/")[1] + ("" if fov == "full" else "-" + fov.replace(" ", "-")))
+                r = evaluate(case, None if weights == "registered" else weights, folder, fov)
+                results[name][case["id"]] = r
+                ident = r["identification"]
+                print(f"{name:28s} {case['id']:14s} {'ok ' if ident['all_correct'] else 'BAD'} "
+                      f"{','.join(ident['kinds']) or '-':16s} conf {r['level_confidence']:.2f}"
+                      + ("" if r["field_of_view_ok"] else "  (the scan ends < 15 mm above disc 1: L1 may be outside, "
+                         "its 'missing' not a failure)"), flush=True)
     threshold, whose = registered_doubtful_below(args.weights)
     totals = summary(results, threshold)
     args.out.mkdir(parents=True, exist_ok=True)
