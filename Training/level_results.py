@@ -6,7 +6,11 @@ cross-validation needs from a finished fold is small: its held-out scoring (``ev
 its external scoring, and which model produced them. ``keep`` copies those into a committed folder laid out like the run
 (``folds.json``, ``foldN/evaluation.json``), so ``spine_levels.py cv-report --out`` reads it once
 every fold is there, and records each model's SHA256, steps, time and last losses in
-``foldN/model.json`` (the weights themselves are not kept: 2.7 MB a fold).
+``foldN/model.json``, and the weights themselves (``foldN/final.pt``, 2.7 MB a fold; ``--no-weights``
+leaves them out). Until session 29 the weights were left out, and a new checkout lost every fold
+model: whatever re-runs the fold models on their held-out scans (the refiner's inputs, a nested
+choice of a decoder or refiner recipe) then needed about 8 CPU hours of training again. A kept
+folder is a cv run for those scripts (``--run Training/results/NAME``).
 
     python Training/spine_levels.py keep --out Training/runs/levels-ctx-D --to Training/results/levels-ctx-D
 """
@@ -16,7 +20,7 @@ import json
 import shutil
 from pathlib import Path
 
-from SpineKneeSegLib.core.atomic import write_text_atomic
+from SpineKneeSegLib.core.atomic import atomic_path, write_text_atomic
 from SpineKneeSegLib.engine.weights import load_checkpoint, sha256_of
 
 
@@ -30,10 +34,10 @@ def model_summary(checkpoint: Path) -> dict:
             "last_losses": losses[-3:]}
 
 
-def keep(run: Path, to: Path, log=print) -> list[str]:
-    """Copy what each scored fold (and the final model, if trained) of ``run`` left into ``to``;
-    folds without an evaluation are skipped. Everything is checked before anything is written.
-    Returns what was kept."""
+def keep(run: Path, to: Path, log=print, weights: bool = True) -> list[str]:
+    """Copy what each scored fold (and the final model, if trained) of ``run`` left into ``to``,
+    with its weights unless ``weights`` is false; folds without an evaluation are skipped.
+    Everything is checked before anything is written. Returns what was kept."""
     folds_json = run / "folds.json"
     if not folds_json.exists():
         raise FileNotFoundError(f"{folds_json}: not a cv run (no folds.json)")
@@ -60,6 +64,12 @@ def keep(run: Path, to: Path, log=print) -> list[str]:
         for src in scored:
             write_text_atomic(dest / src.name, json.dumps(json.loads(src.read_text()), indent=1))
             kept.append(str(dest / src.name))
+        if weights:
+            with atomic_path(dest / final.name) as tmp:
+                shutil.copyfile(final, tmp)
+            if sha256_of(dest / final.name) != summary["sha256"]:
+                raise OSError(f"{dest / final.name}: the copy's SHA256 differs from {final}'s")
+            kept.append(str(dest / final.name))
         write_text_atomic(dest / "model.json", json.dumps(summary, indent=1))
         kept.append(str(dest / "model.json"))
         log(f"kept {fold_dir.name}: {summary['sha256'][:12]}, {summary.get('steps')} steps, "

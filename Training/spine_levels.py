@@ -444,11 +444,13 @@ def main(argv=None) -> int:
         from level_results import keep
 
         parser = argparse.ArgumentParser(prog="spine_levels.py keep", description="copy a cv run's scored folds "
-                                         "(evaluations, model SHA256s) into a folder that is committed")
+                                         "(evaluations, weights, model SHA256s) into a folder that is committed")
         parser.add_argument("--out", required=True, type=Path, help="the cv run")
         parser.add_argument("--to", required=True, type=Path, help="e.g. Training/results/NAME")
+        parser.add_argument("--no-weights", action="store_true",
+                            help="leave each fold's final.pt out (by default it is kept, 2.7 MB a fold)")
         args = parser.parse_args(argv[1:])
-        keep(args.out, args.to)
+        keep(args.out, args.to, weights=not args.no_weights)
         return 0
     if argv and argv[0] == "cv-report":
         from level_eval import cv_report
