@@ -151,21 +151,21 @@ def test_refiner_runs_in_the_pipeline_as_network_time(tmp_path, monkeypatch):
     assert "level_refinement" not in plain["summaries"]
     summary = refined["summaries"]["level_refinement"]
     assert summary["band_px"] == 2 and summary["network_s"] > 0
-    # the refiner's time moves from post-processing to network: a refiner made to take 1 s
-    import time
-
+    # the refiner's time moves from post-processing to network. The step claims 100 s it did not
+    # spend, so the check is arithmetic, not timing (a 1 s sleep against a 1 s bound flaked on a
+    # loaded machine): network gains the 100 s and post-processing loses them (negative here).
     from SpineKneeSegLib.tasks.spine import level_refinement
 
     real = level_refinement.refine_levels
 
-    def slow(*args, **kwargs):
+    def claims_100s(*args, **kwargs):
         labels, summary = real(*args, **kwargs)
-        time.sleep(1.0)
-        return labels, {**summary, "network_s": summary["network_s"] + 1.0}
-    monkeypatch.setattr(level_refinement, "refine_levels", slow)
+        return labels, {**summary, "network_s": summary["network_s"] + 100.0}
+    monkeypatch.setattr(level_refinement, "refine_levels", claims_100s)
     timed = run_case(CARD, [str(scan)], tmp_path / "timed",
                      RunOptions(weights=str(main), aux_weights={"refiner": str(refiner)}))
-    assert timed["timings_s"]["network"] >= 1.0 > timed["timings_s"]["postprocess"], timed["timings_s"]
+    assert timed["timings_s"]["network"] >= 100.0, timed["timings_s"]
+    assert timed["timings_s"]["postprocess"] < -90.0, timed["timings_s"]
     monkeypatch.setattr(level_refinement, "refine_levels", real)
     assert refined["weights"]["auxiliary"]["refiner"]["sha256"]
     monkeypatch.setenv("SPINEKNEESEG_MODELS", str(tmp_path))  # a registered refiner, turned off by the user
