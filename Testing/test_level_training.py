@@ -416,9 +416,9 @@ def test_kept_results_outlive_the_run_and_report_partially(phantom_cases, traine
     kept = tmp_path / "kept"
     model = json.loads((kept / "fold0" / "model.json").read_text())
     assert model["sha256"] == sha256_of(trained_run) and model["steps"] == 80
-    assert sha256_of(kept / "fold0" / "final.pt") == model["sha256"] and not (kept / "fold1").exists()
-    assert spine_levels.main(["keep", "--out", str(run), "--to", str(tmp_path / "light"), "--no-weights"]) == 0
-    assert (tmp_path / "light" / "fold0" / "model.json").exists() and not (tmp_path / "light" / "fold0" / "final.pt").exists()
+    assert not (kept / "fold0" / "final.pt").exists() and not (kept / "fold1").exists()  # no weights in the tree
+    assert spine_levels.main(["keep", "--out", str(run), "--to", str(tmp_path / "heavy"), "--weights"]) == 0
+    assert sha256_of(tmp_path / "heavy" / "fold0" / "final.pt") == model["sha256"]
     summary = cv_report(kept, partial=True)
     assert summary["folds_scored"] == [0] and summary["cases"] == 1
     assert summary["decoded/full"]["scans"] == 1

@@ -6,11 +6,11 @@ cross-validation needs from a finished fold is small: its held-out scoring (``ev
 its external scoring, and which model produced them. ``keep`` copies those into a committed folder laid out like the run
 (``folds.json``, ``foldN/evaluation.json``), so ``spine_levels.py cv-report --out`` reads it once
 every fold is there, and records each model's SHA256, steps, time and last losses in
-``foldN/model.json``, and the weights themselves (``foldN/final.pt``, 2.7 MB a fold; ``--no-weights``
-leaves them out). Until session 29 the weights were left out, and a new checkout lost every fold
-model: whatever re-runs the fold models on their held-out scans (the refiner's inputs, a nested
-choice of a decoder or refiner recipe) then needed about 8 CPU hours of training again. A kept
-folder is a cv run for those scripts (``--run Training/results/NAME``).
+``foldN/model.json``. ``--weights`` also copies ``foldN/final.pt`` (2.7 MB a fold), for a folder
+kept OUTSIDE the repository: the tree refuses unregistered weights (test_weights), so fold
+weights cannot be committed, and a new checkout loses them (session 29 lost every fold model;
+re-running fold models on their held-out scans then needs them trained again). A kept folder with
+weights is a cv run for those scripts (``--run DIR``).
 
     python Training/spine_levels.py keep --out Training/runs/levels-ctx-D --to Training/results/levels-ctx-D
 """
@@ -34,9 +34,9 @@ def model_summary(checkpoint: Path) -> dict:
             "last_losses": losses[-3:]}
 
 
-def keep(run: Path, to: Path, log=print, weights: bool = True) -> list[str]:
+def keep(run: Path, to: Path, log=print, weights: bool = False) -> list[str]:
     """Copy what each scored fold (and the final model, if trained) of ``run`` left into ``to``,
-    with its weights unless ``weights`` is false; folds without an evaluation are skipped.
+    with its weights if ``weights`` (never into the repository: see above); folds without an evaluation are skipped.
     Everything is checked before anything is written. Returns what was kept."""
     folds_json = run / "folds.json"
     if not folds_json.exists():

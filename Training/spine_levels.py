@@ -444,13 +444,13 @@ def main(argv=None) -> int:
         from level_results import keep
 
         parser = argparse.ArgumentParser(prog="spine_levels.py keep", description="copy a cv run's scored folds "
-                                         "(evaluations, weights, model SHA256s) into a folder that is committed")
+                                         "(evaluations, model SHA256s) into a folder that is committed")
         parser.add_argument("--out", required=True, type=Path, help="the cv run")
         parser.add_argument("--to", required=True, type=Path, help="e.g. Training/results/NAME")
-        parser.add_argument("--no-weights", action="store_true",
-                            help="leave each fold's final.pt out (by default it is kept, 2.7 MB a fold)")
+        parser.add_argument("--weights", action="store_true", help="also copy each fold's final.pt (only to a "
+                            "folder outside the repository: the tree refuses unregistered weights)")
         args = parser.parse_args(argv[1:])
-        keep(args.out, args.to, weights=not args.no_weights)
+        keep(args.out, args.to, weights=args.weights)
         return 0
     if argv and argv[0] == "cv-report":
         from level_eval import cv_report
