@@ -395,12 +395,13 @@ def test_kept_results_outlive_the_run_and_report_partially(phantom_cases, traine
     model) and a folder kept from other folds are refused."""
     import json
     import os
+    import re
     import shutil
 
     from level_eval import cv_report, evaluate_fold
     from level_results import keep
     from SpineKneeSegLib.core.image_io import write_image
-    from SpineKneeSegLib.engine.weights import sha256_of
+    from SpineKneeSegLib.engine.weights import check_weights_dir, sha256_of
     import spine_levels
 
     phantom, _ = phantom_cases
@@ -416,9 +417,13 @@ def test_kept_results_outlive_the_run_and_report_partially(phantom_cases, traine
     kept = tmp_path / "kept"
     model = json.loads((kept / "fold0" / "model.json").read_text())
     assert model["sha256"] == sha256_of(trained_run) and model["steps"] == 80
-    assert not (kept / "fold0" / "final.pt").exists() and not (kept / "fold1").exists()  # no weights in the tree
+    assert not (kept / "fold0" / "final.pt").exists() and not (kept / "fold1").exists()  # weights on request only
     assert spine_levels.main(["keep", "--out", str(run), "--to", str(tmp_path / "heavy"), "--weights"]) == 0
-    assert sha256_of(tmp_path / "heavy" / "fold0" / "final.pt") == model["sha256"]
+    heavy = tmp_path / "heavy" / "fold0"
+    assert sha256_of(heavy / "final.pt") == model["sha256"]
+    assert check_weights_dir(heavy, root=heavy) == {"final.pt": "ok"}  # registered where it lies, as the tree asks
+    card = (heavy / "card.md").read_text()
+    assert "not a release" in card and model["sha256"] in card and re.search(r"[01] of 1 named right", card)
     summary = cv_report(kept, partial=True)
     assert summary["folds_scored"] == [0] and summary["cases"] == 1
     assert summary["decoded/full"]["scans"] == 1
@@ -428,6 +433,10 @@ def test_kept_results_outlive_the_run_and_report_partially(phantom_cases, traine
     os.utime(run / "fold0" / "final.pt", (later, later))  # the model was trained again after its scoring
     with pytest.raises(ValueError, match="older than"):
         keep(run, kept)
+    os.utime(run / "fold0" / "evaluation.json", (later + 1, later + 1))
+    torch.save({"other": 1}, heavy / "final.pt")  # what was kept is not the run's model any more
+    with pytest.raises(ValueError, match="another model"):
+        keep(run, tmp_path / "heavy")
     (run / "folds.json").write_text(json.dumps({"folds": [["a/case2"], ["a/case1"]], "duplicates": []}))
     with pytest.raises(ValueError, match="folds differ"):
         keep(run, kept)

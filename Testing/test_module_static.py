@@ -142,7 +142,9 @@ def test_readme_test_command_is_what_ci_runs():
 
 def test_every_weights_file_is_registered_with_its_sha256_and_listed():
     """No unregistered .pt in the tree: each tracked weights file (test fixtures aside, see
-    Testing/fixtures/README.md) has a registry entry with its SHA256 and a CMake resource line."""
+    Testing/fixtures/README.md) has a registry entry with its SHA256 and a CMake resource line; a
+    kept cross-validation fold model (Training/results) is registered with a card in its own folder
+    and not bundled."""
     import hashlib
     import json
     import subprocess
@@ -156,6 +158,14 @@ def test_every_weights_file_is_registered_with_its_sha256_and_listed():
     cmake = (MODULE / "CMakeLists.txt").read_text()
     for path in listed.stdout.split():
         if path.startswith("Testing/fixtures/"):
+            continue
+        if path.startswith("Training/results/"):  # kept cv fold models: registered where they lie, never bundled
+            folder = json.loads((ROOT / path).parent.joinpath("registry.json").read_text())["models"]
+            own = {m["file"]: m for m in folder}
+            assert Path(path).name in own, f"{path} is not in its folder's registry.json"
+            assert hashlib.sha256((ROOT / path).read_bytes()).hexdigest() == own[Path(path).name]["sha256"], path
+            assert (ROOT / path).parent.joinpath(own[Path(path).name]["card"]).is_file(), f"no card for {path}"
+            assert Path(path).name not in cmake, f"{path}: a fold model must not be bundled"
             continue
         assert path in entries, f"{path} is not in registry.json"
         assert hashlib.sha256((ROOT / path).read_bytes()).hexdigest() == entries[path]["sha256"], path

@@ -6,11 +6,13 @@ cross-validation needs from a finished fold is small: its held-out scoring (``ev
 its external scoring, and which model produced them. ``keep`` copies those into a committed folder laid out like the run
 (``folds.json``, ``foldN/evaluation.json``), so ``spine_levels.py cv-report --out`` reads it once
 every fold is there, and records each model's SHA256, steps, time and last losses in
-``foldN/model.json``. ``--weights`` also copies ``foldN/final.pt`` (2.7 MB a fold), for a folder
-kept OUTSIDE the repository: the tree refuses unregistered weights (test_weights), so fold
-weights cannot be committed, and a new checkout loses them (session 29 lost every fold model;
-re-running fold models on their held-out scans then needs them trained again). A kept folder with
-weights is a cv run for those scripts (``--run DIR``).
+``foldN/model.json``. ``--weights`` also keeps ``foldN/final.pt`` (2.7 MB a fold), registered in
+``foldN/registry.json`` (SHA256, size) with a fold card ``foldN/card.md``: the tree refuses
+unregistered weights (test_weights, test_module_static), and without the weights a new checkout
+cannot re-run a fold model on its held-out scans (session 29 lost every fold model and had to
+train them again). Fold weights are never bundled into the extension (not in CMakeLists, not in
+the module's registry): they are study material, not releases. A kept folder with weights is a cv
+run for the scripts that need out-of-fold predictions (``--run DIR``).
 
     python Training/spine_levels.py keep --out Training/runs/levels-ctx-D --to Training/results/levels-ctx-D
 """
@@ -21,7 +23,7 @@ import shutil
 from pathlib import Path
 
 from SpineKneeSegLib.core.atomic import atomic_path, write_text_atomic
-from SpineKneeSegLib.engine.weights import load_checkpoint, sha256_of
+from SpineKneeSegLib.engine.weights import load_checkpoint, register_model, sha256_of
 
 
 def model_summary(checkpoint: Path) -> dict:
@@ -34,9 +36,36 @@ def model_summary(checkpoint: Path) -> dict:
             "last_losses": losses[-3:]}
 
 
+def held_out_figures(evaluation: dict) -> tuple[int, int, float]:
+    """(scans named right, scans, mean per-level Dice) on the whole field of view, at the
+    evaluation's default decoding."""
+    decoded = [c["full"]["decoded"] for c in evaluation["cases"].values()]
+    dice = [sum(d["dice"].values()) / len(d["dice"]) for d in decoded]
+    return sum(d["identification"]["all_correct"] for d in decoded), len(decoded), sum(dice) / len(dice)
+
+
+def fold_card(run: Path, fold_name: str, summary: dict, evaluation: dict | None, scans: int) -> str:
+    """A short card for a kept fold model: what it is, what it saw, what it scored, and that it is
+    not a release."""
+    lines = [f"# {run.name}/{fold_name}: a cross-validation fold model (not a release)", "",
+             "Kept so that the cross-validation's out-of-fold predictions can be made again (refiner inputs,",
+             "nested recipe choices, error analyses). Not for use on patients; not bundled with the extension.",
+             "", f"- SHA256: `{summary['sha256']}`",
+             f"- trained on {scans - len(summary.get('held_out', []))} of {scans} scans for {summary.get('steps')} steps, "
+             f"{summary.get('train_seconds')} s on {summary.get('device')}",
+             f"- held out: {', '.join(summary.get('held_out', [])) or 'none (trained on every scan)'}"]
+    if evaluation is not None:
+        right, scans, dice = held_out_figures(evaluation)
+        lines.append(f"- held-out scans, whole field of view, default decoding: {right} of {scans} named right, "
+                     f"mean per-level Dice {dice:.3f} (every setting in evaluation.json)")
+    lines += ["- recipe: `model.json`'s config; commands in Training/README.md",
+              "- data: ../shared/data/spine (MyoSegmenTUM CC BY 4.0; Zukić as published; see that README)", ""]
+    return "\n".join(lines)
+
+
 def keep(run: Path, to: Path, log=print, weights: bool = False) -> list[str]:
     """Copy what each scored fold (and the final model, if trained) of ``run`` left into ``to``,
-    with its weights if ``weights`` (never into the repository: see above); folds without an evaluation are skipped.
+    with its weights, registered with a fold card, if ``weights``; folds without an evaluation are skipped.
     Everything is checked before anything is written. Returns what was kept."""
     folds_json = run / "folds.json"
     if not folds_json.exists():
@@ -44,6 +73,7 @@ def keep(run: Path, to: Path, log=print, weights: bool = False) -> list[str]:
     earlier = to / "folds.json"
     if earlier.exists() and json.loads(earlier.read_text())["folds"] != json.loads(folds_json.read_text())["folds"]:
         raise ValueError(f"{earlier}: its folds differ from {folds_json}'s; keep each run in its own folder")
+    scans = sum(len(f) for f in json.loads(folds_json.read_text())["folds"])
     jobs = []
     for fold_dir in sorted(p for p in run.iterdir() if p.is_dir()):
         final = fold_dir / "final.pt"
@@ -53,6 +83,9 @@ def keep(run: Path, to: Path, log=print, weights: bool = False) -> list[str]:
         for src in scored:
             if src.stat().st_mtime < final.stat().st_mtime:  # scored an earlier model of that name
                 raise ValueError(f"{src} is older than {final}: score the model again before keeping it")
+        earlier_weights = to / fold_dir.name / final.name
+        if not weights and earlier_weights.exists() and sha256_of(earlier_weights) != sha256_of(final):
+            raise ValueError(f"{earlier_weights} is another model than {final}: keep with --weights to replace it")
         jobs.append((fold_dir, final, scored))
     to.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(folds_json, earlier)
@@ -69,7 +102,12 @@ def keep(run: Path, to: Path, log=print, weights: bool = False) -> list[str]:
                 shutil.copyfile(final, tmp)
             if sha256_of(dest / final.name) != summary["sha256"]:
                 raise OSError(f"{dest / final.name}: the copy's SHA256 differs from {final}'s")
-            kept.append(str(dest / final.name))
+            evaluation = fold_dir / "evaluation.json"
+            write_text_atomic(dest / "card.md", fold_card(run, fold_dir.name, summary, json.loads(
+                evaluation.read_text()) if evaluation.exists() else None, scans))
+            register_model(dest / final.name, "lumbar-levels", "0.0.0", "card.md",
+                           f"cross-validation fold model {run.name}/{fold_dir.name}; not a release", root=dest)
+            kept += [str(dest / final.name), str(dest / "card.md"), str(dest / "registry.json")]
         write_text_atomic(dest / "model.json", json.dumps(summary, indent=1))
         kept.append(str(dest / "model.json"))
         log(f"kept {fold_dir.name}: {summary['sha256'][:12]}, {summary.get('steps')} steps, "

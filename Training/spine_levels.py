@@ -447,8 +447,8 @@ def main(argv=None) -> int:
                                          "(evaluations, model SHA256s) into a folder that is committed")
         parser.add_argument("--out", required=True, type=Path, help="the cv run")
         parser.add_argument("--to", required=True, type=Path, help="e.g. Training/results/NAME")
-        parser.add_argument("--weights", action="store_true", help="also copy each fold's final.pt (only to a "
-                            "folder outside the repository: the tree refuses unregistered weights)")
+        parser.add_argument("--weights", action="store_true", help="also keep each fold's final.pt, registered "
+                            "in the fold's registry.json with a fold card (committable; never bundled)")
         args = parser.parse_args(argv[1:])
         keep(args.out, args.to, weights=args.weights)
         return 0
