@@ -440,3 +440,24 @@ def test_kept_results_outlive_the_run_and_report_partially(phantom_cases, traine
     (run / "folds.json").write_text(json.dumps({"folds": [["a/case2"], ["a/case1"]], "duplicates": []}))
     with pytest.raises(ValueError, match="folds differ"):
         keep(run, kept)
+
+
+def test_more_folds_of_a_run_keep_its_recipe(tmp_path):
+    """cv on a run begun earlier: a command whose recipe differs from the run's folds.json is refused
+    (one run, one recipe), --same-recipe takes the stored one, and how it runs (threads, device,
+    autocast) may change between machines."""
+    import json
+    from dataclasses import asdict, replace
+
+    import spine_levels
+
+    stored = lc.ColumnConfig(steps=1300, batch_size=32, context_targets=True, seed=1, threads=2)
+    folds_json = tmp_path / "folds.json"
+    folds_json.write_text(json.dumps({"folds": [["a"], ["b"]], "config": asdict(stored)}))
+    assert spine_levels.recipe_of_run(folds_json, replace(stored, threads=16, device="cuda"), False).threads == 16
+    with pytest.raises(ValueError, match=r"seed=0 \(run: 1\).*--same-recipe"):
+        spine_levels.recipe_of_run(folds_json, replace(stored, seed=0), False)
+    with pytest.raises(ValueError, match="context_targets=False"):
+        spine_levels.recipe_of_run(folds_json, lc.ColumnConfig(steps=1300, batch_size=32, seed=1), False)
+    taken = spine_levels.recipe_of_run(folds_json, lc.ColumnConfig(threads=4, autocast="bf16"), True)
+    assert taken == replace(stored, threads=4, autocast="bf16")

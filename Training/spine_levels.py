@@ -335,6 +335,29 @@ def train_loop(cfg: Config, out: Path, prepared: list[PreparedCase], evaluate, r
                                               f"{st['best_epoch']})")
 
 
+# how a run is executed, not what it learns: may differ between the folds of one run (another machine)
+EXECUTION_KEYS = ("threads", "device", "autocast")
+
+
+def recipe_of_run(folds_json: Path, cfg, same_recipe: bool):
+    """The recipe for more folds of the run whose ``folds.json`` this is: its stored recipe (with
+    ``cfg``'s execution settings) if ``same_recipe``, else ``cfg`` itself, refused if it would
+    train a fold differently from the folds before (one run, one recipe: its folds are scored as one)."""
+    from dataclasses import replace
+
+    import level_column as lc
+
+    stored = json.loads(folds_json.read_text())["config"]
+    if same_recipe:
+        return replace(lc.ColumnConfig(**stored), **{k: getattr(cfg, k) for k in EXECUTION_KEYS})
+    differ = {k: (v, stored.get(k)) for k, v in asdict(cfg).items() if k not in EXECUTION_KEYS and stored.get(k) != v}
+    if differ:
+        raise ValueError(f"{folds_json}: this command's recipe differs from the run's "
+                         + ", ".join(f"{k}={v!r} (run: {w!r})" for k, (v, w) in differ.items())
+                         + "; use --same-recipe to continue the run, or another --out for another recipe")
+    return cfg
+
+
 def column_main(argv) -> int:
     """``cv`` (case-wise k-fold: train each fold's model on the other folds, then score its held-out
     cases), ``final`` (the same recipe on every case) for the whole-column model (issue 21), and
@@ -360,10 +383,18 @@ def column_main(argv) -> int:
     parser.add_argument("--network", type=json.loads, default=None, help="JSON network config (MultiNet)")
     parser.add_argument("--packed", type=Path, help="train from a file made by 'pack' (no data folder, no SimpleITK "
                         "needed; held-out scoring then waits for --evaluate-only where the data are)")
+    parser.add_argument("--same-recipe", action="store_true", help="cv: train with the recipe in --out's folds.json "
+                        "(more folds of a run begun earlier; --threads, --device and --autocast still apply)")
     args = parser.parse_args(argv[1:])
     fields = {k: getattr(args, k) for k in asdict(lc.ColumnConfig()) if k != "network"}
     cfg = lc.ColumnConfig(**fields, **({"network": args.network} if args.network else {}))
     out = Path(args.out)
+    if argv[0] == "cv" and not args.evaluate_only and (out / "folds.json").exists():
+        try:
+            cfg = recipe_of_run(out / "folds.json", cfg, args.same_recipe)
+        except ValueError as error:
+            print(error, file=sys.stderr)
+            return 2
     if args.packed:
         cases, packed = lc.unpack_cases(args.packed, cfg.spacing_mm)
         prepared_of = {p.id: p for p in packed}
@@ -400,6 +431,10 @@ def column_main(argv) -> int:
         folds = json.loads(folds_json.read_text())["folds"]
     else:
         folds = lc.make_folds(cases, args.folds, args.split_seed)
+        if folds_json.exists() and json.loads(folds_json.read_text())["folds"] != folds:
+            print(f"{folds_json}: its folds differ from this command's (--folds, --split-seed, the data); "
+                  "use another --out", file=sys.stderr)
+            return 2
         folds_json.write_text(json.dumps({"folds": folds, "duplicates": groups, "label_notes": notes,
                                           "config": asdict(cfg)}, indent=2))
     for f in args.fold if args.fold is not None else range(args.folds):
