@@ -49,16 +49,21 @@ def superior_mm(image: Image, kji: np.ndarray) -> np.ndarray:
     return image.ijk_to_ras_points(np.asarray(kji, dtype=float)[:, ::-1])[:, 2]
 
 
-def disc_levels(discs: np.ndarray, image: Image) -> np.ndarray:
-    """S (mm) of each disc's centroid, discs 1..5; refuses a map without all five, or with them
-    out of order (superior to inferior)."""
-    levels = []
+def disc_centroids(discs: np.ndarray) -> np.ndarray:
+    """(5, 3) kji centroid of each disc 1..5; refuses a map without all five."""
+    centroids = []
     for d in range(1, N_DISCS + 1):
         kji = np.argwhere(discs == d)
         if len(kji) == 0:
             raise ValueError(f"disc {d} is not labelled")
-        levels.append(float(superior_mm(image, kji.mean(axis=0, keepdims=True))[0]))
-    levels = np.array(levels)
+        centroids.append(kji.mean(axis=0))
+    return np.array(centroids)
+
+
+def disc_levels(discs: np.ndarray, image: Image) -> np.ndarray:
+    """S (mm) of each disc's centroid, discs 1..5; refuses a map without all five, or with them
+    out of order (superior to inferior)."""
+    levels = np.array([float(s) for s in superior_mm(image, disc_centroids(discs))])
     if not np.all(np.diff(levels) < 0):
         raise ValueError(f"discs are not ordered superior to inferior: S {np.round(levels, 1).tolist()}")
     return levels
@@ -101,13 +106,7 @@ def identify_by_discs(pred: np.ndarray, discs: np.ndarray | None, image: Image,
 
 def disc_rows(discs: np.ndarray, axis: int) -> np.ndarray:
     """Each disc's centroid index along numpy ``axis`` (discs 1..5)."""
-    rows = []
-    for d in range(1, N_DISCS + 1):
-        idx = np.argwhere(discs == d)
-        if len(idx) == 0:
-            raise ValueError(f"disc {d} is not labelled")
-        rows.append(float(idx[:, axis].mean()))
-    return np.array(rows)
+    return disc_centroids(discs)[:, axis]
 
 
 def field_of_view_cuts(image: Image, discs: np.ndarray) -> dict:
