@@ -171,7 +171,9 @@ def test_n4_field_applied_slice_by_slice_along_any_acquisition_axis(axis):
     assert np.isclose(1 / applied.max(), lo, atol=2e-3) and np.isclose(1 / applied.min(), hi, atol=2e-3)
 
 
-def test_n4_on_the_real_dess_series_is_fast(data_root):
+def test_n4_on_the_real_dess_series_fits_a_shrunk_copy(data_root):
+    """What keeps N4 fast is checked here, not a time (Testing/benchmarks/bench_knee.py prints
+    that): the fit runs on a copy of about 16 voxels in-plane and 8 mm slices, with few iterations."""
     path = data_root / "knee" / "dess-dicom"
     if not path.is_dir():
         pytest.skip(f"{path} not found")
@@ -179,8 +181,10 @@ def test_n4_on_the_real_dess_series_is_fast(data_root):
     canon = canonical_image(image, "acquisition")[0]
     t = time.perf_counter()
     corrected, info = bias_correct(canon, "n4")
-    seconds = time.perf_counter() - t
-    assert seconds < 3.0, info  # the 1 s target is checked by Testing/benchmarks/bench_knee.py
+    print(f"N4 on the DESS: {time.perf_counter() - t:.2f} s, fitted on {info['shrunk_size_ijk']}")
+    shrunk = sorted(info["shrunk_size_ijk"])
+    assert shrunk[-1] <= 20 and np.prod(shrunk) <= 20 * 20 * 24, info  # 512 x 512 x 80 before
+    assert sum(info["iterations"]) <= 100, info
     lo, hi = info["field_range"]
     assert 0.5 < lo <= 1.0 <= hi < 2.0
     assert np.isfinite(corrected.array).all()
