@@ -55,8 +55,8 @@ def fold_card(run: Path, fold_name: str, summary: dict, evaluation: dict | None,
              f"{summary.get('train_seconds')} s on {summary.get('device')}",
              f"- held out: {', '.join(summary.get('held_out', [])) or 'none (trained on every scan)'}"]
     if evaluation is not None:
-        right, scans, dice = held_out_figures(evaluation)
-        lines.append(f"- held-out scans, whole field of view, default decoding: {right} of {scans} named right, "
+        right, held, dice = held_out_figures(evaluation)
+        lines.append(f"- held-out scans, whole field of view, default decoding: {right} of {held} named right, "
                      f"mean per-level Dice {dice:.3f} (every setting in evaluation.json)")
     lines += ["- recipe: `model.json`'s config; commands in Training/README.md",
               "- data: ../shared/data/spine (MyoSegmenTUM CC BY 4.0; Zukić as published; see that README)", ""]
