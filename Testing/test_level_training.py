@@ -335,8 +335,25 @@ def test_context_channels_train_under_bf16_and_are_stripped_from_the_saved_model
     training.load_state_dict(torch.load(tmp_path / "run" / "last.pt", weights_only=False)["model"])
     shipped = build_network("multinet", saved["network"]["config"]).eval()
     shipped.load_state_dict(saved["state_dict"])
+    rebuilt = build_network("multinet", lc.with_context_heads(saved)[0]).eval()
+    rebuilt.load_state_dict(lc.with_context_heads(saved)[1])  # the context heads kept in the metadata
     with torch.no_grad():
         assert torch.allclose(shipped(x), training(x)[:, :5], atol=1e-6)
+        assert torch.equal(rebuilt(x), training(x))  # all seven outputs, bit for bit
+    # a model saved before the heads were kept gets them from its run's last checkpoint
+    without = {**saved, "metadata": {k: v for k, v in saved["metadata"].items() if k != "context_heads"}}
+    torch.save(without, final)
+    with pytest.raises(ValueError, match="kept no context heads"):
+        lc.with_context_heads(torch.load(final, weights_only=True))
+    lc.attach_context(final, tmp_path / "run" / "last.pt")
+    again = torch.load(final, weights_only=True)
+    assert all(torch.equal(again["metadata"]["context_heads"][k], v) for k, v in saved["metadata"]["context_heads"].items())
+    assert all(torch.equal(again["state_dict"][k], v) for k, v in saved["state_dict"].items())
+    other = tmp_path / "other.pt"
+    torch.save({**saved, "state_dict": {k: v + 1 if k.startswith("heads.0") else v
+                                        for k, v in saved["state_dict"].items()}}, other)
+    with pytest.raises(ValueError, match="not the training network"):
+        lc.attach_context(other, tmp_path / "run" / "last.pt")
     with pytest.raises(ValueError, match="unknown autocast"):
         lc.autocast_context(replace(cfg, autocast="fp8"))
 

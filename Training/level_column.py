@@ -229,6 +229,46 @@ def strip_context_channels(state_dict: dict, n_out: int = N_LEVELS) -> dict:
     return {k: (v[:n_out] if k.startswith("heads.") else v) for k, v in state_dict.items()}
 
 
+def context_heads(state_dict: dict, n_out: int = N_LEVELS) -> dict:
+    """What strip_context_channels drops: each output head's rows past the levels (about 800
+    numbers). Kept in the saved model's metadata, so that the training network's "above L1" /
+    "below L5" outputs can be rebuilt (with_context_heads) without a second weights file."""
+    return {k: v[n_out:].clone() for k, v in state_dict.items() if k.startswith("heads.") and v.shape[0] > n_out}
+
+
+def with_context_heads(checkpoint: dict) -> tuple[dict, dict]:
+    """(network config, state_dict) of the training network, levels then context channels, from a
+    saved model that kept its context heads; refuses one that did not."""
+    heads = checkpoint.get("metadata", {}).get("context_heads")
+    if not heads:
+        raise ValueError("this model kept no context heads (trained without --context-targets, or saved "
+                         "before session 30: spine_levels.py attach-context adds them from the run's last.pt)")
+    state = {k: (torch.cat([v, heads[k]]) if k in heads else v) for k, v in checkpoint["state_dict"].items()}
+    return {**checkpoint["network"]["config"], "out_channels": N_LEVELS + N_CONTEXT}, state
+
+
+def attach_context(final: Path, last: Path) -> str:
+    """Re-save ``final`` (a model saved without its context heads) with the heads of the training
+    network in ``last`` (the run's last checkpoint at the same step), after checking that ``last``
+    stripped is exactly ``final``. Returns the new SHA256."""
+    from SpineKneeSegLib.engine.weights import load_checkpoint
+
+    saved = load_checkpoint(final)
+    training = torch.load(last, map_location="cpu", weights_only=False)
+    if training["state"]["step"] != saved["metadata"].get("steps"):
+        raise ValueError(f"{last} is at step {training['state']['step']}, {final} at {saved['metadata'].get('steps')}")
+    stripped = strip_context_channels(training["model"])
+    if stripped.keys() != saved["state_dict"].keys() or any(
+            not torch.equal(stripped[k], v) for k, v in saved["state_dict"].items()):
+        raise ValueError(f"{last} is not the training network of {final}")
+    heads = context_heads(training["model"])
+    if not heads:
+        raise ValueError(f"{last} has no context channels")
+    return save_checkpoint(final, saved["task"], saved["network"]["factory"], saved["network"]["config"],
+                           saved["state_dict"], saved["preprocessing"], {**saved["metadata"], "context_heads": heads},
+                           saved.get("model", "labels"))
+
+
 def beyond_ends(y: torch.Tensor, keep: torch.Tensor, had: torch.Tensor) -> torch.Tensor:
     """(b, 2, H, W) targets of the context channels from the cut labels ``y`` (b, H, W; rows run
     inferior): "above L1" = rows above L1's top row in each canvas column, "below L5" = rows below
@@ -482,13 +522,15 @@ def train_column(cfg: ColumnConfig, out: Path, cases: list[PreparedCase], resume
     net.eval()
     step_s = float(np.median(np.diff(stamps[10:]))) if len(stamps) > 12 else None
     final = out / "final.pt"
-    save_checkpoint(final, CARD.name, "multinet", network_config(cfg),
-                    strip_context_channels({k: v.cpu() for k, v in net.state_dict().items()}),
+    trained = {k: v.cpu() for k, v in net.state_dict().items()}
+    save_checkpoint(final, CARD.name, "multinet", network_config(cfg), strip_context_channels(trained),
                     preprocessing={"in_plane_spacing_mm": cfg.spacing_mm},
                     metadata={"config": asdict(cfg), "steps": state["step"], "train_seconds": round(state["seconds"]),
                               "median_step_s": step_s, "device": torch.cuda.get_device_name(device)
                               if device.type == "cuda" else "cpu",
-                              "loss_history": state["losses"], "recipe": "whole-column", **(metadata or {})},
+                              "loss_history": state["losses"], "recipe": "whole-column",
+                              **({"context_heads": context_heads(trained)} if cfg.context_targets else {}),
+                              **(metadata or {})},
                     model="labels")
     return final
 

@@ -475,6 +475,26 @@ def main(argv=None) -> int:
         print(ship(Path(args.cv), Path(args.final), args.version, args.command, args.note, args.external,
                    args.candidate))
         return 0
+    if argv and argv[0] == "attach-context":
+        import level_column as lc
+
+        parser = argparse.ArgumentParser(prog="spine_levels.py attach-context", description="re-save a context-"
+                                         "targets model saved before session 30 with its context heads, from the "
+                                         "run's last checkpoint at the same step (then score it again)")
+        parser.add_argument("final", type=Path, help="foldN/final.pt")
+        parser.add_argument("--last", type=Path, help="default: last.pt beside it")
+        args = parser.parse_args(argv[1:])
+        from SpineKneeSegLib.core.errors import InputError
+
+        try:
+            print(lc.attach_context(args.final, args.last or args.final.with_name("last.pt")))
+        except InputError as error:  # names the file itself
+            print(error, file=sys.stderr)
+            return 2
+        except (ValueError, OSError) as error:
+            print(f"{args.final}: {error}", file=sys.stderr)
+            return 2
+        return 0
     if argv and argv[0] == "keep":
         from level_results import keep
 
