@@ -33,7 +33,7 @@ def model_summary(checkpoint: Path) -> dict:
     return {"file": checkpoint.name, "sha256": sha256_of(checkpoint),
             **{k: meta[k] for k in ("steps", "train_seconds", "median_step_s", "device", "fold", "held_out",
                                     "trained_on", "config") if k in meta},
-            "last_losses": losses[-3:]}
+            "last_losses": losses[-3:], "context_heads_kept": "context_heads" in meta}
 
 
 def held_out_figures(evaluation: dict) -> tuple[int, int, float]:
@@ -58,6 +58,9 @@ def fold_card(run: Path, fold_name: str, summary: dict, evaluation: dict | None,
         right, held, dice = held_out_figures(evaluation)
         lines.append(f"- held-out scans, whole field of view, default decoding: {right} of {held} named right, "
                      f"mean per-level Dice {dice:.3f} (every setting in evaluation.json)")
+    if summary.get("context_heads_kept"):
+        lines.append("- its context heads (\"above L1\", \"below L5\") are kept in the metadata: "
+                     "level_column.with_context_heads rebuilds the 7-output training network")
     lines += ["- recipe: `model.json`'s config; commands in Training/README.md",
               "- data: ../shared/data/spine (MyoSegmenTUM CC BY 4.0; Zukić as published; see that README)", ""]
     return "\n".join(lines)
