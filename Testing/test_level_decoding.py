@@ -232,3 +232,27 @@ def test_equal_run_weights_are_the_seed_decoding():
     assert np.array_equal(seed.labels, same.labels) and seed.level_confidence == pytest.approx(same.level_confidence)
     with pytest.raises(ValueError, match="run_weights"):
         decode_levels(prob, image, DecodingParameters(run_weights=(1, 1, 1, 1)))
+
+
+def test_context_evidence_scores_the_bodies_left_outside_the_run():
+    """A context-targets network's "above L1" / "below L5" maps: a body the run leaves above L1
+    scores its "above L1" probability (weight context_weight), one below L5 its "below L5". The
+    network here calls T12 "L1" and hesitates between neighbours down the column, so the level
+    probabilities alone name everything one body too high; its "above L1" map on T12 names the
+    column right. Weight 0 (the default) is the seed's decoding exactly, context or not."""
+    names = ["T12"] + LUMBAR  # the sacrum cut off
+    overrides = {"T12": [0.85, 0, 0, 0, 0], "L1": [0.45, 0.45, 0, 0, 0], "L2": [0, 0.45, 0.45, 0, 0],
+                 "L3": [0, 0, 0.45, 0.45, 0], "L4": [0, 0, 0, 0.45, 0.45], "L5": [0, 0, 0, 0, 0.5]}
+    prob, image, truth, values = column_phantom(names, overrides=overrides, noise=0.0)
+    context = np.zeros((2, *prob.shape[1:]), np.float32)
+    context[0][truth == 1] = 0.9  # above L1: on T12 (the phantom's first body)
+    seed = decode_levels(prob, image)
+    assert named(seed, truth, values) == {"T12": "L1", "L1": "L2", "L2": "L3", "L3": "L4", "L4": "L5", "L5": None}
+    same = decode_levels(prob, image, context=context)  # given, weight 0: not used
+    assert np.array_equal(same.labels, seed.labels) and same.run_scores == seed.run_scores
+    with_context = decode_levels(prob, image, DecodingParameters(context_weight=1.0), context=context)
+    assert_consistent(with_context)
+    assert named(with_context, truth, values) == {"T12": None, **{n: n for n in LUMBAR}}
+    assert with_context.bodies[0].context == pytest.approx([0.9, 0.0], abs=0.01)
+    with pytest.raises(ValueError, match="context maps"):
+        decode_levels(prob, image, DecodingParameters(context_weight=1.0), context=context[:1])

@@ -46,6 +46,11 @@ class DecodingParameters:
     # off, and then the network tends to call the top body L1). cv-report chooses it per fold; in
     # session 20 it changed one or two of 216 predictions, so the shipped model keeps equal weights
     run_weights: tuple = (1.0, 1.0, 1.0, 1.0, 1.0)
+    # weight of the network's "above L1" / "below L5" evidence (a context-targets model's two extra
+    # outputs, when the decoding is given them): a body left above the run scores its "above L1"
+    # probability, one below it its "below L5", so every body is scored as the class the run gives
+    # it. 0: the seed's score (bodies outside the run score nothing)
+    context_weight: float = 0.0
 
 
 @dataclass
@@ -56,6 +61,7 @@ class Body:
     position_mm: float  # along the column, superior positive
     extent_mm: tuple[float, float]
     volume_ml: float
+    context: np.ndarray = field(default_factory=lambda: np.zeros(2))  # mean "above L1", "below L5"
 
     @property
     def found(self) -> bool:
@@ -142,11 +148,19 @@ def _pieces(prob: np.ndarray, body: np.ndarray, params: DecodingParameters) -> t
     return out, next_id - 1
 
 
-def decode_levels(probabilities: np.ndarray, image: Image,
-                  params: DecodingParameters = DecodingParameters()) -> LevelDecoding:
-    """``probabilities``: (5, *image.array.shape) uint8 0..255 (or float 0..1), one map per level."""
-    prob = probabilities if probabilities.dtype == np.uint8 else np.round(np.clip(probabilities, 0, 1) * 255).astype(
-        np.uint8)
+def _as_uint8(probabilities: np.ndarray) -> np.ndarray:
+    if probabilities.dtype == np.uint8:
+        return probabilities
+    return np.round(np.clip(probabilities, 0, 1) * 255).astype(np.uint8)
+
+
+def decode_levels(probabilities: np.ndarray, image: Image, params: DecodingParameters = DecodingParameters(),
+                  context: np.ndarray | None = None) -> LevelDecoding:
+    """``probabilities``: (5, *image.array.shape) uint8 0..255 (or float 0..1), one map per level;
+    ``context``: the same for "above L1" and "below L5" (2, ...), used when params.context_weight > 0."""
+    prob = _as_uint8(probabilities)
+    if context is not None and context.shape != (2, *prob.shape[1:]):
+        raise ValueError(f"context maps {context.shape} do not match the level maps {prob.shape}")
     shape = prob.shape[1:]
     # summed over levels: a body the network cannot place (0.45 L3 / 0.4 L4) is still a body
     body = prob.sum(axis=0, dtype=np.uint16) >= params.threshold * 255
@@ -157,14 +171,16 @@ def decode_levels(probabilities: np.ndarray, image: Image,
     corner = np.array([b.start for b in box])
     sub = Image(np.empty((0, 0, 0)), image.spacing, tuple(image.ijk_to_lps_points([corner[::-1]])[0]),
                 image.direction.copy()) if corner.any() else image
-    decoded = _decode_box(prob[(slice(None), *box)], body[box], sub, params)
+    decoded = _decode_box(prob[(slice(None), *box)], body[box], sub, params,
+                          None if context is None else _as_uint8(context)[(slice(None), *box)])
     labels = np.zeros(shape, np.uint8)
     labels[box] = decoded.labels
     decoded.labels = labels
     return decoded
 
 
-def _decode_box(prob: np.ndarray, body: np.ndarray, image: Image, params: DecodingParameters) -> LevelDecoding:
+def _decode_box(prob: np.ndarray, body: np.ndarray, image: Image, params: DecodingParameters,
+                context: np.ndarray | None = None) -> LevelDecoding:
     shape = prob.shape[1:]
     pieces, n = _pieces(prob, body, params)
     if n == 0:
@@ -196,7 +212,8 @@ def _decode_box(prob: np.ndarray, body: np.ndarray, image: Image, params: Decodi
         k, j, i = np.unravel_index(vox, shape)
         t = origin + i * steps[0] + j * steps[1] + k * steps[2]
         lo, hi = np.percentile(t, [5, 95])
-        bodies.append(Body(vox, p, centre, float(centre @ axis), (float(lo), float(hi)), volume))
+        ctx = np.zeros(2) if context is None else context.reshape(2, -1)[:, vox].mean(axis=1) / 255.0
+        bodies.append(Body(vox, p, centre, float(centre @ axis), (float(lo), float(hi)), volume, ctx))
     bodies = _merge_same_height(bodies, params)
     bodies.sort(key=lambda b: -b.position_mm)  # superior first
     bodies = _fill_gaps(bodies, params)
@@ -204,10 +221,12 @@ def _decode_box(prob: np.ndarray, body: np.ndarray, image: Image, params: Decodi
     if weights.shape != (N_LEVELS,) or np.any(weights <= 0):
         raise ValueError(f"run_weights must be {N_LEVELS} positive numbers, not {params.run_weights!r}")
     scores = np.array([b.probabilities for b in bodies]) * weights  # (n, 5); missed bodies score 0
+    beyond = np.array([b.context for b in bodies]) * params.context_weight  # (n, 2): above L1, below L5
     m = len(bodies)
 
     def run_score(offset: int) -> float:
-        return float(sum(scores[offset + k, k] for k in range(N_LEVELS) if 0 <= offset + k < m))
+        inside = sum(scores[offset + k, k] for k in range(N_LEVELS) if 0 <= offset + k < m)
+        return float(inside + beyond[:max(offset, 0), 0].sum() + beyond[max(offset + N_LEVELS, 0):, 1].sum())
 
     run_scores = {o: run_score(o) for o in range(-N_LEVELS, m + 1)}
     best = max(run_scores, key=lambda o: (run_scores[o], -abs(o)))
@@ -230,7 +249,8 @@ def _merge(a: Body, b: Body) -> Body:
     total = wa + wb
     return Body(np.concatenate([a.voxels, b.voxels]), (a.probabilities * wa + b.probabilities * wb) / total,
                 (a.centre_ras * wa + b.centre_ras * wb) / total, (a.position_mm * wa + b.position_mm * wb) / total,
-                (min(a.extent_mm[0], b.extent_mm[0]), max(a.extent_mm[1], b.extent_mm[1])), total)
+                (min(a.extent_mm[0], b.extent_mm[0]), max(a.extent_mm[1], b.extent_mm[1])), total,
+                (a.context * wa + b.context * wb) / total)
 
 
 def _merge_same_height(bodies: list[Body], params: DecodingParameters) -> list[Body]:
