@@ -478,3 +478,42 @@ def test_more_folds_of_a_run_keep_its_recipe(tmp_path):
         spine_levels.recipe_of_run(folds_json, lc.ColumnConfig(steps=1300, batch_size=32, seed=1), False)
     taken = spine_levels.recipe_of_run(folds_json, lc.ColumnConfig(threads=4, autocast="bf16"), True)
     assert taken == replace(stored, threads=4, autocast="bf16")
+
+
+def test_context_maps_reach_the_decoder_through_the_products_own_slicing(phantom_cases, tmp_path):
+    """level_context_decoding: the kept context heads, run where the product reads levels 1-2, give
+    the training network's "above L1" / "below L5" probabilities on the scan's grid; decoding with
+    them at weight 0 is the seed's decoding, and a model without heads is refused."""
+    from dataclasses import replace
+
+    import level_context_decoding as lcd
+    from level_eval import run_network
+    from SpineKneeSegLib.engine.models import build_network
+    from SpineKneeSegLib.engine.weights import load_checkpoint
+    from SpineKneeSegLib.tasks.spine.level_decoding import DecodingParameters
+
+    phantom, cases = phantom_cases
+    threads = torch.get_num_threads()
+    try:
+        final = lc.train_column(replace(_tiny_config(steps=4), context_targets=True), tmp_path / "run", cases, False,
+                                log=lambda *_: None)
+        plain = lc.train_column(_tiny_config(steps=2), tmp_path / "plain", cases, False, log=lambda *_: None)
+    finally:
+        torch.set_num_threads(threads)
+    wrapped = lcd.context_network(final)
+    config, state = lc.with_context_heads(load_checkpoint(final))
+    full = build_network("multinet", config).eval()
+    full.load_state_dict(state)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = wrapped(x)
+        assert torch.allclose(out[:, :2], full(x)[:, 5:], atol=1e-4)  # batch norm folded: not bit for bit
+        assert (out[:, 2:] == -30).all()
+    pre = {"in_plane_spacing_mm": 1.4}
+    context = run_network(wrapped, pre, phantom.image).probabilities
+    assert context.shape[1:] == phantom.image.array.shape and context[2:].max() <= 1  # ~sigmoid(-30): 0 of 255
+    levels = lcd.load_network(lcd.resolve_weights(lcd.CARD, final), torch.device("cpu"))
+    seed, with_context = lcd.decode_both(levels, wrapped, pre, phantom.image, DecodingParameters(), 0.0)
+    assert np.array_equal(seed.labels, with_context.labels) and seed.run_scores == with_context.run_scores
+    with pytest.raises(ValueError, match="kept no context heads"):
+        lcd.context_network(plain)
