@@ -478,6 +478,9 @@ def test_more_folds_of_a_run_keep_its_recipe(tmp_path):
         spine_levels.recipe_of_run(folds_json, lc.ColumnConfig(steps=1300, batch_size=32, seed=1), False)
     taken = spine_levels.recipe_of_run(folds_json, lc.ColumnConfig(threads=4, autocast="bf16"), True)
     assert taken == replace(stored, threads=4, autocast="bf16")
+    # the command refuses before it reads anything (no pack, no data needed to be refused)
+    assert spine_levels.main(["cv", "--out", str(tmp_path), "--packed", str(tmp_path / "none.pkl.xz"),
+                              "--fold", "1", "--seed", "0"]) == 2
 
 
 def test_context_maps_reach_the_decoder_through_the_products_own_slicing(phantom_cases, tmp_path):
