@@ -246,7 +246,8 @@ def evaluate_fold(checkpoint: Path, cases: list[dict], out_json: Path, log=print
 VARIANTS = ("full", "cut above L2", "cut through L1", "cut below L5")
 
 
-def _mean_dice(result: dict) -> float:
+def mean_level_dice(result: dict) -> float:
+    """Mean Dice over the levels of one decoded result (NaN when it has none)."""
     return float(np.mean(list(result["dice"].values()))) if result["dice"] else float("nan")
 
 
@@ -283,7 +284,7 @@ def choose_body_threshold(per_case: dict, fold_of: dict, n_folds: int) -> dict:
     Dice on the OTHER folds' scans (so no scan is scored at a threshold chosen on it); for the
     shipped model, the best over all folds."""
     def best(ids):
-        means = {t: np.mean([_mean_dice(per_case[c]["full"]["decoded_at"][str(t)]) for c in ids])
+        means = {t: np.mean([mean_level_dice(per_case[c]["full"]["decoded_at"][str(t)]) for c in ids])
                  for t in BODY_THRESHOLDS}
         return max(means, key=means.get), means
 
@@ -366,8 +367,8 @@ def cv_report(run: Path, partial: bool = False) -> dict:
                 "scans": len(rs), "all_levels_right": sum(r["identification"]["all_correct"] for r in rs),
                 "failed": sorted(cid for cid, r in per_case.items()
                                  if variant in r and not r[variant][method]["identification"]["all_correct"]),
-                "mean_dice": round(float(np.mean([_mean_dice(r) for r in rs])), 4),
-                "mean_dice_when_right": round(float(np.mean([_mean_dice(r) for r in rs
+                "mean_dice": round(float(np.mean([mean_level_dice(r) for r in rs])), 4),
+                "mean_dice_when_right": round(float(np.mean([mean_level_dice(r) for r in rs
                                                              if r["identification"]["all_correct"]] or [np.nan])), 4),
                 "per_level_dice": {k: round(v, 4) for k, v in levels.items()}, "failure_kinds": kinds}
     rows = [(r[v]["decoded"]["identification"]["all_correct"], r[v]["level_confidence"], r[v].get("end_conflict", 0.0))

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from SpineKneeSegLib.core.atomic import write_text_atomic
 from SpineKneeSegLib.engine.models import LevelRefiner
 from SpineKneeSegLib.engine.postprocessing import largest_component_per_label
 from SpineKneeSegLib.tasks.spine.level_refinement import BAND_PX, band, refined_labels, refiner_body
@@ -181,7 +182,7 @@ def cmd_cv(args) -> int:
             rows[cid] = {"fold": f, "before": before, "after": after, "refine_s": round(secs, 3)}
             mb, ma = np.mean(list(before.values())), np.mean(list(after.values()))
             print(f"{cid:22s} fold {f} {'ok ' if c['right'] else 'BAD'} Dice {mb:.4f} -> {ma:.4f}", flush=True)
-        done.write_text(json.dumps({"recipe": recipe, "cases": {c: r for c, r in rows.items() if r["fold"] == f}}))
+        write_text_atomic(done, json.dumps({"recipe": recipe, "cases": {c: r for c, r in rows.items() if r["fold"] == f}}))
     for cid, r in rows.items():  # named right as level_eval scored the level model's labels (the refiner keeps names)
         r["right"] = cases[cid]["right"]
     summary = summarise(rows)

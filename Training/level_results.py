@@ -24,6 +24,7 @@ from pathlib import Path
 
 from SpineKneeSegLib.core.atomic import atomic_path, write_text_atomic
 from SpineKneeSegLib.engine.weights import load_checkpoint, register_model, sha256_of
+from level_eval import mean_level_dice
 
 
 def model_summary(checkpoint: Path) -> dict:
@@ -40,7 +41,7 @@ def held_out_figures(evaluation: dict) -> tuple[int, int, float]:
     """(scans named right, scans, mean per-level Dice) on the whole field of view, at the
     evaluation's default decoding."""
     decoded = [c["full"]["decoded"] for c in evaluation["cases"].values()]
-    dice = [sum(d["dice"].values()) / len(d["dice"]) for d in decoded]
+    dice = [mean_level_dice(d) for d in decoded]
     return sum(d["identification"]["all_correct"] for d in decoded), len(decoded), sum(dice) / len(dice)
 
 

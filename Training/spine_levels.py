@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from SpineKneeSegLib.core.atomic import write_text_atomic
 from SpineKneeSegLib.core.datasets import data_root  # noqa: E402
 from SpineKneeSegLib.engine.models import build_network  # noqa: E402
 from SpineKneeSegLib.engine.postprocessing import largest_component_per_label
@@ -325,7 +326,7 @@ def train_loop(cfg: Config, out: Path, prepared: list[PreparedCase], evaluate, r
                         preprocessing={"in_plane_spacing_mm": cfg.spacing_mm},
                         metadata={"epoch": state["epoch"], "val": evaluation.metrics, "config": asdict(cfg),
                                   **(metadata or {})}, model=model)
-        (out / "best_metrics.json").write_text(json.dumps(evaluation.metrics, indent=2))
+        write_text_atomic(out / "best_metrics.json", json.dumps(evaluation.metrics, indent=2))
 
     loop = LoopConfig(steps=cfg.epochs * steps, eval_every=steps, patience=cfg.patience, seed=cfg.seed,
                       max_minutes=max_minutes, round_loss=None)
@@ -435,8 +436,8 @@ def column_main(argv) -> int:
             print(f"{folds_json}: its folds differ from this command's (--folds, --split-seed, the data); "
                   "use another --out", file=sys.stderr)
             return 2
-        folds_json.write_text(json.dumps({"folds": folds, "duplicates": groups, "label_notes": notes,
-                                          "config": asdict(cfg)}, indent=2))
+        write_text_atomic(folds_json, json.dumps({"folds": folds, "duplicates": groups, "label_notes": notes,
+                                                  "config": asdict(cfg)}, indent=2))  # a run outlives sessions
     for f in args.fold if args.fold is not None else range(args.folds):
         fold_dir = out / f"fold{f}"
         held_out = [c for c in cases if c["id"] in folds[f]]

@@ -41,6 +41,7 @@ from slicetrain import (  # noqa: E402
     foreground_dice_loss,
     sigmoid_dice_bce_loss,
 )
+from SpineKneeSegLib.core.atomic import write_text_atomic  # noqa: E402
 from SpineKneeSegLib.core.image import Image  # noqa: E402
 from SpineKneeSegLib.engine.models import build_network, count_parameters  # noqa: E402
 from SpineKneeSegLib.engine.preprocessing import training_slices  # noqa: E402
@@ -422,7 +423,7 @@ def experiment(config_path: Path, log=print) -> dict:
             evaluation = evaluate(run / "best.pt", spec.get("test_n", 24), spec.get("noise_sigma", 5000.0), log)
             evaluation["train_seconds"] = round(state["seconds"], 1)
             evaluation["best_step"] = state["best_step"]
-            done.write_text(json.dumps(evaluation, indent=1))
+            write_text_atomic(done, json.dumps(evaluation, indent=1))  # its presence marks the arm done
         results[arm["name"]] = {"description": arm.get("description", ""), **json.loads(done.read_text())}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     table = results_table(spec, results)
