@@ -444,6 +444,7 @@ def test_kept_results_outlive_the_run_and_report_partially(phantom_cases, traine
     summary = cv_report(kept, partial=True)
     assert summary["folds_scored"] == [0] and summary["cases"] == 1
     assert summary["decoded/full"]["scans"] == 1
+    assert summary["body_threshold"]["per_fold"][0] == 0.5  # no other fold scored: the default, not a mean over nothing
     with pytest.raises(FileNotFoundError, match="fold 1 not evaluated"):
         cv_report(kept)
     later = (run / "fold0" / "evaluation.json").stat().st_mtime + 10

@@ -284,6 +284,8 @@ def choose_body_threshold(per_case: dict, fold_of: dict, n_folds: int) -> dict:
     Dice on the OTHER folds' scans (so no scan is scored at a threshold chosen on it); for the
     shipped model, the best over all folds."""
     def best(ids):
+        if not ids:  # a partial report's only scored fold: nothing else to choose on, so the default
+            return 0.5, {}
         means = {t: np.mean([mean_level_dice(per_case[c]["full"]["decoded_at"][str(t)]) for c in ids])
                  for t in BODY_THRESHOLDS}
         return max(means, key=means.get), means
