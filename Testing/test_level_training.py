@@ -460,7 +460,7 @@ def test_kept_results_outlive_the_run_and_report_partially(phantom_cases, traine
         keep(run, kept)
 
 
-def test_more_folds_of_a_run_keep_its_recipe(tmp_path):
+def test_more_folds_of_a_run_keep_its_recipe(tmp_path, capsys):
     """cv on a run begun earlier: a command whose recipe differs from the run's folds.json is refused
     (one run, one recipe), --same-recipe takes the stored one, and how it runs (threads, device,
     autocast) may change between machines."""
@@ -482,6 +482,7 @@ def test_more_folds_of_a_run_keep_its_recipe(tmp_path):
     # the command refuses before it reads anything (no pack, no data needed to be refused)
     assert spine_levels.main(["cv", "--out", str(tmp_path), "--packed", str(tmp_path / "none.pkl.xz"),
                               "--fold", "1", "--seed", "0"]) == 2
+    assert "seed=0 (run: 1)" in capsys.readouterr().err  # refused for the recipe, not for the missing pack
 
 
 def test_context_maps_reach_the_decoder_through_the_products_own_slicing(phantom_cases, tmp_path):

@@ -251,6 +251,7 @@ def mean_level_dice(result: dict) -> float:
     return float(np.mean(list(result["dice"].values()))) if result["dice"] else float("nan")
 
 
+DEFAULT_BODY_THRESHOLD = DecodingParameters().threshold  # the decoder's own default, where nothing is swept
 END_CONFLICT = DecodingParameters().end_conflict_doubtful  # flags on its own, whatever the margin (> 1: off)
 
 
@@ -285,13 +286,14 @@ def choose_body_threshold(per_case: dict, fold_of: dict, n_folds: int) -> dict:
     shipped model, the best over all folds."""
     def best(ids):
         if not ids:  # a partial report's only scored fold: nothing else to choose on, so the default
-            return 0.5, {}
+            return DEFAULT_BODY_THRESHOLD, {}
         means = {t: np.mean([mean_level_dice(per_case[c]["full"]["decoded_at"][str(t)]) for c in ids])
                  for t in BODY_THRESHOLDS}
         return max(means, key=means.get), means
 
     if not all("decoded_at" in r["full"] for r in per_case.values()):
-        return {"per_fold": [0.5] * n_folds, "final": 0.5, "how": "not swept: the default"}
+        return {"per_fold": [DEFAULT_BODY_THRESHOLD] * n_folds, "final": DEFAULT_BODY_THRESHOLD,
+                "how": "not swept: the default"}
     per_fold = [best([c for c in per_case if fold_of[c] != f])[0] for f in range(n_folds)]
     final, means = best(list(per_case))
     return {"per_fold": per_fold, "final": final, "how": "best mean Dice on the other folds (per fold); "
