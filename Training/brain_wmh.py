@@ -47,6 +47,7 @@ from SpineKneeSegLib.engine.preprocessing import (  # noqa: E402
 )
 from SpineKneeSegLib.engine.weights import save_checkpoint  # noqa: E402
 from SpineKneeSegLib.tasks import TASKS  # noqa: E402
+from SpineKneeSegLib.core.atomic import write_text_atomic  # noqa: E402
 from evalhelpers import dice_or
 from modelcard import publish, render
 from trainloop import Evaluation, LoopConfig, run_loop, seed_everything
@@ -332,7 +333,7 @@ def train(cfg: Config, cases: list[dict], out: Path, log=print) -> dict:
     state = run_loop(net, optimiser, batches, lambda n, b: criterion(n(b[0]), b[1]), loop, out, scheduler=scheduler,
                      evaluate=evaluate, save_best=save_best, rng=rng, extra={"config": asdict(cfg)}, log=log)
     history = [{k: h[k] for k in ("epoch", "loss", "held_back_dice", "lr", "seconds")} for h in state["history"]]
-    (out / "history.json").write_text(json.dumps(history, indent=2))
+    write_text_atomic(out / "history.json", json.dumps(history, indent=2))
     return {"best_held_back_dice": state["best"], "best_epoch": state["best_epoch"], "epochs": state["epoch"]}
 
 
@@ -408,7 +409,7 @@ def loo(cfg: Config, root: Path, out: Path, only: list[str] | None = None) -> di
         net = load_network(resolve_weights(CARD, fold_out / "best.pt"), torch.device("cpu"))
         z = fit_baseline(train_cases)
         folds[held["id"]] = {"training": info, "baseline_z": z, **evaluate_case(net, held, z, cfg, fold_out)}
-        (fold_out / "fold.json").write_text(json.dumps(folds[held["id"]], indent=2, default=float))
+        write_text_atomic(fold_out / "fold.json", json.dumps(folds[held["id"]], indent=2, default=float))
     if len(folds) < len(cases):
         print(f"folds done: {sorted(folds)}; the summary needs all {len(cases)}")
         return {"folds": folds}
@@ -422,7 +423,7 @@ def loo(cfg: Config, root: Path, out: Path, only: list[str] | None = None) -> di
                 "avd_percent": float(np.mean([f[res][who]["wmh2017"]["avd_percent"] for f in folds.values()])),
                 "f3": float(np.mean([f[res][who]["seed002"]["f3"] for f in folds.values()]))}
     result = {"folds": folds, "summary": summary, "config": asdict(cfg)}
-    (out / "loo.json").write_text(json.dumps(result, indent=2, default=float))
+    write_text_atomic(out / "loo.json", json.dumps(result, indent=2, default=float))
     print(json.dumps(summary, indent=2))
     return result
 
@@ -603,7 +604,7 @@ def main(argv=None) -> int:
         loo(cfg, root, Path(args.out), args.only)
     elif args.command == "final":
         info = train(cfg, brain_cases(root), Path(args.out) / "final")
-        (Path(args.out) / "final" / "final.json").write_text(json.dumps(info))
+        write_text_atomic(Path(args.out) / "final" / "final.json", json.dumps(info))
         print(json.dumps(info))
     else:
         minutes = dict(item.split("=") for item in args.minutes.split(",") if item)

@@ -118,7 +118,9 @@ def main(argv=None) -> int:
         result = exact_binomial_comparison([a[k]["within"] for k in keys], [b[k]["within"] for k in keys])
     text = json.dumps(result, indent=2)
     if getattr(args, "json", None):
-        Path(args.json).write_text(text)
+        from SpineKneeSegLib.core.atomic import write_text_atomic
+
+        write_text_atomic(Path(args.json), text)
     print(text)
     return 0
 

@@ -35,6 +35,7 @@ from SpineKneeSegLib.tasks.spine.foramen_confidence import (
 from SpineKneeSegLib.tasks.spine.foramina import Foramen, estimate_foramina_from_levels
 from SpineKneeSegLib.tasks.spine.level_decoding import decode_levels
 from SpineKneeSegLib.tasks.spine.phantom import spine_phantom
+from SpineKneeSegLib.core.atomic import write_text_atomic
 
 COLUMNS = ("seed", "source", "label", *FEATURES, "error_mm")
 
@@ -183,7 +184,7 @@ def fit(out: Path) -> None:
     lines += _report("shipped ConfidenceModel", shipped[test], y[test])
     lines += _report("old constant (0.50, L5/S1 0.35)", constant[test], y[test])
     text = "\n".join(lines)
-    (out / "calibration.md").write_text(text + "\n")
+    write_text_atomic(out / "calibration.md", text + "\n")
     print(text)
 
 

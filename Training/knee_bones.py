@@ -43,6 +43,7 @@ from knee_eval import (
     slice_fit,
 )
 from knee_train import train
+from SpineKneeSegLib.core.atomic import write_text_atomic
 
 
 def main(argv=None) -> int:
@@ -177,7 +178,7 @@ def main(argv=None) -> int:
                                    for seed in args.seeds])
         name = (args.checkpoint or args.out / "best.pt").stem + ("-synth" if overrides else "")
         name += "" if args.seeds == [777] else "-seeds-" + "-".join(map(str, args.seeds))
-        (args.out / f"eval-{name}.json").write_text(json.dumps(result, indent=2))
+        write_text_atomic(args.out / f"eval-{name}.json", json.dumps(result, indent=2))
         print(json.dumps(result["mean_dice"]))
         return 0
     if args.command == "soup":
@@ -189,13 +190,13 @@ def main(argv=None) -> int:
     if args.command == "compare":
         runs = dict(item.split("=", 1) for item in args.runs)
         rows = compare_variants({k: Path(v) for k, v in runs.items()}, args.at)
-        args.json.write_text(json.dumps(rows, indent=2))
+        write_text_atomic(args.json, json.dumps(rows, indent=2))
         print(json.dumps(rows, indent=1))
         return 0
     if args.command == "check-real":
         checkpoint = args.checkpoint or args.out / "best.pt"
         rows = check_real_series(checkpoint, args.out / "real")
-        (args.out / "real.json").write_text(json.dumps(rows, indent=2))
+        write_text_atomic(args.out / "real.json", json.dumps(rows, indent=2))
         return 0
     if args.command == "fit":
         result = slice_fit(args.checkpoint, args.volumes, args.anatomy, parse_synth_overrides(args.synth), args.samples)

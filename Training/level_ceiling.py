@@ -22,6 +22,7 @@ from SpineKneeSegLib.core.datasets import data_root
 from SpineKneeSegLib.core.image_io import read_image
 from SpineKneeSegLib.engine.preprocessing import canonical_image, from_network_grid, network_grid, to_network_grid
 from SpineKneeSegLib.tasks import TASKS
+from SpineKneeSegLib.core.atomic import write_text_atomic
 
 CARD = TASKS["lumbar-foramina"]
 MODES = {"area": "bilinear", "nearest": "nearest"}  # to_network_grid's mode for each way onto the grid
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
         print(f"{key:16s} mean {values.mean():.4f}  median {np.median(values):.4f}  worst {values.min():.4f}  "
               f"({len(values)} scans)")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        write_text_atomic(args.json, json.dumps(rows, indent=1))
     return 0
 
 

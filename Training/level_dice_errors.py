@@ -22,6 +22,7 @@ from level_eval import cv_run_parser, held_out_scans, run_network, score
 from SpineKneeSegLib.engine.postprocessing import largest_component_per_label
 from SpineKneeSegLib.engine.preprocessing import canonical_orientation
 from SpineKneeSegLib.tasks.spine.level_decoding import decode_levels
+from SpineKneeSegLib.core.atomic import write_text_atomic
 
 LEVELS = ("L1", "L2", "L3", "L4", "L5")
 
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
           f"over {len(all_levels)} levels; median predicted / true volume "
           f"{np.median([v['volume_ratio'] for v in all_levels]):.3f}")
     out = args.out or args.run / "dice_errors.json"
-    out.write_text(json.dumps(rows, indent=1))
+    write_text_atomic(out, json.dumps(rows, indent=1))
     return 0
 
 

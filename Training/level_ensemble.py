@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from SpineKneeSegLib.engine.weights import load_checkpoint, save_ensemble
+from SpineKneeSegLib.core.atomic import write_text_atomic
 
 
 def merged_config(configs: list[dict]) -> dict:
@@ -58,8 +59,8 @@ def make_ensemble_run(members: list[Path], out: Path) -> list[Path]:
         target.parent.mkdir(parents=True, exist_ok=True)
         save_ensemble(target, paths, "sigmoid", ensemble_metadata([load_checkpoint(p) for p in paths]))
         written.append(target)
-    (out / "folds.json").write_text(json.dumps({**folds[0], "config": merged_config([f["config"] for f in folds]),
-                                                "members": [str(m) for m in members]}, indent=2))
+    merged = {**folds[0], "config": merged_config([f["config"] for f in folds]), "members": [str(m) for m in members]}
+    write_text_atomic(out / "folds.json", json.dumps(merged, indent=2))
     return written
 
 

@@ -18,6 +18,7 @@ from SpineKneeSegLib.engine.postprocessing import dice, largest_component_per_la
 from SpineKneeSegLib.engine.weights import resolve_weights
 from SpineKneeSegLib.tasks import TASKS
 from SpineKneeSegLib.tasks.spine.level_decoding import DecodingParameters, decode_levels
+from SpineKneeSegLib.core.atomic import write_text_atomic
 
 CARD = TASKS["lumbar-foramina"]
 N_LEVELS = 5
@@ -237,7 +238,8 @@ def evaluate_fold(checkpoint: Path, cases: list[dict], out_json: Path, log=print
                 f"{np.mean(list(d['dice'].values())):.3f} conf {r['level_confidence']:.2f} | old "
                 f"{'ok' if r['old_cleanup']['identification']['all_correct'] else 'BAD'} "
                 f"{','.join(r['old_cleanup']['identification']['kinds'])}")
-    out_json.write_text(json.dumps({"checkpoint": str(checkpoint), "precision": precision, "cases": results}, indent=2))
+    summary = {"checkpoint": str(checkpoint), "precision": precision, "cases": results}
+    write_text_atomic(out_json, json.dumps(summary, indent=2))
     return results
 
 
@@ -401,5 +403,5 @@ def cv_report(run: Path, partial: bool = False) -> dict:
                      f"{verdict('cut through L1')} | {verdict('cut below L5')} | "
                      f"{'yes' if old['all_correct'] else 'NO ' + ','.join(old['kinds'])} |")
     summary["table"] = "\n".join(table)
-    (run / "cv_summary.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(run / "cv_summary.json", json.dumps(summary, indent=2))
     return summary

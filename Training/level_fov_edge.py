@@ -26,6 +26,7 @@ from SpineKneeSegLib.core.image import Image
 from SpineKneeSegLib.core.image_io import read_image
 from SpineKneeSegLib.engine.postprocessing import largest_component_per_label
 from SpineKneeSegLib.tasks.spine.level_decoding import DecodingParameters, decode_levels
+from SpineKneeSegLib.core.atomic import write_text_atomic
 
 EDGE_ROWS = 2
 
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
             r = ext_rows[-1]
             print(f"external {cid:13s} fold {f} {'ok ' if r['right'] else 'BAD'} conf {r['confidence']:.2f} "
                   f"edge unnamed {r['edge_unnamed']:5d} L1 at edge {r['l1_at_edge']:5d}", flush=True)
-    (args.run / "fov_edge.json").write_text(json.dumps({"cv": cv_rows, "external": ext_rows}, indent=1))
+    write_text_atomic(args.run / "fov_edge.json", json.dumps({"cv": cv_rows, "external": ext_rows}, indent=1))
     print(f"\ndoubtful below {threshold}; edge rule: >= {args.min_voxels} unnamed body voxels in the top "
           f"{EDGE_ROWS} rows")
     print("cross-validation (all fields of view):\n" + tally(cv_rows, threshold, args.min_voxels))

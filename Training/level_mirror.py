@@ -22,6 +22,7 @@ from SpineKneeSegLib.core.image import Image
 from SpineKneeSegLib.engine.postprocessing import largest_component_per_label
 from SpineKneeSegLib.engine.preprocessing import canonical_orientation
 from SpineKneeSegLib.tasks.spine.level_decoding import decode_levels
+from SpineKneeSegLib.core.atomic import write_text_atomic
 
 
 def mirrored(image: Image) -> tuple[Image, int]:
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
     gain = [r["mirror"]["dice"] - r["plain"]["dice"] for r in rows.values()]
     print(f"mirror - plain per scan: median {np.median(gain):+.4f}, better on {sum(g > 0 for g in gain)} of {len(gain)}")
     out = args.out or args.run / "mirror.json"
-    out.write_text(json.dumps(rows, indent=1))
+    write_text_atomic(out, json.dumps(rows, indent=1))
     return 0
 
 

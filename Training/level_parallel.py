@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from SpineKneeSegLib.core.atomic import write_text_atomic
 
 SCRIPT = Path(__file__).with_name("spine_levels.py")
 
@@ -108,12 +109,12 @@ def main(argv=None) -> int:
                                      shlex.split(options) + args.common).items():
             jobs[f"{name}/{job}"] = cmd
     plan["commands"] = {k: shlex.join(v) for k, v in jobs.items()}
-    (args.out / "plan.json").write_text(json.dumps(plan, indent=2))
+    write_text_atomic(args.out / "plan.json", json.dumps(plan, indent=2))
     started = time.time()
     codes = run_all(jobs, args.out / "logs")
     plan["train_seconds"] = round(time.time() - started, 1)
     plan["exit_codes"] = codes
-    (args.out / "plan.json").write_text(json.dumps(plan, indent=2))
+    write_text_atomic(args.out / "plan.json", json.dumps(plan, indent=2))
     print(json.dumps({k: plan.get(k) for k in ("probe_seconds", "train_seconds", "exit_codes")}, indent=2))
     return int(any(codes.values()))
 

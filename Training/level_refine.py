@@ -188,7 +188,7 @@ def cmd_cv(args) -> int:
     summary = summarise(rows)
     summary.update(recipe)
     print(json.dumps(summary))
-    (args.out / "refine_cv.json").write_text(json.dumps({"summary": summary, "cases": rows}, indent=1))
+    write_text_atomic(args.out / "refine_cv.json", json.dumps({"summary": summary, "cases": rows}, indent=1))
     return 0
 
 

@@ -22,6 +22,7 @@ from SpineKneeSegLib.tasks.brain.lesions import (  # noqa: E402
     decode_lesions,
     label_lesions,
 )
+from SpineKneeSegLib.core.atomic import write_text_atomic  # noqa: E402
 from wmh_metrics import all_metrics  # noqa: E402
 
 THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.1, 0.91, 0.05))
@@ -140,7 +141,7 @@ def report(run: Path, split_mm: float | None = 2.0) -> dict:
               "nested": score(views, nested), "plain_0.5": score(views, plain)}
     result["summary"] = {"nested": summarise(result["nested"]), "plain_0.5": summarise(result["plain_0.5"])}
     name = f"selection{'-split' + format(split_mm, 'g') if split_mm else '-single'}.json"
-    (run / name).write_text(json.dumps(result, indent=2, default=float))
+    write_text_atomic(run / name, json.dumps(result, indent=2, default=float))
     return result
 
 

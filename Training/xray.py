@@ -327,7 +327,7 @@ def train(cfg: Config, out: Path, resume: bool = False, max_minutes: float | Non
                      extra={"config": asdict(cfg)}, log=log,
                      resume_message=lambda st: f"resumed at step {st['step']} (best {st['best']:.4f} at "
                                                f"{st['best_step']})")
-    (out / "history.json").write_text(json.dumps(state["history"], indent=1))
+    write_text_atomic(out / "history.json", json.dumps(state["history"], indent=1))
     return state
 
 
@@ -425,9 +425,9 @@ def experiment(config_path: Path, log=print) -> dict:
             evaluation["best_step"] = state["best_step"]
             write_text_atomic(done, json.dumps(evaluation, indent=1))  # its presence marks the arm done
         results[arm["name"]] = {"description": arm.get("description", ""), **json.loads(done.read_text())}
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_text_atomic(out / "results.json", json.dumps(results, indent=1))
     table = results_table(spec, results)
-    (out / "results.md").write_text(table)
+    write_text_atomic(out / "results.md", table)
     print(table)
     return results
 
@@ -614,11 +614,11 @@ def main(argv=None) -> int:
         train(cfg, args.out, args.resume, args.max_minutes)
         if cfg.n_train:  # held-out phantoms only mean something for the phantoms' classes
             evaluation = evaluate(args.out / "best.pt")
-            (args.out / "evaluation.json").write_text(json.dumps(evaluation, indent=1))
+            write_text_atomic(args.out / "evaluation.json", json.dumps(evaluation, indent=1))
     elif args.command == "evaluate":
         result = evaluate(args.weights, args.n, args.noise_sigma)
         if args.json:
-            args.json.write_text(json.dumps(result, indent=1))
+            write_text_atomic(args.json, json.dumps(result, indent=1))
     elif args.command == "experiment":
         experiment(args.config)
     else:

@@ -43,6 +43,7 @@ from SpineKneeSegLib.engine.postprocessing import dice
 from SpineKneeSegLib.engine.preprocessing import training_slices
 from SpineKneeSegLib.tasks import TASKS
 from SpineKneeSegLib.tasks.xray.polarity import inverted
+from SpineKneeSegLib.core.atomic import write_text_atomic
 from trainloop import LoopConfig, init_distributed, rank_seed, run_loop, seed_everything
 from wmh_metrics import hd95_mm
 
@@ -242,7 +243,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
                      LoopConfig(steps=cfg.steps, checkpoint_every=100, grad_clip=1.0, seed=cfg.seed, tensorboard=True),
                      out, rng=rng, lr_at=lr_at, resume=resume, save_best=False,
                      extra={"config": asdict(cfg), "network": network_config(cfg), "split": info}, log=log)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    write_text_atomic(out / "config.json", json.dumps(asdict(cfg), indent=2))
     return state
 
 
@@ -328,12 +329,12 @@ def experiment(config_path: Path, log=print) -> dict:
             if key not in results:
                 results[key] = {"run": name, "noise_sigma": sigma, **{k: v for k, v in run.items() if k != "name"},
                                 **evaluate(path, sigma, log)["summary"]}
-                (out / "results.json").write_text(json.dumps(results, indent=2))
+                write_text_atomic(out / "results.json", json.dumps(results, indent=2))
     columns = ["mean dice", *(f"{s} dice" for s in STRUCTURES)]
     lines = ["| run | noise sigma | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
     for key, r in results.items():
         lines.append(f"| {r['run']} | {r['noise_sigma']:g} | " + " | ".join(f"{r[c]:.3f}" for c in columns) + " |")
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(out / "results.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return results
 
@@ -415,8 +416,8 @@ def ship(run: Path, version: str, experiments_md: Path | None, minutes: float, l
                     "research and education use)", checkpoint=checkpoint,
                     metadata={"trained_on": "JSRT/SCR, 148 radiographs", "held_out": clean["summary"],
                               "split": ckpt.get("split", {}), "config": cfg})
-    (run / "evaluation.json").write_text(json.dumps(clean, indent=2))
-    (run / "evaluation-noise5000.json").write_text(json.dumps(noisy, indent=2))
+    write_text_atomic(run / "evaluation.json", json.dumps(clean, indent=2))
+    write_text_atomic(run / "evaluation-noise5000.json", json.dumps(noisy, indent=2))
     log(f"shipped {entry.file}")
 
 
@@ -447,7 +448,7 @@ def main(argv=None) -> None:
     elif args.command == "evaluate":
         result = evaluate(args.run, args.noise_sigma)
         name = f"evaluation{'-noise' + str(int(args.noise_sigma)) if args.noise_sigma else ''}.json"
-        (args.run / name).write_text(json.dumps(result, indent=2))
+        write_text_atomic(args.run / name, json.dumps(result, indent=2))
     elif args.command == "experiment":
         experiment(args.config)
     else:

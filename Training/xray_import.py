@@ -32,6 +32,7 @@ import numpy as np
 from SpineKneeSegLib.core.errors import InputError  # noqa: E402
 from SpineKneeSegLib.core.image import Image  # noqa: E402
 from SpineKneeSegLib.core.image_io import read_image, write_image  # noqa: E402
+from SpineKneeSegLib.core.atomic import write_text_atomic  # noqa: E402
 
 MASK_SUFFIXES = ("", "_mask", "-mask", "_label", "-label", "_seg", "-seg")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".nii", ".nii.gz", ".nrrd", ".mha", ".img")
@@ -117,7 +118,7 @@ class Writer:
             w = csv.DictWriter(f, fieldnames=["id", "image", "labels"])
             w.writeheader()
             w.writerows(self.rows)
-        (self.out / "classes.json").write_text(json.dumps(
+        write_text_atomic(self.out / "classes.json", json.dumps(
             [{"value": n + 1, "name": c} for n, c in enumerate(self.classes)], indent=1))
         print(f"{len(self.rows)} cases -> {manifest}")
         return manifest

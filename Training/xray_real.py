@@ -31,6 +31,7 @@ from SpineKneeSegLib.core.datasets import data_root
 from SpineKneeSegLib.core.image_io import read_image
 from SpineKneeSegLib.tasks import TASKS
 from SpineKneeSegLib.tasks.xray.polarity import inverted
+from SpineKneeSegLib.core.atomic import write_text_atomic
 
 JSRT = "xray/jsrt-scr"
 FP_AREA_MM2 = 100.0  # a "femur" of at least 1 cm2 on a chest radiograph counts as one found
@@ -164,7 +165,7 @@ def main(argv=None) -> int:
         parser.error("evaluate needs --weights")
     result = evaluate_real(args.weights, args.n, task=args.task)
     out = args.out or args.weights.parent / f"evaluation-real-{args.weights.stem}.json"
-    out.write_text(json.dumps(result, indent=1))
+    write_text_atomic(out, json.dumps(result, indent=1))
     print(f"wrote {out}")
     return 0
 
