@@ -238,8 +238,8 @@ def evaluate_fold(checkpoint: Path, cases: list[dict], out_json: Path, log=print
                 f"{np.mean(list(d['dice'].values())):.3f} conf {r['level_confidence']:.2f} | old "
                 f"{'ok' if r['old_cleanup']['identification']['all_correct'] else 'BAD'} "
                 f"{','.join(r['old_cleanup']['identification']['kinds'])}")
-    summary = {"checkpoint": str(checkpoint), "precision": precision, "cases": results}
-    write_text_atomic(out_json, json.dumps(summary, indent=2))
+    evaluation = {"checkpoint": str(checkpoint), "precision": precision, "cases": results}
+    write_text_atomic(out_json, json.dumps(evaluation, indent=2))
     return results
 
 
