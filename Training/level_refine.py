@@ -171,6 +171,7 @@ def cmd_cv(args) -> int:
         print(f"fold {f}: refiner trained on {len(train_cases)} scans", flush=True)
         net = train(train_cases, args.steps, args.batch_size, args.size, args.seed, args.band,
                     log=lambda m: print(m, flush=True))
+        torch.save(net.state_dict(), args.out / f"refine_fold{f}.pt")  # for later looks at this fold's refiner
         for cid, c in cases.items():
             if c["fold"] != f:
                 continue
