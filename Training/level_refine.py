@@ -11,12 +11,14 @@ pixels; the levels' names are never changed.
     python Training/level_refine.py inputs --run Training/runs/levels-ctx-D32 \\
         --summary Training/results/levels-ctx-D32/cv_summary.json --out .devdata/levels-refiner-inputs.npz
     python Training/level_refine.py cv --inputs .devdata/levels-refiner-inputs.npz --out Training/runs/level-refiner
+    python Training/level_refine.py choose --inputs .devdata/levels-refiner-inputs.npz --out Training/runs/level-refiner
     python Training/level_refine.py final --inputs .devdata/levels-refiner-inputs.npz --out Training/runs/level-refiner
 
 ``inputs``: every scan's out-of-fold prediction (its own fold model, run and decoded by the
 product's steps with that fold's decoder settings) and the refiner's inputs made from it by the
 Lib. ``cv``: per fold, a refiner trained on the other folds' scans, scored on the fold's scans
-(whole-scan per-level Dice before and after, through the product's clean-up). ``final``: one
+(whole-scan per-level Dice before and after, through the product's clean-up). ``choose``: the
+step's threshold and band per fold, chosen on the scans that fold's refiner was trained on. ``final``: one
 refiner on all scans (the shipped one), with the cross-validation's figures in its metadata.
 """
 from __future__ import annotations
@@ -33,7 +35,8 @@ import torch.nn.functional as F
 from SpineKneeSegLib.core.atomic import write_text_atomic
 from SpineKneeSegLib.engine.models import LevelRefiner
 from SpineKneeSegLib.engine.postprocessing import largest_component_per_label
-from SpineKneeSegLib.tasks.spine.level_refinement import BAND_PX, band, refined_labels, refiner_body
+from SpineKneeSegLib.tasks.spine.level_refinement import (BAND_PX, band, refined_labels, refiner_body,
+                                                           refiner_probability)
 
 LEVELS = 5
 NETWORK = {"in_channels": 2, "width": 16}
@@ -207,6 +210,58 @@ def summarise(rows: dict) -> dict:
                                  for r in rows.values()))}
 
 
+# ---- choose: the refiner's threshold and band per fold, on that fold's refiner's training scans --
+
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
+BANDS = (1, 2, 3)
+
+
+def cmd_choose(args) -> int:
+    """Nested choice of the step's threshold and band: for each fold, the grid is scored on the
+    scans its refiner was trained on (the other folds'), the best setting is applied to the fold's
+    scans. The held-out grid is stored for reading only; nothing is chosen on it."""
+    from SpineKneeSegLib.engine.models import LevelRefiner as Net
+
+    torch.set_num_threads(args.threads)
+    cases = load_inputs(args.inputs)
+    grid = [(t, b) for t in THRESHOLDS for b in BANDS]
+    rows, chosen, held_grid = {}, {}, {}
+    for f in sorted({c["fold"] for c in cases.values()}):
+        net = Net(**NETWORK)
+        net.load_state_dict(torch.load(args.out / f"refine_fold{f}.pt", weights_only=True))
+        net.eval()
+        scores = {}  # (threshold, band) -> {case: mean per-level Dice}
+        for cid, c in cases.items():
+            prob = refiner_probability(net, c["x"])
+            for t, b in grid:
+                new = c["labels"].copy()
+                new[c["box"]] = refined_labels(c["labels"][c["box"]], prob >= t, b)
+                d = level_dice(largest_component_per_label(new), c["truth"])
+                scores.setdefault((t, b), {})[cid] = d
+        train_mean = {k: float(np.mean([np.mean(list(d.values())) for cid, d in v.items() if cases[cid]["fold"] != f]))
+                      for k, v in scores.items()}
+        best = max(grid, key=lambda k: (round(train_mean[k], 5), k == (0.5, BAND_PX)))  # ties: the seed's setting
+        chosen[f] = {"threshold": best[0], "band_px": best[1], "train_mean_dice": round(train_mean[best], 4),
+                     "train_mean_dice_at_0.5_band_2": round(train_mean[(0.5, BAND_PX)], 4)}
+        held_grid[f] = {f"{t}/{b}": round(float(np.mean([np.mean(list(d.values())) for cid, d in v.items()
+                                                          if cases[cid]["fold"] == f])), 4) for (t, b), v in scores.items()}
+        for cid, c in cases.items():
+            if c["fold"] == f:
+                old = largest_component_per_label(c["labels"])
+                rows[cid] = {"fold": f, "right": c["right"], "before": level_dice(old, c["truth"]),
+                             "after": scores[best][cid], "after_seed_setting": scores[(0.5, BAND_PX)][cid]}
+        print(f"fold {f}: chose threshold {best[0]}, band {best[1]} (training scans {train_mean[best]:.4f}; "
+              f"0.5/2: {train_mean[(0.5, BAND_PX)]:.4f})", flush=True)
+    summary = summarise(rows)
+    seed = {c: {**r, "after": r["after_seed_setting"]} for c, r in rows.items()}
+    summary["dice_after_seed_setting"] = summarise(seed)["dice_after"]
+    print(json.dumps({"chosen": chosen, "summary": summary}))
+    write_text_atomic(args.out / "refine_choose.json", json.dumps(
+        {"summary": summary, "chosen": chosen, "held_out_grid_not_used_for_choosing": held_grid, "cases": rows},
+        indent=1))
+    return 0
+
+
 def cmd_final(args) -> int:
     from SpineKneeSegLib.engine.weights import save_checkpoint
 
@@ -351,6 +406,11 @@ def main(argv=None) -> int:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--threads", type=int, default=2)
         p.set_defaults(func=fn)
+    p = sub.add_parser("choose", help="threshold and band per fold, chosen on its refiner's training scans")
+    p.add_argument("--inputs", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="the cv run's folder (refine_foldN.pt)")
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=cmd_choose)
     p = sub.add_parser("ship", help="card, registry entry and SHA256 for the final refiner")
     p.add_argument("--out", type=Path, required=True, help="the folder with final.pt and refine_cv.json")
     p.add_argument("--version", required=True)

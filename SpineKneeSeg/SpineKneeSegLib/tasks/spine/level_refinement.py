@@ -109,15 +109,20 @@ def refiner_inputs(image: Image, labels: np.ndarray, probs: np.ndarray, grid: Im
     return x, box, axis, first[box_first]
 
 
-def refiner_body(net, x: np.ndarray, threshold: float = 0.5, batch: int = 8) -> np.ndarray:
-    """The refiner's body mask (slices, h, w) for its inputs ``x`` (2, slices, h, w)."""
-    body = np.zeros(x.shape[1:], bool)
+def refiner_probability(net, x: np.ndarray, batch: int = 8) -> np.ndarray:
+    """The refiner's body probability (slices, h, w), float32, for its inputs ``x`` (2, slices, h, w)."""
+    prob = np.zeros(x.shape[1:], np.float32)
     device = next(net.parameters()).device  # the pipeline's --device
     with torch.inference_mode():
         for i in range(0, x.shape[1], batch):
             xs = torch.from_numpy(np.ascontiguousarray(x[:, i:i + batch].transpose(1, 0, 2, 3))).to(device)
-            body[i:i + batch] = (torch.sigmoid(net(xs).float())[:, 0] >= threshold).cpu().numpy()
-    return body
+            prob[i:i + batch] = torch.sigmoid(net(xs).float())[:, 0].cpu().numpy()
+    return prob
+
+
+def refiner_body(net, x: np.ndarray, threshold: float = 0.5, batch: int = 8) -> np.ndarray:
+    """The refiner's body mask (slices, h, w) for its inputs ``x`` (2, slices, h, w)."""
+    return refiner_probability(net, x, batch) >= threshold
 
 
 def refine_levels(net, image: Image, labels: np.ndarray, probs: np.ndarray, grid: Image,
