@@ -220,14 +220,17 @@ def cmd_choose(args) -> int:
     """Nested choice of the step's threshold and band: for each fold, the grid is scored on the
     scans its refiner was trained on (the other folds'), the best setting is applied to the fold's
     scans. The held-out grid is stored for reading only; nothing is chosen on it."""
-    from SpineKneeSegLib.engine.models import LevelRefiner as Net
-
     torch.set_num_threads(args.threads)
     cases = load_inputs(args.inputs)
+    folds = sorted({c["fold"] for c in cases.values()})
+    missing = [str(args.out / f"refine_fold{f}.pt") for f in folds if not (args.out / f"refine_fold{f}.pt").exists()]
+    if missing:
+        print(f"no fold refiner {', '.join(missing)}: run `cv` into {args.out} first", file=sys.stderr)
+        return 2
     grid = [(t, b) for t in THRESHOLDS for b in BANDS]
     rows, chosen, held_grid = {}, {}, {}
-    for f in sorted({c["fold"] for c in cases.values()}):
-        net = Net(**NETWORK)
+    for f in folds:
+        net = LevelRefiner(**NETWORK)
         net.load_state_dict(torch.load(args.out / f"refine_fold{f}.pt", weights_only=True))
         net.eval()
         scores = {}  # (threshold, band) -> {case: mean per-level Dice}
