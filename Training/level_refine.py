@@ -101,11 +101,17 @@ def level_dice(pred: np.ndarray, truth: np.ndarray) -> dict:
             for k in range(1, LEVELS + 1)}
 
 
-def refined_case(net: LevelRefiner, c: dict, band_px: int) -> np.ndarray:
-    """The case's decoded labels with the refiner's outline, as the product's step makes them."""
+def refined_case(c: dict, body: np.ndarray, band_px: int) -> np.ndarray:
+    """The case's decoded labels with the outline redrawn by the refiner's ``body`` mask (its box,
+    slices first), as the product's step makes them."""
     out = c["labels"].copy()
-    out[c["box"]] = refined_labels(c["labels"][c["box"]], refiner_body(net, c["x"]), band_px)
+    out[c["box"]] = refined_labels(c["labels"][c["box"]], body, band_px)
     return out
+
+
+def mean_dice(per_case: dict, which) -> float:
+    """Mean over the cases ``which`` picks of each case's mean per-level Dice."""
+    return float(np.mean([np.mean(list(d.values())) for cid, d in per_case.items() if which(cid)]))
 
 
 # ---- training ------------------------------------------------------------------------------------
@@ -179,7 +185,7 @@ def cmd_cv(args) -> int:
             if c["fold"] != f:
                 continue
             t = time.perf_counter()
-            new = largest_component_per_label(refined_case(net, c, args.band))
+            new = largest_component_per_label(refined_case(c, refiner_body(net, c["x"]), args.band))
             secs = time.perf_counter() - t
             old = largest_component_per_label(c["labels"])
             before, after = level_dice(old, c["truth"]), level_dice(new, c["truth"])
@@ -237,17 +243,14 @@ def cmd_choose(args) -> int:
         for cid, c in cases.items():
             prob = refiner_probability(net, c["x"])
             for t, b in grid:
-                new = c["labels"].copy()
-                new[c["box"]] = refined_labels(c["labels"][c["box"]], prob >= t, b)
-                d = level_dice(largest_component_per_label(new), c["truth"])
-                scores.setdefault((t, b), {})[cid] = d
-        train_mean = {k: float(np.mean([np.mean(list(d.values())) for cid, d in v.items() if cases[cid]["fold"] != f]))
-                      for k, v in scores.items()}
+                scores.setdefault((t, b), {})[cid] = level_dice(
+                    largest_component_per_label(refined_case(c, prob >= t, b)), c["truth"])
+        train_mean = {k: mean_dice(v, lambda cid: cases[cid]["fold"] != f) for k, v in scores.items()}
         best = max(grid, key=lambda k: (round(train_mean[k], 5), k == (0.5, BAND_PX)))  # ties: the seed's setting
         chosen[f] = {"threshold": best[0], "band_px": best[1], "train_mean_dice": round(train_mean[best], 4),
                      "train_mean_dice_at_0.5_band_2": round(train_mean[(0.5, BAND_PX)], 4)}
-        held_grid[f] = {f"{t}/{b}": round(float(np.mean([np.mean(list(d.values())) for cid, d in v.items()
-                                                          if cases[cid]["fold"] == f])), 4) for (t, b), v in scores.items()}
+        held_grid[f] = {f"{t}/{b}": round(mean_dice(v, lambda cid: cases[cid]["fold"] == f), 4)
+                        for (t, b), v in scores.items()}
         for cid, c in cases.items():
             if c["fold"] == f:
                 old = largest_component_per_label(c["labels"])
