@@ -34,8 +34,11 @@ def test_choice_is_made_on_the_refiners_training_scans_only(tmp_path, monkeypatc
     cases = {"t/grow0": case(9, 21, 0), "t/grow1": case(9, 21, 0),
              "t/shrink0": case(11, 19, 1), "t/shrink1": case(11, 19, 1)}
     np.savez(tmp_path / "in.npz", **{f"{cid.replace('/', '__')}__{k}": v for cid, c in cases.items() for k, v in c.items()})
-    for f in (0, 1):
-        torch.save(LevelRefiner(**level_refine.NETWORK).state_dict(), tmp_path / f"refine_fold{f}.pt")
+    # as `cv` keeps them: fold 0 the seed's refiner, fold 1 a wider one seeing a slice either side
+    # (choose must build each fold's network from its recipe to load its weights)
+    for f, recipe in ((0, {"steps": 1}), (1, {"steps": 1, "width": 8, "neighbours": 1})):
+        torch.save(LevelRefiner(**level_refine.network_config(recipe)).state_dict(), tmp_path / f"refine_fold{f}.pt")
+        (tmp_path / f"refine_fold{f}.json").write_text(json.dumps({"recipe": recipe, "cases": {}}))
     monkeypatch.setattr(level_refine, "refiner_probability", lambda net, x: x[1])
 
     assert level_refine.main(["choose", "--inputs", str(tmp_path / "in.npz"), "--out", str(tmp_path), "--threads", "1"]) == 0

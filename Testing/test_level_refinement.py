@@ -99,14 +99,16 @@ def test_probabilities_are_read_at_the_right_physical_places(layout):
 
 
 @pytest.mark.parametrize("layout", [None, Orientation((2, 0, 1), (True, False, True))])
-def test_a_refiner_that_adds_nothing_draws_the_probability_outline(layout):
+@pytest.mark.parametrize("in_channels", [2, 4])
+def test_a_refiner_that_adds_nothing_draws_the_probability_outline(layout, in_channels):
     """With its correction zeroed the refiner's body is the level network's summed probability
     >= 0.5, so the step (inputs cut from the scan, slices moved first and back) must equal the
     band redrawn with exactly that mask; the decoded bodies (eroded by a pixel) grow back toward
-    the true outline, names kept."""
+    the true outline, names kept. 4 channels: the image slice either side added, the probability
+    still read from the last channel."""
     phantom = spine_phantom(seed=4, shape=(8, 128, 128))
     image, truth = phantom.image, phantom.labels.array  # slices along array axis 0 (4 mm)
-    net = build_network("level_refiner", {"in_channels": 2, "width": 4}).eval()
+    net = build_network("level_refiner", {"in_channels": in_channels, "width": 4}).eval()
     torch.nn.init.zeros_(net.dec[-1].weight)
     torch.nn.init.zeros_(net.dec[-1].bias)
     # level maps on the input grid itself: each body at 0.9, a one-pixel in-plane ring at 0.6
@@ -179,8 +181,24 @@ def test_refiner_runs_in_the_pipeline_as_network_time(tmp_path, monkeypatch):
 
 
 def test_refiner_refuses_other_channel_counts():
-    with pytest.raises(ValueError, match="2 channels"):
-        build_network("level_refiner", {"in_channels": 3, "width": 4})
+    for bad in ({"in_channels": 3}, {"in_channels": 1}, {"in_channels": 2, "out_channels": 2}):
+        with pytest.raises(ValueError, match="2 \\+ 2k channels"):
+            build_network("level_refiner", {"width": 4, **bad})
+    assert build_network("level_refiner", {"in_channels": 4, "width": 4}).neighbours == 1
+    assert build_network("level_refiner", {"in_channels": 2, "width": 4}).neighbours == 0
+
+
+def test_slice_channels_stack_neighbouring_image_slices_then_the_probability():
+    from SpineKneeSegLib.tasks.spine.level_refinement import slice_channels
+
+    x = np.zeros((2, 4, 3, 3), np.float32)
+    x[0] = np.arange(4)[:, None, None]  # image slice s holds s
+    x[1] = 10 + np.arange(4)[:, None, None]  # probability slice s holds 10 + s
+    seed = slice_channels(x, np.arange(4), 0)  # the seed's two channels, unchanged
+    assert np.array_equal(seed, x.transpose(1, 0, 2, 3))
+    near = slice_channels(x, np.array([0, 2, 3]), 1)
+    assert near.shape == (3, 4, 3, 3)
+    assert near[:, :, 0, 0].tolist() == [[0, 0, 1, 10], [1, 2, 3, 12], [2, 3, 3, 13]]  # ends repeated
 
 
 def _phantom_inputs(path):
@@ -207,7 +225,8 @@ def _phantom_inputs(path):
     np.savez_compressed(path, **store)
 
 
-def test_refiner_training_cross_validates_trains_and_ships(tmp_path, monkeypatch):
+@pytest.mark.parametrize("network", [[], ["--width", "4", "--neighbours", "1"]], ids=["seed", "wide-2.5D"])
+def test_refiner_training_cross_validates_trains_and_ships(tmp_path, monkeypatch, network):
     """cv scores each fold's scans with a refiner trained on the other fold only; final refuses a
     recipe other than the cross-validated one; ship registers a checkpoint the product loads."""
     import json
@@ -222,14 +241,16 @@ def test_refiner_training_cross_validates_trains_and_ships(tmp_path, monkeypatch
     monkeypatch.setattr(level_refine, "train", lambda cases, *a, **k: seen.append(
         sorted(int(c["fold"]) for c in cases)) or real_train(cases, *a, **k))
     common = ["--inputs", str(inputs), "--out", str(out), "--steps", "3", "--batch-size", "2", "--size", "48",
-              "--threads", "1"]
+              *network, "--threads", "1"]
     assert level_refine.main(["cv", *common]) == 0
     assert seen == [[1, 1], [0, 0]]  # fold 0's refiner never saw fold 0
     cv = json.loads((out / "refine_cv.json").read_text())
     assert cv["summary"]["scans"] == 4 and set(cv["cases"]) == {f"phantom/case{n}" for n in range(4)}
     for r in cv["cases"].values():
         assert 0 < np.mean(list(r["before"].values())) < 1
-    assert level_refine.main(["final", *common[:-4], "--steps", "4", "--threads", "1"]) == 2  # not the cv's recipe
+    assert level_refine.main(["final", *common, "--steps", "4"]) == 2  # not the cv's recipe
+    if network:
+        assert level_refine.main(["final", *common, "--neighbours", "0"]) == 2  # nor its network
     assert level_refine.main(["final", *common]) == 0
     models = tmp_path / "models"
     models.mkdir()
@@ -241,6 +262,7 @@ def test_refiner_training_cross_validates_trains_and_ships(tmp_path, monkeypatch
     assert "phantom/case3" in card and f"{cv['summary']['dice_after']:.4f}" in card
     loaded = resolve_weights(CARD, None, "refiner")
     assert loaded.checkpoint["metadata"]["postprocessing"]["level_refinement"]["band_px"] == 2
+    assert loaded.checkpoint["network"]["config"]["in_channels"] == (4 if network else 2)
 
 
 def test_the_task_list_imports_without_torch():

@@ -36,10 +36,16 @@ from SpineKneeSegLib.core.atomic import write_text_atomic
 from SpineKneeSegLib.engine.models import LevelRefiner
 from SpineKneeSegLib.engine.postprocessing import largest_component_per_label
 from SpineKneeSegLib.tasks.spine.level_refinement import (BAND_PX, band, refined_labels, refiner_body,
-                                                           refiner_probability)
+                                                           refiner_probability, slice_channels)
 
 LEVELS = 5
-NETWORK = {"in_channels": 2, "width": 16}
+NETWORK = {"in_channels": 2, "width": 16}  # the seed's refiner (session 28)
+
+
+def network_config(recipe: dict) -> dict:
+    """The refiner's network settings for a recipe (width, image slices either side); a recipe
+    without them is the seed's."""
+    return {"in_channels": 2 + 2 * recipe.get("neighbours", 0), "width": recipe.get("width", NETWORK["width"])}
 
 
 # ---- inputs: the product's steps on each scan's out-of-fold prediction ---------------------------
@@ -116,8 +122,10 @@ def mean_dice(per_case: dict, which) -> float:
 
 # ---- training ------------------------------------------------------------------------------------
 
-def sample(cases: list[dict], n: int, size: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random ``size`` crops of labelled slices near the decoded bodies; mirrored, image gain."""
+def sample(cases: list[dict], n: int, size: int, rng: np.random.Generator,
+           neighbours: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ``size`` crops of labelled slices near the decoded bodies (with the image slices
+    ``neighbours`` either side, as the Lib stacks them); mirrored, image gain."""
     xs, ys = [], []
     for _ in range(n):
         c = cases[rng.integers(len(cases))]
@@ -128,30 +136,31 @@ def sample(cases: list[dict], n: int, size: int, rng: np.random.Generator) -> tu
         h, w = first.shape[1:]
         y0 = int(np.clip(yy[i] - size // 2 + rng.integers(-size // 4, size // 4 + 1), 0, max(h - size, 0)))
         x0 = int(np.clip(xx[i] - size // 2 + rng.integers(-size // 4, size // 4 + 1), 0, max(w - size, 0)))
-        x = c["x"][:, s, y0:y0 + size, x0:x0 + size]
+        x = slice_channels(c["x"][:, :, y0:y0 + size, x0:x0 + size], np.array([s]), neighbours)[0]
         y = c["target"][s, y0:y0 + size, x0:x0 + size]
         pad = ((0, size - y.shape[0]), (0, size - y.shape[1]))
         x, y = np.stack([np.pad(ch, pad) for ch in x]), np.pad(y, pad)
         if rng.random() < 0.5:
             x, y = x[:, :, ::-1], y[:, ::-1]
         x = x.copy()
-        x[0] *= rng.uniform(0.8, 1.2)
+        x[:-1] *= rng.uniform(0.8, 1.2)  # every image slice alike
         xs.append(x)
         ys.append(y.copy())
     return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))[:, None]
 
 
-def train(cases: list[dict], steps: int, batch: int, size: int, seed: int, band_px: int, log=print) -> LevelRefiner:
+def train(cases: list[dict], steps: int, batch: int, size: int, seed: int, band_px: int, log=print,
+          network: dict = NETWORK) -> LevelRefiner:
     """AdamW, one-cycle schedule; the loss weighted to the band the refiner may redraw (1.1) over
     the rest of the crop (0.1)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    net = LevelRefiner(**NETWORK)
+    net = LevelRefiner(**network)
     opt = torch.optim.AdamW(net.parameters(), 2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps)
     for step in range(steps):
-        x, y = sample(cases, batch, size, rng)
-        w = torch.from_numpy(band((x[:, 1].numpy() >= 0.5).astype(np.uint8), band_px))[:, None].float() + 0.1
+        x, y = sample(cases, batch, size, rng, net.neighbours)
+        w = torch.from_numpy(band((x[:, -1].numpy() >= 0.5).astype(np.uint8), band_px))[:, None].float() + 0.1
         loss = (F.binary_cross_entropy_with_logits(net(x), y, reduction="none") * w).sum() / w.sum()
         opt.zero_grad()
         loss.backward()
@@ -169,6 +178,8 @@ def cmd_cv(args) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     recipe = {"steps": args.steps, "band_px": args.band, "seed": args.seed, "batch_size": args.batch_size,
               "crop": args.size}
+    if (args.width, args.neighbours) != (NETWORK["width"], 0):  # the seed's recipes keep their stored form
+        recipe.update(width=args.width, neighbours=args.neighbours)
     for f in sorted({c["fold"] for c in cases.values()}):
         done = args.out / f"refine_fold{f}.json"  # a fold scored by an earlier run of this recipe is kept
         if done.exists() and json.loads(done.read_text())["recipe"] == recipe:
@@ -179,7 +190,7 @@ def cmd_cv(args) -> int:
         train_cases = [c for c in cases.values() if c["fold"] != f]
         print(f"fold {f}: refiner trained on {len(train_cases)} scans", flush=True)
         net = train(train_cases, args.steps, args.batch_size, args.size, args.seed, args.band,
-                    log=lambda m: print(m, flush=True))
+                    log=lambda m: print(m, flush=True), network=network_config(recipe))
         torch.save(net.state_dict(), args.out / f"refine_fold{f}.pt")  # for later looks at this fold's refiner
         for cid, c in cases.items():
             if c["fold"] != f:
@@ -229,14 +240,16 @@ def cmd_choose(args) -> int:
     torch.set_num_threads(args.threads)
     cases = load_inputs(args.inputs)
     folds = sorted({c["fold"] for c in cases.values()})
-    missing = [str(args.out / f"refine_fold{f}.pt") for f in folds if not (args.out / f"refine_fold{f}.pt").exists()]
+    missing = [str(args.out / f"refine_fold{f}.{ext}") for f in folds for ext in ("pt", "json")
+               if not (args.out / f"refine_fold{f}.{ext}").exists()]
     if missing:
         print(f"no fold refiner {', '.join(missing)}: run `cv` into {args.out} first", file=sys.stderr)
         return 2
     grid = [(t, b) for t in THRESHOLDS for b in BANDS]
     rows, chosen, held_grid = {}, {}, {}
     for f in folds:
-        net = LevelRefiner(**NETWORK)
+        recipe = json.loads((args.out / f"refine_fold{f}.json").read_text())["recipe"]
+        net = LevelRefiner(**network_config(recipe))
         net.load_state_dict(torch.load(args.out / f"refine_fold{f}.pt", weights_only=True))
         net.eval()
         scores = {}  # (threshold, band) -> {case: mean per-level Dice}
@@ -274,18 +287,20 @@ def cmd_final(args) -> int:
     torch.set_num_threads(args.threads)
     cases = load_inputs(args.inputs)
     cv = json.loads((args.out / "refine_cv.json").read_text())["summary"]
-    if (cv["steps"], cv["band_px"], cv["batch_size"], cv["crop"]) != (args.steps, args.band, args.batch_size, args.size):
+    if ((cv["steps"], cv["band_px"], cv["batch_size"], cv["crop"], cv.get("width", NETWORK["width"]), cv.get("neighbours", 0))
+            != (args.steps, args.band, args.batch_size, args.size, args.width, args.neighbours)):
         print(f"the cross-validation in {args.out} used another recipe: {cv}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
+    network = network_config({"width": args.width, "neighbours": args.neighbours})
     net = train(list(cases.values()), args.steps, args.batch_size, args.size, args.seed, args.band,
-                log=lambda m: print(m, flush=True))
+                log=lambda m: print(m, flush=True), network=network)
     metadata = {"trained": True, "recipe": {"steps": args.steps, "batch_size": args.batch_size, "crop": args.size,
                                             "seed": args.seed, "threads": args.threads},
                 "train_seconds": round(time.perf_counter() - t0, 1), "trained_on": sorted(cases),
                 "inputs_from": str(args.inputs), "cross_validation": cv,
                 "postprocessing": {"level_refinement": {"band_px": args.band, "threshold": 0.5}}}
-    sha = save_checkpoint(args.out / "final.pt", "lumbar-foramina", "level_refiner", NETWORK, net.state_dict(),
+    sha = save_checkpoint(args.out / "final.pt", "lumbar-foramina", "level_refiner", network, net.state_dict(),
                           metadata=metadata, model="refiner")
     print(f"{args.out / 'final.pt'} SHA256 {sha} ({metadata['train_seconds']} s)")
     return 0
@@ -410,6 +425,9 @@ def main(argv=None) -> int:
         p.add_argument("--size", type=int, default=96, help="training crop, pixels")
         p.add_argument("--band", type=int, default=BAND_PX, help="pixels either side of the outline it may redraw")
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--width", type=int, default=NETWORK["width"], help="channels at full scale (the seed's: 16)")
+        p.add_argument("--neighbours", type=int, default=0,
+                       help="image slices either side it also sees (the seed's: 0, one slice)")
         p.add_argument("--threads", type=int, default=2)
         p.set_defaults(func=fn)
     p = sub.add_parser("choose", help="threshold and band per fold, chosen on its refiner's training scans")

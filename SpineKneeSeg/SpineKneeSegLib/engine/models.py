@@ -217,18 +217,20 @@ class LevelRefiner(nn.Module):
     """The lumbar level outline refiner (tasks/spine/level_refinement.py, issue 21): (normalised
     image, summed level probability) -> body logit at the scan's own pixels; two scales (full, and
     half with dilated convolutions), its output added to the probability's own logit so that it
-    learns the correction."""
+    learns the correction. ``in_channels`` 2 + 2k: the image slices k either side of the slice
+    come first (session 34; the seed's refiner: k = 0), the probability is the last channel."""
 
     def __init__(self, in_channels: int = 2, out_channels: int = 1, width: int = 16):
         super().__init__()
-        if (in_channels, out_channels) != (2, 1):
-            raise ValueError(f"the level refiner takes 2 channels (image, probability) to 1, not "
+        if in_channels < 2 or in_channels % 2 or out_channels != 1:
+            raise ValueError(f"the level refiner takes 2 + 2k channels (image slices, probability) to 1, not "
                              f"{in_channels} to {out_channels}")
+        self.neighbours = (in_channels - 2) // 2
 
         def block(i, o, d=1):
             return nn.Sequential(nn.Conv2d(i, o, 3, padding=d, dilation=d), nn.BatchNorm2d(o), nn.ELU())
         w = width
-        self.enc = nn.Sequential(block(2, w), block(w, w))
+        self.enc = nn.Sequential(block(in_channels, w), block(w, w))
         self.down = nn.Sequential(block(w, 2 * w), block(2 * w, 2 * w, 2), block(2 * w, 2 * w, 4))
         self.dec = nn.Sequential(block(3 * w, w), nn.Conv2d(w, 1, 1))
 
@@ -236,7 +238,7 @@ class LevelRefiner(nn.Module):
         e = self.enc(x)
         d = nn.functional.interpolate(self.down(nn.functional.avg_pool2d(e, 2)), size=e.shape[-2:], mode="bilinear",
                                       align_corners=False)
-        p = x[:, 1:2].clamp(1e-3, 1 - 1e-3)
+        p = x[:, -1:].clamp(1e-3, 1 - 1e-3)
         return self.dec(torch.cat([e, d], 1)) + torch.log(p / (1 - p))
 
 

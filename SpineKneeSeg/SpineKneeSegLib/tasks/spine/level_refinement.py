@@ -109,13 +109,25 @@ def refiner_inputs(image: Image, labels: np.ndarray, probs: np.ndarray, grid: Im
     return x, box, axis, first[box_first]
 
 
+def slice_channels(x: np.ndarray, slices: np.ndarray, neighbours: int = 0) -> np.ndarray:
+    """The network's input for ``slices`` of the refiner inputs ``x`` (2, slices, h, w): the image
+    slices ``neighbours`` either side (the end slices repeated past the box) and the probability,
+    as (len(slices), 2 + 2 * neighbours, h, w) float32."""
+    slices = np.asarray(slices)
+    near = np.clip(slices[:, None] + np.arange(-neighbours, neighbours + 1), 0, x.shape[1] - 1)
+    return np.ascontiguousarray(np.concatenate([x[0][near], x[1][slices][:, None]], axis=1))
+
+
 def refiner_probability(net, x: np.ndarray, batch: int = 8) -> np.ndarray:
     """The refiner's body probability (slices, h, w), float32, for its inputs ``x`` (2, slices, h, w)."""
     prob = np.zeros(x.shape[1:], np.float32)
     device = next(net.parameters()).device  # the pipeline's --device
+    # image slices either side, from the first convolution's input channels (2 + 2k): read through
+    # the bfloat16 wrapper too
+    neighbours = (next(p for p in net.parameters() if p.dim() == 4).shape[1] - 2) // 2
     with torch.inference_mode():
         for i in range(0, x.shape[1], batch):
-            xs = torch.from_numpy(np.ascontiguousarray(x[:, i:i + batch].transpose(1, 0, 2, 3))).to(device)
+            xs = torch.from_numpy(slice_channels(x, np.arange(i, min(i + batch, x.shape[1])), neighbours)).to(device)
             prob[i:i + batch] = torch.sigmoid(net(xs).float())[:, 0].cpu().numpy()
     return prob
 
