@@ -249,9 +249,13 @@ def test_refiner_training_cross_validates_trains_and_ships(tmp_path, monkeypatch
     for r in cv["cases"].values():
         assert 0 < np.mean(list(r["before"].values())) < 1
     assert level_refine.main(["final", *common, "--steps", "4"]) == 2  # not the cv's recipe
+    step = []
     if network:
         assert level_refine.main(["final", *common, "--neighbours", "0"]) == 2  # nor its network
-    assert level_refine.main(["final", *common]) == 0
+        # the step's settings chosen per fold (nested), shown on the card; the final model's own step
+        assert level_refine.main(["choose", "--inputs", str(inputs), "--out", str(out), "--threads", "1"]) == 0
+        step = ["--threshold", "0.4", "--step-band", "3", "--levels-run", "Training/runs/some-seed"]
+    assert level_refine.main(["final", *common, *step]) == 0
     models = tmp_path / "models"
     models.mkdir()
     monkeypatch.setenv("SPINEKNEESEG_MODELS", str(models))
@@ -259,9 +263,14 @@ def test_refiner_training_cross_validates_trains_and_ships(tmp_path, monkeypatch
     entry = find_entry("lumbar-level-refiner")
     assert entry.sha256 == sha256_of(models / "lumbar-level-refiner-0.0.1.pt")
     card = (models / "lumbar-level-refiner-0.0.1.md").read_text()
-    assert "phantom/case3" in card and f"{cv['summary']['dice_after']:.4f}" in card
+    shown = json.loads((out / "refine_choose.json").read_text()) if network else cv
+    assert "phantom/case3" in card and f"{shown['summary']['dice_after']:.4f}" in card
+    assert ("chosen per fold" in card) == bool(network)
+    assert ("--width 4 --neighbours 1" in card) == bool(network)
+    assert ("--threshold 0.4 --step-band 3 --levels-run Training/runs/some-seed" in card) == bool(network)
     loaded = resolve_weights(CARD, None, "refiner")
-    assert loaded.checkpoint["metadata"]["postprocessing"]["level_refinement"]["band_px"] == 2
+    settings = loaded.checkpoint["metadata"]["postprocessing"]["level_refinement"]
+    assert (settings["threshold"], settings["band_px"]) == ((0.4, 3) if network else (0.5, 2))
     assert loaded.checkpoint["network"]["config"]["in_channels"] == (4 if network else 2)
 
 

@@ -296,89 +296,118 @@ def cmd_final(args) -> int:
     net = train(list(cases.values()), args.steps, args.batch_size, args.size, args.seed, args.band,
                 log=lambda m: print(m, flush=True), network=network)
     metadata = {"trained": True, "recipe": {"steps": args.steps, "batch_size": args.batch_size, "crop": args.size,
-                                            "seed": args.seed, "threads": args.threads},
+                                            "seed": args.seed, "threads": args.threads, "band_px": args.band,
+                                            "width": args.width, "neighbours": args.neighbours},
                 "train_seconds": round(time.perf_counter() - t0, 1), "trained_on": sorted(cases),
-                "inputs_from": str(args.inputs), "cross_validation": cv,
-                "postprocessing": {"level_refinement": {"band_px": args.band, "threshold": 0.5}}}
+                "inputs_from": str(args.inputs), "inputs_run": str(args.levels_run), "cross_validation": cv,
+                "postprocessing": {"level_refinement": {"band_px": args.step_band or args.band,
+                                                        "threshold": args.threshold}}}
     sha = save_checkpoint(args.out / "final.pt", "lumbar-foramina", "level_refiner", network, net.state_dict(),
                           metadata=metadata, model="refiner")
     print(f"{args.out / 'final.pt'} SHA256 {sha} ({metadata['train_seconds']} s)")
     return 0
 
 
-def model_card(version: str, checkpoint: dict, cv: dict, timing: str, levels_version: str) -> str:
+def model_card(version: str, checkpoint: dict, cv: dict, timing: str, levels_version: str,
+               choice: dict | None = None) -> str:
+    """``cv``: refine_cv.json (the step at 0.5 / the training band); ``choice``: refine_choose.json
+    when the step's threshold and band were chosen per fold (nested), whose figures are then shown."""
     from level_ship import DATA
     from modelcard import render, table
     from SpineKneeSegLib.engine.models import build_network, count_parameters
 
-    meta, s = checkpoint["metadata"], cv["summary"]
+    meta, recipe = checkpoint["metadata"], checkpoint["metadata"]["recipe"]
+    step = meta["postprocessing"]["level_refinement"]
+    shown = choice or cv
+    s = shown["summary"]
     net = build_network("level_refiner", checkpoint["network"]["config"])
+    neighbours = recipe.get("neighbours", 0)
+    sees = "each sagittal slice's image" + ("" if not neighbours else " and the image slice either side"
+                                             if neighbours == 1 else f" and {neighbours} image slices either side")
+    network_flags = (f" --width {recipe['width']} --neighbours {neighbours}"
+                     if (recipe.get("width", NETWORK["width"]), neighbours) != (NETWORK["width"], 0) else "")
+    levels_run = meta.get("inputs_run", "Training/runs/levels-ctx-D32")
+    inputs, out = meta.get("inputs_from", ".devdata/levels-refiner-inputs.npz"), "Training/runs/level-refiner"
+    final_flags = (f" --threshold {step['threshold']} --step-band {step['band_px']} --levels-run {levels_run}"
+                   if (step["threshold"], step["band_px"]) != (0.5, recipe.get("band_px", BAND_PX)) else "")
+    choose_command = f"\npython Training/level_refine.py choose --inputs {inputs} --out {out}" if choice else ""
+    if choice:
+        chosen = sorted({(c["threshold"], c["band_px"]) for c in choice["chosen"].values()})
+        how = (f"The step's threshold and band were chosen per fold on the scans that fold's refiner was trained on "
+               f"(`choose`: threshold 0.3-0.7, band 1-3 px); chosen: {', '.join(f'{t} / {b} px' for t, b in chosen)}. "
+               f"At the seed's fixed 0.5 / {recipe.get('band_px', BAND_PX)} px the same refiners give "
+               f"{s['dice_after_seed_setting']:.4f}. This model's step: threshold {step['threshold']}, band "
+               f"{step['band_px']} px.")
+    else:
+        how = f"The step at threshold 0.5 and band {step['band_px']} px, fixed before the run."
     rows = []
-    for cid, r in sorted(cv["cases"].items()):
+    for cid, r in sorted(shown["cases"].items()):
         b, a = np.mean(list(r["before"].values())), np.mean(list(r["after"].values()))
         rows.append((cid, r["fold"], "yes" if r["right"] else "NO", f"{b:.3f}", f"{a:.3f}", f"{a - b:+.3f}",
                      " / ".join(f"{v:.3f}" for v in r["after"].values())))
     worse = sorted(((np.mean(list(r["after"].values())) - np.mean(list(r["before"].values())), cid)
-                    for cid, r in cv["cases"].items()))[:3]
+                    for cid, r in shown["cases"].items()))[:3]
     meets = s["dice_after"] >= 0.88
     sections = [
         ("What it does", f"""Task `lumbar-foramina`, optional auxiliary model `refiner` (registry entry
 `lumbar-level-refiner`): after the anatomical decoding has named the vertebral bodies L1..L5, it
 redraws their outline at the scan's own pixels. A small 2D network (`level_refiner`,
 {json.dumps(checkpoint['network']['config'])}; {count_parameters(net):,} parameters; full and half
-resolution, dilated convolutions, receptive field 36 px) sees each sagittal slice's image
+resolution, dilated convolutions, receptive field 36 px) sees {sees}
 (1st..99th percentile of the bodies' box to 0..1) and the level network's summed level probability
 (read from the level network's 1.4 mm grid onto the scan's pixels), and adds a correction to that
-probability's logit. Only an in-plane band of {meta['postprocessing']['level_refinement']['band_px']} px either side of the decoded outline
+probability's logit. Only an in-plane band of {step['band_px']} px either side of the decoded outline
 may change; a band voxel it calls body takes the level of the nearest decoded voxel in its slice,
 so it can never rename, shift, duplicate or drop a level (level identification and
 `summaries.level_confidence` are the level model's). `summaries.level_refinement` reports the
 voxels it changed and its time. Without it (not installed) the decoded outline stays; `--fast` keeps
-it (0.1-0.2 s)."""),
+it (see Speed)."""),
         ("Why", """Session 28 (`Training/level_dice_errors.py` on the level model's cross-validation): 92 % of the
 wrong voxels of correctly named scans lie in slices where both prediction and truth have the
 level, about 85 % within 2 px of the true outline (the level network's 1.4 mm grid and its
 nearest-sampled targets; session 19 measured those targets alone at 0.952 Dice)."""),
         ("Data", DATA),
         ("Inputs and split", f"""Its training inputs are the level model's **out-of-fold** predictions: each of the 54 scans run by
-the `lumbar-levels` v{levels_version} fold model that never saw it (the same five case-wise folds, identical images in
-one fold), decoded by the product's own steps at that fold's decoder settings, and cut into the
+the fold model of the `lumbar-levels` recipe that never saw it (cv run `{levels_run}`; the same five
+case-wise folds, identical images in one fold; the shipped level model is v{levels_version}), decoded by the product's own steps at that fold's decoder settings, and cut into the
 refiner's inputs by the Lib's own `refiner_inputs` (`Training/level_refine.py inputs`). So it learns
 on predictions like those the shipped level model makes on a new scan. The target is any labelled
 vertebra (Zukić's T12 and T11 included)."""),
         ("Training", f"""Random {meta['recipe']['crop']} x {meta['recipe']['crop']} px crops of labelled slices near the decoded bodies, mirrored,
-image gain 0.8-1.2; binary cross-entropy weighted 1.1 in the band and 0.1 elsewhere; AdamW 2e-3,
+image gain 0.8-1.2; binary cross-entropy weighted 1.1 in a {recipe.get('band_px', BAND_PX)} px band and 0.1 elsewhere; AdamW 2e-3,
 one-cycle schedule, batch {meta['recipe']['batch_size']}, {meta['recipe']['steps']} steps, seed {meta['recipe']['seed']}, {meta['recipe']['threads']} CPU thread(s); the last weights are
 the model (nothing selected on validation). This model: {meta['train_seconds'] / 60:.1f} min on the CPU, on all
 54 scans' out-of-fold inputs. Commands:
 ```
-python Training/level_refine.py inputs --run Training/runs/levels-ctx-D32 --summary Training/results/levels-ctx-D32/cv_summary.json --out .devdata/levels-refiner-inputs.npz
-python Training/level_refine.py cv --inputs .devdata/levels-refiner-inputs.npz --out Training/runs/level-refiner --steps {s['steps']} --threads 1
-python Training/level_refine.py final --inputs .devdata/levels-refiner-inputs.npz --out Training/runs/level-refiner --steps {s['steps']}
-python Training/level_refine.py ship --out Training/runs/level-refiner --version {version}
+python Training/level_refine.py inputs --run {levels_run} --summary {levels_run}/cv_summary.json --out {inputs}
+python Training/level_refine.py cv --inputs {inputs} --out {out} --steps {recipe['steps']}{network_flags}{choose_command}
+python Training/level_refine.py final --inputs {inputs} --out {out} --steps {recipe['steps']}{network_flags}{final_flags}
+python Training/level_refine.py ship --out {out} --version {version}
 ```"""),
         ("Cross-validated results (54 scans, 5 folds)", f"""For each fold a refiner trained on the other folds' scans only, scored on the fold's scans
-(whole field of view; Dice after the product's largest-component clean-up, per level, averaged):
+(whole field of view; Dice after the product's largest-component clean-up, per level, averaged).
+{how}
 
 | | before (decoded outline) | after (refined) |
 |---|---|---|
-| mean per-level Dice, all 54 scans | {s['dice_before']:.4f} | {s['dice_after']:.4f} |
+| mean per-level Dice, all {s['scans']} scans | {s['dice_before']:.4f} | {s['dice_after']:.4f} |
 | on the {s['named_right']} scans named right | {s['dice_before_named_right']:.4f} | {s['dice_after_named_right']:.4f} |
 | scans named right | {s['named_right']} | {s['named_right']} (the refiner never renames) |
 
 Per level after: {' / '.join(f'{v:.3f}' for v in s['per_level_after'].values())}. Better on {s['better_on']} of {s['scans']} scans;
-the three largest losses: {', '.join(f'{c} ({d:+.3f})' for d, c in worse)}.
+the three smallest changes: {', '.join(f'{c} ({d:+.3f})' for d, c in worse)}.
 Issue 21's Dice aim (mean per-level Dice >= 0.88 over the cross-validation) is
 **{'met' if meets else 'not met'}** with the refiner ({s['dice_after']:.4f}). The one scan the level model names wrong
 (myosegmentum/case08, flagged doubtful) stays wrong: the refiner does not touch names.
 
 {table(('case', 'fold', 'named right', 'Dice before', 'after', 'change', 'L1 / L2 / L3 / L4 / L5 after'), rows)}"""),
         ("Speed", timing),
-        ("Known limits", """- A starter trained on 54 scans of two sources (T1 water-fat, T2 TSE; 1 x 1 mm in-plane, 4 mm
+        ("Known limits", f"""- A starter trained on 54 scans of two sources (T1 water-fat, T2 TSE; 1 x 1 mm in-plane, 4 mm
   slices): on other contrasts or pixel sizes its outline may be worse than the decoded one; compare
   with a run without it (`--aux-weights refiner=none`).
-- Trained on fold models' predictions and applied to the level model trained on all scans: the same
-  kind of prediction on a new scan, but the pairing itself was not scored.
+- Trained on fold models' predictions (`{levels_run}`) and applied to the shipped level model
+  (v{levels_version}, the recipe trained on all scans; its seed may differ from the fold models'):
+  the same kind of prediction on a new scan, but the pairing itself was not scored.
 - It redraws the in-plane outline only: the lateral end slices of a body (8 % of the wrong voxels)
   are the level model's.
 - ivd-t2 (another centre) has disc labels only, so no Dice there; names are unchanged by design."""),
@@ -395,10 +424,12 @@ def cmd_ship(args) -> int:
 
     checkpoint = load_checkpoint(args.out / "final.pt")
     cv = json.loads((args.out / "refine_cv.json").read_text())
+    choose = args.out / "refine_choose.json"  # the nested choice of the step's settings, when made
+    choice = json.loads(choose.read_text()) if choose.exists() else None
     levels = find_entry("lumbar-levels")
     timing = args.timing or "Not measured."
-    text = model_card(args.version, checkpoint, cv, timing, levels.version if levels else "?")
-    s = cv["summary"]
+    text = model_card(args.version, checkpoint, cv, timing, levels.version if levels else "?", choice)
+    s = (choice or cv)["summary"]
     entry = publish("lumbar-level-refiner", args.version, text,
                     f"starter level outline refiner (54 scans): CV mean per-level Dice {s['dice_before']:.4f} -> "
                     f"{s['dice_after']:.4f}", weights=args.out / "final.pt")
@@ -429,6 +460,11 @@ def main(argv=None) -> int:
         p.add_argument("--neighbours", type=int, default=0,
                        help="image slices either side it also sees (the seed's: 0, one slice)")
         p.add_argument("--threads", type=int, default=2)
+        if name == "final":
+            p.add_argument("--threshold", type=float, default=0.5, help="the step's body threshold (the seed's: 0.5)")
+            p.add_argument("--step-band", type=int, help="the step's band, pixels (default: --band)")
+            p.add_argument("--levels-run", type=Path, default=Path("Training/runs/levels-ctx-D32"),
+                           help="the level model's cv run the inputs were made from (named in the card)")
         p.set_defaults(func=fn)
     p = sub.add_parser("choose", help="threshold and band per fold, chosen on its refiner's training scans")
     p.add_argument("--inputs", type=Path, required=True)
