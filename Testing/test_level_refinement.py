@@ -259,13 +259,15 @@ def test_refiner_training_cross_validates_trains_and_ships(tmp_path, monkeypatch
     models = tmp_path / "models"
     models.mkdir()
     monkeypatch.setenv("SPINEKNEESEG_MODELS", str(models))
-    assert level_refine.main(["ship", "--out", str(out), "--version", "0.0.1", "--timing", "test"]) == 0
+    assert level_refine.main(["ship", "--out", str(out), "--version", "0.0.1", "--timing", "test",
+                              "--notes", "tried once"]) == 0
     entry = find_entry("lumbar-level-refiner")
     assert entry.sha256 == sha256_of(models / "lumbar-level-refiner-0.0.1.pt")
     card = (models / "lumbar-level-refiner-0.0.1.md").read_text()
     shown = json.loads((out / "refine_choose.json").read_text()) if network else cv
     assert "phantom/case3" in card and f"{shown['summary']['dice_after']:.4f}" in card
     assert ("chosen per fold" in card) == bool(network)
+    assert "## How this recipe was chosen\ntried once" in card
     assert ("--width 4 --neighbours 1" in card) == bool(network)
     assert ("--threshold 0.4 --step-band 3 --levels-run Training/runs/some-seed" in card) == bool(network)
     loaded = resolve_weights(CARD, None, "refiner")

@@ -309,7 +309,7 @@ def cmd_final(args) -> int:
 
 
 def model_card(version: str, checkpoint: dict, cv: dict, timing: str, levels_version: str,
-               choice: dict | None = None) -> str:
+               choice: dict | None = None, out: str = "Training/runs/level-refiner", notes: str = "") -> str:
     """``cv``: refine_cv.json (the step at 0.5 / the training band); ``choice``: refine_choose.json
     when the step's threshold and band were chosen per fold (nested), whose figures are then shown."""
     from level_ship import DATA
@@ -327,7 +327,7 @@ def model_card(version: str, checkpoint: dict, cv: dict, timing: str, levels_ver
     network_flags = (f" --width {recipe['width']} --neighbours {neighbours}"
                      if (recipe.get("width", NETWORK["width"]), neighbours) != (NETWORK["width"], 0) else "")
     levels_run = meta.get("inputs_run", "Training/runs/levels-ctx-D32")
-    inputs, out = meta.get("inputs_from", ".devdata/levels-refiner-inputs.npz"), "Training/runs/level-refiner"
+    inputs = meta.get("inputs_from", ".devdata/levels-refiner-inputs.npz")
     final_flags = (f" --threshold {step['threshold']} --step-band {step['band_px']} --levels-run {levels_run}"
                    if (step["threshold"], step["band_px"]) != (0.5, recipe.get("band_px", BAND_PX)) else "")
     choose_command = f"\npython Training/level_refine.py choose --inputs {inputs} --out {out}" if choice else ""
@@ -401,6 +401,7 @@ Issue 21's Dice aim (mean per-level Dice >= 0.88 over the cross-validation) is
 (myosegmentum/case08, flagged doubtful) stays wrong: the refiner does not touch names.
 
 {table(('case', 'fold', 'named right', 'Dice before', 'after', 'change', 'L1 / L2 / L3 / L4 / L5 after'), rows)}"""),
+        *([("How this recipe was chosen", notes)] if notes else []),
         ("Speed", timing),
         ("Known limits", f"""- A starter trained on 54 scans of two sources (T1 water-fat, T2 TSE; 1 x 1 mm in-plane, 4 mm
   slices): on other contrasts or pixel sizes its outline may be worse than the decoded one; compare
@@ -428,7 +429,8 @@ def cmd_ship(args) -> int:
     choice = json.loads(choose.read_text()) if choose.exists() else None
     levels = find_entry("lumbar-levels")
     timing = args.timing or "Not measured."
-    text = model_card(args.version, checkpoint, cv, timing, levels.version if levels else "?", choice)
+    text = model_card(args.version, checkpoint, cv, timing, levels.version if levels else "?", choice, str(args.out),
+                      args.notes or "")
     s = (choice or cv)["summary"]
     entry = publish("lumbar-level-refiner", args.version, text,
                     f"starter level outline refiner (54 scans): CV mean per-level Dice {s['dice_before']:.4f} -> "
@@ -475,6 +477,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True, help="the folder with final.pt and refine_cv.json")
     p.add_argument("--version", required=True)
     p.add_argument("--timing", help="the card's speed paragraph (bench_overhead's figures)")
+    p.add_argument("--notes", help="the card's paragraph on how the recipe was chosen (what else was tried on these scans)")
     p.set_defaults(func=cmd_ship)
     args = parser.parse_args(argv)
     return args.func(args)
