@@ -328,8 +328,9 @@ def model_card(version: str, checkpoint: dict, cv: dict, timing: str, levels_ver
                      if (recipe.get("width", NETWORK["width"]), neighbours) != (NETWORK["width"], 0) else "")
     levels_run = meta.get("inputs_run", "Training/runs/levels-ctx-D32")
     inputs = meta.get("inputs_from", ".devdata/levels-refiner-inputs.npz")
-    final_flags = (f" --threshold {step['threshold']} --step-band {step['band_px']} --levels-run {levels_run}"
-                   if (step["threshold"], step["band_px"]) != (0.5, recipe.get("band_px", BAND_PX)) else "")
+    final_flags = ((f" --threshold {step['threshold']} --step-band {step['band_px']}"
+                    if (step["threshold"], step["band_px"]) != (0.5, recipe.get("band_px", BAND_PX)) else "")
+                   + (f" --levels-run {levels_run}" if levels_run != "Training/runs/levels-ctx-D32" else ""))
     choose_command = f"\npython Training/level_refine.py choose --inputs {inputs} --out {out}" if choice else ""
     if choice:
         chosen = sorted({(c["threshold"], c["band_px"]) for c in choice["chosen"].values()})
