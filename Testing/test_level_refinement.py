@@ -201,6 +201,24 @@ def test_slice_channels_stack_neighbouring_image_slices_then_the_probability():
     assert near[:, :, 0, 0].tolist() == [[0, 0, 1, 10], [1, 2, 3, 12], [2, 3, 3, 13]]  # ends repeated
 
 
+def test_refiner_with_neighbouring_slices_runs_through_the_products_wrappers():
+    """The product folds batch norm and may wrap the refiner for bfloat16: the slices either side
+    are still read from its first convolution (reading 0 would feed 2 channels to a 4-channel net)."""
+    from SpineKneeSegLib.engine.inference import AutocastNetwork
+    from SpineKneeSegLib.engine.models import fold_batch_norm
+    from SpineKneeSegLib.tasks.spine.level_refinement import refiner_probability
+
+    torch.manual_seed(0)
+    net = build_network("level_refiner", {"in_channels": 4, "width": 4}).eval()
+    x = np.random.default_rng(0).random((2, 5, 32, 24)).astype(np.float32)
+    plain = refiner_probability(net, x)
+    folded = refiner_probability(fold_batch_norm(net), x)
+    wrapped = refiner_probability(AutocastNetwork(net, "cpu"), x)
+    assert plain.shape == (5, 32, 24)
+    assert np.abs(folded - plain).max() < 1e-4
+    assert np.abs(wrapped - plain).max() < 0.05  # bfloat16
+
+
 def _phantom_inputs(path):
     """Training/level_refine.py's input file made from four phantoms (two folds): the decoded
     bodies are the truth eroded by a pixel, the level maps the truth at 0.9 with a 0.6 ring."""
