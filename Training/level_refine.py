@@ -40,6 +40,17 @@ from SpineKneeSegLib.tasks.spine.level_refinement import (BAND_PX, band, refined
 
 LEVELS = 5
 NETWORK = {"in_channels": 2, "width": 16}  # the seed's refiner (session 28)
+SEED_LEVELS_RUN = "Training/runs/levels-ctx-D32"  # the level run v0.1.0's inputs came from
+
+
+def recipe_of(args) -> dict:
+    """The training recipe ``cv`` keeps with each fold and ``final`` must repeat; the seed's network
+    keeps the seed's stored form (no width or neighbours)."""
+    recipe = {"steps": args.steps, "band_px": args.band, "seed": args.seed, "batch_size": args.batch_size,
+              "crop": args.size}
+    if (args.width, args.neighbours) != (NETWORK["width"], 0):
+        recipe.update(width=args.width, neighbours=args.neighbours)
+    return recipe
 
 
 def network_config(recipe: dict) -> dict:
@@ -176,10 +187,7 @@ def cmd_cv(args) -> int:
     cases = load_inputs(args.inputs)
     rows = {}
     args.out.mkdir(parents=True, exist_ok=True)
-    recipe = {"steps": args.steps, "band_px": args.band, "seed": args.seed, "batch_size": args.batch_size,
-              "crop": args.size}
-    if (args.width, args.neighbours) != (NETWORK["width"], 0):  # the seed's recipes keep their stored form
-        recipe.update(width=args.width, neighbours=args.neighbours)
+    recipe = recipe_of(args)
     for f in sorted({c["fold"] for c in cases.values()}):
         done = args.out / f"refine_fold{f}.json"  # a fold scored by an earlier run of this recipe is kept
         if done.exists() and json.loads(done.read_text())["recipe"] == recipe:
@@ -287,8 +295,8 @@ def cmd_final(args) -> int:
     torch.set_num_threads(args.threads)
     cases = load_inputs(args.inputs)
     cv = json.loads((args.out / "refine_cv.json").read_text())["summary"]
-    if ((cv["steps"], cv["band_px"], cv["batch_size"], cv["crop"], cv.get("width", NETWORK["width"]), cv.get("neighbours", 0))
-            != (args.steps, args.band, args.batch_size, args.size, args.width, args.neighbours)):
+    want = {k: v for k, v in recipe_of(args).items() if k != "seed"}  # the final model may use another seed
+    if {k: cv.get(k) for k in want} != want or network_config(cv) != network_config(want):
         print(f"the cross-validation in {args.out} used another recipe: {cv}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
@@ -326,11 +334,11 @@ def model_card(version: str, checkpoint: dict, cv: dict, timing: str, levels_ver
                                              if neighbours == 1 else f" and {neighbours} image slices either side")
     network_flags = (f" --width {recipe['width']} --neighbours {neighbours}"
                      if (recipe.get("width", NETWORK["width"]), neighbours) != (NETWORK["width"], 0) else "")
-    levels_run = meta.get("inputs_run", "Training/runs/levels-ctx-D32")
+    levels_run = meta.get("inputs_run", SEED_LEVELS_RUN)
     inputs = meta.get("inputs_from", ".devdata/levels-refiner-inputs.npz")
     final_flags = ((f" --threshold {step['threshold']} --step-band {step['band_px']}"
                     if (step["threshold"], step["band_px"]) != (0.5, recipe.get("band_px", BAND_PX)) else "")
-                   + (f" --levels-run {levels_run}" if levels_run != "Training/runs/levels-ctx-D32" else ""))
+                   + (f" --levels-run {levels_run}" if levels_run != SEED_LEVELS_RUN else ""))
     choose_command = f"\npython Training/level_refine.py choose --inputs {inputs} --out {out}" if choice else ""
     if choice:
         chosen = sorted({(c["threshold"], c["band_px"]) for c in choice["chosen"].values()})
@@ -466,7 +474,7 @@ def main(argv=None) -> int:
         if name == "final":
             p.add_argument("--threshold", type=float, default=0.5, help="the step's body threshold (the seed's: 0.5)")
             p.add_argument("--step-band", type=int, help="the step's band, pixels (default: --band)")
-            p.add_argument("--levels-run", type=Path, default=Path("Training/runs/levels-ctx-D32"),
+            p.add_argument("--levels-run", type=Path, default=Path(SEED_LEVELS_RUN),
                            help="the level model's cv run the inputs were made from (named in the card)")
         p.set_defaults(func=fn)
     p = sub.add_parser("choose", help="threshold and band per fold, chosen on its refiner's training scans")

@@ -373,15 +373,19 @@ def coverage(reference: Image, other: Image, samples: int = 20000, seed: int = 0
     return float(other_fg.sum()) / len(pick)
 
 
-def context_channels(stack: np.ndarray, index: np.ndarray, context: int, fill: float = 0.0) -> np.ndarray:
+def context_channels(stack: np.ndarray, index: np.ndarray, context: int, fill: float = 0.0,
+                     repeat_edges: bool = False) -> np.ndarray:
     """(len(index), context, H, W): each slice with its neighbours as channels (edge slices see
-    ``fill``: zero after normalisation, as in seed 004's 'pad two empty slices'). Gathers only the
-    slices asked for: a padded copy of the whole stack per batch cost a 7 M-voxel brain 0.1 s a run."""
+    ``fill``: zero after normalisation, as in seed 004's 'pad two empty slices'; or, with
+    ``repeat_edges``, the end slice again, as the level refiner does). Gathers only the slices asked
+    for: a padded copy of the whole stack per batch cost a 7 M-voxel brain 0.1 s a run."""
     index = np.asarray(index)
     half = context // 2
     out = np.full((len(index), context, *stack.shape[1:]), fill, np.float32 if fill else stack.dtype)
     for channel in range(context):
         source = index + channel - half
+        if repeat_edges:
+            source = np.clip(source, 0, stack.shape[0] - 1)
         inside = (source >= 0) & (source < stack.shape[0])
         out[inside, channel] = stack[source[inside]]
     return out

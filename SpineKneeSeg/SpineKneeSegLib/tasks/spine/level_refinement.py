@@ -16,7 +16,7 @@ import numpy as np
 
 from SpineKneeSegLib.core.image import Image
 from SpineKneeSegLib.core.lazy import LazyModule
-from SpineKneeSegLib.engine.preprocessing import canonical_orientation
+from SpineKneeSegLib.engine.preprocessing import canonical_orientation, context_channels
 from SpineKneeSegLib.engine.steps import StepContext, step
 from SpineKneeSegLib.tasks.spine.level_decoding import LOGIT_OF_UINT8, _grid_coordinates
 
@@ -114,8 +114,8 @@ def slice_channels(x: np.ndarray, slices: np.ndarray, neighbours: int = 0) -> np
     slices ``neighbours`` either side (the end slices repeated past the box) and the probability,
     as (len(slices), 2 + 2 * neighbours, h, w) float32."""
     slices = np.asarray(slices)
-    near = np.clip(slices[:, None] + np.arange(-neighbours, neighbours + 1), 0, x.shape[1] - 1)
-    return np.ascontiguousarray(np.concatenate([x[0][near], x[1][slices][:, None]], axis=1))
+    images = context_channels(x[0], slices, 2 * neighbours + 1, repeat_edges=True)
+    return np.ascontiguousarray(np.concatenate([images, x[1][slices][:, None]], axis=1))
 
 
 def refiner_probability(net, x: np.ndarray, batch: int = 8) -> np.ndarray:
