@@ -63,6 +63,11 @@ class Preprocessing:
     fusion_planes: tuple[str, ...] = ()
     fusion_slice_mm: float = 1.5
     fusion_max_slice_mm: float = 2.0
+    # sigmoid tasks whose structure fills one block of neighbouring slices (the lumbar column):
+    # the network runs outward from the middle slices and stops on each side after a slice with
+    # fewer than grow_min_px labelled pixels (inference.SliceGrowth; nothing in the middle: every
+    # slice runs). None: every slice runs.
+    grow_min_px: int | None = None
 
 
 @dataclass(frozen=True)

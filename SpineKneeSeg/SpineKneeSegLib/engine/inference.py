@@ -112,6 +112,54 @@ def load_network(weights: LoadedWeights, device: torch.device, precision: str = 
     return AutocastNetwork(net, device.type) if precision == "bfloat16" else net
 
 
+class SliceGrowth:
+    """Which slices the network runs, decided as it goes: first the ``start`` middle slices, then
+    ``step`` more on each side per batch, until on each side the outermost slice run has fewer
+    than ``min_px`` labelled pixels. For a structure in one block of neighbouring slices (the
+    lumbar column in a sagittal stack) the slices beyond it are never run; they stay background.
+    Nothing in the middle slices (a column far off the middle, or none): every slice runs."""
+
+    def __init__(self, n: int, min_px: int, start: int = 4, step: int = 2):
+        self.n, self.min_px, self.step = n, min_px, step
+        self.lo = max(n // 2 - start // 2, 0)
+        self.hi = min(self.lo + start, n)  # slices lo..hi-1 are run (or queued)
+        self.labelled: dict[int, int] = {}  # slice -> labelled pixels
+        self.fallback = False
+
+    def record(self, index, labelled_px) -> None:
+        self.labelled.update({int(i): int(c) for i, c in zip(index, labelled_px)})
+
+    def _open(self, edge: int) -> bool:
+        return self.labelled[edge] >= self.min_px
+
+    def batches(self, batch_size: int):
+        """Slice index arrays, each decided after the previous one's ``record``."""
+        yield np.arange(self.lo, self.hi)
+        if max(self.labelled[i] for i in range(self.lo, self.hi)) < self.min_px:
+            self.fallback = True
+            rest = np.array([i for i in range(self.n) if i not in self.labelled], dtype=int)
+            for start in range(0, len(rest), batch_size):
+                yield rest[start:start + batch_size]
+            return
+        while True:
+            index = []
+            if self.lo > 0 and self._open(self.lo):
+                index += range(max(self.lo - self.step, 0), self.lo)
+            if self.hi < self.n and self._open(self.hi - 1):
+                index += range(self.hi, min(self.hi + self.step, self.n))
+            if not index:
+                return
+            self.lo, self.hi = min(self.lo, index[0]), max(self.hi, index[-1] + 1)
+            yield np.array(index)
+
+    def summary(self) -> dict:
+        run = sorted(self.labelled)
+        return {"slices_run": len(run), "of": self.n, "first": run[0], "last": run[-1],
+                "min_px": self.min_px, "every_slice": self.fallback or len(run) == self.n,
+                "note": "nothing in the middle slices: every slice run" if self.fallback else
+                "run outward from the middle until a slice with fewer labelled pixels than min_px on each side"}
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -123,7 +171,7 @@ def _batches(image: Image, net: torch.nn.Module, device: torch.device, pre: dict
     """Yield (slice indices, logits on the unpadded network grid, grid, in-plane box, grid image)
     for every batch of slices; accumulate preprocessing and forward-pass seconds in ``timings``.
     With ``crop_foreground`` only foreground slices inside the foreground box are run; ``slices``
-    (canonical indices) runs only those. With ``network_px`` the network sees a square
+    (canonical indices) runs only those, or a ``SliceGrowth`` decides them batch by batch. With ``network_px`` the network sees a square
     ``crop_mm`` window centred on ``centre_lps`` (None: the field-of-view centre). ``extra``:
     further inputs on ``image``'s grid (e.g. a T1), each normalised on its own and appended as
     ``context_slices`` more channels."""
@@ -132,7 +180,8 @@ def _batches(image: Image, net: torch.nn.Module, device: torch.device, pre: dict
     n = canon.array.shape[0]
     found = foreground_box(canon.array) if pre.get("crop_foreground") else None
     run, box = found if found else (np.arange(n), (0, canon.array.shape[1], 0, canon.array.shape[2]))
-    if slices is not None:
+    growth = slices if isinstance(slices, SliceGrowth) else None
+    if slices is not None and growth is None:
         run = np.asarray(slices)
     cropped = crop_in_plane(canon, box)
     # statistics from the whole (uncropped) volumes; normalised batch by batch on the network grid
@@ -145,9 +194,10 @@ def _batches(image: Image, net: torch.nn.Module, device: torch.device, pre: dict
     # background) looks like to the network, whereas 0 after z-score would be average tissue
     pad_value = source.normalised_min() if grid.window is not None else 0.0
     timings["pre"] += time.perf_counter() - t0
-    for start in range(0, len(run), batch_size):
+    plan = growth.batches(batch_size) if growth else (run[s:s + batch_size] for s in range(0, len(run), batch_size))
+    done = 0
+    for index in plan:
         t = time.perf_counter()
-        index = run[start:start + batch_size]
         x = source.batch(index, grid, pad_value).to(device)
         x = pad_to(x, grid.padded_hw).contiguous(memory_format=torch.channels_last)
         _sync(device)
@@ -156,9 +206,13 @@ def _batches(image: Image, net: torch.nn.Module, device: torch.device, pre: dict
         logits = tiled_forward(net, x, pre.get("tile_px"))
         _sync(device)
         timings["net"] += time.perf_counter() - t_net
-        yield index, logits[..., : grid.network_hw[0], : grid.network_hw[1]], grid, box, cropped
+        logits = logits[..., : grid.network_hw[0], : grid.network_hw[1]]
+        if growth:  # sigmoid labels: a pixel is labelled where some channel's logit is > 0
+            growth.record(index, (logits.amax(dim=1) > 0).sum(dim=(1, 2)).tolist())
+        yield index, logits, grid, box, cropped
+        done += len(index)
         if progress:
-            progress.step("inference", min(start + batch_size, len(run)), len(run))
+            progress.step("inference", done, n if growth else len(run))
 
 
 def uint8_sigmoid(logits: torch.Tensor) -> np.ndarray:
@@ -408,9 +462,16 @@ def segment_slices(card: TaskCard, image: Image, net: torch.nn.Module, device: t
                                         "skipped": f"slices {slice_mm:.2f} mm apart, more than "
                                                    f"{pre['fusion_max_slice_mm']} mm: reformats too blurred"}
         kept = [] if keep_probabilities and card.label_activation == "sigmoid" else None
-        labels = _labels_of(card, image, net, device, pre, batch_size, progress, timings, centre_lps=centre_lps,
-                            extra=tuple(extra), probabilities=kept,
+        growth = None
+        if pre.get("grow_min_px") is not None:
+            if card.label_activation != "sigmoid" or pre.get("crop_foreground"):
+                raise ValueError(f"{card.name}: grow_min_px needs sigmoid labels and no crop_foreground")
+            growth = SliceGrowth(canonical_image(image, pre["plane"])[0].array.shape[0], pre["grow_min_px"])
+        labels = _labels_of(card, image, net, device, pre, batch_size, progress, timings, slices=growth,
+                            centre_lps=centre_lps, extra=tuple(extra), probabilities=kept,
                             probabilities_on="network" if keep_probabilities == "network" else "input")
+        if growth:
+            summaries["slice_growth"] = growth.summary()
         if kept:
             probabilities, probabilities_grid = kept[0]
             if probabilities_grid is None:  # on the canonical grid: back to the input's layout

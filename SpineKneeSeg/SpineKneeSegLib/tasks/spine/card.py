@@ -11,7 +11,11 @@ cards.register(cards.TaskCard(
     modality="MR",
     inputs=(cards.InputSpec("image", "MR", 3, description="sagittal T1 or T2 lumbar spine MRI"),),
     preprocessing=cards.Preprocessing(plane="sagittal", in_plane_spacing_mm=1.4, normalisation="zscore",
-                                context_slices=3, min_slices=3),
+                                context_slices=3, min_slices=3,
+                                # the lumbar column fills the middle slices: the ones beyond it are not run
+                                # (session 35: the same labels on every shared scan, Testing/benchmarks/
+                                # bench_slice_growth.py)
+                                grow_min_px=20),
     # seed 004: MultiNet, 3 sagittal slices in, 5 sigmoid level channels out
     network=cards.NetworkSpec("multinet", {"levels": 5, "base_channels": 8, "max_channels": 16, "activation": "elu",
                                      "norm": "batch"}),
