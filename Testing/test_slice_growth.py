@@ -98,3 +98,81 @@ def test_grown_run_equals_every_slice_run_on_a_sagittal_volume(first, last):
     assert summary["slices_run"] < canon.array.shape[0]
     assert summary["first"] <= first and summary["last"] >= last
     assert "slice_growth" not in full.summaries
+
+
+def test_column_window_is_centred_on_the_labelled_columns_and_on_the_pooling_grid():
+    growth = SliceGrowth(20, 20)
+    labelled = torch.zeros(4, 50, 288, dtype=torch.bool)
+    labelled[1, 10:20, 100:141] = True
+    growth.column_window(labelled, 192, 288, 32)
+    assert growth.columns == (32, 224, 288)  # centre 120.5 -> 24.5 -> 32 (a multiple of 32)
+    near_edge = torch.zeros(4, 50, 288, dtype=torch.bool)
+    near_edge[0, :, 270:280] = True
+    growth.column_window(near_edge, 192, 288, 32)
+    assert growth.columns == (96, 288, 288)  # clipped inside the slice
+    narrow = SliceGrowth(20, 20)
+    narrow.column_window(labelled[..., :192], 192, 192, 32)
+    assert narrow.columns is None  # not wider than the window: whole slices
+    empty = SliceGrowth(20, 20)
+    empty.column_window(torch.zeros_like(labelled), 192, 288, 32)
+    assert empty.columns is None
+    with pytest.raises(ValueError, match="multiple"):
+        SliceGrowth(20, 20).column_window(labelled, 200, 288, 32)
+
+
+def test_wide_slices_run_on_the_column_window_after_the_middle():
+    """Slices wider than column_px: after the middle four, only the window around the column is run;
+    a network that sees one pixel at a time gives the same labels either way."""
+    from SpineKneeSegLib.core.image import Image
+
+    card = TASKS["lumbar-foramina"]
+    assert card.preprocessing.column_px == 192
+    canon, _ = canonical_image(make_phantom("lumbar-foramina", seed=0).image, "sagittal")
+    rng = np.random.default_rng(1)
+    array = rng.normal(0, 1, (14, 400, 400)).astype(np.float32)  # 400 mm at 1 mm: 286 -> 288 network columns
+    array[3:11, 100:300, 150:200] += 40
+    image = Image(array, canon.spacing, canon.origin, canon.direction)
+    every = dataclasses.replace(card, preprocessing=dataclasses.replace(card.preprocessing, grow_min_px=None,
+                                                                        column_px=None))
+    calls = []
+
+    class Recording(BrightIsLevel):
+        size_multiple = 32  # padded like the level network
+
+        def forward(self, x):
+            calls.append(tuple(x.shape))
+            return super().forward(x)
+
+    full = segment_slices(every, image, Recording(), torch.device("cpu"))
+    widths_full = {c[-1] for c in calls}
+    calls.clear()
+    grow = segment_slices(card, image, Recording(), torch.device("cpu"))
+    assert widths_full == {288}
+    assert calls[0][0] == 4 and calls[0][-1] == 288  # the middle slices whole
+    assert {c[-1] for c in calls[1:]} == {192}  # the rest on the window
+    assert np.array_equal(grow.labels, full.labels)
+    assert grow.summaries["slice_growth"]["network_columns"][1] - grow.summaries["slice_growth"]["network_columns"][0] == 192
+
+
+def test_cli_every_slice_runs_the_seeds_way(tmp_path):
+    """The shipped level model on the spine phantom: by default the report says which slices ran;
+    --every-slice runs them all, whole, and the labels agree."""
+    import json
+
+    from SpineKneeSegLib import cli
+    from SpineKneeSegLib.core.image_io import read_image, write_image
+
+    path = tmp_path / "spine.nii.gz"
+    write_image(make_phantom("lumbar-foramina", seed=0).image, path)
+    assert cli.main(["run", "--task", "lumbar-foramina", str(path), "-o", str(tmp_path / "grow"),
+                     "--progress", "none"]) == 0
+    assert cli.main(["run", "--task", "lumbar-foramina", str(path), "-o", str(tmp_path / "every"),
+                     "--progress", "none", "--every-slice"]) == 0
+    grow = json.loads((tmp_path / "grow" / "report.json").read_text())["summaries"]
+    every = json.loads((tmp_path / "every" / "report.json").read_text())["summaries"]
+    n = canonical_image(read_image(path), "sagittal")[0].array.shape[0]
+    assert grow["slice_growth"]["of"] == n and 4 <= grow["slice_growth"]["slices_run"] <= n
+    assert "slice_growth" not in every
+    a = read_image(tmp_path / "grow" / "labels.nii.gz").array
+    b = read_image(tmp_path / "every" / "labels.nii.gz").array
+    assert (a > 0).sum() > 0 and np.array_equal(a, b)

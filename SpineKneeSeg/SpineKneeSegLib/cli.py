@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--fuse-views", metavar="PLANES",
                      help="multi-view fusion: also run the network along these planes (comma list, e.g. "
                           "sagittal,coronal) and average the probabilities; 'none' turns it off")
+    run.add_argument("--every-slice", action="store_true",
+                     help="lumbar-foramina: run the level network on every slice, whole (seed 004's way; slower). "
+                          "By default it runs outward from the middle slices, stops a slice beyond the column, and "
+                          "runs all but the middle four on a 269 mm window around it")
     run.add_argument("--skull-stripped", default="auto", choices=("auto", "yes"),
                      help="brain-wmh: 'auto' refuses FLAIR that does not look skull-stripped; 'yes' skips the check")
     run.add_argument("--invert", default="auto", choices=("auto", "yes", "no"),
@@ -209,7 +213,8 @@ def cmd_run(args) -> int:
                          waive_checks=("skull_stripped",) if args.skull_stripped == "yes" else (), fast=args.fast, weights_dir=args.weights_dir,
                          dicom_seg=not args.no_dicom_seg, pixel_mm=args.pixel_mm, overwrite=args.overwrite,
                          input_settings={"invert": args.invert}, startup_s=process_age_s(),
-                         fuse_views=parse_planes(args.fuse_views), precision=args.precision)
+                         fuse_views=parse_planes(args.fuse_views), precision=args.precision,
+                         every_slice=args.every_slice)
     progress = Progress(args.progress)
     if args.scheduler and not args.manifest:
         raise InputError("--scheduler runs a --manifest on a cluster; give --manifest cases.csv")

@@ -1,11 +1,11 @@
 """Slice growth for lumbar-foramina (issue 21's 2 s per case): the level network run outward from
-the middle slices (cards.Preprocessing.grow_min_px) against every slice, on every shared spine
-scan. Both runs use the shipped models; per scan it prints the slices run, the level network's
+the middle slices (cards.Preprocessing.grow_min_px, and column_px: the later slices on a window
+around the column) against every slice on whole slices, on every shared spine scan. Both runs use the shipped models; per scan it prints the slices run, the level network's
 seconds, whether the final labels are identical (else the voxels that differ), the level names
 found, the level confidence and the largest foramen-marker move. Exits 1 when a scan's names or
 confidence change.
 
-    python Testing/benchmarks/bench_slice_growth.py [--min-px 20 40] [--sources zukic-t2 ...]
+    python Testing/benchmarks/bench_slice_growth.py [--min-px 20 40] [--column-px 192] [--sources zukic-t2 ...]
 """
 from __future__ import annotations
 
@@ -27,9 +27,20 @@ from SpineKneeSegLib.tasks import TASKS
 SOURCES = ("myosegmentum", "zukic-t2", "ivd-t2")
 
 
-def card_with(min_px: int | None):
+def card_with(min_px: int | None, column_px: int | None = None):
     card = TASKS["lumbar-foramina"]
-    return dataclasses.replace(card, preprocessing=dataclasses.replace(card.preprocessing, grow_min_px=min_px))
+    return dataclasses.replace(card, preprocessing=dataclasses.replace(card.preprocessing, grow_min_px=min_px,
+                                                                       column_px=column_px))
+
+
+def level_dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over L1..L5 of the Dice between two label maps (1.0 where both lack a level)."""
+    scores = []
+    for level in range(1, 6):
+        x, y = a == level, b == level
+        total = int(x.sum() + y.sum())
+        scores.append(1.0 if total == 0 else 2 * int((x & y).sum()) / total)
+    return float(np.mean(scores))
 
 
 def run(card, image: Path, out: Path) -> tuple[dict, np.ndarray, dict]:
@@ -39,18 +50,19 @@ def run(card, image: Path, out: Path) -> tuple[dict, np.ndarray, dict]:
     return report, labels, {p["label"]: np.asarray(p["position"]) for p in markers}
 
 
-def compare(image: Path, settings: list[int | None], workdir: Path) -> list[dict]:
+def compare(image: Path, settings: list[int | None], column_px: int | None, workdir: Path) -> list[dict]:
     base_report, base_labels, base_points = run(card_with(None), image, workdir / "all")
     rows = []
     for min_px in settings:
-        report, labels, points = run(card_with(min_px), image, workdir / f"grow{min_px}")
+        report, labels, points = run(card_with(min_px, column_px), image, workdir / f"grow{min_px}")
         s = base_report["summaries"]
         g = report["summaries"]
         moved = [float(np.linalg.norm(points[k] - base_points[k])) for k in points if k in base_points]
         rows.append({
             "scan": f"{image.parent.parent.name}/{image.parent.name}", "min_px": min_px,
             "slices": f"{g['slice_growth']['slices_run']}/{g['slice_growth']['of']}",
-            "fallback": g["slice_growth"]["every_slice"],
+            "fallback": g["slice_growth"]["every_slice"], "columns": g["slice_growth"].get("network_columns"),
+            "level_dice_to_all": level_dice(labels, base_labels),
             "network_all": base_report["timings_s"]["network"], "network_grown": report["timings_s"]["network"],
             "voxels_differ": int((labels != base_labels).sum()),
             "names_same": sorted(np.unique(labels)) == sorted(np.unique(base_labels)),
@@ -64,6 +76,8 @@ def compare(image: Path, settings: list[int | None], workdir: Path) -> list[dict
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--min-px", type=int, nargs="+", default=[TASKS["lumbar-foramina"].preprocessing.grow_min_px])
+    parser.add_argument("--column-px", type=int, default=TASKS["lumbar-foramina"].preprocessing.column_px,
+                        help="window width after the middle slices (0: whole slices)")
     parser.add_argument("--sources", nargs="+", default=list(SOURCES))
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)
@@ -75,10 +89,11 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, image in enumerate(images):
-            rows += compare(image, args.min_px, Path(tmp) / str(i))
+            rows += compare(image, args.min_px, args.column_px or None, Path(tmp) / str(i))
             for r in rows[-len(args.min_px):]:
                 print(f"{r['scan']:22} min_px {r['min_px']:>3}  slices {r['slices']:>5}{' (all)' if r['fallback'] else '':6}"
                       f"  network {r['network_all']:.2f} -> {r['network_grown']:.2f} s  differ {r['voxels_differ']:>6}"
+                      f" (Dice {r['level_dice_to_all']:.4f}){'  columns ' + str(r['columns']) if r['columns'] else ''}"
                       f"  names {'same' if r['names_same'] else 'CHANGED'}"
                       f"  confidence {r['confidence_all']} -> {r['confidence_grown']}"
                       f"  markers {'same set' if r['markers_same_set'] else 'CHANGED'}, max move {r['marker_move_mm']:.2f} mm",

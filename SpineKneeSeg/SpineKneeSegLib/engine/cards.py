@@ -68,6 +68,10 @@ class Preprocessing:
     # fewer than grow_min_px labelled pixels (inference.SliceGrowth; nothing in the middle: every
     # slice runs). None: every slice runs.
     grow_min_px: int | None = None
+    # with grow_min_px: the slices after the middle ones run on a window column_px network pixels
+    # wide (the training canvas), centred on the columns labelled in the middle slices; wider
+    # slices only. None: whole slices
+    column_px: int | None = None
 
 
 @dataclass(frozen=True)

@@ -125,6 +125,7 @@ class SliceGrowth:
         self.hi = min(self.lo + start, n)  # slices lo..hi-1 are run (or queued)
         self.labelled: dict[int, int] = {}  # slice -> labelled pixels
         self.fallback = False
+        self.columns: tuple[int, int, int] | None = None  # (first, end, of) network columns run after the middle
 
     def record(self, index, labelled_px) -> None:
         self.labelled.update({int(i): int(c) for i, c in zip(index, labelled_px)})
@@ -152,12 +153,27 @@ class SliceGrowth:
             self.lo, self.hi = min(self.lo, index[0]), max(self.hi, index[-1] + 1)
             yield np.array(index)
 
+    def column_window(self, labelled: torch.Tensor, width: int | None, padded_w: int, multiple: int) -> None:
+        """After the middle slices: a window ``width`` network columns wide (a multiple of
+        ``multiple``, on the same pooling grid as the whole slice) centred on the columns
+        ``labelled`` (N, h, w) there; none when the slice is not wider or nothing was labelled."""
+        cols = torch.nonzero(labelled.any(dim=1).any(dim=0)).flatten()
+        if not width or padded_w <= width or cols.numel() == 0:
+            return
+        if width % multiple:
+            raise ValueError(f"column_px {width} is not a multiple of the network's {multiple}")
+        centre = (int(cols.min()) + int(cols.max()) + 1) / 2
+        first = int(np.clip(round((centre - width / 2) / multiple) * multiple, 0, padded_w - width))
+        self.columns = (first, first + width, padded_w)
+
     def summary(self) -> dict:
         run = sorted(self.labelled)
         return {"slices_run": len(run), "of": self.n, "first": run[0], "last": run[-1],
+                **({"network_columns": list(self.columns)} if self.columns else {}),
                 "min_px": self.min_px, "every_slice": self.fallback or len(run) == self.n,
                 "note": "nothing in the middle slices: every slice run" if self.fallback else
-                "run outward from the middle until a slice with fewer labelled pixels than min_px on each side"}
+                "run outward from the middle until a slice with fewer labelled pixels than min_px on each side" +
+                ("; after the middle slices only network_columns (first, end, of) were run" if self.columns else "")}
 
 
 def _sync(device: torch.device) -> None:
@@ -203,12 +219,22 @@ def _batches(image: Image, net: torch.nn.Module, device: torch.device, pre: dict
         _sync(device)
         t_net = time.perf_counter()
         timings["pre"] += t_net - t
-        logits = tiled_forward(net, x, pre.get("tile_px"))
+        if growth and growth.columns:  # beyond the window: no label (probability ~1e-13)
+            c0, c1, _ = growth.columns
+            inside = tiled_forward(net, x[..., c0:c1], pre.get("tile_px"))
+            logits = inside.new_full((*inside.shape[:-1], x.shape[-1]), -30.0)
+            logits[..., c0:c1] = inside
+        else:
+            logits = tiled_forward(net, x, pre.get("tile_px"))
         _sync(device)
         timings["net"] += time.perf_counter() - t_net
         logits = logits[..., : grid.network_hw[0], : grid.network_hw[1]]
         if growth:  # sigmoid labels: a pixel is labelled where some channel's logit is > 0
-            growth.record(index, (logits.amax(dim=1) > 0).sum(dim=(1, 2)).tolist())
+            labelled = logits.amax(dim=1) > 0
+            growth.record(index, labelled.sum(dim=(1, 2)).tolist())
+            if done == 0:
+                growth.column_window(labelled, pre.get("column_px"), grid.padded_hw[1],
+                                     getattr(net, "size_multiple", 1))
         yield index, logits, grid, box, cropped
         done += len(index)
         if progress:

@@ -52,6 +52,7 @@ class RunOptions:
     # "bfloat16": networks under bfloat16 autocast where the device computes it natively (else
     # float32, with a warning); the model cards' figures are float32's
     precision: str = "float32"
+    every_slice: bool = False  # the network on every slice, whole (no slice growth, no column window)
 
 
 @dataclass(frozen=True)
@@ -391,6 +392,8 @@ def _run_locked(card: TaskCard, inputs: list[str], output_dir: Path, options: Ru
     pre_overrides = {**weights.preprocessing, **(fast.overrides if fast else {}), "label_variant": variant}
     if options.fuse_views is not None:
         pre_overrides["fusion_planes"] = fusion_planes(card, options.fuse_views)
+    if options.every_slice:
+        pre_overrides.update(grow_min_px=None, column_px=None)
     t = time.perf_counter()
     extra, unused = extra_inputs(card, images, weights.preprocessing.get("extra_inputs", ()), inputs)
     resample_s = time.perf_counter() - t

@@ -15,7 +15,7 @@ cards.register(cards.TaskCard(
                                 # the lumbar column fills the middle slices: the ones beyond it are not run
                                 # (session 35: the same labels on every shared scan, Testing/benchmarks/
                                 # bench_slice_growth.py)
-                                grow_min_px=20),
+                                grow_min_px=20, column_px=192),
     # seed 004: MultiNet, 3 sagittal slices in, 5 sigmoid level channels out
     network=cards.NetworkSpec("multinet", {"levels": 5, "base_channels": 8, "max_channels": 16, "activation": "elu",
                                      "norm": "batch"}),
