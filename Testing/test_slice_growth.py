@@ -176,3 +176,23 @@ def test_cli_every_slice_runs_the_seeds_way(tmp_path):
     a = read_image(tmp_path / "grow" / "labels.nii.gz").array
     b = read_image(tmp_path / "every" / "labels.nii.gz").array
     assert (a > 0).sum() > 0 and np.array_equal(a, b)
+
+
+def test_input_statistics_are_computed_once_for_the_validated_array(monkeypatch):
+    """Input validation's normalisation statistics (canonical slices) are the network's, reused for
+    that very array and recomputed for any other (a copy, a bias-corrected image)."""
+    from SpineKneeSegLib.engine import preprocessing
+
+    image = make_phantom("lumbar-foramina", seed=0).image
+    stats = preprocessing.input_normalisation_stats(image, "sagittal", "zscore")
+    assert stats == preprocessing.normalisation_stats(canonical_image(image, "sagittal")[0].array, "zscore")
+
+    def fail(*args, **kwargs):
+        raise AssertionError("computed again")
+
+    monkeypatch.setattr(preprocessing, "normalisation_stats", fail)
+    assert preprocessing.input_normalisation_stats(image, "sagittal", "zscore") == stats
+    with pytest.raises(AssertionError, match="again"):
+        preprocessing.input_normalisation_stats(image.with_array(image.array.copy()), "sagittal", "zscore")
+    with pytest.raises(AssertionError, match="again"):
+        preprocessing.input_normalisation_stats(image, "axial", "zscore")

@@ -12,6 +12,7 @@ from SpineKneeSegLib.core.progress import Progress
 from SpineKneeSegLib.engine.cards import TaskCard
 from SpineKneeSegLib.engine.models import build_network, fold_batch_norm
 from SpineKneeSegLib.engine.preprocessing import (
+    ONE_AFFINE_NORMALISATIONS,
     NetworkInput,
     bias_correct,
     canonical_image,
@@ -19,6 +20,7 @@ from SpineKneeSegLib.engine.preprocessing import (
     crop_in_plane,
     foreground_box,
     from_network_grid,
+    input_normalisation_stats,
     in_plane_spacing,
     network_grid,
     network_grid_image,
@@ -201,8 +203,10 @@ def _batches(image: Image, net: torch.nn.Module, device: torch.device, pre: dict
         run = np.asarray(slices)
     cropped = crop_in_plane(canon, box)
     # statistics from the whole (uncropped) volumes; normalised batch by batch on the network grid
+    first = (input_normalisation_stats(image, pre["plane"], pre["normalisation"])
+             if pre["normalisation"] in ONE_AFFINE_NORMALISATIONS else None)
     source = NetworkInput.of([canon.array] + [canonical_image(e, pre["plane"])[0].array for e in extra],
-                             pre["normalisation"], pre.get("stats"), pre["context_slices"]).crop(box)
+                             pre["normalisation"], pre.get("stats"), pre["context_slices"], first).crop(box)
     centre = window_centre_rc(cropped, centre_lps) if centre_lps is not None else None
     grid = network_grid(cropped, 0, pre["in_plane_spacing_mm"], getattr(net, "size_multiple", 1),
                         pre.get("network_px"), pre.get("crop_mm"), centre)

@@ -248,10 +248,16 @@ def validate_input(card: TaskCard, spec, image: Image, path) -> None:
               "spacing_mm": "positive" + (f"; {spacing_note}" if spacing_note else " (from the file)"),
               "axes": f"orthogonal (within |cos| {AXES_TOLERANCE})"}
     if card.preprocessing.normalisation in ("zscore", "percentile", "percentile-field"):
-        from SpineKneeSegLib.engine.preprocessing import normalisation_stats
+        from SpineKneeSegLib.engine.preprocessing import (
+            ONE_AFFINE_NORMALISATIONS,
+            input_normalisation_stats,
+            normalisation_stats,
+        )
 
-        try:
-            centre, spread = normalisation_stats(image.array, card.preprocessing.normalisation)
+        try:  # on the network's canonical slices, remembered for its input (one pass, not two)
+            centre, spread = (input_normalisation_stats(image, card.preprocessing.plane, card.preprocessing.normalisation)
+                              if card.preprocessing.normalisation in ONE_AFFINE_NORMALISATIONS
+                              else normalisation_stats(image.array, card.preprocessing.normalisation))
         except InputError as exc:
             raise InputError(str(exc), path) from None
         checks["intensity"] = f"{card.preprocessing.normalisation} centre {centre:.4g}, spread {spread:.4g} (float64)"

@@ -78,12 +78,24 @@ def summed_probability_on(probs: np.ndarray, grid: Image, image: Image, box: tup
         along[grid_axis], at[grid_axis] = axis, np.clip(c[box[axis]], 0, probs.shape[grid_axis + 1] - 1)
     lo = [int(np.floor(a.min())) for a in at]
     hi = [int(np.ceil(a.max())) + 1 for a in at]
-    logits = torch.from_numpy(LOGIT_OF_UINT8[probs[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]].astype(np.float32))
-    # grid_sample's last coordinate indexes the last axis; align_corners: -1 / 1 are the end centres
-    norm = [torch.from_numpy(2 * (a - l) / max(h - l - 1, 1) - 1).float() for a, l, h in zip(at, lo, hi)]
-    zz, yy, xx = torch.meshgrid(*norm, indexing="ij")
-    sample = torch.stack([xx, yy, zz], -1)[None]
-    out = torch.nn.functional.grid_sample(logits[None], sample, mode="bilinear", padding_mode="border", align_corners=True)[0]
+    slices = np.rint(at[0])
+    if np.abs(at[0] - slices).max() < 1e-6:  # the network's own slices (it resamples in-plane only):
+        # 2D bilinear on each (a 3D grid_sample was ~40 ms of a 20-slice scan's post-processing)
+        logits = torch.from_numpy(LOGIT_OF_UINT8[probs[:, slices.astype(int), lo[1]:hi[1], lo[2]:hi[2]]]
+                                  .astype(np.float32)).transpose(0, 1)
+        norm = [torch.from_numpy(2 * (a - l) / max(h - l - 1, 1) - 1).float() for a, l, h in zip(at[1:], lo[1:], hi[1:])]
+        yy, xx = torch.meshgrid(*norm, indexing="ij")
+        sample = torch.stack([xx, yy], -1)[None].expand(len(slices), -1, -1, -1)
+        out = torch.nn.functional.grid_sample(logits, sample, mode="bilinear", padding_mode="border",
+                                              align_corners=True).transpose(0, 1)
+    else:
+        logits = torch.from_numpy(LOGIT_OF_UINT8[probs[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]].astype(np.float32))
+        # grid_sample's last coordinate indexes the last axis; align_corners: -1 / 1 are the end centres
+        norm = [torch.from_numpy(2 * (a - l) / max(h - l - 1, 1) - 1).float() for a, l, h in zip(at, lo, hi)]
+        zz, yy, xx = torch.meshgrid(*norm, indexing="ij")
+        sample = torch.stack([xx, yy, zz], -1)[None]
+        out = torch.nn.functional.grid_sample(logits[None], sample, mode="bilinear", padding_mode="border",
+                                              align_corners=True)[0]
     summed = torch.sigmoid(out).sum(0).numpy()
     return np.ascontiguousarray(summed.transpose(np.argsort(along)))  # grid axes -> image axes
 
