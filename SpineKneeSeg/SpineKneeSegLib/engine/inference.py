@@ -1,6 +1,7 @@
 """Slice-wise network inference with memory proportional to one batch of slices."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -268,11 +269,17 @@ def _labels_of(card: TaskCard, image: Image, net, device, pre: dict, batch_size:
     for index, logits, grid, (r0, _, c0, _), cropped in _batches(image, net, device, pre, batch_size, progress,
                                                                   timings, slices, centre_lps, extra):
         t = time.perf_counter()
-        # with a window, labels only near the network's own (probabilities on the input grid: all)
-        restrict = grid.window is not None and not (probabilities is not None and probabilities_on != "network")
+        # with a window, labels only near the network's own (probabilities on the input grid: all);
+        # likewise beside probabilities kept on the network grid (the lumbar levels, whose raw labels
+        # only the transitional check reads): the whole slice as the window, resampled near the
+        # labels only (0.03 s of a 381 x 381 scan; grid_sample, not F.interpolate: a near tie may differ)
+        near_only = probabilities is not None and probabilities_on == "network"
+        restrict = near_only or (grid.window is not None and probabilities is None)
         within = network_label_box(logits_to_labels(logits, card.label_activation)) if restrict else None
         if within is not None or not restrict:
-            out, (a0, a1, b0, b1) = from_network_grid(logits, grid, within)
+            sampled = grid if grid.window is not None or not near_only else \
+                dataclasses.replace(grid, window=(0.0, 0.0, float(grid.input_hw[0]), float(grid.input_hw[1])))
+            out, (a0, a1, b0, b1) = from_network_grid(logits, sampled, within)
             labels[index, r0 + a0:r0 + a1, c0 + b0:c0 + b1] = logits_to_labels(out, card.label_activation).cpu().numpy()
         if probabilities is not None and probabilities_on == "network":
             if probs is None:
