@@ -50,6 +50,26 @@ def test_refiner_calling_nothing_body_erodes_each_level_by_the_band(width):
         assert np.array_equal(out == k, ndimage.binary_erosion(labels == k, _disc(width)[None])), k
 
 
+def test_refined_labels_match_the_morphological_band_at_the_slice_edges_too():
+    """refined_labels draws its band from distance transforms; on random bodies, some cut by the
+    slice's edges, it is exactly ``band``'s (disc dilation minus disc erosion, outside = background)."""
+    rng = np.random.default_rng(0)
+    for trial in range(100):
+        labels = np.zeros((3, 40, 30), np.uint8)
+        for _ in range(rng.integers(0, 4)):
+            s, y, x = rng.integers(0, 3), rng.integers(-5, 40), rng.integers(-5, 30)
+            h, w = rng.integers(1, 15, 2)
+            labels[s, max(y, 0):y + h, max(x, 0):x + w] = rng.integers(1, 6)
+        body, width = rng.random(labels.shape) > 0.5, int(rng.integers(1, 4))
+        b = band(labels, width)
+        expected = np.where(b, 0, labels).astype(labels.dtype)
+        for s in np.flatnonzero(b.any(axis=(1, 2))):
+            _, (iy, ix) = ndimage.distance_transform_edt(labels[s] == 0, return_indices=True)
+            take = b[s] & body[s]
+            expected[s][take] = labels[s][iy[take], ix[take]]
+        assert np.array_equal(refined_labels(labels, body, width), expected), trial
+
+
 def test_refiner_never_renames_and_never_reaches_beyond_the_band():
     """A random body mask: voxels outside the band keep their label, each body keeps its name,
     and no voxel takes a level that is not the nearest one in its slice."""

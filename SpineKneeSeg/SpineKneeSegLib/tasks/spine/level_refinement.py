@@ -50,18 +50,23 @@ def band(labels: np.ndarray, width: int) -> np.ndarray:
 def refined_labels(labels: np.ndarray, body: np.ndarray, width: int) -> np.ndarray:
     """``labels`` (slices first) with their outline redrawn by ``body`` inside the band: a band
     voxel called body takes the level of the nearest labelled voxel in its slice."""
-    b = band(labels, width)
-    out = np.where(b, 0, labels).astype(labels.dtype)
-    for s in np.flatnonzero(b.any(axis=(1, 2))):
-        _, (iy, ix) = ndimage.distance_transform_edt(labels[s] == 0, return_indices=True)
-        take = b[s] & body[s]
+    out = labels.copy()
+    for s in np.flatnonzero(labels.reshape(len(labels), -1).any(axis=1)):
+        # ``band`` from the distance transforms (the same disc, exactly: squared distances are
+        # integers), which the nearest level needs anyway: half the time of two morphology passes
+        outside, (iy, ix) = ndimage.distance_transform_edt(labels[s] == 0, return_indices=True)
+        inside = ndimage.distance_transform_edt(np.pad(labels[s] > 0, width + 1))[width + 1:-width - 1,
+                                                                                   width + 1:-width - 1]
+        b = (outside <= width) & (inside <= width)  # dilated and not eroded (beyond the slice: background)
+        out[s][b] = 0
+        take = b & body[s]
         out[s][take] = labels[s][iy[take], ix[take]]
     return out
 
 
 def bodies_box(labels: np.ndarray, margin: int) -> tuple[slice, ...] | None:
     """The labelled slices and the labels' in-plane box grown by ``margin`` (slices first)."""
-    found = ndimage.find_objects((labels > 0).astype(np.uint8))
+    found = ndimage.find_objects((labels > 0).view(np.uint8))
     if not found:
         return None
     box = found[0]

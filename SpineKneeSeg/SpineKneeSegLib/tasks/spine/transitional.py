@@ -64,7 +64,7 @@ def check_transitional(labels: np.ndarray, image: Image,
                        params: TransitionalParameters = TransitionalParameters()) -> TransitionalResult:
     """``labels``: the level network's labels (1..5) before any component clean-up."""
     voxel = float(np.prod(image.spacing))
-    boxes = ndimage.find_objects(labels.astype(np.int32), max_label=len(LEVELS))  # one pass, then crops
+    boxes = ndimage.find_objects(np.asarray(labels, np.uint8), max_label=len(LEVELS))  # one pass, then crops
     comps = {k: _components(labels[box] == k, np.array([b.start for b in box]), voxel) if box else []
              for k, box in zip(LEVELS, boxes)}
     present = [k for k in LEVELS if comps[k]]
