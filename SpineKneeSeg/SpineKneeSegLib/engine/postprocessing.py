@@ -7,7 +7,7 @@ from SpineKneeSegLib.core.image import Image
 from SpineKneeSegLib.core.labels import LabelSpec, label_histogram
 from SpineKneeSegLib.core.lazy import LazyModule
 from SpineKneeSegLib.core.tables import ColumnSpec, Table
-from SpineKneeSegLib.engine.steps import StepContext, step
+from SpineKneeSegLib.engine.steps import StepContext, labelled_box, set_labels, step
 
 ndimage = LazyModule("scipy.ndimage")  # loaded on first use (lazy.py)
 # connected-components-3d: the same 26-connected labelling as ndimage.label, faster (the knee DESS
@@ -172,9 +172,15 @@ def _label_layers_step(ctx: StepContext) -> None:
 @step("largest_component_per_label")
 def _largest_component_step(ctx: StepContext) -> None:
     components = None
-    if ctx.result.labels.array is ctx.raw:  # labelled once, shared with checks that read the raw output
+    labels, known = ctx.result.labels.array, labelled_box(ctx)
+    if known is not None and labels is not ctx.raw:  # every label inside the box: only it is cleaned
+        cleaned = labels.copy()
+        cleaned[known] = largest_component_per_label(labels[known])
+        set_labels(ctx, cleaned, known)
+        return
+    if labels is ctx.raw:  # labelled once, shared with checks that read the raw output
         components = ctx.raw_components = label_components(ctx.raw)
-    cleaned = largest_component_per_label(ctx.result.labels.array, components)
+    cleaned = largest_component_per_label(labels, components)
     if components is not None:  # the checks on the final labels need not label them again (0.15 s on a knee)
         ctx.made_components = (cleaned, kept_components(components))
     ctx.result.labels = ctx.image.with_array(cleaned)

@@ -30,6 +30,27 @@ class StepContext:
     # auxiliary models a step runs itself (AuxiliaryModel output "step"): name -> (network, its weights)
     networks: dict = field(default_factory=dict)
     network_s: float = 0.0  # seconds those networks ran (counted as network time, not post-processing)
+    # (labels array, a box holding every labelled voxel of it), left by a step that knows one (the
+    # level decoding), so that later steps need not scan the whole volume; see labelled_box
+    known_box: Any = None
+
+
+def labelled_box(ctx: StepContext) -> tuple[slice, ...] | None:
+    """A box holding every labelled voxel of ``ctx.result.labels``, when a step left one for that
+    very array (None: unknown; a step that replaced the labels without one)."""
+    known = ctx.known_box
+    return known[1] if known is not None and known[0] is ctx.result.labels.array else None
+
+
+def set_labels(ctx: StepContext, array: np.ndarray, box: tuple[slice, ...] | None = None) -> None:
+    """``array`` as the result's labels, with a box known to hold all of them (or None)."""
+    ctx.result.labels = ctx.image.with_array(array)
+    ctx.known_box = (ctx.result.labels.array, box) if box is not None else None
+
+
+def within(box: tuple[slice, ...] | None, found: tuple[slice, ...]) -> tuple[slice, ...]:
+    """A box ``found`` inside the crop ``box`` (None: the whole array), in the whole array's indices."""
+    return found if box is None else tuple(slice(b.start + f.start, b.start + f.stop) for b, f in zip(box, found))
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import numpy as np
 from SpineKneeSegLib.core.image import Image
 from SpineKneeSegLib.core.lazy import LazyModule
 from SpineKneeSegLib.engine.postprocessing import label_in_box
-from SpineKneeSegLib.engine.steps import StepContext, step
+from SpineKneeSegLib.engine.steps import StepContext, labelled_box, step, within
 from SpineKneeSegLib.tasks.spine.foramen_confidence import (
     ConfidenceModel,
     body_probabilities,
@@ -186,14 +186,17 @@ def _unit(v: np.ndarray) -> np.ndarray:
 
 
 def estimate_foramina_from_levels(labels: np.ndarray, image: Image,
-                                  params: EstimateParameters = EstimateParameters()) -> tuple[list[Foramen], dict]:
+                                  params: EstimateParameters = EstimateParameters(),
+                                  known: tuple[slice, ...] | None = None) -> tuple[list[Foramen], dict]:
     """Foramen positions derived from the L1..L5 bodies: posterior to the disc space between L<k>
     and L<k+1> (below L5: its endplate minus half a measured disc height), one per side at the
     pedicle line. A level whose bodies are missing gets no marker and is reported, never guessed.
 
     Works in RAS: the local superior axis comes from the body centroids (follows lordosis and
     tilt), posterior is patient-posterior made perpendicular to it, lateral completes the frame."""
-    boxes = ndimage.find_objects(labels, max_label=len(LEVELS))  # one pass, then each body's box only
+    # one pass (over ``known``, a box holding every label, when given), then each body's box only
+    boxes = [b and within(known, b) for b in ndimage.find_objects(labels[known] if known else labels,
+                                                                  max_label=len(LEVELS))]
     bodies = {level: _body_points(labels, image, level, box=box) if box else None
               for level, box in zip(LEVELS, boxes)}
     centres = {level: pts.mean(axis=0) for level, pts in bodies.items() if pts is not None}
@@ -262,7 +265,7 @@ def _foramina_step(ctx: StepContext) -> None:
         foramina, notes = localise_foramina(ctx.maps["foramina"], ctx.maps_grids["foramina"]), {}
         method = "foramen model"
     else:
-        foramina, notes = estimate_foramina_from_levels(result.labels.array, ctx.image)
+        foramina, notes = estimate_foramina_from_levels(result.labels.array, ctx.image, known=labelled_box(ctx))
         method = "estimated from vertebral levels (no foramen model)"
     transitional = result.summaries.get("transitional_anatomy", {})
     flag = (f"; TRANSITIONAL ANATOMY SUSPECTED ({transitional['status']}): check the level count"

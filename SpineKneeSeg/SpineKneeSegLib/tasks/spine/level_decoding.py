@@ -16,7 +16,7 @@ import numpy as np
 
 from SpineKneeSegLib.core.image import Image
 from SpineKneeSegLib.core.lazy import LazyModule
-from SpineKneeSegLib.engine.steps import StepContext, step
+from SpineKneeSegLib.engine.steps import StepContext, set_labels, step
 
 ndimage = LazyModule("scipy.ndimage")  # loaded on first use (lazy.py)
 
@@ -340,7 +340,7 @@ def _summed_probability_at(probs: np.ndarray, coords: list[np.ndarray]) -> np.nd
 
 
 def labels_onto_image(labels: np.ndarray, probs: np.ndarray, threshold: float, grid: Image, image: Image,
-                      mask: np.ndarray) -> np.ndarray:
+                      mask: np.ndarray, boxes: list | None = None) -> np.ndarray:
     """Decoded levels on the network grid (``labels``; ``probs`` the level maps there, uint8) ->
     the input grid. An input voxel is body when ``mask`` (the network's labels on the input grid:
     one level above 0.5, from bilinear logits) holds it, or else when its level probabilities,
@@ -348,7 +348,8 @@ def labels_onto_image(labels: np.ndarray, probs: np.ndarray, threshold: float, g
     grid); it takes the level of the nearest grid voxel, grid levels first grown one voxel in-plane
     into the background (an outline voxel may lie nearest to a grid voxel just outside) but not
     into body voxels of no named level (above L1, below L5, noise). Only the levels' bounding box
-    is visited, and only voxels next to a level are interpolated."""
+    is visited, and only voxels next to a level are interpolated. ``boxes``: receives that box on
+    the input grid (every labelled voxel lies inside it)."""
     box = ndimage.find_objects((labels > 0).view(np.uint8))
     out = np.zeros(image.array.shape, np.uint8)
     if not box:
@@ -379,6 +380,8 @@ def labels_onto_image(labels: np.ndarray, probs: np.ndarray, threshold: float, g
         at[grid_axis] = coord[ask[axis]]
     body[ask] = _summed_probability_at(probs, at) >= threshold
     out[target] = np.where(body, levels, 0)
+    if boxes is not None:
+        boxes.append(target)
     return out
 
 
@@ -395,10 +398,11 @@ def _level_decoding_step(ctx: StepContext) -> None:
         probs, grid = np.stack([(ctx.result.labels.array == k).astype(np.uint8) * 255 for k in range(1, 6)]), ctx.image
     params = DecodingParameters(**ctx.settings.get("level_decoding", {}))
     decoded = decode_levels(probs, grid, params)
+    boxes = []
     if grid is not ctx.image:
         decoded.labels = labels_onto_image(decoded.labels, probs, params.threshold, grid, ctx.image,
-                                           ctx.result.labels.array > 0)
-    ctx.result.labels = ctx.image.with_array(decoded.labels)
+                                           ctx.result.labels.array > 0, boxes)
+    set_labels(ctx, decoded.labels, boxes[0] if boxes else None)
     ctx.result.summaries["level_decoding"] = decoded.summary()
     ctx.result.summaries["level_confidence"] = round(decoded.level_confidence, 4)
     if decoded.doubtful:

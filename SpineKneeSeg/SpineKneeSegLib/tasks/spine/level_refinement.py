@@ -17,7 +17,7 @@ import numpy as np
 from SpineKneeSegLib.core.image import Image
 from SpineKneeSegLib.core.lazy import LazyModule
 from SpineKneeSegLib.engine.preprocessing import canonical_orientation, context_channels
-from SpineKneeSegLib.engine.steps import StepContext, step
+from SpineKneeSegLib.engine.steps import StepContext, labelled_box, set_labels, step, within
 from SpineKneeSegLib.tasks.spine.level_decoding import LOGIT_OF_UINT8, _grid_coordinates
 
 ndimage = LazyModule("scipy.ndimage")
@@ -63,12 +63,13 @@ def refined_labels(labels: np.ndarray, body: np.ndarray, width: int) -> np.ndarr
     return out
 
 
-def bodies_box(labels: np.ndarray, margin: int) -> tuple[slice, ...] | None:
-    """The labelled slices and the labels' in-plane box grown by ``margin`` (slices first)."""
-    found = ndimage.find_objects((labels > 0).view(np.uint8))
+def bodies_box(labels: np.ndarray, margin: int, known: tuple[slice, ...] | None = None) -> tuple[slice, ...] | None:
+    """The labelled slices and the labels' in-plane box grown by ``margin`` (slices first);
+    ``known``: a box already known to hold every label (only it is scanned)."""
+    found = ndimage.find_objects((labels[known] > 0).view(np.uint8) if known else (labels > 0).view(np.uint8))
     if not found:
         return None
-    box = found[0]
+    box = within(known, found[0])
     return (box[0],) + tuple(slice(max(b.start - margin, 0), min(b.stop + margin, n))
                              for b, n in zip(box[1:], labels.shape[1:]))
 
@@ -105,17 +106,18 @@ def summed_probability_on(probs: np.ndarray, grid: Image, image: Image, box: tup
 
 
 def refiner_inputs(image: Image, labels: np.ndarray, probs: np.ndarray, grid: Image,
-                   margin: int = MARGIN_PX):
+                   margin: int = MARGIN_PX, known: tuple[slice, ...] | None = None):
     """(inputs (2, slices, h, w) float32, box in the image's axes, slice axis, the labels in the
     box slices first) for the refiner; None without labels. ``probs``/``grid``: the level
-    network's uint8 maps on its own grid (or on the image's)."""
+    network's uint8 maps on its own grid (or on the image's). ``known``: a box (the image's axes)
+    known to hold every label."""
     axis = canonical_orientation(image, "sagittal").axes[0]
     first = np.moveaxis(labels, axis, 0)
-    box_first = bodies_box(first, margin)
+    order = [axis] + [a for a in range(3) if a != axis]
+    box_first = bodies_box(first, margin, tuple(known[a] for a in order) if known else None)
     if box_first is None:
         return None
     box = [None] * 3  # the same box in the image's axes
-    order = [axis] + [a for a in range(3) if a != axis]
     for k, a in enumerate(order):
         box[a] = box_first[k]
     box = tuple(box)
@@ -154,9 +156,11 @@ def refiner_body(net, x: np.ndarray, threshold: float = 0.5, batch: int = 8) -> 
 
 
 def refine_levels(net, image: Image, labels: np.ndarray, probs: np.ndarray, grid: Image,
-                  band_px: int = BAND_PX, threshold: float = 0.5) -> tuple[np.ndarray, dict]:
-    """The decoded ``labels`` (image axes) with their outline redrawn by the refiner, and a summary."""
-    inputs = refiner_inputs(image, labels, probs, grid)
+                  band_px: int = BAND_PX, threshold: float = 0.5,
+                  known: tuple[slice, ...] | None = None) -> tuple[np.ndarray, dict]:
+    """The decoded ``labels`` (image axes) with their outline redrawn by the refiner, and a summary.
+    ``known``: a box holding every label, when known."""
+    inputs = refiner_inputs(image, labels, probs, grid, known=known)
     if inputs is None:
         return labels, {"changed_voxels": 0}
     x, box, axis, first = inputs
@@ -166,7 +170,7 @@ def refine_levels(net, image: Image, labels: np.ndarray, probs: np.ndarray, grid
     new_first = refined_labels(first, body, band_px)
     out = labels.copy()
     out[box] = np.moveaxis(new_first, 0, axis)
-    changed = int((out != labels).sum())
+    changed = int((new_first != first).sum())  # nothing outside the box changes
     return out, {"changed_voxels": changed, "band_px": band_px, "network_s": round(network_s, 4)}
 
 
@@ -181,9 +185,15 @@ def _level_refinement_step(ctx: StepContext) -> None:
         return
     net, weights = found
     settings = weights.checkpoint.get("metadata", {}).get("postprocessing", {}).get("level_refinement", {})
+    known = labelled_box(ctx)
+    band_px = settings.get("band_px", BAND_PX)
     labels, summary = refine_levels(net, ctx.image, ctx.result.labels.array, probs,
-                                    ctx.maps_grids.get("probabilities", ctx.image),
-                                    settings.get("band_px", BAND_PX), settings.get("threshold", 0.5))
+                                    ctx.maps_grids.get("probabilities", ctx.image), band_px,
+                                    settings.get("threshold", 0.5), known)
     ctx.network_s += summary.get("network_s", 0.0)
-    ctx.result.labels = ctx.image.with_array(labels)
+    if known is not None:  # the outline moves at most band_px in-plane, never to another slice
+        axis = canonical_orientation(ctx.image, "sagittal").axes[0]
+        known = tuple(b if a == axis else slice(max(b.start - band_px, 0), min(b.stop + band_px, n))
+                      for a, (b, n) in enumerate(zip(known, labels.shape)))
+    set_labels(ctx, labels, known)
     ctx.result.summaries["level_refinement"] = summary
