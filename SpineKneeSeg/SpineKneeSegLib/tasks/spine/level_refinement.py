@@ -53,13 +53,20 @@ def refined_labels(labels: np.ndarray, body: np.ndarray, width: int) -> np.ndarr
     out = labels.copy()
     eroded = ndimage.binary_erosion(labels > 0, _disc(width)[None])
     for s in np.flatnonzero(labels.reshape(len(labels), -1).any(axis=1)):
+        # only the slice's labels' box grown by the band is visited: the band and the nearest
+        # labels lie inside it
+        (r, c), = ndimage.find_objects((labels[s] > 0).view(np.uint8))
+        r = slice(max(r.start - width, 0), r.stop + width)
+        c = slice(max(c.start - width, 0), c.stop + width)
+        crop = labels[s, r, c]
         # ``band``, its dilation read from the distance transform the nearest level needs anyway
         # (the same disc exactly: squared distances are integers)
-        outside, (iy, ix) = ndimage.distance_transform_edt(labels[s] == 0, return_indices=True)
-        b = (outside <= width) & ~eroded[s]
-        out[s][b] = 0
-        take = b & body[s]
-        out[s][take] = labels[s][iy[take], ix[take]]
+        outside, (iy, ix) = ndimage.distance_transform_edt(crop == 0, return_indices=True)
+        b = (outside <= width) & ~eroded[s, r, c]
+        view = out[s, r, c]
+        view[b] = 0
+        take = b & body[s, r, c]
+        view[take] = crop[iy[take], ix[take]]
     return out
 
 

@@ -1,0 +1,94 @@
+"""The level network's column window (session 35) judged on held-out scans: each scan run by the
+fold model of a cross-validation run that never saw it, once on every slice, whole (the way the
+cross-validated figures were measured), once as the product now runs (slices grown outward from
+the middle, a 192-px window of columns after the middle four), over the field-of-view variants
+of level_eval. Only scans wider than the window change (the Zukić T2 scans at 381 mm); the others
+run exactly as before. Scores the decoded levels (before the refiner) against the labels.
+
+    python Training/level_window_cv.py --run Training/results/levels-ctx-D32-s1 [--datasets zukic-t2] [--out F.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from level_column import case_labels, spine_cases  # noqa: E402
+from level_eval import CARD, field_of_view_variants, score  # noqa: E402
+
+from SpineKneeSegLib.core.atomic import write_text_atomic  # noqa: E402
+from SpineKneeSegLib.core.datasets import data_root  # noqa: E402
+from SpineKneeSegLib.core.image_io import read_image  # noqa: E402
+from SpineKneeSegLib.engine.inference import load_network, segment_slices  # noqa: E402
+from SpineKneeSegLib.engine.postprocessing import largest_component_per_label  # noqa: E402
+from SpineKneeSegLib.engine.weights import resolve_weights  # noqa: E402
+from SpineKneeSegLib.tasks.spine.level_decoding import (  # noqa: E402
+    DecodingParameters,
+    decode_levels,
+    labels_onto_image,
+)
+
+MODES = {"every slice": {"grow_min_px": None, "column_px": None}, "product": {}}
+
+
+def decoded_score(net, pre: dict, image, truth) -> dict:
+    out = segment_slices(CARD, image, net, torch.device("cpu"), pre, keep_probabilities="network")
+    params = DecodingParameters()  # the product's decoding
+    decoded = decode_levels(out.probabilities, out.probabilities_grid, params)
+    labels = labels_onto_image(decoded.labels, out.probabilities, params.threshold, out.probabilities_grid, image,
+                               out.labels > 0)
+    s = score(largest_component_per_label(labels), truth, image)
+    return {"mean_dice": round(float(np.mean(list(s["dice"].values()))), 4), "named_right": s["identification"]["all_correct"],
+            "level_confidence": round(decoded.level_confidence, 4), "network_s": round(out.network_s, 3),
+            "slice_growth": out.summaries.get("slice_growth")}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, required=True, help="a cross-validation run with folds.json and foldN/final.pt")
+    parser.add_argument("--datasets", nargs="+", default=["zukic-t2"])
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    folds = json.loads((args.run / "folds.json").read_text())["folds"]
+    cases = [c for c in spine_cases(data_root(), log=lambda *_: None) if c["dataset"] in args.datasets]
+    rows = []
+    for f, held_out in enumerate(folds):
+        mine = [c for c in cases if c["id"] in held_out]
+        if not mine:
+            continue
+        weights = resolve_weights(CARD, args.run / f"fold{f}" / "final.pt")
+        net = load_network(weights, torch.device("cpu"))
+        for case in mine:
+            for fov, (image, truth) in field_of_view_variants(read_image(case["image"]), case_labels(case)).items():
+                row = {"case": case["id"], "fold": f, "fov": fov}
+                for mode, override in MODES.items():
+                    row[mode] = decoded_score(net, {**weights.preprocessing, **override}, image, truth)
+                rows.append(row)
+                a, b = row["every slice"], row["product"]
+                print(f"{case['id']:18} fold {f} {fov:14} every slice {a['mean_dice']:.4f} "
+                      f"{'ok ' if a['named_right'] else 'BAD'} conf {a['level_confidence']:.3f} {a['network_s']:.2f} s | "
+                      f"product {b['mean_dice']:.4f} {'ok ' if b['named_right'] else 'BAD'} conf "
+                      f"{b['level_confidence']:.3f} {b['network_s']:.2f} s", flush=True)
+    for fov in dict.fromkeys(r["fov"] for r in rows):
+        mine = [r for r in rows if r["fov"] == fov]
+        line = [f"{fov:14} {len(mine)} scans:"]
+        for mode in MODES:
+            line.append(f"{mode} Dice {np.mean([r[mode]['mean_dice'] for r in mine]):.4f}, named right "
+                        f"{sum(r[mode]['named_right'] for r in mine)}")
+        print("  ".join(line))
+    changed = [f"{r['case']} {r['fov']}" for r in rows if r["every slice"]["named_right"] != r["product"]["named_right"]]
+    print(f"naming changed on: {', '.join(changed) or 'none'}")
+    if args.out:
+        write_text_atomic(args.out, json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
