@@ -190,8 +190,9 @@ def _batches(image: Image, net: torch.nn.Module, device: torch.device, pre: dict
     """Yield (slice indices, logits on the unpadded network grid, grid, in-plane box, grid image)
     for every batch of slices; accumulate preprocessing and forward-pass seconds in ``timings``.
     With ``crop_foreground`` only foreground slices inside the foreground box are run; ``slices``
-    (canonical indices) runs only those, or a ``SliceGrowth`` decides them batch by batch. With ``network_px`` the network sees a square
-    ``crop_mm`` window centred on ``centre_lps`` (None: the field-of-view centre). ``extra``:
+    (canonical indices) runs only those, or a ``SliceGrowth`` decides them batch by batch. With
+    ``network_px`` the network sees a square ``crop_mm`` window centred on ``centre_lps`` (None:
+    the field-of-view centre). ``extra``:
     further inputs on ``image``'s grid (e.g. a T1), each normalised on its own and appended as
     ``context_slices`` more channels."""
     t0 = time.perf_counter()
