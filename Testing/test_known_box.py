@@ -57,3 +57,35 @@ def test_foramen_estimate_in_the_known_box_equals_the_whole_volume():
     assert [f.label for f in boxed] == [f.label for f in whole] and len(whole) == 10
     assert all(np.array_equal(f.ras, g.ras) for f, g in zip(boxed, whole))
     assert boxed_notes == notes
+
+
+def test_transitional_check_in_the_known_box_equals_the_whole_volume():
+    from SpineKneeSegLib.tasks.spine.transitional import check_transitional
+
+    phantom = spine_phantom(seed=0)
+    labels = phantom.labels.array.copy()
+    labels[labels == 2] = 3  # L2 named L3 too: two separate "L3" vertebrae, the 6-lumbar pattern
+    whole = check_transitional(labels, phantom.image)
+    boxed = check_transitional(labels, phantom.image, known=_box_of(labels))
+    assert whole.status == "suspected-6" and boxed.as_dict() == whole.as_dict()
+
+
+def test_the_pipeline_hands_the_raw_labels_box_to_the_steps(tmp_path):
+    """segment_slices reports a box holding every raw label, in the input's axes, for any layout."""
+    import torch
+    from SpineKneeSegLib.engine.inference import segment_slices
+    from SpineKneeSegLib.engine.preprocessing import Orientation, reorient
+    from test_slice_growth import BrightIsLevel
+
+    image = spine_phantom(seed=0).image
+    for layout in (Orientation(), Orientation((2, 0, 1), (True, False, True))):
+        moved = reorient(image, layout)
+        rng = np.random.default_rng(0)
+        array = rng.normal(0, 1, moved.array.shape).astype(np.float32)
+        array[tuple(slice(n // 3, n // 2) for n in array.shape)] += 40
+        out = segment_slices(TASKS["lumbar-foramina"], moved.with_array(array), BrightIsLevel(), torch.device("cpu"),
+                             keep_probabilities="network")
+        assert out.labels.any() and out.labels_box is not None
+        inside = np.zeros(out.labels.shape, bool)
+        inside[out.labels_box] = True
+        assert not out.labels[~inside].any()

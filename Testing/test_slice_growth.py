@@ -143,14 +143,16 @@ def test_wide_slices_run_on_the_column_window_after_the_middle():
             calls.append(tuple(x.shape))
             return super().forward(x)
 
-    full = segment_slices(every, image, Recording(), torch.device("cpu"))
+    full = segment_slices(every, image, Recording(), torch.device("cpu"), keep_probabilities="network")
     widths_full = {c[-1] for c in calls}
     calls.clear()
-    grow = segment_slices(card, image, Recording(), torch.device("cpu"))
+    grow = segment_slices(card, image, Recording(), torch.device("cpu"), keep_probabilities="network")
     assert widths_full == {288}
     assert calls[0][0] == 4 and calls[0][-1] == 288  # the middle slices whole
     assert {c[-1] for c in calls[1:]} == {192}  # the rest on the window
     assert np.array_equal(grow.labels, full.labels)
+    run = sorted(range(grow.summaries["slice_growth"]["first"], grow.summaries["slice_growth"]["last"] + 1))
+    assert np.array_equal(grow.probabilities[:, run], full.probabilities[:, run])  # 0 beyond the window, as there
     assert grow.summaries["slice_growth"]["network_columns"][1] - grow.summaries["slice_growth"]["network_columns"][0] == 192
 
 

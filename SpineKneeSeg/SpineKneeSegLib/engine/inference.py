@@ -59,6 +59,7 @@ class NetworkOutput:
     # network's own grid ``probabilities_grid`` (lumbar levels: decoded there, no resampling)
     probabilities: np.ndarray | None = None
     probabilities_grid: Image | None = None
+    labels_box: tuple | None = None  # a box (the input's axes) holding every label, when known
     network_s: float = 0.0
     preprocess_s: float = 0.0
     postprocess_s: float = 0.0
@@ -129,6 +130,7 @@ class SliceGrowth:
         self.labelled: dict[int, int] = {}  # slice -> labelled pixels
         self.fallback = False
         self.columns: tuple[int, int, int] | None = None  # (first, end, of) network columns run after the middle
+        self.batch_columns: tuple[int, int] | None = None  # the columns the batch just yielded ran on (None: all)
 
     def record(self, index, labelled_px) -> None:
         self.labelled.update({int(i): int(c) for i, c in zip(index, labelled_px)})
@@ -225,6 +227,8 @@ def _batches(image: Image, net: torch.nn.Module, device: torch.device, pre: dict
         _sync(device)
         t_net = time.perf_counter()
         timings["pre"] += t_net - t
+        if growth:
+            growth.batch_columns = growth.columns[:2] if growth.columns else None
         if growth and growth.columns:  # beyond the window: no label (probability ~1e-13)
             c0, c1, _ = growth.columns
             inside = tiled_forward(net, x[..., c0:c1], pre.get("tile_px"))
@@ -260,11 +264,12 @@ def uint8_sigmoid(logits: torch.Tensor) -> np.ndarray:
 
 def _labels_of(card: TaskCard, image: Image, net, device, pre: dict, batch_size: int, progress, timings: dict,
                slices=None, centre_lps=None, extra: tuple[Image, ...] = (), probabilities: list | None = None,
-               probabilities_on: str = "input") -> np.ndarray:
+               probabilities_on: str = "input", boxes: list | None = None) -> np.ndarray:
     """Label map in the canonical layout (slices not run stay background). ``probabilities``: a
     list that receives the sigmoid probabilities of a sigmoid task (uint8) and their grid:
     on the canonical grid, (C, *canonical shape), and None; with ``probabilities_on="network"``
-    on the network grid, (C, slices, *network_hw), and that grid as an Image (canonical)."""
+    on the network grid, (C, slices, *network_hw), and that grid as an Image (canonical).
+    ``boxes``: receives a box (canonical layout) holding every label written."""
     labels = np.zeros(canonical_image(image, pre["plane"])[0].array.shape, dtype=np.uint8)
     probs, grid_image = None, None
     for index, logits, grid, (r0, _, c0, _), cropped in _batches(image, net, device, pre, batch_size, progress,
@@ -276,17 +281,26 @@ def _labels_of(card: TaskCard, image: Image, net, device, pre: dict, batch_size:
         # labels only (0.03 s of a 381 x 381 scan; grid_sample, not F.interpolate: a near tie may differ)
         near_only = probabilities is not None and probabilities_on == "network"
         restrict = near_only or (grid.window is not None and probabilities is None)
-        within = network_label_box(logits_to_labels(logits, card.label_activation)) if restrict else None
+        # a batch run on a column window (SliceGrowth) has no label and probability 0 beyond it
+        cols = slices.batch_columns if isinstance(slices, SliceGrowth) else None
+        cols = (cols[0], min(cols[1], logits.shape[-1])) if cols else (0, logits.shape[-1])
+        within = network_label_box(logits_to_labels(logits[..., cols[0]:cols[1]], card.label_activation)) \
+            if restrict else None
+        if within is not None:
+            within = (within[0], within[1], within[2] + cols[0], within[3] + cols[0])
         if within is not None or not restrict:
             sampled = grid if grid.window is not None or not near_only else \
                 dataclasses.replace(grid, window=(0.0, 0.0, float(grid.input_hw[0]), float(grid.input_hw[1])))
             out, (a0, a1, b0, b1) = from_network_grid(logits, sampled, within)
             labels[index, r0 + a0:r0 + a1, c0 + b0:c0 + b1] = logits_to_labels(out, card.label_activation).cpu().numpy()
+            if boxes is not None and a1 > a0 and b1 > b0:
+                hull = [(int(np.min(index)), int(np.max(index)) + 1), (r0 + a0, r0 + a1), (c0 + b0, c0 + b1)]
+                boxes[:] = [hull] if not boxes else [[(min(p[0], q[0]), max(p[1], q[1])) for p, q in zip(boxes[0], hull)]]
         if probabilities is not None and probabilities_on == "network":
             if probs is None:
                 probs = np.zeros((logits.shape[1], labels.shape[0], *logits.shape[-2:]), np.uint8)
                 grid_image = network_grid_image(cropped, grid)
-            probs[:, index] = uint8_sigmoid(logits).swapaxes(0, 1)
+            probs[:, index, :, cols[0]:cols[1]] = uint8_sigmoid(logits[..., cols[0]:cols[1]]).swapaxes(0, 1)
         elif probabilities is not None:
             if probs is None:
                 probs = np.zeros((out.shape[1], *labels.shape), np.uint8)
@@ -476,6 +490,7 @@ def segment_slices(card: TaskCard, image: Image, net: torch.nn.Module, device: t
     pre = {**card.preprocessing.__dict__, **(preprocessing or {})}
     timings = {"pre": 0.0, "net": 0.0, "post": 0.0}
     summaries, warnings = {}, []
+    labels_box = None
     probabilities, probabilities_grid = None, None
     orientation = canonical_orientation(image, pre["plane"])
     t = time.perf_counter()
@@ -505,9 +520,15 @@ def segment_slices(card: TaskCard, image: Image, net: torch.nn.Module, device: t
             if card.label_activation != "sigmoid" or pre.get("crop_foreground"):
                 raise ValueError(f"{card.name}: grow_min_px needs sigmoid labels and no crop_foreground")
             growth = SliceGrowth(canonical_image(image, pre["plane"])[0].array.shape[0], pre["grow_min_px"])
+        boxes = []
         labels = _labels_of(card, image, net, device, pre, batch_size, progress, timings, slices=growth,
                             centre_lps=centre_lps, extra=tuple(extra), probabilities=kept,
-                            probabilities_on="network" if keep_probabilities == "network" else "input")
+                            probabilities_on="network" if keep_probabilities == "network" else "input", boxes=boxes)
+        if boxes:  # canonical -> the input's axes
+            labels_box = [None] * 3
+            for (start, stop), axis, flip, n in zip(boxes[0], orientation.axes, orientation.flips, labels.shape):
+                labels_box[axis] = slice(n - stop, n - start) if flip else slice(start, stop)
+            labels_box = tuple(labels_box)
         if growth:
             summaries["slice_growth"] = growth.summary()
         if kept:
@@ -517,7 +538,7 @@ def segment_slices(card: TaskCard, image: Image, net: torch.nn.Module, device: t
                 probabilities = np.stack([orientation.undo(p) for p in probabilities])
                 timings["post"] += time.perf_counter() - t
     return NetworkOutput(labels=np.ascontiguousarray(orientation.undo(labels)), probabilities=probabilities,
-                         probabilities_grid=probabilities_grid, network_s=timings["net"],
+                         probabilities_grid=probabilities_grid, labels_box=labels_box, network_s=timings["net"],
                          preprocess_s=timings["pre"], postprocess_s=timings["post"], bias_s=bias_s,
                          summaries=summaries, warnings=warnings)
 

@@ -440,7 +440,8 @@ def _run_locked(card: TaskCard, inputs: list[str], output_dir: Path, options: Ru
         out.labels, decoded = decoder.decode(out.labels, image)
         out.summaries["label_variant"] = {"variant": variant, **decoded}
     result = postprocess(card, image, out.labels, maps, maps_grids,
-                         settings=weights.checkpoint.get("metadata", {}).get("postprocessing", {}), networks=step_nets)
+                         settings=weights.checkpoint.get("metadata", {}).get("postprocessing", {}), networks=step_nets,
+                         labels_box=out.labels_box)
     timings["network"] += result.steps_network_s
     result.warnings[:0] = list(image.meta.get("warnings", [])) + list(out.warnings)
     result.summaries.update(out.summaries)
@@ -576,16 +577,19 @@ def _turned_off(aux_weight) -> bool:
 
 def postprocess(card: TaskCard, image: Image, labels: np.ndarray, maps: dict[str, np.ndarray] | None = None,
                 maps_grids: dict[str, Image] | None = None, settings: dict | None = None,
-                networks: dict | None = None) -> RunResult:
+                networks: dict | None = None, labels_box: tuple | None = None) -> RunResult:
     """Run the card's registered steps in order (steps.py). ``maps``/``maps_grids``: probability
     maps by name ("probabilities": the main network's; auxiliary models' by model name) and their
     grids; ``settings``: per-step parameters a checkpoint carries (metadata "postprocessing",
     e.g. thresholds chosen by cross-validation); ``networks``: auxiliary models the steps run
-    (name -> (network, weights)); their seconds come back as ``steps_network_s``."""
+    (name -> (network, weights)); their seconds come back as ``steps_network_s``. ``labels_box``: a box
+    holding every label of ``labels``, when known (the steps then scan only it)."""
     from SpineKneeSegLib.engine.steps import STEPS, StepContext
 
     ctx = StepContext(card, image, RunResult(image.with_array(labels)), labels, dict(maps or {}),
                       dict(maps_grids or {}), dict(settings or {}), networks=dict(networks or {}))
+    if labels_box is not None:
+        ctx.known_box = (ctx.result.labels.array, labels_box)
     for name in card.postprocessors:
         STEPS[name].run(ctx)
     result = ctx.result
@@ -614,12 +618,26 @@ def write_outputs(card: TaskCard, image: Image, result: RunResult, folder: Path,
 
 def _write_outputs(card: TaskCard, image: Image, result: RunResult, folder: Path, scene: bool) -> list[str]:
     from SpineKneeSegLib.core.image_io import write_image
+
+    written = []
+    # SimpleITK writes (and compresses) labels.nii.gz without holding the GIL: beside the MRML writers
+    io = ThreadPoolExecutor(1)
+    labels_job = io.submit(write_image, result.labels.with_array(result.labels.array.astype(np.uint8)),
+                           folder / "labels.nii.gz")
+    try:
+        written += _write_mrml_outputs(card, image, result, folder, scene)
+    finally:
+        io.shutdown(wait=True)
+    labels_job.result()  # its error, if any
+    return ["labels.nii.gz"] + written
+
+
+def _write_mrml_outputs(card: TaskCard, image: Image, result: RunResult, folder: Path, scene: bool) -> list[str]:
+    from SpineKneeSegLib.core.image_io import write_image
     from SpineKneeSegLib.mrml import nodes
     from SpineKneeSegLib.mrml.harness import get_app
 
     written = []
-    write_image(result.labels.with_array(result.labels.array.astype(np.uint8)), folder / "labels.nii.gz")
-    written.append("labels.nii.gz")
     app = get_app()
     mrml_scene = app.scene
     mrml_scene.Clear(0)

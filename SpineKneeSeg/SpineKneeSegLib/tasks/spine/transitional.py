@@ -18,7 +18,7 @@ import numpy as np
 
 from SpineKneeSegLib.core.image import Image
 from SpineKneeSegLib.core.lazy import LazyModule
-from SpineKneeSegLib.engine.steps import StepContext, step
+from SpineKneeSegLib.engine.steps import StepContext, labelled_box, step, within
 
 ndimage = LazyModule("scipy.ndimage")  # loaded on first use (lazy.py)
 
@@ -60,11 +60,15 @@ def _components(mask: np.ndarray, offset: np.ndarray, voxel_mm3: float) -> list[
             for i in np.argsort(sizes)[::-1][:3]]
 
 
-def check_transitional(labels: np.ndarray, image: Image,
-                       params: TransitionalParameters = TransitionalParameters()) -> TransitionalResult:
-    """``labels``: the level network's labels (1..5) before any component clean-up."""
+def check_transitional(labels: np.ndarray, image: Image, params: TransitionalParameters = TransitionalParameters(),
+                       known: tuple[slice, ...] | None = None) -> TransitionalResult:
+    """``labels``: the level network's labels (1..5) before any component clean-up; ``known``: a
+    box holding all of them, when known."""
     voxel = float(np.prod(image.spacing))
-    boxes = ndimage.find_objects(np.asarray(labels, np.uint8), max_label=len(LEVELS))  # one pass, then crops
+    labels = np.asarray(labels, np.uint8)
+    # one pass (over the known box only), then crops
+    boxes = [b and within(known, b) for b in ndimage.find_objects(labels[known] if known else labels,
+                                                                  max_label=len(LEVELS))]
     comps = {k: _components(labels[box] == k, np.array([b.start for b in box]), voxel) if box else []
              for k, box in zip(LEVELS, boxes)}
     present = [k for k in LEVELS if comps[k]]
@@ -104,7 +108,7 @@ def check_transitional(labels: np.ndarray, image: Image,
 @step("transitional")
 def _transitional_step(ctx: StepContext) -> None:
     """On the labels as they stand (the raw output when first): duplicates vanish in the clean-up."""
-    check = check_transitional(ctx.result.labels.array, ctx.image)
+    check = check_transitional(ctx.result.labels.array, ctx.image, known=labelled_box(ctx))
     ctx.result.summaries["transitional_anatomy"] = check.as_dict()
     if check.flagged:
         ctx.result.warnings.append(f"transitional anatomy suspected: {check.message}")
