@@ -7,7 +7,7 @@ same pixels, so the label map lands on the input's exact grid.
 from __future__ import annotations
 
 import functools
-
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -256,6 +256,7 @@ def normalisation_stats(stack: np.ndarray, method: str, stats: dict | None = Non
 
 
 _KNOWN_STATS: dict[int, tuple] = {}  # id(input array) -> (weak reference to it, key, (centre, spread))
+_KNOWN_STATS_LOCK = threading.Lock()  # a manifest's workers validate and run cases side by side
 ONE_AFFINE_NORMALISATIONS = ("zscore", "percentile")  # statistics of the volume alone
 
 
@@ -267,13 +268,15 @@ def input_normalisation_stats(image: Image, plane: str, method: str) -> tuple[fl
 
     orientation = canonical_orientation(image, plane)
     key = (orientation.axes, orientation.flips, method)
-    entry = _KNOWN_STATS.get(id(image.array))
+    with _KNOWN_STATS_LOCK:
+        entry = _KNOWN_STATS.get(id(image.array))
     if entry is not None and entry[0]() is image.array and entry[1] == key:
         return entry[2]
     stats = normalisation_stats(orientation.apply(image.array), method)
-    for gone in [k for k, e in _KNOWN_STATS.items() if e[0]() is None]:
-        _KNOWN_STATS.pop(gone, None)
-    _KNOWN_STATS[id(image.array)] = (weakref.ref(image.array), key, stats)
+    with _KNOWN_STATS_LOCK:
+        for gone in [k for k, e in _KNOWN_STATS.items() if e[0]() is None]:
+            del _KNOWN_STATS[gone]
+        _KNOWN_STATS[id(image.array)] = (weakref.ref(image.array), key, stats)
     return stats
 
 

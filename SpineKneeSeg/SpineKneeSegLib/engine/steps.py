@@ -30,8 +30,9 @@ class StepContext:
     # auxiliary models a step runs itself (AuxiliaryModel output "step"): name -> (network, its weights)
     networks: dict = field(default_factory=dict)
     network_s: float = 0.0  # seconds those networks ran (counted as network time, not post-processing)
-    # (labels array, a box holding every labelled voxel of it), left by a step that knows one (the
-    # level decoding), so that later steps need not scan the whole volume; see labelled_box
+    # (labels array, a box holding every labelled voxel of it), left by whoever knows one (the
+    # pipeline for the network's raw labels, the level decoding for its own), so that later steps
+    # need not scan the whole volume; see labelled_box
     known_box: Any = None
 
 
