@@ -10,6 +10,7 @@ run exactly as before. Scores the decoded levels (before the refiner) against th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -25,26 +26,22 @@ from SpineKneeSegLib.core.atomic import write_text_atomic  # noqa: E402
 from SpineKneeSegLib.core.datasets import data_root  # noqa: E402
 from SpineKneeSegLib.core.image_io import read_image  # noqa: E402
 from SpineKneeSegLib.engine.inference import load_network, segment_slices  # noqa: E402
-from SpineKneeSegLib.engine.postprocessing import largest_component_per_label  # noqa: E402
+from SpineKneeSegLib.engine.pipeline import postprocess  # noqa: E402
 from SpineKneeSegLib.engine.weights import resolve_weights  # noqa: E402
-from SpineKneeSegLib.tasks.spine.level_decoding import (  # noqa: E402
-    DecodingParameters,
-    decode_levels,
-    labels_onto_image,
-)
 
 MODES = {"every slice": {"grow_min_px": None, "column_px": None}, "product": {}}
+# the product's post-processing up to the refiner: the decoding and the clean-up, run by the pipeline's own steps
+DECODE_ONLY = dataclasses.replace(CARD, postprocessors=("level_decoding", "largest_component_per_label"))
 
 
 def decoded_score(net, pre: dict, image, truth) -> dict:
+    """The product's level network and its own decoding steps (no refiner), scored against ``truth``."""
     out = segment_slices(CARD, image, net, torch.device("cpu"), pre, keep_probabilities="network")
-    params = DecodingParameters()  # the product's decoding
-    decoded = decode_levels(out.probabilities, out.probabilities_grid, params)
-    labels = labels_onto_image(decoded.labels, out.probabilities, params.threshold, out.probabilities_grid, image,
-                               out.labels > 0)
-    s = score(largest_component_per_label(labels), truth, image)
+    result = postprocess(DECODE_ONLY, image, out.labels, {"probabilities": out.probabilities},
+                         {"probabilities": out.probabilities_grid}, labels_box=out.labels_box)
+    s = score(result.labels.array, truth, image)
     return {"mean_dice": round(float(np.mean(list(s["dice"].values()))), 4), "named_right": s["identification"]["all_correct"],
-            "level_confidence": round(decoded.level_confidence, 4), "network_s": round(out.network_s, 3),
+            "level_confidence": result.summaries["level_confidence"], "network_s": round(out.network_s, 3),
             "slice_growth": out.summaries.get("slice_growth")}
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from SpineKneeSegLib.core.datasets import data_root
 from SpineKneeSegLib.core.image_io import read_image
 from SpineKneeSegLib.engine.pipeline import RunOptions, run_case
+from SpineKneeSegLib.engine.postprocessing import dice
 from SpineKneeSegLib.tasks import TASKS
 from SpineKneeSegLib.tasks.spine.level_decoding import DecodingParameters
 
@@ -41,12 +42,7 @@ def doubtful(confidence: float) -> bool:
 
 def level_dice(a: np.ndarray, b: np.ndarray) -> float:
     """Mean over L1..L5 of the Dice between two label maps (1.0 where both lack a level)."""
-    scores = []
-    for level in range(1, 6):
-        x, y = a == level, b == level
-        total = int(x.sum() + y.sum())
-        scores.append(1.0 if total == 0 else 2 * int((x & y).sum()) / total)
-    return float(np.mean(scores))
+    return float(np.mean([1.0 if d is None else d for d in (dice(a == k, b == k) for k in range(1, 6))]))
 
 
 def run(card, image: Path, out: Path) -> tuple[dict, np.ndarray, dict]:
