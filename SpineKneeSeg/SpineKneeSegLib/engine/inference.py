@@ -251,15 +251,24 @@ def _batches(image: Image, net: torch.nn.Module, device: torch.device, pre: dict
             progress.step("inference", done, n if growth else len(run))
 
 
+SATURATED_LOGIT = 7.0  # 255 x sigmoid(-7) = 0.23 rounds to 0, 255 x sigmoid(7) = 254.8 to 255
+
+
 def uint8_sigmoid(logits: torch.Tensor) -> np.ndarray:
     """round(255 x sigmoid) as uint8, same shape; in numpy, one thread: a chain of torch
-    element-wise ops cost ~10 ms a batch more on 2 busy cores (each waits for both threads)."""
+    element-wise ops cost ~10 ms a batch more on 2 busy cores (each waits for both threads).
+    Only logits within +-7 are computed, beyond it the result is 0 or 255: a trained network
+    leaves under 1 % of them inside (a 381 mm lumbar scan's level maps: 18-21 -> 6 ms)."""
     x = logits.float().cpu().numpy()
-    with np.errstate(over="ignore"):  # exp overflow: probability 0, as it should
-        q = np.exp(-x)
+    out = (x >= SATURATED_LOGIT).view(np.uint8)
+    out *= np.uint8(255)
+    inside = x > -SATURATED_LOGIT
+    inside &= x < SATURATED_LOGIT
+    q = np.exp(-x[inside])
     q += 1.0
     np.divide(255.0, q, out=q)
-    return np.rint(q, out=q).astype(np.uint8)
+    out[inside] = np.rint(q, out=q)
+    return out
 
 
 def _labels_of(card: TaskCard, image: Image, net, device, pre: dict, batch_size: int, progress, timings: dict,

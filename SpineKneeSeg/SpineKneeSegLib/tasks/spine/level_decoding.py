@@ -16,6 +16,7 @@ import numpy as np
 
 from SpineKneeSegLib.core.image import Image
 from SpineKneeSegLib.core.lazy import LazyModule
+from SpineKneeSegLib.engine.postprocessing import mask_box
 from SpineKneeSegLib.engine.steps import StepContext, set_labels, step
 
 ndimage = LazyModule("scipy.ndimage")  # loaded on first use (lazy.py)
@@ -164,10 +165,10 @@ def decode_levels(probabilities: np.ndarray, image: Image, params: DecodingParam
     shape = prob.shape[1:]
     # summed over levels: a body the network cannot place (0.45 L3 / 0.4 L4) is still a body
     body = prob.sum(axis=0, dtype=np.uint16) >= params.threshold * 255
-    box = ndimage.find_objects(body.astype(np.uint8))
-    if not box:
+    box = mask_box(body)  # 0.3 ms; ndimage.find_objects 3 ms on a 381 mm scan's grid
+    if box is None:
         return LevelDecoding(np.zeros(shape, np.uint8), 0.0, True, 0)
-    box = box[0]  # everything below runs inside the bounding box of the body mask
+    # everything below runs inside the bounding box of the body mask
     corner = np.array([b.start for b in box])
     sub = Image(np.empty((0, 0, 0)), image.spacing, tuple(image.ijk_to_lps_points([corner[::-1]])[0]),
                 image.direction.copy()) if corner.any() else image
@@ -350,11 +351,11 @@ def labels_onto_image(labels: np.ndarray, probs: np.ndarray, threshold: float, g
     into body voxels of no named level (above L1, below L5, noise). Only the levels' bounding box
     is visited, and only voxels next to a level are interpolated. ``boxes``: receives that box on
     the input grid (every labelled voxel lies inside it)."""
-    box = ndimage.find_objects((labels > 0).view(np.uint8))
+    box = mask_box(labels > 0)
     out = np.zeros(image.array.shape, np.uint8)
-    if not box:
+    if box is None:
         return out
-    box = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in box[0])  # one voxel of margin
+    box = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in box)  # one voxel of margin
     crop = np.where(probs[(slice(None), *box)].sum(axis=0, dtype=np.uint16) >= threshold * 255, UNNAMED, 0)
     crop = crop.astype(np.uint8)
     named = labels[box] > 0
