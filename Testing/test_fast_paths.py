@@ -34,6 +34,10 @@ def test_uint8_sigmoid_equals_the_plain_computation_everywhere():
     view = torch.from_numpy(logits)[..., :33]
     assert not view.is_contiguous()
     assert np.array_equal(uint8_sigmoid(view), _plain_uint8_sigmoid(view.numpy()))
+    # channels-last (the network's own output layout): computed in memory order, returned as given
+    last = torch.from_numpy(logits).contiguous(memory_format=torch.channels_last)
+    assert not last.is_contiguous()
+    assert np.array_equal(uint8_sigmoid(last), _plain_uint8_sigmoid(logits))
     # both saturated values and the middle occur
     assert {0, 255} <= set(np.unique(uint8_sigmoid(torch.from_numpy(dense))).tolist())
     assert len(np.unique(uint8_sigmoid(torch.from_numpy(dense)))) == 256
