@@ -41,3 +41,57 @@ def test_uint8_sigmoid_equals_the_plain_computation_everywhere():
     # both saturated values and the middle occur
     assert {0, 255} <= set(np.unique(uint8_sigmoid(torch.from_numpy(dense))).tolist())
     assert len(np.unique(uint8_sigmoid(torch.from_numpy(dense)))) == 256
+
+
+def test_histogram_percentile_is_numpys_percentile_to_the_bit():
+    from SpineKneeSegLib.engine.preprocessing import histogram_percentile, integer_histogram, sampled_percentile
+
+    rng = np.random.default_rng(1)
+    qs = (0, 0.5, 1, 5, 10, 33.3, 50, 90, 99, 99.5, 100)
+    for dtype in (np.uint8, np.int8, np.uint16, np.int16):
+        info = np.iinfo(dtype)
+        for size in (1, 2, 3, 17, 1000, 12_345):
+            for spread in ("narrow", "wide", "gaps"):
+                if spread == "narrow":
+                    a = rng.integers(max(info.min, -20), min(info.max, 40), size)
+                elif spread == "wide":
+                    a = rng.integers(info.min, info.max, size, endpoint=True)
+                else:  # a few far-apart values: interpolation between distant order statistics
+                    a = rng.choice([info.min, 0, 3, info.max], size)
+                a = a.astype(dtype)
+                hist = integer_histogram(a)
+                assert hist is not None and int(hist[0].sum()) == size
+                got = histogram_percentile(*hist, qs)
+                want = np.percentile(a, qs)
+                if dtype in (np.int8, np.int16) and spread != "narrow":
+                    # numpy subtracts the two order statistics in the input type: a signed range over
+                    # half the type wraps in numpy itself, so only compare where it cannot
+                    lo_hi = np.percentile(a.astype(np.int64), qs)
+                    assert np.array_equal(got, lo_hi)
+                else:
+                    assert np.array_equal(got, want), (dtype, size, spread)
+                assert histogram_percentile(*hist, 5) == np.percentile(a.astype(np.int64), 5)
+    # floats (and empty arrays) keep np.percentile
+    f = rng.normal(size=5000).astype(np.float32)
+    assert integer_histogram(f) is None and sampled_percentile(f, 5) == np.percentile(f, 5)
+    big = rng.integers(0, 255, 3_000_001).astype(np.uint8)
+    assert sampled_percentile(big, (1, 99)).tolist() == np.percentile(big[::3], (1, 99)).tolist()
+
+
+def test_zscore_statistics_of_integers_match_the_voxelwise_computation():
+    from SpineKneeSegLib.engine.preprocessing import foreground_mask, normalisation_stats
+
+    rng = np.random.default_rng(2)
+    for dtype, shape in ((np.uint8, (20, 120, 130)), (np.uint16, (9, 300, 400)), (np.int16, (10, 80, 90)),
+                         (np.uint8, (30, 400, 400))):  # the last over 4 M voxels: strided, then sampled
+        a = rng.gamma(2.0, 30.0, size=shape)
+        a[:, :20] = 0  # background below the foreground threshold
+        a = np.clip(a, np.iinfo(dtype).min, np.iinfo(dtype).max).astype(dtype)
+        flat = a.reshape(-1)[::max(1, a.size // 4_000_000)]
+        values = flat[foreground_mask(flat)]
+        mean, std = normalisation_stats(a, "zscore")
+        assert mean == float(np.mean(values, dtype=np.float64))
+        assert abs(std - float(np.std(values, dtype=np.float64))) <= 4 * np.spacing(std)
+    empty_background = np.full((4, 10, 10), 7, np.uint8)  # no voxel above the 5th percentile: all kept
+    with np.testing.assert_raises(Exception):
+        normalisation_stats(empty_background, "zscore")  # zero spread is refused, as before

@@ -143,9 +143,48 @@ def in_plane_spacing(image: Image, axis: int) -> tuple[float, float]:
 
 def sampled_percentile(stack: np.ndarray, q):
     """np.percentile over at most ~1 M evenly strided voxels: a full sort of a 7 M-voxel brain
-    costs ~0.1 s, which the speed rule cannot afford, and percentiles of intensity need no more."""
+    costs ~0.1 s, which the speed rule cannot afford, and percentiles of intensity need no more.
+    8- and 16-bit integers: the same value, read from the voxels' histogram."""
     flat = stack.ravel()
-    return np.percentile(flat[::max(1, flat.size // 1_000_000)], q)
+    sample = flat[::max(1, flat.size // 1_000_000)]
+    hist = integer_histogram(sample)
+    return np.percentile(sample, q) if hist is None else histogram_percentile(*hist, q)
+
+
+def integer_histogram(values: np.ndarray, stride: int = 1) -> tuple[np.ndarray, int] | None:
+    """(count of each value, the value of bin 0) of ``values[::stride]`` (1-D) when they are 8- or
+    16-bit integers and not empty, else None. O(n), against np.percentile's partition (8 ms for a
+    381 x 381 x 20 lumbar scan's sample, the histogram 3 ms)."""
+    if values.dtype.kind not in "ui" or values.dtype.itemsize > 2 or values[::stride].size == 0:
+        return None
+    bins = 1 << (8 * values.dtype.itemsize)
+    bits = values.view(np.uint8 if values.dtype.itemsize == 1 else np.uint16)  # signed: two's complement
+    counts = np.bincount(bits[::stride], minlength=bins)
+    if values.dtype.kind == "u":
+        return counts, 0
+    return np.concatenate([counts[bins // 2:], counts[:bins // 2]]), -(bins // 2)
+
+
+def histogram_percentile(counts: np.ndarray, first: int, q):
+    """np.percentile (its default, linear method) of the values a histogram counts, to the bit:
+    the same virtual index, order statistics and interpolation (numpy's _lerp)."""
+    cumulative = np.cumsum(counts)
+    n = int(cumulative[-1])
+    out = []
+    for quantile in np.atleast_1d(np.true_divide(q, 100)):
+        virtual = (n - 1) * quantile
+        below = int(np.floor(virtual))
+        if virtual >= n - 1:
+            below = above = n - 1
+        elif virtual < 0:
+            below = above = 0
+        else:
+            above = below + 1
+        a, b = (first + int(np.searchsorted(cumulative, k + 1)) for k in (below, above))
+        t = float(virtual - below)
+        diff = float(b - a)
+        out.append(b - diff * (1 - t) if t >= 0.5 else a + diff * t)
+    return np.array(out) if np.ndim(q) else np.float64(out[0])
 
 
 def foreground_mask(stack: np.ndarray) -> np.ndarray:
@@ -241,8 +280,11 @@ def normalisation_stats(stack: np.ndarray, method: str, stats: dict | None = Non
         # voxel, exactly as before
         flat = stack.reshape(-1)
         flat = flat[::max(1, flat.size // 4_000_000)]
-        values = flat[foreground_mask(flat)]
-        mean, std = float(np.mean(values, dtype=np.float64)), float(np.std(values, dtype=np.float64))
+        stats = _integer_zscore_stats(flat)
+        if stats is None:
+            values = flat[foreground_mask(flat)]
+            stats = float(np.mean(values, dtype=np.float64)), float(np.std(values, dtype=np.float64))
+        mean, std = stats
     elif method == "fixed":  # the training population's statistics, stored with the model
         mean, std = float((stats or {})["mean"]), float((stats or {})["std"])
     elif method in ("percentile", "percentile-field"):  # the latter's own field: normalise_radiograph
@@ -253,6 +295,28 @@ def normalisation_stats(stack: np.ndarray, method: str, stats: dict | None = Non
     if not (np.isfinite(mean) and np.isfinite(std)) or std <= 0:
         raise InputError(f"intensities cannot be normalised ({method}: centre {mean:g}, spread {std:g})")
     return mean, std
+
+
+def _integer_zscore_stats(flat: np.ndarray) -> tuple[float, float] | None:
+    """Mean and SD of the foreground voxels (foreground_mask) of 8- or 16-bit integers, from their
+    histogram (a 381 mm lumbar scan: 20 -> 9 ms); None for other types. The mean is np.mean's to the
+    bit (integer sums are exact in float64), the SD np.std's to rounding (1 ulp seen)."""
+    step = max(1, flat.size // 1_000_000)  # foreground_mask's sample
+    sampled = integer_histogram(flat, step)
+    if sampled is None:
+        return None
+    counts, first = sampled
+    for offset in range(1, step):  # the whole histogram: the sample's plus the voxels between
+        counts = counts + integer_histogram(flat[offset:], step)[0]
+    values = np.arange(first, first + len(counts), dtype=np.float64)
+    keep = values > histogram_percentile(*sampled, 5)
+    if counts[keep].sum() <= 0.05 * flat.size:
+        keep[:] = True
+    counts, values = counts[keep], values[keep]
+    n = counts.sum()
+    mean = float((counts * values).sum() / n)
+    deviation = values - mean
+    return mean, float(np.sqrt((counts * (deviation * deviation)).sum() / n))
 
 
 _KNOWN_STATS: dict[int, tuple] = {}  # id(input array) -> (weak reference to it, key, (centre, spread))
