@@ -224,20 +224,21 @@ def _batches(image: Image, net: torch.nn.Module, device: torch.device, pre: dict
         t = time.perf_counter()
         x = source.batch(index, grid, pad_value).to(device)
         x = pad_to(x, grid.padded_hw).contiguous(memory_format=torch.channels_last)
+        if growth:
+            growth.batch_columns = growth.columns[:2] if growth.columns else None
+        windowed = bool(growth and growth.columns)
+        if windowed:  # the network's input: the column window only
+            c0, c1, _ = growth.columns
+            width, x = x.shape[-1], x[..., c0:c1].contiguous(memory_format=torch.channels_last)
         _sync(device)
         t_net = time.perf_counter()
         timings["pre"] += t_net - t
-        if growth:
-            growth.batch_columns = growth.columns[:2] if growth.columns else None
-        if growth and growth.columns:  # beyond the window: no label (probability ~1e-13)
-            c0, c1, _ = growth.columns
-            inside = tiled_forward(net, x[..., c0:c1], pre.get("tile_px"))
-            logits = inside.new_full((*inside.shape[:-1], x.shape[-1]), -30.0)
-            logits[..., c0:c1] = inside
-        else:
-            logits = tiled_forward(net, x, pre.get("tile_px"))
+        logits = tiled_forward(net, x, pre.get("tile_px"))
         _sync(device)
         timings["net"] += time.perf_counter() - t_net
+        if windowed:  # beyond the window: no label (probability ~1e-13)
+            inside, logits = logits, logits.new_full((*logits.shape[:-1], width), -30.0)
+            logits[..., c0:c1] = inside
         logits = logits[..., : grid.network_hw[0], : grid.network_hw[1]]
         if growth:  # sigmoid labels: a pixel is labelled where some channel's logit is > 0
             labelled = logits.amax(dim=1) > 0

@@ -143,8 +143,9 @@ def slice_channels(x: np.ndarray, slices: np.ndarray, neighbours: int = 0) -> np
     return np.ascontiguousarray(np.concatenate([images, x[1][slices][:, None]], axis=1))
 
 
-def refiner_probability(net, x: np.ndarray, batch: int = 8) -> np.ndarray:
-    """The refiner's body probability (slices, h, w), float32, for its inputs ``x`` (2, slices, h, w)."""
+def refiner_probability(net, x: np.ndarray, batch: int = 8, timings: dict | None = None) -> np.ndarray:
+    """The refiner's body probability (slices, h, w), float32, for its inputs ``x`` (2, slices, h, w).
+    ``timings``: its "network_s" grows by the forward passes' seconds (not the inputs' assembly)."""
     prob = np.zeros(x.shape[1:], np.float32)
     device = next(net.parameters()).device  # the pipeline's --device
     # image slices either side, from the first convolution's input channels (2 + 2k): read through
@@ -153,13 +154,20 @@ def refiner_probability(net, x: np.ndarray, batch: int = 8) -> np.ndarray:
     with torch.inference_mode():
         for i in range(0, x.shape[1], batch):
             xs = torch.from_numpy(slice_channels(x, np.arange(i, min(i + batch, x.shape[1])), neighbours)).to(device)
-            prob[i:i + batch] = torch.sigmoid(net(xs).float())[:, 0].cpu().numpy()
+            t = time.perf_counter()
+            out = net(xs)
+            if out.device.type == "cuda":
+                torch.cuda.synchronize()
+            if timings is not None:
+                timings["network_s"] = timings.get("network_s", 0.0) + time.perf_counter() - t
+            prob[i:i + batch] = torch.sigmoid(out.float())[:, 0].cpu().numpy()
     return prob
 
 
-def refiner_body(net, x: np.ndarray, threshold: float = 0.5, batch: int = 8) -> np.ndarray:
+def refiner_body(net, x: np.ndarray, threshold: float = 0.5, batch: int = 8,
+                 timings: dict | None = None) -> np.ndarray:
     """The refiner's body mask (slices, h, w) for its inputs ``x`` (2, slices, h, w)."""
-    return refiner_probability(net, x, batch) >= threshold
+    return refiner_probability(net, x, batch, timings) >= threshold
 
 
 def refine_levels(net, image: Image, labels: np.ndarray, probs: np.ndarray, grid: Image,
@@ -171,9 +179,9 @@ def refine_levels(net, image: Image, labels: np.ndarray, probs: np.ndarray, grid
     if inputs is None:
         return labels, {"changed_voxels": 0}
     x, box, axis, first = inputs
-    t = time.perf_counter()
-    body = refiner_body(net, x, threshold)
-    network_s = time.perf_counter() - t
+    timings = {"network_s": 0.0}
+    body = refiner_body(net, x, threshold, timings=timings)
+    network_s = timings["network_s"]
     new_first = refined_labels(first, body, band_px)
     out = labels.copy()
     out[box] = np.moveaxis(new_first, 0, axis)
