@@ -74,3 +74,29 @@ def test_knee_floor_times_the_steps_no_run_can_skip_and_writes_them(tmp_path):
     assert all(v > 0 for v in floor.values())
     assert np.array_equal(read_image(tmp_path / "floor.nii.gz").array, phantom.labels.array)
     assert (tmp_path / "floor.seg.nrrd").stat().st_size > 0
+
+
+def test_overhead_benchmark_writes_its_rows_as_json(tmp_path):
+    """--json: what bench_lumbar_round.py reads back, one object per task with the rule's verdict."""
+    import json
+
+    out = tmp_path / "rows.json"
+    _bench_module().main(["--tasks", "xray-chest", "--runs", "1", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert [r["task"] for r in rows] == ["xray-chest"]
+    r = rows[0]
+    assert r["limit"] == max(0.3 * r["network"], 0.3) and r["ok"] == (r["total"] - r["network"] <= r["limit"])
+
+
+def test_lumbar_round_takes_the_first_scans_of_each_source(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_lumbar_round", BENCH.parent / "bench_lumbar_round.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for source, n in (("zukic-t2", 3), ("ivd-t2", 1), ("myosegmentum", 4)):
+        for i in range(n):
+            (tmp_path / "spine" / source / f"case{i:02d}").mkdir(parents=True)
+            (tmp_path / "spine" / source / f"case{i:02d}" / "image.nii.gz").touch()
+    picked = module.scans(tmp_path, module.SOURCES, 2)
+    assert [f"{p.parent.parent.name}/{p.parent.name}" for p in picked] == [
+        "zukic-t2/case00", "zukic-t2/case01", "ivd-t2/case00", "myosegmentum/case00", "myosegmentum/case01"]
+    assert len(module.scans(tmp_path, module.SOURCES, None)) == 8

@@ -14,6 +14,7 @@ each per round, so that a slow spell of the machine falls on every task alike.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -101,6 +102,7 @@ def main(argv=None) -> int:
     parser.add_argument("--input", nargs="+", help="benchmark these inputs (with a single --tasks entry), e.g. a "
                                                    "224x224x20 lumbar MRI for the spine issue's < 2 s target, or "
                                                    "FLAIR and T1 for brain-wmh with its T1 model")
+    parser.add_argument("--json", help="also write the results (one object per task) to this file")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         aux = dict(a.split("=", 1) for a in args.aux_weights)
@@ -125,6 +127,9 @@ def main(argv=None) -> int:
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
     print(f"machine: {cpu}; torch threads {torch.get_num_threads()}; peak memory of this process "
           f"{peak_mb:.0f} MB (all tasks above; run one --tasks for its own figure)")
+    if args.json:
+        Path(args.json).write_text(json.dumps([{**r, "shape": list(r["shape"]), "ok": bool(r["ok"])} for r in results],
+                                              indent=2))
     return 0 if all(r["ok"] for r in results) else 1
 
 
