@@ -100,3 +100,30 @@ def test_lumbar_round_takes_the_first_scans_of_each_source(tmp_path):
     assert [f"{p.parent.parent.name}/{p.parent.name}" for p in picked] == [
         "zukic-t2/case00", "zukic-t2/case01", "ivd-t2/case00", "myosegmentum/case00", "myosegmentum/case01"]
     assert len(module.scans(tmp_path, module.SOURCES, None)) == 8
+
+
+def test_spine_outputs_compare_finds_a_changed_voxel_and_ignores_timings(tmp_path, capsys):
+    import json
+
+    import numpy as np
+    from SpineKneeSegLib.core.image import Image
+    from SpineKneeSegLib.core.image_io import write_image
+
+    spec = importlib.util.spec_from_file_location("spine_outputs", BENCH.parent / "spine_outputs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    labels = np.zeros((3, 8, 8), np.uint8)
+    labels[1, 2:5, 2:5] = 3
+    for run, seconds in (("a", 0.31), ("b", 0.29)):
+        case = tmp_path / run / "zukic-t2-case01"
+        case.mkdir(parents=True)
+        write_image(Image(labels), case / "labels.nii.gz")
+        (case / "report.json").write_text(json.dumps({"summaries": {"level_confidence": 0.9,
+                                                                    "level_refinement": {"network_s": seconds}}}))
+        (case / "foramina.mrk.json").write_text(json.dumps({"markups": [{"controlPoints": [{"position": [1, 2, 3]}]}]}))
+    assert module.compare(tmp_path / "a", tmp_path / "b") == 0
+    changed = labels.copy()
+    changed[1, 2, 2] = 4
+    write_image(Image(changed), tmp_path / "b" / "zukic-t2-case01" / "labels.nii.gz")
+    assert module.compare(tmp_path / "a", tmp_path / "b") == 1
+    assert "1 label voxels differ" in capsys.readouterr().out

@@ -6,7 +6,8 @@ network at the scan's own pixels sees the image and the level network's summed b
 and redraws the outline in a thin in-plane band around the decoded bodies. Names are never
 changed: a band voxel it calls body takes the level of the nearest decoded voxel in its slice,
 so the refinement cannot shift, duplicate or drop a level. Optional: without its weights the
-decoded outline stays; cheap enough that --fast keeps it.
+decoded outline stays. --fast keeps it: on the 59 shared scans it took 0.18-0.68 s, a quarter
+(381 mm scans) to a half (224 mm) of the network time, for about 0.02 of mean level Dice.
 """
 from __future__ import annotations
 
