@@ -83,7 +83,7 @@ def test_zscore_statistics_of_integers_match_the_voxelwise_computation():
 
     rng = np.random.default_rng(2)
     for dtype, shape in ((np.uint8, (20, 120, 130)), (np.uint16, (9, 300, 400)), (np.int16, (10, 80, 90)),
-                         (np.uint8, (30, 400, 400))):  # the last over 4 M voxels: strided, then sampled
+                         (np.uint8, (30, 520, 600))):  # the last over 8 M voxels: strided by 2, then sampled
         a = rng.gamma(2.0, 30.0, size=shape)
         a[:, :20] = 0  # background below the foreground threshold
         a = np.clip(a, np.iinfo(dtype).min, np.iinfo(dtype).max).astype(dtype)
