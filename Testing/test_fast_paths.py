@@ -95,3 +95,55 @@ def test_zscore_statistics_of_integers_match_the_voxelwise_computation():
     empty_background = np.full((4, 10, 10), 7, np.uint8)  # no voxel above the 5th percentile: all kept
     with np.testing.assert_raises(Exception):
         normalisation_stats(empty_background, "zscore")  # zero spread is refused, as before
+
+
+def test_networks_built_without_random_init_load_to_the_same_weights_and_outputs():
+    import threading
+
+    from SpineKneeSegLib.engine.inference import SkipRandomInit, load_network
+    from SpineKneeSegLib.engine.models import build_network
+    from SpineKneeSegLib.engine.weights import LoadedWeights
+
+    config = {"levels": 3, "base_channels": 4, "max_channels": 8}
+    torch.manual_seed(0)
+    trained = build_network("multinet", config).eval()
+    weights = LoadedWeights(None, "", {"network": {"factory": "multinet", "config": config},
+                                       "state_dict": trained.state_dict()})
+    loaded = load_network(weights, torch.device("cpu"))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        plain = build_network("multinet", config)
+        plain.load_state_dict(trained.state_dict())
+        from SpineKneeSegLib.engine.models import fold_batch_norm
+        folded = fold_batch_norm(plain.eval()).to(memory_format=torch.channels_last)  # as load_network does
+        assert loaded.state_dict().keys() == folded.state_dict().keys()
+        assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), folded.state_dict().values()))
+        assert torch.equal(loaded(x), folded(x))
+    # inside the mode the random initialisers leave a tensor as it is; outside they fill it
+    t = torch.full((4, 4), 7.0)
+    with SkipRandomInit():
+        torch.nn.init.kaiming_uniform_(t)
+        t.normal_()
+        torch.nn.init.zeros_(t[0])  # not random: still done
+    assert (t[1:] == 7).all() and (t[0] == 0).all()
+    torch.nn.init.kaiming_uniform_(t)
+    assert not (t == 7).any()
+    # per thread: a network built in another thread meanwhile is initialised as usual
+    built = {}
+    go, done = threading.Event(), threading.Event()
+
+    def other():
+        go.wait()
+        torch.manual_seed(1)
+        built["net"] = build_network("multinet", config)
+        done.set()
+
+    worker = threading.Thread(target=other)
+    worker.start()
+    with SkipRandomInit():
+        go.set()
+        done.wait()
+    worker.join()
+    torch.manual_seed(1)
+    reference = build_network("multinet", config)
+    assert all(torch.equal(a, b) for a, b in zip(built["net"].state_dict().values(), reference.state_dict().values()))

@@ -135,6 +135,40 @@ def test_loading_never_runs_pickled_code(tmp_path):
         load_checkpoint(json_file)
 
 
+def test_registered_files_load_from_the_checked_bytes_and_pickled_code_never_runs(models, tmp_path):
+    """A registered file is read once, hashed, and those very bytes unpickled (the full unpickler:
+    they are the registry's own artifact); anything else goes through weights_only loading."""
+    path = models / "knee-bones-9.0.0.pt"
+    fast = resolve_weights(CARD)
+    plain = load_checkpoint(path)  # weights-only
+    assert fast.checkpoint.keys() == plain.keys() and fast.checkpoint["network"] == plain["network"]
+    assert all(torch.equal(fast.checkpoint["state_dict"][k], v) for k, v in plain["state_dict"].items())
+    # the bytes given are what is loaded, whatever the file holds by then (no check-then-swap)
+    other = tmp_path / "other.pt"
+    initialise_weights("knee-bones", other, {"channels": (4, 8)}, seed=11)
+    key = next(k for k, v in plain["state_dict"].items() if v.is_floating_point() and v.numel() > 1)
+    from_bytes = load_checkpoint(other, path.read_bytes())["state_dict"][key]
+    assert torch.equal(from_bytes, plain["state_dict"][key])
+    assert not torch.equal(from_bytes, load_checkpoint(other)["state_dict"][key])  # another seed
+    # a pickle that would run code, under the registered name: refused by its hash, never unpickled
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"format": "spinekneeseg-weights/1", "task": "knee-bones", "x": Payload()}, path)
+    with pytest.raises(InputError, match="does not match the registry"):
+        resolve_weights(CARD)
+    with pytest.raises(InputError, match="does not match the registry's knee-bones-9.0.0.pt"):
+        resolve_weights(CARD, path)  # given explicitly: the same refusal
+    evil = tmp_path / "evil.pt"
+    shutil.copyfile(path, evil)
+    with pytest.raises(InputError, match="not a readable weights file"):
+        resolve_weights(CARD, evil)  # an unregistered file: weights_only refuses the payload
+    assert not marker.exists()
+
+
 def test_ensemble_checkpoint_keeps_its_members_and_refuses_mismatched_ones(tmp_path):
     """save_ensemble: one file, every member's SHA256 recorded, softmax members averaged as
     probabilities; members for another task or with other preprocessing are refused."""
