@@ -1,6 +1,7 @@
 """Weights guarantees: every weights file in the tree is registered (SHA256, size, card); registered
 files are verified before use; tampered or unknown files are refused with a clear message; a user's
-folder of downloaded weights works offline; loading never runs pickled code (weights_only)."""
+folder of downloaded weights works offline; loading never runs pickled code (weights_only, except the
+registry's own files, whose bytes are hashed and checked first)."""
 from __future__ import annotations
 
 import json
