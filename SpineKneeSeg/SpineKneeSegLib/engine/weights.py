@@ -1,7 +1,8 @@
 """Weights: the registry (Resources/Models/registry.json) and the checkpoint format.
 
 A checkpoint is a plain ``torch.save`` dict that rebuilds its own network, so any door can load
-it with ``weights_only=True`` (no pickled code):
+it with ``weights_only=True`` (no pickled code; only bytes that hash to an entry of the package's
+own registry go through the faster full unpickler):
 
     {"format": "spinekneeseg-weights/1", "task": str, "model": "labels" | auxiliary model name,
      "network": {"factory": str, "config": dict},
