@@ -147,3 +147,16 @@ def test_networks_built_without_random_init_load_to_the_same_weights_and_outputs
     torch.manual_seed(1)
     reference = build_network("multinet", config)
     assert all(torch.equal(a, b) for a, b in zip(built["net"].state_dict().values(), reference.state_dict().values()))
+
+
+def test_refiner_normalisation_from_the_stored_integers_is_the_same():
+    from SpineKneeSegLib.tasks.spine.level_refinement import normalise
+
+    rng = np.random.default_rng(3)
+    for dtype, high in ((np.uint8, 256), (np.uint16, 4000), (np.int16, 3000)):
+        for shape in ((1,), (7,), (6, 40, 30)):
+            stored = rng.integers(0, high, shape).astype(dtype)
+            pixels = stored.astype(np.float32)
+            assert np.array_equal(normalise(pixels, stored), normalise(pixels))
+    floats = rng.normal(size=(3, 10, 10)).astype(np.float32)
+    assert np.array_equal(normalise(floats, floats), normalise(floats))  # not integers: np.percentile

@@ -17,7 +17,12 @@ import numpy as np
 
 from SpineKneeSegLib.core.image import Image
 from SpineKneeSegLib.core.lazy import LazyModule
-from SpineKneeSegLib.engine.preprocessing import canonical_orientation, context_channels
+from SpineKneeSegLib.engine.preprocessing import (
+    canonical_orientation,
+    context_channels,
+    histogram_percentile,
+    integer_histogram,
+)
 from SpineKneeSegLib.engine.steps import StepContext, labelled_box, set_labels, step, within
 from SpineKneeSegLib.tasks.spine.level_decoding import LOGIT_OF_UINT8, _grid_coordinates
 
@@ -30,9 +35,12 @@ MARGIN_PX = 24  # context around the bodies' box the refiner sees (its receptive
 
 
 
-def normalise(image: np.ndarray) -> np.ndarray:
-    """The refiner's intensity scale: the 1st..99th percentile of the region it sees to 0..1."""
-    lo, hi = np.percentile(image, (1, 99))
+def normalise(image: np.ndarray, source: np.ndarray | None = None) -> np.ndarray:
+    """The refiner's intensity scale: the 1st..99th percentile of the region it sees to 0..1.
+    ``source``: the same voxels as stored (8/16-bit integers: the percentiles from their histogram,
+    the same values, 4 ms -> under 1 ms a lumbar scan's box)."""
+    hist = None if source is None else integer_histogram(source.ravel())
+    lo, hi = np.percentile(image, (1, 99)) if hist is None else histogram_percentile(*hist, (1, 99))
     return np.clip((image - lo) / max(float(hi - lo), 1e-6), 0, 1.5).astype(np.float32)
 
 
@@ -130,8 +138,9 @@ def refiner_inputs(image: Image, labels: np.ndarray, probs: np.ndarray, grid: Im
         box[a] = box_first[k]
     box = tuple(box)
     summed = np.moveaxis(summed_probability_on(probs, grid, image, box), axis, 0)
-    pixels = np.moveaxis(image.array[box].astype(np.float32), axis, 0)
-    x = np.stack([normalise(pixels), np.clip(summed, 0, 1)])
+    stored = image.array[box]
+    pixels = np.moveaxis(stored.astype(np.float32), axis, 0)
+    x = np.stack([normalise(pixels, stored), np.clip(summed, 0, 1)])
     return x, box, axis, first[box_first]
 
 
