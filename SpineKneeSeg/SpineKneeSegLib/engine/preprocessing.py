@@ -187,12 +187,17 @@ def histogram_percentile(counts: np.ndarray, first: int, q):
     return np.array(out) if np.ndim(q) else np.float64(out[0])
 
 
+FOREGROUND_PERCENTILE = 5  # foreground: voxels above this percentile ...
+MIN_FOREGROUND_SHARE = 0.05  # ... when they are more than this share of the volume (else all voxels)
+
+
 def foreground_mask(stack: np.ndarray) -> np.ndarray:
     """Voxels above a low percentile: excludes the air/zero background of skull-stripped or
-    padded scans from the normalisation statistics."""
-    lo = sampled_percentile(stack, 5)
+    padded scans from the normalisation statistics (_integer_zscore_stats applies the same rule
+    to a histogram)."""
+    lo = sampled_percentile(stack, FOREGROUND_PERCENTILE)
     mask = stack > lo
-    return mask if mask.sum() > 0.05 * mask.size else np.ones_like(mask, dtype=bool)
+    return mask if mask.sum() > MIN_FOREGROUND_SHARE * mask.size else np.ones_like(mask, dtype=bool)
 
 
 def foreground_box(stack: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]] | None:
@@ -309,8 +314,8 @@ def _integer_zscore_stats(flat: np.ndarray) -> tuple[float, float] | None:
     for offset in range(1, step):  # the whole histogram: the sample's plus the voxels between
         counts = counts + integer_histogram(flat[offset:], step)[0]
     values = np.arange(first, first + len(counts), dtype=np.float64)
-    keep = values > histogram_percentile(*sampled, 5)
-    if counts[keep].sum() <= 0.05 * flat.size:
+    keep = values > histogram_percentile(*sampled, FOREGROUND_PERCENTILE)  # foreground_mask's rule
+    if counts[keep].sum() <= MIN_FOREGROUND_SHARE * flat.size:
         keep[:] = True
     counts, values = counts[keep], values[keep]
     n = counts.sum()
