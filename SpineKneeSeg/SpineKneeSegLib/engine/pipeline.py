@@ -5,6 +5,7 @@ process) and the end-to-end tests.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import time
@@ -20,6 +21,7 @@ from SpineKneeSegLib.core.atomic import (
     check_writable_dir,
     output_lock,
 )
+from SpineKneeSegLib.core.beside import run_beside
 from SpineKneeSegLib.core.errors import InputError, OutputBusy
 from SpineKneeSegLib.core.image import Image
 from SpineKneeSegLib.core.lazy import import_seconds as lazy_import_seconds
@@ -477,11 +479,12 @@ def _run_locked(card: TaskCard, inputs: list[str], output_dir: Path, options: Ru
     for w in result.warnings:
         progress.log(w, "warning")
     try:
-        with atomic_directory(output_dir, stale=stale) as stage, ThreadPoolExecutor(1) as pool:
+        with atomic_directory(output_dir, stale=stale) as stage, contextlib.ExitStack() as beside:
             pause_point("staged")
             # the DICOM-SEG (highdicom, pure Python) is built while the MRML writers and the PNG
-            # encoder (native code) write the rest; leaving the pool waits for it in any case
-            seg_job = (pool.submit(write_dicom_seg_output, card, image, result, stage)
+            # encoder write the rest: in a forked child where that is safe (a thread would take
+            # turns with them for the GIL), else in a thread
+            seg_job = (beside.enter_context(run_beside(write_dicom_seg_output, card, image, result, stage))
                        if options.dicom_seg and image.meta.get("is_dicom") else None)
             report["outputs"] = write_outputs(card, image, result, stage, options.scene)
             timings["write"] = time.perf_counter() - t

@@ -1,0 +1,98 @@
+"""Run one function beside the caller: in a forked child process where that is safe, else in a
+thread. A pure-Python writer (highdicom's DICOM-SEG) in a thread takes turns with the caller's own
+writers for the GIL; in a child it runs on another core.
+
+Forking is safe here only on Linux, outside the 3D Slicer application (a Qt process must not
+fork), from the main thread while no other Python thread is alive (a lock another thread holds
+would stay held in the child). The child runs the function, sends back its result or its
+exception (pickled) through a pipe and leaves with ``os._exit``: no atexit handlers, no flushing
+of the parent's buffers, no destructors of the parent's VTK or torch objects.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import signal
+import sys
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+FORK_ALLOWED = True  # tests switch the fork path off to check the thread path gives the same files
+
+
+def can_fork() -> bool:
+    if not (FORK_ALLOWED and sys.platform.startswith("linux") and hasattr(os, "fork")):
+        return False
+    if threading.current_thread() is not threading.main_thread() or threading.active_count() != 1:
+        return False
+    return not hasattr(sys.modules.get("slicer"), "app")  # inside the 3D Slicer application
+
+
+class ChildJob:
+    """``fn(*args)`` in a forked child; ``result()`` returns its value or raises its exception."""
+
+    def __init__(self, fn, *args):
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns
+            os.close(read_end)
+            status = 0
+            try:
+                try:
+                    payload = pickle.dumps(("value", fn(*args)))
+                except BaseException as exc:  # noqa: BLE001  (handed to the parent, which raises it)
+                    try:
+                        payload = pickle.dumps(("error", exc))
+                    except Exception:
+                        payload = pickle.dumps(("error", RuntimeError(f"{type(exc).__name__}: {exc}")))
+                with os.fdopen(write_end, "wb") as pipe:
+                    pipe.write(payload)
+            except BaseException:  # noqa: BLE001
+                status = 1
+            finally:
+                os._exit(status)
+        os.close(write_end)
+        self.pid, self._pipe, self._outcome = pid, os.fdopen(read_end, "rb"), None
+
+    def result(self):
+        if self._outcome is None:
+            with self._pipe:
+                payload = self._pipe.read()
+            _, status = os.waitpid(self.pid, 0)
+            self.pid = None
+            if not payload:
+                self._outcome = ("error", ChildProcessError(
+                    f"the writer's child process ended without a result (wait status {status})"))
+            else:
+                self._outcome = pickle.loads(payload)
+        kind, value = self._outcome
+        if kind == "error":
+            raise value
+        return value
+
+    def stop(self) -> None:
+        """Kill and reap the child if it is still running (the caller failed before ``result()``)."""
+        if self.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+            self.pid = None
+            self._pipe.close()
+
+
+@contextlib.contextmanager
+def run_beside(fn, *args):
+    """Yield a job running ``fn(*args)`` (``.result()``): a forked child where ``can_fork()``, else
+    a thread. Leaving the block waits for a thread, or kills a child whose result was not taken
+    (the caller failed: its staging folder is about to be removed)."""
+    if can_fork():
+        job = ChildJob(fn, *args)
+        try:
+            yield job
+        finally:
+            job.stop()
+    else:
+        with ThreadPoolExecutor(1) as pool:
+            future: Future = pool.submit(fn, *args)
+            yield future
