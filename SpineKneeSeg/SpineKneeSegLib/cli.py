@@ -259,6 +259,9 @@ def main(argv=None) -> int:
     import signal
     import threading
 
+    from SpineKneeSegLib.core.memory import keep_freed_memory
+
+    keep_freed_memory()  # large arrays reuse freed memory instead of faulting in fresh pages
     args = build_parser().parse_args(argv)
     handler = {"tasks": cmd_tasks, "run": cmd_run, "demo": cmd_demo, "annotate": cmd_annotate}[args.command]
     progress_json = getattr(args, "progress", None) == "json"

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from SpineKneeSegLib.core.datasets import data_root
 from SpineKneeSegLib.core.image_io import read_image, write_image
+from SpineKneeSegLib.core.memory import keep_freed_memory
 from SpineKneeSegLib.engine.inference import load_network, segment_slices
 from SpineKneeSegLib.engine.pipeline import RunOptions, run_case
 from SpineKneeSegLib.engine.preprocessing import bias_correct, canonical_image
@@ -97,6 +98,8 @@ def floor_steps(card, path: Path, image, labels_path: Path, tmp: Path, runs: int
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="leave glibc's allocator as it is (the command line keeps freed memory: core/memory.py)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--weights", help="a knee-bones checkpoint (default: registered, else untrained)")
     parser.add_argument("--phantom", action="store_true", help="use the built-in knee phantom")
@@ -106,6 +109,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--floor", action="store_true", help="also time the steps no run can skip, each alone")
     args = parser.parse_args(argv)
+    if not args.system_malloc:
+        keep_freed_memory()  # as the command line does
     if args.threads:
         torch.set_num_threads(args.threads)
     card = TASKS[TASK]

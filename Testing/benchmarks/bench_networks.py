@@ -21,6 +21,7 @@ import statistics
 import time
 
 import torch
+from SpineKneeSegLib.core.memory import keep_freed_memory
 from SpineKneeSegLib.engine.inference import load_network
 from SpineKneeSegLib.engine.models import build_network, fold_batch_norm
 from SpineKneeSegLib.engine.weights import resolve_weights
@@ -81,6 +82,8 @@ def time_train_step(net: torch.nn.Module, x: torch.Tensor, activation: str, runs
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="leave glibc's allocator as it is (the command line keeps freed memory: core/memory.py)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--runs", type=int, default=20)
@@ -89,6 +92,8 @@ def main(argv=None) -> int:
     parser.add_argument("--train", action="store_true", help="time training steps instead of inference")
     parser.add_argument("--amp", action="store_true", help="with --train: bfloat16 autocast")
     args = parser.parse_args(argv)
+    if not args.system_malloc:
+        keep_freed_memory()  # as the command line does
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     mode = f"training steps{' (bfloat16 autocast)' if args.amp else ''}" if args.train else "inference"

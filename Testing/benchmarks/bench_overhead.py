@@ -22,6 +22,7 @@ from pathlib import Path
 
 from SpineKneeSegLib.core.datasets import data_root
 from SpineKneeSegLib.core.image_io import write_image
+from SpineKneeSegLib.core.memory import keep_freed_memory
 from SpineKneeSegLib.demo import SHARED_CASES
 from SpineKneeSegLib.engine.pipeline import RunOptions, run_case
 from SpineKneeSegLib.engine.weights import (
@@ -92,6 +93,8 @@ def bench_all(plans: list[dict], runs: int, workdir: Path) -> list[dict]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="leave glibc's allocator as it is (the command line keeps freed memory: core/memory.py)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--tasks", nargs="*", default=list(TASKS))
     parser.add_argument("--data", action="store_true", help="use one real shared case per task when present")
@@ -104,6 +107,8 @@ def main(argv=None) -> int:
                                                    "FLAIR and T1 for brain-wmh with its T1 model")
     parser.add_argument("--json", help="also write the results (one object per task) to this file")
     args = parser.parse_args(argv)
+    if not args.system_malloc:
+        keep_freed_memory()  # as the command line does
     with tempfile.TemporaryDirectory() as tmp:
         aux = dict(a.split("=", 1) for a in args.aux_weights)
         plans = [prepare(task, args.data, Path(tmp), args.input, not args.no_aux, aux) for task in args.tasks]

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from bench_overhead import prepare, run_once
 from SpineKneeSegLib.core.image_io import read_image
+from SpineKneeSegLib.core.memory import keep_freed_memory
 from SpineKneeSegLib.engine.inference import native_bfloat16, pick_device
 from SpineKneeSegLib.engine.postprocessing import dice
 from SpineKneeSegLib.tasks import TASKS
@@ -61,10 +62,14 @@ def bench_task(plan: dict, runs: int, workdir: Path) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="leave glibc's allocator as it is (the command line keeps freed memory: core/memory.py)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--tasks", nargs="*", default=list(TASKS))
     parser.add_argument("--data", action="store_true", help="use one real shared case per task when present")
     args = parser.parse_args(argv)
+    if not args.system_malloc:
+        keep_freed_memory()  # as the command line does
     if not native_bfloat16(pick_device("auto")):
         print("this machine has no native bfloat16: --precision bfloat16 runs in float32 here; nothing to compare")
         return 0
