@@ -3,7 +3,6 @@ Python thread alive, not inside 3D Slicer), else in a thread; and a run's DICOM-
 either way."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 import threading
@@ -12,9 +11,10 @@ import time
 import numpy as np
 import pydicom
 import pytest
-from SpineKneeSegLib import cli
 from SpineKneeSegLib.core import beside
+from SpineKneeSegLib.engine.pipeline import RunOptions, run_case
 from SpineKneeSegLib.engine.weights import initialise_weights
+from SpineKneeSegLib.tasks import TASKS
 
 pytestmark = pytest.mark.skipif(not beside.can_fork(), reason="forking is for Linux, from a lone main thread")
 
@@ -72,6 +72,8 @@ def test_a_thread_when_another_python_thread_is_alive_or_inside_slicer(monkeypat
 
 
 def test_a_runs_dicom_seg_is_the_same_from_a_child_and_from_a_thread(tmp_path, monkeypatch):
+    """In-process writing (the panel's, a manifest's): the DICOM-SEG in a forked child, or in a
+    thread where forking is not allowed; the same file either way."""
     from test_dicomseg import _dicom_phantom
 
     _dicom_phantom("knee-bones", tmp_path / "series")
@@ -80,16 +82,15 @@ def test_a_runs_dicom_seg_is_the_same_from_a_child_and_from_a_thread(tmp_path, m
     forks, child_job = [], beside.ChildJob
 
     class Spy(child_job):
-        def __init__(self, fn, *args):
+        def __init__(self, fn, *args, **kw):
             forks.append(fn.__name__)
-            super().__init__(fn, *args)
+            super().__init__(fn, *args, **kw)
 
     monkeypatch.setattr(beside, "ChildJob", Spy)
 
     def run(out):
-        assert cli.main(["run", "--task", "knee-bones", str(tmp_path / "series"), "-o", str(out), "--weights",
-                         str(weights), "--progress", "none", "--fast"]) == 0
-        report = json.loads((out / "report.json").read_text())
+        report = run_case(TASKS["knee-bones"], [str(tmp_path / "series")], out,
+                          RunOptions(weights=str(weights), fast=True))
         assert "segmentation.dcm" in report["outputs"] and not any("DICOM-SEG" in w for w in report["warnings"])
         return pydicom.dcmread(out / "segmentation.dcm")
 
@@ -98,8 +99,12 @@ def test_a_runs_dicom_seg_is_the_same_from_a_child_and_from_a_thread(tmp_path, m
     monkeypatch.setattr(beside, "FORK_ALLOWED", False)
     thread = run(tmp_path / "thread")
     assert forks == ["write_dicom_seg_output"]  # no second fork
-    assert child.PixelData == thread.PixelData and child.NumberOfFrames == thread.NumberOfFrames
-    for keyword in ("PerFrameFunctionalGroupsSequence", "SegmentSequence", "ReferencedSeriesSequence"):
-        assert child.get(keyword) == thread.get(keyword), keyword
-    assert np.count_nonzero(np.frombuffer(child.PixelData, np.uint8)) > 0
+    _same_dicom_seg(child, thread)
     assert not list(tmp_path.glob(".child.partial.*")) and not list(tmp_path.glob(".thread.partial.*"))
+
+
+def _same_dicom_seg(a, b):
+    assert a.PixelData == b.PixelData and a.NumberOfFrames == b.NumberOfFrames
+    for keyword in ("PerFrameFunctionalGroupsSequence", "SegmentSequence", "ReferencedSeriesSequence"):
+        assert a.get(keyword) == b.get(keyword), keyword
+    assert np.count_nonzero(np.frombuffer(a.PixelData, np.uint8)) > 0

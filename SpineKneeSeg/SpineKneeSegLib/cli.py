@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--precision", default="float32", choices=("float32", "bfloat16"),
                      help="bfloat16: the networks under bfloat16 autocast, about 2x faster on CPUs with native "
                           "bfloat16 (else float32, with a warning); the model cards' figures are float32's")
+    run.add_argument("--no-writer-process", action="store_true",
+                     help="one INPUT: write every output in this process, after importing slicer-core (by "
+                          "default a child process started after the input checks imports it and writes "
+                          "the MRML outputs and the DICOM-SEG while this one segments)")
     run.add_argument("--no-dicom-seg", action="store_true",
                      help="do not write segmentation.dcm (DICOM-SEG) for a DICOM input")
     run.add_argument("--aux-weights", action="append", default=[], metavar="NAME=PATH",
@@ -230,6 +234,10 @@ def cmd_run(args) -> int:
         return run_manifest(card, args.manifest, args.output, options, progress, workers=args.workers)
     if not args.inputs:
         raise InputError("no INPUT given (or use --manifest cases.csv)")
+    import dataclasses
+
+    # one case, one process: slicer-core's start-up and the MRML writers in a child beside the run
+    options = dataclasses.replace(options, writer_process=not args.no_writer_process)
     report = run_case(card, args.inputs, args.output, options, progress)
     if args.progress == "bar":
         t = report["timings_s"]

@@ -32,13 +32,17 @@ def can_fork() -> bool:
 class ChildJob:
     """``fn(*args)`` in a forked child; ``result()`` returns its value or raises its exception."""
 
-    def __init__(self, fn, *args):
+    def __init__(self, fn, *args, close_in_child=()):
+        """``close_in_child``: the caller's ends of pipes it shares with ``fn`` (closed in the child so
+        that the child sees end-of-file when the caller goes)."""
         read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: never returns
             os.close(read_end)
             status = 0
             try:
+                for connection in close_in_child:
+                    connection.close()
                 try:
                     payload = pickle.dumps(("value", fn(*args)))
                 except BaseException as exc:  # noqa: BLE001  (handed to the parent, which raises it)

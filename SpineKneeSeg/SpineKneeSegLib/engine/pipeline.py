@@ -55,6 +55,9 @@ class RunOptions:
     # float32, with a warning); the model cards' figures are float32's
     precision: str = "float32"
     every_slice: bool = False  # the network on every slice, whole (no slice growth, no column window)
+    # the command line's: slicer-core's start-up and the MRML writers (and a DICOM-SEG) in a child
+    # forked after the input checks, beside the run (engine/writer_process.py); in-process elsewhere
+    writer_process: bool = False
 
 
 @dataclass(frozen=True)
@@ -296,12 +299,12 @@ def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options:
     progress = progress or Progress("none")
     output_dir = Path(output_dir)
     check_writable_dir(output_dir)
-    with output_lock(output_dir):
+    with output_lock(output_dir), contextlib.ExitStack() as run_scope:
         earlier = finished_result(output_dir)
         if earlier is not None and not options.overwrite:
             raise OutputBusy(f"already holds a finished result ({earlier.summary}); pass --overwrite to "
                              "replace it, or choose another output folder", output_dir)
-        return _run_locked(card, inputs, output_dir, options, progress, earlier.outputs if earlier else ())
+        return _run_locked(card, inputs, output_dir, options, progress, earlier.outputs if earlier else (), run_scope)
 
 
 @dataclass(frozen=True)
@@ -328,7 +331,7 @@ def finished_result(folder: Path, report_name: str = "report.json") -> EarlierRe
 
 
 def _run_locked(card: TaskCard, inputs: list[str], output_dir: Path, options: RunOptions, progress: Progress,
-                stale: tuple[str, ...]) -> dict:
+                stale: tuple[str, ...], run_scope: contextlib.ExitStack) -> dict:
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -347,14 +350,21 @@ def _run_locked(card: TaskCard, inputs: list[str], output_dir: Path, options: Ru
     if off_but_required:
         raise InputError(f"task {card.name} cannot run without its auxiliary model {', '.join(off_but_required)}")
 
+    with_dicom_seg = bool(options.dicom_seg and image.meta.get("is_dicom"))
+    writer = None
+    if options.writer_process:  # slicer-core's start-up on the other core (None where it cannot fork)
+        from SpineKneeSegLib.engine.writer_process import writer_process
+
+        writer = run_scope.enter_context(writer_process(image, with_dicom_seg))
     t_imports = time.perf_counter()  # importing torch, slicer-core and VTK is start-up (timings_s.startup)
     import scipy.ndimage  # noqa: F401  (the steps' lazy module, core/lazy.py: imported here, with the rest)
     import torch
 
-    from SpineKneeSegLib.mrml import nodes  # noqa: F401  (slicer-core and VTK: imports, not the run)
+    if writer is None:
+        from SpineKneeSegLib.mrml import nodes  # noqa: F401  (slicer-core and VTK: imports, not the run)
 
-    if options.dicom_seg and image.meta.get("is_dicom"):
-        warm_dicom_seg_writer()
+        if with_dicom_seg:
+            warm_dicom_seg_writer()
 
     from SpineKneeSegLib.engine.inference import (
         load_network,
@@ -371,10 +381,11 @@ def _run_locked(card: TaskCard, inputs: list[str], output_dir: Path, options: Ru
     t_start += imports_s
     # the scene/logic set-up (none inside Slicer) is part of the wait: in total, itemised
     t_startup = time.perf_counter()
-    from SpineKneeSegLib.mrml.harness import get_app
+    if writer is None:
+        from SpineKneeSegLib.mrml.harness import get_app
 
-    get_app()
-    timings["mrml_startup"] = time.perf_counter() - t_startup
+        get_app()
+    timings["mrml_startup"] = time.perf_counter() - t_startup  # with a writer process: its wait, below
     weights = resolve_weights(card, options.weights, weights_dir=options.weights_dir,  # after input validation
                               inputs_given=len(images))
     fast = fast_mode_plan(card) if options.fast else None
@@ -484,12 +495,23 @@ def _run_locked(card: TaskCard, inputs: list[str], output_dir: Path, options: Ru
             # the DICOM-SEG (highdicom, pure Python) is built while the MRML writers and the PNG
             # encoder write the rest: in a forked child where that is safe (a thread would take
             # turns with them for the GIL), else in a thread
-            seg_job = (beside.enter_context(run_beside(write_dicom_seg_output, card, image, result, stage))
-                       if options.dicom_seg and image.meta.get("is_dicom") else None)
-            report["outputs"] = write_outputs(card, image, result, stage, options.scene)
-            timings["write"] = time.perf_counter() - t
-            if seg_job is not None:
-                timings["dicom_seg"], problem = seg_job.result()
+            if writer is not None:  # it writes the MRML outputs and the DICOM-SEG; this process the rest
+                beside.callback(writer.stop)  # on a failure, stopped before the staging folder goes
+                writer.submit(card, result, stage, options.scene)
+                own = write_outputs(card, image, result, stage, options.scene, mrml=False)
+                done = writer.result()
+                timings["write"] = time.perf_counter() - t  # to the child's last file
+                report["outputs"] = merged_outputs(own, done["written"])
+                timings["mrml_startup"] += done["waited_s"]
+                seg_outcome = done["dicom_seg"]
+            else:
+                seg_job = (beside.enter_context(run_beside(write_dicom_seg_output, card, image, result, stage))
+                           if with_dicom_seg else None)
+                report["outputs"] = write_outputs(card, image, result, stage, options.scene)
+                timings["write"] = time.perf_counter() - t
+                seg_outcome = seg_job.result() if seg_job is not None else None
+            if seg_outcome is not None:
+                timings["dicom_seg"], problem = seg_outcome
                 if problem is None:
                     report["outputs"].insert(report["outputs"].index("report.json"), "segmentation.dcm")
                 else:
@@ -506,7 +528,8 @@ def _run_locked(card: TaskCard, inputs: list[str], output_dir: Path, options: Ru
         if problem is None:
             raise
         raise OSError(problem[0], problem[1], str(output_dir)) from exc
-    release_scene()
+    if writer is None:
+        release_scene()
     progress.done(status="ok", output=str(output_dir))
     return report
 
@@ -621,16 +644,37 @@ def postprocess(card: TaskCard, image: Image, labels: np.ndarray, maps: dict[str
     return result
 
 
-def write_outputs(card: TaskCard, image: Image, result: RunResult, folder: Path, scene: bool) -> list[str]:
+def write_outputs(card: TaskCard, image: Image, result: RunResult, folder: Path, scene: bool,
+                  mrml: bool = True) -> list[str]:
     """Every output goes through the same MRML adapter as the Slicer module (one writer at a time
-    in the shared scene: a batch's workers take turns)."""
+    in the shared scene: a batch's workers take turns). ``mrml=False``: labels.nii.gz and the
+    overlays only (a writer process writes the rest: ``merged_outputs``)."""
+    if not mrml:
+        return _write_outputs(card, image, result, folder, scene, mrml)
     from SpineKneeSegLib.mrml.harness import SCENE_LOCK
 
     with SCENE_LOCK:
         return _write_outputs(card, image, result, folder, scene)
 
 
-def _write_outputs(card: TaskCard, image: Image, result: RunResult, folder: Path, scene: bool) -> list[str]:
+def write_mrml_outputs(card: TaskCard, image: Image, result: RunResult, folder: Path, scene: bool,
+                       overlays: bool = True) -> list[str]:
+    from SpineKneeSegLib.mrml.harness import SCENE_LOCK
+
+    with SCENE_LOCK:
+        return _write_mrml_outputs(card, image, result, folder, scene, overlays)
+
+
+def merged_outputs(own: list[str], mrml: list[str]) -> list[str]:
+    """The outputs in the order of one process's write_outputs: labels.nii.gz first, the overlays
+    (``own``'s others) before the scene file and report.json."""
+    first, overlays = own[:1], own[1:]
+    at = next((i for i, name in enumerate(mrml) if name in ("scene.mrb", "report.json")), len(mrml))
+    return first + mrml[:at] + overlays + mrml[at:]
+
+
+def _write_outputs(card: TaskCard, image: Image, result: RunResult, folder: Path, scene: bool,
+                   mrml: bool = True) -> list[str]:
     from SpineKneeSegLib.core.image_io import write_image
 
     written = []
@@ -639,14 +683,25 @@ def _write_outputs(card: TaskCard, image: Image, result: RunResult, folder: Path
     labels_job = io.submit(write_image, result.labels.with_array(result.labels.array.astype(np.uint8)),
                            folder / "labels.nii.gz")
     try:
-        written += _write_mrml_outputs(card, image, result, folder, scene)
+        written += (_write_mrml_outputs(card, image, result, folder, scene) if mrml else
+                    write_overlays(card, image, result, folder))
     finally:
         io.shutdown(wait=True)
     labels_job.result()  # its error, if any
     return ["labels.nii.gz"] + written
 
 
-def _write_mrml_outputs(card: TaskCard, image: Image, result: RunResult, folder: Path, scene: bool) -> list[str]:
+def write_overlays(card: TaskCard, image: Image, result: RunResult, folder: Path) -> list[str]:
+    if "overlays/" not in card.outputs:
+        return []
+    from SpineKneeSegLib.engine.render import save_label_overlays
+
+    # the folder (as the card names it), then its PNGs
+    return ["overlays/"] + save_label_overlays(folder, "overlays", image, result.labels, card, boxes=result.label_boxes)
+
+
+def _write_mrml_outputs(card: TaskCard, image: Image, result: RunResult, folder: Path, scene: bool,
+                        overlays: bool = True) -> list[str]:
     from SpineKneeSegLib.core.image_io import write_image
     from SpineKneeSegLib.mrml import nodes
     from SpineKneeSegLib.mrml.harness import get_app
@@ -680,11 +735,8 @@ def _write_mrml_outputs(card: TaskCard, image: Image, result: RunResult, folder:
         node = nodes.rows_to_table_node(mrml_scene, table.rows, table.columns, table.name)
         nodes.save_node(node, folder / table.file_name)
         written.append(table.file_name)
-    if "overlays/" in card.outputs:
-        from SpineKneeSegLib.engine.render import save_label_overlays
-
-        written.append("overlays/")  # the folder (as the card names it), then its PNGs
-        written.extend(save_label_overlays(folder, "overlays", image, result.labels, card, boxes=result.label_boxes))
+    if overlays:
+        written += write_overlays(card, image, result, folder)
     if scene:
         nodes.save_scene_mrb(mrml_scene, folder / "scene.mrb")
         written.append("scene.mrb")
