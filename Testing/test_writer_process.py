@@ -1,23 +1,56 @@
 """engine.writer_process: a one-input command line forks a child after the input checks; it loads
 slicer-core (and highdicom for a DICOM input) while the run segments, then writes the MRML outputs
-and the DICOM-SEG. The files are the in-process run's; failures on either side leave nothing."""
+and the DICOM-SEG. The files are the in-process run's; failures on either side leave nothing, not
+even the child's MRML temporary folder.
+
+Each run is a fresh process, as on the command line: the test process itself has slicer-core
+loaded and, after the Dask tests, threads that rightly stop a fork."""
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from SpineKneeSegLib import cli
-from SpineKneeSegLib.core import beside
-from SpineKneeSegLib.engine import pipeline
 from SpineKneeSegLib.engine.weights import initialise_weights
 from test_beside import _same_dicom_seg
 from test_dicomseg import _dicom_phantom
 
-pytestmark = pytest.mark.skipif(not beside.can_fork(), reason="forking is for Linux, from a lone main thread")
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the writer process forks (Linux)")
+
+# runs the command line in this fresh process with a spy on the forks and an optional fault
+DRIVER = textwrap.dedent("""
+    import json, os, sys
+    from SpineKneeSegLib.core import beside
+    from SpineKneeSegLib.engine import pipeline
+    forks = []
+    class Spy(beside.ChildJob):
+        def __init__(self, fn, *args, **kw):
+            forks.append(fn.__name__)
+            super().__init__(fn, *args, **kw)
+    beside.ChildJob = Spy
+    def fault(*args, **kw):
+        raise {fault}
+    if "{where}":
+        setattr(pipeline, "{where}", fault)
+    from SpineKneeSegLib import cli
+    code = cli.main(sys.argv[1:])
+    me, children = str(os.getpid()), []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{{entry}}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[1] == me:
+                    children.append(int(entry))
+        except OSError:
+            pass
+    print("RESULT", json.dumps({{"code": code, "forks": forks, "children": children,
+                                 "slicer_loaded": "slicer_core" in sys.modules}}))
+""")
 
 
 @pytest.fixture()
@@ -25,25 +58,20 @@ def knee_series(tmp_path):
     _dicom_phantom("knee-bones", tmp_path / "series")
     weights = tmp_path / "tiny.pt"
     initialise_weights("knee-bones", weights, {"channels": (4, 8)}, seed=1)
-    return tmp_path / "series", weights
+    temp = tmp_path / "temp"  # this run's temporary folder: MRML's cache lands here
+    temp.mkdir()
+    return tmp_path / "series", weights, temp
 
 
-@pytest.fixture()
-def forks(monkeypatch):
-    made, child_job = [], beside.ChildJob
-
-    class Spy(child_job):
-        def __init__(self, fn, *args, **kw):
-            made.append(fn.__name__)
-            super().__init__(fn, *args, **kw)
-
-    monkeypatch.setattr(beside, "ChildJob", Spy)
-    return made
-
-
-def _run(series, weights, out, *extra):
-    return cli.main(["run", "--task", "knee-bones", str(series), "-o", str(out), "--weights", str(weights),
-                     "--progress", "none", "--fast", "--scene", *extra])
+def _run(knee_series, out, *extra, fault="None", where=""):
+    series, weights, temp = knee_series
+    code = DRIVER.format(fault=fault, where=where)
+    proc = subprocess.run([sys.executable, "-c", code, "run", "--task", "knee-bones", str(series), "-o", str(out),
+                           "--weights", str(weights), "--progress", "none", "--fast", "--scene", *extra],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "TMPDIR": str(temp)})
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    assert line, proc.stderr
+    return {**json.loads(line[-1][len("RESULT "):]), "stderr": proc.stderr}
 
 
 def _nrrd(path):
@@ -53,20 +81,24 @@ def _nrrd(path):
     return sitk.GetArrayFromImage(image), {k: reader.GetMetaData(k) for k in reader.GetMetaDataKeys()}
 
 
-def test_the_writer_process_writes_what_the_run_writes_in_process(knee_series, tmp_path, forks):
-    series, weights = knee_series
-    assert _run(series, weights, tmp_path / "child") == 0
-    assert forks[0] == "_serve"  # the writer (its DICOM-SEG then forks once more, beside the MRML writers)
-    assert _run(series, weights, tmp_path / "alone", "--no-writer-process") == 0
-    assert forks[0] == "_serve" and "_serve" not in forks[1:]
+def _leftovers(tmp_path, temp):
+    return [p.name for p in tmp_path.iterdir() if ".partial." in p.name] + sorted(os.listdir(temp))
+
+
+def test_the_writer_process_writes_what_the_run_writes_in_process(knee_series, tmp_path):
+    child_run = _run(knee_series, tmp_path / "child")
+    assert child_run["code"] == 0, child_run["stderr"]
+    # the writer, and no slicer-core in the run's own process
+    assert child_run["forks"] == ["_serve"] and not child_run["slicer_loaded"] and child_run["children"] == []
+    alone_run = _run(knee_series, tmp_path / "alone", "--no-writer-process")
+    assert alone_run["code"] == 0 and alone_run["slicer_loaded"]
+    assert alone_run["forks"] == ["write_dicom_seg_output"]  # in-process writing forks only the DICOM-SEG
     child, alone = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("child", "alone"))
     assert child["outputs"] == alone["outputs"]
     assert {"segmentation.seg.nrrd", "volumes.tsv", "scene.mrb", "segmentation.dcm", "overlays/"} <= set(child["outputs"])
-    assert child["warnings"] == alone["warnings"]
-    assert child["summaries"] == alone["summaries"]
-    for key in ("write", "mrml_startup", "dicom_seg", "total", "startup"):
-        assert child["timings_s"][key] >= 0, key
+    assert child["warnings"] == alone["warnings"] and child["summaries"] == alone["summaries"]
     t = child["timings_s"]
+    assert min(t["write"], t["mrml_startup"], t["dicom_seg"], t["startup"]) >= 0
     assert t["total"] >= t["network"] + t["write"] - 1e-3
     a, b = _nrrd(tmp_path / "child" / "segmentation.seg.nrrd"), _nrrd(tmp_path / "alone" / "segmentation.seg.nrrd")
     np.testing.assert_array_equal(a[0], b[0])
@@ -75,52 +107,43 @@ def test_the_writer_process_writes_what_the_run_writes_in_process(knee_series, t
     _same_dicom_seg(pydicom.dcmread(tmp_path / "child" / "segmentation.dcm"),
                     pydicom.dcmread(tmp_path / "alone" / "segmentation.dcm"))
     assert (tmp_path / "child" / "scene.mrb").stat().st_size > 0
+    assert _leftovers(tmp_path, knee_series[2]) == []  # the child removed its MRML folder
 
 
-def _children():
-    """This process's live or unreaped children."""
-    me = str(os.getpid())
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if f.read().rsplit(")", 1)[1].split()[1] == me:
-                        found.append(int(entry))
-            except OSError:
-                pass
-    return found
+def test_a_failing_writer_fails_the_run_and_leaves_nothing(knee_series, tmp_path):
+    run = _run(knee_series, tmp_path / "out", fault='OSError(28, "No space left on device", "segmentation.seg.nrrd")',
+               where="_write_mrml_outputs")  # the child is forked with the fault
+    assert run["code"] == 2 and "No space left on device" in run["stderr"]
+    assert run["forks"] == ["_serve"] and run["children"] == []
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path, knee_series[2]) == []
 
 
-def test_a_failing_writer_fails_the_run_and_leaves_nothing(knee_series, tmp_path, monkeypatch, forks):
-    series, weights = knee_series
-
-    def broken(*args, **kw):
-        raise OSError(28, "No space left on device", "segmentation.seg.nrrd")
-
-    monkeypatch.setattr(pipeline, "_write_mrml_outputs", broken)  # the child is forked with it
-    assert _run(series, weights, tmp_path / "out") == 2
-    assert forks[0] == "_serve"
-    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
-    assert _children() == []
+def test_a_run_that_fails_before_writing_stops_its_writer(knee_series, tmp_path):
+    run = _run(knee_series, tmp_path / "out", fault='RuntimeError("the network failed")', where="postprocess")
+    assert run["code"] == 1 and "the network failed" in run["stderr"]
+    assert run["forks"] == ["_serve"] and run["children"] == []
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path, knee_series[2]) == []
 
 
-def test_a_run_that_fails_before_writing_stops_its_writer(knee_series, tmp_path, monkeypatch, forks):
-    series, weights = knee_series
-
-    def broken(*args, **kw):
-        raise RuntimeError("the network failed")
-
-    monkeypatch.setattr(pipeline, "postprocess", broken)
-    assert _run(series, weights, tmp_path / "out") == 1
-    assert forks == ["_serve"]
-    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
-    assert _children() == []
+def test_a_refused_input_forks_nothing(knee_series, tmp_path):
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not an image")
+    series, weights, temp = knee_series
+    run = _run((broken, weights, temp), tmp_path / "out")
+    assert run["code"] == 2 and run["forks"] == []
 
 
-def test_a_refused_input_forks_nothing(tmp_path, forks):
-    (tmp_path / "broken.nii.gz").write_bytes(b"not an image")
-    assert cli.main(["run", "--task", "knee-bones", str(tmp_path / "broken.nii.gz"), "-o", str(tmp_path / "out"),
-                     "--progress", "none"]) != 0
-    assert forks == []
-
+def test_a_manifest_writes_in_process(knee_series, tmp_path):
+    """A cohort pays its start-up once and overlaps cases in threads: no writer process, and its
+    cases' DICOM-SEGs are written in a thread (forking beside live worker threads is unsafe)."""
+    series, weights, temp = knee_series
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text(f"id,input\nknee1,{series}\n")
+    code = DRIVER.format(fault="None", where="")
+    proc = subprocess.run([sys.executable, "-c", code, "run", "--task", "knee-bones", "--manifest", str(manifest),
+                           "-o", str(tmp_path / "cohort"), "--weights", str(weights), "--progress", "none", "--fast"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "TMPDIR": str(temp)})
+    run = json.loads([x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1][len("RESULT "):])
+    assert run["code"] == 0, proc.stderr
+    assert run["forks"] == [] and run["slicer_loaded"]
+    assert (tmp_path / "cohort" / "knee1" / "segmentation.dcm").exists()

@@ -47,8 +47,12 @@ class WriterProcess:
         return done
 
     def stop(self) -> None:
+        """Kill the child if it still runs (the run failed); its MRML temporary folder, which a
+        killed child cannot remove, is swept with those of other dead processes."""
         self._requests.close()
-        self._job.stop()
+        if self._job.pid is not None:
+            self._job.stop()
+            _sweep_mrml_folders()
 
 
 @contextlib.contextmanager
@@ -73,16 +77,29 @@ def _serve(image, dicom_seg: bool, requests) -> dict | None:
 
     if dicom_seg:
         pipeline.warm_dicom_seg_writer()
-    get_app()
-    ready_at = time.perf_counter()
+    app = get_app()
     try:
-        card, result, folder, scene = requests.recv()
-    except EOFError:
-        return None
-    folder = Path(folder)
-    with contextlib.ExitStack() as scope:
-        seg_job = (scope.enter_context(beside.run_beside(pipeline.write_dicom_seg_output, card, image, result, folder))
-                   if dicom_seg else None)
-        written = pipeline.write_mrml_outputs(card, image, result, folder, scene, overlays=False)
-        seg = seg_job.result() if seg_job is not None else None
-    return {"written": written, "dicom_seg": seg, "ready_at": ready_at}
+        ready_at = time.perf_counter()
+        try:
+            card, result, folder, scene = requests.recv()
+        except EOFError:
+            return None
+        folder = Path(folder)
+        with contextlib.ExitStack() as scope:
+            seg_job = (scope.enter_context(beside.run_beside(pipeline.write_dicom_seg_output, card, image, result,
+                                                             folder)) if dicom_seg else None)
+            written = pipeline.write_mrml_outputs(card, image, result, folder, scene, overlays=False)
+            seg = seg_job.result() if seg_job is not None else None
+        return {"written": written, "dicom_seg": seg, "ready_at": ready_at}
+    finally:
+        remove = getattr(app, "_remove_cache", None)
+        if remove is not None:  # the child leaves by os._exit, which skips this atexit clean-up
+            remove()
+
+
+def _sweep_mrml_folders() -> None:
+    import tempfile
+
+    from SpineKneeSegLib.core.atomic import sweep_stale
+
+    sweep_stale(Path(tempfile.gettempdir()), "spinekneeseg-mrml-")
