@@ -59,10 +59,15 @@ class WriterProcess:
 def writer_process(image, dicom_seg: bool):
     """A WriterProcess where forking is safe, else None (the run writes in-process); stopped (killed
     if still running) when the block is left."""
-    if not beside.can_fork():
+    writer = None
+    if beside.can_fork():
+        try:
+            writer = WriterProcess(image, dicom_seg)
+        except OSError:  # no process to be had (memory, a process limit): the run writes in-process
+            writer = None
+    if writer is None:
         yield None
         return
-    writer = WriterProcess(image, dicom_seg)
     try:
         yield writer
     finally:
