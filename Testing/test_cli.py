@@ -164,11 +164,22 @@ def test_manifest_runs_every_case_and_reports_failures(tmp_path, tiny_weights, p
     # a re-run resumes: finished cases are skipped (not redone, not refused), the failed one is retried
     finished = (out / "good1" / "report.json").stat().st_mtime_ns
     bad.write_bytes(Path(phantom_files["knee-bones"]).read_bytes())
+    # good1's run was killed after its last file, before releasing its lock; good2's lock is held by
+    # a live process (this one): only the dead one's is cleared when the finished case is skipped
+    import os
+    import socket
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (out / ".good1.lock").write_text(json.dumps({"pid": int(dead), "host": socket.gethostname(), "started": "x"}))
+    (out / ".good2.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "x"}))
     assert cli.main(["run", "--task", "knee-bones", "--manifest", str(manifest), "-o", str(out),
                      "--weights", str(tiny_weights["knee-bones"]), "--progress", "none"]) == 0
     lines = [line.split("\t") for line in (out / "summary.tsv").read_text().splitlines()]
     assert {row[0]: row[1] for row in lines[1:]} == {"good1": "skipped", "broken": "ok", "good2": "skipped"}
     assert (out / "good1" / "report.json").stat().st_mtime_ns == finished
+    assert not (out / ".good1.lock").exists() and (out / ".good2.lock").exists()
+    (out / ".good2.lock").unlink()
     assert cli.main(["run", "--task", "knee-bones", "--manifest", str(manifest), "-o", str(out), "--overwrite",
                      "--weights", str(tiny_weights["knee-bones"]), "--progress", "none"]) == 0
     assert (out / "good1" / "report.json").stat().st_mtime_ns != finished

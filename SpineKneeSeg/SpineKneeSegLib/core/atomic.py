@@ -173,6 +173,22 @@ def output_lock(target: str | os.PathLike):
                 os.unlink(lock)
 
 
+def clear_stale_lock(target: str | os.PathLike) -> bool:
+    """Remove the output lock of ``target`` when the process that holds it is gone (it was killed
+    after writing its result, before releasing the lock); True if one was removed. A manifest's
+    re-run calls it for the finished cases it skips, which it never locks itself."""
+    import socket
+
+    target = Path(target)
+    lock = (target.parent if str(target.parent) else Path(".")) / f".{target.name}.lock"
+    owner = _lock_owner(lock)
+    if owner and owner.get("host") == socket.gethostname() and not pid_alive(int(owner["pid"])):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)
+            return True
+    return False
+
+
 def _lock_owner(lock: Path) -> dict | None:
     import json
 

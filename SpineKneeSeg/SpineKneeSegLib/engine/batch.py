@@ -4,7 +4,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from SpineKneeSegLib.core.atomic import check_writable_dir, write_text_atomic
+from SpineKneeSegLib.core.atomic import check_writable_dir, clear_stale_lock, write_text_atomic
 from SpineKneeSegLib.core.errors import InputError, SpineKneeSegError
 from SpineKneeSegLib.core.progress import Progress
 from SpineKneeSegLib.engine.cards import TaskCard
@@ -46,6 +46,7 @@ def run_one(card: TaskCard, case_id: str, inputs: list[str], output: Path, optio
     The same function runs in the local pool and on a Dask worker."""
     earlier = None if options.overwrite else finished_result(output / case_id)
     if earlier is not None:  # a re-run resumes: finished cases are not redone
+        clear_stale_lock(output / case_id)  # a run killed between its last file and its lock's release
         progress.log(f"case {case_id}: finished earlier, skipped")
         return (case_id, "skipped", 0, f"finished earlier ({earlier.summary}); --overwrite redoes it",
                 str(output / case_id), "", "")
