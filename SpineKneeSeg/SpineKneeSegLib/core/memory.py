@@ -2,7 +2,7 @@
 
 By default glibc maps every large block (a 21 M-voxel volume, a batch's activations) fresh from
 the kernel and unmaps it when freed, so each new array faults in all its pages again. On the
-2-core machine of session 37 that made the knee-bones network 1.3-1.6x slower, and the steps
+2-core machine of session 37 that made the knee-bones network up to 1.6x slower, and the steps
 around it slower too. With mapping off and trimming set high, a freed block is reused by the next one.
 The process then keeps what it freed (its peak, about 0.3 GB more resident between runs in an
 all-task benchmark, not growing from run to run), which suits a command-line run or a cohort; the
