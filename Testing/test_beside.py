@@ -70,20 +70,24 @@ def test_a_thread_when_another_python_thread_is_alive_or_inside_slicer(monkeypat
     assert not beside.can_fork()
 
 
-# in a fresh process (the test process may hold threads, e.g. Dask's, that rightly stop a fork):
-# in-process writing's DICOM-SEG by a forked child, then with forking off, by a thread
-SAME_EITHER_WAY = textwrap.dedent("""
-    import sys
-    from pathlib import Path
+# the head of a script run in a fresh process (the test process may hold threads, e.g. Dask's,
+# that rightly stop a fork): ``forks`` collects the name of every function a ChildJob runs
+FORK_SPY = textwrap.dedent("""
     from SpineKneeSegLib.core import beside
-    from SpineKneeSegLib.engine.pipeline import RunOptions, run_case
-    from SpineKneeSegLib.tasks import TASKS
     forks = []
     class Spy(beside.ChildJob):
         def __init__(self, fn, *args, **kw):
             forks.append(fn.__name__)
             super().__init__(fn, *args, **kw)
     beside.ChildJob = Spy
+""")
+
+# in-process writing's DICOM-SEG by a forked child, then with forking off, by a thread
+SAME_EITHER_WAY = FORK_SPY + textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from SpineKneeSegLib.engine.pipeline import RunOptions, run_case
+    from SpineKneeSegLib.tasks import TASKS
     series, weights, out = sys.argv[1:]
     for name in ("child", "thread"):
         beside.FORK_ALLOWED = name == "child"
@@ -93,13 +97,18 @@ SAME_EITHER_WAY = textwrap.dedent("""
 """)
 
 
-def test_a_runs_dicom_seg_is_the_same_from_a_child_and_from_a_thread(tmp_path):
+def knee_dicom_case(folder):
+    """A knee phantom as a DICOM series and a tiny untrained knee network: (series, weights)."""
     from test_dicomseg import _dicom_phantom
 
-    _dicom_phantom("knee-bones", tmp_path / "series")
-    weights = tmp_path / "tiny.pt"
-    initialise_weights("knee-bones", weights, {"channels": (4, 8)}, seed=1)
-    proc = subprocess.run([sys.executable, "-c", SAME_EITHER_WAY, str(tmp_path / "series"), str(weights),
+    _dicom_phantom("knee-bones", folder / "series")
+    initialise_weights("knee-bones", folder / "tiny.pt", {"channels": (4, 8)}, seed=1)
+    return folder / "series", folder / "tiny.pt"
+
+
+def test_a_runs_dicom_seg_is_the_same_from_a_child_and_from_a_thread(tmp_path):
+    series, weights = knee_dicom_case(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", SAME_EITHER_WAY, str(series), str(weights),
                            str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "FORKS write_dicom_seg_output\n" in proc.stdout  # the child run forked once, the thread run never

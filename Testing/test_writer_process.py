@@ -17,23 +17,14 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from SpineKneeSegLib.engine.weights import initialise_weights
-from test_beside import _same_dicom_seg
-from test_dicomseg import _dicom_phantom
+from test_beside import FORK_SPY, _same_dicom_seg, knee_dicom_case
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the writer process forks (Linux)")
 
 # runs the command line in this fresh process with a spy on the forks and an optional fault
-DRIVER = textwrap.dedent("""
+DRIVER = FORK_SPY + textwrap.dedent("""
     import json, os, sys
-    from SpineKneeSegLib.core import beside
     from SpineKneeSegLib.engine import pipeline
-    forks = []
-    class Spy(beside.ChildJob):
-        def __init__(self, fn, *args, **kw):
-            forks.append(fn.__name__)
-            super().__init__(fn, *args, **kw)
-    beside.ChildJob = Spy
     def fault(*args, **kw):
         raise {fault}
     if "{where}":
@@ -55,23 +46,26 @@ DRIVER = textwrap.dedent("""
 
 @pytest.fixture()
 def knee_series(tmp_path):
-    _dicom_phantom("knee-bones", tmp_path / "series")
-    weights = tmp_path / "tiny.pt"
-    initialise_weights("knee-bones", weights, {"channels": (4, 8)}, seed=1)
+    series, weights = knee_dicom_case(tmp_path)
     temp = tmp_path / "temp"  # this run's temporary folder: MRML's cache lands here
     temp.mkdir()
-    return tmp_path / "series", weights, temp
+    return series, weights, temp
 
 
-def _run(knee_series, out, *extra, fault="None", where=""):
-    series, weights, temp = knee_series
-    code = DRIVER.format(fault=fault, where=where)
-    proc = subprocess.run([sys.executable, "-c", code, "run", "--task", "knee-bones", str(series), "-o", str(out),
-                           "--weights", str(weights), "--progress", "none", "--fast", "--scene", *extra],
+def _drive(args, temp, fault="None", where=""):
+    """``spinekneeseg run ARGS`` in a fresh process through DRIVER: its exit code, the functions it
+    forked, its children left, whether it loaded slicer-core, and its stderr."""
+    proc = subprocess.run([sys.executable, "-c", DRIVER.format(fault=fault, where=where), "run", "--task",
+                           "knee-bones", "--progress", "none", "--fast", *map(str, args)],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "TMPDIR": str(temp)})
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     assert line, proc.stderr
     return {**json.loads(line[-1][len("RESULT "):]), "stderr": proc.stderr}
+
+
+def _run(knee_series, out, *extra, fault="None", where=""):
+    series, weights, temp = knee_series
+    return _drive([series, "-o", out, "--weights", weights, "--scene", *extra], temp, fault, where)
 
 
 def _nrrd(path):
@@ -139,11 +133,7 @@ def test_a_manifest_writes_in_process(knee_series, tmp_path):
     series, weights, temp = knee_series
     manifest = tmp_path / "cases.csv"
     manifest.write_text(f"id,input\nknee1,{series}\n")
-    code = DRIVER.format(fault="None", where="")
-    proc = subprocess.run([sys.executable, "-c", code, "run", "--task", "knee-bones", "--manifest", str(manifest),
-                           "-o", str(tmp_path / "cohort"), "--weights", str(weights), "--progress", "none", "--fast"],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "TMPDIR": str(temp)})
-    run = json.loads([x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1][len("RESULT "):])
-    assert run["code"] == 0, proc.stderr
+    run = _drive(["--manifest", manifest, "-o", tmp_path / "cohort", "--weights", weights], temp)
+    assert run["code"] == 0, run["stderr"]
     assert run["forks"] == [] and run["slicer_loaded"]
     assert (tmp_path / "cohort" / "knee1" / "segmentation.dcm").exists()

@@ -147,7 +147,7 @@ def output_lock(target: str | os.PathLike):
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             owner = _lock_owner(lock)
-            if owner and owner.get("host") == socket.gethostname() and not pid_alive(int(owner.get("pid", -1))):
+            if _owner_gone(owner):
                 with contextlib.suppress(FileNotFoundError):  # stale: its process is gone; take it over
                     os.unlink(lock)
                 continue
@@ -177,16 +177,20 @@ def clear_stale_lock(target: str | os.PathLike) -> bool:
     """Remove the output lock of ``target`` when the process that holds it is gone (it was killed
     after writing its result, before releasing the lock); True if one was removed. A manifest's
     re-run calls it for the finished cases it skips, which it never locks itself."""
-    import socket
-
     target = Path(target)
     lock = (target.parent if str(target.parent) else Path(".")) / f".{target.name}.lock"
-    owner = _lock_owner(lock)
-    if owner and owner.get("host") == socket.gethostname() and not pid_alive(int(owner["pid"])):
+    if _owner_gone(_lock_owner(lock)):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(lock)
             return True
     return False
+
+
+def _owner_gone(owner: dict | None) -> bool:
+    """A lock's owner (``_lock_owner``) is a process of this host that no longer exists."""
+    import socket
+
+    return bool(owner) and owner.get("host") == socket.gethostname() and not pid_alive(int(owner["pid"]))
 
 
 def _lock_owner(lock: Path) -> dict | None:

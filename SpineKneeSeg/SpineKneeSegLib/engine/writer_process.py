@@ -1,9 +1,9 @@
 """The command line's writer process: the MRML outputs (and a DICOM input's DICOM-SEG) written by a
 child forked once the inputs have passed their checks, before torch loads.
 
-The child imports slicer-core and VTK (1-1.5 s) and, for a DICOM input, highdicom with the DICOM
-tables it parses on first use (about 1 s) on the other core while the run imports torch, corrects,
-segments and post-processes; the run's own start-up loses those seconds. At the end the run sends
+The child imports slicer-core and VTK (1.0-1.7 s on 2 cores, session 37) and, for a DICOM input,
+highdicom with the DICOM tables it parses on first use, on the other core while the run imports
+torch, corrects, segments and post-processes; the run's own start-up loses those seconds. At the end the run sends
 the card and the result; the child writes ``segmentation.seg.nrrd``, the markups, tables and
 scene (the Slicer module's own MRML adapter, as in-process), with the DICOM-SEG beside them,
 while the run writes ``labels.nii.gz`` and the overlay PNGs. A failure in the child is raised in
@@ -52,7 +52,9 @@ class WriterProcess:
         self._requests.close()
         if self._job.pid is not None:
             self._job.stop()
-            _sweep_mrml_folders()
+            from SpineKneeSegLib.mrml.harness import sweep_dead_caches
+
+            sweep_dead_caches()
 
 
 @contextlib.contextmanager
@@ -101,10 +103,3 @@ def _serve(image, dicom_seg: bool, requests) -> dict | None:
         if remove is not None:  # the child leaves by os._exit, which skips this atexit clean-up
             remove()
 
-
-def _sweep_mrml_folders() -> None:
-    import tempfile
-
-    from SpineKneeSegLib.core.atomic import sweep_stale
-
-    sweep_stale(Path(tempfile.gettempdir()), "spinekneeseg-mrml-")

@@ -163,6 +163,16 @@ def _vtk_messages_off():
         vtk.vtkObject.SetGlobalWarningDisplay(previous)
 
 
+CACHE_PREFIX = "spinekneeseg-mrml-"  # + pid: a headless application's temporary folder
+
+
+def sweep_dead_caches() -> list[Path]:
+    """Remove the temporary folders of headless applications whose process is gone (killed)."""
+    from SpineKneeSegLib.core.atomic import sweep_stale
+
+    return sweep_stale(Path(tempfile.gettempdir()), CACHE_PREFIX)
+
+
 def create_headless_slicer(cache_dir: str | Path | None = None, activate: bool = True) -> HeadlessSlicer:
     """Build a fresh headless Slicer: scene + application logic + module logics + .mrb IO.
 
@@ -173,10 +183,8 @@ def create_headless_slicer(cache_dir: str | Path | None = None, activate: bool =
     slicer = require_slicer()
     owns_cache = cache_dir is None
     if owns_cache:  # pid-tagged, so the next run can sweep those of runs that were killed
-        from SpineKneeSegLib.core.atomic import sweep_stale
-
-        sweep_stale(Path(tempfile.gettempdir()), "spinekneeseg-mrml-")
-    cache = Path(tempfile.mkdtemp(prefix=f"spinekneeseg-mrml-{os.getpid()}-")) if owns_cache else Path(cache_dir)
+        sweep_dead_caches()
+    cache = Path(tempfile.mkdtemp(prefix=f"{CACHE_PREFIX}{os.getpid()}-")) if owns_cache else Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
 
     scene = slicer.vtkMRMLScene()
