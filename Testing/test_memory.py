@@ -6,9 +6,11 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 
 PROBE = textwrap.dedent("""
@@ -44,3 +46,13 @@ def test_keep_freed_memory_serves_large_arrays_from_the_heap():
 def test_the_command_line_sets_it_and_a_plain_import_does_not():
     assert _probe("from SpineKneeSegLib import cli; assert cli.main(['tasks']) == 0") == [1, 0]
     assert _probe("from SpineKneeSegLib import cli; import SpineKneeSegLib.engine.pipeline") == [1, 1]
+
+
+def test_the_training_loop_sets_it():
+    training = str(REPO_ROOT / "Training")
+    setup = (f"import sys; sys.path.insert(0, {training!r}); import torch, trainloop as tl; "
+             "net = torch.nn.Linear(2, 1); opt = torch.optim.SGD(net.parameters(), 0.1); "
+             "batches = iter(lambda: torch.ones(4, 2), None); "
+             "tl.run_loop(net, opt, batches, lambda n, x: n(x).sum(), tl.LoopConfig(steps=1, tensorboard=False), None, "
+             "save_best=None, log=lambda m: None)")
+    assert _probe(setup) == [1, 0]

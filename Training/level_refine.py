@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from SpineKneeSegLib.core.atomic import write_text_atomic
+from SpineKneeSegLib.core.memory import keep_freed_memory
 from SpineKneeSegLib.engine.models import LevelRefiner
 from SpineKneeSegLib.engine.postprocessing import largest_component_per_label
 from SpineKneeSegLib.tasks.spine.level_refinement import (BAND_PX, band, refined_labels, refiner_body,
@@ -164,6 +165,7 @@ def train(cases: list[dict], steps: int, batch: int, size: int, seed: int, band_
           network: dict = NETWORK) -> LevelRefiner:
     """AdamW, one-cycle schedule; the loss weighted to the band the refiner may redraw (1.1) over
     the rest of the crop (0.1)."""
+    keep_freed_memory()  # as trainloop.run_loop: steps reuse freed memory
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     net = LevelRefiner(**network)
