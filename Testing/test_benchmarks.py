@@ -74,6 +74,9 @@ def test_knee_floor_times_the_steps_no_run_can_skip_and_writes_them(tmp_path):
     assert all(v > 0 for v in floor.values())
     assert np.array_equal(read_image(tmp_path / "floor.nii.gz").array, phantom.labels.array)
     assert (tmp_path / "floor.seg.nrrd").stat().st_size > 0
+    # the 2-core bound: read and N4 in turn, then the writers over two cores (the longest, or half the sum)
+    assert bench.two_core_bound({"read input": 0.1, "a": 0.02, "b": 0.1, "c": 0.13}, 0.16) == pytest.approx(0.39)
+    assert bench.two_core_bound({"read input": 0.1, "a": 0.1, "b": 0.1, "c": 0.1}, 0.2) == pytest.approx(0.45)
 
 
 def test_overhead_benchmark_writes_its_rows_as_json(tmp_path):
