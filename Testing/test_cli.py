@@ -214,6 +214,25 @@ def test_console_script_and_module_entry_points(tmp_path):
     assert result.returncode == 0 and "spinekneeseg" in result.stdout
 
 
+def test_the_command_skips_the_last_garbage_collection_and_main_does_not():
+    """console_main (the `spinekneeseg` script, `python -m`) freezes the heap before exiting: the
+    interpreter's last collection then skips it (0.3-0.4 s a command). main(), which callers run
+    in a process that goes on, freezes nothing."""
+    import gc
+    import tomllib
+
+    scripts = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["spinekneeseg"] == "SpineKneeSegLib.cli:console_main"
+    probe = ("import gc, sys; from SpineKneeSegLib import cli; sys.argv = ['spinekneeseg', 'tasks']; "
+             "code = cli.console_main(); print(code, gc.get_freeze_count() > 0)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "0 True"
+    before = gc.get_freeze_count()
+    assert cli.main(["tasks"]) == 0
+    assert gc.get_freeze_count() == before
+
+
 def _nodes(scene, class_name):
     for i in range(scene.GetNumberOfNodesByClass(class_name)):
         node = scene.GetNthNodeByClass(i, class_name)
