@@ -233,6 +233,41 @@ def test_the_command_skips_the_last_garbage_collection_and_main_does_not():
     assert gc.get_freeze_count() == before
 
 
+GC_PROBE = """
+import gc, sys
+from SpineKneeSegLib import cli
+from SpineKneeSegLib.core import memory
+from SpineKneeSegLib.engine import pipeline
+seen = []
+def spy():  # the collector's state when the run's imports end
+    seen.append(gc.isenabled())
+    memory.imports_done()
+pipeline.imports_done = spy
+sys.argv = ["spinekneeseg"] + sys.argv[1:]
+code = cli.console_main()
+print(code, seen, gc.isenabled())
+"""
+
+
+def test_the_command_pauses_the_collector_for_the_imports_only(tmp_path, tiny_weights, phantom_files):
+    """console_main pauses the cyclic collector; one run resumes it when its imports end, a manifest
+    before its first case, any other command at once (core/memory.py)."""
+    def probe(*args):
+        out = subprocess.run([sys.executable, "-c", GC_PROBE, *map(str, args)], capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.splitlines()[-1]
+
+    task = "xray-chest"
+    run = ["run", "--task", task, phantom_files[task], "--weights", tiny_weights[task], "--progress", "none"]
+    assert probe(*run, "-o", tmp_path / "one") == "0 [False] True"  # paused until the run's imports ended
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text(f"id,input\na,{phantom_files[task]}\n")
+    assert probe(*run[:3], "--manifest", manifest, "--weights", tiny_weights[task], "-o", tmp_path / "cohort",
+                 "--progress", "none") == "0 [True] True"  # resumed before the first case
+    assert probe("tasks") == "0 [] True"
+
+
 def _nodes(scene, class_name):
     for i in range(scene.GetNumberOfNodesByClass(class_name)):
         node = scene.GetNthNodeByClass(i, class_name)

@@ -56,3 +56,15 @@ def test_the_training_loop_sets_it():
              "tl.run_loop(net, opt, batches, lambda n, x: n(x).sum(), tl.LoopConfig(steps=1, tensorboard=False), None, "
              "save_best=None, log=lambda m: None)")
     assert _probe(setup) == [1, 0]
+
+
+def test_imports_done_leaves_a_collector_it_did_not_pause_alone():
+    """The Slicer panel and tests never pause the collector: the pipeline's imports_done() must
+    neither freeze their heap nor switch their collector on or off."""
+    import gc
+
+    from SpineKneeSegLib.core.memory import imports_done
+
+    enabled, frozen = gc.isenabled(), gc.get_freeze_count()
+    imports_done()
+    assert (gc.isenabled(), gc.get_freeze_count()) == (enabled, frozen)

@@ -137,3 +137,25 @@ def test_a_manifest_writes_in_process(knee_series, tmp_path):
     assert run["code"] == 0, run["stderr"]
     assert run["forks"] == [] and run["slicer_loaded"]
     assert (tmp_path / "cohort" / "knee1" / "segmentation.dcm").exists()
+
+
+SLOW_CHILD = textwrap.dedent("""
+    import sys, time
+    from SpineKneeSegLib.engine import pipeline
+    pipeline.warm_dicom_seg_writer = lambda: time.sleep(3)  # only the writer child warms highdicom here
+    from SpineKneeSegLib import cli
+    sys.exit(cli.main(sys.argv[1:]))
+""")
+
+
+def test_a_late_writer_is_counted_once(knee_series, tmp_path):
+    """When the run reaches its writing before the child is ready, the wait is mrml_startup's and
+    not also write's: the itemised timings add up within total."""
+    series, weights, temp = knee_series
+    proc = subprocess.run([sys.executable, "-c", SLOW_CHILD, "run", "--task", "knee-bones", "--progress", "none",
+                           "--fast", str(series), "-o", str(tmp_path / "out"), "--weights", str(weights)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "TMPDIR": str(temp)})
+    assert proc.returncode == 0, proc.stderr
+    t = json.loads((tmp_path / "out" / "report.json").read_text())["timings_s"]
+    assert t["mrml_startup"] > 0.5  # the run did wait for the child
+    assert t["total"] >= t["network"] + t["mrml_startup"] + t["write"] - 1e-3

@@ -225,8 +225,10 @@ def cmd_run(args) -> int:
     if args.manifest:
         if args.inputs:
             raise InputError("give either INPUT files or --manifest, not both")
+        from SpineKneeSegLib.core.memory import imports_done
         from SpineKneeSegLib.engine.batch import run_manifest
 
+        imports_done()  # a cohort runs for long: the collector, paused for one case's imports, resumes now
         if args.scheduler:
             from SpineKneeSegLib.engine.batch import run_manifest_on_cluster
 
@@ -267,10 +269,12 @@ def main(argv=None) -> int:
     import signal
     import threading
 
-    from SpineKneeSegLib.core.memory import keep_freed_memory
+    from SpineKneeSegLib.core.memory import imports_done, keep_freed_memory
 
     keep_freed_memory()  # large arrays reuse freed memory instead of faulting in fresh pages
     args = build_parser().parse_args(argv)
+    if args.command != "run":  # console_main paused the collector for one run's imports only
+        imports_done()
     handler = {"tasks": cmd_tasks, "run": cmd_run, "demo": cmd_demo, "annotate": cmd_annotate}[args.command]
     progress_json = getattr(args, "progress", None) == "json"
     main_thread = threading.current_thread() is threading.main_thread()
@@ -305,9 +309,13 @@ def console_main() -> int:
     """The ``spinekneeseg`` command (and ``python -m SpineKneeSegLib.cli``): main(), then a quick exit.
     The interpreter's last garbage collection walks every object torch and VTK made, 0.3-0.4 s of
     every command on 2 cores; objects frozen here are skipped by it, and the process ends anyway.
-    Not in main(), which tests and other callers run in a process that goes on."""
+    Not in main(), which tests and other callers run in a process that goes on. The collector also
+    rests during the imports (core/memory.py: pause_collection, imports_done)."""
     import gc
 
+    from SpineKneeSegLib.core.memory import pause_collection
+
+    pause_collection()
     code = main()
     gc.freeze()
     return code

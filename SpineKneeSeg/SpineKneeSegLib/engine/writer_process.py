@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from SpineKneeSegLib.core import beside
+from SpineKneeSegLib.core.memory import imports_done
 
 
 class WriterProcess:
@@ -85,6 +86,7 @@ def _serve(image, dicom_seg: bool, requests) -> dict | None:
     if dicom_seg:
         pipeline.warm_dicom_seg_writer()
     app = get_app()
+    imports_done()  # the collector paused by the command line (inherited) resumes here too
     try:
         ready_at = time.perf_counter()
         try:
