@@ -250,8 +250,8 @@ print(code, seen, gc.isenabled())
 
 
 def test_the_command_pauses_the_collector_for_the_imports_only(tmp_path, tiny_weights, phantom_files):
-    """console_main pauses the cyclic collector; one run resumes it when its imports end, a manifest
-    before its first case, any other command at once (core/memory.py)."""
+    """console_main pauses the cyclic collector; one run, or a manifest's first case, resumes it
+    when its imports end (freezing what they made), any other command at once (core/memory.py)."""
     def probe(*args):
         out = subprocess.run([sys.executable, "-c", GC_PROBE, *map(str, args)], capture_output=True, text=True,
                              timeout=300)
@@ -264,7 +264,7 @@ def test_the_command_pauses_the_collector_for_the_imports_only(tmp_path, tiny_we
     manifest = tmp_path / "cases.csv"
     manifest.write_text(f"id,input\na,{phantom_files[task]}\n")
     assert probe(*run[:3], "--manifest", manifest, "--weights", tiny_weights[task], "-o", tmp_path / "cohort",
-                 "--progress", "none") == "0 [True] True"  # resumed before the first case
+                 "--progress", "none") == "0 [False] True"  # paused until the first case's imports ended
     assert probe("tasks") == "0 [] True"
 
 

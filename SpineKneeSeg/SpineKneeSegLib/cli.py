@@ -225,13 +225,13 @@ def cmd_run(args) -> int:
     if args.manifest:
         if args.inputs:
             raise InputError("give either INPUT files or --manifest, not both")
-        from SpineKneeSegLib.core.memory import imports_done
         from SpineKneeSegLib.engine.batch import run_manifest
 
-        imports_done()  # a cohort runs for long: the collector, paused for one case's imports, resumes now
         if args.scheduler:
+            from SpineKneeSegLib.core.memory import imports_done
             from SpineKneeSegLib.engine.batch import run_manifest_on_cluster
 
+            imports_done()  # this process runs no case: the collector, paused for one, resumes now
             return run_manifest_on_cluster(card, args.manifest, args.output, options, progress, args.scheduler)
         return run_manifest(card, args.manifest, args.output, options, progress, workers=args.workers)
     if not args.inputs:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from SpineKneeSegLib.core.datasets import data_root
 from SpineKneeSegLib.core.image_io import read_image
-from SpineKneeSegLib.core.memory import keep_freed_memory
+from SpineKneeSegLib.core.memory import keep_freed_memory, pause_collection
 from SpineKneeSegLib.engine.pipeline import RunOptions, run_case
 from SpineKneeSegLib.engine.postprocessing import dice
 from SpineKneeSegLib.tasks import TASKS
@@ -79,6 +79,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--system-malloc", action="store_true",
                         help="leave glibc's allocator as it is (the command line keeps freed memory: core/memory.py)")
+    parser.add_argument("--plain-gc", action="store_true",
+                        help="leave the garbage collector as it is (the command line freezes what its imports made: core/memory.py)")
     parser.add_argument("--min-px", type=int, nargs="+", default=[TASKS["lumbar-foramina"].preprocessing.grow_min_px])
     parser.add_argument("--column-px", type=int, default=TASKS["lumbar-foramina"].preprocessing.column_px,
                         help="window width after the middle slices (0: whole slices)")
@@ -87,6 +89,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not args.system_malloc:
         keep_freed_memory()  # as the command line does
+    if not args.plain_gc:
+        pause_collection()  # as the command line does: the first run's imports are then frozen
     root = data_root()
     if root is None:
         print("no shared data (SPINEKNEESEG_DATA)", file=sys.stderr)
