@@ -6,7 +6,7 @@ the kernel and unmaps it when freed, so each new array faults in all its pages a
 around it slower too. With mapping off and trimming set high, a freed block is reused by the next one.
 The process then keeps what it freed (its peak, about 0.3 GB more resident between runs in an
 all-task benchmark, not growing from run to run), which suits a command-line run, a cohort or a
-training run (Training/trainloop.py: a CPU training step 1.2-1.7x faster, session 38); the 3D
+training run (Training/trainloop.py: a CPU training step 1.15-1.75x faster, session 38); the 3D
 Slicer panel leaves Slicer's allocator alone.
 """
 from __future__ import annotations
