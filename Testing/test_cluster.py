@@ -59,3 +59,18 @@ def test_an_unreachable_scheduler_is_a_clear_error(tmp_path, capsys):
     code = cli.main(["run", "--task", "knee-bones", "--manifest", str(manifest), "-o", str(tmp_path / "o"),
                      "--scheduler", "tcp://127.0.0.1:9", "--progress", "none"])
     assert code == 2 and "cannot reach the Dask scheduler" in capsys.readouterr().err
+
+
+def test_a_worker_whose_first_case_is_refused_collects_garbage_again(tmp_path):
+    """A Dask worker pauses its collector for its first case's imports; a case refused before them
+    (a missing input) must still leave the worker collecting, since the worker lives on."""
+    import subprocess
+    import sys
+
+    probe = ("import gc, sys; from SpineKneeSegLib.engine.batch import _run_one_on_worker; "
+             "from SpineKneeSegLib.engine.pipeline import RunOptions; "
+             f"row = _run_one_on_worker('knee-bones', 'a', [{str(tmp_path / 'missing.nii.gz')!r}], "
+             f"{str(tmp_path / 'out')!r}, RunOptions()); print(row[1], gc.isenabled())")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1] == "failed True"

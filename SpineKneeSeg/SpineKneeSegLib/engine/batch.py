@@ -126,12 +126,15 @@ def run_manifest_on_cluster(card: TaskCard, manifest: str | Path, output: str | 
 
 
 def _run_one_on_worker(task: str, case_id: str, inputs: list[str], output: str, options: RunOptions) -> tuple:
-    from SpineKneeSegLib.core.memory import keep_freed_memory, pause_collection
+    from SpineKneeSegLib.core.memory import imports_done, keep_freed_memory, pause_collection
     from SpineKneeSegLib.engine.cards import get_task  # the worker process loads the task plug-ins itself
 
     keep_freed_memory()  # as the command line does in its own process
     pause_collection()  # till this first case's imports are done (then frozen); later cases: nothing
-    return run_one(get_task(task), case_id, inputs, Path(output), options, Progress("none"))
+    try:
+        return run_one(get_task(task), case_id, inputs, Path(output), options, Progress("none"))
+    finally:
+        imports_done()  # a case refused before its imports must not leave the worker's collector off
 
 
 def finish_manifest(rows: list[tuple], output: Path, seconds: float, progress: Progress) -> int:
