@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 
 import torch
+from bench_process import add_process_flags, set_up_process
 from SpineKneeSegLib.core.datasets import data_root
 from SpineKneeSegLib.core.image_io import read_image, write_image
-from SpineKneeSegLib.core.memory import keep_freed_memory, pause_collection
 from SpineKneeSegLib.engine.inference import load_network, segment_slices
 from SpineKneeSegLib.engine.pipeline import RunOptions, run_case
 from SpineKneeSegLib.engine.preprocessing import bias_correct, canonical_image
@@ -106,10 +106,7 @@ def two_core_bound(floor: dict, n4_s: float) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--system-malloc", action="store_true",
-                        help="leave glibc's allocator as it is (the command line keeps freed memory: core/memory.py)")
-    parser.add_argument("--plain-gc", action="store_true",
-                        help="leave the garbage collector as it is (the command line freezes what its imports made: core/memory.py)")
+    add_process_flags(parser)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--weights", help="a knee-bones checkpoint (default: registered, else untrained)")
     parser.add_argument("--phantom", action="store_true", help="use the built-in knee phantom")
@@ -119,10 +116,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--floor", action="store_true", help="also time the steps no run can skip, each alone")
     args = parser.parse_args(argv)
-    if not args.system_malloc:
-        keep_freed_memory()  # as the command line does
-    if not args.plain_gc:
-        pause_collection()  # as the command line does: the first run's imports are then frozen
+    set_up_process(args)  # as the command line does
     if args.threads:
         torch.set_num_threads(args.threads)
     card = TASKS[TASK]

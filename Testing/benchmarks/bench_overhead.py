@@ -20,9 +20,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench_process import add_process_flags, set_up_process
 from SpineKneeSegLib.core.datasets import data_root
 from SpineKneeSegLib.core.image_io import write_image
-from SpineKneeSegLib.core.memory import keep_freed_memory, pause_collection
 from SpineKneeSegLib.demo import SHARED_CASES
 from SpineKneeSegLib.engine.pipeline import RunOptions, run_case
 from SpineKneeSegLib.engine.weights import (
@@ -93,10 +93,7 @@ def bench_all(plans: list[dict], runs: int, workdir: Path) -> list[dict]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--system-malloc", action="store_true",
-                        help="leave glibc's allocator as it is (the command line keeps freed memory: core/memory.py)")
-    parser.add_argument("--plain-gc", action="store_true",
-                        help="leave the garbage collector as it is (the command line freezes what its imports made: core/memory.py)")
+    add_process_flags(parser)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--tasks", nargs="*", default=list(TASKS))
     parser.add_argument("--data", action="store_true", help="use one real shared case per task when present")
@@ -109,10 +106,7 @@ def main(argv=None) -> int:
                                                    "FLAIR and T1 for brain-wmh with its T1 model")
     parser.add_argument("--json", help="also write the results (one object per task) to this file")
     args = parser.parse_args(argv)
-    if not args.system_malloc:
-        keep_freed_memory()  # as the command line does
-    if not args.plain_gc:
-        pause_collection()  # as the command line does: the first run's imports are then frozen
+    set_up_process(args)  # as the command line does
     with tempfile.TemporaryDirectory() as tmp:
         aux = dict(a.split("=", 1) for a in args.aux_weights)
         plans = [prepare(task, args.data, Path(tmp), args.input, not args.no_aux, aux) for task in args.tasks]

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 from bench_overhead import prepare, run_once
+from bench_process import add_process_flags, set_up_process
 from SpineKneeSegLib.core.image_io import read_image
-from SpineKneeSegLib.core.memory import keep_freed_memory, pause_collection
 from SpineKneeSegLib.engine.inference import native_bfloat16, pick_device
 from SpineKneeSegLib.engine.postprocessing import dice
 from SpineKneeSegLib.tasks import TASKS
@@ -62,18 +62,12 @@ def bench_task(plan: dict, runs: int, workdir: Path) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--system-malloc", action="store_true",
-                        help="leave glibc's allocator as it is (the command line keeps freed memory: core/memory.py)")
-    parser.add_argument("--plain-gc", action="store_true",
-                        help="leave the garbage collector as it is (the command line freezes what its imports made: core/memory.py)")
+    add_process_flags(parser)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--tasks", nargs="*", default=list(TASKS))
     parser.add_argument("--data", action="store_true", help="use one real shared case per task when present")
     args = parser.parse_args(argv)
-    if not args.system_malloc:
-        keep_freed_memory()  # as the command line does
-    if not args.plain_gc:
-        pause_collection()  # as the command line does: the first run's imports are then frozen
+    set_up_process(args)  # as the command line does
     if not native_bfloat16(pick_device("auto")):
         print("this machine has no native bfloat16: --precision bfloat16 runs in float32 here; nothing to compare")
         return 0

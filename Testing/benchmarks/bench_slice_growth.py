@@ -19,9 +19,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from bench_process import add_process_flags, set_up_process
 from SpineKneeSegLib.core.datasets import data_root
 from SpineKneeSegLib.core.image_io import read_image
-from SpineKneeSegLib.core.memory import keep_freed_memory, pause_collection
 from SpineKneeSegLib.engine.pipeline import RunOptions, run_case
 from SpineKneeSegLib.engine.postprocessing import dice
 from SpineKneeSegLib.tasks import TASKS
@@ -77,20 +77,14 @@ def compare(image: Path, settings: list[int | None], column_px: int | None, work
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--system-malloc", action="store_true",
-                        help="leave glibc's allocator as it is (the command line keeps freed memory: core/memory.py)")
-    parser.add_argument("--plain-gc", action="store_true",
-                        help="leave the garbage collector as it is (the command line freezes what its imports made: core/memory.py)")
+    add_process_flags(parser)
     parser.add_argument("--min-px", type=int, nargs="+", default=[TASKS["lumbar-foramina"].preprocessing.grow_min_px])
     parser.add_argument("--column-px", type=int, default=TASKS["lumbar-foramina"].preprocessing.column_px,
                         help="window width after the middle slices (0: whole slices)")
     parser.add_argument("--sources", nargs="+", default=list(SOURCES))
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)
-    if not args.system_malloc:
-        keep_freed_memory()  # as the command line does
-    if not args.plain_gc:
-        pause_collection()  # as the command line does: the first run's imports are then frozen
+    set_up_process(args)  # as the command line does
     root = data_root()
     if root is None:
         print("no shared data (SPINEKNEESEG_DATA)", file=sys.stderr)
