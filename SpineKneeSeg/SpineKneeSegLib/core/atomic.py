@@ -137,10 +137,8 @@ def output_lock(target: str | os.PathLike):
 
     from SpineKneeSegLib.core.errors import OutputBusy
 
-    target = Path(target)
-    parent = target.parent if str(target.parent) else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
-    lock = parent / f".{target.name}.lock"
+    lock = _lock_path(target)
+    lock.parent.mkdir(parents=True, exist_ok=True)
     mine = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")})
     for _ in range(5):
         try:
@@ -177,13 +175,18 @@ def clear_stale_lock(target: str | os.PathLike) -> bool:
     """Remove the output lock of ``target`` when the process that holds it is gone (it was killed
     after writing its result, before releasing the lock); True if one was removed. A manifest's
     re-run calls it for the finished cases it skips, which it never locks itself."""
-    target = Path(target)
-    lock = (target.parent if str(target.parent) else Path(".")) / f".{target.name}.lock"
+    lock = _lock_path(target)
     if _owner_gone(_lock_owner(lock)):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(lock)
             return True
     return False
+
+
+def _lock_path(target: str | os.PathLike) -> Path:
+    """``.<name>.lock`` beside the output folder ``target``."""
+    target = Path(target)
+    return (target.parent if str(target.parent) else Path(".")) / f".{target.name}.lock"
 
 
 def _owner_gone(owner: dict | None) -> bool:
