@@ -39,6 +39,27 @@ def test_a_child_that_dies_without_a_result_is_an_error_not_a_hang():
         beside.ChildJob(_die).result()
 
 
+def test_the_result_is_taken_without_waiting_for_the_childs_exit(monkeypatch):
+    """Tearing down a forked copy of a process with VTK or torch loaded takes tens of ms: the
+    result is used at once and the child reaped later, never left a zombie."""
+    waits = []
+    real_waitpid = os.waitpid
+
+    def spy(pid, options):
+        waits.append(options)
+        return real_waitpid(pid, options)
+
+    monkeypatch.setattr(os, "waitpid", spy)
+    job = beside.ChildJob(os.getpid)
+    pid = job.pid
+    assert job.result() == pid
+    assert 0 not in waits  # no blocking wait for the exit
+    beside.reap_finished(wait=True)
+    assert pid not in beside._EXITING
+    with pytest.raises(ChildProcessError):  # reaped
+        real_waitpid(pid, os.WNOHANG)
+
+
 def test_leaving_early_kills_and_reaps_the_child(monkeypatch):
     """The caller failed (its staging folder is about to go): the child does not outlive it."""
     monkeypatch.setattr(beside, "can_fork", lambda: True)  # whatever threads earlier tests left

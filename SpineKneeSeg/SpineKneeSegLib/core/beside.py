@@ -7,6 +7,11 @@ fork), from the main thread while no other Python thread is alive (a lock anothe
 would stay held in the child). The child runs the function, sends back its result or its
 exception (pickled) through a pipe and leaves with ``os._exit``: no atexit handlers, no flushing
 of the parent's buffers, no destructors of the parent's VTK or torch objects.
+
+The caller takes the result as soon as the pipe closes and does not wait for the child's exit:
+tearing down a forked copy of a process with VTK or torch loaded took 25-40 ms (knee DESS, 2
+cores), twice on the command line's path (the DICOM-SEG's child, then the writer process). Such a
+child is reaped later, when no one waits for it (``reap_finished``).
 """
 from __future__ import annotations
 
@@ -58,17 +63,21 @@ class ChildJob:
                 os._exit(status)
         os.close(write_end)
         self.pid, self._pipe, self._outcome = pid, os.fdopen(read_end, "rb"), None
+        reap_finished()  # earlier children that have ended since
 
     def result(self):
         if self._outcome is None:
             with self._pipe:
                 payload = self._pipe.read()
-            _, status = os.waitpid(self.pid, 0)
-            self.pid = None
             if not payload:
+                _, status = os.waitpid(self.pid, 0)
+                self.pid = None
                 self._outcome = ("error", ChildProcessError(
                     f"the writer's child process ended without a result (wait status {status})"))
-            else:
+            else:  # the child closed the pipe on its way out: its exit is left to reap_finished
+                _EXITING.append(self.pid)
+                self.pid = None
+                reap_finished()
                 self._outcome = pickle.loads(payload)
         kind, value = self._outcome
         if kind == "error":
@@ -83,6 +92,22 @@ class ChildJob:
             os.waitpid(self.pid, 0)
             self.pid = None
             self._pipe.close()
+        reap_finished()
+
+
+_EXITING: list[int] = []  # children that handed back their result and are leaving: reaped when ended
+
+
+def reap_finished(wait: bool = False) -> None:
+    """Reap the children in ``_EXITING`` that have ended (``wait``: all of them, waiting), so that
+    none stays a zombie for the life of a long-running process (a benchmark, the Slicer panel)."""
+    for pid in list(_EXITING):
+        try:
+            done, _ = os.waitpid(pid, 0 if wait else os.WNOHANG)
+        except ChildProcessError:  # reaped elsewhere
+            done = pid
+        if done:
+            _EXITING.remove(pid)
 
 
 @contextlib.contextmanager
