@@ -264,6 +264,10 @@ def test_unknown_label_value_is_refused(mrml_scene):
     with pytest.raises(ValueError, match=r"\[9\] have no LabelSpec"):
         nodes.labels_to_segmentation_node(mrml_scene, image.with_array(np.full(image.array.shape, 9, np.uint8)),
                                          KNEE_LABELS, "bad")
+    # below the largest known value but not known (1, 3, 4 without 2): not taken for known by its maximum
+    with pytest.raises(ValueError, match=r"\[2\] have no LabelSpec"):
+        nodes.labels_to_segmentation_node(mrml_scene, image.with_array(np.full(image.array.shape, 2, np.uint8)),
+                                         [s for s in KNEE_LABELS if s.value != 2], "gap")
 
 
 def test_terminology_is_registered_with_slicer(slicer_app):
