@@ -9,7 +9,7 @@ exception (pickled) through a pipe and leaves with ``os._exit``: no atexit handl
 of the parent's buffers, no destructors of the parent's VTK or torch objects.
 
 The caller takes the result as soon as the pipe closes and does not wait for the child's exit:
-tearing down a forked copy of a process with VTK or torch loaded took 25-40 ms (knee DESS, 2
+tearing down a forked copy of a process with VTK or torch loaded took 15-41 ms (knee DESS, 2
 cores), twice on the command line's path (the DICOM-SEG's child, then the writer process). Such a
 child is reaped later, when no one waits for it (``reap_finished``).
 """
