@@ -282,6 +282,36 @@ def _nodes(scene, class_name):
             yield node
 
 
+IMPORTS_PROBE = """
+import sys
+from SpineKneeSegLib import cli
+code = cli.main(sys.argv[1:])
+print("PROBE", code, *(name in sys.modules for name in ("scipy.ndimage", "pydicom", "torch")))
+"""
+
+
+def test_a_refused_input_waits_for_no_heavy_import_and_a_nifti_run_never_loads_pydicom(
+        tmp_path, tiny_weights, phantom_files):
+    """A refusal comes before scipy.ndimage (0.14 s, once imported by the knee's bone split at
+    package load) and pydicom (0.09 s with requests); a NIfTI input never needs pydicom."""
+    import subprocess
+    import sys
+
+    def probe(*args):
+        proc = subprocess.run([sys.executable, "-c", IMPORTS_PROBE, "run", "--progress", "none", *map(str, args)],
+                              capture_output=True, text=True, timeout=300)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("PROBE ")]
+        assert line, proc.stderr
+        return line[-1].split()[1:]
+
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not an image")
+    assert probe("--task", "lumbar-foramina", broken, "-o", tmp_path / "refused") == ["2", "False", "False", "False"]
+    ran = probe("--task", "lumbar-foramina", phantom_files["lumbar-foramina"], "-o", tmp_path / "ran",
+                "--weights", tiny_weights["lumbar-foramina"], "--no-writer-process")
+    assert ran == ["0", "True", "False", "True"]
+
+
 def test_lazy_import_during_loading_is_reported_as_start_up(tmp_path, tiny_weights, phantom_files, monkeypatch):
     """Issue 25 / 24: a module first imported by an input check (X-ray polarity: scipy.ndimage) is
     start-up, not loading: the pipeline takes the lazy-import seconds counted during load_inputs out

@@ -6,7 +6,7 @@ at the voxel centres of a realistic, deliberately non-trivial grid (non-unit spa
 origin, permuted/flipped direction matrices), so the labels are exact by construction.
 
 This module must share no code with the segmentation methods it is used to test: it imports only
-``image.Image`` (the geometry container) and numpy/scipy.
+``image.Image`` (the geometry container), ``lazy.LazyModule`` and numpy/scipy.
 
 Conventions: ``Image.array`` is ``[k, j, i]``; RAS +x = patient Right, +y = Anterior,
 +z = Superior (LPS +x = patient Left). Label values follow ``labels.py``.
@@ -17,9 +17,11 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import ndimage
 
 from SpineKneeSegLib.core.image import Image
+from SpineKneeSegLib.core.lazy import LazyModule
+
+ndimage = LazyModule("scipy.ndimage")  # loaded on first use (lazy.py): a refused input does not wait for it
 
 
 @dataclass
@@ -70,7 +72,7 @@ def rician(rng, img, sigma):
 
 
 _ST2D = np.zeros((3, 3, 3), bool)
-_ST2D[1] = ndimage.generate_binary_structure(2, 1)     # in-plane (per-slice) 4-neighbourhood
+_ST2D[1] = [[0, 1, 0], [1, 1, 1], [0, 1, 0]]  # in-plane (per-slice) 4-neighbourhood (generate_binary_structure(2, 1))
 
 
 def cortical_rim(mask, px):

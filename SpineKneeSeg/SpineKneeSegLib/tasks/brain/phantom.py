@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import ndimage
 
 from SpineKneeSegLib.core.image import Image
+from SpineKneeSegLib.core.lazy import LazyModule
 from SpineKneeSegLib.core.phantoms import (
     Phantom,
     ellipsoid_voxels,
@@ -17,6 +17,8 @@ from SpineKneeSegLib.core.phantoms import (
     origin_for_centre,
     ras_grid,
 )
+
+ndimage = LazyModule("scipy.ndimage")  # loaded on first use (lazy.py): a refused input does not wait for it
 
 # WMH size brackets in voxels (GUIDE section 4), half-open [lo, hi)
 LESION_BRACKETS = ((0, 10), (10, 400), (400, 1000), (1000, math.inf))

@@ -3,10 +3,12 @@ connected components and position (the seed found a merged channel trained bette
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 
 from SpineKneeSegLib.core.image import Image
+from SpineKneeSegLib.core.lazy import LazyModule
 from SpineKneeSegLib.engine.hooks import label_decoder
+
+ndimage = LazyModule("scipy.ndimage")  # loaded on first use (lazy.py): a refused input does not wait for it
 
 
 def _lps_coords(image: Image, kji: np.ndarray) -> np.ndarray:

@@ -6,14 +6,16 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import ndimage
 
 from SpineKneeSegLib.core.image import Image
+from SpineKneeSegLib.core.lazy import LazyModule
 from SpineKneeSegLib.core.phantoms import (
     Phantom,
     origin_for_centre,
     text_mask,
 )
+
+ndimage = LazyModule("scipy.ndimage")  # loaded on first use (lazy.py): a refused input does not wait for it
 
 
 def xray_femur_phantom(seed=0, *, view="pelvis", shape=None, pixel_mm=None, side="right",
