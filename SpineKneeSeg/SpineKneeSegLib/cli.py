@@ -204,8 +204,9 @@ def parse_planes(text: str | None) -> tuple[str, ...] | None:
 
 
 def cmd_run(args) -> int:
-    import SpineKneeSegLib.core.image_io  # noqa: F401  (SimpleITK, pydicom: ~0.3 s cold, an import, so start-up;
-    # imported before the process age is read below, and needed by a refusal all the same)
+    import SpineKneeSegLib.core.image_io  # noqa: F401  (SimpleITK, ~0.05 s cold, an import, so start-up;
+    # imported before the process age is read below, and needed by a refusal all the same; pydicom loads
+    # when a DICOM input is read, counted as start-up by core.lazy)
     from SpineKneeSegLib.core.progress import Progress, process_age_s
     from SpineKneeSegLib.engine.pipeline import RunOptions, run_case
     from SpineKneeSegLib.tasks import get_task

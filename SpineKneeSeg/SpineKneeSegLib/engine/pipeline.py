@@ -339,14 +339,10 @@ def _run_locked(card: TaskCard, inputs: list[str], output_dir: Path, options: Ru
     # inputs are read and checked before torch and MRML load: a refusal comes in well under a second
     progress.stage("loading")
     lazy_before = lazy_import_seconds()
-    t_reader = time.perf_counter()
-    import SpineKneeSegLib.core.image_io  # noqa: F401  (SimpleITK, 0.05 s cold: start-up, not loading)
-
-    reader_import_s = time.perf_counter() - t_reader
     images = load_inputs(card, [str(p) for p in inputs], options)
     # an input check's first use of a lazy module (X-ray polarity: scipy.ndimage, ~0.1-0.3 s cold;
     # pydicom for a DICOM input) is an import: start-up with torch's below, not loading
-    lazy_imports_s = lazy_import_seconds() - lazy_before + reader_import_s
+    lazy_imports_s = lazy_import_seconds() - lazy_before
     image = images[0]
     unknown = set(options.aux_weights) - {aux.name for aux in card.auxiliary}
     if unknown:
