@@ -172,7 +172,10 @@ def test_the_writer_gets_the_labels_through_shared_memory_and_no_dicom_headers(k
     assert code == 0 and len(sent) == 1
     assert voxels > 100_000 and headers > 20_000  # what the request would carry, were they in it
     assert sent[0] < 20_000
-    assert (sitk.GetArrayFromImage(labels) > 0).any()  # the phantom's bones: a real map was handed over
+    # the child's segmentation is the run's map, voxel for voxel, and not an empty one
+    written, _ = _nrrd(tmp_path / "out" / "segmentation.seg.nrrd")
+    np.testing.assert_array_equal(written, sitk.GetArrayFromImage(labels))
+    assert (written > 0).any()
 
 
 SLOW_CHILD = textwrap.dedent("""

@@ -127,9 +127,10 @@ def _serve(image, dicom_seg: bool, requests, shared: mmap.mmap) -> dict | None:
         except EOFError:
             return None
         if in_shared:  # the map the run copied there, on the geometry it sent
+            from SpineKneeSegLib.core.image import Image
+
             sent = result.labels
-            result.labels = type(sent)(shared_labels(shared, image.array.shape), sent.spacing, sent.origin,
-                                       sent.direction)
+            result.labels = Image(shared_labels(shared, image.array.shape), sent.spacing, sent.origin, sent.direction)
         folder = Path(folder)
         with contextlib.ExitStack() as scope:
             seg_job = (scope.enter_context(beside.run_beside(pipeline.write_dicom_seg_output, card, image, result,
