@@ -185,6 +185,48 @@ def test_manifest_runs_every_case_and_reports_failures(tmp_path, tiny_weights, p
     assert (out / "good1" / "report.json").stat().st_mtime_ns != finished
 
 
+@pytest.mark.parametrize("mode", ["bar", "json"])
+def test_a_manifest_with_two_workers_names_the_case_in_every_message(mode, tmp_path, tiny_weights, phantom_files,
+                                                                     capsys):
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text(f"id,input\ngood,{phantom_files['knee-bones']}\nbroken,{tmp_path / 'absent.nii.gz'}\n")
+    capsys.readouterr()
+    assert cli.main(["run", "--task", "knee-bones", "--manifest", str(manifest), "-o", str(tmp_path / "out"),
+                     "--workers", "2", "--weights", str(tiny_weights["knee-bones"]), "--progress", mode]) == 2
+    captured = capsys.readouterr()
+    if mode == "json":
+        events = [json.loads(line) for line in captured.out.splitlines()]
+        per_case = events[:-1]  # the last: the cohort's own summary line
+        assert "case" not in events[-1] and "cases per minute" in events[-1]["message"]
+        assert {e["case"] for e in per_case} == {"good", "broken"}
+        good = [e.get("stage") for e in per_case if e["case"] == "good" and e["event"] == "stage"]
+        assert good == ["loading", "preprocessing", "postprocessing", "writing"]
+        assert any(e["case"] == "good" and e["event"] == "progress" for e in per_case)
+        assert [e["event"] for e in per_case if e["case"] == "good"][-1] == "done"
+    else:  # two cases side by side share one console: no step bars, every line names its case
+        lines = captured.err.splitlines()
+        assert "\r" not in captured.err and "it/s" not in captured.err
+        import re
+
+        named = re.compile(r"\[spinekneeseg\] ((info|warning|error): )?(good|broken): ")
+        assert all(named.match(line) for line in lines[:-1]), lines
+        assert any(line.startswith("[spinekneeseg] error: broken: failed: ") for line in lines)
+        assert "[spinekneeseg] good: writing" in lines and "cases per minute" in lines[-1]
+
+
+def test_progress_bars_only_on_a_terminal():
+    import io
+
+    from SpineKneeSegLib.core.progress import Progress
+
+    log = io.StringIO()  # a log file or a pipe: a bar's redraws would stay in it
+    progress = Progress("bar", stream=log)
+    for step in range(1, 11):
+        progress.step("inference", step, 10)
+    progress.stage("writing")
+    assert log.getvalue() == "[spinekneeseg] writing\n"
+
+
 def test_oblique_left_handed_input_keeps_exact_geometry(tmp_path, tiny_weights):
     from SpineKneeSegLib.core.image import Image
 

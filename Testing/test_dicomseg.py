@@ -113,6 +113,23 @@ def test_dicom_seg_from_the_readers_headers_equals_one_from_the_files(tmp_path):
         assert a.get(keyword) == b.get(keyword), keyword
 
 
+def test_a_one_component_patient_name_is_copied_without_a_console_warning(tmp_path):
+    """An anonymised series' PatientName often has one component ("T2004_07APR2015" in the pymskt
+    MESE series): highdicom warns, but the SEG must copy the source's name as it is."""
+    import warnings
+
+    phantom = _dicom_phantom("knee-bones", tmp_path / "series")
+    for f in (tmp_path / "series").iterdir():
+        ds = pydicom.dcmread(f)
+        ds.PatientName = "T2004_07APR2015"
+        ds.save_as(f)
+    image = read_image(tmp_path / "series")
+    with warnings.catch_warnings(record=True) as caught:
+        path = write_dicom_seg(image, phantom.labels.array, TASKS["knee-bones"], tmp_path / "seg.dcm")
+    assert not [w for w in caught if "person name" in str(w.message)], [str(w.message) for w in caught]
+    assert str(pydicom.dcmread(path, stop_before_pixels=True).PatientName) == "T2004_07APR2015"
+
+
 def test_cli_writes_dicom_seg_for_a_dicom_input_and_explains_when_it_cannot(tmp_path):
     small = {"slice_thickness_mm": 6.0, "in_plane": 64}  # a small brain: the network's time is not tested here
     _dicom_phantom("brain-wmh", tmp_path / "series", **small)

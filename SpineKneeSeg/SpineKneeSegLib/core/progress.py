@@ -36,9 +36,23 @@ class Progress:
         self.mode = mode
         self.stream = stream
         self._bar = None
+        self.case: str | None = None  # a cohort's case: its messages name it
+        self.bars = True
+
+    def for_case(self, case_id: str, bars: bool = True) -> "Progress":
+        """One case of a cohort: its lines name the case (JSON events carry "case"); ``bars``
+        False where cases run side by side (one shared bar would mix their steps)."""
+        child = Progress(self.mode, self.stream)
+        child.case, child.bars = case_id, bars
+        return child
+
+    def _text(self, message: str) -> str:
+        return f"{self.case}: {message}" if self.case is not None else message
 
     def _emit(self, **event) -> None:
         stream = self.stream or sys.stdout
+        if self.case is not None:
+            event["case"] = self.case
         stream.write(json.dumps(event) + "\n")
         stream.flush()
 
@@ -48,25 +62,28 @@ class Progress:
         if self.mode == "json":
             self._emit(event="stage", stage=name, fraction=STAGES.get(name, (0, 0))[0])
         elif self.mode == "bar":
-            print(f"[spinekneeseg] {name}", file=self.stream or sys.stderr, flush=True)
+            print(f"[spinekneeseg] {self._text(name)}", file=self.stream or sys.stderr, flush=True)
 
     def step(self, stage: str, step: int, total: int) -> None:
         lo, hi = STAGES.get(stage, (0.0, 1.0))
         if self.mode == "json":
             self._emit(event="progress", stage=stage, step=step, total=total,
                        fraction=round(lo + (hi - lo) * step / max(total, 1), 4))
-        elif self.mode == "bar":
+        elif self.mode == "bar" and self.bars:
             if self._bar is None:
                 from tqdm import tqdm
 
-                self._bar = tqdm(total=total, desc=stage, file=self.stream or sys.stderr, leave=False)
+                # disable=None: no bar where the stream is not a terminal (a log file would keep
+                # every redraw and the next message on the bar's line)
+                self._bar = tqdm(total=total, desc=self._text(stage), file=self.stream or sys.stderr, leave=False,
+                                 disable=None)
             self._bar.update(step - self._bar.n)
 
     def log(self, message: str, level: str = "info") -> None:
         if self.mode == "json":
             self._emit(event="log", level=level, message=message)
         elif self.mode == "bar":
-            print(f"[spinekneeseg] {level}: {message}", file=self.stream or sys.stderr, flush=True)
+            print(f"[spinekneeseg] {level}: {self._text(message)}", file=self.stream or sys.stderr, flush=True)
 
     def done(self, **info) -> None:
         self._close_bar()

@@ -41,16 +41,18 @@ def read_manifest(path: str | Path) -> list[tuple[str, list[str]]]:
 
 
 def run_one(card: TaskCard, case_id: str, inputs: list[str], output: Path, options: RunOptions,
-            progress: Progress) -> tuple:
+            progress: Progress, bars: bool = True) -> tuple:
     """One case -> its summary row; never raises for the case's own failure (the cohort goes on).
-    The same function runs in the local pool and on a Dask worker."""
+    The same function runs in the local pool and on a Dask worker. Its messages name the case;
+    ``bars`` False: no step bars (cases side by side)."""
+    progress = progress.for_case(case_id, bars)
     earlier = None if options.overwrite else finished_result(output / case_id)
     if earlier is not None:  # a re-run resumes: finished cases are not redone
         clear_stale_lock(output / case_id)  # a run killed between its last file and its lock's release
-        progress.log(f"case {case_id}: finished earlier, skipped")
+        progress.log("finished earlier, skipped")
         return (case_id, "skipped", 0, f"finished earlier ({earlier.summary}); --overwrite redoes it",
                 str(output / case_id), "", "")
-    progress.log(f"case {case_id}")
+    progress.log("started")
     try:
         report = run_case(card, inputs, output / case_id, options, progress)
         t = report["timings_s"]
@@ -61,7 +63,7 @@ def run_one(card: TaskCard, case_id: str, inputs: list[str], output: Path, optio
         row = (case_id, "failed", 2, str(exc), "", "", "")
     except Exception as exc:  # noqa: BLE001 - one case's bug must not stop the batch
         row = (case_id, "failed", 1, f"internal error: {type(exc).__name__}: {exc}", "", "", "")
-    progress.log(f"case {case_id} failed: {row[3]}", "error")
+    progress.log(f"failed: {row[3]}", "error")
     return row
 
 
@@ -85,7 +87,7 @@ def run_manifest(card: TaskCard, manifest: str | Path, output: str | Path, optio
         rows = [run_one(card, case_id, inputs, output, options, progress) for case_id, inputs in cases]
     else:
         with ThreadPoolExecutor(workers, thread_name_prefix="case") as pool:
-            rows = list(pool.map(lambda c: run_one(card, c[0], c[1], output, options, progress), cases))
+            rows = list(pool.map(lambda c: run_one(card, c[0], c[1], output, options, progress, bars=False), cases))
     return finish_manifest(rows, output, time.perf_counter() - started, progress)
 
 

@@ -9,6 +9,7 @@ normal by image_io.py: array slice k is file k), so each frame maps to its sourc
 from __future__ import annotations
 
 from pathlib import Path
+import warnings
 
 import numpy as np
 
@@ -97,6 +98,11 @@ def write_dicom_seg(image, labels: np.ndarray, card, path) -> Path:
     rows, columns = int(sources[0].Rows), int(sources[0].Columns)
     if labels.shape != (len(sources), rows, columns):
         raise ValueError(f"labels {labels.shape} do not match the {len(sources)} source slices of {rows}x{columns}")
+    # highdicom warns about a one-component PatientName (e.g. an anonymised "T2004_07APR2015"); the
+    # SEG copies the source's name as it is, as it must, so the warning is console noise. Set here,
+    # not at import: a caller's catch_warnings would drop it (re-adding replaces, never duplicates)
+    warnings.filterwarnings("ignore", message=r'The string ".*" is unlikely to represent the intended person name',
+                            category=UserWarning, module=r"highdicom\.")
     seg = hd.seg.Segmentation(
         source_images=sources, pixel_array=np.ascontiguousarray(labels, dtype=np.uint8),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
