@@ -120,7 +120,8 @@ def run_manifest_on_cluster(card: TaskCard, manifest: str | Path, output: str | 
             for future in as_completed(futures):
                 row = future.result()
                 rows[row[0]] = row
-                progress.log(f"case {row[0]}: {row[1]}" + (f" ({row[3]})" if row[1] == "failed" else ""))
+                failed = row[1] == "failed"  # worded as the local run words it
+                progress.for_case(row[0]).log(f"failed: {row[3]}" if failed else row[1], "error" if failed else "info")
         except BaseException:
             client.cancel(list(futures))
             raise
