@@ -196,13 +196,16 @@ def test_a_manifest_with_two_workers_names_the_case_in_every_message(mode, tmp_p
     captured = capsys.readouterr()
     if mode == "json":
         events = [json.loads(line) for line in captured.out.splitlines()]
-        per_case = events[:-1]  # the last: the cohort's own summary line
-        assert "case" not in events[-1] and "cases per minute" in events[-1]["message"]
+        per_case = [e for e in events if "case" in e]
+        assert "case" not in events[-1] and "cases per minute" in events[-1]["message"]  # the cohort's summary
         assert {e["case"] for e in per_case} == {"good", "broken"}
+        assert [(e["step"], e["total"]) for e in events if e.get("stage") == "cohort"] == [(1, 2), (2, 2)]
+        assert len(per_case) + 3 == len(events)  # nothing else unnamed
         good = [e.get("stage") for e in per_case if e["case"] == "good" and e["event"] == "stage"]
         assert good == ["loading", "preprocessing", "postprocessing", "writing"]
         assert any(e["case"] == "good" and e["event"] == "progress" for e in per_case)
-        assert [e["event"] for e in per_case if e["case"] == "good"][-1] == "done"
+        good_events = [e for e in per_case if e["case"] == "good"]
+        assert good_events[-2]["event"] == "done" and good_events[-1]["message"].startswith("ok (")
     else:  # two cases side by side share one console: no step bars, every line names its case
         lines = captured.err.splitlines()
         assert "\r" not in captured.err and "it/s" not in captured.err
@@ -212,6 +215,30 @@ def test_a_manifest_with_two_workers_names_the_case_in_every_message(mode, tmp_p
         assert all(named.match(line) for line in lines[:-1]), lines
         assert any(line.startswith("[spinekneeseg] error: broken: failed: ") for line in lines)
         assert "[spinekneeseg] good: writing" in lines and "cases per minute" in lines[-1]
+        ends = [line for line in lines if line.startswith(("[spinekneeseg] info: good: ok (",
+                                                           "[spinekneeseg] error: broken: failed: "))]
+        assert len(ends) == 2 and ends[-1].endswith("(2/2)")  # each case's end counts the cohort
+
+
+def test_the_cohort_count_gives_done_of_total_and_the_time_left_at_the_rate_of_cases_run():
+    import io
+
+    from SpineKneeSegLib.core.progress import Progress
+    from SpineKneeSegLib.engine.batch import CohortCount
+
+    log = io.StringIO()
+    count = CohortCount(Progress("bar", stream=log), 5)
+    count.finished(("a", "skipped", 0, "finished earlier", "", "", ""))
+    count.finished(("b", "failed", 2, "b.nii.gz: empty", "", "", ""))
+    count.started -= 6.0  # one case ok in 6 s: 10 cases/min, 2 cases left: 12 s
+    count.finished(("c", "ok", 0, "", "", "", ""))
+    count.finished(("d", "ok", 0, "", "", "", ""))
+    count.finished(("e", "ok", 0, "", "", "", ""))
+    lines = log.getvalue().splitlines()
+    assert lines[:2] == ["[spinekneeseg] info: a: skipped, finished earlier (1/5)",  # no rate from a skip
+                         "[spinekneeseg] error: b: failed: b.nii.gz: empty (2/5)"]  # nor from a refusal
+    assert lines[2] == "[spinekneeseg] info: c: ok (3/5, 10.0 cases/min, about 12 s left)"
+    assert lines[4] == "[spinekneeseg] info: e: ok (5/5)"
 
 
 def test_progress_bars_only_on_a_terminal():

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+import threading
+import time
 
 from SpineKneeSegLib.core.atomic import check_writable_dir, clear_stale_lock, write_text_atomic
 from SpineKneeSegLib.core.errors import InputError, SpineKneeSegError
@@ -49,7 +51,6 @@ def run_one(card: TaskCard, case_id: str, inputs: list[str], output: Path, optio
     earlier = None if options.overwrite else finished_result(output / case_id)
     if earlier is not None:  # a re-run resumes: finished cases are not redone
         clear_stale_lock(output / case_id)  # a run killed between its last file and its lock's release
-        progress.log("finished earlier, skipped")
         return (case_id, "skipped", 0, f"finished earlier ({earlier.summary}); --overwrite redoes it",
                 str(output / case_id), "", "")
     progress.log("started")
@@ -63,8 +64,37 @@ def run_one(card: TaskCard, case_id: str, inputs: list[str], output: Path, optio
         row = (case_id, "failed", 2, str(exc), "", "", "")
     except Exception as exc:  # noqa: BLE001 - one case's bug must not stop the batch
         row = (case_id, "failed", 1, f"internal error: {type(exc).__name__}: {exc}", "", "", "")
-    progress.log(f"failed: {row[3]}", "error")
     return row
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+class CohortCount:
+    """A console line as each case ends: its outcome, how many of the cohort are done, and at the
+    rate so far (cases finished ok; a quick refusal or a skip says nothing of the rest) about how
+    long the rest will take. Thread-safe: the local pool's cases end in its threads."""
+
+    def __init__(self, progress: Progress, total: int):
+        self.progress, self.total, self.done, self.ok = progress, total, 0, 0
+        self.started = time.perf_counter()
+        self._lock = threading.Lock()
+
+    def finished(self, row: tuple) -> tuple:
+        with self._lock:
+            self.done += 1
+            self.ok += row[1] == "ok"
+            where = f"{self.done}/{self.total}"
+            if self.ok and self.done < self.total:
+                per_minute = 60.0 * self.ok / max(time.perf_counter() - self.started, 1e-6)
+                where += f", {per_minute:.1f} cases/min, about {_duration(60.0 * (self.total - self.done) / per_minute)} left"
+            failed = row[1] == "failed"
+            outcome = f"failed: {row[3]}" if failed else "ok" if row[1] == "ok" else "skipped, finished earlier"
+            self.progress.for_case(row[0]).log(f"{outcome} ({where})", "error" if failed else "info")
+            if self.progress.mode == "json":  # the cohort's own fraction, for a progress bar
+                self.progress.step("cohort", self.done, self.total)
+        return row
 
 
 def run_manifest(card: TaskCard, manifest: str | Path, output: str | Path, options: RunOptions,
@@ -73,7 +103,6 @@ def run_manifest(card: TaskCard, manifest: str | Path, output: str | Path, optio
     that one case's reading and writing overlap another's network; a summary.tsv row per case and
     the cohort's cases per minute. Returns 0 when every case succeeded, else the exit code of the
     first failure (in manifest order)."""
-    import time
     from concurrent.futures import ThreadPoolExecutor
 
     from SpineKneeSegLib.mrml.harness import get_app
@@ -83,11 +112,13 @@ def run_manifest(card: TaskCard, manifest: str | Path, output: str | Path, optio
     output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     get_app()  # the MRML application once, before the workers share it
+    count = CohortCount(progress, len(cases))
     if workers <= 1:
-        rows = [run_one(card, case_id, inputs, output, options, progress) for case_id, inputs in cases]
+        rows = [count.finished(run_one(card, case_id, inputs, output, options, progress)) for case_id, inputs in cases]
     else:
         with ThreadPoolExecutor(workers, thread_name_prefix="case") as pool:
-            rows = list(pool.map(lambda c: run_one(card, c[0], c[1], output, options, progress, bars=False), cases))
+            rows = list(pool.map(lambda c: count.finished(run_one(card, c[0], c[1], output, options, progress,
+                                                                  bars=False)), cases))
     return finish_manifest(rows, output, time.perf_counter() - started, progress)
 
 
@@ -97,8 +128,6 @@ def run_manifest_on_cluster(card: TaskCard, manifest: str | Path, output: str | 
     tcp://host:8786): one task per case running ``run_one`` on a worker, outputs in ``output``
     (a folder every worker can write: a shared file system), the same summary.tsv, skip rule and
     exit code as the local run."""
-    import time
-
     try:
         from distributed import Client, as_completed
     except ImportError:
@@ -115,13 +144,11 @@ def run_manifest_on_cluster(card: TaskCard, manifest: str | Path, output: str | 
         futures = {client.submit(_run_one_on_worker, card.name, case_id, inputs, str(output), options,
                                  key=f"spinekneeseg-{card.name}-{case_id}-{time.time_ns()}", pure=False): case_id
                    for case_id, inputs in cases}
-        rows = {}
+        rows, count = {}, CohortCount(progress, len(cases))
         try:
             for future in as_completed(futures):
-                row = future.result()
+                row = count.finished(future.result())
                 rows[row[0]] = row
-                failed = row[1] == "failed"  # worded as the local run words it
-                progress.for_case(row[0]).log(f"failed: {row[3]}" if failed else row[1], "error" if failed else "info")
         except BaseException:
             client.cancel(list(futures))
             raise
