@@ -254,6 +254,55 @@ def test_progress_bars_only_on_a_terminal():
     assert log.getvalue() == "[spinekneeseg] writing\n"
 
 
+@pytest.mark.slow
+def test_a_case_the_process_dies_on_twice_is_reported_and_not_run_again(tmp_path, tiny_weights, phantom_files):
+    """kill -9 while case a runs (as an out-of-memory kill or a crash in native code would end it):
+    the re-run tries a again, alone; a second death and the next run reports a as failed instead
+    of dying on it once more, and runs the rest. Deleting the count lets a run again."""
+    import os
+    import signal
+    import time
+
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text(f"id,input\na,{phantom_files['knee-bones']}\nb,{phantom_files['knee-bones']}\n")
+    out = tmp_path / "out"
+    args = ["run", "--task", "knee-bones", "--manifest", str(manifest), "-o", str(out), "--workers", "2",
+            "--weights", str(tiny_weights["knee-bones"]), "--progress", "none"]
+
+    def kill_while_a_runs():
+        env = {**os.environ, "SPINEKNEESEG_PAUSE_AT_STAGE": "loading:60"}
+        run = subprocess.Popen([sys.executable, "-m", "SpineKneeSegLib.cli", *args], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if json.loads((out / ".a.lock").read_text())["pid"] == run.pid:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            assert run.poll() is None, run.stderr.read()
+            time.sleep(0.05)
+        os.kill(run.pid, signal.SIGKILL)
+        run.wait()
+        run.stderr.close()
+
+    kill_while_a_runs()
+    assert not (out / ".a.deaths").exists()  # counted by the next run, which finds a's lock left behind
+    kill_while_a_runs()  # a ran first and alone: this death is a's own
+    assert (out / ".a.deaths").read_text().split() == ["1"]
+
+    assert cli.main(args) == 1
+    rows = {line.split("\t")[0]: line.split("\t") for line in (out / "summary.tsv").read_text().splitlines()[1:]}
+    assert rows["a"][1:3] == ["failed", "1"] and "ended without finishing 2 times" in rows["a"][3]
+    assert str(out / ".a.deaths") in rows["a"][3] and not (out / "a").exists()
+    assert rows["b"][1] == "ok" and not (out / ".b.deaths").exists()
+
+    (out / ".a.deaths").unlink()  # as the message says: a runs again
+    assert cli.main(args) == 0
+    rows = {line.split("\t")[0]: line.split("\t")[1] for line in (out / "summary.tsv").read_text().splitlines()[1:]}
+    assert rows == {"a": "ok", "b": "skipped"} and not (out / ".a.deaths").exists()
+
+
 def test_oblique_left_handed_input_keeps_exact_geometry(tmp_path, tiny_weights):
     from SpineKneeSegLib.core.image import Image
 

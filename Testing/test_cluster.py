@@ -80,3 +80,45 @@ def test_a_worker_whose_first_case_is_refused_collects_garbage_again(tmp_path):
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[-1] == "failed True"
+
+
+def test_a_worker_that_dies_running_a_case_fails_that_case_not_the_cohort(tmp_path, monkeypatch, capsys):
+    """A worker killed mid-case (out of memory, a crash in native code) must not stop the cohort:
+    that case is reported failed, the others run. Dask retries a dead worker's task on another
+    (``allowed-failures``, 3 by default); here none, so the first death is final."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import dask
+
+    weights = tmp_path / "knee.pt"
+    initialise_weights("knee-bones", weights, {"channels": (4, 8)}, seed=1)
+    write_image(make_phantom("knee-bones", seed=1).image, tmp_path / "knee.nii.gz")
+    (tmp_path / "cases.csv").write_text("id,input\na,knee.nii.gz\nb,knee.nii.gz\n")
+    out = tmp_path / "out"
+    monkeypatch.setenv("SPINEKNEESEG_PAUSE_AT_STAGE", "loading:4")  # the workers inherit it: time to kill one
+
+    def kill_the_worker_running_a():
+        lock = out / ".a.lock"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                os.kill(json.loads(lock.read_text())["pid"], signal.SIGKILL)
+                return
+            except (OSError, ValueError, KeyError):
+                time.sleep(0.05)
+
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=50) as local:
+        killer = threading.Thread(target=kill_the_worker_running_a)
+        killer.start()
+        code = cli.main(["run", "--task", "knee-bones", "--manifest", str(tmp_path / "cases.csv"), "-o", str(out),
+                         "--weights", str(weights), "--scheduler", local.scheduler_address])
+        killer.join()
+    assert code == 1
+    rows = {line.split("\t")[0]: line.split("\t") for line in (out / "summary.tsv").read_text().splitlines()[1:]}
+    assert rows["a"][1:3] == ["failed", "1"] and "worker" in rows["a"][3] and "KilledWorker" in rows["a"][3]
+    assert rows["b"][1] == "ok" and (out / "b" / "labels.nii.gz").is_file()
+    assert "[spinekneeseg] error: a: failed: " in capsys.readouterr().err

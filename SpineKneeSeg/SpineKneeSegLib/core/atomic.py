@@ -183,6 +183,11 @@ def clear_stale_lock(target: str | os.PathLike) -> bool:
     return False
 
 
+def lock_is_stale(target: str | os.PathLike) -> bool:
+    """``target``'s output lock is held by a process of this host that is gone."""
+    return _owner_gone(_lock_owner(_lock_path(target)))
+
+
 def _lock_path(target: str | os.PathLike) -> Path:
     """``.<name>.lock`` beside the output folder ``target``."""
     target = Path(target)

@@ -6,7 +6,7 @@ from pathlib import Path
 import threading
 import time
 
-from SpineKneeSegLib.core.atomic import check_writable_dir, clear_stale_lock, write_text_atomic
+from SpineKneeSegLib.core.atomic import check_writable_dir, clear_stale_lock, lock_is_stale, write_text_atomic
 from SpineKneeSegLib.core.errors import InputError, SpineKneeSegError
 from SpineKneeSegLib.core.progress import Progress
 from SpineKneeSegLib.engine.cards import TaskCard
@@ -53,10 +53,17 @@ def run_one(card: TaskCard, case_id: str, inputs: list[str], output: Path, optio
         clear_stale_lock(output / case_id)  # a run killed between its last file and its lock's release
         return (case_id, "skipped", 0, f"finished earlier ({earlier.summary}); --overwrite redoes it",
                 str(output / case_id), "", "")
-    progress.log("started")
+    deaths, record = count_deaths(output, case_id, options.overwrite)
+    if deaths >= DEATHS_BEFORE_GIVING_UP:
+        return (case_id, "failed", 1, f"not run again: the process running this case ended without finishing "
+                                      f"{deaths} times (out of memory, a crash, or killed); delete {record} "
+                                      f"to try it once more", "", "", "")
+    progress.log("started" + (f" (again: the process running it ended, {deaths} time{'s' * (deaths > 1)})"
+                              if deaths else ""))
     try:
         report = run_case(card, inputs, output / case_id, options, progress)
         t = report["timings_s"]
+        record.unlink(missing_ok=True)
         return (case_id, "ok", 0, "", str(output / case_id), t["total"], t["network"])
     except SpineKneeSegError as exc:
         row = (case_id, "failed", exc.exit_code, str(exc), "", "", "")
@@ -64,7 +71,36 @@ def run_one(card: TaskCard, case_id: str, inputs: list[str], output: Path, optio
         row = (case_id, "failed", 2, str(exc), "", "", "")
     except Exception as exc:  # noqa: BLE001 - one case's bug must not stop the batch
         row = (case_id, "failed", 1, f"internal error: {type(exc).__name__}: {exc}", "", "", "")
+    record.unlink(missing_ok=True)  # it ended with an answer: the process did not die on it
     return row
+
+
+def _suspect(output: Path, case_id: str) -> bool:
+    """A process died on this unfinished case before (counted, or its lock left behind)."""
+    return (output / f".{case_id}.deaths").exists() or (lock_is_stale(output / case_id)
+                                                         and finished_result(output / case_id) is None)
+
+
+DEATHS_BEFORE_GIVING_UP = 2  # a case on which the process died this often is reported, not run again
+
+
+def count_deaths(output: Path, case_id: str, overwrite: bool) -> tuple[int, Path]:
+    """How many times a process died while running this case, and the file that counts them
+    (``.<id>.deaths`` beside its folder). A lock that a gone process left on an unfinished case
+    is one such death (out of memory, a crash in native code, kill -9): it is counted, then
+    cleared. Without this a case that kills the process would stop every re-run of the cohort at
+    the same place. ``overwrite`` starts the count afresh."""
+    record = output / f".{case_id}.deaths"
+    if overwrite:
+        record.unlink(missing_ok=True)
+    try:
+        deaths = int(record.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        deaths = 0
+    if clear_stale_lock(output / case_id):
+        deaths += 1
+        write_text_atomic(record, f"{deaths}\n")
+    return deaths, record
 
 
 def _duration(seconds: float) -> str:
@@ -113,12 +149,17 @@ def run_manifest(card: TaskCard, manifest: str | Path, output: str | Path, optio
     started = time.perf_counter()
     get_app()  # the MRML application once, before the workers share it
     count = CohortCount(progress, len(cases))
+    # cases a process died on run first and alone: a death beside another case would count for both
+    suspects = [c for c in cases if not options.overwrite and _suspect(output, c[0])]
+    rows = {c[0]: count.finished(run_one(card, c[0], c[1], output, options, progress)) for c in suspects}
+    rest = [c for c in cases if c[0] not in rows]
     if workers <= 1:
-        rows = [count.finished(run_one(card, case_id, inputs, output, options, progress)) for case_id, inputs in cases]
+        rows.update((c[0], count.finished(run_one(card, c[0], c[1], output, options, progress))) for c in rest)
     else:
         with ThreadPoolExecutor(workers, thread_name_prefix="case") as pool:
-            rows = list(pool.map(lambda c: count.finished(run_one(card, c[0], c[1], output, options, progress,
-                                                                  bars=False)), cases))
+            rows.update(zip((c[0] for c in rest), pool.map(
+                lambda c: count.finished(run_one(card, c[0], c[1], output, options, progress, bars=False)), rest)))
+    rows = [rows[case_id] for case_id, _ in cases]
     return finish_manifest(rows, output, time.perf_counter() - started, progress)
 
 
@@ -147,8 +188,12 @@ def run_manifest_on_cluster(card: TaskCard, manifest: str | Path, output: str | 
         rows, count = {}, CohortCount(progress, len(cases))
         try:
             for future in as_completed(futures):
-                row = count.finished(future.result())
-                rows[row[0]] = row
+                try:
+                    row = future.result()
+                except Exception as exc:  # noqa: BLE001 - e.g. KilledWorker: its worker died (out of memory, a crash)
+                    row = (futures[future], "failed", 1, f"the Dask worker running this case ended without a result "
+                                                         f"({type(exc).__name__}: {exc})", "", "", "")
+                rows[row[0]] = count.finished(row)
         except BaseException:
             client.cancel(list(futures))
             raise
