@@ -104,7 +104,9 @@ def count_deaths(output: Path, case_id: str, overwrite: bool) -> tuple[int, Path
 
 
 def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 class CohortCount:
@@ -124,7 +126,8 @@ class CohortCount:
             where = f"{self.done}/{self.total}"
             if self.ok and self.done < self.total:
                 per_minute = 60.0 * self.ok / max(time.perf_counter() - self.started, 1e-6)
-                where += f", {per_minute:.1f} cases/min, about {_duration(60.0 * (self.total - self.done) / per_minute)} left"
+                left = 60.0 * (self.total - self.done) / per_minute
+                where += f", {per_minute:.1f} cases/min, about {_duration(left)} left"
             failed = row[1] == "failed"
             outcome = f"failed: {row[3]}" if failed else "ok" if row[1] == "ok" else "skipped, finished earlier"
             self.progress.for_case(row[0]).log(f"{outcome} ({where})", "error" if failed else "info")
