@@ -111,7 +111,8 @@ def test_a_worker_that_dies_running_a_case_fails_that_case_not_the_cohort(tmp_pa
                 time.sleep(0.05)
 
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}), distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=50) as local:
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=50) as local:
+        # (":0": the module's cluster holds the scheduler's default HTTP port)
         killer = threading.Thread(target=kill_the_worker_running_a)
         killer.start()
         code = cli.main(["run", "--task", "knee-bones", "--manifest", str(tmp_path / "cases.csv"), "-o", str(out),
