@@ -131,3 +131,16 @@ def test_spine_outputs_compare_finds_a_changed_voxel_and_ignores_timings(tmp_pat
     write_image(Image(changed), tmp_path / "b" / "zukic-t2-case01" / "labels.nii.gz")
     assert module.compare(tmp_path / "a", tmp_path / "b") == 1
     assert "1 label voxels differ" in capsys.readouterr().out
+
+
+def test_cohort_memory_reads_the_cli_process_memory_as_each_case_ends(data_root, capsys):
+    """bench_cohort_memory.py: a real manifest process over the lumbar scans, listed per pass under
+    new ids; one memory reading per case, grouped by pass, and the peaks' trend from pass 2 on."""
+    import bench_cohort_memory
+
+    assert bench_cohort_memory.main(["--passes", "3", "--limit", "2", "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "3 passes of 2 lumbar scans, 1 worker(s)" in out
+    peaks = [float(line.split("peak ")[1].split(" MB")[0]) for line in out.splitlines() if "  pass " in line]
+    assert len(peaks) == 3 and all(200 < p < 20000 for p in peaks)  # a torch + slicer-core process: hundreds of MB
+    assert "trend of the peaks from pass 2 on:" in out
