@@ -227,7 +227,7 @@ def test_the_cohort_count_gives_done_of_total_and_the_time_left_at_the_rate_of_c
     from SpineKneeSegLib.engine.batch import CohortCount
 
     log = io.StringIO()
-    count = CohortCount(Progress("bar", stream=log), 5)
+    count = CohortCount(Progress("bar", stream=log), ["a", "b", "c", "d", "e"])
     count.finished(("a", "skipped", 0, "finished earlier", "", "", ""))
     count.finished(("b", "failed", 2, "b.nii.gz: empty", "", "", ""))
     count.started -= 6.0  # one case ok in 6 s: 10 cases/min, 2 cases left: 12 s
@@ -239,6 +239,21 @@ def test_the_cohort_count_gives_done_of_total_and_the_time_left_at_the_rate_of_c
                          "[spinekneeseg] error: b: failed: b.nii.gz: empty (2/5)"]  # nor from a refusal
     assert lines[2] == "[spinekneeseg] info: c: ok (3/5, 10.0 cases/min, about 12 s left)"
     assert lines[4] == "[spinekneeseg] info: e: ok (5/5)"
+
+
+def test_a_long_cohort_keeps_its_summary_up_to_date_with_pending_cases(tmp_path, monkeypatch):
+    from SpineKneeSegLib.core.progress import Progress
+    from SpineKneeSegLib.engine import batch
+
+    count = batch.CohortCount(Progress("none"), ["a", "b", "c"], tmp_path)
+    count.finished(("b", "ok", 0, "", str(tmp_path / "b"), 1.5, 0.5))
+    assert not (tmp_path / "summary.tsv").exists()  # not before SUMMARY_EVERY_S has passed
+    monkeypatch.setattr(batch, "SUMMARY_EVERY_S", 0.0)
+    count.finished(("a", "failed", 2, "a.nii.gz: empty", "", "", ""))
+    rows = [line.split("\t") for line in (tmp_path / "summary.tsv").read_text().splitlines()]
+    assert rows[0] == list(batch.SUMMARY_COLUMNS)
+    assert [r[:3] for r in rows[1:]] == [["a", "failed", "2"], ["b", "ok", "0"], ["c", "pending", ""]]
+    assert all(len(r) == len(batch.SUMMARY_COLUMNS) for r in rows)
 
 
 def test_progress_bars_only_on_a_terminal():

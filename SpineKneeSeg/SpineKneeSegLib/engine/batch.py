@@ -109,18 +109,29 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
+SUMMARY_EVERY_S = 30.0  # while a cohort runs, summary.tsv is rewritten this often (cases not done: "pending")
+
+
 class CohortCount:
     """A console line as each case ends: its outcome, how many of the cohort are done, and at the
     rate so far (cases finished ok; a quick refusal or a skip says nothing of the rest) about how
-    long the rest will take. Thread-safe: the local pool's cases end in its threads."""
+    long the rest will take. With ``output``, summary.tsv is kept up to date every SUMMARY_EVERY_S
+    seconds, so a long or killed run still shows what it did. Thread-safe: the local pool's cases
+    end in its threads."""
 
-    def __init__(self, progress: Progress, total: int):
-        self.progress, self.total, self.done, self.ok = progress, total, 0, 0
-        self.started = time.perf_counter()
+    def __init__(self, progress: Progress, case_ids: list[str], output: Path | None = None):
+        self.progress, self.case_ids, self.output = progress, list(case_ids), output
+        self.total, self.done, self.ok, self.rows = len(self.case_ids), 0, 0, {}
+        self.started = self._written = time.perf_counter()
         self._lock = threading.Lock()
 
     def finished(self, row: tuple) -> tuple:
         with self._lock:
+            self.rows[row[0]] = row
+            if self.output is not None and time.perf_counter() - self._written >= SUMMARY_EVERY_S:
+                pending = (("pending",) + ("",) * (len(SUMMARY_COLUMNS) - 2))
+                write_summary(self.output, [self.rows.get(c, (c, *pending)) for c in self.case_ids])
+                self._written = time.perf_counter()
             self.done += 1
             self.ok += row[1] == "ok"
             where = f"{self.done}/{self.total}"
@@ -151,7 +162,7 @@ def run_manifest(card: TaskCard, manifest: str | Path, output: str | Path, optio
     output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     get_app()  # the MRML application once, before the workers share it
-    count = CohortCount(progress, len(cases))
+    count = CohortCount(progress, [case_id for case_id, _ in cases], output)
     # cases a process died on run first and alone: a death beside another case would count for both
     suspects = [c for c in cases if not options.overwrite and _suspect(output, c[0])]
     rows = {c[0]: count.finished(run_one(card, c[0], c[1], output, options, progress)) for c in suspects}
@@ -188,7 +199,7 @@ def run_manifest_on_cluster(card: TaskCard, manifest: str | Path, output: str | 
         futures = {client.submit(_run_one_on_worker, card.name, case_id, inputs, str(output), options,
                                  key=f"spinekneeseg-{card.name}-{case_id}-{time.time_ns()}", pure=False): case_id
                    for case_id, inputs in cases}
-        rows, count = {}, CohortCount(progress, len(cases))
+        rows, count = {}, CohortCount(progress, [case_id for case_id, _ in cases], output)
         try:
             for future in as_completed(futures):
                 try:
@@ -215,10 +226,14 @@ def _run_one_on_worker(task: str, case_id: str, inputs: list[str], output: str, 
         imports_done()  # a case refused before its imports must not leave the worker's collector off
 
 
-def finish_manifest(rows: list[tuple], output: Path, seconds: float, progress: Progress) -> int:
+def write_summary(output: Path, rows: list[tuple]) -> None:
     lines = ["\t".join(SUMMARY_COLUMNS)] + ["\t".join(str(v).replace("\t", " ").replace("\n", " ") for v in r)
                                             for r in rows]
     write_text_atomic(output / "summary.tsv", "\n".join(lines) + "\n")
+
+
+def finish_manifest(rows: list[tuple], output: Path, seconds: float, progress: Progress) -> int:
+    write_summary(output, rows)
     ok, skipped = sum(r[1] == "ok" for r in rows), sum(r[1] == "skipped" for r in rows)
     rate = 60.0 * ok / seconds if seconds > 0 and ok else 0.0
     progress.log(f"{ok}/{len(rows)} cases ok" + (f", {skipped} finished earlier" if skipped else "")
