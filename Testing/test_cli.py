@@ -185,6 +185,54 @@ def test_manifest_runs_every_case_and_reports_failures(tmp_path, tiny_weights, p
     assert (out / "good1" / "report.json").stat().st_mtime_ns != finished
 
 
+@pytest.mark.parametrize("saved", ["excel-utf8-bom-crlf", "semicolons", "tabs", "capitalised"])
+def test_a_manifest_as_spreadsheets_save_it(saved, tmp_path):
+    from SpineKneeSegLib.engine.batch import read_manifest
+
+    rows = [["ID", "Input", "Input2", "Notes"], ["p01", "scans/flair.nii.gz", "/abs/t1.nii.gz", "x"],
+            ["p02", "/abs/p02.nii.gz", "", ""], ["", "", "", ""]]  # a trailing row of empty cells
+    delimiter = {"semicolons": ";", "tabs": "\t"}.get(saved, ",")
+    if saved != "capitalised":
+        rows[0] = [c.lower() for c in rows[0]]
+    text = "\n".join(delimiter.join(r) for r in rows) + "\n"
+    path = tmp_path / "cases.csv"
+    if saved == "excel-utf8-bom-crlf":
+        path.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    else:
+        path.write_text(text)
+    assert read_manifest(path) == [("p01", [str(tmp_path / "scans" / "flair.nii.gz"), "/abs/t1.nii.gz"]),
+                                   ("p02", ["/abs/p02.nii.gz"])]
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"case,scan\na,x.nii.gz\n", "needs columns 'id' and 'input' (found: case, scan)"),
+    (b"id,input\na,x.nii.gz\na,y.nii.gz\n", "line 3: duplicate case id 'a'"),
+    (b"id,input\n../up,x.nii.gz\n", "line 2: invalid case id '../up'"),
+    (b"id,input\n.hidden,x.nii.gz\n", "line 2: invalid case id '.hidden'"),
+    (b"id,input\n", "lists no cases"),
+    (b"id,input\nm\xfcller,x.nii.gz\n", "not UTF-8 text"),  # Latin-1, as an old Windows export
+])
+def test_a_bad_manifest_is_refused_naming_the_file_and_the_line(content, problem, tmp_path, capsys):
+    path = tmp_path / "cases.csv"
+    path.write_bytes(content)
+    assert cli.main(["run", "--task", "knee-bones", "--manifest", str(path), "-o", str(tmp_path / "out"),
+                     "--progress", "none"]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and problem in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_manifest_row_without_an_input_fails_that_case_only(tmp_path, tiny_weights, phantom_files):
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text(f"id,input\nempty,\ngood,{phantom_files['knee-bones']}\n")
+    out = tmp_path / "out"
+    assert cli.main(["run", "--task", "knee-bones", "--manifest", str(manifest), "-o", str(out),
+                     "--weights", str(tiny_weights["knee-bones"]), "--progress", "none"]) == 2
+    rows = {line.split("\t")[0]: line.split("\t") for line in (out / "summary.tsv").read_text().splitlines()[1:]}
+    assert rows["empty"][1:4] == ["failed", "2", "the manifest gives no input for this case"]
+    assert rows["good"][1] == "ok"
+
+
 @pytest.mark.parametrize("mode", ["bar", "json"])
 def test_a_manifest_with_two_workers_names_the_case_in_every_message(mode, tmp_path, tiny_weights, phantom_files,
                                                                      capsys):

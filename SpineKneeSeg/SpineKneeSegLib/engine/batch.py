@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
+import re
 import threading
 import time
 
@@ -16,27 +18,39 @@ SUMMARY_COLUMNS = ("id", "status", "exit_code", "message", "output", "total_s", 
 
 
 def read_manifest(path: str | Path) -> list[tuple[str, list[str]]]:
-    """CSV with a header: ``id`` and ``input`` (plus ``input2``, ``input3``... for extra inputs).
-    Relative input paths are relative to the manifest's folder."""
+    """CSV with a header: ``id`` and ``input`` (plus ``input2``, ``input3``... for extra inputs;
+    other columns are ignored). Relative input paths are relative to the manifest's folder. As
+    spreadsheets save it: UTF-8 with or without a byte-order mark, commas, semicolons or tabs,
+    headers in any case."""
     path = Path(path)
     if not path.is_file():
         raise InputError("manifest does not exist", path)
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        fields = reader.fieldnames or []
-        if "id" not in fields or "input" not in fields:
-            raise InputError(f"manifest needs columns 'id' and 'input' (found: {', '.join(fields) or 'none'})", path)
-        extra = sorted((c for c in fields if c.startswith("input") and c != "input"), key=lambda c: int(c[5:] or 0))
-        cases, seen = [], set()
-        for line, row in enumerate(reader, start=2):
-            case_id = (row.get("id") or "").strip()
-            if not case_id or "/" in case_id or case_id in (".", ".."):
-                raise InputError(f"line {line}: invalid case id {case_id!r}", path)
-            if case_id in seen:
-                raise InputError(f"line {line}: duplicate case id {case_id!r}", path)
-            seen.add(case_id)
-            inputs = [row[c].strip() for c in ["input", *extra] if (row.get(c) or "").strip()]
-            cases.append((case_id, [str((path.parent / p) if not Path(p).is_absolute() else p) for p in inputs]))
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # Excel's "CSV UTF-8" begins with a byte-order mark
+    except UnicodeDecodeError as exc:
+        raise InputError(f"manifest is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8 CSV",
+                         path) from None
+    header = text.splitlines()[0] if text.strip() else ""
+    delimiter = next((d for d in (",", "\t", ";") if d in header), ",")  # ';': Excel in many European locales
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    fields = [(f or "").strip().lower() for f in reader.fieldnames or []]
+    reader.fieldnames = fields
+    if "id" not in fields or "input" not in fields:
+        raise InputError(f"manifest needs columns 'id' and 'input' (found: {', '.join(fields) or 'none'})", path)
+    extra = sorted((c for c in fields if re.fullmatch(r"input\d+", c)), key=lambda c: int(c[5:]))
+    cases, seen = [], set()
+    for line, row in enumerate(reader, start=2):
+        case_id = (row.get("id") or "").strip()
+        if not case_id and not any((v or "").strip() for v in row.values() if isinstance(v, str)):
+            continue  # a blank line, or one of empty cells as spreadsheets leave at the end
+        if not case_id or "/" in case_id or "\\" in case_id or case_id.startswith("."):  # it names a folder
+            raise InputError(f"line {line}: invalid case id {case_id!r} (it names the case's output folder: "
+                             f"not empty, no '/' or '\\', not starting with '.')", path)
+        if case_id in seen:
+            raise InputError(f"line {line}: duplicate case id {case_id!r}", path)
+        seen.add(case_id)
+        inputs = [row[c].strip() for c in ["input", *extra] if (row.get(c) or "").strip()]
+        cases.append((case_id, [str((path.parent / p) if not Path(p).is_absolute() else p) for p in inputs]))
     if not cases:
         raise InputError("manifest lists no cases", path)
     return cases
@@ -53,6 +67,8 @@ def run_one(card: TaskCard, case_id: str, inputs: list[str], output: Path, optio
         clear_stale_lock(output / case_id)  # a run killed between its last file and its lock's release
         return (case_id, "skipped", 0, f"finished earlier ({earlier.summary}); --overwrite redoes it",
                 str(output / case_id), "", "")
+    if not inputs:  # an empty cell: a bad case like any other, reported and skipped
+        return (case_id, "failed", 2, "the manifest gives no input for this case", "", "", "")
     deaths, record = count_deaths(output, case_id, options.overwrite)
     if deaths >= DEATHS_BEFORE_GIVING_UP:
         return (case_id, "failed", 1, f"not run again: the process running this case ended without finishing "
