@@ -189,8 +189,8 @@ def test_manifest_runs_every_case_and_reports_failures(tmp_path, tiny_weights, p
 def test_a_manifest_as_spreadsheets_save_it(saved, tmp_path):
     from SpineKneeSegLib.engine.batch import read_manifest
 
-    rows = [["ID", "Input", "Input2", "Notes"], ["p01", "scans/flair.nii.gz", "/abs/t1.nii.gz", "x"],
-            ["p02", "/abs/p02.nii.gz", "", ""], ["", "", "", ""]]  # a trailing row of empty cells
+    rows = [["ID", "Input", "Input2", "Input_note", "Notes"], ["p01", "scans/flair.nii.gz", "/abs/t1.nii.gz", "y", "x"],
+            ["p02", "/abs/p02.nii.gz", "", "", ""], ["", "", "", "", ""]]  # a trailing row of empty cells
     delimiter = {"semicolons": ";", "tabs": "\t"}.get(saved, ",")
     if saved != "capitalised":
         rows[0] = [c.lower() for c in rows[0]]
