@@ -209,6 +209,7 @@ def test_a_manifest_as_spreadsheets_save_it(saved, tmp_path):
     (b"id,input\na,x.nii.gz\na,y.nii.gz\n", "line 3: duplicate case id 'a'"),
     (b"id,input\n../up,x.nii.gz\n", "line 2: invalid case id '../up'"),
     (b"id,input\n.hidden,x.nii.gz\n", "line 2: invalid case id '.hidden'"),
+    (b"id,input\nsummary.tsv,x.nii.gz\n", "line 2: invalid case id 'summary.tsv'"),  # the cohort's own file
     (b"id,input\n", "lists no cases"),
     (b"id,input\nm\xfcller,x.nii.gz\n", "not UTF-8 text"),  # Latin-1, as an old Windows export
 ])

@@ -43,9 +43,10 @@ def read_manifest(path: str | Path) -> list[tuple[str, list[str]]]:
         case_id = (row.get("id") or "").strip()
         if not case_id and not any((v or "").strip() for v in row.values() if isinstance(v, str)):
             continue  # a blank line, or one of empty cells as spreadsheets leave at the end
-        if not case_id or "/" in case_id or "\\" in case_id or case_id.startswith("."):  # it names a folder
+        if (not case_id or "/" in case_id or "\\" in case_id or case_id.startswith(".")  # it names a folder
+                or case_id.lower() == "summary.tsv"):
             raise InputError(f"line {line}: invalid case id {case_id!r} (it names the case's output folder: "
-                             f"not empty, no '/' or '\\', not starting with '.')", path)
+                             f"not empty, no '/' or '\\', not starting with '.', not summary.tsv)", path)
         if case_id in seen:
             raise InputError(f"line {line}: duplicate case id {case_id!r}", path)
         seen.add(case_id)
