@@ -200,8 +200,8 @@ def test_a_manifest_as_spreadsheets_save_it(saved, tmp_path):
         path.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
     else:
         path.write_text(text)
-    assert read_manifest(path) == [("p01", [str(tmp_path / "scans" / "flair.nii.gz"), "/abs/t1.nii.gz"]),
-                                   ("p02", ["/abs/p02.nii.gz"])]
+    assert read_manifest(path) == [("p01", [str(tmp_path / "scans" / "flair.nii.gz"), "/abs/t1.nii.gz"], {}),
+                                   ("p02", ["/abs/p02.nii.gz"], {})]
 
 
 @pytest.mark.parametrize("content, problem", [
@@ -210,6 +210,7 @@ def test_a_manifest_as_spreadsheets_save_it(saved, tmp_path):
     (b"id,input\n../up,x.nii.gz\n", "line 2: invalid case id '../up'"),
     (b"id,input\n.hidden,x.nii.gz\n", "line 2: invalid case id '.hidden'"),
     (b"id,input\nsummary.tsv,x.nii.gz\n", "line 2: invalid case id 'summary.tsv'"),  # the cohort's own file
+    (b"id,input,echo\na,x.nii.gz,first\n", "line 2: echo 'first' is not an echo number"),
     (b"id,input\n", "lists no cases"),
     (b"id,input\nm\xfcller,x.nii.gz\n", "not UTF-8 text"),  # Latin-1, as an old Windows export
 ])
@@ -221,6 +222,34 @@ def test_a_bad_manifest_is_refused_naming_the_file_and_the_line(content, problem
     err = capsys.readouterr().err
     assert str(path) in err and problem in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_manifest_chooses_the_series_and_the_echo_case_by_case(tmp_path, tiny_weights):
+    """A PACS export's folder holds several series; a multi-echo series several echoes: the
+    ``series`` and ``echo`` columns choose them per case, as --series and --echo do for one."""
+    from test_io import write_dicom_series
+
+    vol = (np.arange(8 * 32 * 32).reshape(8, 32, 32) % 300).astype(np.int16)
+    _, wanted = write_dicom_series(tmp_path / "study", vol, name="t2")
+    write_dicom_series(tmp_path / "study", vol[:6], name="localiser")
+    write_dicom_series(tmp_path / "echoes", vol, echoes=[(1, 10.0), (2, 40.0)])
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text(f"id,input,series,echo\nchosen,study,{wanted},\nunchosen,study,,\n"
+                        f"second-echo,echoes,,2\nfirst-echo,echoes,,\n")
+    out = tmp_path / "out"
+    assert cli.main(["run", "--task", "knee-bones", "--manifest", str(manifest), "-o", str(out),
+                     "--weights", str(tiny_weights["knee-bones"]), "--progress", "none"]) == 2
+    rows = {line.split("\t")[0]: line.split("\t") for line in (out / "summary.tsv").read_text().splitlines()[1:]}
+    assert rows["chosen"][1] == "ok" and rows["unchosen"][1:3] == ["failed", "2"] and "2 DICOM series" in rows["unchosen"][3]
+    reports = {case: json.loads((out / case / "report.json").read_text()) for case in
+               ("chosen", "second-echo", "first-echo")}
+    assert reports["chosen"]["inputs"][0]["shape_kji"][0] == 8  # the 8-slice series, not the 6-slice localiser
+    assert read_image(out / "chosen" / "labels.nii.gz").same_geometry(read_image(tmp_path / "study", series=wanted))
+    centre = {case: float(r["inputs"][0]["checks"]["intensity"].split("centre ")[1].split(",")[0])
+              for case, r in reports.items()}
+    assert centre["second-echo"] - centre["first-echo"] == pytest.approx(1000, abs=1)  # echo n's pixels + 1000 n
+    assert any("using echo 1" in w for w in reports["first-echo"]["warnings"])  # the default, said so
+    assert not any("using echo" in w for w in reports["second-echo"]["warnings"])  # chosen: no warning
 
 
 def test_a_manifest_row_without_an_input_fails_that_case_only(tmp_path, tiny_weights, phantom_files):

@@ -73,9 +73,9 @@ def test_a_worker_whose_first_case_is_refused_collects_garbage_again(tmp_path):
     import subprocess
     import sys
 
-    probe = ("import gc, sys; from SpineKneeSegLib.engine.batch import _run_one_on_worker; "
+    probe = ("import gc, sys; from SpineKneeSegLib.engine.batch import ManifestCase, _run_one_on_worker; "
              "from SpineKneeSegLib.engine.pipeline import RunOptions; "
-             f"row = _run_one_on_worker('knee-bones', 'a', [{str(tmp_path / 'missing.nii.gz')!r}], "
+             f"row = _run_one_on_worker('knee-bones', ManifestCase('a', [{str(tmp_path / 'missing.nii.gz')!r}], {{}}), "
              f"{str(tmp_path / 'out')!r}, RunOptions()); print(row[1], gc.isenabled())")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 from pathlib import Path
 import re
 import threading
 import time
+from typing import NamedTuple
 
 from SpineKneeSegLib.core.atomic import check_writable_dir, clear_stale_lock, lock_is_stale, write_text_atomic
 from SpineKneeSegLib.core.errors import InputError, SpineKneeSegError
@@ -17,11 +19,18 @@ from SpineKneeSegLib.engine.pipeline import RunOptions, finished_result, run_cas
 SUMMARY_COLUMNS = ("id", "status", "exit_code", "message", "output", "total_s", "network_s")
 
 
-def read_manifest(path: str | Path) -> list[tuple[str, list[str]]]:
+class ManifestCase(NamedTuple):
+    id: str
+    inputs: list[str]
+    choices: dict  # RunOptions fields this case sets itself: series (a SeriesInstanceUID), echo
+
+
+def read_manifest(path: str | Path) -> list[ManifestCase]:
     """CSV with a header: ``id`` and ``input`` (plus ``input2``, ``input3``... for extra inputs;
-    other columns are ignored). Relative input paths are relative to the manifest's folder. As
-    spreadsheets save it: UTF-8 with or without a byte-order mark, commas, semicolons or tabs,
-    headers in any case."""
+    ``series`` and ``echo`` to choose, case by case, the DICOM series of a folder holding several
+    and the echo of a multi-echo series, as --series and --echo do; other columns are ignored).
+    Relative input paths are relative to the manifest's folder. As spreadsheets save it: UTF-8
+    with or without a byte-order mark, commas, semicolons or tabs, headers in any case."""
     path = Path(path)
     if not path.is_file():
         raise InputError("manifest does not exist", path)
@@ -51,17 +60,27 @@ def read_manifest(path: str | Path) -> list[tuple[str, list[str]]]:
             raise InputError(f"line {line}: duplicate case id {case_id!r}", path)
         seen.add(case_id)
         inputs = [row[c].strip() for c in ["input", *extra] if (row.get(c) or "").strip()]
-        cases.append((case_id, [str((path.parent / p) if not Path(p).is_absolute() else p) for p in inputs]))
+        choices = {}
+        if (row.get("series") or "").strip():
+            choices["series"] = row["series"].strip()
+        if (row.get("echo") or "").strip():
+            if not row["echo"].strip().isdigit() or int(row["echo"]) < 1:
+                raise InputError(f"line {line}: echo {row['echo'].strip()!r} is not an echo number (1, 2, ...)", path)
+            choices["echo"] = int(row["echo"])
+        cases.append(ManifestCase(case_id, [str((path.parent / p) if not Path(p).is_absolute() else p)
+                                            for p in inputs], choices))
     if not cases:
         raise InputError("manifest lists no cases", path)
     return cases
 
 
-def run_one(card: TaskCard, case_id: str, inputs: list[str], output: Path, options: RunOptions,
-            progress: Progress, bars: bool = True) -> tuple:
+def run_one(card: TaskCard, case: ManifestCase, output: Path, options: RunOptions, progress: Progress,
+            bars: bool = True) -> tuple:
     """One case -> its summary row; never raises for the case's own failure (the cohort goes on).
     The same function runs in the local pool and on a Dask worker. Its messages name the case;
     ``bars`` False: no step bars (cases side by side)."""
+    case_id, inputs = case.id, case.inputs
+    options = dataclasses.replace(options, **case.choices)  # its own series / echo over the command's
     progress = progress.for_case(case_id, bars)
     earlier = None if options.overwrite else finished_result(output / case_id)
     if earlier is not None:  # a re-run resumes: finished cases are not redone
@@ -179,18 +198,18 @@ def run_manifest(card: TaskCard, manifest: str | Path, output: str | Path, optio
     output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     get_app()  # the MRML application once, before the workers share it
-    count = CohortCount(progress, [case_id for case_id, _ in cases], output)
+    count = CohortCount(progress, [c.id for c in cases], output)
     # cases a process died on run first and alone: a death beside another case would count for both
-    suspects = [c for c in cases if not options.overwrite and _suspect(output, c[0])]
-    rows = {c[0]: count.finished(run_one(card, c[0], c[1], output, options, progress)) for c in suspects}
-    rest = [c for c in cases if c[0] not in rows]
+    suspects = [c for c in cases if not options.overwrite and _suspect(output, c.id)]
+    rows = {c.id: count.finished(run_one(card, c, output, options, progress)) for c in suspects}
+    rest = [c for c in cases if c.id not in rows]
     if workers <= 1:
-        rows.update((c[0], count.finished(run_one(card, c[0], c[1], output, options, progress))) for c in rest)
+        rows.update((c.id, count.finished(run_one(card, c, output, options, progress))) for c in rest)
     else:
         with ThreadPoolExecutor(workers, thread_name_prefix="case") as pool:
-            rows.update(zip((c[0] for c in rest), pool.map(
-                lambda c: count.finished(run_one(card, c[0], c[1], output, options, progress, bars=False)), rest)))
-    rows = [rows[case_id] for case_id, _ in cases]
+            rows.update(zip((c.id for c in rest), pool.map(
+                lambda c: count.finished(run_one(card, c, output, options, progress, bars=False)), rest)))
+    rows = [rows[c.id] for c in cases]
     return finish_manifest(rows, output, time.perf_counter() - started, progress)
 
 
@@ -213,10 +232,10 @@ def run_manifest_on_cluster(card: TaskCard, manifest: str | Path, output: str | 
     except OSError as exc:
         raise InputError(f"cannot reach the Dask scheduler ({exc})", scheduler) from None
     with client:
-        futures = {client.submit(_run_one_on_worker, card.name, case_id, inputs, str(output), options,
-                                 key=f"spinekneeseg-{card.name}-{case_id}-{time.time_ns()}", pure=False): case_id
-                   for case_id, inputs in cases}
-        rows, count = {}, CohortCount(progress, [case_id for case_id, _ in cases], output)
+        futures = {client.submit(_run_one_on_worker, card.name, case, str(output), options,
+                                 key=f"spinekneeseg-{card.name}-{case.id}-{time.time_ns()}", pure=False): case.id
+                   for case in cases}
+        rows, count = {}, CohortCount(progress, [c.id for c in cases], output)
         try:
             for future in as_completed(futures):
                 try:
@@ -228,17 +247,17 @@ def run_manifest_on_cluster(card: TaskCard, manifest: str | Path, output: str | 
         except BaseException:
             client.cancel(list(futures))
             raise
-    return finish_manifest([rows[case_id] for case_id, _ in cases], output, time.perf_counter() - started, progress)
+    return finish_manifest([rows[c.id] for c in cases], output, time.perf_counter() - started, progress)
 
 
-def _run_one_on_worker(task: str, case_id: str, inputs: list[str], output: str, options: RunOptions) -> tuple:
+def _run_one_on_worker(task: str, case: ManifestCase, output: str, options: RunOptions) -> tuple:
     from SpineKneeSegLib.core.memory import imports_done, keep_freed_memory, pause_collection
     from SpineKneeSegLib.engine.cards import get_task  # the worker process loads the task plug-ins itself
 
     keep_freed_memory()  # as the command line does in its own process
     pause_collection()  # till this first case's imports are done (then frozen); later cases: nothing
     try:
-        return run_one(get_task(task), case_id, inputs, Path(output), options, Progress("none"))
+        return run_one(get_task(task), case, Path(output), options, Progress("none"))
     finally:
         imports_done()  # a case refused before its imports must not leave the worker's collector off
 
