@@ -137,6 +137,11 @@ def test_foramina_markups_and_scene(tmp_path, tiny_weights, phantom_files):
     assert len(list(_nodes(app.scene, "vtkMRMLMarkupsFiducialNode"))) == 1
 
 
+def _summary_rows(out: Path) -> dict:
+    """A cohort's summary.tsv: case id -> its row's cells."""
+    return {row[0]: row for row in (line.split("\t") for line in (out / "summary.tsv").read_text().splitlines()[1:])}
+
+
 def test_no_weights_exits_3(tmp_path, phantom_files, capsys, monkeypatch):
     monkeypatch.setenv("SPINEKNEESEG_MODELS", str(tmp_path / "empty-registry"))
     code = cli.main(["run", "--task", "knee-bones", str(phantom_files["knee-bones"]), "-o", str(tmp_path / "o")])
@@ -239,8 +244,9 @@ def test_a_manifest_chooses_the_series_and_the_echo_case_by_case(tmp_path, tiny_
     out = tmp_path / "out"
     assert cli.main(["run", "--task", "knee-bones", "--manifest", str(manifest), "-o", str(out),
                      "--weights", str(tiny_weights["knee-bones"]), "--progress", "none"]) == 2
-    rows = {line.split("\t")[0]: line.split("\t") for line in (out / "summary.tsv").read_text().splitlines()[1:]}
-    assert rows["chosen"][1] == "ok" and rows["unchosen"][1:3] == ["failed", "2"] and "2 DICOM series" in rows["unchosen"][3]
+    rows = _summary_rows(out)
+    assert rows["chosen"][1] == "ok"
+    assert rows["unchosen"][1:3] == ["failed", "2"] and "2 DICOM series" in rows["unchosen"][3]
     reports = {case: json.loads((out / case / "report.json").read_text()) for case in
                ("chosen", "second-echo", "first-echo")}
     assert reports["chosen"]["inputs"][0]["shape_kji"][0] == 8  # the 8-slice series, not the 6-slice localiser
@@ -258,7 +264,7 @@ def test_a_manifest_row_without_an_input_fails_that_case_only(tmp_path, tiny_wei
     out = tmp_path / "out"
     assert cli.main(["run", "--task", "knee-bones", "--manifest", str(manifest), "-o", str(out),
                      "--weights", str(tiny_weights["knee-bones"]), "--progress", "none"]) == 2
-    rows = {line.split("\t")[0]: line.split("\t") for line in (out / "summary.tsv").read_text().splitlines()[1:]}
+    rows = _summary_rows(out)
     assert rows["empty"][1:4] == ["failed", "2", "the manifest gives no input for this case"]
     assert rows["good"][1] == "ok"
 
@@ -385,15 +391,15 @@ def test_a_case_the_process_dies_on_twice_is_reported_and_not_run_again(tmp_path
     assert (out / ".a.deaths").read_text().split() == ["1"]
 
     assert cli.main(args) == 1
-    rows = {line.split("\t")[0]: line.split("\t") for line in (out / "summary.tsv").read_text().splitlines()[1:]}
+    rows = _summary_rows(out)
     assert rows["a"][1:3] == ["failed", "1"] and "ended without finishing 2 times" in rows["a"][3]
     assert str(out / ".a.deaths") in rows["a"][3] and not (out / "a").exists()
     assert rows["b"][1] == "ok" and not (out / ".b.deaths").exists()
 
     (out / ".a.deaths").unlink()  # as the message says: a runs again
     assert cli.main(args) == 0
-    rows = {line.split("\t")[0]: line.split("\t")[1] for line in (out / "summary.tsv").read_text().splitlines()[1:]}
-    assert rows == {"a": "ok", "b": "skipped"} and not (out / ".a.deaths").exists()
+    assert {case: row[1] for case, row in _summary_rows(out).items()} == {"a": "ok", "b": "skipped"}
+    assert not (out / ".a.deaths").exists()
 
 
 def test_oblique_left_handed_input_keeps_exact_geometry(tmp_path, tiny_weights):

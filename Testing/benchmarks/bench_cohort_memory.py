@@ -55,7 +55,7 @@ def main(argv=None) -> int:
             if event.get("stage") == "cohort":  # a case has ended
                 memory.append(resident_mb(run.pid))
             failed += event.get("level") == "error"
-        if run.wait() not in (0,) or failed:
+        if run.wait() != 0 or failed:
             print(f"the cohort did not run cleanly (exit {run.returncode}, {failed} failed cases)")
             return 1
     n = len(cases)

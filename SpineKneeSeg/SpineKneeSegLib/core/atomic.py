@@ -175,10 +175,9 @@ def clear_stale_lock(target: str | os.PathLike) -> bool:
     """Remove the output lock of ``target`` when the process that holds it is gone (it was killed
     after writing its result, before releasing the lock); True if one was removed. A manifest's
     re-run calls it for the finished cases it skips, which it never locks itself."""
-    lock = _lock_path(target)
-    if _owner_gone(_lock_owner(lock)):
+    if lock_is_stale(target):
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(lock)
+            os.unlink(_lock_path(target))
             return True
     return False
 

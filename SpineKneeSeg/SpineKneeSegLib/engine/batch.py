@@ -113,8 +113,12 @@ def run_one(card: TaskCard, case: ManifestCase, output: Path, options: RunOption
 
 def _suspect(output: Path, case_id: str) -> bool:
     """A process died on this unfinished case before (counted, or its lock left behind)."""
-    return (output / f".{case_id}.deaths").exists() or (lock_is_stale(output / case_id)
+    return _deaths_record(output, case_id).exists() or (lock_is_stale(output / case_id)
                                                          and finished_result(output / case_id) is None)
+
+
+def _deaths_record(output: Path, case_id: str) -> Path:
+    return output / f".{case_id}.deaths"
 
 
 DEATHS_BEFORE_GIVING_UP = 2  # a case on which the process died this often is reported, not run again
@@ -126,7 +130,7 @@ def count_deaths(output: Path, case_id: str, overwrite: bool) -> tuple[int, Path
     is one such death (out of memory, a crash in native code, kill -9): it is counted, then
     cleared. Without this a case that kills the process would stop every re-run of the cohort at
     the same place. ``overwrite`` starts the count afresh."""
-    record = output / f".{case_id}.deaths"
+    record = _deaths_record(output, case_id)
     if overwrite:
         record.unlink(missing_ok=True)
     try:
