@@ -304,17 +304,20 @@ def test_a_manifest_with_two_workers_names_the_case_in_every_message(mode, tmp_p
         assert len(ends) == 2 and ends[-1].endswith("(2/2)")  # each case's end counts the cohort
 
 
-def test_the_cohort_count_gives_done_of_total_and_the_time_left_at_the_rate_of_cases_run():
+def test_the_cohort_count_gives_done_of_total_and_the_time_left_at_the_rate_of_cases_run(monkeypatch):
     import io
+    from types import SimpleNamespace
 
     from SpineKneeSegLib.core.progress import Progress
-    from SpineKneeSegLib.engine.batch import CohortCount
+    from SpineKneeSegLib.engine import batch
 
+    clock = [100.0]  # the count's own clock, so that a stall of the machine cannot move the figures
+    monkeypatch.setattr(batch, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     log = io.StringIO()
-    count = CohortCount(Progress("bar", stream=log), ["a", "b", "c", "d", "e"])
+    count = batch.CohortCount(Progress("bar", stream=log), ["a", "b", "c", "d", "e"])
     count.finished(("a", "skipped", 0, "finished earlier", "", "", ""))
     count.finished(("b", "failed", 2, "b.nii.gz: empty", "", "", ""))
-    count.started -= 6.0  # one case ok in 6 s: 10 cases/min, 2 cases left: 12 s
+    clock[0] += 6.0  # one case ok in 6 s: 10 cases/min, 2 cases left: 12 s
     count.finished(("c", "ok", 0, "", "", "", ""))
     count.finished(("d", "ok", 0, "", "", "", ""))
     count.finished(("e", "ok", 0, "", "", "", ""))
