@@ -129,3 +129,19 @@ def test_sweep_removes_only_folders_of_dead_processes(tmp_path):
     assert [p.name for p in removed] == [f".out.partial.{dead.pid}.abc"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [f".out.partial.{live.pid}.abc", f".out.partial.{os.getpid()}.abc", ".out.partial.legacy"])
+
+
+def test_a_run_that_lost_its_lock_to_another_does_not_commit(case):
+    """Frozen past its lease (or cut off from a shared file system), a run finds on waking that a
+    run elsewhere took its folder over: it must not commit its result over that run's."""
+    tmp_path, temp, env, command = case
+    env = {**env, "SPINEKNEESEG_PAUSE_AT_STAGE": "staged:3", "SPINEKNEESEG_LOCK_LEASE_S": "1.2"}
+    proc = _start_and_wait_for_staging(tmp_path, env, command)
+    taken = json.dumps({"pid": 4242, "host": "node-7", "pidns": None, "started": "2026-12-07 09:00:00"})
+    (tmp_path / ".out.lock").write_text(taken)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, err
+    assert "lost its output lock" in err and "its result was not written" in err
+    assert not (tmp_path / "out").exists()
+    assert _leftovers(tmp_path, temp) == []
+    assert (tmp_path / ".out.lock").read_text() == taken  # the new owner's lock is left to it

@@ -5,6 +5,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 _UMASK = os.umask(0o022)  # read the process umask once (setting it back at once)
@@ -48,23 +49,29 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def sweep_stale(parent: Path, prefix: str) -> list[Path]:
+def sweep_stale(parent: Path, prefix: str, every: bool = False) -> list[Path]:
     """Remove folders ``<prefix><pid>.*`` in ``parent`` left by runs that died (SIGKILL, power
-    loss); a live run's folder (its process still exists) is left alone. Returns what was removed."""
+    loss); a live run's folder (its process still exists) is left alone. ``every``: all but this
+    process's, for a caller that holds the target's lock (the pids may be another machine's).
+    Returns what was removed."""
     removed = []
     with contextlib.suppress(OSError):
         for item in parent.glob(f"{prefix}*"):
             pid = item.name[len(prefix):].split(".", 1)[0].split("-", 1)[0]
-            if item.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            if item.is_dir() and pid.isdigit() and int(pid) != os.getpid() and (every or not pid_alive(int(pid))):
                 shutil.rmtree(item, ignore_errors=True)
                 removed.append(item)
     return removed
 
 
+def _staging_prefix(name: str) -> str:
+    return f".{name}.partial."
+
+
 def staging_dir(parent: Path, name: str) -> Path:
     """A hidden staging folder ``.<name>.partial.<pid>.<random>`` beside the output; stale ones of
     dead runs into the same place are swept first."""
-    prefix = f".{name}.partial."
+    prefix = _staging_prefix(name)
     sweep_stale(parent, prefix)
     return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}.", dir=parent))
 
@@ -126,34 +133,129 @@ def check_writable_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+LEASE_ENV = "SPINEKNEESEG_LOCK_LEASE_S"
+DEFAULT_LEASE_S = 30.0  # a lock of another machine silent this long is taken over
+
+
+def lock_lease_s() -> float:
+    """How long a lock of another machine (a cluster's node, a container) may go without its owner's
+    heartbeat before it counts as left by a dead run: $SPINEKNEESEG_LOCK_LEASE_S, default 30 s."""
+    try:
+        lease = float(os.environ.get(LEASE_ENV, ""))
+    except ValueError:
+        return DEFAULT_LEASE_S
+    return lease if lease > 0 else DEFAULT_LEASE_S
+
+
+class HeldLock:
+    """An output lock this process holds. A daemon thread refreshes the file's modification time
+    every lease / 6 (the heartbeat by which another machine, which cannot ask whether our pid lives,
+    sees that the run goes on), and notes when the file no longer holds our claim: a run on another
+    machine took it over after our heartbeat stopped (this process frozen, or its file system cut
+    off). ``check`` then refuses to commit the result. The thread is stopped around every fork
+    (``_HELD``), so the run's forked writers still start from a one-thread process."""
+
+    def __init__(self, path: Path, claim: str):
+        self.path, self.claim, self.lost, self._released = path, claim, False, False
+        self._start()
+        _HELD.add(self)
+
+    def _start(self) -> None:
+        import threading
+
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, args=(self._stop,), name="output-lock-heartbeat",
+                                        daemon=True)
+        self._thread.paused_at_fork = True  # core/beside.can_fork: not a thread the fork would copy
+        self._thread.start()
+
+    def _beat(self, stop) -> None:
+        while not stop.wait(lock_lease_s() / 6):
+            try:
+                if self.path.read_text() != self.claim:
+                    self.lost = True
+                    return
+                os.utime(self.path)
+            except OSError:  # the file is gone
+                self.lost = True
+                return
+
+    def _pause(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _resume(self) -> None:
+        if not (self._released or self.lost):
+            self._start()
+
+    def check(self, target) -> None:
+        from SpineKneeSegLib.core.errors import OutputBusy
+
+        if self.lost:
+            raise OutputBusy("this run lost its output lock (its heartbeat stopped for longer than the lease, "
+                             f"{lock_lease_s():g} s, and another run took the folder over); its result was not "
+                             "written", target)
+
+    def release(self) -> None:
+        self._released = True
+        _HELD.discard(self)
+        self._pause()
+        with contextlib.suppress(FileNotFoundError):
+            if self.path.read_text() == self.claim:
+                os.unlink(self.path)
+
+
+_HELD: weakref.WeakSet = weakref.WeakSet()  # this process's held locks, whose heartbeats pause for a fork
+
+
+def _pause_heartbeats() -> None:
+    for held in list(_HELD):
+        held._pause()
+
+
+def _resume_heartbeats() -> None:
+    for held in list(_HELD):
+        held._resume()
+
+
+def _forget_heartbeats() -> None:  # a forked child holds no lock: it never beats or releases the parent's
+    _HELD.clear()
+
+
+os.register_at_fork(before=_pause_heartbeats, after_in_parent=_resume_heartbeats, after_in_child=_forget_heartbeats)
+
+
 @contextlib.contextmanager
 def output_lock(target: str | os.PathLike):
     """Hold ``.<name>.lock`` beside the output folder for the whole run: a second run into the same
-    folder while this one lives raises OutputBusy (naming the owner); a lock left by a dead process
-    (SIGKILL, power loss) is taken over. The lock holds the owner's pid, host and start time."""
+    folder while this one lives raises OutputBusy (naming the owner). A lock left by a dead run
+    (SIGKILL, power loss, a lost cluster node) is taken over: at once where its process is of this
+    machine and gone, else once it has gone a whole lease without a heartbeat (``HeldLock``): a
+    run that meets a young lock of another machine watches it for up to that long. The lock
+    holds the owner's pid, host, pid namespace and start time. Yields the ``HeldLock``."""
     import json
-    import socket
     import time
 
     from SpineKneeSegLib.core.errors import OutputBusy
 
     lock = _lock_path(target)
     lock.parent.mkdir(parents=True, exist_ok=True)
-    mine = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+    mine = json.dumps({"pid": os.getpid(), **_this_machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S")})
     for _ in range(5):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             owner = _lock_owner(lock)
-            if _owner_gone(owner):
-                with contextlib.suppress(FileNotFoundError):  # stale: its process is gone; take it over
-                    os.unlink(lock)
+            if _owner_gone(owner, lock, wait=True):  # stale: its process is gone; take it over
+                _remove_dead_runs_lock(target)
                 continue
             if owner is None:  # being written this very moment (or left empty by a process killed then)
                 with contextlib.suppress(OSError):
                     if time.time() - lock.stat().st_mtime > 10:
                         os.unlink(lock)
                 time.sleep(0.05)
+                continue
+            if not lock.exists():  # its run finished while we watched it
                 continue
             raise OutputBusy(f"another run (process {owner.get('pid')} on {owner.get('host')}, started "
                              f"{owner.get('started')}) is writing to this output folder; wait for it to "
@@ -163,28 +265,40 @@ def output_lock(target: str | os.PathLike):
         break
     else:
         raise OutputBusy(f"could not take the output folder's lock {lock.name}", target)
+    held = HeldLock(lock, mine)
     try:
-        yield lock
+        yield held
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            if lock.read_text() == mine:
-                os.unlink(lock)
+        held.release()
 
 
-def clear_stale_lock(target: str | os.PathLike) -> bool:
-    """Remove the output lock of ``target`` when the process that holds it is gone (it was killed
+def clear_stale_lock(target: str | os.PathLike, wait: bool = False) -> bool:
+    """Remove the output lock of ``target`` when the run that holds it is gone (it was killed
     after writing its result, before releasing the lock); True if one was removed. A manifest's
-    re-run calls it for the finished cases it skips, which it never locks itself."""
-    if lock_is_stale(target):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(_lock_path(target))
-            return True
-    return False
+    re-run calls it for the finished cases it skips, which it never locks itself. ``wait``: watch
+    a young lock of another machine for up to its lease (``output_lock``)."""
+    return lock_is_stale(target, wait) and _remove_dead_runs_lock(target)
 
 
-def lock_is_stale(target: str | os.PathLike) -> bool:
-    """``target``'s output lock is held by a process of this host that is gone."""
-    return _owner_gone(_lock_owner(_lock_path(target)))
+def _remove_dead_runs_lock(target: str | os.PathLike) -> bool:
+    """Remove a dead run's lock, after its staging folders: only a run that holds the lock stages
+    into the target, so any there are the dead run's, whether its pid was this machine's or
+    another's (then ``staging_dir``'s own sweep, by pid, could not judge them)."""
+    lock = _lock_path(target)
+    sweep_stale(lock.parent, _staging_prefix(Path(target).name), every=True)
+    try:
+        os.unlink(lock)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def lock_is_stale(target: str | os.PathLike, wait: bool = False) -> bool:
+    """``target``'s output lock is held by a run that is gone: a process of this machine that no
+    longer exists, or a lock of another machine without a heartbeat for a whole lease (``wait``:
+    watched for up to the rest of that lease when younger)."""
+    lock = _lock_path(target)
+    return _owner_gone(_lock_owner(lock), lock, wait)
 
 
 def _lock_path(target: str | os.PathLike) -> Path:
@@ -193,11 +307,77 @@ def _lock_path(target: str | os.PathLike) -> Path:
     return (target.parent if str(target.parent) else Path(".")) / f".{target.name}.lock"
 
 
-def _owner_gone(owner: dict | None) -> bool:
-    """A lock's owner (``_lock_owner``) is a process of this host that no longer exists."""
+def _this_machine() -> dict:
+    """Where a pid means this process: the host name, and the pid namespace (containers that share
+    a host name do not share pids)."""
     import socket
 
-    return bool(owner) and owner.get("host") == socket.gethostname() and not pid_alive(int(owner["pid"]))
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:  # not Linux
+        namespace = None
+    return {"host": socket.gethostname(), "pidns": namespace}
+
+
+def _owner_gone(owner: dict | None, lock: Path, wait: bool = False) -> bool:
+    """A lock's owner (``_lock_owner``) is gone: a process of this machine that no longer exists,
+    or for another machine's, no heartbeat for a whole lease (``_silent_for_lease``)."""
+    if not owner:
+        return False
+    here = _this_machine()
+    if owner.get("host") == here["host"] and owner.get("pidns", here["pidns"]) == here["pidns"]:
+        return not pid_alive(int(owner["pid"]))
+    return _silent_for_lease(lock, wait)
+
+
+def _silent_for_lease(lock: Path, wait: bool) -> bool:
+    """``lock`` was not refreshed for a whole lease, judged by the file system's clock (the
+    machines' clocks may differ); ``wait``: a younger lock is watched until its lease ends, and
+    any change to it (a heartbeat, a release) ends the watch with False."""
+    import time
+
+    first = _modified(lock)
+    if first is None:
+        return False
+    lease = lock_lease_s()
+    left = lease - (_file_system_now(lock.parent) - first)
+    if left <= 0:
+        return True
+    if not wait:
+        return False
+    deadline = time.monotonic() + left
+    while time.monotonic() < deadline:
+        time.sleep(min(lease / 12, 1.0, max(deadline - time.monotonic(), 0.0)))
+        if _modified(lock) != first:
+            return False
+    return True
+
+
+def _modified(path: Path) -> float | None:
+    """The file's modification time, asked of the file server (an open revalidates NFS's cached
+    attributes); None when it is gone."""
+    try:
+        with open(path, "rb") as f:
+            return os.fstat(f.fileno()).st_mtime
+    except OSError:
+        return None
+
+
+def _file_system_now(folder: Path) -> float:
+    """The clock that stamps the lock's modification time: that of a file made now in ``folder``
+    (a shared file system's server), else this machine's."""
+    import time
+
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".clock.", dir=folder)
+    except OSError:
+        return time.time()
+    try:
+        return os.fstat(fd).st_mtime
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
 
 
 def _lock_owner(lock: Path) -> dict | None:

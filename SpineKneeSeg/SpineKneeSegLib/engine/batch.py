@@ -127,8 +127,8 @@ DEATHS_BEFORE_GIVING_UP = 2  # a case on which the process died this often is re
 def count_deaths(output: Path, case_id: str, overwrite: bool) -> tuple[int, Path]:
     """How many times a process died while running this case, and the file that counts them
     (``.<id>.deaths`` beside its folder). A lock that a gone process left on an unfinished case
-    is one such death (out of memory, a crash in native code, kill -9): it is counted, then
-    cleared. Without this a case that kills the process would stop every re-run of the cohort at
+    is one such death (out of memory, a crash in native code, kill -9, a cluster node lost): it is
+    counted, then cleared. Without this a case that kills the process would stop every re-run of the cohort at
     the same place. ``overwrite`` starts the count afresh."""
     record = _deaths_record(output, case_id)
     if overwrite:
@@ -137,7 +137,7 @@ def count_deaths(output: Path, case_id: str, overwrite: bool) -> tuple[int, Path
         deaths = int(record.read_text().split()[0])
     except (OSError, ValueError, IndexError):
         deaths = 0
-    if clear_stale_lock(output / case_id):
+    if clear_stale_lock(output / case_id, wait=True):  # another machine's young lock: watched for its lease
         deaths += 1
         write_text_atomic(record, f"{deaths}\n")
     return deaths, record

@@ -17,6 +17,7 @@ import numpy as np
 
 from SpineKneeSegLib import __version__
 from SpineKneeSegLib.core.atomic import (
+    HeldLock,
     atomic_directory,
     check_writable_dir,
     output_lock,
@@ -300,12 +301,13 @@ def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options:
     progress = progress or Progress("none")
     output_dir = Path(output_dir)
     check_writable_dir(output_dir)
-    with output_lock(output_dir), contextlib.ExitStack() as run_scope:
+    with output_lock(output_dir) as lock, contextlib.ExitStack() as run_scope:
         earlier = finished_result(output_dir)
         if earlier is not None and not options.overwrite:
             raise OutputBusy(f"already holds a finished result ({earlier.summary}); pass --overwrite to "
                              "replace it, or choose another output folder", output_dir)
-        return _run_locked(card, inputs, output_dir, options, progress, earlier.outputs if earlier else (), run_scope)
+        return _run_locked(card, inputs, output_dir, options, progress, earlier.outputs if earlier else (), run_scope,
+                           lock)
 
 
 @dataclass(frozen=True)
@@ -332,7 +334,7 @@ def finished_result(folder: Path, report_name: str = "report.json") -> EarlierRe
 
 
 def _run_locked(card: TaskCard, inputs: list[str], output_dir: Path, options: RunOptions, progress: Progress,
-                stale: tuple[str, ...], run_scope: contextlib.ExitStack) -> dict:
+                stale: tuple[str, ...], run_scope: contextlib.ExitStack, lock: HeldLock) -> dict:
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -526,6 +528,7 @@ def _run_locked(card: TaskCard, inputs: list[str], output_dir: Path, options: Ru
             report["timings_s"]["startup"] = round((options.startup_s or 0.0) + imports_s, 4)
             report["timings_s"]["startup_measured"] = options.startup_s is not None  # else: the late imports only
             (stage / "report.json").write_text(json.dumps(report, indent=2))
+            lock.check(output_dir)  # a run that lost its lock to another does not commit over that one's
     except Exception as exc:  # a writer's own message (VTK, ITK) hides a full disk or a lost permission
         problem = storage_problem(output_dir)
         if problem is None:

@@ -1,0 +1,178 @@
+"""Output locks beyond one machine (issue 25, part 4: the same resume rule on a cluster). A run
+on another machine, a cluster node or a container, cannot be asked whether its pid lives: its lock
+is judged by its heartbeat (the file's modification time, refreshed every lease / 6). A lock that
+keeps beating is busy; one silent for a whole lease ($SPINEKNEESEG_LOCK_LEASE_S) was left by a dead
+run and is taken over, and counts as a death of its case in a cohort. The other machine's lock is
+the real file a run there writes (its JSON claim), with the host name it would hold."""
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from SpineKneeSegLib import cli
+from SpineKneeSegLib.core.atomic import LEASE_ENV, _this_machine, lock_is_stale, output_lock
+from SpineKneeSegLib.core.errors import OutputBusy
+from SpineKneeSegLib.core.image_io import write_image
+from SpineKneeSegLib.engine.weights import initialise_weights
+from SpineKneeSegLib.tasks import make_phantom
+
+
+def _claim(lock: Path, host: str = "node-7", pid: int = 4242, **extra) -> None:
+    lock.write_text(json.dumps({"pid": pid, "host": host, "pidns": "pid:[4026531836]",
+                                "started": "2026-12-07 09:00:00", **extra}))
+
+
+def _beat(lock: Path, stop: threading.Event, every: float = 0.05) -> threading.Thread:
+    """The other machine's run, alive: its heartbeat refreshes the lock."""
+    def beat():
+        while not stop.wait(every):
+            os.utime(lock)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    return thread
+
+
+def _age(path: Path, seconds: float) -> None:
+    old = time.time() - seconds
+    os.utime(path, (old, old))
+
+
+def test_a_held_lock_beats_and_is_released(tmp_path, monkeypatch):
+    monkeypatch.setenv(LEASE_ENV, "0.6")  # a heartbeat every 0.1 s
+    lock_file = tmp_path / ".out.lock"
+    with output_lock(tmp_path / "out") as held:
+        claim = json.loads(lock_file.read_text())
+        assert claim["pid"] == os.getpid() and claim["host"] == _this_machine()["host"]
+        assert claim["pidns"] == _this_machine()["pidns"]
+        _age(lock_file, 60)
+        time.sleep(0.4)
+        assert time.time() - lock_file.stat().st_mtime < 0.3  # refreshed since
+        assert not held.lost
+        held.check(tmp_path / "out")
+    assert not lock_file.exists()
+
+
+def test_the_heartbeat_steps_aside_for_a_fork_and_comes_back(tmp_path, monkeypatch):
+    """The run's writers are forked from a one-thread process (core/beside.can_fork): the heartbeat
+    stops for the fork, and the child neither beats nor releases the parent's lock."""
+    from SpineKneeSegLib.core.beside import ChildJob, can_fork
+
+    monkeypatch.setenv(LEASE_ENV, "0.6")
+    lock_file = tmp_path / ".out.lock"
+    with output_lock(tmp_path / "out"):
+        assert can_fork()
+        assert ChildJob(threading.active_count).result() == 1
+        _age(lock_file, 60)
+        time.sleep(0.4)
+        assert time.time() - lock_file.stat().st_mtime < 0.3  # beating again after the fork
+    assert not lock_file.exists()
+
+
+def test_a_lock_another_machine_keeps_beating_is_busy(tmp_path, monkeypatch):
+    monkeypatch.setenv(LEASE_ENV, "5")
+    lock_file = tmp_path / ".out.lock"
+    _claim(lock_file)
+    stop = threading.Event()
+    _beat(lock_file, stop)
+    started = time.monotonic()
+    try:
+        with pytest.raises(OutputBusy, match=r"another run \(process 4242 on node-7"):
+            with output_lock(tmp_path / "out"):
+                pass
+    finally:
+        stop.set()
+    assert time.monotonic() - started < 2.0  # seen alive within a few polls, not after the lease
+    assert json.loads(lock_file.read_text())["host"] == "node-7"  # left to its owner
+
+
+def test_a_silent_lock_of_another_machine_is_taken_over_when_its_lease_ends(tmp_path, monkeypatch):
+    monkeypatch.setenv(LEASE_ENV, "1.5")
+    lock_file = tmp_path / ".out.lock"
+    _claim(lock_file)  # just written: its node died a moment ago
+    staging = tmp_path / f".out.partial.{os.getppid()}.abc"  # the node's; the pid is a live one here
+    staging.mkdir()
+    assert not lock_is_stale(tmp_path / "out")  # too young to judge without watching it
+    started = time.monotonic()
+    with output_lock(tmp_path / "out"):
+        waited = time.monotonic() - started
+        assert json.loads(lock_file.read_text())["pid"] == os.getpid()
+        assert not staging.exists()
+    assert 1.0 <= waited < 4.0  # watched for the rest of its lease, then taken over
+
+
+def test_an_old_lock_of_another_machine_is_stale_at_once(tmp_path):
+    lock_file = tmp_path / ".out.lock"
+    _claim(lock_file)
+    _age(lock_file, 3600)  # default lease, 30 s
+    assert lock_is_stale(tmp_path / "out")
+    started = time.monotonic()
+    with output_lock(tmp_path / "out"):
+        assert time.monotonic() - started < 1.0
+
+
+def test_the_same_host_name_in_another_pid_namespace_is_judged_by_its_heartbeat(tmp_path, monkeypatch):
+    """Containers sharing a host name (host networking) do not share pids: a pid that does not
+    exist here may be a live run there."""
+    monkeypatch.setenv(LEASE_ENV, "5")
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    here = _this_machine()
+    lock_file = tmp_path / ".out.lock"
+    _claim(lock_file, host=here["host"], pid=dead, pidns="pid:[1]")
+    assert not lock_is_stale(tmp_path / "out")
+    _age(lock_file, 60)
+    assert lock_is_stale(tmp_path / "out")
+    _claim(lock_file, host=here["host"], pid=dead, pidns=here["pidns"])  # this machine's: the pid decides
+    assert lock_is_stale(tmp_path / "out")
+
+
+def test_a_lock_taken_over_from_a_holder_is_noticed_by_the_holder(tmp_path, monkeypatch):
+    monkeypatch.setenv(LEASE_ENV, "0.6")
+    lock_file = tmp_path / ".out.lock"
+    with output_lock(tmp_path / "out") as held:
+        _claim(lock_file)  # another machine took it over while this process was frozen
+        time.sleep(0.4)
+        assert held.lost
+        with pytest.raises(OutputBusy, match="lost its output lock"):
+            held.check(tmp_path / "out")
+    assert json.loads(lock_file.read_text())["host"] == "node-7"  # the release leaves the new owner's lock
+
+
+@pytest.mark.slow
+def test_a_cohort_resumes_after_a_lost_node_and_leaves_a_live_nodes_case(tmp_path, monkeypatch, capsys):
+    """A cohort re-run on another machine: case a's node died mid-case (its lock silent for longer
+    than the lease), case b is being run by a live node. a is taken over, counted as a death and
+    run; b fails as busy, and c runs."""
+    monkeypatch.setenv(LEASE_ENV, "2")
+    weights = tmp_path / "knee.pt"
+    initialise_weights("knee-bones", weights, {"channels": (4, 8)}, seed=1)
+    write_image(make_phantom("knee-bones", seed=1).image, tmp_path / "knee.nii.gz")
+    (tmp_path / "cases.csv").write_text("id,input\na,knee.nii.gz\nb,knee.nii.gz\nc,knee.nii.gz\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    _claim(out / ".a.lock", host="node-3")
+    _age(out / ".a.lock", 600)
+    # the dead node's staging folder; its pid is a live process here, which the node's run was not
+    (out / f".a.partial.{os.getppid()}.x1y2").mkdir()
+    _claim(out / ".b.lock", host="node-7")
+    stop = threading.Event()
+    _beat(out / ".b.lock", stop)
+    try:
+        code = cli.main(["run", "--task", "knee-bones", "--manifest", str(tmp_path / "cases.csv"), "-o", str(out),
+                         "--weights", str(weights)])
+    finally:
+        stop.set()
+    assert code == 2
+    rows = {row[0]: row for row in (line.split("\t") for line in (out / "summary.tsv").read_text().splitlines()[1:])}
+    assert rows["a"][1] == "ok" and (out / "a" / "labels.nii.gz").is_file()
+    assert rows["b"][1:3] == ["failed", "2"] and "another run (process 4242 on node-7" in rows["b"][3]
+    assert rows["c"][1] == "ok"
+    assert not (out / "b").exists() and json.loads((out / ".b.lock").read_text())["host"] == "node-7"
+    assert "a: started (again: the process running it ended, 1 time)" in capsys.readouterr().err
+    assert not (out / ".a.deaths").exists() and not (out / ".a.lock").exists()  # answered: the count is cleared
+    assert not [p.name for p in out.iterdir() if ".partial." in p.name]
