@@ -123,3 +123,50 @@ def test_a_worker_that_dies_running_a_case_fails_that_case_not_the_cohort(tmp_pa
     assert rows["a"][1:3] == ["failed", "1"] and "worker" in rows["a"][3] and "KilledWorker" in rows["a"][3]
     assert rows["b"][1] == "ok" and (out / "b" / "labels.nii.gz").is_file()
     assert "[spinekneeseg] error: a: failed: " in capsys.readouterr().err
+
+
+def test_dask_runs_a_dead_workers_case_again_until_the_deaths_record_stops_it(tmp_path, monkeypatch):
+    """With Dask's own retries (``allowed-failures``, 3 by default) a case whose worker died runs
+    again on another worker, which counts the death from the lock the dead one left. A case that
+    kills its worker twice is then reported failed, not handed round the cluster until Dask gives
+    up with KilledWorker; the other case runs."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import dask
+
+    weights = tmp_path / "knee.pt"
+    initialise_weights("knee-bones", weights, {"channels": (4, 8)}, seed=1)
+    write_image(make_phantom("knee-bones", seed=1).image, tmp_path / "knee.nii.gz")
+    (tmp_path / "cases.csv").write_text("id,input\na,knee.nii.gz\nb,knee.nii.gz\n")
+    out = tmp_path / "out"
+    monkeypatch.setenv("SPINEKNEESEG_PAUSE_AT_STAGE", "loading:3")
+    killed = []
+
+    def kill_each_worker_running_a(times=2):
+        deadline = time.monotonic() + 120
+        while len(killed) < times and time.monotonic() < deadline:
+            try:
+                pid = json.loads((out / ".a.lock").read_text())["pid"]
+                if pid not in killed:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.05)
+
+    with dask.config.set({"distributed.scheduler.allowed-failures": 3}), distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=50) as local:
+        killer = threading.Thread(target=kill_each_worker_running_a)
+        killer.start()
+        code = cli.main(["run", "--task", "knee-bones", "--manifest", str(tmp_path / "cases.csv"), "-o", str(out),
+                         "--weights", str(weights), "--scheduler", local.scheduler_address, "--progress", "none"])
+        killer.join()
+    assert len(killed) == 2 and code == 1
+    rows = {line.split("\t")[0]: line.split("\t") for line in (out / "summary.tsv").read_text().splitlines()[1:]}
+    assert rows["a"][1:3] == ["failed", "1"]
+    assert "not run again" in rows["a"][3] and "2 times" in rows["a"][3] and "KilledWorker" not in rows["a"][3]
+    assert rows["b"][1] == "ok"
+    assert (out / ".a.deaths").read_text().split()[0] == "2" and not (out / ".a.lock").exists()
