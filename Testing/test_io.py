@@ -52,7 +52,7 @@ def _ds(value: float) -> str:
 
 def write_dicom_slice(path: Path, pixels: np.ndarray, *, series_uid: str, position, orientation,
                       pixel_spacing=(0.5, 0.7), echo: int | None = None, echo_time=None,
-                      description="synthetic", instance=1, slope=None, intercept=None):
+                      description="synthetic", instance=1, slope=None, intercept=None, series_number=1):
     """One MR Image Storage file. ``pixel_spacing`` is DICOM's (between rows, between columns)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = MRImageStorage
@@ -64,7 +64,7 @@ def write_dicom_slice(path: Path, pixels: np.ndarray, *, series_uid: str, positi
     ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.1"
     ds.SeriesInstanceUID = series_uid
     ds.SeriesDescription = description
-    ds.SeriesNumber = 1
+    ds.SeriesNumber = series_number
     ds.InstanceNumber = instance
     ds.Modality = "MR"
     ds.PatientName = "Synthetic^Knee"
@@ -250,8 +250,29 @@ def test_two_series_need_a_choice(tmp_path):
     assert read_image(tmp_path, series=uid_b).array.shape == (4, 4, 5)
     listed = {s["uid"]: s for s in list_dicom_series(tmp_path)}
     assert listed[uid_a]["files"] == 3 and listed[uid_b]["description"] == "second"
-    with pytest.raises(InputError, match="not found"):
+    with pytest.raises(InputError, match="no DICOM series matches"):
         read_image(tmp_path, series="1.2.3.4")
+
+
+def test_a_series_is_chosen_by_uid_number_or_description(tmp_path):
+    """A cohort's PACS exports share series numbers and descriptions, not UIDs."""
+    _, localiser = write_dicom_series(tmp_path, _volume((3, 4, 5)), description="3-plane Loc", name="a",
+                                      series_number=1)
+    _, t2 = write_dicom_series(tmp_path, _volume((5, 4, 5)), description="Sag T2 FSE", name="b", series_number=4)
+    _, t1 = write_dicom_series(tmp_path, _volume((4, 4, 5)), description="Sag T1 FSE", name="c", series_number=5)
+    for choice, uid in [(t2, t2), ("4", t2), (" 5 ", t1), (" sag t2 fse ", t2), ("*T1*", t1), ("3-plane loc", localiser),
+                        ("sag t? fse", None)]:
+        if uid is None:
+            with pytest.raises(InputError, match=r"2 DICOM series match 'sag t\? fse'") as err:
+                read_image(tmp_path, series=choice)
+            assert t1 in str(err.value) and t2 in str(err.value) and localiser not in str(err.value)
+            assert "by its UID" in str(err.value) and str(tmp_path) in str(err.value)
+            continue
+        assert read_image(tmp_path, series=choice).meta["series_uid"] == uid, choice
+    for missing in ("7", "axial*", "1.2.3.4"):
+        with pytest.raises(InputError, match="no DICOM series matches") as err:
+            read_image(tmp_path, series=missing)
+        assert "number 4, 'Sag T2 FSE'" in str(err.value)
 
 
 def test_missing_slice_is_refused(tmp_path):
@@ -409,6 +430,22 @@ def test_real_dess_missing_middle_file(tmp_path):
 
 
 @pytest.mark.data
+@pytest.mark.data
+def test_real_series_chosen_by_number_or_description_from_a_mixed_folder(tmp_path):
+    """The DESS (series 5) and MESE (series 8, 8 echoes) exports in one folder, as a PACS export
+    of the study would give them."""
+    for name in ("dess-dicom", "mese-t2-dicom"):
+        for f in _knee(name).iterdir():
+            (tmp_path / f"{name}-{f.name}").symlink_to(f)
+    with pytest.raises(InputError, match="2 DICOM series found") as err:
+        read_image(tmp_path)
+    assert "number 5, 'Sag DESS" in str(err.value) and "number 8, 'T2MAP'" in str(err.value)
+    assert read_image(tmp_path, series="5").array.shape == (80, 512, 512)
+    assert read_image(tmp_path, series="*dess*").array.shape == (80, 512, 512)
+    mese = read_image(tmp_path, series="t2map", echo=3)
+    assert mese.array.shape == (24, 256, 256) and mese.meta["echo"] == 3
+
+
 def test_real_mese_multi_echo():
     folder = _knee("mese-t2-dicom")
     first = read_image(folder)

@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--scene", action="store_true", help="also write scene.mrb (opens in 3D Slicer)")
     run.add_argument("--progress", default="bar", choices=("bar", "json", "none"))
     run.add_argument("--echo", type=int, help="echo number for multi-echo DICOM series (default 1)")
-    run.add_argument("--series", help="SeriesInstanceUID to use from a folder holding several series")
+    run.add_argument("--series", help="the series to use from a DICOM folder holding several: its "
+                     "SeriesInstanceUID, series number or description (* and ? as wildcards, any case)")
     run.add_argument("--batch-size", type=int, default=8, help="slices per forward pass")
     run.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
     run.add_argument("--fuse-views", metavar="PLANES",

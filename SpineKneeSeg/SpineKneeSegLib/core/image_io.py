@@ -11,6 +11,7 @@ and oblique / left-handed geometry are explicit and exact:
 """
 from __future__ import annotations
 
+import fnmatch
 import gzip
 import math
 import os
@@ -527,16 +528,38 @@ def _group_by_series(slices: list[_Slice]) -> dict[str, list[_Slice]]:
 
 def _select_series(slices: list[_Slice], series: str | None, where: Path) -> list[_Slice]:
     groups = _group_by_series(slices)
-    listing = "; ".join(f"{uid} ({g[0].description or 'no description'}, {len(g)} files)"
-                        for uid, g in groups.items())
     if series is not None:
-        if series not in groups:
-            raise InputError(f"DICOM series {series} not found; available: {listing}", where)
-        return groups[series]
+        chosen = series_matching(groups, series)
+        if len(chosen) == 1:
+            return groups[chosen[0]]
+        if not chosen:
+            raise InputError(f"no DICOM series matches {series!r} (a SeriesInstanceUID, a series number or a "
+                             f"series description, * and ? as wildcards); available: {_listing(groups)}", where)
+        raise InputError(f"{len(chosen)} DICOM series match {series!r}: "
+                         f"{_listing({uid: groups[uid] for uid in chosen})}; choose one by its UID", where)
     if len(groups) > 1:
-        raise InputError(f"{len(groups)} DICOM series found: {listing}. Choose one with "
-                         f"series=UID (CLI flag --series UID)", where)
+        raise InputError(f"{len(groups)} DICOM series found: {_listing(groups)}. Choose one with series=UID, "
+                         f"number or description (CLI flag --series)", where)
     return next(iter(groups.values()))
+
+
+def series_matching(groups: dict[str, list[_Slice]], series: str) -> list[str]:
+    """The UIDs of the series ``series`` names: its SeriesInstanceUID; else, all digits, its
+    SeriesNumber; else its SeriesDescription, ignoring case and outer spaces, ``*`` and ``?`` as
+    shell wildcards. A cohort's PACS exports differ in UIDs but share numbers and descriptions."""
+    if series in groups:
+        return [series]
+    text = series.strip()
+    if text.isdigit():
+        return [uid for uid, g in groups.items() if g[0].series_number == int(text)]
+    pattern = text.casefold()
+    described = {uid: g[0].description.strip().casefold() for uid, g in groups.items()}
+    return [uid for uid, d in described.items() if d == pattern or fnmatch.fnmatchcase(d, pattern)]
+
+
+def _listing(groups: dict[str, list[_Slice]]) -> str:
+    return "; ".join(f"{uid} (number {g[0].series_number if g[0].series_number is not None else 'none'}, "
+                     f"{g[0].description or 'no description'!r}, {len(g)} files)" for uid, g in groups.items())
 
 
 def _split_echoes(slices: list[_Slice]) -> dict[int, list[_Slice]]:
