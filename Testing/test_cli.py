@@ -235,12 +235,12 @@ def test_a_manifest_chooses_the_series_and_the_echo_case_by_case(tmp_path, tiny_
     from test_io import write_dicom_series
 
     vol = (np.arange(8 * 32 * 32).reshape(8, 32, 32) % 300).astype(np.int16)
-    _, wanted = write_dicom_series(tmp_path / "study", vol, name="t2")
-    write_dicom_series(tmp_path / "study", vol[:6], name="localiser")
+    _, wanted = write_dicom_series(tmp_path / "study", vol, name="t2", description="Sag T2", series_number=3)
+    write_dicom_series(tmp_path / "study", vol[:6], name="localiser", description="Loc", series_number=1)
     write_dicom_series(tmp_path / "echoes", vol, echoes=[(1, 10.0), (2, 40.0)])
     manifest = tmp_path / "cases.csv"
     manifest.write_text(f"id,input,series,echo\nchosen,study,{wanted},\nunchosen,study,,\n"
-                        f"second-echo,echoes,,2\nfirst-echo,echoes,,\n")
+                        f"second-echo,echoes,,2\nfirst-echo,echoes,,\nby-number,study,3,\nby-name,study,*t2,\n")
     out = tmp_path / "out"
     assert cli.main(["run", "--task", "knee-bones", "--manifest", str(manifest), "-o", str(out),
                      "--weights", str(tiny_weights["knee-bones"]), "--progress", "none"]) == 2
@@ -250,6 +250,9 @@ def test_a_manifest_chooses_the_series_and_the_echo_case_by_case(tmp_path, tiny_
     reports = {case: json.loads((out / case / "report.json").read_text()) for case in
                ("chosen", "second-echo", "first-echo")}
     assert reports["chosen"]["inputs"][0]["shape_kji"][0] == 8  # the 8-slice series, not the 6-slice localiser
+    for case in ("by-number", "by-name"):  # what a whole cohort's exports share
+        assert rows[case][1] == "ok"
+        assert json.loads((out / case / "report.json").read_text())["inputs"][0]["shape_kji"][0] == 8
     assert read_image(out / "chosen" / "labels.nii.gz").same_geometry(read_image(tmp_path / "study", series=wanted))
     centre = {case: float(r["inputs"][0]["checks"]["intensity"].split("centre ")[1].split(",")[0])
               for case, r in reports.items()}
