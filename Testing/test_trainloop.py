@@ -171,8 +171,18 @@ def _ddp_worker(rank, world, port, out):
     run_loop(net, torch.optim.SGD(net.parameters(), lr=0.1), iter(half), _mse,
              LoopConfig(steps=3, tensorboard=False), Path(out), log=lambda m: None)
     torch.save(net.state_dict(), Path(out) / f"rank{rank}.pt")
-    dist.barrier()  # both ranks done before either tears the group down (else gloo may abort at exit)
+    _leave(dist)
+
+
+def _leave(dist):
+    """Both ranks done before either tears the group down, then out without the interpreter's
+    finalisation: gloo's threads sometimes abort it (SIGABRT, 'terminate called without an active
+    exception') after all the work is done, a torch teardown flake, not the loop's."""
+    import os
+
+    dist.barrier()
     dist.destroy_process_group()
+    os._exit(0)
 
 
 def test_data_parallel_averages_gradients_and_equals_one_process_on_the_whole_batch(tmp_path):
@@ -219,3 +229,43 @@ def test_shipping_lists_the_files_in_the_module_cmake(tmp_path):
                      "  Resources/Models/registry.json\n")
     list_in_cmake(models / "brain-wmh-0.4.0.pt")  # after brain-wmh's versions, not after brain-wmh-t1's
     assert cmake.read_text().splitlines()[1] == "  Resources/Models/brain-wmh-0.4.0.pt"
+
+
+def _stream_check_worker(rank, world, port, out):
+    """Under a real process group: rank_stream keeps rank 0's generator and gives rank 1 its own;
+    run_loop notes whether the ranks drew distinct first batches, and warns when they did not."""
+    import os
+
+    import torch.distributed as dist
+    from trainloop import LoopConfig, rank_stream, rank_torch_stream, run_loop
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
+    torch.set_num_threads(1)
+    result = {}
+    rng, gen = np.random.default_rng(11), torch.Generator().manual_seed(11)
+    mine, mine_torch = rank_stream(rng, 11), rank_torch_stream(gen, 11)  # joins the group itself
+    result["kept_own"] = [mine is rng, mine_torch is gen]
+    for name, source in (("seeded", (mine, mine_torch)), ("same", (np.random.default_rng(11),
+                                                                    torch.Generator().manual_seed(11)))):
+        net, messages = _tiny_net(), []
+        state = run_loop(net, torch.optim.SGD(net.parameters(), lr=0.1), stream(source[1], source[0]),
+                         lambda n, b: n(b[0].view(-1, 1, 4, 4)).square().mean(), LoopConfig(steps=2, tensorboard=False),
+                         None, log=messages.append)
+        result[name] = [state["ranks_drew_distinct_batches"], any("same first batch" in m for m in messages)]
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
+    _leave(dist)
+
+
+def test_each_data_parallel_process_draws_its_own_batches(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_stream_check_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["kept_own"] == [True, True] and ranks[1]["kept_own"] == [False, False]
+    assert ranks[0]["seeded"] == [True, False] and ranks[1]["seeded"] == [True, False]  # distinct, no warning
+    assert ranks[0]["same"] == [False, True]  # rank 0 speaks for the run: the warning
+    assert ranks[1]["same"] == [False, False]

@@ -50,7 +50,7 @@ from SpineKneeSegLib.tasks import TASKS  # noqa: E402
 from SpineKneeSegLib.core.atomic import write_text_atomic  # noqa: E402
 from evalhelpers import dice_or
 from modelcard import publish, render
-from trainloop import Evaluation, LoopConfig, run_loop, seed_everything
+from trainloop import Evaluation, LoopConfig, rank_stream, run_loop, seed_everything
 from wmh_metrics import all_metrics  # noqa: E402
 
 CARD = TASKS["brain-wmh"]
@@ -312,6 +312,8 @@ def train(cfg: Config, cases: list[dict], out: Path, log=print) -> dict:
     optimiser = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimiser, mode="max", factor=0.2, patience=5)
     criterion = make_loss(cfg)
+
+    rng = rank_stream(rng, cfg.seed)  # the data above is every rank's; the batches each rank's own
 
     def batches(_step):
         while True:

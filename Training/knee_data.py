@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from knee_synth import BONES, KneeVolume, SynthConfig, synthesise, synthesise_batch
+from trainloop import rank_seed
 
 TASK = "knee-bones"
 
@@ -331,7 +332,7 @@ class SynthBatches(torch.utils.data.IterableDataset):
 
 
 def batch_stream(volumes, synth, cfg: Config, iteration: int):
-    seed = cfg.seed * 100_003 + iteration
+    seed = rank_seed(cfg.seed) * 100_003 + iteration  # a data-parallel process's own stream (rank 0: cfg.seed)
     dataset = SynthBatches(volumes, synth, cfg, seed)
     if cfg.workers <= 0 or volumes[0].labels.device.type != "cpu":
         return iter(dataset)

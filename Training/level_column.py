@@ -35,7 +35,7 @@ from SpineKneeSegLib.engine.models import build_network
 from SpineKneeSegLib.engine.preprocessing import training_slices
 from SpineKneeSegLib.engine.weights import save_checkpoint
 from SpineKneeSegLib.tasks import TASKS
-from trainloop import LoopConfig, run_loop, seed_everything
+from trainloop import LoopConfig, rank_stream, rank_torch_stream, run_loop, seed_everything
 
 CARD = TASKS["lumbar-foramina"]
 N_LEVELS = 5
@@ -494,8 +494,8 @@ def train_column(cfg: ColumnConfig, out: Path, cases: list[PreparedCase], resume
     optimiser = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, cfg.steps, eta_min=cfg.lr_final)
     criterion = make_loss(cfg, level_weights(cases))
-    rng = np.random.default_rng(cfg.seed)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    rng = rank_stream(np.random.default_rng(cfg.seed), cfg.seed)  # each data-parallel process its own batches
+    gen = rank_torch_stream(torch.Generator(device=device).manual_seed(cfg.seed), cfg.seed)
     sampler = ColumnSampler(cases, cfg, device)
     stamps: list[float] = []  # when each batch was asked for: the step time, sampling included
 

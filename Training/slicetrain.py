@@ -22,7 +22,7 @@ from SpineKneeSegLib.engine.preprocessing import (  # noqa: E402
     training_slices,
 )
 from SpineKneeSegLib.engine.weights import save_checkpoint  # noqa: E402
-from trainloop import LoopConfig, run_loop, seed_everything
+from trainloop import LoopConfig, init_distributed, run_loop, seed_everything
 
 
 def slices_for_training(card: TaskCard, image: Image, labels: Image, multiple: int,
@@ -89,13 +89,18 @@ def train(card: TaskCard, pairs: list[tuple[Image, Image]], config: TrainConfig,
     optimiser = torch.optim.Adam(net.parameters(), lr=config.lr)
     sizes = [-(-len(x) // config.batch_size) for x, _ in data]  # batches of each pair per epoch
 
-    def batches(_step):
+    rank, world = init_distributed()
+
+    def batches(_step):  # under torchrun each process takes every world-th batch of the epochs (rank 0 of 1: all)
+        n = 0
         while True:
             for x, y in data:
                 for start in range(0, len(x), config.batch_size):
                     pick = rng.permutation(len(x))[start:start + config.batch_size] if len(x) > config.batch_size \
                         else np.arange(len(x))
-                    yield x[pick], y[pick]
+                    if n % world == rank:
+                        yield x[pick], y[pick]
+                    n += 1
 
     loop = LoopConfig(steps=config.epochs * sum(sizes), checkpoint_every=sum(sizes), seed=config.seed,
                       tensorboard=False, round_loss=None)

@@ -26,7 +26,7 @@ from SpineKneeSegLib.engine.preprocessing import context_channels, training_slic
 from SpineKneeSegLib.engine.weights import save_checkpoint  # noqa: E402
 from SpineKneeSegLib.tasks import TASKS  # noqa: E402
 from evalhelpers import dice_or, mean_per_key
-from trainloop import Evaluation, LoopConfig, run_loop, seed_everything
+from trainloop import Evaluation, LoopConfig, rank_stream, rank_torch_stream, run_loop, seed_everything
 
 
 def read_image(path):
@@ -308,8 +308,8 @@ def train_loop(cfg: Config, out: Path, prepared: list[PreparedCase], evaluate, r
     net = build_network("multinet", network_config(cfg))
     optimiser = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     criterion = loss_fn(cfg.loss, weights)
-    rng = np.random.default_rng(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    rng = rank_stream(np.random.default_rng(cfg.seed), cfg.seed)  # each data-parallel process its own batches
+    gen = rank_torch_stream(torch.Generator().manual_seed(cfg.seed), cfg.seed)
     steps = max(1, sum(c.stack.shape[0] for c in prepared) // cfg.batch_size)  # one epoch
 
     def batches(_step):

@@ -50,7 +50,7 @@ from SpineKneeSegLib.tasks import TASKS  # noqa: E402
 from SpineKneeSegLib.tasks.xray.phantom import xray_femur_phantom  # noqa: E402
 from evalhelpers import dice_or, nanmean
 from modelcard import publish, render
-from trainloop import Evaluation, LoopConfig, run_loop, seed_everything
+from trainloop import Evaluation, LoopConfig, rank_stream, run_loop, seed_everything
 
 TASKS_HERE = ("xray-femur", "xray-multiclass")
 VAL_SEED0, TEST_SEED0 = 50_000, 90_000
@@ -299,6 +299,8 @@ def train(cfg: Config, out: Path, resume: bool = False, max_minutes: float | Non
         rng = np.random.default_rng([cfg.seed, step])  # it draws fresh batches, as it did
     log(f"{cfg.task} {cfg.variant}: {count_parameters(net):,} parameters, {len(cases)} training cases, "
         f"{len(val)} validation phantoms, {cfg.optimiser} lr {cfg.lr}, loss {cfg.loss}, noise p {cfg.noise_p}")
+
+    rng = rank_stream(rng, cfg.seed)  # each data-parallel process its own batches
 
     def batches(_step):
         while True:
