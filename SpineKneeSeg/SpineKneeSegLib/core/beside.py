@@ -29,12 +29,16 @@ FORK_ALLOWED = True  # tests switch the fork path off to check the thread path g
 def can_fork() -> bool:
     if not (FORK_ALLOWED and sys.platform.startswith("linux") and hasattr(os, "fork")):
         return False
-    if threading.current_thread() is not threading.main_thread():
-        return False
-    # a thread that stops itself around a fork (an output lock's heartbeat) is not copied mid-work
-    if any(t is not threading.main_thread() and not getattr(t, "paused_at_fork", False) for t in threading.enumerate()):
+    if threading.current_thread() is not threading.main_thread() or threads_in_the_way():
         return False
     return not hasattr(sys.modules.get("slicer"), "app")  # inside the 3D Slicer application
+
+
+def threads_in_the_way() -> list[threading.Thread]:
+    """The threads besides the main one that a fork would copy mid-work; a thread that stops itself
+    around a fork (an output lock's heartbeat, ``paused_at_fork``) is not one."""
+    return [t for t in threading.enumerate()
+            if t is not threading.main_thread() and not getattr(t, "paused_at_fork", False)]
 
 
 class ChildJob:
