@@ -38,3 +38,28 @@ def data_root() -> Path:
     if not root.is_dir():
         pytest.skip(f"data folder {root} not found (set {DATA_ENV} to the shared data folder)")
     return root.resolve()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real small file system (tmpfs) to fill up: ``mount(size)`` mounts it (again, resized) at
+    tmp_path/disk and returns that folder; skips where mounting is not allowed (it needs root)."""
+    import shutil
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = []
+
+    def mount(size: str) -> Path:
+        options = f"remount,size={size}" if mounted else f"size={size}"
+        args = ["mount", "-o", options, str(disk)] if mounted else ["mount", "-t", "tmpfs", "-o", options, "tmpfs",
+                                                                     str(disk)]
+        if shutil.which("mount") is None or subprocess.run(args, capture_output=True).returncode != 0:
+            pytest.skip("cannot mount a small tmpfs here (needs root)")
+        mounted.append(size)
+        return disk
+
+    yield mount
+    if mounted:
+        subprocess.run(["umount", str(disk)], capture_output=True)

@@ -559,3 +559,63 @@ def test_lazy_import_during_loading_is_reported_as_start_up(tmp_path, tiny_weigh
     t = json.loads((out / "report.json").read_text())["timings_s"]
     assert t["startup"] >= 0.6
     assert t["load"] < 0.6 and 0 <= t["network"] <= t["total"]
+
+
+def _knee_cohort(tmp_path, n):
+    write_image(make_phantom("knee-bones", seed=1).image, tmp_path / "knee.nii.gz")
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text("id,input\n" + "".join(f"c{i},knee.nii.gz\n" for i in range(n)))
+    return manifest
+
+
+def test_a_cohort_halts_on_a_full_disk_and_resumes_once_there_is_room(tmp_path, tiny_weights, capsys, small_disk):
+    """A real full disk: a 1.9 MB tmpfs holds two of these cases (about 0.75 MB each). The third
+    fails for lack of space; the rest are not started (each would compute its result and then fail
+    to write it) but listed as pending; no empty lock is left. With room, the same command runs them."""
+    out = small_disk("1900k") / "out"
+    manifest = _knee_cohort(tmp_path, 5)
+    command = ["run", "--task", "knee-bones", "--manifest", str(manifest), "-o", str(out),
+               "--weights", str(tiny_weights["knee-bones"]), "--workers", "1"]
+    assert cli.main(command) == 2
+    err = capsys.readouterr().err
+    rows = _summary_rows(out)
+    assert [rows[f"c{i}"][1] for i in range(5)] == ["ok", "ok", "failed", "pending", "pending"]
+    assert "No space left on device" in rows["c2"][3]
+    assert rows["c3"][3].startswith("not run: the output folder's file system says 'No space left on device'")
+    assert "no further case is started" in err and "2/5 cases ok, 2 not run" in err
+    assert err.count(": started") == 3  # c3 and c4 never began
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no lock, staging or deaths file
+    small_disk("20m")
+    assert cli.main(command) == 0
+    assert [r[1] for r in _summary_rows(out).values()] == ["skipped", "skipped", "ok", "ok", "ok"]
+
+
+def test_a_failing_case_halts_the_cohort_only_for_the_output_disk(tmp_path, tiny_weights, monkeypatch):
+    """Where no tmpfs can be mounted: the writer's failure and the free space are simulated, as in
+    test_bad_inputs. A bad input with the disk full is a bad input: the cohort goes on."""
+    import collections
+    import shutil
+
+    from SpineKneeSegLib.engine import pipeline
+
+    real_write, real_usage = pipeline.write_outputs, shutil.disk_usage
+    usage = collections.namedtuple("usage", "total used free")
+    full = {"now": False}
+
+    def write_then_fill(card, image, result, folder, *args, **kw):
+        if full["now"]:
+            raise OSError(28, "No space left on device")
+        if folder.name.startswith(".c1."):
+            full["now"] = True
+        return real_write(card, image, result, folder, *args, **kw)
+
+    monkeypatch.setattr(pipeline, "write_outputs", write_then_fill)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 30, 1 << 30, 0) if full["now"] else real_usage(p))
+    manifest = _knee_cohort(tmp_path, 5)
+    manifest.write_text(manifest.read_text().replace("c2,knee.nii.gz", "c2,missing.nii.gz"))
+    out = tmp_path / "out"
+    assert cli.main(["run", "--task", "knee-bones", "--manifest", str(manifest), "-o", str(out), "--weights",
+                     str(tiny_weights["knee-bones"]), "--workers", "1", "--progress", "none"]) == 2
+    rows = _summary_rows(out)
+    assert [r[1] for r in rows.values()] == ["ok", "ok", "failed", "failed", "pending"]
+    assert "no such file" in rows["c2"][3] and "No space left on device" in rows["c3"][3]

@@ -170,3 +170,23 @@ def test_dask_runs_a_dead_workers_case_again_until_the_deaths_record_stops_it(tm
     assert "not run again" in rows["a"][3] and "2 times" in rows["a"][3] and "KilledWorker" not in rows["a"][3]
     assert rows["b"][1] == "ok"
     assert (out / ".a.deaths").read_text().split()[0] == "2" and not (out / ".a.lock").exists()
+
+
+def test_a_cohort_on_a_cluster_halts_on_a_full_disk(cluster, tmp_path, small_disk):
+    """The same halt as the local run's (test_cli): once a case fails for want of space in the
+    shared output folder, the client cancels the cases not yet begun; the same command resumes."""
+    weights = tmp_path / "knee.pt"
+    initialise_weights("knee-bones", weights, {"channels": (4, 8)}, seed=1)
+    write_image(make_phantom("knee-bones", seed=1).image, tmp_path / "knee.nii.gz")
+    (tmp_path / "cases.csv").write_text("id,input\n" + "".join(f"c{i},knee.nii.gz\n" for i in range(8)))
+    out = small_disk("1900k") / "out"
+    command = ["run", "--task", "knee-bones", "--manifest", str(tmp_path / "cases.csv"), "-o", str(out),
+               "--weights", str(weights), "--scheduler", cluster, "--progress", "none"]
+    assert cli.main(command) == 2
+    rows = [line.split("\t") for line in (out / "summary.tsv").read_text().splitlines()[1:]]
+    status = [row[1] for row in rows]
+    assert set(status) <= {"ok", "failed", "pending"} and "pending" in status and status.count("ok") <= 3
+    assert all("No space left on device" in row[3] for row in rows if row[1] == "failed")
+    small_disk("30m")
+    assert cli.main(command) == 0
+    assert set(_summary(out).values()) <= {"ok", "skipped"} and len(_summary(out)) == 8

@@ -186,3 +186,18 @@ def test_a_cohort_resumes_after_a_lost_node_and_leaves_a_live_nodes_case(tmp_pat
     assert "a: started (again: the process running it ended, 1 time)" in capsys.readouterr().err
     assert not (out / ".a.deaths").exists() and not (out / ".a.lock").exists()  # answered: the count is cleared
     assert not [p.name for p in out.iterdir() if ".partial." in p.name]
+
+
+def test_a_lock_that_cannot_be_written_is_not_left_empty(small_disk):
+    """On a full disk the lock file is made but its claim cannot be written: it is removed again,
+    so no empty lock puzzles the next run."""
+    disk = small_disk("64k")
+    fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
+    with pytest.raises(OSError, match="No space left"):
+        while True:
+            os.write(fd, b"x" * 4096)
+    os.close(fd)
+    with pytest.raises(OSError, match="No space left"):
+        with output_lock(disk / "out"):
+            pass
+    assert sorted(p.name for p in disk.iterdir()) == ["filler"]

@@ -260,8 +260,13 @@ def output_lock(target: str | os.PathLike):
             raise OutputBusy(f"another run (process {owner.get('pid')} on {owner.get('host')}, started "
                              f"{owner.get('started')}) is writing to this output folder; wait for it to "
                              f"finish or choose another output folder", target) from None
-        with os.fdopen(fd, "w") as f:
-            f.write(mine)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(mine)
+        except BaseException:  # e.g. a full disk: no empty lock left behind for the next run to puzzle over
+            with contextlib.suppress(OSError):
+                os.unlink(lock)
+            raise
         break
     else:
         raise OutputBusy(f"could not take the output folder's lock {lock.name}", target)

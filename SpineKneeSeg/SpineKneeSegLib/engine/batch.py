@@ -1,6 +1,7 @@
 """Many cases from a manifest: one output folder each, one failing case does not stop the rest."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -14,7 +15,7 @@ from SpineKneeSegLib.core.atomic import check_writable_dir, clear_stale_lock, lo
 from SpineKneeSegLib.core.errors import InputError, SpineKneeSegError
 from SpineKneeSegLib.core.progress import Progress
 from SpineKneeSegLib.engine.cards import TaskCard
-from SpineKneeSegLib.engine.pipeline import RunOptions, finished_result, run_case
+from SpineKneeSegLib.engine.pipeline import RunOptions, finished_result, run_case, storage_problem
 
 SUMMARY_COLUMNS = ("id", "status", "exit_code", "message", "output", "total_s", "network_s")
 
@@ -157,20 +158,27 @@ class CohortCount:
     rate so far (cases finished ok; a quick refusal or a skip says nothing of the rest) about how
     long the rest will take. With ``output``, summary.tsv is kept up to date every SUMMARY_EVERY_S
     seconds, so a long or killed run still shows what it did. Thread-safe: the local pool's cases
-    end in its threads."""
+    end in its threads. A case that fails on a full or read-only output folder halts the cohort
+    (``halted``): every later case would compute its result and then fail to write it."""
 
     def __init__(self, progress: Progress, case_ids: list[str], output: Path | None = None):
         self.progress, self.case_ids, self.output = progress, list(case_ids), output
         self.total, self.done, self.ok, self.rows = len(self.case_ids), 0, 0, {}
         self.started = self._written = time.perf_counter()
+        self.halted: str | None = None  # why no further case is started
         self._lock = threading.Lock()
+
+    def not_run(self, case_id: str) -> tuple:
+        """The row of a case not started because the cohort halted: pending, as a re-run finds it."""
+        return (case_id, "pending", 2, f"not run: {self.halted}", "", "", "")
 
     def finished(self, row: tuple) -> tuple:
         with self._lock:
             self.rows[row[0]] = row
             if self.output is not None and time.perf_counter() - self._written >= SUMMARY_EVERY_S:
                 pending = (("pending",) + ("",) * (len(SUMMARY_COLUMNS) - 2))
-                write_summary(self.output, [self.rows.get(c, (c, *pending)) for c in self.case_ids])
+                with contextlib.suppress(OSError):  # a full disk: the final summary says so
+                    write_summary(self.output, [self.rows.get(c, (c, *pending)) for c in self.case_ids])
                 self._written = time.perf_counter()
             self.done += 1
             self.ok += row[1] == "ok"
@@ -184,6 +192,12 @@ class CohortCount:
             self.progress.for_case(row[0]).log(f"{outcome} ({where})", "error" if failed else "info")
             if self.progress.mode == "json":  # the cohort's own fraction, for a progress bar
                 self.progress.step("cohort", self.done, self.total)
+            if failed and self.output is not None and self.halted is None:
+                problem = storage_problem(self.output)
+                if problem is not None and problem[1] in row[3]:  # this case failed for it, not for its input
+                    self.halted = (f"the output folder's file system says '{problem[1]}'; make room (or give "
+                                   f"write access) and run the same command again: finished cases are kept")
+                    self.progress.log(f"no further case is started: {self.halted}", "error")
         return row
 
 
@@ -205,14 +219,19 @@ def run_manifest(card: TaskCard, manifest: str | Path, output: str | Path, optio
     count = CohortCount(progress, [c.id for c in cases], output)
     # cases a process died on run first and alone: a death beside another case would count for both
     suspects = [c for c in cases if not options.overwrite and _suspect(output, c.id)]
-    rows = {c.id: count.finished(run_one(card, c, output, options, progress)) for c in suspects}
+
+    def one(case: ManifestCase, bars: bool = True) -> tuple:
+        if count.halted:
+            return count.not_run(case.id)
+        return count.finished(run_one(card, case, output, options, progress, bars))
+
+    rows = {c.id: one(c) for c in suspects}
     rest = [c for c in cases if c.id not in rows]
     if workers <= 1:
-        rows.update((c.id, count.finished(run_one(card, c, output, options, progress))) for c in rest)
+        rows.update((c.id, one(c)) for c in rest)
     else:
         with ThreadPoolExecutor(workers, thread_name_prefix="case") as pool:
-            rows.update(zip((c.id for c in rest), pool.map(
-                lambda c: count.finished(run_one(card, c, output, options, progress, bars=False)), rest)))
+            rows.update(zip((c.id for c in rest), pool.map(lambda c: one(c, bars=False), rest)))
     rows = [rows[c.id] for c in cases]
     return finish_manifest(rows, output, time.perf_counter() - started, progress)
 
@@ -224,7 +243,7 @@ def run_manifest_on_cluster(card: TaskCard, manifest: str | Path, output: str | 
     (a folder every worker can write: a shared file system), the same summary.tsv, skip rule and
     exit code as the local run."""
     try:
-        from distributed import Client, as_completed
+        from distributed import Client, Event, as_completed
     except ImportError:
         raise InputError("--scheduler needs Dask distributed (pip install 'dask[distributed]')") from None
     cases = read_manifest(manifest)
@@ -236,7 +255,10 @@ def run_manifest_on_cluster(card: TaskCard, manifest: str | Path, output: str | 
     except OSError as exc:
         raise InputError(f"cannot reach the Dask scheduler ({exc})", scheduler) from None
     with client:
-        futures = {client.submit(_run_one_on_worker, card.name, case, str(output), options,
+        # set when the cohort halts (a full output disk): a case not yet begun then returns at once,
+        # while those running finish, so the command ends with no worker still writing
+        halt = Event(f"spinekneeseg-halt-{time.time_ns()}", client=client)
+        futures = {client.submit(_run_one_on_worker, card.name, case, str(output), options, halt.name,
                                  key=f"spinekneeseg-{card.name}-{case.id}-{time.time_ns()}", pure=False): case.id
                    for case in cases}
         rows, count = {}, CohortCount(progress, [c.id for c in cases], output)
@@ -247,16 +269,27 @@ def run_manifest_on_cluster(card: TaskCard, manifest: str | Path, output: str | 
                 except Exception as exc:  # noqa: BLE001 - e.g. KilledWorker: its worker died (out of memory, a crash)
                     row = (futures[future], "failed", 1, f"the Dask worker running this case ended without a result "
                                                          f"({type(exc).__name__}: {exc})", "", "", "")
+                if row is None:  # not begun: the cohort had halted
+                    rows[futures[future]] = count.not_run(futures[future])
+                    continue
                 rows[row[0]] = count.finished(row)
+                if count.halted and not halt.is_set():
+                    halt.set()
         except BaseException:
             client.cancel(list(futures))
             raise
     return finish_manifest([rows[c.id] for c in cases], output, time.perf_counter() - started, progress)
 
 
-def _run_one_on_worker(task: str, case: ManifestCase, output: str, options: RunOptions) -> tuple:
+def _run_one_on_worker(task: str, case: ManifestCase, output: str, options: RunOptions, halt: str) -> tuple | None:
+    """``run_one`` on a Dask worker; None, not begun, once the cohort's ``halt`` Event is set."""
+    from distributed import Event
+
     from SpineKneeSegLib.core.memory import imports_done, keep_freed_memory, pause_collection
     from SpineKneeSegLib.engine.cards import get_task  # the worker process loads the task plug-ins itself
+
+    if Event(halt).is_set():
+        return None
 
     keep_freed_memory()  # as the command line does in its own process
     pause_collection()  # till this first case's imports are done (then frozen); later cases: nothing
@@ -273,9 +306,16 @@ def write_summary(output: Path, rows: list[tuple]) -> None:
 
 
 def finish_manifest(rows: list[tuple], output: Path, seconds: float, progress: Progress) -> int:
-    write_summary(output, rows)
+    try:
+        write_summary(output, rows)
+    except OSError as exc:  # e.g. the disk that filled up: the rows go to the console instead of being lost
+        progress.log(f"could not write {output / 'summary.tsv'} ({exc}); the cohort's rows:\n"
+                     + "\n".join("\t".join(map(str, r)) for r in [SUMMARY_COLUMNS, *rows]), "error")
+        return 2
     ok, skipped = sum(r[1] == "ok" for r in rows), sum(r[1] == "skipped" for r in rows)
+    not_run = sum(r[1] == "pending" for r in rows)
     rate = 60.0 * ok / seconds if seconds > 0 and ok else 0.0
     progress.log(f"{ok}/{len(rows)} cases ok" + (f", {skipped} finished earlier" if skipped else "")
+                 + (f", {not_run} not run" if not_run else "")
                  + f" in {seconds:.1f} s ({rate:.1f} cases per minute); summary in {output / 'summary.tsv'}")
-    return next((r[2] for r in rows if r[1] == "failed"), 0)
+    return next((r[2] for r in rows if r[1] in ("failed", "pending")), 0)
