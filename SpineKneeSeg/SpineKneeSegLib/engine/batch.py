@@ -281,15 +281,17 @@ def run_manifest_on_cluster(card: TaskCard, manifest: str | Path, output: str | 
     return finish_manifest([rows[c.id] for c in cases], output, time.perf_counter() - started, progress)
 
 
-def _run_one_on_worker(task: str, case: ManifestCase, output: str, options: RunOptions, halt: str) -> tuple | None:
+def _run_one_on_worker(task: str, case: ManifestCase, output: str, options: RunOptions,
+                       halt: str | None = None) -> tuple | None:
     """``run_one`` on a Dask worker; None, not begun, once the cohort's ``halt`` Event is set."""
-    from distributed import Event
-
     from SpineKneeSegLib.core.memory import imports_done, keep_freed_memory, pause_collection
     from SpineKneeSegLib.engine.cards import get_task  # the worker process loads the task plug-ins itself
 
-    if Event(halt).is_set():
-        return None
+    if halt is not None:
+        from distributed import Event
+
+        if Event(halt).is_set():
+            return None
 
     keep_freed_memory()  # as the command line does in its own process
     pause_collection()  # till this first case's imports are done (then frozen); later cases: nothing
