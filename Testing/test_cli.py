@@ -619,3 +619,33 @@ def test_a_failing_case_halts_the_cohort_only_for_the_output_disk(tmp_path, tiny
     rows = _summary_rows(out)
     assert [r[1] for r in rows.values()] == ["ok", "ok", "failed", "failed", "pending"]
     assert "no such file" in rows["c2"][3] and "No space left on device" in rows["c3"][3]
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_cohort_stopped_with_ctrl_c_leaves_its_summary_and_resumes(tmp_path, tiny_weights, workers):
+    """Ctrl-C (SIGINT) after the first case: exit 130, summary.tsv lists what was done and the rest
+    as pending, nothing partial or locked is left, and the same command goes on from there."""
+    import os
+    import signal
+    import time
+
+    manifest, out = _knee_cohort(tmp_path, 4), tmp_path / "out"
+    command = [sys.executable, "-m", "SpineKneeSegLib.cli", "run", "--task", "knee-bones", "--manifest", str(manifest),
+               "-o", str(out), "--weights", str(tiny_weights["knee-bones"]), "--workers", workers]
+    run = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "SPINEKNEESEG_PAUSE_AT_STAGE": "loading:1"})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and ": ok (" not in (line := run.stderr.readline()):
+        assert line or run.poll() is None
+    run.send_signal(signal.SIGINT)
+    err = line + run.stderr.read()
+    assert run.wait(timeout=60) == 130, err
+    rows = _summary_rows(out)
+    assert list(rows) == ["c0", "c1", "c2", "c3"] and "ok" in [r[1] for r in rows.values()]
+    pending = [r for r in rows.values() if r[1] == "pending"]
+    assert pending and all(r[3].startswith("not run: the run was stopped (Ctrl-C or SIGTERM)") for r in pending)
+    assert {r[1] for r in rows.values()} == {"ok", "pending"}
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert {r[1] for r in _summary_rows(out).values()} == {"ok", "skipped"}

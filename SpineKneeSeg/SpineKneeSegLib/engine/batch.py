@@ -168,6 +168,21 @@ class CohortCount:
         self.halted: str | None = None  # why no further case is started
         self._lock = threading.Lock()
 
+    @contextlib.contextmanager
+    def stopped_by_user(self, cases: list[ManifestCase]):
+        """Ctrl-C or SIGTERM: summary.tsv still lists what was done, the rest pending, before the
+        command ends (exit 130 / 143), so a long cohort's stop loses no record."""
+        try:
+            yield
+        except BaseException as exc:
+            if isinstance(exc, Exception):
+                raise
+            self.halted = ("the run was stopped (Ctrl-C or SIGTERM); run the same command again to go on: "
+                           "finished cases are kept")
+            with contextlib.suppress(OSError):
+                write_summary(self.output, [self.rows.get(c.id) or self.not_run(c.id) for c in cases])
+            raise
+
     def not_run(self, case_id: str) -> tuple:
         """The row of a case not started because the cohort halted: pending, as a re-run finds it."""
         return (case_id, "pending", 2, f"not run: {self.halted}", "", "", "")
@@ -225,13 +240,14 @@ def run_manifest(card: TaskCard, manifest: str | Path, output: str | Path, optio
             return count.not_run(case.id)
         return count.finished(run_one(card, case, output, options, progress, bars))
 
-    rows = {c.id: one(c) for c in suspects}
-    rest = [c for c in cases if c.id not in rows]
-    if workers <= 1:
-        rows.update((c.id, one(c)) for c in rest)
-    else:
-        with ThreadPoolExecutor(workers, thread_name_prefix="case") as pool:
-            rows.update(zip((c.id for c in rest), pool.map(lambda c: one(c, bars=False), rest)))
+    with count.stopped_by_user(cases):
+        rows = {c.id: one(c) for c in suspects}
+        rest = [c for c in cases if c.id not in rows]
+        if workers <= 1:
+            rows.update((c.id, one(c)) for c in rest)
+        else:  # on Ctrl-C the pool's queued cases are cancelled and the running ones finish
+            with ThreadPoolExecutor(workers, thread_name_prefix="case") as pool:
+                rows.update(zip((c.id for c in rest), pool.map(lambda c: one(c, bars=False), rest)))
     rows = [rows[c.id] for c in cases]
     return finish_manifest(rows, output, time.perf_counter() - started, progress)
 
@@ -263,18 +279,19 @@ def run_manifest_on_cluster(card: TaskCard, manifest: str | Path, output: str | 
                    for case in cases}
         rows, count = {}, CohortCount(progress, [c.id for c in cases], output)
         try:
-            for future in as_completed(futures):
-                try:
-                    row = future.result()
-                except Exception as exc:  # noqa: BLE001 - e.g. KilledWorker: its worker died (out of memory, a crash)
-                    row = (futures[future], "failed", 1, f"the Dask worker running this case ended without a result "
-                                                         f"({type(exc).__name__}: {exc})", "", "", "")
-                if row is None:  # not begun: the cohort had halted
-                    rows[futures[future]] = count.not_run(futures[future])
-                    continue
-                rows[row[0]] = count.finished(row)
-                if count.halted and not halt.is_set():
-                    halt.set()
+            with count.stopped_by_user(cases):
+                for future in as_completed(futures):
+                    try:
+                        row = future.result()
+                    except Exception as exc:  # noqa: BLE001 - e.g. KilledWorker: its worker died (out of memory)
+                        row = (futures[future], "failed", 1, f"the Dask worker running this case ended without a "
+                                                             f"result ({type(exc).__name__}: {exc})", "", "", "")
+                    if row is None:  # not begun: the cohort had halted
+                        rows[futures[future]] = count.not_run(futures[future])
+                        continue
+                    rows[row[0]] = count.finished(row)
+                    if count.halted and not halt.is_set():
+                        halt.set()
         except BaseException:
             client.cancel(list(futures))
             raise
