@@ -649,3 +649,58 @@ def test_a_cohort_stopped_with_ctrl_c_leaves_its_summary_and_resumes(tmp_path, t
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert {r[1] for r in _summary_rows(out).values()} == {"ok", "skipped"}
+
+
+def test_a_folder_of_scans_is_a_cohort(tmp_path, tiny_weights, capsys):
+    """--manifest FOLDER, as nnU-Net's folder in, folder out: each image file and each sub-folder
+    (one image file, or one DICOM series) is a case named by it; other files are left out and
+    said so; a sub-folder of two scans is a failed case; the output folder inside is no case."""
+    from test_io import write_dicom_series
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    phantom = make_phantom("knee-bones", seed=1)
+    write_image(phantom.image, scans / "a.nii.gz")
+    (scans / "b").mkdir()
+    write_image(phantom.image, scans / "b" / "scan.nrrd")
+    write_dicom_series(scans / "c", (np.arange(8 * 32 * 32).reshape(8, 32, 32) % 300).astype(np.int16))
+    (scans / "d").mkdir()
+    for name in ("t1.nii.gz", "t2.nii.gz"):
+        write_image(phantom.image, scans / "d" / name)
+    (scans / "notes.txt").write_text("reader's notes")
+    (scans / "a.seg.nrrd").write_bytes(b"")  # a segmentation beside a scan is not a scan
+    out = scans / "out"
+    command = ["run", "--task", "knee-bones", "--manifest", str(scans), "-o", str(out),
+               "--weights", str(tiny_weights["knee-bones"])]
+    assert cli.main(command) == 2
+    err = capsys.readouterr().err
+    rows = _summary_rows(out)
+    assert list(rows) == ["a", "b", "c", "d"]
+    assert [rows[c][1] for c in "abc"] == ["ok", "ok", "ok"] and rows["d"][1:3] == ["failed", "2"]
+    assert "holds 2 image files (t1.nii.gz, t2.nii.gz)" in rows["d"][3]
+    assert "left out of" in err and "a.seg.nrrd, notes.txt" in err
+    assert read_image(out / "c" / "labels.nii.gz").same_geometry(read_image(scans / "c"))
+    assert cli.main(command) == 2  # a re-run skips the finished ones and tries d again
+    assert [r[1] for r in _summary_rows(out).values()] == ["skipped", "skipped", "skipped", "failed"]
+
+
+@pytest.mark.parametrize("layout, message", [
+    ("dicom-at-top", "holds DICOM files at its top level (x000.dcm)"),
+    ("same-name", "two entries make the case 'a' (a.nii.gz, a.nrrd)"),
+    ("empty", "holds no scans"),
+])
+def test_a_folder_that_is_no_cohort_is_refused(tmp_path, tiny_weights, capsys, layout, message):
+    from test_io import write_dicom_series
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    if layout == "dicom-at-top":  # a series folder given as a cohort: each file would be a "case"
+        write_dicom_series(scans, np.zeros((3, 8, 8), np.int16), name="x")
+    elif layout == "same-name":
+        for name in ("a.nii.gz", "a.nrrd"):
+            write_image(make_phantom("knee-bones", seed=1).image, scans / name)
+    (scans / "readme.txt").write_text("x")
+    assert cli.main(["run", "--task", "knee-bones", "--manifest", str(scans), "-o", str(tmp_path / "out"),
+                     "--weights", str(tiny_weights["knee-bones"])]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(scans) in err and not (tmp_path / "out").exists()

@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--task", required=True, choices=sorted(TASKS))
     run.add_argument("inputs", nargs="*", metavar="INPUT",
                      help="image file(s) or DICOM folder(s), in the task's input order")
-    run.add_argument("--manifest", help="CSV with columns id,input[,input2...]: one output folder per case")
+    run.add_argument("--manifest", help="a cohort: a CSV with columns id,input[,input2...], or a folder of scans "
+                     "(each image file or sub-folder a case); one output folder per case")
     run.add_argument("--workers", type=int, default=2,
                      help="--manifest: cases in flight at once in this process (reading and writing overlap "
                           "the network; default 2)")

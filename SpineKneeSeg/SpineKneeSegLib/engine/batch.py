@@ -24,6 +24,78 @@ class ManifestCase(NamedTuple):
     id: str
     inputs: list[str]
     choices: dict  # RunOptions fields this case sets itself: series (a SeriesInstanceUID), echo
+    problem: str = ""  # why this case cannot run (a folder of scans' sub-folder with two images): a failed row
+
+
+# a folder of scans as a cohort: the image files that are cases, and what is left out without a word
+_CASE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
+_NOT_SCANS = (".seg.nrrd", ".mrk.json", ".raw", ".zraw", ".raw.gz")  # segmentations, markers, MetaImage data
+_DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+
+
+def cohort_cases(path: str | Path, output: str | Path) -> tuple[list[ManifestCase], list[str]]:
+    """The cases of ``--manifest PATH`` and the entries left out of a folder (for the log): a CSV
+    (``read_manifest``) or a folder of scans (``cases_in_folder``)."""
+    path = Path(path)
+    if path.is_dir():
+        return cases_in_folder(path, Path(output))
+    return read_manifest(path), []
+
+
+def cases_in_folder(folder: Path, output: Path | None = None) -> tuple[list[ManifestCase], list[str]]:
+    """A folder of scans as a cohort, as nnU-Net's folder in, folder out: each image file at its
+    top level is a case named by the file (less its suffix), and each sub-folder a case named by
+    the folder: the one image file in it, else the folder itself as a DICOM series (the reader
+    then says what is wrong with it). Hidden entries, segmentations, markers, other files and the
+    output folder are left out, and returned by name. DICOM files at the top level are refused: a
+    series goes in a sub-folder of its own, or is the input of one run."""
+    output = output.resolve() if output is not None else None
+    cases, left_out, seen = [], [], {}
+    for entry in sorted(folder.iterdir()):
+        name = entry.name.lower()
+        if entry.name.startswith(".") or entry.resolve() == output or name == "summary.tsv":
+            continue
+        if entry.is_dir():
+            case = _case_in_sub_folder(entry)
+        elif name.endswith(_NOT_SCANS) or not name.endswith(_CASE_SUFFIXES):
+            if name.endswith(_DICOM_SUFFIXES) or _is_dicom(entry):
+                raise InputError(f"holds DICOM files at its top level ({entry.name}); a folder of scans holds one "
+                                 "sub-folder per DICOM series (or give this series folder as the input of one run)",
+                                 folder)
+            left_out.append(entry.name)
+            continue
+        else:
+            suffix = next(s for s in _CASE_SUFFIXES if name.endswith(s))
+            case = ManifestCase(entry.name[: -len(suffix)], [str(entry)], {})
+        if case.id in seen:
+            raise InputError(f"two entries make the case {case.id!r} ({seen[case.id]}, {entry.name}); rename one",
+                             folder)
+        seen[case.id] = entry.name
+        cases.append(case)
+    if not cases:
+        raise InputError("holds no scans (image files, or sub-folders of one image file or DICOM series)", folder)
+    return cases, left_out
+
+
+def _case_in_sub_folder(folder: Path) -> ManifestCase:
+    images = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                    and p.name.lower().endswith(_CASE_SUFFIXES) and not p.name.lower().endswith(_NOT_SCANS))
+    if len(images) == 1:
+        return ManifestCase(folder.name, [str(folder / images[0])], {})
+    if len(images) > 1:
+        return ManifestCase(folder.name, [], {}, f"{folder} holds {len(images)} image files ({', '.join(images[:3])}"
+                                                 f"{', ...' if len(images) > 3 else ''}): one scan per case folder, or "
+                                                 "list the cases (and a second input) in a CSV manifest")
+    return ManifestCase(folder.name, [str(folder)], {})
+
+
+def _is_dicom(path: Path) -> bool:
+    """A DICOM Part 10 file ("DICM" after the 128-byte preamble), as files without a suffix often are."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
 
 
 def read_manifest(path: str | Path) -> list[ManifestCase]:
@@ -75,6 +147,12 @@ def read_manifest(path: str | Path) -> list[ManifestCase]:
     return cases
 
 
+def _log_left_out(progress: Progress, folder, names: list[str]) -> None:
+    if names:
+        progress.log(f"left out of {folder} (not scans): {', '.join(names[:10])}"
+                     + (f" and {len(names) - 10} more" if len(names) > 10 else ""))
+
+
 def run_one(card: TaskCard, case: ManifestCase, output: Path, options: RunOptions, progress: Progress,
             bars: bool = True) -> tuple:
     """One case -> its summary row; never raises for the case's own failure (the cohort goes on).
@@ -88,8 +166,8 @@ def run_one(card: TaskCard, case: ManifestCase, output: Path, options: RunOption
         clear_stale_lock(output / case_id)  # a run killed between its last file and its lock's release
         return (case_id, "skipped", 0, f"finished earlier ({earlier.summary}); --overwrite redoes it",
                 str(output / case_id), "", "")
-    if not inputs:  # an empty cell: a bad case like any other, reported and skipped
-        return (case_id, "failed", 2, "the manifest gives no input for this case", "", "", "")
+    if case.problem or not inputs:  # an empty cell: a bad case like any other, reported and skipped
+        return (case_id, "failed", 2, case.problem or "the manifest gives no input for this case", "", "", "")
     deaths, record = count_deaths(output, case_id, options.overwrite)
     if deaths >= DEATHS_BEFORE_GIVING_UP:
         return (case_id, "failed", 1, f"not run again: the process running this case ended without finishing "
@@ -226,9 +304,10 @@ def run_manifest(card: TaskCard, manifest: str | Path, output: str | Path, optio
 
     from SpineKneeSegLib.mrml.harness import get_app
 
-    cases = read_manifest(manifest)
+    cases, left_out = cohort_cases(manifest, output)
     output = check_writable_dir(output)
     output.mkdir(parents=True, exist_ok=True)
+    _log_left_out(progress, manifest, left_out)
     started = time.perf_counter()
     get_app()  # the MRML application once, before the workers share it
     count = CohortCount(progress, [c.id for c in cases], output)
@@ -262,9 +341,10 @@ def run_manifest_on_cluster(card: TaskCard, manifest: str | Path, output: str | 
         from distributed import Client, Event, as_completed
     except ImportError:
         raise InputError("--scheduler needs Dask distributed (pip install 'dask[distributed]')") from None
-    cases = read_manifest(manifest)
+    cases, left_out = cohort_cases(manifest, output)
     output = check_writable_dir(output).resolve()
     output.mkdir(parents=True, exist_ok=True)
+    _log_left_out(progress, manifest, left_out)
     started = time.perf_counter()
     try:
         client = Client(scheduler, timeout="10s")
