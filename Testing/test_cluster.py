@@ -2,6 +2,7 @@
 of two worker processes here) runs the same per-case code as the local pool: the same outputs,
 the same summary rows, a failing case reported and skipped, finished cases not redone."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,10 +83,11 @@ def test_a_worker_whose_first_case_is_refused_collects_garbage_again(tmp_path):
     assert out.stdout.splitlines()[-1] == "failed True"
 
 
-def test_a_worker_that_dies_running_a_case_fails_that_case_not_the_cohort(tmp_path, monkeypatch, capsys):
-    """A worker killed mid-case (out of memory, a crash in native code) must not stop the cohort:
-    that case is reported failed, the others run. Dask retries a dead worker's task on another
-    (``allowed-failures``, 3 by default); here none, so the first death is final."""
+def _kill_the_workers_running_a(tmp_path, monkeypatch, allowed_failures: int, kills: int, pause_s: float,
+                                *extra) -> tuple[int, list[int], Path]:
+    """Cases a and b on a fresh two-worker LocalCluster (Dask's ``allowed-failures`` set), the
+    process running a killed with SIGKILL ``kills`` times (each a new pid, read from a's lock)
+    while it pauses ``pause_s`` at loading. Returns the exit code, the pids killed and the output."""
     import os
     import signal
     import threading
@@ -98,27 +100,38 @@ def test_a_worker_that_dies_running_a_case_fails_that_case_not_the_cohort(tmp_pa
     write_image(make_phantom("knee-bones", seed=1).image, tmp_path / "knee.nii.gz")
     (tmp_path / "cases.csv").write_text("id,input\na,knee.nii.gz\nb,knee.nii.gz\n")
     out = tmp_path / "out"
-    monkeypatch.setenv("SPINEKNEESEG_PAUSE_AT_STAGE", "loading:4")  # the workers inherit it: time to kill one
+    monkeypatch.setenv("SPINEKNEESEG_PAUSE_AT_STAGE", f"loading:{pause_s}")  # the workers inherit it
+    killed = []
 
-    def kill_the_worker_running_a():
-        lock = out / ".a.lock"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+    def kill_each_worker_running_a():
+        deadline = time.monotonic() + 120
+        while len(killed) < kills and time.monotonic() < deadline:
             try:
-                os.kill(json.loads(lock.read_text())["pid"], signal.SIGKILL)
-                return
+                pid = json.loads((out / ".a.lock").read_text())["pid"]
+                if pid not in killed:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
             except (OSError, ValueError, KeyError):
-                time.sleep(0.05)
+                pass
+            time.sleep(0.05)
 
-    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), distributed.LocalCluster(
+    with dask.config.set({"distributed.scheduler.allowed-failures": allowed_failures}), distributed.LocalCluster(
             n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=50) as local:
         # (":0": the module's cluster holds the scheduler's default HTTP port)
-        killer = threading.Thread(target=kill_the_worker_running_a)
+        killer = threading.Thread(target=kill_each_worker_running_a)
         killer.start()
         code = cli.main(["run", "--task", "knee-bones", "--manifest", str(tmp_path / "cases.csv"), "-o", str(out),
-                         "--weights", str(weights), "--scheduler", local.scheduler_address])
+                         "--weights", str(weights), "--scheduler", local.scheduler_address, *extra])
         killer.join()
-    assert code == 1
+    return code, killed, out
+
+
+def test_a_worker_that_dies_running_a_case_fails_that_case_not_the_cohort(tmp_path, monkeypatch, capsys):
+    """A worker killed mid-case (out of memory, a crash in native code) must not stop the cohort:
+    that case is reported failed, the others run. Dask retries a dead worker's task on another
+    (``allowed-failures``, 3 by default); here none, so the first death is final."""
+    code, killed, out = _kill_the_workers_running_a(tmp_path, monkeypatch, 0, 1, 4)
+    assert code == 1 and len(killed) == 1
     rows = {line.split("\t")[0]: line.split("\t") for line in (out / "summary.tsv").read_text().splitlines()[1:]}
     assert rows["a"][1:3] == ["failed", "1"] and "worker" in rows["a"][3] and "KilledWorker" in rows["a"][3]
     assert rows["b"][1] == "ok" and (out / "b" / "labels.nii.gz").is_file()
@@ -130,40 +143,7 @@ def test_dask_runs_a_dead_workers_case_again_until_the_deaths_record_stops_it(tm
     again on another worker, which counts the death from the lock the dead one left. A case that
     kills its worker twice is then reported failed, not handed round the cluster until Dask gives
     up with KilledWorker; the other case runs."""
-    import os
-    import signal
-    import threading
-    import time
-
-    import dask
-
-    weights = tmp_path / "knee.pt"
-    initialise_weights("knee-bones", weights, {"channels": (4, 8)}, seed=1)
-    write_image(make_phantom("knee-bones", seed=1).image, tmp_path / "knee.nii.gz")
-    (tmp_path / "cases.csv").write_text("id,input\na,knee.nii.gz\nb,knee.nii.gz\n")
-    out = tmp_path / "out"
-    monkeypatch.setenv("SPINEKNEESEG_PAUSE_AT_STAGE", "loading:3")
-    killed = []
-
-    def kill_each_worker_running_a(times=2):
-        deadline = time.monotonic() + 120
-        while len(killed) < times and time.monotonic() < deadline:
-            try:
-                pid = json.loads((out / ".a.lock").read_text())["pid"]
-                if pid not in killed:
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-            except (OSError, ValueError, KeyError):
-                pass
-            time.sleep(0.05)
-
-    with dask.config.set({"distributed.scheduler.allowed-failures": 3}), distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=50) as local:
-        killer = threading.Thread(target=kill_each_worker_running_a)
-        killer.start()
-        code = cli.main(["run", "--task", "knee-bones", "--manifest", str(tmp_path / "cases.csv"), "-o", str(out),
-                         "--weights", str(weights), "--scheduler", local.scheduler_address, "--progress", "none"])
-        killer.join()
+    code, killed, out = _kill_the_workers_running_a(tmp_path, monkeypatch, 3, 2, 3, "--progress", "none")
     assert len(killed) == 2 and code == 1
     rows = {line.split("\t")[0]: line.split("\t") for line in (out / "summary.tsv").read_text().splitlines()[1:]}
     assert rows["a"][1:3] == ["failed", "1"]
