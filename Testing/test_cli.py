@@ -205,8 +205,8 @@ def test_a_manifest_as_spreadsheets_save_it(saved, tmp_path):
         path.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
     else:
         path.write_text(text)
-    assert read_manifest(path) == [("p01", [str(tmp_path / "scans" / "flair.nii.gz"), "/abs/t1.nii.gz"], {}),
-                                   ("p02", ["/abs/p02.nii.gz"], {})]
+    assert read_manifest(path) == [("p01", [str(tmp_path / "scans" / "flair.nii.gz"), "/abs/t1.nii.gz"], {}, ""),
+                                   ("p02", ["/abs/p02.nii.gz"], {}, "")]
 
 
 @pytest.mark.parametrize("content, problem", [
@@ -704,3 +704,37 @@ def test_a_folder_that_is_no_cohort_is_refused(tmp_path, tiny_weights, capsys, l
                      "--weights", str(tiny_weights["knee-bones"])]) == 2
     err = capsys.readouterr().err
     assert message in err and str(scans) in err and not (tmp_path / "out").exists()
+
+
+def test_a_rerun_does_not_keep_a_result_of_inputs_the_manifest_changed(tmp_path, tiny_weights, phantom_files):
+    """A case whose input (or task) changed since its result was written is not 'finished': the old
+    result is kept and the case fails, naming what it was made from, until --overwrite. The report
+    records each input's absolute path, and for DICOM the series and echo read."""
+    from test_io import write_dicom_series
+
+    second = tmp_path / "second.nii.gz"
+    second.write_bytes(Path(phantom_files["knee-bones"]).read_bytes())
+    write_dicom_series(tmp_path / "study", (np.arange(8 * 32 * 32).reshape(8, 32, 32) % 300).astype(np.int16),
+                       description="Sag T2")
+    manifest, out = tmp_path / "cases.csv", tmp_path / "out"
+    manifest.write_text(f"id,input\na,{phantom_files['knee-bones']}\nb,{phantom_files['knee-bones']}\nd,study\n")
+    command = ["run", "--task", "knee-bones", "--manifest", str(manifest), "-o", str(out),
+               "--weights", str(tiny_weights["knee-bones"]), "--progress", "none"]
+    assert cli.main(command) == 0
+    described = json.loads((out / "d" / "report.json").read_text())["inputs"][0]
+    assert described["path"] == str(tmp_path / "study") and described["dicom_series"]["description"] == "Sag T2"
+    assert described["dicom_series"]["echo"] == 1 and described["dicom_series"]["uid"]
+    before = (out / "b" / "report.json").read_bytes()
+    manifest.write_text(f"id,input\na,{phantom_files['knee-bones']}\nb,second.nii.gz\nd,study\n")
+    assert cli.main(command) == 2
+    rows = _summary_rows(out)
+    assert rows["a"][1] == "skipped" and rows["d"][1] == "skipped"
+    assert rows["b"][1:3] == ["failed", "2"] and "holds a finished result of other inputs" in rows["b"][3]
+    assert str(phantom_files["knee-bones"]) in rows["b"][3] and "--overwrite" in rows["b"][3]
+    assert (out / "b" / "report.json").read_bytes() == before
+    lumbar = [c if c != "knee-bones" else "lumbar-foramina" for c in command]
+    lumbar[lumbar.index("--weights") + 1] = str(tiny_weights["lumbar-foramina"])
+    assert cli.main(lumbar) == 2
+    assert "it is a knee-bones result" in _summary_rows(out)["a"][3]
+    assert cli.main(command + ["--overwrite"]) == 0
+    assert json.loads((out / "b" / "report.json").read_text())["inputs"][0]["path"] == str(second)

@@ -164,6 +164,10 @@ def run_one(card: TaskCard, case: ManifestCase, output: Path, options: RunOption
     earlier = None if options.overwrite else finished_result(output / case_id)
     if earlier is not None:  # a re-run resumes: finished cases are not redone
         clear_stale_lock(output / case_id)  # a run killed between its last file and its lock's release
+        other = earlier.other_inputs(card.name, inputs)
+        if other is not None:  # the manifest changed this case: its old result is not this run's
+            return (case_id, "failed", 2, f"its folder holds a finished result of other inputs ({earlier.summary}; "
+                                          f"{other}); --overwrite replaces it", str(output / case_id), "", "")
         return (case_id, "skipped", 0, f"finished earlier ({earlier.summary}); --overwrite redoes it",
                 str(output / case_id), "", "")
     if case.problem or not inputs:  # an empty cell: a bad case like any other, reported and skipped

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import platform
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -314,6 +315,23 @@ def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options:
 class EarlierResult:
     outputs: tuple[str, ...]  # its files and folders (report.json's "outputs"), removed when not rewritten
     summary: str
+    task: str = ""
+    inputs: tuple[str, ...] = ()  # the paths it was run on (report.json's inputs)
+
+    def other_inputs(self, task: str, inputs: list[str]) -> str | None:
+        """What makes this result another's than a run of ``task`` on ``inputs``, or None: a cohort's
+        re-run must not keep, as finished, the result of an input that the manifest has changed."""
+        if self.task and self.task != task:
+            return f"it is a {self.task} result"
+        if self.inputs and not (len(self.inputs) == len(inputs) and all(map(_same_input, self.inputs, inputs))):
+            return f"it was made from {', '.join(self.inputs)}"
+        return None
+
+
+def _same_input(earlier: str, now: str) -> bool:
+    if Path(earlier).is_absolute():
+        return os.path.realpath(earlier) == os.path.realpath(now)
+    return Path(earlier).name == Path(now).name  # an older report's path relative to a working folder now unknown
 
 
 def finished_result(folder: Path, report_name: str = "report.json") -> EarlierResult | None:
@@ -330,7 +348,9 @@ def finished_result(folder: Path, report_name: str = "report.json") -> EarlierRe
     earlier = earlier if isinstance(earlier, dict) else {}
     outputs = tuple(str(o).rstrip("/") for o in earlier.get("outputs", []) if "/" not in str(o).rstrip("/"))
     when = datetime.datetime.fromtimestamp(report.stat().st_mtime).strftime("%Y-%m-%d %H:%M")
-    return EarlierResult(outputs + (report_name,), f"{earlier.get('task', 'unknown task')}, written {when}")
+    inputs = [i for i in earlier.get("inputs", []) if isinstance(i, dict)]
+    return EarlierResult(outputs + (report_name,), f"{earlier.get('task', 'unknown task')}, written {when}",
+                         str(earlier.get("task", "")), tuple(str(i.get("path", "")) for i in inputs))
 
 
 def _run_locked(card: TaskCard, inputs: list[str], output_dir: Path, options: RunOptions, progress: Progress,
@@ -751,9 +771,16 @@ def _write_mrml_outputs(card: TaskCard, image: Image, result: RunResult, folder:
 
 
 def describe_input(path, image: Image) -> dict:
-    return {"path": str(path), "shape_kji": list(image.array.shape), "spacing": list(image.spacing),
-            "origin": list(image.origin), "direction": image.direction.round(6).tolist(),
-            "dtype": str(image.array.dtype), "checks": image.meta.get("checks", {})}
+    """The report's record of an input: its absolute path, geometry and checks, and for DICOM the
+    series and echo read (which of a folder's series was segmented)."""
+    described = {"path": os.path.abspath(path), "shape_kji": list(image.array.shape), "spacing": list(image.spacing),
+                 "origin": list(image.origin), "direction": image.direction.round(6).tolist(),
+                 "dtype": str(image.array.dtype), "checks": image.meta.get("checks", {})}
+    if image.meta.get("is_dicom"):
+        described["dicom_series"] = {"uid": image.meta.get("series_uid"),
+                                     "description": image.meta.get("series_description"),
+                                     "echo": image.meta.get("echo")}
+    return described
 
 
 def versions() -> dict:
