@@ -738,3 +738,31 @@ def test_a_rerun_does_not_keep_a_result_of_inputs_the_manifest_changed(tmp_path,
     assert "it is a knee-bones result" in _summary_rows(out)["a"][3]
     assert cli.main(command + ["--overwrite"]) == 0
     assert json.loads((out / "b" / "report.json").read_text())["inputs"][0]["path"] == str(second)
+
+
+@pytest.mark.data
+def test_a_dataset_folder_with_label_maps_beside_the_scans_runs_with_scan_name(tmp_path, data_root, capsys):
+    """The shared lumbar data's own layout, caseNN/image.nii.gz beside caseNN/vertebrae.nii.gz: as
+    a folder of scans every case holds two image files and fails; --scan-name 'image*' picks the
+    scan, and the registered model runs them."""
+    cohort = tmp_path / "zukic"
+    cohort.mkdir()
+    for case in ("case04", "case06"):
+        (cohort / case).symlink_to(data_root / "spine" / "zukic-t2" / case)
+    command = ["run", "--task", "lumbar-foramina", "--manifest", str(cohort), "-o", str(tmp_path / "out"),
+               "--progress", "none", "--workers", "1"]
+    assert cli.main(command) == 2
+    rows = _summary_rows(tmp_path / "out")
+    assert all(r[1] == "failed" and "holds 2 image files (image.nii.gz, vertebrae.nii.gz)" in r[3]
+               and "--scan-name" in r[3] for r in rows.values())
+    assert cli.main(command + ["--scan-name", "IMAGE*"]) == 0
+    rows = _summary_rows(tmp_path / "out")
+    assert [r[1] for r in rows.values()] == ["ok", "ok"]
+    report = json.loads((tmp_path / "out" / "case06" / "report.json").read_text())
+    assert report["inputs"][0]["path"].endswith("case06/image.nii.gz") and report["weights"]["registered"]
+    assert cli.main(command + ["--scan-name", "*.nrrd"]) == 2  # a name that picks nothing: said so per case
+    assert "holds 0 image files named '*.nrrd'" in _summary_rows(tmp_path / "out")["case04"][3]
+    capsys.readouterr()
+    assert cli.main(["run", "--task", "lumbar-foramina", str(cohort / "case04" / "image.nii.gz"), "-o",
+                     str(tmp_path / "one"), "--scan-name", "image*"]) == 2
+    assert "--scan-name picks the scan in each sub-folder" in capsys.readouterr().err

@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, default=2,
                      help="--manifest: cases in flight at once in this process (reading and writing overlap "
                           "the network; default 2)")
+    run.add_argument("--scan-name", metavar="NAME",
+                     help="--manifest FOLDER: the file that is the scan in each sub-folder (e.g. 'image*', any case), "
+                          "where a scan's label map lies beside it")
     run.add_argument("--scheduler", metavar="ADDRESS",
                      help="--manifest: run the cases on a Dask distributed cluster (e.g. tcp://host:8786); "
                           "-o must be a folder every worker can write")
@@ -223,6 +226,8 @@ def cmd_run(args) -> int:
                          fuse_views=parse_planes(args.fuse_views), precision=args.precision,
                          every_slice=args.every_slice)
     progress = Progress(args.progress)
+    if args.scan_name and not args.manifest:
+        raise InputError("--scan-name picks the scan in each sub-folder of a --manifest folder of scans")
     if args.scheduler and not args.manifest:
         raise InputError("--scheduler runs a --manifest on a cluster; give --manifest cases.csv")
     if args.manifest:
@@ -235,8 +240,10 @@ def cmd_run(args) -> int:
             from SpineKneeSegLib.engine.batch import run_manifest_on_cluster
 
             imports_done()  # this process runs no case: the collector, paused for one, resumes now
-            return run_manifest_on_cluster(card, args.manifest, args.output, options, progress, args.scheduler)
-        return run_manifest(card, args.manifest, args.output, options, progress, workers=args.workers)
+            return run_manifest_on_cluster(card, args.manifest, args.output, options, progress, args.scheduler,
+                                           scan_name=args.scan_name)
+        return run_manifest(card, args.manifest, args.output, options, progress, workers=args.workers,
+                            scan_name=args.scan_name)
     if not args.inputs:
         raise InputError("no INPUT given (or use --manifest cases.csv)")
     import dataclasses

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import fnmatch
 import dataclasses
 import io
 from pathlib import Path
@@ -33,22 +34,29 @@ _NOT_SCANS = (".seg.nrrd", ".mrk.json", ".raw", ".zraw", ".raw.gz")  # segmentat
 _DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 
 
-def cohort_cases(path: str | Path, output: str | Path) -> tuple[list[ManifestCase], list[str]]:
+def cohort_cases(path: str | Path, output: str | Path, scan_name: str | None = None
+                 ) -> tuple[list[ManifestCase], list[str]]:
     """The cases of ``--manifest PATH`` and the entries left out of a folder (for the log): a CSV
-    (``read_manifest``) or a folder of scans (``cases_in_folder``)."""
+    (``read_manifest``) or a folder of scans (``cases_in_folder``, ``scan_name`` its --scan-name)."""
     path = Path(path)
     if path.is_dir():
-        return cases_in_folder(path, Path(output))
+        return cases_in_folder(path, Path(output), scan_name)
+    if scan_name is not None:
+        raise InputError("--scan-name chooses the scan in each sub-folder of a folder of scans; a CSV manifest "
+                         "names its files itself", path)
     return read_manifest(path), []
 
 
-def cases_in_folder(folder: Path, output: Path | None = None) -> tuple[list[ManifestCase], list[str]]:
+def cases_in_folder(folder: Path, output: Path | None = None, scan_name: str | None = None
+                    ) -> tuple[list[ManifestCase], list[str]]:
     """A folder of scans as a cohort, as nnU-Net's folder in, folder out: each image file at its
     top level is a case named by the file (less its suffix), and each sub-folder a case named by
     the folder: the one image file in it, else the folder itself as a DICOM series (the reader
-    then says what is wrong with it). Hidden entries, segmentations, markers, other files and the
-    output folder are left out, and returned by name. DICOM files at the top level are refused: a
-    series goes in a sub-folder of its own, or is the input of one run."""
+    then says what is wrong with it). ``scan_name`` (a file name, ``*`` and ``?`` as wildcards,
+    any case) picks the scan in a sub-folder that also holds, say, its label map, and at the top
+    level only the files it matches are cases. Hidden entries, segmentations, markers, other files
+    and the output folder are left out, and returned by name. DICOM files at the top level are
+    refused: a series goes in a sub-folder of its own, or is the input of one run."""
     output = output.resolve() if output is not None else None
     cases, left_out, seen = [], [], {}
     for entry in sorted(folder.iterdir()):
@@ -56,9 +64,10 @@ def cases_in_folder(folder: Path, output: Path | None = None) -> tuple[list[Mani
         if entry.name.startswith(".") or entry.resolve() == output or name == "summary.tsv":
             continue
         if entry.is_dir():
-            case = _case_in_sub_folder(entry)
-        elif name.endswith(_NOT_SCANS) or not name.endswith(_CASE_SUFFIXES):
-            if name.endswith(_DICOM_SUFFIXES) or _is_dicom(entry):
+            case = _case_in_sub_folder(entry, scan_name)
+        elif (name.endswith(_NOT_SCANS) or not name.endswith(_CASE_SUFFIXES)
+              or (scan_name is not None and not _named(entry.name, scan_name))):
+            if scan_name is None and (name.endswith(_DICOM_SUFFIXES) or _is_dicom(entry)):
                 raise InputError(f"holds DICOM files at its top level ({entry.name}); a folder of scans holds one "
                                  "sub-folder per DICOM series (or give this series folder as the input of one run)",
                                  folder)
@@ -77,16 +86,25 @@ def cases_in_folder(folder: Path, output: Path | None = None) -> tuple[list[Mani
     return cases, left_out
 
 
-def _case_in_sub_folder(folder: Path) -> ManifestCase:
+def _case_in_sub_folder(folder: Path, scan_name: str | None) -> ManifestCase:
     images = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
                     and p.name.lower().endswith(_CASE_SUFFIXES) and not p.name.lower().endswith(_NOT_SCANS))
+    if scan_name is not None:
+        images = [name for name in images if _named(name, scan_name)]
+        if len(images) != 1:
+            return ManifestCase(folder.name, [], {}, f"{folder} holds {len(images)} image files named {scan_name!r}"
+                                                     f"{' (' + ', '.join(images[:3]) + ')' if images else ''}")
     if len(images) == 1:
         return ManifestCase(folder.name, [str(folder / images[0])], {})
     if len(images) > 1:
         return ManifestCase(folder.name, [], {}, f"{folder} holds {len(images)} image files ({', '.join(images[:3])}"
-                                                 f"{', ...' if len(images) > 3 else ''}): one scan per case folder, or "
-                                                 "list the cases (and a second input) in a CSV manifest")
+                                                 f"{', ...' if len(images) > 3 else ''}): choose the scan with "
+                                                 "--scan-name (e.g. 'image*'), or list the cases in a CSV manifest")
     return ManifestCase(folder.name, [str(folder)], {})
+
+
+def _named(name: str, scan_name: str) -> bool:
+    return fnmatch.fnmatchcase(name.lower(), scan_name.lower())
 
 
 def _is_dicom(path: Path) -> bool:
@@ -161,6 +179,8 @@ def run_one(card: TaskCard, case: ManifestCase, output: Path, options: RunOption
     case_id, inputs = case.id, case.inputs
     options = dataclasses.replace(options, **case.choices)  # its own series / echo over the command's
     progress = progress.for_case(case_id, bars)
+    if case.problem or not inputs:  # an empty cell: a bad case like any other, reported and skipped
+        return (case_id, "failed", 2, case.problem or "the manifest gives no input for this case", "", "", "")
     earlier = None if options.overwrite else finished_result(output / case_id)
     if earlier is not None:  # a re-run resumes: finished cases are not redone
         clear_stale_lock(output / case_id)  # a run killed between its last file and its lock's release
@@ -170,8 +190,6 @@ def run_one(card: TaskCard, case: ManifestCase, output: Path, options: RunOption
                                           f"{other}); --overwrite replaces it", str(output / case_id), "", "")
         return (case_id, "skipped", 0, f"finished earlier ({earlier.summary}); --overwrite redoes it",
                 str(output / case_id), "", "")
-    if case.problem or not inputs:  # an empty cell: a bad case like any other, reported and skipped
-        return (case_id, "failed", 2, case.problem or "the manifest gives no input for this case", "", "", "")
     deaths, record = count_deaths(output, case_id, options.overwrite)
     if deaths >= DEATHS_BEFORE_GIVING_UP:
         return (case_id, "failed", 1, f"not run again: the process running this case ended without finishing "
@@ -299,7 +317,7 @@ class CohortCount:
 
 
 def run_manifest(card: TaskCard, manifest: str | Path, output: str | Path, options: RunOptions,
-                 progress: Progress, workers: int = 2) -> int:
+                 progress: Progress, workers: int = 2, scan_name: str | None = None) -> int:
     """Every case of the manifest in one process (one start-up), ``workers`` cases at a time so
     that one case's reading and writing overlap another's network; a summary.tsv row per case and
     the cohort's cases per minute. Returns 0 when every case succeeded, else the exit code of the
@@ -308,7 +326,7 @@ def run_manifest(card: TaskCard, manifest: str | Path, output: str | Path, optio
 
     from SpineKneeSegLib.mrml.harness import get_app
 
-    cases, left_out = cohort_cases(manifest, output)
+    cases, left_out = cohort_cases(manifest, output, scan_name)
     output = check_writable_dir(output)
     output.mkdir(parents=True, exist_ok=True)
     _log_left_out(progress, manifest, left_out)
@@ -336,7 +354,7 @@ def run_manifest(card: TaskCard, manifest: str | Path, output: str | Path, optio
 
 
 def run_manifest_on_cluster(card: TaskCard, manifest: str | Path, output: str | Path, options: RunOptions,
-                            progress: Progress, scheduler: str) -> int:
+                            progress: Progress, scheduler: str, scan_name: str | None = None) -> int:
     """The same cohort on a Dask distributed cluster (``scheduler``: its address, e.g.
     tcp://host:8786): one task per case running ``run_one`` on a worker, outputs in ``output``
     (a folder every worker can write: a shared file system), the same summary.tsv, skip rule and
@@ -345,7 +363,7 @@ def run_manifest_on_cluster(card: TaskCard, manifest: str | Path, output: str | 
         from distributed import Client, Event, as_completed
     except ImportError:
         raise InputError("--scheduler needs Dask distributed (pip install 'dask[distributed]')") from None
-    cases, left_out = cohort_cases(manifest, output)
+    cases, left_out = cohort_cases(manifest, output, scan_name)
     output = check_writable_dir(output).resolve()
     output.mkdir(parents=True, exist_ok=True)
     _log_left_out(progress, manifest, left_out)
