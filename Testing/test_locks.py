@@ -201,3 +201,52 @@ def test_a_lock_that_cannot_be_written_is_not_left_empty(small_disk):
         with output_lock(disk / "out"):
             pass
     assert sorted(p.name for p in disk.iterdir()) == ["filler"]
+
+
+@pytest.mark.slow
+def test_a_run_on_another_machine_is_busy_while_it_beats_and_taken_over_once_it_is_gone(tmp_path):
+    """Two machines for real: a run in its own host name and pid namespace (``unshare``, root only)
+    writes into a shared folder. While it lives, a run here is refused (its pid means nothing here,
+    its heartbeat says it lives); killed, its lock is taken over once silent for the lease, its
+    staging folder removed, and the run here finishes."""
+    import shutil
+    import signal
+
+    from SpineKneeSegLib.core.image import Image
+
+    unshare = shutil.which("unshare")
+    if unshare is None or subprocess.run([unshare, "--uts", "--pid", "--fork", "--mount-proc", "true"],
+                                         capture_output=True).returncode != 0:
+        pytest.skip("cannot make a second machine here (unshare needs root)")
+    import numpy as np
+
+    write_image(Image(np.random.default_rng(0).normal(100, 20, (12, 48, 48)).astype(np.float32),
+                      spacing=(0.5, 0.5, 3.0)), tmp_path / "scan.nii.gz")
+    initialise_weights("knee-bones", tmp_path / "knee.pt", {"channels": (4, 8)})
+    run = [sys.executable, "-m", "SpineKneeSegLib.cli", "run", "--task", "knee-bones", str(tmp_path / "scan.nii.gz"),
+           "-o", str(tmp_path / "out"), "--weights", str(tmp_path / "knee.pt"), "--progress", "none"]
+    lease = 3.0
+    env = {**os.environ, LEASE_ENV: str(lease)}
+    other = subprocess.Popen([unshare, "--uts", "--pid", "--fork", "--mount-proc", "--kill-child", "sh", "-c",
+                              'hostname node-b && exec "$@"', "sh", *run],
+                             env={**env, "SPINEKNEESEG_PAUSE_AT_STAGE": "staged:120"}, start_new_session=True)
+    try:
+        lock = tmp_path / ".out.lock"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not [p for p in tmp_path.iterdir() if ".partial." in p.name]:
+            time.sleep(0.1)
+        claim = json.loads(lock.read_text())
+        assert claim["host"] == "node-b" and claim["pidns"] != _this_machine()["pidns"]
+        busy = subprocess.run(run, env=env, capture_output=True, text=True, timeout=120)
+        assert busy.returncode == 2 and f"another run (process {claim['pid']} on node-b" in busy.stderr
+    finally:
+        os.killpg(other.pid, signal.SIGKILL)  # the machine is lost: no clean-up of any kind
+        killed = time.monotonic()
+        other.wait(timeout=30)
+    assert lock.exists() and [p for p in tmp_path.iterdir() if ".partial." in p.name]
+    taken = subprocess.run(run, env=env, capture_output=True, text=True, timeout=120)
+    assert taken.returncode == 0, taken.stderr
+    # not before the lease ran out: its last heartbeat came at most lease / 6 before the kill
+    assert time.monotonic() - killed >= lease * 5 / 6 - 0.1
+    assert (tmp_path / "out" / "labels.nii.gz").exists() and not lock.exists()
+    assert not [p for p in tmp_path.iterdir() if ".partial." in p.name]
