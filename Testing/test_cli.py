@@ -629,7 +629,7 @@ def test_a_cohort_stopped_with_ctrl_c_leaves_its_summary_and_resumes(tmp_path, t
     import signal
     import time
 
-    manifest, out = _knee_cohort(tmp_path, 4), tmp_path / "out"
+    manifest, out = _knee_cohort(tmp_path, 6), tmp_path / "out"  # each case >= 1 s: some still queued at the signal
     command = [sys.executable, "-m", "SpineKneeSegLib.cli", "run", "--task", "knee-bones", "--manifest", str(manifest),
                "-o", str(out), "--weights", str(tiny_weights["knee-bones"]), "--workers", workers]
     run = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
@@ -641,7 +641,7 @@ def test_a_cohort_stopped_with_ctrl_c_leaves_its_summary_and_resumes(tmp_path, t
     err = line + run.stderr.read()
     assert run.wait(timeout=60) == 130, err
     rows = _summary_rows(out)
-    assert list(rows) == ["c0", "c1", "c2", "c3"] and "ok" in [r[1] for r in rows.values()]
+    assert list(rows) == [f"c{i}" for i in range(6)] and "ok" in [r[1] for r in rows.values()]
     pending = [r for r in rows.values() if r[1] == "pending"]
     assert pending and all(r[3].startswith("not run: the run was stopped (Ctrl-C or SIGTERM)") for r in pending)
     assert {r[1] for r in rows.values()} == {"ok", "pending"}
