@@ -250,3 +250,49 @@ def test_a_run_on_another_machine_is_busy_while_it_beats_and_taken_over_once_it_
     assert time.monotonic() - killed >= lease * 5 / 6 - 0.1
     assert (tmp_path / "out" / "labels.nii.gz").exists() and not lock.exists()
     assert not [p for p in tmp_path.iterdir() if ".partial." in p.name]
+
+
+def test_a_lock_judged_stale_but_taken_meanwhile_is_left_to_its_new_owner(tmp_path):
+    """Runs that judge one dead lock at the same moment (a cohort re-run as several jobs): the first
+    takes it over; the second must not then remove the first's fresh lock, nor its staging folder."""
+    from SpineKneeSegLib.core.atomic import _remove_dead_runs_lock
+
+    lock, staging = tmp_path / ".out.lock", tmp_path / ".out.partial.5555.abc"
+    _claim(lock, host="node-3")
+    judged = lock.read_text()
+    _claim(lock, host="node-5", pid=5555)  # node-5 took it over first and is staging its result
+    fresh = lock.read_text()
+    staging.mkdir()
+    assert not _remove_dead_runs_lock(tmp_path / "out", judged)
+    assert lock.read_text() == fresh and staging.is_dir()
+    _claim(lock, host="node-3")  # the judged claim itself goes, with the dead run's staging folders
+    assert _remove_dead_runs_lock(tmp_path / "out", lock.read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_runs_meeting_one_dead_lock_together_never_hold_it_together(tmp_path):
+    lock = tmp_path / ".out.lock"
+    _claim(lock, host="node-3")
+    _age(lock, 3600)
+    held, lock_of_held, start = [], threading.Lock(), threading.Barrier(8)
+
+    def contend():
+        start.wait()
+        try:
+            with output_lock(tmp_path / "out"):
+                with lock_of_held:
+                    held.append(("in", time.monotonic()))
+                time.sleep(0.2)
+                with lock_of_held:
+                    held.append(("out", time.monotonic()))
+        except OutputBusy:
+            pass
+
+    threads = [threading.Thread(target=contend) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    events = [kind for kind, _ in sorted(held, key=lambda e: e[1])]
+    assert events and events == ["in", "out"] * (len(events) // 2)  # one holder at a time
+    assert not lock.exists() and not [p.name for p in tmp_path.iterdir()]

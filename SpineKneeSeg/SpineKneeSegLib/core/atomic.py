@@ -245,9 +245,10 @@ def output_lock(target: str | os.PathLike):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            owner = _lock_owner(lock)
+            claim = _read_claim(lock)
+            owner = _parse_claim(claim)
             if _owner_gone(owner, lock, wait=True):  # stale: its process is gone; take it over
-                _remove_dead_runs_lock(target)
+                _remove_dead_runs_lock(target, claim)
                 continue
             if owner is None:  # being written this very moment (or left empty by a process killed then)
                 with contextlib.suppress(OSError):
@@ -282,20 +283,42 @@ def clear_stale_lock(target: str | os.PathLike, wait: bool = False) -> bool:
     after writing its result, before releasing the lock); True if one was removed. A manifest's
     re-run calls it for the finished cases it skips, which it never locks itself. ``wait``: watch
     a young lock of another machine for up to its lease (``output_lock``)."""
-    return lock_is_stale(target, wait) and _remove_dead_runs_lock(target)
-
-
-def _remove_dead_runs_lock(target: str | os.PathLike) -> bool:
-    """Remove a dead run's lock, after its staging folders: only a run that holds the lock stages
-    into the target, so any there are the dead run's, whether its pid was this machine's or
-    another's (then ``staging_dir``'s own sweep, by pid, could not judge them)."""
     lock = _lock_path(target)
-    sweep_stale(lock.parent, _staging_prefix(Path(target).name), every=True)
+    claim = _read_claim(lock)
+    return _owner_gone(_parse_claim(claim), lock, wait) and _remove_dead_runs_lock(target, claim)
+
+
+def _remove_dead_runs_lock(target: str | os.PathLike, judged: str | None) -> bool:
+    """Remove a dead run's lock, whose claim was ``judged`` stale, after its staging folders: only a
+    run that holds the lock stages into the target, so any there are the dead run's, whether its pid
+    was this machine's or another's (``staging_dir``'s own sweep, by pid, could not judge them).
+    Runs that judge one dead lock at the same moment (a cohort's re-run as several jobs) take turns
+    through ``.<name>.lock.taking`` (made exclusively), and the claim is checked again under it: else
+    one could remove the fresh lock that another had just made. False when another run is taking it
+    over, or it is no longer the judged one."""
+    import time
+
+    lock = _lock_path(target)
+    guard = lock.with_name(f"{lock.name}.taking")
     try:
+        os.close(os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        with contextlib.suppress(OSError):  # left by a run that died taking it over: held for milliseconds
+            if _file_system_now(lock.parent) - guard.stat().st_mtime > 10:
+                os.unlink(guard)
+        time.sleep(0.05)  # the other run's turn
+        return False
+    try:
+        if judged is None or _read_claim(lock) != judged:
+            return False
+        sweep_stale(lock.parent, _staging_prefix(Path(target).name), every=True)
         os.unlink(lock)
+        return True
     except FileNotFoundError:
         return False
-    return True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(guard)
 
 
 def lock_is_stale(target: str | os.PathLike, wait: bool = False) -> bool:
@@ -386,10 +409,21 @@ def _file_system_now(folder: Path) -> float:
 
 
 def _lock_owner(lock: Path) -> dict | None:
+    return _parse_claim(_read_claim(lock))
+
+
+def _read_claim(lock: Path) -> str | None:
+    try:
+        return lock.read_text()
+    except OSError:
+        return None
+
+
+def _parse_claim(claim: str | None) -> dict | None:
     import json
 
     try:
-        owner = json.loads(lock.read_text())
-        return owner if isinstance(owner, dict) and str(owner.get("pid", "")).isdigit() else None
-    except (OSError, ValueError):
+        owner = json.loads(claim) if claim else None
+    except ValueError:
         return None
+    return owner if isinstance(owner, dict) and str(owner.get("pid", "")).isdigit() else None
