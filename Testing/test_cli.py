@@ -766,3 +766,31 @@ def test_a_dataset_folder_with_label_maps_beside_the_scans_runs_with_scan_name(t
     assert cli.main(["run", "--task", "lumbar-foramina", str(cohort / "case04" / "image.nii.gz"), "-o",
                      str(tmp_path / "one"), "--scan-name", "image*"]) == 2
     assert "--scan-name picks the scan in each sub-folder" in capsys.readouterr().err
+
+
+def test_a_dry_run_says_what_each_case_would_do_and_writes_nothing(tmp_path, tiny_weights, phantom_files, capsys):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for name in ("a", "b"):
+        write_image(make_phantom("knee-bones", seed=1).image, scans / f"{name}.nii.gz")
+    (scans / "c").mkdir()
+    for name in ("image.nii.gz", "labels.nii.gz"):
+        write_image(make_phantom("knee-bones", seed=1).image, scans / "c" / name)
+    out = tmp_path / "out"
+    command = ["run", "--task", "knee-bones", "--manifest", str(scans), "-o", str(out),
+               "--weights", str(tiny_weights["knee-bones"])]
+    assert cli.main(command + ["--dry-run"]) == 0
+    captured = capsys.readouterr()
+    table = [line.split("\t") for line in captured.out.splitlines()]
+    assert [row[:2] for row in table] == [["id", "would"], ["a", "run"], ["b", "run"], ["c", "fail"]]
+    assert "holds 2 image files" in table[3][3] and "1 would fail; nothing was written" in captured.err
+    assert not out.exists()
+    assert cli.main(command + ["--progress", "none"]) == 2  # a and b run, c fails
+    (scans / "b.nii.gz").unlink()
+    write_image(make_phantom("knee-bones", seed=2).image, scans / "b.nrrd")  # b is now another file
+    assert cli.main(command + ["--dry-run", "--progress", "json", "--scan-name", "[bi]*"]) == 0
+    plan = {e["case"]: e for e in map(json.loads, capsys.readouterr().out.splitlines()) if e.get("event") == "plan"}
+    assert [plan[c]["would"] for c in "bc"] == ["fail", "run"] and "a" not in plan  # a.nii.gz is no "[bi]*"
+    assert "other inputs" in plan["b"]["why"] and plan["c"]["inputs"] == [str(scans / "c" / "image.nii.gz")]
+    assert cli.main(command + ["--dry-run", "--progress", "none"]) == 0
+    assert [line.split("\t")[1] for line in capsys.readouterr().out.splitlines()[1:]] == ["skip", "fail", "fail"]

@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, default=2,
                      help="--manifest: cases in flight at once in this process (reading and writing overlap "
                           "the network; default 2)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="--manifest: list what each case would do (run / skip / fail, and why) and write nothing")
     run.add_argument("--scan-name", metavar="NAME",
                      help="--manifest FOLDER: the file that is the scan in each sub-folder (e.g. 'image*', any case), "
                           "where a scan's label map lies beside it")
@@ -226,6 +228,8 @@ def cmd_run(args) -> int:
                          fuse_views=parse_planes(args.fuse_views), precision=args.precision,
                          every_slice=args.every_slice)
     progress = Progress(args.progress)
+    if args.dry_run and not args.manifest:
+        raise InputError("--dry-run lists what a --manifest cohort would do")
     if args.scan_name and not args.manifest:
         raise InputError("--scan-name picks the scan in each sub-folder of a --manifest folder of scans")
     if args.scheduler and not args.manifest:
@@ -233,8 +237,10 @@ def cmd_run(args) -> int:
     if args.manifest:
         if args.inputs:
             raise InputError("give either INPUT files or --manifest, not both")
-        from SpineKneeSegLib.engine.batch import run_manifest
+        from SpineKneeSegLib.engine.batch import dry_run, run_manifest
 
+        if args.dry_run:
+            return dry_run(card, args.manifest, args.output, options, progress, scan_name=args.scan_name)
         if args.scheduler:
             from SpineKneeSegLib.core.memory import imports_done
             from SpineKneeSegLib.engine.batch import run_manifest_on_cluster

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import fnmatch
 import dataclasses
+import fnmatch
 import io
+import json
 from pathlib import Path
 import re
 import threading
@@ -179,17 +180,11 @@ def run_one(card: TaskCard, case: ManifestCase, output: Path, options: RunOption
     case_id, inputs = case.id, case.inputs
     options = dataclasses.replace(options, **case.choices)  # its own series / echo over the command's
     progress = progress.for_case(case_id, bars)
-    if case.problem or not inputs:  # an empty cell: a bad case like any other, reported and skipped
-        return (case_id, "failed", 2, case.problem or "the manifest gives no input for this case", "", "", "")
-    earlier = None if options.overwrite else finished_result(output / case_id)
-    if earlier is not None:  # a re-run resumes: finished cases are not redone
-        clear_stale_lock(output / case_id)  # a run killed between its last file and its lock's release
-        other = earlier.other_inputs(card.name, inputs)
-        if other is not None:  # the manifest changed this case: its old result is not this run's
-            return (case_id, "failed", 2, f"its folder holds a finished result of other inputs ({earlier.summary}; "
-                                          f"{other}); --overwrite replaces it", str(output / case_id), "", "")
-        return (case_id, "skipped", 0, f"finished earlier ({earlier.summary}); --overwrite redoes it",
-                str(output / case_id), "", "")
+    decided = preflight(card, case, output, options.overwrite)
+    if decided is not None:
+        if decided[3]:  # a finished result: a run killed between its last file and its lock's release
+            clear_stale_lock(output / case_id)
+        return (case_id, *decided, "", "")
     deaths, record = count_deaths(output, case_id, options.overwrite)
     if deaths >= DEATHS_BEFORE_GIVING_UP:
         return (case_id, "failed", 1, f"not run again: the process running this case ended without finishing "
@@ -210,6 +205,48 @@ def run_one(card: TaskCard, case: ManifestCase, output: Path, options: RunOption
         row = (case_id, "failed", 1, f"internal error: {type(exc).__name__}: {exc}", "", "", "")
     record.unlink(missing_ok=True)  # it ended with an answer: the process did not die on it
     return row
+
+
+def preflight(card: TaskCard, case: ManifestCase, output: Path, overwrite: bool) -> tuple | None:
+    """How a case ends before it starts, touching nothing: (status, exit code, message, its output
+    folder where a finished result is there) for a case that fails or is skipped, None for one that
+    runs. A re-run resumes: finished cases are not redone, unless the manifest has changed them."""
+    if case.problem or not case.inputs:  # an empty cell: a bad case like any other, reported and skipped
+        return ("failed", 2, case.problem or "the manifest gives no input for this case", "")
+    earlier = None if overwrite else finished_result(output / case.id)
+    if earlier is None:
+        return None
+    other = earlier.other_inputs(card.name, case.inputs)
+    if other is not None:  # its old result is not this run's
+        return ("failed", 2, f"its folder holds a finished result of other inputs ({earlier.summary}; {other}); "
+                             f"--overwrite replaces it", str(output / case.id))
+    return ("skipped", 0, f"finished earlier ({earlier.summary}); --overwrite redoes it", str(output / case.id))
+
+
+def dry_run(card: TaskCard, manifest: str | Path, output: str | Path, options: RunOptions, progress: Progress,
+            scan_name: str | None = None) -> int:
+    """--dry-run: what a cohort's run would do, case by case, on stdout as a table (id, would: run /
+    skip / fail, inputs, why), writing nothing: to check a folder's reading, --scan-name or a
+    re-run's resume before hours of work."""
+    cases, left_out = cohort_cases(manifest, output, scan_name)
+    _log_left_out(progress, manifest, left_out)
+    counts = {"run": 0, "skip": 0, "fail": 0}
+    rows = []
+    for case in cases:
+        decided = preflight(card, case, Path(output), options.overwrite)
+        would = "run" if decided is None else {"failed": "fail", "skipped": "skip"}[decided[0]]
+        counts[would] += 1
+        rows.append({"case": case.id, "would": would, "inputs": case.inputs,
+                     "why": "" if decided is None else decided[2]})
+    if progress.mode == "json":  # one event a case, as the run's own events
+        print("\n".join(json.dumps({"event": "plan", **row}) for row in rows), flush=True)
+    else:
+        header = {"case": "id", "would": "would", "inputs": ["inputs"], "why": "why"}
+        print("\n".join("\t".join((r["case"], r["would"], " ".join(r["inputs"]), r["why"])) for r in [header, *rows]),
+              flush=True)
+    progress.log(f"dry run of {len(cases)} cases: {counts['run']} would run, {counts['skip']} finished earlier, "
+                 f"{counts['fail']} would fail; nothing was written")
+    return 0
 
 
 def _suspect(output: Path, case_id: str) -> bool:
