@@ -129,6 +129,17 @@ def image_suffix(path: str | os.PathLike) -> str | None:
     return next((suffix for suffix in _READ_SUFFIXES if name.endswith(suffix)), None)
 
 
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """A DICOM file by its name ('.dcm', '.ima', ...) or, without one, by its 'DICM' mark."""
+    path = Path(path)
+    if _suffix_format(path, _READ_SUFFIXES) == "dicom":
+        return True
+    try:
+        return image_suffix(path) is None and _has_dicom_magic(path)
+    except OSError:
+        return False
+
+
 def _suffix_format(path: Path, table: dict) -> str | None:
     name = path.name.lower()
     for suffix, fmt in table.items():

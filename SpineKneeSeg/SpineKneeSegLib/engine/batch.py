@@ -14,7 +14,8 @@ import time
 from typing import NamedTuple
 
 from SpineKneeSegLib.core.atomic import check_writable_dir, clear_stale_lock, lock_is_stale, write_text_atomic
-from SpineKneeSegLib.core.errors import InputError, SpineKneeSegError
+from SpineKneeSegLib.core.errors import InputError, SpineKneeSegError, Terminated
+from SpineKneeSegLib.core.image_io import image_suffix, is_dicom_file
 from SpineKneeSegLib.core.progress import Progress
 from SpineKneeSegLib.engine.cards import TaskCard
 from SpineKneeSegLib.engine.pipeline import RunOptions, finished_result, run_case, storage_problem
@@ -29,10 +30,7 @@ class ManifestCase(NamedTuple):
     problem: str = ""  # why this case cannot run (a folder of scans' sub-folder with two images): a failed row
 
 
-# a folder of scans as a cohort: the image files that are cases, and what is left out without a word
-_CASE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
-_NOT_SCANS = (".seg.nrrd", ".mrk.json", ".raw", ".zraw", ".raw.gz")  # segmentations, markers, MetaImage data
-_DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+_SEGMENTATION = ".seg.nrrd"  # a folder of scans: a segmentation beside a scan has an image's suffix, but is none
 
 
 def cohort_cases(path: str | Path, output: str | Path, scan_name: str | None = None
@@ -66,17 +64,15 @@ def cases_in_folder(folder: Path, output: Path | None = None, scan_name: str | N
             continue
         if entry.is_dir():
             case = _case_in_sub_folder(entry, scan_name)
-        elif (name.endswith(_NOT_SCANS) or not name.endswith(_CASE_SUFFIXES)
-              or (scan_name is not None and not _named(entry.name, scan_name))):
-            if scan_name is None and (name.endswith(_DICOM_SUFFIXES) or _is_dicom(entry)):
+        elif not _scan_file(entry) or (scan_name is not None and not _named(entry.name, scan_name)):
+            if scan_name is None and is_dicom_file(entry):
                 raise InputError(f"holds DICOM files at its top level ({entry.name}); a folder of scans holds one "
                                  "sub-folder per DICOM series (or give this series folder as the input of one run)",
                                  folder)
             left_out.append(entry.name)
             continue
         else:
-            suffix = next(s for s in _CASE_SUFFIXES if name.endswith(s))
-            case = ManifestCase(entry.name[: -len(suffix)], [str(entry)], {})
+            case = ManifestCase(entry.name[: -len(image_suffix(entry))], [str(entry)], {})
         if case.id in seen:
             raise InputError(f"two entries make the case {case.id!r} ({seen[case.id]}, {entry.name}); rename one",
                              folder)
@@ -88,8 +84,7 @@ def cases_in_folder(folder: Path, output: Path | None = None, scan_name: str | N
 
 
 def _case_in_sub_folder(folder: Path, scan_name: str | None) -> ManifestCase:
-    images = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-                    and p.name.lower().endswith(_CASE_SUFFIXES) and not p.name.lower().endswith(_NOT_SCANS))
+    images = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".") and _scan_file(p))
     if scan_name is not None:
         images = [name for name in images if _named(name, scan_name)]
         if len(images) != 1:
@@ -104,17 +99,14 @@ def _case_in_sub_folder(folder: Path, scan_name: str | None) -> ManifestCase:
     return ManifestCase(folder.name, [str(folder)], {})
 
 
+def _scan_file(path: Path) -> bool:
+    """A file the reader takes as one scan by its name (a DICOM file is a slice of a series)."""
+    return (path.is_file() and image_suffix(path) is not None and not is_dicom_file(path)
+            and not path.name.lower().endswith(_SEGMENTATION))
+
+
 def _named(name: str, scan_name: str) -> bool:
     return fnmatch.fnmatchcase(name.lower(), scan_name.lower())
-
-
-def _is_dicom(path: Path) -> bool:
-    """A DICOM Part 10 file ("DICM" after the 128-byte preamble), as files without a suffix often are."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(132)[128:] == b"DICM"
-    except OSError:
-        return False
 
 
 def read_manifest(path: str | Path) -> list[ManifestCase]:
@@ -239,11 +231,11 @@ def dry_run(card: TaskCard, manifest: str | Path, output: str | Path, options: R
         rows.append({"case": case.id, "would": would, "inputs": case.inputs,
                      "why": "" if decided is None else decided[2]})
     if progress.mode == "json":  # one event a case, as the run's own events
-        print("\n".join(json.dumps({"event": "plan", **row}) for row in rows), flush=True)
+        lines = [json.dumps({"event": "plan", **row}) for row in rows]
     else:
-        header = {"case": "id", "would": "would", "inputs": ["inputs"], "why": "why"}
-        print("\n".join("\t".join((r["case"], r["would"], " ".join(r["inputs"]), r["why"])) for r in [header, *rows]),
-              flush=True)
+        lines = ["id\twould\tinputs\twhy"] + ["\t".join((r["case"], r["would"], " ".join(r["inputs"]), r["why"]))
+                                              for r in rows]
+    print("\n".join(lines), flush=True)
     progress.log(f"dry run of {len(cases)} cases: {counts['run']} would run, {counts['skip']} finished earlier, "
                  f"{counts['fail']} would fail; nothing was written")
     return 0
@@ -311,9 +303,7 @@ class CohortCount:
         command ends (exit 130 / 143), so a long cohort's stop loses no record."""
         try:
             yield
-        except BaseException as exc:
-            if isinstance(exc, Exception):
-                raise
+        except (KeyboardInterrupt, Terminated):
             self.halted = ("the run was stopped (Ctrl-C or SIGTERM); run the same command again to go on: "
                            "finished cases are kept")
             with contextlib.suppress(OSError):
