@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from SpineKneeSegLib import cli
 from SpineKneeSegLib.core.image_io import read_image, write_image
+from SpineKneeSegLib.engine import batch
 from SpineKneeSegLib.engine.weights import initialise_weights, sha256_of
 from SpineKneeSegLib.tasks import TASKS, make_phantom
 
@@ -312,7 +313,6 @@ def test_the_cohort_count_gives_done_of_total_and_the_time_left_at_the_rate_of_c
     from types import SimpleNamespace
 
     from SpineKneeSegLib.core.progress import Progress
-    from SpineKneeSegLib.engine import batch
 
     clock = [100.0]  # the count's own clock, so that a stall of the machine cannot move the figures
     monkeypatch.setattr(batch, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
@@ -333,7 +333,6 @@ def test_the_cohort_count_gives_done_of_total_and_the_time_left_at_the_rate_of_c
 
 def test_a_long_cohort_keeps_its_summary_up_to_date_with_pending_cases(tmp_path, monkeypatch):
     from SpineKneeSegLib.core.progress import Progress
-    from SpineKneeSegLib.engine import batch
 
     count = batch.CohortCount(Progress("none"), ["a", "b", "c"], tmp_path)
     count.finished(("b", "ok", 0, "", str(tmp_path / "b"), 1.5, 0.5))
@@ -584,7 +583,8 @@ def test_a_cohort_halts_on_a_full_disk_and_resumes_once_there_is_room(tmp_path, 
     assert rows["c3"][3].startswith("not run: the output folder's file system says 'No space left on device'")
     assert "no further case is started" in err and "2/5 cases ok, 2 not run" in err
     assert err.count(": started") == 3  # c3 and c4 never began
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no lock, staging or deaths file
+    # no case lock, staging or deaths file (the summary's lock file stays: batch.SUMMARY_LOCK)
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".") and p.name != batch.SUMMARY_LOCK]
     small_disk("20m")
     assert cli.main(command) == 0
     assert [r[1] for r in _summary_rows(out).values()] == ["skipped", "skipped", "ok", "ok", "ok"]
@@ -645,7 +645,7 @@ def test_a_cohort_stopped_with_ctrl_c_leaves_its_summary_and_resumes(tmp_path, t
     pending = [r for r in rows.values() if r[1] == "pending"]
     assert pending and all(r[3].startswith("not run: the run was stopped (Ctrl-C or SIGTERM)") for r in pending)
     assert {r[1] for r in rows.values()} == {"ok", "pending"}
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".") and p.name != batch.SUMMARY_LOCK]
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert {r[1] for r in _summary_rows(out).values()} == {"ok", "skipped"}

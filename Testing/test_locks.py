@@ -157,7 +157,8 @@ def test_a_lock_taken_over_from_a_holder_is_noticed_by_the_holder(tmp_path, monk
 def test_a_cohort_resumes_after_a_lost_node_and_leaves_a_live_nodes_case(tmp_path, monkeypatch, capsys):
     """A cohort re-run on another machine: case a's node died mid-case (its lock silent for longer
     than the lease), case b is being run by a live node. a is taken over, counted as a death and
-    run; b fails as busy, and c runs."""
+    run; b is busy (the other run's to finish: not a failure of this one), put off to the end at a
+    glance and then watched, and c runs."""
     monkeypatch.setenv(LEASE_ENV, "2")
     weights = tmp_path / "knee.pt"
     initialise_weights("knee-bones", weights, {"channels": (4, 8)}, seed=1)
@@ -177,13 +178,18 @@ def test_a_cohort_resumes_after_a_lost_node_and_leaves_a_live_nodes_case(tmp_pat
                          "--weights", str(weights)])
     finally:
         stop.set()
-    assert code == 2
+    assert code == 0
     rows = {row[0]: row for row in (line.split("\t") for line in (out / "summary.tsv").read_text().splitlines()[1:])}
     assert rows["a"][1] == "ok" and (out / "a" / "labels.nii.gz").is_file()
-    assert rows["b"][1:3] == ["failed", "2"] and "another run (process 4242 on node-7" in rows["b"][3]
+    assert rows["b"][1:3] == ["busy", "0"] and "another run (process 4242 on node-7" in rows["b"][3]
     assert rows["c"][1] == "ok"
     assert not (out / "b").exists() and json.loads((out / ".b.lock").read_text())["host"] == "node-7"
-    assert "a: started (again: the process running it ended, 1 time)" in capsys.readouterr().err
+    console = capsys.readouterr().err
+    assert "a: started (again: the process running it ended, 1 time)" in console
+    put_off, c_done, b_busy = (console.index(f) for f in ("b: another run holds it; tried again once the rest",
+                                                           "c: ok (", "b: busy: another run (process 4242"))
+    assert put_off < b_busy and c_done < b_busy  # judged in full only once the rest are done
+    assert "2/3 cases ok, 1 left to the other run that held them" in console
     assert not (out / ".a.deaths").exists() and not (out / ".a.lock").exists()  # answered: the count is cleared
     assert not [p.name for p in out.iterdir() if ".partial." in p.name]
 

@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="--manifest: cases in flight at once in this process (reading and writing overlap "
                           "the network; default 2)")
     run.add_argument("--dry-run", action="store_true",
-                     help="--manifest: list what each case would do (run / skip / fail, and why) and write nothing")
+                     help="--manifest: list what each case would do (run / skip / fail / busy, and why) and write "
+                          "nothing")
     run.add_argument("--scan-name", metavar="NAME",
                      help="--manifest FOLDER: the file that is the scan in each sub-folder (e.g. 'image*', any case), "
                           "where a scan's label map lies beside it")

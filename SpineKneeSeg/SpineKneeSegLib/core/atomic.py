@@ -236,7 +236,7 @@ def output_lock(target: str | os.PathLike):
     import json
     import time
 
-    from SpineKneeSegLib.core.errors import OutputBusy
+    from SpineKneeSegLib.core.errors import HeldByAnotherRun, OutputBusy
 
     lock = _lock_path(target)
     lock.parent.mkdir(parents=True, exist_ok=True)
@@ -258,9 +258,7 @@ def output_lock(target: str | os.PathLike):
                 continue
             if not lock.exists():  # its run finished while we watched it
                 continue
-            raise OutputBusy(f"another run (process {owner.get('pid')} on {owner.get('host')}, started "
-                             f"{owner.get('started')}) is writing to this output folder; wait for it to "
-                             f"finish or choose another output folder", target) from None
+            raise HeldByAnotherRun(describe_owner(owner), target) from None
         try:
             with os.fdopen(fd, "w") as f:
                 f.write(mine)
@@ -276,6 +274,20 @@ def output_lock(target: str | os.PathLike):
         yield held
     finally:
         held.release()
+
+
+def describe_owner(owner: dict) -> str:
+    """A lock's owner in words, for messages: 'process 4242 on node-7, started ...'."""
+    return f"process {owner.get('pid')} on {owner.get('host')}, started {owner.get('started')}"
+
+
+def lock_holder(target: str | os.PathLike) -> dict | None:
+    """The owner of ``target``'s output lock while it may be alive, judged without waiting: a
+    process of this machine that exists, or another machine's lock refreshed within its lease (a
+    young one may yet turn out dead: only ``output_lock``'s watch can tell). None: free or stale."""
+    lock = _lock_path(target)
+    owner = _lock_owner(lock)
+    return None if owner is None or _owner_gone(owner, lock) else owner
 
 
 def clear_stale_lock(target: str | os.PathLike, wait: bool = False) -> bool:
@@ -304,7 +316,7 @@ def _remove_dead_runs_lock(target: str | os.PathLike, judged: str | None) -> boo
         os.close(os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
     except FileExistsError:
         with contextlib.suppress(OSError):  # left by a run that died taking it over: held for milliseconds
-            if _file_system_now(lock.parent) - guard.stat().st_mtime > 10:
+            if file_system_now(lock.parent) - guard.stat().st_mtime > 10:
                 os.unlink(guard)
         time.sleep(0.05)  # the other run's turn
         return False
@@ -368,7 +380,7 @@ def _silent_for_lease(lock: Path, wait: bool) -> bool:
     if first is None:
         return False
     lease = lock_lease_s()
-    left = lease - (_file_system_now(lock.parent) - first)
+    left = lease - (file_system_now(lock.parent) - first)
     if left <= 0:
         return True
     if not wait:
@@ -391,7 +403,7 @@ def _modified(path: Path) -> float | None:
         return None
 
 
-def _file_system_now(folder: Path) -> float:
+def file_system_now(folder: Path) -> float:
     """The clock that stamps the lock's modification time: that of a file made now in ``folder``
     (a shared file system's server), else this machine's."""
     import time

@@ -21,6 +21,21 @@ class OutputBusy(InputError):
     was not asked to be replaced (--overwrite)."""
 
 
+class AlreadyFinished(OutputBusy):
+    """The output folder holds a finished result and --overwrite was not given: in a cohort, one
+    that another run finished after this run looked (several jobs over one manifest)."""
+
+
+class HeldByAnotherRun(OutputBusy):
+    """Another live run holds the output folder's lock: in a cohort the case is that run's to finish
+    (several jobs over one manifest), not a failure of this run. ``owner``: that run in words."""
+
+    def __init__(self, owner: str, path=None):
+        self.owner = owner
+        super().__init__(f"another run ({owner}) is writing to this output folder; wait for it to finish or "
+                         f"choose another output folder", path)
+
+
 class NoWeightsError(SpineKneeSegError):
     exit_code = 3
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import os
 import dataclasses
 import fnmatch
 import io
@@ -13,14 +14,25 @@ import threading
 import time
 from typing import NamedTuple
 
-from SpineKneeSegLib.core.atomic import check_writable_dir, clear_stale_lock, lock_is_stale, write_text_atomic
-from SpineKneeSegLib.core.errors import InputError, SpineKneeSegError, Terminated
+from SpineKneeSegLib.core.atomic import (
+    check_writable_dir,
+    clear_stale_lock,
+    describe_owner,
+    file_system_now,
+    lock_holder,
+    lock_is_stale,
+    write_text_atomic,
+)
+from SpineKneeSegLib.core.errors import AlreadyFinished, HeldByAnotherRun, InputError, SpineKneeSegError, Terminated
 from SpineKneeSegLib.core.image_io import image_suffix, is_dicom_file
 from SpineKneeSegLib.core.progress import Progress
 from SpineKneeSegLib.engine.cards import TaskCard
 from SpineKneeSegLib.engine.pipeline import RunOptions, finished_result, run_case, storage_problem
 
 SUMMARY_COLUMNS = ("id", "status", "exit_code", "message", "output", "total_s", "network_s")
+# runs over one output folder write summary.tsv in turns through a POSIX lock on this empty file, which
+# stays: a lock file removed after use lets a run lock the removed one while another makes a new one
+SUMMARY_LOCK = ".summary.tsv.lock"
 
 
 class ManifestCase(NamedTuple):
@@ -165,10 +177,13 @@ def _log_left_out(progress: Progress, folder, names: list[str]) -> None:
 
 
 def run_one(card: TaskCard, case: ManifestCase, output: Path, options: RunOptions, progress: Progress,
-            bars: bool = True) -> tuple:
+            bars: bool = True, put_off_held: bool = False) -> tuple:
     """One case -> its summary row; never raises for the case's own failure (the cohort goes on).
     The same function runs in the local pool and on a Dask worker. Its messages name the case;
-    ``bars`` False: no step bars (cases side by side)."""
+    ``bars`` False: no step bars (cases side by side). A case another live run holds is "busy"
+    (that run's to finish: several jobs over one manifest share it out this way); ``put_off_held``:
+    judged at a glance, so that a young lock of another machine costs no watch now (the cohort
+    tries such cases again at its end)."""
     case_id, inputs = case.id, case.inputs
     options = dataclasses.replace(options, **case.choices)  # its own series / echo over the command's
     progress = progress.for_case(case_id, bars)
@@ -177,6 +192,8 @@ def run_one(card: TaskCard, case: ManifestCase, output: Path, options: RunOption
         if decided[3]:  # a finished result: a run killed between its last file and its lock's release
             clear_stale_lock(output / case_id)
         return (case_id, *decided, "", "")
+    if put_off_held and (owner := lock_holder(output / case_id)) is not None:
+        return busy_row(case_id, describe_owner(owner))
     deaths, record = count_deaths(output, case_id, options.overwrite)
     if deaths >= DEATHS_BEFORE_GIVING_UP:
         return (case_id, "failed", 1, f"not run again: the process running this case ended without finishing "
@@ -189,6 +206,11 @@ def run_one(card: TaskCard, case: ManifestCase, output: Path, options: RunOption
         t = report["timings_s"]
         record.unlink(missing_ok=True)
         return (case_id, "ok", 0, "", str(output / case_id), t["total"], t["network"])
+    except HeldByAnotherRun as exc:  # its deaths record is the holder's: kept
+        return busy_row(case_id, exc.owner)
+    except AlreadyFinished:  # another run finished it after the look above: as a re-run would find it
+        return (case_id, *(preflight(card, case, output, options.overwrite)
+                           or ("skipped", 0, "finished by another run", str(output / case_id))), "", "")
     except SpineKneeSegError as exc:
         row = (case_id, "failed", exc.exit_code, str(exc), "", "", "")
     except OSError as exc:
@@ -197,6 +219,11 @@ def run_one(card: TaskCard, case: ManifestCase, output: Path, options: RunOption
         row = (case_id, "failed", 1, f"internal error: {type(exc).__name__}: {exc}", "", "", "")
     record.unlink(missing_ok=True)  # it ended with an answer: the process did not die on it
     return row
+
+
+def busy_row(case_id: str, owner: str) -> tuple:
+    return (case_id, "busy", 0, f"another run ({owner}) is running it; its row here is settled by the last run "
+                                f"to end, and a re-run skips it once finished", "", "", "")
 
 
 def preflight(card: TaskCard, case: ManifestCase, output: Path, overwrite: bool) -> tuple | None:
@@ -218,18 +245,20 @@ def preflight(card: TaskCard, case: ManifestCase, output: Path, overwrite: bool)
 def dry_run(card: TaskCard, manifest: str | Path, output: str | Path, options: RunOptions, progress: Progress,
             scan_name: str | None = None) -> int:
     """--dry-run: what a cohort's run would do, case by case, on stdout as a table (id, would: run /
-    skip / fail, inputs, why), writing nothing: to check a folder's reading, --scan-name or a
-    re-run's resume before hours of work."""
+    skip / fail / busy (another run holds it now), inputs, why), writing nothing: to check a
+    folder's reading, --scan-name or a re-run's resume before hours of work."""
     cases, left_out = cohort_cases(manifest, output, scan_name)
     _log_left_out(progress, manifest, left_out)
-    counts = {"run": 0, "skip": 0, "fail": 0}
+    counts = {"run": 0, "skip": 0, "fail": 0, "busy": 0}
     rows = []
     for case in cases:
         decided = preflight(card, case, Path(output), options.overwrite)
         would = "run" if decided is None else {"failed": "fail", "skipped": "skip"}[decided[0]]
+        why = "" if decided is None else decided[2]
+        if decided is None and (owner := lock_holder(Path(output) / case.id)) is not None:
+            would, why = "busy", f"another run ({describe_owner(owner)}) is running it now"
         counts[would] += 1
-        rows.append({"case": case.id, "would": would, "inputs": case.inputs,
-                     "why": "" if decided is None else decided[2]})
+        rows.append({"case": case.id, "would": would, "inputs": case.inputs, "why": why})
     if progress.mode == "json":  # one event a case, as the run's own events
         lines = [json.dumps({"event": "plan", **row}) for row in rows]
     else:
@@ -237,7 +266,8 @@ def dry_run(card: TaskCard, manifest: str | Path, output: str | Path, options: R
                                               for r in rows]
     print("\n".join(lines), flush=True)
     progress.log(f"dry run of {len(cases)} cases: {counts['run']} would run, {counts['skip']} finished earlier, "
-                 f"{counts['fail']} would fail; nothing was written")
+                 f"{counts['fail']} would fail"
+                 + (f", {counts['busy']} held by another run now" if counts["busy"] else "") + "; nothing was written")
     return 0
 
 
@@ -294,6 +324,8 @@ class CohortCount:
         self.progress, self.case_ids, self.output = progress, list(case_ids), output
         self.total, self.done, self.ok, self.rows = len(self.case_ids), 0, 0, {}
         self.started = self._written = time.perf_counter()
+        # when it began by the output's file system clock: results made since are this cohort's
+        self.began = file_system_now(output) if output is not None else None
         self.halted: str | None = None  # why no further case is started
         self._lock = threading.Lock()
 
@@ -307,7 +339,7 @@ class CohortCount:
             self.halted = ("the run was stopped (Ctrl-C or SIGTERM); run the same command again to go on: "
                            "finished cases are kept")
             with contextlib.suppress(OSError):
-                write_summary(self.output, [self.rows.get(c.id) or self.not_run(c.id) for c in cases])
+                write_summary(self.output, [self.rows.get(c.id) or self.not_run(c.id) for c in cases], self.began)
             raise
 
     def not_run(self, case_id: str) -> tuple:
@@ -320,7 +352,7 @@ class CohortCount:
             if self.output is not None and time.perf_counter() - self._written >= SUMMARY_EVERY_S:
                 pending = (("pending",) + ("",) * (len(SUMMARY_COLUMNS) - 2))
                 with contextlib.suppress(OSError):  # a full disk: the final summary says so
-                    write_summary(self.output, [self.rows.get(c, (c, *pending)) for c in self.case_ids])
+                    write_summary(self.output, [self.rows.get(c, (c, *pending)) for c in self.case_ids], self.began)
                 self._written = time.perf_counter()
             self.done += 1
             self.ok += row[1] == "ok"
@@ -330,7 +362,8 @@ class CohortCount:
                 left = 60.0 * (self.total - self.done) / per_minute
                 where += f", {per_minute:.1f} cases/min, about {_duration(left)} left"
             failed = row[1] == "failed"
-            outcome = f"failed: {row[3]}" if failed else "ok" if row[1] == "ok" else "skipped, finished earlier"
+            outcome = {"failed": f"failed: {row[3]}", "ok": "ok", "busy": f"busy: {row[3]}"}.get(
+                row[1], "skipped, finished earlier")
             self.progress.for_case(row[0]).log(f"{outcome} ({where})", "error" if failed else "info")
             if self.progress.mode == "json":  # the cohort's own fraction, for a progress bar
                 self.progress.step("cohort", self.done, self.total)
@@ -363,21 +396,29 @@ def run_manifest(card: TaskCard, manifest: str | Path, output: str | Path, optio
     # cases a process died on run first and alone: a death beside another case would count for both
     suspects = [c for c in cases if not options.overwrite and _suspect(output, c.id)]
 
-    def one(case: ManifestCase, bars: bool = True) -> tuple:
+    def one(case: ManifestCase, bars: bool = True, put_off_held: bool = False) -> tuple:
         if count.halted:
             return count.not_run(case.id)
-        return count.finished(run_one(card, case, output, options, progress, bars))
+        row = run_one(card, case, output, options, progress, bars, put_off_held)
+        if put_off_held and row[1] == "busy":  # another run's, at a glance: tried again at the end
+            progress.for_case(case.id).log("another run holds it; tried again once the rest are done")
+            return row
+        return count.finished(row)
 
     with count.stopped_by_user(cases):
         rows = {c.id: one(c) for c in suspects}
         rest = [c for c in cases if c.id not in rows]
-        if workers <= 1:
-            rows.update((c.id, one(c)) for c in rest)
-        else:  # on Ctrl-C the pool's queued cases are cancelled and the running ones finish
-            with ThreadPoolExecutor(workers, thread_name_prefix="case") as pool:
-                rows.update(zip((c.id for c in rest), pool.map(lambda c: one(c, bars=False), rest)))
+        # first pass: a case another run holds is put off, not watched (several jobs over one
+        # manifest meet each other's cases all the time); second: those cases, judged in full
+        for put_off in (True, False):
+            if workers <= 1:
+                rows.update((c.id, one(c, True, put_off)) for c in rest)
+            else:  # on Ctrl-C the pool's queued cases are cancelled and the running ones finish
+                with ThreadPoolExecutor(workers, thread_name_prefix="case") as pool:
+                    rows.update(zip((c.id for c in rest), pool.map(lambda c: one(c, False, put_off), rest)))
+            rest = [c for c in rest if rows[c.id][1] == "busy"]
     rows = [rows[c.id] for c in cases]
-    return finish_manifest(rows, output, time.perf_counter() - started, progress)
+    return finish_manifest(rows, output, time.perf_counter() - started, progress, count.began)
 
 
 def run_manifest_on_cluster(card: TaskCard, manifest: str | Path, output: str | Path, options: RunOptions,
@@ -424,7 +465,8 @@ def run_manifest_on_cluster(card: TaskCard, manifest: str | Path, output: str | 
         except BaseException:
             client.cancel(list(futures))
             raise
-    return finish_manifest([rows[c.id] for c in cases], output, time.perf_counter() - started, progress)
+    return finish_manifest([rows[c.id] for c in cases], output, time.perf_counter() - started, progress,
+                           count.began)
 
 
 def _run_one_on_worker(task: str, case: ManifestCase, output: str, options: RunOptions,
@@ -447,23 +489,93 @@ def _run_one_on_worker(task: str, case: ManifestCase, output: str, options: RunO
         imports_done()  # a case refused before its imports must not leave the worker's collector off
 
 
-def write_summary(output: Path, rows: list[tuple]) -> None:
-    lines = ["\t".join(SUMMARY_COLUMNS)] + ["\t".join(str(v).replace("\t", " ").replace("\n", " ") for v in r)
-                                            for r in rows]
-    write_text_atomic(output / "summary.tsv", "\n".join(lines) + "\n")
+def write_summary(output: Path, rows: list[tuple], began: float | None = None) -> None:
+    """summary.tsv, a row a case. Runs over one manifest and output folder at the same time (the
+    jobs of a job array) write it in turns, each merging (``began``: when its cohort began, by the
+    output's file system clock): a row this run could not settle, a case another run held or
+    finished meanwhile, is taken from the file, as that run wrote it (``_settled``)."""
+    with _summary_turn(output):
+        if began is not None:
+            earlier = read_summary(output)
+            rows = [_settled(output, row, earlier.get(row[0]), began) for row in rows]
+        lines = ["\t".join(SUMMARY_COLUMNS)] + ["\t".join(str(v).replace("\t", " ").replace("\n", " ") for v in r)
+                                                for r in rows]
+        write_text_atomic(output / "summary.tsv", "\n".join(lines) + "\n")
 
 
-def finish_manifest(rows: list[tuple], output: Path, seconds: float, progress: Progress) -> int:
+def read_summary(output: Path) -> dict[str, tuple]:
+    """summary.tsv's rows by case ID (values as text); empty when there is none or it is unreadable."""
     try:
-        write_summary(output, rows)
+        lines = (output / "summary.tsv").read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return {}
+    if not lines or tuple(lines[0].split("\t")) != SUMMARY_COLUMNS:
+        return {}
+    rows = (tuple(line.split("\t")) for line in lines[1:])
+    return {row[0]: row for row in rows if len(row) == len(SUMMARY_COLUMNS)}
+
+
+@contextlib.contextmanager
+def _summary_turn(output: Path):
+    """One run at a time reads, merges and writes summary.tsv: a POSIX lock on SUMMARY_LOCK
+    (fcntl's locks reach NFS servers; flock's may not). Where it cannot be had (no fcntl on
+    Windows, a full or read-only disk) the write goes ahead alone."""
+    try:
+        import fcntl
+
+        fd = os.open(output / SUMMARY_LOCK, os.O_CREAT | os.O_RDWR, 0o644)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):  # e.g. ENOLCK: an NFS mount without its lock service
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _settled(output: Path, row: tuple, earlier: tuple | None, began: float) -> tuple:
+    """This run's ``row``, or what the file's ``earlier`` row or the case's folder tells better:
+    - a case another run finished while this one ran (this run: skipped, pending or busy) keeps
+      that run's ok row;
+    - a case another run held when this one met it: still held -> busy; finished -> skipped;
+      else that run's failed row, or pending (the holder ended without a result)."""
+    case_id, status = row[0], row[1]
+    if status not in ("busy", "pending", "skipped"):  # this run's own outcome
+        return row
+    if earlier is not None and earlier[1] == "ok" and _finished_since(output / case_id, began):
+        return earlier
+    if status != "busy" or lock_holder(output / case_id) is not None:
+        return row
+    if finished_result(output / case_id) is not None:
+        return (case_id, "skipped", 0, "finished by another run while this one ran", str(output / case_id), "", "")
+    if earlier is not None and earlier[1] == "failed":
+        return earlier
+    return (case_id, "pending", 2, "not run: the run that held it ended without a result; run the same command "
+                                   "again", "", "", "")
+
+
+def _finished_since(folder: Path, began: float) -> bool:
+    try:
+        return (folder / "report.json").stat().st_mtime >= began
+    except OSError:
+        return False
+
+
+def finish_manifest(rows: list[tuple], output: Path, seconds: float, progress: Progress,
+                    began: float | None = None) -> int:
+    try:
+        write_summary(output, rows, began)
     except OSError as exc:  # e.g. the disk that filled up: the rows go to the console instead of being lost
         progress.log(f"could not write {output / 'summary.tsv'} ({exc}); the cohort's rows:\n"
                      + "\n".join("\t".join(map(str, r)) for r in [SUMMARY_COLUMNS, *rows]), "error")
         return 2
     ok, skipped = sum(r[1] == "ok" for r in rows), sum(r[1] == "skipped" for r in rows)
-    not_run = sum(r[1] == "pending" for r in rows)
+    not_run, busy = sum(r[1] == "pending" for r in rows), sum(r[1] == "busy" for r in rows)
     rate = 60.0 * ok / seconds if seconds > 0 and ok else 0.0
     progress.log(f"{ok}/{len(rows)} cases ok" + (f", {skipped} finished earlier" if skipped else "")
                  + (f", {not_run} not run" if not_run else "")
+                 + (f", {busy} left to the other run{'s' * (busy > 1)} that held them" if busy else "")
                  + f" in {seconds:.1f} s ({rate:.1f} cases per minute); summary in {output / 'summary.tsv'}")
     return next((r[2] for r in rows if r[1] in ("failed", "pending")), 0)

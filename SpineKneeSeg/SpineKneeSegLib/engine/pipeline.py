@@ -24,7 +24,7 @@ from SpineKneeSegLib.core.atomic import (
     output_lock,
 )
 from SpineKneeSegLib.core.beside import run_beside
-from SpineKneeSegLib.core.errors import InputError, OutputBusy
+from SpineKneeSegLib.core.errors import AlreadyFinished, InputError
 from SpineKneeSegLib.core.image import Image
 from SpineKneeSegLib.core.lazy import import_seconds as lazy_import_seconds
 from SpineKneeSegLib.core.memory import imports_done
@@ -305,7 +305,7 @@ def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options:
     with output_lock(output_dir) as lock, contextlib.ExitStack() as run_scope:
         earlier = finished_result(output_dir)
         if earlier is not None and not options.overwrite:
-            raise OutputBusy(f"already holds a finished result ({earlier.summary}); pass --overwrite to "
+            raise AlreadyFinished(f"already holds a finished result ({earlier.summary}); pass --overwrite to "
                              "replace it, or choose another output folder", output_dir)
         return _run_locked(card, inputs, output_dir, options, progress, earlier.outputs if earlier else (), run_scope,
                            lock)

@@ -1,0 +1,145 @@
+"""Several runs over one manifest and one output folder at the same time (issue 25, part 4: the jobs
+of a job array on a cluster without Dask, or the same command started twice). The case locks share
+the cases out: a case another live run holds is "busy" in this run, its to finish, not a failure
+(exit 0); it is put off to the end at a glance, so runs that keep meeting each other's cases do not
+watch each one. summary.tsv is written in turns and merged: the run that ends last leaves every
+case's own outcome, ok rows (with their timings) from whichever run made them."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from SpineKneeSegLib import cli
+from SpineKneeSegLib.core.atomic import file_system_now, output_lock
+from SpineKneeSegLib.core.errors import AlreadyFinished
+from SpineKneeSegLib.core.image_io import write_image
+from SpineKneeSegLib.core.progress import Progress
+from SpineKneeSegLib.engine import batch
+from SpineKneeSegLib.engine.pipeline import RunOptions, run_case
+from SpineKneeSegLib.engine.weights import initialise_weights
+from SpineKneeSegLib.tasks import TASKS, make_phantom
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """Tiny knee weights, a phantom scan and a manifest of cases a, b, c on it."""
+    folder = tmp_path_factory.mktemp("cohort")
+    initialise_weights("knee-bones", folder / "knee.pt", {"channels": (4, 8)}, seed=1)
+    write_image(make_phantom("knee-bones", seed=1).image, folder / "knee.nii.gz")
+    (folder / "cases.csv").write_text("id,input\na,knee.nii.gz\nb,knee.nii.gz\nc,knee.nii.gz\n")
+    return folder
+
+
+def _rows(out: Path) -> dict:
+    return {row[0]: row for row in (line.split("\t") for line in (out / "summary.tsv").read_text().splitlines()[1:])}
+
+
+def _run(cohort: Path, out: Path, *extra) -> int:
+    return cli.main(["run", "--task", "knee-bones", "--manifest", str(cohort / "cases.csv"), "-o", str(out),
+                     "--weights", str(cohort / "knee.pt"), *extra])
+
+
+def test_a_case_another_run_holds_is_busy_and_the_last_run_to_end_settles_the_summary(cohort, tmp_path, capsys):
+    """Run B began first and holds b (here: this process, a live run of this machine). Run A, the
+    command, runs a and c, finds b busy: exit 0, b's row busy. B then finishes b and writes its
+    summary, in which a and c are rows it could not settle (busy when met, or finished meanwhile):
+    it keeps A's ok rows for them. Had A ended last instead, its busy b would take B's ok row."""
+    out = tmp_path / "out"
+    out.mkdir()
+    b_began = file_system_now(out)
+    with output_lock(out / "b"):
+        assert _run(cohort, out, "--dry-run") == 0
+        plan = {line.split("\t")[0]: line.split("\t") for line in capsys.readouterr().out.splitlines()[1:]}
+        assert [plan[c][1] for c in "abc"] == ["run", "busy", "run"]
+        assert f"another run (process {os.getpid()} on " in plan["b"][3]
+
+        a_began = file_system_now(out)
+        assert _run(cohort, out) == 0
+    console = capsys.readouterr().err
+    a_rows = _rows(out)
+    assert [a_rows[c][1:3] for c in "abc"] == [["ok", "0"], ["busy", "0"], ["ok", "0"]]
+    assert f"another run (process {os.getpid()} on " in a_rows["b"][3] and not (out / "b").exists()
+    assert "2/3 cases ok, 1 left to the other run that held them" in console
+    assert "error" not in console
+
+    # B finishes b, then writes its summary last
+    report = run_case(TASKS["knee-bones"], [str(cohort / "knee.nii.gz")], out / "b",
+                      RunOptions(weights=str(cohort / "knee.pt")))
+    b_row = ("b", "ok", 0, "", str(out / "b"), report["timings_s"]["total"], report["timings_s"]["network"])
+    batch.write_summary(out, [batch.busy_row("a", "run A"), b_row,
+                              ("c", "skipped", 0, "finished earlier", str(out / "c"), "", "")], b_began)
+    merged = _rows(out)
+    assert merged["a"] == a_rows["a"] and merged["c"] == a_rows["c"]  # A's own rows, timings included
+    assert merged["b"] == [str(v) for v in b_row]
+
+    # had A written last: its busy b is settled by B's row, its own rows stay
+    batch.write_summary(out, [tuple(a_rows[c]) for c in "abc"], a_began)
+    assert _rows(out) == merged
+    # a plain re-run: everything finished before it began, so skipped rows of its own
+    assert _run(cohort, out) == 0
+    assert {c: r[1] for c, r in _rows(out).items()} == {"a": "skipped", "b": "skipped", "c": "skipped"}
+
+
+def test_a_busy_case_whose_holder_ended_without_a_result_is_pending_or_its_failure(cohort, tmp_path):
+    """The run that held b ended without a result: with no row of its own, b is pending ("run the
+    same command again"); where it wrote b's failure, that row."""
+    out = tmp_path / "out"
+    out.mkdir()
+    began = file_system_now(out)
+    rows = [("a", "ok", 0, "", str(out / "a"), 1.0, 0.5), batch.busy_row("b", "run B")]
+    batch.write_summary(out, rows, began)
+    assert _rows(out)["b"][1:4] == ["pending", "2", "not run: the run that held it ended without a result; run "
+                                                    "the same command again"]
+    assert _rows(out)["a"][1] == "ok"
+    batch.write_summary(out, [("a", "busy", "", "", "", "", ""), ("b", "failed", 2, "b.nii.gz: empty", "", "", "")])
+    batch.write_summary(out, rows, began)  # this run's ok a is its own; b: the holder's failure
+    assert _rows(out)["b"][1:4] == ["failed", "2", "b.nii.gz: empty"] and _rows(out)["a"][1] == "ok"
+
+
+def test_a_case_finished_by_another_run_after_this_one_looked_is_skipped(cohort, tmp_path, monkeypatch):
+    """Between a case's look (not finished) and its lock, another run may finish it: the lock then
+    finds a finished result, which a cohort reports as skipped, not as a failure."""
+    out = tmp_path / "out"
+    case = batch.ManifestCase("a", [str(cohort / "knee.nii.gz")], {})
+    options = RunOptions(weights=str(cohort / "knee.pt"))
+    run_case(TASKS["knee-bones"], case.inputs, out / "a", options)  # the other run's result
+    with pytest.raises(AlreadyFinished):
+        run_case(TASKS["knee-bones"], case.inputs, out / "a", options)
+    looked = []
+    real = batch.preflight
+
+    def looked_before_it_finished(*args):  # the first look came before the other run's commit
+        looked.append(args)
+        return None if len(looked) == 1 else real(*args)
+
+    monkeypatch.setattr(batch, "preflight", looked_before_it_finished)
+    row = batch.run_one(TASKS["knee-bones"], case, out, options, Progress("none"))
+    assert row[1:3] == ("skipped", 0) and row[3].startswith("finished earlier") and len(looked) == 2
+
+
+@pytest.mark.slow
+def test_two_runs_started_together_share_the_cohort(tmp_path):
+    """Two real command-line runs of one manifest into one folder, started together, each case
+    pausing 1 s while it holds its lock (so the runs meet): every case is run by exactly one of
+    them, neither fails, and the summary left at the end has every case ok."""
+    initialise_weights("knee-bones", tmp_path / "knee.pt", {"channels": (4, 8)}, seed=1)
+    write_image(make_phantom("knee-bones", seed=1).image, tmp_path / "knee.nii.gz")
+    cases = [f"c{i}" for i in range(8)]
+    (tmp_path / "cases.csv").write_text("id,input\n" + "".join(f"{c},knee.nii.gz\n" for c in cases))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "SpineKneeSegLib.cli", "run", "--task", "knee-bones", "--manifest",
+               str(tmp_path / "cases.csv"), "-o", str(out), "--weights", str(tmp_path / "knee.pt"), "--workers", "1"]
+    env = {**os.environ, "SPINEKNEESEG_PAUSE_AT_STAGE": "loading:1"}
+    runs = [subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    consoles = [run.communicate(timeout=300)[1] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], consoles
+    ran = {c: [i for i, console in enumerate(consoles) if f"{c}: ok (" in console] for c in cases}
+    assert all(len(by) == 1 for by in ran.values()), (ran, consoles)
+    assert all(by for by in ran.values())
+    assert "another run holds it" in "".join(consoles), consoles  # they met (8 s of held locks)
+    rows = _rows(out)
+    assert {c: r[1] for c, r in rows.items()} == dict.fromkeys(cases, "ok"), rows
+    assert all(json.loads((out / c / "report.json").read_text())["task"] == "knee-bones" for c in cases)
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".lock") and p.name != batch.SUMMARY_LOCK]
