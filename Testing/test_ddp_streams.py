@@ -56,6 +56,26 @@ def test_slice_trainer(monkeypatch, tmp_path):
     _check(monkeypatch, slicetrain, lambda: slicetrain.train(TASKS["xray-femur"], pairs, config, tmp_path / "w.pt"))
 
 
+def test_slice_trainer_takes_its_share_of_each_epoch(monkeypatch, tmp_path):
+    """Each of two processes runs half an epoch's steps (rounded up, so they stay in step), not a
+    whole epoch each: the data is seen once an epoch across them, not twice."""
+    import slicetrain
+
+    phantoms = [make_phantom("xray-femur", seed=s, shape=(64, 64), pixel_mm=5.6) for s in (5, 6, 7)]
+    config = slicetrain.TrainConfig(network={"channels": (4, 8)}, epochs=2, batch_size=1, seed=0,
+                                    preprocessing={"network_px": 64})
+    steps = {}
+    for world in (1, 2):
+        with monkeypatch.context() as m:
+            m.setattr(slicetrain, "init_distributed", lambda w=world: (0, w))
+            m.setattr(slicetrain, "run_loop", lambda *a, **k: (_ for _ in ()).throw(_Drawn(a[4])))
+            with pytest.raises(_Drawn) as drawn:
+                slicetrain.train(TASKS["xray-femur"], [(p.image, p.labels) for p in phantoms], config,
+                                 tmp_path / "w.pt")
+        steps[world] = (drawn.value.args[0].steps, drawn.value.args[0].checkpoint_every)
+    assert steps == {1: (6, 3), 2: (4, 2)}  # 3 batches an epoch: 2 a process
+
+
 def test_lumbar_level_column_trainer(monkeypatch, tmp_path):
     import level_column as lc
     from SpineKneeSegLib.engine.preprocessing import training_slices

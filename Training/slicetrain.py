@@ -102,7 +102,8 @@ def train(card: TaskCard, pairs: list[tuple[Image, Image]], config: TrainConfig,
                         yield x[pick], y[pick]
                     n += 1
 
-    loop = LoopConfig(steps=config.epochs * sum(sizes), checkpoint_every=sum(sizes), seed=config.seed,
+    per_epoch = -(-sum(sizes) // world)  # each process's share of an epoch's batches: N processes, 1/N the steps
+    loop = LoopConfig(steps=config.epochs * per_epoch, checkpoint_every=per_epoch, seed=config.seed,
                       tensorboard=False, round_loss=None)
     state = run_loop(net, optimiser, batches, lambda n, b: criterion(n(b[0]), b[1]), loop, None,
                      log=lambda _: None)
