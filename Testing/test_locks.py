@@ -302,3 +302,21 @@ def test_runs_meeting_one_dead_lock_together_never_hold_it_together(tmp_path):
     events = [kind for kind, _ in sorted(held, key=lambda e: e[1])]
     assert events and events == ["in", "out"] * (len(events) // 2)  # one holder at a time
     assert not lock.exists() and not [p.name for p in tmp_path.iterdir()]
+
+
+def test_the_mrml_caches_of_another_machine_sharing_tmp_are_not_swept(tmp_path, monkeypatch):
+    """Containers that share /tmp but not their pids: a cache folder whose pid does not exist here
+    may be a live run's of another machine (found by the two-machine test of test_shared_cohort,
+    where one run's sweep removed the other's terminologies mid-run). Only this machine's are swept."""
+    import tempfile
+
+    from SpineKneeSegLib.mrml.harness import CACHE_PREFIX, cache_prefix, sweep_dead_caches
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    ours, theirs = tmp_path / f"{cache_prefix()}{dead}-a1", tmp_path / f"{CACHE_PREFIX}0badc0de-{dead}-b2"
+    ours.mkdir()
+    theirs.mkdir()
+    assert sweep_dead_caches() == [ours]
+    assert theirs.is_dir() and not ours.exists()

@@ -347,6 +347,16 @@ def _lock_path(target: str | os.PathLike) -> Path:
     return (target.parent if str(target.parent) else Path(".")) / f".{target.name}.lock"
 
 
+def machine_tag() -> str:
+    """A short name of this machine (``_this_machine``) for the pid-named folders of a place other
+    machines may share (a /tmp that containers share): a pid of another machine means nothing here,
+    so only this machine's are judged by it."""
+    import hashlib
+
+    here = _this_machine()
+    return hashlib.sha1(f"{here['host']}|{here['pidns']}".encode()).hexdigest()[:8]
+
+
 def _this_machine() -> dict:
     """Where a pid means this process: the host name, and the pid namespace (containers that share
     a host name do not share pids)."""

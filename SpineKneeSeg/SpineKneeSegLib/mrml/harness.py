@@ -163,14 +163,23 @@ def _vtk_messages_off():
         vtk.vtkObject.SetGlobalWarningDisplay(previous)
 
 
-CACHE_PREFIX = "spinekneeseg-mrml-"  # + pid: a headless application's temporary folder
+CACHE_PREFIX = "spinekneeseg-mrml-"  # + machine tag + pid: a headless application's temporary folder
+
+
+def cache_prefix() -> str:
+    """This machine's caches' prefix: containers that share /tmp but not their pids must not sweep
+    each other's live caches as those of gone processes."""
+    from SpineKneeSegLib.core.atomic import machine_tag
+
+    return f"{CACHE_PREFIX}{machine_tag()}-"
 
 
 def sweep_dead_caches() -> list[Path]:
-    """Remove the temporary folders of headless applications whose process is gone (killed)."""
+    """Remove the temporary folders of this machine's headless applications whose process is gone
+    (killed); those of other machines sharing the folder are left alone."""
     from SpineKneeSegLib.core.atomic import sweep_stale
 
-    return sweep_stale(Path(tempfile.gettempdir()), CACHE_PREFIX)
+    return sweep_stale(Path(tempfile.gettempdir()), cache_prefix())
 
 
 def create_headless_slicer(cache_dir: str | Path | None = None, activate: bool = True) -> HeadlessSlicer:
@@ -184,7 +193,7 @@ def create_headless_slicer(cache_dir: str | Path | None = None, activate: bool =
     owns_cache = cache_dir is None
     if owns_cache:  # pid-tagged, so the next run can sweep those of runs that were killed
         sweep_dead_caches()
-    cache = Path(tempfile.mkdtemp(prefix=f"{CACHE_PREFIX}{os.getpid()}-")) if owns_cache else Path(cache_dir)
+    cache = Path(tempfile.mkdtemp(prefix=f"{cache_prefix()}{os.getpid()}-")) if owns_cache else Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
 
     scene = slicer.vtkMRMLScene()
