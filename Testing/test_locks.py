@@ -320,3 +320,23 @@ def test_the_mrml_caches_of_another_machine_sharing_tmp_are_not_swept(tmp_path, 
     theirs.mkdir()
     assert sweep_dead_caches() == [ours]
     assert theirs.is_dir() and not ours.exists()
+
+
+def test_a_lock_whose_pid_another_process_has_taken_since_is_stale(tmp_path):
+    """A lock of this machine left by a killed run whose pid a new process reuses: the pid lives,
+    but its start time is not the one the lock recorded, so the lock is a dead run's. Without this
+    a cohort would report the case busy (another run's) on every re-run."""
+    import socket
+
+    from SpineKneeSegLib.core.atomic import lock_holder, process_start
+
+    here = {"host": socket.gethostname(), "pidns": _this_machine()["pidns"], "started": "x"}
+    lock = tmp_path / ".out.lock"
+    lock.write_text(json.dumps({"pid": os.getpid(), "pid_start": process_start(os.getpid()), **here}))
+    assert lock_holder(tmp_path / "out")["pid"] == os.getpid() and not lock_is_stale(tmp_path / "out")
+    lock.write_text(json.dumps({"pid": os.getpid(), "pid_start": "1", **here}))  # this pid's earlier owner
+    assert lock_holder(tmp_path / "out") is None and lock_is_stale(tmp_path / "out")
+    with output_lock(tmp_path / "out"):  # taken over
+        assert json.loads(lock.read_text())["pid_start"] == process_start(os.getpid())
+    lock.write_text(json.dumps({"pid": os.getpid(), **here}))  # an older lock, without the start: the pid decides
+    assert not lock_is_stale(tmp_path / "out")

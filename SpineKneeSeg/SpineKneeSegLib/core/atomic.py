@@ -49,6 +49,17 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, /proc/PID/stat), or None where that
+    cannot be read (not Linux, gone, hidden): a live pid whose start differs is another process
+    that reuses the number of a dead one."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return None
+
+
 def sweep_stale(parent: Path, prefix: str, every: bool = False) -> list[Path]:
     """Remove folders ``<prefix><pid>.*`` in ``parent`` left by runs that died (SIGKILL, power
     loss); a live run's folder (its process still exists) is left alone. ``every``: all but this
@@ -240,7 +251,8 @@ def output_lock(target: str | os.PathLike):
 
     lock = _lock_path(target)
     lock.parent.mkdir(parents=True, exist_ok=True)
-    mine = json.dumps({"pid": os.getpid(), **_this_machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+    mine = json.dumps({"pid": os.getpid(), "pid_start": process_start(os.getpid()), **_this_machine(),
+                       "started": time.strftime("%Y-%m-%d %H:%M:%S")})
     for _ in range(5):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -371,12 +383,18 @@ def _this_machine() -> dict:
 
 def _owner_gone(owner: dict | None, lock: Path, wait: bool = False) -> bool:
     """A lock's owner (``_lock_owner``) is gone: a process of this machine that no longer exists,
-    or for another machine's, no heartbeat for a whole lease (``_silent_for_lease``)."""
+    or whose pid another process has since taken (``process_start``: else a reused pid would keep a
+    dead run's case busy for ever), or for another machine's, no heartbeat for a whole lease
+    (``_silent_for_lease``)."""
     if not owner:
         return False
     here = _this_machine()
     if owner.get("host") == here["host"] and owner.get("pidns", here["pidns"]) == here["pidns"]:
-        return not pid_alive(int(owner["pid"]))
+        pid = int(owner["pid"])
+        if not pid_alive(pid):
+            return True
+        now = process_start(pid) if owner.get("pid_start") else None
+        return now is not None and now != owner["pid_start"]  # its pid reused by another process since
     return _silent_for_lease(lock, wait)
 
 

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import os
 import dataclasses
 import fnmatch
 import io
 import json
+import os
 from pathlib import Path
 import re
 import threading
