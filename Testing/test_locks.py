@@ -340,3 +340,35 @@ def test_a_lock_whose_pid_another_process_has_taken_since_is_stale(tmp_path):
         assert json.loads(lock.read_text())["pid_start"] == process_start(os.getpid())
     lock.write_text(json.dumps({"pid": os.getpid(), **here}))  # an older lock, without the start: the pid decides
     assert not lock_is_stale(tmp_path / "out")
+
+
+def test_a_cohorts_first_pass_does_not_watch_a_lock_another_machine_made_after_its_glance(tmp_path, monkeypatch):
+    """Runs over one cohort that start together race for the same cases: the loser finds the
+    winner's fresh lock after its own glance said free. In the first pass that lock counts as held
+    at once (put off); watched, each such meeting would cost up to a heartbeat, one after another.
+    The second pass watches it: here the other machine died at once, so it is taken over after
+    its lease and the case runs."""
+    from SpineKneeSegLib.core.progress import Progress
+    from SpineKneeSegLib.engine import batch
+    from SpineKneeSegLib.engine.pipeline import RunOptions
+    from SpineKneeSegLib.tasks import TASKS
+
+    lease = 3.0
+    monkeypatch.setenv(LEASE_ENV, str(lease))
+    initialise_weights("knee-bones", tmp_path / "knee.pt", {"channels": (4, 8)}, seed=1)
+    write_image(make_phantom("knee-bones", seed=1).image, tmp_path / "knee.nii.gz")
+    case = batch.ManifestCase("a", [str(tmp_path / "knee.nii.gz")], {})
+    out = tmp_path / "out"
+    out.mkdir()
+    options = RunOptions(weights=str(tmp_path / "knee.pt"))
+    glance = batch.lock_holder
+    monkeypatch.setattr(batch, "lock_holder", lambda target: None)  # the glance came just before the lock
+    _claim(out / ".a.lock", host="node-9")  # made now, never refreshed: that machine is gone
+    started = time.monotonic()
+    row = batch.run_one(TASKS["knee-bones"], case, out, options, Progress("none"), put_off_held=True)
+    assert row[1] == "busy" and "node-9" in row[3]
+    assert time.monotonic() - started < lease / 6  # no watch
+    monkeypatch.setattr(batch, "lock_holder", glance)
+    row = batch.run_one(TASKS["knee-bones"], case, out, options, Progress("none"))
+    assert row[1] == "ok" and time.monotonic() - started >= lease - 0.2  # watched for its lease, then taken
+    assert (out / ".a.deaths").exists() is False and (out / "a" / "labels.nii.gz").is_file()

@@ -21,6 +21,7 @@ from SpineKneeSegLib.core.atomic import (
     file_system_now,
     lock_holder,
     lock_is_stale,
+    locks_at_a_glance,
     write_text_atomic,
 )
 from SpineKneeSegLib.core.errors import AlreadyFinished, HeldByAnotherRun, InputError, SpineKneeSegError, Terminated
@@ -184,7 +185,7 @@ def run_one(card: TaskCard, case: ManifestCase, output: Path, options: RunOption
     (that run's to finish: several jobs over one manifest share it out this way); ``put_off_held``:
     judged at a glance, so that a young lock of another machine costs no watch now (the cohort
     tries such cases again at its end)."""
-    case_id, inputs = case.id, case.inputs
+    case_id = case.id
     options = dataclasses.replace(options, **case.choices)  # its own series / echo over the command's
     progress = progress.for_case(case_id, bars)
     decided = preflight(card, case, output, options.overwrite)
@@ -194,6 +195,13 @@ def run_one(card: TaskCard, case: ManifestCase, output: Path, options: RunOption
         return (case_id, *decided, "", "")
     if put_off_held and (owner := lock_holder(output / case_id)) is not None:
         return busy_row(case_id, describe_owner(owner))
+    with locks_at_a_glance() if put_off_held else contextlib.nullcontext():  # a lock made since: held
+        return _run_case_of_cohort(card, case, output, options, progress)
+
+
+def _run_case_of_cohort(card: TaskCard, case: ManifestCase, output: Path, options: RunOptions,
+                        progress: Progress) -> tuple:
+    case_id, inputs = case.id, case.inputs
     deaths, record = count_deaths(output, case_id, options.overwrite)
     if deaths >= DEATHS_BEFORE_GIVING_UP:
         return (case_id, "failed", 1, f"not run again: the process running this case ended without finishing "
