@@ -63,3 +63,19 @@ def small_disk(tmp_path):
     yield mount
     if mounted:
         subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+@pytest.fixture
+def second_machine() -> list[str]:
+    """A command prefix that runs a command as another machine (``node-b``) would: its own host
+    name and pid namespace (``unshare``, root only), the file system shared; skips where that
+    cannot be made. Killing the prefix's process group kills the whole machine."""
+    import shutil
+    import subprocess
+
+    unshare = shutil.which("unshare")
+    if unshare is None or subprocess.run([unshare, "--uts", "--pid", "--fork", "--mount-proc", "true"],
+                                         capture_output=True).returncode != 0:
+        pytest.skip("cannot make a second machine here (unshare needs root)")
+    return [unshare, "--uts", "--pid", "--fork", "--mount-proc", "--kill-child", "sh", "-c",
+            'hostname node-b && exec "$@"', "sh"]

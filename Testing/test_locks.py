@@ -210,21 +210,15 @@ def test_a_lock_that_cannot_be_written_is_not_left_empty(small_disk):
 
 
 @pytest.mark.slow
-def test_a_run_on_another_machine_is_busy_while_it_beats_and_taken_over_once_it_is_gone(tmp_path):
+def test_a_run_on_another_machine_is_busy_while_it_beats_and_taken_over_once_it_is_gone(tmp_path, second_machine):
     """Two machines for real: a run in its own host name and pid namespace (``unshare``, root only)
     writes into a shared folder. While it lives, a run here is refused (its pid means nothing here,
     its heartbeat says it lives); killed, its lock is taken over once silent for the lease, its
     staging folder removed, and the run here finishes."""
-    import shutil
     import signal
 
-    from SpineKneeSegLib.core.image import Image
-
-    unshare = shutil.which("unshare")
-    if unshare is None or subprocess.run([unshare, "--uts", "--pid", "--fork", "--mount-proc", "true"],
-                                         capture_output=True).returncode != 0:
-        pytest.skip("cannot make a second machine here (unshare needs root)")
     import numpy as np
+    from SpineKneeSegLib.core.image import Image
 
     write_image(Image(np.random.default_rng(0).normal(100, 20, (12, 48, 48)).astype(np.float32),
                       spacing=(0.5, 0.5, 3.0)), tmp_path / "scan.nii.gz")
@@ -233,9 +227,8 @@ def test_a_run_on_another_machine_is_busy_while_it_beats_and_taken_over_once_it_
            "-o", str(tmp_path / "out"), "--weights", str(tmp_path / "knee.pt"), "--progress", "none"]
     lease = 3.0
     env = {**os.environ, LEASE_ENV: str(lease)}
-    other = subprocess.Popen([unshare, "--uts", "--pid", "--fork", "--mount-proc", "--kill-child", "sh", "-c",
-                              'hostname node-b && exec "$@"', "sh", *run],
-                             env={**env, "SPINEKNEESEG_PAUSE_AT_STAGE": "staged:120"}, start_new_session=True)
+    other = subprocess.Popen([*second_machine, *run], env={**env, "SPINEKNEESEG_PAUSE_AT_STAGE": "staged:120"},
+                             start_new_session=True)
     try:
         lock = tmp_path / ".out.lock"
         deadline = time.monotonic() + 120

@@ -119,22 +119,9 @@ def test_a_case_finished_by_another_run_after_this_one_looked_is_skipped(cohort,
     assert row[1:3] == ("skipped", 0) and row[3].startswith("finished earlier") and len(looked) == 2
 
 
-def _second_machine() -> list[str]:
-    """A command prefix that runs a command as another machine would (its own host name and pid
-    namespace, ``unshare``: root only), or skips."""
-    import shutil
-
-    unshare = shutil.which("unshare")
-    if unshare is None or subprocess.run([unshare, "--uts", "--pid", "--fork", "--mount-proc", "true"],
-                                         capture_output=True).returncode != 0:
-        pytest.skip("cannot make a second machine here (unshare needs root)")
-    return [unshare, "--uts", "--pid", "--fork", "--mount-proc", "--kill-child", "sh", "-c",
-            'hostname node-b && exec "$@"', "sh"]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("machines", [1, 2])
-def test_two_runs_started_together_share_the_cohort(tmp_path, machines):
+def test_two_runs_started_together_share_the_cohort(tmp_path, machines, request):
     """Two real command-line runs of one manifest into one folder, started together, each case
     pausing 1 s while it holds its lock (so the runs meet): every case is run by exactly one of
     them, neither fails, and the summary left at the end has every case ok. On two machines (the
@@ -142,7 +129,7 @@ def test_two_runs_started_together_share_the_cohort(tmp_path, machines):
     put off at a glance, and only watched at the end."""
     from SpineKneeSegLib.core.atomic import LEASE_ENV
 
-    second = _second_machine() if machines == 2 else []
+    second = request.getfixturevalue("second_machine") if machines == 2 else []
     initialise_weights("knee-bones", tmp_path / "knee.pt", {"channels": (4, 8)}, seed=1)
     write_image(make_phantom("knee-bones", seed=1).image, tmp_path / "knee.nii.gz")
     cases = [f"c{i}" for i in range(8)]
