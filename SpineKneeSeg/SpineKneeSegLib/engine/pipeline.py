@@ -306,7 +306,7 @@ def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options:
         earlier = finished_result(output_dir)
         if earlier is not None and not options.overwrite:
             raise AlreadyFinished(f"already holds a finished result ({earlier.summary}); pass --overwrite to "
-                             "replace it, or choose another output folder", output_dir)
+                                  "replace it, or choose another output folder", output_dir)
         return _run_locked(card, inputs, output_dir, options, progress, earlier.outputs if earlier else (), run_scope,
                            lock)
 
