@@ -119,6 +119,24 @@ def test_a_case_finished_by_another_run_after_this_one_looked_is_skipped(cohort,
     assert row[1:3] == ("skipped", 0) and row[3].startswith("finished earlier") and len(looked) == 2
 
 
+def test_overwrite_does_not_redo_a_case_another_run_finished_since_this_one_began(cohort, tmp_path):
+    """--overwrite redoes finished cases, but a result made after this cohort began is another
+    run's over the same cohort (or its own case's, retried by Dask after its worker died having
+    finished it): skipped, so runs together with --overwrite do not redo each other's work.
+    A result older than this run's start is redone."""
+    out = tmp_path / "out"
+    case = batch.ManifestCase("a", [str(cohort / "knee.nii.gz")], {})
+    options = RunOptions(weights=str(cohort / "knee.pt"), overwrite=True)
+    run_case(TASKS["knee-bones"], case.inputs, out / "a", options)  # an earlier run's result
+    began = file_system_now(out)
+    first = (out / "a" / "report.json").stat().st_mtime_ns
+    row = batch.run_one(TASKS["knee-bones"], case, out, options, Progress("none"), began=began)
+    assert row[1] == "ok" and (out / "a" / "report.json").stat().st_mtime_ns != first  # made before: redone
+    again = batch.run_one(TASKS["knee-bones"], case, out, options, Progress("none"), began=began)
+    assert again[1:3] == ("skipped", 0) and "finished since this cohort began" in again[3]
+    assert batch.preflight(TASKS["knee-bones"], case, out, True) is None  # no start known: --overwrite redoes
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("machines", [1, 2])
 def test_two_runs_started_together_share_the_cohort(tmp_path, machines, request):
@@ -138,14 +156,13 @@ def test_two_runs_started_together_share_the_cohort(tmp_path, machines, request)
     command = [sys.executable, "-m", "SpineKneeSegLib.cli", "run", "--task", "knee-bones", "--manifest",
                str(tmp_path / "cases.csv"), "-o", str(out), "--weights", str(tmp_path / "knee.pt"), "--workers", "1"]
     env = {**os.environ, "SPINEKNEESEG_PAUSE_AT_STAGE": "loading:1", LEASE_ENV: "3"}
-    runs = [subprocess.Popen(prefix + command, env=env, stderr=subprocess.PIPE, text=True)
-            for prefix in ([], second)]
+    runs = [subprocess.Popen(prefix + command, env=env, stderr=subprocess.PIPE, text=True) for prefix in ([], second)]
     consoles = [run.communicate(timeout=300)[1] for run in runs]
     assert [run.returncode for run in runs] == [0, 0], consoles
     ran = {c: [i for i, console in enumerate(consoles) if f"{c}: ok (" in console] for c in cases}
     assert all(len(by) == 1 for by in ran.values()), (ran, consoles)
-    assert "another run holds it" in "".join(consoles), consoles  # they met (8 s of held locks)
     assert {by[0] for by in ran.values()} == {0, 1}  # both did a share
+    assert "another run holds it" in "".join(consoles), consoles  # they met (8 s of held locks)
     rows = _rows(out)
     assert {c: r[1] for c, r in rows.items()} == dict.fromkeys(cases, "ok"), rows
     assert all(json.loads((out / c / "report.json").read_text())["task"] == "knee-bones" for c in cases)

@@ -178,17 +178,17 @@ def _log_left_out(progress: Progress, folder, names: list[str]) -> None:
 
 
 def run_one(card: TaskCard, case: ManifestCase, output: Path, options: RunOptions, progress: Progress,
-            bars: bool = True, put_off_held: bool = False) -> tuple:
+            bars: bool = True, put_off_held: bool = False, began: float | None = None) -> tuple:
     """One case -> its summary row; never raises for the case's own failure (the cohort goes on).
     The same function runs in the local pool and on a Dask worker. Its messages name the case;
     ``bars`` False: no step bars (cases side by side). A case another live run holds is "busy"
     (that run's to finish: several jobs over one manifest share it out this way); ``put_off_held``:
     judged at a glance, so that a young lock of another machine costs no watch now (the cohort
-    tries such cases again at its end)."""
+    tries such cases again at its end). ``began``: when the cohort began (``preflight``)."""
     case_id = case.id
     options = dataclasses.replace(options, **case.choices)  # its own series / echo over the command's
     progress = progress.for_case(case_id, bars)
-    decided = preflight(card, case, output, options.overwrite)
+    decided = preflight(card, case, output, options.overwrite, began)
     if decided is not None:
         if decided[3]:  # a finished result: a run killed between its last file and its lock's release
             clear_stale_lock(output / case_id)
@@ -196,11 +196,11 @@ def run_one(card: TaskCard, case: ManifestCase, output: Path, options: RunOption
     if put_off_held and (owner := lock_holder(output / case_id)) is not None:
         return busy_row(case_id, describe_owner(owner))
     with locks_at_a_glance() if put_off_held else contextlib.nullcontext():  # a lock made since: held
-        return _run_case_of_cohort(card, case, output, options, progress)
+        return _run_case_of_cohort(card, case, output, options, progress, began)
 
 
 def _run_case_of_cohort(card: TaskCard, case: ManifestCase, output: Path, options: RunOptions,
-                        progress: Progress) -> tuple:
+                        progress: Progress, began: float | None) -> tuple:
     case_id, inputs = case.id, case.inputs
     deaths, record = count_deaths(output, case_id, options.overwrite)
     if deaths >= DEATHS_BEFORE_GIVING_UP:
@@ -217,7 +217,7 @@ def _run_case_of_cohort(card: TaskCard, case: ManifestCase, output: Path, option
     except HeldByAnotherRun as exc:  # its deaths record is the holder's: kept
         return busy_row(case_id, exc.owner)
     except AlreadyFinished:  # another run finished it after the look above: as a re-run would find it
-        return (case_id, *(preflight(card, case, output, options.overwrite)
+        return (case_id, *(preflight(card, case, output, options.overwrite, began)
                            or ("skipped", 0, "finished by another run", str(output / case_id))), "", "")
     except SpineKneeSegError as exc:
         row = (case_id, "failed", exc.exit_code, str(exc), "", "", "")
@@ -234,15 +234,23 @@ def busy_row(case_id: str, owner: str) -> tuple:
                                 f"to end, and a re-run skips it once finished", "", "", "")
 
 
-def preflight(card: TaskCard, case: ManifestCase, output: Path, overwrite: bool) -> tuple | None:
+def preflight(card: TaskCard, case: ManifestCase, output: Path, overwrite: bool,
+              began: float | None = None) -> tuple | None:
     """How a case ends before it starts, touching nothing: (status, exit code, message, its output
     folder where a finished result is there) for a case that fails or is skipped, None for one that
-    runs. A re-run resumes: finished cases are not redone, unless the manifest has changed them."""
+    runs. A re-run resumes: finished cases are not redone, unless the manifest has changed them.
+    ``overwrite`` redoes finished cases, but not one finished since the cohort ``began``: runs over
+    one cohort with --overwrite (a job array) redo each case once, not once each."""
     if case.problem or not case.inputs:  # an empty cell: a bad case like any other, reported and skipped
         return ("failed", 2, case.problem or "the manifest gives no input for this case", "")
-    earlier = None if overwrite else finished_result(output / case.id)
+    earlier = finished_result(output / case.id)
     if earlier is None:
         return None
+    if overwrite:
+        if began is None or not _finished_since(output / case.id, began):
+            return None
+        return ("skipped", 0, f"finished since this cohort began ({earlier.summary}): --overwrite redoes a case once",
+                str(output / case.id))
     other = earlier.other_inputs(card.name, case.inputs)
     if other is not None:  # its old result is not this run's
         return ("failed", 2, f"its folder holds a finished result of other inputs ({earlier.summary}; {other}); "
@@ -407,7 +415,7 @@ def run_manifest(card: TaskCard, manifest: str | Path, output: str | Path, optio
     def one(case: ManifestCase, bars: bool = True, put_off_held: bool = False) -> tuple:
         if count.halted:
             return count.not_run(case.id)
-        row = run_one(card, case, output, options, progress, bars, put_off_held)
+        row = run_one(card, case, output, options, progress, bars, put_off_held, count.began)
         if put_off_held and row[1] == "busy":  # another run's, at a glance: tried again at the end
             progress.for_case(case.id).log("another run holds it; tried again once the rest are done")
             return row
@@ -452,10 +460,10 @@ def run_manifest_on_cluster(card: TaskCard, manifest: str | Path, output: str | 
         # set when the cohort halts (a full output disk): a case not yet begun then returns at once,
         # while those running finish, so the command ends with no worker still writing
         halt = Event(f"spinekneeseg-halt-{time.time_ns()}", client=client)
-        futures = {client.submit(_run_one_on_worker, card.name, case, str(output), options, halt.name,
+        rows, count = {}, CohortCount(progress, [c.id for c in cases], output)
+        futures = {client.submit(_run_one_on_worker, card.name, case, str(output), options, halt.name, count.began,
                                  key=f"spinekneeseg-{card.name}-{case.id}-{time.time_ns()}", pure=False): case.id
                    for case in cases}
-        rows, count = {}, CohortCount(progress, [c.id for c in cases], output)
         try:
             with count.stopped_by_user(cases):
                 for future in as_completed(futures):
@@ -478,8 +486,9 @@ def run_manifest_on_cluster(card: TaskCard, manifest: str | Path, output: str | 
 
 
 def _run_one_on_worker(task: str, case: ManifestCase, output: str, options: RunOptions,
-                       halt: str | None = None) -> tuple | None:
-    """``run_one`` on a Dask worker; None, not begun, once the cohort's ``halt`` Event is set."""
+                       halt: str | None = None, began: float | None = None) -> tuple | None:
+    """``run_one`` on a Dask worker; None, not begun, once the cohort's ``halt`` Event is set.
+    ``began``: when the cohort began (a retry of a case its dead worker had finished is not redone)."""
     from SpineKneeSegLib.core.memory import imports_done, keep_freed_memory, pause_collection
     from SpineKneeSegLib.engine.cards import get_task  # the worker process loads the task plug-ins itself
 
@@ -492,7 +501,7 @@ def _run_one_on_worker(task: str, case: ManifestCase, output: str, options: RunO
     keep_freed_memory()  # as the command line does in its own process
     pause_collection()  # till this first case's imports are done (then frozen); later cases: nothing
     try:
-        return run_one(get_task(task), case, Path(output), options, Progress("none"))
+        return run_one(get_task(task), case, Path(output), options, Progress("none"), began=began)
     finally:
         imports_done()  # a case refused before its imports must not leave the worker's collector off
 
