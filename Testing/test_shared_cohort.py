@@ -82,6 +82,20 @@ def test_a_case_another_run_holds_is_busy_and_the_last_run_to_end_settles_the_su
     assert {c: r[1] for c, r in _rows(out).items()} == {"a": "skipped", "b": "skipped", "c": "skipped"}
 
 
+def test_a_run_alone_does_not_look_at_its_cases_folders_to_write_its_summary(cohort, tmp_path, monkeypatch):
+    """Only a summary.tsv another run wrote since this one began is merged: a re-run of a finished
+    cohort alone (thousands of cases, a summary every 30 s, on a network file system) does not
+    look at each case's folder for each write."""
+    out = tmp_path / "out"
+    assert _run(cohort, out) == 0
+    looked = []
+    real = batch._finished_since
+    monkeypatch.setattr(batch, "_finished_since", lambda *a: looked.append(a) or real(*a))
+    monkeypatch.setattr(batch, "SUMMARY_EVERY_S", 0.0)  # a summary after every case, as a long cohort's
+    assert _run(cohort, out) == 0
+    assert looked == [] and {c: r[1] for c, r in _rows(out).items()} == dict.fromkeys("abc", "skipped")
+
+
 def test_a_busy_case_whose_holder_ended_without_a_result_is_pending_or_its_failure(cohort, tmp_path):
     """The run that held b ended without a result: with no row of its own, b is pending ("run the
     same command again"); where it wrote b's failure, that row."""

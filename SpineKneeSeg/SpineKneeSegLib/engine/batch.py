@@ -513,17 +513,45 @@ def write_summary(output: Path, rows: list[tuple], began: float | None = None) -
     finished meanwhile, is taken from the file, as that run wrote it (``_settled``)."""
     with _summary_turn(output):
         if began is not None:
-            earlier = read_summary(output)
+            earlier = _written_by_another_run(output, began)
             rows = [_settled(output, row, earlier.get(row[0]), began) for row in rows]
         lines = ["\t".join(SUMMARY_COLUMNS)] + ["\t".join(str(v).replace("\t", " ").replace("\n", " ") for v in r)
                                                 for r in rows]
-        write_text_atomic(output / "summary.tsv", "\n".join(lines) + "\n")
+        text = "\n".join(lines) + "\n"
+        write_text_atomic(output / "summary.tsv", text)
+        _LAST_WRITTEN[(str(output), began)] = _digest(text)
 
 
-def read_summary(output: Path) -> dict[str, tuple]:
-    """summary.tsv's rows by case ID (values as text); empty when there is none or it is unreadable."""
+# (output folder, when its cohort began) -> a digest of the summary.tsv that cohort run wrote last
+_LAST_WRITTEN: dict[tuple, bytes] = {}
+
+
+def _digest(text: str) -> bytes:
+    import hashlib
+
+    return hashlib.sha1(text.encode()).digest()
+
+
+def _written_by_another_run(output: Path, began: float) -> dict[str, tuple]:
+    """The rows of a summary.tsv that another run wrote since this cohort began (``read_summary``),
+    else none: then no row of this run needs its case's folder looked at (a re-run of thousands of
+    finished cases would look at every one, every 30 s, on a network file system)."""
+    path = output / "summary.tsv"
     try:
-        lines = (output / "summary.tsv").read_text(encoding="utf-8").splitlines()
+        text, modified = path.read_text(encoding="utf-8"), path.stat().st_mtime
+    except (OSError, UnicodeDecodeError):
+        return {}
+    last = _LAST_WRITTEN.get((str(output), began))
+    if _digest(text) == last or (last is None and modified <= began):  # the same clock tick: before
+        return {}
+    return read_summary(output, text)
+
+
+def read_summary(output: Path, text: str | None = None) -> dict[str, tuple]:
+    """summary.tsv's rows by case ID (values as text); empty when there is none or it is unreadable.
+    ``text``: its content, already read."""
+    try:
+        lines = (text if text is not None else (output / "summary.tsv").read_text(encoding="utf-8")).splitlines()
     except (OSError, UnicodeDecodeError):
         return {}
     if not lines or tuple(lines[0].split("\t")) != SUMMARY_COLUMNS:
