@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from SpineKneeSegLib.core.datasets import data_root
+from SpineKneeSegLib.engine.batch import SUMMARY_LOCK
 
 TASK = "lumbar-foramina"
 
@@ -80,7 +81,7 @@ def main(argv=None) -> None:
         before = {case: (out / case / "report.json").stat().st_mtime_ns for case in finished(out)}
         seconds = timed(cli("--manifest", manifest, "-o", out))
         redone = [case for case, mtime in before.items() if (out / case / "report.json").stat().st_mtime_ns != mtime]
-        leftovers = [p.name for p in out.iterdir() if p.name.startswith(".")]
+        leftovers = [p.name for p in out.iterdir() if p.name.startswith(".") and p.name != SUMMARY_LOCK]  # it stays
         print(f"resume after kill -9 with {len(before)} finished: re-run took {seconds:.1f} s, finished cases redone: "
               f"{len(redone)}, all {len(finished(out))}/{len(cases)} done, hidden leftovers: {leftovers or 'none'}")
 
