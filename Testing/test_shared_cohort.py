@@ -1,6 +1,6 @@
 """Several runs over one manifest and one output folder at the same time (issue 25, part 4: the jobs
 of a job array on a cluster without Dask, or the same command started twice). The case locks share
-the cases out: a case another live run holds is "busy" in this run, its to finish, not a failure
+the cases out: a case another live run holds is "busy" in this run, that run's to finish, not a failure
 (exit 0); it is put off to the end at a glance, so runs that keep meeting each other's cases do not
 watch each one. summary.tsv is written in turns and merged: the run that ends last leaves every
 case's own outcome, ok rows (with their timings) from whichever run made them."""
