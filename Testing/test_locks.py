@@ -365,3 +365,32 @@ def test_a_cohorts_first_pass_does_not_watch_a_lock_another_machine_made_after_i
     row = batch.run_one(TASKS["knee-bones"], case, out, options, Progress("none"))
     assert row[1] == "ok" and time.monotonic() - started >= lease - 0.2  # watched for its lease, then taken
     assert (out / ".a.deaths").exists() is False and (out / "a" / "labels.nii.gz").is_file()
+
+
+def test_a_case_another_machine_runs_is_watched_once_before_it_is_called_busy(tmp_path, monkeypatch):
+    """A cohort judging a case that another machine's live run holds watches its lock for one
+    heartbeat, once: not again inside run_case (a second watch would double the wait at the end of
+    every job of an array, once for each case the other jobs still run)."""
+    from SpineKneeSegLib.core import atomic
+    from SpineKneeSegLib.core.progress import Progress
+    from SpineKneeSegLib.engine import batch
+    from SpineKneeSegLib.engine.pipeline import RunOptions
+    from SpineKneeSegLib.tasks import TASKS
+
+    monkeypatch.setenv(LEASE_ENV, "3")
+    out = tmp_path / "out"
+    out.mkdir()
+    _claim(out / ".a.lock", host="node-7")
+    watches = []
+    real = atomic._silent_for_lease
+    monkeypatch.setattr(atomic, "_silent_for_lease", lambda lock, wait: watches.append(wait) or real(lock, wait))
+    stop = threading.Event()
+    _beat(out / ".a.lock", stop, every=0.5)  # the other machine's heartbeat, every lease / 6
+    try:
+        case = batch.ManifestCase("a", [str(tmp_path / "knee.nii.gz")], {})
+        row = batch.run_one(TASKS["knee-bones"], case, out, RunOptions(weights=str(tmp_path / "none.pt")),
+                            Progress("none"))
+    finally:
+        stop.set()
+    assert row[1] == "busy" and "node-7" in row[3]
+    assert watches.count(True) == 1 and not (out / "a").exists()
