@@ -205,6 +205,8 @@ def _run_case_of_cohort(card: TaskCard, case: ManifestCase, output: Path, option
     deaths, record = count_deaths(output, case_id, options.overwrite)  # watches a young lock of another machine
     if (owner := lock_holder(output / case_id)) is not None:  # alive, so watched once only (not again by run_case)
         return busy_row(case_id, describe_owner(owner))
+    if (decided := preflight(card, case, output, options.overwrite, began)) is not None:  # finished as we watched
+        return (case_id, *decided, "", "")
     if deaths >= DEATHS_BEFORE_GIVING_UP:
         return (case_id, "failed", 1, f"not run again: the process running this case ended without finishing "
                                       f"{deaths} times (out of memory, a crash, or killed); delete {record} "
