@@ -206,6 +206,7 @@ def _run_case_of_cohort(card: TaskCard, case: ManifestCase, output: Path, option
     if (owner := lock_holder(output / case_id)) is not None:  # alive, so watched once only (not again by run_case)
         return busy_row(case_id, describe_owner(owner))
     if (decided := preflight(card, case, output, options.overwrite, began)) is not None:  # finished as we watched
+        record.unlink(missing_ok=True)  # a finished case's count (its run died after its result) is moot
         return (case_id, *decided, "", "")
     if deaths >= DEATHS_BEFORE_GIVING_UP:
         return (case_id, "failed", 1, f"not run again: the process running this case ended without finishing "
