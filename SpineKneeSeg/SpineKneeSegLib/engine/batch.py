@@ -183,8 +183,8 @@ def run_one(card: TaskCard, case: ManifestCase, output: Path, options: RunOption
     The same function runs in the local pool and on a Dask worker. Its messages name the case;
     ``bars`` False: no step bars (cases side by side). A case another live run holds is "busy"
     (that run's to finish: several jobs over one manifest share it out this way); ``put_off_held``:
-    judged at a glance, so that a young lock of another machine costs no watch now (the cohort
-    tries such cases again at its end). ``began``: when the cohort began (``preflight``)."""
+    its lock judged at a glance, so that a young lock of another machine costs no watch now (the
+    cohort tries such cases again at its end). ``began``: when the cohort began (``preflight``)."""
     case_id = case.id
     options = dataclasses.replace(options, **case.choices)  # its own series / echo over the command's
     progress = progress.for_case(case_id, bars)
@@ -193,17 +193,17 @@ def run_one(card: TaskCard, case: ManifestCase, output: Path, options: RunOption
         if decided[3]:  # a finished result: a run killed between its last file and its lock's release
             clear_stale_lock(output / case_id)
         return (case_id, *decided, "", "")
-    if put_off_held and (owner := lock_holder(output / case_id)) is not None:
-        return busy_row(case_id, describe_owner(owner))
-    with locks_at_a_glance() if put_off_held else contextlib.nullcontext():  # a lock made since: held
+    with locks_at_a_glance() if put_off_held else contextlib.nullcontext():
         return _run_case_of_cohort(card, case, output, options, progress, began)
 
 
 def _run_case_of_cohort(card: TaskCard, case: ManifestCase, output: Path, options: RunOptions,
                         progress: Progress, began: float | None) -> tuple:
     case_id, inputs = case.id, case.inputs
-    deaths, record = count_deaths(output, case_id, options.overwrite)  # watches a young lock of another machine
-    if (owner := lock_holder(output / case_id)) is not None:  # alive, so watched once only (not again by run_case)
+    # the one watch of a young lock of another machine (none at a glance); alive, it is not watched
+    # again by run_case
+    deaths, record = count_deaths(output, case_id, options.overwrite)
+    if (owner := lock_holder(output / case_id)) is not None:
         return busy_row(case_id, describe_owner(owner))
     if (decided := preflight(card, case, output, options.overwrite, began)) is not None:  # finished as we watched
         record.unlink(missing_ok=True)  # a finished case's count (its run died after its result) is moot
@@ -244,8 +244,8 @@ def preflight(card: TaskCard, case: ManifestCase, output: Path, overwrite: bool,
     """How a case ends before it starts, touching nothing: (status, exit code, message, its output
     folder where a finished result is there) for a case that fails or is skipped, None for one that
     runs. A re-run resumes: finished cases are not redone, unless the manifest has changed them.
-    ``overwrite`` redoes finished cases, but not one finished since the cohort ``began``: runs over
-    one cohort with --overwrite (a job array) redo each case once, not once each."""
+    ``overwrite`` redoes finished cases, but not one finished since the cohort ``began``: by another
+    run over the cohort at the same time, or by a Dask worker that died after finishing it."""
     if case.problem or not case.inputs:  # an empty cell: a bad case like any other, reported and skipped
         return ("failed", 2, case.problem or "the manifest gives no input for this case", "")
     earlier = finished_result(output / case.id)
@@ -538,7 +538,7 @@ def _digest(text: str) -> bytes:
 
 
 def _written_by_another_run(output: Path, began: float) -> dict[str, tuple]:
-    """The rows of a summary.tsv that another run wrote since this cohort began (``read_summary``),
+    """The rows of a summary.tsv that another run wrote since this cohort began (``summary_rows``),
     else none: then no row of this run needs its case's folder looked at (a re-run of thousands of
     finished cases would look at every one, every 30 s, on a network file system)."""
     path = output / "summary.tsv"
@@ -549,16 +549,12 @@ def _written_by_another_run(output: Path, began: float) -> dict[str, tuple]:
     last = _LAST_WRITTEN.get((str(output), began))
     if _digest(text) == last or (last is None and modified <= began):  # the same clock tick: before
         return {}
-    return read_summary(output, text)
+    return summary_rows(text)
 
 
-def read_summary(output: Path, text: str | None = None) -> dict[str, tuple]:
-    """summary.tsv's rows by case ID (values as text); empty when there is none or it is unreadable.
-    ``text``: its content, already read."""
-    try:
-        lines = (text if text is not None else (output / "summary.tsv").read_text(encoding="utf-8")).splitlines()
-    except (OSError, UnicodeDecodeError):
-        return {}
+def summary_rows(text: str) -> dict[str, tuple]:
+    """A summary.tsv's rows by case ID (values as text); empty when it is not one."""
+    lines = text.splitlines()
     if not lines or tuple(lines[0].split("\t")) != SUMMARY_COLUMNS:
         return {}
     rows = (tuple(line.split("\t")) for line in lines[1:])
