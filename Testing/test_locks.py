@@ -360,7 +360,7 @@ def test_a_cohorts_first_pass_does_not_watch_a_lock_another_machine_made_after_i
     started = time.monotonic()
     row = batch.run_one(TASKS["knee-bones"], case, out, options, Progress("none"), put_off_held=True)
     assert row[1] == "busy" and "node-9" in row[3]
-    assert time.monotonic() - started < lease / 6  # no watch
+    assert time.monotonic() - started < lease / 2  # no watch (a watch of this silent lock lasts its lease)
     monkeypatch.setattr(batch, "lock_holder", glance)
     row = batch.run_one(TASKS["knee-bones"], case, out, options, Progress("none"))
     assert row[1] == "ok" and time.monotonic() - started >= lease - 0.2  # watched for its lease, then taken
