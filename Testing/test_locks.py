@@ -4,6 +4,7 @@ is judged by its heartbeat (the file's modification time, refreshed every lease 
 keeps beating is busy; one silent for a whole lease ($SPINEKNEESEG_LOCK_LEASE_S) was left by a dead
 run and is taken over, and counts as a death of its case in a cohort. The other machine's lock is
 the real file a run there writes (its JSON claim), with the host name it would hold."""
+import io
 import json
 import os
 import subprocess
@@ -357,13 +358,15 @@ def test_a_cohorts_first_pass_does_not_watch_a_lock_another_machine_made_after_i
     glance = batch.lock_holder
     monkeypatch.setattr(batch, "lock_holder", lambda target: None)  # the glance came just before the lock
     _claim(out / ".a.lock", host="node-9")  # made now, never refreshed: that machine is gone
-    started = time.monotonic()
-    row = batch.run_one(TASKS["knee-bones"], case, out, options, Progress("none"), put_off_held=True)
+    started, lines = time.monotonic(), io.StringIO()
+    row = batch.run_one(TASKS["knee-bones"], case, out, options, Progress("json", lines), put_off_held=True)
     assert row[1] == "busy" and "node-9" in row[3]
     assert time.monotonic() - started < lease / 2  # no watch (a watch of this silent lock lasts its lease)
+    assert '"started' not in lines.getvalue()  # a case it never held is not said to have started
     monkeypatch.setattr(batch, "lock_holder", glance)
-    row = batch.run_one(TASKS["knee-bones"], case, out, options, Progress("none"))
+    row = batch.run_one(TASKS["knee-bones"], case, out, options, Progress("json", lines))
     assert row[1] == "ok" and time.monotonic() - started >= lease - 0.2  # watched for its lease, then taken
+    assert '"started (again: the process running it ended, 1 time)"' in lines.getvalue()
     assert (out / ".a.deaths").exists() is False and (out / "a" / "labels.nii.gz").is_file()
 
 

@@ -4,10 +4,12 @@ the cases out: a case another live run holds is "busy" in this run, that run's t
 (exit 0); it is put off to the end at a glance, so runs that keep meeting each other's cases do not
 watch each one. summary.tsv is written in turns and merged: the run that ends last leaves every
 case's own outcome, ok rows (with their timings) from whichever run made them."""
+import io
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -132,8 +134,10 @@ def test_a_case_finished_by_another_run_after_this_one_looked_is_skipped(cohort,
         return None if len(looked) <= stale_looks else real(*args)
 
     monkeypatch.setattr(batch, "preflight", looked_before_it_finished)
-    row = batch.run_one(TASKS["knee-bones"], case, out, options, Progress("none"))
+    lines = io.StringIO()
+    row = batch.run_one(TASKS["knee-bones"], case, out, options, Progress("json", lines))
     assert row[1:3] == ("skipped", 0) and row[3].startswith("finished earlier") and len(looked) == stale_looks + 1
+    assert "started" not in lines.getvalue()  # this run never held it
 
 
 def test_overwrite_does_not_redo_a_case_another_run_finished_since_this_one_began(cohort, tmp_path):
@@ -152,6 +156,35 @@ def test_overwrite_does_not_redo_a_case_another_run_finished_since_this_one_bega
     again = batch.run_one(TASKS["knee-bones"], case, out, options, Progress("none"), began=began)
     assert again[1:3] == ("skipped", 0) and "finished since this cohort began" in again[3]
     assert batch.preflight(TASKS["knee-bones"], case, out, True) is None  # no start known: --overwrite redoes
+
+
+def test_overwrite_keeps_the_deaths_this_cohort_counted(cohort, tmp_path):
+    """--overwrite starts a case's deaths count afresh, but not a count made since the cohort began:
+    in a job array run with --overwrite, each job would otherwise reset it and die on the same case
+    in turn. Each case here has a lock a dead machine left (one death more)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    options = RunOptions(weights=str(cohort / "knee.pt"), overwrite=True)
+
+    def left_by_a_dead_run(case_id: str, deaths_counted_since_began: bool) -> batch.ManifestCase:
+        lock, record, old = out / f".{case_id}.lock", out / f".{case_id}.deaths", time.time() - 600
+        lock.write_text(json.dumps({"pid": 4242, "host": "node-3", "pidns": "pid:[4026531836]",
+                                    "started": "2026-12-07 09:00:00"}))
+        os.utime(lock, (old, old))
+        record.write_text("1\n")
+        if not deaths_counted_since_began:
+            os.utime(record, (old, old))
+        return batch.ManifestCase(case_id, [str(cohort / "knee.nii.gz")], {})
+
+    earlier = left_by_a_dead_run("a", deaths_counted_since_began=False)  # an earlier cohort's count
+    began = file_system_now(out)
+    row = batch.run_one(TASKS["knee-bones"], earlier, out, options, Progress("none"), began=began)
+    assert row[1] == "ok" and not (out / ".a.deaths").exists()  # reset: the dead run's is its first death
+
+    this_cohorts = left_by_a_dead_run("b", deaths_counted_since_began=True)  # another job's count
+    row = batch.run_one(TASKS["knee-bones"], this_cohorts, out, options, Progress("none"), began=began)
+    assert row[1:3] == ("failed", 1) and "ended without finishing 2 times" in row[3]
+    assert (out / ".b.deaths").read_text().split() == ["2"] and not (out / "b").exists()
 
 
 @pytest.mark.slow

@@ -202,7 +202,7 @@ def _run_case_of_cohort(card: TaskCard, case: ManifestCase, output: Path, option
     case_id, inputs = case.id, case.inputs
     # the one watch of a young lock of another machine (none at a glance); alive, it is not watched
     # again by run_case
-    deaths, record = count_deaths(output, case_id, options.overwrite)
+    deaths, record = count_deaths(output, case_id, options.overwrite, began)
     if (owner := lock_holder(output / case_id)) is not None:
         return busy_row(case_id, describe_owner(owner))
     if (decided := preflight(card, case, output, options.overwrite, began)) is not None:  # finished as we watched
@@ -212,10 +212,10 @@ def _run_case_of_cohort(card: TaskCard, case: ManifestCase, output: Path, option
         return (case_id, "failed", 1, f"not run again: the process running this case ended without finishing "
                                       f"{deaths} times (out of memory, a crash, or killed); delete {record} "
                                       f"to try it once more", "", "", "")
-    progress.log("started" + (f" (again: the process running it ended, {deaths} time{'s' * (deaths > 1)})"
-                              if deaths else ""))
+    started = "started" + (f" (again: the process running it ended, {deaths} time{'s' * (deaths > 1)})"
+                           if deaths else "")
     try:
-        report = run_case(card, inputs, output / case_id, options, progress)
+        report = run_case(card, inputs, output / case_id, options, progress, on_start=lambda: progress.log(started))
         t = report["timings_s"]
         record.unlink(missing_ok=True)
         return (case_id, "ok", 0, "", str(output / case_id), t["total"], t["network"])
@@ -305,14 +305,16 @@ def _deaths_record(output: Path, case_id: str) -> Path:
 DEATHS_BEFORE_GIVING_UP = 2  # a case on which the process died this often is reported, not run again
 
 
-def count_deaths(output: Path, case_id: str, overwrite: bool) -> tuple[int, Path]:
+def count_deaths(output: Path, case_id: str, overwrite: bool, began: float | None = None) -> tuple[int, Path]:
     """How many times a process died while running this case, and the file that counts them
     (``.<id>.deaths`` beside its folder). A lock that a gone process left on an unfinished case
     is one such death (out of memory, a crash in native code, kill -9, a cluster node lost): it is
     counted, then cleared. Without this a case that kills the process would stop every re-run of the cohort at
-    the same place. ``overwrite`` starts the count afresh."""
+    the same place. ``overwrite`` starts the count afresh, but not a count made since the cohort
+    ``began``: those deaths are this cohort's (another job of an array with --overwrite, a Dask
+    retry), and each job resetting them would let every job die on the same case."""
     record = _deaths_record(output, case_id)
-    if overwrite:
+    if overwrite and not _written_since(record, began):
         record.unlink(missing_ok=True)
     try:
         deaths = int(record.read_text().split()[0])
@@ -603,8 +605,13 @@ def _settled(output: Path, row: tuple, earlier: tuple | None, began: float) -> t
 
 
 def _finished_since(folder: Path, began: float) -> bool:
+    return _written_since(folder / "report.json", began)
+
+
+def _written_since(path: Path, began: float | None) -> bool:
+    """``path`` was written since the cohort began (by the output's file system clock)."""
     try:
-        return (folder / "report.json").stat().st_mtime >= began
+        return began is not None and path.stat().st_mtime >= began
     except OSError:
         return False
 

@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -292,12 +293,13 @@ def check_orthogonal_axes(image: Image, path) -> None:
 # ---- the run ---------------------------------------------------------------------------
 
 def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options: RunOptions | None = None,
-             progress: Progress | None = None) -> dict:
+             progress: Progress | None = None, on_start: Callable[[], None] | None = None) -> dict:
     """Run ``card`` on ``inputs`` and write every output into ``output_dir`` atomically.
 
     Returns the report (also written as report.json). The output folder is locked for the run
     (a second run into it is refused while this one lives); a finished result already there is
-    replaced only with ``options.overwrite``."""
+    replaced only with ``options.overwrite``. ``on_start`` is called once the run holds the folder
+    (a cohort's "started" line: never for a case another run holds or has finished)."""
     options = options or RunOptions()
     progress = progress or Progress("none")
     output_dir = Path(output_dir)
@@ -307,6 +309,8 @@ def run_case(card: TaskCard, inputs: list[str], output_dir: str | Path, options:
         if earlier is not None and not options.overwrite:
             raise AlreadyFinished(f"already holds a finished result ({earlier.summary}); pass --overwrite to "
                                   "replace it, or choose another output folder", output_dir)
+        if on_start is not None:
+            on_start()
         return _run_locked(card, inputs, output_dir, options, progress, earlier.outputs if earlier else (), run_scope,
                            lock)
 
