@@ -305,7 +305,7 @@ def test_a_manifest_with_two_workers_names_the_case_in_every_message(mode, tmp_p
         assert "[spinekneeseg] good: writing" in lines and "cases per minute" in lines[-1]
         ends = [line for line in lines if line.startswith(("[spinekneeseg] info: good: ok (",
                                                            "[spinekneeseg] error: broken: failed: "))]
-        assert len(ends) == 2 and ends[-1].endswith("(2/2)")  # each case's end counts the cohort
+        assert len(ends) == 2 and " (2/2)" in ends[-1]  # each case's end counts the cohort
 
 
 def test_the_cohort_count_gives_done_of_total_and_the_time_left_at_the_rate_of_cases_run(monkeypatch):
@@ -318,12 +318,12 @@ def test_the_cohort_count_gives_done_of_total_and_the_time_left_at_the_rate_of_c
     monkeypatch.setattr(batch, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     log = io.StringIO()
     count = batch.CohortCount(Progress("bar", stream=log), ["a", "b", "c", "d", "e"])
-    count.finished(("a", "skipped", 0, "finished earlier", "", "", ""))
-    count.finished(("b", "failed", 2, "b.nii.gz: empty", "", "", ""))
+    count.finished(("a", "skipped", 0, "finished earlier", "", "", "", ""))
+    count.finished(("b", "failed", 2, "b.nii.gz: empty", "", "", "", ""))
     clock[0] += 6.0  # one case ok in 6 s: 10 cases/min, 2 cases left: 12 s
-    count.finished(("c", "ok", 0, "", "", "", ""))
-    count.finished(("d", "ok", 0, "", "", "", ""))
-    count.finished(("e", "ok", 0, "", "", "", ""))
+    count.finished(("c", "ok", 0, "", "", "", "", ""))
+    count.finished(("d", "ok", 0, "", "", "", "", ""))
+    count.finished(("e", "ok", 0, "", "", "", "", ""))
     lines = log.getvalue().splitlines()
     assert lines[:2] == ["[spinekneeseg] info: a: skipped, finished earlier (1/5)",  # no rate from a skip
                          "[spinekneeseg] error: b: failed: b.nii.gz: empty (2/5)"]  # nor from a refusal
@@ -335,10 +335,10 @@ def test_a_long_cohort_keeps_its_summary_up_to_date_with_pending_cases(tmp_path,
     from SpineKneeSegLib.core.progress import Progress
 
     count = batch.CohortCount(Progress("none"), ["a", "b", "c"], tmp_path)
-    count.finished(("b", "ok", 0, "", str(tmp_path / "b"), 1.5, 0.5))
+    count.finished(("b", "ok", 0, "", str(tmp_path / "b"), 1.5, 0.5, ""))
     assert not (tmp_path / "summary.tsv").exists()  # not before SUMMARY_EVERY_S has passed
     monkeypatch.setattr(batch, "SUMMARY_EVERY_S", 0.0)
-    count.finished(("a", "failed", 2, "a.nii.gz: empty", "", "", ""))
+    count.finished(("a", "failed", 2, "a.nii.gz: empty", "", "", "", ""))
     rows = [line.split("\t") for line in (tmp_path / "summary.tsv").read_text().splitlines()]
     assert rows[0] == list(batch.SUMMARY_COLUMNS)
     assert [r[:3] for r in rows[1:]] == [["a", "failed", "2"], ["b", "ok", "0"], ["c", "pending", ""]]
@@ -356,6 +356,32 @@ def test_progress_bars_only_on_a_terminal():
         progress.step("inference", step, 10)
     progress.stage("writing")
     assert log.getvalue() == "[spinekneeseg] writing\n"
+
+
+def test_console_lines_of_cases_side_by_side_do_not_run_into_each_other():
+    """A cohort's workers log from their threads to one stderr: each line is one write. With print()
+    the newline was a write of its own, and two cases' lines could share one line of the console
+    (seen in a two-worker cohort: "a: started[spinekneeseg] info: b: started")."""
+    import re
+
+    script = """
+import sys, threading
+from SpineKneeSegLib.core.progress import Progress
+sys.setswitchinterval(1e-6)  # threads take turns as often as they do beside native work
+
+def case(case_id):
+    progress = Progress("bar").for_case(case_id, bars=False)
+    for i in range(3000):
+        progress.log(f"step {i}")
+
+threads = [threading.Thread(target=case, args=(c,)) for c in "abc"]
+[t.start() for t in threads]
+[t.join() for t in threads]
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    lines = run.stderr.splitlines()
+    assert run.returncode == 0 and len(lines) == 9000, run.stderr[-2000:]
+    assert not [line for line in lines if not re.fullmatch(r"\[spinekneeseg\] info: [abc]: step \d+", line)]
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from SpineKneeSegLib.core.errors import AlreadyFinished
 from SpineKneeSegLib.core.image_io import write_image
 from SpineKneeSegLib.core.progress import Progress
 from SpineKneeSegLib.engine import batch
-from SpineKneeSegLib.engine.pipeline import RunOptions, run_case
+from SpineKneeSegLib.engine.pipeline import RunOptions, run_case, warnings_text
 from SpineKneeSegLib.engine.weights import initialise_weights
 from SpineKneeSegLib.tasks import TASKS, make_phantom
 
@@ -69,9 +69,10 @@ def test_a_case_another_run_holds_is_busy_and_the_last_run_to_end_settles_the_su
     # B finishes b, then writes its summary last
     report = run_case(TASKS["knee-bones"], [str(cohort / "knee.nii.gz")], out / "b",
                       RunOptions(weights=str(cohort / "knee.pt")))
-    b_row = ("b", "ok", 0, "", str(out / "b"), report["timings_s"]["total"], report["timings_s"]["network"])
+    b_row = ("b", "ok", 0, "", str(out / "b"), report["timings_s"]["total"], report["timings_s"]["network"],
+             warnings_text(report["warnings"]))
     batch.write_summary(out, [batch.busy_row("a", "run A"), b_row,
-                              ("c", "skipped", 0, "finished earlier", str(out / "c"), "", "")], b_began)
+                              ("c", "skipped", 0, "finished earlier", str(out / "c"), "", "", "")], b_began)
     merged = _rows(out)
     assert merged["a"] == a_rows["a"] and merged["c"] == a_rows["c"]  # A's own rows, timings included
     assert merged["b"] == [str(v) for v in b_row]
@@ -82,6 +83,30 @@ def test_a_case_another_run_holds_is_busy_and_the_last_run_to_end_settles_the_su
     # a plain re-run: everything finished before it began, so skipped rows of its own
     assert _run(cohort, out) == 0
     assert {c: r[1] for c, r in _rows(out).items()} == {"a": "skipped", "b": "skipped", "c": "skipped"}
+
+
+def test_the_summary_carries_each_finished_cases_warnings(cohort, tmp_path, capsys):
+    """A case can end "ok" and still be flagged (here the knee's plausibility checks fail on untrained
+    weights; on real scans, e.g. a doubtful level count): the summary's warnings column carries its
+    report's warnings, so a reader of a large cohort finds the cases to look at by filtering one
+    column. A re-run's skipped rows keep them, read from each report."""
+    import re
+
+    out = tmp_path / "out"
+    assert _run(cohort, out) == 0
+    rows = _rows(out)
+    for case in "abc":
+        report = json.loads((out / case / "report.json").read_text())
+        assert "knee plausibility check failed" in rows[case][7]
+        assert rows[case][7] == warnings_text(report["warnings"]) and "\t" not in rows[case][7]
+    console = capsys.readouterr().err
+    assert re.search(r"b: ok \(\d/3[^)]*\), with warnings \(summary.tsv's warnings column\)", console), console
+    assert "3 finished cases with warnings to review" in console
+    assert _run(cohort, out) == 0
+    again = _rows(out)
+    assert [again[c][1] for c in "abc"] == ["skipped"] * 3 and all(again[c][7] == rows[c][7] for c in "abc")
+    assert "3 finished cases with warnings to review" in capsys.readouterr().err
+    assert warnings_text(["one\ttab\nand a line", "two"]) == "one tab and a line | two"
 
 
 def test_a_run_alone_does_not_look_at_its_cases_folders_to_write_its_summary(cohort, tmp_path, monkeypatch):
@@ -104,12 +129,13 @@ def test_a_busy_case_whose_holder_ended_without_a_result_is_pending_or_its_failu
     out = tmp_path / "out"
     out.mkdir()
     began = file_system_now(out)
-    rows = [("a", "ok", 0, "", str(out / "a"), 1.0, 0.5), batch.busy_row("b", "run B")]
+    rows = [("a", "ok", 0, "", str(out / "a"), 1.0, 0.5, ""), batch.busy_row("b", "run B")]
     batch.write_summary(out, rows, began)
     assert _rows(out)["b"][1:4] == ["pending", "2", "not run: the run that held it ended without a result; run "
                                                     "the same command again"]
     assert _rows(out)["a"][1] == "ok"
-    batch.write_summary(out, [("a", "busy", "", "", "", "", ""), ("b", "failed", 2, "b.nii.gz: empty", "", "", "")])
+    batch.write_summary(out, [("a", "busy", "", "", "", "", "", ""),
+                              ("b", "failed", 2, "b.nii.gz: empty", "", "", "", "")])
     batch.write_summary(out, rows, began)  # this run's ok a is its own; b: the holder's failure
     assert _rows(out)["b"][1:4] == ["failed", "2", "b.nii.gz: empty"] and _rows(out)["a"][1] == "ok"
 

@@ -62,7 +62,7 @@ class Progress:
         if self.mode == "json":
             self._emit(event="stage", stage=name, fraction=STAGES.get(name, (0, 0))[0])
         elif self.mode == "bar":
-            print(f"[spinekneeseg] {self._text(name)}", file=self.stream or sys.stderr, flush=True)
+            self._line(f"[spinekneeseg] {self._text(name)}")
 
     def step(self, stage: str, step: int, total: int) -> None:
         lo, hi = STAGES.get(stage, (0.0, 1.0))
@@ -83,7 +83,14 @@ class Progress:
         if self.mode == "json":
             self._emit(event="log", level=level, message=message)
         elif self.mode == "bar":
-            print(f"[spinekneeseg] {level}: {self._text(message)}", file=self.stream or sys.stderr, flush=True)
+            self._line(f"[spinekneeseg] {level}: {self._text(message)}")
+
+    def _line(self, text: str) -> None:
+        """One console line in one write: print() writes the newline apart, so the lines of cases
+        side by side (a cohort's workers) ran into each other."""
+        stream = self.stream or sys.stderr
+        stream.write(text + "\n")
+        stream.flush()
 
     def done(self, **info) -> None:
         self._close_bar()

@@ -28,9 +28,11 @@ from SpineKneeSegLib.core.errors import AlreadyFinished, HeldByAnotherRun, Input
 from SpineKneeSegLib.core.image_io import image_suffix, is_dicom_file
 from SpineKneeSegLib.core.progress import Progress
 from SpineKneeSegLib.engine.cards import TaskCard
-from SpineKneeSegLib.engine.pipeline import RunOptions, finished_result, run_case, storage_problem
+from SpineKneeSegLib.engine.pipeline import RunOptions, finished_result, run_case, storage_problem, warnings_text
 
-SUMMARY_COLUMNS = ("id", "status", "exit_code", "message", "output", "total_s", "network_s")
+SUMMARY_COLUMNS = ("id", "status", "exit_code", "message", "output", "total_s", "network_s", "warnings")
+# warnings: a finished result's report.json warnings (a doubtful level count, a failed plausibility check, ...)
+# on one line (pipeline.warnings_text): the "ok" cases a reader should look at are those with any
 # runs over one output folder write summary.tsv in turns through a POSIX lock on this empty file, which
 # stays: a lock file removed after use lets a run lock the removed one while another makes a new one
 SUMMARY_LOCK = ".summary.tsv.lock"
@@ -192,7 +194,7 @@ def run_one(card: TaskCard, case: ManifestCase, output: Path, options: RunOption
     if decided is not None:
         if decided[3]:  # a finished result: a run killed between its last file and its lock's release
             clear_stale_lock(output / case_id)
-        return (case_id, *decided, "", "")
+        return decided_row(case_id, decided)
     with locks_at_a_glance() if put_off_held else contextlib.nullcontext():
         return _run_case_of_cohort(card, case, output, options, progress, began)
 
@@ -207,47 +209,55 @@ def _run_case_of_cohort(card: TaskCard, case: ManifestCase, output: Path, option
         return busy_row(case_id, describe_owner(owner))
     if (decided := preflight(card, case, output, options.overwrite, began)) is not None:  # finished as we watched
         record.unlink(missing_ok=True)  # a finished case's count (its run died after its result) is moot
-        return (case_id, *decided, "", "")
+        return decided_row(case_id, decided)
     if deaths >= DEATHS_BEFORE_GIVING_UP:
         return (case_id, "failed", 1, f"not run again: the process running this case ended without finishing "
                                       f"{deaths} times (out of memory, a crash, or killed); delete {record} "
-                                      f"to try it once more", "", "", "")
+                                      f"to try it once more", "", "", "", "")
     started = "started" + (f" (again: the process running it ended, {deaths} time{'s' * (deaths > 1)})"
                            if deaths else "")
     try:
         report = run_case(card, inputs, output / case_id, options, progress, on_start=lambda: progress.log(started))
         t = report["timings_s"]
         record.unlink(missing_ok=True)
-        return (case_id, "ok", 0, "", str(output / case_id), t["total"], t["network"])
+        return (case_id, "ok", 0, "", str(output / case_id), t["total"], t["network"],
+                warnings_text(report.get("warnings", [])))
     except HeldByAnotherRun as exc:  # its deaths record is the holder's: kept
         return busy_row(case_id, exc.owner)
     except AlreadyFinished:  # another run finished it after the look above: as a re-run would find it
-        return (case_id, *(preflight(card, case, output, options.overwrite, began)
-                           or ("skipped", 0, "finished by another run", str(output / case_id))), "", "")
+        return decided_row(case_id, preflight(card, case, output, options.overwrite, began)
+                           or ("skipped", 0, "finished by another run", str(output / case_id), ""))
     except SpineKneeSegError as exc:
-        row = (case_id, "failed", exc.exit_code, str(exc), "", "", "")
+        row = (case_id, "failed", exc.exit_code, str(exc), "", "", "", "")
     except OSError as exc:
-        row = (case_id, "failed", 2, str(exc), "", "", "")
+        row = (case_id, "failed", 2, str(exc), "", "", "", "")
     except Exception as exc:  # noqa: BLE001 - one case's bug must not stop the batch
-        row = (case_id, "failed", 1, f"internal error: {type(exc).__name__}: {exc}", "", "", "")
+        row = (case_id, "failed", 1, f"internal error: {type(exc).__name__}: {exc}", "", "", "", "")
     record.unlink(missing_ok=True)  # it ended with an answer: the process did not die on it
     return row
 
 
 def busy_row(case_id: str, owner: str) -> tuple:
     return (case_id, "busy", 0, f"another run ({owner}) is running it; its row here is settled by the last run "
-                                f"to end, and a re-run skips it once finished", "", "", "")
+                                f"to end, and a re-run skips it once finished", "", "", "", "")
+
+
+def decided_row(case_id: str, decided: tuple) -> tuple:
+    """The summary row of a case ``preflight`` decided (no timings: this run did not make it)."""
+    status, code, message, folder, warnings = decided
+    return (case_id, status, code, message, folder, "", "", warnings)
 
 
 def preflight(card: TaskCard, case: ManifestCase, output: Path, overwrite: bool,
               began: float | None = None) -> tuple | None:
     """How a case ends before it starts, touching nothing: (status, exit code, message, its output
-    folder where a finished result is there) for a case that fails or is skipped, None for one that
-    runs. A re-run resumes: finished cases are not redone, unless the manifest has changed them.
+    folder where a finished result is there, that result's warnings) for a case that fails or is
+    skipped, None for one that runs. A re-run resumes: finished cases are not redone, unless the
+    manifest has changed them.
     ``overwrite`` redoes finished cases, but not one finished since the cohort ``began``: by another
     run over the cohort at the same time, or by a Dask worker that died after finishing it."""
     if case.problem or not case.inputs:  # an empty cell: a bad case like any other, reported and skipped
-        return ("failed", 2, case.problem or "the manifest gives no input for this case", "")
+        return ("failed", 2, case.problem or "the manifest gives no input for this case", "", "")
     earlier = finished_result(output / case.id)
     if earlier is None:
         return None
@@ -255,12 +265,13 @@ def preflight(card: TaskCard, case: ManifestCase, output: Path, overwrite: bool,
         if began is None or not _finished_since(output / case.id, began):
             return None
         return ("skipped", 0, f"finished since this cohort began ({earlier.summary}): --overwrite redoes a case once",
-                str(output / case.id))
+                str(output / case.id), earlier.warnings_text)
     other = earlier.other_inputs(card.name, case.inputs)
     if other is not None:  # its old result is not this run's
         return ("failed", 2, f"its folder holds a finished result of other inputs ({earlier.summary}; {other}); "
-                             f"--overwrite replaces it", str(output / case.id))
-    return ("skipped", 0, f"finished earlier ({earlier.summary}); --overwrite redoes it", str(output / case.id))
+                             f"--overwrite replaces it", str(output / case.id), "")
+    return ("skipped", 0, f"finished earlier ({earlier.summary}); --overwrite redoes it", str(output / case.id),
+            earlier.warnings_text)
 
 
 def dry_run(card: TaskCard, manifest: str | Path, output: str | Path, options: RunOptions, progress: Progress,
@@ -367,7 +378,7 @@ class CohortCount:
 
     def not_run(self, case_id: str) -> tuple:
         """The row of a case not started because the cohort halted: pending, as a re-run finds it."""
-        return (case_id, "pending", 2, f"not run: {self.halted}", "", "", "")
+        return (case_id, "pending", 2, f"not run: {self.halted}", "", "", "", "")
 
     def finished(self, row: tuple) -> tuple:
         with self._lock:
@@ -387,7 +398,9 @@ class CohortCount:
             failed = row[1] == "failed"
             outcome = {"failed": f"failed: {row[3]}", "ok": "ok", "busy": f"busy: {row[3]}"}.get(
                 row[1], "skipped, finished earlier")
-            self.progress.for_case(row[0]).log(f"{outcome} ({where})", "error" if failed else "info")
+            flagged = (", with warnings (summary.tsv's warnings column)"
+                       if row[1] in ("ok", "skipped") and row[7] else "")
+            self.progress.for_case(row[0]).log(f"{outcome} ({where}){flagged}", "error" if failed else "info")
             if self.progress.mode == "json":  # the cohort's own fraction, for a progress bar
                 self.progress.step("cohort", self.done, self.total)
             if failed and self.output is not None and self.halted is None:
@@ -478,7 +491,7 @@ def run_manifest_on_cluster(card: TaskCard, manifest: str | Path, output: str | 
                         row = future.result()
                     except Exception as exc:  # noqa: BLE001 - e.g. KilledWorker: its worker died (out of memory)
                         row = (futures[future], "failed", 1, f"the Dask worker running this case ended without a "
-                                                             f"result ({type(exc).__name__}: {exc})", "", "", "")
+                                                             f"result ({type(exc).__name__}: {exc})", "", "", "", "")
                     if row is None:  # not begun: the cohort had halted
                         rows[futures[future]] = count.not_run(futures[future])
                         continue
@@ -596,12 +609,13 @@ def _settled(output: Path, row: tuple, earlier: tuple | None, began: float) -> t
         return earlier
     if status != "busy" or lock_holder(output / case_id) is not None:
         return row
-    if finished_result(output / case_id) is not None:
-        return (case_id, "skipped", 0, "finished by another run while this one ran", str(output / case_id), "", "")
+    if (finished := finished_result(output / case_id)) is not None:
+        return decided_row(case_id, ("skipped", 0, "finished by another run while this one ran", str(output / case_id),
+                                     finished.warnings_text))
     if earlier is not None and earlier[1] == "failed":
         return earlier
     return (case_id, "pending", 2, "not run: the run that held it ended without a result; run the same command "
-                                   "again", "", "", "")
+                                   "again", "", "", "", "")
 
 
 def _finished_since(folder: Path, began: float) -> bool:
@@ -626,9 +640,12 @@ def finish_manifest(rows: list[tuple], output: Path, seconds: float, progress: P
         return 2
     ok, skipped = sum(r[1] == "ok" for r in rows), sum(r[1] == "skipped" for r in rows)
     not_run, busy = sum(r[1] == "pending" for r in rows), sum(r[1] == "busy" for r in rows)
+    flagged = sum(r[1] in ("ok", "skipped") and bool(r[7]) for r in rows)
     rate = 60.0 * ok / seconds if seconds > 0 and ok else 0.0
     progress.log(f"{ok}/{len(rows)} cases ok" + (f", {skipped} finished earlier" if skipped else "")
                  + (f", {not_run} not run" if not_run else "")
                  + (f", {busy} left to the other run{'s' * (busy > 1)} that held them" if busy else "")
-                 + f" in {seconds:.1f} s ({rate:.1f} cases per minute); summary in {output / 'summary.tsv'}")
+                 + f" in {seconds:.1f} s ({rate:.1f} cases per minute); summary in {output / 'summary.tsv'}"
+                 + (f"; {flagged} finished case{'s' * (flagged > 1)} with warnings to review (its warnings column)"
+                    if flagged else ""))
     return next((r[2] for r in rows if r[1] in ("failed", "pending")), 0)

@@ -321,6 +321,11 @@ class EarlierResult:
     summary: str
     task: str = ""
     inputs: tuple[str, ...] = ()  # the paths it was run on (report.json's inputs)
+    warnings: tuple[str, ...] = ()  # report.json's warnings
+
+    @property
+    def warnings_text(self) -> str:
+        return warnings_text(self.warnings)
 
     def other_inputs(self, task: str, inputs: list[str]) -> str | None:
         """What makes this result another's than a run of ``task`` on ``inputs``, or None: a cohort's
@@ -330,6 +335,11 @@ class EarlierResult:
         if self.inputs and not (len(self.inputs) == len(inputs) and all(map(_same_input, self.inputs, inputs))):
             return f"it was made from {', '.join(self.inputs)}"
         return None
+
+
+def warnings_text(warnings) -> str:
+    """A report's warnings on one line (a cohort's summary.tsv column: a tab or newline in one is a space)."""
+    return " | ".join(" ".join(str(w).split()) for w in warnings)
 
 
 def _same_input(earlier: str, now: str) -> bool:
@@ -353,8 +363,10 @@ def finished_result(folder: Path, report_name: str = "report.json") -> EarlierRe
     outputs = tuple(str(o).rstrip("/") for o in earlier.get("outputs", []) if "/" not in str(o).rstrip("/"))
     when = datetime.datetime.fromtimestamp(report.stat().st_mtime).strftime("%Y-%m-%d %H:%M")
     inputs = [i for i in earlier.get("inputs", []) if isinstance(i, dict)]
+    warnings = earlier.get("warnings", [])
     return EarlierResult(outputs + (report_name,), f"{earlier.get('task', 'unknown task')}, written {when}",
-                         str(earlier.get("task", "")), tuple(str(i.get("path", "")) for i in inputs))
+                         str(earlier.get("task", "")), tuple(str(i.get("path", "")) for i in inputs),
+                         tuple(map(str, warnings)) if isinstance(warnings, list) else ())
 
 
 def _run_locked(card: TaskCard, inputs: list[str], output_dir: Path, options: RunOptions, progress: Progress,
