@@ -47,6 +47,9 @@ def test_a_manifest_on_a_cluster_matches_the_local_run_and_resumes(cluster, tmp_
         report = json.loads((tmp_path / "cluster" / case / "report.json").read_text())
         assert report["status"] == "ok"
     assert not (tmp_path / "cluster" / "broken").exists()
+    # the cohort's table of every case's volumes, as the local run gathers it
+    cohort_volumes = [(tmp_path / run / "cohort_volumes.tsv").read_text() for run in ("local", "cluster")]
+    assert cohort_volumes[0] == cohort_volumes[1] and cohort_volumes[0].count("\na\t") == 4
 
     before = (tmp_path / "cluster" / "a" / "report.json").stat().st_mtime_ns
     capsys.readouterr()

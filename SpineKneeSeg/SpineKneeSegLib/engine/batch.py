@@ -36,6 +36,10 @@ SUMMARY_COLUMNS = ("id", "status", "exit_code", "message", "output", "total_s", 
 # runs over one output folder write summary.tsv in turns through a POSIX lock on this empty file, which
 # stays: a lock file removed after use lets a run lock the removed one while another makes a new one
 SUMMARY_LOCK = ".summary.tsv.lock"
+# OUT/cohort_volumes.tsv etc.: every finished case's table of that name, its ID first (write_cohort_tables)
+COHORT_TABLE_PREFIX = "cohort_"
+_TABLE_WHAT = {"volumes.tsv": "every case's volumes", "lesions.tsv": "every case's lesions",
+               "areas.tsv": "every case's areas", "femoral_heads.tsv": "every case's femoral heads"}
 
 
 class ManifestCase(NamedTuple):
@@ -526,11 +530,13 @@ def _run_one_on_worker(task: str, case: ManifestCase, output: str, options: RunO
         imports_done()  # a case refused before its imports must not leave the worker's collector off
 
 
-def write_summary(output: Path, rows: list[tuple], began: float | None = None) -> None:
+def write_summary(output: Path, rows: list[tuple], began: float | None = None,
+                  tables: bool = False) -> tuple[list[str], list[str]]:
     """summary.tsv, a row a case. Runs over one manifest and output folder at the same time (the
     jobs of a job array) write it in turns, each merging (``began``: when its cohort began, by the
     output's file system clock): a row this run could not settle, a case another run held or
-    finished meanwhile, is taken from the file, as that run wrote it (``_settled``)."""
+    finished meanwhile, is taken from the file, as that run wrote it (``_settled``). ``tables``: the
+    cohort's tables too: the names written and the problems met (``write_cohort_tables``)."""
     with _summary_turn(output):
         if began is not None:
             earlier = _written_by_another_run(output, began)
@@ -540,6 +546,45 @@ def write_summary(output: Path, rows: list[tuple], began: float | None = None) -
         text = "\n".join(lines) + "\n"
         write_text_atomic(output / "summary.tsv", text)
         _LAST_WRITTEN[(str(output), began)] = _digest(text)
+        # at the cohort's end only (reading every case's tables every 30 s would cost a large cohort);
+        # in the summary's turn, so the run that ends last, which settled every case, writes them last
+        return write_cohort_tables(output, rows) if tables else ([], [])
+
+
+def write_cohort_tables(output: Path, rows: list[tuple]) -> tuple[list[str], list[str]]:
+    """Each finished case's tables (volumes.tsv, lesions.tsv, areas.tsv, femoral_heads.tsv) as one
+    table a kind for the cohort, ``OUT/cohort_<name>``, with the case's ID as its first column: one
+    file to load for statistics instead of a folder per case. Columns are the union of the cases'
+    (a newer version's extra column is blank for the others). Returns the files written and the
+    problems met (a table that could not be read: the cohort's table then lacks that case's rows)."""
+    kinds: dict[str, tuple[list[str], list[dict]]] = {}
+    problems = []
+    for row in rows:
+        if row[1] not in ("ok", "skipped"):
+            continue
+        for path in sorted((output / row[0]).glob("*.tsv")):
+            if path.name.endswith(".schema.tsv"):
+                continue
+            columns, records = kinds.setdefault(path.name, (["case"], []))
+            try:
+                with path.open(newline="", encoding="utf-8") as table:
+                    reader = csv.DictReader(table, delimiter="\t")
+                    found = [{"case": row[0], **record} for record in reader]
+            except (OSError, UnicodeDecodeError, csv.Error) as exc:
+                problems.append(f"{path}: {exc}")
+                continue
+            if any(None in record or None in record.values() for record in found):  # more or fewer cells than columns
+                problems.append(f"{path}: a row's cells do not match its header")
+                continue
+            columns.extend(c for c in reader.fieldnames or () if c not in columns)
+            records.extend(found)
+    for name, (columns, records) in kinds.items():
+        text = io.StringIO()
+        writer = csv.DictWriter(text, columns, delimiter="\t", lineterminator="\n", restval="")
+        writer.writeheader()
+        writer.writerows(records)
+        write_text_atomic(output / f"{COHORT_TABLE_PREFIX}{name}", text.getvalue())
+    return [f"{COHORT_TABLE_PREFIX}{name}" for name in kinds], problems
 
 
 # (output folder, when its cohort began) -> a digest of the summary.tsv that cohort run wrote last
@@ -633,7 +678,7 @@ def _written_since(path: Path, began: float | None) -> bool:
 def finish_manifest(rows: list[tuple], output: Path, seconds: float, progress: Progress,
                     began: float | None = None) -> int:
     try:
-        write_summary(output, rows, began)
+        tables, unread = write_summary(output, rows, began, tables=True)
     except OSError as exc:  # e.g. the disk that filled up: the rows go to the console instead of being lost
         progress.log(f"could not write {output / 'summary.tsv'} ({exc}); the cohort's rows:\n"
                      + "\n".join("\t".join(map(str, r)) for r in [SUMMARY_COLUMNS, *rows]), "error")
@@ -646,6 +691,10 @@ def finish_manifest(rows: list[tuple], output: Path, seconds: float, progress: P
                  + (f", {not_run} not run" if not_run else "")
                  + (f", {busy} left to the other run{'s' * (busy > 1)} that held them" if busy else "")
                  + f" in {seconds:.1f} s ({rate:.1f} cases per minute); summary in {output / 'summary.tsv'}"
+                 + "".join(f", {name} ({_TABLE_WHAT.get(name[len(COHORT_TABLE_PREFIX):], 'every case')})"
+                           for name in tables)
                  + (f"; {flagged} finished case{'s' * (flagged > 1)} with warnings to review (its warnings column)"
                     if flagged else ""))
-    return next((r[2] for r in rows if r[1] in ("failed", "pending")), 0)
+    for problem in unread:
+        progress.log(f"a case's table could not be read, so the cohort's table lacks it: {problem}", "error")
+    return next((r[2] for r in rows if r[1] in ("failed", "pending")), 2 if unread else 0)
