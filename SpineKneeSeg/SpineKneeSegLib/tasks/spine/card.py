@@ -30,9 +30,10 @@ cards.register(cards.TaskCard(
                                     cards.NetworkSpec("level_refiner", {"in_channels": 2, "width": 16}), channels=1,
                                     output="step", fast_skips=False)),
     # transitional reads the raw network labels; level_decoding then names the bodies as one run,
-    # level_refinement redraws their outline
-    postprocessors=("transitional", "level_decoding", "level_refinement", "largest_component_per_label", "foramina"),
-    outputs=cards.COMMON_OUTPUTS + ("foramina.mrk.json",),
+    # level_refinement redraws their outline; volume_table: each body's volume (a cohort stacks them)
+    postprocessors=("transitional", "level_decoding", "level_refinement", "largest_component_per_label", "foramina",
+                    "volume_table"),
+    outputs=cards.COMMON_OUTPUTS + ("foramina.mrk.json", "volumes.tsv"),
     issue=3,
     phantom=spine_phantom,
 ))
