@@ -39,6 +39,12 @@ def test_levels_and_estimated_foramina_on_a_held_out_case(case, tmp_path):
         assert np.bincount(truth[predicted], minlength=6)[1:].argmax() + 1 == level  # on its own body
         dices.append(2 * np.logical_and(predicted, body).sum() / (predicted.sum() + body.sum()))
     assert np.mean(dices) >= 0.8, np.round(dices, 3)
+    # the per-level volume table counts the final labels (a cohort stacks these tables)
+    spacing = np.prod(read_image(out / "labels.nii.gz").spacing)
+    rows = [line.split("\t") for line in (out / "volumes.tsv").read_text().splitlines()]
+    assert rows[0] == ["structure", "label", "voxels", "volume_mm3", "volume_ml"]
+    assert [(r[0], int(r[2])) for r in rows[1:]] == [(f"L{k}", int((pred == k).sum())) for k in range(1, 6)]
+    assert all(abs(float(r[4]) - int(r[2]) * spacing / 1000) < 1e-3 for r in rows[1:])
     report = json.loads((out / "report.json").read_text())
     assert report["summaries"]["foramina"]["found"] == 10
     assert report["summaries"]["foramina"]["method"].startswith("estimated from vertebral levels")
