@@ -39,7 +39,8 @@ SUMMARY_LOCK = ".summary.tsv.lock"
 # OUT/cohort_volumes.tsv etc.: every finished case's table of that name, its ID first (write_cohort_tables)
 COHORT_TABLE_PREFIX = "cohort_"
 _TABLE_WHAT = {"volumes.tsv": "every case's volumes", "lesions.tsv": "every case's lesions",
-               "areas.tsv": "every case's areas", "femoral_heads.tsv": "every case's femoral heads"}
+               "areas.tsv": "every case's areas", "femoral_heads.tsv": "every case's femoral heads",
+               "findings.tsv": "each case's report summaries"}
 
 
 class ManifestCase(NamedTuple):
@@ -553,31 +554,36 @@ def write_summary(output: Path, rows: list[tuple], began: float | None = None,
 
 def write_cohort_tables(output: Path, rows: list[tuple]) -> tuple[list[str], list[str]]:
     """Each finished case's tables (volumes.tsv, lesions.tsv, areas.tsv, femoral_heads.tsv) as one
-    table a kind for the cohort, ``OUT/cohort_<name>``, with the case's ID as its first column: one
-    file to load for statistics instead of a folder per case. Columns are the union of the cases'
-    (a newer version's extra column is blank for the others). Returns the files written and the
-    problems met (a table that could not be read: the cohort's table then lacks that case's rows)."""
+    table a kind for the cohort, ``OUT/cohort_<name>``, with the case's ID as its first column, and
+    ``OUT/cohort_findings.tsv``, one row a case: its report's summaries (lesion load, level confidence,
+    plausibility checks, ...). One file to load for statistics instead of a folder per case. Columns
+    are the union of the cases' (a newer version's extra column is blank for the others). Returns
+    the files written and the problems met (a file that could not be read: the cohort's table then
+    lacks that case's rows)."""
     kinds: dict[str, tuple[list[str], list[dict]]] = {}
     problems = []
     for row in rows:
         if row[1] not in ("ok", "skipped"):
             continue
-        for path in sorted((output / row[0]).glob("*.tsv")):
+        folder = output / row[0]
+        try:
+            summaries = json.loads((folder / "report.json").read_text(encoding="utf-8"))["summaries"]
+            _gather(kinds, FINDINGS, [{"case": row[0], **_scalars(summaries)}])
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            problems.append(f"{folder / 'report.json'}: its summaries cannot be read ({type(exc).__name__}: {exc})")
+        for path in sorted(folder.glob("*.tsv")):
             if path.name.endswith(".schema.tsv"):
                 continue
-            columns, records = kinds.setdefault(path.name, (["case"], []))
             try:
                 with path.open(newline="", encoding="utf-8") as table:
-                    reader = csv.DictReader(table, delimiter="\t")
-                    found = [{"case": row[0], **record} for record in reader]
+                    found = [{"case": row[0], **record} for record in csv.DictReader(table, delimiter="\t")]
             except (OSError, UnicodeDecodeError, csv.Error) as exc:
                 problems.append(f"{path}: {exc}")
                 continue
             if any(None in record or None in record.values() for record in found):  # more or fewer cells than columns
                 problems.append(f"{path}: a row's cells do not match its header")
                 continue
-            columns.extend(c for c in reader.fieldnames or () if c not in columns)
-            records.extend(found)
+            _gather(kinds, path.name, found)
     for name, (columns, records) in kinds.items():
         text = io.StringIO()
         writer = csv.DictWriter(text, columns, delimiter="\t", lineterminator="\n", restval="")
@@ -585,6 +591,27 @@ def write_cohort_tables(output: Path, rows: list[tuple]) -> tuple[list[str], lis
         writer.writerows(records)
         write_text_atomic(output / f"{COHORT_TABLE_PREFIX}{name}", text.getvalue())
     return [f"{COHORT_TABLE_PREFIX}{name}" for name in kinds], problems
+
+
+FINDINGS = "findings.tsv"  # OUT/cohort_findings.tsv: no case writes a table of this name
+
+
+def _gather(kinds: dict, name: str, records: list[dict]) -> None:
+    columns, gathered = kinds.setdefault(name, (["case"], []))
+    columns.extend(c for record in records for c in record if c not in columns)
+    gathered.extend(records)
+
+
+def _scalars(tree: dict, prefix: str = "") -> dict:
+    """A report's summaries as one row: each number, text or flag under its dotted path (lists, such
+    as each body's or lesion's details, stay in the case's own files); a tab or newline is a space."""
+    row = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            row.update(_scalars(value, f"{prefix}{key}."))
+        elif isinstance(value, (str, int, float, bool)) or value is None:
+            row[f"{prefix}{key}"] = "" if value is None else " ".join(str(value).split())
+    return row
 
 
 # (output folder, when its cohort began) -> a digest of the summary.tsv that cohort run wrote last
