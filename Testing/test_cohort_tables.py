@@ -83,3 +83,9 @@ def test_cohort_tables_take_every_column_and_name_a_file_they_cannot_read(tmp_pa
         "case\tlesions.lesion_count\tlesions.brackets.[0,10).count\tstripped\tnote\tthreshold\n"
         "a\t3\t2\tTrue\ttwo words\t\n"
         "b\t0\t\t\t\t\n")
+
+    (tmp_path / "cohort_volumes.tsv").unlink()
+    (tmp_path / "cohort_volumes.tsv").mkdir()  # a cohort table that cannot be written: said, not silent
+    written, problems = batch.write_cohort_tables(tmp_path, rows[:2])
+    assert written == ["cohort_findings.tsv"]
+    assert len(problems) == 1 and problems[0].startswith(f"{tmp_path / 'cohort_volumes.tsv'} could not be written (")

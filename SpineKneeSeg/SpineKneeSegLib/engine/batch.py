@@ -558,10 +558,10 @@ def write_cohort_tables(output: Path, rows: list[tuple]) -> tuple[list[str], lis
     ``OUT/cohort_findings.tsv``, one row a case: its report's summaries (lesion load, level confidence,
     plausibility checks, ...). One file to load for statistics instead of a folder per case. Columns
     are the union of the cases' (a newer version's extra column is blank for the others). Returns
-    the files written and the problems met (a file that could not be read: the cohort's table then
-    lacks that case's rows)."""
+    the files written and the problems met (a case's file that could not be read: the cohort's table
+    then lacks its rows; a cohort table that could not be written)."""
     kinds: dict[str, tuple[list[str], list[dict]]] = {}
-    problems = []
+    problems, written = [], []
     for row in rows:
         if row[1] not in ("ok", "skipped"):
             continue
@@ -578,10 +578,10 @@ def write_cohort_tables(output: Path, rows: list[tuple]) -> tuple[list[str], lis
                 with path.open(newline="", encoding="utf-8") as table:
                     found = [{"case": row[0], **record} for record in csv.DictReader(table, delimiter="\t")]
             except (OSError, UnicodeDecodeError, csv.Error) as exc:
-                problems.append(f"{path}: {exc}")
+                problems.append(f"{path} cannot be read ({exc})")
                 continue
             if any(None in record or None in record.values() for record in found):  # more or fewer cells than columns
-                problems.append(f"{path}: a row's cells do not match its header")
+                problems.append(f"{path} cannot be read (a row's cells do not match its header)")
                 continue
             _gather(kinds, path.name, found)
     for name, (columns, records) in kinds.items():
@@ -589,8 +589,12 @@ def write_cohort_tables(output: Path, rows: list[tuple]) -> tuple[list[str], lis
         writer = csv.DictWriter(text, columns, delimiter="\t", lineterminator="\n", restval="")
         writer.writeheader()
         writer.writerows(records)
-        write_text_atomic(output / f"{COHORT_TABLE_PREFIX}{name}", text.getvalue())
-    return [f"{COHORT_TABLE_PREFIX}{name}" for name in kinds], problems
+        try:
+            write_text_atomic(output / f"{COHORT_TABLE_PREFIX}{name}", text.getvalue())
+            written.append(f"{COHORT_TABLE_PREFIX}{name}")
+        except OSError as exc:  # e.g. the disk that filled up: summary.tsv is written, the run says what is missing
+            problems.append(f"{output / (COHORT_TABLE_PREFIX + name)} could not be written ({exc})")
+    return written, problems
 
 
 FINDINGS = "findings.tsv"  # OUT/cohort_findings.tsv: no case writes a table of this name
@@ -723,5 +727,5 @@ def finish_manifest(rows: list[tuple], output: Path, seconds: float, progress: P
                  + (f"; {flagged} finished case{'s' * (flagged > 1)} with warnings to review (its warnings column)"
                     if flagged else ""))
     for problem in unread:
-        progress.log(f"a case's table could not be read, so the cohort's table lacks it: {problem}", "error")
+        progress.log(f"the cohort's tables are incomplete: {problem}", "error")
     return next((r[2] for r in rows if r[1] in ("failed", "pending")), 2 if unread else 0)
