@@ -8,6 +8,7 @@ slicer-core's. Checks the plumbing, not accuracy (the networks are untrained).
 """
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -16,7 +17,8 @@ from SpineKneeSegLib.panel.runner import CliProcess, cli_python
 
 # small phantoms where the default is large (the check is the plumbing, not the anatomy)
 PHANTOM_OPTIONS = {"brain-wmh": {"slice_thickness_mm": 6.0, "in_plane": 64}}
-EXPECTED_TABLE = {"knee-bones": "volumes.tsv", "brain-wmh": "lesions.tsv", "xray-femur": "areas.tsv"}
+EXPECTED_TABLE = {"knee-bones": "volumes.tsv", "lumbar-foramina": "volumes.tsv", "brain-wmh": "lesions.tsv",
+                  "xray-femur": "areas.tsv"}
 
 
 def _tiny_weights(task: str, folder: Path) -> Path:
@@ -64,10 +66,15 @@ def run_task(scene, task: str, folder: Path, log=print, seed: int = 3, extra_arg
     names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
     assert names == [s.name for s in card.labels], f"{task}: segments {names}"
     if "foramina.mrk.json" in card.outputs:
+        # the plumbing: every marker the run reports is in the scene, named as a foramen, once. How
+        # many there are is the anatomy: untrained weights name few levels or none (all ten were
+        # asked for here until session 43, which failed inside Slicer; Testing/test_runner.py)
         (markups,) = results.markups
-        labels = sorted(markups.GetNthControlPointLabel(i) for i in range(markups.GetNumberOfControlPoints()))
-        expected = sorted(f"L{k} {side}" for k in range(1, 6) for side in ("left", "right"))
-        assert labels == expected, f"{task}: foramen labels {labels}"
+        labels = [markups.GetNthControlPointLabel(i) for i in range(markups.GetNumberOfControlPoints())]
+        found = json.loads((output / "report.json").read_text())["summaries"]["foramina"]["found"]
+        foramina = {f"L{k} {side}" for k in range(1, 6) for side in ("left", "right")}
+        assert len(labels) == found and len(set(labels)) == found and set(labels) <= foramina, \
+            f"{task}: foramen markers {labels}, the run reports {found}"
     if task in EXPECTED_TABLE:
         table = results.tables.get(EXPECTED_TABLE[task])
         assert table is not None, f"{task}: no {EXPECTED_TABLE[task]} table"
