@@ -242,4 +242,7 @@ def test_two_runs_started_together_share_the_cohort(tmp_path, machines, request)
     rows = _rows(out)
     assert {c: r[1] for c, r in rows.items()} == dict.fromkeys(cases, "ok"), rows
     assert all(json.loads((out / c / "report.json").read_text())["task"] == "knee-bones" for c in cases)
+    # the run that ended last gathered every case's volumes, those the other run made included
+    gathered = [line.split("\t")[0] for line in (out / "cohort_volumes.tsv").read_text().splitlines()[1:]]
+    assert gathered == [c for c in cases for _ in range(4)]
     assert not [p.name for p in out.iterdir() if p.name.endswith(".lock") and p.name != batch.SUMMARY_LOCK]

@@ -38,9 +38,10 @@ SUMMARY_COLUMNS = ("id", "status", "exit_code", "message", "output", "total_s", 
 SUMMARY_LOCK = ".summary.tsv.lock"
 # OUT/cohort_volumes.tsv etc.: every finished case's table of that name, its ID first (write_cohort_tables)
 COHORT_TABLE_PREFIX = "cohort_"
+FINDINGS = "findings.tsv"  # OUT/cohort_findings.tsv, each case's report summaries: no case writes a table so named
 _TABLE_WHAT = {"volumes.tsv": "every case's volumes", "lesions.tsv": "every case's lesions",
                "areas.tsv": "every case's areas", "femoral_heads.tsv": "every case's femoral heads",
-               "findings.tsv": "each case's report summaries"}
+               FINDINGS: "each case's report summaries"}
 
 
 class ManifestCase(NamedTuple):
@@ -595,9 +596,6 @@ def write_cohort_tables(output: Path, rows: list[tuple]) -> tuple[list[str], lis
         except OSError as exc:  # e.g. the disk that filled up: summary.tsv is written, the run says what is missing
             problems.append(f"{output / (COHORT_TABLE_PREFIX + name)} could not be written ({exc})")
     return written, problems
-
-
-FINDINGS = "findings.tsv"  # OUT/cohort_findings.tsv: no case writes a table of this name
 
 
 def _gather(kinds: dict, name: str, records: list[dict]) -> None:
