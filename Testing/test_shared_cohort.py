@@ -140,6 +140,14 @@ def test_a_busy_case_whose_holder_ended_without_a_result_is_pending_or_its_failu
     assert _rows(out)["b"][1:4] == ["failed", "2", "b.nii.gz: empty"] and _rows(out)["a"][1] == "ok"
 
 
+def test_a_summary_another_run_of_an_older_version_wrote_is_merged_with_blank_warnings():
+    """A job array may mix versions: a summary.tsv written before the warnings column (session 43)
+    is still read for the merge, its rows with blank warnings; a file of other columns is not."""
+    older = "id\tstatus\texit_code\tmessage\toutput\ttotal_s\tnetwork_s\nb\tok\t0\t\t/x/b\t1.2\t0.5\n"
+    assert batch.summary_rows(older) == {"b": ("b", "ok", "0", "", "/x/b", "1.2", "0.5", "")}
+    assert batch.summary_rows("id\tstatus\nb\tok\n") == {} and batch.summary_rows("") == {}
+
+
 @pytest.mark.parametrize("stale_looks", [1, 2])
 def test_a_case_finished_by_another_run_after_this_one_looked_is_skipped(cohort, tmp_path, monkeypatch,
                                                                           stale_looks):

@@ -642,12 +642,14 @@ def _written_by_another_run(output: Path, began: float) -> dict[str, tuple]:
 
 
 def summary_rows(text: str) -> dict[str, tuple]:
-    """A summary.tsv's rows by case ID (values as text); empty when it is not one."""
+    """A summary.tsv's rows by case ID (values as text); empty when it is not one. One written before
+    session 43 (no warnings column: a job of an array on an older version) gets blank warnings."""
     lines = text.splitlines()
-    if not lines or tuple(lines[0].split("\t")) != SUMMARY_COLUMNS:
+    header = tuple(lines[0].split("\t")) if lines else ()
+    if header not in (SUMMARY_COLUMNS, SUMMARY_COLUMNS[:-1]):
         return {}
     rows = (tuple(line.split("\t")) for line in lines[1:])
-    return {row[0]: row for row in rows if len(row) == len(SUMMARY_COLUMNS)}
+    return {row[0]: row + ("",) * (len(SUMMARY_COLUMNS) - len(header)) for row in rows if len(row) == len(header)}
 
 
 @contextlib.contextmanager
