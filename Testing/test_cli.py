@@ -216,6 +216,7 @@ def test_a_manifest_as_spreadsheets_save_it(saved, tmp_path):
     (b"id,input\n../up,x.nii.gz\n", "line 2: invalid case id '../up'"),
     (b"id,input\n.hidden,x.nii.gz\n", "line 2: invalid case id '.hidden'"),
     (b"id,input\nsummary.tsv,x.nii.gz\n", "line 2: invalid case id 'summary.tsv'"),  # the cohort's own file
+    (b"id,input\nCohort_volumes.tsv,x.nii.gz\n", "line 2: invalid case id 'Cohort_volumes.tsv'"),  # a cohort table
     (b"id,input,echo\na,x.nii.gz,first\n", "line 2: echo 'first' is not an echo number"),
     (b"id,input\n", "lists no cases"),
     (b"id,input\nm\xfcller,x.nii.gz\n", "not UTF-8 text"),  # Latin-1, as an old Windows export

@@ -67,6 +67,12 @@ def cohort_cases(path: str | Path, output: str | Path, scan_name: str | None = N
     return read_manifest(path), []
 
 
+def cohort_file(name: str) -> bool:
+    """A name the cohort's own files take in its output folder (summary.tsv, cohort_*.tsv): never a case's."""
+    name = name.lower()
+    return name == "summary.tsv" or (name.startswith(COHORT_TABLE_PREFIX) and name.endswith(".tsv"))
+
+
 def cases_in_folder(folder: Path, output: Path | None = None, scan_name: str | None = None
                     ) -> tuple[list[ManifestCase], list[str]]:
     """A folder of scans as a cohort, as nnU-Net's folder in, folder out: each image file at its
@@ -81,7 +87,7 @@ def cases_in_folder(folder: Path, output: Path | None = None, scan_name: str | N
     cases, left_out, seen = [], [], {}
     for entry in sorted(folder.iterdir()):
         name = entry.name.lower()
-        if entry.name.startswith(".") or entry.resolve() == output or name == "summary.tsv":
+        if entry.name.startswith(".") or entry.resolve() == output or cohort_file(name):
             continue
         if entry.is_dir():
             case = _case_in_sub_folder(entry, scan_name)
@@ -158,9 +164,10 @@ def read_manifest(path: str | Path) -> list[ManifestCase]:
         if not case_id and not any((v or "").strip() for v in row.values() if isinstance(v, str)):
             continue  # a blank line, or one of empty cells as spreadsheets leave at the end
         if (not case_id or "/" in case_id or "\\" in case_id or case_id.startswith(".")  # it names a folder
-                or case_id.lower() == "summary.tsv"):
+                or cohort_file(case_id)):
             raise InputError(f"line {line}: invalid case id {case_id!r} (it names the case's output folder: "
-                             f"not empty, no '/' or '\\', not starting with '.', not summary.tsv)", path)
+                             f"not empty, no '/' or '\\', not starting with '.', not summary.tsv or "
+                             f"{COHORT_TABLE_PREFIX}*.tsv)", path)
         if case_id in seen:
             raise InputError(f"line {line}: duplicate case id {case_id!r}", path)
         seen.add(case_id)
