@@ -86,6 +86,7 @@ def test_cohort_tables_take_every_column_and_name_a_file_they_cannot_read(tmp_pa
 
     (tmp_path / "cohort_volumes.tsv").unlink()
     (tmp_path / "cohort_volumes.tsv").mkdir()  # a cohort table that cannot be written: said, not silent
+    (tmp_path / "cohort_lesions.tsv").write_text("case\tlesion_id\nx\t1\n")  # an earlier manifest's, no kind now
     written, problems = batch.write_cohort_tables(tmp_path, rows[:2])
-    assert written == ["cohort_findings.tsv"]
+    assert written == ["cohort_findings.tsv"] and not (tmp_path / "cohort_lesions.tsv").exists()
     assert len(problems) == 1 and problems[0].startswith(f"{tmp_path / 'cohort_volumes.tsv'} could not be written (")

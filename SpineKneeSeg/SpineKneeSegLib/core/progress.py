@@ -50,11 +50,9 @@ class Progress:
         return f"{self.case}: {message}" if self.case is not None else message
 
     def _emit(self, **event) -> None:
-        stream = self.stream or sys.stdout
         if self.case is not None:
             event["case"] = self.case
-        stream.write(json.dumps(event) + "\n")
-        stream.flush()
+        _write_line(self.stream or sys.stdout, json.dumps(event))
 
     def stage(self, name: str) -> None:
         self._close_bar()
@@ -62,7 +60,7 @@ class Progress:
         if self.mode == "json":
             self._emit(event="stage", stage=name, fraction=STAGES.get(name, (0, 0))[0])
         elif self.mode == "bar":
-            self._line(f"[spinekneeseg] {self._text(name)}")
+            _write_line(self.stream or sys.stderr, f"[spinekneeseg] {self._text(name)}")
 
     def step(self, stage: str, step: int, total: int) -> None:
         lo, hi = STAGES.get(stage, (0.0, 1.0))
@@ -83,14 +81,7 @@ class Progress:
         if self.mode == "json":
             self._emit(event="log", level=level, message=message)
         elif self.mode == "bar":
-            self._line(f"[spinekneeseg] {level}: {self._text(message)}")
-
-    def _line(self, text: str) -> None:
-        """One console line in one write: print() writes the newline apart, so the lines of cases
-        side by side (a cohort's workers) ran into each other."""
-        stream = self.stream or sys.stderr
-        stream.write(text + "\n")
-        stream.flush()
+            _write_line(self.stream or sys.stderr, f"[spinekneeseg] {level}: {self._text(message)}")
 
     def done(self, **info) -> None:
         self._close_bar()
@@ -117,3 +108,10 @@ def process_age_s() -> float | None:
         return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError, AttributeError):
         return None
+
+
+def _write_line(stream, text: str) -> None:
+    """One line in one write: print() writes the newline apart, so the lines of cases side by side
+    (a cohort's workers) ran into each other."""
+    stream.write(text + "\n")
+    stream.flush()

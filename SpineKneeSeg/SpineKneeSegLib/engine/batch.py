@@ -224,41 +224,47 @@ def _run_case_of_cohort(card: TaskCard, case: ManifestCase, output: Path, option
         record.unlink(missing_ok=True)  # a finished case's count (its run died after its result) is moot
         return decided_row(case_id, decided)
     if deaths >= DEATHS_BEFORE_GIVING_UP:
-        return (case_id, "failed", 1, f"not run again: the process running this case ended without finishing "
-                                      f"{deaths} times (out of memory, a crash, or killed); delete {record} "
-                                      f"to try it once more", "", "", "", "")
+        return summary_row(case_id, "failed", 1, f"not run again: the process running this case ended without "
+                                                 f"finishing {deaths} times (out of memory, a crash, or killed); "
+                                                 f"delete {record} to try it once more")
     started = "started" + (f" (again: the process running it ended, {deaths} time{'s' * (deaths > 1)})"
                            if deaths else "")
     try:
         report = run_case(card, inputs, output / case_id, options, progress, on_start=lambda: progress.log(started))
         t = report["timings_s"]
         record.unlink(missing_ok=True)
-        return (case_id, "ok", 0, "", str(output / case_id), t["total"], t["network"],
-                warnings_text(report.get("warnings", [])))
+        return summary_row(case_id, "ok", 0, "", str(output / case_id), t["total"], t["network"],
+                           warnings_text(report.get("warnings", [])))
     except HeldByAnotherRun as exc:  # its deaths record is the holder's: kept
         return busy_row(case_id, exc.owner)
     except AlreadyFinished:  # another run finished it after the look above: as a re-run would find it
         return decided_row(case_id, preflight(card, case, output, options.overwrite, began)
                            or ("skipped", 0, "finished by another run", str(output / case_id), ""))
     except SpineKneeSegError as exc:
-        row = (case_id, "failed", exc.exit_code, str(exc), "", "", "", "")
+        row = summary_row(case_id, "failed", exc.exit_code, str(exc))
     except OSError as exc:
-        row = (case_id, "failed", 2, str(exc), "", "", "", "")
+        row = summary_row(case_id, "failed", 2, str(exc))
     except Exception as exc:  # noqa: BLE001 - one case's bug must not stop the batch
-        row = (case_id, "failed", 1, f"internal error: {type(exc).__name__}: {exc}", "", "", "", "")
+        row = summary_row(case_id, "failed", 1, f"internal error: {type(exc).__name__}: {exc}")
     record.unlink(missing_ok=True)  # it ended with an answer: the process did not die on it
     return row
 
 
+def summary_row(case_id: str, status: str, code, message: str, folder: str = "", total_s="", network_s="",
+                warnings: str = "") -> tuple:
+    """A case's row of summary.tsv (SUMMARY_COLUMNS); blank what its outcome has none of."""
+    return (case_id, status, code, message, folder, total_s, network_s, warnings)
+
+
 def busy_row(case_id: str, owner: str) -> tuple:
-    return (case_id, "busy", 0, f"another run ({owner}) is running it; its row here is settled by the last run "
-                                f"to end, and a re-run skips it once finished", "", "", "", "")
+    return summary_row(case_id, "busy", 0, f"another run ({owner}) is running it; its row here is settled by the "
+                                           f"last run to end, and a re-run skips it once finished")
 
 
 def decided_row(case_id: str, decided: tuple) -> tuple:
     """The summary row of a case ``preflight`` decided (no timings: this run did not make it)."""
     status, code, message, folder, warnings = decided
-    return (case_id, status, code, message, folder, "", "", warnings)
+    return summary_row(case_id, status, code, message, folder, warnings=warnings)
 
 
 def preflight(card: TaskCard, case: ManifestCase, output: Path, overwrite: bool,
@@ -391,15 +397,15 @@ class CohortCount:
 
     def not_run(self, case_id: str) -> tuple:
         """The row of a case not started because the cohort halted: pending, as a re-run finds it."""
-        return (case_id, "pending", 2, f"not run: {self.halted}", "", "", "", "")
+        return summary_row(case_id, "pending", 2, f"not run: {self.halted}")
 
     def finished(self, row: tuple) -> tuple:
         with self._lock:
             self.rows[row[0]] = row
             if self.output is not None and time.perf_counter() - self._written >= SUMMARY_EVERY_S:
-                pending = (("pending",) + ("",) * (len(SUMMARY_COLUMNS) - 2))
                 with contextlib.suppress(OSError):  # a full disk: the final summary says so
-                    write_summary(self.output, [self.rows.get(c, (c, *pending)) for c in self.case_ids], self.began)
+                    write_summary(self.output, [self.rows.get(c) or summary_row(c, "pending", "", "")
+                                                for c in self.case_ids], self.began)
                 self._written = time.perf_counter()
             self.done += 1
             self.ok += row[1] == "ok"
@@ -503,8 +509,9 @@ def run_manifest_on_cluster(card: TaskCard, manifest: str | Path, output: str | 
                     try:
                         row = future.result()
                     except Exception as exc:  # noqa: BLE001 - e.g. KilledWorker: its worker died (out of memory)
-                        row = (futures[future], "failed", 1, f"the Dask worker running this case ended without a "
-                                                             f"result ({type(exc).__name__}: {exc})", "", "", "", "")
+                        row = summary_row(futures[future], "failed", 1,
+                                          f"the Dask worker running this case ended without a result "
+                                          f"({type(exc).__name__}: {exc})")
                     if row is None:  # not begun: the cohort had halted
                         rows[futures[future]] = count.not_run(futures[future])
                         continue
@@ -602,6 +609,11 @@ def write_cohort_tables(output: Path, rows: list[tuple]) -> tuple[list[str], lis
             written.append(f"{COHORT_TABLE_PREFIX}{name}")
         except OSError as exc:  # e.g. the disk that filled up: summary.tsv is written, the run says what is missing
             problems.append(f"{output / (COHORT_TABLE_PREFIX + name)} could not be written ({exc})")
+    # an earlier run's table of a kind no finished case has now (its cases failed since, or another
+    # manifest wrote here) would not match summary.tsv
+    for older in output.glob(f"{COHORT_TABLE_PREFIX}*.tsv"):
+        if older.is_file() and older.name[len(COHORT_TABLE_PREFIX):] not in kinds:
+            older.unlink(missing_ok=True)
     return written, problems
 
 
@@ -697,8 +709,8 @@ def _settled(output: Path, row: tuple, earlier: tuple | None, began: float) -> t
                                      finished.warnings_text))
     if earlier is not None and earlier[1] == "failed":
         return earlier
-    return (case_id, "pending", 2, "not run: the run that held it ended without a result; run the same command "
-                                   "again", "", "", "", "")
+    return summary_row(case_id, "pending", 2, "not run: the run that held it ended without a result; run the same "
+                                              "command again")
 
 
 def _finished_since(folder: Path, began: float) -> bool:
