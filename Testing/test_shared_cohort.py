@@ -140,6 +140,35 @@ def test_a_busy_case_whose_holder_ended_without_a_result_is_pending_or_its_failu
     assert _rows(out)["b"][1:4] == ["failed", "2", "b.nii.gz: empty"] and _rows(out)["a"][1] == "ok"
 
 
+@pytest.mark.parametrize("holder", ["finished", "ended without a result", "failed"])
+def test_the_last_line_and_exit_code_are_the_summarys_as_written(cohort, tmp_path, holder):
+    """This run met b busy. The run that held it, ending before this one's summary, finished it, or
+    ended without a result, or wrote its failure: the last console line and the exit code say what
+    summary.tsv says (before: "1 left to the other run" and exit 0 in all three); the rate counts only
+    the case this run ran itself."""
+    out = tmp_path / "out"
+    out.mkdir()
+    began = file_system_now(out)
+    for case in ("ab" if holder == "finished" else "a"):  # a: this run's own; b: the holder's
+        run_case(TASKS["knee-bones"], [str(cohort / "knee.nii.gz")], out / case,
+                 RunOptions(weights=str(cohort / "knee.pt")))
+    if holder == "failed":
+        batch.write_summary(out, [("a", "busy", "", "", "", "", "", ""),
+                                  ("b", "failed", 2, "b.nii.gz: empty", "", "", "", "")])
+    rows = [("a", "ok", 0, "", str(out / "a"), 1.0, 0.5, ""), batch.busy_row("b", "run B")]
+    lines = io.StringIO()
+    code = batch.finish_manifest(rows, out, 60.0, Progress("bar", lines), began)
+    console = lines.getvalue()
+    status = _rows(out)["b"][1]
+    assert "1/2 cases ok" in console and "(1.0 cases per minute)" in console and "left to the other" not in console
+    if holder == "finished":
+        assert (status, code) == ("skipped", 0) and "1 finished by the other run that held them" in console
+    elif holder == "failed":
+        assert (status, code) == ("failed", 2) and "finished by" not in console
+    else:
+        assert (status, code) == ("pending", 2) and "1 not run" in console
+
+
 def test_a_summary_another_run_of_an_older_version_wrote_is_merged_with_blank_warnings():
     """A job array may mix versions: a summary.tsv written before the warnings column (session 43)
     is still read for the merge, its rows with blank warnings; a file of other columns is not."""

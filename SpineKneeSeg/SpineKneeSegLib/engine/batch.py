@@ -546,8 +546,13 @@ def _run_one_on_worker(task: str, case: ManifestCase, output: str, options: RunO
         imports_done()  # a case refused before its imports must not leave the worker's collector off
 
 
-def write_summary(output: Path, rows: list[tuple], began: float | None = None,
-                  tables: bool = False) -> tuple[list[str], list[str]]:
+class Written(NamedTuple):
+    rows: list[tuple]  # as written: settled by what other runs wrote
+    tables: list[str]
+    problems: list[str]
+
+
+def write_summary(output: Path, rows: list[tuple], began: float | None = None, tables: bool = False) -> Written:
     """summary.tsv, a row a case. Runs over one manifest and output folder at the same time (the
     jobs of a job array) write it in turns, each merging (``began``: when its cohort began, by the
     output's file system clock): a row this run could not settle, a case another run held or
@@ -564,7 +569,7 @@ def write_summary(output: Path, rows: list[tuple], began: float | None = None,
         _LAST_WRITTEN[(str(output), began)] = _digest(text)
         # at the cohort's end only (reading every case's tables every 30 s would cost a large cohort);
         # in the summary's turn, so the run that ends last, which settled every case, writes them last
-        return write_cohort_tables(output, rows) if tables else ([], [])
+        return Written(rows, *(write_cohort_tables(output, rows) if tables else ([], [])))
 
 
 def write_cohort_tables(output: Path, rows: list[tuple]) -> tuple[list[str], list[str]]:
@@ -727,24 +732,34 @@ def _written_since(path: Path, began: float | None) -> bool:
 
 def finish_manifest(rows: list[tuple], output: Path, seconds: float, progress: Progress,
                     began: float | None = None) -> int:
+    """The summary and the cohort's tables, and the last console line. Its counts and the exit code
+    are those of summary.tsv as written (a case this run met busy may have been finished, or left
+    pending, by the run that held it); the rate counts the cases this run finished itself."""
     try:
-        tables, unread = write_summary(output, rows, began, tables=True)
+        written = write_summary(output, rows, began, tables=True)
     except OSError as exc:  # e.g. the disk that filled up: the rows go to the console instead of being lost
         progress.log(f"could not write {output / 'summary.tsv'} ({exc}); the cohort's rows:\n"
                      + "\n".join("\t".join(map(str, r)) for r in [SUMMARY_COLUMNS, *rows]), "error")
         return 2
-    ok, skipped = sum(r[1] == "ok" for r in rows), sum(r[1] == "skipped" for r in rows)
-    not_run, busy = sum(r[1] == "pending" for r in rows), sum(r[1] == "busy" for r in rows)
-    flagged = sum(r[1] in ("ok", "skipped") and bool(r[7]) for r in rows)
+    settled = written.rows
+    ok = sum(r[1] == "ok" for r in rows)  # by this run
+    skipped = sum(mine[1] == row[1] == "skipped" for mine, row in zip(rows, settled))
+    by_others = sum(mine[1] != row[1] and row[1] in ("ok", "skipped") for mine, row in zip(rows, settled))
+    not_run, busy = sum(r[1] == "pending" for r in settled), sum(r[1] == "busy" for r in settled)
+    flagged = sum(r[1] in ("ok", "skipped") and bool(r[7]) for r in settled)
     rate = 60.0 * ok / seconds if seconds > 0 and ok else 0.0
     progress.log(f"{ok}/{len(rows)} cases ok" + (f", {skipped} finished earlier" if skipped else "")
+                 + (f", {by_others} finished by the other run{'s' * (by_others > 1)} that held them"
+                    if by_others else "")
                  + (f", {not_run} not run" if not_run else "")
                  + (f", {busy} left to the other run{'s' * (busy > 1)} that held them" if busy else "")
                  + f" in {seconds:.1f} s ({rate:.1f} cases per minute); summary in {output / 'summary.tsv'}"
                  + "".join(f", {name} ({_TABLE_WHAT.get(name[len(COHORT_TABLE_PREFIX):], 'every case')})"
-                           for name in tables)
+                           for name in written.tables)
                  + (f"; {flagged} finished case{'s' * (flagged > 1)} with warnings to review (its warnings column)"
                     if flagged else ""))
-    for problem in unread:
+    for problem in written.problems:
         progress.log(f"the cohort's tables are incomplete: {problem}", "error")
-    return next((r[2] for r in rows if r[1] in ("failed", "pending")), 2 if unread else 0)
+    # another run's rows are read back as text
+    return next((int(r[2]) if str(r[2]).isdigit() else 1 for r in settled if r[1] in ("failed", "pending")),
+                2 if written.problems else 0)
