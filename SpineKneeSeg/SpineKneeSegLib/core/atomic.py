@@ -226,15 +226,48 @@ class HeldLock:
                              "written", target)
 
     def release(self) -> None:
-        self._released = True
-        _HELD.discard(self)
-        self._pause()
-        with contextlib.suppress(FileNotFoundError):
-            if self.path.read_text() == self.claim:
-                os.unlink(self.path)
+        with signals_deferred():  # a Ctrl-C during the heartbeat's join must not leave the lock behind
+            self._released = True
+            _HELD.discard(self)
+            self._pause()
+            with contextlib.suppress(FileNotFoundError):
+                if self.path.read_text() == self.claim:
+                    os.unlink(self.path)
 
 
 _HELD: weakref.WeakSet = weakref.WeakSet()  # this process's held locks, whose heartbeats pause for a fork
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Ctrl-C (SIGINT) and SIGTERM that arrive inside the block take effect at its end. Python raises
+    KeyboardInterrupt between any two bytecodes: one between making a lock file and holding it
+    would leave the lock of a gone process, which the next run counts as a death of the case (two
+    such and the case is given up). Only the main thread receives these; elsewhere it does nothing."""
+    import signal
+    import threading
+
+    watched = (signal.SIGINT, signal.SIGTERM)
+    # a handler installed outside Python (None) could not be put back
+    if threading.current_thread() is not threading.main_thread() or None in map(signal.getsignal, watched):
+        yield
+        return
+    caught: list[int] = []
+    previous = {sig: signal.signal(sig, lambda number, frame: caught.append(number))
+                for sig in watched}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for number in caught[:1]:  # as if it had come now, to the handler that was in place
+            handler = previous[number]
+            if callable(handler):
+                handler(number, None)
+            elif handler == signal.SIG_DFL and number == signal.SIGINT:
+                raise KeyboardInterrupt
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(number)
 
 
 def _pause_heartbeats() -> None:
@@ -271,10 +304,13 @@ def output_lock(target: str | os.PathLike):
     lock.parent.mkdir(parents=True, exist_ok=True)
     mine = json.dumps({"pid": os.getpid(), "pid_start": process_start(os.getpid()), **_this_machine(),
                        "started": time.strftime("%Y-%m-%d %H:%M:%S")})
-    for _ in range(5):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+    held = None
+    try:  # from the lock's making to its release: a Ctrl-C anywhere between leaves no lock behind
+        for _ in range(5):
+            with signals_deferred():  # made and held, or not made (one that came meanwhile is raised here)
+                held = _take_lock(lock, mine)
+            if held is not None:
+                break
             claim = _read_claim(lock)
             owner = _parse_claim(claim)
             if _owner_gone(owner, lock, wait=True):  # stale: its process is gone; take it over
@@ -289,21 +325,28 @@ def output_lock(target: str | os.PathLike):
             if not lock.exists():  # its run finished while we watched it
                 continue
             raise HeldByAnotherRun(describe_owner(owner), target) from None
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(mine)
-        except BaseException:  # e.g. a full disk: no empty lock left behind for the next run to puzzle over
-            with contextlib.suppress(OSError):
-                os.unlink(lock)
-            raise
-        break
-    else:
-        raise OutputBusy(f"could not take the output folder's lock {lock.name}", target)
-    held = HeldLock(lock, mine)
-    try:
+        else:
+            raise OutputBusy(f"could not take the output folder's lock {lock.name}", target)
         yield held
     finally:
-        held.release()
+        if held is not None:
+            held.release()
+
+
+def _take_lock(lock: Path, claim: str) -> HeldLock | None:
+    """The lock made with our claim and held; None where it exists already."""
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return None
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(claim)
+        return HeldLock(lock, claim)
+    except BaseException:  # e.g. a full disk: no empty lock left behind for the next run to puzzle over
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        raise
 
 
 def describe_owner(owner: dict) -> str:
