@@ -28,6 +28,7 @@ from SpineKneeSegLib.core.errors import AlreadyFinished, HeldByAnotherRun, Input
 from SpineKneeSegLib.core.image_io import image_suffix, is_dicom_file
 from SpineKneeSegLib.core.progress import Progress
 from SpineKneeSegLib.engine.cards import TaskCard
+from SpineKneeSegLib.engine.review import REVIEW_PAGE, write_review_page
 from SpineKneeSegLib.engine.pipeline import RunOptions, finished_result, run_case, storage_problem, warnings_text
 
 SUMMARY_COLUMNS = ("id", "status", "exit_code", "message", "output", "total_s", "network_s", "warnings")
@@ -41,7 +42,7 @@ COHORT_TABLE_PREFIX = "cohort_"
 FINDINGS = "findings.tsv"  # OUT/cohort_findings.tsv, each case's report summaries: no case writes a table so named
 _TABLE_WHAT = {"volumes.tsv": "every case's volumes", "lesions.tsv": "every case's lesions",
                "areas.tsv": "every case's areas", "femoral_heads.tsv": "every case's femoral heads",
-               FINDINGS: "each case's report summaries"}
+               FINDINGS: "each case's report summaries", REVIEW_PAGE: "each case's pictures, those to review first"}
 
 
 class ManifestCase(NamedTuple):
@@ -68,9 +69,10 @@ def cohort_cases(path: str | Path, output: str | Path, scan_name: str | None = N
 
 
 def cohort_file(name: str) -> bool:
-    """A name the cohort's own files take in its output folder (summary.tsv, cohort_*.tsv): never a case's."""
+    """A name the cohort's own files take in its output folder (summary.tsv, cohort_*.tsv, review.html):
+    never a case's."""
     name = name.lower()
-    return name == "summary.tsv" or (name.startswith(COHORT_TABLE_PREFIX) and name.endswith(".tsv"))
+    return name in ("summary.tsv", REVIEW_PAGE) or (name.startswith(COHORT_TABLE_PREFIX) and name.endswith(".tsv"))
 
 
 def cases_in_folder(folder: Path, output: Path | None = None, scan_name: str | None = None
@@ -569,7 +571,14 @@ def write_summary(output: Path, rows: list[tuple], began: float | None = None, t
         _LAST_WRITTEN[(str(output), began)] = _digest(text)
         # at the cohort's end only (reading every case's tables every 30 s would cost a large cohort);
         # in the summary's turn, so the run that ends last, which settled every case, writes them last
-        return Written(rows, *(write_cohort_tables(output, rows) if tables else ([], [])))
+        if not tables:
+            return Written(rows, [], [])
+        names, problems = write_cohort_tables(output, rows)
+        try:
+            names.append(write_review_page(output, rows).name)
+        except OSError as exc:
+            problems.append(f"{output / REVIEW_PAGE} could not be written ({exc})")
+        return Written(rows, names, problems)
 
 
 def write_cohort_tables(output: Path, rows: list[tuple]) -> tuple[list[str], list[str]]:
@@ -754,7 +763,7 @@ def finish_manifest(rows: list[tuple], output: Path, seconds: float, progress: P
                  + (f", {not_run} not run" if not_run else "")
                  + (f", {busy} left to the other run{'s' * (busy > 1)} that held them" if busy else "")
                  + f" in {seconds:.1f} s ({rate:.1f} cases per minute); summary in {output / 'summary.tsv'}"
-                 + "".join(f", {name} ({_TABLE_WHAT.get(name[len(COHORT_TABLE_PREFIX):], 'every case')})"
+                 + "".join(f", {name} ({_TABLE_WHAT.get(name.removeprefix(COHORT_TABLE_PREFIX), 'every case')})"
                            for name in written.tables)
                  + (f"; {flagged} finished case{'s' * (flagged > 1)} with warnings to review (its warnings column)"
                     if flagged else ""))

@@ -125,6 +125,9 @@ class TaskCard:
     # (name, label values): structures that may overlap the others (sigmoid tasks), decoded into a
     # label map of their own, written as <name>.nii.gz and as a layer of the .seg.nrrd
     label_layers: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    # overlays/: "each" a slice through each structure found (the knee's bones lie in different
+    # slices); "together" one slice through them all (the lumbar levels share the mid-sagittal ones)
+    overlay_views: str = "each"
     # ``phantom(seed=0, **kw) -> core.phantoms.Phantom``: a synthetic scan with exact labels drawn by
     # code that shares nothing with the model (the demo's fallback, the self-test, geometry tests)
     phantom: Callable | None = field(default=None, compare=False)
@@ -175,6 +178,7 @@ def with_checkpoint_labels(card: "TaskCard", metadata: dict, where=None) -> "Tas
 
 
 COMMON_OUTPUTS = ("labels.nii.gz", "segmentation.seg.nrrd", "report.json")
+OVERLAY_VIEWS = ("each", "together")  # TaskCard.overlay_views
 
 TASKS: dict[str, TaskCard] = {}
 
@@ -189,6 +193,8 @@ def register(card: TaskCard) -> TaskCard:
     if card.label_layers and (card.label_activation != "sigmoid" or len(set(layered)) != len(layered)
                               or not set(layered) < set(values)):
         raise ValueError(f"task {card.name!r}: label layers need sigmoid labels and disjoint groups of its labels")
+    if card.overlay_views not in OVERLAY_VIEWS:
+        raise ValueError(f"task {card.name!r}: overlay_views must be one of {', '.join(OVERLAY_VIEWS)}")
     check_steps(card.postprocessors, f"task {card.name!r}")
     check_hooks(card)
     TASKS[card.name] = card

@@ -719,18 +719,18 @@ def _write_outputs(card: TaskCard, image: Image, result: RunResult, folder: Path
                    mrml: bool = True) -> list[str]:
     from SpineKneeSegLib.core.image_io import write_image
 
-    written = []
-    # SimpleITK writes (and compresses) labels.nii.gz without holding the GIL: beside the MRML writers
+    # SimpleITK writes (and compresses) labels.nii.gz, and Pillow encodes the overlays, mostly without
+    # holding the GIL: beside the MRML writers
     io = ThreadPoolExecutor(1)
     labels_job = io.submit(write_image, result.labels.with_array(result.labels.array.astype(np.uint8)),
                            folder / "labels.nii.gz")
+    overlays_job = io.submit(write_overlays, card, image, result, folder)
     try:
-        written += (_write_mrml_outputs(card, image, result, folder, scene) if mrml else
-                    write_overlays(card, image, result, folder))
+        written = _write_mrml_outputs(card, image, result, folder, scene, overlays=False) if mrml else []
     finally:
         io.shutdown(wait=True)
-    labels_job.result()  # its error, if any
-    return ["labels.nii.gz"] + written
+    labels_job.result()  # their errors, if any
+    return merged_outputs(["labels.nii.gz"] + overlays_job.result(), written)
 
 
 def write_overlays(card: TaskCard, image: Image, result: RunResult, folder: Path) -> list[str]:
@@ -739,7 +739,8 @@ def write_overlays(card: TaskCard, image: Image, result: RunResult, folder: Path
     from SpineKneeSegLib.engine.render import save_label_overlays
 
     # the folder (as the card names it), then its PNGs
-    return ["overlays/"] + save_label_overlays(folder, "overlays", image, result.labels, card, boxes=result.label_boxes)
+    return ["overlays/"] + save_label_overlays(folder, "overlays", image, result.labels, card, boxes=result.label_boxes,
+                                               layers=result.layers)
 
 
 def _write_mrml_outputs(card: TaskCard, image: Image, result: RunResult, folder: Path, scene: bool,

@@ -56,16 +56,37 @@ def _boundary(mask: np.ndarray) -> np.ndarray:
 
 def overlay_rgb(grey: np.ndarray, labels: np.ndarray | None, specs: tuple[LabelSpec, ...],
                 alpha: float = 0.4) -> np.ndarray:
-    rgb = np.repeat(grey[..., None], 3, axis=2).astype(np.float32)
-    if labels is not None:
-        for spec in specs:
-            mask = labels == spec.value
-            if not mask.any():
-                continue
-            colour = np.array(spec.color, dtype=np.float32) * 255
-            rgb[mask] = (1 - alpha) * rgb[mask] + alpha * colour
-            rgb[_boundary(mask)] = colour
-    return rgb.clip(0, 255).astype(np.uint8)
+    """``grey`` (or an RGB picture: a second layer drawn over the first) with each label blended in
+    and outlined in its colour. One pass through a colour table for all labels (a pass per label
+    cost 5 ms a 381 x 381 slice)."""
+    rgb = grey if grey.ndim == 3 else np.repeat(grey[..., None], 3, axis=2)
+    if labels is None or not specs:
+        return rgb.astype(np.uint8, copy=True)
+    top = max(spec.value for spec in specs)
+    table = np.zeros((top + 1, 3), np.uint16)
+    known = np.zeros(top + 1, bool)
+    for spec in specs:
+        table[spec.value], known[spec.value] = np.array(spec.color) * 255, True
+    values = np.where(labels <= top, labels, 0).astype(np.intp)
+    drawn = known[values]
+    if not drawn.any():
+        return rgb.astype(np.uint8, copy=True)
+    # in 8-bit fixed point over the whole slice (boolean indexing of a radiograph's large lungs, in
+    # floats, cost 7 ms a 512 x 512 picture)
+    weight = (drawn * np.uint16(round(alpha * 256)))[..., None]
+    colour = np.take(table, values, axis=0)  # a gather several times quicker than table[values]
+    out = (rgb.astype(np.uint16) * (256 - weight) + colour * weight) >> 8
+    edge = (drawn & ~_interior(values))[..., None]
+    return np.where(edge, colour, out).astype(np.uint8)
+
+
+def _interior(values: np.ndarray) -> np.ndarray:
+    """Pixels whose four neighbours carry their own label (the image's rim counts as interior, as before)."""
+    inner = np.ones(values.shape, bool)
+    centre = values[1:-1, 1:-1]
+    inner[1:-1, 1:-1] = ((centre == values[:-2, 1:-1]) & (centre == values[2:, 1:-1])
+                         & (centre == values[1:-1, :-2]) & (centre == values[1:-1, 2:]))
+    return inner
 
 
 def best_slice(labels_lps: np.ndarray, plane: str) -> int | None:
@@ -97,8 +118,11 @@ def _save_lps_overlay(path, arr: np.ndarray, lab: np.ndarray | None, image: Imag
 
 
 def _save_slice(path, grey: np.ndarray, lab_sl: np.ndarray | None, specs, spacing_rc: tuple[float, float],
-                title: str, min_size: int) -> Path:
-    img = PILImage.fromarray(overlay_rgb(_grey(grey), lab_sl, specs))
+                title: str, min_size: int, layer_slices: tuple[np.ndarray, ...] = ()) -> Path:
+    rgb = overlay_rgb(_grey(grey), lab_sl, specs)
+    for layer_sl in layer_slices:  # overlapping structures (the chest's clavicles) drawn over the rest
+        rgb = overlay_rgb(rgb, layer_sl, specs)
+    img = PILImage.fromarray(rgb)
     row_mm, col_mm = spacing_rc
     width, height = img.width * col_mm / min(row_mm, col_mm), img.height * row_mm / min(row_mm, col_mm)
     scale = max(1.0, min_size / max(width, height))
@@ -112,17 +136,22 @@ def _save_slice(path, grey: np.ndarray, lab_sl: np.ndarray | None, specs, spacin
 
 
 def save_label_overlays(folder: str | Path, subdir: str, image: Image, labels: Image, card,
-                        min_size: int = 320, boxes: dict | None = None) -> list[str]:
+                        min_size: int = 320, boxes: dict | None = None, layers: dict[str, Image] | None = None
+                        ) -> list[str]:
     """A report's overlay PNGs (a task opts in with the output name "overlays/"): one slice in the
     task's plane through the centroid of every label present (for knee-bones the femur, tibia,
-    fibula and patella slices; the femur/tibia slice is the mid-knee one), or the middle slice
-    when nothing was found. Returns the paths relative to ``folder`` (written inside it, i.e.
-    inside the run's staging folder).
+    fibula and patella slices; the femur/tibia slice is the mid-knee one), or with the card's
+    ``overlay_views`` "together" one, ``<plane>-labels.png``, through the centroid of them all (the
+    lumbar levels), or the middle slice when nothing was found; a 2D image (a radiograph) is one
+    picture, ``image.png``, with every label. Returns the paths relative to ``folder`` (written inside it, i.e. inside the run's
+    staging folder).
 
     Slices are cut from the canonical views of preprocessing (a transpose and flips: no copy of
     the volume), whose in-plane orientation is the display convention above: sagittal anterior
     left and superior up, coronal patient right left and superior up, axial anterior up.
-    ``boxes``: {label value: a box holding all its voxels} when the caller knows them."""
+    ``boxes``: {label value: a box holding all its voxels} when the caller knows them. ``layers``:
+    the label maps of ``card.label_layers`` (overlapping structures, the chest's clavicles) by
+    name, drawn over each picture; a 3D task's pictures include a slice through each of theirs."""
     from scipy import ndimage
 
     from SpineKneeSegLib.engine.preprocessing import (
@@ -137,27 +166,46 @@ def save_label_overlays(folder: str | Path, subdir: str, image: Image, labels: I
     spacing_rc = (spacing_by_axis[orientation.axes[1]], spacing_by_axis[orientation.axes[2]])
     out_dir = Path(folder) / subdir
     out_dir.mkdir(parents=True, exist_ok=True)
+    top = max(s.value for s in card.labels)
     if boxes is None:
-        found = ndimage.find_objects(labels.array, max_label=max(s.value for s in card.labels))
+        found = ndimage.find_objects(labels.array, max_label=top)
         boxes = {value: box for value, box in enumerate(found, start=1) if box is not None}
+    boxes, holders = dict(boxes), {value: labels.array for value in boxes}  # the caller's boxes stay as they are
+    for name, values in card.label_layers if layers else ():
+        found = ndimage.find_objects(layers[name].array, max_label=top)
+        boxes.update({value: found[value - 1] for value in values if value <= len(found) and found[value - 1]})
+        holders.update({value: layers[name].array for value in values})
+    layer_arrays = tuple(orientation.apply(layers[name].array) for name, _ in card.label_layers if layers)
     views = []
-    for spec in card.labels:
-        box = boxes.get(spec.value)
-        if box is None:
-            continue
-        a = orientation.axes[0]
-        # the centroid along the slicing axis only: voxels per slice in the label's box (argwhere's
-        # coordinate arrays of a whole femur cost 0.1 s on the knee DESS)
-        per_slice = np.count_nonzero(labels.array[box] == spec.value, axis=tuple(x for x in range(3) if x != a))
+    a = orientation.axes[0]
+
+    def centre_slice(box, mask) -> int:
+        # the centroid along the slicing axis only: voxels per slice in the box (argwhere's coordinate
+        # arrays of a whole femur cost 0.1 s on the knee DESS)
+        per_slice = np.count_nonzero(mask, axis=tuple(x for x in range(3) if x != a))
         index = int(round(box[a].start + float(per_slice @ np.arange(len(per_slice))) / per_slice.sum()))
-        index = labels.array.shape[a] - 1 - index if orientation.flips[0] else index
+        return labels.array.shape[a] - 1 - index if orientation.flips[0] else index
+
+    present = [spec for spec in card.labels if spec.value in boxes]
+    if plane == "image":  # every label lies on the one slice: one picture, not one copy a label
+        views.append(("image.png", 0, f"{card.name}: " + (", ".join(s.name for s in present) or "no labels found")))
+    elif card.overlay_views == "together" and present:
+        box = tuple(slice(min(boxes[s.value][d].start for s in present), max(boxes[s.value][d].stop for s in present))
+                    for d in range(3))
+        index = centre_slice(box, labels.array[box] > 0)
+        views.append((f"{plane}-labels.png", index,
+                      f"{card.name}: {plane} slice {index}, " + ",".join(s.name for s in present)))
+    for spec in present if plane != "image" and card.overlay_views != "together" else ():
+        box = boxes[spec.value]
+        index = centre_slice(box, holders[spec.value][box] == spec.value)
         views.append((f"{plane}-{spec.segment_id}.png", index,
                       f"{card.name}: {plane} slice {index} through the {spec.name}"))
     if not views:
         views.append((f"{plane}-middle.png", arr.shape[0] // 2, f"{card.name}: {plane} middle slice (no labels)"))
     written = []
     for name, index, title in views:
-        _save_slice(out_dir / name, arr[index], lab[index], card.labels, spacing_rc, title, min_size)
+        _save_slice(out_dir / name, arr[index], lab[index], card.labels, spacing_rc, title, min_size,
+                    tuple(layer[index] for layer in layer_arrays))
         written.append(f"{subdir}/{name}")
     return written
 

@@ -21,7 +21,7 @@ cards.register(cards.TaskCard(
     label_activation="sigmoid",  # seed 002: one sigmoid lesion channel
     postprocessors=("lesion_decoding", "lesion_table"),
     warn_missing_labels=False,
-    outputs=cards.COMMON_OUTPUTS + ("lesions.tsv",),
+    outputs=cards.COMMON_OUTPUTS + ("lesions.tsv", "overlays/"),
     issue=5,
     phantom=brain_phantom,
 ))

@@ -33,7 +33,8 @@ cards.register(cards.TaskCard(
     # level_refinement redraws their outline; volume_table: each body's volume (a cohort stacks them)
     postprocessors=("transitional", "level_decoding", "level_refinement", "largest_component_per_label", "foramina",
                     "volume_table"),
-    outputs=cards.COMMON_OUTPUTS + ("foramina.mrk.json", "volumes.tsv"),
+    outputs=cards.COMMON_OUTPUTS + ("foramina.mrk.json", "volumes.tsv", "overlays/"),
+    overlay_views="together",  # one mid-sagittal picture of the five levels, not five near copies
     issue=3,
     phantom=spine_phantom,
 ))

@@ -52,7 +52,7 @@ cards.register(cards.TaskCard(
     # both femurs of a pelvis view are kept, blobs too small to be a femur are not (femur_presence);
     # femoral heads: circle fitted to each femur's boundary
     postprocessors=("remove_small_components", "femur_presence", "area_table", "femoral_heads"),
-    outputs=cards.COMMON_OUTPUTS + ("areas.tsv", "femoral_heads.tsv", "femoral_heads.mrk.json"),
+    outputs=cards.COMMON_OUTPUTS + ("areas.tsv", "femoral_heads.tsv", "femoral_heads.mrk.json", "overlays/"),
     issue=8,
     phantom=xray_femur_phantom,
 ))
@@ -71,7 +71,7 @@ cards.register(cards.TaskCard(
     weights_entry="xray-multiclass",
     labels=XRAY_PELVIS_LABELS,
     postprocessors=("remove_small_components", "area_table"),
-    outputs=cards.COMMON_OUTPUTS + ("areas.tsv",),
+    outputs=cards.COMMON_OUTPUTS + ("areas.tsv", "overlays/"),
     issue=8,
     phantom=xray_pelvis_phantom,
 ))
@@ -93,7 +93,7 @@ cards.register(cards.TaskCard(
     label_activation="sigmoid",
     label_layers=(("clavicles", (4, 5)),),
     postprocessors=("label_layers", "remove_small_components", "area_table"),
-    outputs=cards.COMMON_OUTPUTS + ("clavicles.nii.gz", "areas.tsv"),
+    outputs=cards.COMMON_OUTPUTS + ("clavicles.nii.gz", "areas.tsv", "overlays/"),
     issue=24,
     phantom=xray_chest_phantom,
 ))

@@ -1,0 +1,139 @@
+"""Every task's overlay pictures, and a cohort's review page (OUT/review.html): all cases on one page,
+those that need a look first (failed, not run, finished with warnings), each with its pictures, so a
+reader checks a large cohort by scrolling instead of opening each folder."""
+from __future__ import annotations
+
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote
+
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+from SpineKneeSegLib import cli
+from SpineKneeSegLib.core.image_io import write_image
+from SpineKneeSegLib.engine import batch, review
+from SpineKneeSegLib.engine.render import save_label_overlays
+from SpineKneeSegLib.engine.weights import initialise_weights
+from SpineKneeSegLib.tasks import TASKS, make_phantom
+
+
+class _Page(HTMLParser):
+    """The page's table rows: each a list of its cells' text, and the links and pictures in it."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows, self.cell = [], None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "tr":
+            self.rows.append({"cells": [], "links": [], "pictures": [], "classes": []})
+        elif tag == "td" and self.rows:
+            self.rows[-1]["cells"].append("")
+            self.rows[-1]["classes"].append(attrs.get("class", ""))
+        elif tag == "a" and self.rows:
+            self.rows[-1]["links"].append(unquote(attrs["href"]))
+        elif tag == "img" and self.rows:
+            self.rows[-1]["pictures"].append(unquote(attrs["src"]))
+            assert attrs.get("loading") == "lazy"  # a page of a thousand cases loads what is scrolled to
+
+    def handle_data(self, data):
+        if self.rows and self.rows[-1]["cells"]:
+            self.rows[-1]["cells"][-1] += data
+
+
+def _page(path: Path) -> list[dict]:
+    parser = _Page()
+    parser.feed(path.read_text(encoding="utf-8"))
+    return [row for row in parser.rows if row["cells"]]  # the header row has no td
+
+
+@pytest.fixture
+def cohort(tmp_path):
+    """Tiny knee weights (their results fail the knee's plausibility checks: flagged), a phantom,
+    and a manifest: a, a broken case, an ID that needs escaping, b."""
+    initialise_weights("knee-bones", tmp_path / "knee.pt", {"channels": (4, 8)}, seed=1)
+    write_image(make_phantom("knee-bones", seed=1).image, tmp_path / "knee.nii.gz")
+    (tmp_path / "cases.csv").write_text("id,input\na,knee.nii.gz\nbroken,absent.nii.gz\n"
+                                        "x <&'> y,knee.nii.gz\nb,knee.nii.gz\n")
+    return ["run", "--task", "knee-bones", "--manifest", str(tmp_path / "cases.csv"), "-o", str(tmp_path / "out"),
+            "--weights", str(tmp_path / "knee.pt")]
+
+
+def test_the_review_page_shows_every_case_those_to_look_at_first(cohort, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(cohort) == 2  # the broken case
+    assert "review.html (each case's pictures, those to review first)" in capsys.readouterr().err
+    rows = _page(out / "review.html")
+    summary = batch.summary_rows((out / "summary.tsv").read_text())
+    assert sorted(row["cells"][0] for row in rows) == sorted(summary)  # the same cases as summary.tsv
+    assert rows[0]["cells"][:2] == ["broken", "failed"] and "absent.nii.gz" in rows[0]["cells"][2]
+    assert rows[0]["pictures"] == [] and rows[0]["links"] == []
+    assert [row["cells"][0] for row in rows[1:]] == ["a", "x <&'> y", "b"]  # manifest order within a standing
+    for row in rows[1:]:
+        case = row["cells"][0]
+        assert row["classes"][1] == "flagged" and "knee plausibility check failed" in row["cells"][2]
+        assert row["cells"][2] == summary[case][7]  # its warnings column
+        pictures = sorted(f"{case}/overlays/{p.name}" for p in (out / case / "overlays").glob("*.png"))
+        assert sorted(row["pictures"]) == pictures and len(pictures) >= 1
+        assert row["links"] == [f"{case}/report.json"] + row["pictures"]  # the ID, then each picture
+        assert all((out / link).is_file() for link in row["links"])  # relative: the page moves with the folder
+
+    assert cli.main(cohort) == 2  # a re-run: the finished cases are skipped, and still on the page
+    again = _page(out / "review.html")
+    assert [row["cells"][:2] for row in again[1:]] == [[c, "skipped"] for c in ("a", "x <&'> y", "b")]
+    assert [row["pictures"] for row in again[1:]] == [row["pictures"] for row in rows[1:]]
+
+
+def test_the_review_page_orders_by_what_a_reader_must_decide(tmp_path):
+    rows = [batch.summary_row("ok1", "ok", 0, "", str(tmp_path / "ok1")),
+            batch.summary_row("busy1", "busy", 0, "another run holds it"),
+            batch.summary_row("flag1", "ok", 0, "", str(tmp_path / "flag1"), warnings="level count doubtful"),
+            batch.summary_row("pend1", "pending", 2, "not run: stopped"),
+            batch.summary_row("fail1", "failed", 2, "x.nii.gz: empty")]
+    review.write_review_page(tmp_path, rows)
+    page = _page(tmp_path / review.REVIEW_PAGE)
+    assert [row["cells"][0] for row in page] == ["fail1", "pend1", "flag1", "busy1", "ok1"]
+    text = (tmp_path / review.REVIEW_PAGE).read_text()
+    assert re.search(r"1 failed.*1 pending.*1 flagged.*1 busy.*1 ok", text)
+    assert batch.cohort_file("Review.html") and batch.cohort_file("summary.tsv")
+
+
+def test_a_review_page_that_cannot_be_written_is_named_and_exits_2(cohort, tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "review.html").mkdir(parents=True)  # a folder in the page's place
+    assert cli.main(cohort) == 2
+    err = capsys.readouterr().err
+    assert "the cohort's tables are incomplete" in err and "review.html could not be written" in err
+    assert (out / "summary.tsv").is_file()
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_every_task_draws_its_overlays(tmp_path, task):
+    """Each task's result as pictures: a slice through each structure found (3D), the whole image
+    with every structure (2D; overlapping structures in a second layer, the chest's clavicles,
+    drawn over the rest)."""
+    card = TASKS[task]
+    phantom = make_phantom(task, seed=2)
+    layers = phantom.extra.get("layers") or None  # the chest's clavicles
+    written = save_label_overlays(tmp_path, "overlays", phantom.image, phantom.labels, card, layers=layers)
+    maps = [phantom.labels.array, *(layer.array for layer in (layers or {}).values())]
+    present = [spec for spec in card.labels if any((m == spec.value).any() for m in maps)]
+    assert len(present) == len(card.labels)
+    if phantom.image.is_2d:
+        assert written == ["overlays/image.png"]
+        picture = np.asarray(PILImage.open(tmp_path / written[0]).convert("RGB"))
+        for spec in present:  # each structure's outline is drawn in its own colour
+            colour = np.array(spec.color, dtype=np.float32) * 255
+            assert (np.abs(picture.astype(np.float32) - colour) <= 1).all(axis=2).any(), spec.name
+    elif card.overlay_views == "together":  # the lumbar levels: one picture through their middle
+        assert [name.split("-", 1)[1] for name in written] == ["labels.png"]
+        picture = np.asarray(PILImage.open(tmp_path / written[0]).convert("RGB"))
+        for spec in present:  # the phantom's bodies lie side by side: every level shows
+            colour = np.array(spec.color, dtype=np.float32) * 255
+            assert (np.abs(picture.astype(np.float32) - colour) <= 1).all(axis=2).any(), spec.name
+    else:  # "<plane>-<segment>.png"
+        assert [name.split("-", 1)[1] for name in written] == [f"{spec.segment_id}.png" for spec in present]
+    assert all((tmp_path / name).is_file() for name in written)
