@@ -3,6 +3,7 @@ those that need a look first (failed, not run, finished with warnings), each wit
 reader checks a large cohort by scrolling instead of opening each folder."""
 from __future__ import annotations
 
+import json
 import re
 from html.parser import HTMLParser
 from pathlib import Path
@@ -69,13 +70,16 @@ def test_the_review_page_shows_every_case_those_to_look_at_first(cohort, tmp_pat
     rows = _page(out / "review.html")
     summary = batch.summary_rows((out / "summary.tsv").read_text())
     assert sorted(row["cells"][0] for row in rows) == sorted(summary)  # the same cases as summary.tsv
-    assert rows[0]["cells"][:2] == ["broken", "failed"] and "absent.nii.gz" in rows[0]["cells"][2]
+    assert rows[0]["cells"][:3] == ["broken", "failed", ""] and "absent.nii.gz" in rows[0]["cells"][3]
     assert rows[0]["pictures"] == [] and rows[0]["links"] == []
     assert [row["cells"][0] for row in rows[1:]] == ["a", "x <&'> y", "b"]  # manifest order within a standing
     for row in rows[1:]:
         case = row["cells"][0]
-        assert row["classes"][1] == "flagged" and "knee plausibility check failed" in row["cells"][2]
-        assert row["cells"][2] == summary[case][7]  # its warnings column
+        assert row["classes"][1] == "flagged" and "knee plausibility check failed" in row["cells"][3]
+        assert row["cells"][3] == summary[case][7]  # its warnings column
+        report = json.loads((out / case / "report.json").read_text())["summaries"]["knee_plausibility"]
+        assert f"plausible: {report['passed']}" in row["cells"][2]  # the card's headline findings
+        assert f"femur mL: {report['volumes_ml']['femur']}" in row["cells"][2]
         pictures = sorted(f"{case}/overlays/{p.name}" for p in (out / case / "overlays").glob("*.png"))
         assert sorted(row["pictures"]) == pictures and len(pictures) >= 1
         assert row["links"] == [f"{case}/report.json"] + row["pictures"]  # the ID, then each picture
@@ -99,6 +103,25 @@ def test_the_review_page_orders_by_what_a_reader_must_decide(tmp_path):
     text = (tmp_path / review.REVIEW_PAGE).read_text()
     assert re.search(r"1 failed.*1 pending.*1 flagged.*1 busy.*1 ok", text)
     assert batch.cohort_file("Review.html") and batch.cohort_file("summary.tsv")
+
+
+def test_findings_come_from_the_report_by_the_task_cards_headline(tmp_path):
+    """What the page shows beside a case: the card's headline values, read from the case's report,
+    and the structures the task looks for that were not found (not for lesions: none is a finding)."""
+    def report(task, summaries):
+        (tmp_path / task).mkdir(exist_ok=True)
+        (tmp_path / task / "report.json").write_text(json.dumps({"task": task, "summaries": summaries}))
+        return review.findings(tmp_path / task)
+
+    assert report("lumbar-foramina", {"level_confidence": 0.42, "level_decoding": {"doubtful": True},
+                                      "segments_present": ["L2", "L3", "L4", "L5"]}) == [
+        "level confidence: 0.42", "doubtful: True", "not found: L1"]
+    assert report("brain-wmh", {"lesions": {"lesion_count": 0, "total_lesion_load_ml": 0.0},
+                                "segments_present": []}) == ["lesions: 0", "lesion load mL: 0.0"]
+    assert report("xray-chest", {"segments_present": ["right lung", "left lung", "heart", "right clavicle"]}) == [
+        "not found: left clavicle"]
+    (tmp_path / "xray-chest" / "report.json").write_text("{not json")
+    assert review.findings(tmp_path / "xray-chest") == [] and review.findings(tmp_path / "absent") == []
 
 
 def test_a_review_page_that_cannot_be_written_is_named_and_exits_2(cohort, tmp_path, capsys):

@@ -128,6 +128,9 @@ class TaskCard:
     # overlays/: "each" a slice through each structure found (the knee's bones lie in different
     # slices); "together" one slice through them all (the lumbar levels share the mid-sagittal ones)
     overlay_views: str = "each"
+    # (what, dotted path into report.json's summaries): the findings a cohort's review page shows
+    # beside each case's pictures (lesion load, level confidence, bone volumes)
+    headline: tuple[tuple[str, str], ...] = ()
     # ``phantom(seed=0, **kw) -> core.phantoms.Phantom``: a synthetic scan with exact labels drawn by
     # code that shares nothing with the model (the demo's fallback, the self-test, geometry tests)
     phantom: Callable | None = field(default=None, compare=False)

@@ -1,10 +1,12 @@
 """A cohort's review page (OUT/review.html): every case of summary.tsv on one page, the cases to look
-at first (failed, not run, finished with warnings), each with its overlay pictures, so that a reader
-checks hundreds of results by scrolling instead of opening each folder. Static HTML with paths
-relative to the output folder: it moves with the folder and opens from a file share."""
+at first (failed, not run, finished with warnings), each with its headline findings and its overlay
+pictures, so that a reader checks hundreds of results by scrolling instead of opening each folder.
+Static HTML with paths relative to the output folder: it moves with the folder and opens from a
+file share."""
 from __future__ import annotations
 
 import html
+import json
 import os
 from pathlib import Path
 from urllib.parse import quote
@@ -21,7 +23,7 @@ _STYLE = """body{font-family:sans-serif;margin:1em;background:#111;color:#ddd}
 table{border-collapse:collapse}td,th{border-bottom:1px solid #444;padding:4px 8px;vertical-align:top;text-align:left}
 a{color:#8cf}img{height:%dpx;margin:0 4px 4px 0;background:#000}
 .failed,.pending{color:#f77}.flagged{color:#fc6}.ok,.skipped{color:#8d8}.busy{color:#aaa}
-.note{max-width:40em}""" % THUMBNAIL_PX
+.note{max-width:40em}.findings{white-space:nowrap}""" % THUMBNAIL_PX
 
 
 def _href(output: Path, path: Path) -> str:
@@ -31,6 +33,32 @@ def _href(output: Path, path: Path) -> str:
 def _standing(row: tuple) -> str:
     """The row's status, "flagged" for a finished case with warnings."""
     return "flagged" if row[1] in ("ok", "skipped") and row[7] else row[1]
+
+
+def findings(folder: Path) -> list[str]:
+    """The case's headline findings, "what: value", from its report (the task card's ``headline``),
+    and the structures its task looks for that it did not find; nothing where no report is read."""
+    from SpineKneeSegLib.engine.cards import load_tasks
+
+    try:
+        report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
+        card, summaries = load_tasks().get(report.get("task")), report["summaries"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []  # the cohort's tables name a report they cannot read
+    if card is None or not isinstance(summaries, dict):
+        return []
+    lines = []
+    for what, path in card.headline:
+        value = summaries
+        for key in path.split("."):
+            value = value.get(key) if isinstance(value, dict) else None
+        if value is not None and not isinstance(value, (dict, list)):
+            lines.append(f"{what}: {value}")
+    present = summaries.get("segments_present")
+    if card.warn_missing_labels and isinstance(present, list):
+        missing = [spec.name for spec in card.labels if spec.name not in present]
+        lines += [f"not found: {', '.join(missing)}"] if missing else []
+    return lines
 
 
 def review_page(output: Path, rows: list[tuple]) -> str:
@@ -44,7 +72,8 @@ def review_page(output: Path, rows: list[tuple]) -> str:
                  counts.items(), key=lambda item: _ATTENTION.get(item[0], 9))) + ". Failed, not run and flagged cases "
              "come first; each picture links to its full size, each ID to the case's report. The same rows as "
              "summary.tsv.</p>",
-             "<table><tr><th>case</th><th>status</th><th>warnings or message</th><th>overlays</th></tr>"]
+             "<table><tr><th>case</th><th>status</th><th>findings</th><th>warnings or message</th>"
+             "<th>overlays</th></tr>"]
     for row in sorted(rows, key=lambda r: _ATTENTION.get(_standing(r), 9)):  # stable: manifest order within each
         case_id, status, standing = row[0], row[1], _standing(row)
         folder = output / case_id
@@ -55,8 +84,10 @@ def review_page(output: Path, rows: list[tuple]) -> str:
         pictures = sorted((folder / "overlays").glob("*.png")) if status in ("ok", "skipped") else []
         images = "".join(f"<a href='{_href(output, p)}'><img loading='lazy' src='{_href(output, p)}' "
                          f"alt='{html.escape(p.stem)}' title='{html.escape(p.stem)}'></a>" for p in pictures)
+        found = "<br>".join(map(html.escape, findings(folder))) if status in ("ok", "skipped") else ""
         lines.append(f"<tr><td>{name}</td><td class='{standing}'>{html.escape(status)}</td>"
-                     f"<td class='note'>{html.escape(str(text))}</td><td>{images}</td></tr>")
+                     f"<td class='findings'>{found}</td><td class='note'>{html.escape(str(text))}</td>"
+                     f"<td>{images}</td></tr>")
     lines += ["</table></body></html>", ""]
     return "\n".join(lines)
 

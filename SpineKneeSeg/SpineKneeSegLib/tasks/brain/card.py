@@ -22,6 +22,7 @@ cards.register(cards.TaskCard(
     postprocessors=("lesion_decoding", "lesion_table"),
     warn_missing_labels=False,
     outputs=cards.COMMON_OUTPUTS + ("lesions.tsv", "overlays/"),
+    headline=(("lesions", "lesions.lesion_count"), ("lesion load mL", "lesions.total_lesion_load_ml")),
     issue=5,
     phantom=brain_phantom,
 ))

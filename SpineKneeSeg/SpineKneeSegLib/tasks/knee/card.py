@@ -30,6 +30,9 @@ cards.register(cards.TaskCard(
     # component count and raw-vs-final Dice are honest whatever its place in this list
     postprocessors=("fibula_model", "largest_component_per_label", "knee_plausibility", "volume_table"),
     outputs=cards.COMMON_OUTPUTS + ("volumes.tsv", "overlays/"),
+    headline=(("plausible", "knee_plausibility.passed"), ("side", "knee_plausibility.knee_side"),
+              *((f"{bone} mL", f"knee_plausibility.volumes_ml.{bone}") for bone in ("femur", "tibia", "fibula",
+                                                                                  "patella"))),
     issue=6,
     # seed 000's merged "any bone" channel (Training/knee_bones.py --variant merged), split into bones
     label_variants=("multiclass", "merged"),

@@ -35,6 +35,8 @@ cards.register(cards.TaskCard(
                     "volume_table"),
     outputs=cards.COMMON_OUTPUTS + ("foramina.mrk.json", "volumes.tsv", "overlays/"),
     overlay_views="together",  # one mid-sagittal picture of the five levels, not five near copies
+    headline=(("level confidence", "level_confidence"), ("doubtful", "level_decoding.doubtful"),
+              ("anatomy", "transitional_anatomy.status"), ("foramina", "foramina.found")),
     issue=3,
     phantom=spine_phantom,
 ))

@@ -53,6 +53,7 @@ cards.register(cards.TaskCard(
     # femoral heads: circle fitted to each femur's boundary
     postprocessors=("remove_small_components", "femur_presence", "area_table", "femoral_heads"),
     outputs=cards.COMMON_OUTPUTS + ("areas.tsv", "femoral_heads.tsv", "femoral_heads.mrk.json", "overlays/"),
+    headline=(("femur found", "femur_presence.femur_found"),),
     issue=8,
     phantom=xray_femur_phantom,
 ))
