@@ -108,9 +108,11 @@ def test_the_review_page_orders_by_what_a_reader_must_decide(tmp_path):
 def test_findings_come_from_the_report_by_the_task_cards_headline(tmp_path):
     """What the page shows beside a case: the card's headline values, read from the case's report,
     and the structures the task looks for that were not found (not for lesions: none is a finding)."""
-    def report(task, summaries):
+    def report(task, summaries, labels=None):
         (tmp_path / task).mkdir(exist_ok=True)
-        (tmp_path / task / "report.json").write_text(json.dumps({"task": task, "summaries": summaries}))
+        labels = labels or {str(spec.value): spec.name for spec in TASKS[task].labels}
+        (tmp_path / task / "report.json").write_text(json.dumps({"task": task, "summaries": summaries,
+                                                                 "labels": labels}))
         return review.findings(tmp_path / task)
 
     assert report("lumbar-foramina", {"level_confidence": 0.42, "level_decoding": {"doubtful": True},
@@ -120,6 +122,9 @@ def test_findings_come_from_the_report_by_the_task_cards_headline(tmp_path):
                                 "segments_present": []}) == ["lesions: 0", "lesion load mL: 0.0"]
     assert report("xray-chest", {"segments_present": ["right lung", "left lung", "heart", "right clavicle"]}) == [
         "not found: left clavicle"]
+    # a checkpoint trained on other classes: its own names are looked for, not the card's
+    assert report("xray-multiclass", {"segments_present": ["femur", "patella"]},
+                  {"1": "femur", "2": "patella", "3": "tibia"}) == ["not found: tibia"]
     (tmp_path / "xray-chest" / "report.json").write_text("{not json")
     assert review.findings(tmp_path / "xray-chest") == [] and review.findings(tmp_path / "absent") == []
 

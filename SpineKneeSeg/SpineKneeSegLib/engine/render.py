@@ -143,8 +143,8 @@ def save_label_overlays(folder: str | Path, subdir: str, image: Image, labels: I
     fibula and patella slices; the femur/tibia slice is the mid-knee one), or with the card's
     ``overlay_views`` "together" one, ``<plane>-labels.png``, through the centroid of them all (the
     lumbar levels), or the middle slice when nothing was found; a 2D image (a radiograph) is one
-    picture, ``image.png``, with every label. Returns the paths relative to ``folder`` (written inside it, i.e. inside the run's
-    staging folder).
+    picture, ``image.png``, with every label. Returns the paths relative to ``folder`` (written
+    inside it, i.e. inside the run's staging folder).
 
     Slices are cut from the canonical views of preprocessing (a transpose and flips: no copy of
     the volume), whose in-plane orientation is the display convention above: sagittal anterior

@@ -54,10 +54,11 @@ def findings(folder: Path) -> list[str]:
             value = value.get(key) if isinstance(value, dict) else None
         if value is not None and not isinstance(value, (dict, list)):
             lines.append(f"{what}: {value}")
-    present = summaries.get("segments_present")
-    if card.warn_missing_labels and isinstance(present, list):
-        missing = [spec.name for spec in card.labels if spec.name not in present]
-        lines += [f"not found: {', '.join(missing)}"] if missing else []
+    # the labels the run looked for: its report's (a checkpoint may carry label names of its own)
+    present, looked_for = summaries.get("segments_present"), report.get("labels")
+    if card.warn_missing_labels and isinstance(present, list) and isinstance(looked_for, dict):
+        missing = [name for name in looked_for.values() if name not in present]
+        lines += [f"not found: {', '.join(map(str, missing))}"] if missing else []
     return lines
 
 
