@@ -165,3 +165,31 @@ def test_every_task_draws_its_overlays(tmp_path, task):
     else:  # "<plane>-<segment>.png"
         assert [name.split("-", 1)[1] for name in written] == [f"{spec.segment_id}.png" for spec in present]
     assert all((tmp_path / name).is_file() for name in written)
+
+
+def test_a_radiographs_picture_shows_its_markups_and_fitted_circles(tmp_path):
+    """The femoral heads' centres (a cross) and fitted circles (their diameter) on the radiograph's
+    picture, where a reader checks the measurement at a glance: cyan pixels on the circle's ring,
+    none well inside or outside it."""
+    from SpineKneeSegLib.engine.render import MARK_COLOUR
+
+    card = TASKS["xray-femur"]
+    phantom = make_phantom("xray-femur", seed=3)
+    image = phantom.image
+    centre_ij, diameter_mm = (200.0, 260.0), 40.0
+    x, y, z = image.ijk_to_lps_points([[*centre_ij, 0]])[0]
+    point = {"label": "femoral head right", "ras": [-x, -y, z], "description": "",
+             "attributes": {"side": "right", "diameter_mm": f"{diameter_mm:.2f}"}}
+    written = save_label_overlays(tmp_path, "overlays", image, phantom.labels, card, points=[point])
+    picture = np.asarray(PILImage.open(tmp_path / written[0]).convert("RGB"))
+    across = picture.shape[1] / image.array.shape[2]  # output pixels per image pixel (no title band offset)
+    rows, cols = np.nonzero((picture == MARK_COLOUR).all(axis=2))
+    assert rows.size
+    distance_mm = np.hypot((cols + 0.5) / across - (centre_ij[0] + 0.5), (rows + 0.5) / across - (centre_ij[1] + 0.5)) \
+        * image.spacing[0]
+    ring = np.abs(distance_mm - diameter_mm / 2) <= 2 * image.spacing[0]
+    cross = distance_mm <= 7 / across * image.spacing[0]
+    assert ring.sum() > 50 and (ring | cross).all()
+    no_circle = save_label_overlays(tmp_path / "plain", "overlays", image, phantom.labels, card)
+    assert not (np.asarray(PILImage.open(tmp_path / "plain" / no_circle[0]).convert("RGB")) == MARK_COLOUR).all(
+        axis=2).any()

@@ -740,7 +740,7 @@ def write_overlays(card: TaskCard, image: Image, result: RunResult, folder: Path
 
     # the folder (as the card names it), then its PNGs
     return ["overlays/"] + save_label_overlays(folder, "overlays", image, result.labels, card, boxes=result.label_boxes,
-                                               layers=result.layers)
+                                               layers=result.layers, points=result.points)
 
 
 def _write_mrml_outputs(card: TaskCard, image: Image, result: RunResult, folder: Path, scene: bool,

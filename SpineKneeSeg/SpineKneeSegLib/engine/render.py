@@ -117,8 +117,14 @@ def _save_lps_overlay(path, arr: np.ndarray, lab: np.ndarray | None, image: Imag
     return _save_slice(path, grey, lab_sl, specs, display_spacing(image, plane), title, min_size)
 
 
+MARK_COLOUR = (0, 255, 255)  # cyan: apart from every label colour (the femur's is a pale yellow)
+
+
 def _save_slice(path, grey: np.ndarray, lab_sl: np.ndarray | None, specs, spacing_rc: tuple[float, float],
-                title: str, min_size: int, layer_slices: tuple[np.ndarray, ...] = ()) -> Path:
+                title: str, min_size: int, layer_slices: tuple[np.ndarray, ...] = (),
+                marks: tuple[tuple[float, float, float], ...] = ()) -> Path:
+    """``marks``: (row, column, radius in mm; 0: a cross only) in the slice's pixels, drawn in cyan
+    (a radiograph's femoral-head centres and fitted circles)."""
     rgb = overlay_rgb(_grey(grey), lab_sl, specs)
     for layer_sl in layer_slices:  # overlapping structures (the chest's clavicles) drawn over the rest
         rgb = overlay_rgb(rgb, layer_sl, specs)
@@ -126,7 +132,18 @@ def _save_slice(path, grey: np.ndarray, lab_sl: np.ndarray | None, specs, spacin
     row_mm, col_mm = spacing_rc
     width, height = img.width * col_mm / min(row_mm, col_mm), img.height * row_mm / min(row_mm, col_mm)
     scale = max(1.0, min_size / max(width, height))
-    img = img.resize((round(width * scale), round(height * scale)), PILImage.NEAREST)
+    size = (round(width * scale), round(height * scale))
+    across, down = size[0] / img.width, size[1] / img.height  # output pixels per slice pixel
+    img = img.resize(size, PILImage.NEAREST)
+    if marks:
+        draw = ImageDraw.Draw(img)
+        for row, col, radius_mm in marks:
+            x, y = (col + 0.5) * across, (row + 0.5) * down
+            draw.line([x - 6, y, x + 6, y], fill=MARK_COLOUR)
+            draw.line([x, y - 6, x, y + 6], fill=MARK_COLOUR)
+            if radius_mm > 0:
+                rx, ry = radius_mm / col_mm * across, radius_mm / row_mm * down
+                draw.ellipse([x - rx, y - ry, x + rx, y + ry], outline=MARK_COLOUR)
     if title:
         draw = ImageDraw.Draw(img)
         draw.rectangle([0, 0, img.width, 14], fill=(0, 0, 0))
@@ -136,8 +153,8 @@ def _save_slice(path, grey: np.ndarray, lab_sl: np.ndarray | None, specs, spacin
 
 
 def save_label_overlays(folder: str | Path, subdir: str, image: Image, labels: Image, card,
-                        min_size: int = 320, boxes: dict | None = None, layers: dict[str, Image] | None = None
-                        ) -> list[str]:
+                        min_size: int = 320, boxes: dict | None = None, layers: dict[str, Image] | None = None,
+                        points: list[dict] = ()) -> list[str]:
     """A report's overlay PNGs (a task opts in with the output name "overlays/"): one slice in the
     task's plane through the centroid of every label present (for knee-bones the femur, tibia,
     fibula and patella slices; the femur/tibia slice is the mid-knee one), or with the card's
@@ -151,7 +168,9 @@ def save_label_overlays(folder: str | Path, subdir: str, image: Image, labels: I
     left and superior up, coronal patient right left and superior up, axial anterior up.
     ``boxes``: {label value: a box holding all its voxels} when the caller knows them. ``layers``:
     the label maps of ``card.label_layers`` (overlapping structures, the chest's clavicles) by
-    name, drawn over each picture; a 3D task's pictures include a slice through each of theirs."""
+    name, drawn over each picture; a 3D task's pictures include a slice through each of theirs.
+    ``points``: the run's markups (``RunResult.points``), drawn on a radiograph's picture as a cross,
+    with the circle of their ``diameter_mm`` attribute where they have one (the femoral heads)."""
     from scipy import ndimage
 
     from SpineKneeSegLib.engine.preprocessing import (
@@ -202,12 +221,27 @@ def save_label_overlays(folder: str | Path, subdir: str, image: Image, labels: I
                       f"{card.name}: {plane} slice {index} through the {spec.name}"))
     if not views:
         views.append((f"{plane}-middle.png", arr.shape[0] // 2, f"{card.name}: {plane} middle slice (no labels)"))
+    marks = _marks_on_radiograph(image, points) if plane == "image" else ()
     written = []
     for name, index, title in views:
         _save_slice(out_dir / name, arr[index], lab[index], card.labels, spacing_rc, title, min_size,
-                    tuple(layer[index] for layer in layer_arrays))
+                    tuple(layer[index] for layer in layer_arrays), marks)
         written.append(f"{subdir}/{name}")
     return written
+
+
+def _marks_on_radiograph(image: Image, points) -> tuple[tuple[float, float, float], ...]:
+    """Each point (RAS) as (row, column, radius mm) on a 2D image's pixels."""
+    marks = []
+    for point in points:
+        x, y, z = point["ras"]
+        i, j, _ = image.lps_to_ijk_points([[-x, -y, z]])[0]
+        try:
+            radius = float((point.get("attributes") or {}).get("diameter_mm", 0)) / 2
+        except ValueError:
+            radius = 0.0
+        marks.append((float(j), float(i), radius))
+    return tuple(marks)
 
 
 def save_label_montage(path: str | Path, image: Image, labels: Image, card, tiles: int = 24, columns: int = 6,
