@@ -193,3 +193,32 @@ def test_a_radiographs_picture_shows_its_markups_and_fitted_circles(tmp_path):
     no_circle = save_label_overlays(tmp_path / "plain", "overlays", image, phantom.labels, card)
     assert not (np.asarray(PILImage.open(tmp_path / "plain" / no_circle[0]).convert("RGB")) == MARK_COLOUR).all(
         axis=2).any()
+
+
+def test_the_lumbar_foramen_markers_get_a_picture_a_side(tmp_path):
+    """The foramen markers lie beside the bodies, in parasagittal slices the mid-sagittal picture
+    misses: a picture a side, through the middle of that side's markers, each marker a cyan cross
+    at its own in-plane position, projected onto it."""
+    from SpineKneeSegLib.engine.preprocessing import canonical_orientation
+    from SpineKneeSegLib.engine.render import MARK_COLOUR
+
+    card = TASKS["lumbar-foramina"]
+    phantom = make_phantom("lumbar-foramina", seed=2)
+    points = [{"label": p["label"], "ras": p["ras"], "attributes": {"side": p["side"]}} for p in phantom.points]
+    written = save_label_overlays(tmp_path, "overlays", phantom.image, phantom.labels, card, points=points)
+    assert written == ["overlays/sagittal-labels.png", "overlays/sagittal-left-markers.png",
+                       "overlays/sagittal-right-markers.png"]
+    orientation = canonical_orientation(phantom.image, "sagittal")
+    shape = orientation.apply(phantom.image.array).shape
+    for side in ("left", "right"):
+        picture = np.asarray(PILImage.open(tmp_path / f"overlays/sagittal-{side}-markers.png").convert("RGB"))
+        across, down = picture.shape[1] / shape[2], picture.shape[0] / shape[1]
+        cyan = (picture == MARK_COLOUR).all(axis=2)
+        theirs = [p for p in phantom.points if p["side"] == side]
+        for point in theirs:  # the cross's centre pixel, from the marker's own voxel position
+            kji = np.array(point["ijk"])[::-1]
+            at = [shape[n] - 1 - kji[a] if flip else kji[a]
+                  for n, (a, flip) in enumerate(zip(orientation.axes, orientation.flips))]
+            row, col = int((at[1] + 0.5) * down), int((at[2] + 0.5) * across)
+            assert cyan[row - 1:row + 2, col - 1:col + 2].any(), (side, point["label"])
+    assert not (np.asarray(PILImage.open(tmp_path / written[0]).convert("RGB")) == MARK_COLOUR).all(axis=2).any()

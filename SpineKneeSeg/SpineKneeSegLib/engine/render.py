@@ -122,9 +122,9 @@ MARK_COLOUR = (0, 255, 255)  # cyan: apart from every label colour (the femur's 
 
 def _save_slice(path, grey: np.ndarray, lab_sl: np.ndarray | None, specs, spacing_rc: tuple[float, float],
                 title: str, min_size: int, layer_slices: tuple[np.ndarray, ...] = (),
-                marks: tuple[tuple[float, float, float], ...] = ()) -> Path:
-    """``marks``: (row, column, radius in mm; 0: a cross only) in the slice's pixels, drawn in cyan
-    (a radiograph's femoral-head centres and fitted circles)."""
+                marks: tuple[tuple[float, float, float, str], ...] = ()) -> Path:
+    """``marks``: (row, column, radius in mm (0: a cross only), text) in the slice's pixels, drawn in
+    cyan (a radiograph's femoral-head centres and fitted circles, the lumbar foramen markers)."""
     rgb = overlay_rgb(_grey(grey), lab_sl, specs)
     for layer_sl in layer_slices:  # overlapping structures (the chest's clavicles) drawn over the rest
         rgb = overlay_rgb(rgb, layer_sl, specs)
@@ -137,10 +137,12 @@ def _save_slice(path, grey: np.ndarray, lab_sl: np.ndarray | None, specs, spacin
     img = img.resize(size, PILImage.NEAREST)
     if marks:
         draw = ImageDraw.Draw(img)
-        for row, col, radius_mm in marks:
+        for row, col, radius_mm, text in marks:
             x, y = (col + 0.5) * across, (row + 0.5) * down
             draw.line([x - 6, y, x + 6, y], fill=MARK_COLOUR)
             draw.line([x, y - 6, x, y + 6], fill=MARK_COLOUR)
+            if text:
+                draw.text((x + 5, y + 2), text, fill=MARK_COLOUR)
             if radius_mm > 0:
                 rx, ry = radius_mm / col_mm * across, radius_mm / row_mm * down
                 draw.ellipse([x - rx, y - ry, x + rx, y + ry], outline=MARK_COLOUR)
@@ -170,7 +172,9 @@ def save_label_overlays(folder: str | Path, subdir: str, image: Image, labels: I
     the label maps of ``card.label_layers`` (overlapping structures, the chest's clavicles) by
     name, drawn over each picture; a 3D task's pictures include a slice through each of theirs.
     ``points``: the run's markups (``RunResult.points``), drawn on a radiograph's picture as a cross,
-    with the circle of their ``diameter_mm`` attribute where they have one (the femoral heads)."""
+    with the circle of their ``diameter_mm`` attribute where they have one (the femoral heads); a 3D
+    task's get a picture a ``side`` attribute, ``<plane>-<side>-markers.png`` (the lumbar foramina
+    left and right), through their middle slice, each marker projected onto it and named."""
     from scipy import ndimage
 
     from SpineKneeSegLib.engine.preprocessing import (
@@ -221,17 +225,43 @@ def save_label_overlays(folder: str | Path, subdir: str, image: Image, labels: I
                       f"{card.name}: {plane} slice {index} through the {spec.name}"))
     if not views:
         views.append((f"{plane}-middle.png", arr.shape[0] // 2, f"{card.name}: {plane} middle slice (no labels)"))
-    marks = _marks_on_radiograph(image, points) if plane == "image" else ()
+    marks = {}
+    if plane == "image":
+        marks = {view[0]: _marks_on_radiograph(image, points) for view in views}
+    elif points:
+        for side, (index, on_slice) in _marker_views(image, orientation, points).items():
+            name = f"{plane}-{side}-markers.png"
+            views.append((name, index, f"{card.name}: {plane} slice {index}, {side} markers (projected)"))
+            marks[name] = on_slice
     written = []
     for name, index, title in views:
         _save_slice(out_dir / name, arr[index], lab[index], card.labels, spacing_rc, title, min_size,
-                    tuple(layer[index] for layer in layer_arrays), marks)
+                    tuple(layer[index] for layer in layer_arrays), marks.get(name, ()))
         written.append(f"{subdir}/{name}")
     return written
 
 
-def _marks_on_radiograph(image: Image, points) -> tuple[tuple[float, float, float], ...]:
-    """Each point (RAS) as (row, column, radius mm) on a 2D image's pixels."""
+def _marker_views(image: Image, orientation, points) -> dict[str, tuple[int, tuple]]:
+    """The 3D markers grouped by their ``side`` attribute: {side: (the slice through their median,
+    each as (row, column, 0, its label's first word) on the canonical slices)}."""
+    shape = orientation.apply(image.array).shape
+    groups: dict[str, list] = {}
+    for point in points:
+        x, y, z = point["ras"]
+        kji = image.lps_to_ijk_points([[-x, -y, z]])[0][::-1]
+        at = [shape[n] - 1 - kji[a] if flip else kji[a]
+              for n, (a, flip) in enumerate(zip(orientation.axes, orientation.flips))]
+        side = str((point.get("attributes") or {}).get("side") or "all")
+        groups.setdefault(side, []).append((at, str(point.get("label", "")).split(" ")[0]))
+    views = {}
+    for side, found in groups.items():
+        index = int(np.clip(round(float(np.median([at[0] for at, _ in found]))), 0, shape[0] - 1))
+        views[side] = (index, tuple((float(at[1]), float(at[2]), 0.0, text) for at, text in found))
+    return views
+
+
+def _marks_on_radiograph(image: Image, points) -> tuple[tuple[float, float, float, str], ...]:
+    """Each point (RAS) as (row, column, radius mm, no text) on a 2D image's pixels."""
     marks = []
     for point in points:
         x, y, z = point["ras"]
@@ -240,7 +270,7 @@ def _marks_on_radiograph(image: Image, points) -> tuple[tuple[float, float, floa
             radius = float((point.get("attributes") or {}).get("diameter_mm", 0)) / 2
         except ValueError:
             radius = 0.0
-        marks.append((float(j), float(i), radius))
+        marks.append((float(j), float(i), radius, ""))
     return tuple(marks)
 
 
