@@ -222,3 +222,54 @@ def test_the_lumbar_foramen_markers_get_a_picture_a_side(tmp_path):
             row, col = int((at[1] + 0.5) * down), int((at[2] + 0.5) * across)
             assert cyan[row - 1:row + 2, col - 1:col + 2].any(), (side, point["label"])
     assert not (np.asarray(PILImage.open(tmp_path / written[0]).convert("RGB")) == MARK_COLOUR).all(axis=2).any()
+
+
+def test_the_overlays_label_boxes_equal_find_objects():
+    """The boxes the pictures are cut by, found by projections first (a brain's lesions fill a small
+    part of it): the same as scipy's find_objects over the whole map, labels above the card's too."""
+    from scipy import ndimage
+    from SpineKneeSegLib.engine.render import _label_boxes
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        array = np.zeros(tuple(rng.integers(1, 12, 3)), np.uint8)
+        for value in (1, 2, 3, 4, 9):
+            for _ in range(rng.integers(0, 3)):
+                array[tuple(rng.integers(0, n) for n in array.shape)] = value
+        expected = {v: b for v, b in enumerate(ndimage.find_objects(array, max_label=4), 1) if b is not None}
+        assert _label_boxes(array, 4) == expected
+
+
+def _overlay_by_label(grey, labels, specs, alpha=0.4):
+    """The drawing the colour-table pass replaced: a boolean pass per label, in floats."""
+    rgb = (grey if grey.ndim == 3 else np.repeat(grey[..., None], 3, axis=2)).astype(np.float32)
+    for spec in specs:
+        mask = labels == spec.value
+        if mask.any():
+            colour = np.array(spec.color, dtype=np.float32) * 255
+            rgb[mask] = (1 - alpha) * rgb[mask] + alpha * colour
+            inner = mask.copy()
+            inner[1:-1, 1:-1] = (mask[1:-1, 1:-1] & mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2]
+                                 & mask[1:-1, 2:])
+            rgb[mask & ~inner] = colour
+    return rgb.clip(0, 255).astype(np.uint8)
+
+
+def test_the_colour_table_drawing_matches_a_pass_per_label():
+    """Blend and outline of every label, labels on the image's edge and values outside the card
+    included, within one grey level of the plain per-label drawing (8-bit fixed point rounds)."""
+    from SpineKneeSegLib.engine.render import overlay_rgb
+
+    rng = np.random.default_rng(1)
+    for card in TASKS.values():
+        for _ in range(30):
+            grey = rng.integers(0, 256, (40, 50)).astype(np.uint8)
+            labels = np.zeros((40, 50), np.uint8)
+            for value in range(1, len(card.labels) + 3):
+                if rng.random() < 0.6:
+                    r, c = rng.integers(0, 39), rng.integers(0, 49)
+                    labels[r:r + rng.integers(1, 15), c:c + rng.integers(1, 15)] = value
+            drawn = overlay_rgb(grey, labels, card.labels)
+            assert np.abs(drawn.astype(int) - _overlay_by_label(grey, labels, card.labels).astype(int)).max() <= 1
+            over = overlay_rgb(drawn, labels[::-1].copy(), card.labels)  # a second layer over an RGB picture
+            assert np.abs(over.astype(int) - _overlay_by_label(drawn, labels[::-1], card.labels).astype(int)).max() <= 1

@@ -69,15 +69,20 @@ def overlay_rgb(grey: np.ndarray, labels: np.ndarray | None, specs: tuple[LabelS
         table[spec.value], known[spec.value] = np.array(spec.color) * 255, True
     values = np.where(labels <= top, labels, 0).astype(np.intp)
     drawn = known[values]
-    if not drawn.any():
-        return rgb.astype(np.uint8, copy=True)
-    # in 8-bit fixed point over the whole slice (boolean indexing of a radiograph's large lungs, in
-    # floats, cost 7 ms a 512 x 512 picture)
+    rows, cols = np.flatnonzero(drawn.any(axis=1)), np.flatnonzero(drawn.any(axis=0))
+    picture = rgb.astype(np.uint8, copy=True)
+    if not rows.size:
+        return picture
+    # only the labels' box, a pixel wider (so that its rim holds no label whose outline it would
+    # hide), in 8-bit fixed point (boolean indexing of a radiograph's large lungs in floats: 7 ms)
+    box = (slice(max(rows[0] - 1, 0), rows[-1] + 2), slice(max(cols[0] - 1, 0), cols[-1] + 2))
+    values, drawn = values[box], drawn[box]
     weight = (drawn * np.uint16(round(alpha * 256)))[..., None]
     colour = np.take(table, values, axis=0)  # a gather several times quicker than table[values]
-    out = (rgb.astype(np.uint16) * (256 - weight) + colour * weight) >> 8
+    out = (rgb[box].astype(np.uint16) * (256 - weight) + colour * weight) >> 8
     edge = (drawn & ~_interior(values))[..., None]
-    return np.where(edge, colour, out).astype(np.uint8)
+    picture[box] = np.where(edge, colour, out)
+    return picture
 
 
 def _interior(values: np.ndarray) -> np.ndarray:
@@ -191,8 +196,7 @@ def save_label_overlays(folder: str | Path, subdir: str, image: Image, labels: I
     out_dir.mkdir(parents=True, exist_ok=True)
     top = max(s.value for s in card.labels)
     if boxes is None:
-        found = ndimage.find_objects(labels.array, max_label=top)
-        boxes = {value: box for value, box in enumerate(found, start=1) if box is not None}
+        boxes = _label_boxes(labels.array, top)
     boxes, holders = dict(boxes), {value: labels.array for value in boxes}  # the caller's boxes stay as they are
     for name, values in card.label_layers if layers else ():
         found = ndimage.find_objects(layers[name].array, max_label=top)
@@ -239,6 +243,22 @@ def save_label_overlays(folder: str | Path, subdir: str, image: Image, labels: I
                     tuple(layer[index] for layer in layer_arrays), marks.get(name, ()))
         written.append(f"{subdir}/{name}")
     return written
+
+
+def _label_boxes(array: np.ndarray, top: int) -> dict[int, tuple[slice, ...]]:
+    """{label value: its bounding box}, scanning with find_objects only the box of all labels (found
+    by projections: 12 ms -> 2 ms on a 7 M-voxel brain whose lesions fill a small part of it)."""
+    from scipy import ndimage
+
+    spans = []
+    for axis in range(array.ndim):
+        hit = np.flatnonzero(array.any(axis=tuple(a for a in range(array.ndim) if a != axis)))
+        if not hit.size:
+            return {}
+        spans.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    found = ndimage.find_objects(array[tuple(spans)], max_label=top)
+    return {value: tuple(slice(s.start + f.start, s.start + f.stop) for s, f in zip(spans, box))
+            for value, box in enumerate(found, start=1) if box is not None}
 
 
 def _marker_views(image: Image, orientation, points) -> dict[str, tuple[int, tuple]]:
