@@ -97,7 +97,7 @@ def test_the_review_page_orders_by_what_a_reader_must_decide(tmp_path):
             batch.summary_row("flag1", "ok", 0, "", str(tmp_path / "flag1"), warnings="level count doubtful"),
             batch.summary_row("pend1", "pending", 2, "not run: stopped"),
             batch.summary_row("fail1", "failed", 2, "x.nii.gz: empty")]
-    review.write_review_page(tmp_path, rows)
+    review.write_review_page(tmp_path, rows, {})
     page = _page(tmp_path / review.REVIEW_PAGE)
     assert [row["cells"][0] for row in page] == ["fail1", "pend1", "flag1", "busy1", "ok1"]
     text = (tmp_path / review.REVIEW_PAGE).read_text()
@@ -105,28 +105,21 @@ def test_the_review_page_orders_by_what_a_reader_must_decide(tmp_path):
     assert batch.cohort_file("Review.html") and batch.cohort_file("summary.tsv")
 
 
-def test_findings_come_from_the_report_by_the_task_cards_headline(tmp_path):
-    """What the page shows beside a case: the card's headline values, read from the case's report,
-    and the structures the task looks for that were not found (not for lesions: none is a finding)."""
-    def report(task, summaries, labels=None):
-        (tmp_path / task).mkdir(exist_ok=True)
-        labels = labels or {str(spec.value): spec.name for spec in TASKS[task].labels}
-        (tmp_path / task / "report.json").write_text(json.dumps({"task": task, "summaries": summaries,
-                                                                 "labels": labels}))
-        return review.findings(tmp_path / task)
+def test_findings_come_from_the_report_by_the_task_cards_headline():
+    """What the page shows beside a case: the card's headline values from its report, those present
+    (a structure not found is in its warnings, "no voxels predicted for ...", already shown)."""
+    def findings(task, summaries):
+        return review.findings({"task": task, "summaries": summaries})
 
-    assert report("lumbar-foramina", {"level_confidence": 0.42, "level_decoding": {"doubtful": True},
-                                      "segments_present": ["L2", "L3", "L4", "L5"]}) == [
-        "level confidence: 0.42", "doubtful: True", "not found: L1"]
-    assert report("brain-wmh", {"lesions": {"lesion_count": 0, "total_lesion_load_ml": 0.0},
-                                "segments_present": []}) == ["lesions: 0", "lesion load mL: 0.0"]
-    assert report("xray-chest", {"segments_present": ["right lung", "left lung", "heart", "right clavicle"]}) == [
-        "not found: left clavicle"]
-    # a checkpoint trained on other classes: its own names are looked for, not the card's
-    assert report("xray-multiclass", {"segments_present": ["femur", "patella"]},
-                  {"1": "femur", "2": "patella", "3": "tibia"}) == ["not found: tibia"]
-    (tmp_path / "xray-chest" / "report.json").write_text("{not json")
-    assert review.findings(tmp_path / "xray-chest") == [] and review.findings(tmp_path / "absent") == []
+    assert findings("lumbar-foramina", {"level_confidence": 0.42, "level_decoding": {"doubtful": True},
+                                        "transitional_anatomy": {"status": "typical"}, "foramina": {"found": 8}}) == [
+        "level confidence: 0.42", "doubtful: True", "anatomy: typical", "foramina: 8"]
+    assert findings("brain-wmh", {"lesions": {"lesion_count": 0, "total_lesion_load_ml": 0.0}}) == [
+        "lesions: 0", "lesion load mL: 0.0"]
+    assert findings("lumbar-foramina", {"level_confidence": 0.9, "level_decoding": "not a dict"}) == [
+        "level confidence: 0.9"]  # a path that does not lead to a value is left out
+    assert findings("xray-chest", {"segments_present": ["heart"]}) == []  # no headline
+    assert findings("no-such-task", {"a": 1}) == [] and review.findings(["not", "a", "report"]) == []
 
 
 def test_a_review_page_that_cannot_be_written_is_named_and_exits_2(cohort, tmp_path, capsys):
@@ -177,8 +170,7 @@ def test_a_radiographs_picture_shows_its_markups_and_fitted_circles(tmp_path):
     phantom = make_phantom("xray-femur", seed=3)
     image = phantom.image
     centre_ij, diameter_mm = (200.0, 260.0), 40.0
-    x, y, z = image.ijk_to_lps_points([[*centre_ij, 0]])[0]
-    point = {"label": "femoral head right", "ras": [-x, -y, z], "description": "",
+    point = {"label": "femoral head right", "ras": image.ijk_to_ras_points([[*centre_ij, 0]])[0], "description": "",
              "attributes": {"side": "right", "diameter_mm": f"{diameter_mm:.2f}"}}
     written = save_label_overlays(tmp_path, "overlays", image, phantom.labels, card, points=[point])
     picture = np.asarray(PILImage.open(tmp_path / written[0]).convert("RGB"))
@@ -215,11 +207,11 @@ def test_the_lumbar_foramen_markers_get_a_picture_a_side(tmp_path):
         across, down = picture.shape[1] / shape[2], picture.shape[0] / shape[1]
         cyan = (picture == MARK_COLOUR).all(axis=2)
         theirs = [p for p in phantom.points if p["side"] == side]
-        for point in theirs:  # the cross's centre pixel, from the marker's own voxel position
-            kji = np.array(point["ijk"])[::-1]
-            at = [shape[n] - 1 - kji[a] if flip else kji[a]
-                  for n, (a, flip) in enumerate(zip(orientation.axes, orientation.flips))]
-            row, col = int((at[1] + 0.5) * down), int((at[2] + 0.5) * across)
+        for point in theirs:  # the cross's centre pixel: where the marker's own voxel lands on the slices
+            voxel = np.zeros(phantom.image.array.shape, bool)
+            voxel[tuple(int(round(v)) for v in point["ijk"][::-1])] = True
+            _, r, c = np.argwhere(orientation.apply(voxel))[0]
+            row, col = int((r + 0.5) * down), int((c + 0.5) * across)
             assert cyan[row - 1:row + 2, col - 1:col + 2].any(), (side, point["label"])
     assert not (np.asarray(PILImage.open(tmp_path / written[0]).convert("RGB")) == MARK_COLOUR).all(axis=2).any()
 

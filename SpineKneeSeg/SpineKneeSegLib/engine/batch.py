@@ -28,8 +28,8 @@ from SpineKneeSegLib.core.errors import AlreadyFinished, HeldByAnotherRun, Input
 from SpineKneeSegLib.core.image_io import image_suffix, is_dicom_file
 from SpineKneeSegLib.core.progress import Progress
 from SpineKneeSegLib.engine.cards import TaskCard
-from SpineKneeSegLib.engine.review import REVIEW_PAGE, write_review_page
 from SpineKneeSegLib.engine.pipeline import RunOptions, finished_result, run_case, storage_problem, warnings_text
+from SpineKneeSegLib.engine.review import REVIEW_PAGE, write_review_page
 
 SUMMARY_COLUMNS = ("id", "status", "exit_code", "message", "output", "total_s", "network_s", "warnings")
 # warnings: a finished result's report.json warnings (a doubtful level count, a failed plausibility check, ...)
@@ -573,33 +573,54 @@ def write_summary(output: Path, rows: list[tuple], began: float | None = None, t
         # in the summary's turn, so the run that ends last, which settled every case, writes them last
         if not tables:
             return Written(rows, [], [])
-        names, problems = write_cohort_tables(output, rows)
+        reports, problems = finished_reports(output, rows)  # read once, for the tables and the page
+        names, more = write_cohort_tables(output, rows, reports)
+        problems += more
         try:
-            names.append(write_review_page(output, rows).name)
+            names.append(write_review_page(output, rows, reports).name)
         except OSError as exc:
             problems.append(f"{output / REVIEW_PAGE} could not be written ({exc})")
         return Written(rows, names, problems)
 
 
-def write_cohort_tables(output: Path, rows: list[tuple]) -> tuple[list[str], list[str]]:
+def finished_reports(output: Path, rows: list[tuple]) -> tuple[dict[str, dict], list[str]]:
+    """Each finished (ok or skipped) case's report.json by case ID, and the ones that cannot be read."""
+    reports, problems = {}, []
+    for row in rows:
+        if row[1] not in ("ok", "skipped"):
+            continue
+        path = output / row[0] / "report.json"
+        try:
+            reports[row[0]] = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            problems.append(f"{path}: it cannot be read ({type(exc).__name__}: {exc})")
+    return reports, problems
+
+
+def write_cohort_tables(output: Path, rows: list[tuple], reports: dict[str, dict] | None = None
+                        ) -> tuple[list[str], list[str]]:
     """Each finished case's tables (volumes.tsv, lesions.tsv, areas.tsv, femoral_heads.tsv) as one
     table a kind for the cohort, ``OUT/cohort_<name>``, with the case's ID as its first column, and
     ``OUT/cohort_findings.tsv``, one row a case: its report's summaries (lesion load, level confidence,
     plausibility checks, ...). One file to load for statistics instead of a folder per case. Columns
     are the union of the cases' (a newer version's extra column is blank for the others). Returns
     the files written and the problems met (a case's file that could not be read: the cohort's table
-    then lacks its rows; a cohort table that could not be written)."""
+    then lacks its rows; a cohort table that could not be written). ``reports``: the finished cases'
+    reports, already read (``finished_reports``, whose problems the caller keeps)."""
     kinds: dict[str, tuple[list[str], list[dict]]] = {}
     problems, written = [], []
+    if reports is None:
+        reports, problems = finished_reports(output, rows)
     for row in rows:
         if row[1] not in ("ok", "skipped"):
             continue
         folder = output / row[0]
-        try:
-            summaries = json.loads((folder / "report.json").read_text(encoding="utf-8"))["summaries"]
-            _gather(kinds, FINDINGS, [{"case": row[0], **_scalars(summaries)}])
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            problems.append(f"{folder / 'report.json'}: its summaries cannot be read ({type(exc).__name__}: {exc})")
+        if row[0] in reports:
+            try:
+                _gather(kinds, FINDINGS, [{"case": row[0], **_scalars(reports[row[0]]["summaries"])}])
+            except (KeyError, TypeError, AttributeError) as exc:
+                problems.append(f"{folder / 'report.json'}: its summaries cannot be read ({type(exc).__name__}: "
+                                f"{exc})")
         for path in sorted(folder.glob("*.tsv")):
             if path.name.endswith(".schema.tsv"):
                 continue

@@ -6,7 +6,6 @@ file share."""
 from __future__ import annotations
 
 import html
-import json
 import os
 from pathlib import Path
 from urllib.parse import quote
@@ -35,16 +34,14 @@ def _standing(row: tuple) -> str:
     return "flagged" if row[1] in ("ok", "skipped") and row[7] else row[1]
 
 
-def findings(folder: Path) -> list[str]:
-    """The case's headline findings, "what: value", from its report (the task card's ``headline``),
-    and the structures its task looks for that it did not find; nothing where no report is read."""
+def findings(report: dict) -> list[str]:
+    """The case's headline findings, "what: value", from its report by its task card's ``headline``
+    (a structure not found is in its warnings already: "no voxels predicted for ...")."""
     from SpineKneeSegLib.engine.cards import load_tasks
 
-    try:
-        report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
-        card, summaries = load_tasks().get(report.get("task")), report["summaries"]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return []  # the cohort's tables name a report they cannot read
+    if not isinstance(report, dict):
+        return []
+    card, summaries = load_tasks().get(str(report.get("task"))), report.get("summaries")
     if card is None or not isinstance(summaries, dict):
         return []
     lines = []
@@ -54,15 +51,11 @@ def findings(folder: Path) -> list[str]:
             value = value.get(key) if isinstance(value, dict) else None
         if value is not None and not isinstance(value, (dict, list)):
             lines.append(f"{what}: {value}")
-    # the labels the run looked for: its report's (a checkpoint may carry label names of its own)
-    present, looked_for = summaries.get("segments_present"), report.get("labels")
-    if card.warn_missing_labels and isinstance(present, list) and isinstance(looked_for, dict):
-        missing = [name for name in looked_for.values() if name not in present]
-        lines += [f"not found: {', '.join(map(str, missing))}"] if missing else []
     return lines
 
 
-def review_page(output: Path, rows: list[tuple]) -> str:
+def review_page(output: Path, rows: list[tuple], reports: dict[str, dict]) -> str:
+    """The page; ``reports``: the finished cases' reports by case ID (batch.finished_reports)."""
     counts: dict[str, int] = {}
     for row in rows:
         counts[_standing(row)] = counts.get(_standing(row), 0) + 1
@@ -85,7 +78,7 @@ def review_page(output: Path, rows: list[tuple]) -> str:
         pictures = sorted((folder / "overlays").glob("*.png")) if status in ("ok", "skipped") else []
         images = "".join(f"<a href='{_href(output, p)}'><img loading='lazy' src='{_href(output, p)}' "
                          f"alt='{html.escape(p.stem)}' title='{html.escape(p.stem)}'></a>" for p in pictures)
-        found = "<br>".join(map(html.escape, findings(folder))) if status in ("ok", "skipped") else ""
+        found = "<br>".join(map(html.escape, findings(reports.get(case_id, {}))))
         lines.append(f"<tr><td>{name}</td><td class='{standing}'>{html.escape(status)}</td>"
                      f"<td class='findings'>{found}</td><td class='note'>{html.escape(str(text))}</td>"
                      f"<td>{images}</td></tr>")
@@ -93,6 +86,6 @@ def review_page(output: Path, rows: list[tuple]) -> str:
     return "\n".join(lines)
 
 
-def write_review_page(output: Path, rows: list[tuple]) -> Path:
-    write_text_atomic(output / REVIEW_PAGE, review_page(output, rows))
+def write_review_page(output: Path, rows: list[tuple], reports: dict[str, dict]) -> Path:
+    write_text_atomic(output / REVIEW_PAGE, review_page(output, rows, reports))
     return output / REVIEW_PAGE
