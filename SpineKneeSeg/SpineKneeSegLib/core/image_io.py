@@ -5,6 +5,8 @@ are assembled here (not by a series reader) so that slice order, multi-echo spli
 and oblique / left-handed geometry are explicit and exact:
 
 * files are grouped by SeriesInstanceUID, then split by echo (EchoNumbers, else EchoTime);
+* each frame of an enhanced multi-frame file is a slice, with its position, echo and rescale
+  from the functional groups (so such a file reads as the series it holds);
 * slices are sorted by position along the slice normal (row x column cosines);
 * origin = first sorted ImagePositionPatient, direction = (row, column, slice-step) cosines,
   spacing = (PixelSpacing[1], PixelSpacing[0], measured step).
@@ -17,7 +19,7 @@ import math
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +94,7 @@ def list_dicom_series(folder) -> list[dict]:
     for uid, group in _group_by_series(slices).items():
         first = group[0]
         out.append({"uid": uid, "description": first.description, "modality": first.modality,
-                    "series_number": first.series_number, "files": len(group),
+                    "series_number": first.series_number, "files": _file_count(group),
                     "echoes": sorted(_split_echoes(group))})
     return sorted(out, key=lambda s: (s["series_number"] is None, s["series_number"] or 0,
                                       s["uid"]))
@@ -404,6 +406,14 @@ class _Slice:
     plain_pixels: bool = False  # uncompressed MONOCHROME2 integers without rescale: numpy can read them as stored
     stored: "_StoredPixels | None" = None  # where a plain file keeps them, when the header pass could say
     header: object = None  # the pydicom header without PixelData (a DICOM-SEG references it)
+    frame: int | None = None  # 0-based frame of an enhanced multi-frame file (None: the file is the slice)
+    rescale: tuple[float, float] = (1.0, 0.0)  # a frame's RescaleSlope, RescaleIntercept
+    rescale_uniform: bool = True  # every frame of its file has the same rescale
+
+    @property
+    def label(self) -> str:
+        """How messages name it: the file, and the frame of a multi-frame file."""
+        return self.path.name if self.frame is None else f"{self.path.name} frame {self.frame + 1}"
 
 
 @dataclass(frozen=True)
@@ -427,10 +437,10 @@ def _read_dicom_folder(folder: Path, echo, series) -> Image:
 def _read_dicom_files(files: list[Path], echo, series, where: Path) -> Image:
     slices = []
     for path in files:
-        s = _read_header(path)
-        if s is None:
+        found = _read_header(path)
+        if not found:
             raise InputError("not a DICOM image file", path)
-        slices.append(s)
+        slices += found
     return _assemble_dicom(slices, echo, series, where=where)
 
 
@@ -439,10 +449,12 @@ def _scan_folder(folder: Path) -> list[_Slice]:
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         if path.name.startswith(".") or path.name.upper() == "DICOMDIR":
             continue
-        s = _read_header(path)
-        if s is not None:
-            slices.append(s)
+        slices += _read_header(path)
     return slices
+
+
+def _file_count(slices: list[_Slice]) -> int:
+    return len({s.path for s in slices})
 
 
 # values over this size (PixelData, private blobs such as a Siemens CSA header) are skipped by the
@@ -450,29 +462,95 @@ def _scan_folder(folder: Path) -> list[_Slice]:
 _DEFER_BYTES = 1024
 
 
-def _read_header(path: Path) -> _Slice | None:
-    """Header of a DICOM image file, or None when the file is not one."""
+def _read_header(path: Path) -> list[_Slice]:
+    """The slices of a DICOM image file (one, or one per frame of an enhanced multi-frame file);
+    none when the file is not one."""
     try:
         ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
     except pydicom.errors.InvalidDicomError:
         if path.suffix.lower() not in ("", ".dcm", ".ima", ".dicom"):
-            return None
+            return []
         try:  # DICOM files written without the 128-byte preamble
             ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES, force=True)
         except Exception:  # any parse failure of a forced read means "not DICOM"
-            return None
+            return []
     except Exception as exc:  # a truncated or corrupt DICOM header
         raise InputError(f"cannot read DICOM header: {exc}", path) from None
     if "SeriesInstanceUID" not in ds or "Rows" not in ds or "Columns" not in ds:
-        return None  # not an image (DICOMDIR, structured report, presentation state, junk)
+        return []  # not an image (DICOMDIR, structured report, presentation state, junk)
     try:
         s = _slice_from_dataset(path, ds)
-    except (ValueError, TypeError, IndexError) as exc:
+        frames = _enhanced_frames(s, ds)
+    except (ValueError, TypeError, IndexError, AttributeError) as exc:
         raise InputError(f"malformed DICOM header: {exc}", path) from None
     if "PixelData" in ds:
         del ds.PixelData  # as a stop_before_pixels read: the DICOM-SEG writer parses no file again
     s.header = ds
-    return s
+    for f in frames:
+        f.header = ds
+    return frames or [s]
+
+
+# where an enhanced file keeps a frame's echo time, in order of preference: the Enhanced MR macro,
+# then what a legacy-converted file (highdicom, dcm2dcm) carries over from the single-frame headers
+_ECHO_TIME_MACROS = (("MREchoSequence", "EffectiveEchoTime"),
+                     ("UnassignedPerFrameConvertedAttributesSequence", "EchoTime"),
+                     ("UnassignedSharedConvertedAttributesSequence", "EchoTime"))
+_ECHO_NUMBER_MACROS = (("UnassignedPerFrameConvertedAttributesSequence", "EchoNumbers"),
+                       ("UnassignedSharedConvertedAttributesSequence", "EchoNumbers"))
+
+
+def _enhanced_frames(s: _Slice, ds) -> list[_Slice]:
+    """One slice per frame of an enhanced (or legacy-converted enhanced) file, its position,
+    orientation, pixel spacing, echo and rescale read from the functional groups (per-frame, else
+    shared); [] for any other file. GDCM would read such a file as one stack in file order, so a
+    multi-echo file's echoes became interleaved slices (192 frames of 8 echoes: a 768 mm knee)."""
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if (not per_frame or len(per_frame) != s.frames or int(ds.get("SamplesPerPixel", 1) or 1) != 1
+            or "PixelData" not in ds):
+        return []
+    shared_sequence = ds.get("SharedFunctionalGroupsSequence")
+    shared = shared_sequence[0] if shared_sequence else None
+
+    def value(item, *macros):
+        for macro, keyword in macros:
+            for group in (item, shared):
+                sequence = group.get(macro) if group is not None else None
+                if sequence and sequence[0].get(keyword) is not None:
+                    return sequence[0].get(keyword)
+        return None
+
+    frames = []
+    for n, item in enumerate(per_frame):
+        position = value(item, ("PlanePositionSequence", "ImagePositionPatient"))
+        orientation = value(item, ("PlaneOrientationSequence", "ImageOrientationPatient"))
+        if position is None or len(position) != 3 or orientation is None or len(orientation) != 6:
+            return []  # not a stack of planes (e.g. a multi-frame without patient geometry): GDCM reads it
+        spacing = value(item, ("PixelMeasuresSequence", "PixelSpacing"))
+        step = value(item, ("PixelMeasuresSequence", "SpacingBetweenSlices"),
+                     ("PixelMeasuresSequence", "SliceThickness"))
+        echo_time = value(item, *_ECHO_TIME_MACROS)
+        echo_number = value(item, *_ECHO_NUMBER_MACROS)
+        if echo_number is not None and not isinstance(echo_number, (int, str)):
+            echo_number = echo_number[0] if len(echo_number) else None
+        slope = value(item, ("PixelValueTransformationSequence", "RescaleSlope"))
+        intercept = value(item, ("PixelValueTransformationSequence", "RescaleIntercept"))
+        frames.append(replace(
+            s, frame=n, position=np.array([float(v) for v in position]),
+            orientation=np.array([float(v) for v in orientation]),
+            pixel_spacing=(tuple(float(v) for v in spacing) if spacing is not None and len(spacing) == 2
+                           else s.pixel_spacing),
+            slice_step=_float_or_none(step) if step is not None else s.slice_step,
+            echo_time=_float_or_none(echo_time) if echo_time is not None else s.echo_time,
+            echo_number=_int_or_none(echo_number) if echo_number is not None else s.echo_number,
+            spacing_source="PixelSpacing" if spacing is not None else s.spacing_source,
+            rescale=(float(slope) if slope is not None else float(ds.get("RescaleSlope", 1) or 1),
+                     float(intercept) if intercept is not None else float(ds.get("RescaleIntercept", 0) or 0)),
+            plain_pixels=False, stored=None))
+    uniform = len({f.rescale for f in frames}) == 1
+    for f in frames:
+        f.rescale_uniform = uniform
+    return frames
 
 
 def _slice_from_dataset(path: Path, ds) -> _Slice:
@@ -570,7 +648,7 @@ def series_matching(groups: dict[str, list[_Slice]], series: str) -> list[str]:
 
 def _listing(groups: dict[str, list[_Slice]]) -> str:
     return "; ".join(f"{uid} (number {g[0].series_number if g[0].series_number is not None else 'none'}, "
-                     f"{g[0].description or 'no description'!r}, {len(g)} files)" for uid, g in groups.items())
+                     f"{g[0].description or 'no description'!r}, {_file_count(g)} files)" for uid, g in groups.items())
 
 
 def _split_echoes(slices: list[_Slice]) -> dict[int, list[_Slice]]:
@@ -620,7 +698,7 @@ def _select_echo(slices: list[_Slice], echo: int | None, where: Path):
 def _assemble_dicom(slices: list[_Slice], echo, series, where: Path) -> Image:
     chosen = _select_series(slices, series, where)
     echo, chosen, echo_time, all_echoes, warnings = _select_echo(chosen, echo, where)
-    if len(chosen) == 1 and chosen[0].frames > 1:
+    if len(chosen) == 1 and chosen[0].frames > 1 and chosen[0].frame is None:
         image = _read_multiframe(chosen[0])
         chosen_sorted = chosen
     else:
@@ -638,9 +716,19 @@ def _assemble_dicom(slices: list[_Slice], echo, series, where: Path) -> Image:
         "photometric": first.photometric, "spacing_source": first.spacing_source,
         **({"spacing_note": f"pixel size from {first.spacing_source}"}
            if first.spacing_source != "PixelSpacing" else {}),
-        "dicom_files": [str(s.path) for s in chosen_sorted], "dicom_headers": [s.header for s in chosen_sorted],
+        **_source_files(chosen_sorted),
         "warnings": warnings})
     return image
+
+
+def _source_files(slices: list[_Slice]) -> dict:
+    """meta's dicom_files / dicom_headers, one per file in slice order, and dicom_frames (1-based,
+    per slice) when the slices are frames of multi-frame files."""
+    if all(s.frame is None for s in slices):
+        return {"dicom_files": [str(s.path) for s in slices], "dicom_headers": [s.header for s in slices]}
+    files = {s.path: s.header for s in slices}
+    return {"dicom_files": [str(p) for p in files], "dicom_headers": list(files.values()),
+            "dicom_frames": [(str(s.path), s.frame + 1) for s in slices]}
 
 
 def _slice_normal(s: _Slice) -> np.ndarray:
@@ -657,19 +745,19 @@ def _sort_along_normal(slices: list[_Slice], where: Path) -> list[_Slice]:
     first = slices[0]
     for s in slices:
         if (s.rows, s.columns) != (first.rows, first.columns):
-            raise InputError(f"slices of different sizes: {first.path.name} is "
-                             f"{first.rows}x{first.columns}, {s.path.name} is {s.rows}x{s.columns}",
+            raise InputError(f"slices of different sizes: {first.label} is "
+                             f"{first.rows}x{first.columns}, {s.label} is {s.rows}x{s.columns}",
                              where)
     if len(slices) == 1:
         return list(slices)
-    missing = [s.path.name for s in slices if s.orientation is None or s.position is None]
+    missing = [s.label for s in slices if s.orientation is None or s.position is None]
     if missing:
         raise InputError(f"cannot order slices: no ImagePositionPatient/ImageOrientationPatient in "
                          f"{', '.join(missing[:3])}", where)
     for s in slices:
         if not np.allclose(s.orientation, first.orientation, atol=1e-4):
-            raise InputError(f"slices with different orientations ({first.path.name} and "
-                             f"{s.path.name}): a localizer or a mixed series?", where)
+            raise InputError(f"slices with different orientations ({first.label} and "
+                             f"{s.label}): a localizer or a mixed series?", where)
     normal = _slice_normal(first)
     return sorted(slices, key=lambda s: float(normal @ s.position))
 
@@ -678,7 +766,7 @@ def _dicom_geometry(slices: list[_Slice], where: Path):
     """-> spacing, origin, direction, warnings for slices sorted along their normal."""
     first = slices[0]
     row_spacing, col_spacing = first.pixel_spacing or (1.0, 1.0)
-    warnings = [] if first.pixel_spacing else [f"no PixelSpacing in {first.path.name}: using 1 mm"]
+    warnings = [] if first.pixel_spacing else [f"no PixelSpacing in {first.label}: using 1 mm"]
     if first.spacing_source.startswith("ImagerPixelSpacing"):
         warnings.append(f"pixel size from {first.spacing_source} ({col_spacing:g} x {row_spacing:g} mm): "
                         "measured at the detector, so lengths and areas at the patient are overestimated by "
@@ -728,15 +816,15 @@ def _measured_step(slices: list[_Slice], where: Path) -> np.ndarray:
     for n, gap in enumerate(gaps):
         if gap < _DUPLICATE_MM:
             raise InputError(
-                f"duplicate slice position {distances[n]:.3f} mm in {slices[n].path.name} and "
-                f"{slices[n + 1].path.name} (several images per position: a multi-echo, dynamic "
+                f"duplicate slice position {distances[n]:.3f} mm in {slices[n].label} and "
+                f"{slices[n + 1].label} (several images per position: a multi-echo, dynamic "
                 f"or diffusion series?)", where)
     median = float(np.median(gaps))
     for n, gap in enumerate(gaps):
         if abs(gap - median) > GAP_TOLERANCE * median:
             raise InputError(
                 f"missing or uneven slices: gap of {gap:.3g} mm between slice {n + 1} and {n + 2} "
-                f"({slices[n].path.name}, {slices[n + 1].path.name}), "
+                f"({slices[n].label}, {slices[n + 1].label}), "
                 f"median spacing {median:.3g} mm",
                 where)
     step = (positions[-1] - positions[0]) / (len(slices) - 1)
@@ -744,7 +832,7 @@ def _measured_step(slices: list[_Slice], where: Path) -> np.ndarray:
     worst = int(np.argmax(np.linalg.norm(positions - expected, axis=1)))
     if np.linalg.norm(positions[worst] - expected[worst]) > GAP_TOLERANCE * median:
         raise InputError(f"slice positions are not on a straight line (slice {worst + 1}, "
-                         f"{slices[worst].path.name})", where)
+                         f"{slices[worst].label})", where)
     return step
 
 
@@ -810,11 +898,60 @@ def _read_plain_pixels(s: _Slice) -> np.ndarray:
         raise InputError(f"cannot read DICOM pixel data: {exc}", s.path) from None
 
 
+def _read_frame_pixels(slices: list[_Slice]) -> np.ndarray:
+    """Stack frames of enhanced multi-frame files: each file decoded once, each frame's own rescale
+    applied (GDCM applies the first frame's to all; Philips files vary it per frame)."""
+    decoded = {}
+    for path in dict.fromkeys(s.path for s in slices):
+        decoded[path] = _decode_frames([s for s in slices if s.path == path])
+    planes = []
+    for s in slices:
+        array, rescaled = decoded[s.path]
+        plane = array[s.frame]
+        slope, intercept = s.rescale
+        if not rescaled and (slope, intercept) != (1.0, 0.0):
+            plane = plane.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+        planes.append(plane)
+    dtype = np.result_type(*planes)
+    return np.stack([p.astype(dtype, copy=False) for p in planes])
+
+
+def _decode_frames(frames: list[_Slice]) -> tuple[np.ndarray, bool]:
+    """(every frame of one file as stored, False) by pydicom; where pydicom has no decoder for the
+    transfer syntax, (GDCM's frames, True): GDCM applies a rescale, so it must be one for all frames."""
+    first = frames[0]
+    syntax = str(first.header.file_meta.TransferSyntaxUID) if hasattr(first.header, "file_meta") else ""
+    try:
+        from pydicom.pixels import get_decoder
+        pydicom_decodes = get_decoder(syntax).is_available
+    except (ImportError, NotImplementedError, ValueError):
+        pydicom_decodes = syntax in _UNCOMPRESSED
+    try:
+        if pydicom_decodes:
+            array = pydicom.dcmread(first.path).pixel_array
+            rescaled = False
+        else:
+            if not first.rescale_uniform:
+                raise InputError(f"frames with different rescale slopes/intercepts, compressed with transfer syntax "
+                                 f"{syntax} that only GDCM decodes (it applies one rescale to all frames)", first.path)
+            array = sitk.GetArrayFromImage(sitk.ReadImage(str(first.path)))
+            rescaled = True
+    except InputError:
+        raise
+    except Exception as exc:  # truncated pixel data and the like
+        raise InputError(f"cannot read DICOM pixel data: {_sitk_reason(exc) if isinstance(exc, RuntimeError) else exc}",
+                         first.path) from None
+    array = array.reshape(first.frames, first.rows, first.columns)
+    return array, rescaled
+
+
 def _read_dicom_pixels(slices: list[_Slice]) -> np.ndarray:
     """Stack the slices' pixels. Plain stored integers (the common uncompressed MR series) are
     read by pydicom, about 3x faster than a GDCM call per file and the same values; everything
     else by SimpleITK/GDCM, which decodes every transfer syntax and applies RescaleSlope/Intercept
     per file (so per-slice scaling is honoured)."""
+    if any(s.frame is not None for s in slices):
+        return _read_frame_pixels(slices)
     if all(s.plain_pixels for s in slices):
         planes = [_read_plain_pixels(s) for s in slices]
         if all(p.shape == (s.rows, s.columns) for p, s in zip(planes, slices)):

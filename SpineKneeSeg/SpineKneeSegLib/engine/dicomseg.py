@@ -2,9 +2,11 @@
 
 One binary segment per task label, in label order (segment number = label value), with the
 task's SNOMED category / type / anatomic region codes, referencing the source instances; frames
-are the source slices that hold the segment (empty frames omitted). Written only when the input
-was read from single-frame DICOM files (``image.meta["dicom_files"]``, sorted along the slice
-normal by image_io.py: array slice k is file k), so each frame maps to its source slice exactly.
+are the source slices that hold the segment (empty frames omitted). Written when the input was
+read from single-frame DICOM files (``image.meta["dicom_files"]``, sorted along the slice normal by
+image_io.py: array slice k is file k) or from the frames of one enhanced multi-frame file
+(``image.meta["dicom_frames"]``: array slice k is that frame), so each frame maps to its source
+frame exactly.
 """
 from __future__ import annotations
 
@@ -24,8 +26,19 @@ def can_write(image) -> tuple[bool, str]:
     files = image.meta.get("dicom_files") or []
     if not image.meta.get("is_dicom") or not files:
         return False, "the input is not a DICOM series"
+    frames = image.meta.get("dicom_frames")
+    if frames is not None:
+        if len(files) != 1 or len(frames) != image.array.shape[0]:
+            return False, (f"the input's slices are frames of {len(files)} multi-frame DICOM files (DICOM-SEG is "
+                           "written for one multi-frame file or a single-frame series)")
+        headers = image.meta.get("dicom_headers") or [None]
+        count = int(getattr(headers[0], "NumberOfFrames", 0) or 0)
+        if len(frames) != count:  # highdicom refuses a source whose frames repeat a plane position
+            return False, (f"the input is {len(frames)} of the {count} frames of a multi-frame DICOM file (one echo "
+                           "of several): a DICOM-SEG could not say which frames it segments")
+        return True, ""
     if len(files) != image.array.shape[0]:
-        return False, "the input is a multi-frame DICOM file (DICOM-SEG is written for single-frame series only)"
+        return False, "the input is a multi-frame DICOM file read as one stack (no per-frame geometry)"
     return True, ""
 
 
@@ -77,6 +90,16 @@ def _rgb_to_lab(rgb) -> tuple[float, float, float]:
     return (float(116 * f[1] - 16), float(500 * (f[0] - f[1])), float(200 * (f[1] - f[2])))
 
 
+def _on_source_frames(labels: np.ndarray, frames: list[int], count: int) -> np.ndarray:
+    """Slice k of ``labels`` placed at source frame frames[k] (1-based) of a ``count``-frame file
+    (the reader sorts frames along the slice normal; a file may store them in any order)."""
+    if len(frames) != labels.shape[0]:
+        raise ValueError(f"labels {labels.shape} do not match the {len(frames)} source frames")
+    out = np.zeros((count, *labels.shape[1:]), np.uint8)
+    out[np.asarray(frames) - 1] = labels
+    return out
+
+
 def write_dicom_seg(image, labels: np.ndarray, card, path) -> Path:
     """Write ``labels`` (uint8, values = the card's label values, on ``image``'s grid) as a
     DICOM-SEG referencing ``image``'s source files. Atomic."""
@@ -96,7 +119,10 @@ def write_dicom_seg(image, labels: np.ndarray, card, path) -> Path:
     if "FrameOfReferenceUID" not in sources[0]:
         raise ValueError(f"{image.meta['dicom_files'][0]}: no FrameOfReferenceUID, a DICOM-SEG cannot reference it")
     rows, columns = int(sources[0].Rows), int(sources[0].Columns)
-    if labels.shape != (len(sources), rows, columns):
+    frames = image.meta.get("dicom_frames")
+    if frames is not None:
+        labels = _on_source_frames(labels, [frame for _, frame in frames], int(sources[0].NumberOfFrames))
+    elif labels.shape != (len(sources), rows, columns):
         raise ValueError(f"labels {labels.shape} do not match the {len(sources)} source slices of {rows}x{columns}")
     # highdicom warns about a one-component PatientName (e.g. an anonymised "T2004_07APR2015"); the
     # SEG copies the source's name as it is, as it must, so the warning is console noise. Set here,
