@@ -144,3 +144,19 @@ def test_cohort_memory_reads_the_cli_process_memory_as_each_case_ends(data_root,
     peaks = [float(line.split("peak ")[1].split(" MB")[0]) for line in out.splitlines() if "  pass " in line]
     assert len(peaks) == 3 and all(200 < p < 20000 for p in peaks)  # a torch + slicer-core process: hundreds of MB
     assert "trend of the peaks from pass 2 on:" in out
+
+
+def test_dicom_read_benchmark_reads_every_layout_as_the_plain_series(tmp_path, capsys):
+    """bench_dicom_read.py on a synthetic multi-echo series: each layout (JPEG lossless, RLE, one
+    enhanced file) is written, read, timed and compared with the plain series: all the same."""
+    from test_io import _volume, write_dicom_series
+
+    spec = importlib.util.spec_from_file_location("bench_dicom_read", BENCH.parent / "bench_dicom_read.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    write_dicom_series(tmp_path / "series", _volume((4, 24, 20)), echoes=[(1, 10.0), (2, 25.0)])
+    assert bench.main(["--series", str(tmp_path / "series"), "--runs", "1", "--echo", "2"]) == 0
+    out = capsys.readouterr().out
+    for layout in bench.LAYOUTS:
+        assert f"{layout} " in out
+    assert out.count("same voxels and geometry as plain: yes") == len(bench.LAYOUTS)

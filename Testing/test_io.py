@@ -6,6 +6,7 @@ read ../shared/data (or $SPINEKNEESEG_DATA) and skip when it is absent.
 from __future__ import annotations
 
 import gzip
+import locale
 import random
 import shutil
 from pathlib import Path
@@ -479,19 +480,23 @@ def test_real_dess_compressed_as_a_pacs_exports_it_reads_the_same(dess, tmp_path
     from pydicom.uid import JPEGLosslessSV1, RLELossless
 
     folder, plain = dess
-    for f in sorted(folder.iterdir()):
-        if compression == "rle":
-            ds = pydicom.dcmread(f)
-            ds.compress(RLELossless)
-            ds.save_as(tmp_path / f.name)
-        else:
-            writer = sitk.ImageFileWriter()
-            writer.SetImageIO("GDCMImageIO")
-            writer.KeepOriginalImageUIDOn()
-            writer.SetUseCompression(True)
-            writer.SetCompressor("JPEG")
-            writer.SetFileName(str(tmp_path / f.name))
-            writer.Execute(sitk.ReadImage(str(f)))
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        for f in sorted(folder.iterdir()):
+            if compression == "rle":
+                ds = pydicom.dcmread(f)
+                ds.compress(RLELossless)
+                ds.save_as(tmp_path / f.name)
+            else:
+                writer = sitk.ImageFileWriter()
+                writer.SetImageIO("GDCMImageIO")
+                writer.KeepOriginalImageUIDOn()
+                writer.SetUseCompression(True)
+                writer.SetCompressor("JPEG")
+                writer.SetFileName(str(tmp_path / f.name))
+                writer.Execute(sitk.ReadImage(str(f)))
+    finally:  # ITK's GDCM writer leaves the C locale set: open() would then default to ASCII
+        locale.setlocale(locale.LC_ALL, saved)
     syntax = pydicom.dcmread(next(tmp_path.iterdir()), stop_before_pixels=True).file_meta.TransferSyntaxUID
     assert syntax == (RLELossless if compression == "rle" else JPEGLosslessSV1)
     image = read_image(tmp_path)

@@ -174,3 +174,55 @@ def test_every_weights_file_is_registered_with_its_sha256_and_listed():
     for path, entry in entries.items():
         assert (ROOT / path).exists(), f"registry lists {path}, which is not there"
         assert (MODULE / "Resources" / "Models" / entry["card"]).exists(), f"no model card for {path}"
+
+
+# modules whose open() is not a text file's: images, archives, arrays, raw descriptors
+_NOT_TEXT_OPENERS = {"PILImage", "Image", "gzip", "tarfile", "zipfile", "h5py", "np", "sitk", "os", "io", "tempfile",
+                     "webbrowser"}
+
+
+def _implicit_encoding(call: ast.Call) -> bool:
+    """A text-mode open()/Path.open()/os.fdopen()/read_text()/write_text() without encoding=."""
+    func = call.func
+    if any(k.arg == "encoding" for k in call.keywords):
+        return False
+    if isinstance(func, ast.Attribute) and func.attr in ("read_text", "write_text"):
+        return True
+    if isinstance(func, ast.Name) and func.id == "open":
+        mode_at = 1
+    elif isinstance(func, ast.Attribute) and func.attr == "fdopen":
+        mode_at = 1
+    elif (isinstance(func, ast.Attribute) and func.attr == "open"
+          and not (isinstance(func.value, ast.Name) and func.value.id in _NOT_TEXT_OPENERS)):
+        mode_at = 0  # Path.open(mode)
+    else:
+        return False
+    modes = [a.value for a in call.args[mode_at:mode_at + 1] if isinstance(a, ast.Constant)]
+    modes += [k.value.value for k in call.keywords if k.arg == "mode" and isinstance(k.value, ast.Constant)]
+    return not any("b" in str(m) for m in modes)
+
+
+def test_text_files_are_read_and_written_as_utf8_whatever_the_locale():
+    """Every text file the extension, its training scripts and benchmarks read or write names its
+    encoding. Left to the locale, a Windows Slicer (cp1252) writes what a Linux one cannot read, and a
+    process whose locale was set to C (ITK's GDCM writer does so and leaves it) fails on any
+    non-ASCII byte: a name in a model card, a path in a worklist."""
+    found = []
+    for folder in (MODULE, ROOT / "Training", ROOT / "Testing" / "benchmarks"):
+        for path in sorted(folder.rglob("*.py")):
+            if "egg-info" in path.parts:
+                continue
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+            found += [f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)[:80]}" for node in ast.walk(tree)
+                      if isinstance(node, ast.Call) and _implicit_encoding(node)]
+    assert not found, "text I/O without encoding=:\n" + "\n".join(found)
+
+
+def test_the_encoding_check_finds_what_it_must():
+    calls = {"open(p)": True, "open(p, 'w', newline='')": True, "Path(p).read_text()": True,
+             "p.write_text(s)": True, "os.fdopen(fd, 'w')": True, "p.open()": True, "p.open('a')": True,
+             "open(p, 'rb')": False, "p.open(mode='wb')": False, "p.read_text(encoding='utf-8')": False,
+             "PILImage.open(p)": False, "gzip.open(p)": False, "os.open(p, flags)": False,
+             "open(p, encoding='utf-8-sig')": False}
+    for source, implicit in calls.items():
+        assert _implicit_encoding(ast.parse(source, mode="eval").body) is implicit, source

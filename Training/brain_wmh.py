@@ -402,7 +402,7 @@ def loo(cfg: Config, root: Path, out: Path, only: list[str] | None = None) -> di
         train_cases = [c for c in cases if c is not held]
         fold_out = out / f"fold-{held['id']}"
         if (fold_out / "fold.json").exists() and (fold_out / "probabilities.npz").exists():
-            folds[held["id"]] = json.loads((fold_out / "fold.json").read_text())
+            folds[held["id"]] = json.loads((fold_out / "fold.json").read_text(encoding="utf-8"))
             continue
         info = train(cfg, train_cases, fold_out)
         from SpineKneeSegLib.engine.inference import load_network
@@ -552,7 +552,7 @@ def ship(out: Path, version: str, compare: list[Path], minutes: dict, notes: str
     )
     from wmh_selection import markdown, report, shipped_decoder, shipped_rules
 
-    loo_result = json.loads((out / "loo.json").read_text())
+    loo_result = json.loads((out / "loo.json").read_text(encoding="utf-8"))
     s = loo_result["summary"]
     beaten = all(s[f"model@{r}"]["dice"] > s[f"baseline@{r}"]["dice"] for r in ("1mm", f"{EVAL_SLAB_MM:g}mm"))
     if not beaten:
@@ -561,8 +561,9 @@ def ship(out: Path, version: str, compare: list[Path], minutes: dict, notes: str
     selection = report(out)
     variants = {f"{out.name}: {loo_result['config']['loss']} (shipped)": selection}
     for other in compare:
-        variants[f"{other.name}: {json.loads((other / 'loo.json').read_text())['config']['loss']}"] = report(other)
-    final = json.loads((out / "final" / "final.json").read_text())
+        loss = json.loads((other / "loo.json").read_text(encoding="utf-8"))["config"]["loss"]
+        variants[f"{other.name}: {loss}"] = report(other)
+    final = json.loads((out / "final" / "final.json").read_text(encoding="utf-8"))
     checkpoint = load_checkpoint(out / "final" / "best.pt")
     cfg = checkpoint["metadata"]["config"]
     name = entry_name(cfg)
@@ -610,7 +611,7 @@ def main(argv=None) -> int:
         print(json.dumps(info))
     else:
         minutes = dict(item.split("=") for item in args.minutes.split(",") if item)
-        notes = args.notes.read_text() if args.notes else ""
+        notes = args.notes.read_text(encoding="utf-8") if args.notes else ""
         return ship(Path(args.out), args.version, args.compare, minutes, notes)
     return 0
 

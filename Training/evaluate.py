@@ -113,7 +113,7 @@ def main(argv=None) -> int:
                 rows[f"{truth_file.name}:{label}"] = row
         result = {"summary": summarise_foramina(rows), "foramina": rows}
     else:
-        a, b = (json.loads(Path(p).read_text())["foramina"] for p in (args.a, args.b))
+        a, b = (json.loads(Path(p).read_text(encoding="utf-8"))["foramina"] for p in (args.a, args.b))
         keys = sorted(set(a) & set(b))
         result = exact_binomial_comparison([a[k]["within"] for k in keys], [b[k]["within"] for k in keys])
     text = json.dumps(result, indent=2)

@@ -107,7 +107,7 @@ def main(argv=None) -> int:
         print(f"refusing to ship {run / 'best.pt'}: a {checkpoint.get('model')} model trained on "
               f"{trained_on or 'unknown data'} only; foramen weights need real foramen labels", file=sys.stderr)
         return 2
-    metrics = json.loads((run / "best_metrics.json").read_text())
+    metrics = json.loads((run / "best_metrics.json").read_text(encoding="utf-8"))
     import torch
 
     history = torch.load(run / "last.pt", map_location="cpu", weights_only=False)["state"]["history"]

@@ -81,7 +81,7 @@ def _model_run(phantom, folder: Path):
     write_image(phantom.image, folder / "scan.nii.gz")
     report = run_case(get_task("lumbar-foramina"), [str(folder / "scan.nii.gz")], folder / "out",
                       RunOptions(device="cpu"))
-    doc = json.loads((folder / "out" / "foramina.mrk.json").read_text())
+    doc = json.loads((folder / "out" / "foramina.mrk.json").read_text(encoding="utf-8"))
     foramina = []
     for cp in doc["markups"][0]["controlPoints"]:
         level, side = cp["label"].split()
@@ -120,7 +120,7 @@ def collect(out: Path, seeds: int) -> Path:
                 moved, decoding["level_confidence"], body_probabilities(decoding)), truth)
         print(f"seed {seed}: {len(rows)} markers so far", flush=True)
     path = out / "markers.csv"
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
@@ -160,7 +160,7 @@ def _report(name: str, p: np.ndarray, y: np.ndarray) -> list[str]:
 
 
 def fit(out: Path) -> None:
-    with open(out / "markers.csv") as f:
+    with open(out / "markers.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     model = ConfidenceModel()
     x = np.array([design_row({k: float(r[k]) for k in FEATURES}) for r in rows])

@@ -224,15 +224,19 @@ def ship(out: Path, version: str, evaluation: Path, real: Path, variants: Path, 
     meta = torch.load(checkpoint, map_location="cpu", weights_only=True)["metadata"]
     held = None
     if held_out is not None:
-        spec = json.loads(held_out.read_text())
-        held = {"version": spec["version"], "evaluation": json.loads(Path(spec["evaluation"]).read_text()),
+        spec = json.loads(held_out.read_text(encoding="utf-8"))
+        held = {"version": spec["version"],
+                "evaluation": json.loads(Path(spec["evaluation"]).read_text(encoding="utf-8")),
                 "meta": torch.load(spec["checkpoint"], map_location="cpu", weights_only=True)["metadata"]}
     elif meta["held_out"] == ALL_ANATOMIES:
         raise SystemExit("a model trained on every anatomy ships with --held-out-figures (its held-out run)")
-    text = (model_card(version, meta, json.loads(evaluation.read_text()), json.loads(real.read_text()),
-                               json.loads(variants.read_text()), held, notes.read_text() if notes else "",
-                               json.loads(evaluation_tissue.read_text()) if evaluation_tissue else None))
-    mean = (held or {}).get("evaluation") or json.loads(evaluation.read_text())
+    def read(path):
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    text = (model_card(version, meta, read(evaluation), read(real), read(variants), held,
+                       notes.read_text(encoding="utf-8") if notes else "",
+                       read(evaluation_tissue) if evaluation_tissue else None))
+    mean = (held or {}).get("evaluation") or json.loads(evaluation.read_text(encoding="utf-8"))
     mean = mean["mean_dice"]
     maps = "both label maps" if held else "one label map"
     entry = publish(TASK, version, text, f"starter knee-bones trained on synthetic images from {maps}: held-out "

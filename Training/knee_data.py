@@ -57,7 +57,7 @@ class Config:
 def read_colour_table(path: Path) -> dict[int, str]:
     """Slicer colour table (.ctbl: ``value name r g b a`` lines) -> value: "r g b a" colour."""
     table = {}
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         parts = line.split()
         if len(parts) >= 6 and not line.startswith("#"):
             table[int(parts[0])] = " ".join(parts[2:6])
@@ -154,7 +154,7 @@ def read_pairs(csv_path: Path) -> list[dict]:
     import csv
 
     rows = []
-    with open(csv_path, newline="") as f:
+    with open(csv_path, newline="", encoding="utf-8") as f:
         for i, row in enumerate(csv.DictReader(f), start=2):
             missing = {"name", "labels", "mapping"} - {k for k, v in row.items() if v}
             if missing:
@@ -177,7 +177,7 @@ def write_pairs(rows: list[dict], csv_path: Path) -> None:
         writer.writerow({"name": row["name"], "image": str(row["image"] or ""), "labels": str(row["labels"]),
                          "mapping": ",".join(f"{k}:{v}" for k, v in row["mapping"].items())})
     tmp = csv_path.with_suffix(".tmp")
-    tmp.write_text(buf.getvalue())
+    tmp.write_text(buf.getvalue(), encoding="utf-8")
     tmp.replace(csv_path)
 
 

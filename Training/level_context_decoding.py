@@ -146,7 +146,7 @@ def main(argv=None) -> int:
         print("no spine data: set SPINEKNEESEG_DATA", file=sys.stderr)
         return 2
     cases = {c["id"]: c for c in spine_cases(root, log=lambda *_: None)}
-    folds = json.loads((args.run / "folds.json").read_text())["folds"]
+    folds = json.loads((args.run / "folds.json").read_text(encoding="utf-8"))["folds"]
     params = DecodingParameters(threshold=args.threshold, run_weights=(1.0,) * (N_LEVELS - 1) + (args.l5_weight,))
     held_out, external = {}, {}
     others = external_cases(root) if args.external else []

@@ -53,7 +53,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = {}
-    for f, cid, image, truth, weights, net, params in held_out_scans(args.run, json.loads(args.summary.read_text())):
+    summary = json.loads(args.summary.read_text(encoding="utf-8"))
+    for f, cid, image, truth, weights, net, params in held_out_scans(args.run, summary):
         d = decode_levels(run_network(net, weights.preprocessing, image).probabilities, image, params)
         pred = largest_component_per_label(d.labels)
         if not score(pred, truth, image)["identification"]["all_correct"]:

@@ -41,7 +41,7 @@ def ensemble_metadata(checkpoints: list[dict]) -> dict:
 def make_ensemble_run(members: list[Path], out: Path) -> list[Path]:
     """Write out/folds.json and out/fold*/final.pt (+ out/final/final.pt when every member has
     one); returns the checkpoints written."""
-    folds = [json.loads((m / "folds.json").read_text()) for m in members]
+    folds = [json.loads((m / "folds.json").read_text(encoding="utf-8")) for m in members]
     for m, f in zip(members[1:], folds[1:]):
         if f["folds"] != folds[0]["folds"]:
             raise SystemExit(f"{m}: its folds differ from {members[0]}'s; an ensemble's cross-validation "

@@ -162,7 +162,7 @@ def run_network(net, weights_pre: dict, image: Image):
 def fold_models(run: Path, summary: dict):
     """Per fold of a cross-validation run: (fold, held-out case ids, weights, network, the decoder
     settings cv-report chose for that fold on the other folds)."""
-    folds = json.loads((run / "folds.json").read_text())["folds"]
+    folds = json.loads((run / "folds.json").read_text(encoding="utf-8"))["folds"]
     for f, held_out in enumerate(folds):
         weights = resolve_weights(CARD, run / f"fold{f}" / "final.pt")
         params = DecodingParameters(threshold=summary["body_threshold"]["per_fold"][f],
@@ -330,7 +330,7 @@ def choose_l5_weight(per_case: dict, fold_of: dict, n_folds: int, thresholds: di
 def cv_report(run: Path, partial: bool = False) -> dict:
     """``partial``: report the folds scored so far (a recipe trained across sessions); the decoder's
     choices for each are still made on the other scored folds only."""
-    folds = json.loads((run / "folds.json").read_text())
+    folds = json.loads((run / "folds.json").read_text(encoding="utf-8"))
     per_case, fold_of, scored = {}, {}, []
     for f, ids in enumerate(folds["folds"]):
         path = run / f"fold{f}" / "evaluation.json"
@@ -339,7 +339,7 @@ def cv_report(run: Path, partial: bool = False) -> dict:
                 continue
             raise FileNotFoundError(f"{path}: fold {f} not evaluated yet")
         scored.append(f)
-        for cid, result in json.loads(path.read_text())["cases"].items():
+        for cid, result in json.loads(path.read_text(encoding="utf-8"))["cases"].items():
             per_case[cid], fold_of[cid] = result, f
     if not per_case:
         raise FileNotFoundError(f"{run}: no fold evaluated yet")

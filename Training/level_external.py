@@ -250,7 +250,7 @@ def summary(results: dict, doubtful_below: float) -> dict:
 
 def card_section(path: Path, name: str = "registered") -> str:
     """A model card's section from an external.json: the table and the tally of one weights' runs."""
-    data = json.loads(Path(path).read_text())
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
     if name not in data["cases"]:
         raise KeyError(f"{path}: no runs of {name!r} (has {', '.join(data['cases'])})")
     counts = data["summary"][name]

@@ -76,10 +76,10 @@ def main(argv=None) -> int:
     if root is None:
         print("no shared data: set SPINEKNEESEG_DATA", file=sys.stderr)
         return 2
-    summary = json.loads(args.summary.read_text())
+    summary = json.loads(args.summary.read_text(encoding="utf-8"))
     threshold = summary["doubtful_threshold"]["threshold"]
     cases = {c["id"]: c for c in spine_cases(root, log=lambda *_: None)}
-    external = json.loads((args.external or args.run / "final" / "external.json").read_text())
+    external = json.loads((args.external or args.run / "final" / "external.json").read_text(encoding="utf-8"))
     cv_rows, ext_rows = [], []
     for f, held_out, weights, net, params in fold_models(args.run, summary):
         for cid in held_out:

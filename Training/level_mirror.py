@@ -48,7 +48,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = {}
-    for f, cid, image, truth, weights, net, params in held_out_scans(args.run, json.loads(args.summary.read_text())):
+    summary = json.loads(args.summary.read_text(encoding="utf-8"))
+    for f, cid, image, truth, weights, net, params in held_out_scans(args.run, summary):
         row = {"fold": f}
         for name, mirror in (("plain", False), ("mirror", True)):
             d = decode_levels(probabilities(net, weights.preprocessing, image, mirror), image, params)

@@ -42,7 +42,7 @@ def run_all(jobs: dict[str, list[str]], logs: Path) -> dict[str, int]:
     logs.mkdir(parents=True, exist_ok=True)
     running = {}
     for name, argv in jobs.items():
-        log = open(logs / f"{name.replace('/', '-')}.log", "w")
+        log = open(logs / f"{name.replace('/', '-')}.log", "w", encoding="utf-8")
         running[name] = (subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT), log)
     codes = {}
     for name, (process, log) in running.items():

@@ -71,7 +71,8 @@ def cmd_inputs(args) -> int:
 
     torch.set_num_threads(args.threads)
     store = {}
-    for f, cid, image, truth, weights, net, params in held_out_scans(args.run, json.loads(args.summary.read_text())):
+    summary = json.loads(args.summary.read_text(encoding="utf-8"))
+    for f, cid, image, truth, weights, net, params in held_out_scans(args.run, summary):
         settings = {"level_decoding": {"threshold": params.threshold, "run_weights": params.run_weights}}
         with torch.inference_mode():
             out = segment_slices(CARD, image, net, torch.device("cpu"), weights.preprocessing, batch_size=8,
@@ -192,9 +193,9 @@ def cmd_cv(args) -> int:
     recipe = recipe_of(args)
     for f in sorted({c["fold"] for c in cases.values()}):
         done = args.out / f"refine_fold{f}.json"  # a fold scored by an earlier run of this recipe is kept
-        if done.exists() and json.loads(done.read_text())["recipe"] == recipe:
+        if done.exists() and json.loads(done.read_text(encoding="utf-8"))["recipe"] == recipe:
             rows.update({c: {k: v for k, v in r.items() if k not in ("right", "right_after")}  # named below
-                         for c, r in json.loads(done.read_text())["cases"].items()})
+                         for c, r in json.loads(done.read_text(encoding="utf-8"))["cases"].items()})
             print(f"fold {f}: kept from {done}", flush=True)
             continue
         train_cases = [c for c in cases.values() if c["fold"] != f]
@@ -258,7 +259,7 @@ def cmd_choose(args) -> int:
     grid = [(t, b) for t in THRESHOLDS for b in BANDS]
     rows, chosen, held_grid = {}, {}, {}
     for f in folds:
-        recipe = json.loads((args.out / f"refine_fold{f}.json").read_text())["recipe"]
+        recipe = json.loads((args.out / f"refine_fold{f}.json").read_text(encoding="utf-8"))["recipe"]
         net = LevelRefiner(**network_config(recipe))
         net.load_state_dict(torch.load(args.out / f"refine_fold{f}.pt", weights_only=True))
         net.eval()
@@ -296,7 +297,7 @@ def cmd_final(args) -> int:
 
     torch.set_num_threads(args.threads)
     cases = load_inputs(args.inputs)
-    cv = json.loads((args.out / "refine_cv.json").read_text())["summary"]
+    cv = json.loads((args.out / "refine_cv.json").read_text(encoding="utf-8"))["summary"]
     want = {k: v for k, v in recipe_of(args).items() if k != "seed"}  # the final model may use another seed
     if {k: cv.get(k) for k in want} != want or network_config(cv) != network_config(want):
         print(f"the cross-validation in {args.out} used another recipe: {cv}", file=sys.stderr)
@@ -435,9 +436,9 @@ def cmd_ship(args) -> int:
     from SpineKneeSegLib.engine.weights import find_entry, load_checkpoint
 
     checkpoint = load_checkpoint(args.out / "final.pt")
-    cv = json.loads((args.out / "refine_cv.json").read_text())
+    cv = json.loads((args.out / "refine_cv.json").read_text(encoding="utf-8"))
     choose = args.out / "refine_choose.json"  # the nested choice of the step's settings, when made
-    choice = json.loads(choose.read_text()) if choose.exists() else None
+    choice = json.loads(choose.read_text(encoding="utf-8")) if choose.exists() else None
     levels = find_entry("lumbar-levels")
     timing = args.timing or "Not measured."
     text = model_card(args.version, checkpoint, cv, timing, levels.version if levels else "?", choice, str(args.out),

@@ -75,9 +75,10 @@ def keep(run: Path, to: Path, log=print, weights: bool = False) -> list[str]:
     if not folds_json.exists():
         raise FileNotFoundError(f"{folds_json}: not a cv run (no folds.json)")
     earlier = to / "folds.json"
-    if earlier.exists() and json.loads(earlier.read_text())["folds"] != json.loads(folds_json.read_text())["folds"]:
+    if earlier.exists() and (json.loads(earlier.read_text(encoding="utf-8"))["folds"]
+                             != json.loads(folds_json.read_text(encoding="utf-8"))["folds"]):
         raise ValueError(f"{earlier}: its folds differ from {folds_json}'s; keep each run in its own folder")
-    scans = sum(len(f) for f in json.loads(folds_json.read_text())["folds"])
+    scans = sum(len(f) for f in json.loads(folds_json.read_text(encoding="utf-8"))["folds"])
     jobs = []
     for fold_dir in sorted(p for p in run.iterdir() if p.is_dir()):
         final = fold_dir / "final.pt"
@@ -99,7 +100,7 @@ def keep(run: Path, to: Path, log=print, weights: bool = False) -> list[str]:
         dest.mkdir(exist_ok=True)
         summary = model_summary(final)
         for src in scored:
-            write_text_atomic(dest / src.name, json.dumps(json.loads(src.read_text()), indent=1))
+            write_text_atomic(dest / src.name, json.dumps(json.loads(src.read_text(encoding="utf-8")), indent=1))
             kept.append(str(dest / src.name))
         if weights:
             with atomic_path(dest / final.name) as tmp:
@@ -108,7 +109,7 @@ def keep(run: Path, to: Path, log=print, weights: bool = False) -> list[str]:
                 raise OSError(f"{dest / final.name}: the copy's SHA256 differs from {final}'s")
             evaluation = fold_dir / "evaluation.json"
             write_text_atomic(dest / "card.md", fold_card(run, fold_dir.name, summary, json.loads(
-                evaluation.read_text()) if evaluation.exists() else None, scans))
+                evaluation.read_text(encoding="utf-8")) if evaluation.exists() else None, scans))
             register_model(dest / final.name, "lumbar-levels", "0.0.0", "card.md",
                            f"cross-validation fold model {run.name}/{fold_dir.name}; not a release", root=dest)
             kept += [str(dest / final.name), str(dest / "card.md"), str(dest / "registry.json")]

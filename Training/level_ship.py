@@ -254,7 +254,7 @@ def fold_train_seconds(fold_dir: Path) -> float:
     model.json (``keep`` copies the figures, not the weights)."""
     if (fold_dir / "final.pt").is_file():
         return load_checkpoint(fold_dir / "final.pt")["metadata"].get("train_seconds", 0)
-    return json.loads((fold_dir / "model.json").read_text())["train_seconds"]
+    return json.loads((fold_dir / "model.json").read_text(encoding="utf-8"))["train_seconds"]
 
 
 def ship(cv_dir: Path, final_dir: Path, version: str, commands: list[str], notes: list[str] | None = None,
@@ -262,8 +262,8 @@ def ship(cv_dir: Path, final_dir: Path, version: str, commands: list[str], notes
     """``external``: an external.json of Training/level_external.py whose "registered" runs used
     this model's weights and decoding settings (``candidate``: write that checkpoint, then stop).
     The card compares with the newest older registered version."""
-    summary = json.loads((cv_dir / "cv_summary.json").read_text())
-    folds = json.loads((cv_dir / "folds.json").read_text())
+    summary = json.loads((cv_dir / "cv_summary.json").read_text(encoding="utf-8"))
+    folds = json.loads((cv_dir / "folds.json").read_text(encoding="utf-8"))
     checkpoint = load_checkpoint(final_dir / "final.pt")
     if checkpoint["metadata"]["config"] != folds["config"]:
         raise SystemExit("the final model's recipe differs from the cross-validated one: refusing to ship")

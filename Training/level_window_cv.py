@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    folds = json.loads((args.run / "folds.json").read_text())["folds"]
+    folds = json.loads((args.run / "folds.json").read_text(encoding="utf-8"))["folds"]
     cases = [c for c in spine_cases(data_root(), log=lambda *_: None) if c["dataset"] in args.datasets]
     rows = []
     for f, held_out in enumerate(folds):

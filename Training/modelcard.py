@@ -69,7 +69,7 @@ def list_in_cmake(*files: Path) -> list[str]:
     cmake = Path(files[0]).resolve().parent.parent.parent / "CMakeLists.txt"
     if Path(files[0]).resolve().parent.parts[-2:] != ("Resources", "Models") or not cmake.is_file():
         return []
-    lines = cmake.read_text().splitlines()
+    lines = cmake.read_text(encoding="utf-8").splitlines()
     added = []
     for f in sorted(files, key=lambda f: Path(f).name):
         entry = f"  Resources/Models/{Path(f).name}"

@@ -348,7 +348,7 @@ def recipe_of_run(folds_json: Path, cfg, same_recipe: bool):
 
     import level_column as lc
 
-    stored = json.loads(folds_json.read_text())["config"]
+    stored = json.loads(folds_json.read_text(encoding="utf-8"))["config"]
     if same_recipe:
         return replace(lc.ColumnConfig(**stored), **{k: getattr(cfg, k) for k in EXECUTION_KEYS})
     differ = {k: (v, stored.get(k)) for k, v in asdict(cfg).items() if k not in EXECUTION_KEYS and stored.get(k) != v}
@@ -429,10 +429,10 @@ def column_main(argv) -> int:
         return 0
     folds_json = out / "folds.json"
     if args.evaluate_only and folds_json.exists():  # score what was trained: its folds and recipe stay as written
-        folds = json.loads(folds_json.read_text())["folds"]
+        folds = json.loads(folds_json.read_text(encoding="utf-8"))["folds"]
     else:
         folds = lc.make_folds(cases, args.folds, args.split_seed)
-        if folds_json.exists() and json.loads(folds_json.read_text())["folds"] != folds:
+        if folds_json.exists() and json.loads(folds_json.read_text(encoding="utf-8"))["folds"] != folds:
             print(f"{folds_json}: its folds differ from this command's (--folds, --split-seed, the data); "
                   "use another --out", file=sys.stderr)
             return 2

@@ -128,7 +128,7 @@ def summarise(table: dict) -> dict:
 def report(run: Path, split_mm: float | None = 2.0) -> dict:
     from brain_wmh import Config
 
-    cfg_dict = json.loads((run / "loo.json").read_text()).get("config", {})
+    cfg_dict = json.loads((run / "loo.json").read_text(encoding="utf-8")).get("config", {})
     cfg = Config(**{k: v for k, v in cfg_dict.items() if k in Config.__dataclass_fields__})
     views = load_views(run, cfg)
     cases = sorted(views)

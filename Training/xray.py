@@ -177,7 +177,7 @@ def manifest_cases(cfg: Config, n_labels: int) -> list[Case]:
 
     pre = preprocessing(cfg)
     cases = []
-    with open(cfg.manifest, newline="") as f:
+    with open(cfg.manifest, newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
             image, labels = read_image(row["image"]), read_image(row["labels"])
             if labels.array.shape != image.array.shape:
@@ -195,7 +195,7 @@ def manifest_classes(cfg: Config) -> list[dict] | None:
     if not cfg.manifest:
         return None
     path = Path(cfg.manifest).parent / "classes.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
 def sample_batch(cases: list[Case], cfg: Config, rng: np.random.Generator, pre: dict):
@@ -412,7 +412,7 @@ def head_errors(heads, truth: list[dict]) -> list[dict]:
 def experiment(config_path: Path, log=print) -> dict:
     """Train every arm of a config (same data, seeds and budget; only the named fields differ),
     evaluate each on the same held-out phantoms clean and noisy, write results.json + results.md."""
-    spec = json.loads(config_path.read_text())
+    spec = json.loads(config_path.read_text(encoding="utf-8"))
     out = Path(spec["out"])
     out.mkdir(parents=True, exist_ok=True)
     results = {}
@@ -426,7 +426,8 @@ def experiment(config_path: Path, log=print) -> dict:
             evaluation["train_seconds"] = round(state["seconds"], 1)
             evaluation["best_step"] = state["best_step"]
             write_text_atomic(done, json.dumps(evaluation, indent=1))  # its presence marks the arm done
-        results[arm["name"]] = {"description": arm.get("description", ""), **json.loads(done.read_text())}
+        results[arm["name"]] = {"description": arm.get("description", ""),
+                                **json.loads(done.read_text(encoding="utf-8"))}
     write_text_atomic(out / "results.json", json.dumps(results, indent=1))
     table = results_table(spec, results)
     write_text_atomic(out / "results.md", table)
@@ -561,10 +562,10 @@ def ship(task: str, run: Path, version: str, experiments: list[Path], note: str 
     if checkpoint["task"] != task:
         print(f"{run / 'best.pt'} is a {checkpoint['task']} checkpoint, not {task}", file=sys.stderr)
         return 2
-    evaluation = json.loads((run / "evaluation.json").read_text())
-    tables = {str(p): p.read_text() for p in experiments if p.exists()}
+    evaluation = json.loads((run / "evaluation.json").read_text(encoding="utf-8"))
+    tables = {str(p): p.read_text(encoding="utf-8") for p in experiments if p.exists()}
     real_path = run / "evaluation-real-best.json"  # Training/xray_real.py evaluate
-    real = json.loads(real_path.read_text()) if real_path.exists() else None
+    real = json.loads(real_path.read_text(encoding="utf-8")) if real_path.exists() else None
     text = model_card(task, version, checkpoint, evaluation, tables, note, real)
     clean = evaluation["summary"]["clean"]["mean"]
     noisy = evaluation["summary"]["noisy"]["mean"]

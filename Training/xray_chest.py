@@ -312,16 +312,17 @@ def experiment(config_path: Path, log=print) -> dict:
     """Seed 001's experiments: the runs a JSON config names, each trained (or resumed; a finished
     run with the same config is reused) and evaluated on the same held-out radiographs at each of
     ``noise_sigmas``; results.json and results.md in ``out``."""
-    spec = json.loads(config_path.read_text())
+    spec = json.loads(config_path.read_text(encoding="utf-8"))
     out = Path(spec["out"])
     out.mkdir(parents=True, exist_ok=True)
-    results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
+    results = json.loads((out / "results.json").read_text(encoding="utf-8")) if (out / "results.json").exists() else {}
     for run in spec["runs"]:
         name = run["name"]
         cfg = Config(**{**spec.get("common", {}), **{k: v for k, v in run.items() if k != "name"},
                         "out": str(out / name)})
         path = Path(cfg.out)
-        saved = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else None
+        config = path / "config.json"
+        saved = json.loads(config.read_text(encoding="utf-8")) if config.exists() else None
         if saved is None or asdict(config_from(saved)) != asdict(cfg):
             train(cfg, resume=(path / "last.pt").exists() and saved is None, log=log)
         for sigma in spec.get("noise_sigmas", [0.0]):
@@ -407,9 +408,9 @@ def ship(run: Path, version: str, experiments_md: Path | None, minutes: float, l
     command = ("python Training/xray_chest.py train --out " + str(run) + " " +
                " ".join(f"--{k.replace('_', '-')} {v}" for k, v in cfg.items() if k not in ("out", "threads") and v not in (None, "")))
     text = model_card(version, ckpt, clean, noisy,
-                      {"text": experiments_md.read_text() if experiments_md and experiments_md.exists() else
+                      {"text": experiments_md.read_text(encoding="utf-8") if experiments_md and experiments_md.exists() else
                        "see Training/README.md"}, command, minutes,
-                      robustness_md.read_text() if robustness_md else None)
+                      robustness_md.read_text(encoding="utf-8") if robustness_md else None)
     checkpoint = {"task": TASK, "network": {"factory": card.network.factory, "config": ckpt["network"]},
                   "state_dict": net.state_dict(), "preprocessing": run_preprocessing(config_from(cfg))}
     entry = publish(TASK, version, text, "xray-chest: lungs, heart, clavicles on PA chest radiographs (JSRT/SCR, "

@@ -114,7 +114,7 @@ class Writer:
 
     def close(self) -> Path:
         manifest = self.out / "manifest.csv"
-        with open(manifest, "w", newline="") as f:
+        with open(manifest, "w", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=["id", "image", "labels"])
             w.writeheader()
             w.writerows(self.rows)
@@ -178,7 +178,7 @@ def rle_decode(counts: list[int], shape: tuple[int, int]) -> np.ndarray:
 
 
 def import_coco(json_path: Path, images: Path, out: Path, classes: list[str] | None) -> Path:
-    data = json.loads(json_path.read_text())
+    data = json.loads(json_path.read_text(encoding="utf-8"))
     cats = {c["id"]: c["name"] for c in data.get("categories", [])}
     used = sorted({a["category_id"] for a in data.get("annotations", [])})
     if classes is None:

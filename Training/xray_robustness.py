@@ -117,7 +117,7 @@ def main(argv=None) -> int:
         print(f"| {name} | " + " | ".join(f"{m:.3f}" for m in means) +
               f" | {np.mean(means):.3f} | {sel[worst]['case']} ({per_case[worst]:.3f}) |")
     if args.json:
-        with open(args.json, "w") as f:
+        with open(args.json, "w", encoding="utf-8") as f:
             json.dump(rows, f, indent=1)
     return 0
 

@@ -86,8 +86,8 @@ def run_demo(output: str | Path, device: str = "auto", use_data: bool = True) ->
                         truth.array if truth is not None else None, folder / "shared", stage, device, truth_png))
             sections.append(section)
         summary = {"tasks": sections, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
-        (stage / "demo.json").write_text(json.dumps(summary, indent=2))
-        (stage / "report.html").write_text(_html(sections))
+        (stage / "demo.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        (stage / "report.html").write_text(_html(sections), encoding="utf-8")
     print(f"demo report: {Path(output) / 'report.html'}")
     return summary
 

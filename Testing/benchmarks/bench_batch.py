@@ -36,7 +36,7 @@ def cli(*args) -> list[str]:
 
 
 def write_manifest(path: Path, cases) -> Path:
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["id", "input"])
         writer.writerows([(case_id, str(image)) for case_id, image in cases])

@@ -32,7 +32,7 @@ def one_run(task: str, source: Path, out: Path, extra: list[str]) -> dict:
     subprocess.run([sys.executable, "-m", "SpineKneeSegLib.cli", "run", "--task", task, str(source), "-o", str(out),
                     "--progress", "none", *extra], check=True)
     wall = time.perf_counter() - t
-    timings = json.loads((out / "report.json").read_text())["timings_s"]
+    timings = json.loads((out / "report.json").read_text(encoding="utf-8"))["timings_s"]
     return {"wall": wall, "startup": timings["startup"], "total": timings["total"], "network": timings["network"],
             "outside": timings["total"] - timings["network"]}
 

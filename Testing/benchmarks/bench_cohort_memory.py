@@ -27,7 +27,7 @@ from bench_batch import TASK, lumbar_cases
 
 
 def resident_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+    for line in Path(f"/proc/{pid}/status").read_text(encoding="utf-8").splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"no VmRSS for process {pid}")
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     cases = lumbar_cases(args.limit)
     with tempfile.TemporaryDirectory() as tmp:
         manifest = Path(tmp) / "cases.csv"
-        with open(manifest, "w", newline="") as f:
+        with open(manifest, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(["id", "input"])
             writer.writerows((f"pass{p}-{case_id}", image) for p in range(args.passes) for case_id, image in cases)

@@ -40,7 +40,7 @@ def bench_scan(path: Path, runs: int) -> dict:
                        check=False, stdout=subprocess.DEVNULL)
         if not out.exists():
             raise SystemExit(f"bench_overhead.py failed on {path}")
-        return json.loads(out.read_text())[0]
+        return json.loads(out.read_text(encoding="utf-8"))[0]
 
 
 def main(argv=None) -> int:

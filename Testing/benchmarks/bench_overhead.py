@@ -121,7 +121,7 @@ def main(argv=None) -> int:
               f"postprocess {r['postprocess']:.3f}  "
               f"write {r['write']:.3f}  mrml start-up {r.get('mrml_startup', 0):.3f}  dicom-seg {r.get('dicom_seg', 0):.3f}"
               f"  (all in total; start-up before it {r.get('startup', 0):.3f})")
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
                 if line.startswith("model name")), "?")[:60] if Path("/proc/cpuinfo").exists() else "?"  # one core's name
     import resource
 
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
           f"{peak_mb:.0f} MB (all tasks above; run one --tasks for its own figure)")
     if args.json:
         Path(args.json).write_text(json.dumps([{**r, "shape": list(r["shape"]), "ok": bool(r["ok"])} for r in results],
-                                              indent=2))
+                                              indent=2), encoding="utf-8")
     return 0 if all(r["ok"] for r in results) else 1
 
 

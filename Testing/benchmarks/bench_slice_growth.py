@@ -48,7 +48,7 @@ def level_dice(a: np.ndarray, b: np.ndarray) -> float:
 def run(card, image: Path, out: Path) -> tuple[dict, np.ndarray, dict]:
     report = run_case(card, [str(image)], out, RunOptions(threads=2))
     labels = read_image(out / "labels.nii.gz").array
-    markers = json.loads((out / "foramina.mrk.json").read_text())["markups"][0]["controlPoints"]
+    markers = json.loads((out / "foramina.mrk.json").read_text(encoding="utf-8"))["markups"][0]["controlPoints"]
     return report, labels, {p["label"]: np.asarray(p["position"]) for p in markers}
 
 
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
               f"min {min(r['level_dice_to_all'] for r in mine):.4f}; confidence moved at most {max(moved):.4f}; "
               f"names, markers or the doubtful flag changed on: {', '.join(changed) or 'none'}")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        Path(args.json).write_text(json.dumps(rows, indent=1), encoding="utf-8")
     return 1 if bad else 0
 
 

@@ -38,11 +38,12 @@ def run_all(out: Path) -> int:
 
 
 def _markers(folder: Path) -> list:
-    return [p["position"] for p in json.loads((folder / "foramina.mrk.json").read_text())["markups"][0]["controlPoints"]]
+    markups = json.loads((folder / "foramina.mrk.json").read_text(encoding="utf-8"))["markups"]
+    return [p["position"] for p in markups[0]["controlPoints"]]
 
 
 def _summaries(folder: Path) -> str:
-    summaries = json.loads((folder / "report.json").read_text())["summaries"]
+    summaries = json.loads((folder / "report.json").read_text(encoding="utf-8"))["summaries"]
     return json.dumps({k: v for k, v in summaries.items() if k not in VARYING}, sort_keys=True)
 
 

@@ -95,7 +95,7 @@ def level_and_side(label: str, description: str = "", attributes: dict | None = 
 def _markups(path: Path, allow_empty: bool) -> list[tuple[dict, np.ndarray]]:
     """Each markup of a Slicer .mrk.json with the sign flip that takes its positions to RAS."""
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError("markers file does not exist", path) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

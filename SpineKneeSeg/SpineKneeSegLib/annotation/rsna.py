@@ -72,7 +72,7 @@ def read_rsna_points(csv_path) -> tuple[list[RsnaPoint], dict[str, int]]:
     """Foramen points of the CSV and a count of skipped rows per other condition."""
     csv_path = Path(csv_path)
     try:
-        with open(csv_path, newline="") as f:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
             if missing:

@@ -246,7 +246,7 @@ class AnnotationController:
         self.markers_path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".annotation-", dir=self.markers_path.parent) as tmp:
             staged = save_node(self.node, Path(tmp) / self.markers_path.name)
-            doc = json.loads(staged.read_text())
+            doc = json.loads(staged.read_text(encoding="utf-8"))
         for markup in doc.get("markups", []):
             markup["controlPoints"] = [cp for cp in markup.get("controlPoints") or []
                                        if cp.get("positionStatus") != "preview"]

@@ -31,7 +31,11 @@ def read_training_manifest(path: str | Path) -> list[TrainingCase]:
     path = Path(path)
     if not path.is_file():
         raise InputError("training manifest does not exist", path)
-    with open(path, newline="") as f:
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a BOM: Excel's "CSV UTF-8"
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read the training manifest ({exc})", path) from None
+    with io.StringIO(text, newline="") as f:
         reader = csv.DictReader(f)
         missing = [c for c in ("id", "task", "image") if c not in (reader.fieldnames or [])]
         if missing:

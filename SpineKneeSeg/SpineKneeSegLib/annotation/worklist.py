@@ -204,7 +204,7 @@ class Worklist:
         if not path.is_file():
             return {}
         try:
-            reviews = json.loads(path.read_text()).get("reviewed", {})
+            reviews = json.loads(path.read_text(encoding="utf-8")).get("reviewed", {})
         except (OSError, json.JSONDecodeError, AttributeError) as exc:
             raise InputError(f"unreadable worklist status file ({exc})", path) from None
         return reviews if isinstance(reviews, dict) else {}
@@ -271,7 +271,7 @@ def _case_in_folder(folder: Path) -> tuple[Path | None, str]:
 def _read_list(path: Path) -> list[tuple[str, Path]]:
     """One image path per line (``#`` comments), or a CSV with columns ``id`` and ``image``."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")  # a list saved by Excel or Notepad may begin with a BOM
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"cannot read the worklist file ({exc})", path) from None
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
@@ -326,12 +326,12 @@ def mark_model_points(path: Path, model: str) -> None:
     reads it takes the guesses for labels."""
     import json
 
-    doc = json.loads(path.read_text())
+    doc = json.loads(path.read_text(encoding="utf-8"))
     tag = f"status=unconfirmed; origin=model; model={model.replace(';', ',')}"
     for markup in doc.get("markups", []):
         for cp in markup.get("controlPoints") or []:
             cp["description"] = "; ".join(filter(None, [str(cp.get("description", "")).strip(), tag]))
-    path.write_text(json.dumps(doc, indent=2))
+    path.write_text(json.dumps(doc, indent=2), encoding="utf-8")
 
 
 def predict_worklist(worklist: Worklist, options=None, overwrite: bool = False, progress=None) -> list[str]:

@@ -201,7 +201,7 @@ class HeldLock:
     def _beat(self, stop) -> None:
         while not stop.wait(lock_lease_s() / 6):
             try:
-                if self.path.read_text() != self.claim:
+                if self.path.read_text(encoding="utf-8") != self.claim:
                     self.lost = True
                     return
                 os.utime(self.path)
@@ -231,7 +231,7 @@ class HeldLock:
             _HELD.discard(self)
             self._pause()
             with contextlib.suppress(FileNotFoundError):
-                if self.path.read_text() == self.claim:
+                if self.path.read_text(encoding="utf-8") == self.claim:
                     os.unlink(self.path)
 
 
@@ -340,7 +340,7 @@ def _take_lock(lock: Path, claim: str) -> HeldLock | None:
     except FileExistsError:
         return None
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(claim)
         return HeldLock(lock, claim)
     except BaseException:  # e.g. a full disk: no empty lock left behind for the next run to puzzle over
@@ -515,7 +515,7 @@ def _lock_owner(lock: Path) -> dict | None:
 
 def _read_claim(lock: Path) -> str | None:
     try:
-        return lock.read_text()
+        return lock.read_text(encoding="utf-8")
     except OSError:
         return None
 

@@ -103,8 +103,9 @@ def process_age_s() -> float | None:
     """Seconds since this process started (interpreter start-up included), from /proc on Linux;
     None where the system does not say."""
     try:
-        start_ticks = float(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        stat = Path("/proc/self/stat").read_text(encoding="utf-8", errors="replace")  # comm may be any bytes
+        start_ticks = float(stat.rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text(encoding="utf-8").split()[0])
         return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError, AttributeError):
         return None

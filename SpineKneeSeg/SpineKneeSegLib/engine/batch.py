@@ -349,7 +349,7 @@ def count_deaths(output: Path, case_id: str, overwrite: bool, began: float | Non
     if overwrite and not _written_since(record, began):
         record.unlink(missing_ok=True)
     try:
-        deaths = int(record.read_text().split()[0])
+        deaths = int(record.read_text(encoding="utf-8").split()[0])
     except (OSError, ValueError, IndexError):
         deaths = 0
     if clear_stale_lock(output / case_id, wait=True):  # another machine's young lock: watched for its lease

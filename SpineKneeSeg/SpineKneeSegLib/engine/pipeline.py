@@ -356,7 +356,7 @@ def finished_result(folder: Path, report_name: str = "report.json") -> EarlierRe
     if not report.is_file():
         return None
     try:
-        earlier = json.loads(report.read_text())
+        earlier = json.loads(report.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         earlier = {}
     earlier = earlier if isinstance(earlier, dict) else {}
@@ -563,7 +563,7 @@ def _run_locked(card: TaskCard, inputs: list[str], output_dir: Path, options: Ru
             report["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
             report["timings_s"]["startup"] = round((options.startup_s or 0.0) + imports_s, 4)
             report["timings_s"]["startup_measured"] = options.startup_s is not None  # else: the late imports only
-            (stage / "report.json").write_text(json.dumps(report, indent=2))
+            (stage / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
             lock.check(output_dir)  # a run that lost its lock to another does not commit over that one's
     except Exception as exc:  # a writer's own message (VTK, ITK) hides a full disk or a lost permission
         problem = storage_problem(output_dir)

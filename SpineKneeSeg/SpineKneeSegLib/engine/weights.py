@@ -66,7 +66,7 @@ def read_registry(root: Path | None = None) -> list[RegistryEntry]:
     path = (root or models_dir()) / "registry.json"
     if not path.exists():
         return []
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     known = {f.name for f in fields(RegistryEntry)} - {"location"}
     return [RegistryEntry(**{k: v for k, v in entry.items() if k in known}) for entry in data.get("models", [])]
 
@@ -292,7 +292,8 @@ def register_model(checkpoint: str | os.PathLike, model: str, version: str, card
     entry = RegistryEntry(model, task, version, checkpoint.name, sha256_of(checkpoint), checkpoint.stat().st_size,
                           card, description)
     registry_path = root / "registry.json"
-    data = json.loads(registry_path.read_text()) if registry_path.exists() else {"format": "spinekneeseg-registry/1"}
+    data = (json.loads(registry_path.read_text(encoding="utf-8")) if registry_path.exists()
+            else {"format": "spinekneeseg-registry/1"})
     models = [m for m in data.get("models", []) if not (m["model"] == model and m["version"] == version)]
     models.append(entry.__dict__)
     data["models"] = sorted(models, key=lambda m: (m["model"], m["version"]))

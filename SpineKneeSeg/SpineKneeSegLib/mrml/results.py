@@ -47,7 +47,7 @@ def load_results(scene, output_dir, reference_volume, task: str = "", segmentati
     report_path = output_dir / "report.json"
     if not report_path.is_file():
         raise InputError("no report.json: the run did not finish", output_dir)
-    report = json.loads(report_path.read_text())
+    report = json.loads(report_path.read_text(encoding="utf-8"))
     outputs = report.get("outputs", [])
     task = task or report.get("task", "")
     results = LoadedResults(None, report=report)

@@ -61,7 +61,7 @@ def _process_table() -> list[tuple[int, int]]:
         for entry in proc.iterdir():
             if entry.name.isdigit():
                 try:
-                    stat = (entry / "stat").read_text()
+                    stat = (entry / "stat").read_text(encoding="utf-8", errors="replace")
                 except OSError:  # the process ended meanwhile
                     continue
                 table.append((int(entry.name), int(stat.rsplit(")", 1)[1].split()[1])))
@@ -108,7 +108,7 @@ def _alive(pid: int) -> bool:
     stat = Path(f"/proc/{pid}/stat")
     if stat.exists():
         try:
-            return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+            return stat.read_text(encoding="utf-8", errors="replace").rsplit(")", 1)[1].split()[0] != "Z"
         except OSError:
             return False
     return True

@@ -71,7 +71,7 @@ def run_task(scene, task: str, folder: Path, log=print, seed: int = 3, extra_arg
         # asked for here until session 43, which failed inside Slicer; Testing/test_runner.py)
         (markups,) = results.markups
         labels = [markups.GetNthControlPointLabel(i) for i in range(markups.GetNumberOfControlPoints())]
-        found = json.loads((output / "report.json").read_text())["summaries"]["foramina"]["found"]
+        found = json.loads((output / "report.json").read_text(encoding="utf-8"))["summaries"]["foramina"]["found"]
         foramina = {f"L{k} {side}" for k in range(1, 6) for side in ("left", "right")}
         assert len(labels) == found and len(set(labels)) == found and set(labels) <= foramina, \
             f"{task}: foramen markers {labels}, the run reports {found}"
