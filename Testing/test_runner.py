@@ -184,3 +184,28 @@ def test_lazy_module_first_import_is_counted_as_start_up(tmp_path, monkeypatch):
     first = lazy.import_seconds() - before
     assert first >= 0.05
     assert module.VALUE == 3 and lazy.import_seconds() - before == first
+
+
+def test_a_run_on_non_ascii_paths_from_a_c_locale_parent(tmp_path, brain_case):
+    """A parent under the C locale (no UTF-8 coercion) starts the run on a scan and an output folder
+    whose names are not ASCII: the child runs in UTF-8 mode, so ITK opens the path (under ASCII it
+    aborted the process) and every line arrives intact; the run finishes and writes its outputs."""
+    import os
+    import shutil
+
+    folder, _ = brain_case
+    scans = tmp_path / "Zoë Łukasz"
+    scans.mkdir()
+    shutil.copy(folder / "flair.nii.gz", scans / "flair.nii.gz")
+    out = scans / "résultats"
+    c = _controller(folder)
+    c.start()
+    command = c.command(sys.executable, [str(scans / "flair.nii.gz")], str(out)) + ["--batch-size", "1"]
+    base = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    run = CliProcess(command, out, env=cli_environment(base))
+    lines = _drain(run, c)
+    assert run.wait(60) == 0, run.stderr[-5:]
+    assert (out / "labels.nii.gz").is_file() and (out / "report.json").is_file()
+    events = [json.loads(line) for line in lines if line.startswith("{")]
+    assert any(str(out) in json.dumps(e, ensure_ascii=False) for e in events), lines[-3:]
+    assert c.finished(0)

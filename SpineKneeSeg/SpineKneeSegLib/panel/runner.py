@@ -34,10 +34,14 @@ def cli_python(executable: str | None = None) -> str:
 
 def cli_environment(base: dict | None = None) -> dict:
     """``base`` (default os.environ) with SpineKneeSegLib's folder first on PYTHONPATH, so the
-    child imports this very copy of the Lib."""
+    child imports this very copy of the Lib, and Python's UTF-8 mode: its output is decoded as UTF-8
+    here and in the panel, and a pipe's encoding is otherwise the locale's (a Windows code page, or
+    ASCII under the C locale, where a non-ASCII path could neither be printed nor handed to ITK)."""
     env = dict(os.environ if base is None else base)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(LIB_PARENT), env.get("PYTHONPATH", "")) if p)
     env.setdefault("PYTHONUNBUFFERED", "1")
+    env["PYTHONUTF8"] = "1"
+    env["PYTHONIOENCODING"] = "utf-8"
     return env
 
 
@@ -134,7 +138,8 @@ class CliProcess:
         self.output_dir = Path(output_dir) if output_dir else None
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                        env=env if env is not None else cli_environment(), bufsize=1)
+                                        encoding="utf-8", errors="replace", bufsize=1,
+                                        env=env if env is not None else cli_environment())
         self.stderr: list[str] = []
         self._threads = [threading.Thread(target=self._pump, args=(self.process.stdout, self.lines.put, True),
                                           daemon=True),
