@@ -177,8 +177,9 @@ def test_every_weights_file_is_registered_with_its_sha256_and_listed():
 
 
 # modules whose open() is not a text file's: images, archives, arrays, raw descriptors
-_NOT_TEXT_OPENERS = {"PILImage", "Image", "gzip", "tarfile", "zipfile", "h5py", "np", "sitk", "os", "io", "tempfile",
-                     "webbrowser"}
+_NOT_TEXT_OPENERS = {"PILImage", "Image", "tarfile", "zipfile", "h5py", "np", "sitk", "os", "tempfile", "webbrowser"}
+# modules whose open(file, mode) is binary unless the mode has "t"
+_FILE_OPENERS = {"gzip", "lzma", "bz2"}
 
 
 def _implicit_encoding(call: ast.Call) -> bool:
@@ -188,12 +189,16 @@ def _implicit_encoding(call: ast.Call) -> bool:
         return False
     if isinstance(func, ast.Attribute) and func.attr in ("read_text", "write_text"):
         return True
-    if isinstance(func, ast.Name) and func.id == "open":
+    module = func.value.id if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) else None
+    if (isinstance(func, ast.Name) and func.id == "open") or (module == "io" and func.attr == "open"):
         mode_at = 1
     elif isinstance(func, ast.Attribute) and func.attr == "fdopen":
         mode_at = 1
-    elif (isinstance(func, ast.Attribute) and func.attr == "open"
-          and not (isinstance(func.value, ast.Name) and func.value.id in _NOT_TEXT_OPENERS)):
+    elif module in _FILE_OPENERS and func.attr == "open":
+        modes = [a.value for a in call.args[1:2] if isinstance(a, ast.Constant)]
+        modes += [k.value.value for k in call.keywords if k.arg == "mode" and isinstance(k.value, ast.Constant)]
+        return any("t" in str(m) for m in modes)  # binary unless "t": gzip.open(p), lzma.open(p, "wb")
+    elif isinstance(func, ast.Attribute) and func.attr == "open" and module not in _NOT_TEXT_OPENERS:
         mode_at = 0  # Path.open(mode)
     else:
         return False
@@ -223,6 +228,8 @@ def test_the_encoding_check_finds_what_it_must():
              "p.write_text(s)": True, "os.fdopen(fd, 'w')": True, "p.open()": True, "p.open('a')": True,
              "open(p, 'rb')": False, "p.open(mode='wb')": False, "p.read_text(encoding='utf-8')": False,
              "PILImage.open(p)": False, "gzip.open(p)": False, "os.open(p, flags)": False,
+             "lzma.open(p, 'wb', preset=6)": False, "gzip.open(p, 'rt')": True, "bz2.open(p, mode='wt')": True,
+             "io.open(p)": True, "io.open(p, 'rb')": False,
              "open(p, encoding='utf-8-sig')": False}
     for source, implicit in calls.items():
         assert _implicit_encoding(ast.parse(source, mode="eval").body) is implicit, source

@@ -549,13 +549,13 @@ def pack_cases(path: Path, cases: list[dict], prepared: list[PreparedCase], spac
                         "labels": p.labels.astype(np.uint8),
                         **({"fractions": p.fractions} if p.fractions is not None else {})})
         worst = max(worst, step / 2)
-    with atomic_path(path) as tmp, lzma.open(tmp, "wb", preset=6, encoding="utf-8") as f:
+    with atomic_path(path) as tmp, lzma.open(tmp, "wb", preset=6) as f:
         pickle.dump({"spacing_mm": spacing_mm, "cases": records}, f)
     return {"scans": len(records), "max_quantisation_error_sd": round(worst, 4), "bytes": path.stat().st_size}
 
 
 def unpack_cases(path: Path, spacing_mm: float) -> tuple[list[dict], list[PreparedCase]]:
-    with lzma.open(path, "rb", encoding="utf-8") as f:
+    with lzma.open(path, "rb") as f:
         packed = pickle.load(f)  # noqa: S301  (our own file, made by pack_cases)
     if abs(packed["spacing_mm"] - spacing_mm) > 1e-6:
         raise ValueError(f"{path}: packed at {packed['spacing_mm']} mm, the recipe asks for {spacing_mm} mm")
