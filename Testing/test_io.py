@@ -540,14 +540,17 @@ def test_plain_dicom_pixels_read_by_numpy_equal_gdcm(tmp_path):
     assert not any(s.plain_pixels for s in _scan(tmp_path / "rescaled"))
 
 
-@pytest.mark.parametrize("layout", ["8-bit odd", "16-bit unsigned implicit VR", "large"])
+@pytest.mark.parametrize("layout", ["8-bit odd", "16-bit unsigned implicit VR", "large", "16-bit signed big endian"])
 def test_plain_dicom_layouts_read_from_the_file_offset(tmp_path, layout):
-    """8-bit pixels with an odd count (PixelData padded to even length), implicit VR, and a slice
-    whose PixelData is over the header pass's deferral size (skipped, read from its offset)."""
-    from pydicom.uid import ImplicitVRLittleEndian
+    """8-bit pixels with an odd count (PixelData padded to even length), implicit VR, a slice
+    whose PixelData is over the header pass's deferral size (skipped, read from its offset), and
+    explicit VR big endian (retired, yet the real knee MESE is stored so): values, not swapped bytes."""
+    from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
 
-    shape = {"8-bit odd": (2, 3, 5), "16-bit unsigned implicit VR": (2, 4, 5), "large": (2, 64, 48)}[layout]
-    files, _ = write_dicom_series(tmp_path / "s", _volume(shape) % 200)
+    shape = {"8-bit odd": (2, 3, 5), "16-bit unsigned implicit VR": (2, 4, 5), "large": (2, 64, 48),
+             "16-bit signed big endian": (2, 40, 30)}[layout]
+    values = _volume(shape) % 200 - (100 if layout.endswith("big endian") else 0)  # negatives: the sign bit
+    files, _ = write_dicom_series(tmp_path / "s", values)
     for path in files:
         ds = pydicom.dcmread(path)
         pixels = ds.pixel_array
@@ -558,11 +561,19 @@ def test_plain_dicom_layouts_read_from_the_file_offset(tmp_path, layout):
             ds.PixelRepresentation = 0
             ds.PixelData = (pixels.astype(np.int32) + 40000).astype("<u2").tobytes()
             ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        elif layout.endswith("big endian"):
+            ds.PixelData = pixels.astype(">i2").tobytes()
+            ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+            pydicom.dcmwrite(path, ds, little_endian=False, implicit_vr=False, enforce_file_format=True)
+            continue
         ds.save_as(path, enforce_file_format=True)
     slices, fast, gdcm = _both_pixel_paths(tmp_path / "s")
     assert fast.dtype == gdcm.dtype and np.array_equal(fast, gdcm) and fast.shape == shape
+    assert fast.dtype.isnative
     if layout.startswith("16-bit unsigned"):
         assert fast.min() >= 40000
+    if layout.endswith("big endian"):
+        assert fast.min() == -100 and np.array_equal(np.sort(fast, axis=None), np.sort(values, axis=None))
 
 
 def test_plain_dicom_pixels_on_the_real_knee_series():
@@ -573,6 +584,9 @@ def test_plain_dicom_pixels_on_the_real_knee_series():
         pytest.skip("shared knee DICOM series not available (../shared/data)")
     slices, fast, gdcm = _both_pixel_paths(root / "knee" / "dess-dicom")
     assert len(slices) == 80 and fast.dtype == gdcm.dtype and np.array_equal(fast, gdcm)
+    # the MESE, explicit VR big endian: 192 files, every echo's slices
+    slices, fast, gdcm = _both_pixel_paths(root / "knee" / "mese-t2-dicom")
+    assert len(slices) == 192 and fast.dtype == gdcm.dtype == np.int16 and np.array_equal(fast, gdcm)
 
 
 def test_plain_dicom_with_truncated_pixels_names_the_file(tmp_path):

@@ -842,17 +842,22 @@ def _angle_deg(a: np.ndarray, b: np.ndarray) -> float:
 
 
 _UNCOMPRESSED = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}  # implicit / explicit VR little endian
+_BIG_ENDIAN = "1.2.840.10008.1.2.2"  # explicit VR big endian: retired, yet the knee MESE (GE, 2015) is stored so
 
 
 def _plain_pixels(ds) -> bool:
-    """True when the stored values are the pixel values: uncompressed little-endian, one sample,
-    MONOCHROME2, 8/16-bit integers, no rescale (identity slope and intercept), one frame."""
-    meta = getattr(ds, "file_meta", None)
-    syntax = str(getattr(meta, "TransferSyntaxUID", "")) if meta is not None else ""
-    return (syntax in _UNCOMPRESSED and str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME2"
+    """True when the stored values are the pixel values: uncompressed (either byte order), one
+    sample, MONOCHROME2, 8/16-bit integers, no rescale (identity slope and intercept), one frame."""
+    return (_syntax(ds) in (*_UNCOMPRESSED, _BIG_ENDIAN)
+            and str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME2"
             and int(ds.get("SamplesPerPixel", 1) or 1) == 1 and int(ds.get("BitsAllocated", 0) or 0) in (8, 16)
             and float(ds.get("RescaleSlope", 1) or 1) == 1.0 and float(ds.get("RescaleIntercept", 0) or 0) == 0.0
             and (_int_or_none(ds.get("NumberOfFrames")) or 1) == 1)
+
+
+def _syntax(ds) -> str:
+    meta = getattr(ds, "file_meta", None)
+    return str(getattr(meta, "TransferSyntaxUID", "")) if meta is not None else ""
 
 
 def _stored_pixels(ds) -> _StoredPixels | None:
@@ -870,7 +875,8 @@ def _stored_pixels(ds) -> _StoredPixels | None:
     if element.length not in (size, size + 1):  # an odd 8-bit value is padded to even length
         return None
     kind = "i" if int(ds.get("PixelRepresentation", 0) or 0) == 1 else "u"
-    return _StoredPixels(int(element.value_tell), size, f"<{kind}{allocated // 8}", stored)
+    order = ">" if _syntax(ds) == _BIG_ENDIAN else "<"
+    return _StoredPixels(int(element.value_tell), size, f"{order}{kind}{allocated // 8}", stored)
 
 
 def _read_stored_pixels(s: _Slice) -> np.ndarray:
@@ -881,7 +887,7 @@ def _read_stored_pixels(s: _Slice) -> np.ndarray:
         raw = f.read(p.nbytes)
     if len(raw) != p.nbytes:
         raise InputError(f"cannot read DICOM pixel data: {len(raw)} of {p.nbytes} bytes (truncated file)", s.path)
-    array = np.frombuffer(raw, p.dtype).reshape(s.rows, s.columns)
+    array = _native(np.frombuffer(raw, p.dtype).reshape(s.rows, s.columns))
     bits = array.dtype.itemsize * 8
     if p.bits_stored < bits:  # as pydicom: unused high bits masked, or the stored sign bit extended
         shift = bits - p.bits_stored
@@ -889,11 +895,16 @@ def _read_stored_pixels(s: _Slice) -> np.ndarray:
     return array
 
 
+def _native(array: np.ndarray) -> np.ndarray:
+    """In this machine's byte order (a big-endian file's values as numbers, not swapped bytes)."""
+    return array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
+
+
 def _read_plain_pixels(s: _Slice) -> np.ndarray:
     if s.stored is not None:
         return _read_stored_pixels(s)
     try:
-        return pydicom.dcmread(s.path).pixel_array
+        return _native(pydicom.dcmread(s.path).pixel_array)
     except Exception as exc:  # truncated pixel data and the like
         raise InputError(f"cannot read DICOM pixel data: {exc}", s.path) from None
 
@@ -920,7 +931,7 @@ def _decode_frames(frames: list[_Slice]) -> tuple[np.ndarray, bool]:
     """(every frame of one file as stored, False) by pydicom; where pydicom has no decoder for the
     transfer syntax, (GDCM's frames, True): GDCM applies a rescale, so it must be one for all frames."""
     first = frames[0]
-    syntax = str(first.header.file_meta.TransferSyntaxUID) if hasattr(first.header, "file_meta") else ""
+    syntax = _syntax(first.header)
     try:
         from pydicom.pixels import get_decoder
         pydicom_decodes = get_decoder(syntax).is_available
@@ -928,7 +939,7 @@ def _decode_frames(frames: list[_Slice]) -> tuple[np.ndarray, bool]:
         pydicom_decodes = syntax in _UNCOMPRESSED
     try:
         if pydicom_decodes:
-            array = pydicom.dcmread(first.path).pixel_array
+            array = _native(pydicom.dcmread(first.path).pixel_array)
             rescaled = False
         else:
             if not first.rescale_uniform:
