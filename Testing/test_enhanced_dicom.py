@@ -198,3 +198,24 @@ def test_an_enhanced_file_keeps_its_frames_headers_once(tmp_path):
         assert where == str(tmp_path / "e.dcm")
         position = [float(v) for v in frames[frame - 1].PlanePositionSequence[0].ImagePositionPatient]
         np.testing.assert_allclose(position, image.ijk_to_lps_points([(0, 0, k)])[0], atol=2e-3)
+
+
+def test_a_series_of_single_frame_files_and_an_enhanced_file_reads_whole(tmp_path):
+    """Half of a series' slices as one enhanced file, the rest as single-frame files (a partial
+    conversion): the slices interleave by position into the series; no DICOM-SEG, with the reason."""
+    files, uid = write_dicom_series(tmp_path / "series", _volume((6, 6, 7)))
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    datasets = [pydicom.dcmread(f) for f in files[::2]]
+    for ds in datasets:
+        ds.FrameOfReferenceUID = FRAME_OF_REFERENCE
+    LegacyConvertedEnhancedMRImage(datasets, series_instance_uid=uid, series_number=1, sop_instance_uid=generate_uid(),
+                                   instance_number=1).save_as(mixed / "enhanced.dcm")
+    for f in files[1::2]:
+        (mixed / f.name).write_bytes(f.read_bytes())
+    series, read = read_image(tmp_path / "series"), read_image(mixed)
+    np.testing.assert_array_equal(read.array, series.array)
+    _assert_same_geometry(read, series)
+    assert [frame is None for _, frame in read.meta["dicom_frames"]] == [False, True] * 3
+    ok, why = can_write(read)
+    assert not ok and "come from 4 DICOM files, some of them multi-frame" in why

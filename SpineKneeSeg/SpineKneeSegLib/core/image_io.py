@@ -728,7 +728,7 @@ def _source_files(slices: list[_Slice]) -> dict:
         return {"dicom_files": [str(s.path) for s in slices], "dicom_headers": [s.header for s in slices]}
     files = {s.path: s.header for s in slices}
     return {"dicom_files": [str(p) for p in files], "dicom_headers": list(files.values()),
-            "dicom_frames": [(str(s.path), s.frame + 1) for s in slices]}
+            "dicom_frames": [(str(s.path), s.frame + 1 if s.frame is not None else None) for s in slices]}
 
 
 def _slice_normal(s: _Slice) -> np.ndarray:
@@ -913,10 +913,13 @@ def _read_frame_pixels(slices: list[_Slice]) -> np.ndarray:
     """Stack frames of enhanced multi-frame files: each file decoded once, each frame's own rescale
     applied (GDCM applies the first frame's to all; Philips files vary it per frame)."""
     decoded = {}
-    for path in dict.fromkeys(s.path for s in slices):
+    for path in dict.fromkeys(s.path for s in slices if s.frame is not None):
         decoded[path] = _decode_frames([s for s in slices if s.path == path])
     planes = []
     for s in slices:
+        if s.frame is None:  # a single-frame instance of the same series
+            planes.append(_read_dicom_pixels([s])[0])
+            continue
         array, rescaled = decoded[s.path]
         plane = array[s.frame]
         slope, intercept = s.rescale

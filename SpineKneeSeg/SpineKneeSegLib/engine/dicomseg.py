@@ -29,8 +29,8 @@ def can_write(image) -> tuple[bool, str]:
     frames = image.meta.get("dicom_frames")
     if frames is not None:
         if len(files) != 1 or len(frames) != image.array.shape[0]:
-            return False, (f"the input's slices are frames of {len(files)} multi-frame DICOM files (DICOM-SEG is "
-                           "written for one multi-frame file or a single-frame series)")
+            return False, (f"the input's slices come from {len(files)} DICOM files, some of them multi-frame "
+                           "(DICOM-SEG is written for one multi-frame file or a single-frame series)")
         headers = image.meta.get("dicom_headers") or [None]
         count = int(getattr(headers[0], "NumberOfFrames", 0) or 0)
         if len(frames) != count:  # highdicom refuses a source whose frames repeat a plane position
