@@ -1,10 +1,12 @@
 """The bad-input corpus: each case exits 2 with a message naming the file and the problem, and
 leaves no output files. Runs the real CLI entry point in-process."""
 import gzip
+from pathlib import Path
 
 import numpy as np
 import pytest
 from SpineKneeSegLib import cli
+from SpineKneeSegLib.core.errors import printable
 from SpineKneeSegLib.core.image import Image
 from SpineKneeSegLib.core.image_io import write_image
 from SpineKneeSegLib.engine.weights import initialise_weights
@@ -131,11 +133,22 @@ def _gantry_tilt(tmp_path):
     return [folder], "not orthogonal"
 
 
+def _latin1_name(tmp_path):
+    """A valid scan whose file name is Latin-1 bytes (an older system's share) on a UTF-8 system:
+    Python holds it with surrogates, and ITK aborted the process (SIGABRT) on such a name."""
+    import os
+
+    path = _volume(tmp_path, "valid.nii.gz")
+    named = Path(os.fsdecode(os.fsencode(tmp_path) + b"/gen\xe8ve.nii.gz"))
+    path.rename(named)
+    return [named], "not UTF-8"
+
+
 CORPUS = {"empty": _empty, "nan": _nan, "truncated": _truncated, "truncated-gzip": _truncated_raw_gzip,
           "2d-to-3d-task": _two_d, "two-series": _two_series, "missing-slice": _missing_slice,
           "constant": _constant, "missing-file": _missing, "zero-pixdim": _zero_pixdim,
           "sheared-nrrd": _sheared_nrrd, "gantry-tilt": _gantry_tilt,
-          "dicom-without-pixel-spacing": _dicom_without_pixel_spacing}
+          "dicom-without-pixel-spacing": _dicom_without_pixel_spacing, "latin-1-file-name": _latin1_name}
 
 
 @pytest.mark.parametrize("case", sorted(CORPUS))
@@ -146,7 +159,7 @@ def test_bad_input_exits_2_names_file_and_writes_nothing(case, tmp_path, capsys,
                      "--progress", "none"])
     err = capsys.readouterr().err
     assert code == 2, err
-    assert paths[0].name in err and word.lower() in err.lower(), err
+    assert printable(paths[0].name) in err and word.lower() in err.lower(), err  # an undecodable name as \xNN
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if ".partial." in p.name]
 
@@ -330,3 +343,56 @@ def test_a_genuine_bug_is_exit_1_and_asks_for_a_report(tmp_path, capsys, knee_we
                      str(knee_weights), "--progress", "none"])
     err = capsys.readouterr().err
     assert code == 1 and "internal error" in err and "please report" in err and "ZeroDivisionError" in err
+
+
+def _latin1(folder: Path, name: bytes) -> Path:
+    import os
+
+    return Path(os.fsdecode(os.fsencode(folder) + b"/" + name))
+
+
+def test_an_output_folder_name_that_is_not_utf8_is_refused(tmp_path, capsys, knee_weights):
+    scan = _volume(tmp_path)
+    out = _latin1(tmp_path, b"r\xe9sultats")
+    code = cli.main(["run", "--task", "knee-bones", str(scan), "-o", str(out), "--weights", str(knee_weights),
+                     "--progress", "none"])
+    err = capsys.readouterr().err
+    assert code == 2 and "r\\xe9sultats: this file or folder name cannot be opened" in err and "not UTF-8" in err, err
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == [scan.name]
+
+
+def test_a_cohort_goes_on_past_a_scan_whose_name_is_not_utf8(tmp_path, capsys, knee_weights):
+    """A folder of scans, one named in Latin-1: that case fails with the reason, the other is
+    done, the tables are written (the name as \\xNN), and a second run adds no second row."""
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    _volume(scans, "good.nii.gz")
+    _volume(scans, "other.nii.gz").rename(_latin1(scans, b"gen\xe8ve.nii.gz"))
+    out = tmp_path / "out"
+    for _ in range(2):
+        code = cli.main(["run", "--task", "knee-bones", "--manifest", str(scans), "-o", str(out),
+                         "--weights", str(knee_weights), "--progress", "none"])
+        assert code != 0  # a case failed
+    rows = [line.split("\t") for line in (out / "summary.tsv").read_text(encoding="utf-8").splitlines()[1:]]
+    assert sorted((r[0], r[1]) for r in rows) == [("gen\\xe8ve", "failed"), ("good", "skipped")]
+    assert "cannot be opened" in dict((r[0], r[3]) for r in rows)["gen\\xe8ve"]
+    assert (out / "good" / "labels.nii.gz").is_file()
+    assert "gen\\xe8ve" in (out / "review.html").read_text(encoding="utf-8")
+
+
+def test_a_non_ascii_name_under_an_ascii_locale_is_refused_not_a_crash(tmp_path, knee_weights):
+    """The C locale with Python's UTF-8 coercion off: argv's non-ASCII bytes arrive as surrogates,
+    and ITK aborted the process on them (SIGABRT); now exit 2 with the way out."""
+    import os
+    import subprocess
+    import sys
+
+    scan = _volume(tmp_path, "Zoë.nii.gz")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    proc = subprocess.run([sys.executable, "-m", "SpineKneeSegLib.cli", "run", "--task", "knee-bones", str(scan),
+                           "-o", str(tmp_path / "out"), "--weights", str(knee_weights), "--progress", "none"],
+                          capture_output=True, env=env, timeout=120)
+    err = proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode == 2, err
+    assert "cannot be opened" in err and "PYTHONUTF8=1" in err and "Zo\\xeb.nii.gz" in err
+    assert not (tmp_path / "out").exists()

@@ -13,7 +13,13 @@ class InputError(SpineKneeSegError):
 
     def __init__(self, message: str, path=None):
         self.path = str(path) if path is not None else None
-        super().__init__(f"{self.path}: {message}" if self.path else message)
+        super().__init__(f"{printable(self.path)}: {message}" if self.path else message)
+
+
+def printable(text: str) -> str:
+    """``text`` with the bytes of an undecodable file name (held as surrogates) as UTF-8 where they
+    are, else as \\xNN: a message naming such a file can then be printed and written to a UTF-8 table."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 class OutputBusy(InputError):

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from SpineKneeSegLib.core.atomic import atomic_path
+from SpineKneeSegLib.core.atomic import atomic_path, encodable_path
 from SpineKneeSegLib.core.errors import InputError
 from SpineKneeSegLib.core.image import Image
 from SpineKneeSegLib.core.lazy import LazyModule
@@ -109,8 +109,8 @@ def image_dimensionality(image: Image) -> int:
 
 def _as_path_list(paths) -> list[Path]:
     if isinstance(paths, (str, os.PathLike)):
-        return [Path(paths)]
-    path_list = [Path(p) for p in paths]
+        return [encodable_path(paths)]
+    path_list = [encodable_path(p) for p in paths]
     if not path_list:
         raise InputError("empty list of input files")
     return path_list

@@ -24,7 +24,14 @@ from SpineKneeSegLib.core.atomic import (
     locks_at_a_glance,
     write_text_atomic,
 )
-from SpineKneeSegLib.core.errors import AlreadyFinished, HeldByAnotherRun, InputError, SpineKneeSegError, Terminated
+from SpineKneeSegLib.core.errors import (
+    AlreadyFinished,
+    HeldByAnotherRun,
+    InputError,
+    SpineKneeSegError,
+    Terminated,
+    printable,
+)
 from SpineKneeSegLib.core.image_io import image_suffix, is_dicom_file
 from SpineKneeSegLib.core.progress import Progress
 from SpineKneeSegLib.engine.cards import TaskCard
@@ -675,9 +682,10 @@ _LAST_WRITTEN: dict[tuple, bytes] = {}
 
 
 def _digest(text: str) -> bytes:
+    """Of the text as write_text_atomic writes it (an undecodable file name as \\xNN)."""
     import hashlib
 
-    return hashlib.sha1(text.encode()).digest()
+    return hashlib.sha1(printable(text).encode()).digest()
 
 
 def _written_by_another_run(output: Path, began: float) -> dict[str, tuple]:
