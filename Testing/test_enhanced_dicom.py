@@ -6,6 +6,7 @@ The files are made with highdicom's legacy converter (what dcm2dcm-style tools a
 and turned into an Enhanced MR-style file (echo time in MREchoSequence) where a test says so."""
 from __future__ import annotations
 
+import copy
 import json
 import logging
 
@@ -219,3 +220,32 @@ def test_a_series_of_single_frame_files_and_an_enhanced_file_reads_whole(tmp_pat
     assert [frame is None for _, frame in read.meta["dicom_frames"]] == [False, True] * 3
     ok, why = can_write(read)
     assert not ok and "come from 4 DICOM files, some of them multi-frame" in why
+
+
+def test_where_pydicom_cannot_decode_gdcm_does_with_one_rescale_or_refuses(tmp_path, monkeypatch):
+    """A transfer syntax pydicom has no decoder for (JPEG without its plugins: made so here) is
+    decoded by GDCM, which applies one rescale to every frame: right when the frames share it,
+    refused with the reason when they do not (GDCM would scale the others wrongly)."""
+    import pydicom.pixels
+
+    volume = _volume((4, 6, 7))
+    files, _ = write_dicom_series(tmp_path / "s", volume, slope=2.0, intercept=-5.0)
+    ds = pydicom.dcmread(enhanced(files, tmp_path / "e.dcm"))
+    ds.compress(RLELossless)
+    ds.save_as(tmp_path / "shared.dcm")
+    transform = ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence
+    del ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence
+    for n, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        item.PixelValueTransformationSequence = copy.deepcopy(transform)
+        item.PixelValueTransformationSequence[0].RescaleSlope = "2" if n else "3"
+    ds.save_as(tmp_path / "varied.dcm")
+
+    class NoDecoder:
+        is_available = False
+
+    monkeypatch.setattr(pydicom.pixels, "get_decoder", lambda uid: NoDecoder())
+    image = read_image(tmp_path / "shared.dcm")
+    np.testing.assert_allclose(image.array, read_image(tmp_path / "s").array)
+    np.testing.assert_allclose(image.array, volume * 2.0 - 5.0)
+    with pytest.raises(InputError, match="different rescale slopes/intercepts.*only GDCM decodes"):
+        read_image(tmp_path / "varied.dcm")

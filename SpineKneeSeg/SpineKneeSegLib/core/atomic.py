@@ -133,29 +133,9 @@ def _replace_dir(src: Path, dest: Path) -> None:
     os.replace(src, dest)
 
 
-def encodable_path(path: str | os.PathLike) -> Path:
-    """``path``, when it can be handed to ITK and VTK, which take a path as UTF-8 text. A name
-    whose bytes the file-system encoding could not decode reaches Python with surrogates (a
-    Latin-1 name from an old share on a UTF-8 system; any non-ASCII name under the C locale with
-    Python's UTF-8 coercion off), and ITK aborted the whole process (SIGABRT) on it."""
-    import sys
-
-    from SpineKneeSegLib.core.errors import InputError
-
-    try:
-        os.fspath(path).encode("utf-8")
-    except UnicodeEncodeError:
-        fs_encoding = sys.getfilesystemencoding()
-        why = (f"its bytes are not {fs_encoding}, this process's file-system encoding: rename it, or run "
-               "under a UTF-8 locale (PYTHONUTF8=1)" if fs_encoding.lower() not in ("utf-8", "utf8") else
-               "its bytes are not UTF-8 (a Latin-1 name from an older system?): rename it")
-        raise InputError(f"this file or folder name cannot be opened: {why}", path) from None
-    return Path(path)
-
-
 def check_writable_dir(path: str | os.PathLike) -> Path:
     """Fail early (InputError) when an output folder cannot be created or written."""
-    from SpineKneeSegLib.core.errors import InputError
+    from SpineKneeSegLib.core.errors import InputError, encodable_path
 
     path = encodable_path(path)
     probe = path

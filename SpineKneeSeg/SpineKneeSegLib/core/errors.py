@@ -1,6 +1,10 @@
 """Errors the doors map to exit codes: 2 bad input/usage, 3 no weights, 1 anything else."""
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 
 class SpineKneeSegError(Exception):
     exit_code = 1
@@ -13,13 +17,29 @@ class InputError(SpineKneeSegError):
 
     def __init__(self, message: str, path=None):
         self.path = str(path) if path is not None else None
-        super().__init__(f"{printable(self.path)}: {message}" if self.path else message)
+        super().__init__(printable(f"{self.path}: {message}" if self.path else message))
 
 
 def printable(text: str) -> str:
     """``text`` with the bytes of an undecodable file name (held as surrogates) as UTF-8 where they
     are, else as \\xNN: a message naming such a file can then be printed and written to a UTF-8 table."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def encodable_path(path: str | os.PathLike) -> Path:
+    """``path``, when it can be handed to ITK and VTK, which take a path as UTF-8 text. A name
+    whose bytes the file-system encoding could not decode reaches Python with surrogates (a
+    Latin-1 name from an old share on a UTF-8 system; any non-ASCII name under the C locale with
+    Python's UTF-8 coercion off), and ITK aborted the whole process (SIGABRT) on it."""
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        fs_encoding = sys.getfilesystemencoding()
+        why = (f"its bytes are not {fs_encoding}, this process's file-system encoding: rename it, or run "
+               "under a UTF-8 locale (PYTHONUTF8=1)" if fs_encoding.lower() not in ("utf-8", "utf8") else
+               "its bytes are not UTF-8 (a Latin-1 name from an older system?): rename it")
+        raise InputError(f"this file or folder name cannot be opened: {why}", path) from None
+    return Path(path)
 
 
 class OutputBusy(InputError):

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from SpineKneeSegLib.core.atomic import atomic_path, encodable_path
-from SpineKneeSegLib.core.errors import InputError
+from SpineKneeSegLib.core.atomic import atomic_path
+from SpineKneeSegLib.core.errors import InputError, encodable_path
 from SpineKneeSegLib.core.image import Image
 from SpineKneeSegLib.core.lazy import LazyModule
 
@@ -843,12 +843,13 @@ def _angle_deg(a: np.ndarray, b: np.ndarray) -> float:
 
 _UNCOMPRESSED = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}  # implicit / explicit VR little endian
 _BIG_ENDIAN = "1.2.840.10008.1.2.2"  # explicit VR big endian: retired, yet the knee MESE (GE, 2015) is stored so
+_UNCOMPRESSED_EITHER_ORDER = (*_UNCOMPRESSED, _BIG_ENDIAN)
 
 
 def _plain_pixels(ds) -> bool:
     """True when the stored values are the pixel values: uncompressed (either byte order), one
     sample, MONOCHROME2, 8/16-bit integers, no rescale (identity slope and intercept), one frame."""
-    return (_syntax(ds) in (*_UNCOMPRESSED, _BIG_ENDIAN)
+    return (_syntax(ds) in _UNCOMPRESSED_EITHER_ORDER
             and str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME2"
             and int(ds.get("SamplesPerPixel", 1) or 1) == 1 and int(ds.get("BitsAllocated", 0) or 0) in (8, 16)
             and float(ds.get("RescaleSlope", 1) or 1) == 1.0 and float(ds.get("RescaleIntercept", 0) or 0) == 0.0
@@ -912,9 +913,8 @@ def _read_plain_pixels(s: _Slice) -> np.ndarray:
 def _read_frame_pixels(slices: list[_Slice]) -> np.ndarray:
     """Stack frames of enhanced multi-frame files: each file decoded once, each frame's own rescale
     applied (GDCM applies the first frame's to all; Philips files vary it per frame)."""
-    decoded = {}
-    for path in dict.fromkeys(s.path for s in slices if s.frame is not None):
-        decoded[path] = _decode_frames([s for s in slices if s.path == path])
+    a_frame = {s.path: s for s in slices if s.frame is not None}  # any frame of a file says how to decode it
+    decoded = {path: _decode_frames(s) for path, s in a_frame.items()}
     planes = []
     for s in slices:
         if s.frame is None:  # a single-frame instance of the same series
@@ -930,16 +930,16 @@ def _read_frame_pixels(slices: list[_Slice]) -> np.ndarray:
     return np.stack([p.astype(dtype, copy=False) for p in planes])
 
 
-def _decode_frames(frames: list[_Slice]) -> tuple[np.ndarray, bool]:
-    """(every frame of one file as stored, False) by pydicom; where pydicom has no decoder for the
-    transfer syntax, (GDCM's frames, True): GDCM applies a rescale, so it must be one for all frames."""
-    first = frames[0]
+def _decode_frames(frame: _Slice) -> tuple[np.ndarray, bool]:
+    """(every frame of ``frame``'s file as stored, False) by pydicom; where pydicom has no decoder for
+    the transfer syntax, (GDCM's frames, True): GDCM applies a rescale, so it must be one for all frames."""
+    first = frame
     syntax = _syntax(first.header)
     try:
         from pydicom.pixels import get_decoder
         pydicom_decodes = get_decoder(syntax).is_available
     except (ImportError, NotImplementedError, ValueError):
-        pydicom_decodes = syntax in _UNCOMPRESSED
+        pydicom_decodes = syntax in _UNCOMPRESSED_EITHER_ORDER
     try:
         if pydicom_decodes:
             array = _native(pydicom.dcmread(first.path).pixel_array)
@@ -992,7 +992,8 @@ def _read_gdcm_plane(s: _Slice) -> np.ndarray:
 
 
 def _read_multiframe(s: _Slice) -> Image:
-    """An enhanced/multi-frame file: GDCM builds its geometry from the functional groups."""
+    """A multi-frame file without per-frame plane positions (not a stack ``_enhanced_frames`` can
+    split): GDCM builds its geometry."""
     try:
         sitk_image = sitk.ReadImage(str(s.path))
     except RuntimeError as exc:

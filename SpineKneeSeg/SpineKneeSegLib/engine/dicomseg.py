@@ -93,8 +93,6 @@ def _rgb_to_lab(rgb) -> tuple[float, float, float]:
 def _on_source_frames(labels: np.ndarray, frames: list[int], count: int) -> np.ndarray:
     """Slice k of ``labels`` placed at source frame frames[k] (1-based) of a ``count``-frame file
     (the reader sorts frames along the slice normal; a file may store them in any order)."""
-    if len(frames) != labels.shape[0]:
-        raise ValueError(f"labels {labels.shape} do not match the {len(frames)} source frames")
     out = np.zeros((count, *labels.shape[1:]), np.uint8)
     out[np.asarray(frames) - 1] = labels
     return out
