@@ -53,8 +53,10 @@ def _ds(value: float) -> str:
 
 def write_dicom_slice(path: Path, pixels: np.ndarray, *, series_uid: str, position, orientation,
                       pixel_spacing=(0.5, 0.7), echo: int | None = None, echo_time=None,
-                      description="synthetic", instance=1, slope=None, intercept=None, series_number=1):
-    """One MR Image Storage file. ``pixel_spacing`` is DICOM's (between rows, between columns)."""
+                      description="synthetic", instance=1, slope=None, intercept=None, series_number=1,
+                      modality="MR"):
+    """One MR Image Storage file (``modality`` None: no Modality element). ``pixel_spacing`` is
+    DICOM's (between rows, between columns)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = MRImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -67,7 +69,8 @@ def write_dicom_slice(path: Path, pixels: np.ndarray, *, series_uid: str, positi
     ds.SeriesDescription = description
     ds.SeriesNumber = series_number
     ds.InstanceNumber = instance
-    ds.Modality = "MR"
+    if modality is not None:
+        ds.Modality = modality
     ds.PatientName = "Synthetic^Knee"
     ds.PatientID = "SYN001"
     ds.ImagePositionPatient = [_ds(v) for v in position]

@@ -428,29 +428,57 @@ class _StoredPixels:
 
 
 def _read_dicom_folder(folder: Path, echo, series) -> Image:
-    slices = _scan_folder(folder)
+    not_images: list[tuple[str, str]] = []
+    slices = _scan_folder(folder, not_images)
     if not slices:
-        raise InputError("no DICOM image files found in this folder", folder)
-    return _assemble_dicom(slices, echo, series, where=folder)
+        held = f"; it holds only {_named_kinds(not_images)}: nothing to segment" if not_images else ""
+        raise InputError(f"no DICOM image files found in this folder{held}", folder)
+    image = _assemble_dicom(slices, echo, series, where=folder)
+    if not_images:  # said in the report: left out, not silently
+        image.meta["ignored_dicom"] = [f"{name} ({kind})" for name, kind in not_images]
+    return image
 
 
 def _read_dicom_files(files: list[Path], echo, series, where: Path) -> Image:
     slices = []
     for path in files:
-        found = _read_header(path)
+        not_images: list[tuple[str, str]] = []
+        found = _read_header(path, not_images)
         if not found:
-            raise InputError("not a DICOM image file", path)
+            raise InputError(f"is {not_images[0][1]}, not an image" if not_images else "not a DICOM image file",
+                             path)
         slices += found
     return _assemble_dicom(slices, echo, series, where=where)
 
 
-def _scan_folder(folder: Path) -> list[_Slice]:
+def _scan_folder(folder: Path, not_images: list[tuple[str, str]] | None = None) -> list[_Slice]:
     slices = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         if path.name.startswith(".") or path.name.upper() == "DICOMDIR":
             continue
-        slices += _read_header(path)
+        slices += _read_header(path, not_images)
     return slices
+
+
+# objects with rows and columns, some with pixels, that are not images of the patient: never read
+# as a series. Our own DICOM-SEG, once sent to PACS, comes back in the next export of the study.
+_NOT_IMAGE_MODALITIES = {"SEG": "a DICOM Segmentation", "RTDOSE": "an RT dose grid"}
+_SEGMENTATION_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+def _not_an_image(ds) -> str | None:
+    """What a DICOM object with Rows and Columns is when it is not an image, else None."""
+    modality = str(ds.get("Modality", "")).strip().upper()
+    if modality in _NOT_IMAGE_MODALITIES:
+        return _NOT_IMAGE_MODALITIES[modality]
+    if str(ds.get("SOPClassUID", "")) == _SEGMENTATION_SOP_CLASS:
+        return _NOT_IMAGE_MODALITIES["SEG"]
+    return None
+
+
+def _named_kinds(not_images: list[tuple[str, str]], most: int = 3) -> str:
+    named = ", ".join(f"{name} ({kind})" for name, kind in not_images[:most])
+    return named + (f" and {len(not_images) - most} more" if len(not_images) > most else "")
 
 
 def _file_count(slices: list[_Slice]) -> int:
@@ -462,9 +490,9 @@ def _file_count(slices: list[_Slice]) -> int:
 _DEFER_BYTES = 1024
 
 
-def _read_header(path: Path) -> list[_Slice]:
+def _read_header(path: Path, not_images: list[tuple[str, str]] | None = None) -> list[_Slice]:
     """The slices of a DICOM image file (one, or one per frame of an enhanced multi-frame file);
-    none when the file is not one."""
+    none when the file is not one (a DICOM object that is not an image is named in ``not_images``)."""
     try:
         ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
     except pydicom.errors.InvalidDicomError:
@@ -478,6 +506,11 @@ def _read_header(path: Path) -> list[_Slice]:
         raise InputError(f"cannot read DICOM header: {exc}", path) from None
     if "SeriesInstanceUID" not in ds or "Rows" not in ds or "Columns" not in ds:
         return []  # not an image (DICOMDIR, structured report, presentation state, junk)
+    kind = _not_an_image(ds)
+    if kind:
+        if not_images is not None:
+            not_images.append((path.name, kind))
+        return []
     try:
         s = _slice_from_dataset(path, ds)
         frames = _enhanced_frames(s, ds)

@@ -27,6 +27,11 @@ class InputSpec:
     required: bool = True
     description: str = ""
     checks: tuple[str, ...] = ()  # registered input checks (hooks.py), e.g. "skull_stripped" for FLAIR
+    dicom_modalities: tuple[str, ...] = ()  # DICOM Modality values the model knows; () = ``modality`` split on "/"
+
+    @property
+    def known_modalities(self) -> tuple[str, ...]:
+        return self.dicom_modalities or tuple(m.strip().upper() for m in self.modality.split("/"))
 
 
 @dataclass(frozen=True)

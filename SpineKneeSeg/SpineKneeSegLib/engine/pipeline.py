@@ -229,6 +229,7 @@ def validate_input(card: TaskCard, spec, image: Image, path) -> None:
     if spec.dims == 2 and not image.is_2d:
         raise InputError(f"is a 3D volume with {image.array.shape[0]} slices; task {card.name} needs a single "
                          "2D image", path)
+    modality = check_modality(card, spec, image, path)
     if not np.issubdtype(image.array.dtype, np.number) or np.issubdtype(image.array.dtype, np.complexfloating):
         raise InputError(f"has non-real voxel type {image.array.dtype}", path)
     if np.issubdtype(image.array.dtype, np.floating) and not np.all(np.isfinite(image.array)):
@@ -256,6 +257,8 @@ def validate_input(card: TaskCard, spec, image: Image, path) -> None:
     checks = {"voxel_type": "real numbers, all finite",
               "spacing_mm": "positive" + (f"; {spacing_note}" if spacing_note else " (from the file)"),
               "axes": f"orthogonal (within |cos| {AXES_TOLERANCE})"}
+    if modality:
+        checks["modality"] = modality
     if card.preprocessing.normalisation in ("zscore", "percentile", "percentile-field"):
         from SpineKneeSegLib.engine.preprocessing import (
             ONE_AFFINE_NORMALISATIONS,
@@ -271,6 +274,32 @@ def validate_input(card: TaskCard, spec, image: Image, path) -> None:
             raise InputError(str(exc), path) from None
         checks["intensity"] = f"{card.preprocessing.normalisation} centre {centre:.4g}, spread {spread:.4g} (float64)"
     image.meta["checks"] = checks
+
+
+UNSTATED_MODALITIES = ("", "OT")  # missing, or "other": converters and anonymisers write these
+
+
+def check_modality(card: TaskCard, spec, image: Image, path) -> str | None:
+    """A DICOM series of another modality (a CT given to an MR task, a single MR slice to an X-ray
+    task) is refused: the model has never seen such images, and its labels would look plausible and
+    mean nothing. An unstated modality is run, with a warning. Other formats carry no modality.
+    Returns what the check found, for the report (None: nothing to check)."""
+    modality = image.meta.get("modality")
+    if modality is None:
+        return None
+    modality = str(modality).strip().upper()
+    known = spec.known_modalities
+    if modality in known:
+        return f"DICOM Modality {modality}"
+    if modality in UNSTATED_MODALITIES:
+        stated = f"DICOM Modality {modality}" if modality else "no DICOM Modality"
+        image.meta.setdefault("warnings", []).append(
+            f"{stated}: the file does not say it is {spec.modality}; the {card.name} model knows "
+            f"{'/'.join(known)} images only, so check that the input is one")
+        return f"{stated}: not stated as {'/'.join(known)} (warned)"
+    raise InputError(f"is a {modality} series (DICOM Modality {modality}); task {card.name} reads "
+                     f"{'/'.join(known)} images: its model has never seen {modality}, and its labels would be "
+                     f"meaningless", path)
 
 
 AXES_TOLERANCE = 1e-3  # |cos| between voxel axes (0.06 degrees): DICOM / NIfTI rounding stays far below
@@ -796,7 +825,10 @@ def describe_input(path, image: Image) -> dict:
     if image.meta.get("is_dicom"):
         described["dicom_series"] = {"uid": image.meta.get("series_uid"),
                                      "description": image.meta.get("series_description"),
+                                     "modality": image.meta.get("modality"),
                                      "echo": image.meta.get("echo")}
+        if image.meta.get("ignored_dicom"):
+            described["dicom_series"]["not_images_left_out"] = image.meta["ignored_dicom"]
     return described
 
 

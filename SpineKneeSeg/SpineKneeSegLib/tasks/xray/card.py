@@ -23,7 +23,12 @@ def radiograph(what: str, polarity_check: str) -> cards.InputSpec:
     """The one input of an X-ray task; ``polarity_check``: "radiograph_polarity" turns an inverted
     image over (tasks trained on real radiographs), "radiograph_polarity_advice" only warns."""
     return cards.InputSpec("image", "CR/DX", 2, description=f"{what} (DICOM CR/DX, PNG/JPEG/TIFF, 2D NIfTI)",
-                     checks=(polarity_check,))
+                           checks=(polarity_check,), dicom_modalities=PROJECTION_RADIOGRAPHY)
+
+
+# DICOM modalities of projection X-ray images of the body (radiographs, film, fluoroscopy and
+# angiography frames); MG (breast), IO and PX (teeth) are other anatomy
+PROJECTION_RADIOGRAPHY = ("CR", "DX", "RG", "RF", "XA")
 
 
 XRAY_PREPROCESSING = cards.Preprocessing(plane="image", in_plane_spacing_mm=None, normalisation="percentile",
