@@ -249,3 +249,21 @@ def test_where_pydicom_cannot_decode_gdcm_does_with_one_rescale_or_refuses(tmp_p
     np.testing.assert_allclose(image.array, volume * 2.0 - 5.0)
     with pytest.raises(InputError, match="different rescale slopes/intercepts.*only GDCM decodes"):
         read_image(tmp_path / "varied.dcm")
+
+
+def test_a_frame_with_its_own_pixel_spacing_is_refused(tmp_path):
+    """Pixel measures per frame: a frame whose spacing is not the others' is named, not stacked on
+    the first frame's spacing."""
+    files, _ = write_dicom_series(tmp_path / "ser", _volume((4, 6, 7)))
+    ds = pydicom.dcmread(enhanced(files, tmp_path / "one.dcm"))
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    measures = shared.PixelMeasuresSequence[0]
+    del shared.PixelMeasuresSequence
+    for n, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        own = pydicom.Dataset()
+        own.PixelSpacing = ["0.9", "0.7"] if n == 2 else list(measures.PixelSpacing)
+        own.SliceThickness = measures.SliceThickness
+        item.PixelMeasuresSequence = [own]
+    ds.save_as(tmp_path / "varied.dcm")
+    with pytest.raises(InputError, match=r"different pixel spacings: .*varied\.dcm frame \d+ 0\.9 x 0\.7 mm"):
+        read_image(tmp_path / "varied.dcm")

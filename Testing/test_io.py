@@ -228,6 +228,21 @@ def test_sheared_series_keeps_exact_geometry(tmp_path):
     assert "sheared" in warning
 
 
+def test_a_slice_with_another_pixel_spacing_is_refused_not_given_the_first_ones(tmp_path):
+    """The first slice's PixelSpacing is the volume's: a slice of another (a reformat or another FOV
+    in one series) would have been stacked on the wrong pixel size without a word."""
+    files, _ = write_dicom_series(tmp_path / "ser", _volume((5, 4, 5)))
+    ds = pydicom.dcmread(files[2])
+    ds.PixelSpacing = ["0.6", "0.7"]  # the series' own is 0.5 x 0.7
+    ds.save_as(files[2])
+    with pytest.raises(InputError, match=r"slices with different pixel spacings: .*0\.6 x 0\.7 mm") as caught:
+        read_image(tmp_path / "ser")
+    assert files[2].name in str(caught.value)
+    ds.PixelSpacing = ["0.500000001", "0.7"]  # the same spacing written with more digits
+    ds.save_as(files[2])
+    np.testing.assert_allclose(read_image(tmp_path / "ser").spacing[:2], (0.7, 0.5), rtol=1e-6)
+
+
 def test_single_dicom_file(tmp_path):
     volume = _volume((3, 4, 5))
     files, _ = write_dicom_series(tmp_path / "ser", volume)

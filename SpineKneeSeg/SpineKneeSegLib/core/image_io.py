@@ -774,13 +774,17 @@ def _unit(v: np.ndarray) -> np.ndarray:
 
 
 def _sort_along_normal(slices: list[_Slice], where: Path) -> list[_Slice]:
-    """Sort by position along the slice normal; check one orientation and one matrix size."""
+    """Sort by position along the slice normal; check one orientation, one matrix size and one
+    pixel spacing (the first slice's is the volume's: another one would be silently wrong)."""
     first = slices[0]
     for s in slices:
         if (s.rows, s.columns) != (first.rows, first.columns):
             raise InputError(f"slices of different sizes: {first.label} is "
                              f"{first.rows}x{first.columns}, {s.label} is {s.rows}x{s.columns}",
                              where)
+        if not _same_pixel_spacing(s.pixel_spacing, first.pixel_spacing):
+            raise InputError(f"slices with different pixel spacings: {first.label} {_spacing_text(first)}, "
+                             f"{s.label} {_spacing_text(s)} (a mixed or reformatted series?)", where)
     if len(slices) == 1:
         return list(slices)
     missing = [s.label for s in slices if s.orientation is None or s.position is None]
@@ -793,6 +797,20 @@ def _sort_along_normal(slices: list[_Slice], where: Path) -> list[_Slice]:
                              f"{s.label}): a localizer or a mixed series?", where)
     normal = _slice_normal(first)
     return sorted(slices, key=lambda s: float(normal @ s.position))
+
+
+_SPACING_RTOL = 1e-4  # relative: DS values of one spacing rounded to different digits still agree
+
+
+def _same_pixel_spacing(a, b) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return bool(np.allclose(a, b, rtol=_SPACING_RTOL, atol=0))
+
+
+def _spacing_text(s: _Slice) -> str:
+    return "without PixelSpacing" if s.pixel_spacing is None else \
+        f"{s.pixel_spacing[0]:g} x {s.pixel_spacing[1]:g} mm (PixelSpacing, rows x columns)"
 
 
 def _dicom_geometry(slices: list[_Slice], where: Path):
