@@ -37,7 +37,7 @@ def _dice(a, b):
 
 def write_radiograph_dicom(path: Path, stored: np.ndarray, *, modality="CR", photometric="MONOCHROME2",
                            slope=None, intercept=None, imager_spacing=None, pixel_spacing=None,
-                           magnification=None, patient_orientation=None, bits_stored=16):
+                           magnification=None, patient_orientation=None, bits_stored=16, presentation_lut=None):
     """One CR or DX Image Storage file written by pydicom (no ImageOrientationPatient, as projection
     radiographs are): ``stored`` are the raw stored values (uint16)."""
     sop = CR_STORAGE if modality == "CR" else DX_STORAGE
@@ -61,6 +61,8 @@ def write_radiograph_dicom(path: Path, stored: np.ndarray, *, modality="CR", pho
         ds.EstimatedRadiographicMagnificationFactor = f"{magnification:.6g}"
     if patient_orientation is not None:
         ds.PatientOrientation = list(patient_orientation)
+    if presentation_lut is not None:
+        ds.PresentationLUTShape = presentation_lut
     if slope is not None:
         ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = f"{slope:.6g}", f"{intercept:.6g}", "US"
     ds.PixelData = np.ascontiguousarray(stored, dtype="<u2").tobytes()

@@ -78,6 +78,44 @@ def test_dicom_follows_its_header():
     image.meta.update({"is_dicom": True, "photometric": "MONOCHROME1"})
     assert decide_polarity(image, "x", {"invert": "auto"}) is None
     assert "PhotometricInterpretation MONOCHROME1" in image.meta["checks"]["polarity"]
+    image.meta.update({"photometric": "MONOCHROME2", "presentation_lut_shape": "INVERSE"})
+    assert decide_polarity(image, "x", {"invert": "auto"}) is not None
+
+
+@pytest.mark.parametrize("case", CASES[:3] or ["none"])
+def test_dicom_header_decides_and_the_image_cross_checks_it(tmp_path, case):
+    """Real JSRT radiographs as DICOM CR under four headers. MONOCHROME2 with PresentationLUTShape
+    INVERSE is displayed inverted by viewers (stored bone dark), as MONOCHROME1 is: both reach the
+    network bone bright, and the image agrees. A header that does not match the pixels (a converter
+    that inverted the values and kept the tag) is followed, with a warning that says how to undo it."""
+    from test_xray import write_radiograph_dicom
+
+    stored = (_stored(case) * 257).astype(np.uint16)  # JSRT as stored: bone dark, air bright
+    usual = (65535 - stored).astype(np.uint16)
+    headers = {  # name: (values, photometric, LUT shape, inverted by the check, warned)
+        "m2-inverse": (stored, "MONOCHROME2", "INVERSE", True, None),
+        "m1": (stored, "MONOCHROME1", None, False, None),  # low values shown bright: the reader turns them over
+        "m2-lies": (stored, "MONOCHROME2", None, False, "--invert yes"),
+        "m2-inverse-lies": (usual, "MONOCHROME2", "INVERSE", True, "--invert no")}
+    network_input = {}
+    for name, (values, photometric, lut, turned, warned) in headers.items():
+        path = write_radiograph_dicom(tmp_path / f"{name}.dcm", values, photometric=photometric,
+                                      presentation_lut=lut, imager_spacing=(0.7, 0.7))
+        image = read_image(path)
+        out = decide_polarity(image, path, {"invert": "auto"})
+        assert (out is not None) == turned, name
+        final = out if out is not None else image
+        check = final.meta["checks"]["polarity"]
+        assert check.startswith("inverted" if turned else "kept as stored") and "DICOM header" in check, check
+        warnings = [w for w in final.meta["warnings"] if "looks inverted" in w]
+        if warned:
+            assert len(warnings) == 1 and warned in warnings[0], (name, final.meta["warnings"])
+        else:
+            assert not warnings and check.endswith("the image agrees"), (name, check, final.meta["warnings"])
+        json.dumps(final.meta["polarity"])
+        network_input[name] = final.array.astype(np.float64)
+    a, b = network_input["m2-inverse"], network_input["m1"]  # the same picture, bone bright, up to an affine map
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.999
 
 
 @pytest.mark.mrml

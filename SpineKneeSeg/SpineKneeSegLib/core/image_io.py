@@ -403,6 +403,7 @@ class _Slice:
     spacing_source: str = "PixelSpacing"  # or ImagerPixelSpacing (projection radiographs), or none
     patient_orientation: tuple[str, str] | None = None  # PatientOrientation (0020,0020): row, column directions
     photometric: str = ""
+    presentation_lut_shape: str = ""  # (2050,0020): INVERSE on a MONOCHROME2 image means displayed inverted
     plain_pixels: bool = False  # uncompressed MONOCHROME2 integers without rescale: numpy can read them as stored
     stored: "_StoredPixels | None" = None  # where a plain file keeps them, when the header pass could say
     header: object = None  # the pydicom header without PixelData (a DICOM-SEG references it)
@@ -622,6 +623,7 @@ def _slice_from_dataset(path: Path, ds) -> _Slice:
         slice_step=_float_or_none(step),
         laterality=str(ds.get("ImageLaterality") or ds.get("Laterality") or "").strip().upper() or None,
         spacing_source=spacing_source, photometric=str(ds.get("PhotometricInterpretation", "")),
+        presentation_lut_shape=str(ds.get("PresentationLUTShape", "") or "").strip().upper(),
         plain_pixels=plain, stored=_stored_pixels(ds) if plain else None,
         patient_orientation=(tuple(str(v).strip().upper() for v in orientation_letters)
                              if orientation_letters is not None and len(orientation_letters) == 2 else None))
@@ -746,7 +748,8 @@ def _assemble_dicom(slices: list[_Slice], echo, series, where: Path) -> Image:
         "series_uid": first.series_uid, "series_description": first.description,
         "modality": first.modality, "laterality": first.laterality,
         "echo": echo, "echo_time": echo_time, "echoes": all_echoes,
-        "photometric": first.photometric, "spacing_source": first.spacing_source,
+        "photometric": first.photometric, "presentation_lut_shape": first.presentation_lut_shape,
+        "spacing_source": first.spacing_source,
         **({"spacing_note": f"pixel size from {first.spacing_source}"}
            if first.spacing_source != "PixelSpacing" else {}),
         **_source_files(chosen_sorted),

@@ -1,4 +1,5 @@
-"""Which way up is a radiograph's grey scale? DICOM says it (MONOCHROME1 is inverted by the reader);
+"""Which way up is a radiograph's grey scale? DICOM says it (MONOCHROME1 is inverted by the reader,
+a MONOCHROME2 image with PresentationLUTShape INVERSE here; the image's evidence only cross-checks);
 a PNG, JPEG, TIFF or NIfTI radiograph does not, and one stored inverted (air bright, bone dark, as
 JSRT is) feeds the network the opposite of what it learnt. The evidence comes from the image:
 
@@ -103,9 +104,9 @@ INVERT_CHOICES = ("auto", "yes", "no")
 
 
 def _decide(image: Image, path, settings: dict | None, act: bool) -> Image | None:
-    """--invert yes|no is done as asked; auto: a DICOM's PhotometricInterpretation decides (the
-    reader already turned MONOCHROME1 over), else the image's evidence when ``act``; the decision
-    and its evidence go into the report (``checks.polarity``)."""
+    """--invert yes|no is done as asked; auto: a DICOM's header decides (the reader already turned
+    MONOCHROME1 over), with the image's evidence as a cross-check that only warns; else the image's
+    evidence when ``act``; the decision and its evidence go into the report (``checks.polarity``)."""
     choice = (settings or {}).get("invert", "auto")
     if choice not in INVERT_CHOICES:
         raise InputError(f"--invert must be one of {', '.join(INVERT_CHOICES)}, not {choice!r}", path)
@@ -114,13 +115,8 @@ def _decide(image: Image, path, settings: dict | None, act: bool) -> Image | Non
         checks["polarity"] = f"{'inverted' if choice == 'yes' else 'kept as stored'} (--invert {choice})"
         return inverted(image) if choice == "yes" else None
     if image.meta.get("is_dicom"):
-        photometric = image.meta.get("photometric") or "not given"
-        checks["polarity"] = f"from the DICOM header (PhotometricInterpretation {photometric})"
-        return None
-    array = image.array.reshape(image.array.shape[-2:])
-    evidence = polarity_evidence(array, working_pixel_mm(image)[0])
-    image.meta["polarity"] = evidence.as_dict()
-    summary = f"score {evidence.score:+.2f} (ridges {evidence.ridge:+.2f}, border {evidence.border:+.2f})"
+        return _decide_from_header(image)
+    evidence, summary = _evidence(image)
     if evidence.decision == "invert" and act:
         checks["polarity"] = f"inverted: the image looks stored inverted (bone dark, air bright; {summary})"
         image.meta.setdefault("warnings", []).append(
@@ -138,6 +134,34 @@ def _decide(image: Image, path, settings: dict | None, act: bool) -> Image | Non
             f"the radiograph's polarity could not be told from the image ({summary}); kept as stored "
             "(bone should be bright: if it is dark, run again with --invert yes)")
     return None
+
+
+def _evidence(image: Image) -> tuple[PolarityEvidence, str]:
+    evidence = polarity_evidence(image.array.reshape(image.array.shape[-2:]), working_pixel_mm(image)[0])
+    image.meta["polarity"] = evidence.as_dict()
+    return evidence, f"score {evidence.score:+.2f} (ridges {evidence.ridge:+.2f}, border {evidence.border:+.2f})"
+
+
+def _decide_from_header(image: Image) -> Image | None:
+    """PhotometricInterpretation (MONOCHROME1 was turned over by the reader) and, on a MONOCHROME2
+    image, PresentationLUTShape INVERSE: viewers show such an image inverted, so its stored values
+    have bone dark. Then the image's evidence: a header that does not match the pixels (a converter
+    that inverted the values and kept the tag) gets a warning, never a silent run."""
+    photometric = image.meta.get("photometric") or "not given"
+    lut = image.meta.get("presentation_lut_shape") or ""
+    header_inverts = photometric == "MONOCHROME2" and lut == "INVERSE"
+    result = inverted(image) if header_inverts else image
+    header = f"PhotometricInterpretation {photometric}" + (f", PresentationLUTShape {lut}" if lut else "")
+    evidence, summary = _evidence(result)
+    done = "inverted" if header_inverts else "kept as stored"
+    result.meta.setdefault("checks", {})["polarity"] = (
+        f"{done}: from the DICOM header ({header}); "
+        + ("the image agrees" if evidence.decision == "keep" else f"image evidence {evidence.decision} ({summary})"))
+    if evidence.decision == "invert":
+        result.meta.setdefault("warnings", []).append(
+            f"the radiograph looks inverted (bone dark, air bright; {summary}) though {done} as its DICOM header "
+            f"({header}) says; if it is, run again with --invert {'no' if header_inverts else 'yes'}")
+    return result if header_inverts else None
 
 
 @input_check("radiograph_polarity")
