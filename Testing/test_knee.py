@@ -76,6 +76,51 @@ def test_acquisition_plane_follows_the_thick_axis(phantom):
     assert canonical_orientation(iso, "acquisition") == canonical_orientation(iso, "sagittal")
 
 
+def test_an_axial_acquisition_runs_on_sagittal_reformats_and_the_rest_as_acquired(phantom):
+    """The knee model knows sagittal and coronal slices only: an axial series (a clinical axial PD,
+    a 3D axial) runs on sagittal reformats; sagittal, coronal and isotropic series as before."""
+    from SpineKneeSegLib.engine.preprocessing import acquisition_planes, reformatted_from, resolve_plane
+
+    rule = CARD.preprocessing.plane
+    assert acquisition_planes(rule) == ("sagittal", "coronal") and acquisition_planes("axial") is None
+    with pytest.raises(ValueError, match="comma list"):
+        acquisition_planes("acquisition:oblique")
+    # axial acquisition: i toward patient left, j posterior, k (3 mm) superior
+    axial = _image([(1, 0, 0), (0, 1, 0), (0, 0, 1)])
+    assert acquisition_plane(axial) == "axial" and reformatted_from(axial, rule) == "axial"
+    assert resolve_plane(axial, rule) == "sagittal" and resolve_plane(axial, "acquisition") == "axial"
+    assert canonical_orientation(axial, rule) == canonical_orientation(axial, "sagittal")
+    assert slice_axis(axial, rule) == 2  # across the L-R axis (i), not the 3 mm one
+    coronal = _image([(1, 0, 0), (0, 0, -1), (0, 1, 0)])
+    iso = _image([(0, 1, 0), (0, 0, -1), (1, 0, 0)], spacing=(1.0, 1.0, 1.005))
+    for image in (phantom.image, coronal, iso, *(reorient(phantom.image, layout) for layout in LAYOUTS)):
+        assert reformatted_from(image, rule) is None
+        assert canonical_orientation(image, rule) == canonical_orientation(image, "acquisition")
+
+
+@pytest.mark.mrml
+def test_an_axial_series_through_the_cli_says_it_ran_on_reformats(phantom, tmp_path):
+    """The phantom re-labelled as an axial acquisition (its 3 mm axis along S-I): the labels land on
+    the input's grid, and the report says what ran and warns."""
+    from SpineKneeSegLib import cli
+    from SpineKneeSegLib.core.image_io import write_image
+    from SpineKneeSegLib.engine.weights import initialise_weights
+
+    image = phantom.image
+    axial = Image(image.array, image.spacing, image.origin, np.eye(3))  # k (3 mm) toward patient superior
+    write_image(axial, tmp_path / "axial.nii.gz")
+    initialise_weights("knee-bones", tmp_path / "w.pt", {"channels": (4, 8)})
+    out = tmp_path / "out"
+    assert cli.main(["run", "--task", "knee-bones", str(tmp_path / "axial.nii.gz"), "-o", str(out), "--weights",
+                     str(tmp_path / "w.pt"), "--progress", "none", "--fast"]) == 0
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert report["summaries"]["reformatted"] == {"acquired": "axial", "network_plane": "sagittal",
+                                                  "pixel_mm": [3.0, 0.6], "trained_planes": ["sagittal", "coronal"]}
+    assert any(w.startswith("the series is axial; the model was trained on sagittal and coronal slices only, so "
+                            "it ran on sagittal reformats") for w in report["warnings"]), report["warnings"]
+    assert read_image(out / "labels.nii.gz").same_geometry(axial)
+
+
 # ---- square window geometry ----------------------------------------------------------------
 
 def _round_trip(labels_canon: np.ndarray, grid) -> np.ndarray:

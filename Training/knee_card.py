@@ -171,7 +171,9 @@ post-processing, raw network output in brackets):
 {held_text}
 - Real series checked (no labels; nothing tuned on them): pyKNEEr DESS (GPL-3.0 repository) and pymskt
   multi-echo T2 (MIT) from ../shared/data/knee."""),
-        ("Preprocessing (the task card; stored with the weights)", """Slices along the acquisition axis (largest spacing; sagittal or coronal), canonical orientation;
+        ("Preprocessing (the task card; stored with the weights)", """Slices along the acquisition axis (largest spacing; sagittal or coronal), canonical orientation. An axial series runs on sagittal reformats (the model never saw axial
+slices; `Training/knee_planes.py`); a checkpoint whose preprocessing says `plane: acquisition` keeps the old rule.
+The rest:
 fast N4 (estimated on a shrunk, masked image, applied at full resolution); a 160 mm square window
 centred on the femorotibial joint, resampled to 224x224; per-volume z-score over the foreground.
 The synthetic training population has random intensities by design, so it has no meaningful fixed

@@ -41,6 +41,7 @@ BONES = 4  # label values 1..4 = femur, tibia, fibula, patella (project-wide kne
 PLANES = {
     "sagittal": ((-1.0, 0.0, 0.0), (0.0, 0.0, -1.0), (0.0, 1.0, 0.0)),
     "coronal": ((0.0, 1.0, 0.0), (0.0, 0.0, -1.0), (1.0, 0.0, 0.0)),
+    "axial": ((0.0, 0.0, 1.0), (0.0, 1.0, 0.0), (1.0, 0.0, 0.0)),  # evaluation series only: never trained on
 }
 
 

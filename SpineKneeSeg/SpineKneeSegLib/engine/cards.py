@@ -41,10 +41,12 @@ class Preprocessing:
     ``plane`` picks the slice axis from the direction matrix (the array axis most aligned with the
     plane's normal), so a sagittal task gets sagittal slices whatever the file's axis order;
     ``acquisition`` keeps the acquisition's slice axis (the largest spacing; isotropic: sagittal)
-    and shows it like the closest of sagittal/coronal/axial (preprocessing.acquisition_plane).
+    and shows it like the closest of sagittal/coronal/axial (preprocessing.acquisition_plane);
+    ``acquisition:sagittal,coronal`` does so only for those planes, and runs any other acquisition
+    on reformats in the first (preprocessing.acquisition_planes).
     """
 
-    plane: str = "axial"  # axial | sagittal | coronal | acquisition | image (2D inputs: the image plane)
+    plane: str = "axial"  # axial | sagittal | coronal | acquisition[:planes] | image (2D inputs: the image plane)
     in_plane_spacing_mm: float | None = None  # None: keep the input's pixel size
     normalisation: str = "zscore"  # zscore (per volume, foreground) | percentile | percentile-field (radiographs) | fixed
     context_slices: int = 1  # 1 = 2D; 3 = 2.5D (neighbours as channels)

@@ -15,6 +15,7 @@ from SpineKneeSegLib.engine.models import build_network, fold_batch_norm
 from SpineKneeSegLib.engine.preprocessing import (
     ONE_AFFINE_NORMALISATIONS,
     NetworkInput,
+    acquisition_planes,
     bias_correct,
     canonical_image,
     canonical_orientation,
@@ -27,6 +28,7 @@ from SpineKneeSegLib.engine.preprocessing import (
     network_grid_image,
     network_label_box,
     pad_to,
+    reformatted_from,
     resolve_plane,
     window_centre_rc,
 )
@@ -505,6 +507,17 @@ def logits_to_labels(logits: torch.Tensor, activation: str) -> torch.Tensor:
     raise ValueError(f"unknown label activation {activation!r}")
 
 
+def reformat_note(image: Image, plane: str, acquired: str) -> tuple[dict, str]:
+    """The report's record of a run on reformats, and its warning."""
+    used = resolve_plane(image, plane)
+    row_mm, col_mm = in_plane_spacing(image, canonical_orientation(image, plane).axes[0])
+    record = {"acquired": acquired, "network_plane": used, "pixel_mm": [round(row_mm, 3), round(col_mm, 3)],
+              "trained_planes": list(acquisition_planes(plane))}
+    return record, (f"the series is {acquired}; the model was trained on {' and '.join(record['trained_planes'])} "
+                    f"slices only, so it ran on {used} reformats ({row_mm:.2g} x {col_mm:.2g} mm pixels): check "
+                    "the result")
+
+
 @torch.inference_mode()
 def segment_slices(card: TaskCard, image: Image, net: torch.nn.Module, device: torch.device,
                    preprocessing: dict | None = None, batch_size: int = 8,
@@ -523,6 +536,10 @@ def segment_slices(card: TaskCard, image: Image, net: torch.nn.Module, device: t
     labels_box = None
     probabilities, probabilities_grid = None, None
     orientation = canonical_orientation(image, pre["plane"])
+    acquired = reformatted_from(image, pre["plane"])
+    if acquired:  # e.g. an axial knee series: the model has never seen axial slices (Training/knee_planes.py)
+        summaries["reformatted"], note = reformat_note(image, pre["plane"], acquired)
+        warnings.append(note)
     t = time.perf_counter()
     if pre.get("bias_correction"):  # on the canonical image: the same physical image, the same field
         image, info = bias_correct(canonical_image(image, pre["plane"])[0], pre["bias_correction"], pre)
@@ -533,8 +550,9 @@ def segment_slices(card: TaskCard, image: Image, net: torch.nn.Module, device: t
     if info:
         summaries["bias_correction"] = {**info, "seconds": round(bias_s, 3)}
     if pre.get("network_px") and centre_lps is None:
-        centre_lps, summaries["crop_window"], warnings = window_centre(card, image, net, device, pre, batch_size,
-                                                                        timings)
+        centre_lps, summaries["crop_window"], window_warnings = window_centre(card, image, net, device, pre,
+                                                                               batch_size, timings)
+        warnings += window_warnings
     slice_mm = canonical_image(image, pre["plane"])[0].spacing[2]
     if pre.get("fusion_planes") and slice_mm <= pre.get("fusion_max_slice_mm", float("inf")):
         labels, summaries["view_fusion"] = fused_labels(card, image, net, device, pre, batch_size, progress, timings,

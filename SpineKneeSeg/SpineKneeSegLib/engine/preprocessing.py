@@ -73,17 +73,48 @@ def acquisition_plane(image: Image) -> str:
     return PLANES[int(np.argmax(scores))]  # argmax takes the first of ties: sagittal
 
 
+def acquisition_planes(plane: str) -> tuple[str, ...] | None:
+    """The planes an 'acquisition' plane may take: 'acquisition' any; 'acquisition:sagittal,coronal'
+    those (a model trained on sagittal and coronal slices has never seen axial ones); None for a
+    fixed plane."""
+    if plane == "acquisition":
+        return PLANES
+    if plane.startswith("acquisition:"):
+        planes = tuple(p.strip() for p in plane.split(":", 1)[1].split(","))
+        if not planes or any(p not in PLANES for p in planes):
+            raise ValueError(f"plane {plane!r}: 'acquisition:' takes a comma list of {', '.join(PLANES)}")
+        return planes
+    return None
+
+
 def resolve_plane(image: Image, plane: str) -> str:
-    """A task's plane for this image: 'acquisition' becomes the concrete plane it is shown in."""
-    return acquisition_plane(image) if plane == "acquisition" else plane
+    """A task's plane for this image: 'acquisition' becomes the concrete plane it is shown in; an
+    acquisition in a plane the task does not take runs on reformats in the first one it takes."""
+    allowed = acquisition_planes(plane)
+    if allowed is None:
+        return plane
+    acquired = acquisition_plane(image)
+    return acquired if acquired in allowed or acquired == "image" else allowed[0]
+
+
+def reformatted_from(image: Image, plane: str) -> str | None:
+    """The acquisition plane an 'acquisition:...' task does not take (and so runs on reformats of),
+    else None."""
+    allowed = acquisition_planes(plane)
+    if allowed is None or image.is_2d:
+        return None
+    acquired = acquisition_plane(image)
+    return None if acquired in allowed else acquired
 
 
 def canonical_orientation(image: Image, plane: str) -> Orientation:
     """``plane`` 'acquisition': slices along the acquisition axis (largest spacing) whatever its
-    obliquity, shown in the canonical orientation of the closest of sagittal/coronal/axial."""
+    obliquity, shown in the canonical orientation of the closest of sagittal/coronal/axial; an
+    acquisition the task does not take (see ``acquisition_planes``): slices along the axis closest
+    to its first plane's normal."""
     if plane == "image" or image.is_2d:
         return Orientation()
-    forced = acquisition_axis(image) if plane == "acquisition" else None
+    forced = acquisition_axis(image) if acquisition_planes(plane) and reformatted_from(image, plane) is None else None
     plane = resolve_plane(image, plane)
     columns = [image.direction[:, 2 - a] for a in range(3)]  # LPS direction of numpy axis a
     remaining, axes, flips = [0, 1, 2], [], []
