@@ -1,14 +1,17 @@
-"""Axial knee series: the network on the acquisition's own (axial) slices, or on sagittal reformats?
+"""Knee series acquired axially or coronally: the network on the acquisition's own slices, or on
+sagittal (or coronal) reformats?
 
-The knee model is trained on sagittal and coronal slices only. Its card's plane was "acquisition"
+The knee model is trained on sagittal and coronal slices. Its card's plane was "acquisition"
 (slices as acquired, whatever the plane), so an axial series ran on axial slices the network had
-never seen. This compares that rule ("acquisition") with "acquisition:sagittal,coronal" (an axial
-acquisition runs on sagittal reformats), and, for information, coronal reformats, on:
+never seen. For each acquisition this runs the network on each plane (its own slices, or reformats
+across them) and scores:
 
-* synthetic axial series of the held-out anatomy (pymskt DESS labels; the same synthesis as
-  ``knee_bones.py evaluate``): Dice against the true bones, after the product's post-processing;
-* the real DESS (sagittal, 1.5 mm) reformatted to axial slabs: agreement with the product's run on
-  the sagittal original, on the axial grid. That run is a reference, not the truth (no real labels).
+* synthetic series of the held-out anatomy (pymskt DESS labels; the same synthesis as
+  ``knee_bones.py evaluate``), axial and coronal: Dice against the true bones, after the product's
+  post-processing;
+* the real DESS (sagittal, 1.5 mm) reformatted to axial and coronal slabs: agreement with the
+  product's run on the sagittal original, on the slab grid. That run is a reference, not the truth
+  (no real labels).
 
     python Training/knee_bones.py prepare --out /tmp/kneevol
     python Training/knee_planes.py --volumes /tmp/kneevol/volumes.pt --json Training/results/knee-planes.json
@@ -23,13 +26,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from knee_data import HELD_OUT, load_volumes
-from knee_eval import BONE_NAMES, load_knee_checkpoint
+from knee_eval import BONE_NAMES, EVAL_SERIES, load_knee_checkpoint
 from knee_synth import SynthConfig, synthesise_volume
 
-RULES = {"as acquired (old)": "acquisition", "sagittal reformats (new)": "acquisition:sagittal,coronal",
-         "coronal reformats (for information)": "acquisition:coronal,sagittal"}
-AXIAL_SERIES = (  # (slices, slice mm, pixel mm, mirror): clinical axial knee protocols (PD/T2, 3-4 mm; 3D 1.5 mm)
-    (40, 3.0, 0.4, False), (30, 4.0, 0.4, True), (80, 1.5, 0.5, False))
+NETWORK_PLANES = ("acquisition", "sagittal", "coronal")  # "acquisition": the series' own slices
+SERIES = (  # (plane, slices, slice mm, pixel mm, mirror): clinical axial knee protocols (PD/T2, 3-4 mm;
+    # 3D 1.5 mm), and evaluate's two coronal series
+    ("axial", 40, 3.0, 0.4, False), ("axial", 30, 4.0, 0.4, True), ("axial", 80, 1.5, 0.5, False),
+    *(s for s in EVAL_SERIES if s[0] == "coronal"))
 DESS_SLABS_MM = (1.5, 3.0, 4.5)
 
 
@@ -55,64 +59,74 @@ def _run(image, rule: str, weights, net) -> tuple[np.ndarray, float]:
     return largest_component_per_label(raw), time.perf_counter() - t
 
 
-def synthetic_axial(volumes: Path, seeds: list[int], log=print) -> list[dict]:
+def synthetic_series(volumes: Path, seeds: list[int], log=print) -> list[dict]:
     from SpineKneeSegLib.core.image import Image
 
     weights, _, net = load_knee_checkpoint(_shipped())
     held = [v for v in load_volumes(volumes) if v.name == HELD_OUT][0]
     rows = []
     for seed in seeds:
-        for i, (n, slice_mm, pixel_mm, mirror) in enumerate(AXIAL_SERIES):
-            s = synthesise_volume(held, SynthConfig(), torch.Generator().manual_seed(seed + i), plane="axial",
+        for i, (plane, n, slice_mm, pixel_mm, mirror) in enumerate(SERIES):
+            s = synthesise_volume(held, SynthConfig(), torch.Generator().manual_seed(seed + i), plane=plane,
                                   n_slices=n, slice_mm=slice_mm, pixel_mm=pixel_mm,
                                   size_px=int(round(160 / pixel_mm)), mirror=mirror)
             image = Image(s["image"], s["spacing"], tuple(s["origin"]), s["direction"])
-            for name, rule in RULES.items():
-                labels, seconds = _run(image, rule, weights, net)
-                row = {"series": f"axial {n}x{slice_mm} mm{' mirrored' if mirror else ''}", "seed": seed,
-                       "rule": name, **_dices(labels, s["labels"]), "seconds": round(seconds, 1)}
+            for network_plane in NETWORK_PLANES:
+                if network_plane == plane:
+                    continue  # the same as "acquisition"
+                labels, seconds = _run(image, network_plane, weights, net)
+                row = {"series": f"{plane} {n}x{slice_mm} mm{' mirrored' if mirror else ''}", "acquired": plane,
+                       "seed": seed, "network_plane": network_plane, **_dices(labels, s["labels"]),
+                       "seconds": round(seconds, 1)}
                 rows.append(row)
                 log(json.dumps(row))
     return rows
 
 
-def real_dess_axial(data: Path, log=print) -> list[dict]:
-    """The real DESS reformatted to axial slabs (block-averaged: a thicker slice sums its thinner
-    ones), each rule against the sagittal original's labels brought onto the axial grid."""
+def real_dess_slabs(data: Path, log=print) -> list[dict]:
+    """The real DESS reformatted to axial and coronal slabs (block-averaged: a thicker slice sums its
+    thinner ones), each network plane against the sagittal original's labels on the slab grid."""
     import SimpleITK as sitk
     from SpineKneeSegLib.core.image import Image
     from SpineKneeSegLib.core.image_io import read_image
 
     weights, _, net = load_knee_checkpoint(_shipped())
     dess = read_image(data / "knee" / "dess-dicom")
-    reference, _ = _run(dess, "acquisition", weights, net)  # sagittal: the same under both rules
+    reference, _ = _run(dess, "acquisition", weights, net)  # sagittal: its own slices
     source = dess.to_sitk()
     corners = np.array([source.TransformIndexToPhysicalPoint([int(a * (n - 1)) for a, n in zip(c, source.GetSize())])
                         for c in np.ndindex(2, 2, 2)])
     lo, hi = corners.min(0), corners.max(0)
+    # LPS direction columns (i, j, k) of each slab grid: axial k superior; coronal k posterior, j inferior
+    grids = {"axial": np.eye(3), "coronal": np.array([[1, 0, 0], [0, 0, 1], [0, -1, 0]], float)}
     rows = []
-    for slab in DESS_SLABS_MM:
-        fine = (0.5, 0.5, 0.5)  # an axial grid at 0.5 mm, averaged over the slab along S-I
-        size = [int((hi[d] - lo[d]) / fine[d]) for d in range(3)]
-        per = int(round(slab / fine[2]))
-        size[2] -= size[2] % per
-        resampled = sitk.Resample(source, size, sitk.Transform(), sitk.sitkLinear, tuple(lo), fine,
-                                  (1, 0, 0, 0, 1, 0, 0, 0, 1), 0.0, sitk.sitkFloat32)
-        array = sitk.GetArrayFromImage(resampled)  # (k, j, i)
-        slabs = array.reshape(size[2] // per, per, size[1], size[0]).mean(axis=1)
-        origin = tuple(lo + np.array([0, 0, (per - 1) * fine[2] / 2]))
-        axial = Image(slabs.astype(np.float32), (fine[0], fine[1], slab), origin, np.eye(3))
-        ref_image = dess.with_array(reference)
-        ref_on_axial = sitk.GetArrayFromImage(sitk.Resample(ref_image.to_sitk(), axial.to_sitk(),
-                                                            sitk.Transform(), sitk.sitkNearestNeighbor, 0))
-        inside = sitk.GetArrayFromImage(sitk.Resample(dess.with_array(np.ones_like(reference)).to_sitk(),
-                                                      axial.to_sitk(), sitk.Transform(), sitk.sitkNearestNeighbor, 0))
-        for name, rule in RULES.items():
-            labels, seconds = _run(axial, rule, weights, net)
-            row = {"series": f"real DESS as axial {slabs.shape[0]}x{slab} mm", "rule": name,
-                   **_dices(np.where(inside > 0, labels, 0), ref_on_axial), "seconds": round(seconds, 1)}
-            rows.append(row)
-            log(json.dumps(row))
+    for plane, direction in grids.items():
+        for slab in DESS_SLABS_MM:
+            fine = 0.5  # a grid at 0.5 mm, averaged over the slab along k
+            extent = np.abs(direction.T @ (hi - lo))  # size of the box along i, j, k
+            start = np.where(direction.T @ (hi - lo) >= 0, direction.T @ lo, direction.T @ hi)
+            per = int(round(slab / fine))
+            size = [int(e / fine) for e in extent]
+            size[2] -= size[2] % per
+            origin = direction @ start
+            resampled = sitk.Resample(source, size, sitk.Transform(), sitk.sitkLinear, tuple(origin), (fine,) * 3,
+                                      tuple(direction.ravel()), 0.0, sitk.sitkFloat32)
+            array = sitk.GetArrayFromImage(resampled)  # (k, j, i)
+            slabs = array.reshape(size[2] // per, per, size[1], size[0]).mean(axis=1)
+            slab_origin = tuple(origin + direction[:, 2] * (per - 1) * fine / 2)
+            image = Image(slabs.astype(np.float32), (fine, fine, slab), slab_origin, direction)
+            on_slabs = [sitk.GetArrayFromImage(sitk.Resample(dess.with_array(a).to_sitk(), image.to_sitk(),
+                                                             sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+                        for a in (reference, np.ones_like(reference))]
+            for network_plane in NETWORK_PLANES:
+                if network_plane == plane:
+                    continue
+                labels, seconds = _run(image, network_plane, weights, net)
+                row = {"series": f"real DESS as {plane} {slabs.shape[0]}x{slab} mm", "acquired": plane,
+                       "network_plane": network_plane,
+                       **_dices(np.where(on_slabs[1] > 0, labels, 0), on_slabs[0]), "seconds": round(seconds, 1)}
+                rows.append(row)
+                log(json.dumps(row))
     return rows
 
 
@@ -123,10 +137,14 @@ def _shipped() -> Path:
 
 
 def summary(rows: list[dict]) -> dict:
+    """Mean Dice per acquisition and network plane."""
     out = {}
-    for name in RULES:
-        mine = [r for r in rows if r["rule"] == name]
-        out[name] = {k: round(float(np.nanmean([r[k] for r in mine])), 4) for k in (*BONE_NAMES.values(), "mean")}
+    for acquired in dict.fromkeys(r["acquired"] for r in rows):
+        for plane in NETWORK_PLANES:
+            mine = [r for r in rows if r["acquired"] == acquired and r["network_plane"] == plane]
+            if mine:
+                out[f"{acquired} on {plane}"] = {k: round(float(np.nanmean([r[k] for r in mine])), 4)
+                                                 for k in (*BONE_NAMES.values(), "mean")}
     return out
 
 
@@ -138,12 +156,11 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[777, 1777])
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    synthetic = synthetic_axial(args.volumes, args.seeds)
+    synthetic = synthetic_series(args.volumes, args.seeds)
     root = data_root()
-    real = real_dess_axial(root) if root is not None and (root / "knee" / "dess-dicom").is_dir() else []
-    result = {"synthetic_axial": synthetic, "synthetic_mean": summary(synthetic),
-              "real_dess_axial": real, "real_mean": summary(real) if real else {}}
+    real = real_dess_slabs(root) if root is not None and (root / "knee" / "dess-dicom").is_dir() else []
+    result = {"synthetic": synthetic, "synthetic_mean": summary(synthetic),
+              "real_dess": real, "real_mean": summary(real) if real else {}}
     print(json.dumps({"synthetic_mean": result["synthetic_mean"], "real_mean": result["real_mean"]}, indent=1))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
