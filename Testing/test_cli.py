@@ -234,12 +234,14 @@ def test_a_bad_manifest_is_refused_naming_the_file_and_the_line(content, problem
 def test_a_manifest_chooses_the_series_and_the_echo_case_by_case(tmp_path, tiny_weights):
     """A PACS export's folder holds several series; a multi-echo series several echoes: the
     ``series`` and ``echo`` columns choose them per case, as --series and --echo do for one."""
-    from test_io import write_dicom_series
+    from test_io import SAGITTAL, write_dicom_series  # a sagittal knee runs as acquired
 
     vol = (np.arange(8 * 32 * 32).reshape(8, 32, 32) % 300).astype(np.int16)
-    _, wanted = write_dicom_series(tmp_path / "study", vol, name="t2", description="Sag T2", series_number=3)
-    write_dicom_series(tmp_path / "study", vol[:6], name="localiser", description="Loc", series_number=1)
-    write_dicom_series(tmp_path / "echoes", vol, echoes=[(1, 10.0), (2, 40.0)])
+    _, wanted = write_dicom_series(tmp_path / "study", vol, name="t2", description="Sag T2", series_number=3,
+                                   direction=SAGITTAL)
+    write_dicom_series(tmp_path / "study", vol[:6], name="localiser", description="Loc", series_number=1,
+                       direction=SAGITTAL)
+    write_dicom_series(tmp_path / "echoes", vol, echoes=[(1, 10.0), (2, 40.0)], direction=SAGITTAL)
     manifest = tmp_path / "cases.csv"
     manifest.write_text(f"id,input,series,echo\nchosen,study,{wanted},\nunchosen,study,,\n"
                         f"second-echo,echoes,,2\nfirst-echo,echoes,,\nby-number,study,3,\nby-name,study,*t2,\n")
@@ -682,7 +684,7 @@ def test_a_folder_of_scans_is_a_cohort(tmp_path, tiny_weights, capsys):
     """--manifest FOLDER, as nnU-Net's folder in, folder out: each image file and each sub-folder
     (one image file, or one DICOM series) is a case named by it; other files are left out and
     said so; a sub-folder of two scans is a failed case; the output folder inside is no case."""
-    from test_io import write_dicom_series
+    from test_io import SAGITTAL, write_dicom_series
 
     scans = tmp_path / "scans"
     scans.mkdir()
@@ -690,7 +692,8 @@ def test_a_folder_of_scans_is_a_cohort(tmp_path, tiny_weights, capsys):
     write_image(phantom.image, scans / "a.nii.gz")
     (scans / "b").mkdir()
     write_image(phantom.image, scans / "b" / "scan.nrrd")
-    write_dicom_series(scans / "c", (np.arange(8 * 32 * 32).reshape(8, 32, 32) % 300).astype(np.int16))
+    write_dicom_series(scans / "c", (np.arange(8 * 32 * 32).reshape(8, 32, 32) % 300).astype(np.int16),
+                       direction=SAGITTAL)
     (scans / "d").mkdir()
     for name in ("t1.nii.gz", "t2.nii.gz"):
         write_image(phantom.image, scans / "d" / name)
@@ -737,12 +740,12 @@ def test_a_rerun_does_not_keep_a_result_of_inputs_the_manifest_changed(tmp_path,
     """A case whose input (or task) changed since its result was written is not 'finished': the old
     result is kept and the case fails, naming what it was made from, until --overwrite. The report
     records each input's absolute path, and for DICOM the series and echo read."""
-    from test_io import write_dicom_series
+    from test_io import SAGITTAL, write_dicom_series
 
     second = tmp_path / "second.nii.gz"
     second.write_bytes(Path(phantom_files["knee-bones"]).read_bytes())
     write_dicom_series(tmp_path / "study", (np.arange(8 * 32 * 32).reshape(8, 32, 32) % 300).astype(np.int16),
-                       description="Sag T2")
+                       description="Sag T2", direction=SAGITTAL)
     manifest, out = tmp_path / "cases.csv", tmp_path / "out"
     manifest.write_text(f"id,input\na,{phantom_files['knee-bones']}\nb,{phantom_files['knee-bones']}\nd,study\n")
     command = ["run", "--task", "knee-bones", "--manifest", str(manifest), "-o", str(out),

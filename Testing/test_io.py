@@ -33,6 +33,9 @@ _RX = np.array([[1, 0, 0], [0, np.cos(_A), -np.sin(_A)], [0, np.sin(_A), np.cos(
 _RZ = np.array([[np.cos(_B), -np.sin(_B), 0], [np.sin(_B), np.cos(_B), 0], [0, 0, 1]])
 OBLIQUE = _RZ @ _RX
 LEFT_HANDED = OBLIQUE @ np.diag([1.0, 1.0, -1.0])
+# a sagittal acquisition (i posterior, j inferior, k toward patient left): what the knee model runs
+# as acquired (an axial one, e.g. the identity direction, runs on sagittal reformats)
+SAGITTAL = np.array([[0.0, 1.0, 0.0], [0.0, 0.0, -1.0], [1.0, 0.0, 0.0]]).T
 
 
 # ==== helpers ========================================================================

@@ -256,8 +256,10 @@ def test_a_run_on_another_machine_is_busy_while_it_beats_and_taken_over_once_it_
     import numpy as np
     from SpineKneeSegLib.core.image import Image
 
+    from test_io import SAGITTAL
+
     write_image(Image(np.random.default_rng(0).normal(100, 20, (12, 48, 48)).astype(np.float32),
-                      spacing=(0.5, 0.5, 3.0)), tmp_path / "scan.nii.gz")
+                      spacing=(0.5, 0.5, 3.0), direction=SAGITTAL), tmp_path / "scan.nii.gz")
     initialise_weights("knee-bones", tmp_path / "knee.pt", {"channels": (4, 8)})
     run = [sys.executable, "-m", "SpineKneeSegLib.cli", "run", "--task", "knee-bones", str(tmp_path / "scan.nii.gz"),
            "-o", str(tmp_path / "out"), "--weights", str(tmp_path / "knee.pt"), "--progress", "none"]

@@ -15,6 +15,7 @@ import pytest
 from SpineKneeSegLib.core.image import Image
 from SpineKneeSegLib.core.image_io import write_image
 from SpineKneeSegLib.engine.weights import initialise_weights
+from test_io import SAGITTAL  # a sagittal knee runs as acquired
 
 pytestmark = [pytest.mark.mrml, pytest.mark.slow]
 
@@ -22,8 +23,8 @@ pytestmark = [pytest.mark.mrml, pytest.mark.slow]
 @pytest.fixture
 def case(tmp_path):
     rng = np.random.default_rng(0)
-    write_image(Image(rng.normal(100, 20, (12, 48, 48)).astype(np.float32), spacing=(0.5, 0.5, 3.0)),
-                tmp_path / "scan.nii.gz")
+    write_image(Image(rng.normal(100, 20, (12, 48, 48)).astype(np.float32), spacing=(0.5, 0.5, 3.0),
+                      direction=SAGITTAL), tmp_path / "scan.nii.gz")
     initialise_weights("knee-bones", tmp_path / "knee.pt", {"channels": (4, 8)})
     temp = tmp_path / "tmp"
     temp.mkdir()

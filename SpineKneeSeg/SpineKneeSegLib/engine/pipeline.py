@@ -222,7 +222,7 @@ def label_variant(card: TaskCard, weights) -> str:
 
 
 def validate_input(card: TaskCard, spec, image: Image, path) -> None:
-    from SpineKneeSegLib.engine.preprocessing import resolve_plane, slice_axis
+    from SpineKneeSegLib.engine.preprocessing import reformatted_from, resolve_plane, slice_axis
 
     if spec.dims == 3 and image.is_2d:
         raise InputError(f"is a 2D image (shape {image.array.shape[1:]}); task {card.name} needs a 3D volume", path)
@@ -234,6 +234,13 @@ def validate_input(card: TaskCard, spec, image: Image, path) -> None:
         raise InputError(f"has non-real voxel type {image.array.dtype}", path)
     if np.issubdtype(image.array.dtype, np.floating) and not np.all(np.isfinite(image.array)):
         raise InputError("contains NaN or infinite values", path)
+    if spec.dims == 3 and image.meta.get("spacing_source") == "none":  # DICOM without PixelSpacing
+        raise InputError("has no PixelSpacing: the in-plane voxel size is unknown, so volumes and distances would "
+                         "be invented", path)
+    if not all(np.isfinite(s) and s > 0 for s in image.spacing):
+        raise InputError(f"voxel size {tuple(image.spacing)} mm is not positive: volumes and distances would be "
+                         "invented", path)
+    check_orthogonal_axes(image, path)  # the file's own faults first, then the task's size rules
     axis = slice_axis(image, card.preprocessing.plane)
     n_slices = image.array.shape[axis]
     in_plane = [s for i, s in enumerate(image.array.shape) if i != axis]
@@ -242,17 +249,13 @@ def validate_input(card: TaskCard, spec, image: Image, path) -> None:
         raise InputError(f"has {n_slices} slice(s) along the {plane} normal; task {card.name} "
                          f"needs at least {card.preprocessing.min_slices}", path)
     if min(in_plane) < card.preprocessing.min_size:
-        raise InputError(f"slices are {in_plane[0]}x{in_plane[1]} pixels; task {card.name} needs at least "
+        acquired = reformatted_from(image, card.preprocessing.plane)
+        slices = (f"its {resolve_plane(image, card.preprocessing.plane)} reformats (the series is {acquired}; "
+                  f"task {card.name} runs such a series so) are" if acquired else "slices are")
+        raise InputError(f"{slices} {in_plane[0]}x{in_plane[1]} pixels; task {card.name} needs at least "
                          f"{card.preprocessing.min_size}x{card.preprocessing.min_size}", path)
     if float(image.array.max()) == float(image.array.min()):
         raise InputError("is constant (every voxel has the same value): nothing to segment", path)
-    if spec.dims == 3 and image.meta.get("spacing_source") == "none":  # DICOM without PixelSpacing
-        raise InputError("has no PixelSpacing: the in-plane voxel size is unknown, so volumes and distances would "
-                         "be invented", path)
-    if not all(np.isfinite(s) and s > 0 for s in image.spacing):
-        raise InputError(f"voxel size {tuple(image.spacing)} mm is not positive: volumes and distances would be "
-                         "invented", path)
-    check_orthogonal_axes(image, path)
     spacing_note = image.meta.get("spacing_note")
     checks = {"voxel_type": "real numbers, all finite",
               "spacing_mm": "positive" + (f"; {spacing_note}" if spacing_note else " (from the file)"),

@@ -8,7 +8,8 @@ cards.register(cards.TaskCard(
     title="Knee bones (MRI)",
     description="Femur, tibia, fibula and patella in sagittal or coronal knee MRI (seed 000).",
     modality="MR",
-    inputs=(cards.InputSpec("image", "MR", 3, description="knee MRI volume, sagittal or coronal"),),
+    inputs=(cards.InputSpec("image", "MR", 3, description="knee MRI volume, sagittal or coronal (axial: run on "
+                                                      "sagittal reformats)"),),
     # seed 000: N4, joint-centred square window, 224 x 224 in-plane, slices kept as acquired (sagittal
     # or coronal), z-score (a checkpoint stores the training population's statistics as "fixed"); an
     # axial series runs on sagittal reformats: the model never saw axial slices (mean Dice 0.14 as
