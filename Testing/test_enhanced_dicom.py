@@ -267,3 +267,26 @@ def test_a_frame_with_its_own_pixel_spacing_is_refused(tmp_path):
     ds.save_as(tmp_path / "varied.dcm")
     with pytest.raises(InputError, match=r"different pixel spacings: .*varied\.dcm frame \d+ 0\.9 x 0\.7 mm"):
         read_image(tmp_path / "varied.dcm")
+
+
+def test_magnitude_frames_are_the_image_whether_frame_type_or_complex_component_says_it(tmp_path):
+    """One file holding magnitude and phase frames: the legacy converter carries ImageType into each
+    frame's FrameType; a scanner's Enhanced MR says ComplexImageComponent. Either way the magnitude
+    frames are the image, with a warning."""
+    volume = _volume((4, 6, 7))
+    magnitude, uid = write_dicom_series(tmp_path / "gre", volume, name="m",
+                                        image_type=("ORIGINAL", "PRIMARY", "M", "ND"))
+    phase, _ = write_dicom_series(tmp_path / "gre", -volume, name="p", series_uid=uid,
+                                  image_type=("ORIGINAL", "PRIMARY", "P", "ND"))
+    path = enhanced(magnitude + phase, tmp_path / "legacy.dcm", order=np.random.default_rng(1).permutation(8))
+    ds = pydicom.dcmread(path)
+    for item in ds.PerFrameFunctionalGroupsSequence:  # FrameType says nothing; ComplexImageComponent does
+        kind = item.MRImageFrameTypeSequence[0]
+        kind.ComplexImageComponent = "PHASE" if "P" in kind.FrameType else "MAGNITUDE"
+        kind.FrameType = ["ORIGINAL", "PRIMARY", "OTHER", "NONE"]
+    ds.save_as(tmp_path / "scanner.dcm")
+    for name in ("legacy.dcm", "scanner.dcm"):
+        image = read_image(tmp_path / name)
+        np.testing.assert_array_equal(image.array, read_image(magnitude).array)
+        assert image.meta["warnings"] == ["the series holds magnitude and phase images: the 4 magnitude images were "
+                                          "used (4 phase left out)"], name

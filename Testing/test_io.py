@@ -57,7 +57,7 @@ def _ds(value: float) -> str:
 def write_dicom_slice(path: Path, pixels: np.ndarray, *, series_uid: str, position, orientation,
                       pixel_spacing=(0.5, 0.7), echo: int | None = None, echo_time=None,
                       description="synthetic", instance=1, slope=None, intercept=None, series_number=1,
-                      modality="MR"):
+                      modality="MR", image_type=None):
     """One MR Image Storage file (``modality`` None: no Modality element). ``pixel_spacing`` is
     DICOM's (between rows, between columns)."""
     meta = FileMetaDataset()
@@ -74,6 +74,8 @@ def write_dicom_slice(path: Path, pixels: np.ndarray, *, series_uid: str, positi
     ds.InstanceNumber = instance
     if modality is not None:
         ds.Modality = modality
+    if image_type is not None:
+        ds.ImageType = list(image_type)
     ds.PatientName = "Synthetic^Knee"
     ds.PatientID = "SYN001"
     ds.ImagePositionPatient = [_ds(v) for v in position]
@@ -244,6 +246,35 @@ def test_a_slice_with_another_pixel_spacing_is_refused_not_given_the_first_ones(
     ds.PixelSpacing = ["0.500000001", "0.7"]  # the same spacing written with more digits
     ds.save_as(files[2])
     np.testing.assert_allclose(read_image(tmp_path / "ser").spacing[:2], (0.7, 0.5), rtol=1e-6)
+
+
+def test_magnitude_and_phase_in_one_series_read_as_the_magnitude(tmp_path):
+    """A gradient-echo export with a phase image at every position (Siemens ImageType M / P, the
+    Philips and GE words too): the magnitude images are the image, with a warning; before, the
+    repeated positions were refused as "a multi-echo, dynamic or diffusion series?"."""
+    volume = _volume((5, 6, 7))
+    _, uid = write_dicom_series(tmp_path / "gre", volume, name="m", image_type=("ORIGINAL", "PRIMARY", "M", "ND"))
+    write_dicom_series(tmp_path / "gre", -volume, name="p", series_uid=uid,
+                       image_type=("ORIGINAL", "PRIMARY", "P", "ND"))
+    image = read_image(tmp_path / "gre")
+    _check_series(image, volume)
+    (warning,) = image.meta["warnings"]
+    assert "magnitude and phase images: the 5 magnitude images were used (5 phase left out)" in warning
+    assert len(image.meta["dicom_files"]) == 5
+    phase_only = tmp_path / "phase"
+    write_dicom_series(phase_only, volume, image_type=("ORIGINAL", "PRIMARY", "PHASE MAP", "P", "FFE"))
+    with pytest.raises(InputError, match="holds only phase images .*no magnitude image to segment"):
+        read_image(phase_only)
+
+
+def test_a_dixon_export_in_one_series_is_refused_naming_its_image_types(tmp_path):
+    volume = _volume((4, 6, 7))
+    _, uid = write_dicom_series(tmp_path / "dixon", volume, name="w", image_type=("ORIGINAL", "PRIMARY", "W", "DIXON"))
+    write_dicom_series(tmp_path / "dixon", volume, name="f", series_uid=uid,
+                       image_type=("ORIGINAL", "PRIMARY", "F", "DIXON"))
+    with pytest.raises(InputError, match=r"images of 2 types \(ORIGINAL/PRIMARY/F/DIXON; ORIGINAL/PRIMARY/W/DIXON\) "
+                                         r"in one series: a Dixon"):
+        read_image(tmp_path / "dixon")
 
 
 def test_single_dicom_file(tmp_path):

@@ -404,6 +404,8 @@ class _Slice:
     patient_orientation: tuple[str, str] | None = None  # PatientOrientation (0020,0020): row, column directions
     photometric: str = ""
     presentation_lut_shape: str = ""  # (2050,0020): INVERSE on a MONOCHROME2 image means displayed inverted
+    image_type: tuple[str, ...] = ()  # ImageType (0008,0008) values, upper case; a frame's FrameType
+    component: str = ""  # ComplexImageComponent of an enhanced frame (MAGNITUDE, PHASE, REAL, IMAGINARY)
     plain_pixels: bool = False  # uncompressed MONOCHROME2 integers without rescale: numpy can read them as stored
     stored: "_StoredPixels | None" = None  # where a plain file keeps them, when the header pass could say
     header: object = None  # the pydicom header without PixelData (a DICOM-SEG references it)
@@ -567,6 +569,8 @@ def _enhanced_frames(s: _Slice, ds) -> list[_Slice]:
         echo_number = value(item, *_ECHO_NUMBER_MACROS)
         if echo_number is not None and not isinstance(echo_number, (int, str)):
             echo_number = echo_number[0] if len(echo_number) else None
+        frame_type = value(item, ("MRImageFrameTypeSequence", "FrameType"), ("CTImageFrameTypeSequence", "FrameType"))
+        component = value(item, ("MRImageFrameTypeSequence", "ComplexImageComponent"))
         slope = value(item, ("PixelValueTransformationSequence", "RescaleSlope"))
         intercept = value(item, ("PixelValueTransformationSequence", "RescaleIntercept"))
         frames.append(replace(
@@ -578,6 +582,8 @@ def _enhanced_frames(s: _Slice, ds) -> list[_Slice]:
             echo_time=_float_or_none(echo_time) if echo_time is not None else s.echo_time,
             echo_number=_int_or_none(echo_number) if echo_number is not None else s.echo_number,
             spacing_source="PixelSpacing" if spacing is not None else s.spacing_source,
+            image_type=_values(frame_type) if frame_type is not None else s.image_type,
+            component=str(component or "").strip().upper(),
             rescale=(float(slope) if slope is not None else float(ds.get("RescaleSlope", 1) or 1),
                      float(intercept) if intercept is not None else float(ds.get("RescaleIntercept", 0) or 0)),
             plain_pixels=False, stored=None))
@@ -624,9 +630,18 @@ def _slice_from_dataset(path: Path, ds) -> _Slice:
         laterality=str(ds.get("ImageLaterality") or ds.get("Laterality") or "").strip().upper() or None,
         spacing_source=spacing_source, photometric=str(ds.get("PhotometricInterpretation", "")),
         presentation_lut_shape=str(ds.get("PresentationLUTShape", "") or "").strip().upper(),
+        image_type=_values(ds.get("ImageType")),
         plain_pixels=plain, stored=_stored_pixels(ds) if plain else None,
         patient_orientation=(tuple(str(v).strip().upper() for v in orientation_letters)
                              if orientation_letters is not None and len(orientation_letters) == 2 else None))
+
+
+def _values(value) -> tuple[str, ...]:
+    """A multi-valued code string (ImageType, FrameType) as upper-case values."""
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else list(value)
+    return tuple(str(v).strip().upper() for v in items)
 
 
 def _int_or_none(value) -> int | None:
@@ -686,6 +701,40 @@ def _listing(groups: dict[str, list[_Slice]]) -> str:
                      f"{g[0].description or 'no description'!r}, {_file_count(g)} files)" for uid, g in groups.items())
 
 
+# what ImageType (value 3 on, by vendor) or an enhanced frame's ComplexImageComponent calls an image
+# that is not the magnitude: Siemens M / P / R / I, Philips and GE words
+_COMPONENT_WORDS = {"P": "phase", "PHASE": "phase", "PHASE MAP": "phase", "R": "real", "REAL": "real",
+                    "I": "imaginary", "IMAGINARY": "imaginary"}
+
+
+def _component(s: _Slice) -> str:
+    """magnitude | phase | real | imaginary: a frame's ComplexImageComponent, else ImageType's
+    values after the first two (ORIGINAL/DERIVED, PRIMARY/SECONDARY); magnitude when neither says."""
+    if s.component in ("PHASE", "REAL", "IMAGINARY"):
+        return s.component.lower()
+    if s.component == "MAGNITUDE":
+        return "magnitude"
+    for value in s.image_type[2:]:
+        if value in _COMPONENT_WORDS:
+            return _COMPONENT_WORDS[value]
+    return "magnitude"
+
+
+def _select_magnitude(slices: list[_Slice], where: Path) -> tuple[list[_Slice], list[str]]:
+    """A series that holds phase (or real / imaginary) images beside its magnitude images, as a
+    gradient-echo export may, reads as its magnitude images, with a warning; one with no magnitude
+    image is refused (a phase map shows no anatomy to segment)."""
+    kinds = _group(slices, _component)
+    if set(kinds) == {"magnitude"}:
+        return slices, []
+    if "magnitude" not in kinds:
+        raise InputError(f"holds only {' and '.join(kinds)} images ({_file_count(slices)} files, ImageType "
+                         f"{'/'.join(slices[0].image_type) or 'not given'}): no magnitude image to segment", where)
+    left = ", ".join(f"{len(g)} {kind}" for kind, g in kinds.items() if kind != "magnitude")
+    return kinds["magnitude"], [f"the series holds magnitude and {' and '.join(k for k in kinds if k != 'magnitude')} "
+                                f"images: the {len(kinds['magnitude'])} magnitude images were used ({left} left out)"]
+
+
 def _split_echoes(slices: list[_Slice]) -> dict[int, list[_Slice]]:
     """Echo number -> slices. EchoNumbers when they differ; else EchoTime rank (1-based), but
     only when positions repeat, so a series with a per-slice TE jitter is not shattered."""
@@ -701,7 +750,7 @@ def _split_echoes(slices: list[_Slice]) -> dict[int, list[_Slice]]:
     return {only or 1: list(slices)}
 
 
-def _group(slices, key) -> dict[int, list[_Slice]]:
+def _group(slices, key) -> dict:
     out: dict[int, list[_Slice]] = {}
     for s in slices:
         out.setdefault(key(s), []).append(s)
@@ -732,7 +781,9 @@ def _select_echo(slices: list[_Slice], echo: int | None, where: Path):
 
 def _assemble_dicom(slices: list[_Slice], echo, series, where: Path) -> Image:
     chosen = _select_series(slices, series, where)
+    chosen, component_warnings = _select_magnitude(chosen, where)
     echo, chosen, echo_time, all_echoes, warnings = _select_echo(chosen, echo, where)
+    warnings = component_warnings + warnings
     if len(chosen) == 1 and chosen[0].frames > 1 and chosen[0].frame is None:
         image = _read_multiframe(chosen[0])
         chosen_sorted = chosen
@@ -869,10 +920,14 @@ def _measured_step(slices: list[_Slice], where: Path) -> np.ndarray:
     gaps = np.diff(distances)
     for n, gap in enumerate(gaps):
         if gap < _DUPLICATE_MM:
+            types = {"/".join(s.image_type) for s in slices if s.image_type}
+            why = (f"images of {len(types)} types ({'; '.join(sorted(types)[:4])}) in one series: a Dixon "
+                   "(water / fat / in / opposed phase) or other multi-contrast export? Export each type as a "
+                   "series of its own" if len(types) > 1 else
+                   "several images per position: a multi-echo, dynamic or diffusion series?")
             raise InputError(
                 f"duplicate slice position {distances[n]:.3f} mm in {slices[n].label} and "
-                f"{slices[n + 1].label} (several images per position: a multi-echo, dynamic "
-                f"or diffusion series?)", where)
+                f"{slices[n + 1].label} ({why})", where)
     median = float(np.median(gaps))
     for n, gap in enumerate(gaps):
         if abs(gap - median) > GAP_TOLERANCE * median:

@@ -35,7 +35,7 @@ def can_write(image) -> tuple[bool, str]:
         count = int(getattr(headers[0], "NumberOfFrames", 0) or 0)
         if len(frames) != count:  # highdicom refuses a source whose frames repeat a plane position
             return False, (f"the input is {len(frames)} of the {count} frames of a multi-frame DICOM file (one echo "
-                           "of several): a DICOM-SEG could not say which frames it segments")
+                           "of several, or its magnitude frames): a DICOM-SEG could not say which frames it segments")
         return True, ""
     if len(files) != image.array.shape[0]:
         return False, "the input is a multi-frame DICOM file read as one stack (no per-frame geometry)"
