@@ -98,7 +98,8 @@ cards.register(cards.TaskCard(
     labels=XRAY_CHEST_LABELS,
     label_activation="sigmoid",
     label_layers=(("clavicles", (4, 5)),),
-    postprocessors=("label_layers", "remove_small_components", "area_table"),
+    # chest_layout: a radiograph stored rotated or flipped gives labels in no chest's layout: warned
+    postprocessors=("label_layers", "remove_small_components", "chest_layout", "area_table"),
     outputs=cards.COMMON_OUTPUTS + ("clavicles.nii.gz", "areas.tsv", "overlays/"),
     issue=24,
     phantom=xray_chest_phantom,

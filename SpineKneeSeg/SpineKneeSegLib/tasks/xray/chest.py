@@ -1,0 +1,72 @@
+"""Is the chest radiograph the network saw upright? A radiograph stored rotated or flipped (a PNG
+export, a scanner's rotated DICOM: the image goes to the network as stored) gives lungs, heart and
+clavicles that look like nothing: no warning said so before (a JPCNN010 copy turned 90 degrees got
+a 2 cm2 "left lung"). The checks are the layout every upright PA/AP chest radiograph shows, in the
+image's own rows and columns (rows toward the feet, patient right on the image's left):
+
+* both lungs, the heart and the clavicles are found;
+* the lungs lie side by side (their centres' rows differ by less than half their columns);
+* the right lung is on the image's left;
+* the heart's centre is below the lungs' centres, and the clavicles' centre above both lungs'.
+
+Geometric margins, not fitted thresholds; measured on the JSRT radiographs as stored and turned
+or flipped (``Training/xray_upright.py``).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from SpineKneeSegLib.engine.steps import StepContext, step
+
+RIGHT_LUNG, LEFT_LUNG, HEART = 1, 2, 3
+SIDE_BY_SIDE = 0.5  # largest |row difference| / |column difference| of the lungs' centres
+
+
+def _centre(mask: np.ndarray) -> tuple[float, float] | None:
+    rows, cols = np.nonzero(mask)
+    return (float(rows.mean()), float(cols.mean())) if rows.size else None
+
+
+def chest_layout(labels: np.ndarray, clavicles: np.ndarray | None) -> dict:
+    """The layout checks on a chest radiograph's labels (rows, columns): each check passed or not,
+    with its measure; ``failed`` lists the checks that did not pass."""
+    right, left, heart = (_centre(labels == v) for v in (RIGHT_LUNG, LEFT_LUNG, HEART))
+    clav = _centre(clavicles > 0) if clavicles is not None else None
+    found = {"right lung": right, "left lung": left, "heart": heart}
+    if clavicles is not None:
+        found["clavicles"] = clav
+    checks = {"all found": {"passed": all(c is not None for c in found.values()),
+                            "missing": [name for name, c in found.items() if c is None]}}
+    if right and left:
+        d_row, d_col = left[0] - right[0], left[1] - right[1]
+        ratio = abs(d_row) / max(abs(d_col), 1e-9)
+        checks["lungs side by side"] = {"passed": ratio < SIDE_BY_SIDE, "row_over_column": round(ratio, 3)}
+        checks["right lung on the image's left"] = {"passed": d_col > 0, "columns_apart": round(d_col, 1)}
+        lungs_row = (right[0] + left[0]) / 2
+        if heart:
+            below = heart[0] - lungs_row
+            checks["heart below the lungs' centres"] = {"passed": below > 0, "rows_below": round(below, 1)}
+        if clav:
+            above = min(right[0], left[0]) - clav[0]
+            checks["clavicles above the lungs"] = {"passed": above > 0, "rows_above": round(above, 1)}
+    failed = [name for name, check in checks.items() if not check["passed"]]
+    return {"passed": not failed, "failed": failed, "checks": checks}
+
+
+def layout_warning(summary: dict) -> str | None:
+    if summary["passed"]:
+        return None
+    return (f"the labels do not lie as on an upright chest radiograph ({', '.join(summary['failed'])} failed): "
+            "is the image stored rotated or flipped, or not a PA/AP chest? The network sees it as stored; turn "
+            "it upright (head up, patient right on the image's left) and run again")
+
+
+@step("chest_layout")
+def _chest_layout_step(ctx: StepContext) -> None:
+    clavicles = ctx.result.layers.get("clavicles")
+    summary = chest_layout(ctx.result.labels.array.reshape(ctx.result.labels.array.shape[-2:]),
+                           clavicles.array.reshape(clavicles.array.shape[-2:]) if clavicles is not None else None)
+    ctx.result.summaries["chest_layout"] = summary
+    warning = layout_warning(summary)
+    if warning:
+        ctx.result.warnings.append(warning)

@@ -1,0 +1,61 @@
+"""xray-chest's layout check: labels that do not lie as on an upright chest radiograph (an image
+stored turned or flipped goes to the network as stored) get a warning instead of passing silently.
+The check on drawn label maps, then the shipped model on a real held-out JSRT radiograph."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from SpineKneeSegLib.core.datasets import data_root
+from SpineKneeSegLib.tasks.xray.chest import chest_layout, layout_warning
+
+
+def _upright() -> tuple[np.ndarray, np.ndarray]:
+    """Lungs side by side (right on the image's left), heart low between them, clavicles on top."""
+    labels = np.zeros((100, 100), np.uint8)
+    labels[20:80, 10:40] = 1
+    labels[20:80, 60:90] = 2
+    labels[55:85, 40:65] = 3
+    clavicles = np.zeros_like(labels)
+    clavicles[12:18, 15:45] = 1
+    clavicles[12:18, 55:85] = 2
+    return labels, clavicles
+
+
+def test_an_upright_layout_passes_and_turned_or_flipped_ones_fail_by_name():
+    labels, clavicles = _upright()
+    summary = chest_layout(labels, clavicles)
+    assert summary["passed"] and layout_warning(summary) is None
+    failed = {name: chest_layout(turn(labels), turn(clavicles))["failed"] for name, turn in {
+        "turned 90": lambda a: np.rot90(a), "upside down": lambda a: a[::-1], "mirrored": lambda a: a[:, ::-1]}.items()}
+    assert failed == {"turned 90": ["lungs side by side", "right lung on the image's left",
+                                    "heart below the lungs' centres", "clavicles above the lungs"],
+                      "upside down": ["heart below the lungs' centres", "clavicles above the lungs"],
+                      "mirrored": ["right lung on the image's left"]}
+    no_heart = np.where(labels == 3, 0, labels)
+    summary = chest_layout(no_heart, clavicles)
+    assert summary["failed"] == ["all found"] and summary["checks"]["all found"]["missing"] == ["heart"]
+    assert "rotated or flipped" in layout_warning(summary)
+
+
+@pytest.mark.data
+@pytest.mark.mrml
+def test_the_shipped_model_warns_on_a_turned_real_radiograph_only(tmp_path):
+    """A held-out JSRT radiograph (never trained on), in usual display, as stored and turned 90
+    degrees, through the CLI with the registered xray-chest model."""
+    from SpineKneeSegLib import cli
+    from SpineKneeSegLib.core.image_io import read_image, write_image
+
+    root = (data_root() or Path("/nonexistent")) / "xray" / "jsrt-scr"
+    if not root.is_dir():
+        pytest.skip("JSRT/SCR data not available")
+    stored = read_image(root / "JPCLN001" / "image.nii.gz")  # in the model's held-out 50
+    usual = (255.0 - stored.array[0]).astype(np.float32)
+    for name, array in (("upright", usual), ("turned", np.rot90(usual))):
+        write_image(stored.with_array(np.ascontiguousarray(array)[None]), tmp_path / f"{name}.nii.gz")
+        assert cli.main(["run", "--task", "xray-chest", str(tmp_path / f"{name}.nii.gz"), "-o", str(tmp_path / name),
+                         "--progress", "none"]) == 0
+        report = json.loads((tmp_path / name / "report.json").read_text(encoding="utf-8"))
+        warned = [w for w in report["warnings"] if "upright chest radiograph" in w]
+        assert report["summaries"]["chest_layout"]["passed"] == (name == "upright"), report["summaries"]
+        assert len(warned) == (name == "turned"), report["warnings"]
