@@ -44,7 +44,8 @@ def layouts(ids: list[str], root: Path, log=print) -> list[dict]:
         for name, turn in VARIANTS.items():
             image = stored.with_array(np.ascontiguousarray(turn(usual))[None])
             out = segment_slices(card, image, net, torch.device("cpu"), weights.preprocessing, keep_probabilities=True)
-            result = postprocess(card, image, out.labels, {"probabilities": out.probabilities}, {"probabilities": image})
+            result = postprocess(card, image, out.labels, {"probabilities": out.probabilities},
+                                 {"probabilities": image})
             row[name] = result.summaries["chest_layout"]["failed"]
         rows.append(row)
         log(json.dumps(row))
