@@ -751,7 +751,7 @@ def _split_echoes(slices: list[_Slice]) -> dict[int, list[_Slice]]:
 
 
 def _group(slices, key) -> dict:
-    out: dict[int, list[_Slice]] = {}
+    out: dict = {}
     for s in slices:
         out.setdefault(key(s), []).append(s)
     return dict(sorted(out.items()))
