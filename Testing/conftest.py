@@ -25,6 +25,26 @@ def slicer_app():
     app.close()
 
 
+@pytest.fixture(scope="module")
+def knee_weights(tmp_path_factory):
+    """Tiny untrained knee-bones weights: runs whose outputs' structure, not accuracy, is tested."""
+    from SpineKneeSegLib.engine.weights import initialise_weights
+
+    path = tmp_path_factory.mktemp("w") / "knee.pt"
+    initialise_weights("knee-bones", path, {"channels": (4, 8)})
+    return path
+
+
+@pytest.fixture(scope="module")
+def xray_weights(tmp_path_factory):
+    """Tiny untrained xray-femur weights, as ``knee_weights``."""
+    from SpineKneeSegLib.engine.weights import initialise_weights
+
+    path = tmp_path_factory.mktemp("wx") / "xray.pt"
+    initialise_weights("xray-femur", path, {"channels": (4, 8)})
+    return path
+
+
 @pytest.fixture
 def mrml_scene(slicer_app):
     return slicer_app.scene

@@ -9,17 +9,9 @@ from SpineKneeSegLib import cli
 from SpineKneeSegLib.core.errors import printable
 from SpineKneeSegLib.core.image import Image
 from SpineKneeSegLib.core.image_io import write_image
-from SpineKneeSegLib.engine.weights import initialise_weights
 from test_io import write_dicom_series  # the DICOM writer the I/O tests use
 
 pytestmark = pytest.mark.mrml
-
-
-@pytest.fixture(scope="module")
-def knee_weights(tmp_path_factory):
-    path = tmp_path_factory.mktemp("w") / "knee.pt"
-    initialise_weights("knee-bones", path, {"channels": (4, 8)})
-    return path
 
 
 def _volume(tmp_path, name="scan.nii.gz", shape=(24, 32, 32)):
@@ -229,13 +221,6 @@ def test_usage_errors_exit_2(capsys):
 
 
 # ---- 2D (X-ray) inputs -----------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def xray_weights(tmp_path_factory):
-    path = tmp_path_factory.mktemp("wx") / "xray.pt"
-    initialise_weights("xray-femur", path, {"channels": (4, 8)})
-    return path
-
 
 def _xray_3d(tmp_path):
     return [_volume(tmp_path, "ct.nii.gz", (12, 64, 64))], "3D volume with 12 slices"

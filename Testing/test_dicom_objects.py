@@ -16,26 +16,11 @@ from SpineKneeSegLib import cli
 from SpineKneeSegLib.core.errors import InputError
 from SpineKneeSegLib.core.image_io import list_dicom_series, read_image
 from SpineKneeSegLib.engine.dicomseg import write_dicom_seg
-from SpineKneeSegLib.engine.weights import initialise_weights
 from SpineKneeSegLib.tasks import TASKS, make_phantom
 from test_io import write_dicom_series  # the project's synthetic DICOM writer (shuffled file names)
 from test_xray import write_radiograph_dicom
 
 pytestmark = pytest.mark.mrml
-
-
-@pytest.fixture(scope="module")
-def knee_weights(tmp_path_factory):
-    path = tmp_path_factory.mktemp("w") / "knee.pt"
-    initialise_weights("knee-bones", path, {"channels": (4, 8)})
-    return path
-
-
-@pytest.fixture(scope="module")
-def xray_weights(tmp_path_factory):
-    path = tmp_path_factory.mktemp("wx") / "xray.pt"
-    initialise_weights("xray-femur", path, {"channels": (4, 8)})
-    return path
 
 
 def _knee_series(folder, **kw):
