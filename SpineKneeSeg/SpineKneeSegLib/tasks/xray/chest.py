@@ -1,7 +1,7 @@
 """Is the chest radiograph the network saw upright? A radiograph stored rotated or flipped (a PNG
 export, a scanner's rotated DICOM: the image goes to the network as stored) gives lungs, heart and
 clavicles that look like nothing: no warning said so before (a JPCNN010 copy turned 90 degrees got
-a 2 cm2 "left lung"). The checks are the layout every upright PA/AP chest radiograph shows, in the
+a 21 cm2 "left lung" and a 7 cm2 heart; upright 224 and 110 cm2). The checks are the layout every upright PA/AP chest radiograph shows, in the
 image's own rows and columns (rows toward the feet, patient right on the image's left):
 
 * both lungs, the heart and the clavicles are found;
