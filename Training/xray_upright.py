@@ -5,7 +5,8 @@ The shipped xray-chest model runs through the Lib's inference and the task's own
 `spinekneeseg run`) on the JSRT radiographs in usual display, as stored and turned 90 / 180 / 270
 degrees or flipped left-right / upside down; the split is the model's own (its checkpoint's
 test_fraction and split_seed), so the held-out 50 were never trained on. The check's margins are
-geometric (tasks/xray/chest.py), not fitted here.
+geometric (tasks/xray/chest.py), not fitted here. Also recorded, as stored and mirrored: the heart's
+offset from the lungs' midline (the candidate check for a mirrored image, which was not adopted).
 
     python Training/xray_upright.py --json Training/results/xray-upright.json [--subset held-out]
 """
@@ -47,9 +48,30 @@ def layouts(ids: list[str], root: Path, log=print) -> list[dict]:
             result = postprocess(card, image, out.labels, {"probabilities": out.probabilities},
                                  {"probabilities": image})
             row[name] = result.summaries["chest_layout"]["failed"]
+            if name in ("as stored", "flipped left-right"):
+                row[f"heart offset, {name}"] = heart_offset(result.labels.array[0])
         rows.append(row)
         log(json.dumps(row))
     return rows
+
+
+def heart_offset(labels: np.ndarray) -> float | None:
+    """The heart's centre column from the midpoint of the lungs' centres, in units of half their
+    spacing; positive toward the left lung (patient left, the image's right when upright)."""
+    cols = {v: np.nonzero(labels == v)[1] for v in (1, 2, 3)}
+    if any(c.size == 0 for c in cols.values()):
+        return None
+    right, left, heart = (float(cols[v].mean()) for v in (1, 2, 3))
+    return round((heart - (right + left) / 2) / ((left - right) / 2), 3)
+
+
+def offsets(rows: list[dict]) -> dict:
+    out = {}
+    for name in ("as stored", "flipped left-right"):
+        values = np.array([r[f"heart offset, {name}"] for r in rows if r[f"heart offset, {name}"] is not None])
+        out[name] = {"min": round(float(values.min()), 3), "median": round(float(np.median(values)), 3),
+                     "max": round(float(values.max()), 3)}
+    return out
 
 
 def flagged(rows: list[dict]) -> dict:
@@ -73,8 +95,9 @@ def main(argv=None) -> int:
     result = {}
     for name, ids in chosen.items():
         rows = layouts(ids, root)
-        result[name] = {"cases": len(rows), "flagged": flagged(rows), "rows": rows}
-        print(name, len(rows), "radiographs, flagged:", json.dumps(result[name]["flagged"]))
+        result[name] = {"cases": len(rows), "flagged": flagged(rows), "heart_offset": offsets(rows), "rows": rows}
+        print(name, len(rows), "radiographs, flagged:", json.dumps(result[name]["flagged"]),
+              "heart offset:", json.dumps(result[name]["heart_offset"]))
     print(f"{time.time() - t:.0f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
