@@ -60,6 +60,11 @@ def test_a_segmentation_alone_is_refused_saying_what_it_is(tmp_path):
     with pytest.raises(InputError, match="is a DICOM Segmentation, not an image") as caught:
         read_image(seg)
     assert caught.value.path == str(seg)
+    ds = pydicom.dcmread(seg)
+    ds.Modality = "MR"  # a converter that rewrote the modality: the SOP class still says what it is
+    ds.save_as(seg)
+    with pytest.raises(InputError, match="is a DICOM Segmentation, not an image"):
+        read_image(seg)
 
 
 def test_the_run_on_a_study_that_holds_its_own_seg_gives_the_same_labels(tmp_path, knee_weights):

@@ -36,6 +36,17 @@ def nanmean(values: Iterable[float], digits: int | None = None) -> float:
     return round(mean, digits) if digits is not None else mean
 
 
+def write_json(path, result) -> None:
+    """An evaluation's result as indented JSON, all or nothing (the Lib's atomic writer)."""
+    import json
+    from pathlib import Path
+
+    from SpineKneeSegLib.core.atomic import write_text_atomic
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(result, indent=1) + "\n")
+
+
 def mean_per_key(rows: Iterable[dict], keys: Iterable[str], digits: int | None = 4) -> dict[str, float]:
     """Per-key mean over per-case (or per-series) rows; a row without the key, or NaN there, does
     not count for that key."""

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from evalhelpers import dice_per_label, mean_per_key, nanmean, write_json
 from knee_data import HELD_OUT, load_volumes
 from knee_eval import BONE_NAMES, EVAL_SERIES, load_knee_checkpoint
 from knee_synth import SynthConfig, synthesise_volume
@@ -38,14 +39,8 @@ DESS_SLABS_MM = (1.5, 3.0, 4.5)
 
 
 def _dices(labels: np.ndarray, truth: np.ndarray) -> dict:
-    from SpineKneeSegLib.engine.postprocessing import dice
-
-    out = {}
-    for value, name in BONE_NAMES.items():
-        d = dice(labels == value, truth == value)
-        out[name] = float("nan") if d is None else round(d, 4)
-    out["mean"] = round(float(np.nanmean([out[n] for n in BONE_NAMES.values()])), 4)
-    return out
+    out = {BONE_NAMES[v]: round(d, 4) for v, d in dice_per_label(labels, truth, BONE_NAMES).items()}
+    return {**out, "mean": nanmean(out.values(), 4)}
 
 
 def _run(image, rule: str, weights, net) -> tuple[np.ndarray, float]:
@@ -143,8 +138,7 @@ def summary(rows: list[dict]) -> dict:
         for plane in NETWORK_PLANES:
             mine = [r for r in rows if r["acquired"] == acquired and r["network_plane"] == plane]
             if mine:
-                out[f"{acquired} on {plane}"] = {k: round(float(np.nanmean([r[k] for r in mine])), 4)
-                                                 for k in (*BONE_NAMES.values(), "mean")}
+                out[f"{acquired} on {plane}"] = mean_per_key(mine, (*BONE_NAMES.values(), "mean"))
     return out
 
 
@@ -163,8 +157,7 @@ def main(argv=None) -> int:
               "real_dess": real, "real_mean": summary(real) if real else {}}
     print(json.dumps({"synthetic_mean": result["synthetic_mean"], "real_mean": result["real_mean"]}, indent=1))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        write_json(args.json, result)
     return 0
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from evalhelpers import write_json
 from xray_chest import TASK, UINT16, case_ids, split
 
 VARIANTS = {"as stored": lambda a: a, "turned 90": lambda a: np.rot90(a, 1), "turned 180": lambda a: np.rot90(a, 2),
@@ -100,8 +101,7 @@ def main(argv=None) -> int:
               "heart offset:", json.dumps(result[name]["heart_offset"]))
     print(f"{time.time() - t:.0f} s")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        write_json(args.json, result)
     return 0
 
 

@@ -466,7 +466,6 @@ def _scan_folder(folder: Path, not_images: list[tuple[str, str]] | None = None) 
 # objects with rows and columns, some with pixels, that are not images of the patient: never read
 # as a series. Our own DICOM-SEG, once sent to PACS, comes back in the next export of the study.
 _NOT_IMAGE_MODALITIES = {"SEG": "a DICOM Segmentation", "RTDOSE": "an RT dose grid"}
-_SEGMENTATION_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
 def _not_an_image(ds) -> str | None:
@@ -474,7 +473,7 @@ def _not_an_image(ds) -> str | None:
     modality = str(ds.get("Modality", "")).strip().upper()
     if modality in _NOT_IMAGE_MODALITIES:
         return _NOT_IMAGE_MODALITIES[modality]
-    if str(ds.get("SOPClassUID", "")) == _SEGMENTATION_SOP_CLASS:
+    if str(ds.get("SOPClassUID", "")) == pydicom.uid.SegmentationStorage:
         return _NOT_IMAGE_MODALITIES["SEG"]
     return None
 
