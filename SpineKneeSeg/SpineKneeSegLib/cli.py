@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--invert", default="auto", choices=("auto", "yes", "no"),
                      help="radiographs: turn the grey scale over (yes), never (no), or decide (auto: a DICOM's "
                           "header, else the image's evidence; the report records the decision and why)")
+    run.add_argument("--upright", default="auto", choices=("auto", "no"),
+                     help="radiographs: show the image to the network upright where its DICOM header says it is "
+                          "stored turned or mirrored (auto), or as stored (no)")
     run.add_argument("--pixel-mm", type=float, help="2D inputs: true pixel size in mm (PNG/JPEG carry none; "
                                                     "DICOM's is replaced)")
 
@@ -225,7 +228,7 @@ def cmd_run(args) -> int:
                          echo=args.echo, series=args.series, batch_size=args.batch_size, threads=args.threads,
                          waive_checks=("skull_stripped",) if args.skull_stripped == "yes" else (), fast=args.fast, weights_dir=args.weights_dir,
                          dicom_seg=not args.no_dicom_seg, pixel_mm=args.pixel_mm, overwrite=args.overwrite,
-                         input_settings={"invert": args.invert}, startup_s=process_age_s(),
+                         input_settings={"invert": args.invert, "upright": args.upright}, startup_s=process_age_s(),
                          fuse_views=parse_planes(args.fuse_views), precision=args.precision,
                          every_slice=args.every_slice)
     progress = Progress(args.progress)

@@ -800,6 +800,7 @@ def _assemble_dicom(slices: list[_Slice], echo, series, where: Path) -> Image:
         "echo": echo, "echo_time": echo_time, "echoes": all_echoes,
         "photometric": first.photometric, "presentation_lut_shape": first.presentation_lut_shape,
         "spacing_source": first.spacing_source,
+        **({"patient_axes": _stated_axes(first)} if _stated_axes(first) else {}),
         **({"spacing_note": f"pixel size from {first.spacing_source}"}
            if first.spacing_source != "PixelSpacing" else {}),
         **_source_files(chosen_sorted),
@@ -897,17 +898,32 @@ def _dicom_geometry(slices: list[_Slice], where: Path):
 _LETTER_LPS = {"L": (1, 0, 0), "R": (-1, 0, 0), "P": (0, 1, 0), "A": (0, -1, 0), "H": (0, 0, 1), "F": (0, 0, -1)}
 
 
+def _stated_axes(s: _Slice) -> str | None:
+    """Where the image's patient directions come from, when its file states them (the report and
+    the radiograph display rule rely on it): ImageOrientationPatient, or usable PatientOrientation
+    letters (a radiograph); None when the direction is the reader's default."""
+    if s.orientation is not None:
+        return "ImageOrientationPatient"
+    if _letters_direction(s.patient_orientation) is not None:
+        return "PatientOrientation " + "\\".join(s.patient_orientation)
+    return None
+
+
 def _projection_direction(s: _Slice) -> np.ndarray:
     """Direction of a radiograph without ImageOrientationPatient, from PatientOrientation (the
     patient directions of the rows and columns, e.g. L\\F: columns run toward patient left, rows
     toward the feet); identity (= L\\P: the radiographic convention, patient right on the image
     left) when absent or not two distinct primary directions."""
-    letters = s.patient_orientation
+    direction = _letters_direction(s.patient_orientation)
+    return np.eye(3) if direction is None else direction
+
+
+def _letters_direction(letters: tuple[str, str] | None) -> np.ndarray | None:
     if not letters or any(not a or any(c not in _LETTER_LPS for c in a) for a in letters):
-        return np.eye(3)
+        return None
     i_dir, j_dir = (_unit(np.sum([_LETTER_LPS[c] for c in a], axis=0).astype(float)) for a in letters)
     if abs(float(i_dir @ j_dir)) > 1e-6:
-        return np.eye(3)
+        return None
     return np.column_stack([i_dir, j_dir, np.cross(i_dir, j_dir)])
 
 

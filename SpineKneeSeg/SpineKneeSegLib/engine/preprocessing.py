@@ -107,13 +107,39 @@ def reformatted_from(image: Image, plane: str) -> str | None:
     return None if acquired in allowed else acquired
 
 
+# A radiograph's display convention (PatientOrientation L\\F): columns toward patient left, rows
+# toward the feet; every X-ray model was trained on radiographs so shown
+RADIOGRAPH_COLUMNS_LPS, RADIOGRAPH_ROWS_LPS = (1.0, 0.0, 0.0), (0.0, 0.0, -1.0)
+
+
+def radiograph_display(image: Image) -> Orientation | None:
+    """The turn and/or flip that shows a 2D image upright in the radiographic convention, when its
+    file states its patient directions (``meta['patient_axes']``: a DICOM radiograph's
+    PatientOrientation, or ImageOrientationPatient) and they span a frontal view; None when the
+    file does not say (PNG, JPEG, NIfTI: shown as stored) or the view is not frontal (one image
+    axis runs anterior-posterior: a lateral) or an input check asked for it as stored
+    (``meta['display']``)."""
+    if not image.is_2d or not image.meta.get("patient_axes") or image.meta.get("display") == "as stored":
+        return None
+    by_axis = {2: image.direction[:, 0], 1: image.direction[:, 1]}  # numpy axis -> its LPS direction
+    main = {axis: int(np.argmax(np.abs(d))) for axis, d in by_axis.items()}  # 0 L-R, 1 A-P, 2 S-I
+    if sorted(main.values()) != [0, 2]:
+        return None
+    row_axis = next(axis for axis, m in main.items() if m == 2)
+    col_axis = 3 - row_axis
+    return Orientation((0, row_axis, col_axis),
+                       (False, bool(np.dot(by_axis[row_axis], RADIOGRAPH_ROWS_LPS) < 0),
+                        bool(np.dot(by_axis[col_axis], RADIOGRAPH_COLUMNS_LPS) < 0)))
+
+
 def canonical_orientation(image: Image, plane: str) -> Orientation:
     """``plane`` 'acquisition': slices along the acquisition axis (largest spacing) whatever its
     obliquity, shown in the canonical orientation of the closest of sagittal/coronal/axial; an
     acquisition the task does not take (see ``acquisition_planes``): slices along the axis closest
-    to its first plane's normal."""
+    to its first plane's normal. A 2D image: upright in the radiographic convention where its
+    file says how (``radiograph_display``), else as stored."""
     if plane == "image" or image.is_2d:
-        return Orientation()
+        return radiograph_display(image) or Orientation()
     forced = acquisition_axis(image) if acquisition_planes(plane) and reformatted_from(image, plane) is None else None
     plane = resolve_plane(image, plane)
     columns = [image.direction[:, 2 - a] for a in range(3)]  # LPS direction of numpy axis a

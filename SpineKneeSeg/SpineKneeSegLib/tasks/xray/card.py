@@ -14,7 +14,8 @@ from SpineKneeSegLib.tasks.xray.phantom import (
 )
 
 
-# X-ray (seeds 001, 003): the radiograph is shown to the network as stored (rows, columns), cut to
+# X-ray (seeds 001, 003): the radiograph is shown to the network as stored (rows, columns) or, where
+# its DICOM header says it is stored turned or mirrored, upright (tasks/xray/orientation.py), cut to
 # a square of its longer side centred on the image (aspect ratio kept, the rest padded with the
 # normalised minimum) and resampled to network_px x network_px; the output goes back onto the
 # input's exact pixels (preprocessing.from_network_grid). Percentile normalisation (0.5-99.5 %)
@@ -23,7 +24,7 @@ def radiograph(what: str, polarity_check: str) -> cards.InputSpec:
     """The one input of an X-ray task; ``polarity_check``: "radiograph_polarity" turns an inverted
     image over (tasks trained on real radiographs), "radiograph_polarity_advice" only warns."""
     return cards.InputSpec("image", "CR/DX", 2, description=f"{what} (DICOM CR/DX, PNG/JPEG/TIFF, 2D NIfTI)",
-                           checks=(polarity_check,), dicom_modalities=PROJECTION_RADIOGRAPHY)
+                           checks=(polarity_check, "radiograph_orientation"), dicom_modalities=PROJECTION_RADIOGRAPHY)
 
 
 # DICOM modalities of projection X-ray images of the body (radiographs, film, fluoroscopy and

@@ -1,8 +1,10 @@
-"""Is the chest radiograph the network saw upright? A radiograph stored rotated or flipped (a PNG
-export, a scanner's rotated DICOM: the image goes to the network as stored) gives lungs, heart and
-clavicles that look like nothing: no warning said so before (a JPCNN010 copy turned 90 degrees got
-a 21 cm2 "left lung" and a 7 cm2 heart; upright 224 and 110 cm2). The checks are the layout every upright PA/AP chest radiograph shows, in the
-image's own rows and columns (rows toward the feet, patient right on the image's left):
+"""Is the chest radiograph the network saw upright? A radiograph stored rotated or flipped whose
+file does not say so (a PNG export, a DICOM without PatientOrientation: it goes to the network as
+stored) gives lungs, heart and clavicles that look like nothing: no warning said so before (a
+JPCNN010 copy turned 90 degrees got a 21 cm2 "left lung" and a 7 cm2 heart; upright 224 and 110
+cm2). The checks are the layout every upright PA/AP chest radiograph shows, in the image's rows and
+columns as the network saw them (upright where the DICOM header says how, tasks/xray/orientation.py;
+else as stored), rows toward the feet, patient right on the image's left:
 
 * both lungs, the heart and the clavicles are found;
 * the lungs lie side by side (their centres' rows differ by less than half their columns);
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from SpineKneeSegLib.engine.preprocessing import canonical_orientation
 from SpineKneeSegLib.engine.steps import StepContext, step
 
 RIGHT_LUNG, LEFT_LUNG, HEART = 1, 2, 3
@@ -64,8 +67,9 @@ def layout_warning(summary: dict) -> str | None:
 @step("chest_layout")
 def _chest_layout_step(ctx: StepContext) -> None:
     clavicles = ctx.result.layers.get("clavicles")
-    summary = chest_layout(ctx.result.labels.array.reshape(ctx.result.labels.array.shape[-2:]),
-                           clavicles.array.reshape(clavicles.array.shape[-2:]) if clavicles is not None else None)
+    upright = canonical_orientation(ctx.image, "image")  # as the network saw it (orientation.py)
+    summary = chest_layout(upright.apply(ctx.result.labels.array)[0],
+                           upright.apply(clavicles.array)[0] if clavicles is not None else None)
     ctx.result.summaries["chest_layout"] = summary
     warning = layout_warning(summary)
     if warning:
