@@ -1,5 +1,6 @@
 """xray-chest's layout check: labels that do not lie as on an upright chest radiograph (an image
-stored turned or flipped goes to the network as stored) get a warning instead of passing silently.
+stored turned or flipped, whose file does not say so, goes to the network as stored) get a warning
+instead of passing silently, and the heart's side gives the score the upright search ranks by.
 The check on drawn label maps, then the shipped model on a real held-out JSRT radiograph."""
 import json
 from pathlib import Path
@@ -32,6 +33,13 @@ def test_an_upright_layout_passes_and_turned_or_flipped_ones_fail_by_name():
                                     "heart below the lungs' centres", "clavicles above the lungs"],
                       "upside down": ["heart below the lungs' centres", "clavicles above the lungs"],
                       "mirrored": ["right lung on the image's left"]}
+    right, left, heart = (np.nonzero(labels == v)[1].mean() for v in (1, 2, 3))  # centre columns
+    assert summary["upright_score"] == round((heart - (right + left) / 2) / ((left - right) / 2), 3) > 0
+    heart_left = np.where(labels == 3, 0, labels)
+    heart_left[55:85, 35:60] = 3  # the heart toward the image's left: dextrocardia, or a network naming a mirror
+    summary = chest_layout(heart_left, clavicles)
+    assert summary["passed"] and summary["upright_score"] < 0
+    assert layout_warning(summary).startswith("the heart lies toward the image's left")
     no_heart = np.where(labels == 3, 0, labels)
     summary = chest_layout(no_heart, clavicles)
     assert summary["failed"] == ["all found"] and summary["checks"]["all found"]["missing"] == ["heart"]
@@ -42,7 +50,8 @@ def test_an_upright_layout_passes_and_turned_or_flipped_ones_fail_by_name():
 @pytest.mark.mrml
 def test_the_shipped_model_warns_on_a_turned_real_radiograph_only(tmp_path):
     """A held-out JSRT radiograph (never trained on), in usual display, as stored and turned 90
-    degrees, through the CLI with the registered xray-chest model."""
+    degrees, through the CLI with the registered xray-chest model; --upright no, so the turned one
+    is not searched for its way up (test_xray_orientation.py tests the search)."""
     from SpineKneeSegLib import cli
     from SpineKneeSegLib.core.image_io import read_image, write_image
 
@@ -54,7 +63,7 @@ def test_the_shipped_model_warns_on_a_turned_real_radiograph_only(tmp_path):
     for name, array in (("upright", usual), ("turned", np.rot90(usual))):
         write_image(stored.with_array(np.ascontiguousarray(array)[None]), tmp_path / f"{name}.nii.gz")
         assert cli.main(["run", "--task", "xray-chest", str(tmp_path / f"{name}.nii.gz"), "-o", str(tmp_path / name),
-                         "--progress", "none"]) == 0
+                         "--progress", "none", "--upright", "no"]) == 0
         report = json.loads((tmp_path / name / "report.json").read_text(encoding="utf-8"))
         warned = [w for w in report["warnings"] if "upright chest radiograph" in w]
         assert report["summaries"]["chest_layout"]["passed"] == (name == "upright"), report["summaries"]

@@ -115,3 +115,47 @@ def test_a_turned_or_mirrored_dicom_chest_gets_the_upright_labels(tmp_path):
     overlap = (right_lung["--upright no"] & left_lung_upright).sum() / left_lung_upright.sum()
     kept = (right_lung["--upright no"] & right_lung["upright"]).sum()
     assert overlap > 0.8 and kept < 0.05 * right_lung["upright"].sum()
+
+
+@pytest.mark.data
+@pytest.mark.mrml
+def test_a_chest_stored_turned_without_orientation_is_run_the_way_up_its_layout_shows(tmp_path):
+    """A real JSRT radiograph as NIfTI (no patient directions) stored turned 90 degrees and
+    upside down: the layout check fails as stored, the search runs the other layouts and keeps
+    the one that passes with the heart toward the left lung, so the labels equal the upright run's
+    on the stored pixels, with a warning that says what was done. With --upright no the old answer
+    stands: the layout warning, and labels that look like no chest. A mirrored copy passes the
+    layout as stored and is not turned: the heart on the image's left is warned instead."""
+    from SpineKneeSegLib import cli
+    from SpineKneeSegLib.core.image_io import write_image
+    from SpineKneeSegLib.engine.upright import STORED_AS
+
+    if not JSRT.is_dir():
+        pytest.skip("JSRT/SCR data not available")
+    stored = read_image(JSRT / "JPCLN001" / "image.nii.gz")  # stored inverted: --invert auto turns it over
+
+    def run(name, *extra):
+        path = tmp_path / f"{len(list(tmp_path.iterdir()))}.nii.gz"
+        write_image(stored.with_array(np.ascontiguousarray(STORED_AS[name](stored.array[0]))[None]), path)
+        out = tmp_path / f"out-{path.name[:-7]}"
+        assert cli.main(["run", "--task", "xray-chest", str(path), "-o", str(out), "--progress", "none", *extra]) == 0
+        return json.loads((out / "report.json").read_text()), read_image(out / "labels.nii.gz").array[0]
+
+    report, upright = run("as stored")
+    assert "upright_search" not in report["summaries"] and report["summaries"]["chest_layout"]["upright_score"] > 0
+    for name in ("turned 90 degrees clockwise", "flipped upside down"):
+        report, labels = run(name)
+        search = report["summaries"]["upright_search"]
+        assert search["chosen"] == name and not search["tried"]["as stored"]["passed"], search
+        assert len(search["tried"]) == 8
+        np.testing.assert_array_equal(labels, STORED_AS[name](upright))
+        assert report["summaries"]["chest_layout"]["passed"]
+        assert [w for w in report["warnings"] if f"the image looks {name} and was run upright" in w]
+        assert report["timings_s"]["network"] > 0
+    report, labels = run("turned 90 degrees clockwise", "--upright", "no")
+    assert "upright_search" not in report["summaries"] and not report["summaries"]["chest_layout"]["passed"]
+    assert [w for w in report["warnings"] if w.startswith("the labels do not lie as on an upright chest")]
+    assert np.mean(labels != STORED_AS["turned 90 degrees clockwise"](upright)) > 0.1
+    report, labels = run("mirrored left-right")
+    assert "upright_search" not in report["summaries"] and report["summaries"]["chest_layout"]["upright_score"] < 0
+    assert [w for w in report["warnings"] if w.startswith("the heart lies toward the image's left")]

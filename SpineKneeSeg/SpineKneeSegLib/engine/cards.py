@@ -138,6 +138,10 @@ class TaskCard:
     # (what, dotted path into report.json's summaries): the findings a cohort's review page shows
     # beside each case's pictures (lesion load, level confidence, bone volumes)
     headline: tuple[tuple[str, str], ...] = ()
+    # a 2D task's summary (a step's) whose "passed" says the labels lie as on an upright image and
+    # whose "upright_score" (> 0) ranks the ways up: where it fails on an image whose file does not
+    # say which way is up, the other layouts are run and the best passing one kept (engine/upright.py)
+    upright_summary: str | None = None
     # ``phantom(seed=0, **kw) -> core.phantoms.Phantom``: a synthetic scan with exact labels drawn by
     # code that shares nothing with the model (the demo's fallback, the self-test, geometry tests)
     phantom: Callable | None = field(default=None, compare=False)

@@ -444,6 +444,7 @@ def _run_locked(card: TaskCard, inputs: list[str], output_dir: Path, options: Ru
         segment_slices,
         window_centre_key,
     )
+    from SpineKneeSegLib.engine.upright import search_upright, upright_note, upright_unknown
     from SpineKneeSegLib.engine.weights import resolve_weights
 
     if options.threads:
@@ -488,46 +489,67 @@ def _run_locked(card: TaskCard, inputs: list[str], output_dir: Path, options: Ru
     t = time.perf_counter()
     extra, unused = extra_inputs(card, images, weights.preprocessing.get("extra_inputs", ()), inputs)
     resample_s = time.perf_counter() - t
-    out = segment_slices(card, image, net, device, pre_overrides, options.batch_size, progress, extra,
-                         keep_probabilities=needs_probabilities(card.postprocessors))
-    maps, maps_grids = {}, {}
-    if out.probabilities is not None:  # the network's own probabilities, for level / lesion decoding
-        maps["probabilities"] = out.probabilities
-        maps_grids["probabilities"] = image if out.probabilities_grid is None else out.probabilities_grid
     step_nets = {name: (aux_net, aux_weights[name]) for name, aux_net in aux_nets.items()
                  if card.auxiliary_model(name).output == "step"}  # run by a post-processing step
-    for name, aux_net in aux_nets.items():
-        if name in step_nets:
-            continue
-        if card.auxiliary_model(name).output == "labels":  # same preprocessing and window as the main network
-            window = out.summaries.get("crop_window", {}).get(window_centre_key(pre_overrides.get(
-                "crop_window", card.preprocessing.crop_window)))
-            centre = None if window is None else np.asarray(window) * np.array([-1.0, -1.0, 1.0])
-            aux_out = segment_slices(card, image, aux_net, device, {**pre_overrides, "label_variant": PLAIN_VARIANT,
-                                                                     **aux_weights[name].preprocessing},
-                                     options.batch_size, progress, centre_lps=centre)
-            maps[name], maps_grids[name] = aux_out.labels, image
-            out.bias_s += aux_out.bias_s
-        else:
-            pre = {**card.preprocessing.__dict__, **aux_weights[name].preprocessing}
-            aux_out = probability_maps(pre, image, aux_net, device, options.batch_size, progress)
-            maps[name], maps_grids[name] = aux_out.maps, aux_out.maps_grid
-        for attr in ("network_s", "preprocess_s", "postprocess_s"):
-            setattr(out, attr, getattr(out, attr) + getattr(aux_out, attr))
-    timings["preprocess"] = out.preprocess_s + resample_s
-    timings["network"] = out.network_s
+
+    def network_and_steps(image: Image, progress: Progress | None):
+        """The networks and the post-processing steps on ``image``: (network output, result), with
+        the steps' seconds in the output's network_s / postprocess_s."""
+        out = segment_slices(card, image, net, device, pre_overrides, options.batch_size, progress, extra,
+                             keep_probabilities=needs_probabilities(card.postprocessors))
+        maps, maps_grids = {}, {}
+        if out.probabilities is not None:  # the network's own probabilities, for level / lesion decoding
+            maps["probabilities"] = out.probabilities
+            maps_grids["probabilities"] = image if out.probabilities_grid is None else out.probabilities_grid
+        for name, aux_net in aux_nets.items():
+            if name in step_nets:
+                continue
+            if card.auxiliary_model(name).output == "labels":  # same preprocessing and window as the main network
+                window = out.summaries.get("crop_window", {}).get(window_centre_key(pre_overrides.get(
+                    "crop_window", card.preprocessing.crop_window)))
+                centre = None if window is None else np.asarray(window) * np.array([-1.0, -1.0, 1.0])
+                aux_out = segment_slices(card, image, aux_net, device, {**pre_overrides, "label_variant": PLAIN_VARIANT,
+                                                                         **aux_weights[name].preprocessing},
+                                         options.batch_size, progress, centre_lps=centre)
+                maps[name], maps_grids[name] = aux_out.labels, image
+                out.bias_s += aux_out.bias_s
+            else:
+                pre = {**card.preprocessing.__dict__, **aux_weights[name].preprocessing}
+                aux_out = probability_maps(pre, image, aux_net, device, options.batch_size, progress)
+                maps[name], maps_grids[name] = aux_out.maps, aux_out.maps_grid
+            for attr in ("network_s", "preprocess_s", "postprocess_s"):
+                setattr(out, attr, getattr(out, attr) + getattr(aux_out, attr))
+        if progress:
+            progress.stage("postprocessing")
+        t = time.perf_counter()
+        if decoder:  # the steps then see the card's labels (e.g. the knee's bones split from "any bone")
+            out.labels, decoded = decoder.decode(out.labels, image)
+            out.summaries["label_variant"] = {"variant": variant, **decoded}
+        result = postprocess(card, image, out.labels, maps, maps_grids,
+                             settings=weights.checkpoint.get("metadata", {}).get("postprocessing", {}),
+                             networks=step_nets, labels_box=out.labels_box)
+        out.network_s += result.steps_network_s
+        out.postprocess_s += time.perf_counter() - t - result.steps_network_s
+        return out, result
+
+    out, result = network_and_steps(image, progress)
+    search_s = {"network": 0.0, "preprocess": 0.0, "postprocess": 0.0}
+    if card.upright_summary and upright_unknown(image) and not result.summaries[card.upright_summary]["passed"]:
+        def attempt(turned: Image):
+            tried = network_and_steps(turned, None)
+            for key in search_s:
+                search_s[key] += getattr(tried[0], f"{key}_s")
+            return tried
+
+        (out, result), found = search_upright(image, attempt, (out, result), card.upright_summary)
+        result.summaries["upright_search"] = found
+        if found["chosen"] != "as stored":
+            result.warnings.append(upright_note(found))
+    timings["preprocess"] = out.preprocess_s + resample_s + search_s["preprocess"]
+    timings["network"] = out.network_s + search_s["network"]
     if pre_overrides.get("bias_correction", card.preprocessing.bias_correction):
         timings["bias_correction"] = out.bias_s
-
-    progress.stage("postprocessing")
     t = time.perf_counter()
-    if decoder:  # the steps then see the card's labels (e.g. the knee's bones split from "any bone")
-        out.labels, decoded = decoder.decode(out.labels, image)
-        out.summaries["label_variant"] = {"variant": variant, **decoded}
-    result = postprocess(card, image, out.labels, maps, maps_grids,
-                         settings=weights.checkpoint.get("metadata", {}).get("postprocessing", {}), networks=step_nets,
-                         labels_box=out.labels_box)
-    timings["network"] += result.steps_network_s
     result.warnings[:0] = list(image.meta.get("warnings", [])) + list(out.warnings)
     result.summaries.update(out.summaries)
     if fast and fast.skipped:
@@ -538,7 +560,7 @@ def _run_locked(card: TaskCard, inputs: list[str], output_dir: Path, options: Ru
         result.summaries["skull_stripping"] = image.meta["skull_stripping"]
     if unused:
         result.warnings.append(f"input(s) {', '.join(unused)} were validated but are not used by these weights")
-    timings["postprocess"] = out.postprocess_s + time.perf_counter() - t - result.steps_network_s
+    timings["postprocess"] = out.postprocess_s + search_s["postprocess"] + time.perf_counter() - t
 
     progress.stage("writing")
     t = time.perf_counter()

@@ -118,8 +118,12 @@ def radiograph_display(image: Image) -> Orientation | None:
     PatientOrientation, or ImageOrientationPatient) and they span a frontal view; None when the
     file does not say (PNG, JPEG, NIfTI: shown as stored) or the view is not frontal (one image
     axis runs anterior-posterior: a lateral) or an input check asked for it as stored
-    (``meta['display']``)."""
-    if not image.is_2d or not image.meta.get("patient_axes") or image.meta.get("display") == "as stored":
+    (``meta['display']``). ``meta['display_turn']``: a turn being tried (engine/upright.py)."""
+    if not image.is_2d or image.meta.get("display") == "as stored":
+        return None
+    if image.meta.get("display_turn") is not None:  # a turn tried by engine/upright.py
+        return image.meta["display_turn"]
+    if not image.meta.get("patient_axes"):
         return None
     by_axis = {2: image.direction[:, 0], 1: image.direction[:, 1]}  # numpy axis -> its LPS direction
     main = {axis: int(np.argmax(np.abs(d))) for axis, d in by_axis.items()}  # 0 L-R, 1 A-P, 2 S-I

@@ -99,8 +99,11 @@ cards.register(cards.TaskCard(
     labels=XRAY_CHEST_LABELS,
     label_activation="sigmoid",
     label_layers=(("clavicles", (4, 5)),),
-    # chest_layout: a radiograph stored rotated or flipped gives labels in no chest's layout: warned
+    # chest_layout: a radiograph stored rotated or flipped gives labels in no chest's layout; where
+    # the file does not say which way is up, the layout that passes with the heart toward the left
+    # lung is run instead (engine/upright.py), else warned
     postprocessors=("label_layers", "remove_small_components", "chest_layout", "area_table"),
+    upright_summary="chest_layout",
     outputs=cards.COMMON_OUTPUTS + ("clavicles.nii.gz", "areas.tsv", "overlays/"),
     issue=24,
     phantom=xray_chest_phantom,

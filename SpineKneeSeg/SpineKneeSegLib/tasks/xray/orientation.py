@@ -7,8 +7,9 @@ the patient's left lung "right". Now the image is shown upright by an exact turn
 (engine.preprocessing.radiograph_display), and the labels come back onto the stored pixels.
 
 A PNG, JPEG, TIFF or NIfTI radiograph states nothing: it is shown as stored (upright assumed), and
-the chest's layout check warns when it is not (tasks/xray/chest.py). ``--upright no`` shows every
-image as stored (the seeds' way).
+the chest's layout check finds it when it is not, and the chest is then run the way up its layout
+check and the heart's side choose (engine/upright.py). ``--upright no`` shows every image as stored
+(the seeds' way).
 """
 from __future__ import annotations
 
@@ -17,29 +18,11 @@ import numpy as np
 from SpineKneeSegLib.core.errors import InputError
 from SpineKneeSegLib.core.image import Image
 from SpineKneeSegLib.engine.hooks import input_check
-from SpineKneeSegLib.engine.preprocessing import Orientation, radiograph_display
+from SpineKneeSegLib.engine.preprocessing import radiograph_display
+from SpineKneeSegLib.engine.upright import how_stored
 
 UPRIGHT_CHOICES = ("auto", "no")
 CONVENTION = "head up, patient right on the image's left"
-
-# the eight ways a 2D image can lie, by what np does to an upright one to store it so
-_TURNS = {"as stored": lambda a: a, "turned 90 degrees clockwise": lambda a: np.rot90(a, -1),
-          "turned 180 degrees": lambda a: np.rot90(a, 2),
-          "turned 90 degrees counter-clockwise": lambda a: np.rot90(a, 1),
-          "mirrored left-right": lambda a: a[:, ::-1], "flipped upside down": lambda a: a[::-1],
-          "transposed (mirrored across its main diagonal)": lambda a: a.T,
-          "mirrored across its other diagonal": lambda a: np.rot90(a, 2).T}
-
-
-def how_stored(turn: Orientation) -> str:
-    """How the stored image lies relative to upright, in words, for ``turn`` (what shows it upright)."""
-    upright = np.arange(6).reshape(2, 3)
-    for name, store in _TURNS.items():
-        shown = turn.apply(store(upright)[None])[0]
-        if shown.shape == upright.shape and np.array_equal(shown, upright):
-            return name
-    raise ValueError(f"not a 2D turn: {turn}")  # pragma: no cover (the eight cover every Orientation of 2D)
-
 
 @input_check("radiograph_orientation")
 def radiograph_orientation(image: Image, path, settings: dict | None = None) -> Image | None:
