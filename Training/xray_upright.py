@@ -1,12 +1,17 @@
-"""The xray-chest layout check (``tasks/xray/chest.py``) on real radiographs: how often it warns on
-an upright chest (false alarms) and how often it catches one stored turned or flipped.
+"""The xray-chest layout check and the upright search on real radiographs whose file does not say
+which way is up: how often the check warns on an upright chest (false alarms), how often it catches
+one stored turned or flipped, which way up the search (``engine/upright.py``) then runs it, and the
+Dice against the SCR masks that results.
 
 The shipped xray-chest model runs through the Lib's inference and the task's own steps (as
-`spinekneeseg run`) on the JSRT radiographs in usual display, as stored and turned 90 / 180 / 270
-degrees or flipped left-right / upside down; the split is the model's own (its checkpoint's
-test_fraction and split_seed), so the held-out 50 were never trained on. The check's margins are
-geometric (tasks/xray/chest.py), not fitted here. Also recorded, as stored and mirrored: the heart's
-offset from the lungs' midline (the candidate check for a mirrored image, which was not adopted).
+`spinekneeseg run` on a PNG or NIfTI) on the JSRT radiographs in usual display, stored in each of
+the eight layouts a 2D image can have. Each is run as stored; where the layout check fails, the
+search runs the other seven and keeps the best passing one (the heart toward the left lung), as the
+pipeline does, and says when the runner-up (its mirror) scored within MIRROR_MARGIN. The labels
+are turned back upright and scored against the SCR masks (right lung, left lung, heart). The split
+is the model's own (its checkpoint's test_fraction and split_seed), so the held-out 50 were never
+trained on. The check's margins are geometric (tasks/xray/chest.py), not fitted here; MIRROR_MARGIN
+was chosen on the trained-on radiographs (engine/upright.py).
 
     python Training/xray_upright.py --json Training/results/xray-upright.json [--subset held-out]
 """
@@ -19,18 +24,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from evalhelpers import write_json
+from evalhelpers import dice_per_label, mean_per_key, write_json
 from xray_chest import TASK, UINT16, case_ids, split
 
-VARIANTS = {"as stored": lambda a: a, "turned 90": lambda a: np.rot90(a, 1), "turned 180": lambda a: np.rot90(a, 2),
-            "turned 270": lambda a: np.rot90(a, 3), "flipped left-right": lambda a: a[:, ::-1],
-            "flipped upside down": lambda a: a[::-1]}
+STRUCTURES = {1: "right lung", 2: "left lung", 3: "heart"}
 
 
-def layouts(ids: list[str], root: Path, log=print) -> list[dict]:
+def runs(ids: list[str], root: Path, log=print) -> list[dict]:
     from SpineKneeSegLib.core.image_io import read_image
     from SpineKneeSegLib.engine.inference import load_network, segment_slices
     from SpineKneeSegLib.engine.pipeline import postprocess
+    from SpineKneeSegLib.engine.upright import STORED_AS, search_upright, upright_turns
     from SpineKneeSegLib.engine.weights import resolve_weights
     from SpineKneeSegLib.tasks import TASKS
     from SpineKneeSegLib.tasks.xray.polarity import inverted
@@ -38,45 +42,66 @@ def layouts(ids: list[str], root: Path, log=print) -> list[dict]:
     card = TASKS[TASK]
     weights = resolve_weights(card, None)
     net = load_network(weights, torch.device("cpu"))
+    turns = upright_turns()
+
+    def run(image):  # the pipeline's network_and_steps for this task (no auxiliary models)
+        out = segment_slices(card, image, net, torch.device("cpu"), weights.preprocessing, keep_probabilities=True)
+        return out, postprocess(card, image, out.labels, {"probabilities": out.probabilities},
+                                {"probabilities": image})
+
     rows = []
     for case in ids:
         stored = inverted(read_image(root / case / "image.nii.gz"))  # JSRT is stored inverted
         usual = stored.array[0].astype(np.float32) * UINT16
+        truth = read_image(root / case / "labels.nii.gz").array[0]
         row = {"case": case}
-        for name, turn in VARIANTS.items():
-            image = stored.with_array(np.ascontiguousarray(turn(usual))[None])
-            out = segment_slices(card, image, net, torch.device("cpu"), weights.preprocessing, keep_probabilities=True)
-            result = postprocess(card, image, out.labels, {"probabilities": out.probabilities},
-                                 {"probabilities": image})
-            row[name] = result.summaries["chest_layout"]["failed"]
-            if name in ("as stored", "flipped left-right"):
-                row[f"heart offset, {name}"] = heart_offset(result.labels.array[0])
+        for name, store in STORED_AS.items():
+            image = stored.with_array(np.ascontiguousarray(store(usual))[None])
+            first = run(image)
+            layout = first[1].summaries["chest_layout"]
+            chosen, ambiguous = "as stored", False
+            if layout["passed"]:
+                final = first
+            else:
+                final, found = search_upright(image, run, first, "chest_layout")
+                chosen, ambiguous = found["chosen"], "ambiguous" in found
+            labels = turns[name].apply(final[1].labels.array)[0]  # upright again, for the masks
+            dice = dice_per_label(labels, truth, STRUCTURES)
+            row[name] = {"failed as stored": layout["failed"], "score as stored": layout["upright_score"],
+                         "run as": chosen, "ambiguous": ambiguous, "warnings": [w[:60] for w in final[1].warnings],
+                         **{f"dice {STRUCTURES[v]}": round(d, 4) for v, d in dice.items()}}
         rows.append(row)
-        log(json.dumps(row))
+        log(json.dumps({"case": case, **{n: (r["run as"], r["dice right lung"])
+                                         for n, r in row.items() if n != "case"}}))
     return rows
 
 
-def heart_offset(labels: np.ndarray) -> float | None:
-    """The heart's centre column from the midpoint of the lungs' centres, in units of half their
-    spacing; positive toward the left lung (patient left, the image's right when upright)."""
-    cols = {v: np.nonzero(labels == v)[1] for v in (1, 2, 3)}
-    if any(c.size == 0 for c in cols.values()):
-        return None
-    right, left, heart = (float(cols[v].mean()) for v in (1, 2, 3))
-    return round((heart - (right + left) / 2) / ((left - right) / 2), 3)
+def summary(rows: list[dict]) -> dict:
+    from SpineKneeSegLib.engine.upright import STORED_AS
 
-
-def offsets(rows: list[dict]) -> dict:
+    keys = [f"dice {s}" for s in STRUCTURES.values()]
     out = {}
-    for name in ("as stored", "flipped left-right"):
-        values = np.array([r[f"heart offset, {name}"] for r in rows if r[f"heart offset, {name}"] is not None])
-        out[name] = {"min": round(float(values.min()), 3), "median": round(float(np.median(values)), 3),
-                     "max": round(float(values.max()), 3)}
+    for name in STORED_AS:
+        per = [r[name] for r in rows]
+        out[name] = {"flagged as stored": sum(bool(p["failed as stored"]) for p in per),
+                     "run the right way up": sum(p["run as"] == name for p in per),
+                     "left as stored": sum(p["run as"] == "as stored" for p in per),
+                     "run another way": sum(p["run as"] not in (name, "as stored") for p in per),
+                     "said uncertain (mirror within the margin)": sum(p["ambiguous"] for p in per),
+                     "run another way and not said uncertain": sum(p["run as"] not in (name, "as stored")
+                                                                   and not p["ambiguous"] for p in per),
+                     "heart toward the image's left, warned": sum(
+                         any(w.startswith("the heart lies") for w in p["warnings"]) for p in per),
+                     "mean dice": mean_per_key(per, keys),
+                     "scores as stored": _range([p["score as stored"] for p in per
+                                                 if p["score as stored"] is not None])}
     return out
 
 
-def flagged(rows: list[dict]) -> dict:
-    return {name: sum(bool(r[name]) for r in rows) for name in VARIANTS}
+def _range(values: list[float]) -> dict:
+    values = np.array(values)
+    return ({"min": round(float(values.min()), 3), "median": round(float(np.median(values)), 3),
+             "max": round(float(values.max()), 3)} if values.size else {})
 
 
 def main(argv=None) -> int:
@@ -95,10 +120,11 @@ def main(argv=None) -> int:
     t = time.time()
     result = {}
     for name, ids in chosen.items():
-        rows = layouts(ids, root)
-        result[name] = {"cases": len(rows), "flagged": flagged(rows), "heart_offset": offsets(rows), "rows": rows}
-        print(name, len(rows), "radiographs, flagged:", json.dumps(result[name]["flagged"]),
-              "heart offset:", json.dumps(result[name]["heart_offset"]))
+        rows = runs(ids, root)
+        result[name] = {"cases": len(rows), "by layout": summary(rows), "rows": rows}
+        print(name, len(rows), "radiographs:")
+        for layout, s in result[name]["by layout"].items():
+            print(f"  {layout}: {json.dumps(s)}")
     print(f"{time.time() - t:.0f} s")
     if args.json:
         write_json(args.json, result)
