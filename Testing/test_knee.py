@@ -114,11 +114,29 @@ def test_an_axial_series_through_the_cli_says_it_ran_on_reformats(phantom, tmp_p
     assert cli.main(["run", "--task", "knee-bones", str(tmp_path / "axial.nii.gz"), "-o", str(out), "--weights",
                      str(tmp_path / "w.pt"), "--progress", "none", "--fast"]) == 0
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    n = image.array.shape[2]  # sagittal reformats: one per 0.6 mm column, every 2nd run (1.5 mm / 0.6 mm)
     assert report["summaries"]["reformatted"] == {"acquired": "axial", "network_plane": "sagittal",
-                                                  "pixel_mm": [3.0, 0.6], "trained_planes": ["sagittal", "coronal"]}
+                                                  "pixel_mm": [3.0, 0.6], "trained_planes": ["sagittal", "coronal"],
+                                                  "slices_run": [len(range(0, n, 2)) + (n - 1) % 2, n]}
     assert any(w.startswith("the series is axial; the model was trained on sagittal and coronal slices only, so "
                             "it ran on sagittal reformats") for w in report["warnings"]), report["warnings"]
     assert read_image(out / "labels.nii.gz").same_geometry(axial)
+    every = tmp_path / "every"
+    assert cli.main(["run", "--task", "knee-bones", str(tmp_path / "axial.nii.gz"), "-o", str(every), "--weights",
+                     str(tmp_path / "w.pt"), "--progress", "none", "--fast", "--every-slice"]) == 0
+    assert "slices_run" not in json.loads((every / "report.json").read_text())["summaries"]["reformatted"]
+
+
+def test_reformats_run_every_reformat_slice_mm_and_the_ends():
+    from SpineKneeSegLib.engine.inference import reformat_slices
+
+    axial = _image([(1, 0, 0), (0, 1, 0), (0, 0, 1)])  # 0.5 mm pixels, 3 mm slices
+    pre = {**CARD.preprocessing.__dict__, "plane": "sagittal"}
+    n = axial.array.shape[2]
+    run = reformat_slices(CARD, axial, pre)
+    assert run[0] == 0 and run[-1] == n - 1 and set(np.diff(run)[:-1]) == {3}  # 1.5 mm / 0.5 mm
+    assert reformat_slices(CARD, axial, {**pre, "reformat_slice_mm": None}) is None
+    assert reformat_slices(CARD, axial, {**pre, "reformat_slice_mm": 0.6}) is None  # every slice anyway
 
 
 # ---- square window geometry ----------------------------------------------------------------

@@ -13,6 +13,10 @@ across them) and scores:
   product's run on the sagittal original, on the slab grid. That run is a reference, not the truth
   (no real labels).
 
+Reformats (as close as the series' pixels, 0.4-0.5 mm) run every ~1.5 mm with linear interpolation
+between (the card's reformat_slice_mm, session 47); an axial series' sagittal reformats also run on
+every slice, to measure what that costs.
+
     python Training/knee_bones.py prepare --out /tmp/kneevol
     python Training/knee_planes.py --volumes /tmp/kneevol/volumes.pt --json Training/results/knee-planes.json
 """
@@ -31,6 +35,9 @@ from knee_eval import BONE_NAMES, EVAL_SERIES, load_knee_checkpoint
 from knee_synth import SynthConfig, synthesise_volume
 
 NETWORK_PLANES = ("acquisition", "sagittal", "coronal")  # "acquisition": the series' own slices
+# reformats run every ~1.5 mm (the card's reformat_slice_mm, linear between) and, for the axial
+# series' sagittal reformats the product uses, also every reformat slice (session 46's way)
+EVERY_SLICE = "sagittal, every reformat slice"
 SERIES = (  # (plane, slices, slice mm, pixel mm, mirror): clinical axial knee protocols (PD/T2, 3-4 mm;
     # 3D 1.5 mm), and evaluate's two coronal series
     ("axial", 40, 3.0, 0.4, False), ("axial", 30, 4.0, 0.4, True), ("axial", 80, 1.5, 0.5, False),
@@ -43,14 +50,25 @@ def _dices(labels: np.ndarray, truth: np.ndarray) -> dict:
     return {**out, "mean": nanmean(out.values(), 4)}
 
 
-def _run(image, rule: str, weights, net) -> tuple[np.ndarray, float]:
+def _runs(acquired: str) -> list[str]:
+    """The network planes to run a series acquired in ``acquired`` on."""
+    planes = [p for p in NETWORK_PLANES if p != acquired]  # its own plane is "acquisition"
+    return planes + [EVERY_SLICE] if acquired == "axial" else planes
+
+
+def _run(image, rule: str, weights, net, acquired: str | None = None) -> tuple[np.ndarray, float]:
+    """``rule``: a network plane; an axial series' sagittal reformats run by the card's own rule
+    (the product's way: every ~reformat_slice_mm), or on every slice (EVERY_SLICE)."""
     from SpineKneeSegLib.engine.inference import segment_slices
     from SpineKneeSegLib.engine.postprocessing import largest_component_per_label
     from SpineKneeSegLib.tasks import TASKS
 
+    card_rule = TASKS["knee-bones"].preprocessing.plane  # acquisition:sagittal,coronal
+    overrides = ({"plane": card_rule, "reformat_slice_mm": None} if rule == EVERY_SLICE else
+                 {"plane": card_rule} if rule == "sagittal" and acquired == "axial" else {"plane": rule})
     t = time.perf_counter()
     raw = segment_slices(TASKS["knee-bones"], image, net, torch.device("cpu"),
-                         {**weights.preprocessing, "plane": rule}).labels
+                         {**weights.preprocessing, **overrides}).labels
     return largest_component_per_label(raw), time.perf_counter() - t
 
 
@@ -66,10 +84,8 @@ def synthetic_series(volumes: Path, seeds: list[int], log=print) -> list[dict]:
                                   n_slices=n, slice_mm=slice_mm, pixel_mm=pixel_mm,
                                   size_px=int(round(160 / pixel_mm)), mirror=mirror)
             image = Image(s["image"], s["spacing"], tuple(s["origin"]), s["direction"])
-            for network_plane in NETWORK_PLANES:
-                if network_plane == plane:
-                    continue  # the same as "acquisition"
-                labels, seconds = _run(image, network_plane, weights, net)
+            for network_plane in _runs(plane):
+                labels, seconds = _run(image, network_plane, weights, net, plane)
                 row = {"series": f"{plane} {n}x{slice_mm} mm{' mirrored' if mirror else ''}", "acquired": plane,
                        "seed": seed, "network_plane": network_plane, **_dices(labels, s["labels"]),
                        "seconds": round(seconds, 1)}
@@ -113,10 +129,8 @@ def real_dess_slabs(data: Path, log=print) -> list[dict]:
             on_slabs = [sitk.GetArrayFromImage(sitk.Resample(dess.with_array(a).to_sitk(), image.to_sitk(),
                                                              sitk.Transform(), sitk.sitkNearestNeighbor, 0))
                         for a in (reference, np.ones_like(reference))]
-            for network_plane in NETWORK_PLANES:
-                if network_plane == plane:
-                    continue
-                labels, seconds = _run(image, network_plane, weights, net)
+            for network_plane in _runs(plane):
+                labels, seconds = _run(image, network_plane, weights, net, plane)
                 row = {"series": f"real DESS as {plane} {slabs.shape[0]}x{slab} mm", "acquired": plane,
                        "network_plane": network_plane,
                        **_dices(np.where(on_slabs[1] > 0, labels, 0), on_slabs[0]), "seconds": round(seconds, 1)}
@@ -132,13 +146,13 @@ def _shipped() -> Path:
 
 
 def summary(rows: list[dict]) -> dict:
-    """Mean Dice per acquisition and network plane."""
+    """Mean Dice (and seconds) per acquisition and network plane."""
     out = {}
     for acquired in dict.fromkeys(r["acquired"] for r in rows):
-        for plane in NETWORK_PLANES:
+        for plane in (*NETWORK_PLANES, EVERY_SLICE):
             mine = [r for r in rows if r["acquired"] == acquired and r["network_plane"] == plane]
             if mine:
-                out[f"{acquired} on {plane}"] = mean_per_key(mine, (*BONE_NAMES.values(), "mean"))
+                out[f"{acquired} on {plane}"] = mean_per_key(mine, (*BONE_NAMES.values(), "mean", "seconds"))
     return out
 
 

@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--scene", action="store_true", help="also write scene.mrb (opens in 3D Slicer)")
     run.add_argument("--progress", default="bar", choices=("bar", "json", "none"))
     run.add_argument("--echo", type=int, help="echo number for multi-echo DICOM series (default 1)")
+    run.add_argument("--image-type", metavar="VALUE",
+                     help="DICOM: read the images whose ImageType holds VALUE (one contrast of a Dixon series "
+                          "exported as one: e.g. W, F, IN_PHASE, OPP_PHASE)")
     run.add_argument("--series", help="the series to use from a DICOM folder holding several: its "
                      "SeriesInstanceUID, series number or description (* and ? as wildcards, any case)")
     run.add_argument("--batch-size", type=int, default=8, help="slices per forward pass")
@@ -82,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--every-slice", action="store_true",
                      help="lumbar-foramina: run the level network on every slice, whole (seed 004's way; slower). "
                           "By default it runs outward from the middle slices, stops a slice beyond the column, and "
-                          "runs all but the middle four on a 269 mm window around it")
+                          "runs all but the middle four on a 269 mm window around it. knee-bones on an axial "
+                          "series: every sagittal reformat (by default every ~1.5 mm, linear between)")
     run.add_argument("--skull-stripped", default="auto", choices=("auto", "yes"),
                      help="brain-wmh: 'auto' refuses FLAIR that does not look skull-stripped; 'yes' skips the check")
     run.add_argument("--invert", default="auto", choices=("auto", "yes", "no"),
@@ -225,7 +229,8 @@ def cmd_run(args) -> int:
     card = get_task(args.task)
     aux = parse_aux_weights(args.aux_weights)
     options = RunOptions(device=args.device, weights=args.weights, aux_weights=aux, scene=args.scene,
-                         echo=args.echo, series=args.series, batch_size=args.batch_size, threads=args.threads,
+                         echo=args.echo, series=args.series, image_type=args.image_type,
+                         batch_size=args.batch_size, threads=args.threads,
                          waive_checks=("skull_stripped",) if args.skull_stripped == "yes" else (), fast=args.fast, weights_dir=args.weights_dir,
                          dicom_seg=not args.no_dicom_seg, pixel_mm=args.pixel_mm, overwrite=args.overwrite,
                          input_settings={"invert": args.invert, "upright": args.upright}, startup_s=process_age_s(),

@@ -47,26 +47,31 @@ _LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, what PIL's "L" mode use
 
 # ==== public API =====================================================================
 
-def read_image(paths, echo: int | None = None, series: str | None = None) -> Image:
+def read_image(paths, echo: int | None = None, series: str | None = None, image_type: str | None = None) -> Image:
     """Read an image file, a DICOM folder, a DICOM file or an explicit list of DICOM files.
 
     ``series`` picks a SeriesInstanceUID when a folder holds several; ``echo`` picks an echo
-    number of a multi-echo series (default: the first echo, with a warning in meta).
+    number of a multi-echo series (default: the first echo, with a warning in meta);
+    ``image_type`` keeps the images whose ImageType holds that value (a Dixon export's W, F,
+    IN_PHASE or OPP_PHASE in one series).
     """
     path_list = _as_path_list(paths)
     if len(path_list) > 1:
         for p in path_list:
             _check_file(p)
-        return _read_dicom_files(path_list, echo, series, where=path_list[0].parent)
+        return _read_dicom_files(path_list, echo, series, where=path_list[0].parent, image_type=image_type)
     path = path_list[0]
     if not path.exists():
         raise InputError("no such file or folder", path)
     if path.is_dir():
-        return _read_dicom_folder(path, echo, series)
+        return _read_dicom_folder(path, echo, series, image_type)
     _check_file(path)
     fmt = _detect_format(path)
     if fmt == "dicom":
-        return _read_dicom_files([path], echo, series, where=path)
+        return _read_dicom_files([path], echo, series, where=path, image_type=image_type)
+    if image_type is not None:
+        raise InputError(f"--image-type {image_type} picks images of a DICOM series by ImageType; a "
+                         f"{fmt.upper()} file has none", path)
     return _read_with_sitk(path, fmt)
 
 
@@ -430,19 +435,19 @@ class _StoredPixels:
     bits_stored: int
 
 
-def _read_dicom_folder(folder: Path, echo, series) -> Image:
+def _read_dicom_folder(folder: Path, echo, series, image_type: str | None = None) -> Image:
     not_images: list[tuple[str, str]] = []
     slices = _scan_folder(folder, not_images)
     if not slices:
         held = f"; it holds only {_named_kinds(not_images)}: nothing to segment" if not_images else ""
         raise InputError(f"no DICOM image files found in this folder{held}", folder)
-    image = _assemble_dicom(slices, echo, series, where=folder)
+    image = _assemble_dicom(slices, echo, series, where=folder, image_type=image_type)
     if not_images:  # said in the report: left out, not silently
         image.meta["ignored_dicom"] = [f"{name} ({kind})" for name, kind in not_images]
     return image
 
 
-def _read_dicom_files(files: list[Path], echo, series, where: Path) -> Image:
+def _read_dicom_files(files: list[Path], echo, series, where: Path, image_type: str | None = None) -> Image:
     slices = []
     for path in files:
         not_images: list[tuple[str, str]] = []
@@ -451,7 +456,7 @@ def _read_dicom_files(files: list[Path], echo, series, where: Path) -> Image:
             raise InputError(f"is {not_images[0][1]}, not an image" if not_images else "not a DICOM image file",
                              path)
         slices += found
-    return _assemble_dicom(slices, echo, series, where=where)
+    return _assemble_dicom(slices, echo, series, where=where, image_type=image_type)
 
 
 def _scan_folder(folder: Path, not_images: list[tuple[str, str]] | None = None) -> list[_Slice]:
@@ -719,6 +724,29 @@ def _component(s: _Slice) -> str:
     return "magnitude"
 
 
+def _select_image_type(slices: list[_Slice], image_type: str | None, where: Path) -> tuple[list[_Slice], list[str]]:
+    """--image-type VALUE: the images whose ImageType (an enhanced frame's FrameType) holds VALUE,
+    any case: one contrast of a Dixon export in one series (W, F, IN_PHASE, OPP_PHASE; WATER, FAT)."""
+    if image_type is None:
+        return slices, []
+    wanted = image_type.strip().upper()
+    kept = [s for s in slices if wanted in s.image_type]
+    if not kept:
+        values = _distinguishing_values(slices) or sorted({v for s in slices for v in s.image_type})
+        raise InputError(f"no image of the series has ImageType value {wanted} (its values: "
+                         f"{', '.join(values) or 'none given'})", where)
+    left = len(slices) - len(kept)
+    return kept, ([f"--image-type {wanted}: {len(kept)} of {len(slices)} images kept"] if left else [])
+
+
+def _distinguishing_values(slices: list[_Slice]) -> list[str]:
+    """The ImageType values some images of a series have and others not (a Dixon export's W, F,
+    IN_PHASE, OPP_PHASE), in order of first appearance."""
+    types = {s.image_type for s in slices if s.image_type}
+    common = set.intersection(*(set(t) for t in types)) if types else set()
+    return list(dict.fromkeys(v for s in slices for v in s.image_type if v not in common))
+
+
 def _select_magnitude(slices: list[_Slice], where: Path) -> tuple[list[_Slice], list[str]]:
     """A series that holds phase (or real / imaginary) images beside its magnitude images, as a
     gradient-echo export may, reads as its magnitude images, with a warning; one with no magnitude
@@ -778,9 +806,11 @@ def _select_echo(slices: list[_Slice], echo: int | None, where: Path):
     return echo, echoes[echo], times[echo], sorted(echoes), warnings
 
 
-def _assemble_dicom(slices: list[_Slice], echo, series, where: Path) -> Image:
+def _assemble_dicom(slices: list[_Slice], echo, series, where: Path, image_type: str | None = None) -> Image:
     chosen = _select_series(slices, series, where)
+    chosen, type_warnings = _select_image_type(chosen, image_type, where)
     chosen, component_warnings = _select_magnitude(chosen, where)
+    component_warnings = type_warnings + component_warnings
     echo, chosen, echo_time, all_echoes, warnings = _select_echo(chosen, echo, where)
     warnings = component_warnings + warnings
     if len(chosen) == 1 and chosen[0].frames > 1 and chosen[0].frame is None:
@@ -798,6 +828,7 @@ def _assemble_dicom(slices: list[_Slice], echo, series, where: Path) -> Image:
         "series_uid": first.series_uid, "series_description": first.description,
         "modality": first.modality, "laterality": first.laterality,
         "echo": echo, "echo_time": echo_time, "echoes": all_echoes,
+        **({"image_type": image_type.strip().upper()} if image_type is not None else {}),
         "photometric": first.photometric, "presentation_lut_shape": first.presentation_lut_shape,
         "spacing_source": first.spacing_source,
         **({"patient_axes": _stated_axes(first)} if _stated_axes(first) else {}),
@@ -937,8 +968,9 @@ def _measured_step(slices: list[_Slice], where: Path) -> np.ndarray:
         if gap < _DUPLICATE_MM:
             types = {"/".join(s.image_type) for s in slices if s.image_type}
             why = (f"images of {len(types)} types ({'; '.join(sorted(types)[:4])}) in one series: a Dixon "
-                   "(water / fat / in / opposed phase) or other multi-contrast export? Export each type as a "
-                   "series of its own" if len(types) > 1 else
+                   "(water / fat / in / opposed phase) or other multi-contrast export? Pick one with --image-type "
+                   f"({' / '.join(_distinguishing_values(slices)[:6])}), or export each type as a series of its own"
+                   if len(types) > 1 else
                    "several images per position: a multi-echo, dynamic or diffusion series?")
             raise InputError(
                 f"duplicate slice position {distances[n]:.3f} mm in {slices[n].label} and "

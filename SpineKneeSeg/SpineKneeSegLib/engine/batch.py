@@ -55,7 +55,7 @@ _TABLE_WHAT = {"volumes.tsv": "every case's volumes", "lesions.tsv": "every case
 class ManifestCase(NamedTuple):
     id: str
     inputs: list[str]
-    choices: dict  # RunOptions fields this case sets itself: series (a SeriesInstanceUID), echo
+    choices: dict  # RunOptions fields this case sets itself: series (a SeriesInstanceUID), echo, image_type
     problem: str = ""  # why this case cannot run (a folder of scans' sub-folder with two images): a failed row
 
 
@@ -147,8 +147,9 @@ def _named(name: str, scan_name: str) -> bool:
 
 def read_manifest(path: str | Path) -> list[ManifestCase]:
     """CSV with a header: ``id`` and ``input`` (plus ``input2``, ``input3``... for extra inputs;
-    ``series`` and ``echo`` to choose, case by case, the DICOM series of a folder holding several
-    and the echo of a multi-echo series, as --series and --echo do; other columns are ignored).
+    ``series``, ``echo`` and ``image_type`` to choose, case by case, the DICOM series of a folder
+    holding several, the echo of a multi-echo series and the contrast of a Dixon series, as
+    --series, --echo and --image-type do; other columns are ignored).
     Relative input paths are relative to the manifest's folder. As spreadsheets save it: UTF-8
     with or without a byte-order mark, commas, semicolons or tabs, headers in any case."""
     path = Path(path)
@@ -188,6 +189,8 @@ def read_manifest(path: str | Path) -> list[ManifestCase]:
             if not row["echo"].strip().isdigit() or int(row["echo"]) < 1:
                 raise InputError(f"line {line}: echo {row['echo'].strip()!r} is not an echo number (1, 2, ...)", path)
             choices["echo"] = int(row["echo"])
+        if (row.get("image_type") or "").strip():
+            choices["image_type"] = row["image_type"].strip()
         cases.append(ManifestCase(case_id, [str((path.parent / p) if not Path(p).is_absolute() else p)
                                             for p in inputs], choices))
     if not cases:

@@ -70,6 +70,10 @@ class Preprocessing:
     fusion_planes: tuple[str, ...] = ()
     fusion_slice_mm: float = 1.5
     fusion_max_slice_mm: float = 2.0
+    # softmax tasks run on reformats (an acquisition plane the task does not take): the reformat's
+    # slices, as close as the series' pixels, run every ~reformat_slice_mm (linear in between, as
+    # view fusion's); None: every reformat slice
+    reformat_slice_mm: float | None = None
     # sigmoid tasks whose structure fills one block of neighbouring slices (the lumbar column):
     # the network runs outward from the middle slices and stops on each side after a slice with
     # fewer than grow_min_px labelled pixels (inference.SliceGrowth; nothing in the middle: every

@@ -369,6 +369,20 @@ def _fill_between(probs: np.ndarray, run: np.ndarray) -> None:
             probs[:, i] = np.round((1 - w) * probs[:, a] + w * probs[:, b])
 
 
+def reformat_slices(card: TaskCard, image: Image, pre: dict) -> np.ndarray | None:
+    """The canonical slices to run of a softmax task's reformats (every ~reformat_slice_mm, the
+    last included), or None: every slice (no step set, slices already that far apart, or a
+    sigmoid task, whose probabilities this path does not keep)."""
+    step_mm = pre.get("reformat_slice_mm")
+    if not step_mm or card.label_activation != "softmax":
+        return None
+    view = canonical_image(image, pre["plane"])[0]
+    n, step = view.array.shape[0], int(round(step_mm / view.spacing[2]))
+    if step < 2:
+        return None
+    return np.unique(np.r_[np.arange(0, n, step), n - 1])
+
+
 def fused_labels(card: TaskCard, image: Image, net, device, pre: dict, batch_size: int, progress, timings: dict,
                  centre_lps=None, extra: tuple[Image, ...] = ()) -> tuple[np.ndarray, dict]:
     """Multi-view fusion: class probabilities of the acquisition plane (every slice) and of each
@@ -554,9 +568,18 @@ def segment_slices(card: TaskCard, image: Image, net: torch.nn.Module, device: t
                                                                                batch_size, timings)
         warnings += window_warnings
     slice_mm = canonical_image(image, pre["plane"])[0].spacing[2]
-    if pre.get("fusion_planes") and slice_mm <= pre.get("fusion_max_slice_mm", float("inf")):
+    fused = bool(pre.get("fusion_planes")) and slice_mm <= pre.get("fusion_max_slice_mm", float("inf"))
+    sparse = reformat_slices(card, image, pre) if acquired and not fused and not keep_probabilities else None
+    if fused:
         labels, summaries["view_fusion"] = fused_labels(card, image, net, device, pre, batch_size, progress, timings,
                                                         centre_lps, tuple(extra))
+    elif sparse is not None:  # reformats as close as the series' pixels: every ~reformat_slice_mm, linear between
+        probs = _probabilities_of(image, net, device, pre, batch_size, timings, sparse, centre_lps, tuple(extra))
+        t = time.perf_counter()
+        _fill_between(probs, sparse)
+        labels = probs.argmax(axis=0).astype(np.uint8)
+        timings["post"] += time.perf_counter() - t
+        summaries["reformatted"]["slices_run"] = [int(len(sparse)), int(probs.shape[1])]
     else:
         if pre.get("fusion_planes"):
             summaries["view_fusion"] = {"planes": [resolve_plane(image, pre["plane"])],

@@ -44,6 +44,7 @@ class RunOptions:
     scene: bool = False
     echo: int | None = None
     series: str | None = None
+    image_type: str | None = None  # the ImageType value whose images to read (one contrast of a Dixon series)
     batch_size: int = 8
     threads: int | None = None
     waive_checks: tuple[str, ...] = ()  # input checks the user vouches for (e.g. --skull-stripped yes)
@@ -127,7 +128,7 @@ def load_inputs(card: TaskCard, paths: list[str], options: RunOptions) -> list[I
         raise InputError(f"task {card.name} takes {names}; got {len(paths)} input(s)")
 
     def read(path):
-        return read_image(path, echo=options.echo, series=options.series)
+        return read_image(path, echo=options.echo, series=options.series, image_type=options.image_type)
 
     if len(paths) > 1:  # FLAIR + T1: decompression and ITK reading release the GIL (0.23 -> 0.14 s)
         with ThreadPoolExecutor(len(paths)) as pool:
@@ -485,7 +486,7 @@ def _run_locked(card: TaskCard, inputs: list[str], output_dir: Path, options: Ru
     if options.fuse_views is not None:
         pre_overrides["fusion_planes"] = fusion_planes(card, options.fuse_views)
     if options.every_slice:
-        pre_overrides.update(grow_min_px=None, column_px=None)
+        pre_overrides.update(grow_min_px=None, column_px=None, reformat_slice_mm=None)
     t = time.perf_counter()
     extra, unused = extra_inputs(card, images, weights.preprocessing.get("extra_inputs", ()), inputs)
     resample_s = time.perf_counter() - t
@@ -851,7 +852,9 @@ def describe_input(path, image: Image) -> dict:
         described["dicom_series"] = {"uid": image.meta.get("series_uid"),
                                      "description": image.meta.get("series_description"),
                                      "modality": image.meta.get("modality"),
-                                     "echo": image.meta.get("echo")}
+                                     "echo": image.meta.get("echo"),
+                                     **({"image_type": image.meta["image_type"]} if "image_type" in image.meta
+                                        else {})}
         if image.meta.get("ignored_dicom"):
             described["dicom_series"]["not_images_left_out"] = image.meta["ignored_dicom"]
     return described

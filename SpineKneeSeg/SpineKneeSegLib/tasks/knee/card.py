@@ -17,7 +17,10 @@ cards.register(cards.TaskCard(
     preprocessing=cards.Preprocessing(plane="acquisition:sagittal,coronal", in_plane_spacing_mm=None,
                                 normalisation="zscore",
                                 context_slices=1, min_slices=3, tile_px=None, network_px=224,
-                                crop_mm=160.0, crop_window="joint", bias_correction="n4"),
+                                crop_mm=160.0, crop_window="joint", bias_correction="n4",
+                                # an axial series' sagittal reformats are as close as its pixels (0.3-0.6 mm):
+                                # every 1.5 mm (view fusion's step), linear between (Training/knee_planes.py)
+                                reformat_slice_mm=1.5),
     # seed 000's network is a constant 32 channels ("channels": (32,) * 5, 0.21 M parameters); 16
     # channels (0.05 M, ~4x fewer operations) for the issue's <= 4.5 s network budget on 2 cores
     network=cards.NetworkSpec("unet2d", {"channels": (16, 16, 16, 16, 16), "activation": "elu",
