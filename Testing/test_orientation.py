@@ -94,7 +94,8 @@ def _fusion_card(**changes):
 
     card = TASKS["knee-bones"]
     pre = dataclasses.replace(card.preprocessing, bias_correction=None, network_px=None, crop_mm=None,
-                              crop_window=None, tile_px=None, **changes)
+                              crop_window=None, tile_px=None, reformat_slice_mm=None,  # every slice of a view
+                              **changes)
     return dataclasses.replace(card, preprocessing=pre)
 
 
@@ -165,3 +166,58 @@ def test_view_fusion_averages_both_views():
     assert (sagittal != coronal).mean() > 0.3
     assert (fused != sagittal).mean() > 0.1
     assert ((fused == sagittal) | (fused == coronal)).mean() > 0.95
+
+
+def test_a_fixed_plane_task_says_when_it_runs_on_blurred_reformats():
+    """Lumbar (sagittal) and brain (axial) slice along their own plane whatever the series: a 2D
+    series in another plane, its slices at least two pixels apart, runs on reformats blurred across
+    its slices, and the report says so (before session 47 only the knee's did); near-isotropic 3D
+    series and series in the task's plane are not flagged."""
+    from SpineKneeSegLib.engine.preprocessing import reformatted_from
+
+    def image(spacing, direction=np.eye(3)):
+        return Image(np.zeros((8, 10, 12), np.float32), spacing, (0, 0, 0), direction)
+
+    axial_4mm = image((1.0, 1.0, 4.0))  # k (4 mm) toward patient superior
+    assert reformatted_from(axial_4mm, "sagittal") == "axial" and reformatted_from(axial_4mm, "axial") is None
+    sagittal = np.array([[0, 0, -1], [1, 0, 0], [0, -1, 0]], float)  # the shared spine data's layout
+    assert reformatted_from(image((1.0, 1.0, 4.0), sagittal), "sagittal") is None
+    assert reformatted_from(image((1.0, 1.0, 4.0), sagittal), "axial") == "sagittal"
+    assert reformatted_from(image((1.0, 1.0, 1.5)), "sagittal") is None  # a 3D acquisition's reformats
+    assert reformatted_from(image((1.0, 1.0, 1.0)), "sagittal") is None  # isotropic: no acquisition plane
+    assert reformatted_from(image((0.5, 0.5, 1.0)), "sagittal") == "axial"  # two pixels apart
+
+
+@pytest.mark.data
+@pytest.mark.mrml
+def test_a_real_lumbar_scan_reformatted_to_axial_runs_with_the_note(tmp_path):
+    """A real Zukic sagittal T2 resampled to 4 mm axial slices (an axial lumbar series given by
+    mistake, or a reader's only series): the levels still come out, with a warning and
+    summaries.reformatted; the sagittal original gets neither."""
+    import json
+
+    import SimpleITK as sitk
+    from SpineKneeSegLib import cli
+    from SpineKneeSegLib.core.datasets import data_root
+
+    root = data_root()
+    case = root / "spine" / "zukic-t2" / "case06" if root else None
+    if case is None or not case.is_dir():
+        pytest.skip("Zukic data not available")
+    source = sitk.ReadImage(str(case / "image.nii.gz"))
+    corners = np.array([source.TransformIndexToPhysicalPoint([int(a * (n - 1)) for a, n in zip(c, source.GetSize())])
+                        for c in itertools.product((0, 1), repeat=3)])  # the box holding the scan
+    lo, hi = corners.min(0), corners.max(0)
+    size = [int((hi[i] - lo[i]) / s) + 1 for i, s in enumerate((1.0, 1.0, 4.0))]
+    axial = sitk.Resample(source, size, sitk.Transform(), sitk.sitkLinear, lo.tolist(), (1.0, 1.0, 4.0),
+                          (1, 0, 0, 0, 1, 0, 0, 0, 1), 0.0, source.GetPixelID())
+    sitk.WriteImage(axial, str(tmp_path / "axial.nii.gz"))
+    for name, path in (("axial", tmp_path / "axial.nii.gz"), ("sagittal", case / "image.nii.gz")):
+        assert cli.main(["run", "--task", "lumbar-foramina", str(path), "-o", str(tmp_path / name), "--progress",
+                         "none"]) == 0
+        report = json.loads((tmp_path / name / "report.json").read_text())
+        notes = [w for w in report["warnings"] if w.startswith("the series is axial; the model was trained on "
+                                                               "sagittal slices only, so it ran on sagittal reformats")]
+        assert len(notes) == (name == "axial"), report["warnings"]
+        assert ("reformatted" in report["summaries"]) == (name == "axial")
+        assert report["summaries"]["level_decoding"]["levels_not_found"] == [], name

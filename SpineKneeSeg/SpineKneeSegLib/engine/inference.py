@@ -526,7 +526,7 @@ def reformat_note(image: Image, plane: str, acquired: str) -> tuple[dict, str]:
     used = resolve_plane(image, plane)
     row_mm, col_mm = in_plane_spacing(image, canonical_orientation(image, plane).axes[0])
     record = {"acquired": acquired, "network_plane": used, "pixel_mm": [round(row_mm, 3), round(col_mm, 3)],
-              "trained_planes": list(acquisition_planes(plane))}
+              "trained_planes": list(acquisition_planes(plane) or (plane,))}
     return record, (f"the series is {acquired}; the model was trained on {' and '.join(record['trained_planes'])} "
                     f"slices only, so it ran on {used} reformats ({row_mm:.2g} x {col_mm:.2g} mm pixels): check "
                     "the result")

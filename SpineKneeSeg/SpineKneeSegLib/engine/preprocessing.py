@@ -97,12 +97,26 @@ def resolve_plane(image: Image, plane: str) -> str:
     return acquired if acquired in allowed or acquired == "image" else allowed[0]
 
 
+REFORMAT_NOTE_RATIO = 2.0  # a fixed-plane task's reformats are said when slices are this many pixels apart
+
+
 def reformatted_from(image: Image, plane: str) -> str | None:
-    """The acquisition plane an 'acquisition:...' task does not take (and so runs on reformats of),
-    else None."""
-    allowed = acquisition_planes(plane)
-    if allowed is None or image.is_2d:
+    """The acquisition plane a task runs reformats of, else None: one an 'acquisition:...' task
+    does not take; for a fixed-plane task (lumbar sagittal, brain axial), a 2D acquisition in
+    another plane whose slices are at least REFORMAT_NOTE_RATIO pixels apart (its reformats are
+    blurred across the slices; a near-isotropic 3D acquisition's are not)."""
+    if image.is_2d or plane == "image":
         return None
+    allowed = acquisition_planes(plane)
+    if allowed is None:
+        axis = acquisition_axis(image)
+        if axis is None:
+            return None
+        spacing = tuple(reversed(image.spacing))  # by numpy axis
+        if spacing[axis] < REFORMAT_NOTE_RATIO * min(spacing):
+            return None
+        acquired = acquisition_plane(image)
+        return None if acquired == plane else acquired
     acquired = acquisition_plane(image)
     return None if acquired in allowed else acquired
 
