@@ -68,3 +68,57 @@ def test_the_shipped_model_warns_on_a_turned_real_radiograph_only(tmp_path):
         warned = [w for w in report["warnings"] if "upright chest radiograph" in w]
         assert report["summaries"]["chest_layout"]["passed"] == (name == "upright"), report["summaries"]
         assert len(warned) == (name == "turned"), report["warnings"]
+
+
+def test_the_cardiothoracic_ratio_of_drawn_labels_and_a_thin_tail():
+    """Heart 30 columns wide, lungs' outer edges 80 columns apart (the widest row) at 0.5 mm
+    columns: 15 / 40 mm, ratio 0.375. A one-row tail the network may run along the diaphragm
+    widens the heart's extent; the opening takes it off."""
+    from SpineKneeSegLib.tasks.xray.chest import cardiothoracic_ratio
+
+    labels, _ = _upright()  # lungs 10:40 and 60:90 (their widest row 10..89), heart 40:65 over rows 55:85
+    labels[labels == 3] = 0
+    labels[60:80, 45:75] = 3
+    measured = cardiothoracic_ratio(labels, (0.5, 0.5), opening_mm=0)
+    assert (measured["heart_width_mm"], measured["thorax_width_mm"], measured["ratio"]) == (15.0, 40.0, 0.375)
+    assert not measured["above_limit"]
+    tailed = labels.copy()
+    tailed[80, 75:95] = 3  # one row, 20 columns beyond the heart
+    assert cardiothoracic_ratio(tailed, (0.5, 0.5), opening_mm=0)["heart_width_mm"] == 25.0
+    assert cardiothoracic_ratio(tailed, (0.5, 0.5), opening_mm=2.0)["heart_width_mm"] == 15.0
+    no_heart = np.where(labels == 3, 0, labels)
+    assert cardiothoracic_ratio(no_heart, (0.5, 0.5))["ratio"] is None
+
+
+@pytest.mark.data
+@pytest.mark.mrml
+def test_the_cardiothoracic_ratio_of_a_real_radiograph_stored_either_way(tmp_path):
+    """A held-out JSRT radiograph as stored (inverted, NIfTI) and turned 90 degrees: the same ratio
+    both ways (measured upright), near the one the SCR expert masks give, in the report, the
+    table and the headline; --upright no on the turned copy: not measured, and said why."""
+    import csv
+
+    from SpineKneeSegLib import cli
+    from SpineKneeSegLib.core.image_io import read_image, write_image
+    from SpineKneeSegLib.tasks.xray.chest import cardiothoracic_ratio
+
+    root = (data_root() or Path("/nonexistent")) / "xray" / "jsrt-scr"
+    if not root.is_dir():
+        pytest.skip("JSRT/SCR data not available")
+    stored = read_image(root / "JPCLN001" / "image.nii.gz")
+    truth = cardiothoracic_ratio(read_image(root / "JPCLN001" / "labels.nii.gz").array[0], (0.7, 0.7))["ratio"]
+    write_image(stored.with_array(np.ascontiguousarray(np.rot90(stored.array[0]))[None]), tmp_path / "turned.nii.gz")
+    ratios = {}
+    for name, path, extra in (("stored", root / "JPCLN001" / "image.nii.gz", []),
+                              ("turned", tmp_path / "turned.nii.gz", []),
+                              ("as stored", tmp_path / "turned.nii.gz", ["--upright", "no"])):
+        out = tmp_path / name.replace(" ", "-")
+        assert cli.main(["run", "--task", "xray-chest", str(path), "-o", str(out), "--progress", "none", *extra]) == 0
+        ratios[name] = json.loads((out / "report.json").read_text())["summaries"]["cardiothoracic_ratio"]
+        with open(out / "chest_measurements.tsv", newline="") as f:
+            rows = {r["measure"]: r["value"] for r in csv.DictReader(f, delimiter="\t")}
+        value = float(rows["cardiothoracic ratio"])  # nan when not measured
+        assert np.isnan(value) if ratios[name]["ratio"] is None else value == ratios[name]["ratio"]
+    assert ratios["stored"]["ratio"] == ratios["turned"]["ratio"]
+    assert abs(ratios["stored"]["ratio"] - truth) < 0.03, (ratios["stored"], truth)
+    assert ratios["as stored"]["ratio"] is None and "do not lie as on an upright chest" in ratios["as stored"]["note"]

@@ -102,9 +102,11 @@ cards.register(cards.TaskCard(
     # chest_layout: a radiograph stored rotated or flipped gives labels in no chest's layout; where
     # the file does not say which way is up, the layout that passes with the heart toward the left
     # lung is run instead (engine/upright.py), else warned
-    postprocessors=("label_layers", "remove_small_components", "chest_layout", "area_table"),
+    # cardiothoracic_ratio: heart width over the thorax's inner width, on the upright labels
+    postprocessors=("label_layers", "remove_small_components", "chest_layout", "area_table", "cardiothoracic_ratio"),
     upright_summary="chest_layout",
-    outputs=cards.COMMON_OUTPUTS + ("clavicles.nii.gz", "areas.tsv", "overlays/"),
+    outputs=cards.COMMON_OUTPUTS + ("clavicles.nii.gz", "areas.tsv", "chest_measurements.tsv", "overlays/"),
+    headline=(("cardiothoracic ratio", "cardiothoracic_ratio.ratio"),),
     issue=24,
     phantom=xray_chest_phantom,
 ))
