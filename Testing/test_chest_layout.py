@@ -119,6 +119,21 @@ def test_the_cardiothoracic_ratio_of_a_real_radiograph_stored_either_way(tmp_pat
             rows = {r["measure"]: r["value"] for r in csv.DictReader(f, delimiter="\t")}
         value = float(rows["cardiothoracic ratio"])  # nan when not measured
         assert np.isnan(value) if ratios[name]["ratio"] is None else value == ratios[name]["ratio"]
+        if ratios[name]["ratio"] is None:
+            continue
+        labels = read_image(out / "labels.nii.gz")  # the drawn widths span the structures as stored
+        for line, values in (("heart_line_ras", {3}), ("thorax_line_ras", {1, 2})):
+            ends = ratios[name][line]
+            ijk = np.rint(labels.ras_to_ijk_points(ends)).astype(int)
+            along = int(np.argmax(np.abs(ijk[1] - ijk[0])[:2]))  # 0: the line runs along i (columns)
+            for i, j, _ in ijk:  # each end: the structure reaches that column (row, for a turned image)
+                across = labels.array[0, :, i] if along == 0 else labels.array[0, j, :]
+                assert set(np.unique(across).tolist()) & values, (name, line, ijk)
+            if line == "thorax_line_ras":  # the widest row ends on the lungs' outer edges
+                assert {int(labels.array[0, j, i]) for i, j, _ in ijk} <= values, (name, line, ijk)
+            width = ratios[name][line.replace("line_ras", "width_mm")]
+            assert abs(float(np.linalg.norm(np.subtract(*ends))) - (width - 0.7)) < 0.1  # centre to centre
+        assert (out / "overlays" / "image.png").is_file()
     assert ratios["stored"]["ratio"] == ratios["turned"]["ratio"]
     assert abs(ratios["stored"]["ratio"] - truth) < 0.03, (ratios["stored"], truth)
     assert ratios["as stored"]["ratio"] is None and "do not lie as on an upright chest" in ratios["as stored"]["note"]

@@ -109,6 +109,8 @@ class RunResult:
     layers: dict[str, Image] = field(default_factory=dict)  # the card's label_layers (overlapping structures)
     tables: list[Table] = field(default_factory=list)
     points: list[dict] = field(default_factory=list)  # {"label", "ras", "description", "attributes"}
+    # measured distances drawn on a radiograph's overlay: {"label", "from_ras", "to_ras"}
+    segments: list[dict] = field(default_factory=list)
     steps_network_s: float = 0.0  # networks run inside post-processing steps (counted as network time)
     summaries: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
@@ -796,7 +798,8 @@ def write_overlays(card: TaskCard, image: Image, result: RunResult, folder: Path
 
     # the folder (as the card names it), then its PNGs
     return ["overlays/"] + save_label_overlays(folder, "overlays", image, result.labels, card, boxes=result.label_boxes,
-                                               layers=result.layers, points=result.points)
+                                               layers=result.layers, points=result.points,
+                                               segments=result.segments)
 
 
 def _write_mrml_outputs(card: TaskCard, image: Image, result: RunResult, folder: Path, scene: bool,

@@ -127,9 +127,11 @@ MARK_COLOUR = (0, 255, 255)  # cyan: apart from every label colour (the femur's 
 
 def _save_slice(path, grey: np.ndarray, lab_sl: np.ndarray | None, specs, spacing_rc: tuple[float, float],
                 title: str, min_size: int, layer_slices: tuple[np.ndarray, ...] = (),
-                marks: tuple[tuple[float, float, float, str], ...] = ()) -> Path:
+                marks: tuple[tuple[float, float, float, str], ...] = (),
+                lines: tuple[tuple[float, float, float, float, str], ...] = ()) -> Path:
     """``marks``: (row, column, radius in mm (0: a cross only), text) in the slice's pixels, drawn in
-    cyan (a radiograph's femoral-head centres and fitted circles, the lumbar foramen markers)."""
+    cyan (a radiograph's femoral-head centres and fitted circles, the lumbar foramen markers);
+    ``lines``: (row, column, row, column, text), drawn in cyan with end ticks (measured widths)."""
     rgb = overlay_rgb(_grey(grey), lab_sl, specs)
     for layer_sl in layer_slices:  # overlapping structures (the chest's clavicles) drawn over the rest
         rgb = overlay_rgb(rgb, layer_sl, specs)
@@ -151,6 +153,15 @@ def _save_slice(path, grey: np.ndarray, lab_sl: np.ndarray | None, specs, spacin
             if radius_mm > 0:
                 rx, ry = radius_mm / col_mm * across, radius_mm / row_mm * down
                 draw.ellipse([x - rx, y - ry, x + rx, y + ry], outline=MARK_COLOUR)
+    if lines:
+        draw = ImageDraw.Draw(img)
+        for r0, c0, r1, c1, text in lines:
+            (x0, y0), (x1, y1) = (((c + 0.5) * across, (r + 0.5) * down) for r, c in ((r0, c0), (r1, c1)))
+            draw.line([x0, y0, x1, y1], fill=MARK_COLOUR, width=2)
+            for x, y in ((x0, y0), (x1, y1)):
+                draw.line([x, y - 5, x, y + 5], fill=MARK_COLOUR, width=2)
+            if text:
+                draw.text((min(x0, x1) + 4, min(y0, y1) - 12), text, fill=MARK_COLOUR)
     if title:
         draw = ImageDraw.Draw(img)
         draw.rectangle([0, 0, img.width, 14], fill=(0, 0, 0))
@@ -161,7 +172,7 @@ def _save_slice(path, grey: np.ndarray, lab_sl: np.ndarray | None, specs, spacin
 
 def save_label_overlays(folder: str | Path, subdir: str, image: Image, labels: Image, card,
                         min_size: int = 320, boxes: dict | None = None, layers: dict[str, Image] | None = None,
-                        points: list[dict] = ()) -> list[str]:
+                        points: list[dict] = (), segments: list[dict] = ()) -> list[str]:
     """A report's overlay PNGs (a task opts in with the output name "overlays/"): one slice in the
     task's plane through the centroid of every label present (for knee-bones the femur, tibia,
     fibula and patella slices; the femur/tibia slice is the mid-knee one), or with the card's
@@ -179,7 +190,9 @@ def save_label_overlays(folder: str | Path, subdir: str, image: Image, labels: I
     ``points``: the run's markups (``RunResult.points``), drawn on a radiograph's picture as a cross,
     with the circle of their ``diameter_mm`` attribute where they have one (the femoral heads); a 3D
     task's get a picture a ``side`` attribute, ``<plane>-<side>-markers.png`` (the lumbar foramina
-    left and right), through their middle slice, each marker projected onto it and named."""
+    left and right), through their middle slice, each marker projected onto it and named.
+    ``segments``: measured distances ({"label", "from_ras", "to_ras"}, the chest's heart and thorax
+    widths), drawn on a radiograph's picture as named lines."""
     from scipy import ndimage
 
     from SpineKneeSegLib.engine.preprocessing import (
@@ -229,9 +242,10 @@ def save_label_overlays(folder: str | Path, subdir: str, image: Image, labels: I
                       f"{card.name}: {plane} slice {index} through the {spec.name}"))
     if not views:
         views.append((f"{plane}-middle.png", arr.shape[0] // 2, f"{card.name}: {plane} middle slice (no labels)"))
-    marks = {}
+    marks, lines = {}, ()
     if plane == "image":
         marks = {view[0]: _marks_on_radiograph(image, orientation, points) for view in views}
+        lines = _lines_on_radiograph(image, orientation, segments)
     elif points:
         for side, (index, on_slice) in _marker_views(image, orientation, points).items():
             name = f"{plane}-{side}-markers.png"
@@ -240,7 +254,7 @@ def save_label_overlays(folder: str | Path, subdir: str, image: Image, labels: I
     written = []
     for name, index, title in views:
         _save_slice(out_dir / name, arr[index], lab[index], card.labels, spacing_rc, title, min_size,
-                    tuple(layer[index] for layer in layer_arrays), marks.get(name, ()))
+                    tuple(layer[index] for layer in layer_arrays), marks.get(name, ()), lines)
         written.append(f"{subdir}/{name}")
     return written
 
@@ -292,6 +306,13 @@ def _marks_on_radiograph(image: Image, orientation, points) -> tuple[tuple[float
 
     return tuple((at[1], at[2], radius(point), "")
                  for point, at in zip(points, _on_canonical_slices(image, orientation, points)))
+
+
+def _lines_on_radiograph(image: Image, orientation, segments) -> tuple[tuple[float, float, float, float, str], ...]:
+    """Each segment as (row, column, row, column, its label) on the radiograph's picture."""
+    ends = _on_canonical_slices(image, orientation,
+                                [{"ras": end} for s in segments for end in (s["from_ras"], s["to_ras"])])
+    return tuple((a[1], a[2], b[1], b[2], str(s.get("label", ""))) for s, a, b in zip(segments, ends[::2], ends[1::2]))
 
 
 def save_label_montage(path: str | Path, image: Image, labels: Image, card, tiles: int = 24, columns: int = 6,

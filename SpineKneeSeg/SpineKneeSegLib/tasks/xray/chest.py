@@ -130,8 +130,20 @@ def cardiothoracic_ratio(labels: np.ndarray, pixel_mm: tuple[float, float],
     heart_mm = float(heart_cols[-1] - heart_cols[0] + 1) * col_mm
     thorax_mm = float(last[widest] - first[widest] + 1) * col_mm
     ratio = heart_mm / thorax_mm
+    heart_row = float(np.nonzero(heart.any(axis=1))[0].mean())  # where the picture draws the heart's width
     return {"ratio": round(ratio, 3), "heart_width_mm": round(heart_mm, 1), "thorax_width_mm": round(thorax_mm, 1),
-            "thorax_row_upright": int(rows[widest]), "above_limit": bool(ratio > CTR_LIMIT), "limit": CTR_LIMIT}
+            "above_limit": bool(ratio > CTR_LIMIT), "limit": CTR_LIMIT,
+            "_ends": {"heart": ((heart_row, float(heart_cols[0])), (heart_row, float(heart_cols[-1]))),
+                      "thorax": ((float(rows[widest]), float(first[widest])),
+                                 (float(rows[widest]), float(last[widest])))}}
+
+
+def _ras_of_upright(image, upright, shape_upright, at) -> list[float]:
+    """An upright-picture pixel (row, column) as RAS: back through the turn to the stored pixel."""
+    kji = [0.0, 0.0, 0.0]
+    for n, value in ((1, at[0]), (2, at[1])):
+        kji[upright.axes[n]] = shape_upright[n] - 1 - value if upright.flips[n] else value
+    return [round(float(v), 2) for v in image.ijk_to_ras_points([kji[::-1]])[0]]
 
 
 def _opened(mask: np.ndarray, pixel_mm: tuple[float, float], radius_mm: float) -> np.ndarray:
@@ -172,9 +184,16 @@ def _cardiothoracic_ratio_step(ctx: StepContext) -> None:
     else:
         i_mm, j_mm = float(ctx.image.spacing[0]), float(ctx.image.spacing[1])  # columns, rows as stored
         pixel_mm = (j_mm, i_mm) if upright.axes[2] == 2 else (i_mm, j_mm)  # (rows, columns) upright
-        summary = cardiothoracic_ratio(upright.apply(ctx.result.labels.array)[0], pixel_mm,
-                                       float(ctx.settings.get("cardiothoracic_ratio", {}).get(
-                                           "heart_opening_mm", HEART_OPENING_MM)))
+        shown = upright.apply(ctx.result.labels.array)
+        summary = cardiothoracic_ratio(shown[0], pixel_mm, float(ctx.settings.get("cardiothoracic_ratio", {}).get(
+            "heart_opening_mm", HEART_OPENING_MM)))
+        for name, (a, b) in summary.pop("_ends", {}).items():  # drawn on the overlay, in the report as RAS
+            width = summary[f"{name}_width_mm"]
+            ctx.result.segments.append({"label": f"{name} {width:.0f} mm" + (
+                f" (CTR {summary['ratio']:.2f})" if name == "thorax" else ""),
+                "from_ras": _ras_of_upright(ctx.image, upright, shown.shape, a),
+                "to_ras": _ras_of_upright(ctx.image, upright, shown.shape, b)})
+            summary[f"{name}_line_ras"] = [ctx.result.segments[-1]["from_ras"], ctx.result.segments[-1]["to_ras"]]
     if summary["ratio"] is not None:
         summary["view"] = "measured as on a PA radiograph: an AP or supine view magnifies the heart"
         if "no pixel size in the file" in str(ctx.image.meta.get("spacing_note", "")):
