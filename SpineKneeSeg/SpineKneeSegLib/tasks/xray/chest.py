@@ -166,7 +166,7 @@ def _opened(mask: np.ndarray, pixel_mm: tuple[float, float], radius_mm: float) -
 
 def ctr_table(summary: dict) -> Table:
     columns = [ColumnSpec("measure", "string", description="what was measured on the upright labels"),
-               ColumnSpec("value", "float", description="empty when not measured (see report.json)"),
+               ColumnSpec("value", "float", description="nan when not measured (report.json says why)"),
                ColumnSpec("unit", "string")]
     rows = [{"measure": "heart width", "value": summary.get("heart_width_mm"), "unit": "mm"},
             {"measure": "thorax inner width", "value": summary.get("thorax_width_mm"), "unit": "mm"},
