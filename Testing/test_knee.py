@@ -728,3 +728,36 @@ def test_plausibility_after_the_clean_up_reuses_its_components_and_agrees(phanto
     assert ctx.result.summaries["knee_plausibility"] == knee_plausibility(final, image, raw_labels=raw)
     pieces = ctx.result.summaries["knee_plausibility"]["checks"]["one_component_per_bone"]
     assert pieces["components"]["fibula"] == 1 and pieces["raw_components"]["fibula"] == 2
+
+
+def test_sparse_reformats_of_a_real_axial_knee_agree_with_every_reformat(data_root):
+    """The real DESS resampled to axial 3 mm slices at 0.5 mm pixels, through the shipped model:
+    its sagittal reformats run every ~1.5 mm with linear interpolation between give the bones that
+    running every reformat gives (Dice per bone; session 47 measured 0.94-0.99 on the real slabs),
+    from about a third of the slices."""
+    import SimpleITK as sitk
+    from SpineKneeSegLib.engine.inference import load_network, segment_slices
+    from SpineKneeSegLib.engine.weights import resolve_weights
+
+    path = data_root / "knee" / "dess-dicom"
+    if not path.is_dir():
+        pytest.skip(f"{path} not found")
+    source = read_image(path).to_sitk()
+    corners = np.array([source.TransformIndexToPhysicalPoint([int(a * (n - 1)) for a, n in zip(c, source.GetSize())])
+                        for c in np.ndindex(2, 2, 2)])
+    lo, hi = corners.min(0), corners.max(0)
+    spacing = (0.5, 0.5, 3.0)
+    size = [int((top - bottom) / step) for bottom, top, step in zip(lo, hi, spacing)]
+    axial = sitk.Resample(source, size, sitk.Transform(), sitk.sitkLinear, lo.tolist(), spacing,
+                          (1, 0, 0, 0, 1, 0, 0, 0, 1), 0.0, sitk.sitkFloat32)
+    image = Image(sitk.GetArrayFromImage(axial), spacing, tuple(lo), np.eye(3))
+    weights = resolve_weights(CARD, None)
+    net = load_network(weights, torch.device("cpu"))
+    sparse = segment_slices(CARD, image, net, torch.device("cpu"), weights.preprocessing)
+    every = segment_slices(CARD, image, net, torch.device("cpu"), {**weights.preprocessing, "reformat_slice_mm": None})
+    run, of = sparse.summaries["reformatted"]["slices_run"]
+    assert of == image.array.shape[2] and run < 0.4 * of and "slices_run" not in every.summaries["reformatted"]
+    for bone in range(1, 5):
+        a, b = sparse.labels == bone, every.labels == bone
+        assert b.sum() > 1000, bone  # the bone is found at all
+        assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.9, bone

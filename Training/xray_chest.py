@@ -266,16 +266,34 @@ def load_trained(run: Path) -> tuple[torch.nn.Module, dict]:
     return net.eval(), ckpt
 
 
-def predict_structures(net: torch.nn.Module, image, preprocessing: dict) -> list[np.ndarray]:
-    """[labels 1-3, clavicles 4-5] of one radiograph (2D) through the Lib's inference and the
-    task's own steps, as `spinekneeseg run` (label layers, small-component removal)."""
+def run_chest(net: torch.nn.Module, image, preprocessing: dict):
+    """(network output, post-processed RunResult) of one radiograph (2D) through the Lib's inference
+    and the task's own steps, as `spinekneeseg run` (label layers, small-component removal, layout
+    check, cardiothoracic ratio)."""
     from SpineKneeSegLib.engine.inference import segment_slices
     from SpineKneeSegLib.engine.pipeline import postprocess
 
     card = TASKS[TASK]
     out = segment_slices(card, image, net, torch.device("cpu"), preprocessing, keep_probabilities=True)
-    result = postprocess(card, image, out.labels, {"probabilities": out.probabilities}, {"probabilities": image})
+    return out, postprocess(card, image, out.labels, {"probabilities": out.probabilities}, {"probabilities": image})
+
+
+def predict_structures(net: torch.nn.Module, image, preprocessing: dict) -> list[np.ndarray]:
+    """[labels 1-3, clavicles 4-5] of one radiograph (2D), as `spinekneeseg run` (``run_chest``)."""
+    _, result = run_chest(net, image, preprocessing)
     return [result.labels.array[0], result.layers["clavicles"].array[0]]
+
+
+def shipped_model_split(root: Path):
+    """The registered xray-chest model (network, its LoadedWeights) and its own split of the JSRT
+    cases (trained-on, held-out), from its checkpoint's test_fraction and split_seed."""
+    from SpineKneeSegLib.engine.inference import load_network
+    from SpineKneeSegLib.engine.weights import resolve_weights
+
+    weights = resolve_weights(TASKS[TASK], None)
+    config = weights.checkpoint["metadata"]["config"]
+    train, test, _ = split(case_ids(root), root, config["test_fraction"], config["split_seed"])
+    return load_network(weights, torch.device("cpu")), weights, train, test
 
 
 def evaluate(run: Path, noise_sigma: float = 0.0, log=print, cases=None) -> dict:

@@ -19,30 +19,20 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from evalhelpers import write_json
-from xray_chest import TASK, UINT16, case_ids, split
+from xray_chest import UINT16, run_chest, shipped_model_split
 
 
-def ratios(ids: list[str], root: Path, log=print) -> list[dict]:
+def ratios(ids: list[str], root: Path, net, weights, log=print) -> list[dict]:
     from SpineKneeSegLib.core.image_io import read_image
-    from SpineKneeSegLib.engine.inference import load_network, segment_slices
-    from SpineKneeSegLib.engine.pipeline import postprocess
-    from SpineKneeSegLib.engine.weights import resolve_weights
-    from SpineKneeSegLib.tasks import TASKS
     from SpineKneeSegLib.tasks.xray.chest import cardiothoracic_ratio
     from SpineKneeSegLib.tasks.xray.polarity import inverted
 
-    card = TASKS[TASK]
-    weights = resolve_weights(card, None)
-    net = load_network(weights, torch.device("cpu"))
     rows = []
     for case in ids:
         stored = inverted(read_image(root / case / "image.nii.gz"))  # JSRT is stored inverted
         image = stored.with_array(stored.array.astype(np.float32) * UINT16)
-        out = segment_slices(card, image, net, torch.device("cpu"), weights.preprocessing, keep_probabilities=True)
-        result = postprocess(card, image, out.labels, {"probabilities": out.probabilities}, {"probabilities": image})
-        model = result.summaries["cardiothoracic_ratio"]
+        model = run_chest(net, image, weights.preprocessing)[1].summaries["cardiothoracic_ratio"]
         truth = cardiothoracic_ratio(read_image(root / case / "labels.nii.gz").array[0],
                                      (float(image.spacing[1]), float(image.spacing[0])))
         row = {"case": case, "truth": truth["ratio"], "model": model["ratio"],
@@ -71,18 +61,16 @@ def summary(rows: list[dict]) -> dict:
 
 def main(argv=None) -> int:
     from SpineKneeSegLib.core.datasets import data_root
-    from SpineKneeSegLib.engine.weights import find_entry
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     root = data_root() / "xray" / "jsrt-scr"
-    config = torch.load(find_entry(TASK).path(), map_location="cpu", weights_only=False)["metadata"]["config"]
-    train, test, _ = split(case_ids(root), root, config["test_fraction"], config["split_seed"])
+    net, weights, train, test = shipped_model_split(root)
     t = time.time()
     result = {}
     for name, ids in (("held-out", test), ("trained-on", train)):
-        rows = ratios(ids, root, log=lambda *_: None)
+        rows = ratios(ids, root, net, weights, log=lambda *_: None)
         result[name] = {"summary": summary(rows), "rows": rows}
         print(name, json.dumps(result[name]["summary"]))
     print(f"{time.time() - t:.0f} s")

@@ -23,31 +23,21 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from evalhelpers import dice_per_label, mean_per_key, write_json
-from xray_chest import TASK, UINT16, case_ids, split
+from xray_chest import UINT16, run_chest, shipped_model_split
 
 STRUCTURES = {1: "right lung", 2: "left lung", 3: "heart"}
 
 
-def runs(ids: list[str], root: Path, log=print) -> list[dict]:
+def runs(ids: list[str], root: Path, net, weights, log=print) -> list[dict]:
     from SpineKneeSegLib.core.image_io import read_image
-    from SpineKneeSegLib.engine.inference import load_network, segment_slices
-    from SpineKneeSegLib.engine.pipeline import postprocess
     from SpineKneeSegLib.engine.upright import STORED_AS, search_upright, upright_turns
-    from SpineKneeSegLib.engine.weights import resolve_weights
-    from SpineKneeSegLib.tasks import TASKS
     from SpineKneeSegLib.tasks.xray.polarity import inverted
 
-    card = TASKS[TASK]
-    weights = resolve_weights(card, None)
-    net = load_network(weights, torch.device("cpu"))
     turns = upright_turns()
 
     def run(image):  # the pipeline's network_and_steps for this task (no auxiliary models)
-        out = segment_slices(card, image, net, torch.device("cpu"), weights.preprocessing, keep_probabilities=True)
-        return out, postprocess(card, image, out.labels, {"probabilities": out.probabilities},
-                                {"probabilities": image})
+        return run_chest(net, image, weights.preprocessing)
 
     rows = []
     for case in ids:
@@ -106,21 +96,19 @@ def _range(values: list[float]) -> dict:
 
 def main(argv=None) -> int:
     from SpineKneeSegLib.core.datasets import data_root
-    from SpineKneeSegLib.engine.weights import find_entry
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--subset", choices=("held-out", "trained-on", "all"), default="all")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     root = data_root() / "xray" / "jsrt-scr"
-    config = torch.load(find_entry(TASK).path(), map_location="cpu", weights_only=False)["metadata"]["config"]
-    train, test, _ = split(case_ids(root), root, config["test_fraction"], config["split_seed"])
+    net, weights, train, test = shipped_model_split(root)
     subsets = {"held-out": test, "trained-on": train}
     chosen = subsets if args.subset == "all" else {args.subset: subsets[args.subset]}
     t = time.time()
     result = {}
     for name, ids in chosen.items():
-        rows = runs(ids, root)
+        rows = runs(ids, root, net, weights)
         result[name] = {"cases": len(rows), "by layout": summary(rows), "rows": rows}
         print(name, len(rows), "radiographs:")
         for layout, s in result[name]["by layout"].items():

@@ -40,7 +40,8 @@ def radiograph_orientation(image: Image, path, settings: dict | None = None) -> 
         return None
     if not stated:
         checks["orientation"] = ("shown to the network as stored: the file does not say which way is up "
-                                 f"({CONVENTION} assumed)")
+                                 f"({CONVENTION} assumed; a task with a layout check searches the other ways "
+                                 "when its labels fail it: summaries.upright_search)")
         return None
     turn = radiograph_display(image)
     if turn is None:
